@@ -1,1 +1,26 @@
-//! placeholder
+//! Pyralog's storage: the RecordBatch v2 format and the per-partition log on O_DIRECT segment
+//! files, with sparse offset and time indexes, crash recovery, truncation and retention.
+//!
+//! What it is not: it knows nothing of topics, shards, caches or clients. A [`Log`] is one
+//! partition's files, used from the one shard (thread) that owns the partition.
+//!
+//! Invariants owned here:
+//! - only batches whose length, magic and CRC-32C were checked are ever appended;
+//! - offsets are contiguous and only grow; `log_start <= durable <= next`;
+//! - an acknowledged flush means written and fdatasync'ed, with any new segment's directory
+//!   entry synced too;
+//! - after any write or fdatasync error the log takes no more writes (fsyncgate).
+//!
+//! This crate and `net` are the only ones that touch files and sockets respectively.
+
+pub mod batch;
+mod device;
+mod error;
+mod index;
+mod log;
+mod segment;
+
+pub use device::settle_device_probe;
+pub use error::{LogError, Result};
+pub use log::{Appended, Log, LogConfig};
+pub use segment::{StampedBatch, BLOCK_BYTES};

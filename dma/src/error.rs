@@ -1,0 +1,55 @@
+//! The storage crate's one error type.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = LogError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Bad bytes from a client: nothing was appended.
+    #[error("corrupt record batch: {reason}")]
+    CorruptBatch { reason: String },
+    /// A request larger than a named limit.
+    #[error("{what} of {bytes} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { what: &'static str, bytes: u64, limit: u64 },
+    /// An I/O error on a file. `op` says what was being done.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A write or fdatasync failed earlier: the log takes no more writes (see the module docs of
+    /// `log` on fsyncgate). Reads of what was durable before still work.
+    #[error("log {path} stopped taking writes after an earlier failure: {reason}")]
+    Stopped { path: PathBuf, reason: String },
+    /// The requested offset is outside [log start, log end].
+    #[error("offset {offset} is out of range [{log_start}, {log_end}]")]
+    OffsetOutOfRange { offset: i64, log_start: i64, log_end: i64 },
+}
+
+impl LogError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        source: impl Into<std::io::Error>,
+    ) -> LogError {
+        LogError::Io { op, path: path.into(), source: source.into() }
+    }
+
+    /// Whether the cause is a full disk or quota, which an operator fixes by making room.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            LogError::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+                    || matches!(
+                        source.kind(),
+                        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                    )
+            }
+            LogError::Stopped { reason, .. } => reason.contains("No space left"),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,741 @@
+//! A partition's log: its segments, the batches waiting to be written, and the offsets that
+//! say how far each has got.
+//!
+//! Three offsets order everything (`log_start <= durable <= next`):
+//! - `next`: the offset the next appended record gets. [`Log::append`] assigns offsets at once,
+//!   in memory, by writing `baseOffset` into each batch header.
+//! - `durable`: everything below it is written and fdatasync'ed. [`Log::flush`] moves it.
+//! - `log_start`: the first offset still kept; retention moves it forward.
+//!
+//! Group commit is the caller's loop: append as requests arrive, call `flush` whenever none is
+//! in flight, and answer every request whose offsets are below the returned durable offset.
+//! Whatever arrives during a flush goes into the next one.
+//!
+//! Crash safety. A new segment file and its directory entry are synced in the same flush that
+//! first writes to it, before that flush returns, so nothing acknowledged after a flush can
+//! live in a file the directory forgot. At open, the last segment is checked batch by batch
+//! and cut at the first batch whose length, CRC or offset is wrong.
+//!
+//! Write errors (fsyncgate). After a failed write or fdatasync the kernel may already have
+//! dropped the dirty pages, so a retried fdatasync can "succeed" and lose data. The first failure
+//! therefore stops the log for writes, for good: every later append and flush returns
+//! [`LogError::Stopped`]. Reads of what was durable before keep working. Restarting the process
+//! re-reads the file from disk, which is the only recovery that can be trusted.
+//!
+//! Only the shard that owns the partition touches its `Log`; the type is `!Send`.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use glommio::io::Directory;
+
+use crate::batch::{self, BatchHeader};
+use crate::segment::{self, align_down, Segment, StampedBatch, BLOCK_BYTES, WRITE_CHUNK_BYTES_MAX};
+use crate::{LogError, Result};
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A segment is closed and a new one started before it would grow past this.
+    pub segment_bytes: u64,
+    /// Bytes of segment data between two index entries.
+    pub index_interval_bytes: u32,
+    /// Delete the oldest closed segments while the log would still be at least this large.
+    pub retention_bytes: Option<u64>,
+    /// Delete closed segments whose newest record is older than this.
+    pub retention_ms: Option<u64>,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            segment_bytes: 1 << 30,
+            index_interval_bytes: 4096,
+            retention_bytes: None,
+            retention_ms: None,
+        }
+    }
+}
+
+/// Where an append put its batches.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub base_offset: i64,
+    pub next_offset: i64,
+    /// The batches with their offsets, in the exact bytes that will be stored.
+    pub batches: Vec<StampedBatch>,
+}
+
+pub struct Log {
+    dir: PathBuf,
+    config: LogConfig,
+    segments: RefCell<BTreeMap<i64, Rc<Segment>>>,
+    state: RefCell<WriteState>,
+}
+
+struct WriteState {
+    next_offset: i64,
+    durable_offset: i64,
+    pending: Vec<StampedBatch>,
+    /// Bytes appended and not yet durable, including a flush in flight.
+    unflushed_bytes: u64,
+    /// The active segment's last partial block (see `segment`).
+    tail: Vec<u8>,
+    stopped: Option<String>,
+    flushing: bool,
+    leader_epoch: i32,
+}
+
+impl Log {
+    /// Opens the log in `dir`, creating it if needed, and recovers its last segment.
+    pub async fn open(dir: &Path, config: LogConfig) -> Result<Log> {
+        assert!(config.segment_bytes >= BLOCK_BYTES, "segments must hold at least one block");
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir).map_err(|e| LogError::io("creating log directory", dir, e))?;
+        crate::settle_device_probe(dir).await?;
+        let mut bases = segment_bases(dir)?;
+        let mut segments = BTreeMap::new();
+        if bases.is_empty() {
+            let first = Segment::create(dir, 0, config.index_interval_bytes).await?;
+            segments.insert(0, Rc::new(first));
+            sync_directory(dir).await?;
+            if created {
+                if let Some(parent) = dir.parent() {
+                    sync_directory(parent).await?;
+                }
+            }
+        } else {
+            bases.sort_unstable();
+            let last = *bases.last().expect("not empty");
+            for base in bases {
+                let segment = Segment::open(dir, base, config.index_interval_bytes, base != last).await?;
+                if let Some((_, previous)) = segments.last_key_value() {
+                    let previous: &Rc<Segment> = previous;
+                    if previous.next_offset.get() != base {
+                        return Err(LogError::CorruptBatch {
+                            reason: format!(
+                                "segment {} ends at offset {} but the next segment starts at {base}",
+                                previous.path.display(),
+                                previous.next_offset.get()
+                            ),
+                        });
+                    }
+                }
+                segments.insert(base, Rc::new(segment));
+            }
+        }
+        let active = segments.last_key_value().expect("a log has a segment").1.clone();
+        let tail = active.read_tail().await?;
+        let next_offset = active.next_offset.get();
+        Ok(Log {
+            dir: dir.to_path_buf(),
+            config,
+            segments: RefCell::new(segments),
+            state: RefCell::new(WriteState {
+                next_offset,
+                durable_offset: next_offset,
+                pending: Vec::new(),
+                unflushed_bytes: 0,
+                tail,
+                stopped: None,
+                flushing: false,
+                leader_epoch: 0,
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn next_offset(&self) -> i64 {
+        self.state.borrow().next_offset
+    }
+
+    pub fn durable_offset(&self) -> i64 {
+        self.state.borrow().durable_offset
+    }
+
+    pub fn log_start_offset(&self) -> i64 {
+        *self.segments.borrow().first_key_value().expect("a log has a segment").0
+    }
+
+    pub fn unflushed_bytes(&self) -> u64 {
+        self.state.borrow().unflushed_bytes
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.state.borrow().pending.is_empty()
+    }
+
+    pub fn is_flushing(&self) -> bool {
+        self.state.borrow().flushing
+    }
+
+    /// The reason writes stopped, if they did.
+    pub fn stopped(&self) -> Option<String> {
+        self.state.borrow().stopped.clone()
+    }
+
+    /// Bytes in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.borrow().values().map(|s| s.size.get()).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.borrow().len()
+    }
+
+    /// Assigns offsets to the checked batches of `payload` (`headers` from
+    /// [`batch::parse_all`]) and queues them for the next flush. Either every batch is
+    /// appended or none is.
+    pub fn append(&self, payload: &[u8], headers: &[BatchHeader]) -> Result<Appended> {
+        assert!(!headers.is_empty(), "append of no batch");
+        let mut state = self.state.borrow_mut();
+        if let Some(reason) = &state.stopped {
+            return Err(LogError::Stopped { path: self.dir.clone(), reason: reason.clone() });
+        }
+        let total: u64 = headers.iter().map(|h| u64::from(h.total_bytes)).sum();
+        assert_eq!(total, payload.len() as u64, "headers must cover the payload exactly");
+        let mut copy = BytesMut::from(payload);
+        let base_offset = state.next_offset;
+        let mut next_offset = base_offset;
+        let mut at = 0usize;
+        let mut stamped = Vec::with_capacity(headers.len());
+        for header in headers {
+            let len = header.total_bytes as usize;
+            batch::set_base_offset(&mut copy[at..at + len], next_offset);
+            batch::set_leader_epoch(&mut copy[at..at + len], state.leader_epoch);
+            let mut header = *header;
+            header.base_offset = next_offset;
+            header.leader_epoch = state.leader_epoch;
+            stamped.push((header, at, len));
+            next_offset += header.offset_count();
+            at += len;
+        }
+        let frozen = copy.freeze();
+        let batches: Vec<StampedBatch> = stamped
+            .into_iter()
+            .map(|(header, at, len)| StampedBatch { header, bytes: frozen.slice(at..at + len) })
+            .collect();
+        assert!(next_offset > state.next_offset, "offsets only grow");
+        state.next_offset = next_offset;
+        state.unflushed_bytes += total;
+        state.pending.extend(batches.iter().cloned());
+        Ok(Appended { base_offset, next_offset, batches })
+    }
+
+    /// Writes every pending batch, fdatasyncs, and returns the new durable offset. One flush
+    /// at a time: the caller serializes them.
+    pub async fn flush(&self) -> Result<i64> {
+        let batches = {
+            let mut state = self.state.borrow_mut();
+            if let Some(reason) = &state.stopped {
+                return Err(LogError::Stopped { path: self.dir.clone(), reason: reason.clone() });
+            }
+            assert!(!state.flushing, "flushes must not overlap");
+            if state.pending.is_empty() {
+                return Ok(state.durable_offset);
+            }
+            state.flushing = true;
+            std::mem::take(&mut state.pending)
+        };
+        let result = self.write_batches(&batches).await;
+        let mut state = self.state.borrow_mut();
+        state.flushing = false;
+        match result {
+            Ok(()) => {
+                let durable = batches.last().expect("not empty").header.next_offset();
+                assert!(durable > state.durable_offset, "the durable offset only grows");
+                state.durable_offset = durable;
+                state.unflushed_bytes -= batches.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
+                Ok(durable)
+            }
+            Err(error) => {
+                state.stopped = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    async fn write_batches(&self, batches: &[StampedBatch]) -> Result<()> {
+        let mut first = 0;
+        while first < batches.len() {
+            let active = self.active_segment();
+            let mut size = active.size.get();
+            let mut end = first;
+            while end < batches.len() {
+                let len = batches[end].bytes.len() as u64;
+                if size > 0 && size + len > self.config.segment_bytes {
+                    break;
+                }
+                size += len;
+                end += 1;
+            }
+            if end == first {
+                self.roll(batches[first].header.base_offset).await?;
+                continue;
+            }
+            self.write_segment(&active, &batches[first..end]).await?;
+            first = end;
+        }
+        Ok(())
+    }
+
+    /// Writes `batches` after the segment's durable end, rewriting its tail block, then
+    /// fdatasyncs and publishes the new size and index entries.
+    async fn write_segment(&self, segment: &Segment, batches: &[StampedBatch]) -> Result<()> {
+        let size = segment.size.get();
+        let start = align_down(size);
+        let tail = std::mem::take(&mut self.state.borrow_mut().tail);
+        assert_eq!(tail.len() as u64, size - start, "the tail is the last partial block");
+        let end = size + batches.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
+        let mut pieces = std::iter::once(&tail[..]).chain(batches.iter().map(|b| &b.bytes[..]));
+        let mut piece: &[u8] = &[];
+        let mut position = start;
+        let mut new_tail = Vec::new();
+        while position < end {
+            let data_bytes = ((end - position) as usize).min(WRITE_CHUNK_BYTES_MAX);
+            let buffer_bytes = segment::align_up(data_bytes as u64) as usize;
+            let mut buffer = segment.file.alloc_dma_buffer(buffer_bytes);
+            let out = buffer.as_bytes_mut();
+            let mut filled = 0;
+            while filled < data_bytes {
+                if piece.is_empty() {
+                    piece = pieces.next().expect("pieces cover the range");
+                    continue;
+                }
+                let n = piece.len().min(data_bytes - filled);
+                out[filled..filled + n].copy_from_slice(&piece[..n]);
+                piece = &piece[n..];
+                filled += n;
+            }
+            out[filled..].fill(0);
+            if position + buffer_bytes as u64 >= end {
+                let tail_from = (align_down(end) - position) as usize;
+                new_tail = out[tail_from..data_bytes].to_vec();
+            }
+            let written = segment
+                .file
+                .write_at(buffer, position)
+                .await
+                .map_err(|e| LogError::io("writing segment", &segment.path, e))?;
+            if written != buffer_bytes {
+                let short = std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("short write: {written} of {buffer_bytes} bytes"),
+                );
+                return Err(LogError::io("writing segment", &segment.path, short));
+            }
+            position += buffer_bytes as u64;
+        }
+        segment.file.fdatasync().await.map_err(|e| LogError::io("fdatasync of segment", &segment.path, e))?;
+        let mut index = segment.index.borrow_mut();
+        let mut at = size;
+        for batch in batches {
+            index.on_batch(&batch.header, segment::position_u32(at));
+            at += batch.bytes.len() as u64;
+        }
+        segment.size.set(end);
+        segment.next_offset.set(batches.last().expect("not empty").header.next_offset());
+        self.state.borrow_mut().tail = new_tail;
+        Ok(())
+    }
+
+    /// Seals the active segment (cuts its zero padding, persists its index) and starts a new
+    /// one at `base_offset`, durable in the directory before anything is written to it.
+    async fn roll(&self, base_offset: i64) -> Result<()> {
+        let active = self.active_segment();
+        assert_eq!(active.next_offset.get(), base_offset, "a new segment starts where the last ended");
+        let sealed_size = active.size.get();
+        active
+            .file
+            .truncate(sealed_size)
+            .await
+            .map_err(|e| LogError::io("sealing segment", &active.path, e))?;
+        active
+            .file
+            .fdatasync()
+            .await
+            .map_err(|e| LogError::io("fdatasync of sealed segment", &active.path, e))?;
+        active.persist_index(&self.dir)?;
+        let segment = Segment::create(&self.dir, base_offset, self.config.index_interval_bytes).await?;
+        sync_directory(&self.dir).await?;
+        self.segments.borrow_mut().insert(base_offset, Rc::new(segment));
+        self.state.borrow_mut().tail.clear();
+        Ok(())
+    }
+
+    fn active_segment(&self) -> Rc<Segment> {
+        self.segments.borrow().last_key_value().expect("a log has a segment").1.clone()
+    }
+
+    fn segment_for(&self, offset: i64) -> Option<Rc<Segment>> {
+        self.segments.borrow().range(..=offset).next_back().map(|(_, s)| s.clone())
+    }
+
+    fn check_range(&self, offset: i64) -> Result<()> {
+        let (log_start, log_end) = (self.log_start_offset(), self.next_offset());
+        if offset < log_start || offset > log_end {
+            return Err(LogError::OffsetOutOfRange { offset, log_start, log_end });
+        }
+        Ok(())
+    }
+
+    /// Reads durable batches from the one holding `offset`, up to `max_bytes` (at least one
+    /// whole batch). `None` when nothing durable is at or after `offset` yet.
+    pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Option<Bytes>> {
+        self.check_range(offset)?;
+        let mut from = offset;
+        while from < self.durable_offset() {
+            let Some(segment) = self.segment_for(from) else { break };
+            if let Some(bytes) = segment.read(from, max_bytes).await? {
+                return Ok(Some(bytes));
+            }
+            // The offset sits at this segment's end: the next segment starts there.
+            if segment.next_offset.get() <= from {
+                let next = self.segments.borrow().range(from + 1..).next().map(|(base, _)| *base);
+                match next {
+                    Some(base) => from = base,
+                    None => break,
+                }
+            } else {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first offset whose batch has a max timestamp at or after `timestamp`, among durable
+    /// batches; `None` if there is none.
+    pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<i64>> {
+        let candidates: Vec<Rc<Segment>> = self
+            .segments
+            .borrow()
+            .values()
+            .filter(|s| s.index.borrow().max_timestamp >= timestamp)
+            .cloned()
+            .collect();
+        for segment in candidates {
+            if let Some(offset) = segment.offset_for_timestamp(timestamp).await? {
+                return Ok(Some(offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes every batch at or after `offset`, which must be a batch boundary inside the log
+    /// (Raft truncates a follower's log this way). Pending batches are flushed first, so the
+    /// truncation point is always durable.
+    pub async fn truncate_from(&self, offset: i64) -> Result<()> {
+        self.flush().await?;
+        self.check_range(offset)?;
+        if offset == self.next_offset() {
+            return Ok(());
+        }
+        let segment = self.segment_for(offset).expect("offset checked to be in range");
+        let position = segment.position_of_batch(offset).await?.ok_or_else(|| LogError::CorruptBatch {
+            reason: format!("offset {offset} is not the start of a batch in {}", segment.path.display()),
+        })?;
+        let later: Vec<Rc<Segment>> =
+            self.segments.borrow().range(segment.base_offset + 1..).map(|(_, s)| s.clone()).collect();
+        for doomed in later {
+            self.remove_segment(&doomed)?;
+        }
+        segment
+            .file
+            .truncate(position)
+            .await
+            .map_err(|e| LogError::io("truncating segment", &segment.path, e))?;
+        segment
+            .file
+            .fdatasync()
+            .await
+            .map_err(|e| LogError::io("fdatasync of truncation", &segment.path, e))?;
+        segment.size.set(position);
+        segment.next_offset.set(offset);
+        segment.index.borrow_mut().truncate_to(segment::position_u32(position));
+        let _ = std::fs::remove_file(self.dir.join(segment::index_file_name(segment.base_offset)));
+        let tail = segment.read_tail().await?;
+        let mut state = self.state.borrow_mut();
+        state.tail = tail;
+        state.next_offset = offset;
+        state.durable_offset = offset;
+        Ok(())
+    }
+
+    fn remove_segment(&self, segment: &Segment) -> Result<()> {
+        self.segments.borrow_mut().remove(&segment.base_offset);
+        std::fs::remove_file(&segment.path)
+            .map_err(|e| LogError::io("deleting segment", &segment.path, e))?;
+        let index = self.dir.join(segment::index_file_name(segment.base_offset));
+        match std::fs::remove_file(&index) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(LogError::io("deleting index", &index, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes whole closed segments that retention no longer keeps. Returns how many.
+    pub fn apply_retention(&self, now_ms: i64) -> Result<usize> {
+        let closed: Vec<Rc<Segment>> = {
+            let segments = self.segments.borrow();
+            segments.values().take(segments.len() - 1).cloned().collect()
+        };
+        let mut total = self.size_bytes();
+        let mut removed = 0;
+        for segment in closed {
+            let size = segment.size.get();
+            let over_size = self.config.retention_bytes.is_some_and(|limit| total - size >= limit);
+            let max_timestamp = segment.index.borrow().max_timestamp;
+            let over_age = self
+                .config
+                .retention_ms
+                .is_some_and(|ms| max_timestamp >= 0 && max_timestamp < now_ms.saturating_sub(ms as i64));
+            if !over_size && !over_age {
+                break;
+            }
+            self.remove_segment(&segment)?;
+            total -= size;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Flushes and closes every file. The log is unusable afterwards.
+    pub async fn close(&self) -> Result<()> {
+        if self.stopped().is_none() {
+            self.flush().await?;
+        }
+        let segments = std::mem::take(&mut *self.segments.borrow_mut());
+        for segment in segments.into_values() {
+            if let Ok(segment) = Rc::try_unwrap(segment) {
+                if let Ok(file) = Rc::try_unwrap(segment.file) {
+                    file.close().await.map_err(|e| LogError::io("closing segment", &segment.path, e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn sync_directory(dir: &Path) -> Result<()> {
+    let directory = Directory::open(dir).await.map_err(|e| LogError::io("opening directory", dir, e))?;
+    directory.sync().await.map_err(|e| LogError::io("fsync of directory", dir, e))?;
+    directory.close().await.map_err(|e| LogError::io("closing directory", dir, e))
+}
+
+fn segment_bases(dir: &Path) -> Result<Vec<i64>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| LogError::io("listing log directory", dir, e))?;
+    let mut bases = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io("listing log directory", dir, e))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else { continue };
+        if let Ok(base) = stem.parse::<i64>() {
+            bases.push(base);
+        }
+    }
+    Ok(bases)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    pub(crate) fn run<T>(future: impl Future<Output = T>) -> T {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(256 << 10)
+            .make()
+            .expect("executor")
+            .run(future)
+    }
+
+    fn small_config() -> LogConfig {
+        LogConfig { segment_bytes: 16 << 10, index_interval_bytes: 1024, ..LogConfig::default() }
+    }
+
+    /// Appends `batches` batches of `records` records each, one flush per `per_flush` batches.
+    async fn fill(log: &Log, batches: usize, records: usize, per_flush: usize) -> Vec<(i64, i64)> {
+        let mut ranges = Vec::new();
+        for i in 0..batches {
+            let bytes = batch::build_for_tests(records, format!("value-{i:06}").as_bytes(), 1000 + i as i64);
+            let headers = batch::parse_all(&bytes).unwrap();
+            let appended = log.append(&bytes, &headers).unwrap();
+            ranges.push((appended.base_offset, appended.next_offset));
+            if (i + 1) % per_flush == 0 {
+                log.flush().await.unwrap();
+            }
+        }
+        log.flush().await.unwrap();
+        ranges
+    }
+
+    async fn read_all(log: &Log, from: i64) -> Vec<BatchHeader> {
+        let mut headers = Vec::new();
+        let mut offset = from;
+        while let Some(bytes) = log.read(offset, 4096).await.unwrap() {
+            let parsed = batch::parse_all(&bytes).unwrap();
+            offset = parsed.last().unwrap().next_offset();
+            headers.extend(parsed);
+        }
+        headers
+    }
+
+    #[test]
+    fn offsets_are_contiguous_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            let ranges = fill(&log, 300, 3, 7).await;
+            assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0));
+            assert_eq!(log.durable_offset(), 900);
+            assert!(log.segment_count() > 1, "16 KiB segments must roll");
+            log.close().await.unwrap();
+
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            assert_eq!(log.next_offset(), 900);
+            let headers = read_all(&log, 0).await;
+            assert_eq!(headers.len(), 300);
+            assert!(headers.iter().enumerate().all(|(i, h)| h.base_offset == 3 * i as i64));
+            let more = fill(&log, 1, 2, 1).await;
+            assert_eq!(more, vec![(900, 902)]);
+        });
+    }
+
+    #[test]
+    fn a_read_inside_a_batch_returns_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 10, 5, 10).await;
+            let bytes = log.read(23, 1).await.unwrap().unwrap();
+            let headers = batch::parse_all(&bytes).unwrap();
+            assert_eq!(headers.len(), 1, "max_bytes below one batch still returns one");
+            assert_eq!(headers[0].base_offset, 20);
+            assert!(log.read(50, 1).await.unwrap().is_none());
+            assert!(matches!(log.read(51, 1).await, Err(LogError::OffsetOutOfRange { .. })));
+        });
+    }
+
+    #[test]
+    fn recovery_cuts_a_torn_tail_and_keeps_everything_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { segment_bytes: 1 << 20, ..small_config() };
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            fill(&log, 20, 2, 3).await;
+            let good_size = log.size_bytes();
+            log.close().await.unwrap();
+
+            // A torn write: half of a valid batch after the last good one.
+            let path = dir.path().join(segment::log_file_name(0));
+            let mut file = std::fs::read(&path).unwrap();
+            file.truncate(good_size as usize);
+            let mut next = batch::build_for_tests(2, b"torn", 1);
+            batch::set_base_offset(&mut next, 40);
+            file.extend_from_slice(&next[..next.len() / 2]);
+            std::fs::write(&path, &file).unwrap();
+
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            assert_eq!(log.next_offset(), 40);
+            assert_eq!(log.size_bytes(), good_size);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), good_size);
+            assert_eq!(read_all(&log, 0).await.len(), 20);
+            assert_eq!(fill(&log, 1, 1, 1).await, vec![(40, 41)]);
+        });
+    }
+
+    #[test]
+    fn recovery_stops_at_a_batch_with_a_bad_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { segment_bytes: 1 << 20, ..small_config() };
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            fill(&log, 10, 1, 10).await;
+            let first_batch = batch::build_for_tests(1, b"value-000000", 0).len();
+            log.close().await.unwrap();
+
+            let path = dir.path().join(segment::log_file_name(0));
+            let mut file = std::fs::read(&path).unwrap();
+            file[5 * first_batch + 70] ^= 0xff; // inside batch 5's records
+            std::fs::write(&path, &file).unwrap();
+
+            let log = Log::open(dir.path(), config).await.unwrap();
+            assert_eq!(log.next_offset(), 5);
+            assert_eq!(read_all(&log, 0).await.len(), 5);
+        });
+    }
+
+    #[test]
+    fn damaged_index_files_are_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 600, 1, 5).await;
+            log.close().await.unwrap();
+            let index = dir.path().join(segment::index_file_name(0));
+            assert!(index.exists(), "a sealed segment has an index");
+            std::fs::write(&index, b"garbage").unwrap();
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            assert_eq!(log.next_offset(), 600);
+            let headers = read_all(&log, 137).await;
+            assert_eq!(headers.first().unwrap().base_offset, 137);
+            assert_eq!(headers.len(), 463);
+        });
+    }
+
+    #[test]
+    fn truncate_from_removes_the_suffix_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 300, 2, 10).await;
+            let segments_before = log.segment_count();
+            log.truncate_from(100).await.unwrap();
+            assert!(log.segment_count() < segments_before);
+            assert_eq!(log.next_offset(), 100);
+            assert!(log.truncate_from(51).await.is_err(), "51 is inside a batch");
+            assert_eq!(fill(&log, 1, 2, 1).await, vec![(100, 102)]);
+            log.close().await.unwrap();
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            assert_eq!(log.next_offset(), 102);
+            assert_eq!(read_all(&log, 0).await.len(), 51);
+        });
+    }
+
+    #[test]
+    fn retention_deletes_whole_closed_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { retention_bytes: Some(40 << 10), ..small_config() };
+            let log = Log::open(dir.path(), config).await.unwrap();
+            fill(&log, 1000, 1, 50).await;
+            let removed = log.apply_retention(0).unwrap();
+            assert!(removed > 0);
+            assert!(log.size_bytes() >= 40 << 10);
+            assert!(log.log_start_offset() > 0);
+            assert!(matches!(log.read(0, 100).await, Err(LogError::OffsetOutOfRange { .. })));
+            let first = read_all(&log, log.log_start_offset()).await;
+            assert_eq!(first.first().unwrap().base_offset, log.log_start_offset());
+            assert_eq!(first.last().unwrap().next_offset(), 1000);
+        });
+    }
+
+    #[test]
+    fn timestamps_find_the_first_batch_at_or_after() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 300, 1, 10).await; // batch i has timestamp 1000 + i
+            assert_eq!(log.offset_for_timestamp(0).await.unwrap(), Some(0));
+            assert_eq!(log.offset_for_timestamp(1150).await.unwrap(), Some(150));
+            assert_eq!(log.offset_for_timestamp(1299).await.unwrap(), Some(299));
+            assert_eq!(log.offset_for_timestamp(1300).await.unwrap(), None);
+        });
+    }
+}

@@ -1,0 +1,324 @@
+//! One segment: an append-only file of record batches, named by the offset of its first batch.
+//!
+//! Files are opened with O_DIRECT (glommio's `DmaFile`), so every write starts and ends on a
+//! 4 KiB boundary. The writer keeps the last partial block of the segment in memory (the *tail*)
+//! and rewrites it, followed by the new batches, on the next flush; the bytes past the logical
+//! end of the last block are zeros. A zero `batchLength` therefore ends a scan, exactly like a
+//! torn or unwritten tail does.
+//!
+//! Invariants:
+//! - `size` is the number of bytes of whole, checked, fdatasync'ed batches; readers never read past it.
+//! - batches are contiguous from position 0 and their offsets are contiguous from `base_offset`.
+//! - a segment lives on the shard that owns its partition; it is never shared across threads.
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::{DmaFile, OpenOptions, ReadResult};
+
+use crate::batch::{self, BatchHeader, LOG_OVERHEAD_BYTES};
+use crate::index::SegmentIndex;
+use crate::{LogError, Result};
+
+/// O_DIRECT alignment of positions and lengths.
+pub const BLOCK_BYTES: u64 = 4096;
+/// The largest single write a flush issues.
+pub const WRITE_CHUNK_BYTES_MAX: usize = 1 << 20;
+/// How far a reader reads ahead of what it was asked for.
+pub const READAHEAD_BYTES: usize = 256 << 10;
+
+pub(crate) fn align_down(position: u64) -> u64 {
+    position & !(BLOCK_BYTES - 1)
+}
+
+pub(crate) fn align_up(position: u64) -> u64 {
+    align_down(position + BLOCK_BYTES - 1)
+}
+
+pub(crate) fn log_file_name(base_offset: i64) -> String {
+    format!("{base_offset:020}.log")
+}
+
+pub(crate) fn index_file_name(base_offset: i64) -> String {
+    format!("{base_offset:020}.index")
+}
+
+pub(crate) struct Segment {
+    pub base_offset: i64,
+    pub path: PathBuf,
+    pub file: Rc<DmaFile>,
+    /// Durable bytes (see the module invariants).
+    pub size: Cell<u64>,
+    /// The offset after the last durable batch.
+    pub next_offset: Cell<i64>,
+    pub index: RefCell<SegmentIndex>,
+}
+
+impl Segment {
+    pub async fn create(dir: &Path, base_offset: i64, index_interval_bytes: u32) -> Result<Segment> {
+        let path = dir.join(log_file_name(base_offset));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .dma_open(&path)
+            .await
+            .map_err(|e| LogError::io("creating segment", &path, e))?;
+        Ok(Segment {
+            base_offset,
+            path,
+            file: Rc::new(file),
+            size: Cell::new(0),
+            next_offset: Cell::new(base_offset),
+            index: RefCell::new(SegmentIndex::new(base_offset, index_interval_bytes)),
+        })
+    }
+
+    /// Opens an existing segment and finds its end: from the persisted index when `trust_index`
+    /// and the index is sound, otherwise by checking every batch. Anything after the last good
+    /// batch (a torn write, zeros, stale bytes) is cut off the file.
+    pub async fn open(
+        dir: &Path,
+        base_offset: i64,
+        index_interval_bytes: u32,
+        trust_index: bool,
+    ) -> Result<Segment> {
+        let path = dir.join(log_file_name(base_offset));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&path)
+            .await
+            .map_err(|e| LogError::io("opening segment", &path, e))?;
+        let file_bytes = file.file_size().await.map_err(|e| LogError::io("sizing segment", &path, e))?;
+        let segment = Segment {
+            base_offset,
+            path,
+            file: Rc::new(file),
+            size: Cell::new(0),
+            next_offset: Cell::new(base_offset),
+            index: RefCell::new(SegmentIndex::new(base_offset, index_interval_bytes)),
+        };
+        let persisted = if trust_index {
+            let index_path = dir.join(index_file_name(base_offset));
+            std::fs::read(&index_path)
+                .ok()
+                .and_then(|bytes| SegmentIndex::decode(&bytes, base_offset, index_interval_bytes, file_bytes))
+        } else {
+            None
+        };
+        // A sound index lets the scan start at its last entry (which it already covers); the scan
+        // still checks every batch from there on, which is how the end of the segment is found.
+        let (scan_position, scan_offset, indexed_below) = match persisted {
+            Some(index) => {
+                let last = index.last_offset_entry();
+                *segment.index.borrow_mut() = index;
+                match last {
+                    Some(e) => (
+                        u64::from(e.position),
+                        base_offset + i64::from(e.relative_offset),
+                        u64::from(e.position) + 1,
+                    ),
+                    None => (0, base_offset, 0),
+                }
+            }
+            None => (0, base_offset, 0),
+        };
+        let end = segment.scan(scan_position, scan_offset, file_bytes, indexed_below).await?;
+        if end < file_bytes {
+            segment
+                .file
+                .truncate(end)
+                .await
+                .map_err(|e| LogError::io("truncating torn tail", &segment.path, e))?;
+            segment
+                .file
+                .fdatasync()
+                .await
+                .map_err(|e| LogError::io("syncing truncation", &segment.path, e))?;
+        }
+        Ok(segment)
+    }
+
+    /// Checks batches from `position` on, indexing them unless the index already covers them,
+    /// and sets `size` and `next_offset` to the end of the last good batch.
+    async fn scan(
+        &self,
+        mut position: u64,
+        mut next_offset: i64,
+        file_bytes: u64,
+        indexed_below: u64,
+    ) -> Result<u64> {
+        let mut window = FileWindow::new(self.file.clone(), &self.path, file_bytes, WRITE_CHUNK_BYTES_MAX);
+        while file_bytes - position >= LOG_OVERHEAD_BYTES as u64 {
+            let head = window.bytes(position, LOG_OVERHEAD_BYTES).await?;
+            let Some(total) = batch::claimed_batch_bytes(head) else { break };
+            if position + total as u64 > file_bytes {
+                break;
+            }
+            let Ok(header) = batch::parse(window.bytes(position, total).await?) else { break };
+            if header.base_offset != next_offset {
+                break;
+            }
+            if position >= indexed_below {
+                self.index.borrow_mut().on_batch(&header, position_u32(position));
+            }
+            position += total as u64;
+            next_offset = header.next_offset();
+        }
+        self.size.set(position);
+        self.next_offset.set(next_offset);
+        Ok(position)
+    }
+
+    /// Reads whole batches from the first one that holds offsets at or after `offset`, up to
+    /// `max_bytes` (but always one batch, however large), never past the durable size.
+    pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Option<bytes::Bytes>> {
+        let size = self.size.get();
+        let mut position = u64::from(self.index.borrow().position_for_offset(offset));
+        let mut window = FileWindow::new(self.file.clone(), &self.path, size, READAHEAD_BYTES.max(max_bytes));
+        let mut start = None;
+        while position + LOG_OVERHEAD_BYTES as u64 <= size {
+            let head = window.bytes(position, batch::HEADER_BYTES.min((size - position) as usize)).await?;
+            let total = batch::claimed_batch_bytes(head).ok_or_else(|| self.corrupt_at(position))? as u64;
+            let base = i64::from_be_bytes(head[..8].try_into().expect("length checked"));
+            let last_delta = i32::from_be_bytes(head[23..27].try_into().expect("header read whole"));
+            let batch_next = base + i64::from(last_delta) + 1;
+            match start {
+                None if batch_next <= offset => {}
+                None => start = Some(position),
+                Some(from) if position + total - from > max_bytes as u64 => break,
+                Some(_) => {}
+            }
+            position += total;
+        }
+        let Some(from) = start else { return Ok(None) };
+        let len = (position - from) as usize;
+        Ok(Some(bytes::Bytes::copy_from_slice(window.bytes(from, len).await?)))
+    }
+
+    /// Finds the first batch whose max timestamp is at or after `timestamp`.
+    pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<i64>> {
+        let size = self.size.get();
+        let mut position = u64::from(self.index.borrow().position_for_timestamp(timestamp));
+        let mut window = FileWindow::new(self.file.clone(), &self.path, size, READAHEAD_BYTES);
+        while position + batch::HEADER_BYTES as u64 <= size {
+            let head = window.bytes(position, batch::HEADER_BYTES).await?;
+            let total = batch::claimed_batch_bytes(head).ok_or_else(|| self.corrupt_at(position))? as u64;
+            let max_timestamp = i64::from_be_bytes(head[35..43].try_into().expect("header read whole"));
+            if max_timestamp >= timestamp {
+                return Ok(Some(i64::from_be_bytes(head[..8].try_into().expect("header read whole"))));
+            }
+            position += total;
+        }
+        Ok(None)
+    }
+
+    /// The position of the batch that starts at `offset`, if one does.
+    pub async fn position_of_batch(&self, offset: i64) -> Result<Option<u64>> {
+        let size = self.size.get();
+        let mut position = u64::from(self.index.borrow().position_for_offset(offset));
+        let mut window = FileWindow::new(self.file.clone(), &self.path, size, READAHEAD_BYTES);
+        while position + batch::HEADER_BYTES as u64 <= size {
+            let head = window.bytes(position, batch::HEADER_BYTES).await?;
+            let base = i64::from_be_bytes(head[..8].try_into().expect("header read whole"));
+            if base >= offset {
+                return Ok((base == offset).then_some(position));
+            }
+            position += batch::claimed_batch_bytes(head).ok_or_else(|| self.corrupt_at(position))? as u64;
+        }
+        Ok((position == size && self.next_offset.get() == offset).then_some(position))
+    }
+
+    /// Writes the index next to the segment, for a faster open next time.
+    pub fn persist_index(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(index_file_name(self.base_offset));
+        let bytes = self.index.borrow().encode();
+        std::fs::write(&path, bytes).map_err(|e| LogError::io("writing index", &path, e))
+    }
+
+    fn corrupt_at(&self, position: u64) -> LogError {
+        LogError::CorruptBatch {
+            reason: format!("durable batch at byte {position} of {} has a bad length", self.path.display()),
+        }
+    }
+
+    /// Reads the tail (the last partial block) for a writer that continues this segment.
+    pub async fn read_tail(&self) -> Result<Vec<u8>> {
+        let size = self.size.get();
+        let from = align_down(size);
+        if from == size {
+            return Ok(Vec::new());
+        }
+        let read = self
+            .file
+            .read_at(from, (size - from) as usize)
+            .await
+            .map_err(|e| LogError::io("reading tail", &self.path, e))?;
+        if read.len() as u64 != size - from {
+            return Err(LogError::io(
+                "reading tail",
+                &self.path,
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ));
+        }
+        Ok(read.to_vec())
+    }
+}
+
+pub(crate) fn position_u32(position: u64) -> u32 {
+    u32::try_from(position).expect("segments are smaller than 4 GiB")
+}
+
+/// A read-ahead window over a file: O_DIRECT reads of at least `readahead` bytes, never past
+/// `limit`.
+struct FileWindow<'p> {
+    file: Rc<DmaFile>,
+    path: &'p Path,
+    limit: u64,
+    readahead: usize,
+    start: u64,
+    data: Option<ReadResult>,
+}
+
+impl<'p> FileWindow<'p> {
+    fn new(file: Rc<DmaFile>, path: &'p Path, limit: u64, readahead: usize) -> FileWindow<'p> {
+        FileWindow { file, path, limit, readahead, start: 0, data: None }
+    }
+
+    async fn bytes(&mut self, position: u64, len: usize) -> Result<&[u8]> {
+        assert!(position + len as u64 <= self.limit, "window read past its limit");
+        let covered = self
+            .data
+            .as_ref()
+            .is_some_and(|d| position >= self.start && position + len as u64 <= self.start + d.len() as u64);
+        if !covered {
+            let want = (len.max(self.readahead) as u64).min(self.limit - position) as usize;
+            let data = self
+                .file
+                .read_at(position, want)
+                .await
+                .map_err(|e| LogError::io("reading segment", self.path, e))?;
+            if data.len() < len {
+                let eof = std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "segment shorter than its durable size",
+                );
+                return Err(LogError::io("reading segment", self.path, eof));
+            }
+            self.start = position;
+            self.data = Some(data);
+        }
+        let data = self.data.as_ref().expect("filled above");
+        let at = (position - self.start) as usize;
+        Ok(&data[at..at + len])
+    }
+}
+
+/// The header and bytes of a batch that has its offset.
+#[derive(Debug, Clone)]
+pub struct StampedBatch {
+    pub header: BatchHeader,
+    pub bytes: bytes::Bytes,
+}
