@@ -1,1 +1,461 @@
-//! Client (being written).
+//! The blocking Pyralog client: std threads and `std::net`, no async runtime, no server crate.
+//!
+//! - [`Client`]: metadata-aware requests. It keeps one pipelined [`Connection`] per shard port
+//!   on the bootstrap host and sends each partition's requests straight to the shard that owns
+//!   the partition (the port in the metadata), falling back to the bootstrap port when the
+//!   metadata says port 0. A closed connection is replaced on the next request that needs it.
+//! - [`Producer`]: batching per partition, asynchronous sends, in-order delivery reports.
+//! - [`Consumer`]: fetches a set of partitions and tracks the next offset of each.
+//! - [`batch`]: the client's own RecordBatch v2 builder and reader.
+//!
+//! Invariants: every request waits at most the request timeout ([`ConnectOptions`]); a broker
+//! that goes away turns every pending and later request into [`ClientError::Disconnected`] or
+//! [`ClientError::Connect`], never a hang. Server-side failures surface as
+//! [`ClientError::Server`] with the broker's code and message.
+//!
+//! `Client` is cheap to clone and safe to share between threads; clones share connections
+//! and the metadata cache.
+
+pub mod batch;
+pub mod connection;
+pub mod consumer;
+pub mod partitioner;
+pub mod producer;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+pub use self::batch::{BatchBuilder, BatchError, Record, RecordReader};
+pub use self::connection::{ConnectOptions, Connection, PendingResponse};
+pub use self::consumer::{ConsumedRecord, Consumer, StartAt};
+pub use self::partitioner::{PartitionSelector, Partitioner};
+pub use self::producer::{DeliveryReport, Producer, ProducerConfig};
+pub use crate::codec::{
+    Acks, ErrorCode, MetadataResponse, PartitionInfo, ShardInfo, OFFSET_EARLIEST, OFFSET_LATEST,
+};
+use crate::codec::{
+    FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, ProducePartition, ProduceRequest,
+    Request, Response, ResponseFrame,
+};
+
+/// Offsets reported for a produce the broker does not acknowledge (`Acks::None`).
+pub const OFFSET_UNACKNOWLEDGED: i64 = -1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot resolve broker address {addr:?}: {reason}")]
+    Resolve { addr: String, reason: String },
+    #[error("cannot connect to broker {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to broker {addr} lost: {reason}")]
+    Disconnected { addr: SocketAddr, reason: String },
+    #[error("{op} request to {addr} got no response within {waited:?}")]
+    Timeout { addr: SocketAddr, op: &'static str, waited: Duration },
+    #[error("server error {code:?}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("{op}: the broker answered with {got}")]
+    UnexpectedResponse { op: &'static str, got: String },
+    #[error("topic {topic:?} has {partitions} partitions, there is no partition {partition}")]
+    UnknownPartition { topic: String, partition: u32, partitions: u32 },
+    #[error("records fetched from {topic}/{partition} are corrupt: {source}")]
+    CorruptBatch {
+        topic: String,
+        partition: u32,
+        #[source]
+        source: BatchError,
+    },
+    #[error("a record of {bytes} bytes exceeds the {max}-byte batch limit")]
+    RecordTooLarge { bytes: usize, max: usize },
+    #[error("{failed_batches} batches failed since the last flush; the first: {first}")]
+    DeliveryFailed { failed_batches: u64, first: String },
+}
+
+impl ClientError {
+    /// True when the broker is unreachable or went away (as opposed to refusing a request).
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, ClientError::Connect { .. } | ClientError::Disconnected { .. })
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Where the broker put a produced batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProduceAck {
+    /// Offset of the batch's first record; [`OFFSET_UNACKNOWLEDGED`] under `Acks::None`.
+    pub base_offset: i64,
+    /// Offset after the batch's last record; [`OFFSET_UNACKNOWLEDGED`] under `Acks::None`.
+    pub next_offset: i64,
+}
+
+/// One partition's fetched data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchResult {
+    pub partition: u32,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+    /// Whole record batches back to back (the last may be cut short by `max_bytes`). The first
+    /// batch may start before the requested offset.
+    pub records: Bytes,
+}
+
+impl FetchResult {
+    pub fn reader(&self) -> RecordReader {
+        RecordReader::new(self.records.clone())
+    }
+}
+
+/// A produce on its way.
+#[derive(Debug)]
+pub struct PendingProduce {
+    partition: u32,
+    /// `None` under `Acks::None`: there is nothing to wait for.
+    response: Option<PendingResponse>,
+}
+
+impl PendingProduce {
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    pub fn wait(self) -> Result<ProduceAck> {
+        match self.response {
+            None => Ok(ProduceAck { base_offset: OFFSET_UNACKNOWLEDGED, next_offset: OFFSET_UNACKNOWLEDGED }),
+            Some(response) => produce_ack(self.partition, response.wait()?),
+        }
+    }
+
+    /// The outcome if it is known, without blocking.
+    pub fn try_wait(&mut self) -> Option<Result<ProduceAck>> {
+        match &mut self.response {
+            None => Some(Ok(ProduceAck {
+                base_offset: OFFSET_UNACKNOWLEDGED,
+                next_offset: OFFSET_UNACKNOWLEDGED,
+            })),
+            Some(response) => Some(response.try_wait()?.and_then(|frame| produce_ack(self.partition, frame))),
+        }
+    }
+}
+
+/// A fetch on its way.
+#[derive(Debug)]
+pub struct PendingFetch {
+    partition: u32,
+    response: PendingResponse,
+}
+
+impl PendingFetch {
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    pub fn wait(self) -> Result<FetchResult> {
+        let partition = self.partition;
+        let Response::Fetch(results) = response_body("fetch", self.response.wait()?)? else {
+            unreachable!("response_body checks the kind");
+        };
+        let result = results
+            .into_iter()
+            .find(|r| r.partition == partition)
+            .ok_or_else(|| missing_partition("fetch", partition))?;
+        server_error(result.error, &result.message)?;
+        let records = match result.records.len() {
+            0 => Bytes::new(),
+            1 => result.records.into_iter().next().expect("one chunk"),
+            _ => {
+                let mut joined = BytesMut::with_capacity(result.records_bytes());
+                result.records.iter().for_each(|chunk| joined.extend_from_slice(chunk));
+                joined.freeze()
+            }
+        };
+        Ok(FetchResult {
+            partition,
+            high_watermark: result.high_watermark,
+            log_start_offset: result.log_start_offset,
+            records,
+        })
+    }
+}
+
+/// A metadata-aware, shard-aware client. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    bootstrap: SocketAddr,
+    options: ConnectOptions,
+    /// By port on the bootstrap host; the bootstrap port is one of them.
+    connections: Mutex<HashMap<u16, Arc<Connection>>>,
+    /// Partitions of the topics seen so far, indexed by partition id.
+    topics: RwLock<HashMap<String, Vec<PartitionInfo>>>,
+    shards: RwLock<Vec<ShardInfo>>,
+}
+
+impl Client {
+    /// Connects to `bootstrap` ("host:port") with default options and fetches the metadata.
+    pub fn connect(bootstrap: &str) -> Result<Client> {
+        Client::connect_with(bootstrap, ConnectOptions::default())
+    }
+
+    pub fn connect_with(bootstrap: &str, options: ConnectOptions) -> Result<Client> {
+        let resolve_error = |reason: String| ClientError::Resolve { addr: bootstrap.to_owned(), reason };
+        let addr = bootstrap
+            .to_socket_addrs()
+            .map_err(|error| resolve_error(error.to_string()))?
+            .next()
+            .ok_or_else(|| resolve_error("resolved to no address".to_owned()))?;
+        let client = Client {
+            inner: Arc::new(Inner {
+                bootstrap: addr,
+                options,
+                connections: Mutex::new(HashMap::new()),
+                topics: RwLock::new(HashMap::new()),
+                shards: RwLock::new(Vec::new()),
+            }),
+        };
+        client.refresh_metadata()?;
+        Ok(client)
+    }
+
+    pub fn bootstrap_addr(&self) -> SocketAddr {
+        self.inner.bootstrap
+    }
+
+    /// The shards of the last metadata response.
+    pub fn shards(&self) -> Vec<ShardInfo> {
+        self.inner.shards.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Asks for the metadata of `topics` (all topics when empty) and caches what it learns.
+    pub fn metadata(&self, topics: &[&str]) -> Result<MetadataResponse> {
+        let request = Request::Metadata { topics: topics.iter().map(|t| (*t).to_owned()).collect() };
+        let frame = self.bootstrap_connection()?.call(&request)?;
+        let Response::Metadata(metadata) = response_body("metadata", frame)? else {
+            unreachable!("response_body checks the kind");
+        };
+        *self.inner.shards.write().unwrap_or_else(|p| p.into_inner()) = metadata.shards.clone();
+        let mut cache = self.inner.topics.write().unwrap_or_else(|p| p.into_inner());
+        if topics.is_empty() {
+            cache.clear();
+        }
+        for topic in &metadata.topics {
+            if topic.error == ErrorCode::None {
+                let mut partitions = topic.partitions.clone();
+                partitions.sort_by_key(|p| p.partition);
+                cache.insert(topic.name.clone(), partitions);
+            } else {
+                cache.remove(&topic.name);
+            }
+        }
+        Ok(metadata)
+    }
+
+    /// Re-reads the metadata of every topic.
+    pub fn refresh_metadata(&self) -> Result<()> {
+        self.metadata(&[]).map(drop)
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
+        let request = Request::CreateTopic { name: name.to_owned(), partitions };
+        response_body("create_topic", self.bootstrap_connection()?.call(&request)?)?;
+        self.metadata(&[name]).map(drop)
+    }
+
+    pub fn delete_topic(&self, name: &str) -> Result<()> {
+        let request = Request::DeleteTopic { name: name.to_owned() };
+        response_body("delete_topic", self.bootstrap_connection()?.call(&request)?)?;
+        self.inner.topics.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        Ok(())
+    }
+
+    /// The topic's partitions, from the cache or, for a topic not seen yet, from the broker.
+    pub fn partitions(&self, topic: &str) -> Result<Vec<PartitionInfo>> {
+        if let Some(partitions) = self.inner.topics.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
+            return Ok(partitions.clone());
+        }
+        let metadata = self.metadata(&[topic])?;
+        let info =
+            metadata.topics.into_iter().find(|t| t.name == topic).ok_or_else(|| ClientError::Server {
+                code: ErrorCode::UnknownTopic,
+                message: format!("topic {topic:?} is not in the metadata"),
+            })?;
+        server_error(info.error, &format!("topic {topic:?}"))?;
+        let mut partitions = info.partitions;
+        partitions.sort_by_key(|p| p.partition);
+        Ok(partitions)
+    }
+
+    pub fn partition_count(&self, topic: &str) -> Result<u32> {
+        Ok(u32::try_from(self.partitions(topic)?.len()).expect("partition ids are u32"))
+    }
+
+    /// The offset for `spec`: [`OFFSET_EARLIEST`], [`OFFSET_LATEST`] or a timestamp in ms.
+    pub fn list_offsets(&self, topic: &str, partition: u32, spec: i64) -> Result<i64> {
+        let request = Request::ListOffsets(ListOffsetsRequest {
+            topic: topic.to_owned(),
+            partitions: vec![ListOffsetsPartition { partition, timestamp: spec }],
+        });
+        let frame = self.partition_connection(topic, partition)?.call(&request)?;
+        let Response::ListOffsets(results) = response_body("list_offsets", frame)? else {
+            unreachable!("response_body checks the kind");
+        };
+        let result = results
+            .into_iter()
+            .find(|r| r.partition == partition)
+            .ok_or_else(|| missing_partition("list_offsets", partition))?;
+        server_error(result.error, &result.message)?;
+        Ok(result.offset)
+    }
+
+    /// Produces `records` (one or more whole batches) and waits for the acknowledgement.
+    pub fn produce(&self, topic: &str, partition: u32, records: Bytes, acks: Acks) -> Result<ProduceAck> {
+        self.produce_async(topic, partition, records, acks)?.wait()
+    }
+
+    /// Sends a produce and returns at once. Requests to one partition are written in call
+    /// order on one connection, so the broker appends them in that order.
+    pub fn produce_async(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        acks: Acks,
+    ) -> Result<PendingProduce> {
+        let connection = self.partition_connection(topic, partition)?;
+        let request = Request::Produce(ProduceRequest {
+            topic: topic.to_owned(),
+            acks,
+            partitions: vec![ProducePartition { partition, records }],
+        });
+        if acks == Acks::None {
+            connection.send_no_response(&request)?;
+            return Ok(PendingProduce { partition, response: None });
+        }
+        Ok(PendingProduce { partition, response: Some(connection.send(&request)?) })
+    }
+
+    /// Fetches from `offset`, waiting up to `max_wait_ms` for data to arrive.
+    pub fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<FetchResult> {
+        self.fetch_async(topic, partition, offset, max_bytes, max_wait_ms)?.wait()
+    }
+
+    pub fn fetch_async(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<PendingFetch> {
+        let connection = self.partition_connection(topic, partition)?;
+        let request = Request::Fetch(FetchRequest {
+            topic: topic.to_owned(),
+            max_wait_ms,
+            min_bytes: 1,
+            max_bytes,
+            partitions: vec![FetchPartition { partition, offset, max_bytes }],
+        });
+        Ok(PendingFetch { partition, response: connection.send(&request)? })
+    }
+
+    fn bootstrap_connection(&self) -> Result<Arc<Connection>> {
+        self.connection(self.inner.bootstrap.port())
+    }
+
+    /// The connection to the shard owning `topic`/`partition`.
+    fn partition_connection(&self, topic: &str, partition: u32) -> Result<Arc<Connection>> {
+        let partitions = self.partitions(topic)?;
+        let info = partitions.iter().find(|p| p.partition == partition).ok_or_else(|| {
+            let partitions = u32::try_from(partitions.len()).expect("partition ids are u32");
+            ClientError::UnknownPartition { topic: topic.to_owned(), partition, partitions }
+        })?;
+        match info.port {
+            0 => self.bootstrap_connection(),
+            port => self.connection(port),
+        }
+    }
+
+    /// The open connection to `port` on the bootstrap host, opening one if needed.
+    fn connection(&self, port: u16) -> Result<Arc<Connection>> {
+        let mut connections = self.inner.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(connection) = connections.get(&port).filter(|c| !c.is_closed()) {
+            return Ok(Arc::clone(connection));
+        }
+        let addr = SocketAddr::new(self.inner.bootstrap.ip(), port);
+        let connection = Arc::new(Connection::connect(addr, self.inner.options)?);
+        connections.insert(port, Arc::clone(&connection));
+        Ok(connection)
+    }
+}
+
+fn server_error(code: ErrorCode, message: &str) -> Result<()> {
+    if code == ErrorCode::None {
+        return Ok(());
+    }
+    Err(ClientError::Server { code, message: message.to_owned() })
+}
+
+fn missing_partition(op: &'static str, partition: u32) -> ClientError {
+    ClientError::UnexpectedResponse { op, got: format!("no result for partition {partition}") }
+}
+
+/// The body of a successful response of the kind `op` expects.
+fn response_body(op: &'static str, frame: ResponseFrame) -> Result<Response> {
+    server_error(frame.error, &frame.message)?;
+    let kind_matches = match &frame.body {
+        Some(Response::Metadata(_)) => op == "metadata",
+        Some(Response::CreateTopic) => op == "create_topic",
+        Some(Response::DeleteTopic) => op == "delete_topic",
+        Some(Response::Produce(_)) => op == "produce",
+        Some(Response::Fetch(_)) => op == "fetch",
+        Some(Response::ListOffsets(_)) => op == "list_offsets",
+        None => false,
+    };
+    match frame.body {
+        Some(body) if kind_matches => Ok(body),
+        other => Err(ClientError::UnexpectedResponse { op, got: response_kind(other.as_ref()).to_owned() }),
+    }
+}
+
+/// A response's kind, for messages (never its records, which may be megabytes).
+fn response_kind(body: Option<&Response>) -> &'static str {
+    match body {
+        None => "no body",
+        Some(Response::Metadata(_)) => "a metadata response",
+        Some(Response::CreateTopic) => "a create_topic response",
+        Some(Response::DeleteTopic) => "a delete_topic response",
+        Some(Response::Produce(_)) => "a produce response",
+        Some(Response::Fetch(_)) => "a fetch response",
+        Some(Response::ListOffsets(_)) => "a list_offsets response",
+    }
+}
+
+fn produce_ack(partition: u32, frame: ResponseFrame) -> Result<ProduceAck> {
+    let Response::Produce(results) = response_body("produce", frame)? else {
+        unreachable!("response_body checks the kind");
+    };
+    let result = results
+        .into_iter()
+        .find(|r| r.partition == partition)
+        .ok_or_else(|| missing_partition("produce", partition))?;
+    server_error(result.error, &result.message)?;
+    Ok(ProduceAck { base_offset: result.base_offset, next_offset: result.next_offset })
+}

@@ -1,0 +1,342 @@
+//! A batching, pipelining producer for one topic.
+//!
+//! Each partition has at most one open batch. A record goes into its partition's batch; the
+//! batch is sent when it reaches `batch_bytes`, or once `linger` has passed since its first
+//! record. There is no background thread: linger is checked on every [`Producer::send`] and
+//! [`Producer::poll`], so a caller that goes idle calls `poll` (at the latest by
+//! [`Producer::linger_deadline`]) or [`Producer::flush`].
+//!
+//! Sending is asynchronous: a full batch leaves with [`Client::produce_async`] and the producer
+//! carries on. Outcomes are collected in send order and handed, one [`DeliveryReport`] per
+//! batch, to the callback given to [`Producer::new`], on the thread calling the producer.
+//! Every batch gets exactly one report, failed batches included; [`Producer::flush`] also
+//! returns an error if any batch failed since the previous flush.
+//!
+//! Invariants: at most `max_in_flight_batches` batches await acknowledgement (a send blocks on
+//! the oldest beyond that) and at most one open batch per partition, so memory is bounded by
+//! `(partitions + max_in_flight_batches) * batch_bytes`. Batches of one partition are sent in
+//! order on one connection, so the broker appends them in send order.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::batch::{BatchBuilder, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
+use super::partitioner::{PartitionSelector, Partitioner};
+use super::{Acks, Client, ClientError, PendingProduce, Result, OFFSET_UNACKNOWLEDGED};
+
+pub const BATCH_BYTES_DEFAULT: usize = 16 << 10;
+pub const LINGER_DEFAULT: Duration = Duration::from_millis(5);
+pub const IN_FLIGHT_BATCHES_MAX_DEFAULT: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    pub topic: String,
+    /// A batch is sent once it holds this many bytes (clamped to [`BATCH_BYTES_MAX`]).
+    pub batch_bytes: usize,
+    /// A batch is sent at the latest this long after its first record.
+    pub linger: Duration,
+    pub acks: Acks,
+    pub partitioner: Partitioner,
+    /// Batches sent but not yet acknowledged, across all partitions.
+    pub max_in_flight_batches: usize,
+}
+
+impl ProducerConfig {
+    pub fn new(topic: impl Into<String>) -> ProducerConfig {
+        ProducerConfig {
+            topic: topic.into(),
+            batch_bytes: BATCH_BYTES_DEFAULT,
+            linger: LINGER_DEFAULT,
+            acks: Acks::Durable,
+            partitioner: Partitioner::default(),
+            max_in_flight_batches: IN_FLIGHT_BATCHES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// The outcome of one batch.
+#[derive(Debug)]
+pub struct DeliveryReport {
+    pub partition: u32,
+    /// Offset of the batch's first record; [`OFFSET_UNACKNOWLEDGED`] under `Acks::None` or on
+    /// failure.
+    pub base_offset: i64,
+    pub record_count: u32,
+    /// When the batch's first and last records were handed to [`Producer::send`].
+    pub first_enqueue: Instant,
+    pub last_enqueue: Instant,
+    /// When the outcome became known to the producer.
+    pub completed: Instant,
+    /// `None` when the batch was appended (or sent, under `Acks::None`).
+    pub error: Option<ClientError>,
+}
+
+/// Called once per batch, in send order, on the thread using the producer.
+pub type DeliveryCallback = Box<dyn FnMut(DeliveryReport) + Send>;
+
+#[derive(Debug)]
+struct OpenBatch {
+    builder: BatchBuilder,
+    first_enqueue: Instant,
+    last_enqueue: Instant,
+}
+
+/// What a report says about a batch besides its outcome.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    partition: u32,
+    record_count: u32,
+    first_enqueue: Instant,
+    last_enqueue: Instant,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    batch: Batch,
+    pending: PendingProduce,
+}
+
+pub struct Producer {
+    client: Client,
+    config: ProducerConfig,
+    partitions: u32,
+    selector: PartitionSelector,
+    /// Indexed by partition.
+    open: Vec<Option<OpenBatch>>,
+    in_flight: VecDeque<InFlight>,
+    /// The earliest time an open batch's linger expires.
+    linger_deadline: Option<Instant>,
+    on_delivery: DeliveryCallback,
+    failed_batches: u64,
+    first_failure: Option<String>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("topic", &self.config.topic)
+            .field("partitions", &self.partitions)
+            .field("in_flight", &self.in_flight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Producer {
+    /// `on_delivery` receives one report per batch; see the module docs.
+    pub fn new(
+        client: Client,
+        mut config: ProducerConfig,
+        on_delivery: impl FnMut(DeliveryReport) + Send + 'static,
+    ) -> Result<Producer> {
+        assert!(config.max_in_flight_batches > 0, "max_in_flight_batches must allow one batch");
+        config.batch_bytes = config.batch_bytes.clamp(BATCH_HEADER_BYTES + 1, BATCH_BYTES_MAX);
+        let partitions = client.partition_count(&config.topic)?;
+        if partitions == 0 {
+            return Err(ClientError::UnknownPartition { topic: config.topic, partition: 0, partitions });
+        }
+        // Distinct seeds keep the sticky partitions of concurrent producers apart.
+        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        Ok(Producer {
+            client,
+            selector: PartitionSelector::new(config.partitioner, seed ^ u64::from(std::process::id())),
+            open: (0..partitions).map(|_| None).collect(),
+            in_flight: VecDeque::with_capacity(config.max_in_flight_batches),
+            linger_deadline: None,
+            on_delivery: Box::new(on_delivery),
+            failed_batches: 0,
+            first_failure: None,
+            partitions,
+            config,
+        })
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.partitions
+    }
+
+    /// When the oldest open batch must be sent; call [`Producer::poll`] by then.
+    pub fn linger_deadline(&self) -> Option<Instant> {
+        self.linger_deadline
+    }
+
+    /// Appends a record to its partition's batch, sending batches that are full or lingered
+    /// long enough. Returns the record's partition. Fails for a record too large for any batch
+    /// and when the broker is gone (the lost batches are also reported to the callback).
+    pub fn send(&mut self, key: Option<&[u8]>, value: &[u8]) -> Result<u32> {
+        let now = Instant::now();
+        self.poll_at(now)?;
+        let partition = self.selector.choose(key, self.partitions);
+        let timestamp_ms = unix_ms();
+        let index = partition as usize;
+        let record_bytes = match &self.open[index] {
+            Some(open) => open.builder.record_size_bytes(timestamp_ms, key, value),
+            None => BatchBuilder::new(timestamp_ms, 0).record_size_bytes(timestamp_ms, key, value),
+        };
+        if BATCH_HEADER_BYTES + record_bytes > BATCH_BYTES_MAX {
+            return Err(ClientError::RecordTooLarge { bytes: record_bytes, max: BATCH_BYTES_MAX });
+        }
+        let full = self.open[index]
+            .as_ref()
+            .is_some_and(|open| open.builder.size_bytes() + record_bytes > self.config.batch_bytes);
+        if full {
+            self.send_batch(partition)?;
+        }
+        let open = self.open[index].get_or_insert_with(|| OpenBatch {
+            builder: BatchBuilder::new(
+                timestamp_ms,
+                self.config.batch_bytes.min(BATCH_HEADER_BYTES + record_bytes * 2),
+            ),
+            first_enqueue: now,
+            last_enqueue: now,
+        });
+        open.builder.append(timestamp_ms, key, value);
+        open.last_enqueue = now;
+        let first_enqueue = open.first_enqueue;
+        let reached_size = open.builder.size_bytes() >= self.config.batch_bytes;
+        if reached_size {
+            self.send_batch(partition)?;
+        } else {
+            let deadline = first_enqueue + self.config.linger;
+            self.linger_deadline = Some(self.linger_deadline.map_or(deadline, |d| d.min(deadline)));
+        }
+        Ok(partition)
+    }
+
+    /// Collects finished acknowledgements and sends batches whose linger expired.
+    pub fn poll(&mut self) -> Result<()> {
+        self.poll_at(Instant::now())
+    }
+
+    fn poll_at(&mut self, now: Instant) -> Result<()> {
+        self.collect_ready();
+        if self.linger_deadline.is_none_or(|deadline| now < deadline) {
+            return Ok(());
+        }
+        self.linger_deadline = None;
+        for partition in 0..self.partitions {
+            let Some(open) = &self.open[partition as usize] else { continue };
+            let deadline = open.first_enqueue + self.config.linger;
+            if deadline <= now {
+                self.send_batch(partition)?;
+            } else {
+                self.linger_deadline = Some(self.linger_deadline.map_or(deadline, |d| d.min(deadline)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every open batch and waits for every acknowledgement (each wait bounded by the
+    /// request timeout). Fails if any batch failed since the previous flush.
+    pub fn flush(&mut self) -> Result<()> {
+        let mut disconnect = None;
+        for partition in 0..self.partitions {
+            if self.open[partition as usize].is_some() {
+                if let Err(error) = self.send_batch(partition) {
+                    disconnect.get_or_insert(error);
+                }
+            }
+        }
+        self.linger_deadline = None;
+        while let Some(in_flight) = self.in_flight.pop_front() {
+            let outcome = in_flight.pending.wait();
+            self.report(in_flight.batch, outcome);
+        }
+        let failed_batches = std::mem::take(&mut self.failed_batches);
+        let first = self.first_failure.take();
+        if let Some(error) = disconnect {
+            return Err(error);
+        }
+        match first {
+            Some(first) => Err(ClientError::DeliveryFailed { failed_batches, first }),
+            None => Ok(()),
+        }
+    }
+
+    /// Batches sent and not yet reported.
+    pub fn in_flight_batches(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn send_batch(&mut self, partition: u32) -> Result<()> {
+        let open = self.open[partition as usize].take().expect("caller checked the batch is open");
+        self.selector.batch_sent(partition, self.partitions);
+        while self.in_flight.len() >= self.config.max_in_flight_batches {
+            let oldest = self.in_flight.pop_front().expect("the queue is not empty");
+            let outcome = oldest.pending.wait();
+            self.report(oldest.batch, outcome);
+        }
+        let record_count = open.builder.record_count();
+        let records = open.builder.finish();
+        match self.client.produce_async(&self.config.topic, partition, records, self.config.acks) {
+            Ok(pending) => {
+                let batch = Batch {
+                    partition,
+                    record_count,
+                    first_enqueue: open.first_enqueue,
+                    last_enqueue: open.last_enqueue,
+                };
+                self.in_flight.push_back(InFlight { batch, pending });
+                Ok(())
+            }
+            Err(error) => {
+                // The callback learns of the lost batch; the caller gets the cause, so it can
+                // tell a gone broker (`is_disconnect`) from a refused batch.
+                let lost = ClientError::DeliveryFailed { failed_batches: 1, first: error.to_string() };
+                self.report(
+                    Batch {
+                        partition,
+                        record_count,
+                        first_enqueue: open.first_enqueue,
+                        last_enqueue: open.last_enqueue,
+                    },
+                    Err(lost),
+                );
+                Err(error)
+            }
+        }
+    }
+
+    /// Reports the acknowledgements that have arrived, oldest first, without blocking.
+    fn collect_ready(&mut self) {
+        while let Some(front) = self.in_flight.front_mut() {
+            let Some(outcome) = front.pending.try_wait() else { break };
+            let done = self.in_flight.pop_front().expect("front exists");
+            self.report(done.batch, outcome);
+        }
+    }
+
+    fn report(&mut self, batch: Batch, outcome: Result<super::ProduceAck>) {
+        let Batch { partition, record_count, first_enqueue, last_enqueue } = batch;
+        let (base_offset, error) = match outcome {
+            Ok(ack) => (ack.base_offset, None),
+            Err(error) => {
+                self.failed_batches += 1;
+                self.first_failure.get_or_insert_with(|| format!("partition {partition}: {error}"));
+                (OFFSET_UNACKNOWLEDGED, Some(error))
+            }
+        };
+        let completed = Instant::now();
+        (self.on_delivery)(DeliveryReport {
+            partition,
+            base_offset,
+            record_count,
+            first_enqueue,
+            last_enqueue,
+            completed,
+            error,
+        });
+    }
+}
+
+impl Drop for Producer {
+    /// Sends what is buffered and waits for it; the outcomes still reach the callback.
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
