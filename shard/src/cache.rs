@@ -1,0 +1,142 @@
+//! The shard's cache of recent batches, shared by all the partitions the shard owns.
+//!
+//! Batches go in when they are appended, as the same `Bytes` the log writes, so a tailing
+//! fetch is served without touching the disk and without copying. Eviction is first in,
+//! first out across the shard: in an append-only log the oldest insert is the coldest data.
+//! A batch that is not durable yet is never evicted (the log's unflushed bytes are bounded
+//! separately), so every offset below the high watermark is either cached or on disk.
+//!
+//! Lives on one shard; `!Send`.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+/// Identifies a partition within one shard.
+pub type PartitionKey = u64;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    base_offset: i64,
+    next_offset: i64,
+    bytes: Bytes,
+}
+
+pub struct ShardCache {
+    budget_bytes: u64,
+    used_bytes: u64,
+    partitions: HashMap<PartitionKey, VecDeque<Entry>>,
+    order: VecDeque<PartitionKey>,
+}
+
+impl ShardCache {
+    pub fn new(budget_bytes: u64) -> ShardCache {
+        ShardCache { budget_bytes, used_bytes: 0, partitions: HashMap::new(), order: VecDeque::new() }
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes
+    }
+
+    /// Caches a batch; `durable_offset` of each partition decides what may be evicted.
+    pub fn insert(&mut self, key: PartitionKey, base_offset: i64, next_offset: i64, bytes: Bytes) {
+        let entries = self.partitions.entry(key).or_default();
+        if let Some(last) = entries.back() {
+            assert_eq!(last.next_offset, base_offset, "cached batches of a partition are contiguous");
+        }
+        self.used_bytes += bytes.len() as u64;
+        entries.push_back(Entry { base_offset, next_offset, bytes });
+        self.order.push_back(key);
+    }
+
+    /// Evicts the oldest batches while over budget, stopping at one that is not durable yet.
+    pub fn evict(&mut self, durable_offset: impl Fn(PartitionKey) -> i64) {
+        while self.used_bytes > self.budget_bytes {
+            let Some(&key) = self.order.front() else { break };
+            let entries = self.partitions.get_mut(&key).expect("ordered keys have entries");
+            let oldest = entries.front().expect("ordered keys have entries");
+            if oldest.next_offset > durable_offset(key) {
+                break;
+            }
+            self.used_bytes -= oldest.bytes.len() as u64;
+            entries.pop_front();
+            self.order.pop_front();
+        }
+    }
+
+    /// Batches from the one holding `offset`, below `high_watermark`, up to `max_bytes` (at
+    /// least one batch). `None` when the cache does not reach back to `offset`.
+    pub fn read(
+        &self,
+        key: PartitionKey,
+        offset: i64,
+        high_watermark: i64,
+        max_bytes: usize,
+    ) -> Option<Vec<Bytes>> {
+        let entries = self.partitions.get(&key)?;
+        let first = entries.front()?;
+        if offset < first.base_offset {
+            return None;
+        }
+        let start = entries.partition_point(|e| e.next_offset <= offset);
+        let mut chunks = Vec::new();
+        let mut bytes = 0usize;
+        for entry in entries.range(start..) {
+            if entry.next_offset > high_watermark
+                || (!chunks.is_empty() && bytes + entry.bytes.len() > max_bytes)
+            {
+                break;
+            }
+            bytes += entry.bytes.len();
+            chunks.push(entry.bytes.clone());
+        }
+        Some(chunks)
+    }
+
+    /// Drops a partition's entries (truncation, deletion).
+    pub fn forget(&mut self, key: PartitionKey) {
+        if let Some(entries) = self.partitions.remove(&key) {
+            self.used_bytes -= entries.iter().map(|e| e.bytes.len() as u64).sum::<u64>();
+            self.order.retain(|k| *k != key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(len: usize) -> Bytes {
+        Bytes::from(vec![0u8; len])
+    }
+
+    #[test]
+    fn reads_start_at_the_batch_holding_the_offset() {
+        let mut cache = ShardCache::new(1 << 20);
+        for i in 0..10 {
+            cache.insert(1, i * 10, i * 10 + 10, chunk(100));
+        }
+        let chunks = cache.read(1, 35, 100, 250).unwrap();
+        assert_eq!(chunks.len(), 2, "batches 30..40 and 40..50 fit in 250 bytes");
+        assert_eq!(cache.read(1, 35, 40, 1 << 20).unwrap().len(), 1, "the high watermark bounds reads");
+        assert_eq!(cache.read(1, 95, 100, 1).unwrap().len(), 1, "one batch even above max_bytes");
+        assert!(cache.read(2, 0, 100, 100).is_none());
+    }
+
+    #[test]
+    fn eviction_is_fifo_across_partitions_and_spares_unflushed_batches() {
+        let mut cache = ShardCache::new(300);
+        cache.insert(1, 0, 1, chunk(100));
+        cache.insert(2, 0, 1, chunk(100));
+        cache.insert(1, 1, 2, chunk(100));
+        cache.insert(2, 1, 2, chunk(100));
+        cache.evict(|_| 0);
+        assert_eq!(cache.used_bytes(), 400, "nothing durable, nothing evicted");
+        cache.evict(|_| 2);
+        assert_eq!(cache.used_bytes(), 300);
+        assert!(cache.read(1, 0, 2, 1000).is_none(), "partition 1's oldest batch went first");
+        assert_eq!(cache.read(2, 0, 2, 1000).unwrap().len(), 2);
+        cache.forget(2);
+        assert_eq!(cache.used_bytes(), 100);
+    }
+}

@@ -1,0 +1,36 @@
+//! The shard crate's error type: what a client can be told about a failed operation.
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ShardError {
+    #[error("unknown topic '{0}'")]
+    UnknownTopic(String),
+    #[error("topic '{topic}' has no partition {partition} (it has {count})")]
+    UnknownPartition { topic: String, partition: u32, count: u32 },
+    #[error("topic '{0}' already exists")]
+    TopicAlreadyExists(String),
+    #[error("invalid topic: {0}")]
+    InvalidTopic(String),
+    #[error("{0}")]
+    CorruptBatch(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    OffsetOutOfRange(String),
+    /// A disk error; for writes it is permanent until the node restarts (fsyncgate).
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+impl From<pyralog_dma::LogError> for ShardError {
+    fn from(error: pyralog_dma::LogError) -> ShardError {
+        use pyralog_dma::LogError;
+        match &error {
+            LogError::CorruptBatch { .. } => ShardError::CorruptBatch(error.to_string()),
+            LogError::TooLarge { .. } => ShardError::TooLarge(error.to_string()),
+            LogError::OffsetOutOfRange { .. } => ShardError::OffsetOutOfRange(error.to_string()),
+            LogError::Io { .. } | LogError::Stopped { .. } => ShardError::Storage(error.to_string()),
+        }
+    }
+}

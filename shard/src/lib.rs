@@ -1,0 +1,30 @@
+//! Pyralog's shards: one per core, each owning its partitions outright.
+//!
+//! A shard holds the [`Log`](pyralog_dma::Log) of every partition placed on it, a cache of
+//! their recent batches, a copy of the topic table, and a flusher task per partition that does
+//! group commit. Shards share nothing: work for a partition owned elsewhere crosses one hop of
+//! glommio's channel mesh.
+//!
+//! What it is not: it knows no protocol and opens no socket. `net` decodes requests and the
+//! daemon (`engine`) calls the [`Shard`] methods.
+//!
+//! Invariants owned here:
+//! - a partition is open on exactly one shard, the one [`topics::owner_shard`] names;
+//! - only shard 0 writes `topics.meta`, and a topic change is durable before any shard applies it;
+//! - a produce acknowledged in sync mode is below the partition's durable offset;
+//! - consumers never read past the high watermark (the durable offset in sync mode).
+
+mod cache;
+mod error;
+mod event;
+mod partition;
+mod shard;
+pub mod topics;
+
+pub use cache::ShardCache;
+pub use error::ShardError;
+pub use partition::Durability;
+pub use shard::{
+    new_mesh, FetchLimits, Fetched, Message, Op, OpResult, Produced, Shard, ShardConfig, ShardMesh,
+    FETCH_WAIT_MAX, UNFLUSHED_BYTES_MAX,
+};

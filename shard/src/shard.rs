@@ -1,0 +1,528 @@
+//! A shard: one core's partitions, cache and topic table, and its link to the other shards.
+//!
+//! Every operation enters through a public method of [`Shard`] on whichever shard received the
+//! request. The topic table says which shard owns the partition; the work runs there, either
+//! directly or after one hop over glommio's channel mesh ([`Message`]). Topic changes are
+//! decided by shard 0, made durable in `topics.meta`, then applied on every shard before the
+//! client hears back.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
+use glommio::channels::local_channel;
+use pyralog_dma::{batch, Log, LogConfig};
+
+use crate::cache::ShardCache;
+use crate::partition::{Durability, Partition};
+use crate::topics::{self, TopicTable};
+use crate::ShardError;
+
+/// Messages in flight between two shards, per direction.
+pub const MESH_CHANNEL_CAPACITY: usize = 1024;
+/// Bytes a partition may hold appended but not yet durable before produce waits for a flush.
+pub const UNFLUSHED_BYTES_MAX: u64 = 64 << 20;
+/// Longest long-poll a fetch may ask for.
+pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
+/// How often retention runs.
+pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+pub type ShardMesh = MeshBuilder<Message, Full>;
+
+pub fn new_mesh(shard_count: usize) -> ShardMesh {
+    MeshBuilder::full(shard_count, MESH_CHANNEL_CAPACITY)
+}
+
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub log: LogConfig,
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Produced {
+    pub base_offset: i64,
+    pub next_offset: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+    pub records: Vec<Bytes>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchLimits {
+    pub max_bytes: u32,
+    pub min_bytes: u32,
+    pub max_wait: Duration,
+}
+
+/// Work one shard asks of another.
+#[derive(Debug)]
+pub enum Op {
+    Produce {
+        topic: String,
+        partition: u32,
+        records: Bytes,
+        wait_durable: bool,
+    },
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: i64,
+        limits: FetchLimits,
+    },
+    ListOffsets {
+        topic: String,
+        partition: u32,
+        timestamp: i64,
+    },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    /// From shard 0 to every shard: the topic now exists, open your partitions of it.
+    ApplyCreate {
+        name: String,
+        partitions: u32,
+    },
+    /// From shard 0 to every shard: the topic is gone, close and delete your partitions.
+    ApplyDelete {
+        name: String,
+    },
+}
+
+#[derive(Debug)]
+pub enum OpResult {
+    Produced(Result<Produced, ShardError>),
+    Fetched(Result<Fetched, ShardError>),
+    Offset(Result<i64, ShardError>),
+    Done(Result<(), ShardError>),
+}
+
+#[derive(Debug)]
+pub enum Message {
+    Request { id: u64, from: usize, op: Op },
+    Reply { id: u64, result: OpResult },
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub count: usize,
+    config: ShardConfig,
+    topics: RefCell<TopicTable>,
+    partitions: RefCell<HashMap<(String, u32), Rc<Partition>>>,
+    cache: Rc<RefCell<ShardCache>>,
+    next_partition_key: Cell<u64>,
+    senders: Senders<Message>,
+    next_request_id: Cell<u64>,
+    replies: RefCell<HashMap<u64, local_channel::LocalSender<OpResult>>>,
+    shutting_down: Cell<bool>,
+}
+
+impl Shard {
+    /// Joins the mesh, loads the topic table and opens this shard's partitions.
+    pub async fn start(mesh: ShardMesh, config: ShardConfig) -> Result<Rc<Shard>, ShardError> {
+        let (senders, receivers) =
+            mesh.join().await.map_err(|e| ShardError::Storage(format!("joining the shard mesh: {e}")))?;
+        let id = senders.peer_id();
+        let count = senders.nr_consumers();
+        pyralog_dma::settle_device_probe(&config.data_dir).await?;
+        let table = TopicTable::load(&config.data_dir)?;
+        let shard = Rc::new(Shard {
+            id,
+            count,
+            cache: Rc::new(RefCell::new(ShardCache::new(config.cache_bytes))),
+            config,
+            topics: RefCell::new(TopicTable::default()),
+            partitions: RefCell::new(HashMap::new()),
+            next_partition_key: Cell::new(0),
+            senders,
+            next_request_id: Cell::new(0),
+            replies: RefCell::new(HashMap::new()),
+            shutting_down: Cell::new(false),
+        });
+        for (name, partitions) in table.iter() {
+            shard.apply_create(name, partitions).await?;
+        }
+        shard.spawn_mesh_receivers(receivers);
+        glommio::spawn_local(Rc::clone(&shard).run_retention()).detach();
+        Ok(shard)
+    }
+
+    pub fn topics(&self) -> TopicTable {
+        self.topics.borrow().clone()
+    }
+
+    pub fn owner_of(&self, topic: &str, partition: u32) -> usize {
+        topics::owner_shard(topic, partition, self.count)
+    }
+
+    fn route(&self, topic: &str, partition: u32) -> Result<usize, ShardError> {
+        let count =
+            self.topics.borrow().get(topic).ok_or_else(|| ShardError::UnknownTopic(topic.to_owned()))?;
+        if partition >= count {
+            return Err(ShardError::UnknownPartition { topic: topic.to_owned(), partition, count });
+        }
+        Ok(self.owner_of(topic, partition))
+    }
+
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        wait_durable: bool,
+    ) -> Result<Produced, ShardError> {
+        let owner = self.route(topic, partition)?;
+        if owner == self.id {
+            return self.produce_local(topic, partition, records, wait_durable).await;
+        }
+        let op = Op::Produce { topic: topic.to_owned(), partition, records, wait_durable };
+        match self.call(owner, op).await? {
+            OpResult::Produced(result) => result,
+            other => unreachable!("produce answered with {other:?}"),
+        }
+    }
+
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        limits: FetchLimits,
+    ) -> Result<Fetched, ShardError> {
+        let owner = self.route(topic, partition)?;
+        if owner == self.id {
+            return self.fetch_local(topic, partition, offset, limits).await;
+        }
+        match self.call(owner, Op::Fetch { topic: topic.to_owned(), partition, offset, limits }).await? {
+            OpResult::Fetched(result) => result,
+            other => unreachable!("fetch answered with {other:?}"),
+        }
+    }
+
+    /// `timestamp`: -2 earliest, -1 latest, else the first offset at or after it (-1 if none).
+    pub async fn list_offsets(&self, topic: &str, partition: u32, timestamp: i64) -> Result<i64, ShardError> {
+        let owner = self.route(topic, partition)?;
+        if owner == self.id {
+            return self.list_offsets_local(topic, partition, timestamp).await;
+        }
+        match self.call(owner, Op::ListOffsets { topic: topic.to_owned(), partition, timestamp }).await? {
+            OpResult::Offset(result) => result,
+            other => unreachable!("list offsets answered with {other:?}"),
+        }
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
+        topics::validate_topic_name(name)?;
+        if partitions == 0 || partitions > topics::PARTITIONS_PER_TOPIC_MAX {
+            return Err(ShardError::InvalidTopic(format!(
+                "a topic has 1 to {} partitions, not {partitions}",
+                topics::PARTITIONS_PER_TOPIC_MAX
+            )));
+        }
+        match self.call(0, Op::CreateTopic { name: name.to_owned(), partitions }).await? {
+            OpResult::Done(result) => result,
+            other => unreachable!("create topic answered with {other:?}"),
+        }
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ShardError> {
+        match self.call(0, Op::DeleteTopic { name: name.to_owned() }).await? {
+            OpResult::Done(result) => result,
+            other => unreachable!("delete topic answered with {other:?}"),
+        }
+    }
+
+    /// Runs `op` on shard `target`: here, or over the mesh.
+    async fn call(&self, target: usize, op: Op) -> Result<OpResult, ShardError> {
+        if self.shutting_down.get() {
+            return Err(ShardError::ShuttingDown);
+        }
+        if target == self.id {
+            return Ok(Box::pin(self.execute(op)).await);
+        }
+        let id = self.next_request_id.get();
+        self.next_request_id.set(id + 1);
+        let (sender, receiver) = local_channel::new_bounded(1);
+        self.replies.borrow_mut().insert(id, sender);
+        let sent = self.senders.send_to(target, Message::Request { id, from: self.id, op }).await;
+        if sent.is_err() {
+            self.replies.borrow_mut().remove(&id);
+            return Err(ShardError::ShuttingDown);
+        }
+        receiver.recv().await.ok_or(ShardError::ShuttingDown)
+    }
+
+    async fn execute(&self, op: Op) -> OpResult {
+        match op {
+            Op::Produce { topic, partition, records, wait_durable } => {
+                OpResult::Produced(self.produce_local(&topic, partition, records, wait_durable).await)
+            }
+            Op::Fetch { topic, partition, offset, limits } => {
+                OpResult::Fetched(self.fetch_local(&topic, partition, offset, limits).await)
+            }
+            Op::ListOffsets { topic, partition, timestamp } => {
+                OpResult::Offset(self.list_offsets_local(&topic, partition, timestamp).await)
+            }
+            Op::CreateTopic { name, partitions } => {
+                OpResult::Done(self.create_topic_as_leader(&name, partitions).await)
+            }
+            Op::DeleteTopic { name } => OpResult::Done(self.delete_topic_as_leader(&name).await),
+            Op::ApplyCreate { name, partitions } => {
+                OpResult::Done(self.apply_create(&name, partitions).await)
+            }
+            Op::ApplyDelete { name } => OpResult::Done(self.apply_delete(&name).await),
+        }
+    }
+
+    fn spawn_mesh_receivers(self: &Rc<Self>, mut receivers: Receivers<Message>) {
+        for (_, receiver) in receivers.streams() {
+            let shard = Rc::clone(self);
+            glommio::spawn_local(async move {
+                while let Some(message) = receiver.recv().await {
+                    match message {
+                        Message::Request { id, from, op } => {
+                            let shard = Rc::clone(&shard);
+                            glommio::spawn_local(async move {
+                                let result = shard.execute(op).await;
+                                // A peer that is gone no longer waits for the answer.
+                                let _ = shard.senders.send_to(from, Message::Reply { id, result }).await;
+                            })
+                            .detach();
+                        }
+                        Message::Reply { id, result } => {
+                            if let Some(sender) = shard.replies.borrow_mut().remove(&id) {
+                                let _ = sender.try_send(result);
+                            }
+                        }
+                    }
+                }
+            })
+            .detach();
+        }
+    }
+
+    fn local_partition(&self, topic: &str, partition: u32) -> Result<Rc<Partition>, ShardError> {
+        if self.shutting_down.get() {
+            return Err(ShardError::ShuttingDown);
+        }
+        self.partitions.borrow().get(&(topic.to_owned(), partition)).cloned().ok_or_else(|| {
+            match self.topics.borrow().get(topic) {
+                None => ShardError::UnknownTopic(topic.to_owned()),
+                Some(count) => ShardError::UnknownPartition { topic: topic.to_owned(), partition, count },
+            }
+        })
+    }
+
+    async fn produce_local(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        wait_durable: bool,
+    ) -> Result<Produced, ShardError> {
+        let partition = self.local_partition(topic, partition)?;
+        let headers = batch::parse_all(&records)?;
+        while partition.log.unflushed_bytes() > UNFLUSHED_BYTES_MAX && partition.log.stopped().is_none() {
+            partition.flushed.listen().await;
+        }
+        let appended = partition.log.append(&records, &headers)?;
+        {
+            let mut cache = self.cache.borrow_mut();
+            for stamped in &appended.batches {
+                cache.insert(
+                    partition.key,
+                    stamped.header.base_offset,
+                    stamped.header.next_offset(),
+                    stamped.bytes.clone(),
+                );
+            }
+        }
+        partition.flusher_wake.notify();
+        if partition.durability != Durability::Sync {
+            partition.data_arrived.notify();
+        } else if wait_durable {
+            partition.wait_durable(appended.next_offset).await?;
+        }
+        Ok(Produced { base_offset: appended.base_offset, next_offset: appended.next_offset })
+    }
+
+    async fn fetch_local(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        limits: FetchLimits,
+    ) -> Result<Fetched, ShardError> {
+        let partition = self.local_partition(topic, partition)?;
+        let deadline = Instant::now() + limits.max_wait.min(FETCH_WAIT_MAX);
+        let max_bytes = limits.max_bytes.max(1) as usize;
+        loop {
+            let high_watermark = partition.high_watermark();
+            let log_start_offset = partition.log.log_start_offset();
+            if offset < log_start_offset || offset > high_watermark {
+                return Err(ShardError::OffsetOutOfRange(format!(
+                    "offset {offset} is outside [{log_start_offset}, {high_watermark}] of {topic}/{}",
+                    partition.partition
+                )));
+            }
+            let mut records = Vec::new();
+            if offset < high_watermark {
+                let cached = self.cache.borrow().read(partition.key, offset, high_watermark, max_bytes);
+                records = match cached {
+                    Some(chunks) if !chunks.is_empty() => chunks,
+                    _ => partition.log.read(offset, max_bytes).await?.into_iter().collect(),
+                };
+            }
+            let bytes: usize = records.iter().map(Bytes::len).sum();
+            let now = Instant::now();
+            if bytes >= limits.min_bytes.max(1) as usize || now >= deadline || self.shutting_down.get() {
+                return Ok(Fetched { high_watermark, log_start_offset, records });
+            }
+            futures_lite::future::or(partition.data_arrived.listen(), glommio::timer::sleep(deadline - now))
+                .await;
+        }
+    }
+
+    async fn list_offsets_local(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: i64,
+    ) -> Result<i64, ShardError> {
+        let partition = self.local_partition(topic, partition)?;
+        Ok(match timestamp {
+            -2 => partition.log.log_start_offset(),
+            -1 => partition.high_watermark(),
+            t if t < 0 => {
+                return Err(ShardError::InvalidTopic(format!("timestamp {t} is neither -2, -1 nor a time")))
+            }
+            t => partition.log.offset_for_timestamp(t).await?.unwrap_or(-1),
+        })
+    }
+
+    async fn create_topic_as_leader(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
+        assert_eq!(self.id, 0, "shard 0 decides topic changes");
+        if self.topics.borrow().get(name).is_some() {
+            return Err(ShardError::TopicAlreadyExists(name.to_owned()));
+        }
+        let mut table = self.topics.borrow().clone();
+        table.insert(name, partitions);
+        table.persist(&self.config.data_dir)?;
+        self.broadcast(|| Op::ApplyCreate { name: name.to_owned(), partitions }).await
+    }
+
+    async fn delete_topic_as_leader(&self, name: &str) -> Result<(), ShardError> {
+        assert_eq!(self.id, 0, "shard 0 decides topic changes");
+        let mut table = self.topics.borrow().clone();
+        if !table.remove(name) {
+            return Err(ShardError::UnknownTopic(name.to_owned()));
+        }
+        table.persist(&self.config.data_dir)?;
+        self.broadcast(|| Op::ApplyDelete { name: name.to_owned() }).await?;
+        let dir = topics::topic_dir(&self.config.data_dir, name);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(ShardError::Storage(format!("deleting {}: {e}", dir.display())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn broadcast(&self, op: impl Fn() -> Op) -> Result<(), ShardError> {
+        for target in 0..self.count {
+            match self.call(target, op()).await? {
+                OpResult::Done(result) => result?,
+                other => unreachable!("topic change answered with {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_create(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
+        self.topics.borrow_mut().insert(name, partitions);
+        for partition in (0..partitions).filter(|p| self.owner_of(name, *p) == self.id) {
+            let dir = topics::partition_dir(&self.config.data_dir, name, partition);
+            let log = Log::open(&dir, self.config.log.clone()).await?;
+            let key = self.next_partition_key.get();
+            self.next_partition_key.set(key + 1);
+            let partition = Rc::new(Partition::new(name, partition, key, log, self.config.durability));
+            partition.flusher_running.set(true);
+            let cache = Rc::clone(&self.cache);
+            let flusher = Rc::clone(&partition).run_flusher(move |p| {
+                cache.borrow_mut().evict(|key| if key == p.key { p.log.durable_offset() } else { i64::MAX });
+            });
+            glommio::spawn_local(flusher).detach();
+            self.partitions.borrow_mut().insert((name.to_owned(), partition.partition), partition);
+        }
+        Ok(())
+    }
+
+    async fn apply_delete(&self, name: &str) -> Result<(), ShardError> {
+        self.topics.borrow_mut().remove(name);
+        let doomed: Vec<Rc<Partition>> = {
+            let mut partitions = self.partitions.borrow_mut();
+            let keys: Vec<_> = partitions.keys().filter(|(t, _)| t == name).cloned().collect();
+            keys.iter().filter_map(|k| partitions.remove(k)).collect()
+        };
+        for partition in doomed {
+            partition.stop_flusher().await;
+            self.cache.borrow_mut().forget(partition.key);
+            partition.data_arrived.notify();
+            // The files are deleted with the topic directory; a flush error here changes nothing.
+            let _ = partition.log.close().await;
+        }
+        Ok(())
+    }
+
+    async fn run_retention(self: Rc<Self>) {
+        if self.config.log.retention_bytes.is_none() && self.config.log.retention_ms.is_none() {
+            return;
+        }
+        while !self.shutting_down.get() {
+            glommio::timer::sleep(RETENTION_CHECK_INTERVAL).await;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let partitions: Vec<Rc<Partition>> = self.partitions.borrow().values().cloned().collect();
+            for partition in partitions {
+                if let Err(error) = partition.log.apply_retention(now_ms) {
+                    eprintln!("pyralog: retention of {}/{}: {error}", partition.topic, partition.partition);
+                }
+            }
+        }
+    }
+
+    /// Refuses new work, flushes every partition and closes its files.
+    pub async fn shutdown(&self) -> Result<(), ShardError> {
+        self.shutting_down.set(true);
+        let partitions: Vec<Rc<Partition>> = self.partitions.borrow_mut().drain().map(|(_, p)| p).collect();
+        let mut first_error = None;
+        for partition in partitions {
+            partition.stop_flusher().await;
+            partition.data_arrived.notify();
+            if let Err(error) = partition.log.close().await {
+                first_error.get_or_insert(ShardError::from(error));
+            }
+        }
+        self.senders.close();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    pub fn partition_count(&self) -> usize {
+        self.partitions.borrow().len()
+    }
+}

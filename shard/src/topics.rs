@@ -1,0 +1,155 @@
+//! Topic metadata: names, partition counts, and which shard owns each partition.
+//!
+//! Every shard keeps its own copy of the [`TopicTable`]. Shard 0 is the only writer of the
+//! persisted file (`topics.meta` in the data directory): it validates a change, makes the file
+//! durable (write to a temporary file, fsync, rename, fsync the directory) and only then tells
+//! every shard. Placement is a pure function of the topic name, the partition and the shard
+//! count, so no shard needs to ask another where a partition lives.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::ShardError;
+
+/// Longest topic name, as in Kafka (file names must stay under 255 bytes).
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+/// Most partitions one topic may have.
+pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
+const META_FILE_NAME: &str = "topics.meta";
+const META_HEADER: &str = "pyralog-topics v1";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicTable {
+    topics: BTreeMap<String, u32>,
+}
+
+pub fn validate_topic_name(name: &str) -> Result<(), ShardError> {
+    if name.is_empty() || name.len() > TOPIC_NAME_BYTES_MAX {
+        return Err(ShardError::InvalidTopic(format!(
+            "a topic name has 1 to {TOPIC_NAME_BYTES_MAX} characters, '{name}' has {}",
+            name.len()
+        )));
+    }
+    if name == "." || name == ".." {
+        return Err(ShardError::InvalidTopic(format!("'{name}' is not a topic name")));
+    }
+    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(ShardError::InvalidTopic(format!(
+            "topic names use letters, digits, '.', '_' and '-'; '{name}' has {bad:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The shard that owns `partition` of `topic` among `shard_count` shards.
+pub fn owner_shard(topic: &str, partition: u32, shard_count: usize) -> usize {
+    assert!(shard_count > 0, "a node has at least one shard");
+    // FNV-1a: stable across releases and platforms, unlike std's hasher.
+    let hash =
+        topic.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    ((hash.wrapping_add(u64::from(partition))) % shard_count as u64) as usize
+}
+
+pub fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
+    data_dir.join("topics").join(topic).join(partition.to_string())
+}
+
+pub fn topic_dir(data_dir: &Path, topic: &str) -> PathBuf {
+    data_dir.join("topics").join(topic)
+}
+
+impl TopicTable {
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.topics.get(name).copied()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.topics.iter().map(|(name, count)| (name.as_str(), *count))
+    }
+
+    pub fn insert(&mut self, name: &str, partitions: u32) {
+        self.topics.insert(name.to_owned(), partitions);
+    }
+
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.topics.remove(name).is_some()
+    }
+
+    pub fn load(data_dir: &Path) -> Result<TopicTable, ShardError> {
+        let path = data_dir.join(META_FILE_NAME);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TopicTable::default()),
+            Err(e) => return Err(ShardError::Storage(format!("reading {}: {e}", path.display()))),
+        };
+        let bad =
+            |line: &str| ShardError::Storage(format!("{} has a malformed line: '{line}'", path.display()));
+        let mut lines = text.lines();
+        if lines.next() != Some(META_HEADER) {
+            return Err(ShardError::Storage(format!(
+                "{} does not start with '{META_HEADER}'",
+                path.display()
+            )));
+        }
+        let mut table = TopicTable::default();
+        for line in lines.filter(|l| !l.is_empty()) {
+            let (name, count) = line.split_once(' ').ok_or_else(|| bad(line))?;
+            let count: u32 = count.parse().map_err(|_| bad(line))?;
+            validate_topic_name(name).map_err(|_| bad(line))?;
+            table.insert(name, count);
+        }
+        Ok(table)
+    }
+
+    /// Writes the table durably: it is on disk under its final name when this returns.
+    pub fn persist(&self, data_dir: &Path) -> Result<(), ShardError> {
+        let path = data_dir.join(META_FILE_NAME);
+        let temporary = data_dir.join(format!("{META_FILE_NAME}.tmp"));
+        let storage =
+            |op: &str, e: std::io::Error| ShardError::Storage(format!("{op} {}: {e}", path.display()));
+        let mut text = format!("{META_HEADER}\n");
+        for (name, count) in self.iter() {
+            text.push_str(&format!("{name} {count}\n"));
+        }
+        let mut file = std::fs::File::create(&temporary).map_err(|e| storage("creating", e))?;
+        file.write_all(text.as_bytes()).map_err(|e| storage("writing", e))?;
+        file.sync_all().map_err(|e| storage("syncing", e))?;
+        std::fs::rename(&temporary, &path).map_err(|e| storage("renaming", e))?;
+        std::fs::File::open(data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| storage("syncing directory of", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_kafka_rules() {
+        assert!(validate_topic_name("orders.v2_eu-1").is_ok());
+        for bad in ["", ".", "..", "a/b", "spaced name", &"x".repeat(250)] {
+            assert!(validate_topic_name(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn placement_spreads_partitions_over_shards() {
+        let owners: Vec<usize> = (0..8).map(|p| owner_shard("events", p, 2)).collect();
+        assert_eq!(owners.iter().filter(|&&s| s == 0).count(), 4);
+        assert!(owners.windows(2).all(|w| w[0] != w[1]), "consecutive partitions alternate: {owners:?}");
+    }
+
+    #[test]
+    fn the_table_survives_a_round_trip_and_rejects_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = TopicTable::default();
+        table.insert("a", 3);
+        table.insert("b.c", 12);
+        table.persist(dir.path()).unwrap();
+        assert_eq!(TopicTable::load(dir.path()).unwrap(), table);
+        std::fs::write(dir.path().join(META_FILE_NAME), "pyralog-topics v1\nbad/name 3\n").unwrap();
+        assert!(TopicTable::load(dir.path()).is_err());
+    }
+}
