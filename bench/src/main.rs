@@ -1,0 +1,372 @@
+//! `pyralog-bench`: a load generator for Pyralog's native protocol.
+//!
+//! Modes: `produce` (throughput and acknowledgement latency), `consume` (throughput, optional
+//! `--verify` of a topic written by `produce`), `e2e` (producers and consumers in one process,
+//! latency from the send time embedded in each payload to its consumption: one clock).
+//!
+//! Every run ends by itself: by `--messages` or `--duration`, by `--idle-secs` without data
+//! for consumers, and in any case by a hard deadline (`--deadline-secs`). Exit codes: 0 done,
+//! 1 errors or verification failures, 2 the broker was unreachable or went away, 3 the hard
+//! deadline passed. The report is printed in every case.
+
+mod consume;
+mod payload;
+mod produce;
+mod stats;
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pyralog_net::client::{
+    Acks, Client, ClientError, ConnectOptions, Consumer, ErrorCode, Partitioner, StartAt,
+};
+
+use crate::consume::{ConsumeOptions, Verifier};
+use crate::produce::ProduceOptions;
+use crate::stats::{Mode, Report, Run};
+
+/// Time a run may take beyond `--duration` before the hard deadline.
+const DEADLINE_SLACK: Duration = Duration::from_secs(30);
+/// Hard deadline of a run bounded only by `--messages`.
+const DEADLINE_DEFAULT: Duration = Duration::from_secs(600);
+/// Run length when neither `--messages` nor `--duration` is given.
+const DURATION_DEFAULT: Duration = Duration::from_secs(10);
+/// Bound on every request's wait; also how long workers get to wind down after the deadline.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Parser)]
+#[command(name = "pyralog-bench", version, about = "Load generator for Pyralog")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Produce messages and measure acknowledgement latency.
+    Produce {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        produce: ProduceArgs,
+    },
+    /// Consume messages (from the earliest offset unless told otherwise).
+    Consume {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        consume: ConsumeArgs,
+        /// Where to start: earliest, latest, or an offset.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+    },
+    /// Produce and consume at once; latency is send (or intended send) to consume.
+    E2e {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        produce: ProduceArgs,
+        #[command(flatten)]
+        consume: ConsumeArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// Bootstrap address of the broker.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    broker: String,
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Partitions of the topic when the bench creates it (an existing topic keeps its own).
+    #[arg(long, default_value_t = 2)]
+    partitions: u32,
+    /// Messages in total (over all producers, or consumed over all consumers).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Seconds to run (10 when neither this nor --messages is given).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Bytes of each message value, at least the 20-byte payload header.
+    #[arg(long, default_value_t = 1024)]
+    message_bytes: usize,
+    /// Hard deadline in seconds (default: duration + 30, or 600 for a --messages run).
+    #[arg(long)]
+    deadline_secs: Option<f64>,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ProduceArgs {
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
+    #[arg(long, default_value_t = 16 << 10)]
+    batch_bytes: usize,
+    #[arg(long, default_value_t = 5.0)]
+    linger_ms: f64,
+    /// Messages per second over all producers; latency then counts from the intended send time.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, value_enum, default_value_t = AcksArg::Durable)]
+    acks: AcksArg,
+    #[arg(long, value_enum, default_value_t = PartitionerArg::Sticky)]
+    partitioner: PartitionerArg,
+}
+
+#[derive(Debug, Args)]
+struct ConsumeArgs {
+    #[arg(long, default_value_t = 1)]
+    consumers: u32,
+    /// Check exactly-once, per-partition order and payload integrity; exit 1 on any problem.
+    #[arg(long)]
+    verify: bool,
+    /// Consumers stop after this many seconds without a record.
+    #[arg(long, default_value_t = 10.0)]
+    idle_secs: f64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AcksArg {
+    None,
+    Durable,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PartitionerArg {
+    Sticky,
+    RoundRobin,
+    Random,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("pyralog-bench: {error:#}");
+            let broker_gone = error.downcast_ref::<ClientError>().is_some_and(ClientError::is_disconnect);
+            ExitCode::from(if broker_gone { 2 } else { 1 })
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let (mode, common) = match &command {
+        Command::Produce { common, .. } => (Mode::Produce, common),
+        Command::Consume { common, .. } => (Mode::Consume, common),
+        Command::E2e { common, .. } => (Mode::EndToEnd, common),
+    };
+    anyhow::ensure!(
+        common.message_bytes >= payload::HEADER_BYTES,
+        "--message-bytes must be at least {} (the payload header)",
+        payload::HEADER_BYTES
+    );
+    let duration = match (common.messages, common.duration) {
+        (None, None) => Some(DURATION_DEFAULT),
+        (_, seconds) => seconds.map(Duration::from_secs_f64),
+    };
+    let deadline = common
+        .deadline_secs
+        .map(Duration::from_secs_f64)
+        .unwrap_or_else(|| duration.map_or(DEADLINE_DEFAULT, |d| d + DEADLINE_SLACK));
+    let options = ConnectOptions {
+        connect_timeout: CONNECT_TIMEOUT,
+        request_timeout: REQUEST_TIMEOUT,
+        ..Default::default()
+    };
+    let client = Client::connect_with(&common.broker, options)
+        .with_context(|| format!("connecting to the broker at {}", common.broker))?;
+    let partitions = ensure_topic(&client, &common.topic, common.partitions)?;
+
+    // Consumers resolve their start offsets before any message of this run is produced.
+    let consumers = match &command {
+        Command::Produce { .. } => Vec::new(),
+        Command::Consume { consume, from, .. } => {
+            make_consumers(&client, &common.topic, partitions, consume.consumers, parse_from(from)?)?
+        }
+        Command::E2e { consume, .. } => {
+            make_consumers(&client, &common.topic, partitions, consume.consumers, StartAt::Latest)?
+        }
+    };
+    let verifier = match &command {
+        Command::Consume { consume, from, .. } if consume.verify => {
+            Some(Arc::new(Mutex::new(Verifier::new(from == "earliest"))))
+        }
+        Command::E2e { consume, .. } if consume.verify => Some(Arc::new(Mutex::new(Verifier::new(true)))),
+        _ => None,
+    };
+
+    let run = Arc::new(Run::new());
+    let mut producers = Vec::new();
+    let mut consumer_workers = Vec::new();
+    if let Command::Consume { consume, .. } | Command::E2e { consume, .. } = &command {
+        let options = ConsumeOptions {
+            messages: common.messages,
+            duration,
+            idle: Duration::from_secs_f64(consume.idle_secs),
+            mode,
+        };
+        consumer_workers = consume::spawn(consumers, &options, &run, verifier.as_ref())?;
+    }
+    if let Command::Produce { produce, .. } | Command::E2e { produce, .. } = &command {
+        let options = produce_options(common, produce, duration);
+        producers = produce::spawn(&client, &options, &run)?;
+    }
+
+    let finished = supervise(mode, &run, producers, consumer_workers, deadline);
+    let mut report = Report { mode, seconds: run.start.elapsed().as_secs_f64(), extra: Default::default() };
+    let mut verify_problems = 0;
+    if let Some(verifier) = &verifier {
+        let mut verifier = verifier.lock().expect("workers are done or abandoned");
+        let (count, problems) = verifier.finish();
+        verify_problems = count;
+        report.extra.insert("verify_producers".into(), verifier.producers().into());
+        report.extra.insert("verify_problems".into(), count.into());
+        report.extra.insert("problems".into(), problems.clone().into());
+        for problem in &problems {
+            eprintln!("verify: {problem}");
+        }
+    }
+    if common.json {
+        println!("{}", report.json(&run));
+    } else {
+        report.print_human(&run);
+    }
+    Ok(exit_code(&run, finished, verify_problems))
+}
+
+fn exit_code(run: &Run, finished: bool, verify_problems: u64) -> ExitCode {
+    let acked = run.acked.load(Ordering::Relaxed);
+    if let Some(reason) = run.broker_gone() {
+        eprintln!("pyralog-bench: the broker went away ({reason}); {acked} messages were acknowledged");
+        return ExitCode::from(2);
+    }
+    if !finished {
+        eprintln!("pyralog-bench: the hard deadline passed with workers still running; {acked} acknowledged");
+        return ExitCode::from(3);
+    }
+    let errors = run.errors.load(Ordering::Relaxed);
+    if errors > 0 || verify_problems > 0 {
+        let first = run.first_error.lock().expect("no panics under this lock").clone();
+        eprintln!(
+            "pyralog-bench: {errors} errors, {verify_problems} verification problems; first error: {}",
+            first.as_deref().unwrap_or("none")
+        );
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Prints progress every second until the workers end or the deadline passes. Returns whether
+/// every worker finished.
+fn supervise(
+    mode: Mode,
+    run: &Run,
+    mut producers: Vec<JoinHandle<()>>,
+    mut consumers: Vec<JoinHandle<()>>,
+    deadline: Duration,
+) -> bool {
+    let mut previous = (Instant::now(), 0, 0);
+    let mut next_progress = Instant::now() + Duration::from_secs(1);
+    loop {
+        producers.retain(|worker| !worker.is_finished());
+        if producers.is_empty() {
+            run.producers_done.store(true, Ordering::Relaxed);
+        }
+        consumers.retain(|worker| !worker.is_finished());
+        if producers.is_empty() && consumers.is_empty() {
+            return true;
+        }
+        let elapsed = run.start.elapsed();
+        if elapsed >= deadline {
+            run.stop.store(true, Ordering::Relaxed);
+        }
+        if elapsed >= deadline + REQUEST_TIMEOUT + Duration::from_secs(5) {
+            return false;
+        }
+        if Instant::now() >= next_progress {
+            stats::progress(mode, run, &mut previous);
+            next_progress += Duration::from_secs(1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The topic's partition count, creating the topic with `partitions` if it does not exist.
+fn ensure_topic(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<u32> {
+    match client.partition_count(topic) {
+        Ok(count) => {
+            if count != partitions {
+                eprintln!("pyralog-bench: topic {topic:?} exists with {count} partitions; using them");
+            }
+            Ok(count)
+        }
+        Err(ClientError::Server { code: ErrorCode::UnknownTopic, .. }) => {
+            match client.create_topic(topic, partitions) {
+                Ok(()) | Err(ClientError::Server { code: ErrorCode::TopicAlreadyExists, .. }) => {}
+                Err(error) => return Err(error).with_context(|| format!("creating topic {topic:?}")),
+            }
+            Ok(client.partition_count(topic)?)
+        }
+        Err(error) => Err(error).with_context(|| format!("reading the metadata of topic {topic:?}")),
+    }
+}
+
+fn make_consumers(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    consumers: u32,
+    start: StartAt,
+) -> anyhow::Result<Vec<Consumer>> {
+    let consumers = consumers.clamp(1, partitions.max(1));
+    (0..consumers)
+        .map(|id| {
+            let mine: Vec<u32> = (0..partitions).filter(|p| p % consumers == id).collect();
+            Consumer::new(client.clone(), topic, &mine, start)
+                .with_context(|| format!("starting consumer {id} on partitions {mine:?}"))
+        })
+        .collect()
+}
+
+fn parse_from(from: &str) -> anyhow::Result<StartAt> {
+    Ok(match from {
+        "earliest" => StartAt::Earliest,
+        "latest" => StartAt::Latest,
+        offset => StartAt::Offset(
+            offset
+                .parse()
+                .with_context(|| format!("--from {offset:?}: expected earliest, latest or an offset"))?,
+        ),
+    })
+}
+
+fn produce_options(common: &CommonArgs, produce: &ProduceArgs, duration: Option<Duration>) -> ProduceOptions {
+    ProduceOptions {
+        topic: common.topic.clone(),
+        producers: produce.producers.max(1),
+        messages: common.messages,
+        duration,
+        message_bytes: common.message_bytes,
+        batch_bytes: produce.batch_bytes,
+        linger: Duration::from_secs_f64(produce.linger_ms / 1e3),
+        rate: produce.rate.filter(|rate| *rate > 0.0),
+        acks: match produce.acks {
+            AcksArg::None => Acks::None,
+            AcksArg::Durable => Acks::Durable,
+        },
+        partitioner: match produce.partitioner {
+            PartitionerArg::Sticky => Partitioner::Sticky,
+            PartitionerArg::RoundRobin => Partitioner::RoundRobin,
+            PartitionerArg::Random => Partitioner::Random,
+        },
+    }
+}

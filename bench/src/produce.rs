@@ -1,0 +1,172 @@
+//! Producer workers: one thread and one [`Producer`] per `--producers`, sharing one client.
+//!
+//! Latency is acknowledgement time minus the message's base time: its *intended* send time on
+//! the `--rate` schedule when the run is rate-limited (so a stalled broker shows up in the
+//! latencies of the messages that should have gone out meanwhile, instead of hiding behind a
+//! paused sender), its enqueue time otherwise. The base time also rides in the payload for the
+//! end-to-end mode.
+//!
+//! Each worker keeps, per partition, the base times of the records not yet reported, in send
+//! order; a delivery report pops as many as its batch holds. Batches of one partition are
+//! reported in send order, which keeps the two in step.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use pyralog_net::client::{
+    Acks, Client, DeliveryReport, Partitioner, Producer, ProducerConfig, OFFSET_UNACKNOWLEDGED,
+};
+
+use crate::payload::{self, Header};
+use crate::stats::{self, Run, SharedHistogram};
+
+#[derive(Debug, Clone)]
+pub struct ProduceOptions {
+    pub topic: String,
+    pub producers: u32,
+    /// Total over all producers.
+    pub messages: Option<u64>,
+    pub duration: Option<Duration>,
+    pub message_bytes: usize,
+    pub batch_bytes: usize,
+    pub linger: Duration,
+    /// Messages per second over all producers.
+    pub rate: Option<f64>,
+    pub acks: Acks,
+    pub partitioner: Partitioner,
+}
+
+pub fn spawn(
+    client: &Client,
+    options: &ProduceOptions,
+    run: &Arc<Run>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let mut workers = Vec::new();
+    for id in 0..options.producers {
+        let quota = options.messages.map(|total| {
+            let producers = u64::from(options.producers);
+            total / producers + u64::from(u64::from(id) < total % producers)
+        });
+        let (client, options, run) = (client.clone(), options.clone(), Arc::clone(run));
+        let worker = std::thread::Builder::new()
+            .name(format!("producer-{id}"))
+            .spawn(move || produce(id, client, &options, quota, &run))?;
+        workers.push(worker);
+    }
+    Ok(workers)
+}
+
+/// Base times (ns since the run's start) of sent, unreported records, per partition.
+type PendingTimes = Arc<Mutex<Vec<VecDeque<u64>>>>;
+
+fn produce(id: u32, client: Client, options: &ProduceOptions, quota: Option<u64>, run: &Arc<Run>) {
+    let histogram = run.produce_latency.register();
+    let pending: PendingTimes = Arc::new(Mutex::new(Vec::new()));
+    let config = ProducerConfig {
+        batch_bytes: options.batch_bytes,
+        linger: options.linger,
+        acks: options.acks,
+        partitioner: options.partitioner,
+        ..ProducerConfig::new(options.topic.clone())
+    };
+    let on_delivery =
+        delivery_callback(Arc::clone(run), histogram, Arc::clone(&pending), options.message_bytes);
+    let mut producer = match Producer::new(client, config, on_delivery) {
+        Ok(producer) => producer,
+        Err(error) => return run.fail(&error),
+    };
+    pending
+        .lock()
+        .expect("no panics under this lock")
+        .resize(producer.partition_count() as usize, VecDeque::new());
+    let interval_ns = options.rate.map(|rate| 1e9 * f64::from(options.producers) / rate);
+    let mut value = vec![0u8; options.message_bytes];
+    let mut sequence = 0u64;
+    while !run.stopping()
+        && quota.is_none_or(|quota| sequence < quota)
+        && options.duration.is_none_or(|duration| run.start.elapsed() < duration)
+    {
+        let base_ns = match interval_ns {
+            Some(interval_ns) => {
+                let intended_ns = (sequence as f64 * interval_ns) as u64;
+                if let Err(error) = wait_until(run, &mut producer, intended_ns) {
+                    run.fail(&error);
+                    break;
+                }
+                intended_ns
+            }
+            None => run.elapsed_ns(),
+        };
+        payload::write(&mut value, Header { producer: id, sequence, send_ns: base_ns });
+        match producer.send(None, &value) {
+            Ok(partition) => {
+                pending.lock().expect("no panics under this lock")[partition as usize].push_back(base_ns);
+                run.sent.fetch_add(1, Ordering::Relaxed);
+                sequence += 1;
+            }
+            Err(error) => {
+                run.errors.fetch_add(1, Ordering::Relaxed);
+                run.fail(&error);
+                break;
+            }
+        }
+    }
+    if let Err(error) = producer.flush() {
+        // The failed batches were counted by the callback; this records why.
+        run.fail(&error);
+    }
+}
+
+/// Sleeps until `intended_ns` on the run's clock, sending lingering batches meanwhile.
+fn wait_until(run: &Run, producer: &mut Producer, intended_ns: u64) -> pyralog_net::client::Result<()> {
+    loop {
+        let now_ns = run.elapsed_ns();
+        if now_ns >= intended_ns || run.stopping() {
+            return Ok(());
+        }
+        // Wake at least every millisecond so a linger of a few ms is honoured.
+        std::thread::sleep(Duration::from_nanos((intended_ns - now_ns).min(1_000_000)));
+        producer.poll()?;
+    }
+}
+
+fn delivery_callback(
+    run: Arc<Run>,
+    histogram: SharedHistogram,
+    pending: PendingTimes,
+    message_bytes: usize,
+) -> impl FnMut(DeliveryReport) + Send + 'static {
+    move |report: DeliveryReport| {
+        let completed_ns =
+            u64::try_from(report.completed.duration_since(run.start).as_nanos()).unwrap_or(u64::MAX);
+        let count = u64::from(report.record_count);
+        {
+            let mut pending = pending.lock().expect("no panics under this lock");
+            let queue = &mut pending[report.partition as usize];
+            let mut histogram = histogram.lock().expect("no panics under this lock");
+            for _ in 0..queue.len().min(report.record_count as usize) {
+                let base_ns = queue.pop_front().expect("bounded by len");
+                if report.error.is_none() {
+                    stats::record_us(&mut histogram, completed_ns.saturating_sub(base_ns) / 1_000);
+                }
+            }
+        }
+        match &report.error {
+            None if report.base_offset == OFFSET_UNACKNOWLEDGED => {
+                run.unacknowledged.fetch_add(count, Ordering::Relaxed);
+                run.produced_bytes.fetch_add(count * message_bytes as u64, Ordering::Relaxed);
+            }
+            None => {
+                run.acked.fetch_add(count, Ordering::Relaxed);
+                run.produced_bytes.fetch_add(count * message_bytes as u64, Ordering::Relaxed);
+            }
+            Some(error) => {
+                run.errors.fetch_add(count, Ordering::Relaxed);
+                run.fail(error);
+            }
+        }
+    }
+}

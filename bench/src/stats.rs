@@ -1,0 +1,255 @@
+//! Run-wide counters, latency histograms, progress lines and the final report.
+//!
+//! Workers count with atomics and record latencies into their own histogram (behind an
+//! uncontended mutex); the progress printer and the report merge the histograms. Latencies are
+//! in microseconds, clamped to the histogram's range rather than dropped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+/// Largest latency the histograms hold: one hour.
+const LATENCY_US_MAX: u64 = 3_600_000_000;
+
+pub type SharedHistogram = Arc<Mutex<Histogram<u64>>>;
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("static bounds are valid")
+}
+
+pub fn record_us(histogram: &mut Histogram<u64>, latency_us: u64) {
+    histogram.saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+}
+
+/// The histograms of one kind of latency, one per worker.
+#[derive(Debug, Default)]
+pub struct LatencySet {
+    workers: Mutex<Vec<SharedHistogram>>,
+}
+
+impl LatencySet {
+    pub fn register(&self) -> SharedHistogram {
+        let histogram = Arc::new(Mutex::new(new_histogram()));
+        self.workers.lock().expect("no panics under this lock").push(Arc::clone(&histogram));
+        histogram
+    }
+
+    pub fn merged(&self) -> Histogram<u64> {
+        let mut merged = new_histogram();
+        for worker in self.workers.lock().expect("no panics under this lock").iter() {
+            let worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+            merged.add(&*worker).expect("same bounds");
+        }
+        merged
+    }
+}
+
+/// State shared by every thread of a run.
+#[derive(Debug)]
+pub struct Run {
+    pub start: Instant,
+    /// Set to make every worker wind down (end of run, broker gone, deadline).
+    pub stop: AtomicBool,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    /// Sent under `--acks none`: on the wire, never acknowledged.
+    pub unacknowledged: AtomicU64,
+    pub produced_bytes: AtomicU64,
+    pub errors: AtomicU64,
+    pub consumed: AtomicU64,
+    pub consumed_bytes: AtomicU64,
+    pub producers_done: AtomicBool,
+    pub produce_latency: LatencySet,
+    pub consume_latency: LatencySet,
+    /// The first failure that means the broker is gone.
+    pub broker_gone: Mutex<Option<String>>,
+    pub first_error: Mutex<Option<String>>,
+}
+
+impl Run {
+    pub fn new() -> Run {
+        Run {
+            start: Instant::now(),
+            stop: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            unacknowledged: AtomicU64::new(0),
+            produced_bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            consumed: AtomicU64::new(0),
+            consumed_bytes: AtomicU64::new(0),
+            producers_done: AtomicBool::new(false),
+            produce_latency: LatencySet::default(),
+            consume_latency: LatencySet::default(),
+            broker_gone: Mutex::new(None),
+            first_error: Mutex::new(None),
+        }
+    }
+
+    pub fn elapsed_ns(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Records a failure; a lost broker also stops the run.
+    pub fn fail(&self, error: &pyralog_net::client::ClientError) {
+        if error.is_disconnect() {
+            self.broker_gone
+                .lock()
+                .expect("no panics under this lock")
+                .get_or_insert_with(|| error.to_string());
+            self.stop.store(true, Ordering::Relaxed);
+        } else {
+            self.first_error
+                .lock()
+                .expect("no panics under this lock")
+                .get_or_insert_with(|| error.to_string());
+        }
+    }
+
+    pub fn broker_gone(&self) -> Option<String> {
+        self.broker_gone.lock().expect("no panics under this lock").clone()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Produce,
+    Consume,
+    EndToEnd,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Produce => "produce",
+            Mode::Consume => "consume",
+            Mode::EndToEnd => "e2e",
+        }
+    }
+
+    /// The count that measures this mode's throughput, and its bytes.
+    fn throughput(self, run: &Run) -> (u64, u64) {
+        match self {
+            Mode::Produce => (
+                run.acked.load(Ordering::Relaxed) + run.unacknowledged.load(Ordering::Relaxed),
+                run.produced_bytes.load(Ordering::Relaxed),
+            ),
+            Mode::Consume | Mode::EndToEnd => {
+                (run.consumed.load(Ordering::Relaxed), run.consumed_bytes.load(Ordering::Relaxed))
+            }
+        }
+    }
+
+    /// The latency the report leads with.
+    fn latency(self, run: &Run) -> Histogram<u64> {
+        match self {
+            Mode::Produce => run.produce_latency.merged(),
+            Mode::Consume | Mode::EndToEnd => run.consume_latency.merged(),
+        }
+    }
+
+    fn latency_meaning(self) -> &'static str {
+        match self {
+            Mode::Produce => "enqueue (or intended send) to acknowledgement",
+            Mode::Consume => "record age at consume (now - record timestamp, ms resolution)",
+            Mode::EndToEnd => "send (or intended send) to consume",
+        }
+    }
+}
+
+/// Prints one progress line to stderr.
+pub fn progress(mode: Mode, run: &Run, previous: &mut (Instant, u64, u64)) {
+    let now = Instant::now();
+    let (messages, bytes) = mode.throughput(run);
+    let seconds = now.duration_since(previous.0).as_secs_f64().max(1e-9);
+    let rate = (messages - previous.1) as f64 / seconds;
+    let mb_rate = (bytes - previous.2) as f64 / seconds / 1e6;
+    let p99 = mode.latency(run).value_at_quantile(0.99);
+    eprintln!(
+        "[{:>6.1}s] {messages:>12} msgs {rate:>12.0} msg/s {mb_rate:>9.1} MB/s  p99 {p99} us",
+        run.start.elapsed().as_secs_f64()
+    );
+    *previous = (now, messages, bytes);
+}
+
+/// The final numbers of a run.
+pub struct Report {
+    pub mode: Mode,
+    pub seconds: f64,
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Report {
+    pub fn json(&self, run: &Run) -> serde_json::Value {
+        let (messages, bytes) = self.mode.throughput(run);
+        let latency = self.mode.latency(run);
+        let seconds = self.seconds.max(1e-9);
+        let mut object = serde_json::json!({
+            "mode": self.mode.name(),
+            "messages": messages,
+            "bytes": bytes,
+            "seconds": self.seconds,
+            "msgs_per_sec": messages as f64 / seconds,
+            "mb_per_sec": bytes as f64 / seconds / 1e6,
+            "sent": run.sent.load(Ordering::Relaxed),
+            "acked": run.acked.load(Ordering::Relaxed),
+            "unacknowledged": run.unacknowledged.load(Ordering::Relaxed),
+            "consumed": run.consumed.load(Ordering::Relaxed),
+            "errors": run.errors.load(Ordering::Relaxed),
+            "latency_meaning": self.mode.latency_meaning(),
+            "latency_us": latency_json(&latency),
+            "broker_gone": run.broker_gone(),
+            "first_error": run.first_error.lock().expect("no panics under this lock").clone(),
+        });
+        if self.mode == Mode::EndToEnd {
+            object["ack_latency_us"] = latency_json(&run.produce_latency.merged());
+        }
+        let map = object.as_object_mut().expect("built as an object");
+        map.extend(self.extra.clone());
+        object
+    }
+
+    pub fn print_human(&self, run: &Run) {
+        let json = self.json(run);
+        let latency = &json["latency_us"];
+        println!("mode         {}", self.mode.name());
+        println!("messages     {}", json["messages"]);
+        println!("MB           {:.1}", json["bytes"].as_f64().unwrap_or(0.0) / 1e6);
+        println!("seconds      {:.2}", self.seconds);
+        println!("msgs/s       {:.0}", json["msgs_per_sec"].as_f64().unwrap_or(0.0));
+        println!("MB/s         {:.1}", json["mb_per_sec"].as_f64().unwrap_or(0.0));
+        println!(
+            "sent {} acked {} unacknowledged {} consumed {} errors {}",
+            json["sent"], json["acked"], json["unacknowledged"], json["consumed"], json["errors"]
+        );
+        println!("latency ({}), us:", self.mode.latency_meaning());
+        println!(
+            "  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            latency["p50"], latency["p90"], latency["p99"], latency["p999"], latency["max"]
+        );
+        if self.mode == Mode::EndToEnd {
+            let ack = &json["ack_latency_us"];
+            println!("ack latency, us:\n  p50 {}  p99 {}  max {}", ack["p50"], ack["p99"], ack["max"]);
+        }
+        for (key, value) in &self.extra {
+            println!("{key:<12} {value}");
+        }
+    }
+}
+
+fn latency_json(histogram: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "p50": histogram.value_at_quantile(0.50),
+        "p90": histogram.value_at_quantile(0.90),
+        "p99": histogram.value_at_quantile(0.99),
+        "p999": histogram.value_at_quantile(0.999),
+        "max": histogram.max(),
+        "count": histogram.len(),
+    })
+}
