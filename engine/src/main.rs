@@ -1,0 +1,108 @@
+//! `pyralog`: the daemon, and `pyralog topic ...` to manage a running one.
+//!
+//! The daemon runs one glommio executor per shard, each pinned to its own core (see `node`).
+//! Flags are parsed and checked here; anything a person can get wrong (a taken port, a data
+//! directory that cannot be written, no io_uring, a low memlock limit) ends the process with
+//! one plain sentence, not a panic.
+
+mod admin;
+mod node;
+mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "pyralog", version, about = "A thread-per-core distributed log broker on io_uring")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage the topics of a running node.
+    Topic {
+        /// The node's native listener.
+        #[arg(long, default_value = "127.0.0.1:7070", global = true)]
+        broker: String,
+        #[command(subcommand)]
+        action: admin::TopicAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    /// Acknowledge a produce after its batch is on disk (fdatasync), with group commit.
+    Sync,
+    /// Acknowledge from memory; flush every --flush-interval-ms or --flush-bytes. A crash
+    /// loses at most what arrived since the last flush.
+    Cached,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// Where segments, indexes and topic metadata live.
+    #[arg(long, default_value = "./pyralog-data")]
+    pub data_dir: PathBuf,
+    /// The native protocol's shared address; every shard accepts on it (SO_REUSEPORT).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// First per-shard port: shard i also listens on this port + i, so a shard-aware client
+    /// reaches a partition's owner with no cross-core hop. Default: the --listen port + 1.
+    /// 0 picks free ports (reported in metadata).
+    #[arg(long)]
+    pub shard_port_base: Option<u16>,
+    /// Number of shards, pinned to CPUs 0..N. Default: one per available CPU.
+    #[arg(long, conflicts_with = "cpus")]
+    pub shards: Option<usize>,
+    /// The CPUs to run shards on, one shard each: "0,1" or "0-3".
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// A segment is rolled before it grows past this many bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub segment_bytes: u64,
+    /// Bytes of recent batches each shard keeps in memory for tailing reads.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub cache_bytes: u64,
+    /// When a produce is acknowledged.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
+    pub durability: DurabilityArg,
+    /// Cached mode: flush at least this often.
+    #[arg(long, default_value_t = 100)]
+    pub flush_interval_ms: u64,
+    /// Cached mode: flush once this many bytes wait.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub flush_bytes: u64,
+    /// Delete the oldest closed segments while a partition would keep at least this many bytes.
+    #[arg(long)]
+    pub retention_bytes: Option<u64>,
+    /// Delete closed segments whose newest record is older than this.
+    #[arg(long)]
+    pub retention_ms: Option<u64>,
+    /// Largest request frame; larger ones get an error and the connection is closed.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_request_bytes: usize,
+    /// Connections each shard serves at once on each of its listeners.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Memory each shard registers with io_uring for disk I/O; counts against the memlock limit.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub io_memory_bytes: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Topic { broker, action }) => admin::run(&broker, action),
+        None => node::run(cli.node),
+    };
+    if let Err(error) = result {
+        eprintln!("pyralog: {error:#}");
+        std::process::exit(1);
+    }
+}

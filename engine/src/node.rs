@@ -1,0 +1,408 @@
+//! Starting, running and stopping a node.
+//!
+//! Start-up checks everything a person can get wrong before any executor exists (so no shard
+//! is left waiting on a peer that never came): the data directory is writable and not in use
+//! by another node, the ports are free, io_uring works, the memlock limit covers the I/O
+//! memory. Then one executor per shard is spawned and pinned; each opens its partitions and
+//! binds its listeners, and the node prints one summary once every shard is ready.
+//!
+//! SIGINT and SIGTERM are blocked in every thread and taken by the main thread with
+//! `sigtimedwait`. On either, shards stop accepting, flush and close their segments, and the
+//! process exits 0.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use glommio::{LocalExecutorBuilder, Placement};
+use pyralog_dma::LogConfig;
+use pyralog_net::codec::ShardInfo;
+use pyralog_net::server::{self, ListenerConfig};
+use pyralog_shard::{Durability, Shard, ShardConfig, ShardMesh};
+
+use crate::service::{Service, Topology};
+use crate::{DurabilityArg, NodeArgs};
+
+/// How long start-up may take before the node gives up.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a shard looks at the stop flag.
+const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Requests one connection may have in flight.
+const IN_FLIGHT_PER_CONNECTION_MAX: usize = 1024;
+
+struct ShardReady {
+    shard: usize,
+    cpu: usize,
+    port: u16,
+}
+
+enum ShardEvent {
+    Ready(ShardReady),
+    Failed(String),
+    Stopped { shard: usize, error: Option<String> },
+}
+
+pub fn run(args: NodeArgs) -> Result<()> {
+    let cpus = choose_cpus(&args)?;
+    let _lock = prepare_data_dir(&args)?;
+    check_ports(&args, cpus.len())?;
+    check_io_uring()?;
+    check_memlock(args.io_memory_bytes, cpus.len())?;
+    block_stop_signals();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let topology: Arc<OnceLock<Topology>> = Arc::new(OnceLock::new());
+    let (events, event_receiver) = mpsc::channel::<ShardEvent>();
+    let mesh = pyralog_shard::new_mesh(cpus.len());
+    let mut handles = Vec::with_capacity(cpus.len());
+    for &cpu in &cpus {
+        let context = ShardContext {
+            mesh: mesh.clone(),
+            config: shard_config(&args),
+            listen: args.listen,
+            shard_port_base: args.shard_port_base,
+            listener: ListenerConfig {
+                max_request_bytes: args.max_request_bytes,
+                max_in_flight_per_connection: IN_FLIGHT_PER_CONNECTION_MAX,
+                max_connections: args.max_connections,
+            },
+            cpu,
+            stop: Arc::clone(&stop),
+            topology: Arc::clone(&topology),
+            events: events.clone(),
+        };
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("pyralog-cpu{cpu}"))
+            .io_memory(args.io_memory_bytes)
+            .spawn(move || run_shard(context))
+            .map_err(|e| anyhow!("starting the executor on CPU {cpu}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(events);
+
+    let mut ready = Vec::new();
+    let deadline = std::time::Instant::now() + STARTUP_TIMEOUT;
+    while ready.len() < cpus.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match event_receiver.recv_timeout(left) {
+            Ok(ShardEvent::Ready(shard)) => ready.push(shard),
+            Ok(ShardEvent::Failed(error)) => {
+                stop.store(true, Ordering::SeqCst);
+                bail!("{error}");
+            }
+            Ok(ShardEvent::Stopped { shard, error }) => {
+                bail!("shard {shard} stopped during start-up: {}", error.unwrap_or_default())
+            }
+            Err(_) => bail!("the shards did not start within {STARTUP_TIMEOUT:?}"),
+        }
+    }
+    ready.sort_by_key(|r| r.shard);
+    let shards: Vec<ShardInfo> =
+        ready.iter().map(|r| ShardInfo { shard: r.shard as u32, cpu: r.cpu as u32, port: r.port }).collect();
+    topology.set(Topology { shards: shards.clone() }).unwrap_or_else(|_| unreachable!("set once"));
+    print_summary(&args, &shards);
+
+    let outcome = wait_for_stop(&event_receiver);
+    stop.store(true, Ordering::SeqCst);
+    let mut errors = Vec::new();
+    if let Err(error) = outcome {
+        errors.push(error);
+    }
+    for handle in handles {
+        if handle.join().is_err() {
+            errors.push("a shard panicked".to_owned());
+        }
+    }
+    while let Ok(event) = event_receiver.try_recv() {
+        if let ShardEvent::Stopped { shard, error: Some(error) } = event {
+            errors.push(format!("shard {shard}: {error}"));
+        }
+    }
+    if !errors.is_empty() {
+        bail!("stopped with errors: {}", errors.join("; "));
+    }
+    println!("pyralog: stopped cleanly");
+    Ok(())
+}
+
+struct ShardContext {
+    mesh: ShardMesh,
+    config: ShardConfig,
+    listen: SocketAddr,
+    shard_port_base: Option<u16>,
+    listener: ListenerConfig,
+    cpu: usize,
+    stop: Arc<AtomicBool>,
+    topology: Arc<OnceLock<Topology>>,
+    events: mpsc::Sender<ShardEvent>,
+}
+
+async fn run_shard(context: ShardContext) {
+    let shard = match Shard::start(context.mesh, context.config).await {
+        Ok(shard) => shard,
+        Err(error) => {
+            let _ = context.events.send(ShardEvent::Failed(format!("shard on CPU {}: {error}", context.cpu)));
+            return;
+        }
+    };
+    let own_port = match context.shard_port_base {
+        Some(0) => 0,
+        Some(base) => base + shard.id as u16,
+        None => context.listen.port() + 1 + shard.id as u16,
+    };
+    let own_addr = SocketAddr::new(context.listen.ip(), own_port);
+    let listeners = server::bind(context.listen).and_then(|shared| Ok((shared, server::bind(own_addr)?)));
+    let (shared, own) = match listeners {
+        Ok(pair) => pair,
+        Err(error) => {
+            let _ = context
+                .events
+                .send(ShardEvent::Failed(format!("binding {} and {own_addr}: {error}", context.listen)));
+            let _ = shard.shutdown().await;
+            return;
+        }
+    };
+    let port = own.local_addr().map(|a| a.port()).unwrap_or(own_port);
+    let _ = context.events.send(ShardEvent::Ready(ShardReady { shard: shard.id, cpu: context.cpu, port }));
+    while context.topology.get().is_none() && !context.stop.load(Ordering::SeqCst) {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let topology = Rc::new(context.topology.get().cloned().unwrap_or(Topology { shards: Vec::new() }));
+    let service = Rc::new(Service { shard: Rc::clone(&shard), topology });
+    let stop_listeners = Rc::new(Cell::new(false));
+    let serving = [shared, own].map(|listener| {
+        glommio::spawn_local(server::serve(
+            listener,
+            Rc::clone(&service),
+            context.listener,
+            Rc::clone(&stop_listeners),
+        ))
+    });
+    while !context.stop.load(Ordering::SeqCst) {
+        glommio::timer::sleep(STOP_POLL_INTERVAL).await;
+    }
+    stop_listeners.set(true);
+    for task in serving {
+        task.await;
+    }
+    let error = shard.shutdown().await.err().map(|e| e.to_string());
+    let _ = context.events.send(ShardEvent::Stopped { shard: shard.id, error });
+}
+
+fn shard_config(args: &NodeArgs) -> ShardConfig {
+    ShardConfig {
+        data_dir: args.data_dir.clone(),
+        durability: match args.durability {
+            DurabilityArg::Sync => Durability::Sync,
+            DurabilityArg::Cached => Durability::Cached {
+                flush_interval: Duration::from_millis(args.flush_interval_ms),
+                flush_bytes: args.flush_bytes,
+            },
+        },
+        log: LogConfig {
+            segment_bytes: args.segment_bytes,
+            index_interval_bytes: 4096,
+            retention_bytes: args.retention_bytes,
+            retention_ms: args.retention_ms,
+        },
+        cache_bytes: args.cache_bytes,
+    }
+}
+
+fn choose_cpus(args: &NodeArgs) -> Result<Vec<usize>> {
+    let available: Vec<usize> = core_affinity::get_core_ids()
+        .ok_or_else(|| anyhow!("cannot read this process's CPU affinity"))?
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let cpus = match (&args.cpus, args.shards) {
+        (Some(list), _) => parse_cpu_list(list)?,
+        (None, Some(0)) => bail!("--shards must be at least 1"),
+        (None, Some(n)) if n > available.len() => {
+            bail!("--shards {n} asks for more shards than the {} CPUs this process may use", available.len())
+        }
+        (None, Some(n)) => available[..n].to_vec(),
+        (None, None) => available.clone(),
+    };
+    if let Some(missing) = cpus.iter().find(|c| !available.contains(c)) {
+        bail!("CPU {missing} is not one this process may use (allowed: {available:?})");
+    }
+    Ok(cpus)
+}
+
+fn parse_cpu_list(list: &str) -> Result<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || anyhow!("--cpus takes a list like \"0,1\" or \"0-3\", not {list:?}");
+        match part.split_once('-') {
+            Some((from, to)) => {
+                let (from, to): (usize, usize) =
+                    (from.parse().map_err(|_| bad())?, to.parse().map_err(|_| bad())?);
+                if from > to {
+                    return Err(bad());
+                }
+                cpus.extend(from..=to);
+            }
+            None => cpus.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    if cpus.is_empty() {
+        bail!("--cpus names no CPU");
+    }
+    Ok(cpus)
+}
+
+/// Creates the data directory, proves it writable, and locks it against a second node.
+fn prepare_data_dir(args: &NodeArgs) -> Result<File> {
+    let dir = &args.data_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"pyralog")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| anyhow!("data directory {} is not writable: {e}", dir.display()))?;
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("data directory {} is in use by another pyralog process", dir.display());
+    }
+    Ok(lock)
+}
+
+/// SO_REUSEPORT would let a second node share the ports silently; a plain bind finds them taken.
+fn check_ports(args: &NodeArgs, shards: usize) -> Result<()> {
+    let mut ports = vec![(args.listen, "--listen")];
+    let base = match args.shard_port_base {
+        Some(0) => None,
+        Some(base) => Some(base),
+        None => Some(
+            args.listen
+                .port()
+                .checked_add(1)
+                .ok_or_else(|| anyhow!("--listen port leaves no room for shard ports"))?,
+        ),
+    };
+    if let Some(base) = base {
+        for shard in 0..shards {
+            let port = base.checked_add(shard as u16).ok_or_else(|| anyhow!("shard ports run past 65535"))?;
+            ports.push((SocketAddr::new(args.listen.ip(), port), "shard port"));
+        }
+    }
+    for (addr, what) in ports {
+        std::net::TcpListener::bind(addr).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => anyhow!("{what} {addr} is already in use by another process"),
+            _ => anyhow!("cannot listen on {addr} ({what}): {e}"),
+        })?;
+    }
+    Ok(())
+}
+
+fn check_io_uring() -> Result<()> {
+    #[repr(C)]
+    struct Params([u32; 30]);
+    let mut params = Params([0; 30]);
+    // SAFETY: io_uring_setup reads and writes only the params struct, which is large enough.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, &mut params as *mut Params) };
+    if fd < 0 {
+        let error = std::io::Error::last_os_error();
+        bail!(
+            "io_uring is unavailable ({error}); pyralog needs Linux 5.8+ with io_uring enabled \
+             (sysctl kernel.io_uring_disabled=0, and not blocked by a container's seccomp profile)"
+        );
+    }
+    // SAFETY: closing the fd io_uring_setup just returned.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+fn check_memlock(io_memory_bytes: usize, shards: usize) -> Result<()> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+        return Ok(());
+    }
+    let needed = (io_memory_bytes * shards) as u64;
+    if limit.rlim_cur != libc::RLIM_INFINITY && limit.rlim_cur < needed {
+        bail!(
+            "the memlock limit is {} KiB but {shards} shards need {} KiB of io_uring buffers: raise it \
+             (ulimit -l, or LimitMEMLOCK= for systemd) or lower --io-memory-bytes",
+            limit.rlim_cur / 1024,
+            needed / 1024
+        );
+    }
+    Ok(())
+}
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, zero-initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}
+
+/// Blocks SIGINT and SIGTERM here, before any thread exists, so every thread inherits the
+/// mask and only `wait_for_stop` receives them.
+fn block_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: changes this thread's signal mask only.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Returns on SIGINT or SIGTERM (Ok), or when a shard stops on its own (Err).
+fn wait_for_stop(events: &mpsc::Receiver<ShardEvent>) -> Result<(), String> {
+    let set = stop_signals();
+    let timeout = libc::timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+    loop {
+        // SAFETY: waits on the blocked set; the info pointer may be null.
+        let signal = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+        if signal == libc::SIGINT || signal == libc::SIGTERM {
+            eprintln!(
+                "pyralog: received {}, stopping",
+                if signal == libc::SIGINT { "SIGINT" } else { "SIGTERM" }
+            );
+            return Ok(());
+        }
+        match events.try_recv() {
+            Ok(ShardEvent::Stopped { shard, error }) => {
+                return Err(format!("shard {shard} stopped unexpectedly: {}", error.unwrap_or_default()));
+            }
+            Ok(_) | Err(mpsc::TryRecvError::Empty) => {}
+            Err(mpsc::TryRecvError::Disconnected) => return Err("every shard stopped".to_owned()),
+        }
+    }
+}
+
+fn print_summary(args: &NodeArgs, shards: &[ShardInfo]) {
+    let placement: Vec<String> =
+        shards.iter().map(|s| format!("shard {} on CPU {} port {}", s.shard, s.cpu, s.port)).collect();
+    let durability = match args.durability {
+        DurabilityArg::Sync => "sync (acknowledged after fdatasync, group commit)".to_owned(),
+        DurabilityArg::Cached => format!(
+            "cached (acknowledged from memory; flushed every {} ms or {} bytes)",
+            args.flush_interval_ms, args.flush_bytes
+        ),
+    };
+    println!("pyralog {} ready", env!("CARGO_PKG_VERSION"));
+    println!("  shards      {} ({})", shards.len(), placement.join(", "));
+    println!("  listen      {} (native protocol, shared by all shards)", args.listen);
+    println!("  data dir    {}", args.data_dir.display());
+    println!("  durability  {durability}");
+    println!(
+        "  limits      segment {} B, cache {} B per shard, request {} B",
+        args.segment_bytes, args.cache_bytes, args.max_request_bytes
+    );
+}

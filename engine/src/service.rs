@@ -1,0 +1,179 @@
+//! The native protocol's [`Handler`]: turns decoded requests into shard calls and shard
+//! results into responses. Per-partition failures become per-partition error codes; the rest
+//! of the request still succeeds.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use pyralog_net::codec::{
+    Acks, ErrorCode, FetchPartitionResult, ListOffsetsPartitionResult, MetadataResponse, PartitionInfo,
+    ProducePartitionResult, Request, Response, ResponseFrame, ShardInfo, TopicInfo,
+};
+use pyralog_net::server::Handler;
+use pyralog_shard::{FetchLimits, Shard, ShardError};
+
+/// The ports every shard serves, for metadata responses.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub shards: Vec<ShardInfo>,
+}
+
+pub struct Service {
+    pub shard: Rc<Shard>,
+    pub topology: Rc<Topology>,
+}
+
+pub fn error_code(error: &ShardError) -> ErrorCode {
+    match error {
+        ShardError::UnknownTopic(_) => ErrorCode::UnknownTopic,
+        ShardError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
+        ShardError::TopicAlreadyExists(_) => ErrorCode::TopicAlreadyExists,
+        ShardError::InvalidTopic(_) => ErrorCode::InvalidTopic,
+        ShardError::CorruptBatch(_) => ErrorCode::CorruptBatch,
+        ShardError::TooLarge(_) => ErrorCode::MessageTooLarge,
+        ShardError::OffsetOutOfRange(_) => ErrorCode::OffsetOutOfRange,
+        ShardError::Storage(_) => ErrorCode::StorageError,
+        ShardError::ShuttingDown => ErrorCode::ShuttingDown,
+    }
+}
+
+impl Handler for Service {
+    async fn handle(&self, correlation_id: u64, request: Request) -> Option<ResponseFrame> {
+        let result = match request {
+            Request::Metadata { topics } => Ok(Response::Metadata(self.metadata(&topics))),
+            Request::CreateTopic { name, partitions } => {
+                self.shard.create_topic(&name, partitions).await.map(|()| Response::CreateTopic)
+            }
+            Request::DeleteTopic { name } => {
+                self.shard.delete_topic(&name).await.map(|()| Response::DeleteTopic)
+            }
+            Request::Produce(produce) => {
+                let wait_durable = produce.acks != Acks::None;
+                let appends = produce.partitions.into_iter().map(|p| {
+                    let shard = &self.shard;
+                    let topic = &produce.topic;
+                    async move {
+                        match shard.produce(topic, p.partition, p.records, wait_durable).await {
+                            Ok(done) => ProducePartitionResult {
+                                partition: p.partition,
+                                error: ErrorCode::None,
+                                message: String::new(),
+                                base_offset: done.base_offset,
+                                next_offset: done.next_offset,
+                            },
+                            Err(error) => ProducePartitionResult {
+                                partition: p.partition,
+                                error: error_code(&error),
+                                message: error.to_string(),
+                                base_offset: -1,
+                                next_offset: -1,
+                            },
+                        }
+                    }
+                });
+                let results = join_all(appends).await;
+                if !wait_durable {
+                    return None;
+                }
+                Ok(Response::Produce(results))
+            }
+            Request::Fetch(fetch) => {
+                let limits = |max_bytes: u32| FetchLimits {
+                    max_bytes: if max_bytes == 0 {
+                        fetch.max_bytes
+                    } else {
+                        max_bytes.min(fetch.max_bytes.max(1))
+                    },
+                    min_bytes: fetch.min_bytes,
+                    max_wait: Duration::from_millis(u64::from(fetch.max_wait_ms)),
+                };
+                let reads = fetch.partitions.iter().map(|p| {
+                    let shard = &self.shard;
+                    let topic = &fetch.topic;
+                    let limits = limits(p.max_bytes);
+                    async move {
+                        match shard.fetch(topic, p.partition, p.offset, limits).await {
+                            Ok(fetched) => FetchPartitionResult {
+                                partition: p.partition,
+                                error: ErrorCode::None,
+                                message: String::new(),
+                                high_watermark: fetched.high_watermark,
+                                log_start_offset: fetched.log_start_offset,
+                                records: fetched.records,
+                            },
+                            Err(error) => FetchPartitionResult {
+                                partition: p.partition,
+                                error: error_code(&error),
+                                message: error.to_string(),
+                                high_watermark: -1,
+                                log_start_offset: -1,
+                                records: Vec::new(),
+                            },
+                        }
+                    }
+                });
+                Ok(Response::Fetch(join_all(reads).await))
+            }
+            Request::ListOffsets(list) => {
+                let mut results = Vec::with_capacity(list.partitions.len());
+                for p in &list.partitions {
+                    let result = self.shard.list_offsets(&list.topic, p.partition, p.timestamp).await;
+                    results.push(match result {
+                        Ok(offset) => ListOffsetsPartitionResult {
+                            partition: p.partition,
+                            error: ErrorCode::None,
+                            message: String::new(),
+                            offset,
+                        },
+                        Err(error) => ListOffsetsPartitionResult {
+                            partition: p.partition,
+                            error: error_code(&error),
+                            message: error.to_string(),
+                            offset: -1,
+                        },
+                    });
+                }
+                Ok(Response::ListOffsets(results))
+            }
+        };
+        Some(match result {
+            Ok(body) => ResponseFrame::ok(correlation_id, body),
+            Err(error) => ResponseFrame::error(correlation_id, error_code(&error), error.to_string()),
+        })
+    }
+}
+
+impl Service {
+    fn metadata(&self, wanted: &[String]) -> MetadataResponse {
+        let table = self.shard.topics();
+        let port_of = |shard: usize| self.topology.shards.get(shard).map_or(0, |s| s.port);
+        let describe = |name: &str, count: u32| TopicInfo {
+            name: name.to_owned(),
+            error: ErrorCode::None,
+            partitions: (0..count)
+                .map(|partition| {
+                    let shard = self.shard.owner_of(name, partition);
+                    PartitionInfo { partition, shard: shard as u32, port: port_of(shard) }
+                })
+                .collect(),
+        };
+        let topics = if wanted.is_empty() {
+            table.iter().map(|(name, count)| describe(name, count)).collect()
+        } else {
+            wanted
+                .iter()
+                .map(|name| match table.get(name) {
+                    Some(count) => describe(name, count),
+                    None => TopicInfo {
+                        name: name.clone(),
+                        error: ErrorCode::UnknownTopic,
+                        partitions: Vec::new(),
+                    },
+                })
+                .collect()
+        };
+        MetadataResponse { shards: self.topology.shards.clone(), topics }
+    }
+}
