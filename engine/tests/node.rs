@@ -1,0 +1,359 @@
+//! The daemon on loopback, driven through its real interfaces: the `pyralog` binary, the native
+//! protocol and the client library.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pyralog_net::client::{BatchBuilder, Client, ClientError, RecordReader};
+use pyralog_net::codec::{self, Acks, ErrorCode, ProducePartition, ProduceRequest, Request, Response};
+
+struct Node {
+    child: Child,
+    addr: String,
+}
+
+impl Node {
+    fn start(data_dir: &Path, extra: &[&str]) -> Node {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pyralog"))
+            .args(["--data-dir", data_dir.to_str().unwrap(), "--listen", &addr, "--shard-port-base", "0"])
+            .args(["--shards", "2", "--cache-bytes", "1048576"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the pyralog binary starts");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "pyralog exited before it was ready");
+            if line.contains(" ready") {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        Node { child, addr }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.addr).expect("connect")
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: sending SIGTERM to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn batch(values: &[String]) -> Bytes {
+    let mut builder = BatchBuilder::new(1_700_000_000_000, 1024);
+    for value in values {
+        builder.append(1_700_000_000_000, Some(b"key"), value.as_bytes());
+    }
+    builder.finish()
+}
+
+fn values(tag: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{tag}-{i:05}")).collect()
+}
+
+/// Every record of a partition from offset 0, as (offset, value).
+fn read_partition(client: &Client, topic: &str, partition: u32) -> Vec<(i64, String)> {
+    let mut records = Vec::new();
+    let mut offset = 0;
+    loop {
+        let fetched = client.fetch(topic, partition, offset, 1 << 20, 0).expect("fetch");
+        if fetched.records.is_empty() {
+            return records;
+        }
+        for record in fetched.reader() {
+            let record = record.expect("fetched batches pass their CRC");
+            if record.offset >= offset {
+                records.push((record.offset, String::from_utf8(record.value.to_vec()).unwrap()));
+                offset = record.offset + 1;
+            }
+        }
+    }
+}
+
+/// Sends raw bytes on a fresh connection and returns what came back before the close or
+/// the timeout.
+fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&chunk[..n]);
+        if let Some(len) = answer.get(..4).map(|p| u32::from_be_bytes(p.try_into().unwrap()) as usize) {
+            if answer.len() >= 4 + len {
+                break;
+            }
+        }
+    }
+    answer
+}
+
+fn decode_first_response(answer: &[u8]) -> codec::ResponseFrame {
+    assert!(answer.len() >= 4, "expected a response, got {} bytes", answer.len());
+    let len = u32::from_be_bytes(answer[..4].try_into().unwrap()) as usize;
+    codec::decode_response(&Bytes::copy_from_slice(&answer[4..4 + len])).expect("a well-formed response")
+}
+
+#[test]
+fn produce_and_fetch_through_both_shards_and_the_shared_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    client.create_topic("orders", 4).unwrap();
+    let owners: Vec<u32> = client.partitions("orders").unwrap().iter().map(|p| p.shard).collect();
+    assert!(owners.contains(&0) && owners.contains(&1), "partitions spread over both shards: {owners:?}");
+
+    for partition in 0..4 {
+        let first = client.produce("orders", partition, batch(&values("a", 10)), Acks::Durable).unwrap();
+        assert_eq!((first.base_offset, first.next_offset), (0, 10));
+    }
+    // Through the shared port only: partitions owned by the other shard take the mesh hop.
+    let shared =
+        pyralog_net::client::Connection::connect(node.addr.parse().unwrap(), Default::default()).unwrap();
+    let request = Request::Produce(ProduceRequest {
+        topic: "orders".into(),
+        acks: Acks::Durable,
+        partitions: (0..4)
+            .map(|p| ProducePartition { partition: p, records: batch(&values("b", 5)) })
+            .collect(),
+    });
+    let response = shared.call(&request).unwrap();
+    let Some(Response::Produce(results)) = response.body else { panic!("{response:?}") };
+    assert!(
+        results.iter().all(|r| r.error == ErrorCode::None && r.base_offset == 10 && r.next_offset == 15),
+        "{results:?}"
+    );
+
+    for partition in 0..4 {
+        let records = read_partition(&client, "orders", partition);
+        let expected: Vec<(i64, String)> = values("a", 10)
+            .into_iter()
+            .chain(values("b", 5))
+            .enumerate()
+            .map(|(i, v)| (i as i64, v))
+            .collect();
+        assert_eq!(records, expected, "partition {partition}");
+    }
+    assert_eq!(client.list_offsets("orders", 2, codec::OFFSET_LATEST).unwrap(), 15);
+    assert_eq!(client.list_offsets("orders", 2, codec::OFFSET_EARLIEST).unwrap(), 0);
+    assert_eq!(client.list_offsets("orders", 2, 1_700_000_000_000).unwrap(), 0);
+    assert_eq!(client.list_offsets("orders", 2, 1_800_000_000_000).unwrap(), -1);
+
+    // A fetch from the middle of a batch returns the whole batch.
+    let fetched = client.fetch("orders", 1, 3, 1 << 20, 0).unwrap();
+    let first = RecordReader::new(fetched.records.clone()).next().unwrap().unwrap();
+    assert_eq!(first.offset, 0);
+}
+
+#[test]
+fn a_long_poll_fetch_wakes_when_data_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    client.create_topic("tail", 1).unwrap();
+    let addr = node.addr.clone();
+    let producer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        Client::connect(&addr).unwrap().produce("tail", 0, batch(&values("late", 1)), Acks::Durable).unwrap()
+    });
+    let started = Instant::now();
+    let fetched = client.fetch("tail", 0, 0, 1 << 20, 10_000).unwrap();
+    assert!(!fetched.records.is_empty(), "the fetch returned data, not a timeout");
+    assert!(started.elapsed() < Duration::from_secs(9), "woken by the produce, not by max_wait");
+    producer.join().unwrap();
+}
+
+#[test]
+fn bad_batches_unknown_names_and_malformed_frames_get_errors_and_the_node_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--max-request-bytes", "65536"]);
+    let client = node.client();
+    client.create_topic("t", 2).unwrap();
+
+    // A wrong CRC: rejected, nothing appended.
+    let mut corrupt = BytesMut::from(&batch(&values("x", 3))[..]);
+    let last = corrupt.len() - 2;
+    corrupt[last] ^= 0x55;
+    match client.produce("t", 0, corrupt.freeze(), Acks::Durable) {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::CorruptBatch);
+            assert!(message.contains("CRC"), "{message}");
+        }
+        other => panic!("a corrupt batch must be refused: {other:?}"),
+    }
+    assert_eq!(client.list_offsets("t", 0, codec::OFFSET_LATEST).unwrap(), 0);
+
+    // Unknown topic and partition.
+    match client.produce("nope", 0, batch(&values("x", 1)), Acks::Durable) {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::UnknownTopic),
+        Err(ClientError::UnknownPartition { .. }) => {}
+        other => panic!("unknown topic: {other:?}"),
+    }
+    let shared =
+        pyralog_net::client::Connection::connect(node.addr.parse().unwrap(), Default::default()).unwrap();
+    let request = Request::Produce(ProduceRequest {
+        topic: "t".into(),
+        acks: Acks::Durable,
+        partitions: vec![ProducePartition { partition: 9, records: batch(&values("x", 1)) }],
+    });
+    let Some(Response::Produce(results)) = shared.call(&request).unwrap().body else { panic!() };
+    assert_eq!(results[0].error, ErrorCode::UnknownPartition);
+    assert!(results[0].message.contains("no partition 9"), "{}", results[0].message);
+
+    // Garbage: an error response and a close.
+    let answer = raw_exchange(&node.addr, b"\x00\x00\x00\x08garbage!");
+    assert_eq!(decode_first_response(&answer).error, ErrorCode::InvalidRequest);
+    // An oversized frame: refused by its length prefix alone.
+    let answer = raw_exchange(&node.addr, &(1u32 << 30).to_be_bytes());
+    let response = decode_first_response(&answer);
+    assert_eq!(response.error, ErrorCode::MessageTooLarge);
+    assert!(response.message.contains("max-request-bytes"), "{}", response.message);
+    // A connection cut in the middle of a frame.
+    drop(raw_exchange(&node.addr, b"\x00\x00\x01\x00abc"));
+
+    // Everyone else is still served.
+    let ack = client.produce("t", 1, batch(&values("ok", 2)), Acks::Durable).unwrap();
+    assert_eq!(ack.next_offset, 2);
+    assert_eq!(read_partition(&client, "t", 1).len(), 2);
+}
+
+#[test]
+fn topics_survive_a_restart_and_can_be_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    client.create_topic("keep", 3).unwrap();
+    client.create_topic("drop", 1).unwrap();
+    assert!(matches!(
+        client.create_topic("keep", 3),
+        Err(ClientError::Server { code: ErrorCode::TopicAlreadyExists, .. })
+    ));
+    assert!(matches!(
+        client.create_topic("bad/name", 1),
+        Err(ClientError::Server { code: ErrorCode::InvalidTopic, .. })
+    ));
+    client.produce("keep", 2, batch(&values("k", 4)), Acks::Durable).unwrap();
+    client.delete_topic("drop").unwrap();
+    assert!(!dir.path().join("topics/drop").exists());
+    assert!(node.terminate().success(), "SIGTERM stops the node cleanly");
+
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    let topics: Vec<String> = client.metadata(&[]).unwrap().topics.into_iter().map(|t| t.name).collect();
+    assert_eq!(topics, vec!["keep".to_string()]);
+    assert_eq!(read_partition(&client, "keep", 2).len(), 4);
+}
+
+#[test]
+fn kill9_during_produce_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    node.client().create_topic("durable", 2).unwrap();
+    let acknowledged: Arc<Mutex<Vec<(u32, i64, Vec<String>)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers: Vec<_> = (0..2u32)
+        .map(|partition| {
+            let (addr, acknowledged, stop) = (node.addr.clone(), acknowledged.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let client = Client::connect(&addr).unwrap();
+                for round in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let batch_values = values(&format!("p{partition}r{round}"), 20);
+                    match client.produce("durable", partition, batch(&batch_values), Acks::Durable) {
+                        Ok(ack) => {
+                            acknowledged.lock().unwrap().push((partition, ack.base_offset, batch_values))
+                        }
+                        Err(_) => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while acknowledged.lock().unwrap().len() < 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node.kill9();
+    stop.store(true, Ordering::SeqCst);
+    for producer in producers {
+        producer.join().unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(acknowledged.len() >= 50, "the load ran before the kill ({} batches)", acknowledged.len());
+
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    for partition in 0..2u32 {
+        let stored = read_partition(&client, "durable", partition);
+        // Offsets are contiguous from 0: no gap, no partial batch (every batch passed its CRC).
+        assert!(stored.iter().enumerate().all(|(i, (offset, _))| *offset == i as i64));
+        assert_eq!(stored.len() % 20, 0, "only whole batches");
+        for (_, base, batch_values) in acknowledged.iter().filter(|(p, _, _)| *p == partition) {
+            for (i, value) in batch_values.iter().enumerate() {
+                let at = (*base as usize) + i;
+                assert_eq!(stored.get(at).map(|(_, v)| v), Some(value), "acknowledged record at offset {at}");
+            }
+        }
+        let next = client.produce("durable", partition, batch(&values("after", 1)), Acks::Durable).unwrap();
+        assert_eq!(next.base_offset, stored.len() as i64, "new offsets continue with no gap");
+    }
+}
+
+#[test]
+fn a_second_node_on_the_same_port_or_data_dir_is_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_pyralog")).args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let other = tempfile::tempdir().unwrap();
+    let message =
+        run(&["--data-dir", other.path().to_str().unwrap(), "--listen", &node.addr, "--shards", "1"]);
+    assert!(message.contains("already in use"), "{message}");
+    let message =
+        run(&["--data-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0", "--shards", "1"]);
+    assert!(message.contains("in use by another pyralog"), "{message}");
+    let file = other.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let message = run(&["--data-dir", file.to_str().unwrap(), "--listen", "127.0.0.1:0", "--shards", "1"]);
+    assert!(message.contains("data directory"), "{message}");
+}
