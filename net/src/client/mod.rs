@@ -19,6 +19,8 @@
 pub mod batch;
 pub mod connection;
 pub mod consumer;
+#[cfg(any(test, feature = "fake-broker"))]
+pub mod fake_broker;
 pub mod partitioner;
 pub mod producer;
 
@@ -37,6 +39,9 @@ pub use self::producer::{DeliveryReport, Producer, ProducerConfig};
 pub use crate::codec::{
     Acks, ErrorCode, MetadataResponse, PartitionInfo, ShardInfo, OFFSET_EARLIEST, OFFSET_LATEST,
 };
+#[cfg(test)]
+mod tests;
+
 use crate::codec::{
     FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, ProducePartition, ProduceRequest,
     Request, Response, ResponseFrame,

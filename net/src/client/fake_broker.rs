@@ -1,0 +1,338 @@
+//! An in-memory broker speaking the native protocol, for testing clients without the daemon.
+//!
+//! Built for this crate's tests and, with the `fake-broker` feature, for other crates' tests
+//! (the bench). It is not Pyralog: one listener, one lock around every partition, batches kept
+//! in a `Vec`, no durability, no shards (the metadata advertises the listener's own port for
+//! even partitions and port 0, "use the bootstrap connection", for odd ones, so both client
+//! paths run).
+//!
+//! What it does keep of the real protocol: it answers each connection's requests in order,
+//! sends nothing for `Acks::None`, assigns offsets per partition, returns whole batches from
+//! the one holding the requested offset (so clients must skip records below it), long-polls
+//! fetches up to `max_wait_ms`, and validates produced batches with [`RecordReader`].
+//! [`FakeBroker::shutdown`] closes the listener and every connection, as a crashed broker would.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::batch::{RecordReader, BATCH_LOG_OVERHEAD_BYTES};
+use crate::codec::{
+    self, Acks, ErrorCode, FetchPartitionResult, ListOffsetsPartitionResult, MetadataResponse, PartitionInfo,
+    ProducePartitionResult, Request, Response, ResponseFrame, ShardInfo, TopicInfo, OFFSET_EARLIEST,
+    OFFSET_LATEST,
+};
+
+/// Largest request frame the fake accepts.
+const REQUEST_FRAME_BYTES_MAX: usize = 64 << 20;
+
+#[derive(Debug, Default)]
+struct PartitionLog {
+    /// (base offset, batch with that base offset written in), in offset order.
+    batches: Vec<(i64, Bytes)>,
+    next_offset: i64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    topics: HashMap<String, Vec<PartitionLog>>,
+    connections: Vec<TcpStream>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    port: u16,
+    state: Mutex<State>,
+    /// Signalled on every append, for long-polling fetches.
+    appended: Condvar,
+    stopped: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running fake broker; dropping it shuts it down.
+#[derive(Debug)]
+pub struct FakeBroker {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl FakeBroker {
+    /// Listens on an ephemeral loopback port.
+    pub fn start() -> std::io::Result<FakeBroker> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            port: addr.port(),
+            state: Mutex::new(State::default()),
+            appended: Condvar::new(),
+            stopped: AtomicBool::new(false),
+        });
+        let accept_shared = Arc::clone(&shared);
+        let acceptor = std::thread::Builder::new()
+            .name("fake-broker-accept".into())
+            .spawn(move || accept_loop(&listener, &accept_shared))?;
+        Ok(FakeBroker { addr, shared, acceptor: Some(acceptor) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Records stored in `topic`/`partition` so far (its next offset).
+    pub fn next_offset(&self, topic: &str, partition: u32) -> Option<i64> {
+        let state = self.shared.lock();
+        state.topics.get(topic)?.get(partition as usize).map(|log| log.next_offset)
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn shutdown(&mut self) {
+        if self.shared.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake the acceptor with a connection of our own.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        let mut state = self.shared.lock();
+        for connection in state.connections.drain(..) {
+            let _ = connection.shutdown(Shutdown::Both);
+        }
+        drop(state);
+        self.shared.appended.notify_all();
+    }
+}
+
+impl Drop for FakeBroker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let Ok(registered) = stream.try_clone() else { continue };
+        shared.lock().connections.push(registered);
+        let shared = Arc::clone(shared);
+        let _ =
+            std::thread::Builder::new().name("fake-broker-conn".into()).spawn(move || serve(stream, &shared));
+    }
+}
+
+fn serve(mut stream: TcpStream, shared: &Shared) {
+    let _ = stream.set_nodelay(true);
+    let mut out = BytesMut::new();
+    loop {
+        let mut prefix = [0u8; codec::FRAME_PREFIX_BYTES];
+        if stream.read_exact(&mut prefix).is_err() {
+            return;
+        }
+        let body_bytes = codec::frame_body_bytes(prefix);
+        if body_bytes > REQUEST_FRAME_BYTES_MAX {
+            return;
+        }
+        let mut body = Vec::new();
+        match (&mut stream).take(body_bytes as u64).read_to_end(&mut body) {
+            Ok(n) if n == body_bytes => {}
+            _ => return,
+        }
+        let response = match codec::decode_request(&Bytes::from(body)) {
+            Ok((correlation_id, request)) => handle(shared, correlation_id, request),
+            Err((Some(correlation_id), error)) => {
+                Some(ResponseFrame::error(correlation_id, ErrorCode::InvalidRequest, error.to_string()))
+            }
+            Err((None, _)) => return,
+        };
+        if let Some(response) = response {
+            out.clear();
+            codec::encode_response(&response, &mut out);
+            if stream.write_all(&out).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn handle(shared: &Shared, correlation_id: u64, request: Request) -> Option<ResponseFrame> {
+    let body = match request {
+        Request::Metadata { topics } => Response::Metadata(metadata(shared, &topics)),
+        Request::CreateTopic { name, partitions } => {
+            let mut state = shared.lock();
+            if state.topics.contains_key(&name) {
+                return Some(ResponseFrame::error(correlation_id, ErrorCode::TopicAlreadyExists, name));
+            }
+            if name.is_empty() || partitions == 0 {
+                return Some(ResponseFrame::error(correlation_id, ErrorCode::InvalidTopic, name));
+            }
+            state.topics.insert(name, (0..partitions).map(|_| PartitionLog::default()).collect());
+            Response::CreateTopic
+        }
+        Request::DeleteTopic { name } => {
+            if shared.lock().topics.remove(&name).is_none() {
+                return Some(ResponseFrame::error(correlation_id, ErrorCode::UnknownTopic, name));
+            }
+            Response::DeleteTopic
+        }
+        Request::Produce(produce) => {
+            let results = produce
+                .partitions
+                .into_iter()
+                .map(|p| append(shared, &produce.topic, p.partition, &p.records))
+                .collect();
+            if produce.acks == Acks::None {
+                return None;
+            }
+            Response::Produce(results)
+        }
+        Request::Fetch(fetch) => {
+            let deadline = Instant::now() + Duration::from_millis(u64::from(fetch.max_wait_ms));
+            let results = fetch
+                .partitions
+                .iter()
+                .map(|p| read(shared, &fetch.topic, p.partition, p.offset, p.max_bytes, deadline));
+            Response::Fetch(results.collect())
+        }
+        Request::ListOffsets(list) => {
+            let state = shared.lock();
+            let results = list
+                .partitions
+                .iter()
+                .map(|p| {
+                    let log = state.topics.get(&list.topic).and_then(|t| t.get(p.partition as usize));
+                    let (error, offset) = match (log, p.timestamp) {
+                        (None, _) => (ErrorCode::UnknownPartition, -1),
+                        (Some(_), OFFSET_EARLIEST) => (ErrorCode::None, 0),
+                        (Some(log), OFFSET_LATEST) => (ErrorCode::None, log.next_offset),
+                        (Some(_), _) => (ErrorCode::None, 0),
+                    };
+                    ListOffsetsPartitionResult {
+                        partition: p.partition,
+                        error,
+                        message: String::new(),
+                        offset,
+                    }
+                })
+                .collect();
+            Response::ListOffsets(results)
+        }
+    };
+    Some(ResponseFrame::ok(correlation_id, body))
+}
+
+fn metadata(shared: &Shared, topics: &[String]) -> MetadataResponse {
+    let state = shared.lock();
+    let names: Vec<String> =
+        if topics.is_empty() { state.topics.keys().cloned().collect() } else { topics.to_vec() };
+    let topics = names
+        .into_iter()
+        .map(|name| match state.topics.get(&name) {
+            Some(logs) => {
+                let partitions = (0..logs.len() as u32)
+                    .map(|partition| PartitionInfo {
+                        partition,
+                        shard: 0,
+                        port: if partition % 2 == 0 { shared.port } else { 0 },
+                    })
+                    .collect();
+                TopicInfo { name, error: ErrorCode::None, partitions }
+            }
+            None => TopicInfo { name, error: ErrorCode::UnknownTopic, partitions: Vec::new() },
+        })
+        .collect();
+    MetadataResponse { shards: vec![ShardInfo { shard: 0, cpu: 0, port: shared.port }], topics }
+}
+
+fn append(shared: &Shared, topic: &str, partition: u32, records: &Bytes) -> ProducePartitionResult {
+    let result = |error, message: String, base_offset, next_offset| ProducePartitionResult {
+        partition,
+        error,
+        message,
+        base_offset,
+        next_offset,
+    };
+    if let Some(Err(error)) = RecordReader::new(records.clone()).find(Result::is_err) {
+        return result(ErrorCode::CorruptBatch, error.to_string(), -1, -1);
+    }
+    let mut state = shared.lock();
+    let Some(log) = state.topics.get_mut(topic).and_then(|t| t.get_mut(partition as usize)) else {
+        return result(ErrorCode::UnknownPartition, format!("{topic}/{partition}"), -1, -1);
+    };
+    let base_offset = log.next_offset;
+    let mut at = 0;
+    while at < records.len() {
+        // The reader above checked every length.
+        let length = i32::from_be_bytes(records[at + 8..at + 12].try_into().expect("checked")) as usize;
+        let end = at + BATCH_LOG_OVERHEAD_BYTES + length;
+        let last_offset_delta = i32::from_be_bytes(records[at + 23..at + 27].try_into().expect("checked"));
+        let mut batch = BytesMut::from(&records[at..end]);
+        batch[..8].copy_from_slice(&log.next_offset.to_be_bytes());
+        log.batches.push((log.next_offset, batch.freeze()));
+        log.next_offset += i64::from(last_offset_delta) + 1;
+        at = end;
+    }
+    let next_offset = log.next_offset;
+    drop(state);
+    shared.appended.notify_all();
+    result(ErrorCode::None, String::new(), base_offset, next_offset)
+}
+
+fn read(
+    shared: &Shared,
+    topic: &str,
+    partition: u32,
+    offset: i64,
+    max_bytes: u32,
+    deadline: Instant,
+) -> FetchPartitionResult {
+    let mut result = FetchPartitionResult {
+        partition,
+        error: ErrorCode::None,
+        message: String::new(),
+        high_watermark: -1,
+        log_start_offset: 0,
+        records: Vec::new(),
+    };
+    let mut state = shared.lock();
+    loop {
+        let Some(log) = state.topics.get(topic).and_then(|t| t.get(partition as usize)) else {
+            result.error = ErrorCode::UnknownPartition;
+            return result;
+        };
+        result.high_watermark = log.next_offset;
+        if offset > log.next_offset || offset < 0 {
+            result.error = ErrorCode::OffsetOutOfRange;
+            return result;
+        }
+        let now = Instant::now();
+        if offset < log.next_offset || now >= deadline || shared.stopped.load(Ordering::SeqCst) {
+            // The batch holding `offset` and those after it, whole, at least one.
+            let first = log.batches.partition_point(|(base, _)| *base <= offset).saturating_sub(1);
+            let mut bytes = 0usize;
+            for (_, batch) in &log.batches[first..] {
+                if !result.records.is_empty() && bytes + batch.len() > max_bytes as usize {
+                    break;
+                }
+                bytes += batch.len();
+                result.records.push(batch.clone());
+            }
+            return result;
+        }
+        state = shared.appended.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+    }
+}

@@ -1,0 +1,193 @@
+//! Client, producer and consumer against the in-memory [`FakeBroker`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::fake_broker::FakeBroker;
+use super::*;
+
+fn client(broker: &FakeBroker) -> Client {
+    let options = ConnectOptions { request_timeout: Duration::from_secs(5), ..ConnectOptions::default() };
+    Client::connect_with(&broker.addr().to_string(), options).expect("the fake broker is up")
+}
+
+fn batch(values: &[&[u8]]) -> Bytes {
+    let mut builder = BatchBuilder::new(1_000, 0);
+    for value in values {
+        builder.append(1_000, None, value);
+    }
+    builder.finish()
+}
+
+type Reports = Arc<Mutex<Vec<DeliveryReport>>>;
+
+fn producer(client: &Client, config: ProducerConfig) -> (Producer, Reports) {
+    let reports: Reports = Arc::default();
+    let sink = Arc::clone(&reports);
+    let producer =
+        Producer::new(client.clone(), config, move |report| sink.lock().unwrap().push(report)).unwrap();
+    (producer, reports)
+}
+
+#[test]
+fn topics_offsets_produce_and_fetch_round_trip() {
+    let broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("orders", 4).unwrap();
+    assert_eq!(client.partition_count("orders").unwrap(), 4);
+    // Even partitions advertise the listener's port, odd ones port 0 (the bootstrap fallback).
+    for partition in 0..4 {
+        let ack = client.produce("orders", partition, batch(&[b"a", b"b", b"c"]), Acks::Durable).unwrap();
+        assert_eq!(ack, ProduceAck { base_offset: 0, next_offset: 3 });
+        let ack = client.produce("orders", partition, batch(&[b"d"]), Acks::Durable).unwrap();
+        assert_eq!(ack, ProduceAck { base_offset: 3, next_offset: 4 });
+        assert_eq!(client.list_offsets("orders", partition, OFFSET_EARLIEST).unwrap(), 0);
+        assert_eq!(client.list_offsets("orders", partition, OFFSET_LATEST).unwrap(), 4);
+        let fetched = client.fetch("orders", partition, 0, 1 << 20, 0).unwrap();
+        assert_eq!(fetched.high_watermark, 4);
+        let values: Vec<_> = fetched.reader().map(|r| r.unwrap().value).collect();
+        assert_eq!(values, [&b"a"[..], b"b", b"c", b"d"]);
+    }
+    client.delete_topic("orders").unwrap();
+    let error = client.partition_count("orders").unwrap_err();
+    assert!(matches!(error, ClientError::Server { code: ErrorCode::UnknownTopic, .. }), "{error}");
+}
+
+#[test]
+fn server_and_client_side_errors_name_their_cause() {
+    let broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("t", 1).unwrap();
+    let error = client.create_topic("t", 1).unwrap_err();
+    assert!(matches!(error, ClientError::Server { code: ErrorCode::TopicAlreadyExists, .. }));
+    assert_eq!(error.to_string(), "server error TopicAlreadyExists: t");
+    let error = client.produce("t", 5, batch(&[b"x"]), Acks::Durable).unwrap_err();
+    assert!(matches!(error, ClientError::UnknownPartition { partition: 5, partitions: 1, .. }), "{error}");
+    let mut corrupt = BytesMut::from(&batch(&[b"x"])[..]);
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    let error = client.produce("t", 0, corrupt.freeze(), Acks::Durable).unwrap_err();
+    assert!(matches!(error, ClientError::Server { code: ErrorCode::CorruptBatch, .. }), "{error}");
+    let error = client.fetch("t", 0, 99, 1024, 0).unwrap_err();
+    assert!(matches!(error, ClientError::Server { code: ErrorCode::OffsetOutOfRange, .. }), "{error}");
+}
+
+#[test]
+fn producer_cuts_batches_by_size_and_reports_every_record_in_order() {
+    let broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("p", 3).unwrap();
+    let config = ProducerConfig {
+        batch_bytes: 1024,
+        linger: Duration::from_secs(60),
+        partitioner: Partitioner::RoundRobin,
+        max_in_flight_batches: 2,
+        ..ProducerConfig::new("p")
+    };
+    let (mut producer, reports) = producer(&client, config);
+    for i in 0..300u32 {
+        let partition = producer.send(None, &[i as u8; 100]).unwrap();
+        assert_eq!(partition, i % 3);
+    }
+    assert!(producer.in_flight_batches() <= 2);
+    producer.flush().unwrap();
+    let reports = reports.lock().unwrap();
+    assert!(reports.len() > 3, "1 KiB batches of 100-byte records: many batches");
+    let mut next_offset = [0i64; 3];
+    for report in reports.iter() {
+        assert!(report.error.is_none(), "{:?}", report.error);
+        assert!(report.first_enqueue <= report.last_enqueue && report.last_enqueue <= report.completed);
+        let partition = report.partition as usize;
+        assert_eq!(report.base_offset, next_offset[partition], "reports come in send order per partition");
+        next_offset[partition] += i64::from(report.record_count);
+    }
+    assert_eq!(next_offset, [100, 100, 100]);
+    for partition in 0..3 {
+        assert_eq!(broker.next_offset("p", partition), Some(100));
+    }
+}
+
+#[test]
+fn producer_sends_a_lingering_batch_on_poll() {
+    let broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("l", 1).unwrap();
+    let config = ProducerConfig { linger: Duration::from_millis(20), ..ProducerConfig::new("l") };
+    let (mut producer, reports) = producer(&client, config);
+    producer.send(Some(b"key"), b"value").unwrap();
+    let deadline = producer.linger_deadline().expect("a batch is open");
+    producer.poll().unwrap();
+    assert_eq!(producer.in_flight_batches() + reports.lock().unwrap().len(), 0, "linger not over yet");
+    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+    producer.poll().unwrap();
+    assert_eq!(producer.in_flight_batches() + reports.lock().unwrap().len(), 1, "sent once lingered");
+    assert_eq!(producer.linger_deadline(), None);
+    producer.flush().unwrap();
+    let record = client.fetch("l", 0, 0, 1024, 0).unwrap().reader().next().unwrap().unwrap();
+    assert_eq!((record.key.as_deref(), &record.value[..]), (Some(&b"key"[..]), &b"value"[..]));
+}
+
+#[test]
+fn acks_none_produces_without_responses() {
+    let broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("n", 1).unwrap();
+    let ack = client.produce("n", 0, batch(&[b"1", b"2"]), Acks::None).unwrap();
+    assert_eq!(ack.base_offset, OFFSET_UNACKNOWLEDGED);
+    // The connection answers in order, so this fetch sees the unacknowledged produce.
+    let fetched = client.fetch("n", 0, 0, 1024, 1_000).unwrap();
+    assert_eq!(fetched.reader().count(), 2);
+}
+
+#[test]
+fn consumer_skips_records_before_its_offset_and_long_polls() {
+    let broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("c", 2).unwrap();
+    for _ in 0..3 {
+        let values: Vec<Vec<u8>> = (0..10).map(|i| vec![i]).collect();
+        let values: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        client.produce("c", 1, batch(&values), Acks::Durable).unwrap();
+    }
+    let mut consumer = Consumer::new(client.clone(), "c", &[1], StartAt::Offset(15)).unwrap();
+    let records = consumer.poll(Duration::from_millis(10)).unwrap();
+    let offsets: Vec<i64> = records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (15..30).collect::<Vec<_>>(), "the batch holding 15 starts at 10");
+    assert!(records.iter().all(|r| r.partition == 1));
+    assert_eq!(consumer.position(1), Some(30));
+    assert_eq!(consumer.lag(), 0);
+
+    let mut latest = Consumer::new(client.clone(), "c", &[1], StartAt::Latest).unwrap();
+    let started = Instant::now();
+    assert!(latest.poll(Duration::from_millis(150)).unwrap().is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(100), "an empty fetch waits at the broker");
+    client.produce("c", 1, batch(&[b"new"]), Acks::Durable).unwrap();
+    let records = latest.poll(Duration::from_millis(10)).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!((records[0].offset, &records[0].value[..]), (30, &b"new"[..]));
+
+    let mut earliest = Consumer::new(client, "c", &[1], StartAt::Earliest).unwrap();
+    assert_eq!(earliest.poll(Duration::ZERO).unwrap().len(), 31);
+}
+
+#[test]
+fn a_broker_that_goes_away_fails_producers_and_consumers() {
+    let mut broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("gone", 1).unwrap();
+    let (mut producer, reports) = producer(&client, ProducerConfig::new("gone"));
+    producer.send(None, b"before").unwrap();
+    producer.flush().unwrap();
+    let mut consumer = Consumer::new(client.clone(), "gone", &[0], StartAt::Earliest).unwrap();
+    broker.shutdown();
+
+    let error = consumer.poll(Duration::from_millis(10)).unwrap_err();
+    assert!(error.is_disconnect(), "{error}");
+    producer.send(None, b"after").unwrap();
+    let error = producer.flush().unwrap_err();
+    assert!(error.is_disconnect() || matches!(error, ClientError::DeliveryFailed { .. }), "{error}");
+    let reports = reports.lock().unwrap();
+    assert_eq!(reports.len(), 2, "every batch is reported, the lost one too");
+    assert!(reports[0].error.is_none());
+    assert!(reports[1].error.is_some());
+}
