@@ -149,7 +149,7 @@ enum PartitionerArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
-        Ok(code) => code,
+        Ok((code, _)) => ExitCode::from(code),
         Err(error) => {
             eprintln!("pyralog-bench: {error:#}");
             let broker_gone = error.downcast_ref::<ClientError>().is_some_and(ClientError::is_disconnect);
@@ -158,7 +158,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<ExitCode> {
+/// Runs a command and prints its report; returns the exit code and the report.
+fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
     let (mode, common) = match &command {
         Command::Produce { common, .. } => (Mode::Produce, common),
         Command::Consume { common, .. } => (Mode::Consume, common),
@@ -235,23 +236,24 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             eprintln!("verify: {problem}");
         }
     }
+    let json = report.json(&run);
     if common.json {
-        println!("{}", report.json(&run));
+        println!("{json}");
     } else {
         report.print_human(&run);
     }
-    Ok(exit_code(&run, finished, verify_problems))
+    Ok((exit_code(&run, finished, verify_problems), json))
 }
 
-fn exit_code(run: &Run, finished: bool, verify_problems: u64) -> ExitCode {
+fn exit_code(run: &Run, finished: bool, verify_problems: u64) -> u8 {
     let acked = run.acked.load(Ordering::Relaxed);
     if let Some(reason) = run.broker_gone() {
         eprintln!("pyralog-bench: the broker went away ({reason}); {acked} messages were acknowledged");
-        return ExitCode::from(2);
+        return 2;
     }
     if !finished {
         eprintln!("pyralog-bench: the hard deadline passed with workers still running; {acked} acknowledged");
-        return ExitCode::from(3);
+        return 3;
     }
     let errors = run.errors.load(Ordering::Relaxed);
     if errors > 0 || verify_problems > 0 {
@@ -260,9 +262,9 @@ fn exit_code(run: &Run, finished: bool, verify_problems: u64) -> ExitCode {
             "pyralog-bench: {errors} errors, {verify_problems} verification problems; first error: {}",
             first.as_deref().unwrap_or("none")
         );
-        return ExitCode::from(1);
+        return 1;
     }
-    ExitCode::SUCCESS
+    0
 }
 
 /// Prints progress every second until the workers end or the deadline passes. Returns whether
@@ -368,5 +370,120 @@ fn produce_options(common: &CommonArgs, produce: &ProduceArgs, duration: Option<
             PartitionerArg::RoundRobin => Partitioner::RoundRobin,
             PartitionerArg::Random => Partitioner::Random,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pyralog_net::client::fake_broker::FakeBroker;
+
+    fn bench(args: &[&str]) -> (u8, serde_json::Value) {
+        let cli = Cli::try_parse_from(std::iter::once("pyralog-bench").chain(args.iter().copied())).unwrap();
+        run(cli.command).unwrap()
+    }
+
+    #[test]
+    fn produce_then_verify_consume() {
+        let broker = FakeBroker::start().unwrap();
+        let addr = broker.addr().to_string();
+        let common =
+            ["--broker", &addr, "--topic", "v", "--partitions", "3", "--json", "--message-bytes", "200"];
+        let produce = ["produce", "--messages", "3000", "--producers", "2", "--batch-bytes", "4096"];
+        let (code, report) = bench(&[&produce[..], &common[..]].concat());
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["acked"], 3000);
+        assert_eq!(report["messages"], 3000);
+        assert_eq!(report["bytes"], 3000 * 200);
+        assert_eq!(report["errors"], 0);
+        assert_eq!(report["latency_us"]["count"], 3000);
+        let total: i64 = (0..3).map(|p| broker.next_offset("v", p).unwrap()).sum();
+        assert_eq!(total, 3000);
+
+        let consume = ["consume", "--messages", "3000", "--consumers", "2", "--verify", "--idle-secs", "5"];
+        let (code, report) = bench(&[&consume[..], &common[..]].concat());
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["consumed"], 3000);
+        assert_eq!(report["verify_producers"], 2);
+        assert_eq!(report["verify_problems"], 0);
+    }
+
+    #[test]
+    fn verify_flags_a_duplicate_and_exits_1() {
+        let broker = FakeBroker::start().unwrap();
+        let addr = broker.addr().to_string();
+        let common = ["--broker", &addr, "--topic", "d", "--partitions", "1", "--json"];
+        let (code, _) = bench(&[&["produce", "--messages", "100"][..], &common[..]].concat());
+        assert_eq!(code, 0);
+        // Append a copy of producer 0's message 5 after its message 99.
+        let mut value = vec![0u8; 1024];
+        payload::write(&mut value, payload::Header { producer: 0, sequence: 5, send_ns: 0 });
+        let mut batch = pyralog_net::client::BatchBuilder::new(0, 0);
+        batch.append(0, None, &value);
+        let client = Client::connect(&addr).unwrap();
+        client.produce("d", 0, batch.finish(), Acks::Durable).unwrap();
+
+        let args = ["consume", "--verify", "--messages", "101", "--idle-secs", "2"];
+        let (code, report) = bench(&[&args[..], &common[..]].concat());
+        assert_eq!(code, 1, "{report}");
+        assert_eq!(report["verify_problems"], 2, "out of order, and delivered twice: {report}");
+        let problems = report["problems"].to_string();
+        assert!(problems.contains("offset 100 (producer 0 sequence 5)"), "{problems}");
+    }
+
+    #[test]
+    fn e2e_with_a_rate_measures_send_to_consume() {
+        let broker = FakeBroker::start().unwrap();
+        let addr = broker.addr().to_string();
+        let args = [
+            "e2e",
+            "--broker",
+            &addr,
+            "--topic",
+            "e",
+            "--partitions",
+            "2",
+            "--json",
+            "--messages",
+            "400",
+            "--rate",
+            "2000",
+            "--producers",
+            "2",
+            "--consumers",
+            "2",
+            "--verify",
+            "--idle-secs",
+            "5",
+        ];
+        let (code, report) = bench(&args);
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["consumed"], 400);
+        assert_eq!(report["verify_problems"], 0);
+        assert_eq!(report["latency_us"]["count"], 400);
+        // 400 messages at 2000/s take at least 0.2 s on the schedule.
+        assert!(report["seconds"].as_f64().unwrap() >= 0.19, "{report}");
+    }
+
+    #[test]
+    fn a_broker_that_goes_away_exits_2_with_the_acknowledged_count() {
+        let mut broker = FakeBroker::start().unwrap();
+        let addr = broker.addr().to_string();
+        let args =
+            ["produce", "--broker", &addr, "--topic", "g", "--json", "--duration", "20", "--rate", "5000"];
+        let cli = Cli::try_parse_from(std::iter::once("pyralog-bench").chain(args)).unwrap();
+        let started = Instant::now();
+        let runner = std::thread::spawn(move || run(cli.command).unwrap());
+        // Let some messages through, then take the broker away.
+        while broker.next_offset("g", 0).unwrap_or(0) + broker.next_offset("g", 1).unwrap_or(0) < 100 {
+            assert!(started.elapsed() < Duration::from_secs(10), "nothing was produced");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        broker.shutdown();
+        let (code, report) = runner.join().unwrap();
+        assert_eq!(code, 2, "{report}");
+        assert!(report["acked"].as_u64().unwrap() >= 100, "{report}");
+        assert!(report["broker_gone"].is_string(), "{report}");
+        assert!(started.elapsed() < Duration::from_secs(15), "the run stopped early, not at --duration");
     }
 }
