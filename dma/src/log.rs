@@ -317,18 +317,7 @@ impl Log {
                 let tail_from = (align_down(end) - position) as usize;
                 new_tail = out[tail_from..data_bytes].to_vec();
             }
-            let written = segment
-                .file
-                .write_at(buffer, position)
-                .await
-                .map_err(|e| LogError::io("writing segment", &segment.path, e))?;
-            if written != buffer_bytes {
-                let short = std::io::Error::new(
-                    std::io::ErrorKind::WriteZero,
-                    format!("short write: {written} of {buffer_bytes} bytes"),
-                );
-                return Err(LogError::io("writing segment", &segment.path, short));
-            }
+            write_fully(segment, buffer, position).await?;
             position += buffer_bytes as u64;
         }
         segment.file.fdatasync().await.map_err(|e| LogError::io("fdatasync of segment", &segment.path, e))?;
@@ -519,6 +508,33 @@ impl Log {
             }
         }
         Ok(())
+    }
+}
+
+/// Writes all of `buffer` at `position`. A short write (the kernel wrote what fit) continues
+/// with the rest, so a full disk surfaces as the ENOSPC of the next write, not as a bare count.
+async fn write_fully(segment: &Segment, buffer: glommio::io::DmaBuffer, position: u64) -> Result<()> {
+    let total = buffer.len();
+    let first = Rc::new(buffer);
+    let mut current = Rc::clone(&first);
+    let mut done = 0;
+    loop {
+        let written = segment
+            .file
+            .write_rc_at(Rc::clone(&current), position + done as u64)
+            .await
+            .map_err(|e| LogError::io("writing segment", &segment.path, e))?;
+        done += written;
+        if done == total {
+            return Ok(());
+        }
+        if written == 0 {
+            let stuck = std::io::Error::new(std::io::ErrorKind::WriteZero, format!("wrote {done} of {total} bytes"));
+            return Err(LogError::io("writing segment", &segment.path, stuck));
+        }
+        let mut rest = segment.file.alloc_dma_buffer(total - done);
+        rest.as_bytes_mut().copy_from_slice(&first.as_bytes()[done..]);
+        current = Rc::new(rest);
     }
 }
 

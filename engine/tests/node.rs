@@ -357,3 +357,65 @@ fn a_second_node_on_the_same_port_or_data_dir_is_refused_with_a_message() {
     let message = run(&["--data-dir", file.to_str().unwrap(), "--listen", "127.0.0.1:0", "--shards", "1"]);
     assert!(message.contains("data directory"), "{message}");
 }
+
+/// A small file system of its own, unmounted on drop. Needs root, as CI and the developers'
+/// machines have.
+struct SmallFileSystem {
+    mount_point: tempfile::TempDir,
+}
+
+impl SmallFileSystem {
+    fn new(size: &str) -> SmallFileSystem {
+        let mount_point = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", mount_point.path().to_str().unwrap()])
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a {size} tmpfs needs root (CAP_SYS_ADMIN)");
+        SmallFileSystem { mount_point }
+    }
+}
+
+impl Drop for SmallFileSystem {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.mount_point.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_produce_with_a_storage_error_and_keeps_what_was_written() {
+    let disk = SmallFileSystem::new("4m");
+    let data_dir = disk.mount_point.path().join("data");
+    let node = Node::start(&data_dir, &[]);
+    let client = node.client();
+    client.create_topic("full", 1).unwrap();
+    let payload = "z".repeat(30_000);
+    let mut acknowledged = 0i64;
+    let error = loop {
+        match client.produce("full", 0, batch(&[payload.clone(), payload.clone()]), Acks::Durable) {
+            Ok(ack) => {
+                assert_eq!(ack.base_offset, acknowledged);
+                acknowledged = ack.next_offset;
+                assert!(acknowledged < 1000, "a 4 MiB disk must fill up");
+            }
+            Err(error) => break error,
+        }
+    };
+    match &error {
+        ClientError::Server { code, message } => {
+            assert_eq!(*code, ErrorCode::StorageError);
+            assert!(message.contains("No space left"), "{message}");
+        }
+        other => panic!("expected a storage error, got {other:?}"),
+    }
+    assert!(acknowledged > 0);
+    // The node is up, keeps refusing writes to the stopped partition, and serves what it has.
+    assert!(matches!(
+        client.produce("full", 0, batch(&values("more", 1)), Acks::Durable),
+        Err(ClientError::Server { code: ErrorCode::StorageError, .. })
+    ));
+    let stored = read_partition(&client, "full", 0);
+    assert_eq!(stored.len() as i64, acknowledged);
+    assert!(stored.iter().all(|(_, v)| *v == payload));
+    drop(node);
+}
