@@ -529,7 +529,8 @@ async fn write_fully(segment: &Segment, buffer: glommio::io::DmaBuffer, position
             return Ok(());
         }
         if written == 0 {
-            let stuck = std::io::Error::new(std::io::ErrorKind::WriteZero, format!("wrote {done} of {total} bytes"));
+            let stuck =
+                std::io::Error::new(std::io::ErrorKind::WriteZero, format!("wrote {done} of {total} bytes"));
             return Err(LogError::io("writing segment", &segment.path, stuck));
         }
         let mut rest = segment.file.alloc_dma_buffer(total - done);

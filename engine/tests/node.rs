@@ -279,12 +279,15 @@ fn topics_survive_a_restart_and_can_be_deleted() {
     assert_eq!(read_partition(&client, "keep", 2).len(), 4);
 }
 
+/// (partition, base offset, values) of a batch the node acknowledged.
+type AcknowledgedBatch = (u32, i64, Vec<String>);
+
 #[test]
 fn kill9_during_produce_loses_no_acknowledged_record() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path(), &[]);
     node.client().create_topic("durable", 2).unwrap();
-    let acknowledged: Arc<Mutex<Vec<(u32, i64, Vec<String>)>>> = Arc::default();
+    let acknowledged: Arc<Mutex<Vec<AcknowledgedBatch>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let producers: Vec<_> = (0..2u32)
         .map(|partition| {
@@ -368,7 +371,14 @@ impl SmallFileSystem {
     fn new(size: &str) -> SmallFileSystem {
         let mount_point = tempfile::tempdir().unwrap();
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", mount_point.path().to_str().unwrap()])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                mount_point.path().to_str().unwrap(),
+            ])
             .status()
             .expect("mount runs");
         assert!(status.success(), "mounting a {size} tmpfs needs root (CAP_SYS_ADMIN)");

@@ -48,7 +48,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts connections until `stop` is set, serving each in its own task.
-pub async fn serve<H: Handler>(listener: TcpListener, handler: Rc<H>, config: ListenerConfig, stop: Rc<Cell<bool>>) {
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Rc<H>,
+    config: ListenerConfig,
+    stop: Rc<Cell<bool>>,
+) {
     let connections = Rc::new(Cell::new(0usize));
     while !stop.get() {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -90,7 +95,8 @@ async fn serve_connection<H: Handler>(
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (mut reader, writer) = futures_lite::io::split(stream);
-    let (responses, pending) = local_channel::new_bounded::<ResponseFrame>(config.max_in_flight_per_connection);
+    let (responses, pending) =
+        local_channel::new_bounded::<ResponseFrame>(config.max_in_flight_per_connection);
     let responses = Rc::new(responses);
     let writer_task = glommio::spawn_local(write_responses(writer, pending));
     let in_flight = Rc::new(glommio::sync::Semaphore::new(config.max_in_flight_per_connection as u64));
@@ -111,14 +117,17 @@ async fn serve_connection<H: Handler>(
                         codec::DecodeError::UnsupportedBody(_) => ErrorCode::UnsupportedRequest,
                         _ => ErrorCode::InvalidRequest,
                     };
-                    let _ = responses.send(ResponseFrame::error(correlation_id.unwrap_or(0), code, error.to_string())).await;
+                    let _ = responses
+                        .send(ResponseFrame::error(correlation_id.unwrap_or(0), code, error.to_string()))
+                        .await;
                     if correlation_id.is_none() {
                         break 'connection;
                     }
                     continue;
                 }
             };
-            let permit = Rc::clone(&in_flight).acquire_static_permit(1).await.map_err(std::io::Error::from)?;
+            let permit =
+                Rc::clone(&in_flight).acquire_static_permit(1).await.map_err(std::io::Error::from)?;
             let handler = Rc::clone(&handler);
             let responses = Rc::clone(&responses);
             glommio::spawn_local(async move {
@@ -149,7 +158,8 @@ async fn serve_connection<H: Handler>(
 
 /// Cuts the next whole frame body off `buffer`. An oversized frame yields an error response.
 fn next_frame(buffer: &mut BytesMut, max_request_bytes: usize) -> Option<Result<Bytes, ResponseFrame>> {
-    let prefix: [u8; FRAME_PREFIX_BYTES] = buffer.get(..FRAME_PREFIX_BYTES)?.try_into().expect("length checked");
+    let prefix: [u8; FRAME_PREFIX_BYTES] =
+        buffer.get(..FRAME_PREFIX_BYTES)?.try_into().expect("length checked");
     let body_bytes = codec::frame_body_bytes(prefix);
     if body_bytes > max_request_bytes {
         let message = format!(

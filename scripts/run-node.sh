@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds the release binaries, starts a local node with its defaults (2 shards on this
+# machine, sync durability) in a scratch data directory, drives it with the load generator
+# (produce, then consume with verification) and prints both reports. The node is stopped
+# with SIGTERM at the end, whatever happens.
+#   scripts/run-node.sh [extra pyralog-bench produce flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ -z "${CARGO_TARGET_DIR:-}" ]] && mkdir -p /var/tmp/pyralog-target 2>/dev/null; then
+  export CARGO_TARGET_DIR=/var/tmp/pyralog-target
+fi
+target="${CARGO_TARGET_DIR:-target}"
+cargo build --release --locked -p pyralog -p pyralog-bench
+data_dir=$(mktemp -d /var/tmp/pyralog-run.XXXXXX)
+"$target/release/pyralog" --data-dir "$data_dir" --listen 127.0.0.1:7070 &
+node=$!
+trap 'kill -TERM $node 2>/dev/null; wait $node 2>/dev/null; rm -rf "$data_dir"' EXIT
+for _ in $(seq 100); do
+  "$target/release/pyralog" topic --broker 127.0.0.1:7070 list >/dev/null 2>&1 && break
+  sleep 0.1
+done
+"$target/release/pyralog-bench" produce --broker 127.0.0.1:7070 --topic demo --partitions 2 \
+  --messages 200000 --message-bytes 1024 "$@"
+"$target/release/pyralog-bench" consume --broker 127.0.0.1:7070 --topic demo --messages 200000 --verify
+"$target/release/pyralog" topic --broker 127.0.0.1:7070 describe demo

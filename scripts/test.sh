@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy, unit, property and integration tests (the
+# integration tests start the real daemon on 127.0.0.1 and mount a small tmpfs, so they need
+# root, as on CI and the developers' machines). Works on a fresh machine with the Rust toolchain.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# A target directory outside the clone is reused across clones (CI builds a fresh clone).
+if [[ -z "${CARGO_TARGET_DIR:-}" ]] && mkdir -p /var/tmp/pyralog-target 2>/dev/null; then
+  export CARGO_TARGET_DIR=/var/tmp/pyralog-target
+fi
+if [[ "$(id -u)" != 0 ]]; then
+  echo "scripts/test.sh: the full-disk test mounts a tmpfs and needs root" >&2
+  exit 1
+fi
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
