@@ -3,7 +3,8 @@
 //! The topic's partitions are dealt round-robin to `--consumers` threads, each with its own
 //! [`Consumer`]. A worker stops when the run stops, when the run's consumed count reaches
 //! `--messages`, when `--duration` is up, after `--idle-secs` without a record, or (end-to-end
-//! mode) once the producers are done and every message they got onto the wire was consumed.
+//! mode, where the producers' count and duration bound the run and the consumers get neither)
+//! once the producers are done and every message they got onto the wire was consumed.
 //!
 //! The verifier owns the invariants a correct log must show the bench: per partition and
 //! producer, sequences strictly increase (in order, no duplicates); across partitions no

@@ -209,9 +209,11 @@ fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
     let mut producers = Vec::new();
     let mut consumer_workers = Vec::new();
     if let Command::Consume { consume, .. } | Command::E2e { consume, .. } = &command {
+        // In e2e the producers' count and duration bound the run; consumers drain what they sent.
+        let consume_only = mode == Mode::Consume;
         let options = ConsumeOptions {
-            messages: common.messages,
-            duration,
+            messages: common.messages.filter(|_| consume_only),
+            duration: duration.filter(|_| consume_only),
             idle: Duration::from_secs_f64(consume.idle_secs),
             mode,
         };

@@ -237,8 +237,9 @@ impl Report {
             let ack = &json["ack_latency_us"];
             println!("ack latency, us:\n  p50 {}  p99 {}  max {}", ack["p50"], ack["p99"], ack["max"]);
         }
-        for (key, value) in &self.extra {
-            println!("{key:<12} {value}");
+        // The problems themselves went to stderr as they were found.
+        for (key, value) in self.extra.iter().filter(|(key, _)| *key != "problems") {
+            println!("{key:<16} {value}");
         }
     }
 }

@@ -47,7 +47,7 @@ const COMPRESSION_MASK: i16 = 0x07;
 const LOG_APPEND_TIME_FLAG: i16 = 0x08;
 const CONTROL_FLAG: i16 = 0x20;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum BatchError {
     #[error("batch at byte {at}: {present} bytes left, a batch needs {needed}")]
     Truncated { at: usize, needed: usize, present: usize },

@@ -90,6 +90,49 @@ impl ClientError {
     }
 }
 
+/// An I/O error is cloned as its kind and message, which is all a report needs of it.
+impl Clone for ClientError {
+    fn clone(&self) -> ClientError {
+        match self {
+            ClientError::Connect { addr, source } => ClientError::Connect {
+                addr: *addr,
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            ClientError::Resolve { addr, reason } => {
+                ClientError::Resolve { addr: addr.clone(), reason: reason.clone() }
+            }
+            ClientError::Disconnected { addr, reason } => {
+                ClientError::Disconnected { addr: *addr, reason: reason.clone() }
+            }
+            ClientError::Timeout { addr, op, waited } => {
+                ClientError::Timeout { addr: *addr, op, waited: *waited }
+            }
+            ClientError::Server { code, message } => {
+                ClientError::Server { code: *code, message: message.clone() }
+            }
+            ClientError::UnexpectedResponse { op, got } => {
+                ClientError::UnexpectedResponse { op, got: got.clone() }
+            }
+            ClientError::UnknownPartition { topic, partition, partitions } => ClientError::UnknownPartition {
+                topic: topic.clone(),
+                partition: *partition,
+                partitions: *partitions,
+            },
+            ClientError::CorruptBatch { topic, partition, source } => ClientError::CorruptBatch {
+                topic: topic.clone(),
+                partition: *partition,
+                source: source.clone(),
+            },
+            ClientError::RecordTooLarge { bytes, max } => {
+                ClientError::RecordTooLarge { bytes: *bytes, max: *max }
+            }
+            ClientError::DeliveryFailed { failed_batches, first } => {
+                ClientError::DeliveryFailed { failed_batches: *failed_batches, first: first.clone() }
+            }
+        }
+    }
+}
+
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// Where the broker put a produced batch.

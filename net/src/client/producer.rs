@@ -160,8 +160,11 @@ impl Producer {
     }
 
     /// Appends a record to its partition's batch, sending batches that are full or lingered
-    /// long enough. Returns the record's partition. Fails for a record too large for any batch
-    /// and when the broker is gone (the lost batches are also reported to the callback).
+    /// long enough. Returns the record's partition.
+    ///
+    /// An error means this record was *not* accepted: it is too large for any batch, or an
+    /// earlier batch could not be sent (the broker is gone). Batches that fail, including one
+    /// this record completed, are reported to the callback, never only here.
     pub fn send(&mut self, key: Option<&[u8]>, value: &[u8]) -> Result<u32> {
         let now = Instant::now();
         self.poll_at(now)?;
@@ -194,7 +197,9 @@ impl Producer {
         let first_enqueue = open.first_enqueue;
         let reached_size = open.builder.size_bytes() >= self.config.batch_bytes;
         if reached_size {
-            self.send_batch(partition)?;
+            // The record is accepted either way: if its batch cannot be sent, the callback
+            // reports the failure, and the caller learns of it there.
+            let _ = self.send_batch(partition);
         } else {
             let deadline = first_enqueue + self.config.linger;
             self.linger_deadline = Some(self.linger_deadline.map_or(deadline, |d| d.min(deadline)));
@@ -279,9 +284,9 @@ impl Producer {
                 Ok(())
             }
             Err(error) => {
-                // The callback learns of the lost batch; the caller gets the cause, so it can
-                // tell a gone broker (`is_disconnect`) from a refused batch.
-                let lost = ClientError::DeliveryFailed { failed_batches: 1, first: error.to_string() };
+                // The callback learns of the lost batch; the caller gets the cause too, so it
+                // can tell a gone broker (`is_disconnect`) from a refused batch.
+                let lost = error.clone();
                 self.report(
                     Batch {
                         partition,
