@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The standard benchmark set: fio's bounds on this disk, then pyralog on one node (2 shards)
+# with pyralog-bench on the same machine over loopback. Prints each figure next to its bound
+# or target. Every run stops by itself (--duration). Usage: scripts/bench.sh [seconds per run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-10}"
+if [[ -z "${CARGO_TARGET_DIR:-}" ]] && mkdir -p /var/tmp/pyralog-target 2>/dev/null; then
+  export CARGO_TARGET_DIR=/var/tmp/pyralog-target
+fi
+target="${CARGO_TARGET_DIR:-target}"
+command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio; }
+cargo build --release --locked -p pyralog -p pyralog-bench
+work=$(mktemp -d /var/tmp/pyralog-bench.XXXXXX)
+node=""
+cleanup() { [[ -n "$node" ]] && kill -TERM "$node" 2>/dev/null && wait "$node" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+echo "machine: $(nproc) cores, kernel $(uname -r), $(df -h "$work" | awk 'NR==2 {print $1}')"
+# pyralog's flushes issue O_DIRECT writes of up to 1 MiB, then one fdatasync.
+fio_json() { fio --output-format=json --directory="$work" --size=1g --ioengine=psync --direct=1 --bs=1m "$@" \
+  | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round((j["write"]["bw_bytes"]+j["read"]["bw_bytes"])/1048576))'; }
+fio_write=$(fio_json --name=w --rw=write --fdatasync=1)
+fio_read=$(fio_json --name=r --rw=read)
+rm -f "$work"/w.* "$work"/r.*
+echo "fio O_DIRECT 1 MiB sequential write + fdatasync each: ${fio_write} MiB/s; read: ${fio_read} MiB/s"
+
+start_node() {
+  rm -rf "$work/data"
+  "$target/release/pyralog" --data-dir "$work/data" --listen 127.0.0.1:7070 "$@" >"$work/node.log" 2>&1 &
+  node=$!
+  for _ in $(seq 100); do grep -q ready "$work/node.log" && return; sleep 0.1; done
+  cat "$work/node.log"; exit 1
+}
+stop_node() { kill -TERM "$node"; wait "$node" || true; node=""; }
+bench() { "$target/release/pyralog-bench" "$@" --json 2>/dev/null; }
+field() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+report() { # name, json, target text
+  echo "$2" | field "'%-34s %10.0f msg/s %8.1f MB/s  p50 %6d us  p99 %7d us  p99.9 %7d us  max %7d us  | %s' % ('$1', d['msgs_per_sec'], d['mb_per_sec'], d['latency_us']['p50'], d['latency_us']['p99'], d['latency_us']['p999'], d['latency_us']['max'], '$3')"
+}
+big="--batch-bytes 1048576 --producers 2 --partitions 2 --duration $secs"
+
+start_node --durability sync
+r=$(bench produce --topic sync1k --message-bytes 1024 $big)
+mbps=$(echo "$r" | field "d['mb_per_sec']/1.048576")
+report "produce sync 1 KiB" "$r" "$(python3 -c "print('%.2fx fio write (target 0.80x)' % ($mbps/$fio_write))")"
+r=$(bench produce --topic sync100 --message-bytes 100 $big)
+report "produce sync 100 B" "$r" "target 1.2M msg/s"
+r=$(bench produce --topic lat-sync --message-bytes 1024 --rate 20000 --linger-ms 1 --duration "$secs")
+report "produce sync 1 KiB at 20k msg/s" "$r" "target p99 < 2000 us"
+r=$(bench consume --topic sync1k --duration "$secs")
+mbps=$(echo "$r" | field "d['mb_per_sec']/1.048576")
+report "consume 1 KiB (cache, then disk)" "$r" "$(python3 -c "print('%.2fx fio read; target 1.5 GB/s from cache' % ($mbps/$fio_read))")"
+r=$(bench consume --topic sync100 --duration "$secs")
+report "consume 100 B" "$r" "target 3.7M msg/s"
+stop_node
+
+start_node --durability cached
+r=$(bench produce --topic cached100 --message-bytes 100 $big)
+report "produce cached 100 B" "$r" "target 3M msg/s"
+r=$(bench produce --topic lat-cached --message-bytes 1024 --rate 20000 --linger-ms 1 --duration "$secs")
+report "produce cached 1 KiB at 20k msg/s" "$r" "target p99 < 1000 us"
+r=$(bench e2e --topic e2e --message-bytes 1024 --rate 20000 --linger-ms 1 --duration "$secs")
+report "end-to-end cached 1 KiB at 20k/s" "$r" "tailing fetch from cache"
+stop_node
