@@ -280,6 +280,16 @@ impl Client {
         self.inner.bootstrap
     }
 
+    /// Ports on the bootstrap host with an open connection, ascending: shows which shards the
+    /// client has been talking to directly.
+    pub fn connection_ports(&self) -> Vec<u16> {
+        let connections = self.inner.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ports: Vec<u16> =
+            connections.iter().filter(|(_, c)| !c.is_closed()).map(|(port, _)| *port).collect();
+        ports.sort_unstable();
+        ports
+    }
+
     /// The shards of the last metadata response.
     pub fn shards(&self) -> Vec<ShardInfo> {
         self.inner.shards.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -429,16 +439,33 @@ impl Client {
     }
 
     /// The connection to the shard owning `topic`/`partition`.
+    /// A shard port that refuses connections may be stale (a restarted node with
+    /// `--shard-port-base 0` picks new ports): the metadata is re-read once and the new port
+    /// tried.
     fn partition_connection(&self, topic: &str, partition: u32) -> Result<Arc<Connection>> {
+        match self.partition_port(topic, partition)? {
+            0 => self.bootstrap_connection(),
+            port => match self.connection(port) {
+                Err(ClientError::Connect { .. }) if port != self.inner.bootstrap.port() => {
+                    self.metadata(&[topic])?;
+                    match self.partition_port(topic, partition)? {
+                        0 => self.bootstrap_connection(),
+                        port => self.connection(port),
+                    }
+                }
+                connected => connected,
+            },
+        }
+    }
+
+    /// The port of the shard owning `topic`/`partition`; 0 means the bootstrap port.
+    fn partition_port(&self, topic: &str, partition: u32) -> Result<u16> {
         let partitions = self.partitions(topic)?;
         let info = partitions.iter().find(|p| p.partition == partition).ok_or_else(|| {
             let partitions = u32::try_from(partitions.len()).expect("partition ids are u32");
             ClientError::UnknownPartition { topic: topic.to_owned(), partition, partitions }
         })?;
-        match info.port {
-            0 => self.bootstrap_connection(),
-            port => self.connection(port),
-        }
+        Ok(info.port)
     }
 
     /// The open connection to `port` on the bootstrap host, opening one if needed.

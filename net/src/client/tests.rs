@@ -48,6 +48,7 @@ fn topics_offsets_produce_and_fetch_round_trip() {
         let values: Vec<_> = fetched.reader().map(|r| r.unwrap().value).collect();
         assert_eq!(values, [&b"a"[..], b"b", b"c", b"d"]);
     }
+    assert_eq!(client.connection_ports(), [broker.addr().port()], "one listener, one connection");
     client.delete_topic("orders").unwrap();
     let error = client.partition_count("orders").unwrap_err();
     assert!(matches!(error, ClientError::Server { code: ErrorCode::UnknownTopic, .. }), "{error}");
