@@ -60,6 +60,8 @@ pub struct Run {
     pub errors: AtomicU64,
     pub consumed: AtomicU64,
     pub consumed_bytes: AtomicU64,
+    /// Messages below the high watermarks that consumers had not read when they stopped.
+    pub unread: AtomicU64,
     pub producers_done: AtomicBool,
     pub produce_latency: LatencySet,
     pub consume_latency: LatencySet,
@@ -80,6 +82,7 @@ impl Run {
             errors: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
             consumed_bytes: AtomicU64::new(0),
+            unread: AtomicU64::new(0),
             producers_done: AtomicBool::new(false),
             produce_latency: LatencySet::default(),
             consume_latency: LatencySet::default(),

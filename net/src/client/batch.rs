@@ -351,6 +351,25 @@ impl Iterator for RecordReader {
     }
 }
 
+/// The offset after the last complete batch in `buf`, from batch headers alone (no CRC check:
+/// [`RecordReader`] does that when the records are read), or `None` without a complete batch.
+/// A consumer uses it to ask for the next fetch before reading this one's records.
+pub fn end_offset(buf: &[u8]) -> Option<i64> {
+    let mut at = 0;
+    let mut end = None;
+    while buf.len() - at >= BATCH_HEADER_BYTES {
+        let Ok(length) = usize::try_from(be_i32(buf, at + LENGTH_AT)) else { break };
+        let batch_bytes = BATCH_LOG_OVERHEAD_BYTES + length;
+        if batch_bytes < BATCH_HEADER_BYTES || buf.len() - at < batch_bytes {
+            break;
+        }
+        let last_offset_delta = be_i32(buf, at + LAST_OFFSET_DELTA_AT);
+        end = Some(be_i64(buf, at).wrapping_add(i64::from(last_offset_delta)).wrapping_add(1));
+        at += batch_bytes;
+    }
+    end
+}
+
 /// A bounds-checked cursor over a record's bytes. Every getter returns `None` rather than read
 /// past `buf`.
 struct Input<'a> {
@@ -494,7 +513,10 @@ mod tests {
         let mut joined = BytesMut::new();
         joined.extend_from_slice(&first);
         joined.extend_from_slice(&second[..20]);
-        let mut reader = RecordReader::new(joined.freeze());
+        let joined = joined.freeze();
+        assert_eq!(end_offset(&joined), Some(11), "the truncated batch does not count");
+        assert_eq!(end_offset(&joined[..first.len() - 1]), None);
+        let mut reader = RecordReader::new(joined);
         assert_eq!(reader.next().unwrap().unwrap().offset, 10);
         assert!(matches!(reader.next(), Some(Err(BatchError::Truncated { at, .. })) if at == first.len()));
         assert!(reader.next().is_none());
@@ -533,6 +555,7 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_never_panic_the_reader(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = end_offset(&bytes);
             for record in RecordReader::new(Bytes::from(bytes)) {
                 let _ = record;
             }

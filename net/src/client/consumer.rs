@@ -1,19 +1,24 @@
 //! A consumer of a fixed set of partitions of one topic, with no group membership.
 //!
-//! Each poll sends one fetch per partition at once (pipelined on the owning shards'
-//! connections), then reads the answers in order. A fetch returns whole batches, so the first
-//! batch may start before the requested offset: records below a partition's next offset are
-//! skipped, which keeps delivery exactly-once and in order per partition within this consumer.
+//! Each partition has at most one fetch in flight, on its owning shard's connection. A poll
+//! sends a fetch for every partition that has none, then reads the answers in order; as soon
+//! as an answer arrives, the fetch for what follows it is sent (prefetch), before its records
+//! are read, so the broker and this thread work at the same time. A fetch returns whole
+//! batches, so the first batch may start before the requested offset: records below a
+//! partition's next offset are skipped, which keeps delivery exactly-once and in order per
+//! partition within this consumer.
 //!
 //! Invariants: a partition's next offset only grows; it moves past a record only once that
-//! record has been handed out. Records are zero-copy slices of the fetch response.
+//! record has been handed out; a prefetch whose offset is not the next offset (the records it
+//! follows were cut short) is dropped and asked again. Records are zero-copy slices of the
+//! fetch response.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::batch::BatchError;
-use super::{Client, ClientError, PendingFetch, Result, OFFSET_EARLIEST, OFFSET_LATEST};
+use super::batch::{self, BatchError};
+use super::{Client, ClientError, FetchResult, PendingFetch, Result, OFFSET_EARLIEST, OFFSET_LATEST};
 
 /// Default bytes asked of each partition per fetch.
 pub const FETCH_BYTES_MAX_DEFAULT: u32 = 1 << 20;
@@ -35,11 +40,20 @@ pub struct ConsumedRecord {
     pub value: Bytes,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Position {
     partition: u32,
     next_offset: i64,
     high_watermark: i64,
+    /// The fetch in flight for this partition, if any.
+    prefetch: Option<Prefetch>,
+}
+
+/// A fetch sent ahead, and the offset it asked for.
+#[derive(Debug)]
+struct Prefetch {
+    offset: i64,
+    pending: PendingFetch,
 }
 
 #[derive(Debug)]
@@ -60,7 +74,7 @@ impl Consumer {
                 StartAt::Latest => client.list_offsets(topic, partition, OFFSET_LATEST)?,
                 StartAt::Offset(offset) => offset,
             };
-            positions.push(Position { partition, next_offset, high_watermark: next_offset });
+            positions.push(Position { partition, next_offset, high_watermark: next_offset, prefetch: None });
         }
         Ok(Consumer { client, topic: topic.to_owned(), positions, fetch_bytes_max: FETCH_BYTES_MAX_DEFAULT })
     }
@@ -97,43 +111,80 @@ impl Consumer {
         mut on_record: impl FnMut(ConsumedRecord),
     ) -> Result<usize> {
         let max_wait_ms = u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX);
-        let pending: Vec<PendingFetch> = self
-            .positions
-            .iter()
-            .map(|p| {
-                let fetch = &self.client;
-                fetch.fetch_async(&self.topic, p.partition, p.next_offset, self.fetch_bytes_max, max_wait_ms)
-            })
-            .collect::<Result<_>>()?;
+        for position in &mut self.positions {
+            let stale = position.prefetch.as_ref().is_some_and(|p| p.offset != position.next_offset);
+            if position.prefetch.is_none() || stale {
+                let offset = position.next_offset;
+                let pending = self.client.fetch_async(
+                    &self.topic,
+                    position.partition,
+                    offset,
+                    self.fetch_bytes_max,
+                    max_wait_ms,
+                )?;
+                position.prefetch = Some(Prefetch { offset, pending });
+            }
+        }
         let mut handed_out = 0;
-        for (position, pending) in self.positions.iter_mut().zip(pending) {
-            let fetched = pending.wait()?;
+        for position in &mut self.positions {
+            let prefetch = position.prefetch.take().expect("every partition has a fetch in flight");
+            let fetched = prefetch.pending.wait()?;
             position.high_watermark = fetched.high_watermark;
-            let partition = position.partition;
-            let corrupt = |source| ClientError::CorruptBatch { topic: self.topic.clone(), partition, source };
-            let mut batches_read = false;
-            for record in fetched.reader() {
-                let record = match record {
-                    Ok(record) => record,
-                    // The fetch was cut by max_bytes: the rest comes with the next fetch.
-                    Err(BatchError::Truncated { at, .. }) if at > 0 || batches_read => break,
-                    Err(error) => return Err(corrupt(error)),
-                };
-                batches_read = true;
-                if record.offset < position.next_offset {
-                    continue;
-                }
-                position.next_offset = record.offset + 1;
-                handed_out += 1;
-                on_record(ConsumedRecord {
-                    partition,
-                    offset: record.offset,
-                    timestamp_ms: record.timestamp_ms,
-                    key: record.key,
-                    value: record.value,
-                });
+            // Ask for what follows before reading these records, so the broker works on the
+            // next fetch while this thread reads.
+            if let Some(end) = batch::end_offset(&fetched.records).filter(|end| *end > position.next_offset) {
+                let pending = self.client.fetch_async(
+                    &self.topic,
+                    position.partition,
+                    end,
+                    self.fetch_bytes_max,
+                    max_wait_ms,
+                )?;
+                position.prefetch = Some(Prefetch { offset: end, pending });
+            }
+            handed_out += read_records(&self.topic, position, &fetched, &mut on_record)?;
+            // Every complete batch was read: step past batches without records (transaction
+            // markers), or the same empty batch would be fetched forever.
+            if let Some(end) = batch::end_offset(&fetched.records) {
+                position.next_offset = position.next_offset.max(end);
             }
         }
         Ok(handed_out)
     }
+}
+
+/// Hands out the records of `fetched` at or after `position.next_offset`, advancing it.
+fn read_records(
+    topic: &str,
+    position: &mut Position,
+    fetched: &FetchResult,
+    on_record: &mut impl FnMut(ConsumedRecord),
+) -> Result<usize> {
+    let partition = position.partition;
+    let mut handed_out = 0;
+    let mut batches_read = false;
+    for record in fetched.reader() {
+        let record = match record {
+            Ok(record) => record,
+            // The fetch was cut by max_bytes: the rest comes with the next fetch.
+            Err(BatchError::Truncated { at, .. }) if at > 0 || batches_read => break,
+            Err(source) => {
+                return Err(ClientError::CorruptBatch { topic: topic.to_owned(), partition, source })
+            }
+        };
+        batches_read = true;
+        if record.offset < position.next_offset {
+            continue;
+        }
+        position.next_offset = record.offset + 1;
+        handed_out += 1;
+        on_record(ConsumedRecord {
+            partition,
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
+            key: record.key,
+            value: record.value,
+        });
+    }
+    Ok(handed_out)
 }
