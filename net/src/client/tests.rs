@@ -192,3 +192,30 @@ fn a_broker_that_goes_away_fails_producers_and_consumers() {
     assert!(reports[0].error.is_none());
     assert!(reports[1].error.is_some());
 }
+
+#[test]
+fn consumer_prefetches_batch_after_batch_in_order() {
+    let broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("pre", 1).unwrap();
+    for round in 0..10u8 {
+        let values: Vec<Vec<u8>> = (0..10).map(|i| vec![round, i]).collect();
+        let values: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        client.produce("pre", 0, batch(&values), Acks::Durable).unwrap();
+    }
+    let mut consumer = Consumer::new(client, "pre", &[0], StartAt::Earliest).unwrap();
+    // One byte per fetch: the broker still returns one whole batch, so each answer prefetches
+    // the next batch.
+    consumer.set_fetch_bytes_max(1);
+    let mut offsets = Vec::new();
+    for _ in 0..20 {
+        let records = consumer.poll(Duration::from_millis(10)).unwrap();
+        assert!(records.len() <= 10, "one batch per fetch");
+        offsets.extend(records.iter().map(|r| r.offset));
+        if offsets.len() == 100 {
+            break;
+        }
+    }
+    assert_eq!(offsets, (0..100).collect::<Vec<i64>>());
+    assert_eq!(consumer.position(0), Some(100));
+}
