@@ -226,23 +226,7 @@ fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
 
     let finished = supervise(mode, &run, producers, consumer_workers, deadline);
     let mut report = Report { mode, seconds: run.start.elapsed().as_secs_f64(), extra: Default::default() };
-    let mut verify_problems = 0;
-    if let Some(verifier) = &verifier {
-        let mut verifier = verifier.lock().expect("workers are done or abandoned");
-        let unread = run.unread.load(Ordering::Relaxed);
-        if unread > 0 {
-            eprintln!("verify: {unread} messages were left unread, so gaps in sequences are not checked");
-        }
-        let (count, problems) = verifier.finish(unread == 0);
-        report.extra.insert("verify_unread".into(), unread.into());
-        verify_problems = count;
-        report.extra.insert("verify_producers".into(), verifier.producers().into());
-        report.extra.insert("verify_problems".into(), count.into());
-        report.extra.insert("problems".into(), problems.clone().into());
-        for problem in &problems {
-            eprintln!("verify: {problem}");
-        }
-    }
+    let verify_problems = verifier.map_or(0, |verifier| finish_verify(&verifier, &run, &mut report));
     let json = report.json(&run);
     if common.json {
         println!("{json}");
@@ -250,6 +234,24 @@ fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
         report.print_human(&run);
     }
     Ok((exit_code(&run, finished, verify_problems), json))
+}
+
+/// Adds the verifier's findings to the report and stderr; returns how many problems it found.
+fn finish_verify(verifier: &Mutex<Verifier>, run: &Run, report: &mut Report) -> u64 {
+    let mut verifier = verifier.lock().expect("no worker panics under this lock");
+    let unread = run.unread.load(Ordering::Relaxed);
+    if unread > 0 {
+        eprintln!("verify: {unread} messages were left unread, so gaps in sequences are not checked");
+    }
+    let (count, problems) = verifier.finish(unread == 0);
+    for problem in &problems {
+        eprintln!("verify: {problem}");
+    }
+    report.extra.insert("verify_unread".into(), unread.into());
+    report.extra.insert("verify_producers".into(), verifier.producers().into());
+    report.extra.insert("verify_problems".into(), count.into());
+    report.extra.insert("problems".into(), problems.into());
+    count
 }
 
 fn exit_code(run: &Run, finished: bool, verify_problems: u64) -> u8 {
