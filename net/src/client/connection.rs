@@ -266,9 +266,8 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.shared.close("connection dropped by the client".to_owned());
-        if let Ok(writer) = self.writer.get_mut() {
-            let _ = writer.stream.shutdown(Shutdown::Both);
-        }
+        let writer = self.writer.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = writer.stream.shutdown(Shutdown::Both);
         if let Some(reader) = self.reader.take() {
             // The shutdown above ends the reader's blocking read.
             let _ = reader.join();
