@@ -57,14 +57,22 @@ pub(crate) struct Segment {
 
 impl Segment {
     pub async fn create(dir: &Path, base_offset: i64, index_interval_bytes: u32) -> Result<Segment> {
+        Segment::open_file(dir, base_offset, index_interval_bytes, true).await
+    }
+
+    /// Opens (or, with `create`, creates) the segment file; the segment starts out empty and
+    /// unindexed.
+    async fn open_file(
+        dir: &Path,
+        base_offset: i64,
+        index_interval_bytes: u32,
+        create: bool,
+    ) -> Result<Segment> {
         let path = dir.join(log_file_name(base_offset));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .dma_open(&path)
-            .await
-            .map_err(|e| LogError::io("creating segment", &path, e))?;
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(create).dma_open(&path).await.map_err(
+                |e| LogError::io(if create { "creating segment" } else { "opening segment" }, &path, e),
+            )?;
         Ok(Segment {
             base_offset,
             path,
@@ -84,22 +92,9 @@ impl Segment {
         index_interval_bytes: u32,
         trust_index: bool,
     ) -> Result<Segment> {
-        let path = dir.join(log_file_name(base_offset));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .dma_open(&path)
-            .await
-            .map_err(|e| LogError::io("opening segment", &path, e))?;
-        let file_bytes = file.file_size().await.map_err(|e| LogError::io("sizing segment", &path, e))?;
-        let segment = Segment {
-            base_offset,
-            path,
-            file: Rc::new(file),
-            size: Cell::new(0),
-            next_offset: Cell::new(base_offset),
-            index: RefCell::new(SegmentIndex::new(base_offset, index_interval_bytes)),
-        };
+        let segment = Segment::open_file(dir, base_offset, index_interval_bytes, false).await?;
+        let file_bytes =
+            segment.file.file_size().await.map_err(|e| LogError::io("sizing segment", &segment.path, e))?;
         let persisted = if trust_index {
             let index_path = dir.join(index_file_name(base_offset));
             std::fs::read(&index_path)
