@@ -158,7 +158,8 @@ async fn run_shard(context: ShardContext) {
         None => context.listen.port() + 1 + shard.id as u16,
     };
     let own_addr = SocketAddr::new(context.listen.ip(), own_port);
-    let listeners = server::bind(context.listen).and_then(|shared| Ok((shared, server::bind(own_addr)?)));
+    let listeners =
+        server::bind(context.listen).and_then(|shared| Ok((shared, server::bind_exclusive(own_addr)?)));
     let (shared, own) = match listeners {
         Ok(pair) => pair,
         Err(error) => {

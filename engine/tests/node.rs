@@ -19,7 +19,18 @@ struct Node {
 }
 
 impl Node {
+    /// Starts a node on a free port; a port taken between the probe and the bind (by a node of
+    /// a test running in parallel) makes the node refuse to start, so that is tried again.
     fn start(data_dir: &Path, extra: &[&str]) -> Node {
+        for _ in 0..5 {
+            if let Some(node) = Node::try_start(data_dir, extra) {
+                return node;
+            }
+        }
+        panic!("pyralog did not start in 5 attempts");
+    }
+
+    fn try_start(data_dir: &Path, extra: &[&str]) -> Option<Node> {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let mut child = Command::new(env!("CARGO_BIN_EXE_pyralog"))
@@ -34,13 +45,16 @@ impl Node {
         let mut line = String::new();
         loop {
             line.clear();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "pyralog exited before it was ready");
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                child.wait().unwrap();
+                return None;
+            }
             if line.contains(" ready") {
                 break;
             }
         }
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        Node { child, addr }
+        Some(Node { child, addr })
     }
 
     fn client(&self) -> Client {

@@ -47,6 +47,16 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).map_err(std::io::Error::from)
 }
 
+/// Binds `addr` for this shard alone (no SO_REUSEPORT): a per-shard port must reach exactly one
+/// shard of one node, and with SO_REUSEPORT the kernel may even hand the same ephemeral port
+/// to two listeners.
+pub fn bind_exclusive(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let listener = std::net::TcpListener::bind(addr)?;
+    // SAFETY: the fd is a bound, listening TCP socket whose ownership moves to glommio.
+    Ok(unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) })
+}
+
 /// Accepts connections until `stop` is set, serving each in its own task.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
