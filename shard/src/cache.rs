@@ -25,8 +25,15 @@ struct Entry {
 pub struct ShardCache {
     budget_bytes: u64,
     used_bytes: u64,
-    partitions: HashMap<PartitionKey, VecDeque<Entry>>,
+    partitions: HashMap<PartitionKey, Partition>,
     order: VecDeque<PartitionKey>,
+}
+
+#[derive(Default)]
+struct Partition {
+    entries: VecDeque<Entry>,
+    /// Everything below it is on disk: only those batches may be evicted.
+    durable_offset: i64,
 }
 
 impl ShardCache {
@@ -38,28 +45,38 @@ impl ShardCache {
         self.used_bytes
     }
 
-    /// Caches a batch; `durable_offset` of each partition decides what may be evicted.
+    /// Caches a batch, then evicts what the budget no longer holds.
     pub fn insert(&mut self, key: PartitionKey, base_offset: i64, next_offset: i64, bytes: Bytes) {
-        let entries = self.partitions.entry(key).or_default();
-        if let Some(last) = entries.back() {
+        let partition = self.partitions.entry(key).or_default();
+        if let Some(last) = partition.entries.back() {
             assert_eq!(last.next_offset, base_offset, "cached batches of a partition are contiguous");
         }
         self.used_bytes += bytes.len() as u64;
-        entries.push_back(Entry { base_offset, next_offset, bytes });
+        partition.entries.push_back(Entry { base_offset, next_offset, bytes });
         self.order.push_back(key);
+        self.evict();
+    }
+
+    /// Records that everything of partition `key` below `durable_offset` is on disk, then
+    /// evicts what the budget no longer holds.
+    pub fn mark_durable(&mut self, key: PartitionKey, durable_offset: i64) {
+        let partition = self.partitions.entry(key).or_default();
+        assert!(durable_offset >= partition.durable_offset, "the durable offset only grows");
+        partition.durable_offset = durable_offset;
+        self.evict();
     }
 
     /// Evicts the oldest batches while over budget, stopping at one that is not durable yet.
-    pub fn evict(&mut self, durable_offset: impl Fn(PartitionKey) -> i64) {
+    fn evict(&mut self) {
         while self.used_bytes > self.budget_bytes {
             let Some(&key) = self.order.front() else { break };
-            let entries = self.partitions.get_mut(&key).expect("ordered keys have entries");
-            let oldest = entries.front().expect("ordered keys have entries");
-            if oldest.next_offset > durable_offset(key) {
+            let partition = self.partitions.get_mut(&key).expect("ordered keys have entries");
+            let oldest = partition.entries.front().expect("ordered keys have entries");
+            if oldest.next_offset > partition.durable_offset {
                 break;
             }
             self.used_bytes -= oldest.bytes.len() as u64;
-            entries.pop_front();
+            partition.entries.pop_front();
             self.order.pop_front();
         }
     }
@@ -73,7 +90,7 @@ impl ShardCache {
         high_watermark: i64,
         max_bytes: usize,
     ) -> Option<Vec<Bytes>> {
-        let entries = self.partitions.get(&key)?;
+        let entries = &self.partitions.get(&key)?.entries;
         let first = entries.front()?;
         if offset < first.base_offset {
             return None;
@@ -95,8 +112,8 @@ impl ShardCache {
 
     /// Drops a partition's entries (truncation, deletion).
     pub fn forget(&mut self, key: PartitionKey) {
-        if let Some(entries) = self.partitions.remove(&key) {
-            self.used_bytes -= entries.iter().map(|e| e.bytes.len() as u64).sum::<u64>();
+        if let Some(partition) = self.partitions.remove(&key) {
+            self.used_bytes -= partition.entries.iter().map(|e| e.bytes.len() as u64).sum::<u64>();
             self.order.retain(|k| *k != key);
         }
     }
@@ -113,6 +130,7 @@ mod tests {
     #[test]
     fn reads_start_at_the_batch_holding_the_offset() {
         let mut cache = ShardCache::new(1 << 20);
+        cache.mark_durable(1, 100);
         for i in 0..10 {
             cache.insert(1, i * 10, i * 10 + 10, chunk(100));
         }
@@ -130,13 +148,26 @@ mod tests {
         cache.insert(2, 0, 1, chunk(100));
         cache.insert(1, 1, 2, chunk(100));
         cache.insert(2, 1, 2, chunk(100));
-        cache.evict(|_| 0);
         assert_eq!(cache.used_bytes(), 400, "nothing durable, nothing evicted");
-        cache.evict(|_| 2);
+        cache.mark_durable(2, 2);
+        assert_eq!(cache.used_bytes(), 400, "partition 1's oldest batch is first and not durable");
+        cache.mark_durable(1, 2);
         assert_eq!(cache.used_bytes(), 300);
         assert!(cache.read(1, 0, 2, 1000).is_none(), "partition 1's oldest batch went first");
         assert_eq!(cache.read(2, 0, 2, 1000).unwrap().len(), 2);
         cache.forget(2);
+        assert_eq!(cache.used_bytes(), 100);
+    }
+
+    #[test]
+    fn one_partition_flushing_never_evicts_anothers_unflushed_batches() {
+        let mut cache = ShardCache::new(100);
+        cache.insert(1, 0, 1, chunk(100));
+        cache.insert(2, 0, 1, chunk(100));
+        cache.mark_durable(2, 1);
+        assert_eq!(cache.read(1, 0, 1, 1000).unwrap().len(), 1, "partition 1 is not durable yet");
+        cache.mark_durable(1, 1);
+        assert!(cache.read(1, 0, 1, 1000).is_none());
         assert_eq!(cache.used_bytes(), 100);
     }
 }

@@ -463,7 +463,7 @@ impl Shard {
             partition.flusher_running.set(true);
             let cache = Rc::clone(&self.cache);
             let flusher = Rc::clone(&partition).run_flusher(move |p| {
-                cache.borrow_mut().evict(|key| if key == p.key { p.log.durable_offset() } else { i64::MAX });
+                cache.borrow_mut().mark_durable(p.key, p.log.durable_offset());
             });
             glommio::spawn_local(flusher).detach();
             self.partitions.borrow_mut().insert((name.to_owned(), partition.partition), partition);
