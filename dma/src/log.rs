@@ -92,8 +92,7 @@ impl Log {
     /// Opens the log in `dir`, creating it if needed, and recovers its last segment.
     pub async fn open(dir: &Path, config: LogConfig) -> Result<Log> {
         assert!(config.segment_bytes >= BLOCK_BYTES, "segments must hold at least one block");
-        let created = !dir.exists();
-        std::fs::create_dir_all(dir).map_err(|e| LogError::io("creating log directory", dir, e))?;
+        create_directories(dir).await?;
         crate::settle_device_probe(dir).await?;
         let mut bases = segment_bases(dir)?;
         let mut segments = BTreeMap::new();
@@ -101,11 +100,6 @@ impl Log {
             let first = Segment::create(dir, 0, config.index_interval_bytes).await?;
             segments.insert(0, Rc::new(first));
             sync_directory(dir).await?;
-            if created {
-                if let Some(parent) = dir.parent() {
-                    sync_directory(parent).await?;
-                }
-            }
         } else {
             bases.sort_unstable();
             let last = *bases.last().expect("not empty");
@@ -537,6 +531,20 @@ async fn write_fully(segment: &Segment, buffer: glommio::io::DmaBuffer, position
         rest.as_bytes_mut().copy_from_slice(&first.as_bytes()[done..]);
         current = Rc::new(rest);
     }
+}
+
+/// Creates `dir` and any missing ancestors, and syncs the parent of each one created, so
+/// the whole path survives a crash once anything in it is acknowledged.
+async fn create_directories(dir: &Path) -> Result<()> {
+    let missing: Vec<&Path> =
+        dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+    std::fs::create_dir_all(dir).map_err(|e| LogError::io("creating log directory", dir, e))?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_directory(parent).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn sync_directory(dir: &Path) -> Result<()> {
