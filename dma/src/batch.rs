@@ -5,7 +5,8 @@
 //! module decodes records: the header says everything the broker needs.
 //!
 //! Invariants this module owns:
-//! - a [`BatchHeader`] only exists for bytes whose length field, magic and CRC-32C were checked;
+//! - a [`BatchHeader`] only exists for bytes whose length field, magic and CRC-32C were checked,
+//!   on ingest by [`parse`], or earlier, for stored batches read back by [`stored_header`];
 //! - [`set_base_offset`] touches only `baseOffset`, which lies outside the CRC, so a stored batch
 //!   still carries the checksum the producer computed.
 
@@ -99,21 +100,32 @@ pub fn parse(bytes: &[u8]) -> Result<BatchHeader> {
             "CRC-32C mismatch: header says {stored_crc:#010x}, bytes give {computed_crc:#010x}"
         )));
     }
-    let header = BatchHeader {
-        base_offset: be_i64(batch, 0),
-        total_bytes: u32::try_from(total).expect("bounded by i32 batchLength"),
-        leader_epoch: be_i32(batch, LEADER_EPOCH_AT),
-        attributes: be_i16(batch, ATTRIBUTES_AT),
-        last_offset_delta: be_i32(batch, LAST_OFFSET_DELTA_AT),
-        base_timestamp: be_i64(batch, BASE_TIMESTAMP_AT),
-        max_timestamp: be_i64(batch, MAX_TIMESTAMP_AT),
-        producer_id: be_i64(batch, PRODUCER_ID_AT),
-        record_count: be_i32(batch, RECORD_COUNT_AT),
-    };
+    let header = stored_header(batch).expect("length checked above");
     if header.last_offset_delta < 0 || header.record_count < 0 {
         return Err(corrupt("negative lastOffsetDelta or recordCount"));
     }
     Ok(header)
+}
+
+/// Reads the header of a batch this broker checked before it stored it, checking only that the
+/// header is present and its length possible: the cheap way to walk a segment. `None` when
+/// fewer than [`HEADER_BYTES`] are present or the length field is impossible.
+pub fn stored_header(bytes: &[u8]) -> Option<BatchHeader> {
+    let total = claimed_batch_bytes(bytes)?;
+    if bytes.len() < HEADER_BYTES {
+        return None;
+    }
+    Some(BatchHeader {
+        base_offset: be_i64(bytes, 0),
+        total_bytes: u32::try_from(total).expect("bounded by i32 batchLength"),
+        leader_epoch: be_i32(bytes, LEADER_EPOCH_AT),
+        attributes: be_i16(bytes, ATTRIBUTES_AT),
+        last_offset_delta: be_i32(bytes, LAST_OFFSET_DELTA_AT),
+        base_timestamp: be_i64(bytes, BASE_TIMESTAMP_AT),
+        max_timestamp: be_i64(bytes, MAX_TIMESTAMP_AT),
+        producer_id: be_i64(bytes, PRODUCER_ID_AT),
+        record_count: be_i32(bytes, RECORD_COUNT_AT),
+    })
 }
 
 /// Splits a produce payload into whole, checked batches. Any bad batch fails the whole payload,

@@ -697,6 +697,25 @@ mod tests {
     }
 
     #[test]
+    fn a_durable_batch_damaged_after_open_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { segment_bytes: 1 << 20, ..small_config() };
+            let log = Log::open(dir.path(), config).await.unwrap();
+            fill(&log, 10, 1, 10).await;
+            let first_batch = batch::build_for_tests(1, b"value-000000", 0).len();
+            // Bit rot under a running log: batch 3's length field now claims 2 GiB.
+            let path = dir.path().join(segment::log_file_name(0));
+            let mut file = std::fs::read(&path).unwrap();
+            file[3 * first_batch + 8..3 * first_batch + 12].copy_from_slice(&i32::MAX.to_be_bytes());
+            std::fs::write(&path, &file).unwrap();
+            let error = log.read(0, 1 << 20).await.unwrap_err();
+            assert!(matches!(error, LogError::CorruptBatch { .. }), "{error}");
+            assert!(log.read(5, 10).await.is_err());
+        });
+    }
+
+    #[test]
     fn damaged_index_files_are_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
         run(async {

@@ -174,19 +174,15 @@ impl Segment {
         let mut position = u64::from(self.index.borrow().position_for_offset(offset));
         let mut window = FileWindow::new(self.file.clone(), &self.path, size, READAHEAD_BYTES.max(max_bytes));
         let mut start = None;
-        while position + LOG_OVERHEAD_BYTES as u64 <= size {
-            let head = window.bytes(position, batch::HEADER_BYTES.min((size - position) as usize)).await?;
-            let total = batch::claimed_batch_bytes(head).ok_or_else(|| self.corrupt_at(position))? as u64;
-            let base = i64::from_be_bytes(head[..8].try_into().expect("length checked"));
-            let last_delta = i32::from_be_bytes(head[23..27].try_into().expect("header read whole"));
-            let batch_next = base + i64::from(last_delta) + 1;
+        while let Some(header) = self.header_at(&mut window, position).await? {
+            let end = position + u64::from(header.total_bytes);
             match start {
-                None if batch_next <= offset => {}
+                None if header.next_offset() <= offset => {}
                 None => start = Some(position),
-                Some(from) if position + total - from > max_bytes as u64 => break,
+                Some(from) if end - from > max_bytes as u64 => break,
                 Some(_) => {}
             }
-            position += total;
+            position = end;
         }
         let Some(from) = start else { return Ok(None) };
         let len = (position - from) as usize;
@@ -195,35 +191,51 @@ impl Segment {
 
     /// Finds the first batch whose max timestamp is at or after `timestamp`.
     pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<i64>> {
-        let size = self.size.get();
         let mut position = u64::from(self.index.borrow().position_for_timestamp(timestamp));
-        let mut window = FileWindow::new(self.file.clone(), &self.path, size, READAHEAD_BYTES);
-        while position + batch::HEADER_BYTES as u64 <= size {
-            let head = window.bytes(position, batch::HEADER_BYTES).await?;
-            let total = batch::claimed_batch_bytes(head).ok_or_else(|| self.corrupt_at(position))? as u64;
-            let max_timestamp = i64::from_be_bytes(head[35..43].try_into().expect("header read whole"));
-            if max_timestamp >= timestamp {
-                return Ok(Some(i64::from_be_bytes(head[..8].try_into().expect("header read whole"))));
+        let mut window = FileWindow::new(self.file.clone(), &self.path, self.size.get(), READAHEAD_BYTES);
+        while let Some(header) = self.header_at(&mut window, position).await? {
+            if header.max_timestamp >= timestamp {
+                return Ok(Some(header.base_offset));
             }
-            position += total;
+            position += u64::from(header.total_bytes);
         }
         Ok(None)
     }
 
-    /// The position of the batch that starts at `offset`, if one does.
+    /// The position of the batch that starts at `offset`, or of the segment's end when
+    /// `offset` is where it ends; `None` when `offset` is inside a batch.
     pub async fn position_of_batch(&self, offset: i64) -> Result<Option<u64>> {
-        let size = self.size.get();
         let mut position = u64::from(self.index.borrow().position_for_offset(offset));
-        let mut window = FileWindow::new(self.file.clone(), &self.path, size, READAHEAD_BYTES);
-        while position + batch::HEADER_BYTES as u64 <= size {
-            let head = window.bytes(position, batch::HEADER_BYTES).await?;
-            let base = i64::from_be_bytes(head[..8].try_into().expect("header read whole"));
-            if base >= offset {
-                return Ok((base == offset).then_some(position));
+        let mut window = FileWindow::new(self.file.clone(), &self.path, self.size.get(), READAHEAD_BYTES);
+        while let Some(header) = self.header_at(&mut window, position).await? {
+            if header.base_offset >= offset {
+                return Ok((header.base_offset == offset).then_some(position));
             }
-            position += batch::claimed_batch_bytes(head).ok_or_else(|| self.corrupt_at(position))? as u64;
+            position += u64::from(header.total_bytes);
         }
-        Ok((position == size && self.next_offset.get() == offset).then_some(position))
+        Ok((self.next_offset.get() == offset).then_some(position))
+    }
+
+    /// The header of the durable batch at `position`, or `None` at the durable end. A header
+    /// that is cut short or claims to run past the end is an error, not a panic: the bytes
+    /// come from disk.
+    async fn header_at(&self, window: &mut FileWindow<'_>, position: u64) -> Result<Option<BatchHeader>> {
+        let size = window.limit;
+        if position == size {
+            return Ok(None);
+        }
+        let corrupt = || LogError::CorruptBatch {
+            reason: format!("durable batch at byte {position} of {} is damaged", self.path.display()),
+        };
+        if size - position < batch::HEADER_BYTES as u64 {
+            return Err(corrupt());
+        }
+        let header =
+            batch::stored_header(window.bytes(position, batch::HEADER_BYTES).await?).ok_or_else(corrupt)?;
+        if position + u64::from(header.total_bytes) > size {
+            return Err(corrupt());
+        }
+        Ok(Some(header))
     }
 
     /// Writes the index next to the segment, for a faster open next time.
@@ -231,12 +243,6 @@ impl Segment {
         let path = dir.join(index_file_name(self.base_offset));
         let bytes = self.index.borrow().encode();
         std::fs::write(&path, bytes).map_err(|e| LogError::io("writing index", &path, e))
-    }
-
-    fn corrupt_at(&self, position: u64) -> LogError {
-        LogError::CorruptBatch {
-            reason: format!("durable batch at byte {position} of {} has a bad length", self.path.display()),
-        }
     }
 
     /// Reads the tail (the last partial block) for a writer that continues this segment.
