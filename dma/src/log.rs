@@ -332,17 +332,7 @@ impl Log {
     async fn roll(&self, base_offset: i64) -> Result<()> {
         let active = self.active_segment();
         assert_eq!(active.next_offset.get(), base_offset, "a new segment starts where the last ended");
-        let sealed_size = active.size.get();
-        active
-            .file
-            .truncate(sealed_size)
-            .await
-            .map_err(|e| LogError::io("sealing segment", &active.path, e))?;
-        active
-            .file
-            .fdatasync()
-            .await
-            .map_err(|e| LogError::io("fdatasync of sealed segment", &active.path, e))?;
+        active.cut_at(active.size.get(), "sealing segment").await?;
         active.persist_index(&self.dir)?;
         let segment = Segment::create(&self.dir, base_offset, self.config.index_interval_bytes).await?;
         sync_directory(&self.dir).await?;
@@ -427,16 +417,7 @@ impl Log {
         for doomed in later {
             self.remove_segment(&doomed)?;
         }
-        segment
-            .file
-            .truncate(position)
-            .await
-            .map_err(|e| LogError::io("truncating segment", &segment.path, e))?;
-        segment
-            .file
-            .fdatasync()
-            .await
-            .map_err(|e| LogError::io("fdatasync of truncation", &segment.path, e))?;
+        segment.cut_at(position, "truncating segment").await?;
         segment.size.set(position);
         segment.next_offset.set(offset);
         segment.index.borrow_mut().truncate_to(segment::position_u32(position));

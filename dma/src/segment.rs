@@ -122,16 +122,7 @@ impl Segment {
         };
         let end = segment.scan(scan_position, scan_offset, file_bytes, indexed_below).await?;
         if end < file_bytes {
-            segment
-                .file
-                .truncate(end)
-                .await
-                .map_err(|e| LogError::io("truncating torn tail", &segment.path, e))?;
-            segment
-                .file
-                .fdatasync()
-                .await
-                .map_err(|e| LogError::io("syncing truncation", &segment.path, e))?;
+            segment.cut_at(end, "truncating torn tail").await?;
         }
         Ok(segment)
     }
@@ -236,6 +227,12 @@ impl Segment {
             return Err(corrupt());
         }
         Ok(Some(header))
+    }
+
+    /// Cuts the file at `position` and makes the cut durable. `op` names the reason in errors.
+    pub async fn cut_at(&self, position: u64, op: &'static str) -> Result<()> {
+        self.file.truncate(position).await.map_err(|e| LogError::io(op, &self.path, e))?;
+        self.file.fdatasync().await.map_err(|e| LogError::io(op, &self.path, e))
     }
 
     /// Writes the index next to the segment, for a faster open next time.
