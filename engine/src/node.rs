@@ -190,9 +190,7 @@ async fn run_shard(context: ShardContext) {
         glommio::timer::sleep(STOP_POLL_INTERVAL).await;
     }
     stop_listeners.set(true);
-    for task in serving {
-        task.await;
-    }
+    drop(serving); // cancels the accept loops
     let error = shard.shutdown().await.err().map(|e| e.to_string());
     let _ = context.events.send(ShardEvent::Stopped { shard: shard.id, error });
 }
