@@ -116,6 +116,20 @@ pub enum Response {
     ListOffsets(Vec<ListOffsetsPartitionResult>),
 }
 
+impl Response {
+    /// The request kind this answers, as [`Request::kind`] names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Metadata(_) => "metadata",
+            Response::CreateTopic => "create_topic",
+            Response::DeleteTopic => "delete_topic",
+            Response::Produce(_) => "produce",
+            Response::Fetch(_) => "fetch",
+            Response::ListOffsets(_) => "list_offsets",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetadataResponse {
     pub shards: Vec<ShardInfo>,

@@ -495,31 +495,12 @@ fn missing_partition(op: &'static str, partition: u32) -> ClientError {
 /// The body of a successful response of the kind `op` expects.
 fn response_body(op: &'static str, frame: ResponseFrame) -> Result<Response> {
     server_error(frame.error, &frame.message)?;
-    let kind_matches = match &frame.body {
-        Some(Response::Metadata(_)) => op == "metadata",
-        Some(Response::CreateTopic) => op == "create_topic",
-        Some(Response::DeleteTopic) => op == "delete_topic",
-        Some(Response::Produce(_)) => op == "produce",
-        Some(Response::Fetch(_)) => op == "fetch",
-        Some(Response::ListOffsets(_)) => op == "list_offsets",
-        None => false,
-    };
     match frame.body {
-        Some(body) if kind_matches => Ok(body),
-        other => Err(ClientError::UnexpectedResponse { op, got: response_kind(other.as_ref()).to_owned() }),
-    }
-}
-
-/// A response's kind, for messages (never its records, which may be megabytes).
-fn response_kind(body: Option<&Response>) -> &'static str {
-    match body {
-        None => "no body",
-        Some(Response::Metadata(_)) => "a metadata response",
-        Some(Response::CreateTopic) => "a create_topic response",
-        Some(Response::DeleteTopic) => "a delete_topic response",
-        Some(Response::Produce(_)) => "a produce response",
-        Some(Response::Fetch(_)) => "a fetch response",
-        Some(Response::ListOffsets(_)) => "a list_offsets response",
+        Some(body) if body.kind() == op => Ok(body),
+        other => Err(ClientError::UnexpectedResponse {
+            op,
+            got: other.map_or_else(|| "no body".to_owned(), |body| format!("a {} response", body.kind())),
+        }),
     }
 }
 
