@@ -452,8 +452,9 @@ impl Shard {
         Ok(())
     }
 
+    /// Opens this shard's partitions of the topic, then makes the topic visible here, so a
+    /// request routed by this shard's table never finds a partition still opening.
     async fn apply_create(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
-        self.topics.borrow_mut().insert(name, partitions);
         for partition in (0..partitions).filter(|p| self.owner_of(name, *p) == self.id) {
             let dir = topics::partition_dir(&self.config.data_dir, name, partition);
             let log = Log::open(&dir, self.config.log.clone()).await?;
@@ -468,6 +469,7 @@ impl Shard {
             glommio::spawn_local(flusher).detach();
             self.partitions.borrow_mut().insert((name.to_owned(), partition.partition), partition);
         }
+        self.topics.borrow_mut().insert(name, partitions);
         Ok(())
     }
 
