@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod kafka;
 #[cfg(feature = "server")]
 pub mod server;
 
