@@ -28,6 +28,8 @@ const LAST_OFFSET_DELTA_AT: usize = 23;
 const BASE_TIMESTAMP_AT: usize = 27;
 const MAX_TIMESTAMP_AT: usize = 35;
 const PRODUCER_ID_AT: usize = 43;
+const PRODUCER_EPOCH_AT: usize = 51;
+const BASE_SEQUENCE_AT: usize = 53;
 const RECORD_COUNT_AT: usize = 57;
 
 /// What the broker reads from a checked batch header.
@@ -42,6 +44,9 @@ pub struct BatchHeader {
     pub base_timestamp: i64,
     pub max_timestamp: i64,
     pub producer_id: i64,
+    pub producer_epoch: i16,
+    /// The first record's sequence number for an idempotent producer, else -1.
+    pub base_sequence: i32,
     pub record_count: i32,
 }
 
@@ -124,6 +129,8 @@ pub fn stored_header(bytes: &[u8]) -> Option<BatchHeader> {
         base_timestamp: be_i64(bytes, BASE_TIMESTAMP_AT),
         max_timestamp: be_i64(bytes, MAX_TIMESTAMP_AT),
         producer_id: be_i64(bytes, PRODUCER_ID_AT),
+        producer_epoch: be_i16(bytes, PRODUCER_EPOCH_AT),
+        base_sequence: be_i32(bytes, BASE_SEQUENCE_AT),
         record_count: be_i32(bytes, RECORD_COUNT_AT),
     })
 }

@@ -196,6 +196,8 @@ mod tests {
             base_timestamp: max_timestamp,
             max_timestamp,
             producer_id: -1,
+            producer_epoch: -1,
+            base_sequence: -1,
             record_count: count,
         }
     }

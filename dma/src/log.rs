@@ -178,6 +178,20 @@ impl Log {
         self.segments.borrow().values().map(|s| s.size.get()).sum()
     }
 
+    /// The base offset of the newest segments holding at least `bytes` (all of them if the log
+    /// is smaller): where a scan of the log's recent history starts.
+    pub fn recent_start_offset(&self, bytes: u64) -> i64 {
+        let segments = self.segments.borrow();
+        let mut total = 0;
+        for (base, segment) in segments.iter().rev() {
+            total += segment.size.get();
+            if total >= bytes {
+                return *base;
+            }
+        }
+        *segments.first_key_value().expect("a log has a segment").0
+    }
+
     pub fn segment_count(&self) -> usize {
         self.segments.borrow().len()
     }

@@ -6,6 +6,8 @@
 //! one plain sentence, not a panic.
 
 mod admin;
+mod groups;
+mod kafka;
 mod node;
 mod service;
 
@@ -52,6 +54,20 @@ pub struct NodeArgs {
     /// The native protocol's shared address; every shard accepts on it (SO_REUSEPORT).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// The Kafka protocol's address; every shard accepts on it (SO_REUSEPORT), so Kafka
+    /// clients and tools (kcat, librdkafka, kafka-python, the Java client) work unchanged.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub kafka_listen: SocketAddr,
+    /// The address Kafka clients are told to connect to (metadata, coordinator lookups).
+    /// Default: --kafka-listen. Set it when clients reach the node by another name or address.
+    #[arg(long)]
+    pub kafka_advertise: Option<String>,
+    /// Create a topic the first time a Kafka client asks for it in Metadata or Produce.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_create_topics: bool,
+    /// Partitions of an auto-created topic, and of a Kafka CreateTopics asking for the default.
+    #[arg(long, default_value_t = 1)]
+    pub default_partitions: u32,
     /// First per-shard port: shard i also listens on this port + i, so a shard-aware client
     /// reaches a partition's owner with no cross-core hop. Default: the --listen port + 1.
     /// 0 picks free ports (reported in metadata).
@@ -93,6 +109,21 @@ pub struct NodeArgs {
     /// Memory each shard registers with io_uring for disk I/O; counts against the memlock limit.
     #[arg(long, default_value_t = 1 << 20)]
     pub io_memory_bytes: usize,
+}
+
+impl NodeArgs {
+    /// The advertised Kafka host and port.
+    pub fn kafka_advertised(&self) -> anyhow::Result<(String, u16)> {
+        let Some(text) = &self.kafka_advertise else {
+            return Ok((self.kafka_listen.ip().to_string(), self.kafka_listen.port()));
+        };
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--kafka-advertise '{text}' is not HOST:PORT"))?;
+        let port: u16 =
+            port.parse().map_err(|_| anyhow::anyhow!("--kafka-advertise '{text}' has no valid port"))?;
+        Ok((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port))
+    }
 }
 
 fn main() {

@@ -27,6 +27,7 @@ use pyralog_net::codec::ShardInfo;
 use pyralog_net::server::{self, ListenerConfig};
 use pyralog_shard::{Durability, Shard, ShardConfig, ShardMesh};
 
+use crate::kafka::{KafkaService, KafkaSettings};
 use crate::service::{Service, Topology};
 use crate::{DurabilityArg, NodeArgs};
 
@@ -53,6 +54,26 @@ pub fn run(args: NodeArgs) -> Result<()> {
     let cpus = choose_cpus(&args)?;
     let _lock = prepare_data_dir(&args)?;
     check_ports(&args, cpus.len())?;
+    let (advertised_host, advertised_port) = args.kafka_advertised()?;
+    if args.default_partitions == 0 {
+        bail!("--default-partitions must be at least 1");
+    }
+    let kafka = KafkaSettings {
+        advertised_host,
+        advertised_port,
+        auto_create_topics: args.auto_create_topics,
+        default_partitions: args.default_partitions,
+        max_message_bytes: u32::try_from(args.max_request_bytes).unwrap_or(u32::MAX),
+        segment_bytes: args.segment_bytes,
+        retention_bytes: args.retention_bytes,
+        retention_ms: args.retention_ms,
+    };
+    // Producer ids of this run start above every id an earlier run can have issued, as long
+    // as fewer than 1024 were issued per millisecond of its uptime.
+    let first_producer_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+        .saturating_mul(1024);
     check_io_uring()?;
     check_memlock(args.io_memory_bytes, cpus.len())?;
     block_stop_signals();
@@ -68,8 +89,11 @@ pub fn run(args: NodeArgs) -> Result<()> {
             config: shard_config(&args),
             listen: args.listen,
             shard_port_base: args.shard_port_base,
+            kafka_listen: args.kafka_listen,
+            kafka: kafka.clone(),
+            first_producer_id,
+            max_request_bytes: args.max_request_bytes,
             listener: ListenerConfig {
-                max_request_bytes: args.max_request_bytes,
                 max_in_flight_per_connection: IN_FLIGHT_PER_CONNECTION_MAX,
                 max_connections: args.max_connections,
             },
@@ -137,6 +161,10 @@ struct ShardContext {
     config: ShardConfig,
     listen: SocketAddr,
     shard_port_base: Option<u16>,
+    kafka_listen: SocketAddr,
+    kafka: KafkaSettings,
+    first_producer_id: i64,
+    max_request_bytes: usize,
     listener: ListenerConfig,
     cpu: usize,
     stop: Arc<AtomicBool>,
@@ -158,14 +186,16 @@ async fn run_shard(context: ShardContext) {
         None => context.listen.port() + 1 + shard.id as u16,
     };
     let own_addr = SocketAddr::new(context.listen.ip(), own_port);
-    let listeners =
-        server::bind(context.listen).and_then(|shared| Ok((shared, server::bind_exclusive(own_addr)?)));
-    let (shared, own) = match listeners {
+    let listeners = server::bind(context.listen).and_then(|shared| {
+        Ok((shared, server::bind_exclusive(own_addr)?, server::bind(context.kafka_listen)?))
+    });
+    let (shared, own, kafka_listener) = match listeners {
         Ok(pair) => pair,
         Err(error) => {
-            let _ = context
-                .events
-                .send(ShardEvent::Failed(format!("binding {} and {own_addr}: {error}", context.listen)));
+            let _ = context.events.send(ShardEvent::Failed(format!(
+                "binding {}, {own_addr} and {}: {error}",
+                context.listen, context.kafka_listen
+            )));
             let _ = shard.shutdown().await;
             return;
         }
@@ -176,7 +206,10 @@ async fn run_shard(context: ShardContext) {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
     let topology = Rc::new(context.topology.get().cloned().unwrap_or(Topology { shards: Vec::new() }));
-    let service = Rc::new(Service { shard: Rc::clone(&shard), topology });
+    let service = Rc::new(server::Native {
+        handler: Service { shard: Rc::clone(&shard), topology },
+        max_request_bytes: context.max_request_bytes,
+    });
     let stop_listeners = Rc::new(Cell::new(false));
     let serving = [shared, own].map(|listener| {
         glommio::spawn_local(server::serve(
@@ -186,11 +219,28 @@ async fn run_shard(context: ShardContext) {
             Rc::clone(&stop_listeners),
         ))
     });
+    let kafka_service = Rc::new(server::Kafka {
+        handler: KafkaService {
+            shard: Rc::clone(&shard),
+            settings: Rc::new(context.kafka.clone()),
+            groups: crate::groups::Groups,
+            first_producer_id: context.first_producer_id,
+            producer_ids_issued: Cell::new(0),
+        },
+        max_request_bytes: context.max_request_bytes,
+    });
+    let kafka_serving = glommio::spawn_local(server::serve(
+        kafka_listener,
+        kafka_service,
+        context.listener,
+        Rc::clone(&stop_listeners),
+    ));
     while !context.stop.load(Ordering::SeqCst) {
         glommio::timer::sleep(STOP_POLL_INTERVAL).await;
     }
     stop_listeners.set(true);
     drop(serving); // cancels the accept loops
+    drop(kafka_serving);
     let error = shard.shutdown().await.err().map(|e| e.to_string());
     let _ = context.events.send(ShardEvent::Stopped { shard: shard.id, error });
 }
@@ -280,7 +330,7 @@ fn prepare_data_dir(args: &NodeArgs) -> Result<File> {
 
 /// SO_REUSEPORT would let a second node share the ports silently; a plain bind finds them taken.
 fn check_ports(args: &NodeArgs, shards: usize) -> Result<()> {
-    let mut ports = vec![(args.listen, "--listen")];
+    let mut ports = vec![(args.listen, "--listen"), (args.kafka_listen, "--kafka-listen")];
     let base = match args.shard_port_base {
         Some(0) => None,
         Some(base) => Some(base),
@@ -398,6 +448,12 @@ fn print_summary(args: &NodeArgs, shards: &[ShardInfo]) {
     println!("pyralog {} ready", env!("CARGO_PKG_VERSION"));
     println!("  shards      {} ({})", shards.len(), placement.join(", "));
     println!("  listen      {} (native protocol, shared by all shards)", args.listen);
+    let (host, port) = args.kafka_advertised().unwrap_or_default();
+    println!(
+        "  kafka       {} (Kafka protocol, shared by all shards; advertised as {host}:{port}; auto-create topics {})",
+        args.kafka_listen,
+        if args.auto_create_topics { "on" } else { "off" }
+    );
     println!("  data dir    {}", args.data_dir.display());
     println!("  durability  {durability}");
     println!(

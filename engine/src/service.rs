@@ -30,7 +30,11 @@ pub fn error_code(error: &ShardError) -> ErrorCode {
         ShardError::UnknownTopic(_) => ErrorCode::UnknownTopic,
         ShardError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
         ShardError::TopicAlreadyExists(_) => ErrorCode::TopicAlreadyExists,
-        ShardError::InvalidTopic(_) => ErrorCode::InvalidTopic,
+        ShardError::InvalidTopic(_) | ShardError::InvalidConfig(_) | ShardError::InvalidPartitions(_) => {
+            ErrorCode::InvalidTopic
+        }
+        // The native protocol has no idempotent producer; these come from Kafka clients only.
+        ShardError::OutOfOrderSequence(_) | ShardError::InvalidProducerEpoch(_) => ErrorCode::InvalidRequest,
         ShardError::CorruptBatch(_) => ErrorCode::CorruptBatch,
         ShardError::TooLarge(_) => ErrorCode::MessageTooLarge,
         ShardError::OffsetOutOfRange(_) => ErrorCode::OffsetOutOfRange,
@@ -43,9 +47,11 @@ impl Handler for Service {
     async fn handle(&self, correlation_id: u64, request: Request) -> Option<ResponseFrame> {
         let result = match request {
             Request::Metadata { topics } => Ok(Response::Metadata(self.metadata(&topics))),
-            Request::CreateTopic { name, partitions } => {
-                self.shard.create_topic(&name, partitions).await.map(|()| Response::CreateTopic)
-            }
+            Request::CreateTopic { name, partitions } => self
+                .shard
+                .create_topic(&name, partitions, Default::default())
+                .await
+                .map(|()| Response::CreateTopic),
             Request::DeleteTopic { name } => {
                 self.shard.delete_topic(&name).await.map(|()| Response::DeleteTopic)
             }

@@ -1,88 +1,19 @@
 //! The daemon on loopback, driven through its real interfaces: the `pyralog` binary, the native
 //! protocol and the client library.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use common::Node;
 use pyralog_net::client::{BatchBuilder, Client, ClientError, RecordReader};
 use pyralog_net::codec::{self, Acks, ErrorCode, ProducePartition, ProduceRequest, Request, Response};
-
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Node {
-    /// Starts a node on a free port; a port taken between the probe and the bind (by a node of
-    /// a test running in parallel) makes the node refuse to start, so that is tried again.
-    fn start(data_dir: &Path, extra: &[&str]) -> Node {
-        for _ in 0..5 {
-            if let Some(node) = Node::try_start(data_dir, extra) {
-                return node;
-            }
-        }
-        panic!("pyralog did not start in 5 attempts");
-    }
-
-    fn try_start(data_dir: &Path, extra: &[&str]) -> Option<Node> {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pyralog"))
-            .args(["--data-dir", data_dir.to_str().unwrap(), "--listen", &addr, "--shard-port-base", "0"])
-            .args(["--shards", "2", "--cache-bytes", "1048576"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the pyralog binary starts");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if stdout.read_line(&mut line).unwrap() == 0 {
-                child.wait().unwrap();
-                return None;
-            }
-            if line.contains(" ready") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        Some(Node { child, addr })
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.addr).expect("connect")
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: sending SIGTERM to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn batch(values: &[String]) -> Bytes {
     let mut builder = BatchBuilder::new(1_700_000_000_000, 1024);
@@ -363,15 +294,40 @@ fn a_second_node_on_the_same_port_or_data_dir_is_refused_with_a_message() {
         String::from_utf8(output.stderr).unwrap()
     };
     let other = tempfile::tempdir().unwrap();
-    let message =
-        run(&["--data-dir", other.path().to_str().unwrap(), "--listen", &node.addr, "--shards", "1"]);
+    let message = run(&[
+        "--data-dir",
+        other.path().to_str().unwrap(),
+        "--listen",
+        &node.addr,
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+    ]);
     assert!(message.contains("already in use"), "{message}");
-    let message =
-        run(&["--data-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0", "--shards", "1"]);
+    let message = run(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+    ]);
     assert!(message.contains("in use by another pyralog"), "{message}");
     let file = other.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    let message = run(&["--data-dir", file.to_str().unwrap(), "--listen", "127.0.0.1:0", "--shards", "1"]);
+    let message = run(&[
+        "--data-dir",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+    ]);
     assert!(message.contains("data directory"), "{message}");
 }
 

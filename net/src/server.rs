@@ -22,6 +22,7 @@ use glommio::channels::local_channel;
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::codec::{self, ErrorCode, Request, ResponseFrame, FRAME_PREFIX_BYTES};
+use crate::kafka::{self, wire::Writer};
 
 /// How many bytes a connection reads at once.
 const READ_CHUNK_BYTES: usize = 64 << 10;
@@ -34,8 +35,6 @@ pub trait Handler: 'static {
 
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerConfig {
-    /// Largest request frame accepted (the length prefix's value).
-    pub max_request_bytes: usize,
     /// Requests of one connection being handled at once; reading pauses beyond it.
     pub max_in_flight_per_connection: usize,
     /// Connections one shard serves at once per listener; more are closed on accept.
@@ -57,14 +56,103 @@ pub fn bind_exclusive(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) })
 }
 
+/// How a listener speaks one protocol: cutting frames, decoding requests, answering them and
+/// encoding responses. The accept and connection loops are shared by every protocol.
+pub trait Protocol: 'static {
+    type Request: 'static;
+    type Response: 'static;
+    /// Whether responses must leave in request order (Kafka clients require it; the native
+    /// protocol matches by correlation id, so a long-poll fetch does not hold back the rest).
+    const ORDERED: bool;
+
+    /// Cuts the next whole frame off `buffer`: `None` until one is complete, or an error to
+    /// send (if any) before closing, for a frame that cannot be read.
+    fn next_frame(&self, buffer: &mut BytesMut) -> Option<Result<Bytes, Option<Self::Response>>>;
+    fn decode(&self, frame: Bytes) -> Decoded<Self::Request, Self::Response>;
+    fn handle(&self, request: Self::Request) -> impl Future<Output = Option<Self::Response>>;
+    /// Appends the response's frame to `out`; an error closes the connection.
+    fn encode(&self, response: Self::Response, out: &mut Writer) -> Result<(), String>;
+}
+
+pub enum Decoded<Req, Resp> {
+    Request(Req),
+    /// Answer with this and read on.
+    Reply(Resp),
+    /// Answer with this, if anything, and close the connection.
+    Close(Option<Resp>),
+}
+
+/// The native protocol over a [`Handler`].
+pub struct Native<H> {
+    pub handler: H,
+    pub max_request_bytes: usize,
+}
+
+impl<H: Handler> Protocol for Native<H> {
+    type Request = (u64, Request);
+    type Response = ResponseFrame;
+    const ORDERED: bool = false;
+
+    fn next_frame(&self, buffer: &mut BytesMut) -> Option<Result<Bytes, Option<ResponseFrame>>> {
+        let prefix: [u8; FRAME_PREFIX_BYTES] =
+            buffer.get(..FRAME_PREFIX_BYTES)?.try_into().expect("length checked");
+        let body_bytes = codec::frame_body_bytes(prefix);
+        if body_bytes > self.max_request_bytes {
+            let message = format!(
+                "request frame of {body_bytes} bytes exceeds --max-request-bytes {}; closing the connection",
+                self.max_request_bytes
+            );
+            return Some(Err(Some(ResponseFrame::error(0, ErrorCode::MessageTooLarge, message))));
+        }
+        cut_frame(buffer, FRAME_PREFIX_BYTES, body_bytes).map(Ok)
+    }
+
+    fn decode(&self, frame: Bytes) -> Decoded<(u64, Request), ResponseFrame> {
+        match codec::decode_request(&frame) {
+            Ok(decoded) => Decoded::Request(decoded),
+            Err((correlation_id, error)) => {
+                let code = match error {
+                    codec::DecodeError::UnsupportedBody(_) => ErrorCode::UnsupportedRequest,
+                    _ => ErrorCode::InvalidRequest,
+                };
+                let response = ResponseFrame::error(correlation_id.unwrap_or(0), code, error.to_string());
+                match correlation_id {
+                    Some(_) => Decoded::Reply(response),
+                    None => Decoded::Close(Some(response)),
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, (correlation_id, request): (u64, Request)) -> Option<ResponseFrame> {
+        self.handler.handle(correlation_id, request).await
+    }
+
+    fn encode(&self, response: ResponseFrame, out: &mut Writer) -> Result<(), String> {
+        codec::encode_response(&response, out.buffer_mut());
+        Ok(())
+    }
+}
+
+/// Splits `prefix + body` bytes off `buffer` once they are all there, returning the body.
+pub fn cut_frame(buffer: &mut BytesMut, prefix: usize, body: usize) -> Option<Bytes> {
+    if buffer.len() < prefix + body {
+        buffer.reserve(prefix + body - buffer.len());
+        return None;
+    }
+    let mut frame = buffer.split_to(prefix + body);
+    let _ = frame.split_to(prefix);
+    Some(frame.freeze())
+}
+
 /// Accepts connections, serving each in its own task, until the task running this is
 /// dropped. `stop` tells the connections to read no further requests.
 ///
 /// There is no timer racing the accept: a dropped in-flight io_uring accept can complete with
 /// a connection nobody serves, so the only cancellation is the final one, at shutdown.
-pub async fn serve<H: Handler>(
+pub async fn serve<P: Protocol>(
     listener: TcpListener,
-    handler: Rc<H>,
+    protocol: Rc<P>,
     config: ListenerConfig,
     stop: Rc<Cell<bool>>,
 ) {
@@ -84,67 +172,73 @@ pub async fn serve<H: Handler>(
             continue;
         }
         connections.set(connections.get() + 1);
-        let handler = Rc::clone(&handler);
+        let protocol = Rc::clone(&protocol);
         let connections = Rc::clone(&connections);
         let stop = Rc::clone(&stop);
         glommio::spawn_local(async move {
-            let _ = serve_connection(stream, handler, config, stop).await;
+            let _ = serve_connection(stream, protocol, config, stop).await;
             connections.set(connections.get() - 1);
         })
         .detach();
     }
 }
 
-async fn serve_connection<H: Handler>(
+/// What the writer task receives: a response ready now, or (ordered protocols) the task that
+/// will produce the next one.
+enum Outgoing<R> {
+    Ready(R),
+    Pending(glommio::Task<Option<R>>),
+}
+
+async fn serve_connection<P: Protocol>(
     stream: TcpStream,
-    handler: Rc<H>,
+    protocol: Rc<P>,
     config: ListenerConfig,
     stop: Rc<Cell<bool>>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (mut reader, writer) = futures_lite::io::split(stream);
     let (responses, pending) =
-        local_channel::new_bounded::<ResponseFrame>(config.max_in_flight_per_connection);
+        local_channel::new_bounded::<Outgoing<P::Response>>(config.max_in_flight_per_connection);
     let responses = Rc::new(responses);
-    let writer_task = glommio::spawn_local(write_responses(writer, pending));
+    let writer_task = glommio::spawn_local(write_responses(writer, pending, Rc::clone(&protocol)));
     let in_flight = Rc::new(glommio::sync::Semaphore::new(config.max_in_flight_per_connection as u64));
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     'connection: while !stop.get() {
-        while let Some(frame) = next_frame(&mut buffer, config.max_request_bytes) {
-            let body = match frame {
-                Ok(body) => body,
-                Err(response) => {
-                    let _ = responses.send(response).await;
-                    break 'connection;
-                }
-            };
-            let (correlation_id, request) = match codec::decode_request(&body) {
-                Ok(decoded) => decoded,
-                Err((correlation_id, error)) => {
-                    let code = match error {
-                        codec::DecodeError::UnsupportedBody(_) => ErrorCode::UnsupportedRequest,
-                        _ => ErrorCode::InvalidRequest,
-                    };
-                    let _ = responses
-                        .send(ResponseFrame::error(correlation_id.unwrap_or(0), code, error.to_string()))
-                        .await;
-                    if correlation_id.is_none() {
-                        break 'connection;
-                    }
+        while let Some(frame) = protocol.next_frame(&mut buffer) {
+            let request = match frame.map(|body| protocol.decode(body)) {
+                Ok(Decoded::Request(request)) => request,
+                Ok(Decoded::Reply(response)) => {
+                    let _ = responses.send(Outgoing::Ready(response)).await;
                     continue;
+                }
+                Ok(Decoded::Close(response)) | Err(response) => {
+                    if let Some(response) = response {
+                        let _ = responses.send(Outgoing::Ready(response)).await;
+                    }
+                    break 'connection;
                 }
             };
             let permit =
                 Rc::clone(&in_flight).acquire_static_permit(1).await.map_err(std::io::Error::from)?;
-            let handler = Rc::clone(&handler);
-            let responses = Rc::clone(&responses);
-            glommio::spawn_local(async move {
-                if let Some(response) = handler.handle(correlation_id, request).await {
-                    let _ = responses.send(response).await;
-                }
-                drop(permit);
-            })
-            .detach();
+            let protocol = Rc::clone(&protocol);
+            if P::ORDERED {
+                let task = glommio::spawn_local(async move {
+                    let response = protocol.handle(request).await;
+                    drop(permit);
+                    response
+                });
+                let _ = responses.send(Outgoing::Pending(task)).await;
+            } else {
+                let responses = Rc::clone(&responses);
+                glommio::spawn_local(async move {
+                    if let Some(response) = protocol.handle(request).await {
+                        let _ = responses.send(Outgoing::Ready(response)).await;
+                    }
+                    drop(permit);
+                })
+                .detach();
+            }
         }
         let at = buffer.len();
         buffer.resize(at + READ_CHUNK_BYTES, 0);
@@ -164,40 +258,143 @@ async fn serve_connection<H: Handler>(
     Ok(())
 }
 
-/// Cuts the next whole frame body off `buffer`. An oversized frame yields an error response.
-fn next_frame(buffer: &mut BytesMut, max_request_bytes: usize) -> Option<Result<Bytes, ResponseFrame>> {
-    let prefix: [u8; FRAME_PREFIX_BYTES] =
-        buffer.get(..FRAME_PREFIX_BYTES)?.try_into().expect("length checked");
-    let body_bytes = codec::frame_body_bytes(prefix);
-    if body_bytes > max_request_bytes {
-        let message = format!(
-            "request frame of {body_bytes} bytes exceeds --max-request-bytes {max_request_bytes}; closing the connection"
-        );
-        return Some(Err(ResponseFrame::error(0, ErrorCode::MessageTooLarge, message)));
+async fn write_responses<P: Protocol>(
+    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    pending: local_channel::LocalReceiver<Outgoing<P::Response>>,
+    protocol: Rc<P>,
+) {
+    use futures_lite::future::poll_once;
+    // Responses that are ready are encoded together and written when nothing more is ready.
+    let mut out = Writer::new();
+    loop {
+        let next = match poll_once(pending.recv()).await {
+            Some(Some(next)) => next,
+            Some(None) => break,
+            None => {
+                if send(&mut writer, &mut out).await.is_err() {
+                    return;
+                }
+                match pending.recv().await {
+                    Some(next) => next,
+                    None => break,
+                }
+            }
+        };
+        let response = match next {
+            Outgoing::Ready(response) => Some(response),
+            Outgoing::Pending(mut task) => match poll_once(&mut task).await {
+                Some(response) => response,
+                None => {
+                    if send(&mut writer, &mut out).await.is_err() {
+                        return;
+                    }
+                    task.await
+                }
+            },
+        };
+        if let Some(response) = response {
+            if let Err(error) = protocol.encode(response, &mut out) {
+                eprintln!("pyralog: cannot encode a response, closing the connection: {error}");
+                return;
+            }
+        }
     }
-    if buffer.len() < FRAME_PREFIX_BYTES + body_bytes {
-        buffer.reserve(FRAME_PREFIX_BYTES + body_bytes - buffer.len());
-        return None;
+    if send(&mut writer, &mut out).await.is_ok() {
+        let _ = writer.flush().await;
     }
-    let mut frame = buffer.split_to(FRAME_PREFIX_BYTES + body_bytes);
-    let _ = frame.split_to(FRAME_PREFIX_BYTES);
-    Some(Ok(frame.freeze()))
 }
 
-async fn write_responses(
-    mut writer: futures_lite::io::WriteHalf<TcpStream>,
-    pending: local_channel::LocalReceiver<ResponseFrame>,
-) {
-    let mut out = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    while let Some(response) = pending.recv().await {
-        codec::encode_response(&response, &mut out);
-        while let Some(Some(more)) = futures_lite::future::poll_once(pending.recv()).await {
-            codec::encode_response(&more, &mut out);
-        }
-        if writer.write_all(&out).await.is_err() {
-            return;
-        }
-        out.clear();
+async fn send(writer: &mut futures_lite::io::WriteHalf<TcpStream>, out: &mut Writer) -> std::io::Result<()> {
+    for chunk in std::mem::take(out).finish() {
+        writer.write_all(&chunk).await?;
     }
-    let _ = writer.flush().await;
+    Ok(())
+}
+
+/// Answers Kafka requests. Returns `None` when the request asked for no response (produce
+/// with acks 0).
+pub trait KafkaHandler: 'static {
+    fn handle(&self, request: kafka::Request) -> impl Future<Output = Option<kafka::ResponseBody>>;
+}
+
+/// The Kafka wire protocol over a [`KafkaHandler`].
+///
+/// Kafka clients require responses in request order, so requests of a connection are handled
+/// concurrently but answered in order. A frame that cannot be a request (over
+/// `max_request_bytes`, negative, too short, an unknown API, a version that is not served, or
+/// a body that does not decode) closes the connection, as Kafka brokers do; an ApiVersions
+/// request of an unknown version instead gets error 35 in a v0 body, so that a newer client
+/// learns which versions to use.
+pub struct Kafka<H> {
+    pub handler: H,
+    pub max_request_bytes: usize,
+}
+
+pub struct KafkaResponse {
+    api_key: i16,
+    version: i16,
+    correlation_id: i32,
+    body: KafkaBody,
+}
+
+enum KafkaBody {
+    Body(kafka::ResponseBody),
+    Encoded(Vec<Bytes>),
+}
+
+impl<H: KafkaHandler> Protocol for Kafka<H> {
+    type Request = kafka::Request;
+    type Response = KafkaResponse;
+    const ORDERED: bool = true;
+
+    fn next_frame(&self, buffer: &mut BytesMut) -> Option<Result<Bytes, Option<KafkaResponse>>> {
+        let prefix: [u8; kafka::FRAME_PREFIX_BYTES] =
+            buffer.get(..kafka::FRAME_PREFIX_BYTES)?.try_into().expect("length checked");
+        let size = i32::from_be_bytes(prefix);
+        if size < 0 || size as usize > self.max_request_bytes {
+            return Some(Err(None));
+        }
+        cut_frame(buffer, kafka::FRAME_PREFIX_BYTES, size as usize).map(Ok)
+    }
+
+    fn decode(&self, frame: Bytes) -> Decoded<kafka::Request, KafkaResponse> {
+        let prefix = kafka::RequestPrefix::peek(&frame);
+        match kafka::decode_request(frame) {
+            Ok(request) => Decoded::Request(request),
+            Err(kafka::RequestError::UnsupportedVersion { api_key: kafka::api::API_VERSIONS, version }) => {
+                let correlation_id = prefix.map_or(0, |p| p.correlation_id);
+                Decoded::Reply(KafkaResponse {
+                    api_key: kafka::api::API_VERSIONS,
+                    version,
+                    correlation_id,
+                    body: KafkaBody::Encoded(kafka::api_versions_unsupported(correlation_id)),
+                })
+            }
+            Err(_) => Decoded::Close(None),
+        }
+    }
+
+    async fn handle(&self, request: kafka::Request) -> Option<KafkaResponse> {
+        let (api_key, version, correlation_id) = (
+            request.header.request_api_key,
+            request.header.request_api_version,
+            request.header.correlation_id,
+        );
+        let body = self.handler.handle(request).await?;
+        Some(KafkaResponse { api_key, version, correlation_id, body: KafkaBody::Body(body) })
+    }
+
+    fn encode(&self, response: KafkaResponse, out: &mut Writer) -> Result<(), String> {
+        let chunks = match response.body {
+            KafkaBody::Encoded(chunks) => chunks,
+            KafkaBody::Body(body) => {
+                kafka::encode_response(response.api_key, response.version, response.correlation_id, &body)
+                    .map_err(|e| format!("API key {} v{}: {e}", response.api_key, response.version))?
+            }
+        };
+        for chunk in chunks {
+            out.shared(chunk);
+        }
+        Ok(())
+    }
 }

@@ -19,6 +19,14 @@ pub enum ShardError {
     /// A disk error; for writes it is permanent until the node restarts (fsyncgate).
     #[error("storage error: {0}")]
     Storage(String),
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    #[error("invalid partitions: {0}")]
+    InvalidPartitions(String),
+    #[error("out of order sequence: {0}")]
+    OutOfOrderSequence(String),
+    #[error("fenced producer: {0}")]
+    InvalidProducerEpoch(String),
     #[error("the node is shutting down")]
     ShuttingDown,
 }

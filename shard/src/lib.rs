@@ -18,6 +18,7 @@ mod cache;
 mod error;
 mod event;
 mod partition;
+pub mod producers;
 mod shard;
 pub mod topics;
 

@@ -10,7 +10,7 @@
 //! High watermark: what a consumer may read. In sync mode it is the durable offset, so a
 //! consumer never sees a record a crash could take back; in cached mode it is the log end.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use pyralog_dma::Log;
 
 use crate::cache::PartitionKey;
 use crate::event::Event;
+use crate::producers::ProducerStates;
 
 /// What an acknowledged produce promises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +45,8 @@ pub(crate) struct Partition {
     pub closing: Cell<bool>,
     pub flusher_done: Event,
     pub flusher_running: Cell<bool>,
+    /// Idempotent producers' recent sequences.
+    pub producers: RefCell<ProducerStates>,
 }
 
 impl Partition {
@@ -66,6 +69,7 @@ impl Partition {
             closing: Cell::new(false),
             flusher_done: Event::default(),
             flusher_running: Cell::new(false),
+            producers: RefCell::new(ProducerStates::default()),
         }
     }
 

@@ -19,7 +19,8 @@ use pyralog_dma::{batch, Log, LogConfig};
 
 use crate::cache::ShardCache;
 use crate::partition::{Durability, Partition};
-use crate::topics::{self, TopicTable};
+use crate::producers::{self, ProducerStates, Verdict};
+use crate::topics::{self, TopicConfig, TopicMeta, TopicTable};
 use crate::ShardError;
 
 /// Messages in flight between two shards, per direction.
@@ -88,14 +89,21 @@ pub enum Op {
     CreateTopic {
         name: String,
         partitions: u32,
+        config: TopicConfig,
+    },
+    /// Grow a topic to `partitions`.
+    CreatePartitions {
+        name: String,
+        partitions: u32,
     },
     DeleteTopic {
         name: String,
     },
-    /// From shard 0 to every shard: the topic now exists, open your partitions of it.
+    /// From shard 0 to every shard: the topic now exists (or has more partitions), open your
+    /// partitions of it.
     ApplyCreate {
         name: String,
-        partitions: u32,
+        meta: TopicMeta,
     },
     /// From shard 0 to every shard: the topic is gone, close and delete your partitions.
     ApplyDelete {
@@ -153,8 +161,8 @@ impl Shard {
             replies: RefCell::new(HashMap::new()),
             shutting_down: Cell::new(false),
         });
-        for (name, partitions) in table.iter() {
-            shard.apply_create(name, partitions).await?;
+        for (name, meta) in table.iter_meta() {
+            shard.apply_create(name, *meta).await?;
         }
         shard.spawn_mesh_receivers(receivers);
         glommio::spawn_local(Rc::clone(&shard).run_retention()).detach();
@@ -225,17 +233,26 @@ impl Shard {
         }
     }
 
-    pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<(), ShardError> {
         topics::validate_topic_name(name)?;
-        if partitions == 0 || partitions > topics::PARTITIONS_PER_TOPIC_MAX {
-            return Err(ShardError::InvalidTopic(format!(
-                "a topic has 1 to {} partitions, not {partitions}",
-                topics::PARTITIONS_PER_TOPIC_MAX
-            )));
-        }
-        match self.call(0, Op::CreateTopic { name: name.to_owned(), partitions }).await? {
+        check_partition_count(partitions)?;
+        match self.call(0, Op::CreateTopic { name: name.to_owned(), partitions, config }).await? {
             OpResult::Done(result) => result,
             other => unreachable!("create topic answered with {other:?}"),
+        }
+    }
+
+    /// Grows `name` to `partitions` partitions (never shrinks: Kafka cannot either).
+    pub async fn create_partitions(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
+        check_partition_count(partitions)?;
+        match self.call(0, Op::CreatePartitions { name: name.to_owned(), partitions }).await? {
+            OpResult::Done(result) => result,
+            other => unreachable!("create partitions answered with {other:?}"),
         }
     }
 
@@ -277,13 +294,14 @@ impl Shard {
             Op::ListOffsets { topic, partition, timestamp } => {
                 OpResult::Offset(self.list_offsets_local(&topic, partition, timestamp).await)
             }
-            Op::CreateTopic { name, partitions } => {
-                OpResult::Done(self.create_topic_as_leader(&name, partitions).await)
+            Op::CreateTopic { name, partitions, config } => {
+                OpResult::Done(self.create_topic_as_leader(&name, partitions, config).await)
+            }
+            Op::CreatePartitions { name, partitions } => {
+                OpResult::Done(self.create_partitions_as_leader(&name, partitions).await)
             }
             Op::DeleteTopic { name } => OpResult::Done(self.delete_topic_as_leader(&name).await),
-            Op::ApplyCreate { name, partitions } => {
-                OpResult::Done(self.apply_create(&name, partitions).await)
-            }
+            Op::ApplyCreate { name, meta } => OpResult::Done(self.apply_create(&name, meta).await),
             Op::ApplyDelete { name } => OpResult::Done(self.apply_delete(&name).await),
         }
     }
@@ -334,12 +352,38 @@ impl Shard {
         records: Bytes,
         wait_durable: bool,
     ) -> Result<Produced, ShardError> {
+        let max_message_bytes = self.topics.borrow().meta(topic).and_then(|m| m.config.max_message_bytes);
         let partition = self.local_partition(topic, partition)?;
         let headers = batch::parse_all(&records)?;
+        if let Some(limit) = max_message_bytes {
+            if let Some(big) = headers.iter().find(|h| h.total_bytes > limit) {
+                return Err(ShardError::TooLarge(format!(
+                    "a batch of {} bytes exceeds max.message.bytes={limit} of topic {topic}",
+                    big.total_bytes
+                )));
+            }
+        }
         while partition.log.unflushed_bytes() > UNFLUSHED_BYTES_MAX && partition.log.stopped().is_none() {
             partition.flushed.listen().await;
+            if partition.closing.get() {
+                return Err(ShardError::UnknownTopic(topic.to_owned()));
+            }
+        }
+        // No await between this check and the append: no other produce can slip in between.
+        let retried = check_producers(&partition.producers.borrow(), &headers)?;
+        if let Some(done) = retried {
+            if partition.durability == Durability::Sync && wait_durable {
+                partition.wait_durable(done.next_offset).await?;
+            }
+            return Ok(done);
         }
         let appended = partition.log.append(&records, &headers)?;
+        {
+            let mut producers = partition.producers.borrow_mut();
+            for stamped in &appended.batches {
+                producers.record(&stamped.header);
+            }
+        }
         {
             let mut cache = self.cache.borrow_mut();
             for stamped in &appended.batches {
@@ -371,6 +415,14 @@ impl Shard {
         let deadline = Instant::now() + limits.max_wait.min(FETCH_WAIT_MAX);
         let max_bytes = limits.max_bytes.max(1) as usize;
         loop {
+            // A long-poll can outlive its partition (topic deleted, node stopping).
+            if partition.closing.get() {
+                return Err(if self.shutting_down.get() {
+                    ShardError::ShuttingDown
+                } else {
+                    ShardError::UnknownTopic(topic.to_owned())
+                });
+            }
             let high_watermark = partition.high_watermark();
             let log_start_offset = partition.log.log_start_offset();
             if offset < log_start_offset || offset > high_watermark {
@@ -414,15 +466,46 @@ impl Shard {
         })
     }
 
-    async fn create_topic_as_leader(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
+    async fn create_topic_as_leader(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<(), ShardError> {
         assert_eq!(self.id, 0, "shard 0 decides topic changes");
         if self.topics.borrow().get(name).is_some() {
             return Err(ShardError::TopicAlreadyExists(name.to_owned()));
         }
+        // Files left by a delete that a crash interrupted must not come back as the new topic's.
+        let dir = topics::topic_dir(&self.config.data_dir, name);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(ShardError::Storage(format!("removing leftover {}: {e}", dir.display())))
+            }
+            _ => {}
+        }
+        let meta = TopicMeta::new(partitions, config);
         let mut table = self.topics.borrow().clone();
-        table.insert(name, partitions);
+        table.insert(name, meta);
         table.persist(&self.config.data_dir)?;
-        self.broadcast(|| Op::ApplyCreate { name: name.to_owned(), partitions }).await
+        self.broadcast(|| Op::ApplyCreate { name: name.to_owned(), meta }).await
+    }
+
+    async fn create_partitions_as_leader(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
+        assert_eq!(self.id, 0, "shard 0 decides topic changes");
+        let mut meta =
+            self.topics.borrow().meta(name).ok_or_else(|| ShardError::UnknownTopic(name.to_owned()))?;
+        if partitions <= meta.partitions {
+            return Err(ShardError::InvalidPartitions(format!(
+                "topic '{name}' has {} partitions; it can only grow, not to {partitions}",
+                meta.partitions
+            )));
+        }
+        meta.partitions = partitions;
+        let mut table = self.topics.borrow().clone();
+        table.insert(name, meta);
+        table.persist(&self.config.data_dir)?;
+        self.broadcast(|| Op::ApplyCreate { name: name.to_owned(), meta }).await
     }
 
     async fn delete_topic_as_leader(&self, name: &str) -> Result<(), ShardError> {
@@ -454,13 +537,18 @@ impl Shard {
 
     /// Opens this shard's partitions of the topic, then makes the topic visible here, so a
     /// request routed by this shard's table never finds a partition still opening.
-    async fn apply_create(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
-        for partition in (0..partitions).filter(|p| self.owner_of(name, *p) == self.id) {
+    async fn apply_create(&self, name: &str, meta: TopicMeta) -> Result<(), ShardError> {
+        for partition in (0..meta.partitions).filter(|p| self.owner_of(name, *p) == self.id) {
+            if self.partitions.borrow().contains_key(&(name.to_owned(), partition)) {
+                continue;
+            }
             let dir = topics::partition_dir(&self.config.data_dir, name, partition);
             let log = Log::open(&dir, self.config.log.clone()).await?;
+            let producers = rebuild_producers(&log).await?;
             let key = self.next_partition_key.get();
             self.next_partition_key.set(key + 1);
             let partition = Rc::new(Partition::new(name, partition, key, log, self.config.durability));
+            *partition.producers.borrow_mut() = producers;
             partition.flusher_running.set(true);
             let cache = Rc::clone(&self.cache);
             let flusher = Rc::clone(&partition).run_flusher(move |p| {
@@ -469,7 +557,7 @@ impl Shard {
             glommio::spawn_local(flusher).detach();
             self.partitions.borrow_mut().insert((name.to_owned(), partition.partition), partition);
         }
-        self.topics.borrow_mut().insert(name, partitions);
+        self.topics.borrow_mut().insert(name, meta);
         Ok(())
     }
 
@@ -527,4 +615,65 @@ impl Shard {
     pub fn partition_count(&self) -> usize {
         self.partitions.borrow().len()
     }
+}
+
+fn check_partition_count(partitions: u32) -> Result<(), ShardError> {
+    if partitions == 0 || partitions > topics::PARTITIONS_PER_TOPIC_MAX {
+        return Err(ShardError::InvalidPartitions(format!(
+            "a topic has 1 to {} partitions, not {partitions}",
+            topics::PARTITIONS_PER_TOPIC_MAX
+        )));
+    }
+    Ok(())
+}
+
+/// Checks idempotent producers' sequences: `Some` when the payload is a retry of a batch
+/// already appended (answered with its first offsets, nothing appended again).
+fn check_producers(
+    states: &ProducerStates,
+    headers: &[batch::BatchHeader],
+) -> Result<Option<Produced>, ShardError> {
+    if headers.iter().all(|h| h.producer_id < 0) {
+        return Ok(None);
+    }
+    if let [header] = headers {
+        return Ok(match states.check(header)? {
+            Verdict::Append => None,
+            Verdict::Duplicate { base_offset, next_offset } => Some(Produced { base_offset, next_offset }),
+        });
+    }
+    // Several batches: each must follow the one before it; a retry must come alone.
+    let mut simulated = states.clone();
+    for header in headers {
+        if let Verdict::Duplicate { .. } = simulated.check(header)? {
+            return Err(ShardError::OutOfOrderSequence(format!(
+                "a retried batch of producer {} arrived together with other batches",
+                header.producer_id
+            )));
+        }
+        simulated.record(header);
+    }
+    Ok(None)
+}
+
+/// Rebuilds idempotent producer state from the headers of the log's newest batches.
+async fn rebuild_producers(log: &Log) -> Result<ProducerStates, ShardError> {
+    let mut states = ProducerStates::default();
+    let mut offset = log.recent_start_offset(producers::REBUILD_SCAN_BYTES);
+    while offset < log.next_offset() {
+        let Some(bytes) = log.read(offset, 1 << 20).await? else { break };
+        let mut at = 0;
+        while let Some(header) = batch::stored_header(&bytes[at..]) {
+            if at + header.total_bytes as usize > bytes.len() {
+                break;
+            }
+            states.record(&header);
+            offset = header.next_offset();
+            at += header.total_bytes as usize;
+        }
+        if at == 0 {
+            break;
+        }
+    }
+    Ok(states)
 }

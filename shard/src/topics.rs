@@ -17,11 +17,90 @@ pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 /// Most partitions one topic may have.
 pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
 const META_FILE_NAME: &str = "topics.meta";
-const META_HEADER: &str = "pyralog-topics v1";
+const META_HEADER_V1: &str = "pyralog-topics v1";
+const META_HEADER: &str = "pyralog-topics v2";
+
+/// What the node knows of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicMeta {
+    pub partitions: u32,
+    /// Random, fixed at creation (Kafka's topic id).
+    pub id: [u8; 16],
+    pub config: TopicConfig,
+}
+
+/// Per-topic settings that override the node's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicConfig {
+    /// Largest batch a produce may append (Kafka's max.message.bytes).
+    pub max_message_bytes: Option<u32>,
+}
+
+impl TopicConfig {
+    /// The setting names this node understands, as Kafka spells them.
+    pub const NAMES: &[&str] = &["max.message.bytes"];
+
+    /// Applies `name=value`; an unknown name or a bad value is an error naming it.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        match name {
+            "max.message.bytes" => {
+                let bytes: u32 = value
+                    .parse()
+                    .ok()
+                    .filter(|&b| b > 0)
+                    .ok_or_else(|| format!("max.message.bytes={value} is not a positive integer"))?;
+                self.max_message_bytes = Some(bytes);
+                Ok(())
+            }
+            _ => Err(format!("unsupported topic config '{name}' (supported: {})", Self::NAMES.join(", "))),
+        }
+    }
+}
+
+impl TopicMeta {
+    /// A new topic with a fresh random id.
+    pub fn new(partitions: u32, config: TopicConfig) -> TopicMeta {
+        TopicMeta { partitions, id: random_id(), config }
+    }
+}
+
+/// 16 random bytes from the kernel.
+fn random_id() -> [u8; 16] {
+    use std::io::Read;
+    let mut id = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .expect("reading /dev/urandom");
+    id
+}
+
+/// A stable id for a topic persisted before ids existed (format v1).
+fn legacy_id(name: &str) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    let hash = |seed: u64| name.bytes().fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    id[..8].copy_from_slice(&hash(0xcbf2_9ce4_8422_2325).to_be_bytes());
+    id[8..].copy_from_slice(&hash(0x8422_2325_cbf2_9ce4).to_be_bytes());
+    id
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<[u8; 16]> {
+    if text.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TopicTable {
-    topics: BTreeMap<String, u32>,
+    topics: BTreeMap<String, TopicMeta>,
 }
 
 pub fn validate_topic_name(name: &str) -> Result<(), ShardError> {
@@ -60,16 +139,25 @@ pub fn topic_dir(data_dir: &Path, topic: &str) -> PathBuf {
 }
 
 impl TopicTable {
+    /// The topic's partition count.
     pub fn get(&self, name: &str) -> Option<u32> {
+        self.topics.get(name).map(|meta| meta.partitions)
+    }
+
+    pub fn meta(&self, name: &str) -> Option<TopicMeta> {
         self.topics.get(name).copied()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.topics.iter().map(|(name, count)| (name.as_str(), *count))
+        self.topics.iter().map(|(name, meta)| (name.as_str(), meta.partitions))
     }
 
-    pub fn insert(&mut self, name: &str, partitions: u32) {
-        self.topics.insert(name.to_owned(), partitions);
+    pub fn iter_meta(&self) -> impl Iterator<Item = (&str, &TopicMeta)> {
+        self.topics.iter().map(|(name, meta)| (name.as_str(), meta))
+    }
+
+    pub fn insert(&mut self, name: &str, meta: TopicMeta) {
+        self.topics.insert(name.to_owned(), meta);
     }
 
     pub fn remove(&mut self, name: &str) -> bool {
@@ -86,18 +174,34 @@ impl TopicTable {
         let bad =
             |line: &str| ShardError::Storage(format!("{} has a malformed line: '{line}'", path.display()));
         let mut lines = text.lines();
-        if lines.next() != Some(META_HEADER) {
-            return Err(ShardError::Storage(format!(
-                "{} does not start with '{META_HEADER}'",
-                path.display()
-            )));
-        }
+        let legacy = match lines.next() {
+            Some(META_HEADER) => false,
+            Some(META_HEADER_V1) => true,
+            _ => {
+                return Err(ShardError::Storage(format!(
+                    "{} does not start with '{META_HEADER}'",
+                    path.display()
+                )))
+            }
+        };
         let mut table = TopicTable::default();
+        // v2: "<name> <partitions> <id hex> [<config>=<value> ...]"; v1: "<name> <partitions>".
         for line in lines.filter(|l| !l.is_empty()) {
-            let (name, count) = line.split_once(' ').ok_or_else(|| bad(line))?;
-            let count: u32 = count.parse().map_err(|_| bad(line))?;
+            let mut words = line.split(' ');
+            let (Some(name), Some(count)) = (words.next(), words.next()) else { return Err(bad(line)) };
             validate_topic_name(name).map_err(|_| bad(line))?;
-            table.insert(name, count);
+            let partitions: u32 = count.parse().map_err(|_| bad(line))?;
+            let id = if legacy {
+                legacy_id(name)
+            } else {
+                words.next().and_then(unhex).ok_or_else(|| bad(line))?
+            };
+            let mut config = TopicConfig::default();
+            for setting in words {
+                let (key, value) = setting.split_once('=').ok_or_else(|| bad(line))?;
+                config.set(key, value).map_err(|_| bad(line))?;
+            }
+            table.insert(name, TopicMeta { partitions, id, config });
         }
         Ok(table)
     }
@@ -109,8 +213,12 @@ impl TopicTable {
         let storage =
             |op: &str, e: std::io::Error| ShardError::Storage(format!("{op} {}: {e}", path.display()));
         let mut text = format!("{META_HEADER}\n");
-        for (name, count) in self.iter() {
-            text.push_str(&format!("{name} {count}\n"));
+        for (name, meta) in self.iter_meta() {
+            text.push_str(&format!("{name} {} {}", meta.partitions, hex(&meta.id)));
+            if let Some(bytes) = meta.config.max_message_bytes {
+                text.push_str(&format!(" max.message.bytes={bytes}"));
+            }
+            text.push('\n');
         }
         let mut file = std::fs::File::create(&temporary).map_err(|e| storage("creating", e))?;
         file.write_all(text.as_bytes()).map_err(|e| storage("writing", e))?;
@@ -145,11 +253,17 @@ mod tests {
     fn the_table_survives_a_round_trip_and_rejects_garbage() {
         let dir = tempfile::tempdir().unwrap();
         let mut table = TopicTable::default();
-        table.insert("a", 3);
-        table.insert("b.c", 12);
+        table.insert("a", TopicMeta::new(3, TopicConfig::default()));
+        table.insert("b.c", TopicMeta::new(12, TopicConfig { max_message_bytes: Some(1000) }));
+        assert_ne!(table.meta("a").unwrap().id, table.meta("b.c").unwrap().id);
         table.persist(dir.path()).unwrap();
         assert_eq!(TopicTable::load(dir.path()).unwrap(), table);
-        std::fs::write(dir.path().join(META_FILE_NAME), "pyralog-topics v1\nbad/name 3\n").unwrap();
+        std::fs::write(dir.path().join(META_FILE_NAME), "pyralog-topics v2\nbad/name 3\n").unwrap();
         assert!(TopicTable::load(dir.path()).is_err());
+        // A v1 table (no ids) still loads, with ids that do not change between loads.
+        std::fs::write(dir.path().join(META_FILE_NAME), "pyralog-topics v1\nold 2\n").unwrap();
+        let old = TopicTable::load(dir.path()).unwrap().meta("old").unwrap();
+        assert_eq!(old.partitions, 2);
+        assert_eq!(TopicTable::load(dir.path()).unwrap().meta("old").unwrap().id, old.id);
     }
 }

@@ -283,7 +283,13 @@ impl Writer {
         Records(self.finish()).to_bytes()
     }
 
-    fn shared(&mut self, chunk: Bytes) {
+    /// The buffer small writes go to, for encoders that write bytes directly.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.current
+    }
+
+    /// Appends a chunk, keeping it by reference when it is large.
+    pub fn shared(&mut self, chunk: Bytes) {
         if chunk.len() < SHARED_CHUNK_MIN {
             self.current.extend_from_slice(&chunk);
             return;

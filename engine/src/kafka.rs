@@ -1,0 +1,739 @@
+//! The Kafka listener's [`KafkaHandler`]: Kafka requests turned into shard calls.
+//!
+//! Batches go from the produce request to the log and from the log (or the shard cache) to the
+//! fetch response as the same bytes: no record is decoded or re-encoded on either path. The
+//! node is a single Kafka broker, id 0, the leader of every partition.
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_util::future::{join_all, select_all};
+use pyralog_net::kafka::messages::*;
+use pyralog_net::kafka::wire::{Records, Uuid};
+use pyralog_net::kafka::{error, Request, RequestBody, ResponseBody};
+use pyralog_net::server::KafkaHandler;
+use pyralog_shard::topics::{TopicConfig, TopicMeta};
+use pyralog_shard::{FetchLimits, Fetched, Shard, ShardError};
+
+use crate::groups;
+
+/// The node's id in Kafka metadata.
+pub const NODE_ID: i32 = 0;
+/// The cluster id reported in metadata.
+pub const CLUSTER_ID: &str = "pyralog";
+
+/// Settings of the Kafka listener, the same on every shard.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Host and port clients are told to connect to.
+    pub advertised_host: String,
+    pub advertised_port: u16,
+    pub auto_create_topics: bool,
+    /// Partitions of an auto-created topic, or of CreateTopics with -1.
+    pub default_partitions: u32,
+    /// What DescribeConfigs reports as the node's settings.
+    pub max_message_bytes: u32,
+    pub segment_bytes: u64,
+    pub retention_bytes: Option<u64>,
+    pub retention_ms: Option<u64>,
+}
+
+pub struct KafkaService {
+    pub shard: Rc<Shard>,
+    pub settings: Rc<KafkaSettings>,
+    pub groups: groups::Groups,
+    /// Producer ids handed out here: `first_producer_id + shard + shards * n`.
+    pub first_producer_id: i64,
+    pub producer_ids_issued: Cell<i64>,
+}
+
+/// The Kafka error code for a shard error.
+pub fn error_code(error: &ShardError) -> i16 {
+    match error {
+        ShardError::UnknownTopic(_) | ShardError::UnknownPartition { .. } => {
+            error::UNKNOWN_TOPIC_OR_PARTITION
+        }
+        ShardError::TopicAlreadyExists(_) => error::TOPIC_ALREADY_EXISTS,
+        ShardError::InvalidTopic(_) => error::INVALID_TOPIC_EXCEPTION,
+        ShardError::InvalidConfig(_) => error::INVALID_CONFIG,
+        ShardError::InvalidPartitions(_) => error::INVALID_PARTITIONS,
+        ShardError::CorruptBatch(_) => error::CORRUPT_MESSAGE,
+        ShardError::TooLarge(_) => error::MESSAGE_TOO_LARGE,
+        ShardError::OffsetOutOfRange(_) => error::OFFSET_OUT_OF_RANGE,
+        ShardError::OutOfOrderSequence(_) => error::OUT_OF_ORDER_SEQUENCE_NUMBER,
+        ShardError::InvalidProducerEpoch(_) => error::INVALID_PRODUCER_EPOCH,
+        ShardError::Storage(_) => error::KAFKA_STORAGE_ERROR,
+        // Retriable: the client refreshes metadata and tries again.
+        ShardError::ShuttingDown => error::NOT_LEADER_OR_FOLLOWER,
+    }
+}
+
+impl KafkaHandler for KafkaService {
+    async fn handle(&self, request: Request) -> Option<ResponseBody> {
+        let version = request.header.request_api_version;
+        let client_id = request.header.client_id.unwrap_or_default();
+        Some(match request.body {
+            RequestBody::ApiVersions(_) => ResponseBody::ApiVersions(api_versions()),
+            RequestBody::Metadata(body) => ResponseBody::Metadata(self.metadata(body).await),
+            RequestBody::Produce(body) => return self.produce(body).await.map(ResponseBody::Produce),
+            RequestBody::Fetch(body) => ResponseBody::Fetch(self.fetch(body).await),
+            RequestBody::ListOffsets(body) => ResponseBody::ListOffsets(self.list_offsets(body).await),
+            RequestBody::CreateTopics(body) => ResponseBody::CreateTopics(self.create_topics(body).await),
+            RequestBody::DeleteTopics(body) => {
+                ResponseBody::DeleteTopics(self.delete_topics(body, version).await)
+            }
+            RequestBody::CreatePartitions(body) => {
+                ResponseBody::CreatePartitions(self.create_partitions(body).await)
+            }
+            RequestBody::DescribeConfigs(body) => ResponseBody::DescribeConfigs(self.describe_configs(body)),
+            RequestBody::InitProducerId(body) => ResponseBody::InitProducerId(self.init_producer_id(body)),
+            RequestBody::FindCoordinator(body) => ResponseBody::FindCoordinator(self.find_coordinator(body)),
+            RequestBody::JoinGroup(body) => {
+                ResponseBody::JoinGroup(self.groups.join(&self.shard, body, version, client_id).await)
+            }
+            RequestBody::SyncGroup(body) => {
+                ResponseBody::SyncGroup(self.groups.sync(&self.shard, body).await)
+            }
+            RequestBody::Heartbeat(body) => {
+                ResponseBody::Heartbeat(self.groups.heartbeat(&self.shard, body).await)
+            }
+            RequestBody::LeaveGroup(body) => {
+                ResponseBody::LeaveGroup(self.groups.leave(&self.shard, body, version).await)
+            }
+            RequestBody::OffsetCommit(body) => {
+                ResponseBody::OffsetCommit(self.groups.commit(&self.shard, body, version).await)
+            }
+            RequestBody::OffsetFetch(body) => {
+                ResponseBody::OffsetFetch(self.groups.fetch_offsets(&self.shard, body, version).await)
+            }
+            RequestBody::ListGroups(body) => {
+                ResponseBody::ListGroups(self.groups.list(&self.shard, body).await)
+            }
+            RequestBody::DescribeGroups(body) => {
+                ResponseBody::DescribeGroups(self.groups.describe(&self.shard, body).await)
+            }
+        })
+    }
+}
+
+fn api_versions() -> api_versions_response::ApiVersionsResponse {
+    use api_versions_response::{ApiVersion, ApiVersionsResponse};
+    ApiVersionsResponse {
+        error_code: error::NONE,
+        api_keys: pyralog_net::kafka::SUPPORTED
+            .iter()
+            .map(|&(api_key, min_version, max_version)| ApiVersion { api_key, min_version, max_version })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+impl KafkaService {
+    /// Creates `topic` if it is missing and auto-creation is on; true when it exists now.
+    async fn ensure_topic(&self, topic: &str, allow: bool) -> Result<bool, ShardError> {
+        if self.shard.topics().get(topic).is_some() {
+            return Ok(true);
+        }
+        if !(allow && self.settings.auto_create_topics) {
+            return Ok(false);
+        }
+        match self.shard.create_topic(topic, self.settings.default_partitions, TopicConfig::default()).await {
+            Ok(()) | Err(ShardError::TopicAlreadyExists(_)) => Ok(true),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn broker(&self) -> metadata_response::MetadataResponseBroker {
+        metadata_response::MetadataResponseBroker {
+            node_id: NODE_ID,
+            host: self.settings.advertised_host.clone(),
+            port: i32::from(self.settings.advertised_port),
+            rack: None,
+        }
+    }
+
+    async fn metadata(&self, body: metadata_request::MetadataRequest) -> metadata_response::MetadataResponse {
+        use metadata_response::*;
+        let wanted: Option<Vec<String>> =
+            body.topics.map(|topics| topics.into_iter().filter_map(|t| t.name).collect());
+        let mut topics = Vec::new();
+        let describe = |name: &str, meta: TopicMeta| MetadataResponseTopic {
+            error_code: error::NONE,
+            name: Some(name.to_owned()),
+            topic_id: Uuid(meta.id),
+            is_internal: false,
+            partitions: (0..meta.partitions as i32)
+                .map(|partition| MetadataResponsePartition {
+                    error_code: error::NONE,
+                    partition_index: partition,
+                    leader_id: NODE_ID,
+                    leader_epoch: 0,
+                    replica_nodes: vec![NODE_ID],
+                    isr_nodes: vec![NODE_ID],
+                    offline_replicas: Vec::new(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        match wanted {
+            None => {
+                for (name, meta) in self.shard.topics().iter_meta() {
+                    topics.push(describe(name, *meta));
+                }
+            }
+            Some(names) => {
+                for name in names {
+                    let exists = self.ensure_topic(&name, body.allow_auto_topic_creation).await;
+                    let meta = self.shard.topics().meta(&name);
+                    topics.push(match (exists, meta) {
+                        (Ok(true), Some(meta)) => describe(&name, meta),
+                        (Err(error), _) => MetadataResponseTopic {
+                            error_code: error_code(&error),
+                            name: Some(name),
+                            ..Default::default()
+                        },
+                        _ => MetadataResponseTopic {
+                            error_code: error::UNKNOWN_TOPIC_OR_PARTITION,
+                            name: Some(name),
+                            ..Default::default()
+                        },
+                    });
+                }
+            }
+        }
+        MetadataResponse {
+            brokers: vec![self.broker()],
+            cluster_id: Some(CLUSTER_ID.to_owned()),
+            controller_id: NODE_ID,
+            topics,
+            ..Default::default()
+        }
+    }
+
+    async fn produce(
+        &self,
+        body: produce_request::ProduceRequest,
+    ) -> Option<produce_response::ProduceResponse> {
+        use produce_response::*;
+        let acks = body.acks;
+        let valid_acks = (-1..=1).contains(&acks);
+        let wait_durable = acks != 0;
+        let topics = body.topic_data.into_iter().map(|topic| async move {
+            let exists = if valid_acks { self.ensure_topic(&topic.name, true).await } else { Ok(true) };
+            let partitions = topic.partition_data.into_iter().map(|p| {
+                let name = &topic.name;
+                let exists = &exists;
+                async move {
+                    let result = match (valid_acks, exists, p.records) {
+                        (false, _, _) => {
+                            Err((error::INVALID_REQUIRED_ACKS, format!("acks={acks} is not 0, 1 or -1")))
+                        }
+                        (_, Err(error), _) => Err((error_code(error), error.to_string())),
+                        (_, Ok(false), _) => {
+                            Err((error::UNKNOWN_TOPIC_OR_PARTITION, format!("unknown topic '{name}'")))
+                        }
+                        (_, _, None) => Err((error::INVALID_RECORD, "no records".to_owned())),
+                        (_, _, Some(records)) => {
+                            let partition = u32::try_from(p.index).unwrap_or(u32::MAX);
+                            self.shard
+                                .produce(name, partition, records.to_bytes(), wait_durable)
+                                .await
+                                .map_err(|error| (error_code(&error), error.to_string()))
+                        }
+                    };
+                    match result {
+                        Ok(done) => PartitionProduceResponse {
+                            index: p.index,
+                            error_code: error::NONE,
+                            base_offset: done.base_offset,
+                            log_append_time_ms: -1,
+                            log_start_offset: -1,
+                            ..Default::default()
+                        },
+                        Err((code, message)) => PartitionProduceResponse {
+                            index: p.index,
+                            error_code: code,
+                            base_offset: -1,
+                            log_append_time_ms: -1,
+                            log_start_offset: -1,
+                            error_message: Some(message),
+                            ..Default::default()
+                        },
+                    }
+                }
+            });
+            TopicProduceResponse { partition_responses: join_all(partitions).await, name: topic.name.clone() }
+        });
+        let responses = join_all(topics).await;
+        (acks != 0).then(|| ProduceResponse { responses, ..Default::default() })
+    }
+
+    async fn fetch(&self, body: fetch_request::FetchRequest) -> fetch_response::FetchResponse {
+        use fetch_response::*;
+        let wanted: Vec<(String, i32, i64, i32)> = body
+            .topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions
+                    .iter()
+                    .map(|p| (t.topic.clone(), p.partition, p.fetch_offset, p.partition_max_bytes))
+            })
+            .collect();
+        let min_bytes = body.min_bytes.max(0) as usize;
+        let max_wait = Duration::from_millis(body.max_wait_ms.max(0) as u64);
+        let mut results = self.fetch_once(&wanted, body.max_bytes).await;
+        let bytes: usize = results.iter().map(|r| r.as_ref().map_or(0, fetched_bytes)).sum();
+        let failed = results.iter().any(Result::is_err);
+        if bytes < min_bytes.max(1) && !failed && !max_wait.is_zero() && !wanted.is_empty() {
+            // Long-poll: wait on every partition at once; the first to see data (or the
+            // deadline) ends the wait, then everything is read again.
+            let waits: Vec<Pin<Box<dyn std::future::Future<Output = _>>>> = wanted
+                .iter()
+                .map(|(topic, partition, offset, _)| {
+                    let limits = FetchLimits { max_bytes: 1, min_bytes: 1, max_wait };
+                    let fetch = self.shard.fetch(topic, *partition as u32, *offset, limits);
+                    Box::pin(fetch) as Pin<Box<dyn std::future::Future<Output = _>>>
+                })
+                .collect();
+            let _ = select_all(waits).await;
+            results = self.fetch_once(&wanted, body.max_bytes).await;
+        }
+        let mut responses: Vec<FetchableTopicResponse> = Vec::new();
+        for ((topic, partition, _, _), result) in wanted.into_iter().zip(results) {
+            let data = match result {
+                Ok(fetched) => PartitionData {
+                    partition_index: partition,
+                    error_code: error::NONE,
+                    high_watermark: fetched.high_watermark,
+                    last_stable_offset: fetched.high_watermark,
+                    log_start_offset: fetched.log_start_offset,
+                    aborted_transactions: Some(Vec::new()),
+                    preferred_read_replica: -1,
+                    records: Some(Records(fetched.records)),
+                    ..Default::default()
+                },
+                Err(error) => PartitionData {
+                    partition_index: partition,
+                    error_code: error_code(&error),
+                    high_watermark: -1,
+                    last_stable_offset: -1,
+                    log_start_offset: -1,
+                    aborted_transactions: Some(Vec::new()),
+                    preferred_read_replica: -1,
+                    records: Some(Records::default()),
+                    ..Default::default()
+                },
+            };
+            match responses.last_mut() {
+                Some(last) if last.topic == topic => last.partitions.push(data),
+                _ => responses.push(FetchableTopicResponse {
+                    topic,
+                    partitions: vec![data],
+                    ..Default::default()
+                }),
+            }
+        }
+        FetchResponse { error_code: error::NONE, session_id: 0, responses, ..Default::default() }
+    }
+
+    /// Reads every partition once without waiting, within the request's byte budget (the
+    /// first partition with data gets at least one batch, as in Kafka).
+    async fn fetch_once(
+        &self,
+        wanted: &[(String, i32, i64, i32)],
+        max_bytes: i32,
+    ) -> Vec<Result<Fetched, ShardError>> {
+        let mut budget = max_bytes.max(1) as u32;
+        let mut results = Vec::with_capacity(wanted.len());
+        for (topic, partition, offset, partition_max) in wanted {
+            let limits = FetchLimits {
+                max_bytes: (*partition_max).max(1).min(budget.max(1) as i32) as u32,
+                min_bytes: 0,
+                max_wait: Duration::ZERO,
+            };
+            let partition = u32::try_from(*partition).unwrap_or(u32::MAX);
+            let mut result = if budget == 0 && !wanted.is_empty() {
+                // Out of budget: report the partition's state with no records.
+                self.shard.fetch(topic, partition, *offset, FetchLimits { max_bytes: 1, ..limits }).await.map(
+                    |mut f| {
+                        f.records.clear();
+                        f
+                    },
+                )
+            } else {
+                self.shard.fetch(topic, partition, *offset, limits).await
+            };
+            if let Ok(fetched) = &mut result {
+                let bytes = fetched_bytes(fetched) as u32;
+                budget = budget.saturating_sub(bytes);
+            }
+            results.push(result);
+        }
+        results
+    }
+
+    async fn list_offsets(
+        &self,
+        body: list_offsets_request::ListOffsetsRequest,
+    ) -> list_offsets_response::ListOffsetsResponse {
+        use list_offsets_response::*;
+        let mut topics = Vec::new();
+        for topic in body.topics {
+            let mut partitions = Vec::new();
+            for p in topic.partitions {
+                let partition = u32::try_from(p.partition_index).unwrap_or(u32::MAX);
+                let offset = self.shard.list_offsets(&topic.name, partition, p.timestamp).await;
+                let timestamp = match (&offset, p.timestamp) {
+                    (Ok(offset), t) if t >= 0 && *offset >= 0 => {
+                        self.timestamp_at(&topic.name, partition, *offset).await.unwrap_or(-1)
+                    }
+                    _ => -1,
+                };
+                partitions.push(match offset {
+                    Ok(offset) => ListOffsetsPartitionResponse {
+                        partition_index: p.partition_index,
+                        error_code: error::NONE,
+                        timestamp,
+                        offset,
+                        leader_epoch: 0,
+                        ..Default::default()
+                    },
+                    Err(error) => ListOffsetsPartitionResponse {
+                        partition_index: p.partition_index,
+                        error_code: error_code(&error),
+                        timestamp: -1,
+                        offset: -1,
+                        ..Default::default()
+                    },
+                });
+            }
+            topics.push(ListOffsetsTopicResponse { name: topic.name, partitions });
+        }
+        ListOffsetsResponse { topics, ..Default::default() }
+    }
+
+    /// The largest timestamp of the batch holding `offset` (a lookup by time answers with the
+    /// batch it found; records inside a batch are not decoded).
+    async fn timestamp_at(&self, topic: &str, partition: u32, offset: i64) -> Option<i64> {
+        let limits = FetchLimits { max_bytes: 1, min_bytes: 0, max_wait: Duration::ZERO };
+        let fetched = self.shard.fetch(topic, partition, offset, limits).await.ok()?;
+        let first = fetched.records.first()?;
+        pyralog_dma::batch::stored_header(first).map(|h| h.max_timestamp)
+    }
+
+    async fn create_topics(
+        &self,
+        body: create_topics_request::CreateTopicsRequest,
+    ) -> create_topics_response::CreateTopicsResponse {
+        use create_topics_response::*;
+        let mut topics = Vec::new();
+        for topic in body.topics {
+            let partitions = if topic.num_partitions == -1 {
+                self.settings.default_partitions as i32
+            } else {
+                topic.num_partitions
+            };
+            let mut config = TopicConfig::default();
+            let mut failure: Option<(i16, String)> = None;
+            if !matches!(topic.replication_factor, -1 | 1) {
+                failure = Some((
+                    error::INVALID_REPLICATION_FACTOR,
+                    format!("replication factor {} on a single node; use 1 or -1", topic.replication_factor),
+                ));
+            } else if !topic.assignments.is_empty() {
+                failure =
+                    Some((error::INVALID_REQUEST, "manual replica assignments are not supported".to_owned()));
+            } else if partitions <= 0 {
+                failure = Some((error::INVALID_PARTITIONS, format!("{partitions} partitions")));
+            }
+            for setting in &topic.configs {
+                if failure.is_some() {
+                    break;
+                }
+                if let Err(message) = config.set(&setting.name, setting.value.as_deref().unwrap_or("")) {
+                    failure = Some((error::INVALID_CONFIG, message));
+                }
+            }
+            if failure.is_none() && body.validate_only {
+                if let Err(error) = pyralog_shard::topics::validate_topic_name(&topic.name) {
+                    failure = Some((error_code(&error), error.to_string()));
+                } else if self.shard.topics().get(&topic.name).is_some() {
+                    failure =
+                        Some((error::TOPIC_ALREADY_EXISTS, format!("topic '{}' already exists", topic.name)));
+                }
+            } else if failure.is_none() {
+                if let Err(error) = self.shard.create_topic(&topic.name, partitions as u32, config).await {
+                    failure = Some((error_code(&error), error.to_string()));
+                }
+            }
+            let meta = self.shard.topics().meta(&topic.name);
+            topics.push(match failure {
+                None => CreatableTopicResult {
+                    name: topic.name,
+                    topic_id: Uuid(meta.map_or([0; 16], |m| m.id)),
+                    error_code: error::NONE,
+                    error_message: None,
+                    num_partitions: partitions,
+                    replication_factor: 1,
+                    configs: Some(Vec::new()),
+                    ..Default::default()
+                },
+                Some((code, message)) => CreatableTopicResult {
+                    name: topic.name,
+                    error_code: code,
+                    error_message: Some(message),
+                    num_partitions: -1,
+                    replication_factor: -1,
+                    configs: None,
+                    ..Default::default()
+                },
+            });
+        }
+        CreateTopicsResponse { topics, ..Default::default() }
+    }
+
+    async fn delete_topics(
+        &self,
+        body: delete_topics_request::DeleteTopicsRequest,
+        version: i16,
+    ) -> delete_topics_response::DeleteTopicsResponse {
+        use delete_topics_response::*;
+        let names: Vec<Option<String>> = if version >= 6 {
+            body.topics
+                .into_iter()
+                .map(|t| {
+                    t.name.or_else(|| {
+                        self.shard
+                            .topics()
+                            .iter_meta()
+                            .find(|(_, m)| m.id == t.topic_id.0)
+                            .map(|(n, _)| n.to_owned())
+                    })
+                })
+                .collect()
+        } else {
+            body.topic_names.into_iter().map(Some).collect()
+        };
+        let mut responses = Vec::new();
+        for name in names {
+            let Some(name) = name else {
+                responses.push(DeletableTopicResult {
+                    name: None,
+                    error_code: error::UNKNOWN_TOPIC_OR_PARTITION,
+                    error_message: Some("no topic has that id".to_owned()),
+                    ..Default::default()
+                });
+                continue;
+            };
+            let id = self.shard.topics().meta(&name).map_or([0; 16], |m| m.id);
+            let result = self.shard.delete_topic(&name).await;
+            responses.push(DeletableTopicResult {
+                name: Some(name),
+                topic_id: Uuid(id),
+                error_code: result.as_ref().err().map_or(error::NONE, error_code),
+                error_message: result.err().map(|e| e.to_string()),
+            });
+        }
+        DeleteTopicsResponse { responses, ..Default::default() }
+    }
+
+    async fn create_partitions(
+        &self,
+        body: create_partitions_request::CreatePartitionsRequest,
+    ) -> create_partitions_response::CreatePartitionsResponse {
+        use create_partitions_response::*;
+        let mut results = Vec::new();
+        for topic in body.topics {
+            let result = if topic.assignments.as_ref().is_some_and(|a| !a.is_empty()) {
+                Err((error::INVALID_REQUEST, "manual replica assignments are not supported".to_owned()))
+            } else if topic.count <= 0 {
+                Err((error::INVALID_PARTITIONS, format!("{} partitions", topic.count)))
+            } else if body.validate_only {
+                match self.shard.topics().get(&topic.name) {
+                    None => {
+                        Err((error::UNKNOWN_TOPIC_OR_PARTITION, format!("unknown topic '{}'", topic.name)))
+                    }
+                    Some(now) if now >= topic.count as u32 => {
+                        Err((error::INVALID_PARTITIONS, format!("topic has {now} partitions already")))
+                    }
+                    Some(_) => Ok(()),
+                }
+            } else {
+                self.shard
+                    .create_partitions(&topic.name, topic.count as u32)
+                    .await
+                    .map_err(|e| (error_code(&e), e.to_string()))
+            };
+            results.push(CreatePartitionsTopicResult {
+                name: topic.name,
+                error_code: result.as_ref().err().map_or(error::NONE, |e| e.0),
+                error_message: result.err().map(|e| e.1),
+            });
+        }
+        CreatePartitionsResponse { results, ..Default::default() }
+    }
+
+    fn describe_configs(
+        &self,
+        body: describe_configs_request::DescribeConfigsRequest,
+    ) -> describe_configs_response::DescribeConfigsResponse {
+        use describe_configs_response::*;
+        const TOPIC: i8 = 2;
+        const BROKER: i8 = 4;
+        // config_source: 1 dynamic topic config, 4 static broker config, 5 default.
+        let settings = &self.settings;
+        let results = body
+            .resources
+            .into_iter()
+            .map(|resource| {
+                let topic_meta = (resource.resource_type == TOPIC)
+                    .then(|| self.shard.topics().meta(&resource.resource_name))
+                    .flatten();
+                let error = match resource.resource_type {
+                    TOPIC if topic_meta.is_none() => {
+                        Some((error::UNKNOWN_TOPIC_OR_PARTITION, "unknown topic"))
+                    }
+                    TOPIC | BROKER => None,
+                    _ => Some((error::INVALID_REQUEST, "only topic and broker configs are described")),
+                };
+                if let Some((code, message)) = error {
+                    return DescribeConfigsResult {
+                        error_code: code,
+                        error_message: Some(message.to_owned()),
+                        resource_type: resource.resource_type,
+                        resource_name: resource.resource_name,
+                        configs: Vec::new(),
+                    };
+                }
+                let topic_max = topic_meta.and_then(|m| m.config.max_message_bytes);
+                let node_source = |set: bool| if set { 4 } else { 5 };
+                let entries: Vec<(&str, String, i8)> = vec![
+                    (
+                        "max.message.bytes",
+                        topic_max.unwrap_or(settings.max_message_bytes).to_string(),
+                        if topic_max.is_some() { 1 } else { 4 },
+                    ),
+                    (
+                        "retention.ms",
+                        settings.retention_ms.map_or("-1".to_owned(), |v| v.to_string()),
+                        node_source(settings.retention_ms.is_some()),
+                    ),
+                    (
+                        "retention.bytes",
+                        settings.retention_bytes.map_or("-1".to_owned(), |v| v.to_string()),
+                        node_source(settings.retention_bytes.is_some()),
+                    ),
+                    ("segment.bytes", settings.segment_bytes.to_string(), 4),
+                    ("cleanup.policy", "delete".to_owned(), 5),
+                    ("compression.type", "producer".to_owned(), 5),
+                    ("message.timestamp.type", "CreateTime".to_owned(), 5),
+                    ("min.insync.replicas", "1".to_owned(), 5),
+                ];
+                let configs = entries
+                    .into_iter()
+                    .filter(|(name, _, _)| {
+                        resource.configuration_keys.as_ref().is_none_or(|keys| keys.iter().any(|k| k == name))
+                    })
+                    .map(|(name, value, source)| DescribeConfigsResourceResult {
+                        name: name.to_owned(),
+                        value: Some(value),
+                        read_only: name != "max.message.bytes",
+                        is_default: source == 5,
+                        config_source: source,
+                        is_sensitive: false,
+                        synonyms: Vec::new(),
+                        ..Default::default()
+                    })
+                    .collect();
+                DescribeConfigsResult {
+                    error_code: error::NONE,
+                    error_message: None,
+                    resource_type: resource.resource_type,
+                    resource_name: resource.resource_name,
+                    configs,
+                }
+            })
+            .collect();
+        DescribeConfigsResponse { results, ..Default::default() }
+    }
+
+    fn init_producer_id(
+        &self,
+        body: init_producer_id_request::InitProducerIdRequest,
+    ) -> init_producer_id_response::InitProducerIdResponse {
+        use init_producer_id_response::InitProducerIdResponse;
+        if body.transactional_id.is_some() {
+            return InitProducerIdResponse {
+                error_code: error::INVALID_REQUEST,
+                producer_id: -1,
+                producer_epoch: -1,
+                ..Default::default()
+            };
+        }
+        // A producer that knows its id asks for the next epoch (KIP-360); it keeps its id
+        // until the epoch would overflow.
+        if body.producer_id >= 0 && body.producer_epoch >= 0 && body.producer_epoch < i16::MAX - 1 {
+            return InitProducerIdResponse {
+                error_code: error::NONE,
+                producer_id: body.producer_id,
+                producer_epoch: body.producer_epoch + 1,
+                ..Default::default()
+            };
+        }
+        let n = self.producer_ids_issued.get();
+        self.producer_ids_issued.set(n + 1);
+        let producer_id = self.first_producer_id + self.shard.id as i64 + self.shard.count as i64 * n;
+        InitProducerIdResponse {
+            error_code: error::NONE,
+            producer_id,
+            producer_epoch: 0,
+            ..Default::default()
+        }
+    }
+
+    fn find_coordinator(
+        &self,
+        body: find_coordinator_request::FindCoordinatorRequest,
+    ) -> find_coordinator_response::FindCoordinatorResponse {
+        use find_coordinator_response::*;
+        let host = self.settings.advertised_host.clone();
+        let port = i32::from(self.settings.advertised_port);
+        let answer = |key: String| {
+            if body.key_type == 0 {
+                Coordinator {
+                    key,
+                    node_id: NODE_ID,
+                    host: host.clone(),
+                    port,
+                    error_code: error::NONE,
+                    error_message: None,
+                }
+            } else {
+                Coordinator {
+                    key,
+                    node_id: -1,
+                    host: String::new(),
+                    port: -1,
+                    error_code: error::COORDINATOR_NOT_AVAILABLE,
+                    error_message: Some("transactions are not supported".to_owned()),
+                }
+            }
+        };
+        let single = answer(body.key.clone());
+        FindCoordinatorResponse {
+            error_code: single.error_code,
+            error_message: single.error_message.clone(),
+            node_id: single.node_id,
+            host: single.host.clone(),
+            port: single.port,
+            coordinators: body.coordinator_keys.into_iter().map(answer).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+fn fetched_bytes(fetched: &Fetched) -> usize {
+    fetched.records.iter().map(|b| b.len()).sum()
+}
