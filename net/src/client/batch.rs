@@ -41,6 +41,9 @@ const ATTRIBUTES_AT: usize = 21;
 const LAST_OFFSET_DELTA_AT: usize = 23;
 const BASE_TIMESTAMP_AT: usize = 27;
 const MAX_TIMESTAMP_AT: usize = 35;
+const PRODUCER_ID_AT: usize = 43;
+const PRODUCER_EPOCH_AT: usize = 51;
+const BASE_SEQUENCE_AT: usize = 53;
 const RECORD_COUNT_AT: usize = 57;
 
 const COMPRESSION_MASK: i16 = 0x07;
@@ -72,6 +75,17 @@ pub struct BatchBuilder {
     record_count: i32,
     base_timestamp_ms: i64,
     max_timestamp_ms: i64,
+    producer: Option<IdempotentProducer>,
+}
+
+/// The identity an idempotent producer stamps on a batch: the broker appends a batch once
+/// however often it is sent, and refuses gaps in the sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotentProducer {
+    pub producer_id: i64,
+    pub epoch: i16,
+    /// The sequence number of the batch's first record.
+    pub base_sequence: i32,
 }
 
 impl BatchBuilder {
@@ -79,7 +93,19 @@ impl BatchBuilder {
     pub fn new(base_timestamp_ms: i64, capacity_bytes: usize) -> BatchBuilder {
         let mut buf = BytesMut::with_capacity(capacity_bytes.clamp(BATCH_HEADER_BYTES, BATCH_BYTES_MAX));
         buf.put_bytes(0, BATCH_HEADER_BYTES);
-        BatchBuilder { buf, record_count: 0, base_timestamp_ms, max_timestamp_ms: base_timestamp_ms }
+        BatchBuilder {
+            buf,
+            record_count: 0,
+            base_timestamp_ms,
+            max_timestamp_ms: base_timestamp_ms,
+            producer: None,
+        }
+    }
+
+    /// Marks the batch as sent by an idempotent producer.
+    pub fn idempotent(mut self, producer: IdempotentProducer) -> BatchBuilder {
+        self.producer = Some(producer);
+        self
     }
 
     pub fn record_count(&self) -> u32 {
@@ -156,9 +182,11 @@ impl BatchBuilder {
         header[LAST_OFFSET_DELTA_AT..BASE_TIMESTAMP_AT].copy_from_slice(&last_offset_delta.to_be_bytes());
         header[BASE_TIMESTAMP_AT..MAX_TIMESTAMP_AT].copy_from_slice(&self.base_timestamp_ms.to_be_bytes());
         header[MAX_TIMESTAMP_AT..43].copy_from_slice(&self.max_timestamp_ms.to_be_bytes());
-        header[43..51].copy_from_slice(&(-1i64).to_be_bytes());
-        header[51..53].copy_from_slice(&(-1i16).to_be_bytes());
-        header[53..RECORD_COUNT_AT].copy_from_slice(&(-1i32).to_be_bytes());
+        let producer =
+            self.producer.unwrap_or(IdempotentProducer { producer_id: -1, epoch: -1, base_sequence: -1 });
+        header[PRODUCER_ID_AT..PRODUCER_EPOCH_AT].copy_from_slice(&producer.producer_id.to_be_bytes());
+        header[PRODUCER_EPOCH_AT..BASE_SEQUENCE_AT].copy_from_slice(&producer.epoch.to_be_bytes());
+        header[BASE_SEQUENCE_AT..RECORD_COUNT_AT].copy_from_slice(&producer.base_sequence.to_be_bytes());
         header[RECORD_COUNT_AT..BATCH_HEADER_BYTES].copy_from_slice(&self.record_count.to_be_bytes());
         let crc = crc32c::crc32c(&self.buf[ATTRIBUTES_AT..]);
         self.buf[CRC_AT..ATTRIBUTES_AT].copy_from_slice(&crc.to_be_bytes());

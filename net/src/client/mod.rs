@@ -21,6 +21,7 @@ pub mod connection;
 pub mod consumer;
 #[cfg(any(test, feature = "fake-broker"))]
 pub mod fake_broker;
+pub mod kafka;
 pub mod partitioner;
 pub mod producer;
 
@@ -31,9 +32,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
-pub use self::batch::{BatchBuilder, BatchError, Record, RecordReader};
+pub use self::batch::{BatchBuilder, BatchError, IdempotentProducer, Record, RecordReader};
 pub use self::connection::{ConnectOptions, Connection, PendingResponse};
 pub use self::consumer::{ConsumedRecord, Consumer, StartAt};
+pub use self::kafka::{KafkaClientError, KafkaConnection};
 pub use self::partitioner::{PartitionSelector, Partitioner};
 pub use self::producer::{DeliveryReport, Producer, ProducerConfig};
 pub use crate::codec::{
