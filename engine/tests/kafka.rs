@@ -240,7 +240,7 @@ fn produce_fetch_and_list_offsets_at_old_and_flexible_versions() {
             }],
             ..Default::default()
         };
-        for version in [1, 7] {
+        for version in [1, 6] {
             let ResponseBody::ListOffsets(response) =
                 conn.call(version, RequestBody::ListOffsets(request.clone())).unwrap()
             else {
