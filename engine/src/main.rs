@@ -68,6 +68,10 @@ pub struct NodeArgs {
     /// Partitions of an auto-created topic, and of a Kafka CreateTopics asking for the default.
     #[arg(long, default_value_t = 1)]
     pub default_partitions: u32,
+    /// How long the first member of an empty consumer group waits for others to join the
+    /// same generation (Kafka's group.initial.rebalance.delay.ms).
+    #[arg(long, default_value_t = 3000)]
+    pub group_initial_rebalance_delay_ms: u64,
     /// First per-shard port: shard i also listens on this port + i, so a shard-aware client
     /// reaches a partition's owner with no cross-core hop. Default: the --listen port + 1.
     /// 0 picks free ports (reported in metadata).

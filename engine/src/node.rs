@@ -25,7 +25,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use pyralog_dma::LogConfig;
 use pyralog_net::codec::ShardInfo;
 use pyralog_net::server::{self, ListenerConfig};
-use pyralog_shard::{Durability, Shard, ShardConfig, ShardMesh};
+use pyralog_shard::{Durability, GroupConfig, Shard, ShardConfig, ShardMesh};
 
 use crate::kafka::{KafkaService, KafkaSettings};
 use crate::service::{Service, Topology};
@@ -262,6 +262,10 @@ fn shard_config(args: &NodeArgs) -> ShardConfig {
             retention_ms: args.retention_ms,
         },
         cache_bytes: args.cache_bytes,
+        groups: GroupConfig {
+            initial_rebalance_delay: Duration::from_millis(args.group_initial_rebalance_delay_ms),
+            ..GroupConfig::default()
+        },
     }
 }
 

@@ -17,6 +17,7 @@
 mod cache;
 mod error;
 mod event;
+pub mod group;
 mod partition;
 pub mod producers;
 mod shard;
@@ -24,8 +25,12 @@ pub mod topics;
 
 pub use cache::ShardCache;
 pub use error::ShardError;
+pub use group::{
+    CommitRequest, GroupConfig, GroupCoordinator, GroupDescription, GroupError, GroupOp, GroupReply,
+    JoinRequest, JoinResult, Joined, MemberDescription, SyncRequest, SyncResult, Synced,
+};
 pub use partition::Durability;
 pub use shard::{
-    new_mesh, FetchLimits, Fetched, Message, Op, OpResult, Produced, Shard, ShardConfig, ShardMesh,
-    FETCH_WAIT_MAX, UNFLUSHED_BYTES_MAX,
+    group_log_of, new_mesh, FetchLimits, Fetched, Message, Op, OpResult, Produced, Shard, ShardConfig,
+    ShardMesh, FETCH_WAIT_MAX, GROUP_LOGS, UNFLUSHED_BYTES_MAX,
 };

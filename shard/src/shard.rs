@@ -18,6 +18,7 @@ use glommio::channels::local_channel;
 use pyralog_dma::{batch, Log, LogConfig};
 
 use crate::cache::ShardCache;
+use crate::group::{GroupConfig, GroupCoordinator, GroupOp, GroupReply};
 use crate::partition::{Durability, Partition};
 use crate::producers::{self, ProducerStates, Verdict};
 use crate::topics::{self, TopicConfig, TopicMeta, TopicTable};
@@ -31,6 +32,19 @@ pub const UNFLUSHED_BYTES_MAX: u64 = 64 << 20;
 pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
 /// How often retention runs.
 pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// Consumer groups are spread over this many offsets logs (`<data-dir>/groups/<n>/`), each
+/// with its coordinator on shard `n % shards`. Fixed for the life of a data directory, like
+/// Kafka's offsets.topic.num.partitions: it decides which log holds a group's offsets, so the
+/// shard count can change between runs without losing them.
+pub const GROUP_LOGS: usize = 8;
+
+/// The offsets log (and so the coordinator) of a consumer group.
+pub fn group_log_of(group_id: &str) -> usize {
+    let hash = group_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    (hash % GROUP_LOGS as u64) as usize
+}
 
 pub type ShardMesh = MeshBuilder<Message, Full>;
 
@@ -44,6 +58,7 @@ pub struct ShardConfig {
     pub durability: Durability,
     pub log: LogConfig,
     pub cache_bytes: u64,
+    pub groups: GroupConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +124,11 @@ pub enum Op {
     ApplyDelete {
         name: String,
     },
+    /// A request for the coordinator of offsets log `log`.
+    Group {
+        log: usize,
+        op: GroupOp,
+    },
 }
 
 #[derive(Debug)]
@@ -117,6 +137,7 @@ pub enum OpResult {
     Fetched(Result<Fetched, ShardError>),
     Offset(Result<i64, ShardError>),
     Done(Result<(), ShardError>),
+    Group(GroupReply),
 }
 
 #[derive(Debug)]
@@ -136,6 +157,8 @@ pub struct Shard {
     senders: Senders<Message>,
     next_request_id: Cell<u64>,
     replies: RefCell<HashMap<u64, local_channel::LocalSender<OpResult>>>,
+    /// The coordinators of the offsets logs this shard owns, by log number.
+    groups: RefCell<HashMap<usize, Rc<GroupCoordinator>>>,
     shutting_down: Cell<bool>,
 }
 
@@ -159,8 +182,16 @@ impl Shard {
             senders,
             next_request_id: Cell::new(0),
             replies: RefCell::new(HashMap::new()),
+            groups: RefCell::new(HashMap::new()),
             shutting_down: Cell::new(false),
         });
+        for log in (0..GROUP_LOGS).filter(|log| log % count == id) {
+            let dir = shard.config.data_dir.join("groups").join(log.to_string());
+            let coordinator =
+                GroupCoordinator::open_with(dir, shard.config.log.clone(), shard.config.groups.clone())
+                    .await?;
+            shard.groups.borrow_mut().insert(log, coordinator);
+        }
         for (name, meta) in table.iter_meta() {
             shard.apply_create(name, *meta).await?;
         }
@@ -263,6 +294,31 @@ impl Shard {
         }
     }
 
+    /// Runs a consumer-group request on the group's coordinator.
+    pub async fn group(&self, group_id: &str, op: GroupOp) -> Result<GroupReply, ShardError> {
+        self.group_on(group_log_of(group_id), op).await
+    }
+
+    /// Every consumer group of the node: (group id, protocol type, state).
+    pub async fn list_groups(&self) -> Result<Vec<(String, String, String)>, ShardError> {
+        let mut all = Vec::new();
+        for log in 0..GROUP_LOGS {
+            match self.group_on(log, GroupOp::List).await? {
+                GroupReply::Groups(groups) => all.extend(groups),
+                other => unreachable!("list groups answered with {other:?}"),
+            }
+        }
+        all.sort();
+        Ok(all)
+    }
+
+    async fn group_on(&self, log: usize, op: GroupOp) -> Result<GroupReply, ShardError> {
+        match self.call(log % self.count, Op::Group { log, op }).await? {
+            OpResult::Group(reply) => Ok(reply),
+            other => unreachable!("a group request answered with {other:?}"),
+        }
+    }
+
     /// Runs `op` on shard `target`: here, or over the mesh.
     async fn call(&self, target: usize, op: Op) -> Result<OpResult, ShardError> {
         if self.shutting_down.get() {
@@ -303,6 +359,12 @@ impl Shard {
             Op::DeleteTopic { name } => OpResult::Done(self.delete_topic_as_leader(&name).await),
             Op::ApplyCreate { name, meta } => OpResult::Done(self.apply_create(&name, meta).await),
             Op::ApplyDelete { name } => OpResult::Done(self.apply_delete(&name).await),
+            Op::Group { log, op } => {
+                let coordinator = self.groups.borrow().get(&log).cloned();
+                let coordinator =
+                    coordinator.unwrap_or_else(|| panic!("offsets log {log} is not on shard {}", self.id));
+                OpResult::Group(coordinator.execute(op).await)
+            }
         }
     }
 
@@ -600,6 +662,10 @@ impl Shard {
     pub async fn shutdown(&self) -> Result<(), ShardError> {
         self.shutting_down.set(true);
         let partitions: Vec<Rc<Partition>> = self.partitions.borrow_mut().drain().map(|(_, p)| p).collect();
+        let coordinators: Vec<Rc<GroupCoordinator>> = self.groups.borrow().values().cloned().collect();
+        for coordinator in coordinators {
+            coordinator.close().await;
+        }
         let mut first_error = None;
         for partition in partitions {
             partition.stop_flusher().await;
