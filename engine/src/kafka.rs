@@ -384,12 +384,13 @@ impl KafkaService {
             let mut partitions = Vec::new();
             for p in topic.partitions {
                 let partition = u32::try_from(p.partition_index).unwrap_or(u32::MAX);
-                let offset = self.shard.list_offsets(&topic.name, partition, p.timestamp).await;
-                let timestamp = match (&offset, p.timestamp) {
-                    (Ok(offset), t) if t >= 0 && *offset >= 0 => {
-                        self.timestamp_at(&topic.name, partition, *offset).await.unwrap_or(-1)
+                let found = self.shard.list_offsets(&topic.name, partition, p.timestamp).await;
+                let (offset, timestamp) = match found {
+                    Ok(offset) if p.timestamp >= 0 && offset >= 0 => {
+                        let exact = self.record_at_time(&topic.name, partition, offset, p.timestamp).await;
+                        (Ok(exact.0), exact.1)
                     }
-                    _ => -1,
+                    other => (other, -1),
                 };
                 partitions.push(match offset {
                     Ok(offset) => ListOffsetsPartitionResponse {
@@ -414,13 +415,29 @@ impl KafkaService {
         ListOffsetsResponse { topics, ..Default::default() }
     }
 
-    /// The largest timestamp of the batch holding `offset` (a lookup by time answers with the
-    /// batch it found; records inside a batch are not decoded).
-    async fn timestamp_at(&self, topic: &str, partition: u32, offset: i64) -> Option<i64> {
+    /// The first record at or after `timestamp` in the batch at `batch_offset` (the one the
+    /// time index found): its offset and timestamp. A compressed batch is not decoded: its base
+    /// offset and max timestamp stand for it.
+    async fn record_at_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch_offset: i64,
+        timestamp: i64,
+    ) -> (i64, i64) {
         let limits = FetchLimits { max_bytes: 1, min_bytes: 0, max_wait: Duration::ZERO };
-        let fetched = self.shard.fetch(topic, partition, offset, limits).await.ok()?;
-        let first = fetched.records.first()?;
-        pyralog_dma::batch::stored_header(first).map(|h| h.max_timestamp)
+        let Ok(fetched) = self.shard.fetch(topic, partition, batch_offset, limits).await else {
+            return (batch_offset, -1);
+        };
+        let Some(batch) = fetched.records.first() else { return (batch_offset, -1) };
+        let Some(header) = pyralog_dma::batch::stored_header(batch) else { return (batch_offset, -1) };
+        let exact = pyralog_net::client::RecordReader::new(batch.slice(..header.total_bytes as usize))
+            .map_while(Result::ok)
+            .find(|record| record.timestamp_ms >= timestamp && record.offset >= batch_offset);
+        match exact {
+            Some(record) => (record.offset, record.timestamp_ms),
+            None => (header.base_offset, header.max_timestamp),
+        }
     }
 
     async fn create_topics(
@@ -639,7 +656,8 @@ impl KafkaService {
                     .map(|(name, value, source)| DescribeConfigsResourceResult {
                         name: name.to_owned(),
                         value: Some(value),
-                        read_only: name != "max.message.bytes",
+                        // Nothing can be altered over Kafka yet (no AlterConfigs).
+                        read_only: true,
                         is_default: source == 5,
                         config_source: source,
                         is_sensitive: false,

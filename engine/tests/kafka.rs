@@ -226,8 +226,22 @@ fn produce_fetch_and_list_offsets_at_old_and_flexible_versions() {
     let data = fetch(&mut conn, 12, fetch_request("events", 1, 99, 0));
     assert_eq!(data.error_code, error::OFFSET_OUT_OF_RANGE);
 
+    // A batch whose records are 10 ms apart, to look up by time inside it.
+    let mut spread = BatchBuilder::new(1_750_000_000_000, 4096);
+    for (i, value) in ["t0", "t10", "t20"].iter().enumerate() {
+        spread.append(1_750_000_000_000 + 10 * i as i64, None, value.as_bytes());
+    }
+    assert_eq!(produce(&mut conn, 9, "events", 1, spread.finish()), (error::NONE, 5));
+
     use list_offsets_request::*;
-    for (timestamp, expected) in [(-2, 0), (-1, 5), (1_600_000_000_000, 0), (1_800_000_000_000, -1)] {
+    let cases = [
+        (-2, 0, -1),
+        (-1, 8, -1),
+        (1_600_000_000_000, 0, 1_700_000_000_000),
+        (1_750_000_000_015, 7, 1_750_000_000_020),
+        (1_800_000_000_000, -1, -1),
+    ];
+    for (timestamp, expected, expected_timestamp) in cases {
         let request = ListOffsetsRequest {
             replica_id: -1,
             topics: vec![ListOffsetsTopic {
@@ -249,6 +263,7 @@ fn produce_fetch_and_list_offsets_at_old_and_flexible_versions() {
             let partition = &response.topics[0].partitions[0];
             assert_eq!(partition.error_code, error::NONE);
             assert_eq!(partition.offset, expected, "timestamp {timestamp} version {version}");
+            assert_eq!(partition.timestamp, expected_timestamp, "timestamp {timestamp} version {version}");
         }
     }
 }
