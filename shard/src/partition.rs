@@ -47,6 +47,10 @@ pub(crate) struct Partition {
     pub flusher_running: Cell<bool>,
     /// Idempotent producers' recent sequences.
     pub producers: RefCell<ProducerStates>,
+    /// One produce at a time from arrival to append, first come first served: requests
+    /// pipelined on a connection are appended in the order they were sent, even when some
+    /// wait for a flush (an idempotent producer's sequences depend on it).
+    pub append_turn: glommio::sync::Semaphore,
 }
 
 impl Partition {
@@ -70,6 +74,7 @@ impl Partition {
             flusher_done: Event::default(),
             flusher_running: Cell::new(false),
             producers: RefCell::new(ProducerStates::default()),
+            append_turn: glommio::sync::Semaphore::new(1),
         }
     }
 

@@ -425,15 +425,21 @@ impl Shard {
                 )));
             }
         }
-        while partition.log.unflushed_bytes() > UNFLUSHED_BYTES_MAX && partition.log.stopped().is_none() {
-            partition.flushed.listen().await;
+        let turn = partition.append_turn.acquire_permit(1).await.map_err(|_| ShardError::ShuttingDown)?;
+        loop {
+            // The partition may have closed while this produce waited (topic deleted).
             if partition.closing.get() {
                 return Err(ShardError::UnknownTopic(topic.to_owned()));
             }
+            if partition.log.unflushed_bytes() <= UNFLUSHED_BYTES_MAX || partition.log.stopped().is_some() {
+                break;
+            }
+            partition.flushed.listen().await;
         }
         // No await between this check and the append: no other produce can slip in between.
         let retried = check_producers(&partition.producers.borrow(), &headers)?;
         if let Some(done) = retried {
+            drop(turn);
             if partition.durability == Durability::Sync && wait_durable {
                 partition.wait_durable(done.next_offset).await?;
             }
@@ -446,6 +452,7 @@ impl Shard {
                 producers.record(&stamped.header);
             }
         }
+        drop(turn);
         {
             let mut cache = self.cache.borrow_mut();
             for stamped in &appended.batches {
