@@ -395,6 +395,11 @@ impl Log {
         Ok(None)
     }
 
+    /// The largest record timestamp among durable batches, if any batch carries one.
+    pub fn max_timestamp(&self) -> Option<i64> {
+        self.segments.borrow().values().map(|s| s.index.borrow().max_timestamp).filter(|&t| t >= 0).max()
+    }
+
     /// The first offset whose batch has a max timestamp at or after `timestamp`, among durable
     /// batches; `None` if there is none.
     pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<i64>> {

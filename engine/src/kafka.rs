@@ -21,6 +21,8 @@ use crate::groups;
 
 /// The node's id in Kafka metadata.
 pub const NODE_ID: i32 = 0;
+/// ListOffsets' timestamp asking for the record with the largest timestamp (v7+).
+const MAX_TIMESTAMP: i64 = -3;
 /// The cluster id reported in metadata.
 pub const CLUSTER_ID: &str = "pyralog";
 
@@ -79,7 +81,9 @@ impl KafkaHandler for KafkaService {
             RequestBody::Metadata(body) => ResponseBody::Metadata(self.metadata(body).await),
             RequestBody::Produce(body) => return self.produce(body).await.map(ResponseBody::Produce),
             RequestBody::Fetch(body) => ResponseBody::Fetch(self.fetch(body).await),
-            RequestBody::ListOffsets(body) => ResponseBody::ListOffsets(self.list_offsets(body).await),
+            RequestBody::ListOffsets(body) => {
+                ResponseBody::ListOffsets(self.list_offsets(body, version).await)
+            }
             RequestBody::CreateTopics(body) => ResponseBody::CreateTopics(self.create_topics(body).await),
             RequestBody::DeleteTopics(body) => {
                 ResponseBody::DeleteTopics(self.delete_topics(body, version).await)
@@ -377,6 +381,7 @@ impl KafkaService {
     async fn list_offsets(
         &self,
         body: list_offsets_request::ListOffsetsRequest,
+        version: i16,
     ) -> list_offsets_response::ListOffsetsResponse {
         use list_offsets_response::*;
         let mut topics = Vec::new();
@@ -384,10 +389,25 @@ impl KafkaService {
             let mut partitions = Vec::new();
             for p in topic.partitions {
                 let partition = u32::try_from(p.partition_index).unwrap_or(u32::MAX);
+                if p.timestamp == MAX_TIMESTAMP && version < 7 {
+                    partitions.push(ListOffsetsPartitionResponse {
+                        partition_index: p.partition_index,
+                        error_code: error::UNSUPPORTED_VERSION,
+                        timestamp: -1,
+                        offset: -1,
+                        ..Default::default()
+                    });
+                    continue;
+                }
                 let found = self.shard.list_offsets(&topic.name, partition, p.timestamp).await;
                 let (offset, timestamp) = match found {
                     Ok(offset) if p.timestamp >= 0 && offset >= 0 => {
                         let exact = self.record_at_time(&topic.name, partition, offset, p.timestamp).await;
+                        (Ok(exact.0), exact.1)
+                    }
+                    Ok(offset) if p.timestamp == MAX_TIMESTAMP && offset >= 0 => {
+                        // The batch holding the largest timestamp: find that record in it.
+                        let exact = self.record_at_time(&topic.name, partition, offset, i64::MAX).await;
                         (Ok(exact.0), exact.1)
                     }
                     other => (other, -1),
@@ -431,6 +451,8 @@ impl KafkaService {
         };
         let Some(batch) = fetched.records.first() else { return (batch_offset, -1) };
         let Some(header) = pyralog_dma::batch::stored_header(batch) else { return (batch_offset, -1) };
+        // i64::MAX asks for the record holding the batch's max timestamp.
+        let timestamp = if timestamp == i64::MAX { header.max_timestamp } else { timestamp };
         let exact = pyralog_net::client::RecordReader::new(batch.slice(..header.total_bytes as usize))
             .map_while(Result::ok)
             .find(|record| record.timestamp_ms >= timestamp && record.offset >= batch_offset);

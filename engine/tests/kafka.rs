@@ -237,6 +237,8 @@ fn produce_fetch_and_list_offsets_at_old_and_flexible_versions() {
     let cases = [
         (-2, 0, -1),
         (-1, 8, -1),
+        // MAX_TIMESTAMP (v7): the record holding the largest timestamp.
+        (-3, 7, 1_750_000_000_020),
         (1_600_000_000_000, 0, 1_700_000_000_000),
         (1_750_000_000_015, 7, 1_750_000_000_020),
         (1_800_000_000_000, -1, -1),
@@ -254,13 +256,17 @@ fn produce_fetch_and_list_offsets_at_old_and_flexible_versions() {
             }],
             ..Default::default()
         };
-        for version in [1, 6] {
+        for version in [1, 7] {
             let ResponseBody::ListOffsets(response) =
                 conn.call(version, RequestBody::ListOffsets(request.clone())).unwrap()
             else {
                 panic!()
             };
             let partition = &response.topics[0].partitions[0];
+            if timestamp == -3 && version < 7 {
+                assert_eq!(partition.error_code, error::UNSUPPORTED_VERSION, "MAX_TIMESTAMP needs v7");
+                continue;
+            }
             assert_eq!(partition.error_code, error::NONE);
             assert_eq!(partition.offset, expected, "timestamp {timestamp} version {version}");
             assert_eq!(partition.timestamp, expected_timestamp, "timestamp {timestamp} version {version}");

@@ -252,7 +252,8 @@ impl Shard {
         }
     }
 
-    /// `timestamp`: -2 earliest, -1 latest, else the first offset at or after it (-1 if none).
+    /// `timestamp`: -2 earliest, -1 latest, -3 the first batch holding the largest timestamp,
+    /// else the first batch whose max timestamp is at or after it (-1 if none).
     pub async fn list_offsets(&self, topic: &str, partition: u32, timestamp: i64) -> Result<i64, ShardError> {
         let owner = self.route(topic, partition)?;
         if owner == self.id {
@@ -528,8 +529,14 @@ impl Shard {
         Ok(match timestamp {
             -2 => partition.log.log_start_offset(),
             -1 => partition.high_watermark(),
+            -3 => match partition.log.max_timestamp() {
+                Some(max) => partition.log.offset_for_timestamp(max).await?.unwrap_or(-1),
+                None => -1,
+            },
             t if t < 0 => {
-                return Err(ShardError::InvalidTopic(format!("timestamp {t} is neither -2, -1 nor a time")))
+                return Err(ShardError::InvalidTopic(format!(
+                    "timestamp {t} is neither -3, -2, -1 nor a time"
+                )))
             }
             t => partition.log.offset_for_timestamp(t).await?.unwrap_or(-1),
         })

@@ -83,8 +83,7 @@ pub mod error {
 pub const SUPPORTED: &[(i16, i16, i16)] = &[
     (api::PRODUCE, 3, 9),
     (api::FETCH, 4, 12),
-    // v7 adds MAX_TIMESTAMP (-3), which is not served yet.
-    (api::LIST_OFFSETS, 1, 6),
+    (api::LIST_OFFSETS, 1, 7),
     (api::METADATA, 1, 12),
     (api::OFFSET_COMMIT, 1, 8),
     (api::OFFSET_FETCH, 1, 8),
