@@ -287,17 +287,24 @@ impl KafkaService {
             .collect();
         let min_bytes = body.min_bytes.max(0) as usize;
         let max_wait = Duration::from_millis(body.max_wait_ms.max(0) as u64);
+        let deadline = std::time::Instant::now() + max_wait.min(pyralog_shard::FETCH_WAIT_MAX);
         let mut results = self.fetch_once(&wanted, body.max_bytes).await;
-        let bytes: usize = results.iter().map(|r| r.as_ref().map_or(0, fetched_bytes)).sum();
-        let failed = results.iter().any(Result::is_err);
-        if bytes < min_bytes.max(1) && !failed && !max_wait.is_zero() && !wanted.is_empty() {
-            // Long-poll: wait on every partition at once; the first to see data (or the
-            // deadline) ends the wait, then everything is read again.
+        loop {
+            let bytes: usize = results.iter().map(|r| r.as_ref().map_or(0, fetched_bytes)).sum();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let done = bytes >= min_bytes.max(1) || results.iter().any(Result::is_err);
+            if done || left.is_zero() || wanted.is_empty() {
+                break;
+            }
+            // Long-poll: wait for data past each partition's end, on all of them at once; the
+            // first to see some (or the deadline) ends the wait, then everything is read again.
             let waits: Vec<Pin<Box<dyn std::future::Future<Output = _>>>> = wanted
                 .iter()
-                .map(|(topic, partition, offset, _)| {
-                    let limits = FetchLimits { max_bytes: 1, min_bytes: 1, max_wait };
-                    let fetch = self.shard.fetch(topic, *partition as u32, *offset, limits);
+                .zip(&results)
+                .map(|((topic, partition, offset, _), result)| {
+                    let end = result.as_ref().map_or(*offset, |f| f.high_watermark.max(*offset));
+                    let limits = FetchLimits { max_bytes: 1, min_bytes: 1, max_wait: left };
+                    let fetch = self.shard.fetch(topic, *partition as u32, end, limits);
                     Box::pin(fetch) as Pin<Box<dyn std::future::Future<Output = _>>>
                 })
                 .collect();

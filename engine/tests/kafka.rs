@@ -293,11 +293,27 @@ fn a_long_poll_fetch_is_woken_by_a_produce_and_survives_a_topic_delete() {
     assert_eq!(records, vec![(0, "wake".to_owned())]);
     assert!(waited < Duration::from_secs(15), "woken by the produce, not the 20 s deadline: {waited:?}");
 
+    // min_bytes: a fetch asking for more than one small batch waits for a second one.
+    let addr = node.kafka_addr.clone();
+    let waiter = std::thread::spawn(move || {
+        let mut conn = KafkaConnection::connect(&addr, "waiter").unwrap();
+        let mut request = fetch_request("tail", 0, 0, 20_000);
+        request.min_bytes = 100; // one batch here is about 70 bytes
+        let started = Instant::now();
+        let data = fetch(&mut conn, 12, request);
+        (started.elapsed(), records_of(&data).len())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(produce(&mut conn, 9, "tail", 0, batch(&["more"], None)), (error::NONE, 1));
+    let (waited, records) = waiter.join().unwrap();
+    assert_eq!(records, 2, "both batches, once there were min_bytes of them");
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(15), "{waited:?}");
+
     // A long-poll at the end of a topic that is then deleted ends, and the node serves on.
     let addr = node.kafka_addr.clone();
     let waiter = std::thread::spawn(move || {
         let mut conn = KafkaConnection::connect(&addr, "waiter").unwrap();
-        fetch(&mut conn, 12, fetch_request("tail", 0, 1, 10_000)).error_code
+        fetch(&mut conn, 12, fetch_request("tail", 0, 2, 10_000)).error_code
     });
     std::thread::sleep(Duration::from_millis(300));
     let request = delete_topics_request::DeleteTopicsRequest {
