@@ -79,7 +79,9 @@ impl KafkaHandler for KafkaService {
         Some(match request.body {
             RequestBody::ApiVersions(_) => ResponseBody::ApiVersions(api_versions()),
             RequestBody::Metadata(body) => ResponseBody::Metadata(self.metadata(body).await),
-            RequestBody::Produce(body) => return self.produce(body).await.map(ResponseBody::Produce),
+            RequestBody::Produce(body) => {
+                return self.produce(body, version).await.map(ResponseBody::Produce)
+            }
             RequestBody::Fetch(body) => ResponseBody::Fetch(self.fetch(body).await),
             RequestBody::ListOffsets(body) => {
                 ResponseBody::ListOffsets(self.list_offsets(body, version).await)
@@ -219,9 +221,34 @@ impl KafkaService {
     async fn produce(
         &self,
         body: produce_request::ProduceRequest,
+        version: i16,
     ) -> Option<produce_response::ProduceResponse> {
         use produce_response::*;
         let acks = body.acks;
+        if version < 3 {
+            let refuse = |topic: produce_request::TopicProduceData| {
+                TopicProduceResponse {
+                name: topic.name,
+                partition_responses: topic
+                    .partition_data
+                    .iter()
+                    .map(|p| PartitionProduceResponse {
+                        index: p.index,
+                        error_code: error::UNSUPPORTED_FOR_MESSAGE_FORMAT,
+                        base_offset: -1,
+                        log_append_time_ms: -1,
+                        log_start_offset: -1,
+                        error_message: Some(format!(
+                            "Produce v{version} carries the legacy message format; use Produce v3+ (RecordBatch v2)"
+                        )),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }
+            };
+            let responses = body.topic_data.into_iter().map(refuse).collect();
+            return (acks != 0).then(|| ProduceResponse { responses, ..Default::default() });
+        }
         let valid_acks = (-1..=1).contains(&acks);
         let wait_durable = acks != 0;
         let topics = body.topic_data.into_iter().map(|topic| async move {

@@ -174,7 +174,7 @@ fn bad_frames_close_only_their_own_connection() {
     let mut healthy = connect(&node);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("unknown API key", vec![0, 0, 0, 10, 0x03, 0xe8, 0, 0, 0, 0, 0, 1, 0xff, 0xff]),
-        ("unsupported Produce version", vec![0, 0, 0, 10, 0, 0, 0, 1, 0, 0, 0, 1, 0xff, 0xff]),
+        ("unsupported Produce version", vec![0, 0, 0, 10, 0, 0, 0, 12, 0, 0, 0, 1, 0xff, 0xff]),
         ("frame shorter than a header", vec![0, 0, 0, 4, 0, 3, 0, 1]),
         ("negative size", vec![0xff, 0xff, 0xff, 0xf0, 1, 2, 3]),
         ("oversized frame", vec![0, 0x10, 0, 0, 0, 3, 0, 1]),
@@ -208,6 +208,12 @@ fn produce_fetch_and_list_offsets_at_old_and_flexible_versions() {
     assert_eq!(produce(&mut conn, 3, "events", 1, batch(&["a", "b", "c"], None)), (error::NONE, 0));
     assert_eq!(produce(&mut conn, 9, "events", 1, batch(&["d", "e"], None)), (error::NONE, 3));
     assert_eq!(produce(&mut conn, 9, "events", 7, batch(&["x"], None)).0, error::UNKNOWN_TOPIC_OR_PARTITION);
+    // Produce v0-2 are advertised (for old librdkafka's compression check) but carry the
+    // legacy message format, which is refused with a clear error.
+    assert_eq!(
+        produce(&mut conn, 2, "events", 1, batch(&["old"], None)).0,
+        error::UNSUPPORTED_FOR_MESSAGE_FORMAT
+    );
     // A corrupt batch is refused and nothing is appended.
     let mut corrupt = batch(&["bad"], None).to_vec();
     let last = corrupt.len() - 1;

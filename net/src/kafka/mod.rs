@@ -81,7 +81,12 @@ pub mod error {
 /// What this broker implements: (API key, lowest version, highest version). Only these are
 /// advertised by ApiVersions and accepted by the listener.
 pub const SUPPORTED: &[(i16, i16, i16)] = &[
-    (api::PRODUCE, 3, 9),
+    // Produce v0-2 carry the legacy message formats (magic 0 and 1), which are not stored:
+    // such requests are answered UNSUPPORTED_FOR_MESSAGE_FORMAT per partition. They are
+    // advertised because librdkafka before 2.11.1 (kcat in Debian 12 has 2.0.2) decides that
+    // a broker takes gzip, snappy and lz4 batches only if it lists Produce v0; without it those
+    // clients silently send uncompressed batches.
+    (api::PRODUCE, 0, 9),
     (api::FETCH, 4, 12),
     (api::LIST_OFFSETS, 1, 7),
     (api::METADATA, 1, 12),

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The real-client compatibility suite: builds the pyralog daemon and pyralog-bench, and runs
+# kcat, confluent-kafka (librdkafka) and kafka-python against it on 127.0.0.1 (one fresh node
+# per test). Installs what is missing on a fresh Debian machine (as root): kcat from Debian,
+# the Python packages from PyPI at pinned versions. Extra arguments go to pytest (-k NAME ...).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PYTHON=${PYTHON:-python3}
+PIP_PINS=(confluent-kafka==2.16.1 kafka-python==3.0.12 pytest==9.2.0)
+# The whole run, builds excluded, stops by itself even if a client call hangs.
+SUITE_TIMEOUT_S=900
+
+if ! command -v kcat >/dev/null; then
+  if [[ "$(id -u)" != 0 ]]; then
+    echo "scripts/compat/run.sh: kcat is missing; install the Debian package kcat (needs root)" >&2
+    exit 1
+  fi
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y kcat
+fi
+
+missing=()
+for pin in "${PIP_PINS[@]}"; do
+  name=${pin%%==*}
+  version=${pin##*==}
+  installed=$("$PYTHON" -c 'import importlib.metadata as m, sys
+try:
+    print(m.version(sys.argv[1]))
+except m.PackageNotFoundError:
+    pass' "$name")
+  if [[ "$installed" != "$version" ]]; then
+    missing+=("$pin")
+  fi
+done
+if ((${#missing[@]})); then
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check "${missing[@]}"
+fi
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pyralog-target}
+cargo build -p pyralog -p pyralog-bench --locked
+export PYRALOG_BIN="$CARGO_TARGET_DIR/debug/pyralog"
+export PYRALOG_BENCH="$CARGO_TARGET_DIR/debug/pyralog-bench"
+
+export PYTHONDONTWRITEBYTECODE=1
+exec timeout --kill-after=30 "$SUITE_TIMEOUT_S" "$PYTHON" -m pytest -q scripts/compat "$@"
