@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pyralog_net::client::{ConsumedRecord, Consumer};
+use pyralog_net::client::{ConsumedRecord, Consumer, Transport};
 
 use crate::payload;
 use crate::stats::{self, Mode, Run};
@@ -40,8 +40,8 @@ pub struct ConsumeOptions {
     pub mode: Mode,
 }
 
-pub fn spawn(
-    consumers: Vec<Consumer>,
+pub fn spawn<T: Transport>(
+    consumers: Vec<Consumer<T>>,
     options: &ConsumeOptions,
     run: &Arc<Run>,
     verifier: Option<&Arc<Mutex<Verifier>>>,
@@ -57,13 +57,18 @@ pub fn spawn(
     Ok(workers)
 }
 
-fn consume(mut consumer: Consumer, options: &ConsumeOptions, run: &Run, verifier: Option<&Mutex<Verifier>>) {
+fn consume<T: Transport>(
+    mut consumer: Consumer<T>,
+    options: &ConsumeOptions,
+    run: &Run,
+    verifier: Option<&Mutex<Verifier>>,
+) {
     consume_until_done(&mut consumer, options, run, verifier);
     run.unread.fetch_add(u64::try_from(consumer.lag()).unwrap_or(0), Ordering::Relaxed);
 }
 
-fn consume_until_done(
-    consumer: &mut Consumer,
+fn consume_until_done<T: Transport>(
+    consumer: &mut Consumer<T>,
     options: &ConsumeOptions,
     run: &Run,
     verifier: Option<&Mutex<Verifier>>,

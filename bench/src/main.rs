@@ -1,4 +1,12 @@
-//! `pyralog-bench`: a load generator for Pyralog's native protocol.
+//! `pyralog-bench`: a load generator for Pyralog, over its native protocol or (`--protocol
+//! kafka`) its Kafka listener.
+//!
+//! Both protocols run the same workers through the client library's [`Transport`]: the same
+//! `Producer` (batching, linger, partitioner, in-flight window) and `Consumer` (prefetch,
+//! offsets), the same payloads, latency accounting, report, `--verify` and exit codes. Only the
+//! bytes on the wire differ: the native client talks to each partition's shard directly; the
+//! Kafka client opens one connection per producer and per consumer (a Kafka broker answers a
+//! connection's requests in order) to the one address the listener shares between shards.
 //!
 //! Modes: `produce` (throughput and acknowledgement latency), `consume` (throughput, optional
 //! `--verify` of a topic written by `produce`), `e2e` (producers and consumers in one process,
@@ -23,7 +31,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pyralog_net::client::{
-    Acks, Client, ClientError, ConnectOptions, Consumer, ErrorCode, Partitioner, StartAt,
+    Acks, Client, ClientError, ConnectOptions, Consumer, ErrorCode, KafkaClient, Partitioner, StartAt,
+    Transport,
 };
 
 use crate::consume::{ConsumeOptions, Verifier};
@@ -79,9 +88,13 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct CommonArgs {
-    /// Bootstrap address of the broker.
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    broker: String,
+    /// The protocol to drive the broker with.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Native)]
+    protocol: ProtocolArg,
+    /// Bootstrap address of the broker: its native listener (default 127.0.0.1:7070) or, with
+    /// --protocol kafka, its Kafka listener (default 127.0.0.1:9092).
+    #[arg(long)]
+    broker: Option<String>,
     #[arg(long, default_value = "bench")]
     topic: String,
     /// Partitions of the topic when the bench creates it (an existing topic keeps its own).
@@ -133,6 +146,28 @@ struct ConsumeArgs {
     idle_secs: f64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProtocolArg {
+    Native,
+    Kafka,
+}
+
+impl ProtocolArg {
+    fn name(self) -> &'static str {
+        match self {
+            ProtocolArg::Native => "native",
+            ProtocolArg::Kafka => "kafka",
+        }
+    }
+
+    fn default_broker(self) -> &'static str {
+        match self {
+            ProtocolArg::Native => "127.0.0.1:7070",
+            ProtocolArg::Kafka => "127.0.0.1:9092",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum AcksArg {
     None,
@@ -160,7 +195,31 @@ fn main() -> ExitCode {
 
 /// Runs a command and prints its report; returns the exit code and the report.
 fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
-    let (mode, common) = match &command {
+    let common = match &command {
+        Command::Produce { common, .. } | Command::Consume { common, .. } | Command::E2e { common, .. } => {
+            common
+        }
+    };
+    let broker = common.broker.as_deref().unwrap_or(common.protocol.default_broker());
+    let options = ConnectOptions {
+        connect_timeout: CONNECT_TIMEOUT,
+        request_timeout: REQUEST_TIMEOUT,
+        ..Default::default()
+    };
+    let context = || format!("connecting to the broker's {} listener at {broker}", common.protocol.name());
+    match common.protocol {
+        ProtocolArg::Native => {
+            run_with(Client::connect_with(broker, options).with_context(context)?, &command)
+        }
+        ProtocolArg::Kafka => {
+            run_with(KafkaClient::connect_with(broker, options).with_context(context)?, &command)
+        }
+    }
+}
+
+/// [`run`] over one protocol's client.
+fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, serde_json::Value)> {
+    let (mode, common) = match command {
         Command::Produce { common, .. } => (Mode::Produce, common),
         Command::Consume { common, .. } => (Mode::Consume, common),
         Command::E2e { common, .. } => (Mode::EndToEnd, common),
@@ -178,17 +237,10 @@ fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
         .deadline_secs
         .map(Duration::from_secs_f64)
         .unwrap_or_else(|| duration.map_or(DEADLINE_DEFAULT, |d| d + DEADLINE_SLACK));
-    let options = ConnectOptions {
-        connect_timeout: CONNECT_TIMEOUT,
-        request_timeout: REQUEST_TIMEOUT,
-        ..Default::default()
-    };
-    let client = Client::connect_with(&common.broker, options)
-        .with_context(|| format!("connecting to the broker at {}", common.broker))?;
     let partitions = ensure_topic(&client, &common.topic, common.partitions)?;
 
     // Consumers resolve their start offsets before any message of this run is produced.
-    let consumers = match &command {
+    let consumers = match command {
         Command::Produce { .. } => Vec::new(),
         Command::Consume { consume, from, .. } => {
             make_consumers(&client, &common.topic, partitions, consume.consumers, parse_from(from)?)?
@@ -197,7 +249,7 @@ fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
             make_consumers(&client, &common.topic, partitions, consume.consumers, StartAt::Latest)?
         }
     };
-    let verifier = match &command {
+    let verifier = match command {
         Command::Consume { consume, from, .. } if consume.verify => {
             Some(Arc::new(Mutex::new(Verifier::new(from == "earliest"))))
         }
@@ -208,7 +260,7 @@ fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
     let run = Arc::new(Run::new());
     let mut producers = Vec::new();
     let mut consumer_workers = Vec::new();
-    if let Command::Consume { consume, .. } | Command::E2e { consume, .. } = &command {
+    if let Command::Consume { consume, .. } | Command::E2e { consume, .. } = command {
         // In e2e the producers' count and duration bound the run; consumers drain what they sent.
         let consume_only = mode == Mode::Consume;
         let options = ConsumeOptions {
@@ -219,13 +271,18 @@ fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
         };
         consumer_workers = consume::spawn(consumers, &options, &run, verifier.as_ref())?;
     }
-    if let Command::Produce { produce, .. } | Command::E2e { produce, .. } = &command {
+    if let Command::Produce { produce, .. } | Command::E2e { produce, .. } = command {
         let options = produce_options(common, produce, duration);
         producers = produce::spawn(&client, &options, &run)?;
     }
 
     let finished = supervise(mode, &run, producers, consumer_workers, deadline);
-    let mut report = Report { mode, seconds: run.start.elapsed().as_secs_f64(), extra: Default::default() };
+    let mut report = Report {
+        mode,
+        protocol: common.protocol.name(),
+        seconds: run.start.elapsed().as_secs_f64(),
+        extra: Default::default(),
+    };
     let verify_problems = verifier.map_or(0, |verifier| finish_verify(&verifier, &run, &mut report));
     let json = report.json(&run);
     if common.json {
@@ -312,7 +369,7 @@ fn supervise(
 }
 
 /// The topic's partition count, creating the topic with `partitions` if it does not exist.
-fn ensure_topic(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<u32> {
+fn ensure_topic<T: Transport>(client: &T, topic: &str, partitions: u32) -> anyhow::Result<u32> {
     match client.partition_count(topic) {
         Ok(count) => {
             if count != partitions {
@@ -331,18 +388,18 @@ fn ensure_topic(client: &Client, topic: &str, partitions: u32) -> anyhow::Result
     }
 }
 
-fn make_consumers(
-    client: &Client,
+fn make_consumers<T: Transport>(
+    client: &T,
     topic: &str,
     partitions: u32,
     consumers: u32,
     start: StartAt,
-) -> anyhow::Result<Vec<Consumer>> {
+) -> anyhow::Result<Vec<Consumer<T>>> {
     let consumers = consumers.clamp(1, partitions.max(1));
     (0..consumers)
         .map(|id| {
             let mine: Vec<u32> = (0..partitions).filter(|p| p % consumers == id).collect();
-            Consumer::new(client.clone(), topic, &mine, start)
+            Consumer::new(client.session(), topic, &mine, start)
                 .with_context(|| format!("starting consumer {id} on partitions {mine:?}"))
         })
         .collect()
@@ -392,15 +449,30 @@ mod tests {
         run(cli.command).unwrap()
     }
 
-    #[test]
-    fn produce_then_verify_consume() {
+    /// `--protocol` and `--broker` for the fake broker's listener of that protocol.
+    fn target(broker: &FakeBroker, protocol: &'static str) -> [String; 4] {
+        let addr = match protocol {
+            "native" => broker.addr(),
+            _ => broker.kafka_addr(),
+        };
+        ["--protocol".into(), protocol.into(), "--broker".into(), addr.to_string()]
+    }
+
+    fn args<'a>(parts: &[&'a [&'a str]], target: &'a [String; 4]) -> Vec<&'a str> {
+        let mut args: Vec<&str> = parts.concat();
+        args.extend(target.iter().map(String::as_str));
+        args
+    }
+
+    /// Produces over one protocol, then consumes and verifies over another.
+    fn produce_then_verify_consume(produce_over: &'static str, consume_over: &'static str) {
         let broker = FakeBroker::start().unwrap();
-        let addr = broker.addr().to_string();
-        let common =
-            ["--broker", &addr, "--topic", "v", "--partitions", "3", "--json", "--message-bytes", "200"];
-        let produce = ["produce", "--messages", "3000", "--producers", "2", "--batch-bytes", "4096"];
-        let (code, report) = bench(&[&produce[..], &common[..]].concat());
+        let common: &[&str] = &["--topic", "v", "--partitions", "3", "--json", "--message-bytes", "200"];
+        let produce: &[&str] =
+            &["produce", "--messages", "3000", "--producers", "2", "--batch-bytes", "4096"];
+        let (code, report) = bench(&args(&[produce, common], &target(&broker, produce_over)));
         assert_eq!(code, 0, "{report}");
+        assert_eq!(report["protocol"], produce_over);
         assert_eq!(report["acked"], 3000);
         assert_eq!(report["messages"], 3000);
         assert_eq!(report["bytes"], 3000 * 200);
@@ -409,31 +481,48 @@ mod tests {
         let total: i64 = (0..3).map(|p| broker.next_offset("v", p).unwrap()).sum();
         assert_eq!(total, 3000);
 
-        let consume = ["consume", "--messages", "3000", "--consumers", "2", "--verify", "--idle-secs", "5"];
-        let (code, report) = bench(&[&consume[..], &common[..]].concat());
+        let consume: &[&str] =
+            &["consume", "--messages", "3000", "--consumers", "2", "--verify", "--idle-secs", "5"];
+        let (code, report) = bench(&args(&[consume, common], &target(&broker, consume_over)));
         assert_eq!(code, 0, "{report}");
+        assert_eq!(report["protocol"], consume_over);
         assert_eq!(report["consumed"], 3000);
         assert_eq!(report["verify_producers"], 2);
         assert_eq!(report["verify_problems"], 0);
     }
 
     #[test]
-    fn verify_flags_a_duplicate_and_exits_1() {
+    fn produce_then_verify_consume_native() {
+        produce_then_verify_consume("native", "native");
+    }
+
+    #[test]
+    fn produce_then_verify_consume_kafka() {
+        produce_then_verify_consume("kafka", "kafka");
+    }
+
+    #[test]
+    fn what_one_protocol_produces_the_other_consumes() {
+        produce_then_verify_consume("native", "kafka");
+        produce_then_verify_consume("kafka", "native");
+    }
+
+    fn verify_flags_a_duplicate_and_exits_1(protocol: &'static str) {
         let broker = FakeBroker::start().unwrap();
-        let addr = broker.addr().to_string();
-        let common = ["--broker", &addr, "--topic", "d", "--partitions", "1", "--json"];
-        let (code, _) = bench(&[&["produce", "--messages", "100"][..], &common[..]].concat());
+        let target = target(&broker, protocol);
+        let common: &[&str] = &["--topic", "d", "--partitions", "1", "--json"];
+        let (code, _) = bench(&args(&[&["produce", "--messages", "100"], common], &target));
         assert_eq!(code, 0);
         // Append a copy of producer 0's message 5 after its message 99.
         let mut value = vec![0u8; 1024];
         payload::write(&mut value, payload::Header { producer: 0, sequence: 5, send_ns: 0 });
         let mut batch = pyralog_net::client::BatchBuilder::new(0, 0);
         batch.append(0, None, &value);
-        let client = Client::connect(&addr).unwrap();
+        let client = Client::connect(&broker.addr().to_string()).unwrap();
         client.produce("d", 0, batch.finish(), Acks::Durable).unwrap();
 
-        let args = ["consume", "--verify", "--messages", "101", "--idle-secs", "2"];
-        let (code, report) = bench(&[&args[..], &common[..]].concat());
+        let consume: &[&str] = &["consume", "--verify", "--messages", "101", "--idle-secs", "2"];
+        let (code, report) = bench(&args(&[consume, common], &target));
         assert_eq!(code, 1, "{report}");
         assert_eq!(report["verify_problems"], 2, "out of order, and delivered twice: {report}");
         let problems = report["problems"].to_string();
@@ -441,13 +530,19 @@ mod tests {
     }
 
     #[test]
-    fn e2e_with_a_rate_measures_send_to_consume() {
+    fn verify_flags_a_duplicate_and_exits_1_native() {
+        verify_flags_a_duplicate_and_exits_1("native");
+    }
+
+    #[test]
+    fn verify_flags_a_duplicate_and_exits_1_kafka() {
+        verify_flags_a_duplicate_and_exits_1("kafka");
+    }
+
+    fn e2e_with_a_rate_measures_send_to_consume(protocol: &'static str) {
         let broker = FakeBroker::start().unwrap();
-        let addr = broker.addr().to_string();
-        let args = [
+        let e2e: &[&str] = &[
             "e2e",
-            "--broker",
-            &addr,
             "--topic",
             "e",
             "--partitions",
@@ -465,22 +560,48 @@ mod tests {
             "--idle-secs",
             "5",
         ];
-        let (code, report) = bench(&args);
+        let (code, report) = bench(&args(&[e2e], &target(&broker, protocol)));
         assert_eq!(code, 0, "{report}");
         assert_eq!(report["consumed"], 400);
         assert_eq!(report["verify_problems"], 0);
         assert_eq!(report["latency_us"]["count"], 400);
+        assert_eq!(report["ack_latency_us"]["count"], 400);
         // 400 messages at 2000/s take at least 0.2 s on the schedule.
         assert!(report["seconds"].as_f64().unwrap() >= 0.19, "{report}");
     }
 
     #[test]
-    fn a_broker_that_goes_away_exits_2_with_the_acknowledged_count() {
+    fn e2e_with_a_rate_measures_send_to_consume_native() {
+        e2e_with_a_rate_measures_send_to_consume("native");
+    }
+
+    #[test]
+    fn e2e_with_a_rate_measures_send_to_consume_kafka() {
+        e2e_with_a_rate_measures_send_to_consume("kafka");
+    }
+
+    #[test]
+    fn acks_none_over_kafka_counts_unacknowledged_and_the_log_verifies() {
+        let broker = FakeBroker::start().unwrap();
+        let target = target(&broker, "kafka");
+        let common: &[&str] = &["--topic", "n", "--partitions", "2", "--json", "--message-bytes", "64"];
+        let produce: &[&str] = &["produce", "--messages", "2000", "--acks", "none"];
+        let (code, report) = bench(&args(&[produce, common], &target));
+        assert_eq!(code, 0, "{report}");
+        assert_eq!((report["acked"].as_u64(), report["unacknowledged"].as_u64()), (Some(0), Some(2000)));
+        assert_eq!(report["messages"], 2000);
+        let consume: &[&str] = &["consume", "--messages", "2000", "--verify", "--idle-secs", "5"];
+        let (code, report) = bench(&args(&[consume, common], &target));
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["verify_problems"], 0);
+    }
+
+    fn a_broker_that_goes_away_exits_2_with_the_acknowledged_count(protocol: &'static str) {
         let mut broker = FakeBroker::start().unwrap();
-        let addr = broker.addr().to_string();
-        let args =
-            ["produce", "--broker", &addr, "--topic", "g", "--json", "--duration", "20", "--rate", "5000"];
-        let cli = Cli::try_parse_from(std::iter::once("pyralog-bench").chain(args)).unwrap();
+        let produce: &[&str] = &["produce", "--topic", "g", "--json", "--duration", "20", "--rate", "5000"];
+        let target = target(&broker, protocol);
+        let cli =
+            Cli::try_parse_from(std::iter::once("pyralog-bench").chain(args(&[produce], &target))).unwrap();
         let started = Instant::now();
         let runner = std::thread::spawn(move || run(cli.command).unwrap());
         // Let some messages through, then take the broker away.
@@ -494,5 +615,29 @@ mod tests {
         assert!(report["acked"].as_u64().unwrap() >= 100, "{report}");
         assert!(report["broker_gone"].is_string(), "{report}");
         assert!(started.elapsed() < Duration::from_secs(15), "the run stopped early, not at --duration");
+    }
+
+    #[test]
+    fn a_broker_that_goes_away_exits_2_with_the_acknowledged_count_native() {
+        a_broker_that_goes_away_exits_2_with_the_acknowledged_count("native");
+    }
+
+    #[test]
+    fn a_broker_that_goes_away_exits_2_with_the_acknowledged_count_kafka() {
+        a_broker_that_goes_away_exits_2_with_the_acknowledged_count("kafka");
+    }
+
+    #[test]
+    fn an_unreachable_broker_exits_2_over_either_protocol() {
+        let mut broker = FakeBroker::start().unwrap();
+        let (native, kafka) = (broker.addr().to_string(), broker.kafka_addr().to_string());
+        broker.shutdown();
+        for (protocol, addr) in [("native", native), ("kafka", kafka)] {
+            let args =
+                ["pyralog-bench", "produce", "--protocol", protocol, "--broker", &addr, "--messages", "1"];
+            let cli = Cli::try_parse_from(args).unwrap();
+            let error = run(cli.command).unwrap_err();
+            assert!(error.downcast_ref::<ClientError>().is_some_and(ClientError::is_disconnect), "{error:#}");
+        }
     }
 }

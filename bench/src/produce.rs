@@ -1,4 +1,6 @@
-//! Producer workers: one thread and one [`Producer`] per `--producers`, sharing one client.
+//! Producer workers: one thread and one [`Producer`] per `--producers`, each on its own
+//! [`Transport::session`] of the run's client (native: shared connections; Kafka: a connection
+//! per producer, as each Kafka producer instance has).
 //!
 //! Latency is acknowledgement time minus the message's base time: its *intended* send time on
 //! the `--rate` schedule when the run is rate-limited (so a stalled broker shows up in the
@@ -17,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pyralog_net::client::{
-    Acks, Client, DeliveryReport, Partitioner, Producer, ProducerConfig, OFFSET_UNACKNOWLEDGED,
+    Acks, DeliveryReport, Partitioner, Producer, ProducerConfig, Transport, OFFSET_UNACKNOWLEDGED,
 };
 
 use crate::payload::{self, Header};
@@ -39,8 +41,8 @@ pub struct ProduceOptions {
     pub partitioner: Partitioner,
 }
 
-pub fn spawn(
-    client: &Client,
+pub fn spawn<T: Transport>(
+    client: &T,
     options: &ProduceOptions,
     run: &Arc<Run>,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
@@ -50,7 +52,7 @@ pub fn spawn(
             let producers = u64::from(options.producers);
             total / producers + u64::from(u64::from(id) < total % producers)
         });
-        let (client, options, run) = (client.clone(), options.clone(), Arc::clone(run));
+        let (client, options, run) = (client.session(), options.clone(), Arc::clone(run));
         let worker = std::thread::Builder::new()
             .name(format!("producer-{id}"))
             .spawn(move || produce(id, client, &options, quota, &run))?;
@@ -62,7 +64,7 @@ pub fn spawn(
 /// Base times (ns since the run's start) of sent, unreported records, per partition.
 type PendingTimes = Arc<Mutex<Vec<VecDeque<u64>>>>;
 
-fn produce(id: u32, client: Client, options: &ProduceOptions, quota: Option<u64>, run: &Arc<Run>) {
+fn produce<T: Transport>(id: u32, client: T, options: &ProduceOptions, quota: Option<u64>, run: &Arc<Run>) {
     let histogram = run.produce_latency.register();
     let pending: PendingTimes = Arc::new(Mutex::new(Vec::new()));
     let config = ProducerConfig {
@@ -121,7 +123,11 @@ fn produce(id: u32, client: Client, options: &ProduceOptions, quota: Option<u64>
 }
 
 /// Sleeps until `intended_ns` on the run's clock, sending lingering batches meanwhile.
-fn wait_until(run: &Run, producer: &mut Producer, intended_ns: u64) -> pyralog_net::client::Result<()> {
+fn wait_until<T: Transport>(
+    run: &Run,
+    producer: &mut Producer<T>,
+    intended_ns: u64,
+) -> pyralog_net::client::Result<()> {
     loop {
         let now_ns = run.elapsed_ns();
         if now_ns >= intended_ns || run.stopping() {

@@ -184,6 +184,8 @@ pub fn progress(mode: Mode, run: &Run, previous: &mut (Instant, u64, u64)) {
 /// The final numbers of a run.
 pub struct Report {
     pub mode: Mode,
+    /// "native" or "kafka".
+    pub protocol: &'static str,
     pub seconds: f64,
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -195,6 +197,7 @@ impl Report {
         let seconds = self.seconds.max(1e-9);
         let mut object = serde_json::json!({
             "mode": self.mode.name(),
+            "protocol": self.protocol,
             "messages": messages,
             "bytes": bytes,
             "seconds": self.seconds,
@@ -222,6 +225,7 @@ impl Report {
         let json = self.json(run);
         let latency = &json["latency_us"];
         println!("mode         {}", self.mode.name());
+        println!("protocol     {}", self.protocol);
         println!("messages     {}", json["messages"]);
         println!("MB           {:.1}", json["bytes"].as_f64().unwrap_or(0.0) / 1e6);
         println!("seconds      {:.2}", self.seconds);

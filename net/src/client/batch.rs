@@ -398,6 +398,23 @@ pub fn end_offset(buf: &[u8]) -> Option<i64> {
     end
 }
 
+/// Offsets the complete batches in `buf` take (the sum of `lastOffsetDelta + 1`), from batch
+/// headers alone: what a produce of `buf` moves a partition's next offset by.
+pub fn offset_count(buf: &[u8]) -> i64 {
+    let mut at = 0;
+    let mut count = 0i64;
+    while buf.len() - at >= BATCH_HEADER_BYTES {
+        let Ok(length) = usize::try_from(be_i32(buf, at + LENGTH_AT)) else { break };
+        let batch_bytes = BATCH_LOG_OVERHEAD_BYTES + length;
+        if batch_bytes < BATCH_HEADER_BYTES || buf.len() - at < batch_bytes {
+            break;
+        }
+        count += i64::from(be_i32(buf, at + LAST_OFFSET_DELTA_AT)) + 1;
+        at += batch_bytes;
+    }
+    count
+}
+
 /// A bounds-checked cursor over a record's bytes. Every getter returns `None` rather than read
 /// past `buf`.
 struct Input<'a> {

@@ -12,13 +12,17 @@
 //! record has been handed out; a prefetch whose offset is not the next offset (the records it
 //! follows were cut short) is dropped and asked again. Records are zero-copy slices of the
 //! fetch response.
+//!
+//! The transport is the native [`Client`] by default, or a [`super::KafkaClient`]: the
+//! prefetching and the offset bookkeeping are this module's, whatever the protocol underneath.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::batch::{self, BatchError};
-use super::{Client, ClientError, FetchResult, PendingFetch, Result, OFFSET_EARLIEST, OFFSET_LATEST};
+use super::transport::{Pending, Transport};
+use super::{Client, ClientError, FetchResult, Result, OFFSET_EARLIEST, OFFSET_LATEST};
 
 /// Default bytes asked of each partition per fetch.
 pub const FETCH_BYTES_MAX_DEFAULT: u32 = 1 << 20;
@@ -41,32 +45,32 @@ pub struct ConsumedRecord {
 }
 
 #[derive(Debug)]
-struct Position {
+struct Position<P> {
     partition: u32,
     next_offset: i64,
     high_watermark: i64,
     /// The fetch in flight for this partition, if any.
-    prefetch: Option<Prefetch>,
+    prefetch: Option<Prefetch<P>>,
 }
 
 /// A fetch sent ahead, and the offset it asked for.
 #[derive(Debug)]
-struct Prefetch {
+struct Prefetch<P> {
     offset: i64,
-    pending: PendingFetch,
+    pending: P,
 }
 
 #[derive(Debug)]
-pub struct Consumer {
-    client: Client,
+pub struct Consumer<T: Transport = Client> {
+    client: T,
     topic: String,
-    positions: Vec<Position>,
+    positions: Vec<Position<T::PendingFetch>>,
     fetch_bytes_max: u32,
 }
 
-impl Consumer {
+impl<T: Transport> Consumer<T> {
     /// Resolves each partition's start offset with the broker.
-    pub fn new(client: Client, topic: &str, partitions: &[u32], start: StartAt) -> Result<Consumer> {
+    pub fn new(client: T, topic: &str, partitions: &[u32], start: StartAt) -> Result<Consumer<T>> {
         let mut positions = Vec::with_capacity(partitions.len());
         for &partition in partitions {
             let next_offset = match start {
@@ -154,9 +158,9 @@ impl Consumer {
 }
 
 /// Hands out the records of `fetched` at or after `position.next_offset`, advancing it.
-fn read_records(
+fn read_records<P>(
     topic: &str,
-    position: &mut Position,
+    position: &mut Position<P>,
     fetched: &FetchResult,
     on_record: &mut impl FnMut(ConsumedRecord),
 ) -> Result<usize> {

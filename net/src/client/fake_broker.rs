@@ -1,4 +1,6 @@
-//! An in-memory broker speaking the native protocol, for testing clients without the daemon.
+//! An in-memory broker speaking the native protocol and (on a second port) the Kafka wire
+//! protocol, for testing clients without the daemon. Both listeners serve the same logs, so
+//! what one protocol produces the other consumes.
 //!
 //! Built for this crate's tests and, with the `fake-broker` feature, for other crates' tests
 //! (the bench). It is not Pyralog: one listener, one lock around every partition, batches kept
@@ -10,7 +12,11 @@
 //! sends nothing for `Acks::None`, assigns offsets per partition, returns whole batches from
 //! the one holding the requested offset (so clients must skip records below it), long-polls
 //! fetches up to `max_wait_ms`, and validates produced batches with [`RecordReader`].
-//! [`FakeBroker::shutdown`] closes the listener and every connection, as a crashed broker would.
+//! [`FakeBroker::shutdown`] closes the listeners and every connection, as a crashed broker would.
+//!
+//! Its Kafka listener answers ApiVersions, Metadata (no auto-creation), CreateTopics, Produce
+//! (nothing for acks 0), Fetch and ListOffsets through the generated codecs, in order, and
+//! closes the connection on anything else.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -28,6 +34,12 @@ use crate::codec::{
     ProducePartitionResult, Request, Response, ResponseFrame, ShardInfo, TopicInfo, OFFSET_EARLIEST,
     OFFSET_LATEST,
 };
+use crate::kafka::messages::{
+    api_versions_response, create_topics_response, fetch_response, list_offsets_response, metadata_response,
+    produce_response,
+};
+use crate::kafka::wire::Records;
+use crate::kafka::{self, RequestBody, ResponseBody};
 
 /// Largest request frame the fake accepts.
 const REQUEST_FRAME_BYTES_MAX: usize = 64 << 20;
@@ -48,6 +60,7 @@ struct State {
 #[derive(Debug)]
 struct Shared {
     port: u16,
+    kafka_port: u16,
     state: Mutex<State>,
     /// Signalled on every append, for long-polling fetches.
     appended: Condvar,
@@ -64,30 +77,49 @@ impl Shared {
 #[derive(Debug)]
 pub struct FakeBroker {
     addr: SocketAddr,
+    kafka_addr: SocketAddr,
     shared: Arc<Shared>,
-    acceptor: Option<JoinHandle<()>>,
+    acceptors: Vec<JoinHandle<()>>,
 }
 
 impl FakeBroker {
-    /// Listens on an ephemeral loopback port.
+    /// Listens on two ephemeral loopback ports: native and Kafka.
     pub fn start() -> std::io::Result<FakeBroker> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
+        let kafka_listener = TcpListener::bind("127.0.0.1:0")?;
+        let kafka_addr = kafka_listener.local_addr()?;
         let shared = Arc::new(Shared {
             port: addr.port(),
+            kafka_port: kafka_addr.port(),
             state: Mutex::new(State::default()),
             appended: Condvar::new(),
             stopped: AtomicBool::new(false),
         });
+        let mut acceptors = Vec::new();
         let accept_shared = Arc::clone(&shared);
-        let acceptor = std::thread::Builder::new()
-            .name("fake-broker-accept".into())
-            .spawn(move || accept_loop(&listener, &accept_shared))?;
-        Ok(FakeBroker { addr, shared, acceptor: Some(acceptor) })
+        acceptors.push(
+            std::thread::Builder::new()
+                .name("fake-broker-accept".into())
+                .spawn(move || accept_loop(&listener, &accept_shared, serve))?,
+        );
+        let accept_shared = Arc::clone(&shared);
+        acceptors.push(
+            std::thread::Builder::new()
+                .name("fake-broker-accept-kafka".into())
+                .spawn(move || accept_loop(&kafka_listener, &accept_shared, serve_kafka))?,
+        );
+        Ok(FakeBroker { addr, kafka_addr, shared, acceptors })
     }
 
+    /// The native protocol's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The Kafka protocol's address.
+    pub fn kafka_addr(&self) -> SocketAddr {
+        self.kafka_addr
     }
 
     /// Records stored in `topic`/`partition` so far (its next offset).
@@ -101,9 +133,11 @@ impl FakeBroker {
         if self.shared.stopped.swap(true, Ordering::SeqCst) {
             return;
         }
-        // Wake the acceptor with a connection of our own.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(acceptor) = self.acceptor.take() {
+        // Wake the acceptors with connections of our own.
+        for addr in [self.addr, self.kafka_addr] {
+            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        }
+        for acceptor in self.acceptors.drain(..) {
             let _ = acceptor.join();
         }
         let mut state = self.shared.lock();
@@ -121,7 +155,7 @@ impl Drop for FakeBroker {
     }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, serve: fn(TcpStream, &Shared)) {
     for stream in listener.incoming() {
         if shared.stopped.load(Ordering::SeqCst) {
             return;
@@ -335,4 +369,248 @@ fn read(
         }
         state = shared.appended.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
     }
+}
+
+fn serve_kafka(stream: TcpStream, shared: &Shared) {
+    serve_kafka_requests(&stream, shared);
+    // The acceptor keeps a clone of the stream: close it so the client sees the end.
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn serve_kafka_requests(mut stream: &TcpStream, shared: &Shared) {
+    let _ = stream.set_nodelay(true);
+    let mut out = Vec::new();
+    loop {
+        let mut prefix = [0u8; kafka::FRAME_PREFIX_BYTES];
+        if stream.read_exact(&mut prefix).is_err() {
+            return;
+        }
+        let Some(size) =
+            usize::try_from(i32::from_be_bytes(prefix)).ok().filter(|s| *s <= REQUEST_FRAME_BYTES_MAX)
+        else {
+            return;
+        };
+        let mut frame = Vec::new();
+        match stream.take(size as u64).read_to_end(&mut frame) {
+            Ok(n) if n == size => {}
+            _ => return,
+        }
+        let Ok(request) = kafka::decode_request(Bytes::from(frame)) else { return };
+        let (api_key, version, correlation_id) = (
+            request.header.request_api_key,
+            request.header.request_api_version,
+            request.header.correlation_id,
+        );
+        let response = match handle_kafka(shared, request.body) {
+            Ok(Some(body)) => body,
+            Ok(None) => continue,
+            Err(()) => return,
+        };
+        let Ok(chunks) = kafka::encode_response(api_key, version, correlation_id, &response) else { return };
+        out.clear();
+        chunks.iter().for_each(|chunk| out.extend_from_slice(chunk));
+        if stream.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+/// The Kafka code for a native one.
+fn kafka_code(error: ErrorCode) -> i16 {
+    match error {
+        ErrorCode::None => kafka::error::NONE,
+        ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => kafka::error::UNKNOWN_TOPIC_OR_PARTITION,
+        ErrorCode::CorruptBatch => kafka::error::CORRUPT_MESSAGE,
+        ErrorCode::OffsetOutOfRange => kafka::error::OFFSET_OUT_OF_RANGE,
+        ErrorCode::TopicAlreadyExists => kafka::error::TOPIC_ALREADY_EXISTS,
+        ErrorCode::InvalidTopic => kafka::error::INVALID_TOPIC_EXCEPTION,
+        _ => kafka::error::UNKNOWN_SERVER_ERROR,
+    }
+}
+
+/// Answers one Kafka request: `Ok(None)` for a produce with acks 0, `Err` to close.
+fn handle_kafka(shared: &Shared, body: RequestBody) -> Result<Option<ResponseBody>, ()> {
+    Ok(Some(match body {
+        RequestBody::ApiVersions(_) => {
+            use api_versions_response::{ApiVersion, ApiVersionsResponse};
+            ResponseBody::ApiVersions(ApiVersionsResponse {
+                api_keys: kafka::SUPPORTED
+                    .iter()
+                    .map(|&(api_key, min_version, max_version)| ApiVersion {
+                        api_key,
+                        min_version,
+                        max_version,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        }
+        RequestBody::Metadata(request) => {
+            use metadata_response::*;
+            let state = shared.lock();
+            let names: Vec<String> = match request.topics {
+                None => state.topics.keys().cloned().collect(),
+                Some(topics) => topics.into_iter().filter_map(|t| t.name).collect(),
+            };
+            let topics = names
+                .into_iter()
+                .map(|name| match state.topics.get(&name) {
+                    Some(logs) => MetadataResponseTopic {
+                        name: Some(name),
+                        partitions: (0..logs.len() as i32)
+                            .map(|partition_index| MetadataResponsePartition {
+                                partition_index,
+                                leader_id: 0,
+                                replica_nodes: vec![0],
+                                isr_nodes: vec![0],
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    },
+                    None => MetadataResponseTopic {
+                        error_code: kafka::error::UNKNOWN_TOPIC_OR_PARTITION,
+                        name: Some(name),
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            let broker = MetadataResponseBroker {
+                node_id: 0,
+                host: "127.0.0.1".to_owned(),
+                port: i32::from(shared.kafka_port),
+                rack: None,
+            };
+            ResponseBody::Metadata(MetadataResponse {
+                brokers: vec![broker],
+                controller_id: 0,
+                topics,
+                ..Default::default()
+            })
+        }
+        RequestBody::CreateTopics(request) => {
+            use create_topics_response::*;
+            let mut state = shared.lock();
+            let topics = request
+                .topics
+                .into_iter()
+                .map(|topic| {
+                    let error_code = if state.topics.contains_key(&topic.name) {
+                        kafka::error::TOPIC_ALREADY_EXISTS
+                    } else if topic.name.is_empty() || topic.num_partitions <= 0 {
+                        kafka::error::INVALID_TOPIC_EXCEPTION
+                    } else {
+                        let logs = (0..topic.num_partitions).map(|_| PartitionLog::default()).collect();
+                        state.topics.insert(topic.name.clone(), logs);
+                        kafka::error::NONE
+                    };
+                    CreatableTopicResult {
+                        name: topic.name,
+                        error_code,
+                        num_partitions: topic.num_partitions,
+                        replication_factor: 1,
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            ResponseBody::CreateTopics(CreateTopicsResponse { topics, ..Default::default() })
+        }
+        RequestBody::Produce(request) => {
+            use produce_response::*;
+            let responses = request
+                .topic_data
+                .into_iter()
+                .map(|topic| TopicProduceResponse {
+                    partition_responses: topic
+                        .partition_data
+                        .iter()
+                        .map(|p| {
+                            let records = p.records.as_ref().map(Records::to_bytes).unwrap_or_default();
+                            let partition = u32::try_from(p.index).unwrap_or(u32::MAX);
+                            let result = append(shared, &topic.name, partition, &records);
+                            PartitionProduceResponse {
+                                index: p.index,
+                                error_code: kafka_code(result.error),
+                                base_offset: result.base_offset,
+                                error_message: Some(result.message),
+                                ..Default::default()
+                            }
+                        })
+                        .collect(),
+                    name: topic.name,
+                })
+                .collect();
+            if request.acks == 0 {
+                return Ok(None);
+            }
+            ResponseBody::Produce(ProduceResponse { responses, ..Default::default() })
+        }
+        RequestBody::Fetch(request) => {
+            use fetch_response::*;
+            let max_wait = Duration::from_millis(u64::try_from(request.max_wait_ms).unwrap_or(0));
+            let deadline = Instant::now() + max_wait;
+            let responses = request
+                .topics
+                .into_iter()
+                .map(|topic| FetchableTopicResponse {
+                    partitions: topic
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let partition = u32::try_from(p.partition).unwrap_or(u32::MAX);
+                            let max_bytes = u32::try_from(p.partition_max_bytes).unwrap_or(0);
+                            let result =
+                                read(shared, &topic.topic, partition, p.fetch_offset, max_bytes, deadline);
+                            PartitionData {
+                                partition_index: p.partition,
+                                error_code: kafka_code(result.error),
+                                high_watermark: result.high_watermark,
+                                last_stable_offset: result.high_watermark,
+                                log_start_offset: result.log_start_offset,
+                                records: Some(Records(result.records)),
+                                ..Default::default()
+                            }
+                        })
+                        .collect(),
+                    topic: topic.topic,
+                    ..Default::default()
+                })
+                .collect();
+            ResponseBody::Fetch(FetchResponse { responses, ..Default::default() })
+        }
+        RequestBody::ListOffsets(request) => {
+            use list_offsets_response::*;
+            let state = shared.lock();
+            let topics = request
+                .topics
+                .into_iter()
+                .map(|topic| ListOffsetsTopicResponse {
+                    partitions: topic
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let log = usize::try_from(p.partition_index)
+                                .ok()
+                                .and_then(|index| state.topics.get(&topic.name)?.get(index));
+                            let (error_code, offset) = match (log, p.timestamp) {
+                                (None, _) => (kafka::error::UNKNOWN_TOPIC_OR_PARTITION, -1),
+                                (Some(log), OFFSET_LATEST) => (kafka::error::NONE, log.next_offset),
+                                (Some(_), _) => (kafka::error::NONE, 0),
+                            };
+                            ListOffsetsPartitionResponse {
+                                partition_index: p.partition_index,
+                                error_code,
+                                timestamp: -1,
+                                offset,
+                                ..Default::default()
+                            }
+                        })
+                        .collect(),
+                    name: topic.name,
+                })
+                .collect();
+            ResponseBody::ListOffsets(ListOffsetsResponse { topics, ..Default::default() })
+        }
+        _ => return Err(()),
+    }))
 }

@@ -1,17 +1,40 @@
-//! A small blocking Kafka protocol client over the generated codecs: one connection, requests
-//! pipelined, responses read in order (as Kafka brokers answer). The load generator's
-//! `--protocol kafka` and the daemon's tests use it; applications should use a full Kafka
-//! client library.
+//! Kafka protocol clients over the generated codecs.
+//!
+//! - [`KafkaConnection`]: one blocking connection, requests pipelined, responses read in order
+//!   (as Kafka brokers answer) by the caller. For tests of the listener, bad input included.
+//! - [`KafkaPipeline`]: the same, thread-backed and shared like the native
+//!   [`super::Connection`]: a reader thread completes requests, waits are bounded by the
+//!   request timeout, a lost broker is [`ClientError::Disconnected`].
+//! - [`KafkaClient`]: a [`Transport`] over a `KafkaPipeline`, so the library's
+//!   [`super::Producer`] and [`super::Consumer`] (and so the load generator's
+//!   `--protocol kafka`) run over the Kafka listener exactly as over the native protocol.
+//!
+//! Applications should use a full Kafka client library.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
+use super::connection::{ConnectOptions, RESPONSE_FRAME_BYTES_MAX};
+use super::transport::{Pending, Transport};
+use super::{batch, Acks, ClientError, ErrorCode, FetchResult, ProduceAck, Result, OFFSET_UNACKNOWLEDGED};
+use crate::kafka::messages::api_versions_request::ApiVersionsRequest;
+use crate::kafka::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
+use crate::kafka::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
+use crate::kafka::messages::list_offsets_request::{
+    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
+};
+use crate::kafka::messages::metadata_request::{MetadataRequest, MetadataRequestTopic};
+use crate::kafka::messages::produce_request::{PartitionProduceData, ProduceRequest, TopicProduceData};
 use crate::kafka::messages::request_header::RequestHeader;
-use crate::kafka::wire::{DecodeError, EncodeError};
-use crate::kafka::{self, RequestBody, ResponseBody};
+use crate::kafka::wire::{DecodeError, EncodeError, Records, Uuid, Writer};
+use crate::kafka::{self, api, error, RequestBody, ResponseBody};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaClientError {
@@ -35,7 +58,7 @@ pub struct KafkaConnection {
     client_id: String,
     next_correlation_id: i32,
     /// Requests sent and not answered yet: (correlation id, API key, version).
-    in_flight: std::collections::VecDeque<(i32, i16, i16)>,
+    in_flight: VecDeque<(i32, i16, i16)>,
 }
 
 impl KafkaConnection {
@@ -110,5 +133,805 @@ impl KafkaConnection {
         let closed = matches!(self.stream.read(&mut byte), Ok(0));
         let _ = self.stream.set_read_timeout(Some(Duration::from_secs(60)));
         closed
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pipelined connection and the client the producer, the consumer and the bench use.
+// ---------------------------------------------------------------------------------------------
+
+/// What a [`KafkaPipeline`]'s reader expects next: responses come back in request order.
+#[derive(Debug)]
+struct Expected {
+    correlation_id: i32,
+    api_key: i16,
+    version: i16,
+    complete: SyncSender<ResponseBody>,
+}
+
+#[derive(Debug)]
+struct PipeState {
+    /// Requests written and not answered, oldest first.
+    expected: VecDeque<Expected>,
+    /// Why the connection closed; `Some` forever once set.
+    closed: Option<String>,
+}
+
+#[derive(Debug)]
+struct PipeShared {
+    addr: SocketAddr,
+    state: Mutex<PipeState>,
+    /// Signalled when an in-flight slot frees up or the connection closes.
+    slot_freed: Condvar,
+    max_in_flight: usize,
+}
+
+impl PipeShared {
+    fn lock(&self) -> MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn disconnected(&self, state: &PipeState) -> ClientError {
+        let reason = state.closed.clone().unwrap_or_else(|| "connection closed".to_owned());
+        ClientError::Disconnected { addr: self.addr, reason }
+    }
+
+    /// Records the first reason and drops every pending completion, waking each waiter.
+    fn close(&self, reason: String) {
+        let mut state = self.lock();
+        state.closed.get_or_insert(reason);
+        state.expected.clear();
+        drop(state);
+        self.slot_freed.notify_all();
+    }
+}
+
+#[derive(Debug)]
+struct PipeWriter {
+    stream: TcpStream,
+    buf: BytesMut,
+    next_correlation_id: i32,
+    client_id: String,
+}
+
+/// A pipelined Kafka connection that threads share: the thread-backed counterpart of
+/// [`KafkaConnection`], with the invariants of the native [`super::Connection`].
+///
+/// Writers are the calling threads: under the write lock a request is encoded, registered at
+/// the back of the expected queue, then written whole, so the queue's order is the wire's. One
+/// reader thread reads each response frame, decodes it as the answer to the oldest expected
+/// request (a Kafka broker answers a connection's requests in order) and hands it over.
+/// At most `max_in_flight` requests await a response; every wait is bounded by the request
+/// timeout; the first failure (peer closed, I/O error, oversized, undecodable or out-of-order
+/// frame) closes the connection for good and fails every pending and later request with
+/// [`ClientError::Disconnected`]. Requests that get no response (a produce with acks 0) are
+/// written with [`KafkaPipeline::send_no_response`] and never registered.
+#[derive(Debug)]
+pub struct KafkaPipeline {
+    shared: Arc<PipeShared>,
+    writer: Mutex<PipeWriter>,
+    request_timeout: Duration,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl KafkaPipeline {
+    pub fn connect(addr: SocketAddr, options: ConnectOptions, client_id: &str) -> Result<KafkaPipeline> {
+        assert!(options.max_in_flight > 0, "max_in_flight must allow one request");
+        let io_error = |source| ClientError::Connect { addr, source };
+        let stream = TcpStream::connect_timeout(&addr, options.connect_timeout).map_err(io_error)?;
+        stream.set_nodelay(true).map_err(io_error)?;
+        stream.set_write_timeout(Some(options.request_timeout)).map_err(io_error)?;
+        let read_stream = stream.try_clone().map_err(io_error)?;
+        let shared = Arc::new(PipeShared {
+            addr,
+            state: Mutex::new(PipeState { expected: VecDeque::new(), closed: None }),
+            slot_freed: Condvar::new(),
+            max_in_flight: options.max_in_flight,
+        });
+        let reader_shared = Arc::clone(&shared);
+        let reader = std::thread::Builder::new()
+            .name(format!("pyralog-kafka-{addr}"))
+            .spawn(move || read_loop(read_stream, &reader_shared))
+            .map_err(io_error)?;
+        let writer = PipeWriter {
+            stream,
+            buf: BytesMut::with_capacity(64 << 10),
+            next_correlation_id: 0,
+            client_id: client_id.to_owned(),
+        };
+        Ok(KafkaPipeline {
+            shared,
+            writer: Mutex::new(writer),
+            request_timeout: options.request_timeout,
+            reader: Some(reader),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// True once the connection has failed; it never reopens.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed.is_some()
+    }
+
+    /// Requests awaiting a response.
+    pub fn in_flight(&self) -> usize {
+        self.shared.lock().expected.len()
+    }
+
+    /// Sends a request and returns at once; the response arrives through the handle.
+    pub fn send(&self, version: i16, body: &RequestBody) -> Result<KafkaPending> {
+        let op = api_name(body.api_key());
+        let deadline = Instant::now() + self.request_timeout;
+        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let correlation_id = writer.next_correlation_id;
+        // Encoded before it is registered: a request that cannot be encoded is never expected.
+        encode(&mut writer, correlation_id, version, body)?;
+        let (complete, completion) = mpsc::sync_channel(1);
+        let expected = Expected { correlation_id, api_key: body.api_key(), version, complete };
+        self.register(expected, op, deadline)?;
+        writer.next_correlation_id = correlation_id.wrapping_add(1);
+        self.write(&mut writer, op)?;
+        Ok(KafkaPending {
+            shared: Arc::clone(&self.shared),
+            completion,
+            op,
+            deadline,
+            timeout: self.request_timeout,
+        })
+    }
+
+    /// Sends a request the broker does not answer (a produce with acks 0).
+    pub fn send_no_response(&self, version: i16, body: &RequestBody) -> Result<()> {
+        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        {
+            let state = self.shared.lock();
+            if state.closed.is_some() {
+                return Err(self.shared.disconnected(&state));
+            }
+        }
+        let correlation_id = writer.next_correlation_id;
+        encode(&mut writer, correlation_id, version, body)?;
+        writer.next_correlation_id = correlation_id.wrapping_add(1);
+        self.write(&mut writer, api_name(body.api_key()))
+    }
+
+    /// [`KafkaPipeline::send`] then [`KafkaPending::wait`].
+    pub fn call(&self, version: i16, body: &RequestBody) -> Result<ResponseBody> {
+        self.send(version, body)?.wait()
+    }
+
+    /// Waits for an in-flight slot, then queues `expected`.
+    fn register(&self, expected: Expected, op: &'static str, deadline: Instant) -> Result<()> {
+        let mut state = self.shared.lock();
+        loop {
+            if state.closed.is_some() {
+                return Err(self.shared.disconnected(&state));
+            }
+            if state.expected.len() < self.shared.max_in_flight {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout {
+                    addr: self.shared.addr,
+                    op,
+                    waited: self.request_timeout,
+                });
+            }
+            state = self
+                .shared
+                .slot_freed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        state.expected.push_back(expected);
+        Ok(())
+    }
+
+    fn write(&self, writer: &mut PipeWriter, op: &'static str) -> Result<()> {
+        let PipeWriter { stream, buf, .. } = writer;
+        if let Err(error) = stream.write_all(buf) {
+            // A partial write leaves the stream mid-frame: the connection cannot be reused.
+            self.shared.close(format!("writing a {op} request: {error}"));
+            let _ = stream.shutdown(Shutdown::Both);
+            return Err(self.shared.disconnected(&self.shared.lock()));
+        }
+        // Keep the buffer from pinning a huge allocation after one large produce.
+        if buf.capacity() > 1 << 20 {
+            *buf = BytesMut::with_capacity(64 << 10);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KafkaPipeline {
+    fn drop(&mut self) {
+        self.shared.close("connection dropped by the client".to_owned());
+        let writer = self.writer.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = writer.stream.shutdown(Shutdown::Both);
+        if let Some(reader) = self.reader.take() {
+            // The shutdown above ends the reader's blocking read.
+            let _ = reader.join();
+        }
+    }
+}
+
+/// Encodes a request frame, size prefix included, into the writer's buffer: one copy of the
+/// record batches, as on the native path.
+fn encode(writer: &mut PipeWriter, correlation_id: i32, version: i16, body: &RequestBody) -> Result<()> {
+    let header = RequestHeader {
+        request_api_key: body.api_key(),
+        request_api_version: version,
+        correlation_id,
+        client_id: Some(writer.client_id.clone()),
+    };
+    let mut w = Writer::new();
+    let encoded = header
+        .encode(&mut w, kafka::request_header_version(body.api_key(), version))
+        .and_then(|()| body.encode(&mut w, version));
+    if let Err(error) = encoded {
+        let op = api_name(body.api_key());
+        return Err(ClientError::UnexpectedResponse {
+            op,
+            got: format!("a request it cannot encode: {error}"),
+        });
+    }
+    let size = i32::try_from(w.len()).expect("requests are far below 2 GiB");
+    writer.buf.clear();
+    writer.buf.reserve(kafka::FRAME_PREFIX_BYTES + w.len());
+    writer.buf.put_i32(size);
+    for chunk in w.finish() {
+        writer.buf.extend_from_slice(&chunk);
+    }
+    Ok(())
+}
+
+/// A Kafka request on its way; [`KafkaPending::wait`] blocks for its response.
+#[derive(Debug)]
+pub struct KafkaPending {
+    shared: Arc<PipeShared>,
+    completion: Receiver<ResponseBody>,
+    op: &'static str,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl KafkaPending {
+    /// Waits for the response until the request timeout, counted from the send.
+    pub fn wait(self) -> Result<ResponseBody> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.completion.recv_timeout(left) {
+            Ok(body) => Ok(body),
+            Err(RecvTimeoutError::Disconnected) => Err(self.shared.disconnected(&self.shared.lock())),
+            Err(RecvTimeoutError::Timeout) => Err(self.timed_out()),
+        }
+    }
+
+    /// The response if it has arrived, `None` if it is still due, an error if it failed or its
+    /// deadline passed.
+    pub fn try_wait(&mut self) -> Option<Result<ResponseBody>> {
+        match self.completion.try_recv() {
+            Ok(body) => Some(Ok(body)),
+            Err(TryRecvError::Disconnected) => Some(Err(self.shared.disconnected(&self.shared.lock()))),
+            Err(TryRecvError::Empty) if Instant::now() >= self.deadline => Some(Err(self.timed_out())),
+            Err(TryRecvError::Empty) => None,
+        }
+    }
+
+    /// The response stays expected (answers come in order, so the reader must still read it);
+    /// only this waiter gives up, and the late answer is dropped.
+    fn timed_out(&self) -> ClientError {
+        ClientError::Timeout { addr: self.shared.addr, op: self.op, waited: self.timeout }
+    }
+}
+
+fn read_loop(mut stream: TcpStream, shared: &PipeShared) {
+    let reason = loop {
+        let frame = match read_frame(&mut stream) {
+            Ok(frame) => frame,
+            Err(reason) => break reason,
+        };
+        let Some(expected) = shared.lock().expected.pop_front() else {
+            break "a response arrived with no request waiting for it".to_owned();
+        };
+        shared.slot_freed.notify_one();
+        let op = api_name(expected.api_key);
+        match kafka::decode_response(expected.api_key, expected.version, frame) {
+            // The waiter may have timed out and left; the response is then dropped.
+            Ok((got, body)) if got == expected.correlation_id => drop(expected.complete.try_send(body)),
+            Ok((got, _)) => {
+                break format!("response {got} arrived while {} ({op}) was expected", expected.correlation_id)
+            }
+            Err(error) => break format!("undecodable {op} response: {error}"),
+        }
+    };
+    shared.close(reason);
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Reads one response frame body, or says why the connection is over.
+fn read_frame(stream: &mut TcpStream) -> Result<Bytes, String> {
+    let mut prefix = [0u8; kafka::FRAME_PREFIX_BYTES];
+    if let Err(error) = stream.read_exact(&mut prefix) {
+        return Err(match error.kind() {
+            std::io::ErrorKind::UnexpectedEof => "the broker closed the connection".to_owned(),
+            _ => format!("reading a response: {error}"),
+        });
+    }
+    let size = i32::from_be_bytes(prefix);
+    let Some(body_bytes) = usize::try_from(size).ok().filter(|b| *b <= RESPONSE_FRAME_BYTES_MAX) else {
+        return Err(format!("response frame size {size} is negative or exceeds {RESPONSE_FRAME_BYTES_MAX}"));
+    };
+    // Grows with what arrives, so a lying prefix costs no more memory than the bytes sent.
+    let mut body = Vec::with_capacity(body_bytes.min(64 << 10));
+    match stream.take(body_bytes as u64).read_to_end(&mut body) {
+        Ok(n) if n == body_bytes => Ok(Bytes::from(body)),
+        Ok(n) => Err(format!("the broker closed the connection {n} bytes into a {body_bytes}-byte frame")),
+        Err(error) => Err(format!("reading a response: {error}")),
+    }
+}
+
+fn api_name(api_key: i16) -> &'static str {
+    match api_key {
+        api::PRODUCE => "produce",
+        api::FETCH => "fetch",
+        api::LIST_OFFSETS => "list_offsets",
+        api::METADATA => "metadata",
+        api::CREATE_TOPICS => "create_topics",
+        api::API_VERSIONS => "api_versions",
+        _ => "kafka",
+    }
+}
+
+/// The API versions a [`KafkaClient`] uses, agreed with the broker by ApiVersions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versions {
+    pub metadata: i16,
+    pub create_topics: i16,
+    pub produce: i16,
+    pub fetch: i16,
+    pub list_offsets: i16,
+}
+
+impl Versions {
+    /// Per API used: (key, the oldest version with what the client needs, the version it
+    /// prefers). The oldest: Metadata v4 has allow_auto_topic_creation, Produce v3 and Fetch v4
+    /// carry RecordBatch v2 and the isolation level, ListOffsets v1 answers one offset.
+    const WANTED: [(i16, i16, i16); 5] = [
+        (api::METADATA, 4, 12),
+        (api::CREATE_TOPICS, 0, 7),
+        (api::PRODUCE, 3, 9),
+        (api::FETCH, 4, 12),
+        (api::LIST_OFFSETS, 1, 7),
+    ];
+
+    /// The newest version of each API that both sides speak, up to the preferred one.
+    fn agree(offered: &[(i16, i16, i16)]) -> Result<Versions> {
+        let mut agreed = [0i16; 5];
+        for (slot, (key, oldest, preferred)) in agreed.iter_mut().zip(Versions::WANTED) {
+            let (low, high) = offered
+                .iter()
+                .find(|(k, _, _)| *k == key)
+                .map(|&(_, low, high)| (low, high))
+                .unwrap_or((0, -1));
+            let version = preferred.min(high);
+            if version < oldest.max(low) {
+                return Err(ClientError::Server {
+                    code: ErrorCode::UnsupportedRequest,
+                    message: format!(
+                        "the broker offers {} versions {low}..={high}, \
+                         this client needs {oldest}..={preferred}",
+                        api_name(key)
+                    ),
+                });
+            }
+            *slot = version;
+        }
+        let [metadata, create_topics, produce, fetch, list_offsets] = agreed;
+        Ok(Versions { metadata, create_topics, produce, fetch, list_offsets })
+    }
+}
+
+/// Client id sent in every request header.
+pub const CLIENT_ID: &str = "pyralog-client";
+
+/// A client of a broker's Kafka listener, with the native [`super::Client`]'s promises (see
+/// [`Transport`]): Metadata v12 for partition counts (without auto-creation: a missing topic is
+/// reported, as the native client does, so the caller chooses its partition count),
+/// CreateTopics v7, Produce v9 with acks -1 (durable) or 0 (no response), Fetch v12 with
+/// max_wait and min_bytes 1, and ListOffsets v7 for the earliest and latest offsets; each
+/// capped by what the broker's ApiVersions answer offers (see [`Versions`]). The broker is one
+/// node that leads every partition, so one connection reaches them all.
+///
+/// Clones share the connection and the metadata cache; [`Transport::session`] shares only the
+/// cache. A closed connection is replaced on the next request.
+#[derive(Debug, Clone)]
+pub struct KafkaClient {
+    shared: Arc<KafkaShared>,
+    connection: Arc<Mutex<Option<Arc<KafkaPipeline>>>>,
+}
+
+#[derive(Debug)]
+struct KafkaShared {
+    addr: SocketAddr,
+    options: ConnectOptions,
+    versions: Versions,
+    /// Partition counts of the topics seen so far.
+    partitions: RwLock<HashMap<String, u32>>,
+}
+
+impl KafkaClient {
+    /// Connects to `bootstrap` ("host:port") with default options.
+    pub fn connect(bootstrap: &str) -> Result<KafkaClient> {
+        KafkaClient::connect_with(bootstrap, ConnectOptions::default())
+    }
+
+    /// Connects and agrees on API versions with ApiVersions (v3), so a broker that does not
+    /// speak Kafka there, or not the versions this client needs, fails here.
+    pub fn connect_with(bootstrap: &str, options: ConnectOptions) -> Result<KafkaClient> {
+        let addr = super::resolve(bootstrap)?;
+        let connection = Arc::new(KafkaPipeline::connect(addr, options, CLIENT_ID)?);
+        let request = ApiVersionsRequest {
+            client_software_name: CLIENT_ID.to_owned(),
+            client_software_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let body = connection.call(3, &RequestBody::ApiVersions(request))?;
+        let ResponseBody::ApiVersions(response) = body else { return Err(unexpected("api_versions")) };
+        if response.error_code != error::NONE {
+            return Err(kafka_error(response.error_code, "ApiVersions v3".to_owned()));
+        }
+        let offered: Vec<_> =
+            response.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
+        Ok(KafkaClient {
+            shared: Arc::new(KafkaShared {
+                addr,
+                options,
+                versions: Versions::agree(&offered)?,
+                partitions: RwLock::new(HashMap::new()),
+            }),
+            connection: Arc::new(Mutex::new(Some(connection))),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// The API versions agreed with the broker.
+    pub fn versions(&self) -> Versions {
+        self.shared.versions
+    }
+
+    /// This handle's open connection, opening one if needed.
+    pub fn connection(&self) -> Result<Arc<KafkaPipeline>> {
+        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = connection.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(Arc::clone(open));
+        }
+        let open = Arc::new(KafkaPipeline::connect(self.shared.addr, self.shared.options, CLIENT_ID)?);
+        *connection = Some(Arc::clone(&open));
+        Ok(open)
+    }
+
+    /// Asks the broker for the topic's partition count and caches it.
+    pub fn refresh_partitions(&self, topic: &str) -> Result<u32> {
+        let request = MetadataRequest {
+            topics: Some(vec![MetadataRequestTopic { topic_id: Uuid::ZERO, name: Some(topic.to_owned()) }]),
+            allow_auto_topic_creation: false,
+            ..Default::default()
+        };
+        let body = self.connection()?.call(self.shared.versions.metadata, &RequestBody::Metadata(request))?;
+        let ResponseBody::Metadata(metadata) = body else { return Err(unexpected("metadata")) };
+        let info =
+            metadata.topics.into_iter().find(|t| t.name.as_deref() == Some(topic)).ok_or_else(|| {
+                ClientError::Server {
+                    code: ErrorCode::UnknownTopic,
+                    message: format!("topic {topic:?} is not in the metadata"),
+                }
+            })?;
+        let mut cache = self.shared.partitions.write().unwrap_or_else(|p| p.into_inner());
+        if info.error_code != error::NONE {
+            cache.remove(topic);
+            return Err(kafka_error(info.error_code, format!("topic {topic:?}")));
+        }
+        let count = u32::try_from(info.partitions.len()).expect("partition ids are i32");
+        cache.insert(topic.to_owned(), count);
+        Ok(count)
+    }
+
+    /// The connection, once `partition` is known to exist in `topic`.
+    fn partition_connection(&self, topic: &str, partition: u32) -> Result<Arc<KafkaPipeline>> {
+        let partitions = Transport::partition_count(self, topic)?;
+        if partition >= partitions {
+            return Err(ClientError::UnknownPartition { topic: topic.to_owned(), partition, partitions });
+        }
+        self.connection()
+    }
+
+    fn timeout_ms(&self) -> i32 {
+        i32::try_from(self.shared.options.request_timeout.as_millis()).unwrap_or(i32::MAX)
+    }
+}
+
+impl Transport for KafkaClient {
+    type PendingProduce = KafkaProducePending;
+    type PendingFetch = KafkaFetchPending;
+
+    fn session(&self) -> KafkaClient {
+        KafkaClient { shared: Arc::clone(&self.shared), connection: Arc::new(Mutex::new(None)) }
+    }
+
+    fn partition_count(&self, topic: &str) -> Result<u32> {
+        let cached = self.shared.partitions.read().unwrap_or_else(|p| p.into_inner()).get(topic).copied();
+        match cached {
+            Some(count) => Ok(count),
+            None => self.refresh_partitions(topic),
+        }
+    }
+
+    fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        let request = CreateTopicsRequest {
+            topics: vec![CreatableTopic {
+                name: topic.to_owned(),
+                num_partitions: i32::try_from(partitions).unwrap_or(i32::MAX),
+                replication_factor: -1,
+                ..Default::default()
+            }],
+            timeout_ms: self.timeout_ms(),
+            validate_only: false,
+        };
+        let body = self
+            .connection()?
+            .call(self.shared.versions.create_topics, &RequestBody::CreateTopics(request))?;
+        let ResponseBody::CreateTopics(response) = body else { return Err(unexpected("create_topics")) };
+        let result = response.topics.into_iter().find(|t| t.name == topic).ok_or_else(|| {
+            ClientError::UnexpectedResponse { op: "create_topics", got: "no result".into() }
+        })?;
+        if result.error_code != error::NONE {
+            let message = result.error_message.filter(|m| !m.is_empty()).unwrap_or_else(|| topic.to_owned());
+            return Err(kafka_error(result.error_code, message));
+        }
+        self.refresh_partitions(topic).map(drop)
+    }
+
+    fn list_offsets(&self, topic: &str, partition: u32, spec: i64) -> Result<i64> {
+        let request = ListOffsetsRequest {
+            replica_id: -1,
+            isolation_level: 0,
+            topics: vec![ListOffsetsTopic {
+                name: topic.to_owned(),
+                partitions: vec![ListOffsetsPartition {
+                    partition_index: partition_index(partition),
+                    timestamp: spec,
+                    ..Default::default()
+                }],
+            }],
+            ..Default::default()
+        };
+        let connection = self.partition_connection(topic, partition)?;
+        let body = connection.call(self.shared.versions.list_offsets, &RequestBody::ListOffsets(request))?;
+        let ResponseBody::ListOffsets(response) = body else { return Err(unexpected("list_offsets")) };
+        let result = response
+            .topics
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .find(|p| p.partition_index == partition_index(partition))
+            .ok_or_else(|| super::missing_partition("list_offsets", partition))?;
+        if result.error_code != error::NONE {
+            return Err(kafka_error(result.error_code, format!("{topic}/{partition}")));
+        }
+        Ok(result.offset)
+    }
+
+    fn produce_async(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        acks: Acks,
+    ) -> Result<KafkaProducePending> {
+        let connection = self.partition_connection(topic, partition)?;
+        let offsets = batch::offset_count(&records);
+        let request = RequestBody::Produce(ProduceRequest {
+            transactional_id: None,
+            acks: if acks == Acks::None { 0 } else { -1 },
+            timeout_ms: self.timeout_ms(),
+            topic_data: vec![TopicProduceData {
+                name: topic.to_owned(),
+                partition_data: vec![PartitionProduceData {
+                    index: partition_index(partition),
+                    records: Some(Records::from_bytes(records)),
+                }],
+            }],
+        });
+        if acks == Acks::None {
+            connection.send_no_response(self.shared.versions.produce, &request)?;
+            return Ok(KafkaProducePending { partition, offsets, response: None });
+        }
+        let response = Some(connection.send(self.shared.versions.produce, &request)?);
+        Ok(KafkaProducePending { partition, offsets, response })
+    }
+
+    fn fetch_async(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<KafkaFetchPending> {
+        let connection = self.partition_connection(topic, partition)?;
+        let max_bytes = i32::try_from(max_bytes).unwrap_or(i32::MAX);
+        let request = RequestBody::Fetch(FetchRequest {
+            max_wait_ms: i32::try_from(max_wait_ms).unwrap_or(i32::MAX),
+            min_bytes: 1,
+            max_bytes,
+            topics: vec![FetchTopic {
+                topic: topic.to_owned(),
+                partitions: vec![FetchPartition {
+                    partition: partition_index(partition),
+                    fetch_offset: offset,
+                    partition_max_bytes: max_bytes,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        Ok(KafkaFetchPending { partition, response: connection.send(self.shared.versions.fetch, &request)? })
+    }
+}
+
+/// A Kafka produce on its way.
+#[derive(Debug)]
+pub struct KafkaProducePending {
+    partition: u32,
+    /// Offsets the sent batches take, for [`ProduceAck::next_offset`].
+    offsets: i64,
+    /// `None` under acks 0: there is nothing to wait for.
+    response: Option<KafkaPending>,
+}
+
+impl KafkaProducePending {
+    fn ack(&self, body: ResponseBody) -> Result<ProduceAck> {
+        let ResponseBody::Produce(response) = body else { return Err(unexpected("produce")) };
+        let result = response
+            .responses
+            .into_iter()
+            .flat_map(|t| t.partition_responses)
+            .find(|p| p.index == partition_index(self.partition))
+            .ok_or_else(|| super::missing_partition("produce", self.partition))?;
+        if result.error_code != error::NONE {
+            let message = result.error_message.unwrap_or_else(|| format!("partition {}", self.partition));
+            return Err(kafka_error(result.error_code, message));
+        }
+        Ok(ProduceAck { base_offset: result.base_offset, next_offset: result.base_offset + self.offsets })
+    }
+}
+
+const UNACKNOWLEDGED: ProduceAck =
+    ProduceAck { base_offset: OFFSET_UNACKNOWLEDGED, next_offset: OFFSET_UNACKNOWLEDGED };
+
+impl Pending<ProduceAck> for KafkaProducePending {
+    fn wait(mut self) -> Result<ProduceAck> {
+        match self.response.take() {
+            None => Ok(UNACKNOWLEDGED),
+            Some(response) => self.ack(response.wait()?),
+        }
+    }
+
+    fn try_wait(&mut self) -> Option<Result<ProduceAck>> {
+        match &mut self.response {
+            None => Some(Ok(UNACKNOWLEDGED)),
+            Some(response) => Some(response.try_wait()?.and_then(|body| self.ack(body))),
+        }
+    }
+}
+
+/// A Kafka fetch on its way.
+#[derive(Debug)]
+pub struct KafkaFetchPending {
+    partition: u32,
+    response: KafkaPending,
+}
+
+impl KafkaFetchPending {
+    fn result(partition: u32, body: ResponseBody) -> Result<FetchResult> {
+        let ResponseBody::Fetch(response) = body else { return Err(unexpected("fetch")) };
+        if response.error_code != error::NONE {
+            return Err(kafka_error(response.error_code, "fetch".to_owned()));
+        }
+        let result = response
+            .responses
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .find(|p| p.partition_index == partition_index(partition))
+            .ok_or_else(|| super::missing_partition("fetch", partition))?;
+        if result.error_code != error::NONE {
+            return Err(kafka_error(result.error_code, format!("partition {partition}")));
+        }
+        Ok(FetchResult {
+            partition,
+            high_watermark: result.high_watermark,
+            log_start_offset: result.log_start_offset,
+            records: result.records.as_ref().map(Records::to_bytes).unwrap_or_default(),
+        })
+    }
+}
+
+impl Pending<FetchResult> for KafkaFetchPending {
+    fn wait(self) -> Result<FetchResult> {
+        KafkaFetchPending::result(self.partition, self.response.wait()?)
+    }
+
+    fn try_wait(&mut self) -> Option<Result<FetchResult>> {
+        let partition = self.partition;
+        Some(self.response.try_wait()?.and_then(|body| KafkaFetchPending::result(partition, body)))
+    }
+}
+
+fn partition_index(partition: u32) -> i32 {
+    i32::try_from(partition).unwrap_or(i32::MAX)
+}
+
+fn unexpected(op: &'static str) -> ClientError {
+    ClientError::UnexpectedResponse { op, got: "a response of another API".to_owned() }
+}
+
+/// A Kafka error code as a [`ClientError`]: as the native [`ErrorCode`] with the same meaning
+/// where there is one, so callers handle both protocols alike, as [`ClientError::Kafka`]
+/// otherwise.
+pub fn kafka_error(code: i16, message: String) -> ClientError {
+    let native = match code {
+        error::UNKNOWN_TOPIC_OR_PARTITION => ErrorCode::UnknownTopic,
+        error::TOPIC_ALREADY_EXISTS => ErrorCode::TopicAlreadyExists,
+        error::INVALID_TOPIC_EXCEPTION => ErrorCode::InvalidTopic,
+        error::CORRUPT_MESSAGE | error::INVALID_RECORD => ErrorCode::CorruptBatch,
+        error::MESSAGE_TOO_LARGE | error::RECORD_LIST_TOO_LARGE => ErrorCode::MessageTooLarge,
+        error::OFFSET_OUT_OF_RANGE => ErrorCode::OffsetOutOfRange,
+        error::KAFKA_STORAGE_ERROR => ErrorCode::StorageError,
+        error::INVALID_REQUEST => ErrorCode::InvalidRequest,
+        error::UNSUPPORTED_VERSION => ErrorCode::UnsupportedRequest,
+        error::NOT_LEADER_OR_FOLLOWER => ErrorCode::ShuttingDown,
+        _ => return ClientError::Kafka { code, message },
+    };
+    ClientError::Server { code: native, message: format!("{message} (Kafka error {code})") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_the_preferred_ones_capped_by_the_broker() {
+        let agreed = Versions::agree(kafka::SUPPORTED).unwrap();
+        let (_, _, list_offsets_max) =
+            *kafka::SUPPORTED.iter().find(|s| s.0 == api::LIST_OFFSETS).expect("ListOffsets is served");
+        assert_eq!(agreed.list_offsets, list_offsets_max.min(7));
+        assert_eq!((agreed.metadata, agreed.produce, agreed.fetch), (12, 9, 12));
+
+        let old_broker = [
+            (api::METADATA, 0, 9),
+            (api::CREATE_TOPICS, 0, 4),
+            (api::PRODUCE, 0, 8),
+            (api::FETCH, 0, 11),
+            (api::LIST_OFFSETS, 0, 5),
+        ];
+        let agreed = Versions::agree(&old_broker).unwrap();
+        assert_eq!(
+            agreed,
+            Versions { metadata: 9, create_topics: 4, produce: 8, fetch: 11, list_offsets: 5 }
+        );
+        // Produce before v3 cannot carry RecordBatch v2.
+        let mut no_record_batches = old_broker;
+        no_record_batches[2] = (api::PRODUCE, 0, 2);
+        let error = Versions::agree(&no_record_batches).unwrap_err();
+        assert!(error.to_string().contains("produce versions 0..=2, this client needs 3..=9"), "{error}");
+        let error = Versions::agree(&[(api::METADATA, 0, 12)]).unwrap_err();
+        assert!(matches!(error, ClientError::Server { code: ErrorCode::UnsupportedRequest, .. }), "{error}");
     }
 }

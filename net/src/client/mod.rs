@@ -7,6 +7,9 @@
 //! - [`Producer`]: batching per partition, asynchronous sends, in-order delivery reports.
 //! - [`Consumer`]: fetches a set of partitions and tracks the next offset of each.
 //! - [`batch`]: the client's own RecordBatch v2 builder and reader.
+//! - [`Transport`]: what `Producer` and `Consumer` need of a broker, implemented by `Client`
+//!   (native protocol) and by [`KafkaClient`] (Kafka wire protocol), so both protocols are
+//!   driven by the same batching and fetching code.
 //!
 //! Invariants: every request waits at most the request timeout ([`ConnectOptions`]); a broker
 //! that goes away turns every pending and later request into [`ClientError::Disconnected`] or
@@ -24,6 +27,7 @@ pub mod fake_broker;
 pub mod kafka;
 pub mod partitioner;
 pub mod producer;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -35,9 +39,13 @@ use bytes::{Bytes, BytesMut};
 pub use self::batch::{BatchBuilder, BatchError, IdempotentProducer, Record, RecordReader};
 pub use self::connection::{ConnectOptions, Connection, PendingResponse};
 pub use self::consumer::{ConsumedRecord, Consumer, StartAt};
-pub use self::kafka::{KafkaClientError, KafkaConnection};
+pub use self::kafka::{
+    KafkaClient, KafkaClientError, KafkaConnection, KafkaFetchPending, KafkaPending, KafkaPipeline,
+    KafkaProducePending,
+};
 pub use self::partitioner::{PartitionSelector, Partitioner};
 pub use self::producer::{DeliveryReport, Producer, ProducerConfig};
+pub use self::transport::{Pending, Transport};
 pub use crate::codec::{
     Acks, ErrorCode, MetadataResponse, PartitionInfo, ShardInfo, OFFSET_EARLIEST, OFFSET_LATEST,
 };
@@ -68,6 +76,10 @@ pub enum ClientError {
     Timeout { addr: SocketAddr, op: &'static str, waited: Duration },
     #[error("server error {code:?}: {message}")]
     Server { code: ErrorCode, message: String },
+    /// A Kafka error code with no native [`ErrorCode`] counterpart (those that have one are
+    /// reported as [`ClientError::Server`], so callers handle both protocols alike).
+    #[error("Kafka error {code}: {message}")]
+    Kafka { code: i16, message: String },
     #[error("{op}: the broker answered with {got}")]
     UnexpectedResponse { op: &'static str, got: String },
     #[error("topic {topic:?} has {partitions} partitions, there is no partition {partition}")]
@@ -111,6 +123,9 @@ impl Clone for ClientError {
             }
             ClientError::Server { code, message } => {
                 ClientError::Server { code: *code, message: message.clone() }
+            }
+            ClientError::Kafka { code, message } => {
+                ClientError::Kafka { code: *code, message: message.clone() }
             }
             ClientError::UnexpectedResponse { op, got } => {
                 ClientError::UnexpectedResponse { op, got: got.clone() }
@@ -208,31 +223,39 @@ impl PendingFetch {
     }
 
     pub fn wait(self) -> Result<FetchResult> {
-        let partition = self.partition;
-        let Response::Fetch(results) = response_body("fetch", self.response.wait()?)? else {
-            unreachable!("response_body checks the kind");
-        };
-        let result = results
-            .into_iter()
-            .find(|r| r.partition == partition)
-            .ok_or_else(|| missing_partition("fetch", partition))?;
-        server_error(result.error, &result.message)?;
-        let records = match result.records.len() {
-            0 => Bytes::new(),
-            1 => result.records.into_iter().next().expect("one chunk"),
-            _ => {
-                let mut joined = BytesMut::with_capacity(result.records_bytes());
-                result.records.iter().for_each(|chunk| joined.extend_from_slice(chunk));
-                joined.freeze()
-            }
-        };
-        Ok(FetchResult {
-            partition,
-            high_watermark: result.high_watermark,
-            log_start_offset: result.log_start_offset,
-            records,
-        })
+        fetch_result(self.partition, self.response.wait()?)
     }
+
+    /// The outcome if it is known, without blocking.
+    pub fn try_wait(&mut self) -> Option<Result<FetchResult>> {
+        Some(self.response.try_wait()?.and_then(|frame| fetch_result(self.partition, frame)))
+    }
+}
+
+fn fetch_result(partition: u32, frame: ResponseFrame) -> Result<FetchResult> {
+    let Response::Fetch(results) = response_body("fetch", frame)? else {
+        unreachable!("response_body checks the kind");
+    };
+    let result = results
+        .into_iter()
+        .find(|r| r.partition == partition)
+        .ok_or_else(|| missing_partition("fetch", partition))?;
+    server_error(result.error, &result.message)?;
+    let records = match result.records.len() {
+        0 => Bytes::new(),
+        1 => result.records.into_iter().next().expect("one chunk"),
+        _ => {
+            let mut joined = BytesMut::with_capacity(result.records_bytes());
+            result.records.iter().for_each(|chunk| joined.extend_from_slice(chunk));
+            joined.freeze()
+        }
+    };
+    Ok(FetchResult {
+        partition,
+        high_watermark: result.high_watermark,
+        log_start_offset: result.log_start_offset,
+        records,
+    })
 }
 
 /// A metadata-aware, shard-aware client. See the module docs.
@@ -259,12 +282,7 @@ impl Client {
     }
 
     pub fn connect_with(bootstrap: &str, options: ConnectOptions) -> Result<Client> {
-        let resolve_error = |reason: String| ClientError::Resolve { addr: bootstrap.to_owned(), reason };
-        let addr = bootstrap
-            .to_socket_addrs()
-            .map_err(|error| resolve_error(error.to_string()))?
-            .next()
-            .ok_or_else(|| resolve_error("resolved to no address".to_owned()))?;
+        let addr = resolve(bootstrap)?;
         let client = Client {
             inner: Arc::new(Inner {
                 bootstrap: addr,
@@ -481,6 +499,16 @@ impl Client {
         connections.insert(port, Arc::clone(&connection));
         Ok(connection)
     }
+}
+
+/// The first address "host:port" resolves to.
+fn resolve(bootstrap: &str) -> Result<SocketAddr> {
+    let resolve_error = |reason: String| ClientError::Resolve { addr: bootstrap.to_owned(), reason };
+    bootstrap
+        .to_socket_addrs()
+        .map_err(|error| resolve_error(error.to_string()))?
+        .next()
+        .ok_or_else(|| resolve_error("resolved to no address".to_owned()))
 }
 
 fn server_error(code: ErrorCode, message: &str) -> Result<()> {

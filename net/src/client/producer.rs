@@ -6,11 +6,15 @@
 //! [`Producer::poll`], so a caller that goes idle calls `poll` (at the latest by
 //! [`Producer::linger_deadline`]) or [`Producer::flush`].
 //!
-//! Sending is asynchronous: a full batch leaves with [`Client::produce_async`] and the producer
-//! carries on. Outcomes are collected in send order and handed, one [`DeliveryReport`] per
-//! batch, to the callback given to [`Producer::new`], on the thread calling the producer.
+//! Sending is asynchronous: a full batch leaves with [`Transport::produce_async`] and the
+//! producer carries on. Outcomes are collected in send order and handed, one [`DeliveryReport`]
+//! per batch, to the callback given to [`Producer::new`], on the thread calling the producer.
 //! Every batch gets exactly one report, failed batches included; [`Producer::flush`] also
 //! returns an error if any batch failed since the previous flush.
+//!
+//! The transport is the native [`Client`] by default, or a [`super::KafkaClient`]: batching,
+//! linger, partitioning, the in-flight window and the reports are this module's, whatever the
+//! protocol underneath.
 //!
 //! Invariants: at most `max_in_flight_batches` batches await acknowledgement (a send blocks on
 //! the oldest beyond that) and at most one open batch per partition, so memory is bounded by
@@ -22,7 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::batch::{BatchBuilder, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
 use super::partitioner::{PartitionSelector, Partitioner};
-use super::{Acks, Client, ClientError, PendingProduce, Result, OFFSET_UNACKNOWLEDGED};
+use super::transport::{Pending, Transport};
+use super::{Acks, Client, ClientError, Result, OFFSET_UNACKNOWLEDGED};
 
 pub const BATCH_BYTES_DEFAULT: usize = 16 << 10;
 pub const LINGER_DEFAULT: Duration = Duration::from_millis(5);
@@ -91,19 +96,19 @@ struct Batch {
 }
 
 #[derive(Debug)]
-struct InFlight {
+struct InFlight<P> {
     batch: Batch,
-    pending: PendingProduce,
+    pending: P,
 }
 
-pub struct Producer {
-    client: Client,
+pub struct Producer<T: Transport = Client> {
+    client: T,
     config: ProducerConfig,
     partitions: u32,
     selector: PartitionSelector,
     /// Indexed by partition.
     open: Vec<Option<OpenBatch>>,
-    in_flight: VecDeque<InFlight>,
+    in_flight: VecDeque<InFlight<T::PendingProduce>>,
     /// The earliest time an open batch's linger expires.
     linger_deadline: Option<Instant>,
     on_delivery: DeliveryCallback,
@@ -111,7 +116,7 @@ pub struct Producer {
     first_failure: Option<String>,
 }
 
-impl std::fmt::Debug for Producer {
+impl<T: Transport> std::fmt::Debug for Producer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Producer")
             .field("topic", &self.config.topic)
@@ -121,13 +126,13 @@ impl std::fmt::Debug for Producer {
     }
 }
 
-impl Producer {
+impl<T: Transport> Producer<T> {
     /// `on_delivery` receives one report per batch; see the module docs.
     pub fn new(
-        client: Client,
+        client: T,
         mut config: ProducerConfig,
         on_delivery: impl FnMut(DeliveryReport) + Send + 'static,
-    ) -> Result<Producer> {
+    ) -> Result<Producer<T>> {
         assert!(config.max_in_flight_batches > 0, "max_in_flight_batches must allow one batch");
         config.batch_bytes = config.batch_bytes.clamp(BATCH_HEADER_BYTES + 1, BATCH_BYTES_MAX);
         let partitions = client.partition_count(&config.topic)?;
@@ -333,7 +338,7 @@ impl Producer {
     }
 }
 
-impl Drop for Producer {
+impl<T: Transport> Drop for Producer<T> {
     /// Sends what is buffered and waits for it; the outcomes still reach the callback.
     fn drop(&mut self) {
         let _ = self.flush();

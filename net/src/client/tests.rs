@@ -21,7 +21,7 @@ fn batch(values: &[&[u8]]) -> Bytes {
 
 type Reports = Arc<Mutex<Vec<DeliveryReport>>>;
 
-fn producer(client: &Client, config: ProducerConfig) -> (Producer, Reports) {
+fn producer<T: Transport>(client: &T, config: ProducerConfig) -> (Producer<T>, Reports) {
     let reports: Reports = Arc::default();
     let sink = Arc::clone(&reports);
     let producer =
@@ -218,4 +218,139 @@ fn consumer_prefetches_batch_after_batch_in_order() {
     }
     assert_eq!(offsets, (0..100).collect::<Vec<i64>>());
     assert_eq!(consumer.position(0), Some(100));
+}
+
+// The Kafka transport, against the fake broker's Kafka listener (same logs as its native one).
+
+fn kafka_client(broker: &FakeBroker) -> KafkaClient {
+    let options = ConnectOptions { request_timeout: Duration::from_secs(5), ..ConnectOptions::default() };
+    KafkaClient::connect_with(&broker.kafka_addr().to_string(), options).expect("the fake broker is up")
+}
+
+#[test]
+fn kafka_producer_and_consumer_round_trip_and_share_the_log_with_native() {
+    let broker = FakeBroker::start().unwrap();
+    let kafka = kafka_client(&broker);
+    kafka.create_topic("k", 3).unwrap();
+    let error = kafka.create_topic("k", 3).unwrap_err();
+    assert!(matches!(error, ClientError::Server { code: ErrorCode::TopicAlreadyExists, .. }), "{error}");
+    assert_eq!(Transport::partition_count(&kafka, "k").unwrap(), 3);
+    let config = ProducerConfig {
+        batch_bytes: 1024,
+        partitioner: Partitioner::RoundRobin,
+        max_in_flight_batches: 8,
+        ..ProducerConfig::new("k")
+    };
+    let (mut producer, reports) = producer(&kafka.session(), config);
+    for i in 0..600u32 {
+        assert_eq!(producer.send(Some(&i.to_be_bytes()), &[i as u8; 100]).unwrap(), i % 3);
+    }
+    producer.flush().unwrap();
+    let mut next_offset = [0i64; 3];
+    for report in reports.lock().unwrap().iter() {
+        assert!(report.error.is_none(), "{:?}", report.error);
+        let partition = report.partition as usize;
+        assert_eq!(report.base_offset, next_offset[partition], "reports come in send order per partition");
+        next_offset[partition] += i64::from(report.record_count);
+    }
+    assert_eq!(next_offset, [200, 200, 200]);
+
+    // Read back over Kafka, and over the native protocol: the same records in the same order.
+    let native = client(&broker);
+    for partition in 0..3u32 {
+        let mut over_kafka = Consumer::new(kafka.session(), "k", &[partition], StartAt::Earliest).unwrap();
+        let mut over_native = Consumer::new(native.clone(), "k", &[partition], StartAt::Earliest).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        while a.len() < 200 || b.len() < 200 {
+            a.extend(over_kafka.poll(Duration::from_millis(10)).unwrap());
+            b.extend(over_native.poll(Duration::from_millis(10)).unwrap());
+        }
+        assert_eq!(a, b);
+        let keys: Vec<u32> =
+            a.iter().map(|r| u32::from_be_bytes(r.key.as_deref().unwrap().try_into().unwrap())).collect();
+        assert_eq!(keys, (0..200).map(|i| i * 3 + partition).collect::<Vec<_>>());
+        assert_eq!(over_kafka.lag(), 0);
+        assert_eq!(kafka.list_offsets("k", partition, OFFSET_LATEST).unwrap(), 200);
+        assert_eq!(kafka.list_offsets("k", partition, OFFSET_EARLIEST).unwrap(), 0);
+    }
+}
+
+#[test]
+fn kafka_acks_none_gets_no_response_and_the_next_request_still_lines_up() {
+    let broker = FakeBroker::start().unwrap();
+    let kafka = kafka_client(&broker);
+    kafka.create_topic("n", 1).unwrap();
+    let ack = kafka.produce_async("n", 0, batch(&[b"1", b"2"]), Acks::None).unwrap().wait().unwrap();
+    assert_eq!(ack.base_offset, OFFSET_UNACKNOWLEDGED);
+    // Nothing was expected for the acks-0 produce, so this response is matched to the fetch.
+    let fetched = kafka.fetch_async("n", 0, 0, 1024, 1_000).unwrap().wait().unwrap();
+    assert_eq!(fetched.reader().count(), 2);
+    let ack = kafka.produce_async("n", 0, batch(&[b"3"]), Acks::Durable).unwrap().wait().unwrap();
+    assert_eq!(ack, ProduceAck { base_offset: 2, next_offset: 3 });
+}
+
+#[test]
+fn kafka_errors_map_to_the_native_codes() {
+    let broker = FakeBroker::start().unwrap();
+    let kafka = kafka_client(&broker);
+    let error = Transport::partition_count(&kafka, "missing").unwrap_err();
+    assert!(matches!(error, ClientError::Server { code: ErrorCode::UnknownTopic, .. }), "{error}");
+    kafka.create_topic("t", 1).unwrap();
+    let error = kafka.produce_async("t", 5, batch(&[b"x"]), Acks::Durable).unwrap_err();
+    assert!(matches!(error, ClientError::UnknownPartition { partition: 5, partitions: 1, .. }), "{error}");
+    let mut corrupt = BytesMut::from(&batch(&[b"x"])[..]);
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    let error = kafka.produce_async("t", 0, corrupt.freeze(), Acks::Durable).unwrap().wait().unwrap_err();
+    assert!(matches!(error, ClientError::Server { code: ErrorCode::CorruptBatch, .. }), "{error}");
+    let error = kafka.fetch_async("t", 0, 99, 1024, 0).unwrap().wait().unwrap_err();
+    assert!(matches!(error, ClientError::Server { code: ErrorCode::OffsetOutOfRange, .. }), "{error}");
+    let error = super::kafka::kafka_error(crate::kafka::error::GROUP_ID_NOT_FOUND, "g".into());
+    assert!(matches!(error, ClientError::Kafka { code: 69, .. }), "{error}");
+}
+
+#[test]
+fn kafka_pipelining_keeps_many_requests_in_flight_in_order() {
+    let broker = FakeBroker::start().unwrap();
+    let kafka = kafka_client(&broker);
+    kafka.create_topic("p", 2).unwrap();
+    let pending: Vec<_> = (0..200u32)
+        .map(|i| kafka.produce_async("p", i % 2, batch(&[b"v"]), Acks::Durable).unwrap())
+        .collect();
+    for (i, pending) in pending.into_iter().enumerate() {
+        assert_eq!(pending.wait().unwrap().base_offset, i as i64 / 2);
+    }
+    assert_eq!(kafka.connection().unwrap().in_flight(), 0);
+}
+
+#[test]
+fn a_kafka_broker_that_goes_away_fails_producers_and_consumers() {
+    let mut broker = FakeBroker::start().unwrap();
+    let kafka = kafka_client(&broker);
+    kafka.create_topic("gone", 1).unwrap();
+    let (mut producer, reports) = producer(&kafka.session(), ProducerConfig::new("gone"));
+    producer.send(None, b"before").unwrap();
+    producer.flush().unwrap();
+    let mut consumer = Consumer::new(kafka.session(), "gone", &[0], StartAt::Earliest).unwrap();
+    assert_eq!(consumer.poll(Duration::from_millis(10)).unwrap().len(), 1);
+    // A long-poll in flight when the broker goes: it fails at once, not at the timeout.
+    let waiting = kafka.fetch_async("gone", 0, 1, 1024, 60_000).unwrap();
+    // Let it park at the fake (which answers at once once it is told to stop).
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    broker.shutdown();
+    assert!(waiting.wait().unwrap_err().is_disconnect());
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // A prefetch answered before the shutdown may still come out (empty) first.
+    let error = (0..3)
+        .find_map(|_| consumer.poll(Duration::from_millis(10)).err())
+        .expect("the consumer notices the broker is gone");
+    assert!(error.is_disconnect(), "{error}");
+    let _ = producer.send(None, b"after");
+    let error = producer.flush().unwrap_err();
+    assert!(error.is_disconnect() || matches!(error, ClientError::DeliveryFailed { .. }), "{error}");
+    let reports = reports.lock().unwrap();
+    assert!(reports[0].error.is_none());
+    assert!(reports.len() == 1 || reports[1].error.is_some(), "the lost batch is reported as lost");
 }

@@ -1,0 +1,127 @@
+//! What a [`super::Producer`] and a [`super::Consumer`] need of a broker, so the same batching,
+//! pipelining and prefetching code runs over the native protocol ([`super::Client`]) and over
+//! the Kafka wire protocol ([`super::KafkaClient`]).
+//!
+//! Both implementations keep the same promises: requests to one partition leave in call order
+//! on one connection (so the broker appends produced batches in that order), every wait is
+//! bounded by the request timeout, and a broker that goes away turns every pending and later
+//! request into an error for which [`super::ClientError::is_disconnect`] is true.
+
+use bytes::Bytes;
+
+use super::{Acks, Client, FetchResult, PendingFetch, PendingProduce, ProduceAck, Result};
+
+/// A request on its way whose outcome is a `T`.
+pub trait Pending<T>: Send + std::fmt::Debug {
+    /// Blocks for the outcome, at most until the request timeout counted from the send.
+    fn wait(self) -> Result<T>;
+    /// The outcome if it is known, without blocking: `None` while it is still due.
+    fn try_wait(&mut self) -> Option<Result<T>>;
+}
+
+/// A broker connection that produces and fetches record batches of a topic's partitions.
+pub trait Transport: Clone + Send + Sync + std::fmt::Debug + 'static {
+    type PendingProduce: Pending<ProduceAck>;
+    type PendingFetch: Pending<FetchResult>;
+
+    /// A handle for one producer or one consumer, sharing this one's metadata. The native
+    /// client shares its connections too (the native protocol matches responses by correlation
+    /// id, so nothing waits behind a slow request); a Kafka client opens a connection of its
+    /// own, as a Kafka broker answers each connection's requests in order and a consumer's
+    /// long-poll would otherwise hold back a producer's acknowledgements.
+    fn session(&self) -> Self;
+
+    /// The topic's partition count; a missing topic is
+    /// `ClientError::Server { code: ErrorCode::UnknownTopic, .. }`.
+    fn partition_count(&self, topic: &str) -> Result<u32>;
+
+    /// Creates the topic; an existing one is
+    /// `ClientError::Server { code: ErrorCode::TopicAlreadyExists, .. }`.
+    fn create_topic(&self, topic: &str, partitions: u32) -> Result<()>;
+
+    /// The offset for `spec`: [`super::OFFSET_EARLIEST`], [`super::OFFSET_LATEST`] or a
+    /// timestamp in ms.
+    fn list_offsets(&self, topic: &str, partition: u32, spec: i64) -> Result<i64>;
+
+    /// Sends one or more whole batches to a partition and returns at once. Under `Acks::None`
+    /// the outcome is known at once: [`super::OFFSET_UNACKNOWLEDGED`].
+    fn produce_async(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        acks: Acks,
+    ) -> Result<Self::PendingProduce>;
+
+    /// Asks for whole batches from `offset`, waiting up to `max_wait_ms` for data to arrive.
+    fn fetch_async(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<Self::PendingFetch>;
+}
+
+impl Pending<ProduceAck> for PendingProduce {
+    fn wait(self) -> Result<ProduceAck> {
+        PendingProduce::wait(self)
+    }
+
+    fn try_wait(&mut self) -> Option<Result<ProduceAck>> {
+        PendingProduce::try_wait(self)
+    }
+}
+
+impl Pending<FetchResult> for PendingFetch {
+    fn wait(self) -> Result<FetchResult> {
+        PendingFetch::wait(self)
+    }
+
+    fn try_wait(&mut self) -> Option<Result<FetchResult>> {
+        PendingFetch::try_wait(self)
+    }
+}
+
+impl Transport for Client {
+    type PendingProduce = PendingProduce;
+    type PendingFetch = PendingFetch;
+
+    fn session(&self) -> Client {
+        self.clone()
+    }
+
+    fn partition_count(&self, topic: &str) -> Result<u32> {
+        Client::partition_count(self, topic)
+    }
+
+    fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        Client::create_topic(self, topic, partitions)
+    }
+
+    fn list_offsets(&self, topic: &str, partition: u32, spec: i64) -> Result<i64> {
+        Client::list_offsets(self, topic, partition, spec)
+    }
+
+    fn produce_async(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        acks: Acks,
+    ) -> Result<PendingProduce> {
+        Client::produce_async(self, topic, partition, records, acks)
+    }
+
+    fn fetch_async(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<PendingFetch> {
+        Client::fetch_async(self, topic, partition, offset, max_bytes, max_wait_ms)
+    }
+}
