@@ -392,76 +392,50 @@ def main():
     # Dispatch over the API keys, for the listener and the fuzz target.
     requests = [m for m in messages if m.kind == "request"]
     responses = {m.name[: -len("Response")]: m for m in messages if m.kind == "response"}
-    out.append("/// One request body of any implemented API.")
-    out.append("#[derive(Debug, Clone, PartialEq)]")
-    out.append("pub enum RequestBody {")
-    for m in requests:
-        api = m.name[: -len("Request")]
-        out.append(f"    {api}({module_name(m.name)}::{m.name}),")
-    out.append("}")
-    out.append("")
-    out.append("/// One response body of any implemented API.")
-    out.append("#[derive(Debug, Clone, PartialEq)]")
-    out.append("pub enum ResponseBody {")
-    for m in requests:
-        api = m.name[: -len("Request")]
-        resp = responses[api]
-        out.append(f"    {api}({module_name(resp.name)}::{resp.name}),")
-    out.append("}")
-    out.append("")
+    apis = [(m.name[: -len("Request")], m, responses[m.name[: -len("Request")]]) for m in requests]
     out.append("/// The versions of each API key's schema: (key, name, lowest, highest, lowest flexible).")
     out.append("pub const SCHEMA_VERSIONS: &[(i16, &str, i16, i16, Option<i16>)] = &[")
-    for m in requests:
+    for api, m, _ in apis:
         flex = f"Some({m.flexible[0]})" if m.flexible else "None"
-        out.append(f"    ({m.api_key}, \"{m.name[: -len('Request')]}\", {m.valid[0]}, {m.valid[1]}, {flex}),")
+        out.append(f"    ({m.api_key}, \"{api}\", {m.valid[0]}, {m.valid[1]}, {flex}),")
     out.append("];")
     out.append("")
-    out.append("impl RequestBody {")
-    out.append("    pub fn decode(api_key: i16, version: i16, r: &mut crate::kafka::wire::Reader) -> Result<Self, crate::kafka::wire::DecodeError> {")
-    out.append("        Ok(match api_key {")
-    for m in requests:
-        api = m.name[: -len("Request")]
-        out.append(f"            {m.api_key} => Self::{api}({module_name(m.name)}::{m.name}::decode(r, version)?),")
-    out.append("            _ => return Err(crate::kafka::wire::DecodeError::UnknownApiKey(api_key)),")
-    out.append("        })")
-    out.append("    }")
-    out.append("")
-    out.append("    pub fn encode(&self, w: &mut crate::kafka::wire::Writer, version: i16) -> Result<(), crate::kafka::wire::EncodeError> {")
-    out.append("        match self {")
-    for m in requests:
-        api = m.name[: -len("Request")]
-        out.append(f"            Self::{api}(body) => body.encode(w, version),")
-    out.append("        }")
-    out.append("    }")
-    out.append("")
-    out.append("    pub fn api_key(&self) -> i16 {")
-    out.append("        match self {")
-    for m in requests:
-        api = m.name[: -len("Request")]
-        out.append(f"            Self::{api}(_) => {m.api_key},")
-    out.append("        }")
-    out.append("    }")
-    out.append("}")
-    out.append("")
-    out.append("impl ResponseBody {")
-    out.append("    pub fn decode(api_key: i16, version: i16, r: &mut crate::kafka::wire::Reader) -> Result<Self, crate::kafka::wire::DecodeError> {")
-    out.append("        Ok(match api_key {")
-    for m in requests:
-        api = m.name[: -len("Request")]
-        resp = responses[api]
-        out.append(f"            {m.api_key} => Self::{api}({module_name(resp.name)}::{resp.name}::decode(r, version)?),")
-    out.append("            _ => return Err(crate::kafka::wire::DecodeError::UnknownApiKey(api_key)),")
-    out.append("        })")
-    out.append("    }")
-    out.append("")
-    out.append("    pub fn encode(&self, w: &mut crate::kafka::wire::Writer, version: i16) -> Result<(), crate::kafka::wire::EncodeError> {")
-    out.append("        match self {")
-    for m in requests:
-        api = m.name[: -len("Request")]
-        out.append(f"            Self::{api}(body) => body.encode(w, version),")
-    out.append("        }")
-    out.append("    }")
-    out.append("}")
+    for enum, pick in (("RequestBody", lambda request, response: request),
+                       ("ResponseBody", lambda request, response: response)):
+        kind = "request" if enum == "RequestBody" else "response"
+        out.append(f"/// One {kind} body of any implemented API.")
+        out.append("#[derive(Debug, Clone, PartialEq)]")
+        out.append(f"pub enum {enum} {{")
+        for api, request, response in apis:
+            message = pick(request, response)
+            out.append(f"    {api}({module_name(message.name)}::{message.name}),")
+        out.append("}")
+        out.append("")
+        out.append(f"impl {enum} {{")
+        out.append("    pub fn decode(api_key: i16, version: i16, r: &mut crate::kafka::wire::Reader) -> Result<Self, crate::kafka::wire::DecodeError> {")
+        out.append("        Ok(match api_key {")
+        for api, request, response in apis:
+            message = pick(request, response)
+            out.append(f"            {request.api_key} => Self::{api}({module_name(message.name)}::{message.name}::decode(r, version)?),")
+        out.append("            _ => return Err(crate::kafka::wire::DecodeError::UnknownApiKey(api_key)),")
+        out.append("        })")
+        out.append("    }")
+        out.append("")
+        out.append("    pub fn encode(&self, w: &mut crate::kafka::wire::Writer, version: i16) -> Result<(), crate::kafka::wire::EncodeError> {")
+        out.append("        match self {")
+        for api, _, _ in apis:
+            out.append(f"            Self::{api}(body) => body.encode(w, version),")
+        out.append("        }")
+        out.append("    }")
+        out.append("")
+        out.append("    pub fn api_key(&self) -> i16 {")
+        out.append("        match self {")
+        for api, request, _ in apis:
+            out.append(f"            Self::{api}(_) => {request.api_key},")
+        out.append("        }")
+        out.append("    }")
+        out.append("}")
+        out.append("")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text("\n".join(out) + "\n")
 

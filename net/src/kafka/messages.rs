@@ -6436,6 +6436,29 @@ pub mod create_partitions_response {
 
 }
 
+/// The versions of each API key's schema: (key, name, lowest, highest, lowest flexible).
+pub const SCHEMA_VERSIONS: &[(i16, &str, i16, i16, Option<i16>)] = &[
+    (0, "Produce", 0, 11, Some(9)),
+    (1, "Fetch", 0, 17, Some(12)),
+    (2, "ListOffsets", 0, 10, Some(6)),
+    (3, "Metadata", 0, 12, Some(9)),
+    (8, "OffsetCommit", 0, 9, Some(8)),
+    (9, "OffsetFetch", 0, 9, Some(6)),
+    (10, "FindCoordinator", 0, 6, Some(3)),
+    (11, "JoinGroup", 0, 9, Some(6)),
+    (12, "Heartbeat", 0, 4, Some(4)),
+    (13, "LeaveGroup", 0, 5, Some(4)),
+    (14, "SyncGroup", 0, 5, Some(4)),
+    (15, "DescribeGroups", 0, 5, Some(5)),
+    (16, "ListGroups", 0, 5, Some(3)),
+    (18, "ApiVersions", 0, 4, Some(3)),
+    (19, "CreateTopics", 0, 7, Some(5)),
+    (20, "DeleteTopics", 0, 6, Some(4)),
+    (22, "InitProducerId", 0, 5, Some(2)),
+    (32, "DescribeConfigs", 0, 4, Some(4)),
+    (37, "CreatePartitions", 0, 3, Some(2)),
+];
+
 /// One request body of any implemented API.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestBody {
@@ -6459,53 +6482,6 @@ pub enum RequestBody {
     DescribeConfigs(describe_configs_request::DescribeConfigsRequest),
     CreatePartitions(create_partitions_request::CreatePartitionsRequest),
 }
-
-/// One response body of any implemented API.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ResponseBody {
-    Produce(produce_response::ProduceResponse),
-    Fetch(fetch_response::FetchResponse),
-    ListOffsets(list_offsets_response::ListOffsetsResponse),
-    Metadata(metadata_response::MetadataResponse),
-    OffsetCommit(offset_commit_response::OffsetCommitResponse),
-    OffsetFetch(offset_fetch_response::OffsetFetchResponse),
-    FindCoordinator(find_coordinator_response::FindCoordinatorResponse),
-    JoinGroup(join_group_response::JoinGroupResponse),
-    Heartbeat(heartbeat_response::HeartbeatResponse),
-    LeaveGroup(leave_group_response::LeaveGroupResponse),
-    SyncGroup(sync_group_response::SyncGroupResponse),
-    DescribeGroups(describe_groups_response::DescribeGroupsResponse),
-    ListGroups(list_groups_response::ListGroupsResponse),
-    ApiVersions(api_versions_response::ApiVersionsResponse),
-    CreateTopics(create_topics_response::CreateTopicsResponse),
-    DeleteTopics(delete_topics_response::DeleteTopicsResponse),
-    InitProducerId(init_producer_id_response::InitProducerIdResponse),
-    DescribeConfigs(describe_configs_response::DescribeConfigsResponse),
-    CreatePartitions(create_partitions_response::CreatePartitionsResponse),
-}
-
-/// The versions of each API key's schema: (key, name, lowest, highest, lowest flexible).
-pub const SCHEMA_VERSIONS: &[(i16, &str, i16, i16, Option<i16>)] = &[
-    (0, "Produce", 0, 11, Some(9)),
-    (1, "Fetch", 0, 17, Some(12)),
-    (2, "ListOffsets", 0, 10, Some(6)),
-    (3, "Metadata", 0, 12, Some(9)),
-    (8, "OffsetCommit", 0, 9, Some(8)),
-    (9, "OffsetFetch", 0, 9, Some(6)),
-    (10, "FindCoordinator", 0, 6, Some(3)),
-    (11, "JoinGroup", 0, 9, Some(6)),
-    (12, "Heartbeat", 0, 4, Some(4)),
-    (13, "LeaveGroup", 0, 5, Some(4)),
-    (14, "SyncGroup", 0, 5, Some(4)),
-    (15, "DescribeGroups", 0, 5, Some(5)),
-    (16, "ListGroups", 0, 5, Some(3)),
-    (18, "ApiVersions", 0, 4, Some(3)),
-    (19, "CreateTopics", 0, 7, Some(5)),
-    (20, "DeleteTopics", 0, 6, Some(4)),
-    (22, "InitProducerId", 0, 5, Some(2)),
-    (32, "DescribeConfigs", 0, 4, Some(4)),
-    (37, "CreatePartitions", 0, 3, Some(2)),
-];
 
 impl RequestBody {
     pub fn decode(api_key: i16, version: i16, r: &mut crate::kafka::wire::Reader) -> Result<Self, crate::kafka::wire::DecodeError> {
@@ -6582,6 +6558,30 @@ impl RequestBody {
     }
 }
 
+/// One response body of any implemented API.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseBody {
+    Produce(produce_response::ProduceResponse),
+    Fetch(fetch_response::FetchResponse),
+    ListOffsets(list_offsets_response::ListOffsetsResponse),
+    Metadata(metadata_response::MetadataResponse),
+    OffsetCommit(offset_commit_response::OffsetCommitResponse),
+    OffsetFetch(offset_fetch_response::OffsetFetchResponse),
+    FindCoordinator(find_coordinator_response::FindCoordinatorResponse),
+    JoinGroup(join_group_response::JoinGroupResponse),
+    Heartbeat(heartbeat_response::HeartbeatResponse),
+    LeaveGroup(leave_group_response::LeaveGroupResponse),
+    SyncGroup(sync_group_response::SyncGroupResponse),
+    DescribeGroups(describe_groups_response::DescribeGroupsResponse),
+    ListGroups(list_groups_response::ListGroupsResponse),
+    ApiVersions(api_versions_response::ApiVersionsResponse),
+    CreateTopics(create_topics_response::CreateTopicsResponse),
+    DeleteTopics(delete_topics_response::DeleteTopicsResponse),
+    InitProducerId(init_producer_id_response::InitProducerIdResponse),
+    DescribeConfigs(describe_configs_response::DescribeConfigsResponse),
+    CreatePartitions(create_partitions_response::CreatePartitionsResponse),
+}
+
 impl ResponseBody {
     pub fn decode(api_key: i16, version: i16, r: &mut crate::kafka::wire::Reader) -> Result<Self, crate::kafka::wire::DecodeError> {
         Ok(match api_key {
@@ -6631,4 +6631,29 @@ impl ResponseBody {
             Self::CreatePartitions(body) => body.encode(w, version),
         }
     }
+
+    pub fn api_key(&self) -> i16 {
+        match self {
+            Self::Produce(_) => 0,
+            Self::Fetch(_) => 1,
+            Self::ListOffsets(_) => 2,
+            Self::Metadata(_) => 3,
+            Self::OffsetCommit(_) => 8,
+            Self::OffsetFetch(_) => 9,
+            Self::FindCoordinator(_) => 10,
+            Self::JoinGroup(_) => 11,
+            Self::Heartbeat(_) => 12,
+            Self::LeaveGroup(_) => 13,
+            Self::SyncGroup(_) => 14,
+            Self::DescribeGroups(_) => 15,
+            Self::ListGroups(_) => 16,
+            Self::ApiVersions(_) => 18,
+            Self::CreateTopics(_) => 19,
+            Self::DeleteTopics(_) => 20,
+            Self::InitProducerId(_) => 22,
+            Self::DescribeConfigs(_) => 32,
+            Self::CreatePartitions(_) => 37,
+        }
+    }
 }
+
