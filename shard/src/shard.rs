@@ -447,6 +447,9 @@ impl Shard {
             return Ok(done);
         }
         let appended = partition.log.append(&records, &headers)?;
+        // The log holds its own copy (offsets stamped): let the request's buffer go now rather
+        // than after the flush this produce may wait for.
+        drop(records);
         {
             let mut producers = partition.producers.borrow_mut();
             for stamped in &appended.batches {
