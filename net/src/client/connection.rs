@@ -1,382 +1,75 @@
-//! One pipelined connection to a broker port.
+//! The native protocol's pipelined connection: a [`Pipeline`] with [`NativeFraming`].
 //!
-//! Writers are the calling threads: they take the write lock, register the request under a
-//! fresh correlation id, and write the whole frame (TCP_NODELAY, so small requests leave at
-//! once). One reader thread per connection reads response frames and completes the pending
-//! request with the same correlation id, whatever order they come back in.
-//!
-//! Invariants:
-//! - At most `max_in_flight` requests await a response; a sender blocks (up to its request
-//!   timeout) for a free slot.
-//! - A request is registered before its bytes are written, so its response always finds it.
-//! - Once the connection fails (peer closed, I/O error, oversized or undecodable frame), it is
-//!   closed for good: every pending and every later request fails with
-//!   [`ClientError::Disconnected`] carrying the first failure's reason. Nothing waits forever:
-//!   every wait is bounded by the request timeout.
-//! - A response frame is never larger than [`RESPONSE_FRAME_BYTES_MAX`]; its buffer grows with
-//!   the bytes actually received, not with the length the peer claims.
-//!
-//! This is not a reconnecting connection: [`super::Client`] replaces a closed one.
+//! Each request frame carries a fresh correlation id (1, 2, ...) and each response frame the
+//! id of the request it answers. A shard answers requests as they complete, so responses are
+//! matched by id in any order ([`Matching::ById`]): a slow fetch holds back nothing behind it.
+//! The connection's threads, limits, timeouts and failure handling are the [`Pipeline`]'s.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
 
-use super::ClientError;
-use crate::codec::{self, Request, ResponseFrame, FRAME_PREFIX_BYTES};
+use super::pipeline::{self, Framing, Matching, Pipeline};
+pub use super::pipeline::{
+    ConnectOptions, CONNECT_TIMEOUT_DEFAULT, IN_FLIGHT_MAX_DEFAULT, REQUEST_TIMEOUT_DEFAULT,
+    RESPONSE_FRAME_BYTES_MAX,
+};
+use super::{ClientError, Result};
+use crate::codec::{self, Request, ResponseFrame};
 
-/// Default bound on requests awaiting a response on one connection.
-pub const IN_FLIGHT_MAX_DEFAULT: usize = 1024;
-/// Largest response frame a client accepts; a larger one closes the connection.
-pub const RESPONSE_FRAME_BYTES_MAX: usize = 64 << 20;
-/// Default time to establish a TCP connection.
-pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
-/// Default time from sending a request to its response (fetch long-polls included).
-pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// A pipelined connection speaking the native protocol. Share it between threads behind an
+/// `Arc`.
+pub type Connection = Pipeline<NativeFraming>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectOptions {
-    pub connect_timeout: Duration,
-    /// Bounds each wait: for an in-flight slot, for a write, and for a response.
-    pub request_timeout: Duration,
-    pub max_in_flight: usize,
-}
+/// A native request on its way; [`PendingResponse::wait`] blocks for its response.
+pub type PendingResponse = pipeline::PendingResponse<NativeFraming>;
 
-impl Default for ConnectOptions {
-    fn default() -> ConnectOptions {
-        ConnectOptions {
-            connect_timeout: CONNECT_TIMEOUT_DEFAULT,
-            request_timeout: REQUEST_TIMEOUT_DEFAULT,
-            max_in_flight: IN_FLIGHT_MAX_DEFAULT,
-        }
-    }
-}
+/// The native protocol's framing: a flatbuffers envelope and raw record batches (see
+/// [`crate::codec`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NativeFraming;
 
-type Completion = SyncSender<ResponseFrame>;
+impl Framing for NativeFraming {
+    type Request<'a> = &'a Request;
+    type Response = ResponseFrame;
+    type Expected = ();
 
-#[derive(Debug)]
-struct State {
-    pending: HashMap<u64, Completion>,
-    /// Why the connection closed; `Some` forever once set.
-    closed: Option<String>,
-}
+    const MATCHING: Matching<NativeFraming> = Matching::ById(decode_response);
+    const READER_NAME: &'static str = "pyralog-conn";
+    const CORRELATION_ID_FIRST: u64 = 1;
 
-#[derive(Debug)]
-struct Shared {
-    addr: SocketAddr,
-    state: Mutex<State>,
-    /// Signalled when an in-flight slot frees up or the connection closes.
-    slot_freed: Condvar,
-    max_in_flight: usize,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock leaves the map consistent (single inserts/removes).
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn op(request: &Request) -> &'static str {
+        request.kind()
     }
 
-    fn disconnected(&self, state: &State) -> ClientError {
-        let reason = state.closed.clone().unwrap_or_else(|| "connection closed".to_owned());
-        ClientError::Disconnected { addr: self.addr, reason }
+    fn encode(&self, correlation_id: u64, request: &Request, buf: &mut BytesMut) -> Result<()> {
+        codec::encode_request(correlation_id, request, buf);
+        Ok(())
     }
-
-    /// Closes the connection: records the first reason and drops every pending completion,
-    /// which wakes each waiter with a disconnect.
-    fn close(&self, reason: String) {
-        let mut state = self.lock();
-        if state.closed.is_none() {
-            state.closed = Some(reason);
-        }
-        state.pending.clear();
-        drop(state);
-        self.slot_freed.notify_all();
-    }
-}
-
-#[derive(Debug)]
-struct Writer {
-    stream: TcpStream,
-    buf: BytesMut,
-    next_correlation_id: u64,
-}
-
-/// A pipelined connection. Share it between threads behind an `Arc`.
-#[derive(Debug)]
-pub struct Connection {
-    shared: Arc<Shared>,
-    writer: Mutex<Writer>,
-    request_timeout: Duration,
-    reader: Option<JoinHandle<()>>,
 }
 
 impl Connection {
     /// Connects to one broker port. Name resolution is the caller's (see [`super::Client`]).
     pub fn connect(addr: SocketAddr, options: ConnectOptions) -> Result<Connection, ClientError> {
-        assert!(options.max_in_flight > 0, "max_in_flight must allow one request");
-        let stream = TcpStream::connect_timeout(&addr, options.connect_timeout)
-            .map_err(|source| ClientError::Connect { addr, source })?;
-        Connection::from_stream(stream, addr, options)
-    }
-
-    fn from_stream(
-        stream: TcpStream,
-        addr: SocketAddr,
-        options: ConnectOptions,
-    ) -> Result<Connection, ClientError> {
-        let io_error = |source| ClientError::Connect { addr, source };
-        stream.set_nodelay(true).map_err(io_error)?;
-        stream.set_write_timeout(Some(options.request_timeout)).map_err(io_error)?;
-        let read_stream = stream.try_clone().map_err(io_error)?;
-        let shared = Arc::new(Shared {
-            addr,
-            state: Mutex::new(State { pending: HashMap::new(), closed: None }),
-            slot_freed: Condvar::new(),
-            max_in_flight: options.max_in_flight,
-        });
-        let reader_shared = Arc::clone(&shared);
-        let reader = std::thread::Builder::new()
-            .name(format!("pyralog-conn-{addr}"))
-            .spawn(move || read_loop(read_stream, &reader_shared))
-            .map_err(io_error)?;
-        let writer = Writer { stream, buf: BytesMut::with_capacity(64 << 10), next_correlation_id: 1 };
-        Ok(Connection {
-            shared,
-            writer: Mutex::new(writer),
-            request_timeout: options.request_timeout,
-            reader: Some(reader),
-        })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.shared.addr
-    }
-
-    /// True once the connection has failed; it never reopens.
-    pub fn is_closed(&self) -> bool {
-        self.shared.lock().closed.is_some()
-    }
-
-    /// Requests awaiting a response.
-    pub fn in_flight(&self) -> usize {
-        self.shared.lock().pending.len()
-    }
-
-    /// Sends `request` and returns at once; the response arrives through the handle.
-    pub fn send(&self, request: &Request) -> Result<PendingResponse, ClientError> {
-        let deadline = Instant::now() + self.request_timeout;
-        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let correlation_id = writer.next_correlation_id;
-        let (complete, completion) = mpsc::sync_channel(1);
-        self.register(correlation_id, complete, request.kind(), deadline)?;
-        writer.next_correlation_id += 1;
-        self.write(&mut writer, correlation_id, request)?;
-        Ok(PendingResponse {
-            shared: Arc::clone(&self.shared),
-            correlation_id,
-            completion,
-            op: request.kind(),
-            deadline,
-            timeout: self.request_timeout,
-        })
-    }
-
-    /// Sends a request the broker does not answer (a produce with `Acks::None`).
-    pub fn send_no_response(&self, request: &Request) -> Result<(), ClientError> {
-        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(error) = self.closed_error() {
-            return Err(error);
-        }
-        let correlation_id = writer.next_correlation_id;
-        writer.next_correlation_id += 1;
-        self.write(&mut writer, correlation_id, request)
-    }
-
-    /// [`Connection::send`] then [`PendingResponse::wait`].
-    pub fn call(&self, request: &Request) -> Result<ResponseFrame, ClientError> {
-        self.send(request)?.wait()
-    }
-
-    fn closed_error(&self) -> Option<ClientError> {
-        let state = self.shared.lock();
-        state.closed.is_some().then(|| self.shared.disconnected(&state))
-    }
-
-    /// Waits for an in-flight slot, then records the completion under `correlation_id`.
-    fn register(
-        &self,
-        correlation_id: u64,
-        complete: Completion,
-        op: &'static str,
-        deadline: Instant,
-    ) -> Result<(), ClientError> {
-        let mut state = self.shared.lock();
-        loop {
-            if state.closed.is_some() {
-                return Err(self.shared.disconnected(&state));
-            }
-            if state.pending.len() < self.shared.max_in_flight {
-                break;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ClientError::Timeout {
-                    addr: self.shared.addr,
-                    op,
-                    waited: self.request_timeout,
-                });
-            }
-            state = self
-                .shared
-                .slot_freed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-        }
-        let previous = state.pending.insert(correlation_id, complete);
-        assert!(previous.is_none(), "correlation ids are never reused on a connection");
-        Ok(())
-    }
-
-    fn write(&self, writer: &mut Writer, correlation_id: u64, request: &Request) -> Result<(), ClientError> {
-        let Writer { stream, buf, .. } = writer;
-        buf.clear();
-        codec::encode_request(correlation_id, request, buf);
-        if let Err(error) = stream.write_all(buf) {
-            // A partial write leaves the stream mid-frame: the connection cannot be reused.
-            let reason = format!("writing a {} request: {error}", request.kind());
-            self.shared.close(reason);
-            let _ = stream.shutdown(Shutdown::Both);
-            return Err(self.closed_error().expect("just closed"));
-        }
-        // Keep the buffer from pinning a huge allocation after one large produce.
-        if buf.capacity() > 1 << 20 {
-            *buf = BytesMut::with_capacity(64 << 10);
-        }
-        Ok(())
+        Pipeline::open(addr, options, NativeFraming)
     }
 }
 
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.shared.close("connection dropped by the client".to_owned());
-        let writer = self.writer.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let _ = writer.stream.shutdown(Shutdown::Both);
-        if let Some(reader) = self.reader.take() {
-            // The shutdown above ends the reader's blocking read.
-            let _ = reader.join();
-        }
-    }
-}
-
-/// A request on its way; [`PendingResponse::wait`] blocks for its response.
-#[derive(Debug)]
-pub struct PendingResponse {
-    shared: Arc<Shared>,
-    correlation_id: u64,
-    completion: Receiver<ResponseFrame>,
-    op: &'static str,
-    deadline: Instant,
-    timeout: Duration,
-}
-
-impl PendingResponse {
-    pub fn correlation_id(&self) -> u64 {
-        self.correlation_id
-    }
-
-    /// Waits for the response until the request timeout, counted from the send.
-    pub fn wait(self) -> Result<ResponseFrame, ClientError> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        match self.completion.recv_timeout(left) {
-            Ok(frame) => Ok(frame),
-            Err(RecvTimeoutError::Disconnected) => Err(self.disconnected()),
-            Err(RecvTimeoutError::Timeout) => Err(self.timed_out()),
-        }
-    }
-
-    /// The response if it has arrived, `None` if it is still due, an error if it failed or its
-    /// deadline passed.
-    pub fn try_wait(&mut self) -> Option<Result<ResponseFrame, ClientError>> {
-        match self.completion.try_recv() {
-            Ok(frame) => Some(Ok(frame)),
-            Err(TryRecvError::Disconnected) => Some(Err(self.disconnected())),
-            Err(TryRecvError::Empty) if Instant::now() >= self.deadline => Some(Err(self.timed_out())),
-            Err(TryRecvError::Empty) => None,
-        }
-    }
-
-    fn disconnected(&self) -> ClientError {
-        self.shared.disconnected(&self.shared.lock())
-    }
-
-    /// Gives up on the response: frees its slot so a late answer is dropped by the reader.
-    fn timed_out(&self) -> ClientError {
-        // If the response raced the deadline it is already gone; the caller sees a timeout.
-        self.shared.lock().pending.remove(&self.correlation_id);
-        self.shared.slot_freed.notify_one();
-        ClientError::Timeout { addr: self.shared.addr, op: self.op, waited: self.timeout }
-    }
-}
-
-fn read_loop(mut stream: TcpStream, shared: &Shared) {
-    let reason = loop {
-        let frame = match read_frame(&mut stream) {
-            Ok(frame) => frame,
-            Err(reason) => break reason,
-        };
-        let response = match codec::decode_response(&frame) {
-            Ok(response) => response,
-            Err(error) => break format!("undecodable response frame: {error}"),
-        };
-        let complete = shared.lock().pending.remove(&response.correlation_id);
-        shared.slot_freed.notify_one();
-        // No completion: the request timed out and its waiter left. The frame is dropped.
-        if let Some(complete) = complete {
-            // Cannot block: the channel holds one frame and only this response is sent on it.
-            let _ = complete.try_send(response);
-        }
-    };
-    shared.close(reason);
-    let _ = stream.shutdown(Shutdown::Both);
-}
-
-/// Reads one frame body, or says why the connection is over.
-fn read_frame(stream: &mut TcpStream) -> Result<Bytes, String> {
-    let mut prefix = [0u8; FRAME_PREFIX_BYTES];
-    if let Err(error) = stream.read_exact(&mut prefix) {
-        return Err(match error.kind() {
-            std::io::ErrorKind::UnexpectedEof => "the broker closed the connection".to_owned(),
-            _ => format!("reading a response: {error}"),
-        });
-    }
-    let body_bytes = codec::frame_body_bytes(prefix);
-    if body_bytes > RESPONSE_FRAME_BYTES_MAX {
-        return Err(format!(
-            "response frame of {body_bytes} bytes exceeds RESPONSE_FRAME_BYTES_MAX ({RESPONSE_FRAME_BYTES_MAX})"
-        ));
-    }
-    // Grows with what arrives, so a lying prefix costs no more memory than the bytes sent.
-    let mut body = Vec::with_capacity(body_bytes.min(64 << 10));
-    let read = stream.take(body_bytes as u64).read_to_end(&mut body);
-    match read {
-        Ok(n) if n == body_bytes => Ok(Bytes::from(body)),
-        Ok(n) => Err(format!("the broker closed the connection {n} bytes into a {body_bytes}-byte frame")),
-        Err(error) => Err(format!("reading a response: {error}")),
-    }
+fn decode_response(frame: Bytes) -> Result<(u64, ResponseFrame), String> {
+    let response =
+        codec::decode_response(&frame).map_err(|error| format!("undecodable response frame: {error}"))?;
+    Ok((response.correlation_id, response))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
     use super::*;
     use crate::codec::{ErrorCode, Response};
-    use std::net::TcpListener;
 
     /// A fake broker: reads request frames and hands each to `answer`, which writes replies.
     fn fake_broker<F>(answer: F) -> (SocketAddr, JoinHandle<()>)

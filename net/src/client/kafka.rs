@@ -2,9 +2,9 @@
 //!
 //! - [`KafkaConnection`]: one blocking connection, requests pipelined, responses read in order
 //!   (as Kafka brokers answer) by the caller. For tests of the listener, bad input included.
-//! - [`KafkaPipeline`]: the same, thread-backed and shared like the native
-//!   [`super::Connection`]: a reader thread completes requests, waits are bounded by the
-//!   request timeout, a lost broker is [`ClientError::Disconnected`].
+//! - [`KafkaPipeline`]: the same, thread-backed and shared: the native [`super::Connection`]'s
+//!   [`Pipeline`] with [`KafkaFraming`]. A reader thread completes requests in order, waits are
+//!   bounded by the request timeout, a lost broker is [`ClientError::Disconnected`].
 //! - [`KafkaClient`]: a [`Transport`] over a `KafkaPipeline`, so the library's
 //!   [`super::Producer`] and [`super::Consumer`] (and so the load generator's
 //!   `--protocol kafka`) run over the Kafka listener exactly as over the native protocol.
@@ -13,15 +13,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::connection::{ConnectOptions, RESPONSE_FRAME_BYTES_MAX};
+use super::pipeline::{ConnectOptions, Framing, Matching, PendingResponse, Pipeline};
 use super::transport::{Pending, Transport};
 use super::{batch, Acks, ClientError, ErrorCode, FetchResult, ProduceAck, Result, OFFSET_UNACKNOWLEDGED};
 use crate::kafka::messages::api_versions_request::ApiVersionsRequest;
@@ -140,338 +138,103 @@ impl KafkaConnection {
 // The pipelined connection and the client the producer, the consumer and the bench use.
 // ---------------------------------------------------------------------------------------------
 
-/// What a [`KafkaPipeline`]'s reader expects next: responses come back in request order.
+/// A pipelined Kafka connection that threads share: the thread-backed counterpart of
+/// [`KafkaConnection`], a [`Pipeline`] with [`KafkaFraming`], so it keeps the native
+/// [`super::Connection`]'s promises (bounded waits, a bounded window, a lost broker is
+/// [`ClientError::Disconnected`]). A Kafka broker answers a connection's requests in order, so
+/// each response is read as the answer to the oldest request in flight
+/// ([`Matching::InOrder`]); one with another correlation id closes the connection. Requests
+/// that get no response (a produce with acks 0) are written with
+/// [`KafkaPipeline::send_no_response`] and never expected.
+pub type KafkaPipeline = Pipeline<KafkaFraming>;
+
+/// A Kafka request on its way; [`KafkaPending::wait`] blocks for its response.
+pub type KafkaPending = PendingResponse<KafkaFraming>;
+
+/// A request as a [`KafkaPipeline`] sends it: the API version and the body.
+pub type KafkaRequest<'a> = (i16, &'a RequestBody);
+
+/// Kafka's framing: a size prefix, a request header naming the client, the body of the API
+/// version asked for.
 #[derive(Debug)]
-struct Expected {
-    correlation_id: i32,
-    api_key: i16,
-    version: i16,
-    complete: SyncSender<ResponseBody>,
-}
-
-#[derive(Debug)]
-struct PipeState {
-    /// Requests written and not answered, oldest first.
-    expected: VecDeque<Expected>,
-    /// Why the connection closed; `Some` forever once set.
-    closed: Option<String>,
-}
-
-#[derive(Debug)]
-struct PipeShared {
-    addr: SocketAddr,
-    state: Mutex<PipeState>,
-    /// Signalled when an in-flight slot frees up or the connection closes.
-    slot_freed: Condvar,
-    max_in_flight: usize,
-}
-
-impl PipeShared {
-    fn lock(&self) -> MutexGuard<'_, PipeState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn disconnected(&self, state: &PipeState) -> ClientError {
-        let reason = state.closed.clone().unwrap_or_else(|| "connection closed".to_owned());
-        ClientError::Disconnected { addr: self.addr, reason }
-    }
-
-    /// Records the first reason and drops every pending completion, waking each waiter.
-    fn close(&self, reason: String) {
-        let mut state = self.lock();
-        state.closed.get_or_insert(reason);
-        state.expected.clear();
-        drop(state);
-        self.slot_freed.notify_all();
-    }
-}
-
-#[derive(Debug)]
-struct PipeWriter {
-    stream: TcpStream,
-    buf: BytesMut,
-    next_correlation_id: i32,
+pub struct KafkaFraming {
     client_id: String,
 }
 
-/// A pipelined Kafka connection that threads share: the thread-backed counterpart of
-/// [`KafkaConnection`], with the invariants of the native [`super::Connection`].
-///
-/// Writers are the calling threads: under the write lock a request is encoded, registered at
-/// the back of the expected queue, then written whole, so the queue's order is the wire's. One
-/// reader thread reads each response frame, decodes it as the answer to the oldest expected
-/// request (a Kafka broker answers a connection's requests in order) and hands it over.
-/// At most `max_in_flight` requests await a response; every wait is bounded by the request
-/// timeout; the first failure (peer closed, I/O error, oversized, undecodable or out-of-order
-/// frame) closes the connection for good and fails every pending and later request with
-/// [`ClientError::Disconnected`]. Requests that get no response (a produce with acks 0) are
-/// written with [`KafkaPipeline::send_no_response`] and never registered.
+/// What a [`KafkaPipeline`]'s reader must know of a request to read its response: a Kafka
+/// response names neither its API nor its version.
 #[derive(Debug)]
-pub struct KafkaPipeline {
-    shared: Arc<PipeShared>,
-    writer: Mutex<PipeWriter>,
-    request_timeout: Duration,
-    reader: Option<JoinHandle<()>>,
+pub struct KafkaExpected {
+    correlation_id: i32,
+    api_key: i16,
+    version: i16,
+}
+
+impl Framing for KafkaFraming {
+    type Request<'a> = KafkaRequest<'a>;
+    type Response = ResponseBody;
+    type Expected = KafkaExpected;
+
+    const MATCHING: Matching<KafkaFraming> = Matching::InOrder(decode_response);
+    const READER_NAME: &'static str = "pyralog-kafka";
+    const CORRELATION_ID_FIRST: u64 = 0;
+
+    fn op((_, body): KafkaRequest<'_>) -> &'static str {
+        api_name(body.api_key())
+    }
+
+    /// Encodes the frame, size prefix included: one copy of the record batches, as on the
+    /// native path.
+    fn encode(
+        &self,
+        correlation_id: u64,
+        (version, body): KafkaRequest<'_>,
+        buf: &mut BytesMut,
+    ) -> Result<KafkaExpected> {
+        // Kafka's correlation ids are 32-bit and wrap around, as other Kafka clients' do.
+        let correlation_id = correlation_id as i32;
+        let header = RequestHeader {
+            request_api_key: body.api_key(),
+            request_api_version: version,
+            correlation_id,
+            client_id: Some(self.client_id.clone()),
+        };
+        let mut w = Writer::new();
+        let encoded = header
+            .encode(&mut w, kafka::request_header_version(body.api_key(), version))
+            .and_then(|()| body.encode(&mut w, version));
+        if let Err(error) = encoded {
+            let op = api_name(body.api_key());
+            return Err(ClientError::UnexpectedResponse {
+                op,
+                got: format!("a request it cannot encode: {error}"),
+            });
+        }
+        let size = i32::try_from(w.len()).expect("requests are far below 2 GiB");
+        buf.reserve(kafka::FRAME_PREFIX_BYTES + w.len());
+        buf.put_i32(size);
+        for chunk in w.finish() {
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(KafkaExpected { correlation_id, api_key: body.api_key(), version })
+    }
 }
 
 impl KafkaPipeline {
     pub fn connect(addr: SocketAddr, options: ConnectOptions, client_id: &str) -> Result<KafkaPipeline> {
-        assert!(options.max_in_flight > 0, "max_in_flight must allow one request");
-        let io_error = |source| ClientError::Connect { addr, source };
-        let stream = TcpStream::connect_timeout(&addr, options.connect_timeout).map_err(io_error)?;
-        stream.set_nodelay(true).map_err(io_error)?;
-        stream.set_write_timeout(Some(options.request_timeout)).map_err(io_error)?;
-        let read_stream = stream.try_clone().map_err(io_error)?;
-        let shared = Arc::new(PipeShared {
-            addr,
-            state: Mutex::new(PipeState { expected: VecDeque::new(), closed: None }),
-            slot_freed: Condvar::new(),
-            max_in_flight: options.max_in_flight,
-        });
-        let reader_shared = Arc::clone(&shared);
-        let reader = std::thread::Builder::new()
-            .name(format!("pyralog-kafka-{addr}"))
-            .spawn(move || read_loop(read_stream, &reader_shared))
-            .map_err(io_error)?;
-        let writer = PipeWriter {
-            stream,
-            buf: BytesMut::with_capacity(64 << 10),
-            next_correlation_id: 0,
-            client_id: client_id.to_owned(),
-        };
-        Ok(KafkaPipeline {
-            shared,
-            writer: Mutex::new(writer),
-            request_timeout: options.request_timeout,
-            reader: Some(reader),
-        })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.shared.addr
-    }
-
-    /// True once the connection has failed; it never reopens.
-    pub fn is_closed(&self) -> bool {
-        self.shared.lock().closed.is_some()
-    }
-
-    /// Requests awaiting a response.
-    pub fn in_flight(&self) -> usize {
-        self.shared.lock().expected.len()
-    }
-
-    /// Sends a request and returns at once; the response arrives through the handle.
-    pub fn send(&self, version: i16, body: &RequestBody) -> Result<KafkaPending> {
-        let op = api_name(body.api_key());
-        let deadline = Instant::now() + self.request_timeout;
-        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let correlation_id = writer.next_correlation_id;
-        // Encoded before it is registered: a request that cannot be encoded is never expected.
-        encode(&mut writer, correlation_id, version, body)?;
-        let (complete, completion) = mpsc::sync_channel(1);
-        let expected = Expected { correlation_id, api_key: body.api_key(), version, complete };
-        self.register(expected, op, deadline)?;
-        writer.next_correlation_id = correlation_id.wrapping_add(1);
-        self.write(&mut writer, op)?;
-        Ok(KafkaPending {
-            shared: Arc::clone(&self.shared),
-            completion,
-            op,
-            deadline,
-            timeout: self.request_timeout,
-        })
-    }
-
-    /// Sends a request the broker does not answer (a produce with acks 0).
-    pub fn send_no_response(&self, version: i16, body: &RequestBody) -> Result<()> {
-        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        {
-            let state = self.shared.lock();
-            if state.closed.is_some() {
-                return Err(self.shared.disconnected(&state));
-            }
-        }
-        let correlation_id = writer.next_correlation_id;
-        encode(&mut writer, correlation_id, version, body)?;
-        writer.next_correlation_id = correlation_id.wrapping_add(1);
-        self.write(&mut writer, api_name(body.api_key()))
-    }
-
-    /// [`KafkaPipeline::send`] then [`KafkaPending::wait`].
-    pub fn call(&self, version: i16, body: &RequestBody) -> Result<ResponseBody> {
-        self.send(version, body)?.wait()
-    }
-
-    /// Waits for an in-flight slot, then queues `expected`.
-    fn register(&self, expected: Expected, op: &'static str, deadline: Instant) -> Result<()> {
-        let mut state = self.shared.lock();
-        loop {
-            if state.closed.is_some() {
-                return Err(self.shared.disconnected(&state));
-            }
-            if state.expected.len() < self.shared.max_in_flight {
-                break;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ClientError::Timeout {
-                    addr: self.shared.addr,
-                    op,
-                    waited: self.request_timeout,
-                });
-            }
-            state = self
-                .shared
-                .slot_freed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-        }
-        state.expected.push_back(expected);
-        Ok(())
-    }
-
-    fn write(&self, writer: &mut PipeWriter, op: &'static str) -> Result<()> {
-        let PipeWriter { stream, buf, .. } = writer;
-        if let Err(error) = stream.write_all(buf) {
-            // A partial write leaves the stream mid-frame: the connection cannot be reused.
-            self.shared.close(format!("writing a {op} request: {error}"));
-            let _ = stream.shutdown(Shutdown::Both);
-            return Err(self.shared.disconnected(&self.shared.lock()));
-        }
-        // Keep the buffer from pinning a huge allocation after one large produce.
-        if buf.capacity() > 1 << 20 {
-            *buf = BytesMut::with_capacity(64 << 10);
-        }
-        Ok(())
+        Pipeline::open(addr, options, KafkaFraming { client_id: client_id.to_owned() })
     }
 }
 
-impl Drop for KafkaPipeline {
-    fn drop(&mut self) {
-        self.shared.close("connection dropped by the client".to_owned());
-        let writer = self.writer.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let _ = writer.stream.shutdown(Shutdown::Both);
-        if let Some(reader) = self.reader.take() {
-            // The shutdown above ends the reader's blocking read.
-            let _ = reader.join();
+/// Reads a response frame as the answer to `expected`, the oldest request in flight.
+fn decode_response(frame: Bytes, expected: &KafkaExpected) -> Result<ResponseBody, String> {
+    let op = api_name(expected.api_key);
+    match kafka::decode_response(expected.api_key, expected.version, frame) {
+        Ok((got, body)) if got == expected.correlation_id => Ok(body),
+        Ok((got, _)) => {
+            Err(format!("response {got} arrived while {} ({op}) was expected", expected.correlation_id))
         }
-    }
-}
-
-/// Encodes a request frame, size prefix included, into the writer's buffer: one copy of the
-/// record batches, as on the native path.
-fn encode(writer: &mut PipeWriter, correlation_id: i32, version: i16, body: &RequestBody) -> Result<()> {
-    let header = RequestHeader {
-        request_api_key: body.api_key(),
-        request_api_version: version,
-        correlation_id,
-        client_id: Some(writer.client_id.clone()),
-    };
-    let mut w = Writer::new();
-    let encoded = header
-        .encode(&mut w, kafka::request_header_version(body.api_key(), version))
-        .and_then(|()| body.encode(&mut w, version));
-    if let Err(error) = encoded {
-        let op = api_name(body.api_key());
-        return Err(ClientError::UnexpectedResponse {
-            op,
-            got: format!("a request it cannot encode: {error}"),
-        });
-    }
-    let size = i32::try_from(w.len()).expect("requests are far below 2 GiB");
-    writer.buf.clear();
-    writer.buf.reserve(kafka::FRAME_PREFIX_BYTES + w.len());
-    writer.buf.put_i32(size);
-    for chunk in w.finish() {
-        writer.buf.extend_from_slice(&chunk);
-    }
-    Ok(())
-}
-
-/// A Kafka request on its way; [`KafkaPending::wait`] blocks for its response.
-#[derive(Debug)]
-pub struct KafkaPending {
-    shared: Arc<PipeShared>,
-    completion: Receiver<ResponseBody>,
-    op: &'static str,
-    deadline: Instant,
-    timeout: Duration,
-}
-
-impl KafkaPending {
-    /// Waits for the response until the request timeout, counted from the send.
-    pub fn wait(self) -> Result<ResponseBody> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        match self.completion.recv_timeout(left) {
-            Ok(body) => Ok(body),
-            Err(RecvTimeoutError::Disconnected) => Err(self.shared.disconnected(&self.shared.lock())),
-            Err(RecvTimeoutError::Timeout) => Err(self.timed_out()),
-        }
-    }
-
-    /// The response if it has arrived, `None` if it is still due, an error if it failed or its
-    /// deadline passed.
-    pub fn try_wait(&mut self) -> Option<Result<ResponseBody>> {
-        match self.completion.try_recv() {
-            Ok(body) => Some(Ok(body)),
-            Err(TryRecvError::Disconnected) => Some(Err(self.shared.disconnected(&self.shared.lock()))),
-            Err(TryRecvError::Empty) if Instant::now() >= self.deadline => Some(Err(self.timed_out())),
-            Err(TryRecvError::Empty) => None,
-        }
-    }
-
-    /// The response stays expected (answers come in order, so the reader must still read it);
-    /// only this waiter gives up, and the late answer is dropped.
-    fn timed_out(&self) -> ClientError {
-        ClientError::Timeout { addr: self.shared.addr, op: self.op, waited: self.timeout }
-    }
-}
-
-fn read_loop(mut stream: TcpStream, shared: &PipeShared) {
-    let reason = loop {
-        let frame = match read_frame(&mut stream) {
-            Ok(frame) => frame,
-            Err(reason) => break reason,
-        };
-        let Some(expected) = shared.lock().expected.pop_front() else {
-            break "a response arrived with no request waiting for it".to_owned();
-        };
-        shared.slot_freed.notify_one();
-        let op = api_name(expected.api_key);
-        match kafka::decode_response(expected.api_key, expected.version, frame) {
-            // The waiter may have timed out and left; the response is then dropped.
-            Ok((got, body)) if got == expected.correlation_id => drop(expected.complete.try_send(body)),
-            Ok((got, _)) => {
-                break format!("response {got} arrived while {} ({op}) was expected", expected.correlation_id)
-            }
-            Err(error) => break format!("undecodable {op} response: {error}"),
-        }
-    };
-    shared.close(reason);
-    let _ = stream.shutdown(Shutdown::Both);
-}
-
-/// Reads one response frame body, or says why the connection is over.
-fn read_frame(stream: &mut TcpStream) -> Result<Bytes, String> {
-    let mut prefix = [0u8; kafka::FRAME_PREFIX_BYTES];
-    if let Err(error) = stream.read_exact(&mut prefix) {
-        return Err(match error.kind() {
-            std::io::ErrorKind::UnexpectedEof => "the broker closed the connection".to_owned(),
-            _ => format!("reading a response: {error}"),
-        });
-    }
-    let size = i32::from_be_bytes(prefix);
-    let Some(body_bytes) = usize::try_from(size).ok().filter(|b| *b <= RESPONSE_FRAME_BYTES_MAX) else {
-        return Err(format!("response frame size {size} is negative or exceeds {RESPONSE_FRAME_BYTES_MAX}"));
-    };
-    // Grows with what arrives, so a lying prefix costs no more memory than the bytes sent.
-    let mut body = Vec::with_capacity(body_bytes.min(64 << 10));
-    match stream.take(body_bytes as u64).read_to_end(&mut body) {
-        Ok(n) if n == body_bytes => Ok(Bytes::from(body)),
-        Ok(n) => Err(format!("the broker closed the connection {n} bytes into a {body_bytes}-byte frame")),
-        Err(error) => Err(format!("reading a response: {error}")),
+        Err(error) => Err(format!("undecodable {op} response: {error}")),
     }
 }
 
@@ -579,7 +342,7 @@ impl KafkaClient {
             client_software_name: CLIENT_ID.to_owned(),
             client_software_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        let body = connection.call(3, &RequestBody::ApiVersions(request))?;
+        let body = connection.call((3, &RequestBody::ApiVersions(request)))?;
         let ResponseBody::ApiVersions(response) = body else { return Err(unexpected("api_versions")) };
         if response.error_code != error::NONE {
             return Err(kafka_error(response.error_code, "ApiVersions v3".to_owned()));
@@ -624,7 +387,8 @@ impl KafkaClient {
             allow_auto_topic_creation: false,
             ..Default::default()
         };
-        let body = self.connection()?.call(self.shared.versions.metadata, &RequestBody::Metadata(request))?;
+        let body =
+            self.connection()?.call((self.shared.versions.metadata, &RequestBody::Metadata(request)))?;
         let ResponseBody::Metadata(metadata) = body else { return Err(unexpected("metadata")) };
         let info =
             metadata.topics.into_iter().find(|t| t.name.as_deref() == Some(topic)).ok_or_else(|| {
@@ -686,7 +450,7 @@ impl Transport for KafkaClient {
         };
         let body = self
             .connection()?
-            .call(self.shared.versions.create_topics, &RequestBody::CreateTopics(request))?;
+            .call((self.shared.versions.create_topics, &RequestBody::CreateTopics(request)))?;
         let ResponseBody::CreateTopics(response) = body else { return Err(unexpected("create_topics")) };
         let result = response.topics.into_iter().find(|t| t.name == topic).ok_or_else(|| {
             ClientError::UnexpectedResponse { op: "create_topics", got: "no result".into() }
@@ -713,7 +477,8 @@ impl Transport for KafkaClient {
             ..Default::default()
         };
         let connection = self.partition_connection(topic, partition)?;
-        let body = connection.call(self.shared.versions.list_offsets, &RequestBody::ListOffsets(request))?;
+        let body =
+            connection.call((self.shared.versions.list_offsets, &RequestBody::ListOffsets(request)))?;
         let ResponseBody::ListOffsets(response) = body else { return Err(unexpected("list_offsets")) };
         let result = response
             .topics
@@ -749,10 +514,10 @@ impl Transport for KafkaClient {
             }],
         });
         if acks == Acks::None {
-            connection.send_no_response(self.shared.versions.produce, &request)?;
+            connection.send_no_response((self.shared.versions.produce, &request))?;
             return Ok(KafkaProducePending { partition, offsets, response: None });
         }
-        let response = Some(connection.send(self.shared.versions.produce, &request)?);
+        let response = Some(connection.send((self.shared.versions.produce, &request))?);
         Ok(KafkaProducePending { partition, offsets, response })
     }
 
@@ -782,7 +547,10 @@ impl Transport for KafkaClient {
             }],
             ..Default::default()
         });
-        Ok(KafkaFetchPending { partition, response: connection.send(self.shared.versions.fetch, &request)? })
+        Ok(KafkaFetchPending {
+            partition,
+            response: connection.send((self.shared.versions.fetch, &request))?,
+        })
     }
 }
 
@@ -904,7 +672,89 @@ pub fn kafka_error(code: i16, message: String) -> ClientError {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+    use std::thread::JoinHandle;
+
     use super::*;
+
+    /// A Kafka broker that reads ApiVersions requests and hands each one's correlation id to
+    /// `on_request`, which answers (or not) with [`answer`].
+    fn in_order_broker<F>(on_request: F) -> (SocketAddr, JoinHandle<()>)
+    where
+        F: FnMut(i32, &mut TcpStream) + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut on_request = on_request;
+        let broker = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut prefix = [0u8; kafka::FRAME_PREFIX_BYTES];
+            while stream.read_exact(&mut prefix).is_ok() {
+                let mut frame = vec![0u8; usize::try_from(i32::from_be_bytes(prefix)).unwrap()];
+                stream.read_exact(&mut frame).unwrap();
+                let request = kafka::decode_request(Bytes::from(frame)).unwrap();
+                on_request(request.header.correlation_id, &mut stream);
+            }
+        });
+        (addr, broker)
+    }
+
+    fn answer(stream: &mut TcpStream, correlation_id: i32) {
+        let body = ResponseBody::ApiVersions(Default::default());
+        for chunk in kafka::encode_response(api::API_VERSIONS, 3, correlation_id, &body).unwrap() {
+            stream.write_all(&chunk).unwrap();
+        }
+    }
+
+    fn pipeline(addr: SocketAddr, request_timeout: Duration, max_in_flight: usize) -> KafkaPipeline {
+        let options = ConnectOptions { request_timeout, max_in_flight, ..ConnectOptions::default() };
+        KafkaPipeline::connect(addr, options, "test").unwrap()
+    }
+
+    const API_VERSIONS: RequestBody = RequestBody::ApiVersions(ApiVersionsRequest {
+        client_software_name: String::new(),
+        client_software_version: String::new(),
+    });
+
+    #[test]
+    fn a_response_out_of_turn_closes_the_connection() {
+        let (addr, broker) = in_order_broker(|correlation_id, stream| answer(stream, correlation_id + 1));
+        let connection = pipeline(addr, Duration::from_secs(10), 8);
+        let error = connection.call((3, &API_VERSIONS)).unwrap_err();
+        assert!(matches!(error, ClientError::Disconnected { .. }), "{error}");
+        assert!(
+            error.to_string().contains("response 1 arrived while 0 (api_versions) was expected"),
+            "{error}"
+        );
+        assert!(connection.is_closed());
+        let error = connection.send_no_response((3, &API_VERSIONS)).unwrap_err();
+        assert!(error.is_disconnect(), "{error}");
+        drop(connection);
+        broker.join().unwrap();
+    }
+
+    #[test]
+    fn a_timed_out_request_holds_its_slot_until_its_response_is_read() {
+        // Request 0 is answered only when request 1 (sent without expecting a response)
+        // arrives; request 2 at once.
+        let (addr, broker) = in_order_broker(|correlation_id, stream| match correlation_id {
+            0 => {}
+            1 => answer(stream, 0),
+            _ => answer(stream, correlation_id),
+        });
+        let connection = pipeline(addr, Duration::from_millis(300), 1);
+        let error = connection.call((3, &API_VERSIONS)).unwrap_err();
+        assert!(matches!(error, ClientError::Timeout { op: "api_versions", .. }), "{error}");
+        assert_eq!(connection.in_flight(), 1, "its response is still due, ahead of any other");
+        connection.send_no_response((3, &API_VERSIONS)).unwrap();
+        // With max_in_flight 1 this goes through only once the late response was read (and
+        // dropped); had it been taken for this request's, the ids would differ.
+        let body = connection.call((3, &API_VERSIONS)).unwrap();
+        assert!(matches!(body, ResponseBody::ApiVersions(_)), "{body:?}");
+        assert_eq!(connection.in_flight(), 0);
+        drop(connection);
+        broker.join().unwrap();
+    }
 
     #[test]
     fn versions_are_the_preferred_ones_capped_by_the_broker() {

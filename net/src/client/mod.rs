@@ -4,6 +4,8 @@
 //!   on the bootstrap host and sends each partition's requests straight to the shard that owns
 //!   the partition (the port in the metadata), falling back to the bootstrap port when the
 //!   metadata says port 0. A closed connection is replaced on the next request that needs it.
+//! - [`pipeline::Pipeline`]: the pipelined connection both protocols' connections are, a
+//!   [`Connection`] (responses matched by correlation id) or a [`KafkaPipeline`] (in order).
 //! - [`Producer`]: batching per partition, asynchronous sends, in-order delivery reports.
 //! - [`Consumer`]: fetches a set of partitions and tracks the next offset of each.
 //! - [`batch`]: the client's own RecordBatch v2 builder and reader.
@@ -26,6 +28,7 @@ pub mod consumer;
 pub mod fake_broker;
 pub mod kafka;
 pub mod partitioner;
+pub mod pipeline;
 pub mod producer;
 pub mod transport;
 
@@ -37,13 +40,14 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 pub use self::batch::{BatchBuilder, BatchError, IdempotentProducer, Record, RecordReader};
-pub use self::connection::{ConnectOptions, Connection, PendingResponse};
+pub use self::connection::{Connection, PendingResponse};
 pub use self::consumer::{ConsumedRecord, Consumer, StartAt};
 pub use self::kafka::{
     KafkaClient, KafkaClientError, KafkaConnection, KafkaFetchPending, KafkaPending, KafkaPipeline,
     KafkaProducePending,
 };
 pub use self::partitioner::{PartitionSelector, Partitioner};
+pub use self::pipeline::ConnectOptions;
 pub use self::producer::{DeliveryReport, Producer, ProducerConfig};
 pub use self::transport::{Pending, Transport};
 pub use crate::codec::{
