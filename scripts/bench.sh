@@ -27,7 +27,8 @@ echo "fio O_DIRECT 1 MiB sequential write + fdatasync each: ${fio_write} MiB/s; 
 
 start_node() {
   rm -rf "$work/data"
-  "$target/release/pyralog" --data-dir "$work/data" --listen 127.0.0.1:7070 "$@" >"$work/node.log" 2>&1 &
+  "$target/release/pyralog" --data-dir "$work/data" --listen 127.0.0.1:7070 --kafka-listen 127.0.0.1:9092 "$@" \
+    >"$work/node.log" 2>&1 &
   node=$!
   for _ in $(seq 100); do grep -q ready "$work/node.log" && return; sleep 0.1; done
   cat "$work/node.log"; exit 1
@@ -53,6 +54,22 @@ mbps=$(echo "$r" | field "d['mb_per_sec']/1.048576")
 report "consume 1 KiB (cache, then disk)" "$r" "$(python3 -c "print('%.2fx fio read; target 1.5 GB/s from cache' % ($mbps/$fio_read))")"
 r=$(bench consume --topic sync100 --duration "$secs")
 report "consume 100 B" "$r" "target 3.7M msg/s"
+# The Kafka listener, same workloads and flags (issue 3: within 10% of native).
+ratio() { python3 -c "import json,sys; k=json.loads(sys.argv[1]); n=json.loads(sys.argv[2]); print('%.2fx native (target >= 0.90x)' % (k['msgs_per_sec']/n['msgs_per_sec']))" "$1" "$2"; }
+n=$(bench produce --topic n1k --message-bytes 1024 $big)
+k=$(bench produce --protocol kafka --broker 127.0.0.1:9092 --topic k1k --message-bytes 1024 $big)
+report "native produce sync 1 KiB" "$n" "same run as the next line"
+report "kafka produce sync 1 KiB" "$k" "$(ratio "$k" "$n")"
+n=$(bench produce --topic n100 --message-bytes 100 $big)
+k=$(bench produce --protocol kafka --broker 127.0.0.1:9092 --topic k100 --message-bytes 100 $big)
+report "native produce sync 100 B" "$n" "same run as the next line"
+report "kafka produce sync 100 B" "$k" "$(ratio "$k" "$n")"
+k=$(bench consume --protocol kafka --broker 127.0.0.1:9092 --topic k1k --duration "$secs")
+report "kafka consume 1 KiB" "$k" "stored batches, never re-encoded"
+# librdkafka's own producer (confluent-kafka), for comparison with Kafka and Redpanda figures.
+python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install --quiet confluent-kafka==2.16.1
+l=$(python3 scripts/bench-librdkafka.py 127.0.0.1:9092 librdkafka100 --messages 2000000 --message-bytes 100 --acks all)
+echo "$l" | field "'%-34s %10.0f msg/s %8.1f MB/s  (%s, acks=all, linger 5 ms, 1 MiB batches; %d errors)' % ('librdkafka produce sync 100 B', d['msgs_per_sec'], d['mb_per_sec'], d['client'], d['errors'])"
 stop_node
 
 start_node --durability cached
