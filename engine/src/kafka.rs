@@ -376,38 +376,32 @@ impl KafkaService {
         FetchResponse { error_code: error::NONE, session_id: 0, responses, ..Default::default() }
     }
 
-    /// Reads every partition once without waiting, within the request's byte budget (the
-    /// first partition with data gets at least one batch, as in Kafka).
+    /// Reads every partition once without waiting, all at once (partitions on other shards
+    /// are read there in parallel), then keeps them in request order within the request's
+    /// byte budget: a partition reached after the budget is spent reports its state with no
+    /// records; the first one with data always keeps its batches, as in Kafka.
     async fn fetch_once(
         &self,
         wanted: &[(String, i32, i64, i32)],
         max_bytes: i32,
     ) -> Vec<Result<Fetched, ShardError>> {
-        let mut budget = max_bytes.max(1) as u32;
-        let mut results = Vec::with_capacity(wanted.len());
-        for (topic, partition, offset, partition_max) in wanted {
+        let max_bytes = max_bytes.max(1) as u32;
+        let reads = wanted.iter().map(|(topic, partition, offset, partition_max)| {
             let limits = FetchLimits {
-                max_bytes: (*partition_max).max(1).min(budget.max(1) as i32) as u32,
+                max_bytes: ((*partition_max).max(1) as u32).min(max_bytes),
                 min_bytes: 0,
                 max_wait: Duration::ZERO,
             };
-            let partition = u32::try_from(*partition).unwrap_or(u32::MAX);
-            let mut result = if budget == 0 && !wanted.is_empty() {
-                // Out of budget: report the partition's state with no records.
-                self.shard.fetch(topic, partition, *offset, FetchLimits { max_bytes: 1, ..limits }).await.map(
-                    |mut f| {
-                        f.records.clear();
-                        f
-                    },
-                )
-            } else {
-                self.shard.fetch(topic, partition, *offset, limits).await
-            };
-            if let Ok(fetched) = &mut result {
-                let bytes = fetched_bytes(fetched) as u32;
-                budget = budget.saturating_sub(bytes);
+            self.shard.fetch(topic, u32::try_from(*partition).unwrap_or(u32::MAX), *offset, limits)
+        });
+        let mut results = join_all(reads).await;
+        let mut budget = max_bytes;
+        for fetched in results.iter_mut().flatten() {
+            if budget == 0 {
+                fetched.records.clear();
+                continue;
             }
-            results.push(result);
+            budget = budget.saturating_sub(fetched_bytes(fetched) as u32);
         }
         results
     }

@@ -232,6 +232,19 @@ fn produce_fetch_and_list_offsets_at_old_and_flexible_versions() {
     let data = fetch(&mut conn, 12, fetch_request("events", 1, 99, 0));
     assert_eq!(data.error_code, error::OFFSET_OUT_OF_RANGE);
 
+    // The response's max_bytes: the first partition with data keeps its batch even past it;
+    // the next one reports its state with no records.
+    assert_eq!(produce(&mut conn, 9, "events", 0, batch(&["p0"], None)), (error::NONE, 0));
+    let mut both = fetch_request("events", 0, 0, 0);
+    both.max_bytes = 1;
+    let partition_one = fetch_request("events", 1, 0, 0).topics[0].partitions[0].clone();
+    both.topics[0].partitions.push(partition_one);
+    let ResponseBody::Fetch(response) = conn.call(12, RequestBody::Fetch(both)).unwrap() else { panic!() };
+    let partitions = &response.responses[0].partitions;
+    assert_eq!(records_of(&partitions[0]), vec![(0, "p0".to_owned())]);
+    assert_eq!((partitions[1].error_code, partitions[1].high_watermark), (error::NONE, 5));
+    assert!(records_of(&partitions[1]).is_empty(), "no room left for partition 1");
+
     // A batch whose records are 10 ms apart, to look up by time inside it.
     let mut spread = BatchBuilder::new(1_750_000_000_000, 4096);
     for (i, value) in ["t0", "t10", "t20"].iter().enumerate() {
