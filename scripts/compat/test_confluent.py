@@ -198,6 +198,50 @@ def test_two_consumers_in_a_group_split_the_partitions_and_one_takes_all_when_th
         close(second)
 
 
+def test_a_static_member_that_restarts_gets_its_partitions_back_without_a_rebalance(node):
+    topic, everything = "static", {0, 1, 2, 3}
+    create_topic(node.bootstrap, topic, 4)
+    log = ClientLog()
+    revoked = []
+    config = {"session.timeout.ms": 10000}
+    stays = group_consumer(node.bootstrap, "static-group", log, **{"group.instance.id": "stays"}, **config)
+    leaves = group_consumer(node.bootstrap, "static-group", log, **{"group.instance.id": "returns"}, **config)
+    returned = None
+    try:
+        stays.subscribe([topic], on_revoke=lambda _, partitions: revoked.append(partitions))
+        leaves.subscribe([topic])
+        deadline = time.monotonic() + GROUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            stays.poll(0.2)
+            leaves.poll(0.2)
+            if partitions_of(stays) and partitions_of(leaves) and partitions_of(stays) | partitions_of(leaves) == everything:
+                break
+        kept, theirs = partitions_of(stays), partitions_of(leaves)
+        assert kept and theirs and not kept & theirs, f"no split: {kept} and {theirs}; librdkafka: {log.errors()}"
+        revoked.clear()
+
+        # A static member does not leave the group when it closes; the same instance id coming
+        # back within the session timeout takes its place and its partitions.
+        leaves.close()
+        returned = group_consumer(node.bootstrap, "static-group", log, **{"group.instance.id": "returns"}, **config)
+        returned.subscribe([topic])
+        deadline = time.monotonic() + GROUP_TIMEOUT_S
+        while partitions_of(returned) != theirs and time.monotonic() < deadline:
+            returned.poll(0.2)
+            stays.poll(0.2)
+        assert partitions_of(returned) == theirs, (
+            f"the returning member has {partitions_of(returned)}, not {theirs}; librdkafka: {log.errors()}")
+        for _ in range(10):
+            stays.poll(0.2)
+        assert partitions_of(stays) == kept, "the member that stayed kept its partitions"
+        assert revoked == [], f"the member that stayed saw a rebalance: {revoked}"
+    finally:
+        close(stays)
+        close(leaves)
+        if returned is not None:
+            close(returned)
+
+
 def test_offsets_committed_before_a_restart_are_honoured_after_it(node):
     topic, group, committed_at = "resume", "resume-group", 40
     create_topic(node.bootstrap, topic, 1)
