@@ -312,8 +312,16 @@ pub fn encode_request(correlation_id: u64, request: &Request, out: &mut BytesMut
 }
 
 /// Appends a whole frame for `response` to `out`. Fetched batches are copied once, into `out`,
-/// exactly as stored.
+/// exactly as stored; [`encode_response_head`] leaves them out, to be sent from where they are.
 pub fn encode_response(response: &ResponseFrame, out: &mut BytesMut) {
+    for chunk in encode_response_head(response, out) {
+        out.put_slice(&chunk);
+    }
+}
+
+/// Appends a response frame's length prefix and envelope to `out` and returns its payload:
+/// the record batches, as the shared buffers they are stored in, to be sent after it.
+pub fn encode_response_head(response: &ResponseFrame, out: &mut BytesMut) -> Vec<Bytes> {
     let mut fbb = FlatBufferBuilder::with_capacity(256);
     let mut payload: Vec<&Bytes> = Vec::new();
     let body = response.body.as_ref().map(|body| encode_response_body(&mut fbb, body, &mut payload));
@@ -328,7 +336,8 @@ pub fn encode_response(response: &ResponseFrame, out: &mut BytesMut) {
     };
     let root = fb::Response::create(&mut fbb, &args);
     fbb.finish(root, None);
-    put_frame(out, fbb.finished_data(), payload.into_iter());
+    put_frame_head(out, fbb.finished_data(), payload.iter().copied());
+    payload.into_iter().cloned().collect()
 }
 
 type UnionBody = (fb::ResponseBody, Option<WIPOffset<flatbuffers::UnionWIPOffset>>);
@@ -447,15 +456,20 @@ fn encode_response_body<'a>(
 }
 
 fn put_frame<'a>(out: &mut BytesMut, envelope: &[u8], payload: impl Iterator<Item = &'a Bytes> + Clone) {
-    let payload_bytes: usize = payload.clone().map(Bytes::len).sum();
-    let body_bytes = ENVELOPE_PREFIX_BYTES + envelope.len() + payload_bytes;
-    out.reserve(FRAME_PREFIX_BYTES + body_bytes);
-    out.put_u32(u32::try_from(body_bytes).expect("frames are far below 4 GiB"));
-    out.put_u32(u32::try_from(envelope.len()).expect("envelopes are small"));
-    out.put_slice(envelope);
+    put_frame_head(out, envelope, payload.clone());
     for chunk in payload {
         out.put_slice(chunk);
     }
+}
+
+/// The frame's length prefix, envelope length and envelope; the payload follows.
+fn put_frame_head<'a>(out: &mut BytesMut, envelope: &[u8], payload: impl Iterator<Item = &'a Bytes>) {
+    let payload_bytes: usize = payload.map(Bytes::len).sum();
+    let body_bytes = ENVELOPE_PREFIX_BYTES + envelope.len() + payload_bytes;
+    out.reserve(FRAME_PREFIX_BYTES + ENVELOPE_PREFIX_BYTES + envelope.len());
+    out.put_u32(u32::try_from(body_bytes).expect("frames are far below 4 GiB"));
+    out.put_u32(u32::try_from(envelope.len()).expect("envelopes are small"));
+    out.put_slice(envelope);
 }
 
 /// Splits a frame body (after the length prefix) into its envelope and payload.

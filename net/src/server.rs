@@ -129,7 +129,11 @@ impl<H: Handler> Protocol for Native<H> {
     }
 
     fn encode(&self, response: ResponseFrame, out: &mut Writer) -> Result<(), String> {
-        codec::encode_response(&response, out.buffer_mut());
+        // Batches from the log or the cache are sent from their own buffers (large ones are
+        // not copied; see `Writer::shared`).
+        for chunk in codec::encode_response_head(&response, out.buffer_mut()) {
+            out.shared(chunk);
+        }
         Ok(())
     }
 }
