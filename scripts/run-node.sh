@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the release binaries, starts a local node with its defaults (2 shards on this
-# machine, sync durability) in a scratch data directory, drives it with the load generator
-# (produce, then consume with verification) and prints both reports. The node is stopped
+# machine, sync durability, native protocol on 127.0.0.1:7070, Kafka on 127.0.0.1:9092) in a
+# scratch data directory, drives it with the load generator (produce natively, then consume
+# with verification over the native protocol and again over the Kafka listener: one log, two
+# protocols) and prints the reports. The node is stopped
 # with SIGTERM at the end, whatever happens.
 #   scripts/run-node.sh [extra pyralog-bench produce flags]
 set -euo pipefail
@@ -22,4 +24,5 @@ done
 "$target/release/pyralog-bench" produce --broker 127.0.0.1:7070 --topic demo --partitions 2 \
   --messages 200000 --message-bytes 1024 "$@"
 "$target/release/pyralog-bench" consume --broker 127.0.0.1:7070 --topic demo --messages 200000 --verify
+"$target/release/pyralog-bench" consume --protocol kafka --broker 127.0.0.1:9092 --topic demo --messages 200000 --verify
 "$target/release/pyralog" topic --broker 127.0.0.1:7070 describe demo
