@@ -36,6 +36,12 @@ use crate::batch::{self, BatchHeader};
 use crate::segment::{self, align_down, Segment, StampedBatch, BLOCK_BYTES, WRITE_CHUNK_BYTES_MAX};
 use crate::{LogError, Result};
 
+/// Default bytes of segment data between two index entries. Indexes live in memory (24 bytes
+/// an entry at most), so this sets their cost: 0.04% of the data at 64 KiB, against 0.6% at
+/// Kafka's 4 KiB. A lookup then scans at most this much past its entry, inside one 256 KiB
+/// readahead window.
+pub const INDEX_INTERVAL_BYTES: u32 = 64 << 10;
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     /// A segment is closed and a new one started before it would grow past this.
@@ -52,7 +58,7 @@ impl Default for LogConfig {
     fn default() -> LogConfig {
         LogConfig {
             segment_bytes: 1 << 30,
-            index_interval_bytes: 4096,
+            index_interval_bytes: INDEX_INTERVAL_BYTES,
             retention_bytes: None,
             retention_ms: None,
         }

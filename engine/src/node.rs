@@ -257,7 +257,7 @@ fn shard_config(args: &NodeArgs) -> ShardConfig {
         },
         log: LogConfig {
             segment_bytes: args.segment_bytes,
-            index_interval_bytes: 4096,
+            index_interval_bytes: pyralog_dma::INDEX_INTERVAL_BYTES,
             retention_bytes: args.retention_bytes,
             retention_ms: args.retention_ms,
         },
