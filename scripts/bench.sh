@@ -79,4 +79,10 @@ r=$(bench produce --topic lat-cached --message-bytes 1024 --rate 20000 --linger-
 report "produce cached 1 KiB at 20k msg/s" "$r" "target p99 < 1000 us"
 r=$(bench e2e --topic e2e --message-bytes 1024 --rate 20000 --linger-ms 1 --duration "$secs")
 report "end-to-end cached 1 KiB at 20k/s" "$r" "tailing fetch from cache"
+# Tailing reads from the cache: 100 records (1 KiB) behind the end, 64 KiB per fetch.
+bench produce --topic tail --message-bytes 1024 --messages 200000 --linger-ms 1 >/dev/null
+r=$(bench fetch --topic tail --behind 100 --fetch-bytes 65536 --duration "$secs")
+report "fetch near the end, native" "$r" "target p99 < 500 us"
+r=$(bench fetch --protocol kafka --broker 127.0.0.1:9092 --topic tail --behind 100 --fetch-bytes 65536 --duration "$secs")
+report "fetch near the end, kafka" "$r" "target p99 < 500 us"
 stop_node

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pyralog_net::client::{
-    Acks, Client, ClientError, ConnectOptions, Consumer, ErrorCode, KafkaClient, Partitioner, StartAt,
-    Transport,
+    Acks, Client, ClientError, ConnectOptions, Consumer, ErrorCode, KafkaClient, Partitioner, Pending,
+    StartAt, Transport,
 };
 
 use crate::consume::{ConsumeOptions, Verifier};
@@ -74,6 +74,19 @@ enum Command {
         /// Where to start: earliest, latest, or an offset.
         #[arg(long, default_value = "earliest")]
         from: String,
+    },
+    /// Read near the end of each partition in a closed loop (one fetch in flight, no
+    /// long-poll), the reads a tailing consumer makes; latency is each fetch's round trip.
+    /// Run it on a topic written just before, so the data is in the broker's cache.
+    Fetch {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Each fetch starts this many records before the partition's end.
+        #[arg(long, default_value_t = 100)]
+        behind: i64,
+        /// Bytes asked for per fetch.
+        #[arg(long, default_value_t = 64 << 10)]
+        fetch_bytes: u32,
     },
     /// Produce and consume at once; latency is send (or intended send) to consume.
     E2e {
@@ -196,9 +209,10 @@ fn main() -> ExitCode {
 /// Runs a command and prints its report; returns the exit code and the report.
 fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
     let common = match &command {
-        Command::Produce { common, .. } | Command::Consume { common, .. } | Command::E2e { common, .. } => {
-            common
-        }
+        Command::Produce { common, .. }
+        | Command::Consume { common, .. }
+        | Command::E2e { common, .. }
+        | Command::Fetch { common, .. } => common,
     };
     let broker = common.broker.as_deref().unwrap_or(common.protocol.default_broker());
     let options = ConnectOptions {
@@ -223,6 +237,7 @@ fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, s
         Command::Produce { common, .. } => (Mode::Produce, common),
         Command::Consume { common, .. } => (Mode::Consume, common),
         Command::E2e { common, .. } => (Mode::EndToEnd, common),
+        Command::Fetch { common, .. } => (Mode::Fetch, common),
     };
     anyhow::ensure!(
         common.message_bytes >= payload::HEADER_BYTES,
@@ -241,7 +256,7 @@ fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, s
 
     // Consumers resolve their start offsets before any message of this run is produced.
     let consumers = match command {
-        Command::Produce { .. } => Vec::new(),
+        Command::Produce { .. } | Command::Fetch { .. } => Vec::new(),
         Command::Consume { consume, from, .. } => {
             make_consumers(&client, &common.topic, partitions, consume.consumers, parse_from(from)?)?
         }
@@ -276,6 +291,18 @@ fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, s
         producers = produce::spawn(&client, &options, &run)?;
     }
 
+    if let Command::Fetch { behind, fetch_bytes, .. } = command {
+        let options = FetchOptions {
+            topic: common.topic.clone(),
+            partitions,
+            behind: (*behind).max(1),
+            fetch_bytes: *fetch_bytes,
+            duration: duration.unwrap_or(DURATION_DEFAULT),
+            fetches: common.messages,
+        };
+        consumer_workers.push(spawn_fetcher(client.clone(), options, Arc::clone(&run))?);
+    }
+
     let finished = supervise(mode, &run, producers, consumer_workers, deadline);
     let mut report = Report {
         mode,
@@ -291,6 +318,66 @@ fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, s
         report.print_human(&run);
     }
     Ok((exit_code(&run, finished, verify_problems), json))
+}
+
+struct FetchOptions {
+    topic: String,
+    partitions: u32,
+    behind: i64,
+    fetch_bytes: u32,
+    duration: Duration,
+    /// Stop after this many fetches (`--messages` in this mode), if given.
+    fetches: Option<u64>,
+}
+
+/// The fetch mode's worker: round-robin over the partitions, each fetch from `behind` records
+/// before the end the partition had when the run started, timing each round trip.
+fn spawn_fetcher<T: Transport>(
+    client: T,
+    options: FetchOptions,
+    run: Arc<Run>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let mut starts = Vec::with_capacity(options.partitions as usize);
+    for partition in 0..options.partitions {
+        let end = client.list_offsets(&options.topic, partition, pyralog_net::client::OFFSET_LATEST)?;
+        let first = client.list_offsets(&options.topic, partition, pyralog_net::client::OFFSET_EARLIEST)?;
+        if end > first {
+            starts.push((partition, (end - options.behind).max(first)));
+        }
+    }
+    anyhow::ensure!(!starts.is_empty(), "topic {:?} holds no records to fetch; produce first", options.topic);
+    let worker = std::thread::Builder::new().name("fetcher".into()).spawn(move || {
+        let histogram = run.consume_latency.register();
+        let mut done = 0u64;
+        for &(partition, offset) in starts.iter().cycle() {
+            if run.stopping()
+                || run.start.elapsed() >= options.duration
+                || options.fetches.is_some_and(|fetches| done >= fetches)
+            {
+                break;
+            }
+            let sent = Instant::now();
+            let fetched = client
+                .fetch_async(&options.topic, partition, offset, options.fetch_bytes, 0)
+                .and_then(|pending| pending.wait());
+            let elapsed_us = sent.elapsed().as_micros() as u64;
+            match fetched {
+                Ok(result) => {
+                    let records = result.reader().filter(Result::is_ok).count() as u64;
+                    stats::record_us(&mut histogram.lock().expect("no panics under this lock"), elapsed_us);
+                    run.consumed.fetch_add(records, Ordering::Relaxed);
+                    run.consumed_bytes.fetch_add(result.records.len() as u64, Ordering::Relaxed);
+                    done += 1;
+                }
+                Err(error) => {
+                    run.errors.fetch_add(1, Ordering::Relaxed);
+                    run.fail(&error);
+                    break;
+                }
+            }
+        }
+    })?;
+    Ok(worker)
 }
 
 /// Adds the verifier's findings to the report and stderr; returns how many problems it found.
@@ -465,6 +552,40 @@ mod tests {
     }
 
     /// Produces over one protocol, then consumes and verifies over another.
+    fn fetch_times_reads_near_the_end(protocol: &'static str) {
+        let broker = FakeBroker::start().unwrap();
+        let common: &[&str] = &["--topic", "f", "--partitions", "2", "--json", "--message-bytes", "100"];
+        let target = target(&broker, protocol);
+        let fetch: &[&str] = &["fetch", "--messages", "50", "--behind", "10"];
+        let cli = Cli::try_parse_from(
+            std::iter::once("pyralog-bench").chain(args(&[fetch, common], &target).iter().copied()),
+        )
+        .unwrap();
+        let error = run(cli.command).unwrap_err().to_string();
+        assert!(error.contains("no records to fetch"), "{error}");
+
+        let produce: &[&str] = &["produce", "--messages", "1000", "--batch-bytes", "2048"];
+        assert_eq!(bench(&args(&[produce, common], &target)).0, 0);
+        let (code, report) = bench(&args(&[fetch, common], &target));
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["mode"], "fetch");
+        assert_eq!(report["latency_us"]["count"], 50, "one round trip timed per fetch");
+        // Each fetch starts 10 records before a partition's end: whole batches from there on.
+        let consumed = report["consumed"].as_u64().unwrap();
+        assert!((50 * 10..=50 * 40).contains(&consumed), "{report}");
+        assert_eq!(report["errors"], 0);
+    }
+
+    #[test]
+    fn fetch_times_reads_near_the_end_native() {
+        fetch_times_reads_near_the_end("native");
+    }
+
+    #[test]
+    fn fetch_times_reads_near_the_end_kafka() {
+        fetch_times_reads_near_the_end("kafka");
+    }
+
     fn produce_then_verify_consume(produce_over: &'static str, consume_over: &'static str) {
         let broker = FakeBroker::start().unwrap();
         let common: &[&str] = &["--topic", "v", "--partitions", "3", "--json", "--message-bytes", "200"];

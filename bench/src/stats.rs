@@ -125,6 +125,7 @@ pub enum Mode {
     Produce,
     Consume,
     EndToEnd,
+    Fetch,
 }
 
 impl Mode {
@@ -133,6 +134,7 @@ impl Mode {
             Mode::Produce => "produce",
             Mode::Consume => "consume",
             Mode::EndToEnd => "e2e",
+            Mode::Fetch => "fetch",
         }
     }
 
@@ -143,7 +145,7 @@ impl Mode {
                 run.acked.load(Ordering::Relaxed) + run.unacknowledged.load(Ordering::Relaxed),
                 run.produced_bytes.load(Ordering::Relaxed),
             ),
-            Mode::Consume | Mode::EndToEnd => {
+            Mode::Consume | Mode::EndToEnd | Mode::Fetch => {
                 (run.consumed.load(Ordering::Relaxed), run.consumed_bytes.load(Ordering::Relaxed))
             }
         }
@@ -153,7 +155,7 @@ impl Mode {
     fn latency(self, run: &Run) -> Histogram<u64> {
         match self {
             Mode::Produce => run.produce_latency.merged(),
-            Mode::Consume | Mode::EndToEnd => run.consume_latency.merged(),
+            Mode::Consume | Mode::EndToEnd | Mode::Fetch => run.consume_latency.merged(),
         }
     }
 
@@ -162,6 +164,7 @@ impl Mode {
             Mode::Produce => "enqueue (or intended send) to acknowledgement",
             Mode::Consume => "record age at consume (now - record timestamp, ms resolution)",
             Mode::EndToEnd => "send (or intended send) to consume",
+            Mode::Fetch => "fetch request to response, reading near the end of the log",
         }
     }
 }
