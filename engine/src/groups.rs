@@ -34,6 +34,7 @@ impl Groups {
         body: join_group_request::JoinGroupRequest,
         version: i16,
         client_id: String,
+        peer: std::net::SocketAddr,
     ) -> join_group_response::JoinGroupResponse {
         use join_group_response::*;
         let session_timeout = Duration::from_millis(body.session_timeout_ms.max(0) as u64);
@@ -47,7 +48,8 @@ impl Groups {
             member_id: body.member_id.clone(),
             group_instance_id: body.group_instance_id,
             client_id,
-            client_host: String::new(),
+            // As Kafka reports it: "/" and the client's address.
+            client_host: format!("/{}", peer.ip()),
             protocol_type: body.protocol_type,
             protocols: body.protocols.into_iter().map(|p| (p.name, p.metadata)).collect(),
             session_timeout,

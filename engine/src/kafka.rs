@@ -73,7 +73,7 @@ pub fn error_code(error: &ShardError) -> i16 {
 }
 
 impl KafkaHandler for KafkaService {
-    async fn handle(&self, request: Request) -> Option<ResponseBody> {
+    async fn handle(&self, request: Request, peer: std::net::SocketAddr) -> Option<ResponseBody> {
         let version = request.header.request_api_version;
         let client_id = request.header.client_id.unwrap_or_default();
         Some(match request.body {
@@ -97,7 +97,7 @@ impl KafkaHandler for KafkaService {
             RequestBody::InitProducerId(body) => ResponseBody::InitProducerId(self.init_producer_id(body)),
             RequestBody::FindCoordinator(body) => ResponseBody::FindCoordinator(self.find_coordinator(body)),
             RequestBody::JoinGroup(body) => {
-                ResponseBody::JoinGroup(self.groups.join(&self.shard, body, version, client_id).await)
+                ResponseBody::JoinGroup(self.groups.join(&self.shard, body, version, client_id, peer).await)
             }
             RequestBody::SyncGroup(body) => {
                 ResponseBody::SyncGroup(self.groups.sync(&self.shard, body).await)

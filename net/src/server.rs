@@ -69,7 +69,12 @@ pub trait Protocol: 'static {
     /// send (if any) before closing, for a frame that cannot be read.
     fn next_frame(&self, buffer: &mut BytesMut) -> Option<Result<Bytes, Option<Self::Response>>>;
     fn decode(&self, frame: Bytes) -> Decoded<Self::Request, Self::Response>;
-    fn handle(&self, request: Self::Request) -> impl Future<Output = Option<Self::Response>>;
+    /// Answers `request`, which came from the client at `peer`.
+    fn handle(
+        &self,
+        request: Self::Request,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Option<Self::Response>>;
     /// Appends the response's frame to `out`; an error closes the connection.
     fn encode(&self, response: Self::Response, out: &mut Writer) -> Result<(), String>;
 }
@@ -124,7 +129,11 @@ impl<H: Handler> Protocol for Native<H> {
         }
     }
 
-    async fn handle(&self, (correlation_id, request): (u64, Request)) -> Option<ResponseFrame> {
+    async fn handle(
+        &self,
+        (correlation_id, request): (u64, Request),
+        _: SocketAddr,
+    ) -> Option<ResponseFrame> {
         self.handler.handle(correlation_id, request).await
     }
 
@@ -201,6 +210,7 @@ async fn serve_connection<P: Protocol>(
     stop: Rc<Cell<bool>>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
     let (mut reader, writer) = futures_lite::io::split(stream);
     let (responses, pending) =
         local_channel::new_bounded::<Outgoing<P::Response>>(config.max_in_flight_per_connection);
@@ -228,7 +238,7 @@ async fn serve_connection<P: Protocol>(
             let protocol = Rc::clone(&protocol);
             if P::ORDERED {
                 let task = glommio::spawn_local(async move {
-                    let response = protocol.handle(request).await;
+                    let response = protocol.handle(request, peer).await;
                     drop(permit);
                     response
                 });
@@ -236,7 +246,7 @@ async fn serve_connection<P: Protocol>(
             } else {
                 let responses = Rc::clone(&responses);
                 glommio::spawn_local(async move {
-                    if let Some(response) = protocol.handle(request).await {
+                    if let Some(response) = protocol.handle(request, peer).await {
                         let _ = responses.send(Outgoing::Ready(response)).await;
                     }
                     drop(permit);
@@ -318,7 +328,12 @@ async fn send(writer: &mut futures_lite::io::WriteHalf<TcpStream>, out: &mut Wri
 /// Answers Kafka requests. Returns `None` when the request asked for no response (produce
 /// with acks 0).
 pub trait KafkaHandler: 'static {
-    fn handle(&self, request: kafka::Request) -> impl Future<Output = Option<kafka::ResponseBody>>;
+    /// Answers `request` from the client at `peer`.
+    fn handle(
+        &self,
+        request: kafka::Request,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Option<kafka::ResponseBody>>;
 }
 
 /// The Kafka wire protocol over a [`KafkaHandler`].
@@ -378,13 +393,13 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
         }
     }
 
-    async fn handle(&self, request: kafka::Request) -> Option<KafkaResponse> {
+    async fn handle(&self, request: kafka::Request, peer: SocketAddr) -> Option<KafkaResponse> {
         let (api_key, version, correlation_id) = (
             request.header.request_api_key,
             request.header.request_api_version,
             request.header.correlation_id,
         );
-        let body = self.handler.handle(request).await?;
+        let body = self.handler.handle(request, peer).await?;
         Some(KafkaResponse { api_key, version, correlation_id, body: KafkaBody::Body(body) })
     }
 

@@ -186,6 +186,18 @@ def test_two_consumers_in_a_group_split_the_partitions_and_one_takes_all_when_th
         assert not mine & theirs, f"both consumers own {mine & theirs}"
         assert mine | theirs == everything, f"{everything - (mine | theirs)} unassigned"
 
+        # ListGroups and DescribeGroups see the group as the clients do.
+        from confluent_kafka.admin import AdminClient
+        admin = AdminClient({"bootstrap.servers": node.bootstrap})
+        listed = admin.list_consumer_groups().result(timeout=CLIENT_CALL_TIMEOUT_S)
+        assert "split" in {group.group_id for group in listed.valid}, listed.valid
+        described = admin.describe_consumer_groups(["split"])["split"].result(timeout=CLIENT_CALL_TIMEOUT_S)
+        assert str(described.state).endswith("STABLE"), described.state
+        assert len(described.members) == 2, described.members
+        assert {member.host for member in described.members} == {"/127.0.0.1"}, described.members
+        described_partitions = {tp.partition for member in described.members for tp in member.assignment.topic_partitions}
+        assert described_partitions == everything, described_partitions
+
         second.close()
         deadline = time.monotonic() + GROUP_TIMEOUT_S
         while partitions_of(first) != everything and time.monotonic() < deadline:
