@@ -468,6 +468,25 @@ impl Log {
         }
     }
 
+    /// Deletes the closed segments that end at or before `offset` (never the active one):
+    /// for a log whose owner has rewritten everything before `offset` later in the log.
+    /// Returns how many were deleted.
+    pub fn remove_segments_before(&self, offset: i64) -> Result<usize> {
+        let doomed: Vec<Rc<Segment>> = {
+            let segments = self.segments.borrow();
+            segments
+                .values()
+                .take(segments.len() - 1)
+                .filter(|segment| segment.next_offset.get() <= offset)
+                .cloned()
+                .collect()
+        };
+        for segment in &doomed {
+            self.remove_segment(segment)?;
+        }
+        Ok(doomed.len())
+    }
+
     /// Deletes whole closed segments that retention no longer keeps. Returns how many.
     pub fn apply_retention(&self, now_ms: i64) -> Result<usize> {
         let closed: Vec<Rc<Segment>> = {

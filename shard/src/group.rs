@@ -94,6 +94,8 @@ pub const GROUP_ID_BYTES_MAX: usize = i16::MAX as usize;
 pub const OFFSET_METADATA_BYTES_LIMIT: usize = 1 << 20;
 /// Version byte that starts the key and the value of every offsets-log record.
 const RECORD_VERSION: u8 = 0;
+/// Records in one batch of a compaction snapshot.
+const SNAPSHOT_RECORDS_PER_BATCH: usize = 1000;
 /// Bytes read from the offsets log at a time while replaying it.
 const REPLAY_READ_BYTES: usize = 1 << 20;
 /// Deadlines closer together than this are expired in one sweep.
@@ -117,6 +119,11 @@ pub struct GroupConfig {
     pub members_per_group_max: usize,
     /// Longest metadata string of a committed offset (`offset.metadata.max.bytes`).
     pub offset_metadata_bytes_max: usize,
+    /// Segment size of the offsets log (small, so compaction can delete whole segments).
+    pub offsets_segment_bytes: u64,
+    /// The offsets log is compacted once it has grown this much since its last compaction:
+    /// every committed offset is written again, and the segments before that are deleted.
+    pub offsets_compact_growth_bytes: u64,
 }
 
 impl Default for GroupConfig {
@@ -128,6 +135,8 @@ impl Default for GroupConfig {
             new_member_join_timeout: Duration::from_secs(300),
             members_per_group_max: 10_000,
             offset_metadata_bytes_max: 4096,
+            offsets_segment_bytes: 16 << 20,
+            offsets_compact_growth_bytes: 64 << 20,
         }
     }
 }
@@ -315,6 +324,8 @@ pub struct GroupCoordinator {
     next_sweep: Cell<Instant>,
     /// The flusher or the sweeper stopped.
     task_stopped: Event,
+    /// The offsets log's size after its last compaction (or at open).
+    compacted_bytes: Cell<u64>,
 }
 
 struct UnflushedCommit {
@@ -340,7 +351,12 @@ impl GroupCoordinator {
         assert!(config.session_timeout_min <= config.session_timeout_max, "session timeout range is empty");
         assert!(config.members_per_group_max > 0, "a group must be able to have a member");
         assert!(config.offset_metadata_bytes_max <= OFFSET_METADATA_BYTES_LIMIT, "offset metadata limit");
-        let log_config = LogConfig { retention_bytes: None, retention_ms: None, ..log_config };
+        let log_config = LogConfig {
+            segment_bytes: config.offsets_segment_bytes,
+            retention_bytes: None,
+            retention_ms: None,
+            ..log_config
+        };
         let log = Log::open(&dir, log_config).await?;
         let groups = match replay(&log).await {
             Ok(groups) => groups,
@@ -365,7 +381,9 @@ impl GroupCoordinator {
             sweeper_running: Cell::new(true),
             next_sweep: Cell::new(Instant::now()),
             task_stopped: Event::default(),
+            compacted_bytes: Cell::new(0),
         });
+        coordinator.compacted_bytes.set(coordinator.log.size_bytes());
         glommio::spawn_local(Rc::clone(&coordinator).run_flusher()).detach();
         glommio::spawn_local(Rc::clone(&coordinator).run_sweeper()).detach();
         Ok(coordinator)
@@ -679,7 +697,20 @@ impl GroupCoordinator {
                 continue;
             }
             match self.log.flush().await {
-                Ok(durable) => self.apply_durable_commits(durable),
+                Ok(durable) => {
+                    self.apply_durable_commits(durable);
+                    if self.log.size_bytes()
+                        >= self.compacted_bytes.get() + self.config.offsets_compact_growth_bytes
+                    {
+                        if let Err(error) = self.compact().await {
+                            eprintln!(
+                                "pyralog: the group offsets log {} stopped taking writes: {error}",
+                                self.log.dir().display()
+                            );
+                            self.unflushed_commits.borrow_mut().clear();
+                        }
+                    }
+                }
                 Err(error) => {
                     eprintln!(
                         "pyralog: the group offsets log {} stopped taking writes: {error}",
@@ -692,6 +723,45 @@ impl GroupCoordinator {
         }
         self.flusher_running.set(false);
         self.task_stopped.notify();
+    }
+
+    /// Compaction, run by the flusher: appends every committed offset again (including the
+    /// commits appended but not yet durable, so nothing before the snapshot is needed any
+    /// more), makes it durable, then deletes the segments that end before it. A crash at any
+    /// point leaves either the old records, or the old records and the snapshot: replay
+    /// (later records win) gives the same offsets either way.
+    async fn compact(&self) -> Result<(), pyralog_dma::LogError> {
+        let mut state: BTreeMap<String, BTreeMap<(String, i32), CommittedOffset>> = BTreeMap::new();
+        for (group_id, group) in self.groups.borrow().iter() {
+            let offsets = state.entry(group_id.clone()).or_default();
+            for (key, committed) in &group.offsets {
+                offsets.insert(key.clone(), committed.clone());
+            }
+        }
+        for commit in self.unflushed_commits.borrow().iter() {
+            let offsets = state.entry(commit.group_id.clone()).or_default();
+            for (topic, partition, committed) in &commit.entries {
+                offsets.insert((topic.clone(), *partition), committed.clone());
+            }
+        }
+        let snapshot_start = self.log.next_offset();
+        let now_ms = unix_time_ms();
+        for (group_id, offsets) in state.into_iter().filter(|(_, offsets)| !offsets.is_empty()) {
+            let entries: Vec<(String, i32, CommittedOffset)> = offsets
+                .into_iter()
+                .map(|((topic, partition), committed)| (topic, partition, committed))
+                .collect();
+            for chunk in entries.chunks(SNAPSHOT_RECORDS_PER_BATCH) {
+                let bytes = encode_commit_batch(&group_id, chunk, now_ms);
+                let headers = batch::parse_all(&bytes).expect("the batch this module built is well formed");
+                self.log.append(&bytes, &headers)?;
+            }
+        }
+        let durable = self.log.flush().await?;
+        self.apply_durable_commits(durable);
+        self.log.remove_segments_before(snapshot_start)?;
+        self.compacted_bytes.set(self.log.size_bytes());
+        Ok(())
     }
 
     fn apply_durable_commits(&self, durable_offset: i64) {
@@ -1880,6 +1950,7 @@ mod tests {
         GroupConfig {
             initial_rebalance_delay: Duration::from_millis(100),
             session_timeout_min: Duration::from_millis(10),
+            offsets_segment_bytes: 64 << 10,
             ..GroupConfig::default()
         }
     }
@@ -2303,6 +2374,48 @@ mod tests {
                 coordinator.heartbeat("g", 1, &d.member_id, None),
                 Err(GroupError::RebalanceInProgress)
             );
+        });
+    }
+
+    #[test]
+    fn the_offsets_log_is_compacted_and_keeps_the_latest_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let growth = 256 << 10;
+        let compacting = GroupConfig { offsets_compact_growth_bytes: growth, ..config() };
+        let log_config = LogConfig { index_interval_bytes: 1024, ..LogConfig::default() };
+        run(async {
+            let coordinator = GroupCoordinator::open_with(
+                dir.path().join("groups"),
+                log_config.clone(),
+                compacting.clone(),
+            )
+            .await
+            .unwrap();
+            // 300 commits of the same 100 partitions by two groups: about 1.5 MB of records.
+            let partitions: Vec<(&str, i32, i64)> = (0..100).map(|p| ("t", p, 0)).collect();
+            for round in 0..150i64 {
+                for group in ["a", "b"] {
+                    let offsets: Vec<(&str, i32, i64)> =
+                        partitions.iter().map(|(t, p, _)| (*t, *p, round * 1000 + i64::from(*p))).collect();
+                    let results = coordinator.commit_offsets(commit_request(group, -1, "", &offsets)).await;
+                    assert!(results.iter().all(|(_, r)| r.is_ok()));
+                }
+            }
+            let size = coordinator.log.size_bytes();
+            assert!(size < 3 * growth, "the log was compacted: {size} bytes");
+            assert!(coordinator.log.log_start_offset() > 0, "segments before the snapshot were deleted");
+            coordinator.close().await;
+
+            let coordinator =
+                GroupCoordinator::open_with(dir.path().join("groups"), log_config, compacting).await.unwrap();
+            for group in ["a", "b"] {
+                let offsets = coordinator.fetch_offsets(group, None);
+                assert_eq!(offsets.len(), 100);
+                for (topic, partition, offset, _, _) in offsets {
+                    assert_eq!((topic.as_str(), offset), ("t", 149_000 + i64::from(partition)));
+                }
+            }
+            coordinator.close().await;
         });
     }
 
