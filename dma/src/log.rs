@@ -205,7 +205,7 @@ impl Log {
     /// Assigns offsets to the checked batches of `payload` (`headers` from
     /// [`batch::parse_all`]) and queues them for the next flush. Either every batch is
     /// appended or none is.
-    pub fn append(&self, payload: &[u8], headers: &[BatchHeader]) -> Result<Appended> {
+    pub fn append(&self, payload: Bytes, headers: &[BatchHeader]) -> Result<Appended> {
         assert!(!headers.is_empty(), "append of no batch");
         let mut state = self.state.borrow_mut();
         if let Some(reason) = &state.stopped {
@@ -213,7 +213,9 @@ impl Log {
         }
         let total: u64 = headers.iter().map(|h| u64::from(h.total_bytes)).sum();
         assert_eq!(total, payload.len() as u64, "headers must cover the payload exactly");
-        let mut copy = BytesMut::from(payload);
+        // Offsets are stamped into the batches' headers: in place when the caller's buffer is
+        // not shared (a request frame of its own), else in a copy.
+        let mut copy = payload.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         let base_offset = state.next_offset;
         let mut next_offset = base_offset;
         let mut at = 0usize;
@@ -615,7 +617,7 @@ mod tests {
         for i in 0..batches {
             let bytes = batch::build_for_tests(records, format!("value-{i:06}").as_bytes(), 1000 + i as i64);
             let headers = batch::parse_all(&bytes).unwrap();
-            let appended = log.append(&bytes, &headers).unwrap();
+            let appended = log.append(Bytes::from(bytes), &headers).unwrap();
             ranges.push((appended.base_offset, appended.next_offset));
             if (i + 1) % per_flush == 0 {
                 log.flush().await.unwrap();
@@ -634,6 +636,34 @@ mod tests {
             headers.extend(parsed);
         }
         headers
+    }
+
+    #[test]
+    fn offsets_are_stamped_in_place_unless_the_buffer_is_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            let first = batch::build_for_tests(2, b"v", 1000);
+            let headers = batch::parse_all(&first).unwrap();
+            let appended = log.append(Bytes::from(first.clone()), &headers).unwrap();
+            assert_eq!(appended.base_offset, 0);
+
+            // A unique buffer is stamped where it is: the batch kept is the caller's memory.
+            let unique = Bytes::from(first.clone());
+            let at = unique.as_ptr();
+            let appended = log.append(unique, &headers).unwrap();
+            assert_eq!(appended.batches[0].bytes.as_ptr(), at, "no copy");
+            assert_eq!(batch::stored_header(&appended.batches[0].bytes).unwrap().base_offset, 2);
+
+            // A shared buffer is copied, and the other holder's bytes are left as they were.
+            let shared = Bytes::from(first.clone());
+            let kept = shared.clone();
+            let appended = log.append(shared, &headers).unwrap();
+            assert_ne!(appended.batches[0].bytes.as_ptr(), kept.as_ptr());
+            assert_eq!(batch::stored_header(&appended.batches[0].bytes).unwrap().base_offset, 4);
+            assert_eq!(&kept[..], &first[..]);
+            log.close().await.unwrap();
+        });
     }
 
     #[test]

@@ -147,7 +147,15 @@ impl<H: Handler> Protocol for Native<H> {
     }
 }
 
+/// Frames at least this large get an allocation of their own (see [`cut_frame`]).
+const FRAME_ALONE_BYTES: usize = 64 << 10;
+
 /// Splits `prefix + body` bytes off `buffer` once they are all there, returning the body.
+///
+/// A large frame leaves the connection's buffer with its allocation to itself: the bytes read
+/// past it move to a new buffer. The log can then stamp offsets into the produced batches in
+/// place instead of copying them (`Bytes::try_into_mut` succeeds when nothing else shares the
+/// allocation); the move costs at most one read's worth of bytes.
 pub fn cut_frame(buffer: &mut BytesMut, prefix: usize, body: usize) -> Option<Bytes> {
     if buffer.len() < prefix + body {
         buffer.reserve(prefix + body - buffer.len());
@@ -155,6 +163,9 @@ pub fn cut_frame(buffer: &mut BytesMut, prefix: usize, body: usize) -> Option<By
     }
     let mut frame = buffer.split_to(prefix + body);
     let _ = frame.split_to(prefix);
+    if body >= FRAME_ALONE_BYTES {
+        *buffer = BytesMut::from(&buffer[..]);
+    }
     Some(frame.freeze())
 }
 
@@ -255,7 +266,10 @@ async fn serve_connection<P: Protocol>(
             }
         }
         let at = buffer.len();
-        buffer.resize(at + READ_CHUNK_BYTES, 0);
+        // Read into the room already reserved for an incomplete frame (growing the buffer
+        // there would copy what it holds), else into a fresh chunk.
+        let room = buffer.capacity() - at;
+        buffer.resize(at + if room > 0 { room.min(READ_CHUNK_BYTES) } else { READ_CHUNK_BYTES }, 0);
         let read = reader.read(&mut buffer[at..]).await;
         match read {
             Ok(0) | Err(_) => {

@@ -553,7 +553,8 @@ impl GroupCoordinator {
         let bytes = encode_commit_batch(&group_id, &entries, unix_time_ms());
         // Checked before it is written, as every batch a log takes.
         let headers = batch::parse_all(&bytes).expect("the batch this module built is well formed");
-        let appended = self.log.append(&bytes, &headers).map_err(|e| GroupError::Storage(e.to_string()))?;
+        let appended =
+            self.log.append(Bytes::from(bytes), &headers).map_err(|e| GroupError::Storage(e.to_string()))?;
         let next_offset = appended.next_offset;
         self.unflushed_commits.borrow_mut().push_back(UnflushedCommit { next_offset, group_id, entries });
         self.flusher_wake.notify();
@@ -754,7 +755,7 @@ impl GroupCoordinator {
             for chunk in entries.chunks(SNAPSHOT_RECORDS_PER_BATCH) {
                 let bytes = encode_commit_batch(&group_id, chunk, now_ms);
                 let headers = batch::parse_all(&bytes).expect("the batch this module built is well formed");
-                self.log.append(&bytes, &headers)?;
+                self.log.append(Bytes::from(bytes), &headers)?;
             }
         }
         let durable = self.log.flush().await?;

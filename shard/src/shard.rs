@@ -446,10 +446,9 @@ impl Shard {
             }
             return Ok(done);
         }
-        let appended = partition.log.append(&records, &headers)?;
-        // The log holds its own copy (offsets stamped): let the request's buffer go now rather
-        // than after the flush this produce may wait for.
-        drop(records);
+        // The log takes the request's buffer (stamping offsets in place when nothing else
+        // shares it), so it is not held beyond the append while this produce waits for a flush.
+        let appended = partition.log.append(records, &headers)?;
         {
             let mut producers = partition.producers.borrow_mut();
             for stamped in &appended.batches {
