@@ -269,7 +269,7 @@ impl KafkaService {
                         (_, _, Some(records)) => {
                             let partition = u32::try_from(p.index).unwrap_or(u32::MAX);
                             self.shard
-                                .produce(name, partition, records.to_bytes(), wait_durable)
+                                .produce(name, partition, records.into_bytes(), wait_durable)
                                 .await
                                 .map_err(|error| (error_code(&error), error.to_string()))
                         }

@@ -64,6 +64,16 @@ impl Records {
         self.len() == 0
     }
 
+    /// The bytes as one slice, taking them out: the one chunk of a decoded request is returned
+    /// as it is (not shared, so its owner may write into it); several chunks are joined.
+    pub fn into_bytes(mut self) -> Bytes {
+        match self.0.len() {
+            0 => Bytes::new(),
+            1 => self.0.pop().expect("one chunk"),
+            _ => self.to_bytes(),
+        }
+    }
+
     /// The bytes as one slice; copies only when there are several chunks.
     pub fn to_bytes(&self) -> Bytes {
         match self.0.as_slice() {
