@@ -1,8 +1,12 @@
 //! The Kafka listener's [`KafkaHandler`]: Kafka requests turned into shard calls.
 //!
 //! Batches go from the produce request to the log and from the log (or the shard cache) to the
-//! fetch response as the same bytes: no record is decoded or re-encoded on either path. The
-//! node is a single Kafka broker, id 0, the leader of every partition.
+//! fetch response as the same bytes: no record is decoded or re-encoded on either path.
+//!
+//! Each shard is a Kafka broker of its own (node id = shard id, at its own Kafka port), and
+//! metadata names the shard that owns a partition as its leader, so Kafka clients send each
+//! partition's requests straight to the owning core. The shared port answers everything too
+//! (it is the bootstrap address), hopping to the owner when needed.
 
 use std::cell::Cell;
 use std::pin::Pin;
@@ -19,8 +23,8 @@ use pyralog_shard::{FetchLimits, Fetched, Shard, ShardError};
 
 use crate::groups;
 
-/// The node's id in Kafka metadata.
-pub const NODE_ID: i32 = 0;
+/// The controller's node id in Kafka metadata (shard 0, which decides topic changes).
+pub const CONTROLLER_ID: i32 = 0;
 /// ListOffsets' timestamp asking for the record with the largest timestamp (v7+).
 const MAX_TIMESTAMP: i64 = -3;
 /// The cluster id reported in metadata.
@@ -46,6 +50,8 @@ pub struct KafkaService {
     pub shard: Rc<Shard>,
     pub settings: Rc<KafkaSettings>,
     pub groups: groups::Groups,
+    /// Each shard's own Kafka port, by shard id: the brokers of metadata responses.
+    pub broker_ports: Vec<u16>,
     /// Producer ids handed out here: `first_producer_id + shard + shards * n`.
     pub first_producer_id: i64,
     pub producer_ids_issued: Cell<i64>,
@@ -151,13 +157,18 @@ impl KafkaService {
         }
     }
 
-    fn broker(&self) -> metadata_response::MetadataResponseBroker {
-        metadata_response::MetadataResponseBroker {
-            node_id: NODE_ID,
-            host: self.settings.advertised_host.clone(),
-            port: i32::from(self.settings.advertised_port),
-            rack: None,
-        }
+    /// Every shard as a Kafka broker.
+    fn brokers(&self) -> Vec<metadata_response::MetadataResponseBroker> {
+        self.broker_ports
+            .iter()
+            .enumerate()
+            .map(|(shard, port)| metadata_response::MetadataResponseBroker {
+                node_id: shard as i32,
+                host: self.settings.advertised_host.clone(),
+                port: i32::from(*port),
+                rack: None,
+            })
+            .collect()
     }
 
     async fn metadata(&self, body: metadata_request::MetadataRequest) -> metadata_response::MetadataResponse {
@@ -170,15 +181,18 @@ impl KafkaService {
             name: Some(name.to_owned()),
             topic_id: Uuid(meta.id),
             is_internal: false,
-            partitions: (0..meta.partitions as i32)
-                .map(|partition| MetadataResponsePartition {
-                    error_code: error::NONE,
-                    partition_index: partition,
-                    leader_id: NODE_ID,
-                    leader_epoch: 0,
-                    replica_nodes: vec![NODE_ID],
-                    isr_nodes: vec![NODE_ID],
-                    offline_replicas: Vec::new(),
+            partitions: (0..meta.partitions)
+                .map(|partition| {
+                    let leader = self.shard.owner_of(name, partition) as i32;
+                    MetadataResponsePartition {
+                        error_code: error::NONE,
+                        partition_index: partition as i32,
+                        leader_id: leader,
+                        leader_epoch: 0,
+                        replica_nodes: vec![leader],
+                        isr_nodes: vec![leader],
+                        offline_replicas: Vec::new(),
+                    }
                 })
                 .collect(),
             ..Default::default()
@@ -210,9 +224,9 @@ impl KafkaService {
             }
         }
         MetadataResponse {
-            brokers: vec![self.broker()],
+            brokers: self.brokers(),
             cluster_id: Some(CLUSTER_ID.to_owned()),
-            controller_id: NODE_ID,
+            controller_id: CONTROLLER_ID,
             topics,
             ..Default::default()
         }
@@ -767,14 +781,16 @@ impl KafkaService {
     ) -> find_coordinator_response::FindCoordinatorResponse {
         use find_coordinator_response::*;
         let host = self.settings.advertised_host.clone();
-        let port = i32::from(self.settings.advertised_port);
         let answer = |key: String| {
             if body.key_type == 0 {
+                // The shard that coordinates the group's offsets log.
+                let node = pyralog_shard::group_log_of(&key) % self.broker_ports.len().max(1);
+                let port = self.broker_ports.get(node).copied().unwrap_or(self.settings.advertised_port);
                 Coordinator {
                     key,
-                    node_id: NODE_ID,
+                    node_id: node as i32,
                     host: host.clone(),
-                    port,
+                    port: i32::from(port),
                     error_code: error::NONE,
                     error_message: None,
                 }

@@ -59,9 +59,16 @@ pub struct NodeArgs {
     #[arg(long, default_value = "127.0.0.1:9092")]
     pub kafka_listen: SocketAddr,
     /// The address Kafka clients are told to connect to (metadata, coordinator lookups).
-    /// Default: --kafka-listen. Set it when clients reach the node by another name or address.
+    /// Default: --kafka-listen. Set it when clients reach the node by another name or address;
+    /// the per-shard Kafka ports are advertised at the same host.
     #[arg(long)]
     pub kafka_advertise: Option<String>,
+    /// First per-shard Kafka port: shard i is also Kafka broker i on this port + i, and
+    /// metadata names each partition's shard as its leader, so Kafka clients send a
+    /// partition's requests straight to the core that owns it. Default: the --kafka-listen
+    /// port + 1. 0 picks free ports (reported in metadata).
+    #[arg(long)]
+    pub kafka_shard_port_base: Option<u16>,
     /// Create a topic the first time a Kafka client asks for it in Metadata or Produce.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub auto_create_topics: bool,

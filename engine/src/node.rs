@@ -42,6 +42,7 @@ struct ShardReady {
     shard: usize,
     cpu: usize,
     port: u16,
+    kafka_port: u16,
 }
 
 enum ShardEvent {
@@ -90,6 +91,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
             listen: args.listen,
             shard_port_base: args.shard_port_base,
             kafka_listen: args.kafka_listen,
+            kafka_shard_port_base: args.kafka_shard_port_base,
             kafka: kafka.clone(),
             first_producer_id,
             max_request_bytes: args.max_request_bytes,
@@ -130,8 +132,11 @@ pub fn run(args: NodeArgs) -> Result<()> {
     ready.sort_by_key(|r| r.shard);
     let shards: Vec<ShardInfo> =
         ready.iter().map(|r| ShardInfo { shard: r.shard as u32, cpu: r.cpu as u32, port: r.port }).collect();
-    topology.set(Topology { shards: shards.clone() }).unwrap_or_else(|_| unreachable!("set once"));
-    print_summary(&args, &shards);
+    let kafka_ports: Vec<u16> = ready.iter().map(|r| r.kafka_port).collect();
+    topology
+        .set(Topology { shards: shards.clone(), kafka_ports: kafka_ports.clone() })
+        .unwrap_or_else(|_| unreachable!("set once"));
+    print_summary(&args, &shards, &kafka_ports);
 
     let outcome = wait_for_stop(&event_receiver);
     stop.store(true, Ordering::SeqCst);
@@ -162,6 +167,7 @@ struct ShardContext {
     listen: SocketAddr,
     shard_port_base: Option<u16>,
     kafka_listen: SocketAddr,
+    kafka_shard_port_base: Option<u16>,
     kafka: KafkaSettings,
     first_producer_id: i64,
     max_request_bytes: usize,
@@ -186,14 +192,25 @@ async fn run_shard(context: ShardContext) {
         None => context.listen.port() + 1 + shard.id as u16,
     };
     let own_addr = SocketAddr::new(context.listen.ip(), own_port);
+    let kafka_own_port = match context.kafka_shard_port_base {
+        Some(0) => 0,
+        Some(base) => base + shard.id as u16,
+        None => context.kafka_listen.port() + 1 + shard.id as u16,
+    };
+    let kafka_own_addr = SocketAddr::new(context.kafka_listen.ip(), kafka_own_port);
     let listeners = server::bind(context.listen).and_then(|shared| {
-        Ok((shared, server::bind_exclusive(own_addr)?, server::bind(context.kafka_listen)?))
+        Ok((
+            shared,
+            server::bind_exclusive(own_addr)?,
+            server::bind(context.kafka_listen)?,
+            server::bind_exclusive(kafka_own_addr)?,
+        ))
     });
-    let (shared, own, kafka_listener) = match listeners {
-        Ok(pair) => pair,
+    let (shared, own, kafka_shared, kafka_own) = match listeners {
+        Ok(listeners) => listeners,
         Err(error) => {
             let _ = context.events.send(ShardEvent::Failed(format!(
-                "binding {}, {own_addr} and {}: {error}",
+                "binding {}, {own_addr}, {} and {kafka_own_addr}: {error}",
                 context.listen, context.kafka_listen
             )));
             let _ = shard.shutdown().await;
@@ -201,13 +218,17 @@ async fn run_shard(context: ShardContext) {
         }
     };
     let port = own.local_addr().map(|a| a.port()).unwrap_or(own_port);
-    let _ = context.events.send(ShardEvent::Ready(ShardReady { shard: shard.id, cpu: context.cpu, port }));
+    let kafka_port = kafka_own.local_addr().map(|a| a.port()).unwrap_or(kafka_own_port);
+    let ready = ShardReady { shard: shard.id, cpu: context.cpu, port, kafka_port };
+    let _ = context.events.send(ShardEvent::Ready(ready));
     while context.topology.get().is_none() && !context.stop.load(Ordering::SeqCst) {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
-    let topology = Rc::new(context.topology.get().cloned().unwrap_or(Topology { shards: Vec::new() }));
+    let topology = Rc::new(
+        context.topology.get().cloned().unwrap_or(Topology { shards: Vec::new(), kafka_ports: Vec::new() }),
+    );
     let service = Rc::new(server::Native {
-        handler: Service { shard: Rc::clone(&shard), topology },
+        handler: Service { shard: Rc::clone(&shard), topology: Rc::clone(&topology) },
         max_request_bytes: context.max_request_bytes,
     });
     let stop_listeners = Rc::new(Cell::new(false));
@@ -223,18 +244,21 @@ async fn run_shard(context: ShardContext) {
         handler: KafkaService {
             shard: Rc::clone(&shard),
             settings: Rc::new(context.kafka.clone()),
+            broker_ports: topology.kafka_ports.clone(),
             groups: crate::groups::Groups,
             first_producer_id: context.first_producer_id,
             producer_ids_issued: Cell::new(0),
         },
         max_request_bytes: context.max_request_bytes,
     });
-    let kafka_serving = glommio::spawn_local(server::serve(
-        kafka_listener,
-        kafka_service,
-        context.listener,
-        Rc::clone(&stop_listeners),
-    ));
+    let kafka_serving = [kafka_shared, kafka_own].map(|listener| {
+        glommio::spawn_local(server::serve(
+            listener,
+            Rc::clone(&kafka_service),
+            context.listener,
+            Rc::clone(&stop_listeners),
+        ))
+    });
     while !context.stop.load(Ordering::SeqCst) {
         glommio::timer::sleep(STOP_POLL_INTERVAL).await;
     }
@@ -351,6 +375,23 @@ fn check_ports(args: &NodeArgs, shards: usize) -> Result<()> {
             ports.push((SocketAddr::new(args.listen.ip(), port), "shard port"));
         }
     }
+    let kafka_base = match args.kafka_shard_port_base {
+        Some(0) => None,
+        Some(base) => Some(base),
+        None => Some(
+            args.kafka_listen
+                .port()
+                .checked_add(1)
+                .ok_or_else(|| anyhow!("--kafka-listen port leaves no room for shard ports"))?,
+        ),
+    };
+    if let Some(base) = kafka_base {
+        for shard in 0..shards {
+            let port =
+                base.checked_add(shard as u16).ok_or_else(|| anyhow!("Kafka shard ports run past 65535"))?;
+            ports.push((SocketAddr::new(args.kafka_listen.ip(), port), "Kafka shard port"));
+        }
+    }
     for (addr, what) in ports {
         std::net::TcpListener::bind(addr).map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => anyhow!("{what} {addr} is already in use by another process"),
@@ -439,7 +480,7 @@ fn wait_for_stop(events: &mpsc::Receiver<ShardEvent>) -> Result<(), String> {
     }
 }
 
-fn print_summary(args: &NodeArgs, shards: &[ShardInfo]) {
+fn print_summary(args: &NodeArgs, shards: &[ShardInfo], kafka_ports: &[u16]) {
     let placement: Vec<String> =
         shards.iter().map(|s| format!("shard {} on CPU {} port {}", s.shard, s.cpu, s.port)).collect();
     let durability = match args.durability {
@@ -457,6 +498,15 @@ fn print_summary(args: &NodeArgs, shards: &[ShardInfo]) {
         "  kafka       {} (Kafka protocol, shared by all shards; advertised as {host}:{port}; auto-create topics {})",
         args.kafka_listen,
         if args.auto_create_topics { "on" } else { "off" }
+    );
+    let brokers: Vec<String> = kafka_ports
+        .iter()
+        .enumerate()
+        .map(|(shard, port)| format!("broker {shard} at {host}:{port}"))
+        .collect();
+    println!(
+        "  kafka shards {} (each shard a Kafka broker: partition leaders are their shards)",
+        brokers.join(", ")
     );
     println!("  data dir    {}", args.data_dir.display());
     println!("  durability  {durability}");

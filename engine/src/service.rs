@@ -18,6 +18,8 @@ use pyralog_shard::{FetchLimits, Shard, ShardError};
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub shards: Vec<ShardInfo>,
+    /// Each shard's own Kafka port, by shard id.
+    pub kafka_ports: Vec<u16>,
 }
 
 pub struct Service {

@@ -469,7 +469,26 @@ fn topic_configs_partitions_and_auto_creation() {
     assert_eq!(topic.error_code, error::NONE);
     assert_eq!(topic.partitions.len(), 1);
     assert_ne!(topic.topic_id.0, [0; 16]);
-    assert_eq!(metadata.brokers[0].port.to_string(), node.kafka_addr.rsplit(':').next().unwrap());
+    // Every shard is a broker of its own; a partition's leader is the shard that owns it, and
+    // its port serves Kafka requests.
+    assert_eq!(metadata.brokers.iter().map(|b| b.node_id).collect::<Vec<_>>(), vec![0, 1]);
+    assert!(topic.partitions.iter().all(|p| p.leader_id == 0 || p.leader_id == 1));
+    for broker in &metadata.brokers {
+        assert_eq!(broker.host, "127.0.0.1");
+        let mut direct =
+            KafkaConnection::connect(&format!("{}:{}", broker.host, broker.port), "direct").unwrap();
+        assert_serving(&mut direct);
+    }
+    // The coordinator of a group is the shard of its offsets log, at that shard's port.
+    use find_coordinator_request::FindCoordinatorRequest;
+    let request = FindCoordinatorRequest { key: "some-group".into(), key_type: 0, ..Default::default() };
+    let ResponseBody::FindCoordinator(found) = conn.call(3, RequestBody::FindCoordinator(request)).unwrap()
+    else {
+        panic!()
+    };
+    let expected = (pyralog_shard::group_log_of("some-group") % 2) as i32;
+    assert_eq!((found.error_code, found.node_id), (error::NONE, expected));
+    assert_eq!(found.port, metadata.brokers[expected as usize].port);
 }
 
 #[test]

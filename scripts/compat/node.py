@@ -53,6 +53,8 @@ class Node:
             "--listen", self.native,
             "--shard-port-base", "0",
             "--kafka-listen", self.bootstrap,
+            # Each shard is also a Kafka broker on a port of its own; free ones here.
+            "--kafka-shard-port-base", "0",
             "--shards", "2",
             "--cache-bytes", "16777216",
             *[arg.format(kafka_port=self.kafka_port) for arg in self.extra_args],

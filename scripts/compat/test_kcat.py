@@ -13,7 +13,7 @@ import kcat
 from admin import create_topic
 
 
-def test_kcat_metadata_lists_advertised_broker_and_topics(start_node, pyralog_bin, kcat_bin):
+def test_kcat_metadata_lists_each_shard_as_a_broker_and_the_topics(start_node, pyralog_bin, kcat_bin):
     node = start_node("--kafka-advertise", "localhost:{kafka_port}")
     # Created over the native protocol: Kafka clients would go on to the advertised name.
     for name, count in (("orders", 4), ("audit", 1)):
@@ -22,7 +22,13 @@ def test_kcat_metadata_lists_advertised_broker_and_topics(start_node, pyralog_bi
 
     metadata = json.loads(kcat.run(kcat_bin, node.bootstrap, "-L", "-J"))
 
-    assert metadata["brokers"] == [{"id": 0, "name": f"localhost:{node.kafka_port}"}]
+    # Each shard is a broker, at the advertised host and a port of its own.
+    brokers = sorted(metadata["brokers"], key=lambda b: b["id"])
+    assert [b["id"] for b in brokers] == [0, 1]
+    hosts_ports = [b["name"].rsplit(":", 1) for b in brokers]
+    assert all(host == "localhost" for host, _ in hosts_ports), brokers
+    ports = {int(port) for _, port in hosts_ports}
+    assert len(ports) == 2 and node.kafka_port not in ports, brokers
     assert metadata["controllerid"] == 0
     topics = {topic["topic"]: topic for topic in metadata["topics"]}
     assert set(topics) == {"orders", "audit"}
@@ -31,12 +37,16 @@ def test_kcat_metadata_lists_advertised_broker_and_topics(start_node, pyralog_bi
         partitions = sorted(topics[name]["partitions"], key=lambda p: p["partition"])
         assert [p["partition"] for p in partitions] == list(range(count))
         for partition in partitions:
-            assert partition["leader"] == 0
-            assert partition["replicas"] == [{"id": 0}]
-            assert partition["isrs"] == [{"id": 0}]
-    # The human listing names the same broker.
+            # The leader is the shard that owns the partition, its only replica.
+            assert partition["leader"] in (0, 1)
+            assert partition["replicas"] == [{"id": partition["leader"]}]
+            assert partition["isrs"] == [{"id": partition["leader"]}]
+    orders_leaders = {p["leader"] for p in topics["orders"]["partitions"]}
+    assert orders_leaders == {0, 1}, "the partitions are spread over both shards"
+    # The human listing names the same brokers.
     listing = kcat.run(kcat_bin, node.bootstrap, "-L").decode()
-    assert f"broker 0 at localhost:{node.kafka_port}" in listing
+    for broker in brokers:
+        assert f"broker {broker['id']} at {broker['name']}" in listing, listing
     assert 'topic "orders" with 4 partitions' in listing
 
 

@@ -32,7 +32,7 @@ impl Node {
         let kafka_addr = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(env!("CARGO_BIN_EXE_pyralog"))
             .args(["--data-dir", data_dir.to_str().unwrap(), "--listen", &addr, "--shard-port-base", "0"])
-            .args(["--kafka-listen", &kafka_addr])
+            .args(["--kafka-listen", &kafka_addr, "--kafka-shard-port-base", "0"])
             .args(["--shards", "2", "--cache-bytes", "1048576"])
             .args(extra)
             .stdout(Stdio::piped())

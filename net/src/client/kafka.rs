@@ -315,7 +315,8 @@ pub const CLIENT_ID: &str = "pyralog-client";
 #[derive(Debug, Clone)]
 pub struct KafkaClient {
     shared: Arc<KafkaShared>,
-    connection: Arc<Mutex<Option<Arc<KafkaPipeline>>>>,
+    /// This handle's connections: to the bootstrap address (`None`) and to brokers by node id.
+    connections: Arc<Mutex<HashMap<Option<i32>, Arc<KafkaPipeline>>>>,
 }
 
 #[derive(Debug)]
@@ -325,6 +326,10 @@ struct KafkaShared {
     versions: Versions,
     /// Partition counts of the topics seen so far.
     partitions: RwLock<HashMap<String, u32>>,
+    /// Each partition's leader (node id), by topic, as the last metadata said.
+    leaders: RwLock<HashMap<String, Vec<i32>>>,
+    /// The brokers' addresses by node id, as the last metadata said.
+    brokers: RwLock<HashMap<i32, SocketAddr>>,
 }
 
 impl KafkaClient {
@@ -355,8 +360,10 @@ impl KafkaClient {
                 options,
                 versions: Versions::agree(&offered)?,
                 partitions: RwLock::new(HashMap::new()),
+                leaders: RwLock::new(HashMap::new()),
+                brokers: RwLock::new(HashMap::new()),
             }),
-            connection: Arc::new(Mutex::new(Some(connection))),
+            connections: Arc::new(Mutex::new(HashMap::from([(None, connection)]))),
         })
     }
 
@@ -369,14 +376,25 @@ impl KafkaClient {
         self.shared.versions
     }
 
-    /// This handle's open connection, opening one if needed.
+    /// This handle's connection to the bootstrap address, opening one if needed.
     pub fn connection(&self) -> Result<Arc<KafkaPipeline>> {
-        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(open) = connection.as_ref().filter(|c| !c.is_closed()) {
+        self.connection_to(None)
+    }
+
+    /// This handle's connection to broker `node` (the bootstrap address for `None`, or for a
+    /// broker the metadata did not name), opening one if needed.
+    fn connection_to(&self, node: Option<i32>) -> Result<Arc<KafkaPipeline>> {
+        let addr = node
+            .and_then(|node| {
+                self.shared.brokers.read().unwrap_or_else(|p| p.into_inner()).get(&node).copied()
+            })
+            .unwrap_or(self.shared.addr);
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = connections.get(&node).filter(|c| !c.is_closed()) {
             return Ok(Arc::clone(open));
         }
-        let open = Arc::new(KafkaPipeline::connect(self.shared.addr, self.shared.options, CLIENT_ID)?);
-        *connection = Some(Arc::clone(&open));
+        let open = Arc::new(KafkaPipeline::connect(addr, self.shared.options, CLIENT_ID)?);
+        connections.insert(node, Arc::clone(&open));
         Ok(open)
     }
 
@@ -404,16 +422,40 @@ impl KafkaClient {
         }
         let count = u32::try_from(info.partitions.len()).expect("partition ids are i32");
         cache.insert(topic.to_owned(), count);
+        let mut leaders = vec![-1; info.partitions.len()];
+        for partition in &info.partitions {
+            if let Some(leader) =
+                usize::try_from(partition.partition_index).ok().and_then(|i| leaders.get_mut(i))
+            {
+                *leader = partition.leader_id;
+            }
+        }
+        self.shared.leaders.write().unwrap_or_else(|p| p.into_inner()).insert(topic.to_owned(), leaders);
+        let mut brokers = self.shared.brokers.write().unwrap_or_else(|p| p.into_inner());
+        for broker in &metadata.brokers {
+            if let Ok(addr) = super::resolve(&format!("{}:{}", broker.host, broker.port)) {
+                brokers.insert(broker.node_id, addr);
+            }
+        }
         Ok(count)
     }
 
-    /// The connection, once `partition` is known to exist in `topic`.
+    /// The connection to the partition's leader (as Kafka clients do: with a broker that is a
+    /// shard, no request crosses cores), once `partition` is known to exist in `topic`.
     fn partition_connection(&self, topic: &str, partition: u32) -> Result<Arc<KafkaPipeline>> {
         let partitions = Transport::partition_count(self, topic)?;
         if partition >= partitions {
             return Err(ClientError::UnknownPartition { topic: topic.to_owned(), partition, partitions });
         }
-        self.connection()
+        let leader = self
+            .shared
+            .leaders
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .and_then(|leaders| leaders.get(partition as usize).copied())
+            .filter(|leader| *leader >= 0);
+        self.connection_to(leader)
     }
 
     fn timeout_ms(&self) -> i32 {
@@ -426,7 +468,7 @@ impl Transport for KafkaClient {
     type PendingFetch = KafkaFetchPending;
 
     fn session(&self) -> KafkaClient {
-        KafkaClient { shared: Arc::clone(&self.shared), connection: Arc::new(Mutex::new(None)) }
+        KafkaClient { shared: Arc::clone(&self.shared), connections: Arc::new(Mutex::new(HashMap::new())) }
     }
 
     fn partition_count(&self, topic: &str) -> Result<u32> {
