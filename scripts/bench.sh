@@ -40,6 +40,7 @@ report() { # name, json, target text
   echo "$2" | field "'%-34s %10.0f msg/s %8.1f MB/s  p50 %6d us  p99 %7d us  p99.9 %7d us  max %7d us  | %s' % ('$1', d['msgs_per_sec'], d['mb_per_sec'], d['latency_us']['p50'], d['latency_us']['p99'], d['latency_us']['p999'], d['latency_us']['max'], '$3')"
 }
 big="--batch-bytes 1048576 --producers 2 --partitions 2 --duration $secs"
+big_count="--batch-bytes 1048576 --producers 2 --partitions 2"
 
 start_node --durability sync
 r=$(bench produce --topic sync1k --message-bytes 1024 $big)
@@ -51,7 +52,11 @@ r=$(bench produce --topic lat-sync --message-bytes 1024 --rate 20000 --linger-ms
 report "produce sync 1 KiB at 20k msg/s" "$r" "target p99 < 2000 us"
 r=$(bench consume --topic sync1k --duration "$secs")
 mbps=$(echo "$r" | field "d['mb_per_sec']/1.048576")
-report "consume 1 KiB (cache, then disk)" "$r" "$(python3 -c "print('%.2fx fio read; target 1.5 GB/s from cache' % ($mbps/$fio_read))")"
+report "consume 1 KiB (mostly from disk)" "$r" "$(python3 -c "print('%.2fx fio read (target 0.80x catching up from disk)' % ($mbps/$fio_read))")"
+# A topic that fits in the shards' caches (2 x 256 MiB): 400 MB of 1 KiB messages.
+bench produce --topic cache1k --message-bytes 1024 --messages 400000 $big_count >/dev/null
+r=$(bench consume --topic cache1k --messages 400000)
+report "consume 1 KiB from cache" "$r" "target 1.5 GB/s"
 r=$(bench consume --topic sync100 --duration "$secs")
 report "consume 100 B" "$r" "target 3.7M msg/s"
 # The Kafka listener, same workloads and flags (issue 3: within 10% of native).

@@ -129,32 +129,66 @@ impl<T: Transport> Consumer<T> {
                 position.prefetch = Some(Prefetch { offset, pending });
             }
         }
+        // Hand out what has arrived; wait only when nothing has, and then for one partition,
+        // so a partition long-polling at its end does not hold back the others' data.
         let mut handed_out = 0;
+        let mut arrived = false;
         for position in &mut self.positions {
+            let prefetch = position.prefetch.as_mut().expect("every partition has a fetch in flight");
+            if let Some(fetched) = prefetch.pending.try_wait() {
+                position.prefetch = None;
+                arrived = true;
+                handed_out += take_fetched(
+                    &self.client,
+                    &self.topic,
+                    (self.fetch_bytes_max, max_wait_ms),
+                    position,
+                    fetched?,
+                    &mut on_record,
+                )?;
+            }
+        }
+        if !arrived && !self.positions.is_empty() {
+            // Wait for a partition known to have more data, else for the first.
+            let behind = self.positions.iter().position(|p| p.high_watermark > p.next_offset).unwrap_or(0);
+            let position = &mut self.positions[behind];
             let prefetch = position.prefetch.take().expect("every partition has a fetch in flight");
             let fetched = prefetch.pending.wait()?;
-            position.high_watermark = fetched.high_watermark;
-            // Ask for what follows before reading these records, so the broker works on the
-            // next fetch while this thread reads.
-            if let Some(end) = batch::end_offset(&fetched.records).filter(|end| *end > position.next_offset) {
-                let pending = self.client.fetch_async(
-                    &self.topic,
-                    position.partition,
-                    end,
-                    self.fetch_bytes_max,
-                    max_wait_ms,
-                )?;
-                position.prefetch = Some(Prefetch { offset: end, pending });
-            }
-            handed_out += read_records(&self.topic, position, &fetched, &mut on_record)?;
-            // Every complete batch was read: step past batches without records (transaction
-            // markers), or the same empty batch would be fetched forever.
-            if let Some(end) = batch::end_offset(&fetched.records) {
-                position.next_offset = position.next_offset.max(end);
-            }
+            handed_out += take_fetched(
+                &self.client,
+                &self.topic,
+                (self.fetch_bytes_max, max_wait_ms),
+                position,
+                fetched,
+                &mut on_record,
+            )?;
         }
         Ok(handed_out)
     }
+}
+
+/// Takes a partition's answered fetch: asks for what follows it first (so the broker works on
+/// the next fetch while this thread reads), then hands out its records and advances.
+fn take_fetched<T: Transport>(
+    client: &T,
+    topic: &str,
+    (fetch_bytes_max, max_wait_ms): (u32, u32),
+    position: &mut Position<T::PendingFetch>,
+    fetched: FetchResult,
+    on_record: &mut impl FnMut(ConsumedRecord),
+) -> Result<usize> {
+    position.high_watermark = fetched.high_watermark;
+    if let Some(end) = batch::end_offset(&fetched.records).filter(|end| *end > position.next_offset) {
+        let pending = client.fetch_async(topic, position.partition, end, fetch_bytes_max, max_wait_ms)?;
+        position.prefetch = Some(Prefetch { offset: end, pending });
+    }
+    let handed_out = read_records(topic, position, &fetched, on_record)?;
+    // Every complete batch was read: step past batches without records (transaction
+    // markers), or the same empty batch would be fetched forever.
+    if let Some(end) = batch::end_offset(&fetched.records) {
+        position.next_offset = position.next_offset.max(end);
+    }
+    Ok(handed_out)
 }
 
 /// Hands out the records of `fetched` at or after `position.next_offset`, advancing it.
