@@ -15,13 +15,13 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::pipeline::{ConnectOptions, Framing, Matching, PendingResponse, Pipeline};
 use super::transport::{Pending, Transport};
-use super::{batch, Acks, ClientError, ErrorCode, FetchResult, ProduceAck, Result, OFFSET_UNACKNOWLEDGED};
+use super::{batch, Acks, ClientError, ErrorCode, FetchResult, ProduceAck, Result, UNACKNOWLEDGED};
 use crate::kafka::messages::api_versions_request::ApiVersionsRequest;
 use crate::kafka::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
 use crate::kafka::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
@@ -607,7 +607,7 @@ pub struct KafkaProducePending {
 }
 
 impl KafkaProducePending {
-    fn ack(&self, body: ResponseBody) -> Result<ProduceAck> {
+    fn ack(&self, (at, body): (Instant, ResponseBody)) -> Result<ProduceAck> {
         let ResponseBody::Produce(response) = body else { return Err(unexpected("produce")) };
         let result = response
             .responses
@@ -619,25 +619,26 @@ impl KafkaProducePending {
             let message = result.error_message.unwrap_or_else(|| format!("partition {}", self.partition));
             return Err(kafka_error(result.error_code, message));
         }
-        Ok(ProduceAck { base_offset: result.base_offset, next_offset: result.base_offset + self.offsets })
+        Ok(ProduceAck {
+            base_offset: result.base_offset,
+            next_offset: result.base_offset + self.offsets,
+            acknowledged_at: Some(at),
+        })
     }
 }
-
-const UNACKNOWLEDGED: ProduceAck =
-    ProduceAck { base_offset: OFFSET_UNACKNOWLEDGED, next_offset: OFFSET_UNACKNOWLEDGED };
 
 impl Pending<ProduceAck> for KafkaProducePending {
     fn wait(mut self) -> Result<ProduceAck> {
         match self.response.take() {
             None => Ok(UNACKNOWLEDGED),
-            Some(response) => self.ack(response.wait()?),
+            Some(response) => self.ack(response.wait_timed()?),
         }
     }
 
     fn try_wait(&mut self) -> Option<Result<ProduceAck>> {
         match &mut self.response {
             None => Some(Ok(UNACKNOWLEDGED)),
-            Some(response) => Some(response.try_wait()?.and_then(|body| self.ack(body))),
+            Some(response) => Some(response.try_wait_timed()?.and_then(|timed| self.ack(timed))),
         }
     }
 }

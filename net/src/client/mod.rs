@@ -163,6 +163,8 @@ pub struct ProduceAck {
     pub base_offset: i64,
     /// Offset after the batch's last record; [`OFFSET_UNACKNOWLEDGED`] under `Acks::None`.
     pub next_offset: i64,
+    /// When the acknowledgement was read off the socket; `None` under `Acks::None`.
+    pub acknowledged_at: Option<std::time::Instant>,
 }
 
 /// One partition's fetched data.
@@ -197,19 +199,21 @@ impl PendingProduce {
 
     pub fn wait(self) -> Result<ProduceAck> {
         match self.response {
-            None => Ok(ProduceAck { base_offset: OFFSET_UNACKNOWLEDGED, next_offset: OFFSET_UNACKNOWLEDGED }),
-            Some(response) => produce_ack(self.partition, response.wait()?),
+            None => Ok(UNACKNOWLEDGED),
+            Some(response) => {
+                let (at, frame) = response.wait_timed()?;
+                produce_ack(self.partition, frame, at)
+            }
         }
     }
 
     /// The outcome if it is known, without blocking.
     pub fn try_wait(&mut self) -> Option<Result<ProduceAck>> {
         match &mut self.response {
-            None => Some(Ok(ProduceAck {
-                base_offset: OFFSET_UNACKNOWLEDGED,
-                next_offset: OFFSET_UNACKNOWLEDGED,
-            })),
-            Some(response) => Some(response.try_wait()?.and_then(|frame| produce_ack(self.partition, frame))),
+            None => Some(Ok(UNACKNOWLEDGED)),
+            Some(response) => Some(
+                response.try_wait_timed()?.and_then(|(at, frame)| produce_ack(self.partition, frame, at)),
+            ),
         }
     }
 }
@@ -538,7 +542,14 @@ fn response_body(op: &'static str, frame: ResponseFrame) -> Result<Response> {
     }
 }
 
-fn produce_ack(partition: u32, frame: ResponseFrame) -> Result<ProduceAck> {
+/// The outcome of a produce sent with `Acks::None`.
+pub(crate) const UNACKNOWLEDGED: ProduceAck = ProduceAck {
+    base_offset: OFFSET_UNACKNOWLEDGED,
+    next_offset: OFFSET_UNACKNOWLEDGED,
+    acknowledged_at: None,
+};
+
+fn produce_ack(partition: u32, frame: ResponseFrame, at: std::time::Instant) -> Result<ProduceAck> {
     let Response::Produce(results) = response_body("produce", frame)? else {
         unreachable!("response_body checks the kind");
     };
@@ -547,5 +558,9 @@ fn produce_ack(partition: u32, frame: ResponseFrame) -> Result<ProduceAck> {
         .find(|r| r.partition == partition)
         .ok_or_else(|| missing_partition("produce", partition))?;
     server_error(result.error, &result.message)?;
-    Ok(ProduceAck { base_offset: result.base_offset, next_offset: result.next_offset })
+    Ok(ProduceAck {
+        base_offset: result.base_offset,
+        next_offset: result.next_offset,
+        acknowledged_at: Some(at),
+    })
 }

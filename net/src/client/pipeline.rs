@@ -139,7 +139,8 @@ pub type DecodeAnswer<F> = fn(Bytes, &<F as Framing>::Expected) -> Result<<F as 
 #[derive(Debug)]
 struct Slot<F: Framing> {
     /// Holds one response; dropped unused, it wakes the waiter with a disconnect.
-    complete: SyncSender<F::Response>,
+    /// Takes the response with the moment it was read off the socket.
+    complete: SyncSender<(Instant, F::Response)>,
     expected: F::Expected,
 }
 
@@ -374,7 +375,7 @@ impl<F: Framing> Drop for Pipeline<F> {
 pub struct PendingResponse<F: Framing> {
     shared: Arc<Shared<F>>,
     correlation_id: u64,
-    completion: Receiver<F::Response>,
+    completion: Receiver<(Instant, F::Response)>,
     op: &'static str,
     deadline: Instant,
     timeout: Duration,
@@ -387,9 +388,15 @@ impl<F: Framing> PendingResponse<F> {
 
     /// Waits for the response until the request timeout, counted from the send.
     pub fn wait(self) -> Result<F::Response> {
+        self.wait_timed().map(|(_, response)| response)
+    }
+
+    /// [`PendingResponse::wait`], with the moment the response was read off the socket (the
+    /// latency a caller measures should not include how late it looked).
+    pub fn wait_timed(self) -> Result<(Instant, F::Response)> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         match self.completion.recv_timeout(left) {
-            Ok(response) => Ok(response),
+            Ok(timed) => Ok(timed),
             Err(RecvTimeoutError::Disconnected) => Err(self.disconnected()),
             Err(RecvTimeoutError::Timeout) => Err(self.timed_out()),
         }
@@ -398,8 +405,13 @@ impl<F: Framing> PendingResponse<F> {
     /// The response if it has arrived, `None` if it is still due, an error if it failed or its
     /// deadline passed.
     pub fn try_wait(&mut self) -> Option<Result<F::Response>> {
+        self.try_wait_timed().map(|timed| timed.map(|(_, response)| response))
+    }
+
+    /// [`PendingResponse::try_wait`], with the moment the response was read off the socket.
+    pub fn try_wait_timed(&mut self) -> Option<Result<(Instant, F::Response)>> {
         match self.completion.try_recv() {
-            Ok(response) => Some(Ok(response)),
+            Ok(timed) => Some(Ok(timed)),
             Err(TryRecvError::Disconnected) => Some(Err(self.disconnected())),
             Err(TryRecvError::Empty) if Instant::now() >= self.deadline => Some(Err(self.timed_out())),
             Err(TryRecvError::Empty) => None,
@@ -453,7 +465,7 @@ fn complete<F: Framing>(shared: &Shared<F>, frame: Bytes) -> Result<(), String> 
     // No slot, or its waiter gone: the request timed out and the response is dropped. Sending
     // cannot block: the channel holds one response and only this one is sent on it.
     if let Some(slot) = slot {
-        let _ = slot.complete.try_send(response);
+        let _ = slot.complete.try_send((Instant::now(), response));
     }
     Ok(())
 }

@@ -317,15 +317,19 @@ impl<T: Transport> Producer<T> {
 
     fn report(&mut self, batch: Batch, outcome: Result<super::ProduceAck>) {
         let Batch { partition, record_count, first_enqueue, last_enqueue } = batch;
+        // An acknowledgement counts from when it arrived, not from when this producer looked.
+        let mut completed = Instant::now();
         let (base_offset, error) = match outcome {
-            Ok(ack) => (ack.base_offset, None),
+            Ok(ack) => {
+                completed = ack.acknowledged_at.unwrap_or(completed);
+                (ack.base_offset, None)
+            }
             Err(error) => {
                 self.failed_batches += 1;
                 self.first_failure.get_or_insert_with(|| format!("partition {partition}: {error}"));
                 (OFFSET_UNACKNOWLEDGED, Some(error))
             }
         };
-        let completed = Instant::now();
         (self.on_delivery)(DeliveryReport {
             partition,
             base_offset,

@@ -38,9 +38,10 @@ fn topics_offsets_produce_and_fetch_round_trip() {
     // Even partitions advertise the listener's port, odd ones port 0 (the bootstrap fallback).
     for partition in 0..4 {
         let ack = client.produce("orders", partition, batch(&[b"a", b"b", b"c"]), Acks::Durable).unwrap();
-        assert_eq!(ack, ProduceAck { base_offset: 0, next_offset: 3 });
+        assert_eq!((ack.base_offset, ack.next_offset), (0, 3));
+        assert!(ack.acknowledged_at.is_some_and(|at| at <= std::time::Instant::now()));
         let ack = client.produce("orders", partition, batch(&[b"d"]), Acks::Durable).unwrap();
-        assert_eq!(ack, ProduceAck { base_offset: 3, next_offset: 4 });
+        assert_eq!((ack.base_offset, ack.next_offset), (3, 4));
         assert_eq!(client.list_offsets("orders", partition, OFFSET_EARLIEST).unwrap(), 0);
         assert_eq!(client.list_offsets("orders", partition, OFFSET_LATEST).unwrap(), 4);
         let fetched = client.fetch("orders", partition, 0, 1 << 20, 0).unwrap();
@@ -286,7 +287,8 @@ fn kafka_acks_none_gets_no_response_and_the_next_request_still_lines_up() {
     let fetched = kafka.fetch_async("n", 0, 0, 1024, 1_000).unwrap().wait().unwrap();
     assert_eq!(fetched.reader().count(), 2);
     let ack = kafka.produce_async("n", 0, batch(&[b"3"]), Acks::Durable).unwrap().wait().unwrap();
-    assert_eq!(ack, ProduceAck { base_offset: 2, next_offset: 3 });
+    assert_eq!((ack.base_offset, ack.next_offset), (2, 3));
+    assert!(ack.acknowledged_at.is_some(), "a durable ack records when it arrived");
 }
 
 #[test]
