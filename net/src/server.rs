@@ -152,13 +152,21 @@ const FRAME_ALONE_BYTES: usize = 64 << 10;
 
 /// Splits `prefix + body` bytes off `buffer` once they are all there, returning the body.
 ///
-/// A large frame leaves the connection's buffer with its allocation to itself: the bytes read
-/// past it move to a new buffer. The log can then stamp offsets into the produced batches in
-/// place instead of copying them (`Bytes::try_into_mut` succeeds when nothing else shares the
-/// allocation); the move costs at most one read's worth of bytes.
+/// A large frame gets an allocation of exactly its size (and the bytes read past it, if any,
+/// move to a new buffer), so the log can stamp offsets into the produced batches in place
+/// instead of copying them (`Bytes::try_into_mut` succeeds when nothing else shares the
+/// allocation) without the stored batches pinning more memory than their own bytes.
 pub fn cut_frame(buffer: &mut BytesMut, prefix: usize, body: usize) -> Option<Bytes> {
     if buffer.len() < prefix + body {
-        buffer.reserve(prefix + body - buffer.len());
+        if body >= FRAME_ALONE_BYTES && buffer.capacity() < prefix + body {
+            // Exactly the frame's size: the reads fill it without growing it (a regrowth
+            // copies) and stop at its end, and the frame holds no memory beyond itself.
+            let mut exact = BytesMut::with_capacity(prefix + body);
+            exact.extend_from_slice(buffer);
+            *buffer = exact;
+        } else {
+            buffer.reserve(prefix + body - buffer.len());
+        }
         return None;
     }
     let mut frame = buffer.split_to(prefix + body);
