@@ -126,6 +126,13 @@ impl NodeArgs {
     /// The advertised Kafka host and port.
     pub fn kafka_advertised(&self) -> anyhow::Result<(String, u16)> {
         let Some(text) = &self.kafka_advertise else {
+            if self.kafka_listen.ip().is_unspecified() {
+                anyhow::bail!(
+                    "--kafka-listen {} is every address, which Kafka clients cannot connect to: \
+                     say where they reach this node with --kafka-advertise HOST:PORT",
+                    self.kafka_listen
+                );
+            }
             return Ok((self.kafka_listen.ip().to_string(), self.kafka_listen.port()));
         };
         let (host, port) = text

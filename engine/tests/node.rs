@@ -329,6 +329,18 @@ fn a_second_node_on_the_same_port_or_data_dir_is_refused_with_a_message() {
         "1",
     ]);
     assert!(message.contains("data directory"), "{message}");
+    // Listening on every address needs an address to advertise to Kafka clients.
+    let message = run(&[
+        "--data-dir",
+        other.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--kafka-listen",
+        "0.0.0.0:0",
+        "--shards",
+        "1",
+    ]);
+    assert!(message.contains("--kafka-advertise"), "{message}");
 }
 
 /// A small file system of its own, unmounted on drop. Needs root, as CI and the developers'
