@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -288,58 +289,27 @@ fn kill9_during_produce_loses_no_acknowledged_record() {
 fn a_second_node_on_the_same_port_or_data_dir_is_refused_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path(), &[]);
-    let run = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_pyralog")).args(args).output().unwrap();
+    // Starts a second node that must refuse to run; returns what it said.
+    let refused = |data_dir: &Path, listen: &str, kafka_listen: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_pyralog"))
+            .args(["--data-dir", data_dir.to_str().unwrap(), "--listen", listen])
+            .args(["--kafka-listen", kafka_listen, "--shards", "1"])
+            .output()
+            .unwrap();
         assert_eq!(output.status.code(), Some(1));
         String::from_utf8(output.stderr).unwrap()
     };
     let other = tempfile::tempdir().unwrap();
-    let message = run(&[
-        "--data-dir",
-        other.path().to_str().unwrap(),
-        "--listen",
-        &node.addr,
-        "--kafka-listen",
-        "127.0.0.1:0",
-        "--shards",
-        "1",
-    ]);
+    let message = refused(other.path(), &node.addr, "127.0.0.1:0");
     assert!(message.contains("already in use"), "{message}");
-    let message = run(&[
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--kafka-listen",
-        "127.0.0.1:0",
-        "--shards",
-        "1",
-    ]);
+    let message = refused(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     assert!(message.contains("in use by another pyralog"), "{message}");
     let file = other.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    let message = run(&[
-        "--data-dir",
-        file.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--kafka-listen",
-        "127.0.0.1:0",
-        "--shards",
-        "1",
-    ]);
+    let message = refused(&file, "127.0.0.1:0", "127.0.0.1:0");
     assert!(message.contains("data directory"), "{message}");
     // Listening on every address needs an address to advertise to Kafka clients.
-    let message = run(&[
-        "--data-dir",
-        other.path().to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--kafka-listen",
-        "0.0.0.0:0",
-        "--shards",
-        "1",
-    ]);
+    let message = refused(other.path(), "127.0.0.1:0", "0.0.0.0:0");
     assert!(message.contains("--kafka-advertise"), "{message}");
 }
 
