@@ -40,10 +40,7 @@ pub const GROUP_LOGS: usize = 8;
 
 /// The offsets log (and so the coordinator) of a consumer group.
 pub fn group_log_of(group_id: &str) -> usize {
-    let hash = group_id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    (hash % GROUP_LOGS as u64) as usize
+    (topics::fnv1a(topics::FNV1A_BASIS, group_id) % GROUP_LOGS as u64) as usize
 }
 
 pub type ShardMesh = MeshBuilder<Message, Full>;

@@ -77,9 +77,8 @@ fn random_id() -> [u8; 16] {
 /// A stable id for a topic persisted before ids existed (format v1).
 fn legacy_id(name: &str) -> [u8; 16] {
     let mut id = [0u8; 16];
-    let hash = |seed: u64| name.bytes().fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    id[..8].copy_from_slice(&hash(0xcbf2_9ce4_8422_2325).to_be_bytes());
-    id[8..].copy_from_slice(&hash(0x8422_2325_cbf2_9ce4).to_be_bytes());
+    id[..8].copy_from_slice(&fnv1a(FNV1A_BASIS, name).to_be_bytes());
+    id[8..].copy_from_slice(&fnv1a(FNV1A_BASIS.rotate_left(32), name).to_be_bytes());
     id
 }
 
@@ -121,13 +120,19 @@ pub fn validate_topic_name(name: &str) -> Result<(), ShardError> {
     Ok(())
 }
 
+/// FNV-1a's 64-bit offset basis, the usual `seed` of [`fnv1a`].
+pub const FNV1A_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// 64-bit FNV-1a of `text` from `seed`: stable across releases and platforms, unlike std's
+/// hasher, so placements computed with it never move.
+pub fn fnv1a(seed: u64, text: &str) -> u64 {
+    text.bytes().fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
 /// The shard that owns `partition` of `topic` among `shard_count` shards.
 pub fn owner_shard(topic: &str, partition: u32, shard_count: usize) -> usize {
     assert!(shard_count > 0, "a node has at least one shard");
-    // FNV-1a: stable across releases and platforms, unlike std's hasher.
-    let hash =
-        topic.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    ((hash.wrapping_add(u64::from(partition))) % shard_count as u64) as usize
+    ((fnv1a(FNV1A_BASIS, topic).wrapping_add(u64::from(partition))) % shard_count as u64) as usize
 }
 
 pub fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {

@@ -669,7 +669,7 @@ impl KafkaFetchPending {
             partition,
             high_watermark: result.high_watermark,
             log_start_offset: result.log_start_offset,
-            records: result.records.as_ref().map(Records::to_bytes).unwrap_or_default(),
+            records: result.records.map(Records::into_bytes).unwrap_or_default(),
         })
     }
 }

@@ -37,7 +37,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 pub use self::batch::{BatchBuilder, BatchError, IdempotentProducer, Record, RecordReader};
 pub use self::connection::{Connection, PendingResponse};
@@ -249,20 +249,11 @@ fn fetch_result(partition: u32, frame: ResponseFrame) -> Result<FetchResult> {
         .find(|r| r.partition == partition)
         .ok_or_else(|| missing_partition("fetch", partition))?;
     server_error(result.error, &result.message)?;
-    let records = match result.records.len() {
-        0 => Bytes::new(),
-        1 => result.records.into_iter().next().expect("one chunk"),
-        _ => {
-            let mut joined = BytesMut::with_capacity(result.records_bytes());
-            result.records.iter().for_each(|chunk| joined.extend_from_slice(chunk));
-            joined.freeze()
-        }
-    };
     Ok(FetchResult {
         partition,
         high_watermark: result.high_watermark,
         log_start_offset: result.log_start_offset,
-        records,
+        records: crate::kafka::wire::Records(result.records).into_bytes(),
     })
 }
 
