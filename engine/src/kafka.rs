@@ -239,42 +239,30 @@ impl KafkaService {
     ) -> Option<produce_response::ProduceResponse> {
         use produce_response::*;
         let acks = body.acks;
-        if version < 3 {
-            let refuse = |topic: produce_request::TopicProduceData| {
-                TopicProduceResponse {
-                name: topic.name,
-                partition_responses: topic
-                    .partition_data
-                    .iter()
-                    .map(|p| PartitionProduceResponse {
-                        index: p.index,
-                        error_code: error::UNSUPPORTED_FOR_MESSAGE_FORMAT,
-                        base_offset: -1,
-                        log_append_time_ms: -1,
-                        log_start_offset: -1,
-                        error_message: Some(format!(
-                            "Produce v{version} carries the legacy message format; use Produce v3+ (RecordBatch v2)"
-                        )),
-                        ..Default::default()
-                    })
-                    .collect(),
-            }
-            };
-            let responses = body.topic_data.into_iter().map(refuse).collect();
-            return (acks != 0).then(|| ProduceResponse { responses, ..Default::default() });
-        }
-        let valid_acks = (-1..=1).contains(&acks);
         let wait_durable = acks != 0;
+        // A request refused as a whole still answers partition by partition.
+        let refused = if version < 3 {
+            Some((
+                error::UNSUPPORTED_FOR_MESSAGE_FORMAT,
+                format!(
+                    "Produce v{version} carries the legacy message format; use Produce v3+ (RecordBatch v2)"
+                ),
+            ))
+        } else if !(-1..=1).contains(&acks) {
+            Some((error::INVALID_REQUIRED_ACKS, format!("acks={acks} is not 0, 1 or -1")))
+        } else {
+            None
+        };
+        let refused = &refused;
         let topics = body.topic_data.into_iter().map(|topic| async move {
-            let exists = if valid_acks { self.ensure_topic(&topic.name, true).await } else { Ok(true) };
+            let exists =
+                if refused.is_none() { self.ensure_topic(&topic.name, true).await } else { Ok(true) };
             let partitions = topic.partition_data.into_iter().map(|p| {
                 let name = &topic.name;
                 let exists = &exists;
                 async move {
-                    let result = match (valid_acks, exists, p.records) {
-                        (false, _, _) => {
-                            Err((error::INVALID_REQUIRED_ACKS, format!("acks={acks} is not 0, 1 or -1")))
-                        }
+                    let result = match (refused, exists, p.records) {
+                        (Some(refusal), _, _) => Err(refusal.clone()),
                         (_, Err(error), _) => Err((error_code(error), error.to_string())),
                         (_, Ok(false), _) => {
                             Err((error::UNKNOWN_TOPIC_OR_PARTITION, format!("unknown topic '{name}'")))
