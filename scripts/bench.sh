@@ -39,8 +39,8 @@ field() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 report() { # name, json, target text
   echo "$2" | field "'%-34s %10.0f msg/s %8.1f MB/s  p50 %6d us  p99 %7d us  p99.9 %7d us  max %7d us  | %s' % ('$1', d['msgs_per_sec'], d['mb_per_sec'], d['latency_us']['p50'], d['latency_us']['p99'], d['latency_us']['p999'], d['latency_us']['max'], '$3')"
 }
-big="--batch-bytes 1048576 --producers 2 --partitions 2 --duration $secs"
 big_count="--batch-bytes 1048576 --producers 2 --partitions 2"
+big="$big_count --duration $secs"
 
 start_node --durability sync
 r=$(bench produce --topic sync1k --message-bytes 1024 $big)
