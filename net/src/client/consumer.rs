@@ -16,7 +16,7 @@
 //! The transport is the native [`Client`] by default, or a [`super::KafkaClient`]: the
 //! prefetching and the offset bookkeeping are this module's, whatever the protocol underneath.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -133,9 +133,10 @@ impl<T: Transport> Consumer<T> {
         // so a partition long-polling at its end does not hold back the others' data.
         let mut handed_out = 0;
         let mut arrived = false;
+        let now = Instant::now();
         for position in &mut self.positions {
             let prefetch = position.prefetch.as_mut().expect("every partition has a fetch in flight");
-            if let Some(fetched) = prefetch.pending.try_wait() {
+            if let Some(fetched) = prefetch.pending.try_wait(now) {
                 position.prefetch = None;
                 arrived = true;
                 handed_out += take_fetched(

@@ -55,6 +55,8 @@ struct PartitionLog {
 struct State {
     topics: HashMap<String, Vec<PartitionLog>>,
     connections: Vec<TcpStream>,
+    /// Native produce responses wait (the batches are appended) while this is set.
+    produce_responses_held: bool,
 }
 
 #[derive(Debug)]
@@ -64,6 +66,8 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled on every append, for long-polling fetches.
     appended: Condvar,
+    /// Signalled when held produce responses may go.
+    released: Condvar,
     stopped: AtomicBool,
 }
 
@@ -94,6 +98,7 @@ impl FakeBroker {
             kafka_port: kafka_addr.port(),
             state: Mutex::new(State::default()),
             appended: Condvar::new(),
+            released: Condvar::new(),
             stopped: AtomicBool::new(false),
         });
         let mut acceptors = Vec::new();
@@ -128,6 +133,13 @@ impl FakeBroker {
         state.topics.get(topic)?.get(partition as usize).map(|log| log.next_offset)
     }
 
+    /// Holds back (true) or lets go (false) the responses to native produce requests, as a
+    /// slow disk would: batches are appended, their acknowledgements wait.
+    pub fn hold_produce_responses(&self, hold: bool) {
+        self.shared.lock().produce_responses_held = hold;
+        self.shared.released.notify_all();
+    }
+
     /// Stops accepting and closes every connection.
     pub fn shutdown(&mut self) {
         if self.shared.stopped.swap(true, Ordering::SeqCst) {
@@ -146,6 +158,7 @@ impl FakeBroker {
         }
         drop(state);
         self.shared.appended.notify_all();
+        self.shared.released.notify_all();
     }
 }
 
@@ -231,6 +244,10 @@ fn handle(shared: &Shared, correlation_id: u64, request: Request) -> Option<Resp
                 .collect();
             if produce.acks == Acks::None {
                 return None;
+            }
+            let mut state = shared.lock();
+            while state.produce_responses_held && !shared.stopped.load(Ordering::SeqCst) {
+                state = shared.released.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             Response::Produce(results)
         }

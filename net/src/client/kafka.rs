@@ -635,10 +635,10 @@ impl Pending<ProduceAck> for KafkaProducePending {
         }
     }
 
-    fn try_wait(&mut self) -> Option<Result<ProduceAck>> {
+    fn try_wait(&mut self, now: Instant) -> Option<Result<ProduceAck>> {
         match &mut self.response {
             None => Some(Ok(UNACKNOWLEDGED)),
-            Some(response) => Some(response.try_wait_timed()?.and_then(|timed| self.ack(timed))),
+            Some(response) => Some(response.try_wait_timed(now)?.and_then(|timed| self.ack(timed))),
         }
     }
 }
@@ -679,9 +679,9 @@ impl Pending<FetchResult> for KafkaFetchPending {
         KafkaFetchPending::result(self.partition, self.response.wait()?)
     }
 
-    fn try_wait(&mut self) -> Option<Result<FetchResult>> {
+    fn try_wait(&mut self, now: Instant) -> Option<Result<FetchResult>> {
         let partition = self.partition;
-        Some(self.response.try_wait()?.and_then(|body| KafkaFetchPending::result(partition, body)))
+        Some(self.response.try_wait(now)?.and_then(|body| KafkaFetchPending::result(partition, body)))
     }
 }
 

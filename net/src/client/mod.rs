@@ -35,7 +35,7 @@ pub mod transport;
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -48,7 +48,7 @@ pub use self::kafka::{
 };
 pub use self::partitioner::{PartitionSelector, Partitioner};
 pub use self::pipeline::ConnectOptions;
-pub use self::producer::{DeliveryReport, Producer, ProducerConfig};
+pub use self::producer::{DeliveryReport, Producer, ProducerConfig, IN_FLIGHT_BATCHES_MAX_DEFAULT};
 pub use self::transport::{Pending, Transport};
 pub use crate::codec::{
     Acks, ErrorCode, MetadataResponse, PartitionInfo, ShardInfo, OFFSET_EARLIEST, OFFSET_LATEST,
@@ -208,11 +208,11 @@ impl PendingProduce {
     }
 
     /// The outcome if it is known, without blocking.
-    pub fn try_wait(&mut self) -> Option<Result<ProduceAck>> {
+    pub fn try_wait(&mut self, now: Instant) -> Option<Result<ProduceAck>> {
         match &mut self.response {
             None => Some(Ok(UNACKNOWLEDGED)),
             Some(response) => Some(
-                response.try_wait_timed()?.and_then(|(at, frame)| produce_ack(self.partition, frame, at)),
+                response.try_wait_timed(now)?.and_then(|(at, frame)| produce_ack(self.partition, frame, at)),
             ),
         }
     }
@@ -235,8 +235,8 @@ impl PendingFetch {
     }
 
     /// The outcome if it is known, without blocking.
-    pub fn try_wait(&mut self) -> Option<Result<FetchResult>> {
-        Some(self.response.try_wait()?.and_then(|frame| fetch_result(self.partition, frame)))
+    pub fn try_wait(&mut self, now: Instant) -> Option<Result<FetchResult>> {
+        Some(self.response.try_wait(now)?.and_then(|frame| fetch_result(self.partition, frame)))
     }
 }
 

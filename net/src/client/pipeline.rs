@@ -403,17 +403,17 @@ impl<F: Framing> PendingResponse<F> {
     }
 
     /// The response if it has arrived, `None` if it is still due, an error if it failed or its
-    /// deadline passed.
-    pub fn try_wait(&mut self) -> Option<Result<F::Response>> {
-        self.try_wait_timed().map(|timed| timed.map(|(_, response)| response))
+    /// deadline passed by `now` (the caller's clock reading: pollers read it once per round).
+    pub fn try_wait(&mut self, now: Instant) -> Option<Result<F::Response>> {
+        self.try_wait_timed(now).map(|timed| timed.map(|(_, response)| response))
     }
 
     /// [`PendingResponse::try_wait`], with the moment the response was read off the socket.
-    pub fn try_wait_timed(&mut self) -> Option<Result<(Instant, F::Response)>> {
+    pub fn try_wait_timed(&mut self, now: Instant) -> Option<Result<(Instant, F::Response)>> {
         match self.completion.try_recv() {
             Ok(timed) => Some(Ok(timed)),
             Err(TryRecvError::Disconnected) => Some(Err(self.disconnected())),
-            Err(TryRecvError::Empty) if Instant::now() >= self.deadline => Some(Err(self.timed_out())),
+            Err(TryRecvError::Empty) if now >= self.deadline => Some(Err(self.timed_out())),
             Err(TryRecvError::Empty) => None,
         }
     }

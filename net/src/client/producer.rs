@@ -2,7 +2,8 @@
 //!
 //! Each partition has at most one open batch. A record goes into its partition's batch; the
 //! batch is sent when it reaches `batch_bytes`, or once `linger` has passed since its first
-//! record. There is no background thread: linger is checked on every [`Producer::send`] and
+//! record (with a zero linger, by the `send` that opened it: one request per record while
+//! the caller is slower than the in-flight window, larger batches as it speeds up). There is no background thread: linger is checked on every [`Producer::send`] and
 //! [`Producer::poll`], so a caller that goes idle calls `poll` (at the latest by
 //! [`Producer::linger_deadline`]) or [`Producer::flush`].
 //!
@@ -44,6 +45,13 @@ pub struct ProducerConfig {
     pub partitioner: Partitioner,
     /// Batches sent but not yet acknowledged, across all partitions.
     pub max_in_flight_batches: usize,
+    /// Batches of one partition sent but not yet acknowledged. While a partition is at this
+    /// bound its open batch stays open and keeps filling, even past its linger, until an
+    /// acknowledgement makes room (seen by the next `send` or `poll`) or it is full. At 1 a
+    /// record waits at most one round trip for company: few, well-filled requests under load
+    /// with no fixed delay when idle. Like Kafka's `max.in.flight.requests.per.connection`,
+    /// per partition.
+    pub max_in_flight_per_partition: usize,
 }
 
 impl ProducerConfig {
@@ -55,6 +63,7 @@ impl ProducerConfig {
             acks: Acks::Durable,
             partitioner: Partitioner::default(),
             max_in_flight_batches: IN_FLIGHT_BATCHES_MAX_DEFAULT,
+            max_in_flight_per_partition: IN_FLIGHT_BATCHES_MAX_DEFAULT,
         }
     }
 }
@@ -109,8 +118,11 @@ pub struct Producer<T: Transport = Client> {
     /// Indexed by partition.
     open: Vec<Option<OpenBatch>>,
     in_flight: VecDeque<InFlight<T::PendingProduce>>,
+    /// Batches of `in_flight` per partition.
+    in_flight_of: Vec<usize>,
     /// The earliest time an open batch's linger expires.
     linger_deadline: Option<Instant>,
+    wall_clock: WallClock,
     on_delivery: DeliveryCallback,
     failed_batches: u64,
     first_failure: Option<String>,
@@ -134,6 +146,7 @@ impl<T: Transport> Producer<T> {
         on_delivery: impl FnMut(DeliveryReport) + Send + 'static,
     ) -> Result<Producer<T>> {
         assert!(config.max_in_flight_batches > 0, "max_in_flight_batches must allow one batch");
+        assert!(config.max_in_flight_per_partition > 0, "max_in_flight_per_partition must allow one batch");
         config.batch_bytes = config.batch_bytes.clamp(BATCH_HEADER_BYTES + 1, BATCH_BYTES_MAX);
         let partitions = client.partition_count(&config.topic)?;
         if partitions == 0 {
@@ -145,8 +158,10 @@ impl<T: Transport> Producer<T> {
             client,
             selector: PartitionSelector::new(config.partitioner, seed ^ u64::from(std::process::id())),
             open: (0..partitions).map(|_| None).collect(),
+            in_flight_of: vec![0; partitions as usize],
             in_flight: VecDeque::with_capacity(config.max_in_flight_batches),
             linger_deadline: None,
+            wall_clock: WallClock::new(),
             on_delivery: Box::new(on_delivery),
             failed_batches: 0,
             first_failure: None,
@@ -174,7 +189,7 @@ impl<T: Transport> Producer<T> {
         let now = Instant::now();
         self.poll_at(now)?;
         let partition = self.selector.choose(key, self.partitions);
-        let timestamp_ms = unix_ms();
+        let timestamp_ms = self.wall_clock.unix_ms(now);
         let index = partition as usize;
         let record_bytes = match &self.open[index] {
             Some(open) => open.builder.record_size_bytes(timestamp_ms, key, value),
@@ -201,12 +216,12 @@ impl<T: Transport> Producer<T> {
         open.last_enqueue = now;
         let first_enqueue = open.first_enqueue;
         let reached_size = open.builder.size_bytes() >= self.config.batch_bytes;
-        if reached_size {
+        let deadline = first_enqueue + self.config.linger;
+        if reached_size || (deadline <= now && self.has_room(partition)) {
             // The record is accepted either way: if its batch cannot be sent, the callback
             // reports the failure, and the caller learns of it there.
             let _ = self.send_batch(partition);
         } else {
-            let deadline = first_enqueue + self.config.linger;
             self.linger_deadline = Some(self.linger_deadline.map_or(deadline, |d| d.min(deadline)));
         }
         Ok(partition)
@@ -218,7 +233,7 @@ impl<T: Transport> Producer<T> {
     }
 
     fn poll_at(&mut self, now: Instant) -> Result<()> {
-        self.collect_ready();
+        self.collect_ready(now);
         if self.linger_deadline.is_none_or(|deadline| now < deadline) {
             return Ok(());
         }
@@ -226,7 +241,7 @@ impl<T: Transport> Producer<T> {
         for partition in 0..self.partitions {
             let Some(open) = &self.open[partition as usize] else { continue };
             let deadline = open.first_enqueue + self.config.linger;
-            if deadline <= now {
+            if deadline <= now && self.has_room(partition) {
                 self.send_batch(partition)?;
             } else {
                 self.linger_deadline = Some(self.linger_deadline.map_or(deadline, |d| d.min(deadline)));
@@ -247,7 +262,7 @@ impl<T: Transport> Producer<T> {
             }
         }
         self.linger_deadline = None;
-        while let Some(in_flight) = self.in_flight.pop_front() {
+        while let Some(in_flight) = self.pop_in_flight() {
             let outcome = in_flight.pending.wait();
             self.report(in_flight.batch, outcome);
         }
@@ -267,11 +282,19 @@ impl<T: Transport> Producer<T> {
         self.in_flight.len()
     }
 
+    /// Whether a batch of `partition` may be sent without waiting for an acknowledgement.
+    fn has_room(&self, partition: u32) -> bool {
+        self.in_flight.len() < self.config.max_in_flight_batches
+            && self.in_flight_of[partition as usize] < self.config.max_in_flight_per_partition
+    }
+
+    /// Sends the open batch of `partition`, first waiting (oldest first, so reports stay in
+    /// send order) for as many acknowledgements as the in-flight bounds need.
     fn send_batch(&mut self, partition: u32) -> Result<()> {
         let open = self.open[partition as usize].take().expect("caller checked the batch is open");
         self.selector.batch_sent(partition, self.partitions);
-        while self.in_flight.len() >= self.config.max_in_flight_batches {
-            let oldest = self.in_flight.pop_front().expect("the queue is not empty");
+        while !self.has_room(partition) {
+            let oldest = self.pop_in_flight().expect("a bound is reached, so a batch is in flight");
             let outcome = oldest.pending.wait();
             self.report(oldest.batch, outcome);
         }
@@ -286,6 +309,7 @@ impl<T: Transport> Producer<T> {
                     last_enqueue: open.last_enqueue,
                 };
                 self.in_flight.push_back(InFlight { batch, pending });
+                self.in_flight_of[partition as usize] += 1;
                 Ok(())
             }
             Err(error) => {
@@ -307,12 +331,18 @@ impl<T: Transport> Producer<T> {
     }
 
     /// Reports the acknowledgements that have arrived, oldest first, without blocking.
-    fn collect_ready(&mut self) {
+    fn collect_ready(&mut self, now: Instant) {
         while let Some(front) = self.in_flight.front_mut() {
-            let Some(outcome) = front.pending.try_wait() else { break };
-            let done = self.in_flight.pop_front().expect("front exists");
+            let Some(outcome) = front.pending.try_wait(now) else { break };
+            let done = self.pop_in_flight().expect("front exists");
             self.report(done.batch, outcome);
         }
+    }
+
+    fn pop_in_flight(&mut self) -> Option<InFlight<T::PendingProduce>> {
+        let oldest = self.in_flight.pop_front()?;
+        self.in_flight_of[oldest.batch.partition as usize] -= 1;
+        Some(oldest)
     }
 
     fn report(&mut self, batch: Batch, outcome: Result<super::ProduceAck>) {
@@ -346,6 +376,31 @@ impl<T: Transport> Drop for Producer<T> {
     /// Sends what is buffered and waits for it; the outcomes still reach the callback.
     fn drop(&mut self) {
         let _ = self.flush();
+    }
+}
+
+/// Record timestamps (Unix ms) derived from the monotonic reading `send` takes anyway: the
+/// wall clock itself is read once a second rather than once a record.
+#[derive(Debug)]
+struct WallClock {
+    anchor: Instant,
+    anchor_unix_ms: i64,
+}
+
+impl WallClock {
+    const REREAD: Duration = Duration::from_secs(1);
+
+    fn new() -> WallClock {
+        WallClock { anchor: Instant::now(), anchor_unix_ms: unix_ms() }
+    }
+
+    fn unix_ms(&mut self, now: Instant) -> i64 {
+        let since = now.saturating_duration_since(self.anchor);
+        if since >= WallClock::REREAD {
+            *self = WallClock { anchor: now, anchor_unix_ms: unix_ms() };
+            return self.anchor_unix_ms;
+        }
+        self.anchor_unix_ms + i64::try_from(since.as_millis()).expect("under a second")
     }
 }
 

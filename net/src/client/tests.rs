@@ -132,6 +132,35 @@ fn producer_sends_a_lingering_batch_on_poll() {
 }
 
 #[test]
+fn a_partition_at_its_in_flight_bound_keeps_filling_its_batch() {
+    let broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("w", 1).unwrap();
+    let config =
+        ProducerConfig { linger: Duration::ZERO, max_in_flight_per_partition: 1, ..ProducerConfig::new("w") };
+    let (mut producer, reports) = producer(&client, config);
+    broker.hold_produce_responses(true);
+    producer.send(None, b"first").unwrap();
+    assert_eq!(producer.in_flight_batches(), 1, "a zero linger sends the first record at once");
+    producer.send(None, b"second").unwrap();
+    producer.send(None, b"third").unwrap();
+    producer.poll().unwrap();
+    assert_eq!(producer.in_flight_batches(), 1, "the partition is at its bound: the batch stays open");
+    broker.hold_produce_responses(false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reports.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the first batch was never acknowledged");
+        std::thread::sleep(Duration::from_millis(1));
+        producer.poll().unwrap();
+    }
+    assert_eq!(producer.in_flight_batches(), 1, "the acknowledgement made room for the open batch");
+    producer.flush().unwrap();
+    let reports = reports.lock().unwrap();
+    let sent: Vec<_> = reports.iter().map(|r| (r.base_offset, r.record_count)).collect();
+    assert_eq!(sent, [(0, 1), (1, 2)], "two requests: the first record alone, then the two that waited");
+}
+
+#[test]
 fn acks_none_produces_without_responses() {
     let broker = FakeBroker::start().unwrap();
     let client = client(&broker);

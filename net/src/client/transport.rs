@@ -7,6 +7,8 @@
 //! bounded by the request timeout, and a broker that goes away turns every pending and later
 //! request into an error for which [`super::ClientError::is_disconnect`] is true.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 
 use super::{Acks, Client, FetchResult, PendingFetch, PendingProduce, ProduceAck, Result};
@@ -15,8 +17,9 @@ use super::{Acks, Client, FetchResult, PendingFetch, PendingProduce, ProduceAck,
 pub trait Pending<T>: Send + std::fmt::Debug {
     /// Blocks for the outcome, at most until the request timeout counted from the send.
     fn wait(self) -> Result<T>;
-    /// The outcome if it is known, without blocking: `None` while it is still due.
-    fn try_wait(&mut self) -> Option<Result<T>>;
+    /// The outcome if it is known, without blocking: `None` while it is still due. `now` is
+    /// the caller's clock reading, against which the request timeout is checked.
+    fn try_wait(&mut self, now: Instant) -> Option<Result<T>>;
 }
 
 /// A broker connection that produces and fetches record batches of a topic's partitions.
@@ -69,8 +72,8 @@ impl Pending<ProduceAck> for PendingProduce {
         PendingProduce::wait(self)
     }
 
-    fn try_wait(&mut self) -> Option<Result<ProduceAck>> {
-        PendingProduce::try_wait(self)
+    fn try_wait(&mut self, now: Instant) -> Option<Result<ProduceAck>> {
+        PendingProduce::try_wait(self, now)
     }
 }
 
@@ -79,8 +82,8 @@ impl Pending<FetchResult> for PendingFetch {
         PendingFetch::wait(self)
     }
 
-    fn try_wait(&mut self) -> Option<Result<FetchResult>> {
-        PendingFetch::try_wait(self)
+    fn try_wait(&mut self, now: Instant) -> Option<Result<FetchResult>> {
+        PendingFetch::try_wait(self, now)
     }
 }
 
