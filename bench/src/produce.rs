@@ -35,6 +35,7 @@ pub struct ProduceOptions {
     pub message_bytes: usize,
     pub batch_bytes: usize,
     pub linger: Duration,
+    pub max_in_flight_per_partition: usize,
     /// Messages per second over all producers.
     pub rate: Option<f64>,
     pub acks: Acks,
@@ -66,10 +67,12 @@ type PendingTimes = Arc<Mutex<Vec<VecDeque<u64>>>>;
 
 fn produce<T: Transport>(id: u32, client: T, options: &ProduceOptions, quota: Option<u64>, run: &Arc<Run>) {
     let histogram = run.produce_latency.register();
+    let send_lag = options.rate.map(|_| run.send_lag.register());
     let pending: PendingTimes = Arc::new(Mutex::new(Vec::new()));
     let config = ProducerConfig {
         batch_bytes: options.batch_bytes,
         linger: options.linger,
+        max_in_flight_per_partition: options.max_in_flight_per_partition,
         acks: options.acks,
         partitioner: options.partitioner,
         ..ProducerConfig::new(options.topic.clone())
@@ -87,10 +90,13 @@ fn produce<T: Transport>(id: u32, client: T, options: &ProduceOptions, quota: Op
     let interval_ns = options.rate.map(|rate| 1e9 * f64::from(options.producers) / rate);
     let mut value = vec![0u8; options.message_bytes];
     let mut sequence = 0u64;
-    while !run.stopping()
-        && quota.is_none_or(|quota| sequence < quota)
-        && options.duration.is_none_or(|duration| run.start.elapsed() < duration)
-    {
+    let duration_ns = options.duration.map(|duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX));
+    while !run.stopping() && quota.is_none_or(|quota| sequence < quota) {
+        // One clock reading a message: at a million messages a second, each costs.
+        let now_ns = run.elapsed_ns();
+        if duration_ns.is_some_and(|duration_ns| now_ns >= duration_ns) {
+            break;
+        }
         let base_ns = match interval_ns {
             Some(interval_ns) => {
                 let intended_ns = (sequence as f64 * interval_ns) as u64;
@@ -98,9 +104,13 @@ fn produce<T: Transport>(id: u32, client: T, options: &ProduceOptions, quota: Op
                     run.fail(&error);
                     break;
                 }
+                if let Some(send_lag) = &send_lag {
+                    let lag_us = run.elapsed_ns().saturating_sub(intended_ns) / 1_000;
+                    stats::record_us(&mut send_lag.lock().expect("no panics under this lock"), lag_us);
+                }
                 intended_ns
             }
-            None => run.elapsed_ns(),
+            None => now_ns,
         };
         payload::write(&mut value, Header { producer: id, sequence, send_ns: base_ns });
         match producer.send(None, &value) {

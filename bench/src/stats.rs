@@ -65,6 +65,10 @@ pub struct Run {
     pub producers_done: AtomicBool,
     pub produce_latency: LatencySet,
     pub consume_latency: LatencySet,
+    /// Under `--rate`: how late each record reached `Producer::send` after its intended time.
+    /// The load generator's own lateness, already inside the latencies above; a large value
+    /// here means the machine, not the broker, delayed the sends.
+    pub send_lag: LatencySet,
     /// The first failure that means the broker is gone.
     pub broker_gone: Mutex<Option<String>>,
     pub first_error: Mutex<Option<String>>,
@@ -85,6 +89,7 @@ impl Run {
             unread: AtomicU64::new(0),
             producers_done: AtomicBool::new(false),
             produce_latency: LatencySet::default(),
+            send_lag: LatencySet::default(),
             consume_latency: LatencySet::default(),
             broker_gone: Mutex::new(None),
             first_error: Mutex::new(None),
@@ -219,6 +224,10 @@ impl Report {
         if self.mode == Mode::EndToEnd {
             object["ack_latency_us"] = latency_json(&run.produce_latency.merged());
         }
+        let send_lag = run.send_lag.merged();
+        if !send_lag.is_empty() {
+            object["send_lag_us"] = latency_json(&send_lag);
+        }
         let map = object.as_object_mut().expect("built as an object");
         map.extend(self.extra.clone());
         object
@@ -246,6 +255,12 @@ impl Report {
         if self.mode == Mode::EndToEnd {
             let ack = &json["ack_latency_us"];
             println!("ack latency, us:\n  p50 {}  p99 {}  max {}", ack["p50"], ack["p99"], ack["max"]);
+        }
+        if let Some(lag) = json.get("send_lag_us") {
+            println!(
+                "send lag (the load generator's own lateness behind --rate), us:\n  p50 {}  p99 {}  max {}",
+                lag["p50"], lag["p99"], lag["max"]
+            );
         }
         // The problems themselves went to stderr as they were found.
         for (key, value) in self.extra.iter().filter(|(key, _)| *key != "problems") {
