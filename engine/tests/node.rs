@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::Node;
-use pyralog_net::client::{BatchBuilder, Client, ClientError, RecordReader};
+use pyralog_net::client::{BatchBuilder, Client, ClientError, Consumer, RecordReader, StartAt};
 use pyralog_net::codec::{self, Acks, ErrorCode, ProducePartition, ProduceRequest, Request, Response};
 
 fn batch(values: &[String]) -> Bytes {
@@ -141,6 +141,35 @@ fn a_long_poll_fetch_wakes_when_data_arrives() {
     let fetched = client.fetch("tail", 0, 0, 1 << 20, 10_000).unwrap();
     assert!(!fetched.records.is_empty(), "the fetch returned data, not a timeout");
     assert!(started.elapsed() < Duration::from_secs(9), "woken by the produce, not by max_wait");
+    producer.join().unwrap();
+}
+
+#[test]
+fn a_consumer_is_not_held_back_by_an_idle_partition_long_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    client.create_topic("uneven", 2).unwrap();
+    let mut consumer = Consumer::new(client.clone(), "uneven", &[0, 1], StartAt::Earliest).unwrap();
+    let addr = node.addr.clone();
+    let producer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        Client::connect(&addr)
+            .unwrap()
+            .produce("uneven", 1, batch(&values("busy", 3)), Acks::Durable)
+            .unwrap()
+    });
+    // Both partitions long-poll for up to 10 s; only partition 1 gets data.
+    let started = Instant::now();
+    let mut records = Vec::new();
+    while records.len() < 3 && started.elapsed() < Duration::from_secs(30) {
+        records.extend(consumer.poll(Duration::from_secs(10)).unwrap());
+    }
+    assert_eq!(records.iter().map(|r| (r.partition, r.offset)).collect::<Vec<_>>(), [(1, 0), (1, 1), (1, 2)]);
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "handed out when partition 1 answered, not after partition 0's max_wait"
+    );
     producer.join().unwrap();
 }
 

@@ -1,9 +1,11 @@
 //! A consumer of a fixed set of partitions of one topic, with no group membership.
 //!
 //! Each partition has at most one fetch in flight, on its owning shard's connection. A poll
-//! sends a fetch for every partition that has none, then reads the answers in order; as soon
-//! as an answer arrives, the fetch for what follows it is sent (prefetch), before its records
-//! are read, so the broker and this thread work at the same time. A fetch returns whole
+//! sends a fetch for every partition that has none, then takes whichever answers have arrived,
+//! sleeping (on a [`Doorbell`] every fetch rings when it completes) only while none has, so a
+//! partition long-polling at its end never holds back another's data. As soon as an answer is
+//! taken, the fetch for what follows it is sent (prefetch), before its records are read, so
+//! the broker and this thread work at the same time. A fetch returns whole
 //! batches, so the first batch may start before the requested offset: records below a
 //! partition's next offset are skipped, which keeps delivery exactly-once and in order per
 //! partition within this consumer.
@@ -16,16 +18,21 @@
 //! The transport is the native [`Client`] by default, or a [`super::KafkaClient`]: the
 //! prefetching and the offset bookkeeping are this module's, whatever the protocol underneath.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::batch::{self, BatchError};
+use super::pipeline::Doorbell;
 use super::transport::{Pending, Transport};
 use super::{Client, ClientError, FetchResult, Result, OFFSET_EARLIEST, OFFSET_LATEST};
 
 /// Default bytes asked of each partition per fetch.
 pub const FETCH_BYTES_MAX_DEFAULT: u32 = 1 << 20;
+/// Longest a poll sleeps between looks at its fetches when none has completed: completions
+/// wake it at once; this only bounds how late it notices a request timeout.
+const DOORBELL_WAIT_MAX: Duration = Duration::from_millis(100);
 
 /// Where a consumer starts reading each partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +73,8 @@ pub struct Consumer<T: Transport = Client> {
     topic: String,
     positions: Vec<Position<T::PendingFetch>>,
     fetch_bytes_max: u32,
+    /// Rung by every fetch in flight when it completes.
+    doorbell: Arc<Doorbell>,
 }
 
 impl<T: Transport> Consumer<T> {
@@ -80,7 +89,13 @@ impl<T: Transport> Consumer<T> {
             };
             positions.push(Position { partition, next_offset, high_watermark: next_offset, prefetch: None });
         }
-        Ok(Consumer { client, topic: topic.to_owned(), positions, fetch_bytes_max: FETCH_BYTES_MAX_DEFAULT })
+        Ok(Consumer {
+            client,
+            topic: topic.to_owned(),
+            positions,
+            fetch_bytes_max: FETCH_BYTES_MAX_DEFAULT,
+            doorbell: Arc::default(),
+        })
     }
 
     /// Bytes asked of each partition per fetch. A batch larger than this cannot be read.
@@ -126,43 +141,49 @@ impl<T: Transport> Consumer<T> {
                     self.fetch_bytes_max,
                     max_wait_ms,
                 )?;
+                pending.ring_on_completion(&self.doorbell);
                 position.prefetch = Some(Prefetch { offset, pending });
             }
         }
-        // Hand out what has arrived; wait only when nothing has, and then for one partition,
-        // so a partition long-polling at its end does not hold back the others' data.
-        let mut handed_out = 0;
-        let mut arrived = false;
+        // Hand out what has arrived; when nothing has, wait for whichever fetch answers first,
+        // so a partition long-polling at its end holds back none of the others.
+        loop {
+            let seen = self.doorbell.rings();
+            if let Some(handed_out) = self.hand_out_arrived(max_wait_ms, &mut on_record)? {
+                return Ok(handed_out);
+            }
+            if self.positions.is_empty() {
+                return Ok(0);
+            }
+            // Woken by a completion; the cap only bounds how late a request timeout is noticed.
+            self.doorbell.wait_past(seen, DOORBELL_WAIT_MAX);
+        }
+    }
+
+    /// Takes every fetch that has answered (or failed, or timed out); `None` if none has.
+    fn hand_out_arrived(
+        &mut self,
+        max_wait_ms: u32,
+        on_record: &mut impl FnMut(ConsumedRecord),
+    ) -> Result<Option<usize>> {
         let now = Instant::now();
+        let mut handed_out = None;
         for position in &mut self.positions {
             let prefetch = position.prefetch.as_mut().expect("every partition has a fetch in flight");
             if let Some(fetched) = prefetch.pending.try_wait(now) {
                 position.prefetch = None;
-                arrived = true;
-                handed_out += take_fetched(
+                let fetch = (self.fetch_bytes_max, max_wait_ms);
+                let records = take_fetched(
                     &self.client,
                     &self.topic,
-                    (self.fetch_bytes_max, max_wait_ms),
+                    &self.doorbell,
+                    fetch,
                     position,
                     fetched?,
-                    &mut on_record,
+                    on_record,
                 )?;
+                *handed_out.get_or_insert(0) += records;
             }
-        }
-        if !arrived && !self.positions.is_empty() {
-            // Wait for a partition known to have more data, else for the first.
-            let behind = self.positions.iter().position(|p| p.high_watermark > p.next_offset).unwrap_or(0);
-            let position = &mut self.positions[behind];
-            let prefetch = position.prefetch.take().expect("every partition has a fetch in flight");
-            let fetched = prefetch.pending.wait()?;
-            handed_out += take_fetched(
-                &self.client,
-                &self.topic,
-                (self.fetch_bytes_max, max_wait_ms),
-                position,
-                fetched,
-                &mut on_record,
-            )?;
         }
         Ok(handed_out)
     }
@@ -173,6 +194,7 @@ impl<T: Transport> Consumer<T> {
 fn take_fetched<T: Transport>(
     client: &T,
     topic: &str,
+    doorbell: &Arc<Doorbell>,
     (fetch_bytes_max, max_wait_ms): (u32, u32),
     position: &mut Position<T::PendingFetch>,
     fetched: FetchResult,
@@ -181,6 +203,7 @@ fn take_fetched<T: Transport>(
     position.high_watermark = fetched.high_watermark;
     if let Some(end) = batch::end_offset(&fetched.records).filter(|end| *end > position.next_offset) {
         let pending = client.fetch_async(topic, position.partition, end, fetch_bytes_max, max_wait_ms)?;
+        pending.ring_on_completion(doorbell);
         position.prefetch = Some(Prefetch { offset: end, pending });
     }
     let handed_out = read_records(topic, position, &fetched, on_record)?;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::pipeline::{ConnectOptions, Framing, Matching, PendingResponse, Pipeline};
+use super::pipeline::{ConnectOptions, Doorbell, Framing, Matching, PendingResponse, Pipeline};
 use super::transport::{Pending, Transport};
 use super::{batch, Acks, ClientError, ErrorCode, FetchResult, ProduceAck, Result, UNACKNOWLEDGED};
 use crate::kafka::messages::api_versions_request::ApiVersionsRequest;
@@ -641,6 +641,13 @@ impl Pending<ProduceAck> for KafkaProducePending {
             Some(response) => Some(response.try_wait_timed(now)?.and_then(|timed| self.ack(timed))),
         }
     }
+
+    fn ring_on_completion(&self, doorbell: &Arc<Doorbell>) {
+        match &self.response {
+            Some(response) => response.ring_on_completion(doorbell),
+            None => doorbell.ring(),
+        }
+    }
 }
 
 /// A Kafka fetch on its way.
@@ -682,6 +689,10 @@ impl Pending<FetchResult> for KafkaFetchPending {
     fn try_wait(&mut self, now: Instant) -> Option<Result<FetchResult>> {
         let partition = self.partition;
         Some(self.response.try_wait(now)?.and_then(|body| KafkaFetchPending::result(partition, body)))
+    }
+
+    fn ring_on_completion(&self, doorbell: &Arc<Doorbell>) {
+        self.response.ring_on_completion(doorbell);
     }
 }
 

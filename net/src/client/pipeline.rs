@@ -135,6 +135,34 @@ pub type DecodeNamed<F> = fn(Bytes) -> Result<(u64, <F as Framing>::Response), S
 /// A [`Matching::InOrder`] decoder: the frame read as the answer to the request it is given.
 pub type DecodeAnswer<F> = fn(Bytes, &<F as Framing>::Expected) -> Result<<F as Framing>::Response, String>;
 
+/// Wakes one thread waiting for whichever of several requests completes first (a consumer
+/// with a fetch in flight per partition). Each completion (or failure) of a request it is
+/// attached to rings it once, after the outcome can be taken with `try_wait`.
+#[derive(Debug, Default)]
+pub struct Doorbell {
+    rings: Mutex<u64>,
+    rung: Condvar,
+}
+
+impl Doorbell {
+    /// How many times it has rung: read before looking at the requests, then
+    /// [`Doorbell::wait_past`] that count, so no completion falls between the look and the wait.
+    pub fn rings(&self) -> u64 {
+        *self.rings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until it has rung more than `seen` times, or `timeout` passes.
+    pub fn wait_past(&self, seen: u64, timeout: Duration) {
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.rung.wait_timeout_while(rings, timeout, |rings| *rings <= seen);
+    }
+
+    pub(crate) fn ring(&self) {
+        *self.rings.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.rung.notify_all();
+    }
+}
+
 /// A pending request, as the reader sees it.
 #[derive(Debug)]
 struct Slot<F: Framing> {
@@ -142,6 +170,8 @@ struct Slot<F: Framing> {
     /// Takes the response with the moment it was read off the socket.
     complete: SyncSender<(Instant, F::Response)>,
     expected: F::Expected,
+    /// Rung once the response is in `complete`, or the slot is dropped.
+    doorbell: Option<Arc<Doorbell>>,
 }
 
 #[derive(Debug)]
@@ -182,9 +212,16 @@ impl<F: Framing> Shared<F> {
     fn close(&self, reason: String) {
         let mut state = self.lock();
         state.closed.get_or_insert(reason);
-        state.pending.clear();
+        let dropped = std::mem::take(&mut state.pending);
         drop(state);
         self.slot_freed.notify_all();
+        for slot in dropped.into_values() {
+            let doorbell = slot.doorbell.clone();
+            drop(slot);
+            if let Some(doorbell) = doorbell {
+                doorbell.ring();
+            }
+        }
     }
 }
 
@@ -263,7 +300,7 @@ impl<F: Framing> Pipeline<F> {
         // Encoded before it is registered: a request that cannot be encoded is never pending.
         let expected = writer.encode(correlation_id, request)?;
         let (complete, completion) = mpsc::sync_channel(1);
-        self.register(correlation_id, Slot { complete, expected }, op, deadline)?;
+        self.register(correlation_id, Slot { complete, expected, doorbell: None }, op, deadline)?;
         writer.next_correlation_id += 1;
         self.write(&mut writer, op)?;
         Ok(PendingResponse {
@@ -386,6 +423,19 @@ impl<F: Framing> PendingResponse<F> {
         self.correlation_id
     }
 
+    /// Rings `doorbell` when the outcome is known: at once if it already is (answered, or the
+    /// connection closed), else when the response arrives or the connection fails.
+    pub fn ring_on_completion(&self, doorbell: &Arc<Doorbell>) {
+        let mut state = self.shared.lock();
+        match state.pending.get_mut(&self.correlation_id) {
+            Some(slot) => slot.doorbell = Some(Arc::clone(doorbell)),
+            None => {
+                drop(state);
+                doorbell.ring();
+            }
+        }
+    }
+
     /// Waits for the response until the request timeout, counted from the send.
     pub fn wait(self) -> Result<F::Response> {
         self.wait_timed().map(|(_, response)| response)
@@ -448,26 +498,39 @@ fn read_loop<F: Framing>(mut stream: TcpStream, shared: &Shared<F>) {
 /// Hands a response frame to the pending request it answers, or says why the connection is
 /// over.
 fn complete<F: Framing>(shared: &Shared<F>, frame: Bytes) -> Result<(), String> {
-    let (slot, response) = match F::MATCHING {
+    let arrived = Instant::now();
+    let doorbell = match F::MATCHING {
         Matching::ById(decode) => {
             let (correlation_id, response) = decode(frame)?;
-            (shared.lock().pending.remove(&correlation_id), response)
+            let mut state = shared.lock();
+            state.pending.remove(&correlation_id).and_then(|slot| slot.answer(arrived, response))
         }
         Matching::InOrder(decode) => {
-            let Some((_, slot)) = shared.lock().pending.pop_first() else {
+            let mut state = shared.lock();
+            let Some((_, slot)) = state.pending.pop_first() else {
                 return Err("a response arrived with no request waiting for it".to_owned());
             };
             let response = decode(frame, &slot.expected)?;
-            (Some(slot), response)
+            slot.answer(arrived, response)
         }
     };
     shared.slot_freed.notify_one();
-    // No slot, or its waiter gone: the request timed out and the response is dropped. Sending
-    // cannot block: the channel holds one response and only this one is sent on it.
-    if let Some(slot) = slot {
-        let _ = slot.complete.try_send((Instant::now(), response));
+    if let Some(doorbell) = doorbell {
+        doorbell.ring();
     }
     Ok(())
+}
+
+impl<F: Framing> Slot<F> {
+    /// Hands the response to its waiter and returns the doorbell to ring. Called under the
+    /// state lock, so once a slot is gone from `pending` its response can be taken (see
+    /// [`PendingResponse::ring_on_completion`]). No slot, or its waiter gone: the request timed
+    /// out and the response is dropped. Sending cannot block: the channel holds one response
+    /// and only this one is sent on it.
+    fn answer(self, arrived: Instant, response: F::Response) -> Option<Arc<Doorbell>> {
+        let _ = self.complete.try_send((arrived, response));
+        self.doorbell
+    }
 }
 
 /// Reads one frame body, or says why the connection is over.

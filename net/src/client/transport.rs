@@ -7,10 +7,12 @@
 //! bounded by the request timeout, and a broker that goes away turns every pending and later
 //! request into an error for which [`super::ClientError::is_disconnect`] is true.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::pipeline::Doorbell;
 use super::{Acks, Client, FetchResult, PendingFetch, PendingProduce, ProduceAck, Result};
 
 /// A request on its way whose outcome is a `T`.
@@ -20,6 +22,9 @@ pub trait Pending<T>: Send + std::fmt::Debug {
     /// The outcome if it is known, without blocking: `None` while it is still due. `now` is
     /// the caller's clock reading, against which the request timeout is checked.
     fn try_wait(&mut self, now: Instant) -> Option<Result<T>>;
+    /// Rings `doorbell` once the outcome is known (at once if it already is), so one thread
+    /// can wait for whichever of several requests completes first.
+    fn ring_on_completion(&self, doorbell: &Arc<Doorbell>);
 }
 
 /// A broker connection that produces and fetches record batches of a topic's partitions.
@@ -75,6 +80,13 @@ impl Pending<ProduceAck> for PendingProduce {
     fn try_wait(&mut self, now: Instant) -> Option<Result<ProduceAck>> {
         PendingProduce::try_wait(self, now)
     }
+
+    fn ring_on_completion(&self, doorbell: &Arc<Doorbell>) {
+        match &self.response {
+            Some(response) => response.ring_on_completion(doorbell),
+            None => doorbell.ring(),
+        }
+    }
 }
 
 impl Pending<FetchResult> for PendingFetch {
@@ -84,6 +96,10 @@ impl Pending<FetchResult> for PendingFetch {
 
     fn try_wait(&mut self, now: Instant) -> Option<Result<FetchResult>> {
         PendingFetch::try_wait(self, now)
+    }
+
+    fn ring_on_completion(&self, doorbell: &Arc<Doorbell>) {
+        self.response.ring_on_completion(doorbell);
     }
 }
 
