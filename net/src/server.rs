@@ -14,6 +14,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
@@ -26,6 +27,11 @@ use crate::kafka::{self, wire::Writer};
 
 /// How many bytes a connection reads at once.
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Bytes of a read that may wait for data. That read goes through glommio, into zeroed
+/// memory; when it comes back full, whatever else has arrived is taken without waiting,
+/// straight into the buffer's spare room (see [`recv_now`]): large requests are neither
+/// zeroed first nor read 64 KiB per system call.
+const WAITING_READ_BYTES: usize = 4 << 10;
 
 /// Answers requests. Returns `None` when the request asked for no response (produce with
 /// acks none).
@@ -230,6 +236,7 @@ async fn serve_connection<P: Protocol>(
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?;
+    let fd = stream.as_raw_fd();
     let (mut reader, writer) = futures_lite::io::split(stream);
     let (responses, pending) =
         local_channel::new_bounded::<Outgoing<P::Response>>(config.max_in_flight_per_connection);
@@ -277,7 +284,10 @@ async fn serve_connection<P: Protocol>(
         // Read into the room already reserved for an incomplete frame (growing the buffer
         // there would copy what it holds), else into a fresh chunk.
         let room = buffer.capacity() - at;
-        buffer.resize(at + if room > 0 { room.min(READ_CHUNK_BYTES) } else { READ_CHUNK_BYTES }, 0);
+        let chunk = if room > 0 { room.min(READ_CHUNK_BYTES) } else { READ_CHUNK_BYTES };
+        buffer.reserve(chunk);
+        let waiting = chunk.min(WAITING_READ_BYTES);
+        buffer.resize(at + waiting, 0);
         let read = reader.read(&mut buffer[at..]).await;
         match read {
             Ok(0) | Err(_) => {
@@ -286,12 +296,38 @@ async fn serve_connection<P: Protocol>(
             }
             Ok(n) => buffer.truncate(at + n),
         }
+        // A full waiting read: more is likely there. Take it all at once, into all the room
+        // there is (a large frame has its whole size reserved). A socket that turns out empty,
+        // closed or failed is left for the next waiting read, which reports it.
+        if buffer.len() == at + waiting && chunk > waiting {
+            let _ = recv_now(fd, &mut buffer);
+        }
     }
     // Let the requests already read finish and be answered, then close.
     let _ = Rc::clone(&in_flight).acquire_static_permit(config.max_in_flight_per_connection as u64).await;
     drop(responses);
     writer_task.await;
     Ok(())
+}
+
+/// Takes what the socket holds right now, up to `buffer`'s spare capacity, which the kernel
+/// writes directly (nothing is zeroed first). `Ok(None)`: nothing there; `Ok(Some(0))`: the
+/// peer closed. Never waits.
+fn recv_now(fd: RawFd, buffer: &mut BytesMut) -> std::io::Result<Option<usize>> {
+    let spare = buffer.spare_capacity_mut();
+    let len = spare.len();
+    // SAFETY: `spare` is valid for writes of `len` bytes, and recv writes at most `len`.
+    let received = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), len, libc::MSG_DONTWAIT) };
+    let Ok(received) = usize::try_from(received) else {
+        let error = std::io::Error::last_os_error();
+        return match error.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(error),
+        };
+    };
+    // SAFETY: recv initialized the first `received` bytes of the spare capacity.
+    unsafe { buffer.set_len(buffer.len() + received) };
+    Ok(Some(received))
 }
 
 async fn write_responses<P: Protocol>(
