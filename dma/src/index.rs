@@ -55,6 +55,13 @@ impl SegmentIndex {
         }
     }
 
+    /// Gives back the room the entry vectors grew into: a sealed segment's index takes no
+    /// more entries, and the indexes of every segment stay in memory.
+    pub fn shrink_to_fit(&mut self) {
+        self.offsets.shrink_to_fit();
+        self.times.shrink_to_fit();
+    }
+
     /// Records a batch written at `position` of the segment.
     pub fn on_batch(&mut self, header: &BatchHeader, position: u32) {
         let relative_offset = u32::try_from(header.base_offset - self.base_offset)

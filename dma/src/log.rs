@@ -395,6 +395,7 @@ impl Log {
         assert_eq!(active.next_offset.get(), base_offset, "a new segment starts where the last ended");
         active.cut_at(active.size.get(), "sealing segment").await?;
         active.persist_index(&self.dir)?;
+        active.index.borrow_mut().shrink_to_fit();
         let segment = Segment::create(&self.dir, base_offset, self.config.index_interval_bytes).await?;
         sync_directory(&self.dir).await?;
         self.segments.borrow_mut().insert(base_offset, Rc::new(segment));
