@@ -2,10 +2,10 @@
 //!
 //! Each partition has at most one open batch. A record goes into its partition's batch; the
 //! batch is sent when it reaches `batch_bytes`, or once `linger` has passed since its first
-//! record (with a zero linger, by the `send` that opened it: one request per record while
-//! the caller is slower than the in-flight window, larger batches as it speeds up). There is no background thread: linger is checked on every [`Producer::send`] and
-//! [`Producer::poll`], so a caller that goes idle calls `poll` (at the latest by
-//! [`Producer::linger_deadline`]) or [`Producer::flush`].
+//! record (with a zero linger, by the `send` that opened it), provided its partition is under
+//! `max_in_flight_per_partition`. There is no background thread: linger is checked on every
+//! [`Producer::send`] and [`Producer::poll`], so a caller that goes idle calls `poll` (at the
+//! latest by [`Producer::linger_deadline`]) or [`Producer::flush`].
 //!
 //! Sending is asynchronous: a full batch leaves with [`Transport::produce_async`] and the
 //! producer carries on. Outcomes are collected in send order and handed, one [`DeliveryReport`]
