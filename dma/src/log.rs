@@ -90,6 +90,17 @@ pub struct Log {
     config: LogConfig,
     segments: RefCell<BTreeMap<i64, Rc<Segment>>>,
     state: RefCell<WriteState>,
+    /// The disk read that a sequential reader asks for next, started when it asked for the
+    /// one before. Dropped (cancelled) when another read comes, and whenever durable
+    /// batches go away (truncation, segment deletion).
+    read_ahead: RefCell<Option<ReadAhead>>,
+}
+
+/// A read of `max_bytes` from `offset`, on its way.
+struct ReadAhead {
+    offset: i64,
+    max_bytes: usize,
+    task: glommio::Task<Result<Option<(Bytes, i64)>>>,
 }
 
 struct WriteState {
@@ -154,6 +165,7 @@ impl Log {
                 flushing: false,
                 leader_epoch: 0,
             }),
+            read_ahead: RefCell::new(None),
         })
     }
 
@@ -423,10 +435,18 @@ impl Log {
     /// whole batch). `None` when nothing durable is at or after `offset` yet.
     pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Option<Bytes>> {
         self.check_range(offset)?;
+        let ahead = self.read_ahead.borrow_mut().take();
+        if let Some(ahead) = ahead.filter(|a| a.offset == offset && a.max_bytes == max_bytes) {
+            if let Some((bytes, next)) = ahead.task.await? {
+                self.read_ahead_from(next, max_bytes);
+                return Ok(Some(bytes));
+            }
+        }
         let mut from = offset;
         while from < self.durable_offset() {
             let Some(segment) = self.segment_for(from) else { break };
-            if let Some(bytes) = segment.read(from, max_bytes).await? {
+            if let Some((bytes, next)) = segment.read(from, max_bytes).await? {
+                self.read_ahead_from(next, max_bytes);
                 return Ok(Some(bytes));
             }
             // The offset sits at this segment's end: the next segment starts there.
@@ -441,6 +461,18 @@ impl Log {
             }
         }
         Ok(None)
+    }
+
+    /// Starts reading what follows a read that ended at `offset`, if that is durable and in
+    /// the same segment: a consumer catching up asks for it next, and the disk reads it while
+    /// this response goes out.
+    fn read_ahead_from(&self, offset: i64, max_bytes: usize) {
+        let Some(segment) = self.segment_for(offset) else { return };
+        if offset >= segment.next_offset.get().min(self.durable_offset()) {
+            return;
+        }
+        let task = glommio::spawn_local(async move { segment.read(offset, max_bytes).await });
+        *self.read_ahead.borrow_mut() = Some(ReadAhead { offset, max_bytes, task });
     }
 
     /// The largest record timestamp among durable batches, if any batch carries one.
@@ -484,6 +516,7 @@ impl Log {
         for doomed in later {
             self.remove_segment(&doomed)?;
         }
+        self.read_ahead.borrow_mut().take();
         segment.cut_at(position, "truncating segment").await?;
         segment.size.set(position);
         segment.next_offset.set(offset);
@@ -498,6 +531,7 @@ impl Log {
     }
 
     fn remove_segment(&self, segment: &Segment) -> Result<()> {
+        self.read_ahead.borrow_mut().take();
         self.segments.borrow_mut().remove(&segment.base_offset);
         std::fs::remove_file(&segment.path)
             .map_err(|e| LogError::io("deleting segment", &segment.path, e))?;
@@ -559,6 +593,11 @@ impl Log {
     pub async fn close(&self) -> Result<()> {
         if self.stopped().is_none() {
             self.flush().await?;
+        }
+        // Let a read ahead finish: it holds its segment, whose file is closed below.
+        let ahead = self.read_ahead.borrow_mut().take();
+        if let Some(ahead) = ahead {
+            let _ = ahead.task.await;
         }
         let segments = std::mem::take(&mut *self.segments.borrow_mut());
         for segment in segments.into_values() {
@@ -771,6 +810,38 @@ mod tests {
                     batch.header.base_offset
                 );
             }
+        });
+    }
+
+    #[test]
+    fn a_read_ahead_never_answers_for_batches_that_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { segment_bytes: 4096, ..small_config() };
+            let log = Log::open(dir.path(), config).await.unwrap();
+            fill(&log, 200, 3, 10).await;
+            assert!(log.segment_count() > 2);
+            // Reads of at most 4 KiB each, every one after the first served by the read ahead.
+            let headers = read_all(&log, 0).await;
+            assert_eq!(headers.len(), 200);
+            assert!(headers.iter().enumerate().all(|(i, h)| h.base_offset == 3 * i as i64));
+
+            // Reading the next-to-last batch starts reading the last one ahead; the last one is
+            // then truncated away (no segment removed) and replaced: the read must see the
+            // new batch, not the one read ahead.
+            let segments = log.segment_count();
+            log.read(594, 1).await.unwrap().expect("batch 198");
+            log.truncate_from(597).await.unwrap();
+            assert_eq!(log.segment_count(), segments);
+            assert!(log.read(597, 1).await.unwrap().is_none());
+            let replacement = batch::build_for_tests(5, b"replacement", 5000);
+            let headers = batch::parse_all(&replacement).unwrap();
+            log.append(Bytes::from(replacement), &headers).unwrap();
+            log.flush().await.unwrap();
+            let read = log.read(597, 1).await.unwrap().expect("the new batch");
+            let read = batch::parse_all(&read).unwrap();
+            assert_eq!((read[0].base_offset, read[0].record_count, read[0].base_timestamp), (597, 5, 5000));
+            log.close().await.unwrap();
         });
     }
 

@@ -160,11 +160,13 @@ impl Segment {
 
     /// Reads whole batches from the first one that holds offsets at or after `offset`, up to
     /// `max_bytes` (but always one batch, however large), never past the durable size.
-    pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Option<bytes::Bytes>> {
+    /// Returns them with the offset that follows the last one.
+    pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Option<(bytes::Bytes, i64)>> {
         let size = self.size.get();
         let mut position = u64::from(self.index.borrow().position_for_offset(offset));
         let mut window = FileWindow::new(self.file.clone(), &self.path, size, READAHEAD_BYTES.max(max_bytes));
         let mut start = None;
+        let mut next_offset = offset;
         while let Some(header) = self.header_at(&mut window, position).await? {
             let end = position + u64::from(header.total_bytes);
             match start {
@@ -173,11 +175,14 @@ impl Segment {
                 Some(from) if end - from > max_bytes as u64 => break,
                 Some(_) => {}
             }
+            if start.is_some() {
+                next_offset = header.next_offset();
+            }
             position = end;
         }
         let Some(from) = start else { return Ok(None) };
         let len = (position - from) as usize;
-        Ok(Some(bytes::Bytes::copy_from_slice(window.bytes(from, len).await?)))
+        Ok(Some((bytes::Bytes::copy_from_slice(window.bytes(from, len).await?), next_offset)))
     }
 
     /// Finds the first batch whose max timestamp is at or after `timestamp`.
