@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::batch::{BatchBuilder, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
 use super::partitioner::{PartitionSelector, Partitioner};
 use super::transport::{Pending, Transport};
-use super::{Acks, Client, ClientError, Result, OFFSET_UNACKNOWLEDGED};
+use super::{Acks, Client, ClientError, ProduceAck, Result, OFFSET_UNACKNOWLEDGED};
 
 pub const BATCH_BYTES_DEFAULT: usize = 16 << 10;
 pub const LINGER_DEFAULT: Duration = Duration::from_millis(5);
@@ -46,10 +46,10 @@ pub struct ProducerConfig {
     /// Batches sent but not yet acknowledged, across all partitions.
     pub max_in_flight_batches: usize,
     /// Batches of one partition sent but not yet acknowledged. While a partition is at this
-    /// bound its open batch stays open and keeps filling, even past its linger, until an
-    /// acknowledgement makes room (seen by the next `send` or `poll`) or it is full. At 1 a
-    /// record waits at most one round trip for company: few, well-filled requests under load
-    /// with no fixed delay when idle. Like Kafka's `max.in.flight.requests.per.connection`,
+    /// bound its open batch stays open and keeps filling, even past its linger, until one of
+    /// its acknowledgements arrives (seen by the next `send` or `poll`) or it is full. At 1 a
+    /// record waits at most about one round trip for company: few, well-filled requests under
+    /// load with no fixed delay when idle. Like Kafka's `max.in.flight.requests.per.connection`,
     /// per partition.
     pub max_in_flight_per_partition: usize,
 }
@@ -108,6 +108,9 @@ struct Batch {
 struct InFlight<P> {
     batch: Batch,
     pending: P,
+    /// The outcome once seen (its partition's room is then free again), kept until every
+    /// batch sent before it has been reported.
+    outcome: Option<Result<ProduceAck>>,
 }
 
 pub struct Producer<T: Transport = Client> {
@@ -118,8 +121,11 @@ pub struct Producer<T: Transport = Client> {
     /// Indexed by partition.
     open: Vec<Option<OpenBatch>>,
     in_flight: VecDeque<InFlight<T::PendingProduce>>,
-    /// Batches of `in_flight` per partition.
+    /// Batches of `in_flight` per partition whose outcome has not been seen yet.
     in_flight_of: Vec<usize>,
+    /// A batch is past its linger but its partition is at `max_in_flight_per_partition`: it
+    /// goes once an outcome frees room (not by the linger deadline, which has passed).
+    held: bool,
     /// The earliest time an open batch's linger expires.
     linger_deadline: Option<Instant>,
     wall_clock: WallClock,
@@ -159,6 +165,7 @@ impl<T: Transport> Producer<T> {
             selector: PartitionSelector::new(config.partitioner, seed ^ u64::from(std::process::id())),
             open: (0..partitions).map(|_| None).collect(),
             in_flight_of: vec![0; partitions as usize],
+            held: false,
             in_flight: VecDeque::with_capacity(config.max_in_flight_batches),
             linger_deadline: None,
             wall_clock: WallClock::new(),
@@ -221,6 +228,8 @@ impl<T: Transport> Producer<T> {
             // The record is accepted either way: if its batch cannot be sent, the callback
             // reports the failure, and the caller learns of it there.
             let _ = self.send_batch(partition);
+        } else if deadline <= now {
+            self.held = true;
         } else {
             self.linger_deadline = Some(self.linger_deadline.map_or(deadline, |d| d.min(deadline)));
         }
@@ -233,18 +242,23 @@ impl<T: Transport> Producer<T> {
     }
 
     fn poll_at(&mut self, now: Instant) -> Result<()> {
-        self.collect_ready(now);
-        if self.linger_deadline.is_none_or(|deadline| now < deadline) {
+        let freed = self.collect_ready(now);
+        let lingered = self.linger_deadline.is_some_and(|deadline| deadline <= now);
+        let room_for_held = freed && self.held;
+        if !(lingered || room_for_held) {
             return Ok(());
         }
         self.linger_deadline = None;
+        self.held = false;
         for partition in 0..self.partitions {
             let Some(open) = &self.open[partition as usize] else { continue };
             let deadline = open.first_enqueue + self.config.linger;
-            if deadline <= now && self.has_room(partition) {
+            if deadline > now {
+                self.linger_deadline = Some(self.linger_deadline.map_or(deadline, |d| d.min(deadline)));
+            } else if self.has_room(partition) {
                 self.send_batch(partition)?;
             } else {
-                self.linger_deadline = Some(self.linger_deadline.map_or(deadline, |d| d.min(deadline)));
+                self.held = true;
             }
         }
         Ok(())
@@ -262,9 +276,8 @@ impl<T: Transport> Producer<T> {
             }
         }
         self.linger_deadline = None;
-        while let Some(in_flight) = self.pop_in_flight() {
-            let outcome = in_flight.pending.wait();
-            self.report(in_flight.batch, outcome);
+        while !self.in_flight.is_empty() {
+            self.report_oldest();
         }
         let failed_batches = std::mem::take(&mut self.failed_batches);
         let first = self.first_failure.take();
@@ -294,9 +307,7 @@ impl<T: Transport> Producer<T> {
         let open = self.open[partition as usize].take().expect("caller checked the batch is open");
         self.selector.batch_sent(partition, self.partitions);
         while !self.has_room(partition) {
-            let oldest = self.pop_in_flight().expect("a bound is reached, so a batch is in flight");
-            let outcome = oldest.pending.wait();
-            self.report(oldest.batch, outcome);
+            self.report_oldest();
         }
         let record_count = open.builder.record_count();
         let records = open.builder.finish();
@@ -308,7 +319,7 @@ impl<T: Transport> Producer<T> {
                     first_enqueue: open.first_enqueue,
                     last_enqueue: open.last_enqueue,
                 };
-                self.in_flight.push_back(InFlight { batch, pending });
+                self.in_flight.push_back(InFlight { batch, pending, outcome: None });
                 self.in_flight_of[partition as usize] += 1;
                 Ok(())
             }
@@ -330,22 +341,57 @@ impl<T: Transport> Producer<T> {
         }
     }
 
-    /// Reports the acknowledgements that have arrived, oldest first, without blocking.
-    fn collect_ready(&mut self, now: Instant) {
-        while let Some(front) = self.in_flight.front_mut() {
-            let Some(outcome) = front.pending.try_wait(now) else { break };
-            let done = self.pop_in_flight().expect("front exists");
-            self.report(done.batch, outcome);
+    /// Notes the outcomes that have arrived, freeing their partitions' room, and reports
+    /// those at the front, in send order, without blocking. Looks past the front only while
+    /// a batch is held at its partition's bound, whose room may be freed by a later batch.
+    /// Returns whether any room was freed.
+    fn collect_ready(&mut self, now: Instant) -> bool {
+        let look_at = if self.held { self.in_flight.len() } else { 1 };
+        let mut freed = false;
+        for in_flight in self.in_flight.iter_mut().take(look_at) {
+            if in_flight.outcome.is_none() {
+                if let Some(outcome) = in_flight.pending.try_wait(now) {
+                    in_flight.outcome = Some(outcome);
+                    self.in_flight_of[in_flight.batch.partition as usize] -= 1;
+                    freed = true;
+                }
+            }
         }
+        while self.in_flight.front().is_some_and(|front| front.outcome.is_some()) {
+            self.report_oldest();
+            if !self.held {
+                freed |= self.collect_front(now);
+            }
+        }
+        freed
     }
 
-    fn pop_in_flight(&mut self) -> Option<InFlight<T::PendingProduce>> {
-        let oldest = self.in_flight.pop_front()?;
-        self.in_flight_of[oldest.batch.partition as usize] -= 1;
-        Some(oldest)
+    /// Looks at the front batch's outcome; true if it arrived.
+    fn collect_front(&mut self, now: Instant) -> bool {
+        let Some(front) = self.in_flight.front_mut() else { return false };
+        if front.outcome.is_some() {
+            return false;
+        }
+        let Some(outcome) = front.pending.try_wait(now) else { return false };
+        front.outcome = Some(outcome);
+        self.in_flight_of[front.batch.partition as usize] -= 1;
+        true
     }
 
-    fn report(&mut self, batch: Batch, outcome: Result<super::ProduceAck>) {
+    /// Reports the oldest batch in flight, waiting for its outcome if it has not arrived.
+    fn report_oldest(&mut self) {
+        let oldest = self.in_flight.pop_front().expect("a batch is in flight");
+        let outcome = match oldest.outcome {
+            Some(outcome) => outcome,
+            None => {
+                self.in_flight_of[oldest.batch.partition as usize] -= 1;
+                oldest.pending.wait()
+            }
+        };
+        self.report(oldest.batch, outcome);
+    }
+
+    fn report(&mut self, batch: Batch, outcome: Result<ProduceAck>) {
         let Batch { partition, record_count, first_enqueue, last_enqueue } = batch;
         // An acknowledgement counts from when it arrived, not from when this producer looked.
         let mut completed = Instant::now();
