@@ -157,7 +157,8 @@ impl Doorbell {
         let _ = self.rung.wait_timeout_while(rings, timeout, |rings| *rings <= seen);
     }
 
-    pub(crate) fn ring(&self) {
+    /// Rings once. Transports call it when an outcome becomes known.
+    pub fn ring(&self) {
         *self.rings.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         self.rung.notify_all();
     }
@@ -212,15 +213,14 @@ impl<F: Framing> Shared<F> {
     fn close(&self, reason: String) {
         let mut state = self.lock();
         state.closed.get_or_insert(reason);
-        let dropped = std::mem::take(&mut state.pending);
+        // The slots are dropped under the lock, so a request found gone from `pending` can
+        // already see its disconnect; their doorbells ring after.
+        let doorbells: Vec<Arc<Doorbell>> =
+            std::mem::take(&mut state.pending).into_values().filter_map(|slot| slot.doorbell).collect();
         drop(state);
         self.slot_freed.notify_all();
-        for slot in dropped.into_values() {
-            let doorbell = slot.doorbell.clone();
-            drop(slot);
-            if let Some(doorbell) = doorbell {
-                doorbell.ring();
-            }
+        for doorbell in doorbells {
+            doorbell.ring();
         }
     }
 }
@@ -507,10 +507,13 @@ fn complete<F: Framing>(shared: &Shared<F>, frame: Bytes) -> Result<(), String> 
         }
         Matching::InOrder(decode) => {
             let mut state = shared.lock();
-            let Some((_, slot)) = state.pending.pop_first() else {
+            // Decoded before it is taken: an undecodable answer leaves its request pending,
+            // for the close that follows to fail (and ring) with the reason.
+            let Some((_, oldest)) = state.pending.first_key_value() else {
                 return Err("a response arrived with no request waiting for it".to_owned());
             };
-            let response = decode(frame, &slot.expected)?;
+            let response = decode(frame, &oldest.expected)?;
+            let (_, slot) = state.pending.pop_first().expect("looked at above");
             slot.answer(arrived, response)
         }
     };
