@@ -25,7 +25,7 @@
 //! Only the shard that owns the partition touches its `Log`; the type is `!Send`.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -40,12 +40,6 @@ use crate::{LogError, Result};
 const IN_PLACE_MIN_BYTES: usize = 64 << 10;
 /// Unused capacity a caller's buffer may have and still be kept as the stored batches.
 const IN_PLACE_SLACK_BYTES: usize = 4 << 10;
-/// Chunk writes of one flush on their way to the disk at once (each up to
-/// `WRITE_CHUNK_BYTES_MAX`): the next chunk is copied while the previous one is written.
-/// One: ext4 takes the inode lock exclusively for appending O_DIRECT writes, so a second
-/// concurrent append cannot be issued inline and is punted to an io_uring worker thread;
-/// measured, four in flight cost 20-30% more system time and wrote no faster.
-const WRITES_IN_FLIGHT_MAX: usize = 1;
 
 /// Default bytes of segment data between two index entries. Indexes live in memory (24 bytes
 /// an entry at most), so this sets their cost: 0.04% of the data at 64 KiB, against 0.6% at
@@ -345,10 +339,7 @@ impl Log {
         let mut piece: &[u8] = &[];
         let mut position = start;
         let mut new_tail = Vec::new();
-        // Chunks are filled while earlier ones are on their way to the disk.
-        let mut writes = VecDeque::with_capacity(WRITES_IN_FLIGHT_MAX);
-        let mut failure = None;
-        while position < end && failure.is_none() {
+        while position < end {
             let data_bytes = ((end - position) as usize).min(WRITE_CHUNK_BYTES_MAX);
             let buffer_bytes = segment::align_up(data_bytes as u64) as usize;
             let mut buffer = segment.file.alloc_dma_buffer(buffer_bytes);
@@ -369,23 +360,8 @@ impl Log {
                 let tail_from = (align_down(end) - position) as usize;
                 new_tail = out[tail_from..data_bytes].to_vec();
             }
-            if writes.len() == WRITES_IN_FLIGHT_MAX {
-                let oldest: glommio::Task<Result<()>> = writes.pop_front().expect("full");
-                failure = oldest.await.err();
-            }
-            let write = write_fully(Rc::clone(&segment.file), segment.path.clone(), buffer, position);
-            writes.push_back(glommio::spawn_local(write));
+            write_fully(segment, buffer, position).await?;
             position += buffer_bytes as u64;
-        }
-        // Every write is waited for, failed or not, before the error is returned: none may
-        // still be in flight when the log stops.
-        for write in writes {
-            if let Err(error) = write.await {
-                failure.get_or_insert(error);
-            }
-        }
-        if let Some(error) = failure {
-            return Err(error);
         }
         segment.file.fdatasync().await.map_err(|e| LogError::io("fdatasync of segment", &segment.path, e))?;
         let mut index = segment.index.borrow_mut();
@@ -613,21 +589,20 @@ impl Log {
 
 /// Writes all of `buffer` at `position`. A short write (the kernel wrote what fit) continues
 /// with the rest, so a full disk surfaces as the ENOSPC of the next write, not as a bare count.
-async fn write_fully(
-    file: Rc<glommio::io::DmaFile>,
-    path: PathBuf,
-    buffer: glommio::io::DmaBuffer,
-    position: u64,
-) -> Result<()> {
+/// Callers write one chunk at a time: ext4 takes the inode lock exclusively for appending
+/// O_DIRECT writes, so concurrent appends cannot be issued inline and io_uring punts them to
+/// worker threads (measured: four in flight cost 20-30% more system time, wrote no faster).
+async fn write_fully(segment: &Segment, buffer: glommio::io::DmaBuffer, position: u64) -> Result<()> {
     let total = buffer.len();
     let first = Rc::new(buffer);
     let mut current = Rc::clone(&first);
     let mut done = 0;
     loop {
-        let written = file
+        let written = segment
+            .file
             .write_rc_at(Rc::clone(&current), position + done as u64)
             .await
-            .map_err(|e| LogError::io("writing segment", &path, e))?;
+            .map_err(|e| LogError::io("writing segment", &segment.path, e))?;
         done += written;
         if done == total {
             return Ok(());
@@ -635,9 +610,9 @@ async fn write_fully(
         if written == 0 {
             let stuck =
                 std::io::Error::new(std::io::ErrorKind::WriteZero, format!("wrote {done} of {total} bytes"));
-            return Err(LogError::io("writing segment", &path, stuck));
+            return Err(LogError::io("writing segment", &segment.path, stuck));
         }
-        let mut rest = file.alloc_dma_buffer(total - done);
+        let mut rest = segment.file.alloc_dma_buffer(total - done);
         rest.as_bytes_mut().copy_from_slice(&first.as_bytes()[done..]);
         current = Rc::new(rest);
     }
@@ -781,7 +756,7 @@ mod tests {
     }
 
     #[test]
-    fn a_flush_of_more_chunks_than_writes_in_flight_lands_whole() {
+    fn a_flush_of_many_chunks_lands_whole() {
         let dir = tempfile::tempdir().unwrap();
         run(async {
             let config = LogConfig { segment_bytes: 64 << 20, ..LogConfig::default() };
@@ -795,7 +770,7 @@ mod tests {
                 stored.extend(log.append(Bytes::from(bytes), &headers).unwrap().batches);
             }
             let flushed: usize = stored.iter().map(|b| b.bytes.len()).sum();
-            assert!(flushed > (WRITES_IN_FLIGHT_MAX + 1) * WRITE_CHUNK_BYTES_MAX, "{flushed} bytes");
+            assert!(flushed > 5 * WRITE_CHUNK_BYTES_MAX, "{flushed} bytes");
             assert_eq!(log.flush().await.unwrap(), 1 + 24 * 8);
             log.close().await.unwrap();
 
