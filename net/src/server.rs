@@ -312,7 +312,9 @@ async fn serve_connection<P: Protocol>(
 
 /// Takes what the socket holds right now, up to `buffer`'s spare capacity, which the kernel
 /// writes directly (nothing is zeroed first). `Ok(None)`: nothing there; `Ok(Some(0))`: the
-/// peer closed. Never waits.
+/// peer closed. Never waits. Reading the socket beside glommio's reads keeps the bytes in
+/// order only because its `TcpStream` is unbuffered: a `.buffered()` stream would hold bytes
+/// this would skip.
 fn recv_now(fd: RawFd, buffer: &mut BytesMut) -> std::io::Result<Option<usize>> {
     let spare = buffer.spare_capacity_mut();
     let len = spare.len();
