@@ -75,6 +75,9 @@ pub struct Consumer<T: Transport = Client> {
     fetch_bytes_max: u32,
     /// Rung by every fetch in flight when it completes.
     doorbell: Arc<Doorbell>,
+    /// A fetch that failed in a poll that also handed out records (which `poll` returns),
+    /// reported by the next poll.
+    deferred_failure: Option<ClientError>,
 }
 
 impl<T: Transport> Consumer<T> {
@@ -95,6 +98,7 @@ impl<T: Transport> Consumer<T> {
             positions,
             fetch_bytes_max: FETCH_BYTES_MAX_DEFAULT,
             doorbell: Arc::default(),
+            deferred_failure: None,
         })
     }
 
@@ -129,6 +133,9 @@ impl<T: Transport> Consumer<T> {
         max_wait: Duration,
         mut on_record: impl FnMut(ConsumedRecord),
     ) -> Result<usize> {
+        if let Some(failure) = self.deferred_failure.take() {
+            return Err(failure);
+        }
         let max_wait_ms = u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX);
         for position in &mut self.positions {
             let stale = position.prefetch.as_ref().is_some_and(|p| p.offset != position.next_offset);
@@ -168,24 +175,40 @@ impl<T: Transport> Consumer<T> {
     ) -> Result<Option<usize>> {
         let now = Instant::now();
         let mut handed_out = None;
+        let mut failure = None;
         for position in &mut self.positions {
             let prefetch = position.prefetch.as_mut().expect("every partition has a fetch in flight");
             if let Some(fetched) = prefetch.pending.try_wait(now) {
                 position.prefetch = None;
                 let fetch = (self.fetch_bytes_max, max_wait_ms);
-                let records = take_fetched(
-                    &self.client,
-                    &self.topic,
-                    &self.doorbell,
-                    fetch,
-                    position,
-                    fetched?,
-                    on_record,
-                )?;
-                *handed_out.get_or_insert(0) += records;
+                let taken = fetched.and_then(|fetched| {
+                    take_fetched(
+                        &self.client,
+                        &self.topic,
+                        &self.doorbell,
+                        fetch,
+                        position,
+                        fetched,
+                        on_record,
+                    )
+                });
+                match taken {
+                    Ok(records) => *handed_out.get_or_insert(0) += records,
+                    Err(error) => {
+                        failure.get_or_insert(error);
+                    }
+                }
             }
         }
-        Ok(handed_out)
+        match failure {
+            // The records already handed out go back first; the failure comes next poll.
+            Some(error) if handed_out.is_some_and(|records| records > 0) => {
+                self.deferred_failure = Some(error);
+                Ok(handed_out)
+            }
+            Some(error) => Err(error),
+            None => Ok(handed_out),
+        }
     }
 }
 

@@ -250,18 +250,22 @@ impl<T: Transport> Producer<T> {
         }
         self.linger_deadline = None;
         self.held = false;
+        // Every partition is looked at, even after a failed send, so none loses its deadline.
+        let mut failure = None;
         for partition in 0..self.partitions {
             let Some(open) = &self.open[partition as usize] else { continue };
             let deadline = open.first_enqueue + self.config.linger;
             if deadline > now {
                 self.linger_deadline = Some(self.linger_deadline.map_or(deadline, |d| d.min(deadline)));
             } else if self.has_room(partition) {
-                self.send_batch(partition)?;
+                if let Err(error) = self.send_batch(partition) {
+                    failure.get_or_insert(error);
+                }
             } else {
                 self.held = true;
             }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Sends every open batch and waits for every acknowledgement (each wait bounded by the
