@@ -204,6 +204,40 @@ fn consumer_skips_records_before_its_offset_and_long_polls() {
 }
 
 #[test]
+fn a_failed_fetch_loses_none_of_the_records_that_arrived_with_it() {
+    let broker = FakeBroker::start().unwrap();
+    let client = client(&broker);
+    client.create_topic("f", 2).unwrap();
+    let values: Vec<Vec<u8>> = (0..10).map(|i| vec![i]).collect();
+    let values: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+    client.produce("f", 0, batch(&values), Acks::Durable).unwrap();
+    client.produce("f", 1, batch(&values[..2]), Acks::Durable).unwrap();
+    // Offset 5 is inside partition 0's batch and past partition 1's end: one fetch answers
+    // with records, the other with an error, often both before the consumer looks.
+    let mut consumer = Consumer::new(client, "f", &[0, 1], StartAt::Offset(5)).unwrap();
+    let mut offsets = Vec::new();
+    let mut failures = 0;
+    for _ in 0..4 {
+        match consumer.poll(Duration::from_millis(10)) {
+            Ok(records) => offsets.extend(records.iter().map(|r| (r.partition, r.offset))),
+            Err(error) => {
+                assert!(
+                    matches!(error, ClientError::Server { code: ErrorCode::OffsetOutOfRange, .. }),
+                    "{error}"
+                );
+                failures += 1;
+            }
+        }
+    }
+    assert_eq!(
+        offsets,
+        (5..10).map(|offset| (0, offset)).collect::<Vec<_>>(),
+        "every record handed out once"
+    );
+    assert!(failures > 0, "the failing partition is reported");
+}
+
+#[test]
 fn a_broker_that_goes_away_fails_producers_and_consumers() {
     let mut broker = FakeBroker::start().unwrap();
     let client = client(&broker);
