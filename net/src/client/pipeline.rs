@@ -47,6 +47,8 @@ use bytes::{Bytes, BytesMut};
 
 use super::{ClientError, Result};
 
+/// Bytes a connection's reader asks the socket for at once.
+const READ_BUFFER_BYTES: usize = 64 << 10;
 /// Default bound on requests awaiting a response on one connection.
 pub const IN_FLIGHT_MAX_DEFAULT: usize = 1024;
 /// Largest response frame a client accepts; a larger one closes the connection.
@@ -484,9 +486,12 @@ impl<F: Framing> PendingResponse<F> {
     }
 }
 
-fn read_loop<F: Framing>(mut stream: TcpStream, shared: &Shared<F>) {
+fn read_loop<F: Framing>(stream: TcpStream, shared: &Shared<F>) {
+    // Small responses that arrive together are taken with one system call, not two each
+    // (size prefix, then body); a large body is read past the buffer, straight into its own.
+    let mut reader = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, &stream);
     let reason = loop {
-        let answered = read_frame(&mut stream).and_then(|frame| complete(shared, frame));
+        let answered = read_frame(&mut reader).and_then(|frame| complete(shared, frame));
         if let Err(reason) = answered {
             break reason;
         }
@@ -537,7 +542,7 @@ impl<F: Framing> Slot<F> {
 }
 
 /// Reads one frame body, or says why the connection is over.
-fn read_frame(stream: &mut TcpStream) -> Result<Bytes, String> {
+fn read_frame(stream: &mut impl Read) -> Result<Bytes, String> {
     let mut prefix = [0u8; FRAME_PREFIX_BYTES];
     if let Err(error) = stream.read_exact(&mut prefix) {
         return Err(match error.kind() {
