@@ -145,6 +145,30 @@ fn a_long_poll_fetch_wakes_when_data_arrives() {
 }
 
 #[test]
+fn a_fetch_asking_for_everything_gets_at_most_the_partition_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    client.create_topic("big", 1).unwrap();
+    // Three 6 MiB batches (requests stay under the default 8 MiB --max-request-bytes).
+    let value = "v".repeat(6 << 10);
+    for round in 0..3 {
+        let values: Vec<String> = (0..1024).map(|i| format!("{round}-{i}-{value}")).collect();
+        client.produce("big", 0, batch(&values), Acks::Durable).unwrap();
+    }
+    let limit = pyralog_shard::FETCH_PARTITION_BYTES_MAX as usize;
+    let fetched = client.fetch("big", 0, 0, u32::MAX, 0).unwrap();
+    assert!(fetched.records.len() <= limit, "{} bytes for one partition", fetched.records.len());
+    let records = fetched.reader().count();
+    assert!(
+        records.is_multiple_of(1024) && (1..3).contains(&(records / 1024)),
+        "whole batches, not all three: {records}"
+    );
+    let rest = client.fetch("big", 0, records as i64, u32::MAX, 0).unwrap();
+    assert_eq!(records + rest.reader().count(), 3 * 1024, "the next fetch goes on from there");
+}
+
+#[test]
 fn a_consumer_is_not_held_back_by_an_idle_partition_long_polling() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path(), &[]);

@@ -32,5 +32,5 @@ pub use group::{
 pub use partition::Durability;
 pub use shard::{
     group_log_of, new_mesh, FetchLimits, Fetched, Message, Op, OpResult, Produced, Shard, ShardConfig,
-    ShardMesh, FETCH_WAIT_MAX, GROUP_LOGS, UNFLUSHED_BYTES_MAX,
+    ShardMesh, FETCH_PARTITION_BYTES_MAX, FETCH_WAIT_MAX, GROUP_LOGS, UNFLUSHED_BYTES_MAX,
 };

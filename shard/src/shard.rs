@@ -30,6 +30,10 @@ pub const MESH_CHANNEL_CAPACITY: usize = 1024;
 pub const UNFLUSHED_BYTES_MAX: u64 = 64 << 20;
 /// Longest long-poll a fetch may ask for.
 pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Most bytes one partition's read returns, whatever a fetch asks (a larger batch still comes
+/// whole): it bounds the memory a fetch takes, and the log's read ahead takes as much again.
+/// Kafka clients ask 1 MiB per partition by default.
+pub const FETCH_PARTITION_BYTES_MAX: u32 = 16 << 20;
 /// How often retention runs.
 pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// Consumer groups are spread over this many offsets logs (`<data-dir>/groups/<n>/`), each
@@ -482,7 +486,7 @@ impl Shard {
     ) -> Result<Fetched, ShardError> {
         let partition = self.local_partition(topic, partition)?;
         let deadline = Instant::now() + limits.max_wait.min(FETCH_WAIT_MAX);
-        let max_bytes = limits.max_bytes.max(1) as usize;
+        let max_bytes = limits.max_bytes.clamp(1, FETCH_PARTITION_BYTES_MAX) as usize;
         loop {
             // A long-poll can outlive its partition (topic deleted, node stopping).
             if partition.closing.get() {
