@@ -24,6 +24,9 @@
 //! - At most `max_in_flight` requests are pending; a sender blocks (up to its request timeout)
 //!   for a free slot.
 //! - A request is registered before its bytes are written, so its response always finds it.
+//! - A request leaves `pending` under the state lock together with its outcome becoming
+//!   takeable (its response sent to its channel, or its channel dropped), and its
+//!   [`Doorbell`], if any, rings after: a ring always finds an outcome to take.
 //! - Once the connection fails (peer closed, I/O error, oversized, undecodable or unexpected
 //!   frame), it is closed for good: every pending and every later request fails with
 //!   [`ClientError::Disconnected`] carrying the first failure's reason. Nothing waits forever:
