@@ -186,18 +186,13 @@ async fn run_shard(context: ShardContext) {
             return;
         }
     };
-    let own_port = match context.shard_port_base {
-        Some(0) => 0,
-        Some(base) => base + shard.id as u16,
-        None => context.listen.port() + 1 + shard.id as u16,
+    // Port 0 (no base): the shard takes a free port. check_ports vetted the ranges.
+    let shard_addr = |listen: SocketAddr, base: Option<u16>| {
+        let base = first_shard_port(listen, base, "").expect("checked by check_ports at startup");
+        SocketAddr::new(listen.ip(), base.map_or(0, |base| base + shard.id as u16))
     };
-    let own_addr = SocketAddr::new(context.listen.ip(), own_port);
-    let kafka_own_port = match context.kafka_shard_port_base {
-        Some(0) => 0,
-        Some(base) => base + shard.id as u16,
-        None => context.kafka_listen.port() + 1 + shard.id as u16,
-    };
-    let kafka_own_addr = SocketAddr::new(context.kafka_listen.ip(), kafka_own_port);
+    let own_addr = shard_addr(context.listen, context.shard_port_base);
+    let kafka_own_addr = shard_addr(context.kafka_listen, context.kafka_shard_port_base);
     let listeners = server::bind(context.listen).and_then(|shared| {
         Ok((
             shared,
@@ -217,8 +212,8 @@ async fn run_shard(context: ShardContext) {
             return;
         }
     };
-    let port = own.local_addr().map(|a| a.port()).unwrap_or(own_port);
-    let kafka_port = kafka_own.local_addr().map(|a| a.port()).unwrap_or(kafka_own_port);
+    let port = own.local_addr().map(|a| a.port()).unwrap_or(own_addr.port());
+    let kafka_port = kafka_own.local_addr().map(|a| a.port()).unwrap_or(kafka_own_addr.port());
     let ready = ShardReady { shard: shard.id, cpu: context.cpu, port, kafka_port };
     let _ = context.events.send(ShardEvent::Ready(ready));
     while context.topology.get().is_none() && !context.stop.load(Ordering::SeqCst) {
@@ -359,37 +354,16 @@ fn prepare_data_dir(args: &NodeArgs) -> Result<File> {
 /// SO_REUSEPORT would let a second node share the ports silently; a plain bind finds them taken.
 fn check_ports(args: &NodeArgs, shards: usize) -> Result<()> {
     let mut ports = vec![(args.listen, "--listen"), (args.kafka_listen, "--kafka-listen")];
-    let base = match args.shard_port_base {
-        Some(0) => None,
-        Some(base) => Some(base),
-        None => Some(
-            args.listen
-                .port()
-                .checked_add(1)
-                .ok_or_else(|| anyhow!("--listen port leaves no room for shard ports"))?,
-        ),
-    };
-    if let Some(base) = base {
-        for shard in 0..shards {
-            let port = base.checked_add(shard as u16).ok_or_else(|| anyhow!("shard ports run past 65535"))?;
-            ports.push((SocketAddr::new(args.listen.ip(), port), "shard port"));
-        }
-    }
-    let kafka_base = match args.kafka_shard_port_base {
-        Some(0) => None,
-        Some(base) => Some(base),
-        None => Some(
-            args.kafka_listen
-                .port()
-                .checked_add(1)
-                .ok_or_else(|| anyhow!("--kafka-listen port leaves no room for shard ports"))?,
-        ),
-    };
-    if let Some(base) = kafka_base {
-        for shard in 0..shards {
-            let port =
-                base.checked_add(shard as u16).ok_or_else(|| anyhow!("Kafka shard ports run past 65535"))?;
-            ports.push((SocketAddr::new(args.kafka_listen.ip(), port), "Kafka shard port"));
+    let listeners = [
+        (args.listen, args.shard_port_base, "--listen", "shard port"),
+        (args.kafka_listen, args.kafka_shard_port_base, "--kafka-listen", "Kafka shard port"),
+    ];
+    for (listen, base, flag, what) in listeners {
+        if let Some(base) = first_shard_port(listen, base, flag)? {
+            for shard in 0..shards {
+                let port = base.checked_add(shard as u16).ok_or_else(|| anyhow!("{what}s run past 65535"))?;
+                ports.push((SocketAddr::new(listen.ip(), port), what));
+            }
         }
     }
     for (addr, what) in ports {
@@ -399,6 +373,20 @@ fn check_ports(args: &NodeArgs, shards: usize) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// The port of shard 0 on a listener's per-shard range: `base` (a `--…-shard-port-base`), else
+/// the listener's port + 1; `None` when the base is 0 (each shard takes a free port).
+fn first_shard_port(listen: SocketAddr, base: Option<u16>, flag: &str) -> Result<Option<u16>> {
+    match base {
+        Some(0) => Ok(None),
+        Some(base) => Ok(Some(base)),
+        None => listen
+            .port()
+            .checked_add(1)
+            .map(Some)
+            .ok_or_else(|| anyhow!("{flag} port leaves no room for shard ports")),
+    }
 }
 
 fn check_io_uring() -> Result<()> {
