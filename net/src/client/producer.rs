@@ -350,35 +350,33 @@ impl<T: Transport> Producer<T> {
     /// a batch is held at its partition's bound, whose room may be freed by a later batch.
     /// Returns whether any room was freed.
     fn collect_ready(&mut self, now: Instant) -> bool {
-        let look_at = if self.held { self.in_flight.len() } else { 1 };
         let mut freed = false;
-        for in_flight in self.in_flight.iter_mut().take(look_at) {
-            if in_flight.outcome.is_none() {
-                if let Some(outcome) = in_flight.pending.try_wait(now) {
-                    in_flight.outcome = Some(outcome);
-                    self.in_flight_of[in_flight.batch.partition as usize] -= 1;
-                    freed = true;
-                }
+        if self.held {
+            for index in 0..self.in_flight.len() {
+                freed |= self.note_outcome(index, now);
             }
         }
-        while self.in_flight.front().is_some_and(|front| front.outcome.is_some()) {
-            self.report_oldest();
+        loop {
             if !self.held {
-                freed |= self.collect_front(now);
+                freed |= self.note_outcome(0, now);
             }
+            if self.in_flight.front().is_none_or(|front| front.outcome.is_none()) {
+                return freed;
+            }
+            self.report_oldest();
         }
-        freed
     }
 
-    /// Looks at the front batch's outcome; true if it arrived.
-    fn collect_front(&mut self, now: Instant) -> bool {
-        let Some(front) = self.in_flight.front_mut() else { return false };
-        if front.outcome.is_some() {
+    /// Takes the outcome of the `index`th batch in flight if it has arrived, freeing its
+    /// partition's room; true if it did.
+    fn note_outcome(&mut self, index: usize, now: Instant) -> bool {
+        let Some(in_flight) = self.in_flight.get_mut(index) else { return false };
+        if in_flight.outcome.is_some() {
             return false;
         }
-        let Some(outcome) = front.pending.try_wait(now) else { return false };
-        front.outcome = Some(outcome);
-        self.in_flight_of[front.batch.partition as usize] -= 1;
+        let Some(outcome) = in_flight.pending.try_wait(now) else { return false };
+        in_flight.outcome = Some(outcome);
+        self.in_flight_of[in_flight.batch.partition as usize] -= 1;
         true
     }
 
