@@ -19,7 +19,7 @@ use pyralog_net::kafka::wire::{Records, Uuid};
 use pyralog_net::kafka::{error, Request, RequestBody, ResponseBody};
 use pyralog_net::server::KafkaHandler;
 use pyralog_shard::topics::{TopicConfig, TopicMeta};
-use pyralog_shard::{FetchLimits, Fetched, Shard, ShardError};
+use pyralog_shard::{trim_fetches, FetchLimits, Fetched, Shard, ShardError};
 
 use crate::groups;
 
@@ -319,7 +319,7 @@ impl KafkaService {
         let deadline = std::time::Instant::now() + max_wait.min(pyralog_shard::FETCH_WAIT_MAX);
         let mut results = self.fetch_once(&wanted, body.max_bytes).await;
         loop {
-            let bytes: usize = results.iter().map(|r| r.as_ref().map_or(0, fetched_bytes)).sum();
+            let bytes: usize = results.iter().map(|r| r.as_ref().map_or(0, Fetched::bytes)).sum();
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let done = bytes >= min_bytes.max(1) || results.iter().any(Result::is_err);
             if done || left.is_zero() || wanted.is_empty() {
@@ -380,8 +380,8 @@ impl KafkaService {
 
     /// Reads every partition once without waiting, all at once (partitions on other shards
     /// are read there in parallel), then keeps them in request order within the request's
-    /// byte budget: a partition reached after the budget is spent reports its state with no
-    /// records; the first one with data always keeps its batches, as in Kafka.
+    /// byte budget ([`trim_fetches`]): a partition reached after the budget is spent reports
+    /// its state with no records; the response's first batch always comes, as in Kafka.
     async fn fetch_once(
         &self,
         wanted: &[(String, i32, i64, i32)],
@@ -397,14 +397,7 @@ impl KafkaService {
             self.shard.fetch(topic, u32::try_from(*partition).unwrap_or(u32::MAX), *offset, limits)
         });
         let mut results = join_all(reads).await;
-        let mut budget = max_bytes;
-        for fetched in results.iter_mut().flatten() {
-            if budget == 0 {
-                fetched.records.clear();
-                continue;
-            }
-            budget = budget.saturating_sub(fetched_bytes(fetched) as u32);
-        }
+        trim_fetches(results.iter_mut().flatten(), max_bytes);
         results
     }
 
@@ -804,8 +797,4 @@ impl KafkaService {
             ..Default::default()
         }
     }
-}
-
-fn fetched_bytes(fetched: &Fetched) -> usize {
-    fetched.records.iter().map(|b| b.len()).sum()
 }

@@ -12,7 +12,7 @@ use pyralog_net::codec::{
     ProducePartitionResult, Request, Response, ResponseFrame, ShardInfo, TopicInfo,
 };
 use pyralog_net::server::Handler;
-use pyralog_shard::{FetchLimits, Shard, ShardError};
+use pyralog_shard::{trim_fetches, FetchLimits, Shard, ShardError};
 
 /// The ports every shard serves, for metadata responses.
 #[derive(Debug, Clone)]
@@ -88,41 +88,42 @@ impl Handler for Service {
                 Ok(Response::Produce(results))
             }
             Request::Fetch(fetch) => {
-                let limits = |max_bytes: u32| FetchLimits {
-                    max_bytes: if max_bytes == 0 {
-                        fetch.max_bytes
-                    } else {
-                        max_bytes.min(fetch.max_bytes.max(1))
-                    },
+                // The request's max_bytes bounds the whole response; a partition's own
+                // max_bytes (0: none) bounds its share.
+                let total = fetch.max_bytes.max(1);
+                let limits = FetchLimits {
+                    max_bytes: total,
                     min_bytes: fetch.min_bytes,
                     max_wait: Duration::from_millis(u64::from(fetch.max_wait_ms)),
                 };
                 let reads = fetch.partitions.iter().map(|p| {
-                    let shard = &self.shard;
-                    let topic = &fetch.topic;
-                    let limits = limits(p.max_bytes);
-                    async move {
-                        match shard.fetch(topic, p.partition, p.offset, limits).await {
-                            Ok(fetched) => FetchPartitionResult {
-                                partition: p.partition,
-                                error: ErrorCode::None,
-                                message: String::new(),
-                                high_watermark: fetched.high_watermark,
-                                log_start_offset: fetched.log_start_offset,
-                                records: fetched.records,
-                            },
-                            Err(error) => FetchPartitionResult {
-                                partition: p.partition,
-                                error: error_code(&error),
-                                message: error.to_string(),
-                                high_watermark: -1,
-                                log_start_offset: -1,
-                                records: Vec::new(),
-                            },
-                        }
-                    }
+                    let limits = FetchLimits {
+                        max_bytes: if p.max_bytes == 0 { total } else { p.max_bytes.min(total) },
+                        ..limits
+                    };
+                    self.shard.fetch(&fetch.topic, p.partition, p.offset, limits)
                 });
-                Ok(Response::Fetch(join_all(reads).await))
+                let mut results = join_all(reads).await;
+                trim_fetches(results.iter_mut().flatten(), total);
+                let partitions = fetch.partitions.iter().zip(results).map(|(p, result)| match result {
+                    Ok(fetched) => FetchPartitionResult {
+                        partition: p.partition,
+                        error: ErrorCode::None,
+                        message: String::new(),
+                        high_watermark: fetched.high_watermark,
+                        log_start_offset: fetched.log_start_offset,
+                        records: fetched.records,
+                    },
+                    Err(error) => FetchPartitionResult {
+                        partition: p.partition,
+                        error: error_code(&error),
+                        message: error.to_string(),
+                        high_watermark: -1,
+                        log_start_offset: -1,
+                        records: Vec::new(),
+                    },
+                });
+                Ok(Response::Fetch(partitions.collect()))
             }
             Request::ListOffsets(list) => {
                 let mut results = Vec::with_capacity(list.partitions.len());

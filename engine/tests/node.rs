@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::Node;
 use pyralog_net::client::{BatchBuilder, Client, ClientError, Consumer, RecordReader, StartAt};
-use pyralog_net::codec::{self, Acks, ErrorCode, ProducePartition, ProduceRequest, Request, Response};
+use pyralog_net::codec::{
+    self, Acks, ErrorCode, FetchPartition, FetchRequest, ProducePartition, ProduceRequest, Request, Response,
+};
 
 fn batch(values: &[String]) -> Bytes {
     let mut builder = BatchBuilder::new(1_700_000_000_000, 1024);
@@ -166,6 +168,51 @@ fn a_fetch_asking_for_everything_gets_at_most_the_partition_limit() {
     );
     let rest = client.fetch("big", 0, records as i64, u32::MAX, 0).unwrap();
     assert_eq!(records + rest.reader().count(), 3 * 1024, "the next fetch goes on from there");
+}
+
+#[test]
+fn a_fetch_naming_many_partitions_is_bounded_in_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    client.create_topic("wide", 4).unwrap();
+    // Two 6 MiB batches in each of four partitions (spread over both shards): 48 MiB in all.
+    let value = "v".repeat(6 << 10);
+    for partition in 0..4 {
+        for round in 0..2 {
+            let values: Vec<String> = (0..1024).map(|i| format!("{partition}-{round}-{i}-{value}")).collect();
+            client.produce("wide", partition, batch(&values), Acks::Durable).unwrap();
+        }
+    }
+    let shared =
+        pyralog_net::client::Connection::connect(node.addr.parse().unwrap(), Default::default()).unwrap();
+    let fetch = |max_bytes: u32| {
+        let partitions =
+            (0..4).map(|partition| FetchPartition { partition, offset: 0, max_bytes: 0 }).collect();
+        let request = Request::Fetch(FetchRequest {
+            topic: "wide".into(),
+            max_wait_ms: 0,
+            min_bytes: 0,
+            max_bytes,
+            partitions,
+        });
+        let Some(Response::Fetch(results)) = shared.call(&request).unwrap().body else { panic!() };
+        assert_eq!(results.len(), 4);
+        for result in &results {
+            assert_eq!(result.error, ErrorCode::None, "{}", result.message);
+            assert_eq!(result.high_watermark, 2048, "a trimmed partition still reports where it is");
+        }
+        results.into_iter().map(|r| r.records.iter().map(Bytes::len).sum::<usize>()).collect::<Vec<_>>()
+    };
+
+    // Asking for everything: the response stops at the named limit, in partition order.
+    let sizes = fetch(u32::MAX);
+    let total: usize = sizes.iter().sum();
+    assert!(total <= pyralog_shard::FETCH_RESPONSE_BYTES_MAX as usize, "{sizes:?}");
+    assert!(sizes[0] > 0 && sizes[1] > 0 && sizes[3] == 0, "request order: {sizes:?}");
+    // A small budget: the first batch comes whole, nothing else.
+    let sizes = fetch(1);
+    assert!(sizes[0] > 6 << 20 && sizes[0] < 7 << 20 && sizes[1..] == [0, 0, 0], "{sizes:?}");
 }
 
 #[test]

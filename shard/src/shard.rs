@@ -34,6 +34,10 @@ pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
 /// whole): it bounds the memory a fetch takes, and the log's read ahead takes as much again.
 /// Kafka clients ask 1 MiB per partition by default.
 pub const FETCH_PARTITION_BYTES_MAX: u32 = 16 << 20;
+/// Most bytes of records one fetch response carries over all its partitions, whatever the
+/// request asks (a larger first batch still comes whole): half the native client's 64 MiB
+/// response frame limit. Kafka clients ask 50 MiB by default and are simply given less.
+pub const FETCH_RESPONSE_BYTES_MAX: u32 = 32 << 20;
 /// How often retention runs.
 pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// Consumer groups are spread over this many offsets logs (`<data-dir>/groups/<n>/`), each
@@ -73,6 +77,37 @@ pub struct Fetched {
     pub high_watermark: i64,
     pub log_start_offset: i64,
     pub records: Vec<Bytes>,
+}
+
+impl Fetched {
+    pub fn bytes(&self) -> usize {
+        self.records.iter().map(Bytes::len).sum()
+    }
+}
+
+/// Trims a fetch response's partitions, in request order, to `max_bytes` of records in all
+/// (and never more than [`FETCH_RESPONSE_BYTES_MAX`]). Each partition keeps the chunks (whole
+/// batches) that still fit; the response's first chunk is kept whatever its size, so a batch
+/// larger than the budget is still delivered. A partition past the budget keeps its offsets
+/// and high watermark with no records, and the client asks again from where it is.
+pub fn trim_fetches<'a>(fetches: impl IntoIterator<Item = &'a mut Fetched>, max_bytes: u32) {
+    let mut left = max_bytes.clamp(1, FETCH_RESPONSE_BYTES_MAX) as usize;
+    let mut kept_any = false;
+    for fetched in fetches {
+        let keep = fetched
+            .records
+            .iter()
+            .take_while(|chunk| {
+                let fits = chunk.len() <= left || !kept_any;
+                if fits {
+                    left = left.saturating_sub(chunk.len());
+                    kept_any = true;
+                }
+                fits
+            })
+            .count();
+        fetched.records.truncate(keep);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -759,4 +794,44 @@ async fn rebuild_producers(log: &Log) -> Result<ProducerStates, ShardError> {
         }
     }
     Ok(states)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetched(chunks: &[usize]) -> Fetched {
+        let records = chunks.iter().map(|&len| Bytes::from(vec![0u8; len])).collect();
+        Fetched { high_watermark: 100, log_start_offset: 0, records }
+    }
+
+    fn lens(fetches: &[Fetched]) -> Vec<Vec<usize>> {
+        fetches.iter().map(|f| f.records.iter().map(Bytes::len).collect()).collect()
+    }
+
+    #[test]
+    fn trimming_keeps_chunks_in_request_order_within_the_budget() {
+        let mut fetches = vec![fetched(&[]), fetched(&[40, 40, 40]), fetched(&[30]), fetched(&[10])];
+        trim_fetches(&mut fetches, 100);
+        // The second partition stops at the chunk that no longer fits; a later, smaller one
+        // may still fit.
+        assert_eq!(lens(&fetches), vec![vec![], vec![40, 40], vec![], vec![10]]);
+        assert!(fetches.iter().all(|f| f.high_watermark == 100), "offsets stay");
+    }
+
+    #[test]
+    fn trimming_always_keeps_the_first_chunk_whatever_its_size() {
+        let mut fetches = vec![fetched(&[500, 10]), fetched(&[1])];
+        trim_fetches(&mut fetches, 100);
+        assert_eq!(lens(&fetches), vec![vec![500], vec![]]);
+    }
+
+    #[test]
+    fn trimming_caps_any_request_at_the_response_limit() {
+        let chunk = FETCH_PARTITION_BYTES_MAX as usize;
+        let mut fetches: Vec<Fetched> = (0..4).map(|_| fetched(&[chunk])).collect();
+        trim_fetches(&mut fetches, u32::MAX);
+        let total: usize = fetches.iter().map(Fetched::bytes).sum();
+        assert_eq!(total, FETCH_RESPONSE_BYTES_MAX as usize);
+    }
 }
