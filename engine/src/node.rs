@@ -76,7 +76,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         .map_or(0, |d| d.as_millis() as i64)
         .saturating_mul(1024);
     check_io_uring()?;
-    check_memlock(args.io_memory_bytes, cpus.len())?;
+    let io_memory_bytes = io_memory_per_shard(args.io_memory_bytes, cpus.len())?;
     block_stop_signals();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -106,7 +106,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("pyralog-cpu{cpu}"))
-            .io_memory(args.io_memory_bytes)
+            .io_memory(io_memory_bytes)
             .spawn(move || run_shard(context))
             .map_err(|e| anyhow!("starting the executor on CPU {cpu}: {e}"))?;
         handles.push(handle);
@@ -136,7 +136,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
     topology
         .set(Topology { shards: shards.clone(), kafka_ports: kafka_ports.clone() })
         .unwrap_or_else(|_| unreachable!("set once"));
-    print_summary(&args, &shards, &kafka_ports);
+    print_summary(&args, &shards, &kafka_ports, io_memory_bytes);
 
     let outcome = wait_for_stop(&event_receiver);
     stop.store(true, Ordering::SeqCst);
@@ -407,22 +407,44 @@ fn check_io_uring() -> Result<()> {
     Ok(())
 }
 
-fn check_memlock(io_memory_bytes: usize, shards: usize) -> Result<()> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
-        return Ok(());
-    }
-    let needed = (io_memory_bytes * shards) as u64;
-    if limit.rlim_cur != libc::RLIM_INFINITY && limit.rlim_cur < needed {
+/// Registered io_uring memory per shard when `--io-memory-bytes` is not given: room for a
+/// flush's write chunk (`WRITE_CHUNK_BYTES_MAX`, 1 MiB) beside reads in flight. A disk buffer
+/// that does not fit comes from the heap, fresh each time: its page faults, the kernel's zeroing
+/// and the unmapping after it stalled a shard for about a millisecond per cached-mode flush,
+/// which was the produce p99 at 20k msg/s (bench/RESULTS.md, session 4).
+const IO_MEMORY_DEFAULT: usize = 4 << 20;
+/// The least the default shrinks to when the memlock limit is low.
+const IO_MEMORY_MIN: usize = 1 << 20;
+
+/// The io_uring memory each shard registers: as asked, or the default within the memlock limit.
+fn io_memory_per_shard(asked: Option<usize>, shards: usize) -> Result<usize> {
+    let limit = memlock_limit();
+    let bytes = asked.unwrap_or_else(|| {
+        let fits = limit.map_or(IO_MEMORY_DEFAULT, |limit| {
+            usize::try_from(limit / shards as u64).unwrap_or(usize::MAX) / IO_MEMORY_MIN * IO_MEMORY_MIN
+        });
+        fits.clamp(IO_MEMORY_MIN, IO_MEMORY_DEFAULT)
+    });
+    let needed = (bytes as u64).saturating_mul(shards as u64);
+    if let Some(limit) = limit.filter(|&limit| limit < needed) {
         bail!(
             "the memlock limit is {} KiB but {shards} shards need {} KiB of io_uring buffers: raise it \
              (ulimit -l, or LimitMEMLOCK= for systemd) or lower --io-memory-bytes",
-            limit.rlim_cur / 1024,
+            limit / 1024,
             needed / 1024
         );
     }
-    Ok(())
+    Ok(bytes)
+}
+
+/// RLIMIT_MEMLOCK in bytes; `None` when unlimited or unknown.
+fn memlock_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+        return None;
+    }
+    (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
 
 fn stop_signals() -> libc::sigset_t {
@@ -468,7 +490,7 @@ fn wait_for_stop(events: &mpsc::Receiver<ShardEvent>) -> Result<(), String> {
     }
 }
 
-fn print_summary(args: &NodeArgs, shards: &[ShardInfo], kafka_ports: &[u16]) {
+fn print_summary(args: &NodeArgs, shards: &[ShardInfo], kafka_ports: &[u16], io_memory_bytes: usize) {
     let placement: Vec<String> =
         shards.iter().map(|s| format!("shard {} on CPU {} port {}", s.shard, s.cpu, s.port)).collect();
     let durability = match args.durability {
@@ -499,7 +521,7 @@ fn print_summary(args: &NodeArgs, shards: &[ShardInfo], kafka_ports: &[u16]) {
     println!("  data dir    {}", args.data_dir.display());
     println!("  durability  {durability}");
     println!(
-        "  limits      segment {} B, cache {} B per shard, request {} B",
-        args.segment_bytes, args.cache_bytes, args.max_request_bytes
+        "  limits      segment {} B, cache {} B per shard, request {} B, io memory {} B per shard",
+        args.segment_bytes, args.cache_bytes, args.max_request_bytes, io_memory_bytes
     );
 }

@@ -413,6 +413,42 @@ fn a_second_node_on_the_same_port_or_data_dir_is_refused_with_a_message() {
     assert!(message.contains("--kafka-advertise"), "{message}");
 }
 
+#[test]
+fn io_memory_defaults_within_the_memlock_limit_and_a_limit_too_low_is_refused() {
+    // Starts a two-shard node under a soft memlock limit (KiB; at most the hard limit, 8 MiB
+    // on these machines) and stops it; returns its exit
+    // code and everything it printed. The shell lowers the limit (any user may lower it).
+    let run = |memlock_kib: u64, extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "ulimit -S -l {memlock_kib} || exit 9; out={out}; \
+             {bin} --data-dir {data} --listen 127.0.0.1:0 --kafka-listen 127.0.0.1:0 \
+             --shard-port-base 0 --kafka-shard-port-base 0 --shards 2 {extra} >$out 2>&1 & pid=$!; \
+             for _ in $(seq 100); do grep -q ready $out && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done; \
+             kill -TERM $pid 2>/dev/null; wait $pid; code=$?; cat $out; exit $code",
+            out = dir.path().join("out").display(),
+            bin = env!("CARGO_BIN_EXE_pyralog"),
+            data = dir.path().join("data").display(),
+        );
+        let output = Command::new("bash").args(["-c", &script]).output().unwrap();
+        let text =
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.code(), text)
+    };
+    // 4 MiB per shard when the limit allows it, less (in whole MiB) when it does not.
+    let (_, text) = run(8 << 10, "");
+    assert!(text.contains("io memory 4194304 B per shard"), "{text}");
+    let (_, text) = run(5 << 10, "");
+    assert!(text.contains("io memory 2097152 B per shard"), "{text}");
+    // Below 1 MiB per shard, or below what was asked: a plain refusal.
+    let (code, text) = run(1 << 10, "");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("memlock limit is 1024 KiB but 2 shards need 2048 KiB"), "{text}");
+    let (code, text) = run(8 << 10, "--io-memory-bytes 8388608");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("lower --io-memory-bytes"), "{text}");
+}
+
 /// A small file system of its own, unmounted on drop. Needs root, as CI and the developers'
 /// machines have.
 struct SmallFileSystem {
