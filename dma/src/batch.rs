@@ -106,8 +106,14 @@ pub fn parse(bytes: &[u8]) -> Result<BatchHeader> {
         )));
     }
     let header = stored_header(batch).expect("length checked above");
-    if header.last_offset_delta < 0 || header.record_count < 0 {
-        return Err(corrupt("negative lastOffsetDelta or recordCount"));
+    // As Kafka's broker does: the records take consecutive offsets, so the batch's offset
+    // range is its record count. A lastOffsetDelta past it would let a 61-byte batch use up
+    // 2^31 offsets and push a segment's relative offsets past what its index can hold.
+    if header.record_count < 1 || i64::from(header.last_offset_delta) != i64::from(header.record_count) - 1 {
+        return Err(corrupt(format!(
+            "lastOffsetDelta {} does not fit recordCount {}: a batch's records take consecutive offsets",
+            header.last_offset_delta, header.record_count
+        )));
     }
     Ok(header)
 }
@@ -219,10 +225,31 @@ pub fn build_for_tests(record_count: usize, value: &[u8], timestamp_ms: i64) -> 
     batch
 }
 
+/// Recomputes the CRC-32C of the batch at the start of `batch`, for tests that alter a
+/// checked field on purpose.
+pub fn reseal_for_tests(batch: &mut [u8]) {
+    let total = claimed_batch_bytes(batch).expect("a batch length");
+    let crc = crc32c::crc32c(&batch[ATTRIBUTES_AT..total]);
+    batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_batch_whose_offset_range_is_not_its_record_count_is_refused() {
+        for (delta, count) in [(i32::MAX, 1i32), (5, 3), (0, 0), (-1, 0)] {
+            let mut batch = build_for_tests(1, b"v", 0);
+            batch[LAST_OFFSET_DELTA_AT..LAST_OFFSET_DELTA_AT + 4].copy_from_slice(&delta.to_be_bytes());
+            batch[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&count.to_be_bytes());
+            reseal_for_tests(&mut batch);
+            let error = parse(&batch).unwrap_err().to_string();
+            assert!(error.contains("consecutive offsets"), "{delta}/{count}: {error}");
+        }
+        assert_eq!(parse(&build_for_tests(3, b"v", 0)).unwrap().offset_count(), 3);
+    }
 
     #[test]
     fn parses_a_built_batch() {

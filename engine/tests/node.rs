@@ -264,6 +264,23 @@ fn bad_batches_unknown_names_and_malformed_frames_get_errors_and_the_node_keeps_
     }
     assert_eq!(client.list_offsets("t", 0, codec::OFFSET_LATEST).unwrap(), 0);
 
+    // A valid CRC over a batch claiming 2^31 offsets for its one record: three of them once
+    // pushed a segment's relative offsets past its index's u32 and crashed the shard, at
+    // every start after. Refused like a corrupt batch.
+    for _ in 0..3 {
+        let mut wide = batch(&values("w", 1)).to_vec();
+        wide[23..27].copy_from_slice(&i32::MAX.to_be_bytes()); // lastOffsetDelta
+        pyralog_dma::batch::reseal_for_tests(&mut wide);
+        match client.produce("t", 0, Bytes::from(wide), Acks::Durable) {
+            Err(ClientError::Server { code, message }) => {
+                assert_eq!(code, ErrorCode::CorruptBatch);
+                assert!(message.contains("consecutive offsets"), "{message}");
+            }
+            other => panic!("a batch claiming more offsets than records must be refused: {other:?}"),
+        }
+    }
+    assert_eq!(client.list_offsets("t", 0, codec::OFFSET_LATEST).unwrap(), 0);
+
     // Unknown topic and partition.
     match client.produce("nope", 0, batch(&values("x", 1)), Acks::Durable) {
         Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::UnknownTopic),
