@@ -3,6 +3,12 @@
 //! Waiters check their condition, then await [`Event::listen`]; because a shard runs one task
 //! at a time and `listen` captures the generation when it is created, a notify between the
 //! check and the first poll is never missed.
+//!
+//! A waiter holds one slot however often it is polled, and gives it up when dropped: a
+//! `Listen` raced against a timer (a long-poll, a sweeper) and dropped leaves nothing behind.
+//! (Every poll used to add a waker clone that only the next notify removed: an idle event
+//! kept them all, each holding its task alive, until glommio's 16-bit task reference count
+//! overflowed and the shard panicked.)
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -12,35 +18,121 @@ use std::task::{Context, Poll, Waker};
 #[derive(Default)]
 pub(crate) struct Event {
     generation: Cell<u64>,
-    wakers: RefCell<Vec<Waker>>,
+    next_slot: Cell<u64>,
+    /// The waiting `Listen`s of this generation, by slot.
+    wakers: RefCell<Vec<(u64, Waker)>>,
 }
 
 impl Event {
     pub fn notify(&self) {
         self.generation.set(self.generation.get() + 1);
-        for waker in self.wakers.borrow_mut().drain(..) {
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        for (_, waker) in wakers {
             waker.wake();
         }
     }
 
     pub fn listen(&self) -> Listen<'_> {
-        Listen { event: self, generation: self.generation.get() }
+        Listen { event: self, generation: self.generation.get(), slot: None }
+    }
+
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.wakers.borrow().len()
     }
 }
 
 pub(crate) struct Listen<'a> {
     event: &'a Event,
     generation: u64,
+    /// Where this waiter's waker is kept, once it has been polled.
+    slot: Option<u64>,
 }
 
 impl Future for Listen<'_> {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if self.event.generation.get() != self.generation {
             return Poll::Ready(());
         }
-        self.event.wakers.borrow_mut().push(cx.waker().clone());
+        let mut wakers = self.event.wakers.borrow_mut();
+        match self.slot.and_then(|slot| wakers.iter_mut().find(|(s, _)| *s == slot)) {
+            Some((_, waker)) => waker.clone_from(cx.waker()),
+            None => {
+                let slot = self.event.next_slot.get();
+                self.event.next_slot.set(slot + 1);
+                wakers.push((slot, cx.waker().clone()));
+                drop(wakers);
+                self.slot = Some(slot);
+            }
+        }
         Poll::Pending
+    }
+}
+
+impl Drop for Listen<'_> {
+    fn drop(&mut self) {
+        // After a notify the slot is gone already (and this generation's list is empty).
+        if let (Some(slot), Ok(mut wakers)) = (self.slot, self.event.wakers.try_borrow_mut()) {
+            if let Some(at) = wakers.iter().position(|(s, _)| *s == slot) {
+                wakers.swap_remove(at);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_waiter_polled_many_times_holds_one_slot_and_frees_it_when_dropped() {
+        let event = Event::default();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        {
+            let mut listen = std::pin::pin!(event.listen());
+            for _ in 0..1000 {
+                assert!(listen.as_mut().poll(&mut cx).is_pending());
+            }
+            assert_eq!(event.waiting(), 1);
+            // Held until dropped (the waker is the task, kept alive by the clone).
+            assert_eq!(Arc::strong_count(&count), 3);
+        }
+        assert_eq!(event.waiting(), 0, "a dropped waiter leaves nothing behind");
+        assert_eq!(Arc::strong_count(&count), 2);
+    }
+
+    #[test]
+    fn notify_wakes_every_waiter_once_and_they_finish() {
+        let event = Event::default();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let mut first = Box::pin(event.listen());
+        let mut second = Box::pin(event.listen());
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        // A listen created before the notify but first polled after it is not lost.
+        let mut late = Box::pin(event.listen());
+        event.notify();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert!(first.as_mut().poll(&mut cx).is_ready());
+        assert!(second.as_mut().poll(&mut cx).is_ready());
+        assert!(late.as_mut().poll(&mut cx).is_ready());
+        drop((first, second, late));
+        assert_eq!(event.waiting(), 0);
     }
 }
