@@ -316,6 +316,40 @@ fn bad_batches_unknown_names_and_malformed_frames_get_errors_and_the_node_keeps_
 }
 
 #[test]
+fn topic_changes_made_at_once_are_all_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    // Sixteen clients create a topic each, then all the same one, at once (as producers
+    // auto-creating a topic do). Shard 0 used to interleave them: each persisted the table it
+    // had read before its awaits, dropping the others' topics, and a second create of one
+    // name passed the check and removed the first one's open directory.
+    let creators: Vec<_> = (0..16)
+        .map(|i| {
+            let addr = node.addr.clone();
+            std::thread::spawn(move || {
+                let client = Client::connect(&addr).unwrap();
+                client.create_topic(&format!("t{i:02}"), 4).unwrap();
+                client.create_topic("same", 4).is_ok()
+            })
+        })
+        .collect();
+    let won = creators.into_iter().map(|t| t.join().unwrap()).filter(|&created| created).count();
+    assert_eq!(won, 1, "one create of a name wins");
+    let client = node.client();
+    client.produce("same", 0, batch(&values("kept", 3)), Acks::Durable).unwrap();
+    node.terminate();
+
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    let mut names: Vec<String> = client.metadata(&[]).unwrap().topics.into_iter().map(|t| t.name).collect();
+    names.sort();
+    let mut expected: Vec<String> = (0..16).map(|i| format!("t{i:02}")).collect();
+    expected.insert(0, "same".into());
+    assert_eq!(names, expected, "every topic created is in the table after a restart");
+    assert_eq!(read_partition(&client, "same", 0).len(), 3, "the winner's files were not removed");
+}
+
+#[test]
 fn topics_survive_a_restart_and_can_be_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path(), &[]);

@@ -195,6 +195,9 @@ pub struct Shard {
     replies: RefCell<HashMap<u64, local_channel::LocalSender<OpResult>>>,
     /// The coordinators of the offsets logs this shard owns, by log number.
     groups: RefCell<HashMap<usize, Rc<GroupCoordinator>>>,
+    /// Shard 0 decides topic changes one at a time: each reads the table, awaits (opening
+    /// logs, asking every shard) and persists the table it read plus its change.
+    topic_changes: glommio::sync::Semaphore,
     shutting_down: Cell<bool>,
 }
 
@@ -219,6 +222,7 @@ impl Shard {
             next_request_id: Cell::new(0),
             replies: RefCell::new(HashMap::new()),
             groups: RefCell::new(HashMap::new()),
+            topic_changes: glommio::sync::Semaphore::new(1),
             shutting_down: Cell::new(false),
         });
         for log in (0..GROUP_LOGS).filter(|log| log % count == id) {
@@ -388,12 +392,21 @@ impl Shard {
                 OpResult::Offset(self.list_offsets_local(&topic, partition, timestamp).await)
             }
             Op::CreateTopic { name, partitions, config } => {
-                OpResult::Done(self.create_topic_as_leader(&name, partitions, config).await)
+                OpResult::Done(match self.topic_change_turn().await {
+                    Ok(_turn) => self.create_topic_as_leader(&name, partitions, config).await,
+                    Err(error) => Err(error),
+                })
             }
             Op::CreatePartitions { name, partitions } => {
-                OpResult::Done(self.create_partitions_as_leader(&name, partitions).await)
+                OpResult::Done(match self.topic_change_turn().await {
+                    Ok(_turn) => self.create_partitions_as_leader(&name, partitions).await,
+                    Err(error) => Err(error),
+                })
             }
-            Op::DeleteTopic { name } => OpResult::Done(self.delete_topic_as_leader(&name).await),
+            Op::DeleteTopic { name } => OpResult::Done(match self.topic_change_turn().await {
+                Ok(_turn) => self.delete_topic_as_leader(&name).await,
+                Err(error) => Err(error),
+            }),
             Op::ApplyCreate { name, meta } => OpResult::Done(self.apply_create(&name, meta).await),
             Op::ApplyDelete { name } => OpResult::Done(self.apply_delete(&name).await),
             Op::Group { log, op } => {
@@ -578,6 +591,11 @@ impl Shard {
             }
             t => partition.log.offset_for_timestamp(t).await?.unwrap_or(-1),
         })
+    }
+
+    /// Waits for this shard's turn to change the topic table (see `topic_changes`).
+    async fn topic_change_turn(&self) -> Result<glommio::sync::Permit<'_>, ShardError> {
+        self.topic_changes.acquire_permit(1).await.map_err(|_| ShardError::ShuttingDown)
     }
 
     async fn create_topic_as_leader(
