@@ -568,3 +568,27 @@ fn a_full_disk_fails_produce_with_a_storage_error_and_keeps_what_was_written() {
     assert!(stored.iter().all(|(_, v)| *v == payload));
     drop(node);
 }
+
+#[test]
+fn in_cached_mode_a_failed_flush_ends_the_partition_at_what_is_on_disk() {
+    let disk = SmallFileSystem::new("4m");
+    let data_dir = disk.mount_point.path().join("data");
+    let node = Node::start(&data_dir, &["--durability", "cached", "--flush-interval-ms", "5"]);
+    let client = node.client();
+    client.create_topic("full", 1).unwrap();
+    let payload = "z".repeat(30_000);
+    // Acknowledged from memory until a flush fails; the produces after it are refused.
+    let mut acknowledged = 0i64;
+    while client.produce("full", 0, batch(&[payload.clone(), payload.clone()]), Acks::Durable).is_ok() {
+        acknowledged += 2;
+        assert!(acknowledged < 1000, "a 4 MiB disk must fill up");
+    }
+    // What the failed flush held is gone (cached mode's promise says so): the partition now
+    // ends where the disk does, and every offset below that end reads back.
+    let end = client.list_offsets("full", 0, codec::OFFSET_LATEST).unwrap();
+    assert!(end > 0 && end < acknowledged, "end {end}, acknowledged {acknowledged}");
+    let stored = read_partition(&client, "full", 0);
+    assert_eq!(stored.len() as i64, end, "a consumer reaches the end, not a gap it waits on");
+    assert!(stored.iter().all(|(_, v)| *v == payload));
+    drop(node);
+}

@@ -110,6 +110,29 @@ impl ShardCache {
         Some(chunks)
     }
 
+    /// Drops the batches of partition `key` that will never be durable: its log stopped
+    /// taking writes after a failed flush, and what was pending is not on disk. Left in place
+    /// they would stop the shard's eviction for good (it never passes an undurable batch).
+    pub fn drop_undurable(&mut self, key: PartitionKey) {
+        let Some(partition) = self.partitions.get_mut(&key) else { return };
+        let mut dropped = 0;
+        while partition.entries.back().is_some_and(|e| e.next_offset > partition.durable_offset) {
+            let entry = partition.entries.pop_back().expect("checked");
+            self.used_bytes -= entry.bytes.len() as u64;
+            dropped += 1;
+        }
+        // Their places in the eviction order are this partition's last ones.
+        let mut at = self.order.len();
+        while dropped > 0 {
+            at -= 1;
+            if self.order[at] == key {
+                self.order.remove(at);
+                dropped -= 1;
+            }
+        }
+        self.evict();
+    }
+
     /// Drops a partition's entries (truncation, deletion).
     pub fn forget(&mut self, key: PartitionKey) {
         if let Some(partition) = self.partitions.remove(&key) {
@@ -157,6 +180,25 @@ mod tests {
         assert_eq!(cache.read(2, 0, 2, 1000).unwrap().len(), 2);
         cache.forget(2);
         assert_eq!(cache.used_bytes(), 100);
+    }
+
+    #[test]
+    fn a_partition_that_stopped_taking_writes_does_not_hold_eviction_back() {
+        let mut cache = ShardCache::new(250);
+        cache.insert(1, 0, 1, chunk(100));
+        cache.mark_durable(1, 1);
+        cache.insert(1, 1, 2, chunk(100)); // its flush fails: never durable
+        for offset in 0..5 {
+            cache.insert(2, offset, offset + 1, chunk(100));
+            cache.mark_durable(2, offset + 1);
+        }
+        assert_eq!(cache.used_bytes(), 600, "partition 1's undurable batch blocks eviction");
+        cache.drop_undurable(1);
+        assert_eq!(cache.used_bytes(), 200, "within budget again");
+        cache.insert(1, 1, 2, chunk(100)); // contiguous again at the durable end
+        cache.insert(2, 5, 6, chunk(100));
+        cache.mark_durable(2, 6);
+        assert_eq!(cache.read(2, 5, 6, 1000).unwrap().len(), 1);
     }
 
     #[test]

@@ -78,10 +78,13 @@ impl Partition {
         }
     }
 
+    /// What consumers may read up to: the durable offset in sync mode; in cached mode
+    /// everything appended, until a failed flush stops the log and what was not yet on disk
+    /// is gone (the cache drops it too).
     pub fn high_watermark(&self) -> i64 {
         match self.durability {
-            Durability::Sync => self.log.durable_offset(),
-            Durability::Cached { .. } => self.log.next_offset(),
+            Durability::Cached { .. } if self.log.stopped().is_none() => self.log.next_offset(),
+            _ => self.log.durable_offset(),
         }
     }
 

@@ -684,7 +684,11 @@ impl Shard {
             partition.flusher_running.set(true);
             let cache = Rc::clone(&self.cache);
             let flusher = Rc::clone(&partition).run_flusher(move |p| {
-                cache.borrow_mut().mark_durable(p.key, p.log.durable_offset());
+                let mut cache = cache.borrow_mut();
+                cache.mark_durable(p.key, p.log.durable_offset());
+                if p.log.stopped().is_some() {
+                    cache.drop_undurable(p.key);
+                }
             });
             glommio::spawn_local(flusher).detach();
             self.partitions.borrow_mut().insert((name.to_owned(), partition.partition), partition);
