@@ -9,19 +9,18 @@
 //! (it is the bootstrap address), hopping to the owner when needed.
 
 use std::cell::Cell;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures_util::future::{join_all, select_all};
+use futures_util::future::join_all;
 use pyralog_net::kafka::messages::*;
 use pyralog_net::kafka::wire::{Records, Uuid};
 use pyralog_net::kafka::{error, Request, RequestBody, ResponseBody};
 use pyralog_net::server::KafkaHandler;
 use pyralog_shard::topics::{TopicConfig, TopicMeta};
-use pyralog_shard::{trim_fetches, FetchLimits, Fetched, Shard, ShardError};
+use pyralog_shard::{FetchLimits, Shard, ShardError};
 
-use crate::groups;
+use crate::{fetch, groups};
 
 /// The controller's node id in Kafka metadata (shard 0, which decides topic changes).
 pub const CONTROLLER_ID: i32 = 0;
@@ -314,32 +313,20 @@ impl KafkaService {
                     .map(|p| (t.topic.clone(), p.partition, p.fetch_offset, p.partition_max_bytes))
             })
             .collect();
-        let min_bytes = body.min_bytes.max(0) as usize;
+        let asked: Vec<fetch::Wanted<'_>> = wanted
+            .iter()
+            .map(|(topic, partition, offset, partition_max)| fetch::Wanted {
+                topic,
+                partition: u32::try_from(*partition).unwrap_or(u32::MAX),
+                offset: *offset,
+                max_bytes: (*partition_max).max(1) as u32,
+            })
+            .collect();
         let max_wait = Duration::from_millis(body.max_wait_ms.max(0) as u64);
-        let deadline = std::time::Instant::now() + max_wait.min(pyralog_shard::FETCH_WAIT_MAX);
-        let mut results = self.fetch_once(&wanted, body.max_bytes).await;
-        loop {
-            let bytes: usize = results.iter().map(|r| r.as_ref().map_or(0, Fetched::bytes)).sum();
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let done = bytes >= min_bytes.max(1) || results.iter().any(Result::is_err);
-            if done || left.is_zero() || wanted.is_empty() {
-                break;
-            }
-            // Long-poll: wait for data past each partition's end, on all of them at once; the
-            // first to see some (or the deadline) ends the wait, then everything is read again.
-            let waits: Vec<Pin<Box<dyn std::future::Future<Output = _>>>> = wanted
-                .iter()
-                .zip(&results)
-                .map(|((topic, partition, offset, _), result)| {
-                    let end = result.as_ref().map_or(*offset, |f| f.high_watermark.max(*offset));
-                    let limits = FetchLimits { max_bytes: 1, min_bytes: 1, max_wait: left };
-                    let fetch = self.shard.fetch(topic, *partition as u32, end, limits);
-                    Box::pin(fetch) as Pin<Box<dyn std::future::Future<Output = _>>>
-                })
-                .collect();
-            let _ = select_all(waits).await;
-            results = self.fetch_once(&wanted, body.max_bytes).await;
-        }
+        let max_bytes = body.max_bytes.max(1) as u32;
+        let results =
+            fetch::fetch(&self.shard, &asked, max_bytes, body.min_bytes.max(0) as u32, max_wait).await;
+        drop(asked);
         let mut responses: Vec<FetchableTopicResponse> = Vec::new();
         for ((topic, partition, _, _), result) in wanted.into_iter().zip(results) {
             let data = match result {
@@ -376,29 +363,6 @@ impl KafkaService {
             }
         }
         FetchResponse { error_code: error::NONE, session_id: 0, responses, ..Default::default() }
-    }
-
-    /// Reads every partition once without waiting, all at once (partitions on other shards
-    /// are read there in parallel), then keeps them in request order within the request's
-    /// byte budget ([`trim_fetches`]): a partition reached after the budget is spent reports
-    /// its state with no records; the response's first batch always comes, as in Kafka.
-    async fn fetch_once(
-        &self,
-        wanted: &[(String, i32, i64, i32)],
-        max_bytes: i32,
-    ) -> Vec<Result<Fetched, ShardError>> {
-        let max_bytes = max_bytes.max(1) as u32;
-        let reads = wanted.iter().map(|(topic, partition, offset, partition_max)| {
-            let limits = FetchLimits {
-                max_bytes: ((*partition_max).max(1) as u32).min(max_bytes),
-                min_bytes: 0,
-                max_wait: Duration::ZERO,
-            };
-            self.shard.fetch(topic, u32::try_from(*partition).unwrap_or(u32::MAX), *offset, limits)
-        });
-        let mut results = join_all(reads).await;
-        trim_fetches(results.iter_mut().flatten(), max_bytes);
-        results
     }
 
     async fn list_offsets(

@@ -6,6 +6,7 @@
 //! one plain sentence, not a panic.
 
 mod admin;
+mod fetch;
 mod groups;
 mod kafka;
 mod node;

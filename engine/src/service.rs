@@ -12,7 +12,9 @@ use pyralog_net::codec::{
     ProducePartitionResult, Request, Response, ResponseFrame, ShardInfo, TopicInfo,
 };
 use pyralog_net::server::Handler;
-use pyralog_shard::{trim_fetches, FetchLimits, Shard, ShardError};
+use pyralog_shard::{Shard, ShardError};
+
+use crate::fetch;
 
 /// The ports every shard serves, for metadata responses.
 #[derive(Debug, Clone)]
@@ -90,21 +92,19 @@ impl Handler for Service {
             Request::Fetch(fetch) => {
                 // The request's max_bytes bounds the whole response; a partition's own
                 // max_bytes (0: none) bounds its share.
-                let total = fetch.max_bytes.max(1);
-                let limits = FetchLimits {
-                    max_bytes: total,
-                    min_bytes: fetch.min_bytes,
-                    max_wait: Duration::from_millis(u64::from(fetch.max_wait_ms)),
-                };
-                let reads = fetch.partitions.iter().map(|p| {
-                    let limits = FetchLimits {
-                        max_bytes: if p.max_bytes == 0 { total } else { p.max_bytes.min(total) },
-                        ..limits
-                    };
-                    self.shard.fetch(&fetch.topic, p.partition, p.offset, limits)
-                });
-                let mut results = join_all(reads).await;
-                trim_fetches(results.iter_mut().flatten(), total);
+                let wanted: Vec<fetch::Wanted<'_>> = fetch
+                    .partitions
+                    .iter()
+                    .map(|p| fetch::Wanted {
+                        topic: &fetch.topic,
+                        partition: p.partition,
+                        offset: p.offset,
+                        max_bytes: p.max_bytes,
+                    })
+                    .collect();
+                let max_wait = Duration::from_millis(u64::from(fetch.max_wait_ms));
+                let results =
+                    fetch::fetch(&self.shard, &wanted, fetch.max_bytes, fetch.min_bytes, max_wait).await;
                 let partitions = fetch.partitions.iter().zip(results).map(|(p, result)| match result {
                     Ok(fetched) => FetchPartitionResult {
                         partition: p.partition,

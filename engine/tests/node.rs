@@ -213,6 +213,41 @@ fn a_fetch_naming_many_partitions_is_bounded_in_all() {
     // A small budget: the first batch comes whole, nothing else.
     let sizes = fetch(1);
     assert!(sizes[0] > 6 << 20 && sizes[0] < 7 << 20 && sizes[1..] == [0, 0, 0], "{sizes:?}");
+
+    // One partition named 5000 times: read in waves within the budget, the ones past
+    // FETCH_PARTITIONS_MAX (4096) only report their offsets.
+    let partitions = (0..5000).map(|_| FetchPartition { partition: 1, offset: 0, max_bytes: 0 }).collect();
+    let request = Request::Fetch(FetchRequest {
+        topic: "wide".into(),
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: u32::MAX,
+        partitions,
+    });
+    let Some(Response::Fetch(results)) = shared.call(&request).unwrap().body else { panic!() };
+    assert_eq!(results.len(), 5000);
+    assert!(results.iter().all(|r| r.error == ErrorCode::None && r.high_watermark == 2048));
+    let sizes: Vec<usize> = results.iter().map(|r| r.records.iter().map(Bytes::len).sum()).collect();
+    assert!(sizes.iter().sum::<usize>() <= pyralog_shard::FETCH_RESPONSE_BYTES_MAX as usize);
+    assert!(sizes[0] > 0 && sizes[4096..].iter().all(|&s| s == 0), "{:?}", &sizes[..4]);
+
+    // Long-poll over several partitions: min_bytes counts them all, so data on one answers
+    // at once (each partition used to wait out max_wait on its own).
+    let partitions = vec![
+        FetchPartition { partition: 0, offset: 2048, max_bytes: 0 },
+        FetchPartition { partition: 1, offset: 0, max_bytes: 0 },
+    ];
+    let request = Request::Fetch(FetchRequest {
+        topic: "wide".into(),
+        max_wait_ms: 10_000,
+        min_bytes: 1,
+        max_bytes: 1,
+        partitions,
+    });
+    let started = Instant::now();
+    let Some(Response::Fetch(results)) = shared.call(&request).unwrap().body else { panic!() };
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(results[0].records.is_empty() && !results[1].records.is_empty());
 }
 
 #[test]

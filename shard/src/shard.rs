@@ -91,8 +91,20 @@ impl Fetched {
 /// larger than the budget is still delivered. A partition past the budget keeps its offsets
 /// and high watermark with no records, and the client asks again from where it is.
 pub fn trim_fetches<'a>(fetches: impl IntoIterator<Item = &'a mut Fetched>, max_bytes: u32) {
-    let mut left = max_bytes.clamp(1, FETCH_RESPONSE_BYTES_MAX) as usize;
-    let mut kept_any = false;
+    keep_within(fetches, max_bytes.clamp(1, FETCH_RESPONSE_BYTES_MAX) as usize, true);
+}
+
+/// [`trim_fetches`] for part of a response: keeps the chunks that fit in `room`; `first` says
+/// nothing was kept before these (then the first chunk stays whatever its size). Returns the
+/// bytes kept.
+pub fn keep_within<'a>(
+    fetches: impl IntoIterator<Item = &'a mut Fetched>,
+    room: usize,
+    first: bool,
+) -> usize {
+    let mut left = room;
+    let mut kept_any = !first;
+    let mut kept = 0;
     for fetched in fetches {
         let keep = fetched
             .records
@@ -101,6 +113,7 @@ pub fn trim_fetches<'a>(fetches: impl IntoIterator<Item = &'a mut Fetched>, max_
                 let fits = chunk.len() <= left || !kept_any;
                 if fits {
                     left = left.saturating_sub(chunk.len());
+                    kept += chunk.len();
                     kept_any = true;
                 }
                 fits
@@ -108,10 +121,12 @@ pub fn trim_fetches<'a>(fetches: impl IntoIterator<Item = &'a mut Fetched>, max_
             .count();
         fetched.records.truncate(keep);
     }
+    kept
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchLimits {
+    /// 0: no records, only the partition's offsets (checked against the offset asked).
     pub max_bytes: u32,
     pub min_bytes: u32,
     pub max_wait: Duration,
@@ -534,6 +549,8 @@ impl Shard {
     ) -> Result<Fetched, ShardError> {
         let partition = self.local_partition(topic, partition)?;
         let deadline = Instant::now() + limits.max_wait.min(FETCH_WAIT_MAX);
+        // No bytes: the partition's offsets only (a fetch whose budget is spent).
+        let offsets_only = limits.max_bytes == 0;
         let max_bytes = limits.max_bytes.clamp(1, FETCH_PARTITION_BYTES_MAX) as usize;
         loop {
             // A long-poll can outlive its partition (topic deleted, node stopping).
@@ -553,6 +570,9 @@ impl Shard {
                 )));
             }
             let mut records = Vec::new();
+            if offsets_only {
+                return Ok(Fetched { high_watermark, log_start_offset, records });
+            }
             if offset < high_watermark {
                 let cached = self.cache.borrow().read(partition.key, offset, high_watermark, max_bytes);
                 records = match cached {
