@@ -22,6 +22,12 @@ use crate::ShardError;
 pub const BATCHES_KEPT: usize = 5;
 /// Bytes of recent log scanned to rebuild producer state when a partition opens.
 pub const REBUILD_SCAN_BYTES: u64 = 64 << 20;
+/// Producers remembered per partition. A new one past it makes the partition forget the one
+/// that appended least recently (Kafka expires idle producers after a day instead); a
+/// forgotten producer is treated as new, so only its retries of batches written before it
+/// was forgotten would go unrecognised. It bounds what clients choosing producer ids can
+/// make a partition keep: about 300 bytes each.
+pub const PRODUCERS_PER_PARTITION_MAX: usize = 2048;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SeenBatch {
@@ -35,6 +41,8 @@ struct SeenBatch {
 struct Producer {
     epoch: i16,
     batches: VecDeque<SeenBatch>,
+    /// When it last appended, on the partition's `clock`.
+    last_append: u64,
 }
 
 /// What to do with a batch.
@@ -51,6 +59,8 @@ pub enum Verdict {
 #[derive(Debug, Default, Clone)]
 pub struct ProducerStates {
     producers: HashMap<i64, Producer>,
+    /// Counts appends, to find the producer idle the longest.
+    clock: u64,
 }
 
 fn last_sequence(header: &BatchHeader) -> i32 {
@@ -106,12 +116,39 @@ impl ProducerStates {
         Ok(Verdict::Append)
     }
 
+    /// The state of the producers that wrote `headers` only: what checking a payload's
+    /// batches in turn needs, without copying every producer of the partition.
+    pub fn of(&self, headers: &[BatchHeader]) -> ProducerStates {
+        let producers = headers
+            .iter()
+            .filter_map(|h| self.producers.get_key_value(&h.producer_id))
+            .map(|(id, p)| (*id, p.clone()))
+            .collect();
+        ProducerStates { producers, clock: self.clock }
+    }
+
+    pub fn len(&self) -> usize {
+        self.producers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.producers.is_empty()
+    }
+
     /// Records an appended batch; `header` carries the offset it was given.
     pub fn record(&mut self, header: &BatchHeader) {
         if header.producer_id < 0 || header.base_sequence < 0 {
             return;
         }
+        if !self.producers.contains_key(&header.producer_id)
+            && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX
+        {
+            let idlest = self.producers.iter().min_by_key(|(_, p)| p.last_append).map(|(id, _)| *id);
+            self.producers.remove(&idlest.expect("the map is full, so not empty"));
+        }
+        self.clock += 1;
         let producer = self.producers.entry(header.producer_id).or_default();
+        producer.last_append = self.clock;
         if header.producer_epoch != producer.epoch {
             producer.epoch = header.producer_epoch;
             producer.batches.clear();
@@ -131,6 +168,27 @@ impl ProducerStates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_forgets_the_producer_idle_longest_past_its_bound() {
+        let mut states = ProducerStates::default();
+        for id in 0..PRODUCERS_PER_PARTITION_MAX as i64 {
+            states.record(&batch(id, 0, 0, 1, id));
+        }
+        // Producer 0 appends again: producer 1 is now the one idle longest.
+        states.record(&batch(0, 0, 1, 1, 5000));
+        states.record(&batch(99_999, 0, 0, 1, 5001));
+        assert_eq!(states.len(), PRODUCERS_PER_PARTITION_MAX);
+        // Producer 1 is forgotten: a batch at any sequence is new to it.
+        assert_eq!(states.check(&batch(1, 0, 7, 1, -1)).unwrap(), Verdict::Append);
+        // Producer 0 is still known: its retry is recognised.
+        assert_eq!(
+            states.check(&batch(0, 0, 1, 1, -1)).unwrap(),
+            Verdict::Duplicate { base_offset: 5000, next_offset: 5001 }
+        );
+        // Checking a payload copies only its own producers.
+        assert_eq!(states.of(&[batch(0, 0, 2, 1, -1), batch(12345, 0, 0, 1, -1)]).len(), 1);
+    }
 
     fn batch(
         producer_id: i64,

@@ -803,7 +803,7 @@ fn check_producers(
         });
     }
     // Several batches: each must follow the one before it; a retry must come alone.
-    let mut simulated = states.clone();
+    let mut simulated = states.of(headers);
     for header in headers {
         if let Verdict::Duplicate { .. } = simulated.check(header)? {
             return Err(ShardError::OutOfOrderSequence(format!(
