@@ -100,11 +100,12 @@ pub struct NodeArgs {
     /// When a produce is acknowledged.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
     pub durability: DurabilityArg,
-    /// Cached mode: flush at least this often.
-    #[arg(long, default_value_t = 100)]
+    /// Cached mode: flush at least this often (1 ms to 1 hour).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub flush_interval_ms: u64,
-    /// Cached mode: flush once this many bytes wait.
-    #[arg(long, default_value_t = 4 << 20)]
+    /// Cached mode: flush once this many bytes wait (4 KiB to 64 MiB: a partition holds at
+    /// most 64 MiB not yet on disk, and a produce past that waits for the flush).
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
     pub flush_bytes: u64,
     /// Delete the oldest closed segments while a partition would keep at least this many bytes.
     #[arg(long)]

@@ -37,6 +37,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Requests one connection may have in flight.
 const IN_FLIGHT_PER_CONNECTION_MAX: usize = 1024;
+// `--flush-bytes` is bounded by what a partition may hold unflushed (its range is a literal).
+const _: () = assert!(pyralog_shard::UNFLUSHED_BYTES_MAX == 64 << 20);
 
 struct ShardReady {
     shard: usize,
