@@ -385,6 +385,43 @@ fn topic_changes_made_at_once_are_all_kept() {
 }
 
 #[test]
+fn a_node_stops_promptly_while_a_shard_waits_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    client.create_topic("poll", 2).unwrap();
+    // A long-poll sent to one shard's port for a partition the other shard owns: the first
+    // shard waits on the second for the answer.
+    let partitions = client.partitions("poll").unwrap();
+    let owned_elsewhere = partitions[0];
+    let other_port = partitions.iter().find(|p| p.shard != owned_elsewhere.shard).map(|p| p.port).unwrap();
+    let waiting = std::thread::spawn(move || {
+        let connection = pyralog_net::client::Connection::connect(
+            format!("127.0.0.1:{other_port}").parse().unwrap(),
+            Default::default(),
+        )
+        .unwrap();
+        let partitions =
+            vec![FetchPartition { partition: owned_elsewhere.partition, offset: 0, max_bytes: 0 }];
+        let request = Request::Fetch(FetchRequest {
+            topic: "poll".into(),
+            max_wait_ms: 25_000,
+            min_bytes: 1,
+            max_bytes: 1,
+            partitions,
+        });
+        connection.call(&request)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let status = node.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "stopping took {:?}", started.elapsed());
+    // The waiting client got an answer or a closed connection, not a hang.
+    let _ = waiting.join().unwrap();
+}
+
+#[test]
 fn topics_survive_a_restart_and_can_be_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path(), &[]);

@@ -207,7 +207,8 @@ pub struct Shard {
     next_partition_key: Cell<u64>,
     senders: Senders<Message>,
     next_request_id: Cell<u64>,
-    replies: RefCell<HashMap<u64, local_channel::LocalSender<OpResult>>>,
+    /// Calls to other shards awaiting their answer: the shard asked, and where to answer.
+    replies: RefCell<HashMap<u64, (usize, local_channel::LocalSender<OpResult>)>>,
     /// The coordinators of the offsets logs this shard owns, by log number.
     groups: RefCell<HashMap<usize, Rc<GroupCoordinator>>>,
     /// Shard 0 decides topic changes one at a time: each reads the table, awaits (opening
@@ -386,7 +387,7 @@ impl Shard {
         let id = self.next_request_id.get();
         self.next_request_id.set(id + 1);
         let (sender, receiver) = local_channel::new_bounded(1);
-        self.replies.borrow_mut().insert(id, sender);
+        self.replies.borrow_mut().insert(id, (target, sender));
         let sent = self.senders.send_to(target, Message::Request { id, from: self.id, op }).await;
         if sent.is_err() {
             self.replies.borrow_mut().remove(&id);
@@ -434,7 +435,7 @@ impl Shard {
     }
 
     fn spawn_mesh_receivers(self: &Rc<Self>, mut receivers: Receivers<Message>) {
-        for (_, receiver) in receivers.streams() {
+        for (peer, receiver) in receivers.streams() {
             let shard = Rc::clone(self);
             glommio::spawn_local(async move {
                 while let Some(message) = receiver.recv().await {
@@ -449,12 +450,15 @@ impl Shard {
                             .detach();
                         }
                         Message::Reply { id, result } => {
-                            if let Some(sender) = shard.replies.borrow_mut().remove(&id) {
+                            if let Some((_, sender)) = shard.replies.borrow_mut().remove(&id) {
                                 let _ = sender.try_send(result);
                             }
                         }
                     }
                 }
+                // The peer closed its side (it stopped): an answer it still owed will not come.
+                // Dropping the reply senders ends those calls with ShuttingDown.
+                shard.replies.borrow_mut().retain(|_, (target, _)| *target != peer);
             })
             .detach();
         }
