@@ -14,7 +14,9 @@
 //! Crash safety. A new segment file and its directory entry are synced in the same flush that
 //! first writes to it, before that flush returns, so nothing acknowledged after a flush can
 //! live in a file the directory forgot. At open, the last segment is checked batch by batch
-//! and cut at the first batch whose length, CRC or offset is wrong.
+//! and cut at the first batch whose length, CRC or offset is wrong. Only the last segment can
+//! hold a torn write: the others were complete and synced before the next one was created, so
+//! damage in one of them fails the open and no file is changed.
 //!
 //! Write errors (fsyncgate). After a failed write or fdatasync the kernel may already have
 //! dropped the dirty pages, so a retried fdatasync can "succeed" and lose data. The first failure
@@ -111,7 +113,10 @@ struct WriteState {
 }
 
 impl Log {
-    /// Opens the log in `dir`, creating it if needed, and recovers its last segment.
+    /// Opens the log in `dir`, creating it if needed, and recovers its last segment (cuts it
+    /// after its last good batch). Damage anywhere else (a bad batch in a sealed segment, a
+    /// segment that does not start where the one before ends) fails the open and changes no
+    /// file.
     pub async fn open(dir: &Path, config: LogConfig) -> Result<Log> {
         assert!(config.segment_bytes >= BLOCK_BYTES, "segments must hold at least one block");
         create_directories(dir).await?;
@@ -126,19 +131,23 @@ impl Log {
             bases.sort_unstable();
             let last = *bases.last().expect("not empty");
             for base in bases {
-                let segment = Segment::open(dir, base, config.index_interval_bytes, base != last).await?;
+                // Checked before the segment is opened: opening the last one may cut its tail,
+                // which must not happen to a log that fails to open.
                 if let Some((_, previous)) = segments.last_key_value() {
                     let previous: &Rc<Segment> = previous;
                     if previous.next_offset.get() != base {
                         return Err(LogError::CorruptBatch {
                             reason: format!(
-                                "segment {} ends at offset {} but the next segment starts at {base}",
+                                "segment {} ends at offset {} (byte {}) but the next segment starts at {base}",
                                 previous.path.display(),
-                                previous.next_offset.get()
+                                previous.next_offset.get(),
+                                previous.size.get()
                             ),
                         });
                     }
                 }
+                let sealed = base != last;
+                let segment = Segment::open(dir, base, config.index_interval_bytes, sealed).await?;
                 segments.insert(base, Rc::new(segment));
             }
         }
@@ -901,6 +910,105 @@ mod tests {
             assert!(matches!(error, LogError::CorruptBatch { .. }), "{error}");
             assert!(log.read(5, 10).await.is_err());
         });
+    }
+
+    /// The error of an open that must fail.
+    async fn open_error(dir: &Path, config: LogConfig) -> LogError {
+        match Log::open(dir, config).await {
+            Ok(_) => panic!("the open of {} must fail", dir.display()),
+            Err(error) => error,
+        }
+    }
+
+    /// Every file of the log directory with its bytes.
+    fn files_of(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .map(|path| (path.clone(), std::fs::read(path).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_bad_batch_in_a_sealed_segment_fails_the_open_and_changes_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let first_batch = batch::build_for_tests(1, b"value-000000", 0).len();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 600, 1, 10).await;
+            assert!(log.segment_count() > 2);
+            log.close().await.unwrap();
+        });
+        // Without its index the sealed first segment is checked from its first batch on.
+        std::fs::remove_file(dir.path().join(segment::index_file_name(0))).unwrap();
+        let path = dir.path().join(segment::log_file_name(0));
+        let mut file = std::fs::read(&path).unwrap();
+        file[5 * first_batch + 70] ^= 0xff; // inside batch 5's records
+        std::fs::write(&path, &file).unwrap();
+        let before = files_of(dir.path());
+
+        let error = run(open_error(dir.path(), small_config()));
+        assert!(matches!(error, LogError::CorruptBatch { .. }), "{error}");
+        let message = error.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains(&format!("byte {}", 5 * first_batch)), "{message}");
+        assert!(message.contains("CRC"), "{message}");
+        assert!(files_of(dir.path()) == before, "no file may change: {message}");
+    }
+
+    #[test]
+    fn a_sealed_segment_that_starts_at_the_wrong_offset_fails_the_open_and_changes_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let second = run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 600, 1, 10).await;
+            assert!(log.segment_count() > 2);
+            let second = *log.segments.borrow().keys().nth(1).unwrap();
+            log.close().await.unwrap();
+            second
+        });
+        // The sealed second segment's first batch claims another offset than the file's name
+        // (baseOffset lies outside the CRC); without its index the open checks that batch.
+        std::fs::remove_file(dir.path().join(segment::index_file_name(second))).unwrap();
+        let path = dir.path().join(segment::log_file_name(second));
+        let mut file = std::fs::read(&path).unwrap();
+        batch::set_base_offset(&mut file, second + 1);
+        std::fs::write(&path, &file).unwrap();
+        let before = files_of(dir.path());
+
+        let error = run(open_error(dir.path(), small_config()));
+        assert!(matches!(error, LogError::CorruptBatch { .. }), "{error}");
+        let message = error.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("byte 0:"), "{message}");
+        assert!(files_of(dir.path()) == before, "no file may change: {message}");
+    }
+
+    #[test]
+    fn a_missing_segment_fails_the_open_before_the_last_segment_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (second, last) = run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 600, 1, 10).await;
+            assert!(log.segment_count() > 2);
+            let second = *log.segments.borrow().keys().nth(1).unwrap();
+            let last = log.active_segment().base_offset;
+            log.close().await.unwrap();
+            (second, last)
+        });
+        std::fs::remove_file(dir.path().join(segment::log_file_name(second))).unwrap();
+        std::fs::remove_file(dir.path().join(segment::index_file_name(second))).unwrap();
+        // A torn tail on the last segment, which an open that succeeds would cut.
+        let path = dir.path().join(segment::log_file_name(last));
+        let mut file = std::fs::read(&path).unwrap();
+        file.extend_from_slice(&[0xab; 100]);
+        std::fs::write(&path, &file).unwrap();
+        let before = files_of(dir.path());
+
+        let error = run(open_error(dir.path(), small_config()));
+        assert!(matches!(error, LogError::CorruptBatch { .. }), "{error}");
+        assert!(error.to_string().contains(&format!("starts at {last}")), "{error}");
+        assert!(files_of(dir.path()) == before, "no file may change: {error}");
     }
 
     #[test]

@@ -83,19 +83,24 @@ impl Segment {
         })
     }
 
-    /// Opens an existing segment and finds its end: from the persisted index when `trust_index`
-    /// and the index is sound, otherwise by checking every batch. Anything after the last good
-    /// batch (a torn write, zeros, stale bytes) is cut off the file.
+    /// Opens an existing segment and finds its end by checking its batches; a sealed segment's
+    /// sound index lets the check start at its last entry.
+    ///
+    /// Only the last segment (not `sealed`) can hold a torn write: anything after its last good
+    /// batch (a torn write, zeros, stale bytes) is cut off the file. A sealed segment was
+    /// complete and fdatasync'ed before the next one was created, so a bad batch in it, or a
+    /// first batch that is not the one its name says, is damage: the open fails with an error
+    /// naming the file and the byte, and the file is left exactly as it is.
     pub async fn open(
         dir: &Path,
         base_offset: i64,
         index_interval_bytes: u32,
-        trust_index: bool,
+        sealed: bool,
     ) -> Result<Segment> {
         let segment = Segment::open_file(dir, base_offset, index_interval_bytes, false).await?;
         let file_bytes =
             segment.file.file_size().await.map_err(|e| LogError::io("sizing segment", &segment.path, e))?;
-        let persisted = if trust_index {
+        let persisted = if sealed {
             let index_path = dir.join(index_file_name(base_offset));
             std::fs::read(&index_path)
                 .ok()
@@ -120,42 +125,70 @@ impl Segment {
             }
             None => (0, base_offset, 0),
         };
-        let end = segment.scan(scan_position, scan_offset, file_bytes, indexed_below).await?;
-        if end < file_bytes {
-            segment.cut_at(end, "truncating torn tail").await?;
+        let (end, stop) = segment.scan(scan_position, scan_offset, file_bytes, indexed_below).await?;
+        match stop {
+            None => assert_eq!(end, file_bytes, "a scan without a stop reads the whole file"),
+            Some(reason) if sealed => {
+                return Err(LogError::CorruptBatch {
+                    reason: format!(
+                        "sealed segment {} (of {file_bytes} bytes) is damaged at byte {end}: {reason}; \
+                         the file was left as it is",
+                        segment.path.display()
+                    ),
+                });
+            }
+            Some(_) => segment.cut_at(end, "truncating torn tail").await?,
         }
         Ok(segment)
     }
 
     /// Checks batches from `position` on, indexing them unless the index already covers them,
-    /// and sets `size` and `next_offset` to the end of the last good batch.
+    /// and sets `size` and `next_offset` to the end of the last good batch. Returns that end
+    /// and, if bytes follow it, why the scan stopped there.
     async fn scan(
         &self,
         mut position: u64,
         mut next_offset: i64,
         file_bytes: u64,
         indexed_below: u64,
-    ) -> Result<u64> {
+    ) -> Result<(u64, Option<String>)> {
         let mut window = FileWindow::new(self.file.clone(), &self.path, file_bytes, WRITE_CHUNK_BYTES_MAX);
-        while file_bytes - position >= LOG_OVERHEAD_BYTES as u64 {
-            let head = window.bytes(position, LOG_OVERHEAD_BYTES).await?;
-            let Some(total) = batch::claimed_batch_bytes(head) else { break };
-            if position + total as u64 > file_bytes {
-                break;
+        let stop = loop {
+            let left = file_bytes - position;
+            if left == 0 {
+                break None;
             }
-            let Ok(header) = batch::parse(window.bytes(position, total).await?) else { break };
+            if left < LOG_OVERHEAD_BYTES as u64 {
+                break Some(format!("{left} bytes follow the last batch, too few for a batch header"));
+            }
+            let head = window.bytes(position, LOG_OVERHEAD_BYTES).await?;
+            let Some(total) = batch::claimed_batch_bytes(head) else {
+                break Some("the batch length field is zero or impossible".to_string());
+            };
+            if position + total as u64 > file_bytes {
+                break Some(format!("a batch of {total} bytes runs past the end of the file"));
+            }
+            let header = match batch::parse(window.bytes(position, total).await?) {
+                Ok(header) => header,
+                Err(LogError::CorruptBatch { reason }) => break Some(reason),
+                Err(error) => break Some(error.to_string()),
+            };
             if header.base_offset != next_offset {
-                break;
+                let source = if position == 0 { " (the file's name)" } else { "" };
+                break Some(format!(
+                    "the batch has base offset {} where {next_offset}{source} was expected",
+                    header.base_offset
+                ));
             }
             if position >= indexed_below {
                 self.index.borrow_mut().on_batch(&header, position_u32(position));
             }
             position += total as u64;
             next_offset = header.next_offset();
-        }
+        };
         self.size.set(position);
         self.next_offset.set(next_offset);
-        Ok(position)
+        Ok((position, stop))
     }
 
     /// Reads whole batches from the first one that holds offsets at or after `offset`, up to
