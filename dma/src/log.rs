@@ -418,6 +418,10 @@ impl Log {
 
     /// Reads durable batches from the one holding `offset`, up to `max_bytes` (at least one
     /// whole batch). `None` when nothing durable is at or after `offset` yet.
+    ///
+    /// Only whole batches below the durable offset (the high watermark) are returned. A
+    /// segment's size is not that bound: a flush publishes each segment's new size after its
+    /// fdatasync, but moves the durable offset only when all of it, rolls included, is done.
     pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Option<Bytes>> {
         self.check_range(offset)?;
         let ahead = self.read_ahead.borrow_mut().take();
@@ -427,10 +431,12 @@ impl Log {
                 return Ok(Some(bytes));
             }
         }
+        let durable = self.durable_offset();
         let mut from = offset;
-        while from < self.durable_offset() {
+        while from < durable {
             let Some(segment) = self.segment_for(from) else { break };
-            if let Some((bytes, next)) = segment.read(from, max_bytes).await? {
+            if let Some((bytes, next)) = segment.read(from, max_bytes, durable).await? {
+                assert!(next <= durable, "a read returns only durable batches");
                 self.read_ahead_from(next, max_bytes);
                 return Ok(Some(bytes));
             }
@@ -453,10 +459,13 @@ impl Log {
     /// this response goes out.
     fn read_ahead_from(&self, offset: i64, max_bytes: usize) {
         let Some(segment) = self.segment_for(offset) else { return };
-        if offset >= segment.next_offset.get().min(self.durable_offset()) {
+        let durable = self.durable_offset();
+        if offset >= segment.next_offset.get().min(durable) {
             return;
         }
-        let task = glommio::spawn_local(async move { segment.read(offset, max_bytes).await });
+        // Bounded by the durable offset of now: it only grows until a truncation, which drops
+        // the read ahead.
+        let task = glommio::spawn_local(async move { segment.read(offset, max_bytes, durable).await });
         *self.read_ahead.borrow_mut() = Some(ReadAhead { offset, max_bytes, task });
     }
 
@@ -468,6 +477,7 @@ impl Log {
     /// The first offset whose batch has a max timestamp at or after `timestamp`, among durable
     /// batches; `None` if there is none.
     pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<i64>> {
+        let durable = self.durable_offset();
         let candidates: Vec<Rc<Segment>> = self
             .segments
             .borrow()
@@ -476,7 +486,7 @@ impl Log {
             .cloned()
             .collect();
         for segment in candidates {
-            if let Some(offset) = segment.offset_for_timestamp(timestamp).await? {
+            if let Some(offset) = segment.offset_for_timestamp(timestamp, durable).await? {
                 return Ok(Some(offset));
             }
         }
@@ -665,6 +675,10 @@ fn segment_bases(dir: &Path) -> Result<Vec<i64>> {
 mod tests {
     use super::*;
     use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Wake, Waker};
 
     pub(crate) fn run<T>(future: impl Future<Output = T>) -> T {
         glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
@@ -703,6 +717,62 @@ mod tests {
             headers.extend(parsed);
         }
         headers
+    }
+
+    /// Drives a future one wake-up at a time, so that a test can look at the log between two
+    /// steps, where the future waits (for the disk, mostly) and nothing else polls it. It is
+    /// polled again only once woken: glommio's I/O keeps a waker per poll until it completes.
+    struct Stepper<F: Future> {
+        future: Pin<Box<F>>,
+        wake: Arc<StepWake>,
+        polled: bool,
+    }
+
+    #[derive(Default)]
+    struct StepWake {
+        woken: AtomicBool,
+        stepper: Mutex<Option<Waker>>,
+    }
+
+    impl Wake for StepWake {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.woken.store(true, Ordering::SeqCst);
+            if let Some(waker) = self.stepper.lock().unwrap().take() {
+                waker.wake();
+            }
+        }
+    }
+
+    impl<F: Future> Stepper<F> {
+        fn new(future: F) -> Stepper<F> {
+            Stepper { future: Box::pin(future), wake: Default::default(), polled: false }
+        }
+
+        /// Waits until the future was woken (not before its first step), polls it once, and
+        /// returns its output if that completed it.
+        async fn step(&mut self) -> Option<F::Output> {
+            std::future::poll_fn(|cx| {
+                if self.polled {
+                    *self.wake.stepper.lock().unwrap() = Some(cx.waker().clone());
+                    if !self.wake.woken.load(Ordering::SeqCst) {
+                        return Poll::Pending;
+                    }
+                }
+                self.polled = true;
+                self.wake.woken.store(false, Ordering::SeqCst);
+                let waker = Waker::from(self.wake.clone());
+                let mut context = Context::from_waker(&waker);
+                Poll::Ready(match self.future.as_mut().poll(&mut context) {
+                    Poll::Ready(output) => Some(output),
+                    Poll::Pending => None,
+                })
+            })
+            .await
+        }
     }
 
     #[test]
@@ -825,6 +895,51 @@ mod tests {
             let read = log.read(597, 1).await.unwrap().expect("the new batch");
             let read = batch::parse_all(&read).unwrap();
             assert_eq!((read[0].base_offset, read[0].record_count, read[0].base_timestamp), (597, 5, 5000));
+            log.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn reads_during_a_flush_that_rolls_return_nothing_past_the_durable_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 20, 1, 20).await;
+            assert_eq!(log.segment_count(), 1);
+            // One flush that fills the first segment and goes on in a second one: it publishes
+            // the first segment's new size, then rolls, then writes the second segment, and
+            // only then moves the durable offset.
+            for i in 20..220 {
+                let bytes = batch::build_for_tests(1, format!("value-{i:06}").as_bytes(), 1000 + i);
+                let headers = batch::parse_all(&bytes).unwrap();
+                log.append(Bytes::from(bytes), &headers).unwrap();
+            }
+            // The flush is driven here, one step at a time: between two steps it waits for the
+            // disk, and nothing else runs it, so each check below sees the log exactly as a
+            // reader would at that point of the flush.
+            let mut flush = Stepper::new(log.flush());
+            let mut steps_with_the_first_segment_ahead = 0;
+            let flushed = loop {
+                if let Some(flushed) = flush.step().await {
+                    break flushed.unwrap();
+                }
+                let durable = log.durable_offset();
+                let first = log.segments.borrow()[&0].clone();
+                if first.next_offset.get() > durable {
+                    steps_with_the_first_segment_ahead += 1;
+                }
+                if let Some(bytes) = log.read(0, 1 << 20).await.unwrap() {
+                    let end = batch::parse_all(&bytes).unwrap().last().unwrap().next_offset();
+                    assert!(end <= durable, "read batches up to {end} with the durable offset at {durable}");
+                }
+                let found = log.offset_for_timestamp(1000 + durable).await.unwrap();
+                assert_eq!(found, None, "offset_for_timestamp found a batch past {durable}");
+            };
+            assert!(steps_with_the_first_segment_ahead > 0, "the flush must publish a size before it rolls");
+            assert_eq!(flushed, 220);
+            assert_eq!(log.segment_count(), 2);
+            let headers = read_all(&log, 0).await;
+            assert_eq!(headers.len(), 220, "everything is read once durable");
             log.close().await.unwrap();
         });
     }

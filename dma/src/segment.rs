@@ -192,15 +192,25 @@ impl Segment {
     }
 
     /// Reads whole batches from the first one that holds offsets at or after `offset`, up to
-    /// `max_bytes` (but always one batch, however large), never past the durable size.
+    /// `max_bytes` (but always one batch, however large), never past the durable size and
+    /// never a batch with an offset at or after `end_offset` (the log's durable offset: a
+    /// segment's size grows before the log's durable offset does, see `Log::flush`).
     /// Returns them with the offset that follows the last one.
-    pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Option<(bytes::Bytes, i64)>> {
+    pub async fn read(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        end_offset: i64,
+    ) -> Result<Option<(bytes::Bytes, i64)>> {
         let size = self.size.get();
         let mut position = u64::from(self.index.borrow().position_for_offset(offset));
         let mut window = FileWindow::new(self.file.clone(), &self.path, size, READAHEAD_BYTES.max(max_bytes));
         let mut start = None;
         let mut next_offset = offset;
         while let Some(header) = self.header_at(&mut window, position).await? {
+            if header.next_offset() > end_offset {
+                break;
+            }
             let end = position + u64::from(header.total_bytes);
             match start {
                 None if header.next_offset() <= offset => {}
@@ -218,11 +228,15 @@ impl Segment {
         Ok(Some((bytes::Bytes::copy_from_slice(window.bytes(from, len).await?), next_offset)))
     }
 
-    /// Finds the first batch whose max timestamp is at or after `timestamp`.
-    pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<i64>> {
+    /// Finds the first batch whose max timestamp is at or after `timestamp`, among the batches
+    /// whose offsets are all below `end_offset` (as for [`Segment::read`]).
+    pub async fn offset_for_timestamp(&self, timestamp: i64, end_offset: i64) -> Result<Option<i64>> {
         let mut position = u64::from(self.index.borrow().position_for_timestamp(timestamp));
         let mut window = FileWindow::new(self.file.clone(), &self.path, self.size.get(), READAHEAD_BYTES);
         while let Some(header) = self.header_at(&mut window, position).await? {
+            if header.next_offset() > end_offset {
+                return Ok(None);
+            }
             if header.max_timestamp >= timestamp {
                 return Ok(Some(header.base_offset));
             }
