@@ -35,7 +35,9 @@ use bytes::{Bytes, BytesMut};
 use glommio::io::Directory;
 
 use crate::batch::{self, BatchHeader};
-use crate::segment::{self, align_down, Segment, StampedBatch, BLOCK_BYTES, WRITE_CHUNK_BYTES_MAX};
+use crate::segment::{
+    self, align_down, Segment, StampedBatch, BLOCK_BYTES, SEGMENT_BYTES_MAX, WRITE_CHUNK_BYTES_MAX,
+};
 use crate::{LogError, Result};
 
 /// Smallest payload whose offsets are stamped in the caller's buffer rather than a copy.
@@ -51,7 +53,8 @@ pub const INDEX_INTERVAL_BYTES: u32 = 64 << 10;
 
 #[derive(Debug, Clone)]
 pub struct LogConfig {
-    /// A segment is closed and a new one started before it would grow past this.
+    /// A segment is closed and a new one started before it would grow past this. At most
+    /// [`SEGMENT_BYTES_MAX`].
     pub segment_bytes: u64,
     /// Bytes of segment data between two index entries.
     pub index_interval_bytes: u32,
@@ -69,6 +72,21 @@ impl Default for LogConfig {
             retention_bytes: None,
             retention_ms: None,
         }
+    }
+}
+
+impl LogConfig {
+    /// Checks the limits [`Log::open`] enforces, for callers that want to refuse a bad
+    /// configuration before they open anything: `segment_bytes` at most [`SEGMENT_BYTES_MAX`].
+    pub fn validate(&self) -> Result<()> {
+        if self.segment_bytes > SEGMENT_BYTES_MAX {
+            return Err(LogError::TooLarge {
+                what: "segment_bytes",
+                bytes: self.segment_bytes,
+                limit: SEGMENT_BYTES_MAX,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -118,6 +136,7 @@ impl Log {
     /// segment that does not start where the one before ends) fails the open and changes no
     /// file.
     pub async fn open(dir: &Path, config: LogConfig) -> Result<Log> {
+        config.validate()?;
         assert!(config.segment_bytes >= BLOCK_BYTES, "segments must hold at least one block");
         create_directories(dir).await?;
         crate::settle_device_probe(dir).await?;
@@ -942,6 +961,29 @@ mod tests {
             assert_eq!(headers.len(), 220, "everything is read once durable");
             log.close().await.unwrap();
         });
+    }
+
+    #[test]
+    fn segments_above_the_largest_size_are_refused_before_anything_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_dir = dir.path().join("log");
+        run(async {
+            let config = LogConfig { segment_bytes: SEGMENT_BYTES_MAX + 1, ..LogConfig::default() };
+            let error = open_error(&log_dir, config).await;
+            assert!(
+                matches!(error, LogError::TooLarge { what: "segment_bytes", limit: SEGMENT_BYTES_MAX, .. }),
+                "{error}"
+            );
+            assert!(!log_dir.exists(), "a refused configuration creates nothing");
+
+            // The largest size is fine: every batch of such a segment starts at a u32 position.
+            let config = LogConfig { segment_bytes: SEGMENT_BYTES_MAX, ..LogConfig::default() };
+            let log = Log::open(&log_dir, config).await.unwrap();
+            assert_eq!(fill(&log, 3, 2, 1).await, vec![(0, 2), (2, 4), (4, 6)]);
+            log.close().await.unwrap();
+        });
+        let last_start = SEGMENT_BYTES_MAX - batch::HEADER_BYTES as u64;
+        assert_eq!(u64::from(segment::position_u32(last_start)), last_start);
     }
 
     #[test]

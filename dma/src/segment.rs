@@ -27,6 +27,10 @@ pub const BLOCK_BYTES: u64 = 4096;
 pub const WRITE_CHUNK_BYTES_MAX: usize = 1 << 20;
 /// How far a reader reads ahead of what it was asked for.
 pub const READAHEAD_BYTES: usize = 256 << 10;
+/// The largest segment size a log can be configured with (4 GiB). Positions inside a segment
+/// are `u32` (index entries, in memory and on disk), and every batch but a segment's first
+/// starts before the configured size, so every position fits below this.
+pub const SEGMENT_BYTES_MAX: u64 = 1 << 32;
 
 pub(crate) fn align_down(position: u64) -> u64 {
     position & !(BLOCK_BYTES - 1)
@@ -318,7 +322,8 @@ impl Segment {
 }
 
 pub(crate) fn position_u32(position: u64) -> u32 {
-    u32::try_from(position).expect("segments are smaller than 4 GiB")
+    u32::try_from(position)
+        .expect("batches start below SEGMENT_BYTES_MAX, which LogConfig::validate enforces")
 }
 
 /// A read-ahead window over a file: O_DIRECT reads of at least `readahead` bytes, never past
