@@ -9,7 +9,8 @@
 //! - offsets are contiguous and only grow; `log_start <= durable <= next`;
 //! - an acknowledged flush means written and fdatasync'ed, with any new segment's directory
 //!   entry synced too;
-//! - after any write or fdatasync error the log takes no more writes (fsyncgate);
+//! - after any write or fdatasync error, or an error of a truncation that changed the log, the
+//!   log takes no more writes (fsyncgate);
 //! - recovery cuts only the last segment (a torn tail); damage in a sealed segment fails the
 //!   open and no file is changed.
 //!

@@ -171,7 +171,7 @@ impl Log {
             }
         }
         let active = segments.last_key_value().expect("a log has a segment").1.clone();
-        let tail = active.read_tail().await?;
+        let tail = active.read_tail(active.size.get()).await?;
         let next_offset = active.next_offset.get();
         Ok(Log {
             dir: dir.to_path_buf(),
@@ -515,6 +515,12 @@ impl Log {
     /// Removes every batch at or after `offset`, which must be a batch boundary inside the log
     /// (Raft truncates a follower's log this way). Pending batches are flushed first, so the
     /// truncation point is always durable.
+    ///
+    /// An error before any file changed (an offset out of range or inside a batch, a failed
+    /// read) leaves the log as it was. Any error after that stops the log for writes, like a
+    /// failed flush: its files are then in a state no write may build on. Later segments are
+    /// deleted newest first, so whatever an error or a crash leaves behind is still a log
+    /// whose segments continue one another.
     pub async fn truncate_from(&self, offset: i64) -> Result<()> {
         self.flush().await?;
         self.check_range(offset)?;
@@ -525,37 +531,43 @@ impl Log {
         let position = segment.position_of_batch(offset).await?.ok_or_else(|| LogError::CorruptBatch {
             reason: format!("offset {offset} is not the start of a batch in {}", segment.path.display()),
         })?;
-        let later: Vec<Rc<Segment>> =
-            self.segments.borrow().range(segment.base_offset + 1..).map(|(_, s)| s.clone()).collect();
-        for doomed in later {
-            self.remove_segment(&doomed)?;
+        // Read now, while a failure changes nothing: the bytes before the cut stay as they are.
+        let tail = segment.read_tail(position).await?;
+        let result = self.cut_suffix(&segment, offset, position, tail).await;
+        if let Err(error) = &result {
+            self.state.borrow_mut().stopped =
+                Some(format!("truncation from offset {offset} failed after it changed the log: {error}"));
         }
+        result
+    }
+
+    /// The part of [`Log::truncate_from`] that changes the log: every error here stops it.
+    async fn cut_suffix(&self, segment: &Segment, offset: i64, position: u64, tail: Vec<u8>) -> Result<()> {
+        // The log's own view first, so no read from here on reaches the bytes being removed.
         self.read_ahead.borrow_mut().take();
-        segment.cut_at(position, "truncating segment").await?;
+        let later = self.segments.borrow_mut().split_off(&(segment.base_offset + 1));
         segment.size.set(position);
         segment.next_offset.set(offset);
         segment.index.borrow_mut().truncate_to(segment::position_u32(position));
-        let _ = std::fs::remove_file(self.dir.join(segment::index_file_name(segment.base_offset)));
-        let tail = segment.read_tail().await?;
-        let mut state = self.state.borrow_mut();
-        state.tail = tail;
-        state.next_offset = offset;
-        state.durable_offset = offset;
-        Ok(())
+        {
+            let mut state = self.state.borrow_mut();
+            assert!(state.pending.is_empty(), "the truncation flushed what was pending");
+            state.tail = tail;
+            state.next_offset = offset;
+            state.durable_offset = offset;
+        }
+        for doomed in later.values().rev() {
+            remove_segment_files(&self.dir, doomed)?;
+        }
+        // The kept segment is the active one now, which has no index file until it is sealed.
+        remove_index_file(&self.dir, segment.base_offset)?;
+        segment.cut_at(position, "truncating segment").await
     }
 
     fn remove_segment(&self, segment: &Segment) -> Result<()> {
         self.read_ahead.borrow_mut().take();
         self.segments.borrow_mut().remove(&segment.base_offset);
-        std::fs::remove_file(&segment.path)
-            .map_err(|e| LogError::io("deleting segment", &segment.path, e))?;
-        let index = self.dir.join(segment::index_file_name(segment.base_offset));
-        match std::fs::remove_file(&index) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(LogError::io("deleting index", &index, e))
-            }
-            _ => Ok(()),
-        }
+        remove_segment_files(&self.dir, segment)
     }
 
     /// Deletes the closed segments that end at or before `offset` (never the active one):
@@ -653,6 +665,20 @@ async fn write_fully(segment: &Segment, buffer: glommio::io::DmaBuffer, position
         let mut rest = segment.file.alloc_dma_buffer(total - done);
         rest.as_bytes_mut().copy_from_slice(&first.as_bytes()[done..]);
         current = Rc::new(rest);
+    }
+}
+
+/// Deletes a segment's file and its index file, if it has one.
+fn remove_segment_files(dir: &Path, segment: &Segment) -> Result<()> {
+    std::fs::remove_file(&segment.path).map_err(|e| LogError::io("deleting segment", &segment.path, e))?;
+    remove_index_file(dir, segment.base_offset)
+}
+
+fn remove_index_file(dir: &Path, base_offset: i64) -> Result<()> {
+    let index = dir.join(segment::index_file_name(base_offset));
+    match std::fs::remove_file(&index) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LogError::io("deleting index", &index, e)),
+        _ => Ok(()),
     }
 }
 
@@ -1202,6 +1228,42 @@ mod tests {
             let log = Log::open(dir.path(), small_config()).await.unwrap();
             assert_eq!(log.next_offset(), 102);
             assert_eq!(read_all(&log, 0).await.len(), 51);
+        });
+    }
+
+    #[test]
+    fn a_truncation_that_fails_after_changing_files_stops_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let bases: Vec<i64> = run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 800, 1, 10).await;
+            let bases: Vec<i64> = log.segments.borrow().keys().copied().collect();
+            assert!(bases.len() >= 4, "{bases:?}");
+            // A later segment's file is gone behind the log's back: deleting it fails, after
+            // the newer ones were deleted already.
+            std::fs::remove_file(dir.path().join(segment::log_file_name(bases[2]))).unwrap();
+            let error = log.truncate_from(100).await.unwrap_err();
+            assert!(matches!(error, LogError::Io { op: "deleting segment", .. }), "{error}");
+            let stopped = log.stopped().expect("the log stopped");
+            assert!(stopped.contains("truncation from offset 100"), "{stopped}");
+
+            let bytes = batch::build_for_tests(1, b"after", 5000);
+            let headers = batch::parse_all(&bytes).unwrap();
+            let appended = log.append(Bytes::from(bytes), &headers);
+            assert!(matches!(appended, Err(LogError::Stopped { .. })), "{appended:?}");
+            assert!(matches!(log.flush().await, Err(LogError::Stopped { .. })));
+            assert!(matches!(log.truncate_from(50).await, Err(LogError::Stopped { .. })));
+            // Reads see the truncated log: nothing at or after 100.
+            let headers = read_all(&log, 0).await;
+            assert_eq!(headers.last().unwrap().next_offset(), 100);
+            bases
+        });
+        // What is left on disk still opens: the first segments, uncut, continuing one another.
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            assert_eq!(log.segment_count(), 2);
+            assert_eq!(log.next_offset(), bases[2]);
+            assert_eq!(read_all(&log, 0).await.len() as i64, bases[2]);
         });
     }
 

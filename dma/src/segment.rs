@@ -298,9 +298,10 @@ impl Segment {
         std::fs::write(&path, bytes).map_err(|e| LogError::io("writing index", &path, e))
     }
 
-    /// Reads the tail (the last partial block) for a writer that continues this segment.
-    pub async fn read_tail(&self) -> Result<Vec<u8>> {
-        let size = self.size.get();
+    /// Reads the tail (the last partial block) that a writer continuing this segment at `size`
+    /// (its durable size, or a batch boundary it is about to be cut at) rewrites.
+    pub async fn read_tail(&self, size: u64) -> Result<Vec<u8>> {
+        assert!(size <= self.size.get(), "a tail is read from durable bytes");
         let from = align_down(size);
         if from == size {
             return Ok(Vec::new());
