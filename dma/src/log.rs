@@ -519,8 +519,9 @@ impl Log {
     /// An error before any file changed (an offset out of range or inside a batch, a failed
     /// read) leaves the log as it was. Any error after that stops the log for writes, like a
     /// failed flush: its files are then in a state no write may build on. Later segments are
-    /// deleted newest first, so whatever an error or a crash leaves behind is still a log
-    /// whose segments continue one another.
+    /// deleted newest first, and the deletions are synced in the directory before the kept
+    /// segment is cut, so whatever an error or a crash leaves behind is still a log whose
+    /// segments continue one another.
     pub async fn truncate_from(&self, offset: i64) -> Result<()> {
         self.flush().await?;
         self.check_range(offset)?;
@@ -561,6 +562,11 @@ impl Log {
         }
         // The kept segment is the active one now, which has no index file until it is sealed.
         remove_index_file(&self.dir, segment.base_offset)?;
+        // The deletions are made durable before the cut: a crash must not bring the deleted
+        // segments back behind a cut one, a gap that the next open refuses.
+        if !later.is_empty() {
+            sync_directory(&self.dir).await?;
+        }
         segment.cut_at(position, "truncating segment").await
     }
 
@@ -697,6 +703,14 @@ async fn create_directories(dir: &Path) -> Result<()> {
 }
 
 async fn sync_directory(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    if tests::DIRECTORY_SYNC_FAILS.with(std::cell::Cell::get) {
+        return Err(LogError::io(
+            "fsync of directory",
+            dir,
+            std::io::Error::other("failure injected by a test"),
+        ));
+    }
     let directory = Directory::open(dir).await.map_err(|e| LogError::io("opening directory", dir, e))?;
     directory.sync().await.map_err(|e| LogError::io("fsync of directory", dir, e))?;
     directory.close().await.map_err(|e| LogError::io("closing directory", dir, e))
@@ -724,6 +738,11 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll, Wake, Waker};
+
+    thread_local! {
+        /// Makes `sync_directory` fail, as a crash before the sync completes would leave it.
+        pub(super) static DIRECTORY_SYNC_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     pub(crate) fn run<T>(future: impl Future<Output = T>) -> T {
         glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
@@ -1264,6 +1283,35 @@ mod tests {
             assert_eq!(log.segment_count(), 2);
             assert_eq!(log.next_offset(), bases[2]);
             assert_eq!(read_all(&log, 0).await.len() as i64, bases[2]);
+        });
+    }
+
+    #[test]
+    fn a_truncation_cuts_the_kept_segment_only_after_the_deletions_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment::log_file_name(0));
+        let (bases, kept_bytes) = run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 800, 1, 10).await;
+            let bases: Vec<i64> = log.segments.borrow().keys().copied().collect();
+            assert!(bases.len() >= 3, "{bases:?}");
+            let kept_bytes = std::fs::read(&path).unwrap();
+            // The directory fsync after the deletions fails (a crash at that point): the cut of
+            // the kept segment must not have happened.
+            DIRECTORY_SYNC_FAILS.with(|fails| fails.set(true));
+            let error = log.truncate_from(100).await.unwrap_err();
+            DIRECTORY_SYNC_FAILS.with(|fails| fails.set(false));
+            assert!(matches!(error, LogError::Io { op: "fsync of directory", .. }), "{error}");
+            assert!(log.stopped().is_some());
+            (bases, kept_bytes)
+        });
+        assert!(std::fs::read(&path).unwrap() == kept_bytes, "the kept segment was cut");
+        for base in &bases[1..] {
+            assert!(!dir.path().join(segment::log_file_name(*base)).exists());
+        }
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            assert_eq!(log.next_offset(), bases[1]);
         });
     }
 
