@@ -97,13 +97,27 @@ impl SegmentIndex {
         at.checked_sub(1).map_or(0, |i| self.times[i].position)
     }
 
-    /// Drops entries for batches at or after `position` (log truncation).
-    pub fn truncate_to(&mut self, position: u32) {
+    /// Where a scan for the largest timestamp of the batches before `position` can start, with
+    /// the largest timestamp of the batches before that point: the last time entry before
+    /// `position` (whose timestamp is the segment's largest up to and including its batch), or
+    /// the segment's start and -1. The index alone cannot say more: a batch that raises the
+    /// maximum less than `interval_bytes` after the last entry gets no entry.
+    pub fn max_timestamp_scan_start(&self, position: u32) -> (u32, i64) {
+        let kept = self.times.partition_point(|e| e.position < position);
+        kept.checked_sub(1).map_or((0, -1), |i| (self.times[i].position, self.times[i].timestamp))
+    }
+
+    /// Drops entries for batches at or after `position` (log truncation). `max_timestamp` is
+    /// the largest max timestamp of the batches kept, or -1: the caller scans them from
+    /// [`SegmentIndex::max_timestamp_scan_start`].
+    pub fn truncate_to(&mut self, position: u32, max_timestamp: i64) {
         self.offsets.retain(|e| e.position < position);
         self.times.retain(|e| e.position < position);
         self.last_offset_entry_position = self.offsets.last().map(|e| e.position);
         self.last_time_entry_position = self.times.last().map(|e| e.position);
-        self.max_timestamp = self.times.last().map_or(-1, |e| e.timestamp);
+        let entries_max = self.times.last().map_or(-1, |e| e.timestamp);
+        assert!(max_timestamp >= entries_max, "the kept batches include the kept time entries' batches");
+        self.max_timestamp = max_timestamp;
     }
 
     pub fn last_offset_entry(&self) -> Option<OffsetEntry> {
@@ -233,9 +247,14 @@ mod tests {
     #[test]
     fn truncation_drops_later_entries() {
         let mut index = built(100, 1000);
-        index.truncate_to(2500);
+        // Batches at 2000..2400 are kept; only the one at 2000 has a time entry.
+        assert_eq!(index.max_timestamp_scan_start(2500), (2000, 70));
+        index.truncate_to(2500, 74);
         assert_eq!(index.last_offset_entry().unwrap().position, 2000);
-        assert_eq!(index.max_timestamp, 70);
+        assert_eq!(index.max_timestamp, 74);
+        assert_eq!(index.max_timestamp_scan_start(0), (0, -1));
+        index.truncate_to(0, -1);
+        assert_eq!(index, SegmentIndex::new(1000, 1000));
     }
 
     #[test]

@@ -534,7 +534,8 @@ impl Log {
         })?;
         // Read now, while a failure changes nothing: the bytes before the cut stay as they are.
         let tail = segment.read_tail(position).await?;
-        let result = self.cut_suffix(&segment, offset, position, tail).await;
+        let max_timestamp = segment.max_timestamp_before(position).await?;
+        let result = self.cut_suffix(&segment, offset, position, tail, max_timestamp).await;
         if let Err(error) = &result {
             self.state.borrow_mut().stopped =
                 Some(format!("truncation from offset {offset} failed after it changed the log: {error}"));
@@ -543,13 +544,21 @@ impl Log {
     }
 
     /// The part of [`Log::truncate_from`] that changes the log: every error here stops it.
-    async fn cut_suffix(&self, segment: &Segment, offset: i64, position: u64, tail: Vec<u8>) -> Result<()> {
+    /// `tail` and `max_timestamp` are those of the batches kept in `segment`.
+    async fn cut_suffix(
+        &self,
+        segment: &Segment,
+        offset: i64,
+        position: u64,
+        tail: Vec<u8>,
+        max_timestamp: i64,
+    ) -> Result<()> {
         // The log's own view first, so no read from here on reaches the bytes being removed.
         self.read_ahead.borrow_mut().take();
         let later = self.segments.borrow_mut().split_off(&(segment.base_offset + 1));
         segment.size.set(position);
         segment.next_offset.set(offset);
-        segment.index.borrow_mut().truncate_to(segment::position_u32(position));
+        segment.index.borrow_mut().truncate_to(segment::position_u32(position), max_timestamp);
         {
             let mut state = self.state.borrow_mut();
             assert!(state.pending.is_empty(), "the truncation flushed what was pending");
@@ -1312,6 +1321,30 @@ mod tests {
         run(async {
             let log = Log::open(dir.path(), small_config()).await.unwrap();
             assert_eq!(log.next_offset(), bases[1]);
+        });
+    }
+
+    #[test]
+    fn a_truncation_keeps_the_largest_timestamp_of_the_batches_it_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            // One segment, a time index entry every dozen batches or so.
+            let config = LogConfig { segment_bytes: 1 << 20, ..small_config() };
+            let log = Log::open(dir.path(), config).await.unwrap();
+            fill(&log, 300, 1, 10).await; // batch i has timestamp 1000 + i
+            assert_eq!(log.segment_count(), 1);
+            for offset in (1..300).rev().step_by(7) {
+                log.truncate_from(offset).await.unwrap();
+                assert_eq!(log.max_timestamp(), Some(999 + offset), "after truncation from {offset}");
+                let found = log.offset_for_timestamp(999 + offset).await.unwrap();
+                assert_eq!(found, Some(offset - 1), "after truncation from {offset}");
+            }
+            log.truncate_from(0).await.unwrap();
+            assert_eq!(log.max_timestamp(), None);
+            // The time index goes on from the kept state as if built by the appends alone.
+            fill(&log, 50, 1, 10).await;
+            assert_eq!(log.max_timestamp(), Some(1049));
+            assert_eq!(log.offset_for_timestamp(1030).await.unwrap(), Some(30));
         });
     }
 

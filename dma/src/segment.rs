@@ -249,6 +249,19 @@ impl Segment {
         Ok(None)
     }
 
+    /// The largest max timestamp of the batches before `position` (a batch boundary), or -1.
+    /// Scans the batches after the index's last time entry before `position`.
+    pub async fn max_timestamp_before(&self, position: u64) -> Result<i64> {
+        let (start, mut max_timestamp) = self.index.borrow().max_timestamp_scan_start(position_u32(position));
+        let mut at = u64::from(start);
+        let mut window = FileWindow::new(self.file.clone(), &self.path, position, READAHEAD_BYTES);
+        while let Some(header) = self.header_at(&mut window, at).await? {
+            max_timestamp = max_timestamp.max(header.max_timestamp);
+            at += u64::from(header.total_bytes);
+        }
+        Ok(max_timestamp)
+    }
+
     /// The position of the batch that starts at `offset`, or of the segment's end when
     /// `offset` is where it ends; `None` when `offset` is inside a batch.
     pub async fn position_of_batch(&self, offset: i64) -> Result<Option<u64>> {
