@@ -127,7 +127,28 @@ struct WriteState {
     tail: Vec<u8>,
     stopped: Option<String>,
     flushing: bool,
+    /// A `truncate_from` is running: appends and flushes are refused meanwhile.
+    truncating: bool,
     leader_epoch: i32,
+}
+
+/// A running truncation, for as long as it lives (see [`Log::truncate_from`]). Dropped while
+/// `changing` (the truncation's future was cancelled after it started changing the log), it
+/// stops the log, as an error there does.
+struct Truncation<'a> {
+    state: &'a RefCell<WriteState>,
+    changing: bool,
+}
+
+impl Drop for Truncation<'_> {
+    fn drop(&mut self) {
+        let mut state = self.state.borrow_mut();
+        assert!(state.truncating, "one truncation at a time");
+        state.truncating = false;
+        if self.changing && state.stopped.is_none() {
+            state.stopped = Some("a truncation was cancelled while it changed the log".to_string());
+        }
+    }
 }
 
 impl Log {
@@ -185,6 +206,7 @@ impl Log {
                 tail,
                 stopped: None,
                 flushing: false,
+                truncating: false,
                 leader_epoch: 0,
             }),
             read_ahead: RefCell::new(None),
@@ -249,12 +271,15 @@ impl Log {
 
     /// Assigns offsets to the checked batches of `payload` (`headers` from
     /// [`batch::parse_all`]) and queues them for the next flush. Either every batch is
-    /// appended or none is.
+    /// appended or none is. Refused while a truncation runs (see [`Log::truncate_from`]).
     pub fn append(&self, payload: Bytes, headers: &[BatchHeader]) -> Result<Appended> {
         assert!(!headers.is_empty(), "append of no batch");
         let mut state = self.state.borrow_mut();
         if let Some(reason) = &state.stopped {
             return Err(LogError::Stopped { path: self.dir.clone(), reason: reason.clone() });
+        }
+        if state.truncating {
+            return Err(self.busy("appending", "a truncation"));
         }
         let total: u64 = headers.iter().map(|h| u64::from(h.total_bytes)).sum();
         assert_eq!(total, payload.len() as u64, "headers must cover the payload exactly");
@@ -299,8 +324,26 @@ impl Log {
     }
 
     /// Writes every pending batch, fdatasyncs, and returns the new durable offset. One flush
-    /// at a time: the caller serializes them.
+    /// at a time: the caller serializes them. Refused while a truncation runs (see
+    /// [`Log::truncate_from`]).
     pub async fn flush(&self) -> Result<i64> {
+        if self.state.borrow().truncating {
+            return Err(self.busy("flushing", "a truncation"));
+        }
+        self.flush_pending().await
+    }
+
+    /// The error of a write that overlaps one it must not overlap: the caller did not
+    /// serialize them as [`Log::truncate_from`] requires. Nothing was changed.
+    fn busy(&self, op: &'static str, running: &str) -> LogError {
+        let message = format!(
+            "{running} is in progress; truncate_from must not overlap a flush, an append or another \
+             truncation"
+        );
+        LogError::io(op, &self.dir, std::io::Error::new(std::io::ErrorKind::ResourceBusy, message))
+    }
+
+    async fn flush_pending(&self) -> Result<i64> {
         let batches = {
             let mut state = self.state.borrow_mut();
             if let Some(reason) = &state.stopped {
@@ -516,14 +559,24 @@ impl Log {
     /// (Raft truncates a follower's log this way). Pending batches are flushed first, so the
     /// truncation point is always durable.
     ///
+    /// Contract: the caller serializes a truncation with every other write. It stops
+    /// appending and lets no flush start until the truncation returns, and calls it when no
+    /// flush is in flight (a Raft follower stops its appender and flusher first). The log
+    /// checks this rather than trusting it: called while a flush or another truncation runs,
+    /// it fails with an I/O error of kind `ResourceBusy` and changes nothing; appends and
+    /// flushes called while it runs fail the same way, so none of them can write with
+    /// offsets or a tail block that the truncation is replacing. Reads may run meanwhile.
+    ///
     /// An error before any file changed (an offset out of range or inside a batch, a failed
     /// read) leaves the log as it was. Any error after that stops the log for writes, like a
     /// failed flush: its files are then in a state no write may build on. Later segments are
     /// deleted newest first, and the deletions are synced in the directory before the kept
     /// segment is cut, so whatever an error or a crash leaves behind is still a log whose
-    /// segments continue one another.
+    /// segments continue one another. Cancelling the future once it changed the log stops the
+    /// log too.
     pub async fn truncate_from(&self, offset: i64) -> Result<()> {
-        self.flush().await?;
+        let mut truncation = self.begin_truncation()?;
+        self.flush_pending().await?;
         self.check_range(offset)?;
         if offset == self.next_offset() {
             return Ok(());
@@ -535,12 +588,32 @@ impl Log {
         // Read now, while a failure changes nothing: the bytes before the cut stay as they are.
         let tail = segment.read_tail(position).await?;
         let max_timestamp = segment.max_timestamp_before(position).await?;
+        truncation.changing = true;
         let result = self.cut_suffix(&segment, offset, position, tail, max_timestamp).await;
-        if let Err(error) = &result {
-            self.state.borrow_mut().stopped =
-                Some(format!("truncation from offset {offset} failed after it changed the log: {error}"));
+        match &result {
+            Ok(()) => truncation.changing = false,
+            Err(error) => {
+                self.state.borrow_mut().stopped =
+                    Some(format!("truncation from offset {offset} failed after it changed the log: {error}"));
+            }
         }
         result
+    }
+
+    /// Starts a truncation if no other write runs (see [`Log::truncate_from`]).
+    fn begin_truncation(&self) -> Result<Truncation<'_>> {
+        let mut state = self.state.borrow_mut();
+        if let Some(reason) = &state.stopped {
+            return Err(LogError::Stopped { path: self.dir.clone(), reason: reason.clone() });
+        }
+        if state.flushing {
+            return Err(self.busy("truncating log", "a flush"));
+        }
+        if state.truncating {
+            return Err(self.busy("truncating log", "another truncation"));
+        }
+        state.truncating = true;
+        Ok(Truncation { state: &self.state, changing: false })
     }
 
     /// The part of [`Log::truncate_from`] that changes the log: every error here stops it.
@@ -845,6 +918,15 @@ mod tests {
                 })
             })
             .await
+        }
+
+        /// Steps the future to its end.
+        async fn finish(mut self) -> F::Output {
+            loop {
+                if let Some(output) = self.step().await {
+                    return output;
+                }
+            }
         }
     }
 
@@ -1345,6 +1427,90 @@ mod tests {
             fill(&log, 50, 1, 10).await;
             assert_eq!(log.max_timestamp(), Some(1049));
             assert_eq!(log.offset_for_timestamp(1030).await.unwrap(), Some(30));
+        });
+    }
+
+    fn is_busy<T>(result: &Result<T>) -> bool {
+        matches!(result, Err(LogError::Io { source, .. }) if source.kind() == std::io::ErrorKind::ResourceBusy)
+    }
+
+    fn one_batch(records: usize) -> (Bytes, Vec<BatchHeader>) {
+        let bytes = batch::build_for_tests(records, b"one", 7000);
+        let headers = batch::parse_all(&bytes).unwrap();
+        (Bytes::from(bytes), headers)
+    }
+
+    #[test]
+    fn a_truncation_is_refused_while_a_flush_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 100, 1, 10).await;
+            let (bytes, headers) = one_batch(2);
+            log.append(bytes, &headers).unwrap();
+            let mut flush = Stepper::new(log.flush());
+            assert!(flush.step().await.is_none(), "the flush waits for the disk");
+            assert!(log.is_flushing());
+
+            let refused = log.truncate_from(50).await;
+            assert!(is_busy(&refused), "{refused:?}");
+            assert_eq!(log.next_offset(), 102, "a refused truncation changes nothing");
+            assert!(log.stopped().is_none());
+            assert_eq!(flush.finish().await.unwrap(), 102);
+
+            log.truncate_from(50).await.unwrap();
+            assert_eq!(log.next_offset(), 50);
+            log.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn appends_flushes_and_truncations_are_refused_while_a_truncation_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 300, 1, 10).await;
+            // Pending batches: the truncation flushes them first, and waits for the disk.
+            let (bytes, headers) = one_batch(2);
+            log.append(bytes, &headers).unwrap();
+            let mut truncation = Stepper::new(log.truncate_from(100));
+            assert!(truncation.step().await.is_none(), "the truncation waits for the disk");
+
+            let (bytes, headers) = one_batch(3);
+            assert!(is_busy(&log.append(bytes, &headers)), "an append during a truncation");
+            assert!(is_busy(&log.flush().await), "a flush during a truncation");
+            assert!(is_busy(&log.truncate_from(200).await), "a second truncation");
+            truncation.finish().await.unwrap();
+
+            assert!(log.stopped().is_none());
+            assert_eq!(log.next_offset(), 100);
+            assert_eq!(fill(&log, 1, 3, 1).await, vec![(100, 103)]);
+            log.close().await.unwrap();
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            let headers = read_all(&log, 0).await;
+            assert_eq!(headers.len(), 101);
+            assert!(headers.windows(2).all(|w| w[0].next_offset() == w[1].base_offset));
+        });
+    }
+
+    #[test]
+    fn a_truncation_cancelled_while_it_changes_the_log_stops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 800, 1, 10).await;
+            assert!(log.segment_count() > 2);
+            // Driven until it has lowered the log's offsets (it then deletes files and waits for
+            // the directory fsync), then dropped.
+            let mut truncation = Stepper::new(log.truncate_from(100));
+            while log.next_offset() != 100 {
+                assert!(truncation.step().await.is_none(), "the truncation waits for the disk");
+            }
+            drop(truncation);
+            let stopped = log.stopped().expect("a cancelled truncation stops the log");
+            assert!(stopped.contains("cancelled"), "{stopped}");
+            let (bytes, headers) = one_batch(1);
+            assert!(matches!(log.append(bytes, &headers), Err(LogError::Stopped { .. })));
         });
     }
 
