@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use glommio::io::Directory;
+use glommio::io::{Directory, DmaBuffer, DmaFile};
 
 use crate::batch::{self, BatchHeader};
 use crate::segment::{
@@ -730,27 +730,58 @@ impl Log {
 /// Callers write one chunk at a time: ext4 takes the inode lock exclusively for appending
 /// O_DIRECT writes, so concurrent appends cannot be issued inline and io_uring punts them to
 /// worker threads (measured: four in flight cost 20-30% more system time, wrote no faster).
-async fn write_fully(segment: &Segment, buffer: glommio::io::DmaBuffer, position: u64) -> Result<()> {
+async fn write_fully(segment: &Segment, buffer: DmaBuffer, position: u64) -> Result<()> {
+    let file: &DmaFile = &segment.file;
+    let write = move |buffer: Rc<DmaBuffer>, at: u64| async move {
+        file.write_rc_at(buffer, at).await.map_err(std::io::Error::from)
+    };
+    write_blocks(file, &segment.path, buffer, position, write).await
+}
+
+/// The loop of [`write_fully`], over any `write` (a test gives one that writes short). Both
+/// `position` and the length of `buffer` are block-aligned, and every write must start on a
+/// block too (O_DIRECT fails anything else with EINVAL). So after a short write the rest
+/// starts at the last block boundary the write reached, and the block it ended inside is
+/// written again from the buffer. A write that reaches no new boundary is an error: its
+/// retry would start where it started.
+async fn write_blocks<W, F>(
+    file: &DmaFile,
+    path: &Path,
+    buffer: DmaBuffer,
+    position: u64,
+    mut write: W,
+) -> Result<()>
+where
+    W: FnMut(Rc<DmaBuffer>, u64) -> F,
+    F: std::future::Future<Output = std::io::Result<usize>>,
+{
     let total = buffer.len();
+    assert_eq!(position % BLOCK_BYTES, 0, "O_DIRECT writes start on a block");
+    assert_eq!(total as u64 % BLOCK_BYTES, 0, "O_DIRECT writes whole blocks");
     let first = Rc::new(buffer);
     let mut current = Rc::clone(&first);
+    // Bytes of `first` written, always whole blocks: where the next write starts.
     let mut done = 0;
     loop {
-        let written = segment
-            .file
-            .write_rc_at(Rc::clone(&current), position + done as u64)
+        let asked = current.len();
+        let written = write(Rc::clone(&current), position + done as u64)
             .await
-            .map_err(|e| LogError::io("writing segment", &segment.path, e))?;
-        done += written;
-        if done == total {
+            .map_err(|e| LogError::io("writing segment", path, e))?;
+        assert!(written <= asked, "a write reports at most what it was given");
+        let reached = done + written;
+        if reached == total {
             return Ok(());
         }
-        if written == 0 {
-            let stuck =
-                std::io::Error::new(std::io::ErrorKind::WriteZero, format!("wrote {done} of {total} bytes"));
-            return Err(LogError::io("writing segment", &segment.path, stuck));
+        let resume = align_down(reached as u64) as usize;
+        if resume == done {
+            let stuck = std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("wrote {reached} of {total} bytes, the last write not one whole block"),
+            );
+            return Err(LogError::io("writing segment", path, stuck));
         }
-        let mut rest = segment.file.alloc_dma_buffer(total - done);
+        done = resume;
+        let mut rest = file.alloc_dma_buffer(total - done);
         rest.as_bytes_mut().copy_from_slice(&first.as_bytes()[done..]);
         current = Rc::new(rest);
     }
@@ -1120,6 +1151,66 @@ mod tests {
         });
         let last_start = SEGMENT_BYTES_MAX - batch::HEADER_BYTES as u64;
         assert_eq!(u64::from(segment::position_u32(last_start)), last_start);
+    }
+
+    /// Runs `write_blocks` of a buffer of 3 blocks at block 1 over a device that writes at most
+    /// `first_write_bytes` in its first write and all it is given after that, and fails a
+    /// write that does not start on a block with EINVAL, as O_DIRECT does. Returns the
+    /// result, the writes asked for (position, length) and what reached the device.
+    async fn write_short(first_write_bytes: usize) -> (Result<()>, Vec<(u64, usize)>, Vec<u8>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short");
+        let file = DmaFile::create(&path).await.unwrap();
+        let total = 3 * BLOCK_BYTES as usize;
+        let mut buffer = file.alloc_dma_buffer(total);
+        for (i, byte) in buffer.as_bytes_mut().iter_mut().enumerate() {
+            *byte = (i % 251) as u8;
+        }
+        let expected = buffer.as_bytes().to_vec();
+        let device = RefCell::new(vec![0u8; 4 * BLOCK_BYTES as usize]);
+        let calls = RefCell::new(Vec::new());
+        let write = |buffer: Rc<DmaBuffer>, at: u64| {
+            calls.borrow_mut().push((at, buffer.len()));
+            let result = if !at.is_multiple_of(BLOCK_BYTES) {
+                Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                let len = if calls.borrow().len() == 1 { first_write_bytes } else { buffer.len() };
+                let at = at as usize;
+                device.borrow_mut()[at..at + len].copy_from_slice(&buffer.as_bytes()[..len]);
+                Ok(len)
+            };
+            std::future::ready(result)
+        };
+        let result = write_blocks(&file, &path, buffer, BLOCK_BYTES, write).await;
+        file.close().await.unwrap();
+        let written = device.borrow()[BLOCK_BYTES as usize..].to_vec();
+        (result, calls.into_inner(), written, expected)
+    }
+
+    #[test]
+    fn a_short_write_goes_on_from_the_block_it_ended_in() {
+        run(async {
+            let block = BLOCK_BYTES as usize;
+            // A block and a half: the rest starts again at the second block.
+            let (result, calls, written, expected) = write_short(block + block / 2).await;
+            result.unwrap();
+            assert_eq!(calls, vec![(BLOCK_BYTES, 3 * block), (2 * BLOCK_BYTES, 2 * block)]);
+            assert!(written == expected, "the device holds the whole buffer");
+
+            // Whole blocks: the rest starts right after them.
+            let (result, calls, written, expected) = write_short(2 * block).await;
+            result.unwrap();
+            assert_eq!(calls, vec![(BLOCK_BYTES, 3 * block), (3 * BLOCK_BYTES, block)]);
+            assert!(written == expected);
+
+            // Less than a block makes no progress: an error, not a loop.
+            let (result, calls, _, _) = write_short(100).await;
+            let error = result.unwrap_err();
+            assert!(
+                matches!(&error, LogError::Io { source, .. } if source.kind() == std::io::ErrorKind::WriteZero)
+            );
+            assert_eq!(calls.len(), 1, "{error}");
+        });
     }
 
     #[test]
