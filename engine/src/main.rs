@@ -91,8 +91,9 @@ pub struct NodeArgs {
     /// The CPUs to run shards on, one shard each: "0,1" or "0-3".
     #[arg(long)]
     pub cpus: Option<String>,
-    /// A segment is rolled before it grows past this many bytes.
-    #[arg(long, default_value_t = 1 << 30)]
+    /// A segment is rolled before it grows past this many bytes (4 KiB to 4 GiB: positions in
+    /// a segment are 32-bit).
+    #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(4096..=(4 << 30)))]
     pub segment_bytes: u64,
     /// Bytes of recent batches each shard keeps in memory for tailing reads.
     #[arg(long, default_value_t = 256 << 20)]

@@ -39,6 +39,8 @@ const STOP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 const IN_FLIGHT_PER_CONNECTION_MAX: usize = 1024;
 // `--flush-bytes` is bounded by what a partition may hold unflushed (its range is a literal).
 const _: () = assert!(pyralog_shard::UNFLUSHED_BYTES_MAX == 64 << 20);
+// `--segment-bytes` is bounded by what a segment's 32-bit positions reach, and holds a block.
+const _: () = assert!(pyralog_dma::SEGMENT_BYTES_MAX == 4 << 30 && pyralog_dma::BLOCK_BYTES == 4096);
 
 struct ShardReady {
     shard: usize,

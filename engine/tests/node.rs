@@ -534,9 +534,15 @@ fn a_second_node_on_the_same_port_or_data_dir_is_refused_with_a_message() {
     // Listening on every address needs an address to advertise to Kafka clients.
     let message = refused(other.path(), "127.0.0.1:0", "0.0.0.0:0");
     assert!(message.contains("--kafka-advertise"), "{message}");
-    // Flush settings out of their ranges (a huge interval once overflowed a deadline; more
-    // flush bytes than a partition may hold unflushed would only stall produces).
-    for (flag, value) in [("--flush-interval-ms", "18446744073709551615"), ("--flush-bytes", "1073741824")] {
+    // Settings out of their ranges: a huge flush interval once overflowed a deadline, more
+    // flush bytes than a partition may hold unflushed only stalled produces, segments past
+    // 4 GiB panicked at the first position past 32 bits, and under a block at open.
+    for (flag, value) in [
+        ("--flush-interval-ms", "18446744073709551615"),
+        ("--flush-bytes", "1073741824"),
+        ("--segment-bytes", "8589934592"),
+        ("--segment-bytes", "100"),
+    ] {
         let output = Command::new(env!("CARGO_BIN_EXE_pyralog")).args([flag, value]).output().unwrap();
         assert_eq!(output.status.code(), Some(2));
         let message = String::from_utf8(output.stderr).unwrap();
