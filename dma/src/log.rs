@@ -36,7 +36,8 @@ use glommio::io::{Directory, DmaBuffer, DmaFile};
 
 use crate::batch::{self, BatchHeader};
 use crate::segment::{
-    self, align_down, Segment, StampedBatch, BLOCK_BYTES, SEGMENT_BYTES_MAX, WRITE_CHUNK_BYTES_MAX,
+    self, align_down, Segment, StampedBatch, BLOCK_BYTES, SEGMENT_BYTES_MAX, SEGMENT_OFFSET_SPAN_MAX,
+    WRITE_CHUNK_BYTES_MAX,
 };
 use crate::{LogError, Result};
 
@@ -382,7 +383,11 @@ impl Log {
             let mut end = first;
             while end < batches.len() {
                 let len = batches[end].bytes.len() as u64;
-                if size > 0 && size + len > self.config.segment_bytes {
+                // A segment also rolls before its offsets outgrow the index's u32 relative
+                // offsets: a compressed batch may hold up to 2^31 records in a few bytes.
+                let relative = batches[end].header.base_offset - active.base_offset;
+                if size > 0 && (size + len > self.config.segment_bytes || relative > SEGMENT_OFFSET_SPAN_MAX)
+                {
                     break;
                 }
                 size += len;
@@ -996,6 +1001,32 @@ mod tests {
             assert_eq!(batch::stored_header(&appended.batches[0].bytes).unwrap().base_offset, 6);
             assert_eq!(&kept[..], &first[..]);
             log.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_segment_rolls_before_its_offsets_outgrow_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            // Header-only batches claiming 2^31 - 1 records each (as a compressed batch may):
+            // the fourth starts 3 * (2^31 - 1) offsets in, past what a u32 holds.
+            let mut wide = batch::build_for_tests(1, b"", 0);
+            wide[57..61].copy_from_slice(&i32::MAX.to_be_bytes()); // recordCount
+            wide[23..27].copy_from_slice(&(i32::MAX - 1).to_be_bytes()); // lastOffsetDelta
+            batch::reseal_for_tests(&mut wide);
+            for _ in 0..4 {
+                let headers = batch::parse_all(&wide).unwrap();
+                log.append(Bytes::from(wide.clone()), &headers).unwrap();
+            }
+            log.flush().await.unwrap();
+            assert_eq!(log.segment_count(), 2);
+            let end = 4 * i64::from(i32::MAX);
+            assert_eq!(log.durable_offset(), end);
+            log.close().await.unwrap();
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            assert_eq!(log.next_offset(), end);
+            assert_eq!(read_all(&log, 0).await.len(), 4);
         });
     }
 

@@ -31,6 +31,9 @@ pub const READAHEAD_BYTES: usize = 256 << 10;
 /// are `u32` (index entries, in memory and on disk), and every batch but a segment's first
 /// starts before the configured size, so every position fits below this.
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 32;
+/// How far after its base offset a segment's last batch may start: index entries keep
+/// offsets relative to the base as `u32`. The log rolls a segment before that.
+pub const SEGMENT_OFFSET_SPAN_MAX: i64 = u32::MAX as i64;
 
 pub(crate) fn align_down(position: u64) -> u64 {
     position & !(BLOCK_BYTES - 1)
