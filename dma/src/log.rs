@@ -370,6 +370,10 @@ impl Log {
             }
             Err(error) => {
                 state.stopped = Some(error.to_string());
+                // What was appended during this flush will never be written either: left
+                // pending, it would keep the flusher busy with a log that refuses to flush.
+                state.pending.clear();
+                state.unflushed_bytes = 0;
                 Err(error)
             }
         }

@@ -656,6 +656,56 @@ fn a_full_disk_fails_produce_with_a_storage_error_and_keeps_what_was_written() {
 }
 
 #[test]
+fn a_disk_filling_under_concurrent_producers_leaves_the_shard_serving() {
+    let disk = SmallFileSystem::new("4m");
+    let data_dir = disk.mount_point.path().join("data");
+    let node = Node::start(&data_dir, &[]);
+    let client = node.client();
+    client.create_topic("full", 1).unwrap();
+    client.create_topic("other", 2).unwrap();
+    // A partition of "other" on the shard that owns "full".
+    let shard = client.partitions("full").unwrap()[0].shard;
+    let neighbour = client.partitions("other").unwrap().into_iter().find(|p| p.shard == shard).unwrap();
+    client.produce("other", neighbour.partition, batch(&values("before", 1)), Acks::Durable).unwrap();
+    // Four producers at once fill the disk, so batches arrive while the failing flush runs
+    // (they used to stay pending, and the flusher spun on a log that refused to flush,
+    // holding the whole core).
+    let payload = "z".repeat(30_000);
+    let producers: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = node.addr.clone();
+            let payload = payload.clone();
+            std::thread::spawn(move || {
+                let client = Client::connect(&addr).unwrap();
+                for _ in 0..200 {
+                    if client
+                        .produce("full", 0, batch(&[payload.clone(), payload.clone()]), Acks::Durable)
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                panic!("a 4 MiB disk must fill up");
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.join().unwrap();
+    }
+    // The shard still serves its other partitions (reads; the disk is full for writes).
+    let (done, answer) = std::sync::mpsc::channel();
+    let addr = node.addr.clone();
+    std::thread::spawn(move || {
+        let client = Client::connect(&addr).unwrap();
+        let _ =
+            done.send(client.fetch("other", neighbour.partition, 0, 1 << 20, 0).map(|f| f.reader().count()));
+    });
+    let records = answer.recv_timeout(Duration::from_secs(10)).expect("the shard answers");
+    assert_eq!(records.unwrap(), 1);
+    drop(node);
+}
+
+#[test]
 fn in_cached_mode_a_failed_flush_ends_the_partition_at_what_is_on_disk() {
     let disk = SmallFileSystem::new("4m");
     let data_dir = disk.mount_point.path().join("data");

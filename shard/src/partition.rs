@@ -108,7 +108,8 @@ impl Partition {
         assert!(self.flusher_running.get(), "flusher_running is set before the flusher is spawned");
         let mut last_flush = Instant::now();
         loop {
-            if !self.log.has_pending() {
+            // A stopped log (a flush failed) has nothing more to write.
+            if !self.log.has_pending() || self.log.stopped().is_some() {
                 if self.closing.get() {
                     break;
                 }
