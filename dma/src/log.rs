@@ -149,6 +149,14 @@ impl Drop for Truncation<'_> {
         if self.changing && state.stopped.is_none() {
             state.stopped = Some("a truncation was cancelled while it changed the log".to_string());
         }
+        if state.flushing {
+            // Cancelled during its own flush: the batches that flush took are neither pending
+            // nor known to be written. Nothing may write after that.
+            state.flushing = false;
+            state.pending.clear();
+            state.unflushed_bytes = 0;
+            state.stopped.get_or_insert_with(|| "a truncation was cancelled during its flush".to_string());
+        }
     }
 }
 
@@ -688,6 +696,10 @@ impl Log {
 
     /// Deletes whole closed segments that retention no longer keeps. Returns how many.
     pub fn apply_retention(&self, now_ms: i64) -> Result<usize> {
+        if self.state.borrow().truncating {
+            // Not now: the truncation keeps segments this could remove. The next run will do.
+            return Ok(0);
+        }
         let closed: Vec<Rc<Segment>> = {
             let segments = self.segments.borrow();
             segments.values().take(segments.len() - 1).cloned().collect()
@@ -1637,6 +1649,30 @@ mod tests {
             assert!(stopped.contains("cancelled"), "{stopped}");
             let (bytes, headers) = one_batch(1);
             assert!(matches!(log.append(bytes, &headers), Err(LogError::Stopped { .. })));
+        });
+    }
+
+    #[test]
+    fn a_truncation_cancelled_during_its_flush_stops_the_log_and_retention_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { retention_bytes: Some(1), ..small_config() };
+            let log = Log::open(dir.path(), config).await.unwrap();
+            fill(&log, 800, 1, 10).await;
+            let segments = log.segment_count();
+            assert!(segments > 2);
+            let (bytes, headers) = one_batch(2);
+            log.append(bytes, &headers).unwrap();
+            let mut truncation = Stepper::new(log.truncate_from(100));
+            assert!(truncation.step().await.is_none(), "the truncation waits for its flush");
+            assert_eq!(log.apply_retention(0).unwrap(), 0, "no retention during a truncation");
+            assert_eq!(log.segment_count(), segments);
+            drop(truncation);
+            let stopped = log.stopped().expect("a truncation cancelled in its flush stops the log");
+            assert!(stopped.contains("during its flush"), "{stopped}");
+            // Refused plainly from now on, no overlapping-flush panic.
+            assert!(matches!(log.flush().await, Err(LogError::Stopped { .. })));
+            assert!(matches!(log.truncate_from(100).await, Err(LogError::Stopped { .. })));
         });
     }
 
