@@ -26,4 +26,4 @@ mod segment;
 pub use device::settle_device_probe;
 pub use error::{LogError, Result};
 pub use log::{Appended, Log, LogConfig, INDEX_INTERVAL_BYTES};
-pub use segment::{StampedBatch, BLOCK_BYTES, SEGMENT_BYTES_MAX};
+pub use segment::{StampedBatch, BLOCK_BYTES, READAHEAD_BYTES, SEGMENT_BYTES_MAX};

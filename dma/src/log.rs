@@ -115,6 +115,7 @@ pub struct Log {
 struct ReadAhead {
     offset: i64,
     max_bytes: usize,
+    min_one: bool,
     task: glommio::Task<Result<Option<(Bytes, i64)>>>,
 }
 
@@ -502,11 +503,23 @@ impl Log {
     /// segment's size is not that bound: a flush publishes each segment's new size after its
     /// fdatasync, but moves the durable offset only when all of it, rolls included, is done.
     pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<Option<Bytes>> {
+        self.read_batches(offset, max_bytes, true).await
+    }
+
+    /// [`Log::read`] within `max_bytes` strictly: `None` also when the batch holding `offset`
+    /// is larger (never read past `max_bytes`, nor the disk window of a read). For the
+    /// partitions of a fetch after the first, whose budget is what the response has left.
+    pub async fn read_within(&self, offset: i64, max_bytes: usize) -> Result<Option<Bytes>> {
+        self.read_batches(offset, max_bytes, false).await
+    }
+
+    async fn read_batches(&self, offset: i64, max_bytes: usize, min_one: bool) -> Result<Option<Bytes>> {
         self.check_range(offset)?;
         let ahead = self.read_ahead.borrow_mut().take();
-        if let Some(ahead) = ahead.filter(|a| a.offset == offset && a.max_bytes == max_bytes) {
+        let wanted = |a: &ReadAhead| a.offset == offset && a.max_bytes == max_bytes && a.min_one == min_one;
+        if let Some(ahead) = ahead.filter(wanted) {
             if let Some((bytes, next)) = ahead.task.await? {
-                self.read_ahead_from(next, max_bytes);
+                self.read_ahead_from(next, max_bytes, min_one);
                 return Ok(Some(bytes));
             }
         }
@@ -514,9 +527,9 @@ impl Log {
         let mut from = offset;
         while from < durable {
             let Some(segment) = self.segment_for(from) else { break };
-            if let Some((bytes, next)) = segment.read(from, max_bytes, durable).await? {
+            if let Some((bytes, next)) = segment.read(from, max_bytes, durable, min_one).await? {
                 assert!(next <= durable, "a read returns only durable batches");
-                self.read_ahead_from(next, max_bytes);
+                self.read_ahead_from(next, max_bytes, min_one);
                 return Ok(Some(bytes));
             }
             // The offset sits at this segment's end: the next segment starts there.
@@ -536,7 +549,7 @@ impl Log {
     /// Starts reading what follows a read that ended at `offset`, if that is durable and in
     /// the same segment: a consumer catching up asks for it next, and the disk reads it while
     /// this response goes out.
-    fn read_ahead_from(&self, offset: i64, max_bytes: usize) {
+    fn read_ahead_from(&self, offset: i64, max_bytes: usize, min_one: bool) {
         let Some(segment) = self.segment_for(offset) else { return };
         let durable = self.durable_offset();
         if offset >= segment.next_offset.get().min(durable) {
@@ -544,8 +557,9 @@ impl Log {
         }
         // Bounded by the durable offset of now: it only grows until a truncation, which drops
         // the read ahead.
-        let task = glommio::spawn_local(async move { segment.read(offset, max_bytes, durable).await });
-        *self.read_ahead.borrow_mut() = Some(ReadAhead { offset, max_bytes, task });
+        let task =
+            glommio::spawn_local(async move { segment.read(offset, max_bytes, durable, min_one).await });
+        *self.read_ahead.borrow_mut() = Some(ReadAhead { offset, max_bytes, min_one, task });
     }
 
     /// The largest record timestamp among durable batches, if any batch carries one.
@@ -1043,6 +1057,21 @@ mod tests {
             let log = Log::open(dir.path(), small_config()).await.unwrap();
             assert_eq!(log.next_offset(), end);
             assert_eq!(read_all(&log, 0).await.len(), 4);
+        });
+    }
+
+    #[test]
+    fn read_within_returns_nothing_larger_than_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            let bytes = batch::build_for_tests(4, &[1u8; 1000], 0);
+            let headers = batch::parse_all(&bytes).unwrap();
+            log.append(Bytes::from(bytes), &headers).unwrap();
+            log.flush().await.unwrap();
+            assert!(log.read(0, 100).await.unwrap().is_some(), "read: one batch however large");
+            assert!(log.read_within(0, 100).await.unwrap().is_none(), "read_within: only what fits");
+            assert!(log.read_within(0, 8192).await.unwrap().is_some());
         });
     }
 

@@ -199,7 +199,8 @@ impl Segment {
     }
 
     /// Reads whole batches from the first one that holds offsets at or after `offset`, up to
-    /// `max_bytes` (but always one batch, however large), never past the durable size and
+    /// `max_bytes` (with `min_one`, always one batch however large; without, none when that
+    /// batch is larger than `max_bytes`), never past the durable size and
     /// never a batch with an offset at or after `end_offset` (the log's durable offset: a
     /// segment's size grows before the log's durable offset does, see `Log::flush`).
     /// Returns them with the offset that follows the last one.
@@ -208,6 +209,7 @@ impl Segment {
         offset: i64,
         max_bytes: usize,
         end_offset: i64,
+        min_one: bool,
     ) -> Result<Option<(bytes::Bytes, i64)>> {
         let size = self.size.get();
         let mut position = u64::from(self.index.borrow().position_for_offset(offset));
@@ -221,6 +223,8 @@ impl Segment {
             let end = position + u64::from(header.total_bytes);
             match start {
                 None if header.next_offset() <= offset => {}
+                // Not even the first batch fits, and the caller wants nothing larger.
+                None if !min_one && u64::from(header.total_bytes) > max_bytes as u64 => break,
                 None => start = Some(position),
                 Some(from) if end - from > max_bytes as u64 => break,
                 Some(_) => {}

@@ -3,10 +3,11 @@
 //! responses.
 //!
 //! - Partitions are read in request order, in waves read at once (a partition on another
-//!   shard is read there): a wave takes partitions while the bytes they may read fit what is
-//!   left of the request's `max_bytes` (at most `FETCH_RESPONSE_BYTES_MAX`) and
-//!   [`FETCH_WAVE_BYTES_MAX`], so a request reads little more than it returns, however many
-//!   partitions it names.
+//!   shard is read there): a wave takes partitions while what their reads may take (their
+//!   limits, at least a disk read's window each) fits what is left of the request's
+//!   `max_bytes` (at most `FETCH_RESPONSE_BYTES_MAX`), so a request reads little more than it
+//!   returns, however many partitions it names. As in Kafka, only the response's first batch
+//!   may be larger than its limit; the other partitions read nothing larger.
 //! - Once the budget is spent, or a batch read did not fit what was left, the remaining
 //!   partitions report their offsets with no records (the client asks again).
 //! - A request names at most [`FETCH_PARTITIONS_MAX`] partitions; those past it report their
@@ -19,6 +20,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{join_all, select_all};
+use pyralog_dma::READAHEAD_BYTES;
 use pyralog_shard::{
     keep_within, FetchLimits, Fetched, Shard, ShardError, FETCH_PARTITION_BYTES_MAX,
     FETCH_RESPONSE_BYTES_MAX, FETCH_WAIT_MAX,
@@ -28,8 +30,6 @@ use pyralog_shard::{
 /// above what a consumer asks one shard for, it bounds a request's work and the wakers its
 /// long-poll registers.
 pub const FETCH_PARTITIONS_MAX: usize = 4096;
-/// Bytes the partitions read at once by one fetch may return, together (64 MiB).
-pub const FETCH_WAVE_BYTES_MAX: u64 = 64 << 20;
 
 /// One partition a fetch asks for.
 pub struct Wanted<'a> {
@@ -54,7 +54,8 @@ pub async fn fetch(
         let results = read_once(shard, wanted, max_bytes).await;
         let bytes: usize = results.iter().map(|r| r.as_ref().map_or(0, Fetched::bytes)).sum();
         let left = deadline.saturating_duration_since(Instant::now());
-        let done = bytes >= min_bytes.max(1) as usize || results.iter().any(Result::is_err);
+        // As in Kafka, min_bytes 0 answers at once.
+        let done = bytes >= min_bytes as usize || results.iter().any(Result::is_err);
         if done || left.is_zero() || wanted.is_empty() {
             return results;
         }
@@ -66,7 +67,7 @@ pub async fn fetch(
             .take(FETCH_PARTITIONS_MAX)
             .map(|(w, result)| {
                 let end = result.as_ref().map_or(w.offset, |f| f.high_watermark.max(w.offset));
-                let limits = FetchLimits { max_bytes: 1, min_bytes: 1, max_wait: left };
+                let limits = FetchLimits { max_bytes: 1, min_one_batch: true, min_bytes: 1, max_wait: left };
                 Box::pin(shard.fetch(w.topic, w.partition, end, limits)) as Pin<Box<dyn Future<Output = _>>>
             })
             .collect();
@@ -80,40 +81,43 @@ async fn read_once(shard: &Shard, wanted: &[Wanted<'_>], max_bytes: u32) -> Vec<
     let mut left = u64::from(max_bytes.clamp(1, FETCH_RESPONSE_BYTES_MAX));
     let mut kept_any = false;
     let mut next = 0;
-    while next < wanted.len() && next < FETCH_PARTITIONS_MAX && left > 0 {
-        // What a partition may read now.
+    let readable = wanted.len().min(FETCH_PARTITIONS_MAX);
+    while next < readable && left > 0 {
+        // What a partition may read now, and what reading it may take: a disk read reads at
+        // least a window.
         let limit_of = |w: &Wanted<'_>| {
             let own = if w.max_bytes == 0 { left } else { u64::from(w.max_bytes).min(left) };
             own.min(u64::from(FETCH_PARTITION_BYTES_MAX)) as u32
         };
-        // A wave: the partitions whose reads together fit what is left (and the wave bound),
-        // at least one.
-        let room = left.min(FETCH_WAVE_BYTES_MAX);
+        let cost_of = |w: &Wanted<'_>| u64::from(limit_of(w)).max(READAHEAD_BYTES as u64);
+        // A wave: the partitions whose reads together fit what is left, at least one.
         let mut end = next + 1;
-        let mut wave_bytes = u64::from(limit_of(&wanted[next]));
-        while end < wanted.len().min(FETCH_PARTITIONS_MAX) {
-            let bytes = u64::from(limit_of(&wanted[end]));
-            if wave_bytes + bytes > room {
-                break;
-            }
-            wave_bytes += bytes;
+        let mut wave_cost = cost_of(&wanted[next]);
+        while end < readable && wave_cost + cost_of(&wanted[end]) <= left {
+            wave_cost += cost_of(&wanted[end]);
             end += 1;
         }
-        let mut wave = join_all(wanted[next..end].iter().map(|w| read(shard, w, limit_of(w)))).await;
+        // As in Kafka, only the response's first batch may be larger than what is left: the
+        // wave's first partition may return one while nothing is kept; the others read only
+        // what fits their limits.
+        let reads = (next..end).map(|i| {
+            let min_one = i == next && !kept_any;
+            read(shard, &wanted[i], limit_of(&wanted[i]), min_one)
+        });
+        let mut wave = join_all(reads).await;
         let read_bytes: usize = wave.iter().map(|r| r.as_ref().map_or(0, Fetched::bytes)).sum();
         let kept = keep_within(wave.iter_mut().flatten(), left as usize, !kept_any);
         kept_any |= kept > 0;
         left = left.saturating_sub(kept as u64);
         if kept < read_bytes {
-            // A batch did not fit: the response is as full as it gets. (Reading on would read
-            // batches only to drop them.)
+            // Something read did not fit: the response is as full as it gets.
             left = 0;
         }
         results.extend(wave);
         next = end;
     }
     // The rest, past the budget or the partition bound: their offsets only.
-    results.extend(join_all(wanted[next..].iter().map(|w| read(shard, w, 0))).await);
+    results.extend(join_all(wanted[next..].iter().map(|w| read(shard, w, 0, false))).await);
     results
 }
 
@@ -122,7 +126,8 @@ fn read<'a>(
     shard: &'a Shard,
     wanted: &Wanted<'a>,
     max_bytes: u32,
+    min_one_batch: bool,
 ) -> impl Future<Output = Result<Fetched, ShardError>> + 'a {
-    let limits = FetchLimits { max_bytes, min_bytes: 0, max_wait: Duration::ZERO };
+    let limits = FetchLimits { max_bytes, min_one_batch, min_bytes: 0, max_wait: Duration::ZERO };
     shard.fetch(wanted.topic, wanted.partition, wanted.offset, limits)
 }

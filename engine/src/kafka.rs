@@ -432,7 +432,8 @@ impl KafkaService {
         batch_offset: i64,
         timestamp: i64,
     ) -> (i64, i64) {
-        let limits = FetchLimits { max_bytes: 1, min_bytes: 0, max_wait: Duration::ZERO };
+        let limits =
+            FetchLimits { max_bytes: 1, min_one_batch: true, min_bytes: 0, max_wait: Duration::ZERO };
         let Ok(fetched) = self.shard.fetch(topic, partition, batch_offset, limits).await else {
             return (batch_offset, -1);
         };

@@ -214,9 +214,9 @@ fn a_fetch_naming_many_partitions_is_bounded_in_all() {
     let sizes = fetch(1);
     assert!(sizes[0] > 6 << 20 && sizes[0] < 7 << 20 && sizes[1..] == [0, 0, 0], "{sizes:?}");
 
-    // One partition named 5000 times: read in waves within the budget, the ones past
-    // FETCH_PARTITIONS_MAX (4096) only report their offsets.
-    let partitions = (0..5000).map(|_| FetchPartition { partition: 1, offset: 0, max_bytes: 0 }).collect();
+    // Only the response's first batch may be larger than its partition's limit: with 1 byte
+    // per partition, the first partition's 6 MiB batch comes and nothing else is read.
+    let partitions = (0..4).map(|partition| FetchPartition { partition, offset: 0, max_bytes: 1 }).collect();
     let request = Request::Fetch(FetchRequest {
         topic: "wide".into(),
         max_wait_ms: 0,
@@ -225,11 +225,26 @@ fn a_fetch_naming_many_partitions_is_bounded_in_all() {
         partitions,
     });
     let Some(Response::Fetch(results)) = shared.call(&request).unwrap().body else { panic!() };
-    assert_eq!(results.len(), 5000);
-    assert!(results.iter().all(|r| r.error == ErrorCode::None && r.high_watermark == 2048));
     let sizes: Vec<usize> = results.iter().map(|r| r.records.iter().map(Bytes::len).sum()).collect();
-    assert!(sizes.iter().sum::<usize>() <= pyralog_shard::FETCH_RESPONSE_BYTES_MAX as usize);
-    assert!(sizes[0] > 0 && sizes[4096..].iter().all(|&s| s == 0), "{:?}", &sizes[..4]);
+    assert!(sizes[0] > 6 << 20 && sizes[1..] == [0, 0, 0], "{sizes:?}");
+
+    // A partition of one small batch named 5000 times: every copy up to FETCH_PARTITIONS_MAX
+    // (4096) gets it (the budget holds them all), those past it only their offsets.
+    client.create_topic("small", 1).unwrap();
+    client.produce("small", 0, batch(&values("s", 1)), Acks::Durable).unwrap();
+    let partitions = (0..5000).map(|_| FetchPartition { partition: 0, offset: 0, max_bytes: 0 }).collect();
+    let request = Request::Fetch(FetchRequest {
+        topic: "small".into(),
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: u32::MAX,
+        partitions,
+    });
+    let Some(Response::Fetch(results)) = shared.call(&request).unwrap().body else { panic!() };
+    assert_eq!(results.len(), 5000);
+    assert!(results.iter().all(|r| r.error == ErrorCode::None && r.high_watermark == 1));
+    let sizes: Vec<usize> = results.iter().map(|r| r.records.iter().map(Bytes::len).sum()).collect();
+    assert!(sizes[..4096].iter().all(|&s| s > 0) && sizes[4096..].iter().all(|&s| s == 0));
 
     // Long-poll over several partitions: min_bytes counts them all, so data on one answers
     // at once (each partition used to wait out max_wait on its own).

@@ -81,14 +81,17 @@ impl ShardCache {
         }
     }
 
-    /// Batches from the one holding `offset`, below `high_watermark`, up to `max_bytes` (at
-    /// least one batch). `None` when the cache does not reach back to `offset`.
+    /// Batches from the one holding `offset`, below `high_watermark`, up to `max_bytes` (with
+    /// `min_one`, at least one batch however large). `None` when the cache does not reach
+    /// back to `offset`; then the log has it, if anyone does. (The cache holds a contiguous
+    /// suffix of each partition, so when it reaches back, nothing more is on disk.)
     pub fn read(
         &self,
         key: PartitionKey,
         offset: i64,
         high_watermark: i64,
         max_bytes: usize,
+        min_one: bool,
     ) -> Option<Vec<Bytes>> {
         let entries = &self.partitions.get(&key)?.entries;
         let first = entries.front()?;
@@ -100,7 +103,7 @@ impl ShardCache {
         let mut bytes = 0usize;
         for entry in entries.range(start..) {
             if entry.next_offset > high_watermark
-                || (!chunks.is_empty() && bytes + entry.bytes.len() > max_bytes)
+                || ((!min_one || !chunks.is_empty()) && bytes + entry.bytes.len() > max_bytes)
             {
                 break;
             }
@@ -157,11 +160,12 @@ mod tests {
         for i in 0..10 {
             cache.insert(1, i * 10, i * 10 + 10, chunk(100));
         }
-        let chunks = cache.read(1, 35, 100, 250).unwrap();
+        let chunks = cache.read(1, 35, 100, 250, true).unwrap();
         assert_eq!(chunks.len(), 2, "batches 30..40 and 40..50 fit in 250 bytes");
-        assert_eq!(cache.read(1, 35, 40, 1 << 20).unwrap().len(), 1, "the high watermark bounds reads");
-        assert_eq!(cache.read(1, 95, 100, 1).unwrap().len(), 1, "one batch even above max_bytes");
-        assert!(cache.read(2, 0, 100, 100).is_none());
+        assert_eq!(cache.read(1, 35, 40, 1 << 20, true).unwrap().len(), 1, "the high watermark bounds reads");
+        assert_eq!(cache.read(1, 95, 100, 1, true).unwrap().len(), 1, "one batch even above max_bytes");
+        assert_eq!(cache.read(1, 95, 100, 1, false).unwrap().len(), 0, "unless only what fits is wanted");
+        assert!(cache.read(2, 0, 100, 100, true).is_none());
     }
 
     #[test]
@@ -176,8 +180,8 @@ mod tests {
         assert_eq!(cache.used_bytes(), 400, "partition 1's oldest batch is first and not durable");
         cache.mark_durable(1, 2);
         assert_eq!(cache.used_bytes(), 300);
-        assert!(cache.read(1, 0, 2, 1000).is_none(), "partition 1's oldest batch went first");
-        assert_eq!(cache.read(2, 0, 2, 1000).unwrap().len(), 2);
+        assert!(cache.read(1, 0, 2, 1000, true).is_none(), "partition 1's oldest batch went first");
+        assert_eq!(cache.read(2, 0, 2, 1000, true).unwrap().len(), 2);
         cache.forget(2);
         assert_eq!(cache.used_bytes(), 100);
     }
@@ -198,7 +202,7 @@ mod tests {
         cache.insert(1, 1, 2, chunk(100)); // contiguous again at the durable end
         cache.insert(2, 5, 6, chunk(100));
         cache.mark_durable(2, 6);
-        assert_eq!(cache.read(2, 5, 6, 1000).unwrap().len(), 1);
+        assert_eq!(cache.read(2, 5, 6, 1000, true).unwrap().len(), 1);
     }
 
     #[test]
@@ -207,9 +211,9 @@ mod tests {
         cache.insert(1, 0, 1, chunk(100));
         cache.insert(2, 0, 1, chunk(100));
         cache.mark_durable(2, 1);
-        assert_eq!(cache.read(1, 0, 1, 1000).unwrap().len(), 1, "partition 1 is not durable yet");
+        assert_eq!(cache.read(1, 0, 1, 1000, true).unwrap().len(), 1, "partition 1 is not durable yet");
         cache.mark_durable(1, 1);
-        assert!(cache.read(1, 0, 1, 1000).is_none());
+        assert!(cache.read(1, 0, 1, 1000, true).is_none());
         assert_eq!(cache.used_bytes(), 100);
     }
 }

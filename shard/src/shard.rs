@@ -128,6 +128,9 @@ pub fn keep_within<'a>(
 pub struct FetchLimits {
     /// 0: no records, only the partition's offsets (checked against the offset asked).
     pub max_bytes: u32,
+    /// Return the first batch even when it is larger than `max_bytes` (Kafka's rule for the
+    /// first partition of a response). Without it, nothing larger than `max_bytes` is read.
+    pub min_one_batch: bool,
     pub min_bytes: u32,
     pub max_wait: Duration,
 }
@@ -578,10 +581,13 @@ impl Shard {
                 return Ok(Fetched { high_watermark, log_start_offset, records });
             }
             if offset < high_watermark {
-                let cached = self.cache.borrow().read(partition.key, offset, high_watermark, max_bytes);
+                let min_one = limits.min_one_batch;
+                let cached =
+                    self.cache.borrow().read(partition.key, offset, high_watermark, max_bytes, min_one);
                 records = match cached {
-                    Some(chunks) if !chunks.is_empty() => chunks,
-                    _ => partition.log.read(offset, max_bytes).await?.into_iter().collect(),
+                    Some(chunks) => chunks,
+                    None if min_one => partition.log.read(offset, max_bytes).await?.into_iter().collect(),
+                    None => partition.log.read_within(offset, max_bytes).await?.into_iter().collect(),
                 };
             }
             let bytes: usize = records.iter().map(Bytes::len).sum();
