@@ -4,8 +4,9 @@
 //! at a time and `listen` captures the generation when it is created, a notify between the
 //! check and the first poll is never missed.
 //!
-//! A waiter holds one slot however often it is polled, and gives it up when dropped: a
-//! `Listen` raced against a timer (a long-poll, a sweeper) and dropped leaves nothing behind.
+//! A waiter holds one slot however often it is polled, and gives it up when dropped (both in
+//! constant time): a `Listen` raced against a timer (a long-poll, a sweeper) and dropped
+//! leaves nothing behind.
 //! (Every poll used to add a waker clone that only the next notify removed: an idle event
 //! kept them all, each holding its task alive, until glommio's 16-bit task reference count
 //! overflowed and the shard panicked.)
@@ -18,16 +19,17 @@ use std::task::{Context, Poll, Waker};
 #[derive(Default)]
 pub(crate) struct Event {
     generation: Cell<u64>,
-    next_slot: Cell<u64>,
-    /// The waiting `Listen`s of this generation, by slot.
-    wakers: RefCell<Vec<(u64, Waker)>>,
+    /// The wakers of this generation's waiting `Listen`s, by slot; `None`: a free slot.
+    wakers: RefCell<Vec<Option<Waker>>>,
+    free: RefCell<Vec<usize>>,
 }
 
 impl Event {
     pub fn notify(&self) {
         self.generation.set(self.generation.get() + 1);
+        self.free.borrow_mut().clear();
         let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
-        for (_, waker) in wakers {
+        for waker in wakers.into_iter().flatten() {
             waker.wake();
         }
     }
@@ -38,15 +40,16 @@ impl Event {
 
     #[cfg(test)]
     fn waiting(&self) -> usize {
-        self.wakers.borrow().len()
+        self.wakers.borrow().iter().flatten().count()
     }
 }
 
 pub(crate) struct Listen<'a> {
     event: &'a Event,
     generation: u64,
-    /// Where this waiter's waker is kept, once it has been polled.
-    slot: Option<u64>,
+    /// Where this waiter's waker is kept, once it has been polled (valid in its generation
+    /// only: a notify empties the slots).
+    slot: Option<usize>,
 }
 
 impl Future for Listen<'_> {
@@ -57,12 +60,22 @@ impl Future for Listen<'_> {
             return Poll::Ready(());
         }
         let mut wakers = self.event.wakers.borrow_mut();
-        match self.slot.and_then(|slot| wakers.iter_mut().find(|(s, _)| *s == slot)) {
-            Some((_, waker)) => waker.clone_from(cx.waker()),
+        match self.slot {
+            Some(slot) => match &mut wakers[slot] {
+                Some(waker) => waker.clone_from(cx.waker()),
+                empty => *empty = Some(cx.waker().clone()),
+            },
             None => {
-                let slot = self.event.next_slot.get();
-                self.event.next_slot.set(slot + 1);
-                wakers.push((slot, cx.waker().clone()));
+                let slot = match self.event.free.borrow_mut().pop() {
+                    Some(slot) => {
+                        wakers[slot] = Some(cx.waker().clone());
+                        slot
+                    }
+                    None => {
+                        wakers.push(Some(cx.waker().clone()));
+                        wakers.len() - 1
+                    }
+                };
                 drop(wakers);
                 self.slot = Some(slot);
             }
@@ -73,11 +86,16 @@ impl Future for Listen<'_> {
 
 impl Drop for Listen<'_> {
     fn drop(&mut self) {
-        // After a notify the slot is gone already (and this generation's list is empty).
-        if let (Some(slot), Ok(mut wakers)) = (self.slot, self.event.wakers.try_borrow_mut()) {
-            if let Some(at) = wakers.iter().position(|(s, _)| *s == slot) {
-                wakers.swap_remove(at);
-            }
+        // After a notify the slot is gone already (the next generation's slots are others').
+        let Some(slot) = self.slot else { return };
+        if self.event.generation.get() != self.generation {
+            return;
+        }
+        if let (Ok(mut wakers), Ok(mut free)) =
+            (self.event.wakers.try_borrow_mut(), self.event.free.try_borrow_mut())
+        {
+            wakers[slot] = None;
+            free.push(slot);
         }
     }
 }
@@ -113,6 +131,31 @@ mod tests {
         }
         assert_eq!(event.waiting(), 0, "a dropped waiter leaves nothing behind");
         assert_eq!(Arc::strong_count(&count), 2);
+    }
+
+    #[test]
+    fn slots_freed_by_dropped_waiters_are_reused_within_a_generation_only() {
+        let event = Event::default();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let mut kept = Box::pin(event.listen());
+        assert!(kept.as_mut().poll(&mut cx).is_pending());
+        for _ in 0..100 {
+            let mut passing = Box::pin(event.listen());
+            assert!(passing.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(event.waiting(), 1);
+        assert_eq!(event.wakers.borrow().len(), 2, "the freed slot is reused");
+        event.notify();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "only the waiter still there is woken");
+        // A waiter of the new generation takes slot 0; dropping the old one must not free it.
+        let mut fresh = Box::pin(event.listen());
+        assert!(fresh.as_mut().poll(&mut cx).is_pending());
+        drop(kept);
+        assert_eq!(event.waiting(), 1, "the old generation's drop left the new waiter alone");
+        event.notify();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
     }
 
     #[test]
