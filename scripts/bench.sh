@@ -18,13 +18,14 @@ cleanup() { [[ -n "$node" ]] && kill -TERM "$node" 2>/dev/null && wait "$node" 2
 trap cleanup EXIT
 
 echo "machine: $(nproc) cores, kernel $(uname -r), $(df -h "$work" | awk 'NR==2 {print $1}')"
-# pyralog's flushes issue O_DIRECT writes of up to 1 MiB, then one fdatasync.
-fio_json() { fio --output-format=json --directory="$work" --size=1g --ioengine=psync --direct=1 --bs=1m "$@" \
+# pyralog's flushes issue O_DIRECT writes of up to 512 KiB (WRITE_CHUNK_BYTES_MAX), then one
+# fdatasync; a consumer catching up reads 1 MiB at a time.
+fio_json() { fio --output-format=json --directory="$work" --size=1g --ioengine=psync --direct=1 "$@" \
   | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round((j["write"]["bw_bytes"]+j["read"]["bw_bytes"])/1048576))'; }
-fio_write=$(fio_json --name=w --rw=write --fdatasync=1)
-fio_read=$(fio_json --name=r --rw=read)
+fio_write=$(fio_json --name=w --rw=write --bs=512k --fdatasync=1)
+fio_read=$(fio_json --name=r --rw=read --bs=1m)
 rm -f "$work"/w.* "$work"/r.*
-echo "fio O_DIRECT 1 MiB sequential write + fdatasync each: ${fio_write} MiB/s; read: ${fio_read} MiB/s"
+echo "fio O_DIRECT sequential 512 KiB write + fdatasync each: ${fio_write} MiB/s; read: ${fio_read} MiB/s (1 MiB reads)"
 # Latency floors for the 20k msg/s runs. Disk: one small commit (a 16 KiB O_DIRECT write, then
 # fdatasync), what a sync-mode produce waits for at this rate. Loopback: sockperf's round trip
 # of 1 KiB messages at 20k msg/s (a busy-polling echo timed from the actual send: a floor,

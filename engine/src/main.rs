@@ -120,10 +120,8 @@ pub struct NodeArgs {
     /// Connections each shard serves at once on each of its listeners.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
-    /// Memory each shard registers with io_uring for disk I/O buffers; counts against the
-    /// memlock limit (ulimit -l). Default: 4 MiB, or as much as the memlock limit allows every
-    /// shard, in whole MiB, down to 1 MiB. Disk buffers that do not fit come from the heap,
-    /// fresh each time: a cached-mode flush then stalls its shard for about a millisecond.
+    /// Memory each shard registers with io_uring for disk write buffers; counts against the
+    /// memlock limit (ulimit -l). Default 1 MiB: room for a flush's 512 KiB write chunk.
     #[arg(long)]
     pub io_memory_bytes: Option<usize>,
 }

@@ -411,26 +411,16 @@ fn check_io_uring() -> Result<()> {
     Ok(())
 }
 
-/// Registered io_uring memory per shard when `--io-memory-bytes` is not given: room for a
-/// flush's write chunk (`WRITE_CHUNK_BYTES_MAX`, 1 MiB) beside reads in flight. A disk buffer
-/// that does not fit comes from the heap, fresh each time: its page faults, the kernel's zeroing
-/// and the unmapping after it stalled a shard for about a millisecond per cached-mode flush,
-/// which was the produce p99 at 20k msg/s (bench/RESULTS.md, session 4).
-const IO_MEMORY_DEFAULT: usize = 4 << 20;
-/// The least the default shrinks to when the memlock limit is low.
-const IO_MEMORY_MIN: usize = 1 << 20;
+/// Registered io_uring memory per shard when `--io-memory-bytes` is not given: room for one
+/// flush write chunk (`WRITE_CHUNK_BYTES_MAX`, 512 KiB) beside small reads (see there why not
+/// more).
+const IO_MEMORY_DEFAULT: usize = 1 << 20;
 
-/// The io_uring memory each shard registers: as asked, or the default within the memlock limit.
+/// The io_uring memory each shard registers, checked against the memlock limit.
 fn io_memory_per_shard(asked: Option<usize>, shards: usize) -> Result<usize> {
-    let limit = memlock_limit();
-    let bytes = asked.unwrap_or_else(|| {
-        let fits = limit.map_or(IO_MEMORY_DEFAULT, |limit| {
-            usize::try_from(limit / shards as u64).unwrap_or(usize::MAX) / IO_MEMORY_MIN * IO_MEMORY_MIN
-        });
-        fits.clamp(IO_MEMORY_MIN, IO_MEMORY_DEFAULT)
-    });
+    let bytes = asked.unwrap_or(IO_MEMORY_DEFAULT);
     let needed = (bytes as u64).saturating_mul(shards as u64);
-    if let Some(limit) = limit.filter(|&limit| limit < needed) {
+    if let Some(limit) = memlock_limit().filter(|&limit| limit < needed) {
         bail!(
             "the memlock limit is {} KiB but {shards} shards need {} KiB of io_uring buffers: raise it \
              (ulimit -l, or LimitMEMLOCK= for systemd) or lower --io-memory-bytes",

@@ -566,7 +566,7 @@ fn a_second_node_on_the_same_port_or_data_dir_is_refused_with_a_message() {
 }
 
 #[test]
-fn io_memory_defaults_within_the_memlock_limit_and_a_limit_too_low_is_refused() {
+fn io_memory_is_checked_against_the_memlock_limit() {
     // Starts a two-shard node under a soft memlock limit (KiB; at most the hard limit, 8 MiB
     // on these machines) and stops it; returns its exit
     // code and everything it printed. The shell lowers the limit (any user may lower it).
@@ -587,12 +587,10 @@ fn io_memory_defaults_within_the_memlock_limit_and_a_limit_too_low_is_refused() 
             String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
         (output.status.code(), text)
     };
-    // 4 MiB per shard when the limit allows it, less (in whole MiB) when it does not.
+    // 1 MiB per shard by default, within the limit.
     let (_, text) = run(8 << 10, "");
-    assert!(text.contains("io memory 4194304 B per shard"), "{text}");
-    let (_, text) = run(5 << 10, "");
-    assert!(text.contains("io memory 2097152 B per shard"), "{text}");
-    // Below 1 MiB per shard, or below what was asked: a plain refusal.
+    assert!(text.contains("io memory 1048576 B per shard"), "{text}");
+    // More than the limit allows every shard: a plain refusal.
     let (code, text) = run(1 << 10, "");
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("memlock limit is 1024 KiB but 2 shards need 2048 KiB"), "{text}");
