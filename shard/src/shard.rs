@@ -85,18 +85,11 @@ impl Fetched {
     }
 }
 
-/// Trims a fetch response's partitions, in request order, to `max_bytes` of records in all
-/// (and never more than [`FETCH_RESPONSE_BYTES_MAX`]). Each partition keeps the chunks (whole
-/// batches) that still fit; the response's first chunk is kept whatever its size, so a batch
-/// larger than the budget is still delivered. A partition past the budget keeps its offsets
-/// and high watermark with no records, and the client asks again from where it is.
-pub fn trim_fetches<'a>(fetches: impl IntoIterator<Item = &'a mut Fetched>, max_bytes: u32) {
-    keep_within(fetches, max_bytes.clamp(1, FETCH_RESPONSE_BYTES_MAX) as usize, true);
-}
-
-/// [`trim_fetches`] for part of a response: keeps the chunks that fit in `room`; `first` says
-/// nothing was kept before these (then the first chunk stays whatever its size). Returns the
-/// bytes kept.
+/// Trims part of a fetch response, in request order, to `room` bytes of records: each
+/// partition keeps the chunks (whole batches) that still fit; when `first` (nothing was kept
+/// before these), the first chunk is kept whatever its size, so a batch larger than the budget
+/// is still delivered. A partition past the budget keeps its offsets and high watermark with
+/// no records, and the client asks again from where it is. Returns the bytes kept.
 pub fn keep_within<'a>(
     fetches: impl IntoIterator<Item = &'a mut Fetched>,
     room: usize,
@@ -864,7 +857,7 @@ mod tests {
     #[test]
     fn trimming_keeps_chunks_in_request_order_within_the_budget() {
         let mut fetches = vec![fetched(&[]), fetched(&[40, 40, 40]), fetched(&[30]), fetched(&[10])];
-        trim_fetches(&mut fetches, 100);
+        assert_eq!(keep_within(&mut fetches, 100, true), 90);
         // The second partition stops at the chunk that no longer fits; a later, smaller one
         // may still fit.
         assert_eq!(lens(&fetches), vec![vec![], vec![40, 40], vec![], vec![10]]);
@@ -874,16 +867,11 @@ mod tests {
     #[test]
     fn trimming_always_keeps_the_first_chunk_whatever_its_size() {
         let mut fetches = vec![fetched(&[500, 10]), fetched(&[1])];
-        trim_fetches(&mut fetches, 100);
+        keep_within(&mut fetches, 100, true);
         assert_eq!(lens(&fetches), vec![vec![500], vec![]]);
-    }
-
-    #[test]
-    fn trimming_caps_any_request_at_the_response_limit() {
-        let chunk = FETCH_PARTITION_BYTES_MAX as usize;
-        let mut fetches: Vec<Fetched> = (0..4).map(|_| fetched(&[chunk])).collect();
-        trim_fetches(&mut fetches, u32::MAX);
-        let total: usize = fetches.iter().map(Fetched::bytes).sum();
-        assert_eq!(total, FETCH_RESPONSE_BYTES_MAX as usize);
+        // Not the response's first chunks: nothing larger than the room.
+        let mut fetches = vec![fetched(&[500, 10]), fetched(&[1])];
+        keep_within(&mut fetches, 100, false);
+        assert_eq!(lens(&fetches), vec![vec![], vec![1]]);
     }
 }
