@@ -134,6 +134,18 @@ struct WriteState {
     leader_epoch: i32,
 }
 
+impl WriteState {
+    /// Stops the log for writes after a flush that did not complete (the first reason
+    /// stays). What is still pending will never be written: left pending, it would keep the
+    /// flusher busy with a log that refuses to flush.
+    fn stop_discarding_pending(&mut self, reason: String) {
+        self.flushing = false;
+        self.pending.clear();
+        self.unflushed_bytes = 0;
+        self.stopped.get_or_insert(reason);
+    }
+}
+
 /// A running truncation, for as long as it lives (see [`Log::truncate_from`]). Dropped while
 /// `changing` (the truncation's future was cancelled after it started changing the log), it
 /// stops the log, as an error there does.
@@ -153,10 +165,7 @@ impl Drop for Truncation<'_> {
         if state.flushing {
             // Cancelled during its own flush: the batches that flush took are neither pending
             // nor known to be written. Nothing may write after that.
-            state.flushing = false;
-            state.pending.clear();
-            state.unflushed_bytes = 0;
-            state.stopped.get_or_insert_with(|| "a truncation was cancelled during its flush".to_string());
+            state.stop_discarding_pending("a truncation was cancelled during its flush".to_string());
         }
     }
 }
@@ -368,9 +377,9 @@ impl Log {
         };
         let result = self.write_batches(&batches).await;
         let mut state = self.state.borrow_mut();
-        state.flushing = false;
         match result {
             Ok(()) => {
+                state.flushing = false;
                 let durable = batches.last().expect("not empty").header.next_offset();
                 assert!(durable > state.durable_offset, "the durable offset only grows");
                 state.durable_offset = durable;
@@ -378,11 +387,7 @@ impl Log {
                 Ok(durable)
             }
             Err(error) => {
-                state.stopped = Some(error.to_string());
-                // What was appended during this flush will never be written either: left
-                // pending, it would keep the flusher busy with a log that refuses to flush.
-                state.pending.clear();
-                state.unflushed_bytes = 0;
+                state.stop_discarding_pending(error.to_string());
                 Err(error)
             }
         }
