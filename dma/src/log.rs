@@ -36,8 +36,8 @@ use glommio::io::{Directory, DmaBuffer, DmaFile};
 
 use crate::batch::{self, BatchHeader};
 use crate::segment::{
-    self, align_down, Segment, StampedBatch, BLOCK_BYTES, SEGMENT_BYTES_MAX, SEGMENT_OFFSET_SPAN_MAX,
-    WRITE_CHUNK_BYTES_MAX,
+    self, align_down, Resume, Segment, SegmentRead, StampedBatch, BLOCK_BYTES, SEGMENT_BYTES_MAX,
+    SEGMENT_OFFSET_SPAN_MAX, WRITE_CHUNK_BYTES_MAX,
 };
 use crate::{LogError, Result};
 
@@ -116,7 +116,7 @@ struct ReadAhead {
     offset: i64,
     max_bytes: usize,
     min_one: bool,
-    task: glommio::Task<Result<Option<(Bytes, i64)>>>,
+    task: glommio::Task<Result<Option<SegmentRead>>>,
 }
 
 struct WriteState {
@@ -523,19 +523,19 @@ impl Log {
         let ahead = self.read_ahead.borrow_mut().take();
         let wanted = |a: &ReadAhead| a.offset == offset && a.max_bytes == max_bytes && a.min_one == min_one;
         if let Some(ahead) = ahead.filter(wanted) {
-            if let Some((bytes, next)) = ahead.task.await? {
-                self.read_ahead_from(next, max_bytes, min_one);
-                return Ok(Some(bytes));
+            if let Some(read) = ahead.task.await? {
+                self.read_ahead_from(read.rest, max_bytes, min_one);
+                return Ok(Some(read.bytes));
             }
         }
         let durable = self.durable_offset();
         let mut from = offset;
         while from < durable {
             let Some(segment) = self.segment_for(from) else { break };
-            if let Some((bytes, next)) = segment.read(from, max_bytes, durable, min_one).await? {
-                assert!(next <= durable, "a read returns only durable batches");
-                self.read_ahead_from(next, max_bytes, min_one);
-                return Ok(Some(bytes));
+            if let Some(read) = segment.read(from, max_bytes, durable, min_one, None).await? {
+                assert!(read.next_offset <= durable, "a read returns only durable batches");
+                self.read_ahead_from(read.rest, max_bytes, min_one);
+                return Ok(Some(read.bytes));
             }
             // The offset sits at this segment's end: the next segment starts there.
             if segment.next_offset.get() <= from {
@@ -551,10 +551,11 @@ impl Log {
         Ok(None)
     }
 
-    /// Starts reading what follows a read that ended at `offset`, if that is durable and in
+    /// Starts reading what follows a read that stopped at `rest`, if that is durable and in
     /// the same segment: a consumer catching up asks for it next, and the disk reads it while
-    /// this response goes out.
-    fn read_ahead_from(&self, offset: i64, max_bytes: usize, min_one: bool) {
+    /// this response goes out. It goes on from the bytes that read already holds.
+    fn read_ahead_from(&self, rest: Resume, max_bytes: usize, min_one: bool) {
+        let offset = rest.next_offset();
         let Some(segment) = self.segment_for(offset) else { return };
         let durable = self.durable_offset();
         if offset >= segment.next_offset.get().min(durable) {
@@ -562,8 +563,9 @@ impl Log {
         }
         // Bounded by the durable offset of now: it only grows until a truncation, which drops
         // the read ahead.
-        let task =
-            glommio::spawn_local(async move { segment.read(offset, max_bytes, durable, min_one).await });
+        let task = glommio::spawn_local(async move {
+            segment.read(offset, max_bytes, durable, min_one, Some(rest)).await
+        });
         *self.read_ahead.borrow_mut() = Some(ReadAhead { offset, max_bytes, min_one, task });
     }
 
@@ -1291,6 +1293,82 @@ mod tests {
                 matches!(&error, LogError::Io { source, .. } if source.kind() == std::io::ErrorKind::WriteZero)
             );
             assert_eq!(calls.len(), 1, "{error}");
+        });
+    }
+
+    /// Bytes the log's segments have read from disk.
+    fn disk_bytes_read(log: &Log) -> u64 {
+        log.segments.borrow().values().map(|s| s.disk_bytes_read.get()).sum()
+    }
+
+    #[test]
+    fn a_reader_going_through_the_log_reads_each_byte_from_disk_once() {
+        // Batches of ~220 KiB, for fetches of 300 KiB, with small ones between them (a
+        // producer's linger cutting one short): each fetch stops before a batch it has
+        // already read part of.
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config =
+                LogConfig { segment_bytes: 4 << 20, index_interval_bytes: 64 << 10, ..LogConfig::default() };
+            let log = Log::open(dir.path(), config).await.unwrap();
+            let value = [7u8; 200];
+            for i in 0..60 {
+                let records = if i % 3 == 2 { 2 } else { 1050 };
+                let bytes = batch::build_for_tests(records, &value, 1000 + i);
+                let headers = batch::parse_all(&bytes).unwrap();
+                log.append(Bytes::from(bytes), &headers).unwrap();
+                if i % 4 == 3 {
+                    log.flush().await.unwrap();
+                }
+            }
+            log.flush().await.unwrap();
+            assert!(log.segments.borrow().len() > 1, "the walk crosses a roll");
+            let before = disk_bytes_read(&log);
+            let max_bytes = 300 << 10;
+            let (mut offset, mut reads) = (0, 0);
+            while let Some(bytes) = log.read(offset, max_bytes).await.unwrap() {
+                let headers = batch::parse_all(&bytes).unwrap();
+                assert_eq!(headers[0].base_offset, offset, "reads go on where the last one ended");
+                assert!(bytes.len() <= max_bytes);
+                offset = headers.last().unwrap().next_offset();
+                reads += 1;
+            }
+            assert_eq!(offset, log.next_offset(), "the walk reached the end");
+            let stored = log.size_bytes();
+            let read = disk_bytes_read(&log) - before;
+            // Each read may start by reading again the block its predecessor ended in, and the
+            // last read ahead reads past the end of what was asked.
+            let bound = stored + reads * BLOCK_BYTES + (segment::READAHEAD_BYTES.max(max_bytes)) as u64;
+            assert!(read <= bound, "{read} bytes read from disk for {stored} stored ({reads} reads)");
+        });
+    }
+
+    #[test]
+    fn a_read_ahead_that_held_the_old_end_of_the_log_reads_what_was_flushed_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { segment_bytes: 1 << 20, ..small_config() };
+            let log = Log::open(dir.path(), config).await.unwrap();
+            // Batches of 118 bytes: a read of 200 bytes returns one, having looked at the next
+            // one's header. Each read ahead goes on with what the first read read: up to the
+            // durable end, which falls inside a block.
+            let one = 200;
+            fill(&log, 30, 3, 30).await;
+            for batch in 0..28 {
+                log.read(3 * batch, one).await.unwrap().expect("an old batch");
+            }
+            assert_ne!(log.size_bytes() % BLOCK_BYTES, 0, "the old end is inside a block");
+            fill(&log, 30, 3, 7).await;
+            // Batch 28 comes from the read ahead, which held the old end; the read ahead of
+            // batch 29 starts after the flush and looks past the old end, reading its block
+            // again from its start (O_DIRECT reads start on a block).
+            let mut offset = 84;
+            while let Some(bytes) = log.read(offset, one).await.unwrap() {
+                let headers = batch::parse_all(&bytes).expect("whole, checked batches");
+                assert_eq!((headers.len(), headers[0].base_offset), (1, offset));
+                offset = headers[0].next_offset();
+            }
+            assert_eq!(offset, 180, "every batch, old and new");
         });
     }
 

@@ -12,6 +12,7 @@
 //! - a segment lives on the shard that owns its partition; it is never shared across threads.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -67,6 +68,8 @@ pub(crate) struct Segment {
     /// The offset after the last durable batch.
     pub next_offset: Cell<i64>,
     pub index: RefCell<SegmentIndex>,
+    /// Bytes readers (fetches, lookups, recovery) read from the file.
+    pub disk_bytes_read: Cell<u64>,
 }
 
 impl Segment {
@@ -94,6 +97,7 @@ impl Segment {
             size: Cell::new(0),
             next_offset: Cell::new(base_offset),
             index: RefCell::new(SegmentIndex::new(base_offset, index_interval_bytes)),
+            disk_bytes_read: Cell::new(0),
         })
     }
 
@@ -166,7 +170,7 @@ impl Segment {
         file_bytes: u64,
         indexed_below: u64,
     ) -> Result<(u64, Option<String>)> {
-        let mut window = FileWindow::new(self.file.clone(), &self.path, file_bytes, WRITE_CHUNK_BYTES_MAX);
+        let mut window = FileWindow::new(self, file_bytes, WRITE_CHUNK_BYTES_MAX);
         let stop = loop {
             let left = file_bytes - position;
             if left == 0 {
@@ -210,20 +214,34 @@ impl Segment {
     /// batch is larger than `max_bytes`), never past the durable size and
     /// never a batch with an offset at or after `end_offset` (the log's durable offset: a
     /// segment's size grows before the log's durable offset does, see `Log::flush`).
-    /// Returns them with the offset that follows the last one.
+    /// `resume` is what an earlier read of this segment left (see [`SegmentRead::rest`]):
+    /// a read from where that one stopped starts there, with what it already holds.
     pub async fn read(
         &self,
         offset: i64,
         max_bytes: usize,
         end_offset: i64,
         min_one: bool,
-    ) -> Result<Option<(bytes::Bytes, i64)>> {
+        resume: Option<Resume>,
+    ) -> Result<Option<SegmentRead>> {
         let size = self.size.get();
-        let mut position = u64::from(self.index.borrow().position_for_offset(offset));
-        let mut window = FileWindow::new(self.file.clone(), &self.path, size, READAHEAD_BYTES.max(max_bytes));
+        let resume = resume.filter(|r| r.base_offset == self.base_offset && r.next_offset == offset);
+        let mut position = match &resume {
+            Some(resume) => resume.position,
+            None => u64::from(self.index.borrow().position_for_offset(offset)),
+        };
+        let mut window = FileWindow::new(self, size, READAHEAD_BYTES.max(max_bytes));
+        if let Some(resume) = resume {
+            window.hold(resume.held);
+        }
         let mut start = None;
         let mut next_offset = offset;
-        while let Some(header) = self.header_at(&mut window, position).await? {
+        loop {
+            // A batch is at least a header: none starting here fits what is left.
+            if start.is_some_and(|from| position + batch::HEADER_BYTES as u64 > from + max_bytes as u64) {
+                break;
+            }
+            let Some(header) = self.header_at(&mut window, position).await? else { break };
             if header.next_offset() > end_offset {
                 break;
             }
@@ -232,7 +250,12 @@ impl Segment {
                 None if header.next_offset() <= offset => {}
                 // Not even the first batch fits, and the caller wants nothing larger.
                 None if !min_one && u64::from(header.total_bytes) > max_bytes as u64 => break,
-                None => start = Some(position),
+                None => {
+                    start = Some(position);
+                    // What is returned starts here, and nothing past its budget is read.
+                    window.keep_from(position);
+                    window.cap_at(position + max_bytes as u64);
+                }
                 Some(from) if end - from > max_bytes as u64 => break,
                 Some(_) => {}
             }
@@ -242,15 +265,17 @@ impl Segment {
             position = end;
         }
         let Some(from) = start else { return Ok(None) };
-        let len = (position - from) as usize;
-        Ok(Some((bytes::Bytes::copy_from_slice(window.bytes(from, len).await?), next_offset)))
+        let bytes = window.take(from, (position - from) as usize).await?;
+        let held = window.into_held(position);
+        let rest = Resume { base_offset: self.base_offset, next_offset, position, held };
+        Ok(Some(SegmentRead { bytes, next_offset, rest }))
     }
 
     /// Finds the first batch whose max timestamp is at or after `timestamp`, among the batches
     /// whose offsets are all below `end_offset` (as for [`Segment::read`]).
     pub async fn offset_for_timestamp(&self, timestamp: i64, end_offset: i64) -> Result<Option<i64>> {
         let mut position = u64::from(self.index.borrow().position_for_timestamp(timestamp));
-        let mut window = FileWindow::new(self.file.clone(), &self.path, self.size.get(), READAHEAD_BYTES);
+        let mut window = FileWindow::new(self, self.size.get(), READAHEAD_BYTES);
         while let Some(header) = self.header_at(&mut window, position).await? {
             if header.next_offset() > end_offset {
                 return Ok(None);
@@ -268,7 +293,7 @@ impl Segment {
     pub async fn max_timestamp_before(&self, position: u64) -> Result<i64> {
         let (start, mut max_timestamp) = self.index.borrow().max_timestamp_scan_start(position_u32(position));
         let mut at = u64::from(start);
-        let mut window = FileWindow::new(self.file.clone(), &self.path, position, READAHEAD_BYTES);
+        let mut window = FileWindow::new(self, position, READAHEAD_BYTES);
         while let Some(header) = self.header_at(&mut window, at).await? {
             max_timestamp = max_timestamp.max(header.max_timestamp);
             at += u64::from(header.total_bytes);
@@ -280,7 +305,7 @@ impl Segment {
     /// `offset` is where it ends; `None` when `offset` is inside a batch.
     pub async fn position_of_batch(&self, offset: i64) -> Result<Option<u64>> {
         let mut position = u64::from(self.index.borrow().position_for_offset(offset));
-        let mut window = FileWindow::new(self.file.clone(), &self.path, self.size.get(), READAHEAD_BYTES);
+        let mut window = FileWindow::new(self, self.size.get(), READAHEAD_BYTES);
         while let Some(header) = self.header_at(&mut window, position).await? {
             if header.base_offset >= offset {
                 return Ok((header.base_offset == offset).then_some(position));
@@ -354,49 +379,190 @@ pub(crate) fn position_u32(position: u64) -> u32 {
         .expect("batches start below SEGMENT_BYTES_MAX, which LogConfig::validate enforces")
 }
 
-/// A read-ahead window over a file: O_DIRECT reads of at least `readahead` bytes, never past
-/// `limit`.
-struct FileWindow<'p> {
-    file: Rc<DmaFile>,
-    path: &'p Path,
+/// A forward reader over a segment file. It reads with O_DIRECT from block boundaries, at
+/// least `readahead` bytes at a time but not past `cap` unless a range asked for needs more,
+/// never past `limit`, and keeps what it read as a run of chunks: a walk that goes on past
+/// what the window holds reads only what follows, never a byte twice (a fetch that walked
+/// its batches' headers used to read them all again to return them, and a header peek just
+/// past the window read a whole new window: 1.35x the disk reads of the bytes served).
+/// Chunks wholly before both the range asked for and `keep_from` are dropped as it goes.
+struct FileWindow<'s> {
+    segment: &'s Segment,
     limit: u64,
     readahead: usize,
-    start: u64,
-    data: Option<ReadResult>,
+    cap: u64,
+    keep_from: u64,
+    /// Contiguous reads, each with its file position; the first starts on a block boundary.
+    chunks: VecDeque<(u64, ReadResult)>,
+    /// Where the next read starts: the end of the last chunk (a block boundary, or `limit`).
+    end: u64,
+    /// A range asked for that spans chunks, copied into one piece.
+    joined: Vec<u8>,
 }
 
-impl<'p> FileWindow<'p> {
-    fn new(file: Rc<DmaFile>, path: &'p Path, limit: u64, readahead: usize) -> FileWindow<'p> {
-        FileWindow { file, path, limit, readahead, start: 0, data: None }
+impl<'s> FileWindow<'s> {
+    fn new(segment: &'s Segment, limit: u64, readahead: usize) -> FileWindow<'s> {
+        let (cap, keep_from, chunks, end, joined) = (limit, u64::MAX, VecDeque::new(), 0, Vec::new());
+        FileWindow { segment, limit, readahead, cap, keep_from, chunks, end, joined }
     }
 
+    /// Starts from chunks an earlier window over the same file read. Bytes past this window's
+    /// limit are not kept, nor a last partial block: the next read starts on a boundary.
+    fn hold(&mut self, held: Held) {
+        let Held { mut chunks, end } = held;
+        let end = align_down(end.min(self.limit));
+        while let Some((at, chunk)) = chunks.pop_back() {
+            if at < end {
+                let kept = ((end - at) as usize).min(chunk.len());
+                chunks.push_back((at, ReadResult::slice(&chunk, 0, kept).expect("within the chunk")));
+                break;
+            }
+        }
+        self.end = chunks.front().map_or(0, |_| end);
+        self.chunks = chunks;
+    }
+
+    /// The chunks that hold bytes at or after `position`.
+    fn into_held(mut self, position: u64) -> Held {
+        while self.chunks.front().is_some_and(|(at, chunk)| at + chunk.len() as u64 <= position) {
+            self.chunks.pop_front();
+        }
+        Held { chunks: self.chunks, end: self.end }
+    }
+
+    /// Reads stop at `position` from now on, unless a range asked for goes further.
+    fn cap_at(&mut self, position: u64) {
+        self.cap = position.min(self.limit);
+    }
+
+    /// The walk may come back for bytes from `position` on, so they stay.
+    fn keep_from(&mut self, position: u64) {
+        self.keep_from = position;
+    }
+
+    /// The `len` bytes at `position`, read if the window does not hold them yet.
     async fn bytes(&mut self, position: u64, len: usize) -> Result<&[u8]> {
-        assert!(position + len as u64 <= self.limit, "window read past its limit");
-        let covered = self
-            .data
-            .as_ref()
-            .is_some_and(|d| position >= self.start && position + len as u64 <= self.start + d.len() as u64);
-        if !covered {
-            let want = (len.max(self.readahead) as u64).min(self.limit - position) as usize;
-            let data = self
+        if len == 0 {
+            return Ok(&[]);
+        }
+        self.fill(position, len).await?;
+        let (index, at) = self.chunk_at(position);
+        let chunk = &self.chunks[index].1;
+        if at + len <= chunk.len() {
+            return Ok(&chunk[at..at + len]);
+        }
+        let mut joined = std::mem::take(&mut self.joined);
+        joined.clear();
+        self.for_each_piece(position, len, |piece| joined.extend_from_slice(piece));
+        self.joined = joined;
+        Ok(&self.joined)
+    }
+
+    /// The `len` bytes at `position` as one buffer of their own: the only copy a read makes.
+    async fn take(&mut self, position: u64, len: usize) -> Result<bytes::Bytes> {
+        if len == 0 {
+            return Ok(bytes::Bytes::new());
+        }
+        self.fill(position, len).await?;
+        let mut out = bytes::BytesMut::with_capacity(len);
+        self.for_each_piece(position, len, |piece| out.extend_from_slice(piece));
+        Ok(out.freeze())
+    }
+
+    async fn fill(&mut self, position: u64, len: usize) -> Result<()> {
+        let end = position + len as u64;
+        assert!(end <= self.limit, "window read past its limit");
+        let start = self.chunks.front().map_or(self.end, |(at, _)| *at);
+        let keep = self.keep_from.min(position);
+        if position < start || keep > self.end {
+            // Nothing held is wanted any more (or the walk went back): start over here.
+            self.chunks.clear();
+            self.end = align_down(position);
+        }
+        while self.chunks.front().is_some_and(|(at, chunk)| at + chunk.len() as u64 <= keep) {
+            self.chunks.pop_front();
+        }
+        while self.end < end {
+            let until = (position + self.readahead as u64).min(self.cap).max(end).min(self.limit);
+            let size = (align_up(until) - self.end) as usize;
+            let segment = self.segment;
+            let read = segment
                 .file
-                .read_at(position, want)
+                .read_at_aligned(self.end, size)
                 .await
-                .map_err(|e| LogError::io("reading segment", self.path, e))?;
-            if data.len() < len {
+                .map_err(|e| LogError::io("reading segment", &segment.path, e))?;
+            segment.disk_bytes_read.set(segment.disk_bytes_read.get() + read.len() as u64);
+            // All of what was read (to a block boundary, or the limit) is kept: the window's
+            // end stays a block boundary for the next read.
+            let usable = (read.len() as u64).min(self.limit - self.end) as usize;
+            if (usable as u64) < until - self.end {
                 let eof = std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "segment shorter than its durable size",
                 );
-                return Err(LogError::io("reading segment", self.path, eof));
+                return Err(LogError::io("reading segment", &segment.path, eof));
             }
-            self.start = position;
-            self.data = Some(data);
+            let chunk = ReadResult::slice(&read, 0, usable).expect("within the read");
+            self.chunks.push_back((self.end, chunk));
+            self.end += usable as u64;
         }
-        let data = self.data.as_ref().expect("filled above");
-        let at = (position - self.start) as usize;
-        Ok(&data[at..at + len])
+        Ok(())
     }
+
+    /// The chunk that holds `position`, and where in it.
+    fn chunk_at(&self, position: u64) -> (usize, usize) {
+        let index = self.chunks.partition_point(|(at, chunk)| at + chunk.len() as u64 <= position);
+        (index, (position - self.chunks[index].0) as usize)
+    }
+
+    /// Calls `f` with the pieces of the held range `position..position + len`, in order.
+    fn for_each_piece(&self, position: u64, len: usize, mut f: impl FnMut(&[u8])) {
+        let (first, mut at) = self.chunk_at(position);
+        let mut left = len;
+        for (_, chunk) in self.chunks.range(first..) {
+            if left == 0 {
+                break;
+            }
+            let n = (chunk.len() - at).min(left);
+            f(&chunk[at..at + n]);
+            left -= n;
+            at = 0;
+        }
+        assert_eq!(left, 0, "the range is held");
+    }
+}
+
+/// What a [`Segment::read`] returns.
+pub struct SegmentRead {
+    /// Whole batches.
+    pub bytes: bytes::Bytes,
+    /// The offset that follows the last of them.
+    pub next_offset: i64,
+    /// Where the read stopped and what it read past that, for a read that goes on from there.
+    pub rest: Resume,
+}
+
+/// Where a segment read stopped (the position of the batch at `next_offset`) and the bytes
+/// from there it had already read.
+pub struct Resume {
+    base_offset: i64,
+    next_offset: i64,
+    position: u64,
+    held: Held,
+}
+
+impl Resume {
+    /// The offset a read going on from here starts at.
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+}
+
+/// Chunks of a [`FileWindow`], contiguous, the first starting on a block boundary, and where
+/// they end.
+struct Held {
+    chunks: VecDeque<(u64, ReadResult)>,
+    end: u64,
 }
 
 /// The header and bytes of a batch that has its offset.
