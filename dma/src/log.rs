@@ -26,7 +26,7 @@
 //!
 //! Only the shard that owns the partition touches its `Log`; the type is `!Send`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -109,6 +109,9 @@ pub struct Log {
     /// one before. Dropped (cancelled) when another read comes, and whenever durable
     /// batches go away (truncation, segment deletion).
     read_ahead: RefCell<Option<ReadAhead>>,
+    /// Truncations so far. A read that a truncation overlapped starts no read ahead: what it
+    /// read past its result may be bytes the truncation removed and new batches replaced.
+    truncations: Cell<u64>,
 }
 
 /// A read of `max_bytes` from `offset`, on its way.
@@ -229,6 +232,7 @@ impl Log {
                 leader_epoch: 0,
             }),
             read_ahead: RefCell::new(None),
+            truncations: Cell::new(0),
         })
     }
 
@@ -520,11 +524,14 @@ impl Log {
 
     async fn read_batches(&self, offset: i64, max_bytes: usize, min_one: bool) -> Result<Option<Bytes>> {
         self.check_range(offset)?;
+        let truncations = self.truncations.get();
         let ahead = self.read_ahead.borrow_mut().take();
         let wanted = |a: &ReadAhead| a.offset == offset && a.max_bytes == max_bytes && a.min_one == min_one;
         if let Some(ahead) = ahead.filter(wanted) {
             if let Some(read) = ahead.task.await? {
-                self.read_ahead_from(read.rest, max_bytes, min_one);
+                if self.truncations.get() == truncations {
+                    self.read_ahead_from(read.rest, max_bytes, min_one);
+                }
                 return Ok(Some(read.bytes));
             }
         }
@@ -534,7 +541,9 @@ impl Log {
             let Some(segment) = self.segment_for(from) else { break };
             if let Some(read) = segment.read(from, max_bytes, durable, min_one, None).await? {
                 assert!(read.next_offset <= durable, "a read returns only durable batches");
-                self.read_ahead_from(read.rest, max_bytes, min_one);
+                if self.truncations.get() == truncations {
+                    self.read_ahead_from(read.rest, max_bytes, min_one);
+                }
                 return Ok(Some(read.bytes));
             }
             // The offset sits at this segment's end: the next segment starts there.
@@ -666,6 +675,7 @@ impl Log {
     ) -> Result<()> {
         // The log's own view first, so no read from here on reaches the bytes being removed.
         self.read_ahead.borrow_mut().take();
+        self.truncations.set(self.truncations.get() + 1);
         let later = self.segments.borrow_mut().split_off(&(segment.base_offset + 1));
         segment.size.set(position);
         segment.next_offset.set(offset);
@@ -1369,6 +1379,34 @@ mod tests {
                 offset = headers[0].next_offset();
             }
             assert_eq!(offset, 180, "every batch, old and new");
+        });
+    }
+
+    #[test]
+    fn a_read_that_a_truncation_overlapped_starts_no_read_ahead_over_the_removed_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { segment_bytes: 1 << 20, ..small_config() };
+            let log = Log::open(dir.path(), config).await.unwrap();
+            // 40 batches of 118 bytes: the read of the first one reads them all, more than a
+            // block, which a read ahead going on from it would keep.
+            fill(&log, 40, 3, 40).await;
+            let mut reading = Stepper::new(log.read(0, 200));
+            assert!(reading.step().await.is_none(), "the read waits for the disk");
+            log.truncate_from(3).await.unwrap();
+            // Other batches at the same offsets, past the old end.
+            for i in 0..60 {
+                let bytes = batch::build_for_tests(3, b"replacement", 5000 + i);
+                let headers = batch::parse_all(&bytes).unwrap();
+                log.append(Bytes::from(bytes), &headers).unwrap();
+            }
+            log.flush().await.unwrap();
+            let first = reading.finish().await.unwrap().expect("batch 0");
+            assert_eq!(batch::parse_all(&first).unwrap()[0].base_offset, 0);
+            let next = log.read(3, 200).await.unwrap().expect("the batch now at 3");
+            let next = batch::parse_all(&next).unwrap();
+            assert_eq!((next[0].base_offset, next[0].base_timestamp), (3, 5000), "not the removed batch");
+            log.close().await.unwrap();
         });
     }
 

@@ -29,9 +29,10 @@ pub const BLOCK_BYTES: u64 = 4096;
 /// once, never faulted in again. A chunk as large as that memory did not fit it and came
 /// fresh from the heap every time: its page faults, the kernel zeroing them and the unmapping
 /// after it stalled the shard for about a millisecond per cached-mode flush (the produce p99
-/// at 20k msg/s). Reads, in windows of a fetch's size (1 MiB for most consumers), do not fit
-/// and come from the heap; on this machine registered buffers made catching up from disk 15%
-/// slower (bench/RESULTS.md, session 4).
+/// at 20k msg/s). A read's first window (a fetch's size, 1 MiB for most consumers) does not
+/// fit and comes from the heap; its smaller extensions may use registered memory while the
+/// read runs, and what a read ahead keeps past its result is copied to the heap
+/// (`FileWindow::into_held`), so no reader pins that memory while it waits.
 pub const WRITE_CHUNK_BYTES_MAX: usize = 512 << 10;
 /// How far a reader reads ahead of what it was asked for.
 pub const READAHEAD_BYTES: usize = 256 << 10;
@@ -392,8 +393,8 @@ struct FileWindow<'s> {
     readahead: usize,
     cap: u64,
     keep_from: u64,
-    /// Contiguous reads, each with its file position; the first starts on a block boundary.
-    chunks: VecDeque<(u64, ReadResult)>,
+    /// Contiguous chunks, each with its file position.
+    chunks: VecDeque<(u64, Chunk)>,
     /// Where the next read starts: the end of the last chunk (a block boundary, or `limit`).
     end: u64,
     /// A range asked for that spans chunks, copied into one piece.
@@ -409,25 +410,26 @@ impl<'s> FileWindow<'s> {
     /// Starts from chunks an earlier window over the same file read. Bytes past this window's
     /// limit are not kept, nor a last partial block: the next read starts on a boundary.
     fn hold(&mut self, held: Held) {
-        let Held { mut chunks, end } = held;
-        let end = align_down(end.min(self.limit));
-        while let Some((at, chunk)) = chunks.pop_back() {
-            if at < end {
-                let kept = ((end - at) as usize).min(chunk.len());
-                chunks.push_back((at, ReadResult::slice(&chunk, 0, kept).expect("within the chunk")));
-                break;
-            }
+        let end = align_down((held.at + held.bytes.len() as u64).min(self.limit));
+        if end > held.at {
+            let bytes = held.bytes.slice(..(end - held.at) as usize);
+            self.chunks = VecDeque::from([(held.at, Chunk::Held(bytes))]);
+            self.end = end;
         }
-        self.end = chunks.front().map_or(0, |_| end);
-        self.chunks = chunks;
     }
 
-    /// The chunks that hold bytes at or after `position`.
-    fn into_held(mut self, position: u64) -> Held {
-        while self.chunks.front().is_some_and(|(at, chunk)| at + chunk.len() as u64 <= position) {
-            self.chunks.pop_front();
+    /// What the window holds from `position` on, copied out of the reads' buffers: those may
+    /// be io_uring-registered memory, which the flushes' writes need, and a read ahead can
+    /// wait long for its reader.
+    fn into_held(self, position: u64) -> Held {
+        let mut bytes = bytes::BytesMut::new();
+        if position < self.end {
+            bytes.reserve((self.end - position) as usize);
+            self.for_each_piece(position, (self.end - position) as usize, |piece| {
+                bytes.extend_from_slice(piece)
+            });
         }
-        Held { chunks: self.chunks, end: self.end }
+        Held { at: position, bytes: bytes.freeze() }
     }
 
     /// Reads stop at `position` from now on, unless a range asked for goes further.
@@ -503,7 +505,7 @@ impl<'s> FileWindow<'s> {
                 return Err(LogError::io("reading segment", &segment.path, eof));
             }
             let chunk = ReadResult::slice(&read, 0, usable).expect("within the read");
-            self.chunks.push_back((self.end, chunk));
+            self.chunks.push_back((self.end, Chunk::Read(chunk)));
             self.end += usable as u64;
         }
         Ok(())
@@ -558,11 +560,27 @@ impl Resume {
     }
 }
 
-/// Chunks of a [`FileWindow`], contiguous, the first starting on a block boundary, and where
-/// they end.
+/// What a [`FileWindow`] read from `at` on (a batch boundary), in heap memory.
 struct Held {
-    chunks: VecDeque<(u64, ReadResult)>,
-    end: u64,
+    at: u64,
+    bytes: bytes::Bytes,
+}
+
+/// Bytes a [`FileWindow`] holds: a read's own buffer, or what an earlier window read.
+enum Chunk {
+    Read(ReadResult),
+    Held(bytes::Bytes),
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Chunk::Read(read) => read,
+            Chunk::Held(bytes) => bytes,
+        }
+    }
 }
 
 /// The header and bytes of a batch that has its offset.
