@@ -32,11 +32,23 @@ fn values(tag: &str, count: usize) -> Vec<String> {
 
 /// Every record of a partition from offset 0, as (offset, value).
 fn read_partition(client: &Client, topic: &str, partition: u32) -> Vec<(i64, String)> {
+    read_partition_from(client, topic, partition, 0, i64::MAX)
+}
+
+/// The records of a partition from `from` on, as (offset, value), in fetches of 1 MiB until
+/// one returns nothing or the offset reaches `stop`.
+fn read_partition_from(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    from: i64,
+    stop: i64,
+) -> Vec<(i64, String)> {
     let mut records = Vec::new();
-    let mut offset = 0;
+    let mut offset = from;
     loop {
         let fetched = client.fetch(topic, partition, offset, 1 << 20, 0).expect("fetch");
-        if fetched.records.is_empty() {
+        if fetched.records.is_empty() || offset >= stop {
             return records;
         }
         for record in fetched.reader() {
@@ -126,6 +138,47 @@ fn produce_and_fetch_through_both_shards_and_the_shared_port() {
     let fetched = client.fetch("orders", 1, 3, 1 << 20, 0).unwrap();
     let first = RecordReader::new(fetched.records.clone()).next().unwrap().unwrap();
     assert_eq!(first.offset, 0);
+}
+
+#[test]
+fn a_reader_catching_up_from_disk_gets_every_record_once_in_order() {
+    // The node's shards cache 1 MiB each: nearly all of this is read from disk, each fetch
+    // after a partition's first through its read ahead (the next fetches' reads, made while
+    // one goes out), which the second round of produces overtakes halfway.
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    client.create_topic("history", 2).unwrap();
+    let pad = "x".repeat(1000);
+    let mut expected: Vec<Vec<(i64, String)>> = vec![Vec::new(), Vec::new()];
+    let produce = |round: usize, expected: &mut Vec<Vec<(i64, String)>>| {
+        for partition in 0..2u32 {
+            for b in 0..12 {
+                // Batches of about 900 KiB, and every fourth a short one.
+                let count = if b % 4 == 3 { 3 } else { 880 };
+                let values: Vec<String> =
+                    (0..count).map(|i| format!("r{round}-p{partition}-b{b}-{i:04}-{pad}")).collect();
+                let produced = client.produce("history", partition, batch(&values), Acks::Durable).unwrap();
+                let records = &mut expected[partition as usize];
+                assert_eq!(produced.base_offset, records.len() as i64);
+                records.extend(
+                    values.into_iter().enumerate().map(|(i, v)| (produced.base_offset + i as i64, v)),
+                );
+            }
+        }
+    };
+    produce(0, &mut expected);
+    let halfway: Vec<_> = (0..2).map(|p| read_partition_from(&client, "history", p, 0, 5000)).collect();
+    produce(1, &mut expected);
+    for partition in 0..2u32 {
+        let mut records = halfway[partition as usize].clone();
+        let from = records.last().unwrap().0 + 1;
+        records.extend(read_partition_from(&client, "history", partition, from, i64::MAX));
+        assert_eq!(records.len(), expected[partition as usize].len(), "partition {partition}");
+        assert!(records == expected[partition as usize], "partition {partition}: a record differs");
+        // And once more from the start, every fetch from disk.
+        assert!(read_partition(&client, "history", partition) == expected[partition as usize]);
+    }
 }
 
 #[test]
