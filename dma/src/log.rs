@@ -29,7 +29,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use glommio::channels::local_channel::{self, LocalReceiver};
@@ -108,11 +109,13 @@ pub struct Log {
     state: RefCell<WriteState>,
     /// The disk reads that a sequential reader asks for next, started when it asked for the
     /// one before. Dropped (cancelled) when another read comes, and whenever durable
-    /// batches go away (truncation, segment deletion).
-    read_ahead: RefCell<Option<ReadAhead>>,
-    /// Truncations so far. A read that a truncation overlapped starts no read ahead: what it
-    /// read past its result may be bytes the truncation removed and new batches replaced.
-    truncations: Cell<u64>,
+    /// batches go away (truncation, segment deletion). Shared with the thread's list of read
+    /// aheads, which drops idle ones when others need their memory.
+    read_ahead: Rc<RefCell<Option<ReadAhead>>>,
+    /// Bumped whenever bytes read before may no longer be served: a truncation (new batches
+    /// may replace the removed ones at the same offsets and positions), a segment deletion,
+    /// close. A read that overlapped one reads again and starts no read ahead.
+    read_generation: Cell<u64>,
 }
 
 /// Reads of `max_bytes` each, one after another from `offset` on, on their way: a task reads
@@ -121,8 +124,12 @@ pub struct Log {
 struct ReadAhead {
     /// The offset the reader asks for next.
     offset: i64,
+    /// Where the task stops: the end of the segment or of what was durable when it started.
+    stop: i64,
     max_bytes: usize,
     min_one: bool,
+    /// When the reader last took a read (or the read ahead started).
+    taken_at: Instant,
     /// The reads, in order; closed after the last one the task could make (the end of the
     /// segment or of what was durable when it started, or an error).
     reads: LocalReceiver<Result<Option<(Bytes, i64)>>>,
@@ -136,11 +143,43 @@ struct ReadAhead {
 const READ_AHEAD_DEPTH: usize = 2;
 
 /// The most bytes a thread (a shard) holds for all its logs' read aheads: each reserves
-/// [`READ_AHEAD_DEPTH`] reads of its reader's `max_bytes`; readers beyond it read as they ask.
+/// [`READ_AHEAD_DEPTH`] reads of its reader's `max_bytes` (at least a disk window each);
+/// readers beyond it read as they ask.
 pub const READ_AHEAD_BYTES_MAX: usize = 16 << 20;
+
+/// A read ahead whose reader has taken nothing for this long (gone, or stalled) is dropped
+/// when another reader needs its share of [`READ_AHEAD_BYTES_MAX`].
+const READ_AHEAD_IDLE: Duration = Duration::from_secs(1);
 
 thread_local! {
     static READ_AHEAD_BYTES: Cell<usize> = const { Cell::new(0) };
+    /// The read-ahead slots of the thread's logs.
+    static READ_AHEADS: RefCell<Vec<Weak<RefCell<Option<ReadAhead>>>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Adds a log's read-ahead slot to the thread's list (dropping the slots of logs gone).
+fn register_read_ahead(slot: &Rc<RefCell<Option<ReadAhead>>>) {
+    READ_AHEADS.with(|slots| {
+        let mut slots = slots.borrow_mut();
+        if slots.len().is_power_of_two() {
+            slots.retain(|slot| slot.strong_count() > 0);
+        }
+        slots.push(Rc::downgrade(slot));
+    });
+}
+
+/// Drops the read aheads of the thread whose readers have taken nothing for
+/// [`READ_AHEAD_IDLE`], giving their shares back.
+fn drop_idle_read_aheads() {
+    let now = Instant::now();
+    let slots: Vec<_> = READ_AHEADS.with(|slots| slots.borrow().iter().filter_map(Weak::upgrade).collect());
+    for slot in slots {
+        // A slot borrowed now is being changed by its own log: not idle.
+        let Ok(mut slot) = slot.try_borrow_mut() else { continue };
+        if slot.as_ref().is_some_and(|ahead| now.duration_since(ahead.taken_at) >= READ_AHEAD_IDLE) {
+            slot.take();
+        }
+    }
 }
 
 /// A share of [`READ_AHEAD_BYTES_MAX`], given back on drop.
@@ -256,6 +295,8 @@ impl Log {
         let active = segments.last_key_value().expect("a log has a segment").1.clone();
         let tail = active.read_tail(active.size.get()).await?;
         let next_offset = active.next_offset.get();
+        let read_ahead = Rc::new(RefCell::new(None));
+        register_read_ahead(&read_ahead);
         Ok(Log {
             dir: dir.to_path_buf(),
             config,
@@ -271,8 +312,8 @@ impl Log {
                 truncating: false,
                 leader_epoch: 0,
             }),
-            read_ahead: RefCell::new(None),
-            truncations: Cell::new(0),
+            read_ahead,
+            read_generation: Cell::new(0),
         })
     }
 
@@ -563,17 +604,35 @@ impl Log {
     }
 
     async fn read_batches(&self, offset: i64, max_bytes: usize, min_one: bool) -> Result<Option<Bytes>> {
-        self.check_range(offset)?;
-        let truncations = self.truncations.get();
+        loop {
+            self.check_range(offset)?;
+            let generation = self.read_generation.get();
+            let read = self.read_once(offset, max_bytes, min_one, generation).await;
+            // A truncation (or deletion) meanwhile: what was read may be bytes it removed.
+            if self.read_generation.get() == generation {
+                return read;
+            }
+        }
+    }
+
+    /// One read for [`Log::read_batches`], from the read ahead if it has it. Starts or keeps a
+    /// read ahead only while the read generation is still `generation`.
+    async fn read_once(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        min_one: bool,
+        generation: u64,
+    ) -> Result<Option<Bytes>> {
         let ahead = self.read_ahead.borrow_mut().take();
         let wanted = |a: &ReadAhead| a.offset == offset && a.max_bytes == max_bytes && a.min_one == min_one;
         if let Some(mut ahead) = ahead.filter(wanted) {
             match ahead.reads.recv().await {
                 Some(Ok(Some((bytes, next)))) => {
-                    // A truncation meanwhile may have removed what the task holds (it ends
-                    // with `ahead`, dropped here).
-                    if self.truncations.get() == truncations {
+                    // Kept while it has more to read; otherwise dropped here with its share.
+                    if self.read_generation.get() == generation && next < ahead.stop {
                         ahead.offset = next;
+                        ahead.taken_at = Instant::now();
                         self.read_ahead.borrow_mut().get_or_insert(ahead);
                     }
                     return Ok(Some(bytes));
@@ -589,7 +648,7 @@ impl Log {
             let Some(segment) = self.segment_for(from) else { break };
             if let Some(read) = segment.read(from, max_bytes, durable, min_one, None).await? {
                 assert!(read.next_offset <= durable, "a read returns only durable batches");
-                if self.truncations.get() == truncations {
+                if self.read_generation.get() == generation {
                     self.read_ahead_from(read.rest, max_bytes, min_one);
                 }
                 return Ok(Some(read.bytes));
@@ -609,28 +668,33 @@ impl Log {
     }
 
     /// Starts reading what follows a read that stopped at `rest`, if that is durable and in
-    /// the same segment and the thread has read-ahead memory left: a consumer catching up
-    /// asks for it next, and the disk reads it while this response goes out. It goes on from
-    /// the bytes that read already holds.
+    /// the same segment and the thread has read-ahead memory left (after dropping idle read
+    /// aheads, if need be): a consumer catching up asks for it next, and the disk reads it
+    /// while this response goes out. It goes on from the bytes that read already holds.
     fn read_ahead_from(&self, rest: Resume, max_bytes: usize, min_one: bool) {
         let offset = rest.next_offset();
         let Some(segment) = self.segment_for(offset) else { return };
         // Bounded by the durable offset of now: it only grows until a truncation, which drops
         // the read ahead.
-        let durable = self.durable_offset();
-        if offset >= segment.next_offset.get().min(durable) {
+        let stop = segment.next_offset.get().min(self.durable_offset());
+        if offset >= stop {
             return;
         }
-        let Some(reserved) = ReadAheadBytes::reserve(READ_AHEAD_DEPTH * max_bytes) else { return };
+        let share = READ_AHEAD_DEPTH * max_bytes.max(segment::READAHEAD_BYTES);
+        let reserved = ReadAheadBytes::reserve(share).or_else(|| {
+            drop_idle_read_aheads();
+            ReadAheadBytes::reserve(share)
+        });
+        let Some(reserved) = reserved else { return };
         let (sender, reads) = local_channel::new_bounded(READ_AHEAD_DEPTH - 1);
         let task = glommio::spawn_local(async move {
             let mut rest = Some(rest);
             while let Some(resume) = rest.take() {
                 let offset = resume.next_offset();
-                if offset >= segment.next_offset.get().min(durable) {
+                if offset >= stop {
                     break;
                 }
-                let sent = match segment.read(offset, max_bytes, durable, min_one, Some(resume)).await {
+                let sent = match segment.read(offset, max_bytes, stop, min_one, Some(resume)).await {
                     Ok(Some(read)) => {
                         rest = Some(read.rest);
                         Ok(Some((read.bytes, read.next_offset)))
@@ -643,8 +707,9 @@ impl Log {
                 }
             }
         });
+        let taken_at = Instant::now();
         *self.read_ahead.borrow_mut() =
-            Some(ReadAhead { offset, max_bytes, min_one, reads, task, _reserved: reserved });
+            Some(ReadAhead { offset, stop, max_bytes, min_one, taken_at, reads, task, _reserved: reserved });
     }
 
     /// The largest record timestamp among durable batches, if any batch carries one.
@@ -743,8 +808,7 @@ impl Log {
         max_timestamp: i64,
     ) -> Result<()> {
         // The log's own view first, so no read from here on reaches the bytes being removed.
-        self.read_ahead.borrow_mut().take();
-        self.truncations.set(self.truncations.get() + 1);
+        self.drop_read_ahead();
         let later = self.segments.borrow_mut().split_off(&(segment.base_offset + 1));
         segment.size.set(position);
         segment.next_offset.set(offset);
@@ -769,8 +833,14 @@ impl Log {
         segment.cut_at(position, "truncating segment").await
     }
 
-    fn remove_segment(&self, segment: &Segment) -> Result<()> {
+    /// Drops the read ahead and voids what reads under way have read (see `read_generation`).
+    fn drop_read_ahead(&self) {
         self.read_ahead.borrow_mut().take();
+        self.read_generation.set(self.read_generation.get() + 1);
+    }
+
+    fn remove_segment(&self, segment: &Segment) -> Result<()> {
+        self.drop_read_ahead();
         self.segments.borrow_mut().remove(&segment.base_offset);
         remove_segment_files(&self.dir, segment)
     }
@@ -831,6 +901,7 @@ impl Log {
         }
         // Stop a read ahead: it holds its segment, whose file is closed below. (Not by
         // dropping its receiver: glommio 0.9's bounded send waits for room even then.)
+        self.read_generation.set(self.read_generation.get() + 1);
         let ahead = self.read_ahead.borrow_mut().take();
         if let Some(ahead) = ahead {
             ahead.task.cancel().await;
@@ -1509,13 +1580,23 @@ mod tests {
             assert_eq!(reading_ahead(&logs), [true, true, false]);
             assert_eq!(READ_AHEAD_BYTES.with(Cell::get), READ_AHEAD_BYTES_MAX);
 
-            // A closed log gives its share back; the third reader's next read starts one.
-            logs.remove(0).close().await.unwrap();
-            let read = logs[1].read(3060, max_bytes).await.unwrap().unwrap();
-            assert_eq!(batch::parse_all(&read).unwrap()[0].base_offset, 3060, "read as asked");
-            assert_eq!(reading_ahead(&logs), [true, false], "nothing left after batch 4 to read ahead");
-            logs[1].read(0, max_bytes).await.unwrap().unwrap();
-            assert_eq!(reading_ahead(&logs), [true, true]);
+            // The first reader takes the rest: its read ahead has nothing more to read and
+            // gives its share back; the third reader's next read starts one.
+            let read = logs[0].read(3060, max_bytes).await.unwrap().unwrap();
+            assert_eq!(batch::parse_all(&read).unwrap()[0].base_offset, 3060, "from the read ahead");
+            assert_eq!(reading_ahead(&logs), [false, true, false]);
+            logs[2].read(0, max_bytes).await.unwrap().unwrap();
+            assert_eq!(reading_ahead(&logs), [false, true, true]);
+
+            // A reader that went away: its read ahead stays until another reader needs its
+            // share and it has been idle for READ_AHEAD_IDLE.
+            logs[0].read(0, max_bytes).await.unwrap().unwrap();
+            assert_eq!(reading_ahead(&logs), [false, true, true], "the others are not idle yet");
+            glommio::timer::sleep(READ_AHEAD_IDLE).await;
+            logs[0].read(0, max_bytes).await.unwrap().unwrap();
+            assert_eq!(reading_ahead(&logs), [true, false, false], "both idle ones were dropped");
+
+            // A closed log gives its share back.
             for log in logs {
                 log.close().await.unwrap();
             }
