@@ -107,11 +107,12 @@ pub struct Log {
     config: LogConfig,
     segments: RefCell<BTreeMap<i64, Rc<Segment>>>,
     state: RefCell<WriteState>,
-    /// The disk reads that a sequential reader asks for next, started when it asked for the
-    /// one before. Dropped (cancelled) when another read comes, and whenever durable
-    /// batches go away (truncation, segment deletion). Shared with the thread's list of read
-    /// aheads, which drops idle ones when others need their memory.
-    read_ahead: Rc<RefCell<Option<ReadAhead>>>,
+    /// The disk reads that sequential readers ask for next, one read ahead per reader (at
+    /// most [`READ_AHEADS_PER_LOG`]), each started when its reader asked for the read before.
+    /// Dropped (cancelled) whenever durable batches go away (truncation, segment deletion).
+    /// Shared with the thread's list of read aheads, which drops idle ones when others need
+    /// their memory.
+    read_aheads: Rc<RefCell<Vec<ReadAhead>>>,
     /// Bumped whenever bytes read before may no longer be served: a truncation (new batches
     /// may replace the removed ones at the same offsets and positions), a segment deletion,
     /// close. A read that overlapped one reads again and starts no read ahead.
@@ -147,18 +148,22 @@ const READ_AHEAD_DEPTH: usize = 2;
 /// readers beyond it read as they ask.
 pub const READ_AHEAD_BYTES_MAX: usize = 16 << 20;
 
+/// Readers of one log that each keep a read ahead (consumers of different groups catching up
+/// at different offsets); a new one replaces the one whose reader took a read longest ago.
+const READ_AHEADS_PER_LOG: usize = 4;
+
 /// A read ahead whose reader has taken nothing for this long (gone, or stalled) is dropped
 /// when another reader needs its share of [`READ_AHEAD_BYTES_MAX`].
 const READ_AHEAD_IDLE: Duration = Duration::from_secs(1);
 
 thread_local! {
     static READ_AHEAD_BYTES: Cell<usize> = const { Cell::new(0) };
-    /// The read-ahead slots of the thread's logs.
-    static READ_AHEADS: RefCell<Vec<Weak<RefCell<Option<ReadAhead>>>>> = const { RefCell::new(Vec::new()) };
+    /// The read aheads of the thread's logs.
+    static READ_AHEADS: RefCell<Vec<Weak<RefCell<Vec<ReadAhead>>>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Adds a log's read-ahead slot to the thread's list (dropping the slots of logs gone).
-fn register_read_ahead(slot: &Rc<RefCell<Option<ReadAhead>>>) {
+/// Adds a log's read aheads to the thread's list (dropping those of logs gone).
+fn register_read_aheads(slot: &Rc<RefCell<Vec<ReadAhead>>>) {
     READ_AHEADS.with(|slots| {
         let mut slots = slots.borrow_mut();
         if slots.len().is_power_of_two() {
@@ -174,16 +179,21 @@ fn drop_idle_read_aheads() {
     let now = Instant::now();
     let slots: Vec<_> = READ_AHEADS.with(|slots| slots.borrow().iter().filter_map(Weak::upgrade).collect());
     for slot in slots {
-        // A slot borrowed now is being changed by its own log: not idle.
-        let Ok(mut slot) = slot.try_borrow_mut() else { continue };
-        if slot.as_ref().is_some_and(|ahead| now.duration_since(ahead.taken_at) >= READ_AHEAD_IDLE) {
-            slot.take();
-        }
+        // Read aheads borrowed now are being changed by their own log: not idle.
+        let Ok(mut aheads) = slot.try_borrow_mut() else { continue };
+        aheads.retain(|ahead| now.duration_since(ahead.taken_at) < READ_AHEAD_IDLE);
     }
 }
 
 /// A share of [`READ_AHEAD_BYTES_MAX`], given back on drop.
 struct ReadAheadBytes(usize);
+
+impl ReadAhead {
+    /// Whether this is the read ahead of a reader asking for `offset` with these limits.
+    fn wants(&self, offset: i64, max_bytes: usize, min_one: bool) -> bool {
+        self.offset == offset && self.max_bytes == max_bytes && self.min_one == min_one
+    }
+}
 
 impl ReadAheadBytes {
     fn reserve(bytes: usize) -> Option<ReadAheadBytes> {
@@ -295,8 +305,8 @@ impl Log {
         let active = segments.last_key_value().expect("a log has a segment").1.clone();
         let tail = active.read_tail(active.size.get()).await?;
         let next_offset = active.next_offset.get();
-        let read_ahead = Rc::new(RefCell::new(None));
-        register_read_ahead(&read_ahead);
+        let read_aheads = Rc::new(RefCell::new(Vec::new()));
+        register_read_aheads(&read_aheads);
         Ok(Log {
             dir: dir.to_path_buf(),
             config,
@@ -312,7 +322,7 @@ impl Log {
                 truncating: false,
                 leader_epoch: 0,
             }),
-            read_ahead,
+            read_aheads,
             read_generation: Cell::new(0),
         })
     }
@@ -624,16 +634,22 @@ impl Log {
         min_one: bool,
         generation: u64,
     ) -> Result<Option<Bytes>> {
-        let ahead = self.read_ahead.borrow_mut().take();
-        let wanted = |a: &ReadAhead| a.offset == offset && a.max_bytes == max_bytes && a.min_one == min_one;
-        if let Some(mut ahead) = ahead.filter(wanted) {
+        let ahead = {
+            let mut aheads = self.read_aheads.borrow_mut();
+            let found = aheads.iter().position(|a| a.wants(offset, max_bytes, min_one));
+            found.map(|at| aheads.swap_remove(at))
+        };
+        if let Some(mut ahead) = ahead {
             match ahead.reads.recv().await {
                 Some(Ok(Some((bytes, next)))) => {
-                    // Kept while it has more to read; otherwise dropped here with its share.
-                    if self.read_generation.get() == generation && next < ahead.stop {
+                    // Kept while it has more to read (and no other reader's read ahead is at
+                    // the same place); otherwise dropped here with its share.
+                    let mut aheads = self.read_aheads.borrow_mut();
+                    let taken = aheads.iter().any(|a| a.wants(next, max_bytes, min_one));
+                    if self.read_generation.get() == generation && next < ahead.stop && !taken {
                         ahead.offset = next;
                         ahead.taken_at = Instant::now();
-                        self.read_ahead.borrow_mut().get_or_insert(ahead);
+                        aheads.push(ahead);
                     }
                     return Ok(Some(bytes));
                 }
@@ -677,8 +693,15 @@ impl Log {
         // Bounded by the durable offset of now: it only grows until a truncation, which drops
         // the read ahead.
         let stop = segment.next_offset.get().min(self.durable_offset());
-        if offset >= stop {
+        if offset >= stop || self.read_aheads.borrow().iter().any(|a| a.wants(offset, max_bytes, min_one)) {
             return;
+        }
+        {
+            let mut aheads = self.read_aheads.borrow_mut();
+            if aheads.len() == READ_AHEADS_PER_LOG {
+                let oldest = (0..aheads.len()).min_by_key(|&i| aheads[i].taken_at).expect("not empty");
+                aheads.swap_remove(oldest);
+            }
         }
         let share = READ_AHEAD_DEPTH * max_bytes.max(segment::READAHEAD_BYTES);
         let reserved = ReadAheadBytes::reserve(share).or_else(|| {
@@ -708,8 +731,9 @@ impl Log {
             }
         });
         let taken_at = Instant::now();
-        *self.read_ahead.borrow_mut() =
-            Some(ReadAhead { offset, stop, max_bytes, min_one, taken_at, reads, task, _reserved: reserved });
+        let ahead =
+            ReadAhead { offset, stop, max_bytes, min_one, taken_at, reads, task, _reserved: reserved };
+        self.read_aheads.borrow_mut().push(ahead);
     }
 
     /// The largest record timestamp among durable batches, if any batch carries one.
@@ -808,7 +832,7 @@ impl Log {
         max_timestamp: i64,
     ) -> Result<()> {
         // The log's own view first, so no read from here on reaches the bytes being removed.
-        self.drop_read_ahead();
+        self.drop_read_aheads();
         let later = self.segments.borrow_mut().split_off(&(segment.base_offset + 1));
         segment.size.set(position);
         segment.next_offset.set(offset);
@@ -834,13 +858,13 @@ impl Log {
     }
 
     /// Drops the read ahead and voids what reads under way have read (see `read_generation`).
-    fn drop_read_ahead(&self) {
-        self.read_ahead.borrow_mut().take();
+    fn drop_read_aheads(&self) {
+        self.read_aheads.borrow_mut().clear();
         self.read_generation.set(self.read_generation.get() + 1);
     }
 
     fn remove_segment(&self, segment: &Segment) -> Result<()> {
-        self.drop_read_ahead();
+        self.drop_read_aheads();
         self.segments.borrow_mut().remove(&segment.base_offset);
         remove_segment_files(&self.dir, segment)
     }
@@ -902,8 +926,8 @@ impl Log {
         // Stop a read ahead: it holds its segment, whose file is closed below. (Not by
         // dropping its receiver: glommio 0.9's bounded send waits for room even then.)
         self.read_generation.set(self.read_generation.get() + 1);
-        let ahead = self.read_ahead.borrow_mut().take();
-        if let Some(ahead) = ahead {
+        let aheads = std::mem::take(&mut *self.read_aheads.borrow_mut());
+        for ahead in aheads {
             ahead.task.cancel().await;
         }
         let segments = std::mem::take(&mut *self.segments.borrow_mut());
@@ -1495,6 +1519,42 @@ mod tests {
     }
 
     #[test]
+    fn two_readers_at_different_offsets_each_keep_their_read_ahead() {
+        // Two consumers catching up on one partition, one from the start and one from the
+        // middle, taking turns: each goes on with its own read ahead (with one per log, each
+        // read dropped the other's, read on disk for nothing).
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            fill(&log, 40, 1050, 40).await;
+            let before = disk_bytes_read(&log);
+            let max_bytes = 64 << 10;
+            let end = log.next_offset();
+            let (mut first, mut second) = (0, 20 * 1050);
+            let (mut first_reads, mut second_reads) = (0, 0);
+            while first < end || second < end {
+                for (offset, reads) in [(&mut first, &mut first_reads), (&mut second, &mut second_reads)] {
+                    if *offset < end {
+                        let bytes = log.read(*offset, max_bytes).await.unwrap().unwrap();
+                        let headers = batch::parse_all(&bytes).unwrap();
+                        assert_eq!(headers[0].base_offset, *offset);
+                        *offset = headers.last().unwrap().next_offset();
+                        *reads += 1;
+                    }
+                }
+            }
+            let stored = log.size_bytes();
+            let read = disk_bytes_read(&log) - before;
+            // The whole log once and its second half once, each read ahead ending with its
+            // window past the last read.
+            let bound =
+                stored + stored / 2 + (first_reads + second_reads) * BLOCK_BYTES + 2 * max_bytes as u64;
+            assert!(read <= bound, "{read} bytes read from disk for {stored} stored, {bound} at most");
+            log.close().await.unwrap();
+        });
+    }
+
+    #[test]
     fn a_read_ahead_that_held_the_old_end_of_the_log_reads_what_was_flushed_after_it() {
         let dir = tempfile::tempdir().unwrap();
         run(async {
@@ -1572,7 +1632,7 @@ mod tests {
                 logs.push(log);
             }
             let reading_ahead =
-                |logs: &[Log]| logs.iter().map(|l| l.read_ahead.borrow().is_some()).collect::<Vec<_>>();
+                |logs: &[Log]| logs.iter().map(|l| !l.read_aheads.borrow().is_empty()).collect::<Vec<_>>();
             for log in &logs {
                 let read = log.read(0, max_bytes).await.unwrap().unwrap();
                 assert_eq!(batch::parse_all(&read).unwrap().len(), 3);
