@@ -24,6 +24,9 @@ pub enum LogError {
     /// `log` on fsyncgate). Reads of what was durable before still work.
     #[error("log {path} stopped taking writes after an earlier failure: {reason}")]
     Stopped { path: PathBuf, reason: String },
+    /// The log was closed (its topic deleted, or the node stopping) while a read waited.
+    #[error("log {path} was closed (its topic deleted, or the node stopping)")]
+    Closed { path: PathBuf },
     /// The requested offset is outside [log start, log end].
     #[error("offset {offset} is out of range [{log_start}, {log_end}]")]
     OffsetOutOfRange { offset: i64, log_start: i64, log_end: i64 },

@@ -117,6 +117,8 @@ pub struct Log {
     /// may replace the removed ones at the same offsets and positions), a segment deletion,
     /// close. A read that overlapped one reads again and starts no read ahead.
     read_generation: Cell<u64>,
+    /// Set by [`Log::close`]: reads under way end with [`LogError::Closed`].
+    closed: Cell<bool>,
 }
 
 /// Reads of `max_bytes` each, one after another from `offset` on, on their way: a task reads
@@ -171,6 +173,16 @@ fn register_read_aheads(slot: &Rc<RefCell<Vec<ReadAhead>>>) {
         }
         slots.push(Rc::downgrade(slot));
     });
+}
+
+/// Adds `ahead` to a log's read aheads, first dropping the ones taken from longest ago while
+/// the log has [`READ_AHEADS_PER_LOG`].
+fn keep_read_ahead(aheads: &mut Vec<ReadAhead>, ahead: ReadAhead) {
+    while aheads.len() >= READ_AHEADS_PER_LOG {
+        let oldest = (0..aheads.len()).min_by_key(|&i| aheads[i].taken_at).expect("not empty");
+        aheads.swap_remove(oldest);
+    }
+    aheads.push(ahead);
 }
 
 /// Drops the read aheads of the thread whose readers have taken nothing for
@@ -324,6 +336,7 @@ impl Log {
             }),
             read_aheads,
             read_generation: Cell::new(0),
+            closed: Cell::new(false),
         })
     }
 
@@ -615,6 +628,9 @@ impl Log {
 
     async fn read_batches(&self, offset: i64, max_bytes: usize, min_one: bool) -> Result<Option<Bytes>> {
         loop {
+            if self.closed.get() {
+                return Err(LogError::Closed { path: self.dir.clone() });
+            }
             self.check_range(offset)?;
             let generation = self.read_generation.get();
             let read = self.read_once(offset, max_bytes, min_one, generation).await;
@@ -649,7 +665,7 @@ impl Log {
                     if self.read_generation.get() == generation && next < ahead.stop && !taken {
                         ahead.offset = next;
                         ahead.taken_at = Instant::now();
-                        aheads.push(ahead);
+                        keep_read_ahead(&mut aheads, ahead);
                     }
                     return Ok(Some(bytes));
                 }
@@ -693,17 +709,11 @@ impl Log {
         // Bounded by the durable offset of now: it only grows until a truncation, which drops
         // the read ahead.
         let stop = segment.next_offset.get().min(self.durable_offset());
-        if offset >= stop || self.read_aheads.borrow().iter().any(|a| a.wants(offset, max_bytes, min_one)) {
+        let here = self.read_aheads.borrow().iter().any(|a| a.wants(offset, max_bytes, min_one));
+        let share = READ_AHEAD_DEPTH * max_bytes.max(segment::READAHEAD_BYTES);
+        if offset >= stop || here || self.closed.get() || share > READ_AHEAD_BYTES_MAX {
             return;
         }
-        {
-            let mut aheads = self.read_aheads.borrow_mut();
-            if aheads.len() == READ_AHEADS_PER_LOG {
-                let oldest = (0..aheads.len()).min_by_key(|&i| aheads[i].taken_at).expect("not empty");
-                aheads.swap_remove(oldest);
-            }
-        }
-        let share = READ_AHEAD_DEPTH * max_bytes.max(segment::READAHEAD_BYTES);
         let reserved = ReadAheadBytes::reserve(share).or_else(|| {
             drop_idle_read_aheads();
             ReadAheadBytes::reserve(share)
@@ -733,7 +743,7 @@ impl Log {
         let taken_at = Instant::now();
         let ahead =
             ReadAhead { offset, stop, max_bytes, min_one, taken_at, reads, task, _reserved: reserved };
-        self.read_aheads.borrow_mut().push(ahead);
+        keep_read_ahead(&mut self.read_aheads.borrow_mut(), ahead);
     }
 
     /// The largest record timestamp among durable batches, if any batch carries one.
@@ -925,6 +935,7 @@ impl Log {
         }
         // Stop a read ahead: it holds its segment, whose file is closed below. (Not by
         // dropping its receiver: glommio 0.9's bounded send waits for room even then.)
+        self.closed.set(true);
         self.read_generation.set(self.read_generation.get() + 1);
         let aheads = std::mem::take(&mut *self.read_aheads.borrow_mut());
         for ahead in aheads {
@@ -1661,6 +1672,20 @@ mod tests {
                 log.close().await.unwrap();
             }
             assert_eq!(READ_AHEAD_BYTES.with(Cell::get), 0);
+        });
+    }
+
+    #[test]
+    fn a_read_waiting_when_its_log_is_closed_ends_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 10, 3, 10).await;
+            let mut reading = Stepper::new(log.read(0, 200));
+            assert!(reading.step().await.is_none(), "the read waits for the disk");
+            log.close().await.unwrap();
+            let read = reading.finish().await;
+            assert!(matches!(read, Err(LogError::Closed { .. })), "{read:?}");
         });
     }
 

@@ -38,7 +38,9 @@ impl From<pyralog_dma::LogError> for ShardError {
             LogError::CorruptBatch { .. } => ShardError::CorruptBatch(error.to_string()),
             LogError::TooLarge { .. } => ShardError::TooLarge(error.to_string()),
             LogError::OffsetOutOfRange { .. } => ShardError::OffsetOutOfRange(error.to_string()),
-            LogError::Io { .. } | LogError::Stopped { .. } => ShardError::Storage(error.to_string()),
+            LogError::Io { .. } | LogError::Stopped { .. } | LogError::Closed { .. } => {
+                ShardError::Storage(error.to_string())
+            }
         }
     }
 }
