@@ -140,6 +140,13 @@ struct ReadAhead {
     _reserved: ReadAheadBytes,
 }
 
+impl ReadAhead {
+    /// Whether this is the read ahead of a reader asking for `offset` with these limits.
+    fn wants(&self, offset: i64, max_bytes: usize, min_one: bool) -> bool {
+        self.offset == offset && self.max_bytes == max_bytes && self.min_one == min_one
+    }
+}
+
 /// Reads a sequential reader's read ahead makes before the reader takes them: one waiting for
 /// the reader while the disk reads the next. One alone left the disk idle from the moment it
 /// was read until the reader's next request came (77% busy catching up, against fio's 85%).
@@ -199,13 +206,6 @@ fn drop_idle_read_aheads() {
 
 /// A share of [`READ_AHEAD_BYTES_MAX`], given back on drop.
 struct ReadAheadBytes(usize);
-
-impl ReadAhead {
-    /// Whether this is the read ahead of a reader asking for `offset` with these limits.
-    fn wants(&self, offset: i64, max_bytes: usize, min_one: bool) -> bool {
-        self.offset == offset && self.max_bytes == max_bytes && self.min_one == min_one
-    }
-}
 
 impl ReadAheadBytes {
     fn reserve(bytes: usize) -> Option<ReadAheadBytes> {
