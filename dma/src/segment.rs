@@ -385,7 +385,7 @@ pub(crate) fn position_u32(position: u64) -> u32 {
 /// never past `limit`, and keeps what it read as a run of chunks: a walk that goes on past
 /// what the window holds reads only what follows, never a byte twice (a fetch that walked
 /// its batches' headers used to read them all again to return them, and a header peek just
-/// past the window read a whole new window: 1.35x the disk reads of the bytes served).
+/// past the window read a whole new window: 1.14-1.35x the disk reads of the bytes served).
 /// Chunks wholly before both the range asked for and `keep_from` are dropped as it goes.
 struct FileWindow<'s> {
     segment: &'s Segment,
