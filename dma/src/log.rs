@@ -152,16 +152,10 @@ impl ReadAhead {
 /// was read until the reader's next request came (77% busy catching up, against fio's 85%).
 const READ_AHEAD_DEPTH: usize = 2;
 
-/// Reads' worth of bytes a read ahead's disk reads go past the read they are for, kept for
-/// the reads after it: it reads twice as much half as often. Measured (1 MiB fetches, 1 KiB
-/// messages, four alternating rounds): 1099, 1058, 971, 1072 MB/s catching up, against 1009,
-/// 1039, 852, 940 reading one fetch at a time.
-const READ_AHEAD_BEYOND: usize = 2;
-
 /// The most bytes a thread (a shard) holds for all its logs' read aheads: each reserves
-/// [`READ_AHEAD_DEPTH`] + [`READ_AHEAD_BEYOND`] reads of its reader's `max_bytes` (at least a
-/// disk window each); readers beyond it read as they ask.
-pub const READ_AHEAD_BYTES_MAX: usize = 32 << 20;
+/// [`READ_AHEAD_DEPTH`] reads of its reader's `max_bytes` (at least a disk window each);
+/// readers beyond it read as they ask.
+pub const READ_AHEAD_BYTES_MAX: usize = 16 << 20;
 
 /// Readers of one log that each keep a read ahead (consumers of different groups catching up
 /// at different offsets); a new one replaces the one whose reader took a read longest ago.
@@ -684,7 +678,7 @@ impl Log {
         let mut from = offset;
         while from < durable {
             let Some(segment) = self.segment_for(from) else { break };
-            if let Some(read) = segment.read(from, max_bytes, durable, min_one, None, 0).await? {
+            if let Some(read) = segment.read(from, max_bytes, durable, min_one, None).await? {
                 assert!(read.next_offset <= durable, "a read returns only durable batches");
                 if self.read_generation.get() == generation {
                     self.read_ahead_from(read.rest, max_bytes, min_one);
@@ -716,7 +710,7 @@ impl Log {
         // the read ahead.
         let stop = segment.next_offset.get().min(self.durable_offset());
         let here = self.read_aheads.borrow().iter().any(|a| a.wants(offset, max_bytes, min_one));
-        let share = (READ_AHEAD_DEPTH + READ_AHEAD_BEYOND) * max_bytes.max(segment::READAHEAD_BYTES);
+        let share = READ_AHEAD_DEPTH * max_bytes.max(segment::READAHEAD_BYTES);
         if offset >= stop || here || self.closed.get() || share > READ_AHEAD_BYTES_MAX {
             return;
         }
@@ -733,8 +727,7 @@ impl Log {
                 if offset >= stop {
                     break;
                 }
-                let beyond = READ_AHEAD_BEYOND * max_bytes;
-                let sent = match segment.read(offset, max_bytes, stop, min_one, Some(resume), beyond).await {
+                let sent = match segment.read(offset, max_bytes, stop, min_one, Some(resume)).await {
                     Ok(Some(read)) => {
                         rest = Some(read.rest);
                         Ok(Some((read.bytes, read.next_offset)))
@@ -1633,11 +1626,10 @@ mod tests {
     fn read_aheads_share_the_threads_read_ahead_bytes() {
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
         run(async {
-            // Reads of 4 MiB over five batches of just over 1 MiB: each read ahead reserves four
-            // reads' worth, 16 MiB, so two fit in READ_AHEAD_BYTES_MAX (32 MiB) and the third
-            // does not.
+            // Reads of 4 MiB over five batches of just over 1 MiB: each read ahead reserves two reads'
+            // worth, 8 MiB, so two fit in READ_AHEAD_BYTES_MAX (16 MiB) and the third does not.
             let max_bytes = 4 << 20;
-            assert_eq!(READ_AHEAD_BYTES_MAX, 2 * (READ_AHEAD_DEPTH + READ_AHEAD_BEYOND) * max_bytes);
+            assert_eq!(READ_AHEAD_BYTES_MAX, 2 * READ_AHEAD_DEPTH * max_bytes);
             let value = vec![5u8; 1024];
             let mut logs = Vec::new();
             for dir in &dirs {

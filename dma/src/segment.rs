@@ -216,9 +216,7 @@ impl Segment {
     /// never a batch with an offset at or after `end_offset` (the log's durable offset: a
     /// segment's size grows before the log's durable offset does, see `Log::flush`).
     /// `resume` is what an earlier read of this segment left (see [`SegmentRead::rest`]):
-    /// a read from where that one stopped starts there, with what it already holds. When it
-    /// reads from disk, the read may go `beyond` bytes past its budget, which it leaves in
-    /// its `rest` for the reads after it (a read ahead's, in fewer and larger disk reads).
+    /// a read from where that one stopped starts there, with what it already holds.
     pub async fn read(
         &self,
         offset: i64,
@@ -226,7 +224,6 @@ impl Segment {
         end_offset: i64,
         min_one: bool,
         resume: Option<Resume>,
-        beyond: usize,
     ) -> Result<Option<SegmentRead>> {
         let size = self.size.get();
         let resume = resume.filter(|r| r.base_offset == self.base_offset && r.next_offset == offset);
@@ -234,7 +231,7 @@ impl Segment {
             Some(resume) => resume.position,
             None => u64::from(self.index.borrow().position_for_offset(offset)),
         };
-        let mut window = FileWindow::new(self, size, READAHEAD_BYTES.max(max_bytes).max(beyond));
+        let mut window = FileWindow::new(self, size, READAHEAD_BYTES.max(max_bytes));
         if let Some(resume) = resume {
             window.hold(resume.held);
         }
@@ -256,10 +253,9 @@ impl Segment {
                 None if !min_one && u64::from(header.total_bytes) > max_bytes as u64 => break,
                 None => {
                     start = Some(position);
-                    // What is returned starts here, and nothing past its budget (and `beyond`)
-                    // is read.
+                    // What is returned starts here, and nothing past its budget is read.
                     window.keep_from(position);
-                    window.cap_at(position + (max_bytes + beyond) as u64);
+                    window.cap_at(position + max_bytes as u64);
                 }
                 Some(from) if end - from > max_bytes as u64 => break,
                 Some(_) => {}
