@@ -679,7 +679,7 @@ impl Log {
         while from < durable {
             let Some(segment) = self.segment_for(from) else { break };
             if let Some(read) = segment.read(from, max_bytes, durable, min_one, None).await? {
-                assert!(read.next_offset <= durable, "a read returns only durable batches");
+                assert!(read.rest.next_offset() <= durable, "a read returns only durable batches");
                 if self.read_generation.get() == generation {
                     self.read_ahead_from(read.rest, max_bytes, min_one);
                 }
@@ -729,8 +729,9 @@ impl Log {
                 }
                 let sent = match segment.read(offset, max_bytes, stop, min_one, Some(resume)).await {
                     Ok(Some(read)) => {
+                        let next = read.rest.next_offset();
                         rest = Some(read.rest);
-                        Ok(Some((read.bytes, read.next_offset)))
+                        Ok(Some((read.bytes, next)))
                     }
                     Ok(None) => Ok(None),
                     Err(error) => Err(error),

@@ -269,7 +269,7 @@ impl Segment {
         let bytes = window.take(from, (position - from) as usize).await?;
         let held = window.into_held(position);
         let rest = Resume { base_offset: self.base_offset, next_offset, position, held };
-        Ok(Some(SegmentRead { bytes, next_offset, rest }))
+        Ok(Some(SegmentRead { bytes, rest }))
     }
 
     /// Finds the first batch whose max timestamp is at or after `timestamp`, among the batches
@@ -538,9 +538,8 @@ impl<'s> FileWindow<'s> {
 pub struct SegmentRead {
     /// Whole batches.
     pub bytes: bytes::Bytes,
-    /// The offset that follows the last of them.
-    pub next_offset: i64,
-    /// Where the read stopped and what it read past that, for a read that goes on from there.
+    /// Where the read stopped (the offset that follows the last batch, [`Resume::next_offset`])
+    /// and what it read past that, for a read that goes on from there.
     pub rest: Resume,
 }
 
