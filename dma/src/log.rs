@@ -868,10 +868,11 @@ impl Log {
         segment.cut_at(position, "truncating segment").await
     }
 
-    /// Drops the read ahead and voids what reads under way have read (see `read_generation`).
-    fn drop_read_aheads(&self) {
-        self.read_aheads.borrow_mut().clear();
+    /// Takes the read aheads (dropping them cancels them) and voids what reads under way have
+    /// read (see `read_generation`).
+    fn drop_read_aheads(&self) -> Vec<ReadAhead> {
         self.read_generation.set(self.read_generation.get() + 1);
+        std::mem::take(&mut *self.read_aheads.borrow_mut())
     }
 
     fn remove_segment(&self, segment: &Segment) -> Result<()> {
@@ -937,9 +938,7 @@ impl Log {
         // Stop a read ahead: it holds its segment, whose file is closed below. (Not by
         // dropping its receiver: glommio 0.9's bounded send waits for room even then.)
         self.closed.set(true);
-        self.read_generation.set(self.read_generation.get() + 1);
-        let aheads = std::mem::take(&mut *self.read_aheads.borrow_mut());
-        for ahead in aheads {
+        for ahead in self.drop_read_aheads() {
             ahead.task.cancel().await;
         }
         let segments = std::mem::take(&mut *self.segments.borrow_mut());
