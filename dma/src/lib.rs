@@ -19,6 +19,7 @@
 pub mod batch;
 mod device;
 mod error;
+pub mod huge;
 mod index;
 mod log;
 mod segment;

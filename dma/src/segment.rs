@@ -30,8 +30,9 @@ pub const BLOCK_BYTES: u64 = 4096;
 /// fresh from the heap every time: its page faults, the kernel zeroing them and the unmapping
 /// after it stalled the shard for about a millisecond per cached-mode flush (the produce p99
 /// at 20k msg/s). A read's first window (a fetch's size, 1 MiB for most consumers) does not
-/// fit and comes from the heap; its smaller extensions may use registered memory while the
-/// read runs, and what a read ahead keeps past its result is copied to the heap
+/// fit and comes from the global allocator (in the daemon a reused huge page,
+/// `huge::DmaAllocator`); its smaller extensions may use registered memory while the read
+/// runs, and what a read ahead keeps past its result is copied to the heap
 /// (`FileWindow::into_held`), so no reader pins that memory while it waits.
 pub const WRITE_CHUNK_BYTES_MAX: usize = 512 << 10;
 /// How far a reader reads ahead of what it was asked for.

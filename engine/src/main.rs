@@ -17,6 +17,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// O_DIRECT reads' buffers and the io_uring memory on huge pages (see `pyralog_dma::huge`).
+#[global_allocator]
+static ALLOCATOR: pyralog_dma::huge::DmaAllocator = pyralog_dma::huge::DmaAllocator;
+
 #[derive(Debug, Parser)]
 #[command(name = "pyralog", version, about = "A thread-per-core distributed log broker on io_uring")]
 pub struct Cli {
