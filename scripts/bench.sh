@@ -82,13 +82,19 @@ r=$(bench produce --topic lat-sync $latency --linger-ms 1)
 report "produce sync 1 KiB at 20k msg/s" "$r" "target p99 < 2000 us; $(lag "$r")"
 before=$(fio_write)
 r=$(bench produce --topic sync1k --message-bytes 1024 $big)
+sync1k_acked=$(echo "$r" | field "d['acked']")
 write_bound=$(mean "$before" "$(fio_write)")
 mbps=$(echo "$r" | field "d['mb_per_sec']/1.048576")
 report "produce sync 1 KiB" "$r" "$(python3 -c "print('%.2fx fio write %d MiB/s (target 0.80x)' % ($mbps/$write_bound, $write_bound))")"
 r=$(bench produce --topic sync100 --message-bytes 100 $big)
+sync100_acked=$(echo "$r" | field "d['acked']")
 report "produce sync 100 B" "$r" "target 1.2M msg/s"
+# A consumer reading faster than the producer wrote runs out of records before a --duration
+# ends and waits out the rest, which the rate counts: the consumes stop at 80% of what was
+# produced instead (the figures in bench/RESULTS.md before its sixth session were capped so).
+most() { echo $(($1 * 4 / 5)); }
 before=$(fio_read)
-r=$(bench consume --topic sync1k --duration "$secs")
+r=$(bench consume --topic sync1k --messages "$(most "$sync1k_acked")")
 read_bound=$(mean "$before" "$(fio_read)")
 mbps=$(echo "$r" | field "d['mb_per_sec']/1.048576")
 report "consume 1 KiB (mostly from disk)" "$r" "$(python3 -c "print('%.2fx fio read %d MiB/s (target 0.80x catching up from disk)' % ($mbps/$read_bound, $read_bound))")"
@@ -96,19 +102,20 @@ report "consume 1 KiB (mostly from disk)" "$r" "$(python3 -c "print('%.2fx fio r
 bench produce --topic cache1k --message-bytes 1024 --messages 400000 $big_count >/dev/null
 r=$(bench consume --topic cache1k --messages 400000)
 report "consume 1 KiB from cache" "$r" "target 1.5 GB/s"
-r=$(bench consume --topic sync100 --duration "$secs")
+r=$(bench consume --topic sync100 --messages "$(most "$sync100_acked")")
 report "consume 100 B" "$r" "target 3.7M msg/s"
 # The Kafka listener, same workloads and flags (issue 3: within 10% of native).
 ratio() { python3 -c "import json,sys; k=json.loads(sys.argv[1]); n=json.loads(sys.argv[2]); print('%.2fx native (target >= 0.90x)' % (k['msgs_per_sec']/n['msgs_per_sec']))" "$1" "$2"; }
 n=$(bench produce --topic n1k --message-bytes 1024 $big)
 k=$(bench produce --protocol kafka --broker 127.0.0.1:9092 --topic k1k --message-bytes 1024 $big)
+k1k=$k
 report "native produce sync 1 KiB" "$n" "same run as the next line"
 report "kafka produce sync 1 KiB" "$k" "$(ratio "$k" "$n")"
 n=$(bench produce --topic n100 --message-bytes 100 $big)
 k=$(bench produce --protocol kafka --broker 127.0.0.1:9092 --topic k100 --message-bytes 100 $big)
 report "native produce sync 100 B" "$n" "same run as the next line"
 report "kafka produce sync 100 B" "$k" "$(ratio "$k" "$n")"
-k=$(bench consume --protocol kafka --broker 127.0.0.1:9092 --topic k1k --duration "$secs")
+k=$(bench consume --protocol kafka --broker 127.0.0.1:9092 --topic k1k --messages "$(most "$(echo "$k1k" | field "d['acked']")")")
 report "kafka consume 1 KiB" "$k" "stored batches, never re-encoded"
 # librdkafka's own producer (confluent-kafka), for comparison with Kafka and Redpanda figures.
 python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install --quiet confluent-kafka==2.16.1
