@@ -1,18 +1,26 @@
 //! DMA buffers on transparent huge pages.
 //!
-//! glommio allocates every O_DIRECT read's buffer, and each shard's io_uring memory, through
+//! glommio allocates the buffer of every O_DIRECT read that does not fit its io_uring memory
+//! (most do not: a fetch reads 1 MiB, the memory is 1 MiB), and that memory itself, through
 //! the global allocator with a 4 KiB alignment. From the heap those are 4 KiB pages scattered
 //! in physical memory, and the kernel hands a disk one scatter-gather entry per page: a 1 MiB
 //! read is 256 entries, more than the 254 this machine's virtio disk takes in one request, so
 //! it goes out as two, and the host walks every entry. In alternating rounds, fio's 1028 KiB
 //! reads (two jobs, two reads in flight each) read 2.2-2.4 GB/s into buffers on huge pages
-//! and 0.9-1.6 GB/s into heap buffers (bench/RESULTS.md, sixth session). [`DmaAllocator`] is a global allocator that gives
-//! such allocations whole, aligned 2 MiB pages (`MADV_HUGEPAGE`): physically contiguous, one
-//! entry per page. Freed ones are kept for reuse, up to [`FREE_BYTES_MAX`], so a read does
-//! not fault and zero fresh memory each time. Everything else goes to the system allocator.
+//! and 0.9-1.6 GB/s into heap buffers (bench/RESULTS.md, sixth session). [`DmaAllocator`] is
+//! a global allocator that gives such allocations whole, aligned 2 MiB blocks advised
+//! `MADV_HUGEPAGE`: when the kernel backs them with huge pages, each is physically
+//! contiguous, one entry per page. Freed ones are kept for reuse, up to [`FREE_BYTES_MAX`],
+//! so a read does not fault and zero fresh memory each time. Everything else goes to the
+//! system allocator.
 //!
-//! Where the kernel has transparent huge pages off (`/sys/kernel/mm/transparent_hugepage/
-//! enabled` set to `never`), the blocks are ordinary pages: slower reads, nothing else.
+//! The costs: an allocation of 512 KiB takes a whole 2 MiB block, resident once touched; the
+//! first fault in a fresh block may wait for the kernel to compact memory (with the default
+//! `defrag` setting `madvise`). The memory pinned for io_uring is the same: a non-root daemon
+//! with 2 shards pinned 6144 KiB (VmPin) before and after, the io memory on huge pages
+//! (AnonHugePages 4096 KiB). Where the kernel has transparent huge pages off
+//! (`/sys/kernel/mm/transparent_hugepage/enabled` set to `never`), the blocks are ordinary
+//! pages and reads are as slow as from the heap; the daemon's start-up summary says which.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
@@ -57,20 +65,20 @@ fn block_len(size: usize) -> usize {
 }
 
 /// A block of `len` bytes (a multiple of [`HUGE_PAGE_BYTES`]) aligned to a huge page: a
-/// freed one of that length, or a new mapping.
-unsafe fn block(len: usize) -> *mut u8 {
+/// freed one of that length, or a new mapping (zeroed by the kernel: the second field).
+unsafe fn block(len: usize) -> (*mut u8, bool) {
     {
         let mut free = free_blocks();
         let count = free.len;
         if let Some(i) = free.blocks[..count].iter().position(|&(_, l)| l == len) {
             let (address, _) = free.blocks[i];
-            free.blocks[i] = free.blocks[count - 1];
+            free.blocks.copy_within(i + 1..count, i);
             free.len -= 1;
             free.bytes -= len;
-            return address as *mut u8;
+            return (address as *mut u8, false);
         }
     }
-    let Some(mapped) = len.checked_add(HUGE_PAGE_BYTES) else { return ptr::null_mut() };
+    let Some(mapped) = len.checked_add(HUGE_PAGE_BYTES) else { return (ptr::null_mut(), false) };
     // SAFETY: an anonymous private mapping at an address of the kernel's choosing.
     let raw = unsafe {
         libc::mmap(
@@ -83,7 +91,7 @@ unsafe fn block(len: usize) -> *mut u8 {
         )
     };
     if raw == libc::MAP_FAILED {
-        return ptr::null_mut();
+        return (ptr::null_mut(), false);
     }
     let raw = raw as usize;
     let start = raw.next_multiple_of(HUGE_PAGE_BYTES);
@@ -99,23 +107,38 @@ unsafe fn block(len: usize) -> *mut u8 {
         // Advice only: without huge pages the block still works.
         libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
     }
-    start as *mut u8
+    (start as *mut u8, true)
 }
 
-/// Gives a block back: kept for reuse while the free list has room, unmapped otherwise.
+/// Gives a block back to the free list, which drops its oldest blocks to make room (so
+/// blocks of an unusual length, from a large fetch, do not hold it for good); a block larger
+/// than the whole list is unmapped.
 unsafe fn release(address: *mut u8, len: usize) {
-    {
+    let mut dropped = [(0usize, 0usize); FREE_SLOTS];
+    let mut dropped_count = 0;
+    if len <= FREE_BYTES_MAX {
         let mut free = free_blocks();
-        if free.len < FREE_SLOTS && free.bytes + len <= FREE_BYTES_MAX {
+        while free.len == FREE_SLOTS || free.bytes + len > FREE_BYTES_MAX {
             let count = free.len;
-            free.blocks[count] = (address as usize, len);
-            free.len += 1;
-            free.bytes += len;
-            return;
+            let oldest = free.blocks[0];
+            free.blocks.copy_within(1..count, 0);
+            free.len -= 1;
+            free.bytes -= oldest.1;
+            dropped[dropped_count] = oldest;
+            dropped_count += 1;
         }
+        let count = free.len;
+        free.blocks[count] = (address as usize, len);
+        free.len += 1;
+        free.bytes += len;
+    } else {
+        dropped[0] = (address as usize, len);
+        dropped_count = 1;
     }
-    // SAFETY: a block this allocator mapped, no longer used by anyone.
-    unsafe { libc::munmap(address as *mut libc::c_void, len) };
+    for &(address, len) in &dropped[..dropped_count] {
+        // SAFETY: blocks this allocator mapped, no longer used by anyone.
+        unsafe { libc::munmap(address as *mut libc::c_void, len) };
+    }
 }
 
 // SAFETY: DMA-sized blocks are whole mappings (or reused ones) of at least the asked size,
@@ -124,7 +147,7 @@ unsafe fn release(address: *mut u8, len: usize) {
 unsafe impl GlobalAlloc for DmaAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if is_dma(layout.size(), layout.align()) {
-            unsafe { block(block_len(layout.size())) }
+            unsafe { block(block_len(layout.size())).0 }
         } else {
             unsafe { System.alloc(layout) }
         }
@@ -132,8 +155,8 @@ unsafe impl GlobalAlloc for DmaAllocator {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if is_dma(layout.size(), layout.align()) {
-            let address = unsafe { self.alloc(layout) };
-            if !address.is_null() {
+            let (address, fresh) = unsafe { block(block_len(layout.size())) };
+            if !address.is_null() && !fresh {
                 // SAFETY: the block is at least layout.size() bytes.
                 unsafe { ptr::write_bytes(address, 0, layout.size()) };
             }
@@ -194,6 +217,11 @@ mod tests {
         guard
     }
 
+    fn free_list() -> (usize, usize) {
+        let free = free_blocks();
+        (free.len, free.bytes)
+    }
+
     #[test]
     fn dma_sized_blocks_are_whole_huge_pages_and_reused() {
         let _alone = alone();
@@ -205,11 +233,13 @@ mod tests {
             // The whole 2 MiB block is ours to write.
             ptr::write_bytes(first, 0xab, HUGE_PAGE_BYTES);
             a.dealloc(first, dma((1 << 20) + 4096));
+            assert_eq!(free_list(), (1, HUGE_PAGE_BYTES));
             // Another DMA read of the same block length gets the freed block, as it was.
             let again = a.alloc(dma(1 << 20));
             assert_eq!(again, first);
             assert_eq!(*again.add(HUGE_PAGE_BYTES - 1), 0xab);
-            // alloc_zeroed zeroes even a reused block.
+            assert_eq!(free_list(), (0, 0));
+            // alloc_zeroed zeroes a reused block.
             a.dealloc(again, dma(1 << 20));
             let zeroed = a.alloc_zeroed(dma(1 << 20));
             assert_eq!(zeroed, first);
@@ -219,47 +249,78 @@ mod tests {
     }
 
     #[test]
-    fn other_allocations_and_reallocs_across_the_threshold_keep_their_bytes() {
+    fn other_allocations_are_the_system_allocators() {
         let _alone = alone();
         let a = DmaAllocator;
         unsafe {
-            // Small, or not page aligned: the system allocator's (no 2 MiB alignment promised,
-            // but a 16-byte-aligned 1 MiB Vec must not be taken for a DMA buffer).
-            let plain = Layout::from_size_align(1 << 20, 16).unwrap();
-            let p = a.alloc(plain);
-            assert!(!p.is_null());
-            a.dealloc(p, plain);
-            // A page-aligned buffer grown past the threshold and back keeps its contents.
+            // Large but not page aligned (a Vec), or page aligned but small: neither is a DMA
+            // buffer, so neither ends in the free list.
+            for layout in [Layout::from_size_align(4 << 20, 16).unwrap(), dma(256 << 10)] {
+                let p = a.alloc(layout);
+                assert!(!p.is_null());
+                p.write_bytes(1, layout.size());
+                a.dealloc(p, layout);
+                assert_eq!(free_list(), (0, 0), "{layout:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn reallocs_keep_their_bytes_and_their_block_while_it_fits() {
+        let _alone = alone();
+        let a = DmaAllocator;
+        let pattern = |i: usize| (i % 251) as u8;
+        unsafe {
             let small = dma(64 << 10);
             let p = a.alloc(small);
-            for i in 0..(64 << 10) {
-                *p.add(i) = (i % 251) as u8;
+            assert!(!p.is_null());
+            for i in 0..small.size() {
+                *p.add(i) = pattern(i);
             }
-            let grown = a.realloc(p, small, 3 << 20);
+            // Into a DMA block: moved, bytes kept.
+            let grown = a.realloc(p, small, 1 << 20);
+            assert!(!grown.is_null());
             assert_eq!(grown as usize % HUGE_PAGE_BYTES, 0);
-            assert!((0..(64 << 10)).all(|i| *grown.add(i) == (i % 251) as u8));
-            let shrunk = a.realloc(grown, dma(3 << 20), 32 << 10);
-            assert!((0..(32 << 10)).all(|i| *shrunk.add(i) == (i % 251) as u8));
+            assert!((0..small.size()).all(|i| *grown.add(i) == pattern(i)));
+            // Within the same 2 MiB block: in place.
+            assert_eq!(a.realloc(grown, dma(1 << 20), (3 << 20) / 2), grown);
+            // Past it: a 4 MiB block, bytes kept, the old block freed for reuse.
+            let big = a.realloc(grown, dma((3 << 20) / 2), 3 << 20);
+            assert!(!big.is_null() && big != grown);
+            assert!((0..small.size()).all(|i| *big.add(i) == pattern(i)));
+            assert_eq!(free_list(), (1, HUGE_PAGE_BYTES));
+            // Back below the threshold: the system's again, bytes kept, the block freed.
+            let shrunk = a.realloc(big, dma(3 << 20), 32 << 10);
+            assert!(!shrunk.is_null());
+            assert!((0..(32 << 10)).all(|i| *shrunk.add(i) == pattern(i)));
+            assert_eq!(free_list(), (2, HUGE_PAGE_BYTES + (4 << 20)));
             a.dealloc(shrunk, dma(32 << 10));
         }
     }
 
     #[test]
-    fn the_free_list_is_bounded() {
+    fn the_free_list_keeps_the_newest_blocks_up_to_its_bound() {
         let _alone = alone();
         let a = DmaAllocator;
         unsafe {
+            // A large fetch's 6 MiB block first, then more 2 MiB blocks than the list holds.
+            let odd = a.alloc(dma(5 << 20));
             let blocks: Vec<*mut u8> = (0..FREE_SLOTS + 3).map(|_| a.alloc(dma(1 << 20))).collect();
-            assert!(blocks.iter().all(|b| !b.is_null()));
+            assert!(!odd.is_null() && blocks.iter().all(|b| !b.is_null()));
+            a.dealloc(odd, dma(5 << 20));
             for &b in &blocks {
                 a.dealloc(b, dma(1 << 20));
             }
-            let free = free_blocks();
-            assert_eq!(
-                (free.len, free.bytes),
-                (FREE_SLOTS, FREE_BYTES_MAX),
-                "kept up to the bound, the rest unmapped"
-            );
+            // The odd block went first; the list holds the last blocks freed.
+            assert_eq!(free_list(), (FREE_SLOTS, FREE_BYTES_MAX));
+            let kept: Vec<usize> = free_blocks().blocks.iter().map(|&(address, _)| address).collect();
+            let newest: Vec<usize> = blocks[3..].iter().map(|&b| b as usize).collect();
+            assert_eq!(kept, newest);
+            // A block larger than the whole list is unmapped, and the list is unchanged.
+            let huge = a.alloc(dma(FREE_BYTES_MAX + 1));
+            assert!(!huge.is_null());
+            a.dealloc(huge, dma(FREE_BYTES_MAX + 1));
+            assert_eq!(free_list(), (FREE_SLOTS, FREE_BYTES_MAX));
         }
     }
 }
