@@ -518,4 +518,23 @@ fn print_summary(args: &NodeArgs, shards: &[ShardInfo], kafka_ports: &[u16], io_
         "  limits      segment {} B, cache {} B per shard, request {} B, io memory {} B per shard",
         args.segment_bytes, args.cache_bytes, args.max_request_bytes, io_memory_bytes
     );
+    println!("  disk buffers {}", huge_pages_summary());
+}
+
+/// Whether the disk buffers can be on huge pages (`pyralog_dma::huge`): the kernel's
+/// transparent huge page mode, the bracketed word of the sysfs file.
+fn huge_pages_summary() -> String {
+    const MODE: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+    let text = std::fs::read_to_string(MODE).unwrap_or_default();
+    let mode = text.split_whitespace().find_map(|word| word.strip_prefix('[')?.strip_suffix(']'));
+    match mode {
+        Some("always" | "madvise") => {
+            format!("on 2 MiB transparent huge pages ({MODE}: {})", mode.unwrap_or_default())
+        }
+        Some(mode) => format!(
+            "on 4 KiB pages: transparent huge pages are off ({MODE}: {mode}); reads from disk are \
+             slower, set it to madvise to speed them up"
+        ),
+        None => format!("on 4 KiB pages: transparent huge pages are unavailable (no {MODE})"),
+    }
 }

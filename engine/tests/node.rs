@@ -643,6 +643,11 @@ fn io_memory_is_checked_against_the_memlock_limit() {
     // 1 MiB per shard by default, within the limit.
     let (_, text) = run(8 << 10, "");
     assert!(text.contains("io memory 1048576 B per shard"), "{text}");
+    // The summary says whether disk buffers get huge pages, as this kernel's THP mode allows.
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let huge = thp.contains("[always]") || thp.contains("[madvise]");
+    let line = text.lines().find(|line| line.trim_start().starts_with("disk buffers")).expect(&text);
+    assert_eq!(line.contains("on 2 MiB transparent huge pages"), huge, "{line} with THP {thp}");
     // More than the limit allows every shard: a plain refusal.
     let (code, text) = run(1 << 10, "");
     assert_eq!(code, Some(1), "{text}");
