@@ -152,13 +152,8 @@ impl ReadAhead {
 /// was read until the reader's next request came (77% busy catching up, against fio's 85%).
 const READ_AHEAD_DEPTH: usize = 2;
 
-/// Reads a read ahead holds at once: [`READ_AHEAD_DEPTH`] done, and the disk read of the
-/// next, which each read starts before it copies its result out (`Segment::read`'s
-/// `prefetch`), so a partition's disk does not idle while that copy and the hand-over run.
-const READ_AHEAD_READS: usize = READ_AHEAD_DEPTH + 1;
-
 /// The most bytes a thread (a shard) holds for all its logs' read aheads: each reserves
-/// [`READ_AHEAD_READS`] reads of its reader's `max_bytes` (at least a disk window each);
+/// [`READ_AHEAD_DEPTH`] reads of its reader's `max_bytes` (at least a disk window each);
 /// readers beyond it read as they ask.
 pub const READ_AHEAD_BYTES_MAX: usize = 16 << 20;
 
@@ -683,7 +678,7 @@ impl Log {
         let mut from = offset;
         while from < durable {
             let Some(segment) = self.segment_for(from) else { break };
-            if let Some(read) = segment.read(from, max_bytes, durable, min_one, None, false).await? {
+            if let Some(read) = segment.read(from, max_bytes, durable, min_one, None).await? {
                 assert!(read.rest.next_offset() <= durable, "a read returns only durable batches");
                 if self.read_generation.get() == generation {
                     self.read_ahead_from(read.rest, max_bytes, min_one);
@@ -715,7 +710,7 @@ impl Log {
         // the read ahead.
         let stop = segment.next_offset.get().min(self.durable_offset());
         let here = self.read_aheads.borrow().iter().any(|a| a.wants(offset, max_bytes, min_one));
-        let share = READ_AHEAD_READS * max_bytes.max(segment::READAHEAD_BYTES);
+        let share = READ_AHEAD_DEPTH * max_bytes.max(segment::READAHEAD_BYTES);
         if offset >= stop || here || self.closed.get() || share > READ_AHEAD_BYTES_MAX {
             return;
         }
@@ -732,7 +727,7 @@ impl Log {
                 if offset >= stop {
                     break;
                 }
-                let sent = match segment.read(offset, max_bytes, stop, min_one, Some(resume), true).await {
+                let sent = match segment.read(offset, max_bytes, stop, min_one, Some(resume)).await {
                     Ok(Some(read)) => {
                         let next = read.rest.next_offset();
                         rest = Some(read.rest);
@@ -1600,40 +1595,6 @@ mod tests {
     }
 
     #[test]
-    fn a_prefetch_never_holds_the_block_the_writer_is_still_filling() {
-        let dir = tempfile::tempdir().unwrap();
-        run(async {
-            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
-            // 400 batches of 40 records, under 512 KiB but past a first window's 256 KiB, the
-            // durable end inside a block.
-            fill(&log, 400, 40, 400).await;
-            assert!(log.size_bytes() > 300 << 10 && log.size_bytes() < 500 << 10);
-            assert_ne!(log.size_bytes() % BLOCK_BYTES, 0);
-            let segment = log.active_segment();
-            let read_on = |offset: i64, rest: Option<Resume>| {
-                let (segment, durable) = (segment.clone(), log.durable_offset());
-                async move { segment.read(offset, 2 * BLOCK_BYTES as usize, durable, true, rest, true).await }
-            };
-            // A read of two blocks' worth: its window reads the first 256 KiB, and the disk
-            // read of the next 256 KiB goes out with it, up to the durable end.
-            let first = read_on(0, None).await.unwrap().unwrap();
-            let mut seen = batch::parse_all(&first.bytes).unwrap().len();
-            let (mut offset, mut rest) = (first.rest.next_offset(), Some(first.rest));
-            // The prefetch lands (a sleep lets its task read), the writer goes on in the last
-            // block, then the reader to the new end, through what the prefetch read.
-            glommio::timer::sleep(Duration::from_millis(50)).await;
-            fill(&log, 10, 40, 10).await;
-            while offset < log.durable_offset() {
-                let read = read_on(offset, rest.take()).await.expect("no stale bytes of the old last block");
-                let read = read.unwrap();
-                seen += batch::parse_all(&read.bytes).expect("whole, checked batches").len();
-                (offset, rest) = (read.rest.next_offset(), Some(read.rest));
-            }
-            assert_eq!(seen, 410);
-        });
-    }
-
-    #[test]
     fn a_read_that_a_truncation_overlapped_starts_no_read_ahead_over_the_removed_bytes() {
         let dir = tempfile::tempdir().unwrap();
         run(async {
@@ -1665,18 +1626,16 @@ mod tests {
     fn read_aheads_share_the_threads_read_ahead_bytes() {
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
         run(async {
-            // Reads of 2.5 MiB over five batches of about 0.8 MiB: each read ahead reserves three
-            // reads' worth, 7.5 MiB, so two fit in READ_AHEAD_BYTES_MAX (16 MiB) and the third
-            // does not.
-            let max_bytes = 5 << 19;
-            let share = READ_AHEAD_READS * max_bytes;
-            assert!(2 * share <= READ_AHEAD_BYTES_MAX && 3 * share > READ_AHEAD_BYTES_MAX);
+            // Reads of 4 MiB over five batches of just over 1 MiB: each read ahead reserves two reads'
+            // worth, 8 MiB, so two fit in READ_AHEAD_BYTES_MAX (16 MiB) and the third does not.
+            let max_bytes = 4 << 20;
+            assert_eq!(READ_AHEAD_BYTES_MAX, 2 * READ_AHEAD_DEPTH * max_bytes);
             let value = vec![5u8; 1024];
             let mut logs = Vec::new();
             for dir in &dirs {
                 let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
                 for i in 0..5 {
-                    let bytes = batch::build_for_tests(780, &value, i);
+                    let bytes = batch::build_for_tests(1020, &value, i);
                     let headers = batch::parse_all(&bytes).unwrap();
                     log.append(Bytes::from(bytes), &headers).unwrap();
                 }
@@ -1690,12 +1649,12 @@ mod tests {
                 assert_eq!(batch::parse_all(&read).unwrap().len(), 3);
             }
             assert_eq!(reading_ahead(&logs), [true, true, false]);
-            assert_eq!(READ_AHEAD_BYTES.with(Cell::get), 2 * share);
+            assert_eq!(READ_AHEAD_BYTES.with(Cell::get), READ_AHEAD_BYTES_MAX);
 
             // The first reader takes the rest: its read ahead has nothing more to read and
             // gives its share back; the third reader's next read starts one.
-            let read = logs[0].read(3 * 780, max_bytes).await.unwrap().unwrap();
-            assert_eq!(batch::parse_all(&read).unwrap()[0].base_offset, 3 * 780, "from the read ahead");
+            let read = logs[0].read(3060, max_bytes).await.unwrap().unwrap();
+            assert_eq!(batch::parse_all(&read).unwrap()[0].base_offset, 3060, "from the read ahead");
             assert_eq!(reading_ahead(&logs), [false, true, false]);
             logs[2].read(0, max_bytes).await.unwrap().unwrap();
             assert_eq!(reading_ahead(&logs), [false, true, true]);

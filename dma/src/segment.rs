@@ -217,10 +217,7 @@ impl Segment {
     /// never a batch with an offset at or after `end_offset` (the log's durable offset: a
     /// segment's size grows before the log's durable offset does, see `Log::flush`).
     /// `resume` is what an earlier read of this segment left (see [`SegmentRead::rest`]):
-    /// a read from where that one stopped starts there, with what it already holds. With
-    /// `prefetch` (a sequential reader's read ahead), each disk read goes out with the one
-    /// after it, of what the next read will need: that one is on the disk while this read's
-    /// result is copied out and handed over (its `rest` holds it).
+    /// a read from where that one stopped starts there, with what it already holds.
     pub async fn read(
         &self,
         offset: i64,
@@ -228,7 +225,6 @@ impl Segment {
         end_offset: i64,
         min_one: bool,
         resume: Option<Resume>,
-        prefetch: bool,
     ) -> Result<Option<SegmentRead>> {
         let size = self.size.get();
         let resume = resume.filter(|r| r.base_offset == self.base_offset && r.next_offset == offset);
@@ -237,7 +233,6 @@ impl Segment {
             None => u64::from(self.index.borrow().position_for_offset(offset)),
         };
         let mut window = FileWindow::new(self, size, READAHEAD_BYTES.max(max_bytes));
-        window.prefetch = prefetch;
         if let Some(resume) = resume {
             window.hold(resume.held);
         }
@@ -405,28 +400,12 @@ struct FileWindow<'s> {
     end: u64,
     /// A range asked for that spans chunks, copied into one piece.
     joined: Vec<u8>,
-    /// Each disk read starts the next (`readahead` bytes after it) as it goes out.
-    prefetch: bool,
-    /// The disk read of the bytes from `end` on, under way (started here or by an earlier
-    /// window, see [`Held::pending`]).
-    pending: Option<PendingRead>,
 }
 
 impl<'s> FileWindow<'s> {
     fn new(segment: &'s Segment, limit: u64, readahead: usize) -> FileWindow<'s> {
         let (cap, keep_from, chunks, end, joined) = (limit, u64::MAX, VecDeque::new(), 0, Vec::new());
-        FileWindow {
-            segment,
-            limit,
-            readahead,
-            cap,
-            keep_from,
-            chunks,
-            end,
-            joined,
-            prefetch: false,
-            pending: None,
-        }
+        FileWindow { segment, limit, readahead, cap, keep_from, chunks, end, joined }
     }
 
     /// Starts from chunks an earlier window over the same file read. Bytes past this window's
@@ -438,14 +417,11 @@ impl<'s> FileWindow<'s> {
             self.chunks = VecDeque::from([(held.at, Chunk::Held(bytes))]);
             self.end = end;
         }
-        // Used if the window goes on from where it starts; dropped (cancelled) otherwise.
-        self.pending = held.pending;
     }
 
     /// What the window holds from `position` on, copied out of the reads' buffers: those may
     /// be io_uring-registered memory, which the flushes' writes need, and a read ahead can
     /// wait long for its reader.
-    /// A disk read under way from the window's end goes with them.
     fn into_held(self, position: u64) -> Held {
         let mut bytes = bytes::BytesMut::new();
         if position < self.end {
@@ -454,8 +430,7 @@ impl<'s> FileWindow<'s> {
                 bytes.extend_from_slice(piece)
             });
         }
-        let pending = self.pending.filter(|pending| pending.at == self.end);
-        Held { at: position, bytes: bytes.freeze(), pending }
+        Held { at: position, bytes: bytes.freeze() }
     }
 
     /// Reads stop at `position` from now on, unless a range asked for goes further.
@@ -511,24 +486,15 @@ impl<'s> FileWindow<'s> {
             self.chunks.pop_front();
         }
         while self.end < end {
+            let until = (position + self.readahead as u64).min(self.cap).max(end).min(self.limit);
+            let size = (align_up(until) - self.end) as usize;
             let segment = self.segment;
-            let io = |e: std::io::Error| LogError::io("reading segment", &segment.path, e);
-            // What the read covers: to `until` at least. The next one goes out with it.
-            let (read, until) = match self.pending.take().filter(|p| p.at == self.end) {
-                Some(pending) => {
-                    self.prefetch_from(align_up(pending.until));
-                    (pending.task.await.map_err(io)?, pending.until)
-                }
-                None => {
-                    let until = (position + self.readahead as u64).min(self.cap).max(end).min(self.limit);
-                    let size = (align_up(until) - self.end) as usize;
-                    let read = segment.file.read_at_aligned(self.end, size);
-                    self.prefetch_from(align_up(until));
-                    let read = read.await.map_err(|e| io(e.into()))?;
-                    segment.disk_bytes_read.set(segment.disk_bytes_read.get() + read.len() as u64);
-                    (read, until)
-                }
-            };
+            let read = segment
+                .file
+                .read_at_aligned(self.end, size)
+                .await
+                .map_err(|e| LogError::io("reading segment", &segment.path, e))?;
+            segment.disk_bytes_read.set(segment.disk_bytes_read.get() + read.len() as u64);
             // All of what was read (to a block boundary, or the limit) is kept: the window's
             // end stays a block boundary for the next read.
             let usable = (read.len() as u64).min(self.limit - self.end) as usize;
@@ -537,23 +503,13 @@ impl<'s> FileWindow<'s> {
                     std::io::ErrorKind::UnexpectedEof,
                     "segment shorter than its durable size",
                 );
-                return Err(io(eof));
+                return Err(LogError::io("reading segment", &segment.path, eof));
             }
             let chunk = ReadResult::slice(&read, 0, usable).expect("within the read");
             self.chunks.push_back((self.end, Chunk::Read(chunk)));
             self.end += usable as u64;
         }
         Ok(())
-    }
-
-    /// With `prefetch`, starts the disk read of the `readahead` bytes from `from` (where a read
-    /// going out now ends). Whole blocks below the limit only: a partial last block may be
-    /// written on meanwhile, and a window under a later limit must read it again.
-    fn prefetch_from(&mut self, from: u64) {
-        let until = (from + self.readahead as u64).min(align_down(self.limit));
-        if self.prefetch && from < until {
-            self.pending = Some(PendingRead::start(self.segment, from, until));
-        }
     }
 
     /// The chunk that holds `position`, and where in it.
@@ -608,29 +564,6 @@ impl Resume {
 struct Held {
     at: u64,
     bytes: bytes::Bytes,
-    /// The disk read of what follows `bytes`, under way.
-    pending: Option<PendingRead>,
-}
-
-/// A disk read a window started ahead of its need (see `FileWindow::prefetch_from`): the
-/// whole, durable blocks from `at` to `until` (rounded up to a block). Dropped unused, it is
-/// cancelled.
-struct PendingRead {
-    at: u64,
-    until: u64,
-    task: glommio::Task<std::io::Result<ReadResult>>,
-}
-
-impl PendingRead {
-    fn start(segment: &Segment, at: u64, until: u64) -> PendingRead {
-        let size = (align_up(until) - at) as usize;
-        segment.disk_bytes_read.set(segment.disk_bytes_read.get() + size as u64);
-        let file = segment.file.clone();
-        let task = glommio::spawn_local(async move {
-            file.read_at_aligned(at, size).await.map_err(std::io::Error::from)
-        });
-        PendingRead { at, until, task }
-    }
 }
 
 /// Bytes a [`FileWindow`] holds: a read's own buffer, or what an earlier window read.
