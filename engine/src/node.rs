@@ -528,9 +528,7 @@ fn huge_pages_summary() -> String {
     let text = std::fs::read_to_string(MODE).unwrap_or_default();
     let mode = text.split_whitespace().find_map(|word| word.strip_prefix('[')?.strip_suffix(']'));
     match mode {
-        Some("always" | "madvise") => {
-            format!("on 2 MiB transparent huge pages ({MODE}: {})", mode.unwrap_or_default())
-        }
+        Some(mode @ ("always" | "madvise")) => format!("on 2 MiB transparent huge pages ({MODE}: {mode})"),
         Some(mode) => format!(
             "on 4 KiB pages: transparent huge pages are off ({MODE}: {mode}); reads from disk are \
              slower, set it to madvise to speed them up"
