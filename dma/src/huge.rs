@@ -49,6 +49,24 @@ struct FreeBlocks {
     bytes: usize,
 }
 
+impl FreeBlocks {
+    /// Takes out the block at `index`, keeping the others in the order they were freed.
+    fn take(&mut self, index: usize) -> (usize, usize) {
+        let block = self.blocks[index];
+        self.blocks.copy_within(index + 1..self.len, index);
+        self.len -= 1;
+        self.bytes -= block.1;
+        block
+    }
+
+    /// Adds a block as the newest; the caller made room.
+    fn push(&mut self, block: (usize, usize)) {
+        self.blocks[self.len] = block;
+        self.len += 1;
+        self.bytes += block.1;
+    }
+}
+
 static FREE: Mutex<FreeBlocks> = Mutex::new(FreeBlocks { blocks: [(0, 0); FREE_SLOTS], len: 0, bytes: 0 });
 
 fn free_blocks() -> std::sync::MutexGuard<'static, FreeBlocks> {
@@ -71,11 +89,7 @@ unsafe fn block(len: usize) -> (*mut u8, bool) {
         let mut free = free_blocks();
         let count = free.len;
         if let Some(i) = free.blocks[..count].iter().position(|&(_, l)| l == len) {
-            let (address, _) = free.blocks[i];
-            free.blocks.copy_within(i + 1..count, i);
-            free.len -= 1;
-            free.bytes -= len;
-            return (address as *mut u8, false);
+            return (free.take(i).0 as *mut u8, false);
         }
     }
     let Some(mapped) = len.checked_add(HUGE_PAGE_BYTES) else { return (ptr::null_mut(), false) };
@@ -119,18 +133,10 @@ unsafe fn release(address: *mut u8, len: usize) {
     if len <= FREE_BYTES_MAX {
         let mut free = free_blocks();
         while free.len == FREE_SLOTS || free.bytes + len > FREE_BYTES_MAX {
-            let count = free.len;
-            let oldest = free.blocks[0];
-            free.blocks.copy_within(1..count, 0);
-            free.len -= 1;
-            free.bytes -= oldest.1;
-            dropped[dropped_count] = oldest;
+            dropped[dropped_count] = free.take(0);
             dropped_count += 1;
         }
-        let count = free.len;
-        free.blocks[count] = (address as usize, len);
-        free.len += 1;
-        free.bytes += len;
+        free.push((address as usize, len));
     } else {
         dropped[0] = (address as usize, len);
         dropped_count = 1;
