@@ -16,7 +16,12 @@ use glommio::io::DmaFile;
 
 use crate::{LogError, Result};
 
-const PROBE_FILE_NAME: &str = ".pyralog-device-probe";
+/// Every probe file's name starts with this; one left by a process killed while probing is
+/// stale once a new process holds the data directory.
+pub const PROBE_FILE_PREFIX: &str = ".pyralog-device-probe";
+
+/// Tells the probe files of this process's threads apart.
+static PROBE_FILES_MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 thread_local! {
     static PROBED_DEVICES: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
@@ -29,7 +34,8 @@ pub async fn settle_device_probe(dir: &Path) -> Result<()> {
     if PROBED_DEVICES.with(|p| p.borrow().contains(&device)) {
         return Ok(());
     }
-    let path = dir.join(format!("{PROBE_FILE_NAME}-{:?}", std::thread::current().id()));
+    let number = PROBE_FILES_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{PROBE_FILE_PREFIX}-{}-{number}", std::process::id()));
     std::fs::write(&path, [0u8; 4096]).map_err(|e| LogError::io("writing device probe", &path, e))?;
     let opened = DmaFile::open(&path).await;
     let _ = std::fs::remove_file(&path);

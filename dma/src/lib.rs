@@ -24,7 +24,7 @@ mod index;
 mod log;
 mod segment;
 
-pub use device::settle_device_probe;
+pub use device::{settle_device_probe, PROBE_FILE_PREFIX};
 pub use error::{LogError, Result};
 pub use log::{Appended, Log, LogConfig, INDEX_INTERVAL_BYTES};
 pub use segment::{StampedBatch, BLOCK_BYTES, READAHEAD_BYTES, SEGMENT_BYTES_MAX};

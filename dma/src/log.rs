@@ -1052,6 +1052,8 @@ async fn sync_directory(dir: &Path) -> Result<()> {
             std::io::Error::other("failure injected by a test"),
         ));
     }
+    // glommio opens a directory relative to no directory at all (EBADF): name it absolutely.
+    let dir = &std::path::absolute(dir).map_err(|e| LogError::io("resolving directory", dir, e))?;
     let directory = Directory::open(dir).await.map_err(|e| LogError::io("opening directory", dir, e))?;
     directory.sync().await.map_err(|e| LogError::io("fsync of directory", dir, e))?;
     directory.close().await.map_err(|e| LogError::io("closing directory", dir, e))

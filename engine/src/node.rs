@@ -14,6 +14,7 @@ use std::cell::Cell;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -24,6 +25,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use glommio::{LocalExecutorBuilder, Placement};
 use pyralog_dma::LogConfig;
 use pyralog_net::codec::ShardInfo;
+use pyralog_net::ports::{self, Sharing};
 use pyralog_net::server::{self, ListenerConfig};
 use pyralog_shard::{Durability, GroupConfig, Shard, ShardConfig, ShardMesh};
 
@@ -55,14 +57,21 @@ enum ShardEvent {
     Stopped { shard: usize, error: Option<String> },
 }
 
-pub fn run(args: NodeArgs) -> Result<()> {
+pub fn run(mut args: NodeArgs) -> Result<()> {
+    // Everything that can be checked without touching the disk comes first, so a refused
+    // start leaves no trace in the data directory.
     let cpus = choose_cpus(&args)?;
-    let _lock = prepare_data_dir(&args)?;
     check_ports(&args, cpus.len())?;
     let (advertised_host, advertised_port) = args.kafka_advertised()?;
     if args.default_partitions == 0 {
         bail!("--default-partitions must be at least 1");
     }
+    check_io_uring()?;
+    let io_memory_bytes = io_memory_per_shard(args.io_memory_bytes, cpus.len())?;
+    let data_dir = DataDir::prepare(&args.data_dir)?;
+    // Absolute from here on: every file the shards open is named from it (glommio cannot open
+    // a directory by a relative path).
+    args.data_dir = data_dir.path.clone();
     let kafka = KafkaSettings {
         advertised_host,
         advertised_port,
@@ -73,25 +82,54 @@ pub fn run(args: NodeArgs) -> Result<()> {
         retention_bytes: args.retention_bytes,
         retention_ms: args.retention_ms,
     };
+    block_stop_signals();
+    let node = match start(&args, &cpus, kafka, io_memory_bytes) {
+        Ok(node) => node,
+        Err(error) => {
+            data_dir.discard_after_failed_start();
+            return Err(error);
+        }
+    };
+    let outcome = node.run_until_stopped();
+    data_dir.release();
+    outcome
+}
+
+/// A node whose shards all serve.
+struct RunningNode {
+    stop: Arc<AtomicBool>,
+    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+    events: mpsc::Receiver<ShardEvent>,
+}
+
+/// Spawns one pinned executor per CPU and waits until each serves. On failure every shard
+/// already started is stopped and joined before this returns, so none is still writing into
+/// the data directory.
+fn start(
+    args: &NodeArgs,
+    cpus: &[usize],
+    kafka: KafkaSettings,
+    io_memory_bytes: usize,
+) -> Result<RunningNode> {
     // Producer ids of this run start above every id an earlier run can have issued, as long
     // as fewer than 1024 were issued per millisecond of its uptime.
     let first_producer_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
         .saturating_mul(1024);
-    check_io_uring()?;
-    let io_memory_bytes = io_memory_per_shard(args.io_memory_bytes, cpus.len())?;
-    block_stop_signals();
-
     let stop = Arc::new(AtomicBool::new(false));
     let topology: Arc<OnceLock<Topology>> = Arc::new(OnceLock::new());
     let (events, event_receiver) = mpsc::channel::<ShardEvent>();
     let mesh = pyralog_shard::new_mesh(cpus.len());
-    let mut handles = Vec::with_capacity(cpus.len());
-    for &cpu in &cpus {
+    let mut node = RunningNode {
+        stop: Arc::clone(&stop),
+        handles: Vec::with_capacity(cpus.len()),
+        events: event_receiver,
+    };
+    for &cpu in cpus {
         let context = ShardContext {
             mesh: mesh.clone(),
-            config: shard_config(&args),
+            config: shard_config(args),
             listen: args.listen,
             shard_port_base: args.shard_port_base,
             kafka_listen: args.kafka_listen,
@@ -108,12 +146,14 @@ pub fn run(args: NodeArgs) -> Result<()> {
             topology: Arc::clone(&topology),
             events: events.clone(),
         };
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("pyralog-cpu{cpu}"))
             .io_memory(io_memory_bytes)
-            .spawn(move || run_shard(context))
-            .map_err(|e| anyhow!("starting the executor on CPU {cpu}: {e}"))?;
-        handles.push(handle);
+            .spawn(move || run_shard(context));
+        match spawned {
+            Ok(handle) => node.handles.push(handle),
+            Err(error) => return Err(node.abandon(anyhow!("starting the executor on CPU {cpu}: {error}"))),
+        }
     }
     drop(events);
 
@@ -121,17 +161,18 @@ pub fn run(args: NodeArgs) -> Result<()> {
     let deadline = std::time::Instant::now() + STARTUP_TIMEOUT;
     while ready.len() < cpus.len() {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match event_receiver.recv_timeout(left) {
-            Ok(ShardEvent::Ready(shard)) => ready.push(shard),
-            Ok(ShardEvent::Failed(error)) => {
-                stop.store(true, Ordering::SeqCst);
-                bail!("{error}");
+        let error = match node.events.recv_timeout(left) {
+            Ok(ShardEvent::Ready(shard)) => {
+                ready.push(shard);
+                continue;
             }
+            Ok(ShardEvent::Failed(error)) => anyhow!("{error}"),
             Ok(ShardEvent::Stopped { shard, error }) => {
-                bail!("shard {shard} stopped during start-up: {}", error.unwrap_or_default())
+                anyhow!("shard {shard} stopped during start-up: {}", error.unwrap_or_default())
             }
-            Err(_) => bail!("the shards did not start within {STARTUP_TIMEOUT:?}"),
-        }
+            Err(_) => anyhow!("the shards did not start within {STARTUP_TIMEOUT:?}"),
+        };
+        return Err(node.abandon(error));
     }
     ready.sort_by_key(|r| r.shard);
     let shards: Vec<ShardInfo> =
@@ -140,29 +181,45 @@ pub fn run(args: NodeArgs) -> Result<()> {
     topology
         .set(Topology { shards: shards.clone(), kafka_ports: kafka_ports.clone() })
         .unwrap_or_else(|_| unreachable!("set once"));
-    print_summary(&args, &shards, &kafka_ports, io_memory_bytes);
+    print_summary(args, &shards, &kafka_ports, io_memory_bytes);
+    Ok(node)
+}
 
-    let outcome = wait_for_stop(&event_receiver);
-    stop.store(true, Ordering::SeqCst);
-    let mut errors = Vec::new();
-    if let Err(error) = outcome {
-        errors.push(error);
-    }
-    for handle in handles {
-        if handle.join().is_err() {
-            errors.push("a shard panicked".to_owned());
+impl RunningNode {
+    /// Stops and joins every shard after a failed start-up; returns `error` for the caller.
+    fn abandon(self, error: anyhow::Error) -> anyhow::Error {
+        self.stop.store(true, Ordering::SeqCst);
+        for handle in self.handles {
+            let _ = handle.join();
         }
+        error
     }
-    while let Ok(event) = event_receiver.try_recv() {
-        if let ShardEvent::Stopped { shard, error: Some(error) } = event {
-            errors.push(format!("shard {shard}: {error}"));
+
+    /// Serves until SIGINT or SIGTERM, or until a shard stops on its own; then stops every
+    /// shard (each flushes and closes its logs) and joins them.
+    fn run_until_stopped(self) -> Result<()> {
+        let outcome = wait_for_stop(&self.events);
+        self.stop.store(true, Ordering::SeqCst);
+        let mut errors = Vec::new();
+        if let Err(error) = outcome {
+            errors.push(error);
         }
+        for handle in self.handles {
+            if handle.join().is_err() {
+                errors.push("a shard panicked".to_owned());
+            }
+        }
+        while let Ok(event) = self.events.try_recv() {
+            if let ShardEvent::Stopped { shard, error: Some(error) } = event {
+                errors.push(format!("shard {shard}: {error}"));
+            }
+        }
+        if !errors.is_empty() {
+            bail!("stopped with errors: {}", errors.join("; "));
+        }
+        println!("pyralog: stopped cleanly");
+        Ok(())
     }
-    if !errors.is_empty() {
-        bail!("stopped with errors: {}", errors.join("; "));
-    }
-    println!("pyralog: stopped cleanly");
-    Ok(())
 }
 
 struct ShardContext {
@@ -197,12 +254,12 @@ async fn run_shard(context: ShardContext) {
     };
     let own_addr = shard_addr(context.listen, context.shard_port_base);
     let kafka_own_addr = shard_addr(context.kafka_listen, context.kafka_shard_port_base);
-    let listeners = server::bind(context.listen).and_then(|shared| {
+    let listeners = server::bind(context.listen, Sharing::Shared).and_then(|shared| {
         Ok((
             shared,
-            server::bind_exclusive(own_addr)?,
-            server::bind(context.kafka_listen)?,
-            server::bind_exclusive(kafka_own_addr)?,
+            server::bind(own_addr, Sharing::Exclusive)?,
+            server::bind(context.kafka_listen, Sharing::Shared)?,
+            server::bind(kafka_own_addr, Sharing::Exclusive)?,
         ))
     });
     let (shared, own, kafka_shared, kafka_own) = match listeners {
@@ -337,27 +394,84 @@ fn parse_cpu_list(list: &str) -> Result<Vec<usize>> {
     Ok(cpus)
 }
 
-/// Creates the data directory, proves it writable, and locks it against a second node.
-fn prepare_data_dir(args: &NodeArgs) -> Result<File> {
-    let dir = &args.data_dir;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
-    let probe = dir.join(".write-probe");
-    std::fs::write(&probe, b"pyralog")
-        .and_then(|()| std::fs::remove_file(&probe))
-        .map_err(|e| anyhow!("data directory {} is not writable: {e}", dir.display()))?;
-    let lock_path = dir.join(".lock");
-    let lock = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
-    // SAFETY: flock on a file descriptor we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("data directory {} is in use by another pyralog process", dir.display());
-    }
-    Ok(lock)
+/// The data directory, locked against a second node for as long as this value lives.
+struct DataDir {
+    /// Absolute.
+    path: PathBuf,
+    lock: File,
+    /// This run made the directory: a failed start removes it whole.
+    created: bool,
 }
 
-/// SO_REUSEPORT would let a second node share the ports silently; a plain bind finds them taken.
+const LOCK_FILE_NAME: &str = ".lock";
+
+impl DataDir {
+    /// Creates the directory if needed, proves it writable, and locks it against a second node.
+    fn prepare(dir: &Path) -> Result<DataDir> {
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+        let path = std::fs::canonicalize(dir)
+            .with_context(|| format!("cannot resolve data directory {}", dir.display()))?;
+        let discard = |error: anyhow::Error| {
+            if created {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            error
+        };
+        let probe = path.join(".write-probe");
+        std::fs::write(&probe, b"pyralog")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| discard(anyhow!("data directory {} is not writable: {e}", dir.display())))?;
+        let lock_path = path.join(LOCK_FILE_NAME);
+        let lock = File::create(&lock_path)
+            .map_err(|e| discard(anyhow!("cannot create {}: {e}", lock_path.display())))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!("data directory {} is in use by another pyralog process", dir.display());
+        }
+        let data_dir = DataDir { path, lock, created };
+        data_dir.remove_stale_probes();
+        Ok(data_dir)
+    }
+
+    /// Probe files of a process killed while it probed: ours to remove, since we hold the lock.
+    fn remove_stale_probes(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.path) else { return };
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(|name| name.starts_with(pyralog_dma::PROBE_FILE_PREFIX))
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// After a failed start: removes what this run made (the whole directory if it made it,
+    /// else the lock file), so a refused start leaves nothing behind.
+    fn discard_after_failed_start(self) {
+        if self.created {
+            let _ = std::fs::remove_dir_all(&self.path);
+        } else {
+            self.remove_stale_probes();
+            self.release();
+        }
+    }
+
+    /// Removes the lock file while holding the lock, then lets the lock go.
+    fn release(self) {
+        let _ = std::fs::remove_file(self.path.join(LOCK_FILE_NAME));
+        drop(self.lock);
+    }
+}
+
+/// Every port the node will listen on is free, checked with the listeners' own socket options
+/// (see `pyralog_net::ports`): a port held only by connections of a node that was killed is
+/// free, one another process listens on is not.
 fn check_ports(args: &NodeArgs, shards: usize) -> Result<()> {
-    let mut ports = vec![(args.listen, "--listen"), (args.kafka_listen, "--kafka-listen")];
+    let mut ports = vec![
+        (args.listen, "--listen", Sharing::Shared),
+        (args.kafka_listen, "--kafka-listen", Sharing::Shared),
+    ];
     let listeners = [
         (args.listen, args.shard_port_base, "--listen", "shard port"),
         (args.kafka_listen, args.kafka_shard_port_base, "--kafka-listen", "Kafka shard port"),
@@ -366,15 +480,12 @@ fn check_ports(args: &NodeArgs, shards: usize) -> Result<()> {
         if let Some(base) = first_shard_port(listen, base, flag)? {
             for shard in 0..shards {
                 let port = base.checked_add(shard as u16).ok_or_else(|| anyhow!("{what}s run past 65535"))?;
-                ports.push((SocketAddr::new(listen.ip(), port), what));
+                ports.push((SocketAddr::new(listen.ip(), port), what, Sharing::Exclusive));
             }
         }
     }
-    for (addr, what) in ports {
-        std::net::TcpListener::bind(addr).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AddrInUse => anyhow!("{what} {addr} is already in use by another process"),
-            _ => anyhow!("cannot listen on {addr} ({what}): {e}"),
-        })?;
+    for (addr, what, sharing) in ports {
+        ports::check_free(addr, sharing).map_err(|problem| anyhow!("{what} {addr} is {problem}"))?;
     }
     Ok(())
 }

@@ -14,6 +14,8 @@ pub mod client;
 pub mod codec;
 pub mod kafka;
 #[cfg(feature = "server")]
+pub mod ports;
+#[cfg(feature = "server")]
 pub mod server;
 
 #[allow(clippy::all, unsafe_op_in_unsafe_fn, non_snake_case, mismatched_lifetime_syntaxes)]

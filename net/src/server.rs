@@ -24,6 +24,7 @@ use glommio::net::{TcpListener, TcpStream};
 
 use crate::codec::{self, ErrorCode, Request, ResponseFrame, FRAME_PREFIX_BYTES};
 use crate::kafka::{self, wire::Writer};
+pub use crate::ports::Sharing;
 
 /// How many bytes a connection reads at once.
 const READ_CHUNK_BYTES: usize = 64 << 10;
@@ -47,17 +48,10 @@ pub struct ListenerConfig {
     pub max_connections: usize,
 }
 
-/// Binds `addr` with SO_REUSEPORT.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).map_err(std::io::Error::from)
-}
-
-/// Binds `addr` for this shard alone (no SO_REUSEPORT): a per-shard port must reach exactly one
-/// shard of one node, and with SO_REUSEPORT the kernel may even hand the same ephemeral port
-/// to two listeners.
-pub fn bind_exclusive(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds `addr` with the options of every listener (`ports::bind`) for glommio to accept on.
+pub fn bind(addr: SocketAddr, sharing: Sharing) -> std::io::Result<TcpListener> {
     use std::os::fd::{FromRawFd, IntoRawFd};
-    let listener = std::net::TcpListener::bind(addr)?;
+    let listener = crate::ports::bind(addr, sharing)?;
     // SAFETY: the fd is a bound, listening TCP socket whose ownership moves to glommio.
     Ok(unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) })
 }
