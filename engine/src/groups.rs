@@ -2,7 +2,12 @@
 //!
 //! Every request goes to the coordinator of the group's offsets log (`Shard::group`), on
 //! whichever shard owns it; this module only translates between Kafka's messages and the
-//! coordinator's types. The node is its own (and only) coordinator in FindCoordinator.
+//! coordinator's types. FindCoordinator names the shard-broker of the group's offsets log, and
+//! ListGroups lists only the groups of the shard that answers it, as a Kafka broker lists only
+//! the groups it coordinates: clients that ask every broker of the metadata (librdkafka,
+//! kafka-python, the Java AdminClient) see each group once. The shared bootstrap port answers as
+//! the shard that accepted the connection; it is named in no metadata, so those clients never
+//! ask it.
 
 use std::time::Duration;
 

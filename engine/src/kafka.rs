@@ -6,7 +6,8 @@
 //! Each shard is a Kafka broker of its own (node id = shard id, at its own Kafka port), and
 //! metadata names the shard that owns a partition as its leader, so Kafka clients send each
 //! partition's requests straight to the owning core. The shared port answers everything too
-//! (it is the bootstrap address), hopping to the owner when needed.
+//! (it is the bootstrap address), hopping to the owner when needed, as the broker of the shard
+//! that accepted the connection: ListGroups there lists that shard's groups (see `groups`).
 
 use std::cell::Cell;
 use std::rc::Rc;

@@ -352,15 +352,23 @@ impl Shard {
         self.group_on(group_log_of(group_id), op).await
     }
 
-    /// Every consumer group of the node: (group id, protocol type, state).
+    /// The consumer groups this shard coordinates, those of its own offsets logs: (group id,
+    /// protocol type, state), by group id. Each shard is a Kafka broker, and a Kafka broker lists
+    /// only the groups it coordinates: a client that asks every broker for its groups and joins
+    /// the answers (as admin clients do) then sees each group once, not once per shard.
     pub async fn list_groups(&self) -> Result<Vec<(String, String, String)>, ShardError> {
         let mut all = Vec::new();
-        for log in 0..GROUP_LOGS {
+        for log in (0..GROUP_LOGS).filter(|log| log % self.count == self.id) {
             match self.group_on(log, GroupOp::List).await? {
                 GroupReply::Groups(groups) => all.extend(groups),
                 other => unreachable!("list groups answered with {other:?}"),
             }
         }
+        assert!(
+            all.iter().all(|(group_id, _, _)| group_log_of(group_id) % self.count == self.id),
+            "shard {} listed a group another shard coordinates",
+            self.id
+        );
         all.sort();
         Ok(all)
     }
