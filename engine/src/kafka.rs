@@ -29,6 +29,17 @@ pub const CONTROLLER_ID: i32 = 0;
 const MAX_TIMESTAMP: i64 = -3;
 /// The cluster id reported in metadata.
 pub const CLUSTER_ID: &str = "pyralog";
+/// FindCoordinator's key type of a consumer group, and of a transactional id.
+const COORDINATOR_KEY_GROUP: i8 = 0;
+const COORDINATOR_KEY_TRANSACTION: i8 = 1;
+/// What a transactional producer is told. Transactions are refused with
+/// TRANSACTIONAL_ID_AUTHORIZATION_FAILED because clients take that error as final: librdkafka
+/// fails init_transactions() at once with this message, and the Java client's transaction
+/// manager fails on it too (with Kafka's own text). The honest COORDINATOR_NOT_AVAILABLE is
+/// retried until the client's own timeout (10 s to 2 min).
+const TRANSACTIONS_REFUSED: &str = "transactions are not supported by Pyralog yet (there is no \
+    transaction coordinator); drop transactional.id, and keep enable.idempotence for \
+    exactly-once appends per partition";
 
 /// Settings of the Kafka listener, the same on every shard.
 #[derive(Debug, Clone)]
@@ -693,9 +704,11 @@ impl KafkaService {
         body: init_producer_id_request::InitProducerIdRequest,
     ) -> init_producer_id_response::InitProducerIdResponse {
         use init_producer_id_response::InitProducerIdResponse;
+        // InitProducerId carries no error message: TRANSACTIONS_REFUSED reaches clients through
+        // FindCoordinator, which they ask first.
         if body.transactional_id.is_some() {
             return InitProducerIdResponse {
-                error_code: error::INVALID_REQUEST,
+                error_code: error::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
                 producer_id: -1,
                 producer_epoch: -1,
                 ..Default::default()
@@ -728,8 +741,16 @@ impl KafkaService {
     ) -> find_coordinator_response::FindCoordinatorResponse {
         use find_coordinator_response::*;
         let host = self.settings.advertised_host.clone();
-        let answer = |key: String| {
-            if body.key_type == 0 {
+        let refused = |key: String, error_code: i16, message: String| Coordinator {
+            key,
+            node_id: -1,
+            host: String::new(),
+            port: -1,
+            error_code,
+            error_message: Some(message),
+        };
+        let answer = |key: String| match body.key_type {
+            COORDINATOR_KEY_GROUP => {
                 // The shard that coordinates the group's offsets log.
                 let node = pyralog_shard::group_log_of(&key) % self.broker_ports.len().max(1);
                 let port = self.broker_ports.get(node).copied().unwrap_or(self.settings.advertised_port);
@@ -741,16 +762,15 @@ impl KafkaService {
                     error_code: error::NONE,
                     error_message: None,
                 }
-            } else {
-                Coordinator {
-                    key,
-                    node_id: -1,
-                    host: String::new(),
-                    port: -1,
-                    error_code: error::COORDINATOR_NOT_AVAILABLE,
-                    error_message: Some("transactions are not supported".to_owned()),
-                }
             }
+            COORDINATOR_KEY_TRANSACTION => {
+                refused(key, error::TRANSACTIONAL_ID_AUTHORIZATION_FAILED, TRANSACTIONS_REFUSED.to_owned())
+            }
+            other => refused(
+                key,
+                error::INVALID_REQUEST,
+                format!("key type {other} is neither 0 (consumer group) nor 1 (transactional id)"),
+            ),
         };
         let single = answer(body.key.clone());
         FindCoordinatorResponse {

@@ -508,3 +508,38 @@ fn auto_creation_can_be_turned_off() {
     };
     assert_eq!(metadata.topics[0].error_code, error::UNKNOWN_TOPIC_OR_PARTITION);
 }
+
+#[test]
+fn transactional_producers_are_refused_with_an_error_clients_do_not_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let mut conn = connect(&node);
+    let find = |conn: &mut KafkaConnection, version: i16| {
+        let request = find_coordinator_request::FindCoordinatorRequest {
+            key: "payments".to_owned(),
+            key_type: 1,
+            coordinator_keys: vec!["payments".to_owned()],
+        };
+        let response = conn.call(version, RequestBody::FindCoordinator(request)).unwrap();
+        let ResponseBody::FindCoordinator(body) = response else { panic!("not FindCoordinator") };
+        body
+    };
+    // v1-3 carry the error in the body, v4 and later per key.
+    let v2 = find(&mut conn, 2);
+    assert_eq!(v2.error_code, error::TRANSACTIONAL_ID_AUTHORIZATION_FAILED);
+    assert!(v2.error_message.unwrap().contains("transactions are not supported"));
+    let v4 = find(&mut conn, 4);
+    assert_eq!(v4.coordinators.len(), 1);
+    assert_eq!(v4.coordinators[0].error_code, error::TRANSACTIONAL_ID_AUTHORIZATION_FAILED);
+    assert!(v4.coordinators[0].error_message.as_deref().unwrap().contains("transactions are not supported"));
+
+    let request = init_producer_id_request::InitProducerIdRequest {
+        transactional_id: Some("payments".to_owned()),
+        transaction_timeout_ms: 60_000,
+        ..Default::default()
+    };
+    let response = conn.call(4, RequestBody::InitProducerId(request)).unwrap();
+    let ResponseBody::InitProducerId(init) = response else { panic!("not InitProducerId") };
+    assert_eq!(init.error_code, error::TRANSACTIONAL_ID_AUTHORIZATION_FAILED);
+    assert_eq!(init.producer_id, -1);
+}

@@ -1,14 +1,19 @@
 """What clients see of a node whose shards are Kafka brokers of their own (the suite's nodes run
-two shards): each consumer group is listed by one broker only."""
+two shards): each consumer group is listed by one broker only, and a transactional producer
+fails at once instead of waiting for a transaction coordinator that does not exist."""
 
 import collections
+import time
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from admin import admin_client, create_topic
 
 CLIENT_CALL_TIMEOUT_S = 10.0
+# init_transactions() is given this long; the node must refuse well within it.
+INIT_TRANSACTIONS_TIMEOUT_S = 30.0
+INIT_TRANSACTIONS_REFUSED_WITHIN_S = 5.0
 GROUPS = [f"listed-{index}" for index in range(8)]
 
 
@@ -48,3 +53,17 @@ def test_each_group_is_listed_by_exactly_one_broker_the_one_that_coordinates_it(
     listed = admin.list_consumer_groups().result(timeout=CLIENT_CALL_TIMEOUT_S)
     assert listed.errors == [], listed.errors
     assert set(GROUPS) <= {group.group_id for group in listed.valid}, listed.valid
+
+
+def test_init_transactions_fails_at_once_saying_transactions_are_not_supported(node):
+    producer = Producer({"bootstrap.servers": node.bootstrap, "transactional.id": "payments"})
+    started = time.monotonic()
+    try:
+        producer.init_transactions(INIT_TRANSACTIONS_TIMEOUT_S)
+        raise AssertionError("init_transactions succeeded on a node without transactions")
+    except KafkaException as failure:
+        error = failure.args[0]
+    elapsed = time.monotonic() - started
+    assert elapsed < INIT_TRANSACTIONS_REFUSED_WITHIN_S, f"refused after {elapsed:.1f}s: {error}"
+    assert "transactions are not supported" in error.str(), error
+    assert error.fatal() and not error.retriable(), error
