@@ -477,9 +477,16 @@ impl KafkaService {
             let mut config = TopicConfig::default();
             let mut failure: Option<(i16, String)> = None;
             if !matches!(topic.replication_factor, -1 | 1) {
+                // Metadata lists one broker per shard, so tools that size replication by the
+                // broker count ask for more than the node has.
                 failure = Some((
                     error::INVALID_REPLICATION_FACTOR,
-                    format!("replication factor {} on a single node; use 1 or -1", topic.replication_factor),
+                    format!(
+                        "replication factor {}: the replication factor counts nodes, not the \
+                         shard-brokers of the metadata (one per shard), and this is a single node: \
+                         only 1 (or -1, the default) is possible until replication lands",
+                        topic.replication_factor
+                    ),
                 ));
             } else if !topic.assignments.is_empty() {
                 failure =

@@ -1,12 +1,13 @@
 """What clients see of a node whose shards are Kafka brokers of their own (the suite's nodes run
-two shards): each consumer group is listed by one broker only, and a transactional producer
-fails at once instead of waiting for a transaction coordinator that does not exist."""
+two shards): each consumer group is listed by one broker only, a replication factor above 1 is
+refused with a message saying it counts nodes, and a transactional producer fails at once
+instead of waiting for a transaction coordinator that does not exist."""
 
 import collections
 import time
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from admin import admin_client, create_topic
 
@@ -53,6 +54,23 @@ def test_each_group_is_listed_by_exactly_one_broker_the_one_that_coordinates_it(
     listed = admin.list_consumer_groups().result(timeout=CLIENT_CALL_TIMEOUT_S)
     assert listed.errors == [], listed.errors
     assert set(GROUPS) <= {group.group_id for group in listed.valid}, listed.valid
+
+
+def test_a_replication_factor_above_one_is_refused_saying_it_counts_nodes_not_shard_brokers(node):
+    admin = AdminClient({"bootstrap.servers": node.bootstrap})
+    brokers = admin.list_topics(timeout=CLIENT_CALL_TIMEOUT_S).brokers
+    # What a tool sizing replication by the broker count asks for.
+    assert len(brokers) == 2, brokers
+    future = admin.create_topics([NewTopic("replicated", 1, len(brokers))])["replicated"]
+    try:
+        future.result(timeout=CLIENT_CALL_TIMEOUT_S)
+        raise AssertionError("a topic with replication factor 2 was created on a single node")
+    except KafkaException as failure:
+        error = failure.args[0]
+    assert error.name() == "INVALID_REPLICATION_FACTOR", error
+    message = error.str()
+    assert "counts nodes" in message and "shard" in message, message
+    assert "only 1" in message, message
 
 
 def test_init_transactions_fails_at_once_saying_transactions_are_not_supported(node):
