@@ -6,23 +6,34 @@
 //! one plain sentence, not a panic.
 
 mod admin;
+mod config;
 mod fetch;
 mod groups;
 mod kafka;
+mod metrics;
 mod node;
 mod service;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// O_DIRECT reads' buffers and the io_uring memory on huge pages (see `pyralog_dma::huge`).
 #[global_allocator]
 static ALLOCATOR: pyralog_dma::huge::DmaAllocator = pyralog_dma::huge::DmaAllocator;
 
 #[derive(Debug, Parser)]
-#[command(name = "pyralog", version, about = "A thread-per-core distributed log broker on io_uring")]
+#[command(
+    name = "pyralog",
+    version,
+    about = "A thread-per-core distributed log broker on io_uring",
+    long_about = "A thread-per-core distributed log broker on io_uring.\n\nWithout a subcommand, runs a \
+                  node: one shard per CPU, serving the native protocol on --listen and Kafka's on \
+                  --kafka-listen, with Prometheus metrics on --metrics-listen. Every flag can also be set in \
+                  a --config file; flags on the command line override it.",
+    args_override_self = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -42,7 +53,8 @@ enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DurabilityArg {
     /// Acknowledge a produce after its batch is on disk (fdatasync), with group commit.
     Sync,
@@ -51,9 +63,16 @@ pub enum DurabilityArg {
     Cached,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct NodeArgs {
-    /// Where segments, indexes and topic metadata live.
+    /// A TOML (or, ending in .json, JSON) file setting any of these flags: keys are the flag
+    /// names without dashes (`data-dir = "/var/lib/pyralog"`). Flags given here override it;
+    /// unknown keys are refused. deploy/pyralog.toml lists every key.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where segments, indexes and topic metadata live (created if missing; relative paths are
+    /// taken from the working directory).
     #[arg(long, default_value = "./pyralog-data")]
     pub data_dir: PathBuf,
     /// The native protocol's shared address; every shard accepts on it (SO_REUSEPORT).
@@ -128,6 +147,15 @@ pub struct NodeArgs {
     /// memlock limit (ulimit -l). Default 1 MiB: room for a flush's 512 KiB write chunk.
     #[arg(long)]
     pub io_memory_bytes: Option<usize>,
+    /// Where to serve Prometheus metrics (/metrics), readiness (/health: 200 once every shard
+    /// serves, 503 before and while stopping) and the running configuration (/config), over
+    /// HTTP. Port 0 picks a free port (printed at start-up).
+    #[arg(long, default_value = "127.0.0.1:9644")]
+    pub metrics_listen: SocketAddr,
+    /// Also export each partition's offsets and size, and consumer group lag per partition (one
+    /// series per partition: mind the cardinality with many partitions).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub metrics_partitions: bool,
 }
 
 impl NodeArgs {
@@ -152,8 +180,25 @@ impl NodeArgs {
     }
 }
 
+/// The daemon's long flag names, which a --config file's keys may name.
+fn daemon_flags() -> Vec<String> {
+    Cli::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .filter(|long| !matches!(*long, "help" | "version"))
+        .map(String::from)
+        .collect()
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let args = match config::expand_args(std::env::args_os().collect(), &daemon_flags()) {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("pyralog: {error:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Some(Command::Topic { broker, action }) => admin::run(&broker, action),
         None => node::run(cli.node),

@@ -30,6 +30,7 @@ use pyralog_net::server::{self, ListenerConfig};
 use pyralog_shard::{Durability, GroupConfig, Shard, ShardConfig, ShardMesh};
 
 use crate::kafka::{KafkaService, KafkaSettings};
+use crate::metrics::{Endpoints, ShardRegistry};
 use crate::service::{Service, Topology};
 use crate::{DurabilityArg, NodeArgs};
 
@@ -49,6 +50,8 @@ struct ShardReady {
     cpu: usize,
     port: u16,
     kafka_port: u16,
+    /// Shard 0 serves the metrics endpoints.
+    metrics_port: Option<u16>,
 }
 
 enum ShardEvent {
@@ -126,6 +129,14 @@ fn start(
         handles: Vec::with_capacity(cpus.len()),
         events: event_receiver,
     };
+    let endpoints = EndpointSettings {
+        listen: args.metrics_listen,
+        config_json: serde_json::to_string(args).expect("the settings serialize"),
+        per_partition: args.metrics_partitions,
+        started_at_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    };
     for &cpu in cpus {
         let context = ShardContext {
             mesh: mesh.clone(),
@@ -145,6 +156,7 @@ fn start(
             stop: Arc::clone(&stop),
             topology: Arc::clone(&topology),
             events: events.clone(),
+            endpoints: endpoints.clone(),
         };
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("pyralog-cpu{cpu}"))
@@ -181,7 +193,8 @@ fn start(
     topology
         .set(Topology { shards: shards.clone(), kafka_ports: kafka_ports.clone() })
         .unwrap_or_else(|_| unreachable!("set once"));
-    print_summary(args, &shards, &kafka_ports, io_memory_bytes);
+    let metrics_port = ready.iter().find_map(|r| r.metrics_port).expect("shard 0 serves the metrics");
+    print_summary(args, &shards, &kafka_ports, io_memory_bytes, metrics_port);
     Ok(node)
 }
 
@@ -237,6 +250,16 @@ struct ShardContext {
     stop: Arc<AtomicBool>,
     topology: Arc<OnceLock<Topology>>,
     events: mpsc::Sender<ShardEvent>,
+    endpoints: EndpointSettings,
+}
+
+/// What shard 0 needs to serve the operator's endpoints (`metrics`).
+#[derive(Clone)]
+struct EndpointSettings {
+    listen: SocketAddr,
+    config_json: String,
+    per_partition: bool,
+    started_at_s: f64,
 }
 
 async fn run_shard(context: ShardContext) {
@@ -252,6 +275,10 @@ async fn run_shard(context: ShardContext) {
         let base = first_shard_port(listen, base, "").expect("checked by check_ports at startup");
         SocketAddr::new(listen.ip(), base.map_or(0, |base| base + shard.id as u16))
     };
+    let registry = ShardRegistry::new(&shard);
+    let native_metrics = Rc::new(registry.server.listener("native"));
+    let kafka_metrics = Rc::new(registry.server.listener("kafka"));
+    shard.set_scrape_hook(registry.into_scrape_hook());
     let own_addr = shard_addr(context.listen, context.shard_port_base);
     let kafka_own_addr = shard_addr(context.kafka_listen, context.kafka_shard_port_base);
     let listeners = server::bind(context.listen, Sharing::Shared).and_then(|shared| {
@@ -262,12 +289,17 @@ async fn run_shard(context: ShardContext) {
             server::bind(kafka_own_addr, Sharing::Exclusive)?,
         ))
     });
-    let (shared, own, kafka_shared, kafka_own) = match listeners {
+    let metrics_listener = match shard.id {
+        0 => server::bind(context.endpoints.listen, Sharing::Exclusive).map(Some),
+        _ => Ok(None),
+    };
+    let listeners = listeners.and_then(|listeners| Ok((listeners, metrics_listener?)));
+    let ((shared, own, kafka_shared, kafka_own), metrics_listener) = match listeners {
         Ok(listeners) => listeners,
         Err(error) => {
             let _ = context.events.send(ShardEvent::Failed(format!(
-                "binding {}, {own_addr}, {} and {kafka_own_addr}: {error}",
-                context.listen, context.kafka_listen
+                "binding {}, {own_addr}, {}, {kafka_own_addr} and {}: {error}",
+                context.listen, context.kafka_listen, context.endpoints.listen
             )));
             let _ = shard.shutdown().await;
             return;
@@ -275,7 +307,19 @@ async fn run_shard(context: ShardContext) {
     };
     let port = own.local_addr().map(|a| a.port()).unwrap_or(own_addr.port());
     let kafka_port = kafka_own.local_addr().map(|a| a.port()).unwrap_or(kafka_own_addr.port());
-    let ready = ShardReady { shard: shard.id, cpu: context.cpu, port, kafka_port };
+    let metrics_port = metrics_listener.as_ref().map(|l| l.local_addr().map_or(0, |a| a.port()));
+    let _endpoints = metrics_listener.map(|listener| {
+        let endpoints = Endpoints {
+            shard: Rc::clone(&shard),
+            topology: Arc::clone(&context.topology),
+            stopping: Arc::clone(&context.stop),
+            config_json: context.endpoints.config_json.clone(),
+            per_partition: context.endpoints.per_partition,
+            started_at_s: context.endpoints.started_at_s,
+        };
+        glommio::spawn_local(pyralog_net::http::serve(listener, Rc::new(endpoints)))
+    });
+    let ready = ShardReady { shard: shard.id, cpu: context.cpu, port, kafka_port, metrics_port };
     let _ = context.events.send(ShardEvent::Ready(ready));
     while context.topology.get().is_none() && !context.stop.load(Ordering::SeqCst) {
         glommio::timer::sleep(Duration::from_millis(1)).await;
@@ -294,6 +338,7 @@ async fn run_shard(context: ShardContext) {
             Rc::clone(&service),
             context.listener,
             Rc::clone(&stop_listeners),
+            Rc::clone(&native_metrics),
         ))
     });
     let kafka_service = Rc::new(server::Kafka {
@@ -313,6 +358,7 @@ async fn run_shard(context: ShardContext) {
             Rc::clone(&kafka_service),
             context.listener,
             Rc::clone(&stop_listeners),
+            Rc::clone(&kafka_metrics),
         ))
     });
     while !context.stop.load(Ordering::SeqCst) {
@@ -471,6 +517,7 @@ fn check_ports(args: &NodeArgs, shards: usize) -> Result<()> {
     let mut ports = vec![
         (args.listen, "--listen", Sharing::Shared),
         (args.kafka_listen, "--kafka-listen", Sharing::Shared),
+        (args.metrics_listen, "--metrics-listen", Sharing::Exclusive),
     ];
     let listeners = [
         (args.listen, args.shard_port_base, "--listen", "shard port"),
@@ -595,7 +642,13 @@ fn wait_for_stop(events: &mpsc::Receiver<ShardEvent>) -> Result<(), String> {
     }
 }
 
-fn print_summary(args: &NodeArgs, shards: &[ShardInfo], kafka_ports: &[u16], io_memory_bytes: usize) {
+fn print_summary(
+    args: &NodeArgs,
+    shards: &[ShardInfo],
+    kafka_ports: &[u16],
+    io_memory_bytes: usize,
+    metrics_port: u16,
+) {
     let placement: Vec<String> =
         shards.iter().map(|s| format!("shard {} on CPU {} port {}", s.shard, s.cpu, s.port)).collect();
     let durability = match args.durability {
@@ -630,6 +683,28 @@ fn print_summary(args: &NodeArgs, shards: &[ShardInfo], kafka_ports: &[u16], io_
         args.segment_bytes, args.cache_bytes, args.max_request_bytes, io_memory_bytes
     );
     println!("  disk buffers {}", huge_pages_summary());
+    let metrics = SocketAddr::new(args.metrics_listen.ip(), metrics_port);
+    println!("  metrics     http://{metrics}/metrics (Prometheus; also /health and /config)");
+    let source = args
+        .config
+        .as_ref()
+        .map_or("defaults and flags".to_owned(), |path| format!("{}, then flags", path.display()));
+    println!("  config      from {source}: {}", settings_line(args));
+}
+
+/// Every setting as `key=value`, the keys a --config file takes.
+fn settings_line(args: &NodeArgs) -> String {
+    let value = serde_json::to_value(args).expect("the settings serialize");
+    let serde_json::Value::Object(map) = value else { unreachable!("NodeArgs is a struct") };
+    let settings: Vec<String> = map
+        .iter()
+        .filter(|(key, value)| !value.is_null() && key.as_str() != "config")
+        .map(|(key, value)| match value {
+            serde_json::Value::String(text) => format!("{key}={text}"),
+            other => format!("{key}={other}"),
+        })
+        .collect();
+    settings.join(" ")
 }
 
 /// Whether the disk buffers can be on huge pages (`pyralog_dma::huge`): the kernel's

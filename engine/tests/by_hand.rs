@@ -87,6 +87,16 @@ fn refused(cwd: &Path, args: &[&str]) -> String {
     String::from_utf8(output.stderr).unwrap()
 }
 
+/// A GET of `path`, the whole answer as text.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).expect("the metrics listener");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
 /// Produces `values` to partition 0 of `topic` in one batch, acknowledged once durable.
 fn produce(client: &Client, topic: &str, values: &[String]) {
     let mut builder = BatchBuilder::new(1_700_000_000_000, 1024);
@@ -122,6 +132,11 @@ fn the_readme_by_hand_start_runs_from_a_working_directory_and_restarts_at_once_a
     // The README's first line, then plain `pyralog` (whose default is the same directory).
     let node = start(dir, &["--data-dir", "./pyralog-data"]);
     let client = Client::connect("127.0.0.1:7070").expect("the native listener at its default port");
+    let health = http_get("127.0.0.1:9644", "/health");
+    assert!(
+        health.starts_with("HTTP/1.1 200 OK\r\n") && health.ends_with("ready: 2 shards serving\n"),
+        "{health}"
+    );
     client.create_topic("orders", 1).expect("create");
     let first: Vec<String> = (0..100).map(|i| format!("first-{i}")).collect();
     produce(&client, "orders", &first);

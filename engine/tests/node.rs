@@ -583,7 +583,14 @@ fn a_second_node_on_the_same_port_or_data_dir_is_refused_with_a_message() {
     // Starts a second node that must refuse to run; returns what it said.
     let refused = |data_dir: &Path, listen: &str, kafka_listen: &str| {
         let output = Command::new(env!("CARGO_BIN_EXE_pyralog"))
-            .args(["--data-dir", data_dir.to_str().unwrap(), "--listen", listen])
+            .args([
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--listen",
+                listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .args(["--kafka-listen", kafka_listen, "--shards", "1"])
             .output()
             .unwrap();
@@ -627,7 +634,7 @@ fn io_memory_is_checked_against_the_memlock_limit() {
         let dir = tempfile::tempdir().unwrap();
         let script = format!(
             "ulimit -S -l {memlock_kib} || exit 9; out={out}; \
-             {bin} --data-dir {data} --listen 127.0.0.1:0 --kafka-listen 127.0.0.1:0 \
+             {bin} --data-dir {data} --listen 127.0.0.1:0 --kafka-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
              --shard-port-base 0 --kafka-shard-port-base 0 --shards 2 {extra} >$out 2>&1 & pid=$!; \
              for _ in $(seq 100); do grep -q ready $out && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done; \
              kill -TERM $pid 2>/dev/null; wait $pid; code=$?; cat $out; exit $code",

@@ -12,7 +12,11 @@
 
 pub mod client;
 pub mod codec;
+#[cfg(feature = "server")]
+pub mod http;
 pub mod kafka;
+#[cfg(feature = "server")]
+mod listener_metrics;
 #[cfg(feature = "server")]
 pub mod ports;
 #[cfg(feature = "server")]

@@ -24,6 +24,7 @@ use glommio::net::{TcpListener, TcpStream};
 
 use crate::codec::{self, ErrorCode, Request, ResponseFrame, FRAME_PREFIX_BYTES};
 use crate::kafka::{self, wire::Writer};
+pub use crate::listener_metrics::{Api, ListenerMetrics, ServerMetrics};
 pub use crate::ports::Sharing;
 
 /// How many bytes a connection reads at once.
@@ -64,11 +65,15 @@ pub trait Protocol: 'static {
     /// Whether responses must leave in request order (Kafka clients require it; the native
     /// protocol matches by correlation id, so a long-poll fetch does not hold back the rest).
     const ORDERED: bool;
+    /// The protocol's name in metrics.
+    const NAME: &'static str;
 
     /// Cuts the next whole frame off `buffer`: `None` until one is complete, or an error to
     /// send (if any) before closing, for a frame that cannot be read.
     fn next_frame(&self, buffer: &mut BytesMut) -> Option<Result<Bytes, Option<Self::Response>>>;
     fn decode(&self, frame: Bytes) -> Decoded<Self::Request, Self::Response>;
+    /// The request's API, for metrics.
+    fn api(&self, request: &Self::Request) -> Api;
     /// Answers `request`, which came from the client at `peer`.
     fn handle(
         &self,
@@ -97,6 +102,7 @@ impl<H: Handler> Protocol for Native<H> {
     type Request = (u64, Request);
     type Response = ResponseFrame;
     const ORDERED: bool = false;
+    const NAME: &'static str = "native";
 
     fn next_frame(&self, buffer: &mut BytesMut) -> Option<Result<Bytes, Option<ResponseFrame>>> {
         let prefix: [u8; FRAME_PREFIX_BYTES] =
@@ -127,6 +133,11 @@ impl<H: Handler> Protocol for Native<H> {
                 }
             }
         }
+    }
+
+    fn api(&self, (_, request): &(u64, Request)) -> Api {
+        let name = request.kind();
+        Api { name, timed: matches!(request, Request::Produce(_) | Request::Fetch(_)) }
     }
 
     async fn handle(
@@ -187,6 +198,7 @@ pub async fn serve<P: Protocol>(
     protocol: Rc<P>,
     config: ListenerConfig,
     stop: Rc<Cell<bool>>,
+    metrics: Rc<ListenerMetrics>,
 ) {
     let connections = Rc::new(Cell::new(0usize));
     loop {
@@ -199,17 +211,21 @@ pub async fn serve<P: Protocol>(
                 continue;
             }
         };
+        metrics.connections_accepted.inc();
         if connections.get() >= config.max_connections {
             drop(stream);
             continue;
         }
         connections.set(connections.get() + 1);
+        metrics.connections.inc();
         let protocol = Rc::clone(&protocol);
         let connections = Rc::clone(&connections);
         let stop = Rc::clone(&stop);
+        let metrics = Rc::clone(&metrics);
         glommio::spawn_local(async move {
-            let _ = serve_connection(stream, protocol, config, stop).await;
+            let _ = serve_connection(stream, protocol, config, stop, Rc::clone(&metrics)).await;
             connections.set(connections.get() - 1);
+            metrics.connections.dec();
         })
         .detach();
     }
@@ -218,8 +234,8 @@ pub async fn serve<P: Protocol>(
 /// What the writer task receives: a response ready now, or (ordered protocols) the task that
 /// will produce the next one.
 enum Outgoing<R> {
-    Ready(R),
-    Pending(glommio::Task<Option<R>>),
+    Ready(R, Api),
+    Pending(glommio::Task<Option<R>>, Api),
 }
 
 async fn serve_connection<P: Protocol>(
@@ -227,6 +243,7 @@ async fn serve_connection<P: Protocol>(
     protocol: Rc<P>,
     config: ListenerConfig,
     stop: Rc<Cell<bool>>,
+    metrics: Rc<ListenerMetrics>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?;
@@ -235,39 +252,50 @@ async fn serve_connection<P: Protocol>(
     let (responses, pending) =
         local_channel::new_bounded::<Outgoing<P::Response>>(config.max_in_flight_per_connection);
     let responses = Rc::new(responses);
-    let writer_task = glommio::spawn_local(write_responses(writer, pending, Rc::clone(&protocol)));
+    let writer_task =
+        glommio::spawn_local(write_responses(writer, pending, Rc::clone(&protocol), Rc::clone(&metrics)));
     let in_flight = Rc::new(glommio::sync::Semaphore::new(config.max_in_flight_per_connection as u64));
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     'connection: while !stop.get() {
         while let Some(frame) = protocol.next_frame(&mut buffer) {
+            let frame_bytes = frame.as_ref().map_or(0, |body| body.len() + FRAME_PREFIX_BYTES);
             let request = match frame.map(|body| protocol.decode(body)) {
                 Ok(Decoded::Request(request)) => request,
                 Ok(Decoded::Reply(response)) => {
-                    let _ = responses.send(Outgoing::Ready(response)).await;
+                    metrics.request(Api::UNREADABLE, frame_bytes);
+                    let _ = responses.send(Outgoing::Ready(response, Api::UNREADABLE)).await;
                     continue;
                 }
                 Ok(Decoded::Close(response)) | Err(response) => {
+                    metrics.request(Api::UNREADABLE, frame_bytes);
                     if let Some(response) = response {
-                        let _ = responses.send(Outgoing::Ready(response)).await;
+                        let _ = responses.send(Outgoing::Ready(response, Api::UNREADABLE)).await;
                     }
                     break 'connection;
                 }
             };
+            let api = protocol.api(&request);
+            metrics.request(api, frame_bytes);
             let permit =
                 Rc::clone(&in_flight).acquire_static_permit(1).await.map_err(std::io::Error::from)?;
             let protocol = Rc::clone(&protocol);
+            let metrics = Rc::clone(&metrics);
+            let started = std::time::Instant::now();
             if P::ORDERED {
                 let task = glommio::spawn_local(async move {
                     let response = protocol.handle(request, peer).await;
+                    metrics.answered(api, started.elapsed());
                     drop(permit);
                     response
                 });
-                let _ = responses.send(Outgoing::Pending(task)).await;
+                let _ = responses.send(Outgoing::Pending(task, api)).await;
             } else {
                 let responses = Rc::clone(&responses);
                 glommio::spawn_local(async move {
-                    if let Some(response) = protocol.handle(request, peer).await {
-                        let _ = responses.send(Outgoing::Ready(response)).await;
+                    let response = protocol.handle(request, peer).await;
+                    metrics.answered(api, started.elapsed());
+                    if let Some(response) = response {
+                        let _ = responses.send(Outgoing::Ready(response, api)).await;
                     }
                     drop(permit);
                 })
@@ -330,6 +358,7 @@ async fn write_responses<P: Protocol>(
     mut writer: futures_lite::io::WriteHalf<TcpStream>,
     pending: local_channel::LocalReceiver<Outgoing<P::Response>>,
     protocol: Rc<P>,
+    metrics: Rc<ListenerMetrics>,
 ) {
     use futures_lite::future::poll_once;
     // Responses that are ready are encoded together and written when nothing more is ready.
@@ -348,23 +377,25 @@ async fn write_responses<P: Protocol>(
                 }
             }
         };
-        let response = match next {
-            Outgoing::Ready(response) => Some(response),
-            Outgoing::Pending(mut task) => match poll_once(&mut task).await {
-                Some(response) => response,
+        let (response, api) = match next {
+            Outgoing::Ready(response, api) => (Some(response), api),
+            Outgoing::Pending(mut task, api) => match poll_once(&mut task).await {
+                Some(response) => (response, api),
                 None => {
                     if send(&mut writer, &mut out).await.is_err() {
                         return;
                     }
-                    task.await
+                    (task.await, api)
                 }
             },
         };
         if let Some(response) = response {
+            let before = out.len();
             if let Err(error) = protocol.encode(response, &mut out) {
                 eprintln!("pyralog: cannot encode a response, closing the connection: {error}");
                 return;
             }
+            metrics.response(api, out.len() - before);
         }
     }
     if send(&mut writer, &mut out).await.is_ok() {
@@ -419,6 +450,7 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
     type Request = kafka::Request;
     type Response = KafkaResponse;
     const ORDERED: bool = true;
+    const NAME: &'static str = "kafka";
 
     fn next_frame(&self, buffer: &mut BytesMut) -> Option<Result<Bytes, Option<KafkaResponse>>> {
         let prefix: [u8; kafka::FRAME_PREFIX_BYTES] =
@@ -445,6 +477,12 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
             }
             Err(_) => Decoded::Close(None),
         }
+    }
+
+    fn api(&self, request: &kafka::Request) -> Api {
+        let key = request.header.request_api_key;
+        let name = kafka::api_name(key).unwrap_or("unknown");
+        Api { name, timed: key == kafka::api::PRODUCE || key == kafka::api::FETCH }
     }
 
     async fn handle(&self, request: kafka::Request, peer: SocketAddr) -> Option<KafkaResponse> {

@@ -30,6 +30,7 @@ class Node:
         self.extra_args = list(extra_args)
         self.native_port = None
         self.kafka_port = None
+        self.metrics_port = None
         self.process = None
         self.starts = 0
         self.stdout_lines = []
@@ -40,6 +41,11 @@ class Node:
     def bootstrap(self) -> str:
         """The Kafka listener, as clients bootstrap from it."""
         return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The operator's HTTP endpoints (/metrics, /health, /config)."""
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     @property
     def native(self) -> str:
@@ -57,6 +63,7 @@ class Node:
             "--kafka-shard-port-base", "0",
             "--shards", "2",
             "--cache-bytes", "16777216",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
             *[arg.format(kafka_port=self.kafka_port) for arg in self.extra_args],
         ]
         setpriv = shutil.which("setpriv")
@@ -67,8 +74,8 @@ class Node:
         assert self.process is None, "the node is running"
         failures = []
         for _ in range(START_ATTEMPTS_MAX):
-            self.native_port, self.kafka_port = free_port(), free_port()
-            if self.native_port == self.kafka_port:
+            self.native_port, self.kafka_port, self.metrics_port = free_port(), free_port(), free_port()
+            if len({self.native_port, self.kafka_port, self.metrics_port}) < 3:
                 continue
             if self._launch():
                 return self

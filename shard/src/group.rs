@@ -335,6 +335,23 @@ struct UnflushedCommit {
 }
 
 impl GroupCoordinator {
+    /// Every committed offset of every group, for a scrape (lag is computed from them).
+    pub fn committed_offsets(&self) -> Vec<crate::metrics::CommittedStats> {
+        let groups = self.groups.borrow();
+        let mut all = Vec::new();
+        for (group, state) in groups.iter() {
+            for ((topic, partition), committed) in &state.offsets {
+                all.push(crate::metrics::CommittedStats {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: committed.offset,
+                });
+            }
+        }
+        all
+    }
+
     /// Opens (or creates) the offsets log in `dir`, replays it, and starts the coordinator's
     /// tasks, with the default [`GroupConfig`]. Retention settings in `config` are ignored:
     /// nothing compacts the offsets log, so retention would lose committed offsets.

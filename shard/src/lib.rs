@@ -18,6 +18,7 @@ mod cache;
 mod error;
 mod event;
 pub mod group;
+pub mod metrics;
 mod partition;
 pub mod producers;
 mod shard;
@@ -31,7 +32,7 @@ pub use group::{
 };
 pub use partition::Durability;
 pub use shard::{
-    group_log_of, keep_within, new_mesh, FetchLimits, Fetched, Message, Op, OpResult, Produced, Shard,
-    ShardConfig, ShardMesh, FETCH_PARTITION_BYTES_MAX, FETCH_RESPONSE_BYTES_MAX, FETCH_WAIT_MAX, GROUP_LOGS,
-    UNFLUSHED_BYTES_MAX,
+    group_log_of, keep_within, new_mesh, FetchLimits, Fetched, Message, Op, OpResult, Produced, ScrapeHook,
+    Shard, ShardConfig, ShardMesh, FETCH_PARTITION_BYTES_MAX, FETCH_RESPONSE_BYTES_MAX, FETCH_WAIT_MAX,
+    GROUP_LOGS, UNFLUSHED_BYTES_MAX,
 };

@@ -18,6 +18,7 @@ use pyralog_dma::Log;
 
 use crate::cache::PartitionKey;
 use crate::event::Event;
+use crate::metrics::ShardMetrics;
 use crate::producers::ProducerStates;
 
 /// What an acknowledged produce promises.
@@ -104,7 +105,7 @@ impl Partition {
     /// The flusher: one per partition, the only caller of `Log::flush`.
     /// The caller sets `flusher_running` before spawning it, so a close that comes before
     /// the task first runs still waits for it.
-    pub async fn run_flusher(self: Rc<Self>, after_flush: impl Fn(&Partition)) {
+    pub async fn run_flusher(self: Rc<Self>, metrics: Rc<ShardMetrics>, after_flush: impl Fn(&Partition)) {
         assert!(self.flusher_running.get(), "flusher_running is set before the flusher is spawned");
         let mut last_flush = Instant::now();
         loop {
@@ -125,8 +126,15 @@ impl Partition {
                     continue;
                 }
             }
+            let bytes = self.log.unflushed_bytes();
+            let started = Instant::now();
             let result = self.log.flush().await;
             last_flush = Instant::now();
+            if result.is_ok() {
+                metrics.flush_duration.observe((last_flush - started).as_secs_f64());
+                metrics.flush_size.observe(bytes as f64);
+                metrics.flushed_bytes.inc_by(bytes);
+            }
             if let Err(error) = &result {
                 eprintln!(
                     "pyralog: partition {}/{} stopped taking writes: {error}",

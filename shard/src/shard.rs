@@ -19,6 +19,7 @@ use pyralog_dma::{batch, Log, LogConfig};
 
 use crate::cache::ShardCache;
 use crate::group::{GroupConfig, GroupCoordinator, GroupOp, GroupReply};
+use crate::metrics::{PartitionStats, ShardMetrics, ShardScrape};
 use crate::partition::{Durability, Partition};
 use crate::producers::{self, ProducerStates, Verdict};
 use crate::topics::{self, TopicConfig, TopicMeta, TopicTable};
@@ -176,6 +177,8 @@ pub enum Op {
         log: usize,
         op: GroupOp,
     },
+    /// This shard's part of a scrape of the node's metrics.
+    Scrape,
 }
 
 #[derive(Debug)]
@@ -185,6 +188,7 @@ pub enum OpResult {
     Offset(Result<i64, ShardError>),
     Done(Result<(), ShardError>),
     Group(GroupReply),
+    Scraped(ShardScrape),
 }
 
 #[derive(Debug)]
@@ -211,7 +215,13 @@ pub struct Shard {
     /// logs, asking every shard) and persists the table it read plus its change.
     topic_changes: glommio::sync::Semaphore,
     shutting_down: Cell<bool>,
+    metrics: Rc<ShardMetrics>,
+    /// Writes this shard's registry as Prometheus text for a scrape (set by the daemon).
+    scrape_hook: RefCell<Option<ScrapeHook>>,
 }
+
+/// See [`Shard::set_scrape_hook`].
+pub type ScrapeHook = Box<dyn Fn() -> String>;
 
 impl Shard {
     /// Joins the mesh, loads the topic table and opens this shard's partitions.
@@ -236,6 +246,8 @@ impl Shard {
             groups: RefCell::new(HashMap::new()),
             topic_changes: glommio::sync::Semaphore::new(1),
             shutting_down: Cell::new(false),
+            metrics: Rc::new(ShardMetrics::default()),
+            scrape_hook: RefCell::new(None),
         });
         for log in (0..GROUP_LOGS).filter(|log| log % count == id) {
             let dir = shard.config.data_dir.join("groups").join(log.to_string());
@@ -254,6 +266,53 @@ impl Shard {
 
     pub fn topics(&self) -> TopicTable {
         self.topics.borrow().clone()
+    }
+
+    /// The metrics this shard updates itself, for the daemon to register.
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.metrics
+    }
+
+    /// Sets what writes this shard's part of a scrape: the daemon's registry of this shard,
+    /// encoded on this shard's core (see `metrics`).
+    pub fn set_scrape_hook(&self, hook: ScrapeHook) {
+        *self.scrape_hook.borrow_mut() = Some(hook);
+    }
+
+    /// Every shard's report, in shard order: each written on its own core.
+    pub async fn scrape(&self) -> Result<Vec<ShardScrape>, ShardError> {
+        let mut scrapes = Vec::with_capacity(self.count);
+        for target in 0..self.count {
+            match self.call(target, Op::Scrape).await? {
+                OpResult::Scraped(scrape) => scrapes.push(scrape),
+                other => unreachable!("a scrape answered with {other:?}"),
+            }
+        }
+        Ok(scrapes)
+    }
+
+    /// This shard's part of a scrape.
+    fn scrape_local(&self) -> ShardScrape {
+        let text = self.scrape_hook.borrow().as_ref().map(|hook| hook()).unwrap_or_default();
+        let mut partitions: Vec<PartitionStats> = self
+            .partitions
+            .borrow()
+            .values()
+            .map(|p| PartitionStats {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                log_start_offset: p.log.log_start_offset(),
+                log_end_offset: p.log.next_offset(),
+                durable_offset: p.log.durable_offset(),
+                high_watermark: p.high_watermark(),
+                size_bytes: p.log.size_bytes(),
+                stopped: p.log.stopped().is_some(),
+            })
+            .collect();
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        let committed =
+            self.groups.borrow().values().flat_map(|coordinator| coordinator.committed_offsets()).collect();
+        ShardScrape { shard: self.id, text, partitions, committed }
     }
 
     pub fn owner_of(&self, topic: &str, partition: u32) -> usize {
@@ -435,6 +494,7 @@ impl Shard {
                     coordinator.unwrap_or_else(|| panic!("offsets log {log} is not on shard {}", self.id));
                 OpResult::Group(coordinator.execute(op).await)
             }
+            Op::Scrape => OpResult::Scraped(self.scrape_local()),
         }
     }
 
@@ -585,6 +645,10 @@ impl Shard {
                 let min_one = limits.min_one_batch;
                 let cached =
                     self.cache.borrow().read(partition.key, offset, high_watermark, max_bytes, min_one);
+                match &cached {
+                    Some(_) => self.metrics.cache_hits.inc(),
+                    None => self.metrics.cache_misses.inc(),
+                };
                 records = match cached {
                     Some(chunks) => chunks,
                     None if min_one => partition.log.read(offset, max_bytes).await?.into_iter().collect(),
@@ -714,7 +778,7 @@ impl Shard {
             *partition.producers.borrow_mut() = producers;
             partition.flusher_running.set(true);
             let cache = Rc::clone(&self.cache);
-            let flusher = Rc::clone(&partition).run_flusher(move |p| {
+            let flusher = Rc::clone(&partition).run_flusher(Rc::clone(&self.metrics), move |p| {
                 let mut cache = cache.borrow_mut();
                 cache.mark_durable(p.key, p.log.durable_offset());
                 if p.log.stopped().is_some() {

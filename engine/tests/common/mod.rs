@@ -33,7 +33,7 @@ impl Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pyralog"))
             .args(["--data-dir", data_dir.to_str().unwrap(), "--listen", &addr, "--shard-port-base", "0"])
             .args(["--kafka-listen", &kafka_addr, "--kafka-shard-port-base", "0"])
-            .args(["--shards", "2", "--cache-bytes", "1048576"])
+            .args(["--shards", "2", "--cache-bytes", "1048576", "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

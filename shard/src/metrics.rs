@@ -1,0 +1,119 @@
+//! What a shard measures, and what it reports when the node is scraped.
+//!
+//! Each shard owns its metrics outright, as it owns its partitions: they are created with the
+//! shard, updated only on its core, and read only there. A scrape asks every shard over the
+//! mesh for a [`ShardScrape`] (`Shard::scrape`), which the shard writes on its own core: so no
+//! metric is ever touched by two cores, and the histograms' internal mutex is never contended.
+//! The daemon registers these metrics in the shard's registry (with everything else the shard
+//! counts, such as its listeners') and turns the scrapes into Prometheus text.
+//!
+//! Gauges that follow state (offsets, sizes, committed offsets) are not kept up to date on the
+//! hot path: a scrape reads them off the partitions and coordinators ([`PartitionStats`],
+//! [`CommittedStats`]).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Buckets of the flush latency: 50 us to ~3.3 s, doubling.
+const FLUSH_SECONDS_BUCKETS: (f64, f64, u16) = (50e-6, 2.0, 17);
+/// Buckets of the bytes per flush: 4 KiB to 64 MiB (a partition's unflushed limit), doubling.
+const FLUSH_BYTES_BUCKETS: (f64, f64, u16) = (4096.0, 2.0, 15);
+
+/// The metrics a shard updates itself.
+#[derive(Debug)]
+pub struct ShardMetrics {
+    /// One flush of one partition: its writes plus the fdatasync.
+    pub flush_duration: Histogram,
+    pub flush_size: Histogram,
+    pub flushed_bytes: Counter,
+    /// Fetches served from the cache of recent batches, and those that went to the log.
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> Self {
+        let (start, factor, length) = FLUSH_SECONDS_BUCKETS;
+        let flush_duration = Histogram::new(exponential_buckets(start, factor, length));
+        let (start, factor, length) = FLUSH_BYTES_BUCKETS;
+        let flush_size = Histogram::new(exponential_buckets(start, factor, length));
+        ShardMetrics {
+            flush_duration,
+            flush_size,
+            flushed_bytes: Counter::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+        }
+    }
+}
+
+impl ShardMetrics {
+    /// Registers every metric in `registry` (the shard's, labelled with its id).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register_with_unit(
+            "flush_duration",
+            "Time to flush one partition: its writes plus the fdatasync",
+            Unit::Seconds,
+            self.flush_duration.clone(),
+        );
+        registry.register_with_unit(
+            "flush_size",
+            "Bytes written by one flush of one partition",
+            Unit::Bytes,
+            self.flush_size.clone(),
+        );
+        registry.register_with_unit(
+            "flushed",
+            "Bytes written and fdatasync'ed by flushes",
+            Unit::Bytes,
+            self.flushed_bytes.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Partition reads served from the shard's cache of recent batches",
+            self.cache_hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Partition reads that went to the log (disk or page-aligned read ahead)",
+            self.cache_misses.clone(),
+        );
+    }
+}
+
+/// One partition's offsets and size, as a scrape found them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStats {
+    pub topic: String,
+    pub partition: u32,
+    pub log_start_offset: i64,
+    /// The next offset to be assigned.
+    pub log_end_offset: i64,
+    pub durable_offset: i64,
+    /// Consumers read below this: the durable offset in sync mode, the log end in cached mode.
+    pub high_watermark: i64,
+    pub size_bytes: u64,
+    /// A write or fdatasync failed: the partition takes no more writes (fsyncgate).
+    pub stopped: bool,
+}
+
+/// A consumer group's committed offset of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedStats {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// What one shard reports to a scrape.
+#[derive(Debug, Clone, Default)]
+pub struct ShardScrape {
+    pub shard: usize,
+    /// The shard's registry in Prometheus text format, written by the daemon's scrape hook
+    /// (`Shard::set_scrape_hook`); empty without one.
+    pub text: String,
+    pub partitions: Vec<PartitionStats>,
+    pub committed: Vec<CommittedStats>,
+}
