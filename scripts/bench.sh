@@ -5,9 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-10}"
-if [[ -z "${CARGO_TARGET_DIR:-}" ]] && mkdir -p /var/tmp/pyralog-target 2>/dev/null; then
-  export CARGO_TARGET_DIR=/var/tmp/pyralog-target
-fi
+# The README's by-hand build's target directory: $CARGO_TARGET_DIR if set, else the repo's.
 target="${CARGO_TARGET_DIR:-target}"
 command -v fio >/dev/null && command -v sockperf >/dev/null ||
   { apt-get update -qq && apt-get install -y -qq fio sockperf; }
