@@ -123,10 +123,11 @@ impl Protocol {
         }
     }
 
-    fn listener(self) -> &'static str {
+    /// The listener's name and the node's flag that sets its address.
+    fn listener(self) -> (&'static str, &'static str) {
         match self {
-            Protocol::Native => "native listener (--listen)",
-            Protocol::Kafka => "Kafka listener (--kafka-listen)",
+            Protocol::Native => ("native listener", "--listen"),
+            Protocol::Kafka => ("Kafka listener", "--kafka-listen"),
         }
     }
 }
@@ -155,16 +156,15 @@ fn connect_text(addr: SocketAddr, error: &std::io::Error) -> String {
 }
 
 fn wrong_protocol_text(addr: SocketAddr, found: Protocol) -> String {
-    let wanted = match found {
-        Protocol::Native => Protocol::Kafka,
-        Protocol::Kafka => Protocol::Native,
+    let (wanted, client) = match found {
+        Protocol::Native => (Protocol::Kafka, "a native Pyralog client"),
+        Protocol::Kafka => (Protocol::Native, "a Kafka client"),
     };
+    let ((found_name, found_flag), (wanted_name, wanted_flag)) = (found.listener(), wanted.listener());
     format!(
-        "{addr} speaks {found}, not {}: it is a node's {}; connect to its {} instead \
-         (default {}) or speak {found} to this one",
-        wanted,
-        found.listener(),
-        wanted.listener(),
+        "{addr} speaks {found}, not {wanted}: it is a node's {found_name} ({found_flag}). Connect \
+         to the node's {wanted_name} ({wanted_flag}, default {}) instead, or use {client} with \
+         this port",
         wanted.default_addr(),
     )
 }

@@ -430,13 +430,13 @@ fn a_client_on_the_other_protocols_port_is_told_which_port_it_reached() {
     assert!(matches!(error, ClientError::WrongProtocol { found: Protocol::Kafka, .. }), "{error}");
     let text = error.to_string();
     assert!(text.contains(&format!("{kafka} speaks the Kafka protocol")), "{text}");
-    assert!(text.contains("native listener (--listen)") && text.contains("127.0.0.1:7070"), "{text}");
+    assert!(text.contains("native listener (--listen, default 127.0.0.1:7070)"), "{text}");
 
     let error = KafkaClient::connect(&native.to_string()).unwrap_err();
     assert!(matches!(error, ClientError::WrongProtocol { found: Protocol::Native, .. }), "{error}");
     let text = error.to_string();
     assert!(text.contains(&format!("{native} speaks Pyralog's native protocol")), "{text}");
-    assert!(text.contains("Kafka listener (--kafka-listen)") && text.contains("127.0.0.1:9092"), "{text}");
+    assert!(text.contains("Kafka listener (--kafka-listen, default 127.0.0.1:9092)"), "{text}");
 }
 
 #[test]
