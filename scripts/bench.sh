@@ -2,6 +2,10 @@
 # The standard benchmark set: fio's bounds on this disk, then pyralog on one node (2 shards)
 # with pyralog-bench on the same machine over loopback. Prints each figure next to its bound
 # or target. Every run stops by itself (--duration). Usage: scripts/bench.sh [seconds per run]
+# Each pyralog-bench run also writes its per-second timeline (--timeline) to
+# $target/bench-timelines/<UTC start time>/<time>-<mode>-<topic>[-kafka].csv, next to the
+# binaries it ran ($target is $CARGO_TARGET_DIR, else target/), and these are kept after the
+# run: draw one with scripts/plot-bench.py FILE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-10}"
@@ -70,7 +74,20 @@ start_node() {
   cat "$work/node.log"; exit 1
 }
 stop_node() { kill -TERM "$node"; wait "$node" || true; node=""; }
-bench() { "$target/release/pyralog-bench" "$@" --json 2>/dev/null; }
+timelines="$target/bench-timelines/$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$timelines"
+# The timeline's name: when the run started, its mode, its topic, and kafka for that protocol.
+timeline() {
+  local name prev="" arg
+  name="$(date -u +%H%M%S)-$1"
+  for arg in "$@"; do
+    [[ "$prev" == --topic ]] && name+="-$arg"
+    [[ "$prev" == --protocol && "$arg" == kafka ]] && name+="-kafka"
+    prev=$arg
+  done
+  echo "$timelines/$name.csv"
+}
+bench() { "$target/release/pyralog-bench" "$@" --json --timeline "$(timeline "$@")" 2>/dev/null; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 report() { # name, json, target text
   echo "$2" | field "'%-34s %10.0f msg/s %8.1f MB/s  p50 %6d us  p99 %7d us  p99.9 %7d us  max %7d us  | %s' % ('$1', d['msgs_per_sec'], d['mb_per_sec'], d['latency_us']['p50'], d['latency_us']['p99'], d['latency_us']['p999'], d['latency_us']['max'], '$3')"
@@ -148,3 +165,4 @@ report "fetch near the end, native" "$r" "target p99 < 500 us"
 r=$(bench fetch --protocol kafka --broker 127.0.0.1:9092 --topic tail --behind 100 --fetch-bytes 65536 --duration "$secs")
 report "fetch near the end, kafka" "$r" "target p99 < 500 us"
 stop_node
+echo "timelines of these runs: $timelines (scripts/plot-bench.py FILE draws one)"
