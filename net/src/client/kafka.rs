@@ -36,18 +36,38 @@ use crate::kafka::messages::request_header::RequestHeader;
 use crate::kafka::wire::{DecodeError, EncodeError, Records, Uuid, Writer};
 use crate::kafka::{self, api, error, RequestBody, ResponseBody};
 
+/// Each cause is part of its variant's message and not also a `source`, so a report that
+/// prints the chain shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaClientError {
     #[error("connection: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("encoding the request: {0}")]
-    Encode(#[from] EncodeError),
+    Encode(EncodeError),
     #[error("decoding the response: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
     #[error("response {got} arrived while {expected} was expected")]
     OutOfOrder { expected: i32, got: i32 },
     #[error("response frame of {0} bytes is not a frame")]
     BadFrame(i32),
+}
+
+impl From<std::io::Error> for KafkaClientError {
+    fn from(error: std::io::Error) -> KafkaClientError {
+        KafkaClientError::Io(error)
+    }
+}
+
+impl From<EncodeError> for KafkaClientError {
+    fn from(error: EncodeError) -> KafkaClientError {
+        KafkaClientError::Encode(error)
+    }
+}
+
+impl From<DecodeError> for KafkaClientError {
+    fn from(error: DecodeError) -> KafkaClientError {
+        KafkaClientError::Decode(error)
+    }
 }
 
 /// Largest response accepted.

@@ -92,13 +92,9 @@ pub enum ClientError {
     UnexpectedResponse { op: &'static str, got: String },
     #[error("topic '{topic}' has {partitions} partitions, there is no partition {partition}")]
     UnknownPartition { topic: String, partition: u32, partitions: u32 },
-    #[error("records fetched from {topic}/{partition} are corrupt: {source}")]
-    CorruptBatch {
-        topic: String,
-        partition: u32,
-        #[source]
-        source: BatchError,
-    },
+    /// The batch error is part of the message, not a `source`, as for `Connect`.
+    #[error("records fetched from {topic}/{partition} are corrupt: {error}")]
+    CorruptBatch { topic: String, partition: u32, error: BatchError },
     #[error("a record of {bytes} bytes exceeds the {max}-byte batch limit")]
     RecordTooLarge { bytes: usize, max: usize },
     #[error("{failed_batches} batches failed since the last flush; the first: {first}")]
@@ -210,10 +206,10 @@ impl Clone for ClientError {
                 partition: *partition,
                 partitions: *partitions,
             },
-            ClientError::CorruptBatch { topic, partition, source } => ClientError::CorruptBatch {
+            ClientError::CorruptBatch { topic, partition, error } => ClientError::CorruptBatch {
                 topic: topic.clone(),
                 partition: *partition,
-                source: source.clone(),
+                error: error.clone(),
             },
             ClientError::RecordTooLarge { bytes, max } => {
                 ClientError::RecordTooLarge { bytes: *bytes, max: *max }

@@ -498,3 +498,21 @@ fn errors_name_the_topic_in_words_not_rust_names() {
     assert!(!text.contains("TopicAlreadyExists"), "{text}");
     assert!(text.contains("already exists"), "{text}");
 }
+
+#[test]
+fn no_cause_is_both_in_a_message_and_below_it() {
+    let corrupt = ClientError::CorruptBatch {
+        topic: "t".into(),
+        partition: 0,
+        error: BatchError::Magic { at: 0, magic: 1 },
+    };
+    let io = KafkaClientError::from(std::io::Error::other("reset by peer"));
+    for error in [&corrupt as &dyn std::error::Error, &io] {
+        assert!(error.source().is_none(), "{error}");
+    }
+    assert!(
+        corrupt.to_string().ends_with("magic 1, only magic 2 (RecordBatch v2) is supported"),
+        "{corrupt}"
+    );
+    assert_eq!(io.to_string(), "connection: reset by peer");
+}
