@@ -116,9 +116,11 @@ report "produce sync 1 KiB" "$r" "$(python3 -c "print('%.2fx fio write %d MiB/s 
 r=$(bench produce --topic sync100 --message-bytes 100 $big)
 sync100_acked=$(echo "$r" | field "d['acked']")
 report "produce sync 100 B" "$r" "target 1.2M msg/s"
-# A consumer reading faster than the producer wrote runs out of records before a --duration
-# ends and waits out the rest, which the rate counts: the consumes stop at 80% of what was
-# produced instead (the figures in bench/RESULTS.md before its sixth session were capped so).
+# The consumes stop at 80% of what was produced, before the partitions run dry, so they
+# measure reading at full speed rather than its last partly filled fetches (a consume's rate
+# counts up to its last record received, not the idle wait after; before that, a consume
+# bounded by --duration counted the wait, hence this cap in bench/RESULTS.md since its sixth
+# session).
 most() { echo $(($1 * 4 / 5)); }
 before=$(fio_read)
 r=$(bench consume --topic sync1k --messages "$(most "$sync1k_acked")")
