@@ -22,7 +22,8 @@
 //! in every case and closes with one plain line; the exit codes are [`outcome`]'s: 0 done,
 //! 1 errors or verification failures, 2 the node was unreachable (nothing listening, or a
 //! listener of the other protocol) or went away, 3 the hard deadline passed, 4 a consume got
-//! fewer messages than `--messages` asked for.
+//! fewer messages than `--messages` asked for (or an e2e run's consumers fewer than were
+//! produced).
 
 mod consume;
 mod outcome;
@@ -69,7 +70,8 @@ over its native protocol (default, 127.0.0.1:7070) or its Kafka listener (--prot
 one line saying what was achieved or what failed.",
     after_help = "Exit codes: 0 done; 1 errors or verification problems; 2 the node was \
 unreachable (nothing listening, or a listener of the other protocol) or went away; 3 the hard \
-deadline passed; 4 a consume ended with fewer messages than --messages asked for."
+deadline passed; 4 a consume ended with fewer messages than --messages asked for (or an e2e \
+run's consumers with fewer than were produced)."
 )]
 struct Cli {
     #[command(subcommand)]

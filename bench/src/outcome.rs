@@ -5,7 +5,8 @@
 //!   other protocol) or went away during the run;
 //! - 3 [`EXIT_DEADLINE`]: the hard deadline passed with workers still running;
 //! - 1 [`EXIT_FAILED`]: requests failed, or `--verify` found problems;
-//! - 4 [`EXIT_SHORT`]: a consume ended with fewer messages than `--messages` asked for;
+//! - 4 [`EXIT_SHORT`]: a consume ended with fewer messages than `--messages` asked for, or
+//!   the consumers of an e2e run with fewer than its producers got onto the wire;
 //! - 0: done.
 //!
 //! The closing line is `verified N of N messages ...` or `done: ...` for a run that did what
@@ -62,9 +63,15 @@ pub fn judge(
         }
         return (EXIT_FAILED, format!("FAILED: {}", failures.join("; ")));
     }
-    if let Some(asked) = asked.filter(|asked| mode == Mode::Consume && consumed < *asked) {
+    let produced = acked + run.unacknowledged.load(Ordering::Relaxed);
+    let expected = match mode {
+        Mode::Consume => asked.map(|asked| (asked, "asked for (--messages)")),
+        Mode::EndToEnd => Some((produced, "produced")),
+        Mode::Produce | Mode::Fetch => None,
+    };
+    if let Some((expected, what)) = expected.filter(|(expected, _)| consumed < *expected) {
         let line = format!(
-            "FAILED: consumed {consumed} of the {asked} messages asked for (--messages); the consumers stopped because {}",
+            "FAILED: consumed {consumed} of the {expected} messages {what}; the consumers stopped because {}",
             run.consume_stopped()
         );
         return (EXIT_SHORT, line);
@@ -98,5 +105,35 @@ fn success(mode: Mode, run: &Run, asked: Option<u64>, verified: bool) -> String 
             format!("done: consumed {consumed} of {} messages produced", acked + unacknowledged)
         }
         Mode::Fetch => format!("done: {consumed} records fetched"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumers_that_get_fewer_than_asked_or_produced_fail_with_the_reason() {
+        let run = Run::new();
+        run.acked.store(10, Ordering::Relaxed);
+        run.consumed.store(7, Ordering::Relaxed);
+        run.consumer_stopped("no record arrived for 2 s (--idle-secs)".to_owned());
+        let (code, line) = judge(Mode::EndToEnd, &run, true, None, None);
+        assert_eq!(code, EXIT_SHORT, "{line}");
+        assert_eq!(
+            line,
+            "FAILED: consumed 7 of the 10 messages produced; the consumers stopped because no record arrived for 2 s (--idle-secs)"
+        );
+        let (code, line) = judge(Mode::Consume, &run, true, Some(8), None);
+        assert_eq!(code, EXIT_SHORT, "{line}");
+        assert!(line.starts_with("FAILED: consumed 7 of the 8 messages asked for (--messages)"), "{line}");
+        assert_eq!(judge(Mode::Consume, &run, true, Some(7), None).0, 0);
+        run.consumed.store(10, Ordering::Relaxed);
+        let (code, line) = judge(Mode::EndToEnd, &run, true, None, Some(0));
+        assert_eq!(code, 0, "{line}");
+        assert!(line.starts_with("verified 10 of 10 messages consumed"), "{line}");
+        let (code, line) = judge(Mode::EndToEnd, &run, true, None, Some(2));
+        assert_eq!(code, EXIT_FAILED, "{line}");
+        assert!(line.starts_with("FAILED: verification found 2 problems in 10 messages"), "{line}");
     }
 }
