@@ -131,14 +131,14 @@ def test_the_wrong_protocol_is_named_by_the_client_and_the_node(node, bench_bin,
     assert f"{node.native} speaks Pyralog's native protocol, not the Kafka protocol" in stderr, stderr
     assert "Kafka listener (--kafka-listen, default 127.0.0.1:9092)" in stderr, stderr
     assert "drop --protocol kafka" in stderr, stderr
+    # The node said so too, once for each.
+    log = node.stderr_tail()
+    assert log.count("a native Pyralog client connected to the Kafka listener (--kafka-listen)") == 1, log
+    assert log.count("a Kafka client connected to the native listener (--listen)") == 1, log
 
     code, stdout, stderr = run(pyralog_bin, "topic", "list", "--broker", node.bootstrap)
     assert code != 0
     assert "speaks the Kafka protocol" in stderr, stderr
-
-    log = node.stderr_tail()
-    assert "a native Pyralog client connected to the Kafka listener (--kafka-listen)" in log, log
-    assert "a Kafka client connected to the native listener (--listen)" in log, log
 
 
 def test_a_refused_connection_says_no_node_is_listening_once(bench_bin, pyralog_bin):
