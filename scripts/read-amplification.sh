@@ -5,12 +5,14 @@
 # prints from /proc/diskstats of the data dir's disk: the bytes read per byte consumed (below
 # 1: part came from the cache), the read requests the disk saw with their average size and
 # time, and how many were in flight on average. Uses the release binaries in BINDIR (default:
-# the target directory's). Usage:
+# $CARGO_TARGET_DIR/release if set, else the repo's target/release, where the README's build
+# puts them). Usage:
 #   scripts/read-amplification.sh [SECONDS] [BINDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-5}"
-bin="${2:-${CARGO_TARGET_DIR:-/var/tmp/pyralog-target}/release}"
+target="${CARGO_TARGET_DIR:-target}"
+bin="${2:-$target/release}"
 work=$(mktemp -d /var/tmp/pyralog-amp.XXXXXX)
 node=""
 cleanup() { [[ -n "$node" ]] && kill -TERM "$node" 2>/dev/null && wait "$node" 2>/dev/null; rm -rf "$work"; }

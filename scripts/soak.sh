@@ -11,9 +11,7 @@ cd "$(dirname "$0")/.."
 secs="${1:-600}"
 cache="${2:-268435456}"
 shards=2
-if [[ -z "${CARGO_TARGET_DIR:-}" ]] && mkdir -p /var/tmp/pyralog-target 2>/dev/null; then
-  export CARGO_TARGET_DIR=/var/tmp/pyralog-target
-fi
+# The README's by-hand build's target directory: $CARGO_TARGET_DIR if set, else the repo's.
 target="${CARGO_TARGET_DIR:-target}"
 cargo build --release --locked -p pyralog -p pyralog-bench
 work=$(mktemp -d /var/tmp/pyralog-soak.XXXXXX)

@@ -76,22 +76,14 @@ fn consume_until_done<T: Transport>(
     let histogram = run.consume_latency.register();
     let mut last_record = Instant::now();
     loop {
-        let consumed = run.consumed.load(Ordering::Relaxed);
-        let all_produced_consumed = options.mode == Mode::EndToEnd
-            && run.producers_done.load(Ordering::Relaxed)
-            && consumed >= run.acked.load(Ordering::Relaxed) + run.unacknowledged.load(Ordering::Relaxed);
-        if run.stopping()
-            || all_produced_consumed
-            || options.messages.is_some_and(|messages| consumed >= messages)
-            || options.duration.is_some_and(|duration| run.start.elapsed() >= duration)
-            || last_record.elapsed() >= options.idle
-        {
-            return;
+        if let Some(reason) = stop_reason(options, run, last_record) {
+            return run.consumer_stopped(reason);
         }
         let records = match consumer.poll(POLL_WAIT) {
             Ok(records) => records,
             Err(error) => {
                 run.errors.fetch_add(1, Ordering::Relaxed);
+                run.consumer_stopped(format!("a fetch failed: {error}"));
                 run.fail(&error);
                 return;
             }
@@ -101,6 +93,7 @@ fn consume_until_done<T: Transport>(
         }
         last_record = Instant::now();
         let now_ns = run.elapsed_ns();
+        run.last_record_ns.fetch_max(now_ns, Ordering::Relaxed);
         let now_ms = unix_ms();
         let mut bytes = 0u64;
         {
@@ -121,6 +114,29 @@ fn consume_until_done<T: Transport>(
         run.consumed.fetch_add(records.len() as u64, Ordering::Relaxed);
         run.consumed_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
+}
+
+/// Why a consumer should stop now, in a sentence naming the flag that bounds it, if it should.
+fn stop_reason(options: &ConsumeOptions, run: &Run, last_record: Instant) -> Option<String> {
+    let consumed = run.consumed.load(Ordering::Relaxed);
+    if run.stopping() {
+        return Some("the run was stopped (the hard deadline passed, or the node went away)".to_owned());
+    }
+    let produced = run.acked.load(Ordering::Relaxed) + run.unacknowledged.load(Ordering::Relaxed);
+    if options.mode == Mode::EndToEnd && run.producers_done.load(Ordering::Relaxed) && consumed >= produced {
+        return Some("every message produced was consumed".to_owned());
+    }
+    if let Some(messages) = options.messages.filter(|messages| consumed >= *messages) {
+        return Some(format!("the {messages} messages asked for (--messages) were consumed"));
+    }
+    if let Some(duration) = options.duration.filter(|duration| run.start.elapsed() >= *duration) {
+        return Some(format!("--duration {} s passed", duration.as_secs_f64()));
+    }
+    if last_record.elapsed() >= options.idle {
+        let idle = options.idle.as_secs_f64();
+        return Some(format!("no record arrived for {idle} s (--idle-secs)"));
+    }
+    None
 }
 
 fn unix_ms() -> i64 {

@@ -8,16 +8,25 @@
 //! Kafka client opens one connection per producer and per consumer (a Kafka broker answers a
 //! connection's requests in order) to the one address the listener shares between shards.
 //!
-//! Modes: `produce` (throughput and acknowledgement latency), `consume` (throughput, optional
-//! `--verify` of a topic written by `produce`), `e2e` (producers and consumers in one process,
-//! latency from the send time embedded in each payload to its consumption: one clock).
+//! Modes: `produce` (throughput and acknowledgement latency), `consume` (throughput and record
+//! age at consume, optional `--verify` of a topic written by `produce`), `e2e` (producers and
+//! consumers in one process, latency from the send time embedded in each payload to its
+//! consumption: one clock), `fetch` (round trips of reads near the end of the log).
+//!
+//! Produce and e2e create a missing topic and say so; consume and fetch refuse one (consume
+//! creates it with `--create-topic`). A consume's rate counts the time spent receiving: from
+//! its start to the last record received, not the `--idle-secs` wait after the data ran out.
 //!
 //! Every run ends by itself: by `--messages` or `--duration`, by `--idle-secs` without data
-//! for consumers, and in any case by a hard deadline (`--deadline-secs`). Exit codes: 0 done,
-//! 1 errors or verification failures, 2 the broker was unreachable or went away, 3 the hard
-//! deadline passed. The report is printed in every case.
+//! for consumers, and in any case by a hard deadline (`--deadline-secs`). The report is printed
+//! in every case and closes with one plain line; the exit codes are [`outcome`]'s: 0 done,
+//! 1 errors or verification failures, 2 the node was unreachable (nothing listening, or a
+//! listener of the other protocol) or went away, 3 the hard deadline passed, 4 a consume got
+//! fewer messages than `--messages` asked for (or an e2e run's consumers fewer than were
+//! produced).
 
 mod consume;
+mod outcome;
 mod payload;
 mod produce;
 mod stats;
@@ -32,12 +41,13 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pyralog_net::client::{
     Acks, Client, ClientError, ConnectOptions, Consumer, ErrorCode, KafkaClient, Partitioner, Pending,
-    StartAt, Transport, IN_FLIGHT_BATCHES_MAX_DEFAULT,
+    Protocol, StartAt, Transport, IN_FLIGHT_BATCHES_MAX_DEFAULT,
 };
 
 use crate::consume::{ConsumeOptions, Verifier};
+use crate::outcome::{EXIT_FAILED, EXIT_UNREACHABLE};
 use crate::produce::ProduceOptions;
-use crate::stats::{Mode, Report, Run};
+use crate::stats::{Mode, Report, Run, Timeline};
 
 /// Time a run may take beyond `--duration` before the hard deadline.
 const DEADLINE_SLACK: Duration = Duration::from_secs(30);
@@ -50,7 +60,19 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Parser)]
-#[command(name = "pyralog-bench", version, about = "Load generator for Pyralog")]
+#[command(
+    name = "pyralog-bench",
+    version,
+    about = "Load generator for Pyralog",
+    long_about = "Load generator for Pyralog: produces, consumes or both against a running node, \
+over its native protocol (default, 127.0.0.1:7070) or its Kafka listener (--protocol kafka, \
+127.0.0.1:9092). Progress goes to stderr every second; the report goes to stdout and ends with \
+one line saying what was achieved or what failed.",
+    after_help = "Exit codes: 0 done; 1 errors or verification problems; 2 the node was \
+unreachable (nothing listening, or a listener of the other protocol) or went away; 3 the hard \
+deadline passed; 4 a consume ended with fewer messages than --messages asked for (or an e2e \
+run's consumers with fewer than were produced)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,37 +80,49 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Produce messages and measure acknowledgement latency.
+    /// Produce messages and measure acknowledgement latency (enqueue, or intended send under
+    /// --rate, to acknowledgement). A missing topic is created with --partitions partitions.
     Produce {
         #[command(flatten)]
         common: CommonArgs,
         #[command(flatten)]
         produce: ProduceArgs,
     },
-    /// Consume messages (from the earliest offset unless told otherwise).
+    /// Consume messages and measure record age at consume (from the record's timestamp, set
+    /// when it was produced, to its consumption). A missing topic is refused unless
+    /// --create-topic is given.
     Consume {
         #[command(flatten)]
         common: CommonArgs,
         #[command(flatten)]
         consume: ConsumeArgs,
-        /// Where to start: earliest, latest, or an offset.
+        /// Where each partition starts: earliest (its log start), latest (its end: only
+        /// records produced after the start are read) or an offset.
         #[arg(long, default_value = "earliest")]
         from: String,
+        /// Create the topic (with --partitions partitions) if it does not exist, then wait for
+        /// records in it. Without it, consuming from a missing topic is refused.
+        #[arg(long)]
+        create_topic: bool,
     },
     /// Read near the end of each partition in a closed loop (one fetch in flight, no
     /// long-poll), the reads a tailing consumer makes; latency is each fetch's round trip.
-    /// Run it on a topic written just before, so the data is in the broker's cache.
+    /// Run it on a topic written just before, so the data is in the broker's cache. With
+    /// --messages, the run stops after that many fetches.
     Fetch {
         #[command(flatten)]
         common: CommonArgs,
         /// Each fetch starts this many records before the partition's end.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_name = "RECORDS")]
         behind: i64,
         /// Bytes asked for per fetch.
-        #[arg(long, default_value_t = 64 << 10)]
+        #[arg(long, default_value_t = 64 << 10, value_name = "BYTES")]
         fetch_bytes: u32,
     },
-    /// Produce and consume at once; latency is send (or intended send) to consume.
+    /// Produce and consume at once; latency is send (or intended send under --rate) to
+    /// consume, on one clock. --messages and --duration bound the producers; consumers read
+    /// until everything produced is consumed or --idle-secs pass without a record. A missing
+    /// topic is created with --partitions partitions.
     E2e {
         #[command(flatten)]
         common: CommonArgs,
@@ -101,72 +135,100 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct CommonArgs {
-    /// The protocol to drive the broker with.
+    /// The protocol to drive the node with: native (its --listen port) or kafka (its
+    /// --kafka-listen port).
     #[arg(long, value_enum, default_value_t = ProtocolArg::Native)]
     protocol: ProtocolArg,
-    /// Bootstrap address of the broker: its native listener (default 127.0.0.1:7070) or, with
-    /// --protocol kafka, its Kafka listener (default 127.0.0.1:9092).
-    #[arg(long)]
+    /// Bootstrap address of the node, HOST:PORT: its native listener (default
+    /// 127.0.0.1:7070) or, with --protocol kafka, its Kafka listener (default 127.0.0.1:9092).
+    #[arg(long, value_name = "HOST:PORT")]
     broker: Option<String>,
+    /// The topic to produce to or consume from.
     #[arg(long, default_value = "bench")]
     topic: String,
     /// Partitions of the topic when the bench creates it (an existing topic keeps its own).
     #[arg(long, default_value_t = 2)]
     partitions: u32,
-    /// Messages in total (over all producers, or consumed over all consumers).
+    /// Messages in total, over all producers (produce, e2e) or all consumers (consume); fetches
+    /// in the fetch mode. No default: without it the run lasts --duration.
     #[arg(long)]
     messages: Option<u64>,
-    /// Seconds to run (10 when neither this nor --messages is given).
-    #[arg(long)]
+    /// Seconds to run; 10 when neither this nor --messages is given, no limit when only
+    /// --messages is.
+    #[arg(long, value_name = "SECONDS")]
     duration: Option<f64>,
-    /// Bytes of each message value, at least the 20-byte payload header.
-    #[arg(long, default_value_t = 1024)]
+    /// Bytes of each message value, at least the 20-byte payload header (producer id,
+    /// sequence, send time) that --verify and e2e latency read.
+    #[arg(long, default_value_t = 1024, value_name = "BYTES")]
     message_bytes: usize,
-    /// Hard deadline in seconds (default: duration + 30, or 600 for a --messages run).
-    #[arg(long)]
+    /// Hard deadline in seconds: workers are stopped then and the run exits 3. Default:
+    /// --duration + 30, or 600 for a run bounded only by --messages.
+    #[arg(long, value_name = "SECONDS")]
     deadline_secs: Option<f64>,
-    /// Print the report as one JSON object on stdout.
+    /// Print the report as one JSON object on stdout (the closing line goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Write one CSV row per second of the run to FILE: elapsed_s, messages_per_s, mb_per_s,
+    /// p50_ms, p99_ms, max_ms (latency of the records of that second, empty when there were
+    /// none) and errors (in that second). Draw it with scripts/plot-bench.py FILE.
+    #[arg(long, value_name = "FILE")]
+    timeline: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
 struct ProduceArgs {
+    /// Producer threads, each with its own producer (and, over Kafka, its own connection).
     #[arg(long, default_value_t = 1)]
     producers: u32,
-    #[arg(long, default_value_t = 16 << 10)]
+    /// Bytes of records a partition's batch collects before it is sent.
+    #[arg(long, default_value_t = 16 << 10, value_name = "BYTES")]
     batch_bytes: usize,
-    #[arg(long, default_value_t = 5.0)]
+    /// Milliseconds a batch waits for more records before it is sent anyway; 0 sends each
+    /// record at once.
+    #[arg(long, default_value_t = 5.0, value_name = "MS")]
     linger_ms: f64,
     /// Batches of one partition awaiting acknowledgement; at the bound, a partition's batch
     /// keeps filling (past its linger) until one is acknowledged. 1 gives the lowest latency
     /// per request sent: a record waits at most one round trip.
-    #[arg(long, default_value_t = IN_FLIGHT_BATCHES_MAX_DEFAULT)]
+    #[arg(long, default_value_t = IN_FLIGHT_BATCHES_MAX_DEFAULT, value_name = "BATCHES")]
     max_in_flight_per_partition: usize,
-    /// Messages per second over all producers; latency then counts from the intended send time.
-    #[arg(long)]
+    /// Messages per second over all producers; latency then counts from each message's
+    /// intended send time on that schedule. Default: as fast as the node acknowledges.
+    #[arg(long, value_name = "MESSAGES_PER_SECOND")]
     rate: Option<f64>,
+    /// When the node acknowledges a produce.
     #[arg(long, value_enum, default_value_t = AcksArg::Durable)]
     acks: AcksArg,
+    /// How records are spread over the topic's partitions.
     #[arg(long, value_enum, default_value_t = PartitionerArg::Sticky)]
     partitioner: PartitionerArg,
 }
 
 #[derive(Debug, Args)]
 struct ConsumeArgs {
+    /// Consumer threads; the partitions are dealt round-robin between them (at most one
+    /// consumer per partition).
     #[arg(long, default_value_t = 1)]
     consumers: u32,
-    /// Check exactly-once, per-partition order and payload integrity; exit 1 on any problem.
+    /// Check what was consumed: each producer's messages arrive once, in order within a
+    /// partition, with intact payloads, and (when nothing was left unread) with no sequence
+    /// missing. Exits 1 on any problem. The report adds verify_producers (distinct producer
+    /// ids seen in the payloads), verify_problems (duplicates, reorders, corrupt payloads
+    /// and missing sequences found; each is also printed on stderr) and verify_unread
+    /// (messages below the partitions' ends still unread when the consumers stopped; gaps
+    /// are only checked when it is 0).
     #[arg(long)]
     verify: bool,
-    /// Consumers stop after this many seconds without a record.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds without a record after which a consumer stops.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     idle_secs: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ProtocolArg {
+    /// Pyralog's own protocol, straight to the shard that owns each partition.
     Native,
+    /// The Kafka wire protocol, through the node's Kafka listener.
     Kafka,
 }
 
@@ -179,23 +241,32 @@ impl ProtocolArg {
     }
 
     fn default_broker(self) -> &'static str {
+        self.protocol().default_addr()
+    }
+
+    fn protocol(self) -> Protocol {
         match self {
-            ProtocolArg::Native => "127.0.0.1:7070",
-            ProtocolArg::Kafka => "127.0.0.1:9092",
+            ProtocolArg::Native => Protocol::Native,
+            ProtocolArg::Kafka => Protocol::Kafka,
         }
     }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum AcksArg {
+    /// Send without waiting for an acknowledgement (Kafka acks=0).
     None,
+    /// Acknowledged once the node holds the batch as its --durability says (Kafka acks=-1).
     Durable,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum PartitionerArg {
+    /// Fill one partition's batch, then move to the next partition.
     Sticky,
+    /// Each record to the next partition in turn.
     RoundRobin,
+    /// Each record to a partition picked at random.
     Random,
 }
 
@@ -206,8 +277,18 @@ fn main() -> ExitCode {
         Ok((code, _)) => ExitCode::from(code),
         Err(error) => {
             eprintln!("pyralog-bench: {error:#}");
-            let broker_gone = error.downcast_ref::<ClientError>().is_some_and(ClientError::is_disconnect);
-            ExitCode::from(if broker_gone { 2 } else { 1 })
+            let client_error = error.downcast_ref::<ClientError>();
+            if let Some(ClientError::WrongProtocol { found, .. }) = client_error {
+                let flag = match found {
+                    Protocol::Kafka => "add --protocol kafka",
+                    Protocol::Native => "drop --protocol kafka",
+                };
+                eprintln!("pyralog-bench: to use this port, {flag}; or give --broker the other one");
+            }
+            let unreachable = client_error.is_some_and(|error| {
+                error.is_disconnect() || matches!(error, ClientError::WrongProtocol { .. })
+            });
+            ExitCode::from(if unreachable { EXIT_UNREACHABLE } else { EXIT_FAILED })
         }
     }
 }
@@ -226,28 +307,28 @@ fn tighten_timer_slack() {
     }
 }
 
-/// Runs a command and prints its report; returns the exit code and the report.
-fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
-    let common = match &command {
+fn command_common(command: &Command) -> &CommonArgs {
+    match command {
         Command::Produce { common, .. }
         | Command::Consume { common, .. }
         | Command::E2e { common, .. }
         | Command::Fetch { common, .. } => common,
-    };
+    }
+}
+
+/// Runs a command and prints its report; returns the exit code and the report.
+fn run(command: Command) -> anyhow::Result<(u8, serde_json::Value)> {
+    let common = command_common(&command);
     let broker = common.broker.as_deref().unwrap_or(common.protocol.default_broker());
     let options = ConnectOptions {
         connect_timeout: CONNECT_TIMEOUT,
         request_timeout: REQUEST_TIMEOUT,
         ..Default::default()
     };
-    let context = || format!("connecting to the broker's {} listener at {broker}", common.protocol.name());
+    // The client's connection errors name the address and what to do; no context to add.
     match common.protocol {
-        ProtocolArg::Native => {
-            run_with(Client::connect_with(broker, options).with_context(context)?, &command)
-        }
-        ProtocolArg::Kafka => {
-            run_with(KafkaClient::connect_with(broker, options).with_context(context)?, &command)
-        }
+        ProtocolArg::Native => run_with(Client::connect_with(broker, options)?, &command),
+        ProtocolArg::Kafka => run_with(KafkaClient::connect_with(broker, options)?, &command),
     }
 }
 
@@ -272,7 +353,13 @@ fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, s
         .deadline_secs
         .map(Duration::from_secs_f64)
         .unwrap_or_else(|| duration.map_or(DEADLINE_DEFAULT, |d| d + DEADLINE_SLACK));
-    let partitions = ensure_topic(&client, &common.topic, common.partitions)?;
+    let create = match command {
+        Command::Produce { .. } | Command::E2e { .. } => Create::Yes,
+        Command::Consume { create_topic: true, .. } => Create::Yes,
+        Command::Consume { create_topic: false, .. } => Create::No("consume"),
+        Command::Fetch { .. } => Create::No("fetch"),
+    };
+    let partitions = ensure_topic(&client, &common.topic, common.partitions, create)?;
 
     // Consumers resolve their start offsets before any message of this run is produced.
     let consumers = match command {
@@ -293,6 +380,7 @@ fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, s
     };
 
     let run = Arc::new(Run::new());
+    let mut timeline = common.timeline.as_deref().map(|path| Timeline::create(path, &run)).transpose()?;
     let mut producers = Vec::new();
     let mut consumer_workers = Vec::new();
     if let Command::Consume { consume, .. } | Command::E2e { consume, .. } = command {
@@ -323,21 +411,29 @@ fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, s
         consumer_workers.push(spawn_fetcher(client.clone(), options, Arc::clone(&run))?);
     }
 
-    let finished = supervise(mode, &run, producers, consumer_workers, deadline);
+    let finished = supervise(mode, &run, producers, consumer_workers, deadline, timeline.as_mut());
+    if let Some(timeline) = &mut timeline {
+        timeline.row(mode, &run);
+    }
     let mut report = Report {
         mode,
         protocol: common.protocol.name(),
         seconds: run.start.elapsed().as_secs_f64(),
         extra: Default::default(),
     };
-    let verify_problems = verifier.map_or(0, |verifier| finish_verify(&verifier, &run, &mut report));
+    let verify_problems = verifier.map(|verifier| finish_verify(&verifier, &run, &mut report));
+    let asked = common.messages.filter(|_| mode == Mode::Consume || mode == Mode::Produce);
+    let (code, result) = outcome::judge(mode, &run, finished, asked, verify_problems);
+    report.extra.insert("result".into(), result.clone().into());
     let json = report.json(&run);
     if common.json {
         println!("{json}");
+        eprintln!("{result}");
     } else {
         report.print_human(&run);
+        println!("{result}");
     }
-    Ok((exit_code(&run, finished, verify_problems), json))
+    Ok((code, json))
 }
 
 struct FetchOptions {
@@ -365,7 +461,7 @@ fn spawn_fetcher<T: Transport>(
             starts.push((partition, (end - options.behind).max(first)));
         }
     }
-    anyhow::ensure!(!starts.is_empty(), "topic {:?} holds no records to fetch; produce first", options.topic);
+    anyhow::ensure!(!starts.is_empty(), "topic '{}' holds no records to fetch; produce first", options.topic);
     let worker = std::thread::Builder::new().name("fetcher".into()).spawn(move || {
         let histogram = run.consume_latency.register();
         let mut done = 0u64;
@@ -418,28 +514,6 @@ fn finish_verify(verifier: &Mutex<Verifier>, run: &Run, report: &mut Report) -> 
     count
 }
 
-fn exit_code(run: &Run, finished: bool, verify_problems: u64) -> u8 {
-    let acked = run.acked.load(Ordering::Relaxed);
-    if let Some(reason) = run.broker_gone() {
-        eprintln!("pyralog-bench: the broker went away ({reason}); {acked} messages were acknowledged");
-        return 2;
-    }
-    if !finished {
-        eprintln!("pyralog-bench: the hard deadline passed with workers still running; {acked} acknowledged");
-        return 3;
-    }
-    let errors = run.errors.load(Ordering::Relaxed);
-    if errors > 0 || verify_problems > 0 {
-        let first = run.first_error.lock().expect("no panics under this lock").clone();
-        eprintln!(
-            "pyralog-bench: {errors} errors, {verify_problems} verification problems; first error: {}",
-            first.as_deref().unwrap_or("none")
-        );
-        return 1;
-    }
-    0
-}
-
 /// Prints progress every second until the workers end or the deadline passes. Returns whether
 /// every worker finished.
 fn supervise(
@@ -448,6 +522,7 @@ fn supervise(
     mut producers: Vec<JoinHandle<()>>,
     mut consumers: Vec<JoinHandle<()>>,
     deadline: Duration,
+    mut timeline: Option<&mut Timeline>,
 ) -> bool {
     let mut previous = (Instant::now(), 0, 0);
     let mut next_progress = Instant::now() + Duration::from_secs(1);
@@ -469,29 +544,57 @@ fn supervise(
         }
         if Instant::now() >= next_progress {
             stats::progress(mode, run, &mut previous);
+            if let Some(timeline) = timeline.as_deref_mut() {
+                timeline.row(mode, run);
+            }
             next_progress += Duration::from_secs(1);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// The topic's partition count, creating the topic with `partitions` if it does not exist.
-fn ensure_topic<T: Transport>(client: &T, topic: &str, partitions: u32) -> anyhow::Result<u32> {
+/// Whether the bench may create a missing topic: produce and e2e do, consume and fetch only
+/// when asked (reading from a topic nobody writes to would wait out --idle-secs for nothing).
+#[derive(Debug, Clone, Copy)]
+enum Create {
+    Yes,
+    /// Refused, for the mode named.
+    No(&'static str),
+}
+
+/// The topic's partition count, creating the topic with `partitions` if it does not exist and
+/// `create` allows it. Says on stderr what it did with a topic it did not find as asked.
+fn ensure_topic<T: Transport>(
+    client: &T,
+    topic: &str,
+    partitions: u32,
+    create: Create,
+) -> anyhow::Result<u32> {
     match client.partition_count(topic) {
         Ok(count) => {
             if count != partitions {
-                eprintln!("pyralog-bench: topic {topic:?} exists with {count} partitions; using them");
+                eprintln!(
+                    "pyralog-bench: topic '{topic}' exists with {count} partitions; using them (--partitions {partitions} applies only to a topic the bench creates)"
+                );
             }
             Ok(count)
         }
         Err(ClientError::Server { code: ErrorCode::UnknownTopic, .. }) => {
+            if let Create::No(mode) = create {
+                let hint = match mode {
+                    "consume" => "; pass --create-topic to create it and wait for records",
+                    _ => "",
+                };
+                anyhow::bail!("topic '{topic}' does not exist, nothing to {mode}: produce to it first{hint}");
+            }
+            eprintln!("pyralog-bench: topic '{topic}' does not exist; creating it with {partitions} partitions (--partitions)");
             match client.create_topic(topic, partitions) {
                 Ok(()) | Err(ClientError::Server { code: ErrorCode::TopicAlreadyExists, .. }) => {}
-                Err(error) => return Err(error).with_context(|| format!("creating topic {topic:?}")),
+                Err(error) => return Err(error).with_context(|| format!("creating topic '{topic}'")),
             }
             Ok(client.partition_count(topic)?)
         }
-        Err(error) => Err(error).with_context(|| format!("reading the metadata of topic {topic:?}")),
+        Err(error) => Err(error).with_context(|| format!("reading the metadata of topic '{topic}'")),
     }
 }
 
@@ -519,7 +622,7 @@ fn parse_from(from: &str) -> anyhow::Result<StartAt> {
         offset => StartAt::Offset(
             offset
                 .parse()
-                .with_context(|| format!("--from {offset:?}: expected earliest, latest or an offset"))?,
+                .with_context(|| format!("--from '{offset}': expected earliest, latest or an offset"))?,
         ),
     })
 }
@@ -583,7 +686,14 @@ mod tests {
         )
         .unwrap();
         let error = run(cli.command).unwrap_err().to_string();
-        assert!(error.contains("no records to fetch"), "{error}");
+        assert!(error.contains("topic 'f' does not exist, nothing to fetch"), "{error}");
+        Client::connect(&broker.addr().to_string()).unwrap().create_topic("f", 2).unwrap();
+        let cli = Cli::try_parse_from(
+            std::iter::once("pyralog-bench").chain(args(&[fetch, common], &target).iter().copied()),
+        )
+        .unwrap();
+        let error = run(cli.command).unwrap_err().to_string();
+        assert!(error.contains("holds no records to fetch"), "{error}");
 
         let produce: &[&str] = &["produce", "--messages", "1000", "--batch-bytes", "2048"];
         assert_eq!(bench(&args(&[produce, common], &target)).0, 0);
@@ -780,6 +890,76 @@ mod tests {
             let cli = Cli::try_parse_from(args).unwrap();
             let error = run(cli.command).unwrap_err();
             assert!(error.downcast_ref::<ClientError>().is_some_and(ClientError::is_disconnect), "{error:#}");
+        }
+    }
+
+    #[test]
+    fn a_consume_that_ends_short_exits_4_and_says_why() {
+        let broker = FakeBroker::start().unwrap();
+        let target = target(&broker, "native");
+        let common: &[&str] = &["--topic", "s", "--partitions", "2", "--json", "--message-bytes", "100"];
+        assert_eq!(bench(&args(&[&["produce", "--messages", "100"], common], &target)).0, 0);
+        let consume: &[&str] = &["consume", "--messages", "150", "--idle-secs", "1"];
+        let (code, report) = bench(&args(&[consume, common], &target));
+        assert_eq!(code, outcome::EXIT_SHORT, "{report}");
+        assert_eq!(report["consumed"], 100);
+        let result = report["result"].as_str().unwrap();
+        assert!(result.starts_with("FAILED: consumed 100 of the 150 messages asked for"), "{result}");
+        assert!(result.contains("no record arrived for 1 s (--idle-secs)"), "{result}");
+        // The rate counts the time spent receiving, not the idle second that ended the run.
+        let (seconds, rate_seconds) =
+            (report["seconds"].as_f64().unwrap(), report["rate_seconds"].as_f64().unwrap());
+        assert!(rate_seconds > 0.0 && rate_seconds + 0.9 < seconds, "{report}");
+        let rate = report["msgs_per_sec"].as_f64().unwrap();
+        assert!((rate - 100.0 / rate_seconds).abs() < 1e-6, "{report}");
+
+        let (code, report) = bench(&args(&[&["consume", "--messages", "100", "--verify"], common], &target));
+        assert_eq!(code, 0, "{report}");
+        let result = report["result"].as_str().unwrap();
+        assert!(result.starts_with("verified 100 of 100 messages consumed"), "{result}");
+    }
+
+    #[test]
+    fn consume_refuses_a_missing_topic_unless_asked_to_create_it() {
+        let broker = FakeBroker::start().unwrap();
+        let target = target(&broker, "kafka");
+        let consume: &[&str] = &["consume", "--topic", "absent", "--json", "--idle-secs", "0.2"];
+        let cli =
+            Cli::try_parse_from(std::iter::once("pyralog-bench").chain(args(&[consume], &target))).unwrap();
+        let error = format!("{:#}", run(cli.command).unwrap_err());
+        assert!(error.contains("topic 'absent' does not exist, nothing to consume"), "{error}");
+        assert!(error.contains("--create-topic"), "{error}");
+        assert!(broker.next_offset("absent", 0).is_none(), "refused, so not created");
+
+        let (code, report) = bench(&args(&[consume, &["--create-topic", "--partitions", "3"]], &target));
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["consumed"], 0);
+        assert_eq!(broker.next_offset("absent", 2), Some(0), "created with 3 partitions");
+    }
+
+    #[test]
+    fn the_timeline_has_a_row_per_second() {
+        let broker = FakeBroker::start().unwrap();
+        let file = std::env::temp_dir().join(format!("pyralog-bench-timeline-{}.csv", std::process::id()));
+        let path = file.to_str().unwrap();
+        let produce: &[&str] =
+            &["produce", "--topic", "t", "--json", "--duration", "2.5", "--rate", "1000", "--timeline", path];
+        let (code, report) = bench(&args(&[produce], &target(&broker, "native")));
+        assert_eq!(code, 0, "{report}");
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some(stats::TIMELINE_HEADER));
+        let rows: Vec<Vec<f64>> =
+            lines.map(|line| line.split(',').map(|field| field.parse().unwrap()).collect()).collect();
+        // Rows at 1 s and 2 s, and the part-second to the end of the run.
+        assert_eq!(rows.len(), 3, "{text}");
+        for (row, second) in rows.iter().zip([1.0, 2.0, 2.5]) {
+            assert_eq!(row.len(), 7, "{text}");
+            assert!((row[0] - second).abs() < 0.3, "elapsed {} for second {second}: {text}", row[0]);
+            assert!((700.0..1300.0).contains(&row[1]), "about 1000 msg/s: {text}");
+            assert!(row[3] <= row[4] && row[4] <= row[5], "p50 <= p99 <= max: {text}");
+            assert_eq!(row[6], 0.0, "no errors: {text}");
         }
     }
 }

@@ -62,6 +62,11 @@ pub struct Run {
     pub consumed_bytes: AtomicU64,
     /// Messages below the high watermarks that consumers had not read when they stopped.
     pub unread: AtomicU64,
+    /// When the last record was received, in ns since `start`: the end of the time a consume
+    /// spent receiving (its rate leaves out the idle wait that ends it).
+    pub last_record_ns: AtomicU64,
+    /// Why each consumer stopped, one sentence per distinct reason.
+    pub consume_stopped: Mutex<Vec<String>>,
     pub producers_done: AtomicBool,
     pub produce_latency: LatencySet,
     pub consume_latency: LatencySet,
@@ -87,6 +92,8 @@ impl Run {
             consumed: AtomicU64::new(0),
             consumed_bytes: AtomicU64::new(0),
             unread: AtomicU64::new(0),
+            last_record_ns: AtomicU64::new(0),
+            consume_stopped: Mutex::new(Vec::new()),
             producers_done: AtomicBool::new(false),
             produce_latency: LatencySet::default(),
             send_lag: LatencySet::default(),
@@ -122,6 +129,19 @@ impl Run {
 
     pub fn broker_gone(&self) -> Option<String> {
         self.broker_gone.lock().expect("no panics under this lock").clone()
+    }
+
+    /// Records why a consumer stopped (each distinct reason once).
+    pub fn consumer_stopped(&self, reason: String) {
+        let mut reasons = self.consume_stopped.lock().expect("no panics under this lock");
+        if !reasons.contains(&reason) {
+            reasons.push(reason);
+        }
+    }
+
+    /// Why the consumers stopped, as one sentence.
+    pub fn consume_stopped(&self) -> String {
+        self.consume_stopped.lock().expect("no panics under this lock").join("; ")
     }
 }
 
@@ -164,12 +184,34 @@ impl Mode {
         }
     }
 
+    /// The name of the latency the report leads with.
+    pub fn latency_name(self) -> &'static str {
+        match self {
+            Mode::Produce => "acknowledgement latency",
+            Mode::Consume => "record age at consume",
+            Mode::EndToEnd => "end-to-end latency",
+            Mode::Fetch => "fetch round trip",
+        }
+    }
+
     fn latency_meaning(self) -> &'static str {
         match self {
-            Mode::Produce => "enqueue (or intended send) to acknowledgement",
-            Mode::Consume => "record age at consume (now - record timestamp, ms resolution)",
-            Mode::EndToEnd => "send (or intended send) to consume",
-            Mode::Fetch => "fetch request to response, reading near the end of the log",
+            Mode::Produce => "from enqueue (or intended send under --rate) to acknowledgement",
+            Mode::Consume => {
+                "from the record's timestamp, set when it was produced, to its consumption; \
+                 ms resolution, and includes how long the record waited in the log before this run"
+            }
+            Mode::EndToEnd => "from send (or intended send under --rate) to consumption, on one clock",
+            Mode::Fetch => "from fetch request to response, reading near the end of the log",
+        }
+    }
+
+    /// The seconds a rate is counted over: a consume counts from its start to its last
+    /// record received, leaving out the wait (--idle-secs, --duration) after the data ran out.
+    pub fn rate_seconds(self, run: &Run, seconds: f64) -> f64 {
+        match self {
+            Mode::Consume => run.last_record_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            Mode::Produce | Mode::EndToEnd | Mode::Fetch => seconds,
         }
     }
 }
@@ -189,6 +231,76 @@ pub fn progress(mode: Mode, run: &Run, previous: &mut (Instant, u64, u64)) {
     *previous = (now, messages, bytes);
 }
 
+/// `--timeline FILE`: one CSV row per second of the run, so a stall shows as the seconds it
+/// lasted instead of being averaged into the report. Each row covers the time since the
+/// previous one: its throughput (the mode's count, as the report's), the latency of the
+/// records completed in it (empty when none were) and the errors counted in it. The last row
+/// covers the part-second before the run ended.
+pub struct Timeline {
+    out: std::io::BufWriter<std::fs::File>,
+    path: std::path::PathBuf,
+    /// Counts, errors and latencies at the previous row.
+    at: Instant,
+    messages: u64,
+    bytes: u64,
+    errors: u64,
+    latency: Histogram<u64>,
+}
+
+pub const TIMELINE_HEADER: &str = "elapsed_s,messages_per_s,mb_per_s,p50_ms,p99_ms,max_ms,errors";
+
+impl Timeline {
+    pub fn create(path: &std::path::Path, run: &Run) -> anyhow::Result<Timeline> {
+        use anyhow::Context;
+        use std::io::Write;
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create the --timeline file {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        writeln!(out, "{TIMELINE_HEADER}")?;
+        Ok(Timeline {
+            out,
+            path: path.to_owned(),
+            at: run.start,
+            messages: 0,
+            bytes: 0,
+            errors: 0,
+            latency: new_histogram(),
+        })
+    }
+
+    /// Writes the row of the time since the previous one.
+    pub fn row(&mut self, mode: Mode, run: &Run) {
+        use std::io::Write;
+        let now = Instant::now();
+        let seconds = now.duration_since(self.at).as_secs_f64().max(1e-9);
+        let (messages, bytes) = mode.throughput(run);
+        let errors = run.errors.load(Ordering::Relaxed);
+        let latency = mode.latency(run);
+        let mut interval = latency.clone();
+        // Counts only grow, so the previous histogram is inside this one.
+        interval.subtract(&self.latency).expect("same bounds, and counts only grow");
+        let ms = |us: u64| format!("{:.3}", us as f64 / 1e3);
+        let (p50, p99, max) = if interval.is_empty() {
+            (String::new(), String::new(), String::new())
+        } else {
+            (ms(interval.value_at_quantile(0.5)), ms(interval.value_at_quantile(0.99)), ms(interval.max()))
+        };
+        let written = writeln!(
+            self.out,
+            "{:.3},{:.1},{:.3},{p50},{p99},{max},{}",
+            now.duration_since(run.start).as_secs_f64(),
+            (messages - self.messages) as f64 / seconds,
+            (bytes - self.bytes) as f64 / seconds / 1e6,
+            errors - self.errors,
+        );
+        if let Err(error) = written.and_then(|()| self.out.flush()) {
+            eprintln!("pyralog-bench: writing the --timeline file {}: {error}", self.path.display());
+        }
+        (self.at, self.messages, self.bytes, self.errors, self.latency) =
+            (now, messages, bytes, errors, latency);
+    }
+}
+
 /// The final numbers of a run.
 pub struct Report {
     pub mode: Mode,
@@ -202,20 +314,23 @@ impl Report {
     pub fn json(&self, run: &Run) -> serde_json::Value {
         let (messages, bytes) = self.mode.throughput(run);
         let latency = self.mode.latency(run);
-        let seconds = self.seconds.max(1e-9);
+        let rate_seconds = self.mode.rate_seconds(run, self.seconds);
+        let per_second = |count: u64| if rate_seconds > 0.0 { count as f64 / rate_seconds } else { 0.0 };
         let mut object = serde_json::json!({
             "mode": self.mode.name(),
             "protocol": self.protocol,
             "messages": messages,
             "bytes": bytes,
             "seconds": self.seconds,
-            "msgs_per_sec": messages as f64 / seconds,
-            "mb_per_sec": bytes as f64 / seconds / 1e6,
+            "rate_seconds": rate_seconds,
+            "msgs_per_sec": per_second(messages),
+            "mb_per_sec": per_second(bytes) / 1e6,
             "sent": run.sent.load(Ordering::Relaxed),
             "acked": run.acked.load(Ordering::Relaxed),
             "unacknowledged": run.unacknowledged.load(Ordering::Relaxed),
             "consumed": run.consumed.load(Ordering::Relaxed),
             "errors": run.errors.load(Ordering::Relaxed),
+            "latency_name": self.mode.latency_name(),
             "latency_meaning": self.mode.latency_meaning(),
             "latency_us": latency_json(&latency),
             "broker_gone": run.broker_gone(),
@@ -223,6 +338,9 @@ impl Report {
         });
         if self.mode == Mode::EndToEnd {
             object["ack_latency_us"] = latency_json(&run.produce_latency.merged());
+        }
+        if matches!(self.mode, Mode::Consume | Mode::EndToEnd) {
+            object["consume_stopped"] = run.consume_stopped().into();
         }
         let send_lag = run.send_lag.merged();
         if !send_lag.is_empty() {
@@ -241,20 +359,32 @@ impl Report {
         println!("messages     {}", json["messages"]);
         println!("MB           {:.1}", json["bytes"].as_f64().unwrap_or(0.0) / 1e6);
         println!("seconds      {:.2}", self.seconds);
+        if self.mode == Mode::Consume {
+            println!(
+                "receiving    {:.2} s (from the start to the last record received; the rates count these)",
+                json["rate_seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
         println!("msgs/s       {:.0}", json["msgs_per_sec"].as_f64().unwrap_or(0.0));
         println!("MB/s         {:.1}", json["mb_per_sec"].as_f64().unwrap_or(0.0));
         println!(
             "sent {} acked {} unacknowledged {} consumed {} errors {}",
             json["sent"], json["acked"], json["unacknowledged"], json["consumed"], json["errors"]
         );
-        println!("latency ({}), us:", self.mode.latency_meaning());
+        if let Some(reasons) = json.get("consume_stopped").and_then(|r| r.as_str()) {
+            println!("consumers stopped: {reasons}");
+        }
+        println!("{}, us ({}):", self.mode.latency_name(), self.mode.latency_meaning());
         println!(
             "  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
             latency["p50"], latency["p90"], latency["p99"], latency["p999"], latency["max"]
         );
         if self.mode == Mode::EndToEnd {
             let ack = &json["ack_latency_us"];
-            println!("ack latency, us:\n  p50 {}  p99 {}  max {}", ack["p50"], ack["p99"], ack["max"]);
+            println!(
+                "acknowledgement latency, us (enqueue to acknowledgement):\n  p50 {}  p99 {}  max {}",
+                ack["p50"], ack["p99"], ack["max"]
+            );
         }
         if let Some(lag) = json.get("send_lag_us") {
             println!(
@@ -263,9 +393,21 @@ impl Report {
             );
         }
         // The problems themselves went to stderr as they were found.
-        for (key, value) in self.extra.iter().filter(|(key, _)| *key != "problems") {
-            println!("{key:<16} {value}");
+        for (key, value) in
+            self.extra.iter().filter(|(key, _)| !matches!(key.as_str(), "problems" | "result"))
+        {
+            println!("{key:<16} {value:<8} {}", explain(key));
         }
+    }
+}
+
+/// What a report's extra key means, for the human report.
+fn explain(key: &str) -> &'static str {
+    match key {
+        "verify_producers" => "distinct producer ids seen in the payloads",
+        "verify_problems" => "duplicates, reorders, corrupt payloads and missing sequences found",
+        "verify_unread" => "messages left unread below the partitions' ends (gaps are checked only at 0)",
+        _ => "",
     }
 }
 

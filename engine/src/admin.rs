@@ -1,31 +1,44 @@
 //! `pyralog topic create|list|describe|delete`: topic management over the native protocol.
+//!
+//! Errors are the client's as they come: they already name the address (a node not running,
+//! a Kafka port given as --broker) or the topic, in words a person can act on.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Subcommand;
 use pyralog_net::client::Client;
 use pyralog_net::codec::ErrorCode;
 
 #[derive(Debug, Subcommand)]
 pub enum TopicAction {
-    /// Create a topic.
+    /// Create a topic. Its partitions are spread over the node's shards.
     Create {
+        /// The topic's name.
         name: String,
+        /// How many partitions the topic has; fixed once it is created.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
     },
-    /// List topics and their partition counts.
+    /// List the node's topics, one per line: name and partition count.
     List,
-    /// Show where each partition of a topic lives and its offsets.
-    Describe { name: String },
-    /// Delete a topic and all its data.
-    Delete { name: String },
+    /// Show each partition of a topic: its shard, the shard's port, its log start offset and
+    /// its high watermark (the offset the next record will get).
+    Describe {
+        /// The topic's name.
+        name: String,
+    },
+    /// Delete a topic and all its data; this cannot be undone.
+    Delete {
+        /// The topic's name.
+        name: String,
+    },
 }
 
 pub fn run(broker: &str, action: TopicAction) -> Result<()> {
-    let client = Client::connect(broker).with_context(|| format!("connecting to {broker}"))?;
+    // The client's connection errors name the address and what to do: no context to add.
+    let client = Client::connect(broker)?;
     match action {
         TopicAction::Create { name, partitions } => {
-            client.create_topic(&name, partitions).with_context(|| format!("creating topic '{name}'"))?;
+            client.create_topic(&name, partitions)?;
             println!("created topic '{name}' with {partitions} partitions");
         }
         TopicAction::List => {
@@ -39,8 +52,10 @@ pub fn run(broker: &str, action: TopicAction) -> Result<()> {
             let Some(topic) = metadata.topics.into_iter().find(|t| t.name == name) else {
                 bail!("the node did not describe topic '{name}'");
             };
-            if topic.error != ErrorCode::None {
-                bail!("topic '{name}': {:?}", topic.error);
+            match topic.error {
+                ErrorCode::None => {}
+                ErrorCode::UnknownTopic => bail!("topic '{name}' does not exist"),
+                error => bail!("topic '{name}': {error}"),
             }
             println!("topic '{name}': {} partitions", topic.partitions.len());
             println!("partition\tshard\tport\tlog start\thigh watermark");
@@ -51,7 +66,7 @@ pub fn run(broker: &str, action: TopicAction) -> Result<()> {
             }
         }
         TopicAction::Delete { name } => {
-            client.delete_topic(&name).with_context(|| format!("deleting topic '{name}'"))?;
+            client.delete_topic(&name)?;
             println!("deleted topic '{name}'");
         }
     }

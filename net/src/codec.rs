@@ -211,6 +211,30 @@ impl ResponseFrame {
     }
 }
 
+/// What a code means, in the words an error shown to a person uses ("the topic does not
+/// exist"). The generated type's `Debug` gives the Rust name (`UnknownTopic`), for logs of tests.
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = match *self {
+            ErrorCode::None => "no error",
+            ErrorCode::UnknownTopic => "the topic does not exist",
+            ErrorCode::UnknownPartition => "the topic has no such partition",
+            ErrorCode::CorruptBatch => "the record batch is corrupt",
+            ErrorCode::InvalidRequest => "the request is invalid",
+            ErrorCode::MessageTooLarge => "the message is larger than the node accepts",
+            ErrorCode::TopicAlreadyExists => "the topic already exists",
+            ErrorCode::StorageError => "the node's storage failed",
+            ErrorCode::OffsetOutOfRange => "the offset is outside the partition's log",
+            ErrorCode::UnsupportedRequest => "the node does not serve this request",
+            ErrorCode::InvalidTopic => "the topic name is not valid",
+            ErrorCode::ShuttingDown => "the node is shutting down",
+            ErrorCode::Overloaded => "the node is overloaded; try again later",
+            other => return write!(f, "error code {} (unknown to this client)", other.0),
+        };
+        f.write_str(text)
+    }
+}
+
 /// Reads the length prefix of a frame: the bytes of the frame body that follow it.
 pub fn frame_body_bytes(prefix: [u8; FRAME_PREFIX_BYTES]) -> usize {
     u32::from_be_bytes(prefix) as usize

@@ -129,6 +129,11 @@ impl<H: Handler> Protocol for Native<H> {
                 let response = ResponseFrame::error(correlation_id.unwrap_or(0), code, error.to_string());
                 match correlation_id {
                     Some(_) => Decoded::Reply(response),
+                    // A native frame would not be read by a Kafka client: say why, and close.
+                    None if wrong_protocol::is_kafka_request(&frame) => {
+                        eprintln!("{}", wrong_protocol::KAFKA_ON_NATIVE);
+                        Decoded::Close(None)
+                    }
                     None => Decoded::Close(Some(response)),
                 }
             }
@@ -464,7 +469,7 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
 
     fn decode(&self, frame: Bytes) -> Decoded<kafka::Request, KafkaResponse> {
         let prefix = kafka::RequestPrefix::peek(&frame);
-        match kafka::decode_request(frame) {
+        match kafka::decode_request(frame.clone()) {
             Ok(request) => Decoded::Request(request),
             Err(kafka::RequestError::UnsupportedVersion { api_key: kafka::api::API_VERSIONS, version }) => {
                 let correlation_id = prefix.map_or(0, |p| p.correlation_id);
@@ -475,7 +480,12 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
                     body: KafkaBody::Encoded(kafka::api_versions_unsupported(correlation_id)),
                 })
             }
-            Err(_) => Decoded::Close(None),
+            Err(_) => {
+                if codec::decode_request(&frame).is_ok() {
+                    eprintln!("{}", wrong_protocol::NATIVE_ON_KAFKA);
+                }
+                Decoded::Close(None)
+            }
         }
     }
 
@@ -507,5 +517,71 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
             out.shared(chunk);
         }
         Ok(())
+    }
+}
+
+/// A client of one protocol on the other's listener: the node closes its connection, as it
+/// does for any frame it cannot read, and says on stderr what happened and where that client
+/// belongs, once per connection. Only frames that fail to decode are looked at, so the check
+/// costs nothing on the request path.
+mod wrong_protocol {
+    /// Highest Kafka API key and version taken for a Kafka request header (Kafka's own stay
+    /// below 100 and 20). A native frame opens with its envelope's length, which read as key
+    /// and version gives key 0 and a version of that length, over 30 for any envelope.
+    const KAFKA_API_KEY_MAX: i16 = 100;
+    const KAFKA_API_VERSION_MAX: i16 = 30;
+    /// api_key, api_version, correlation_id, client id length.
+    const KAFKA_HEADER_BYTES: usize = 10;
+
+    pub const KAFKA_ON_NATIVE: &str = "pyralog: a Kafka client connected to the native listener \
+        (--listen); closing its connection. Kafka clients connect to the Kafka listener \
+        (--kafka-listen, default 127.0.0.1:9092)";
+    pub const NATIVE_ON_KAFKA: &str = "pyralog: a native Pyralog client connected to the Kafka \
+        listener (--kafka-listen); closing its connection. Native clients connect to the native \
+        listener (--listen, default 127.0.0.1:7070)";
+
+    /// Whether a frame body that is not a native request reads as a Kafka request header:
+    /// API key and version in Kafka's ranges, and a client id (nullable string) that fits.
+    pub fn is_kafka_request(frame: &[u8]) -> bool {
+        let Some(header) = frame.get(..KAFKA_HEADER_BYTES) else { return false };
+        let field = |at: usize| i16::from_be_bytes([header[at], header[at + 1]]);
+        let (api_key, api_version, client_id_bytes) = (field(0), field(2), field(8));
+        let client_id_fits = client_id_bytes == -1
+            || usize::try_from(client_id_bytes).is_ok_and(|bytes| bytes <= frame.len() - KAFKA_HEADER_BYTES);
+        (0..=KAFKA_API_KEY_MAX).contains(&api_key)
+            && (0..=KAFKA_API_VERSION_MAX).contains(&api_version)
+            && client_id_fits
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::codec::{self, Request};
+        use crate::kafka::{self, messages::request_header::RequestHeader, RequestBody};
+
+        fn kafka_frame(api_key: i16, version: i16, client_id: Option<&str>) -> Vec<u8> {
+            let header = RequestHeader {
+                request_api_key: api_key,
+                request_api_version: version,
+                correlation_id: 7,
+                client_id: client_id.map(str::to_owned),
+            };
+            let frame =
+                kafka::encode_request(&header, &RequestBody::ApiVersions(Default::default())).unwrap();
+            frame[kafka::FRAME_PREFIX_BYTES..].to_vec()
+        }
+
+        #[test]
+        fn kafka_request_headers_are_recognised_and_native_frames_are_not() {
+            assert!(is_kafka_request(&kafka_frame(kafka::api::API_VERSIONS, 3, Some("rdkafka"))));
+            assert!(is_kafka_request(&kafka_frame(kafka::api::API_VERSIONS, 0, None)));
+            let mut native = bytes::BytesMut::new();
+            codec::encode_request(1, &Request::Metadata { topics: vec!["t".repeat(200)] }, &mut native);
+            assert!(!is_kafka_request(&native[codec::FRAME_PREFIX_BYTES..]));
+            assert!(!is_kafka_request(&[0, 18, 0, 3]), "too short for a header");
+            let mut lying = kafka_frame(kafka::api::API_VERSIONS, 3, Some("id"));
+            lying[8..10].copy_from_slice(&500i16.to_be_bytes());
+            assert!(!is_kafka_request(&lying), "a client id longer than the frame");
+        }
     }
 }

@@ -253,8 +253,8 @@ fn read_records<P>(
             Ok(record) => record,
             // The fetch was cut by max_bytes: the rest comes with the next fetch.
             Err(BatchError::Truncated { at, .. }) if at > 0 || batches_read => break,
-            Err(source) => {
-                return Err(ClientError::CorruptBatch { topic: topic.to_owned(), partition, source })
+            Err(error) => {
+                return Err(ClientError::CorruptBatch { topic: topic.to_owned(), partition, error })
             }
         };
         batches_read = true;

@@ -182,7 +182,14 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, serve: fn(TcpStream
     }
 }
 
-fn serve(mut stream: TcpStream, shared: &Shared) {
+fn serve(stream: TcpStream, shared: &Shared) {
+    serve_requests(&stream, shared);
+    // The acceptor keeps a clone of the stream: close it so the client sees the end, as it
+    // does when the node closes a connection whose frame it cannot read.
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn serve_requests(mut stream: &TcpStream, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     let mut out = BytesMut::new();
     loop {
@@ -222,17 +229,20 @@ fn handle(shared: &Shared, correlation_id: u64, request: Request) -> Option<Resp
         Request::CreateTopic { name, partitions } => {
             let mut state = shared.lock();
             if state.topics.contains_key(&name) {
-                return Some(ResponseFrame::error(correlation_id, ErrorCode::TopicAlreadyExists, name));
+                let message = format!("topic '{name}' already exists");
+                return Some(ResponseFrame::error(correlation_id, ErrorCode::TopicAlreadyExists, message));
             }
             if name.is_empty() || partitions == 0 {
-                return Some(ResponseFrame::error(correlation_id, ErrorCode::InvalidTopic, name));
+                let message = format!("invalid topic: '{name}' with {partitions} partitions");
+                return Some(ResponseFrame::error(correlation_id, ErrorCode::InvalidTopic, message));
             }
             state.topics.insert(name, (0..partitions).map(|_| PartitionLog::default()).collect());
             Response::CreateTopic
         }
         Request::DeleteTopic { name } => {
             if shared.lock().topics.remove(&name).is_none() {
-                return Some(ResponseFrame::error(correlation_id, ErrorCode::UnknownTopic, name));
+                let message = format!("unknown topic '{name}'");
+                return Some(ResponseFrame::error(correlation_id, ErrorCode::UnknownTopic, message));
             }
             Response::DeleteTopic
         }

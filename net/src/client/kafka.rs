@@ -21,7 +21,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::pipeline::{ConnectOptions, Doorbell, Framing, Matching, PendingResponse, Pipeline};
 use super::transport::{Pending, Transport};
-use super::{batch, Acks, ClientError, ErrorCode, FetchResult, ProduceAck, Result, UNACKNOWLEDGED};
+use super::{
+    batch, probe, Acks, ClientError, ErrorCode, FetchResult, ProduceAck, Protocol, Result, UNACKNOWLEDGED,
+};
 use crate::kafka::messages::api_versions_request::ApiVersionsRequest;
 use crate::kafka::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
 use crate::kafka::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
@@ -34,18 +36,38 @@ use crate::kafka::messages::request_header::RequestHeader;
 use crate::kafka::wire::{DecodeError, EncodeError, Records, Uuid, Writer};
 use crate::kafka::{self, api, error, RequestBody, ResponseBody};
 
+/// Each cause is part of its variant's message and not also a `source`, so a report that
+/// prints the chain shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaClientError {
     #[error("connection: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("encoding the request: {0}")]
-    Encode(#[from] EncodeError),
+    Encode(EncodeError),
     #[error("decoding the response: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
     #[error("response {got} arrived while {expected} was expected")]
     OutOfOrder { expected: i32, got: i32 },
     #[error("response frame of {0} bytes is not a frame")]
     BadFrame(i32),
+}
+
+impl From<std::io::Error> for KafkaClientError {
+    fn from(error: std::io::Error) -> KafkaClientError {
+        KafkaClientError::Io(error)
+    }
+}
+
+impl From<EncodeError> for KafkaClientError {
+    fn from(error: EncodeError) -> KafkaClientError {
+        KafkaClientError::Encode(error)
+    }
+}
+
+impl From<DecodeError> for KafkaClientError {
+    fn from(error: DecodeError) -> KafkaClientError {
+        KafkaClientError::Decode(error)
+    }
 }
 
 /// Largest response accepted.
@@ -347,10 +369,13 @@ impl KafkaClient {
             client_software_name: CLIENT_ID.to_owned(),
             client_software_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        let body = connection.call((3, &RequestBody::ApiVersions(request)))?;
+        // A client pointed at a native listener fails here: say so, rather than "closed".
+        let body = connection
+            .call((3, &RequestBody::ApiVersions(request)))
+            .map_err(|error| probe::explain(error, addr, Protocol::Kafka, options.connect_timeout))?;
         let ResponseBody::ApiVersions(response) = body else { return Err(unexpected("api_versions")) };
         if response.error_code != error::NONE {
-            return Err(kafka_error(response.error_code, "ApiVersions v3".to_owned()));
+            return Err(kafka_error(response.error_code, "the broker's ApiVersions v3 answer", None));
         }
         let offered: Vec<_> =
             response.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
@@ -408,17 +433,19 @@ impl KafkaClient {
         let body =
             self.connection()?.call((self.shared.versions.metadata, &RequestBody::Metadata(request)))?;
         let ResponseBody::Metadata(metadata) = body else { return Err(unexpected("metadata")) };
-        let info =
-            metadata.topics.into_iter().find(|t| t.name.as_deref() == Some(topic)).ok_or_else(|| {
-                ClientError::Server {
-                    code: ErrorCode::UnknownTopic,
-                    message: format!("topic {topic:?} is not in the metadata"),
-                }
-            })?;
+        let info = metadata
+            .topics
+            .into_iter()
+            .find(|t| t.name.as_deref() == Some(topic))
+            .ok_or_else(|| super::topic_error(ErrorCode::UnknownTopic, topic))?;
         let mut cache = self.shared.partitions.write().unwrap_or_else(|p| p.into_inner());
+        if info.error_code == error::UNKNOWN_TOPIC_OR_PARTITION {
+            cache.remove(topic);
+            return Err(super::topic_error(ErrorCode::UnknownTopic, topic));
+        }
         if info.error_code != error::NONE {
             cache.remove(topic);
-            return Err(kafka_error(info.error_code, format!("topic {topic:?}")));
+            return Err(kafka_error(info.error_code, &format!("topic '{topic}'"), None));
         }
         let count = u32::try_from(info.partitions.len()).expect("partition ids are i32");
         cache.insert(topic.to_owned(), count);
@@ -498,8 +525,8 @@ impl Transport for KafkaClient {
             ClientError::UnexpectedResponse { op: "create_topics", got: "no result".into() }
         })?;
         if result.error_code != error::NONE {
-            let message = result.error_message.filter(|m| !m.is_empty()).unwrap_or_else(|| topic.to_owned());
-            return Err(kafka_error(result.error_code, message));
+            let context = format!("creating topic '{topic}'");
+            return Err(kafka_error(result.error_code, &context, result.error_message.as_deref()));
         }
         self.refresh_partitions(topic).map(drop)
     }
@@ -529,7 +556,7 @@ impl Transport for KafkaClient {
             .find(|p| p.partition_index == partition_index(partition))
             .ok_or_else(|| super::missing_partition("list_offsets", partition))?;
         if result.error_code != error::NONE {
-            return Err(kafka_error(result.error_code, format!("{topic}/{partition}")));
+            return Err(kafka_error(result.error_code, &format!("{topic}/{partition}"), None));
         }
         Ok(result.offset)
     }
@@ -616,8 +643,8 @@ impl KafkaProducePending {
             .find(|p| p.index == partition_index(self.partition))
             .ok_or_else(|| super::missing_partition("produce", self.partition))?;
         if result.error_code != error::NONE {
-            let message = result.error_message.unwrap_or_else(|| format!("partition {}", self.partition));
-            return Err(kafka_error(result.error_code, message));
+            let context = format!("producing to partition {}", self.partition);
+            return Err(kafka_error(result.error_code, &context, result.error_message.as_deref()));
         }
         Ok(ProduceAck {
             base_offset: result.base_offset,
@@ -661,7 +688,7 @@ impl KafkaFetchPending {
     fn result(partition: u32, body: ResponseBody) -> Result<FetchResult> {
         let ResponseBody::Fetch(response) = body else { return Err(unexpected("fetch")) };
         if response.error_code != error::NONE {
-            return Err(kafka_error(response.error_code, "fetch".to_owned()));
+            return Err(kafka_error(response.error_code, "fetch", None));
         }
         let result = response
             .responses
@@ -670,7 +697,11 @@ impl KafkaFetchPending {
             .find(|p| p.partition_index == partition_index(partition))
             .ok_or_else(|| super::missing_partition("fetch", partition))?;
         if result.error_code != error::NONE {
-            return Err(kafka_error(result.error_code, format!("partition {partition}")));
+            return Err(kafka_error(
+                result.error_code,
+                &format!("fetching from partition {partition}"),
+                None,
+            ));
         }
         Ok(FetchResult {
             partition,
@@ -706,8 +737,9 @@ fn unexpected(op: &'static str) -> ClientError {
 
 /// A Kafka error code as a [`ClientError`]: as the native [`ErrorCode`] with the same meaning
 /// where there is one, so callers handle both protocols alike, as [`ClientError::Kafka`]
-/// otherwise.
-pub fn kafka_error(code: i16, message: String) -> ClientError {
+/// otherwise. The message is the broker's own when it sent one, else `context` and what the
+/// code means.
+pub fn kafka_error(code: i16, context: &str, broker_message: Option<&str>) -> ClientError {
     let native = match code {
         error::UNKNOWN_TOPIC_OR_PARTITION => ErrorCode::UnknownTopic,
         error::TOPIC_ALREADY_EXISTS => ErrorCode::TopicAlreadyExists,
@@ -719,9 +751,15 @@ pub fn kafka_error(code: i16, message: String) -> ClientError {
         error::INVALID_REQUEST => ErrorCode::InvalidRequest,
         error::UNSUPPORTED_VERSION => ErrorCode::UnsupportedRequest,
         error::NOT_LEADER_OR_FOLLOWER => ErrorCode::ShuttingDown,
-        _ => return ClientError::Kafka { code, message },
+        _ => ErrorCode::None,
     };
-    ClientError::Server { code: native, message: format!("{message} (Kafka error {code})") }
+    let broker_message = broker_message.filter(|message| !message.is_empty());
+    if native == ErrorCode::None {
+        let message = broker_message.map_or_else(|| context.to_owned(), |m| format!("{context}: {m}"));
+        return ClientError::Kafka { code, message };
+    }
+    let meaning = broker_message.map_or_else(|| native.to_string(), str::to_owned);
+    ClientError::Server { code: native, message: format!("{context}: {meaning} (Kafka error {code})") }
 }
 
 #[cfg(test)]

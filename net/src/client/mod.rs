@@ -29,6 +29,7 @@ pub mod fake_broker;
 pub mod kafka;
 pub mod partitioner;
 pub mod pipeline;
+pub mod probe;
 pub mod producer;
 pub mod transport;
 
@@ -66,39 +67,102 @@ pub const OFFSET_UNACKNOWLEDGED: i64 = -1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot resolve broker address {addr:?}: {reason}")]
+    #[error("cannot resolve broker address '{addr}': {reason}")]
     Resolve { addr: String, reason: String },
-    #[error("cannot connect to broker {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message, not a `source`: a report that prints the chain
+    /// would show the cause twice.
+    #[error("{}", connect_text(*.addr, .error))]
+    Connect { addr: SocketAddr, error: std::io::Error },
+    /// The port answered, but in the other protocol (see [`probe`]).
+    #[error("{}", wrong_protocol_text(*.addr, *.found))]
+    WrongProtocol { addr: SocketAddr, found: Protocol },
     #[error("connection to broker {addr} lost: {reason}")]
     Disconnected { addr: SocketAddr, reason: String },
-    #[error("{op} request to {addr} got no response within {waited:?}")]
+    #[error("{op} request to {addr} got no response within {} ms", .waited.as_millis())]
     Timeout { addr: SocketAddr, op: &'static str, waited: Duration },
-    #[error("server error {code:?}: {message}")]
+    /// The broker's message when it sent one (a sentence naming what failed), else what the
+    /// code means.
+    #[error("{}", if .message.is_empty() { .code.to_string() } else { .message.clone() })]
     Server { code: ErrorCode, message: String },
     /// A Kafka error code with no native [`ErrorCode`] counterpart (those that have one are
     /// reported as [`ClientError::Server`], so callers handle both protocols alike).
-    #[error("Kafka error {code}: {message}")]
+    #[error("{message} (Kafka error {code})")]
     Kafka { code: i16, message: String },
     #[error("{op}: the broker answered with {got}")]
     UnexpectedResponse { op: &'static str, got: String },
-    #[error("topic {topic:?} has {partitions} partitions, there is no partition {partition}")]
+    #[error("topic '{topic}' has {partitions} partitions, there is no partition {partition}")]
     UnknownPartition { topic: String, partition: u32, partitions: u32 },
-    #[error("records fetched from {topic}/{partition} are corrupt: {source}")]
-    CorruptBatch {
-        topic: String,
-        partition: u32,
-        #[source]
-        source: BatchError,
-    },
+    /// The batch error is part of the message, not a `source`, as for `Connect`.
+    #[error("records fetched from {topic}/{partition} are corrupt: {error}")]
+    CorruptBatch { topic: String, partition: u32, error: BatchError },
     #[error("a record of {bytes} bytes exceeds the {max}-byte batch limit")]
     RecordTooLarge { bytes: usize, max: usize },
     #[error("{failed_batches} batches failed since the last flush; the first: {first}")]
     DeliveryFailed { failed_batches: u64, first: String },
+}
+
+/// The two protocols a Pyralog node listens for, each on its own port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Pyralog's own protocol: the node's `--listen` port, 127.0.0.1:7070 by default.
+    Native,
+    /// The Kafka wire protocol: the node's `--kafka-listen` port, 127.0.0.1:9092 by default.
+    Kafka,
+}
+
+impl Protocol {
+    /// The node's default address for this protocol.
+    pub fn default_addr(self) -> &'static str {
+        match self {
+            Protocol::Native => "127.0.0.1:7070",
+            Protocol::Kafka => "127.0.0.1:9092",
+        }
+    }
+
+    /// The listener's name and the node's flag that sets its address.
+    fn listener(self) -> (&'static str, &'static str) {
+        match self {
+            Protocol::Native => ("native listener", "--listen"),
+            Protocol::Kafka => ("Kafka listener", "--kafka-listen"),
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Native => "Pyralog's native protocol",
+            Protocol::Kafka => "the Kafka protocol",
+        })
+    }
+}
+
+fn connect_text(addr: SocketAddr, error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::ConnectionRefused => format!(
+            "no pyralog node is listening on {addr} (connection refused): is it running? \
+             start it with `target/release/pyralog`"
+        ),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => format!(
+            "cannot connect to {addr}: no answer within the connect timeout; \
+             is the address right and the host reachable?"
+        ),
+        _ => format!("cannot connect to {addr}: {error}"),
+    }
+}
+
+fn wrong_protocol_text(addr: SocketAddr, found: Protocol) -> String {
+    let (wanted, client) = match found {
+        Protocol::Native => (Protocol::Kafka, "a native Pyralog client"),
+        Protocol::Kafka => (Protocol::Native, "a Kafka client"),
+    };
+    let ((found_name, found_flag), (wanted_name, wanted_flag)) = (found.listener(), wanted.listener());
+    format!(
+        "{addr} speaks {found}, not {wanted}: it is a node's {found_name} ({found_flag}). Connect \
+         to the node's {wanted_name} ({wanted_flag}, default {}) instead, or use {client} with \
+         this port",
+        wanted.default_addr(),
+    )
 }
 
 impl ClientError {
@@ -112,10 +176,13 @@ impl ClientError {
 impl Clone for ClientError {
     fn clone(&self) -> ClientError {
         match self {
-            ClientError::Connect { addr, source } => ClientError::Connect {
+            ClientError::Connect { addr, error } => ClientError::Connect {
                 addr: *addr,
-                source: std::io::Error::new(source.kind(), source.to_string()),
+                error: std::io::Error::new(error.kind(), error.to_string()),
             },
+            ClientError::WrongProtocol { addr, found } => {
+                ClientError::WrongProtocol { addr: *addr, found: *found }
+            }
             ClientError::Resolve { addr, reason } => {
                 ClientError::Resolve { addr: addr.clone(), reason: reason.clone() }
             }
@@ -139,10 +206,10 @@ impl Clone for ClientError {
                 partition: *partition,
                 partitions: *partitions,
             },
-            ClientError::CorruptBatch { topic, partition, source } => ClientError::CorruptBatch {
+            ClientError::CorruptBatch { topic, partition, error } => ClientError::CorruptBatch {
                 topic: topic.clone(),
                 partition: *partition,
-                source: source.clone(),
+                error: error.clone(),
             },
             ClientError::RecordTooLarge { bytes, max } => {
                 ClientError::RecordTooLarge { bytes: *bytes, max: *max }
@@ -291,7 +358,10 @@ impl Client {
                 shards: RwLock::new(Vec::new()),
             }),
         };
-        client.refresh_metadata()?;
+        // A client pointed at a Kafka listener fails here: say so, rather than "closed".
+        client.refresh_metadata().map_err(|error| {
+            probe::explain(error, addr, Protocol::Native, client.inner.options.connect_timeout)
+        })?;
         Ok(client)
     }
 
@@ -362,12 +432,14 @@ impl Client {
             return Ok(partitions.clone());
         }
         let metadata = self.metadata(&[topic])?;
-        let info =
-            metadata.topics.into_iter().find(|t| t.name == topic).ok_or_else(|| ClientError::Server {
-                code: ErrorCode::UnknownTopic,
-                message: format!("topic {topic:?} is not in the metadata"),
-            })?;
-        server_error(info.error, &format!("topic {topic:?}"))?;
+        let info = metadata
+            .topics
+            .into_iter()
+            .find(|t| t.name == topic)
+            .ok_or_else(|| topic_error(ErrorCode::UnknownTopic, topic))?;
+        if info.error != ErrorCode::None {
+            return Err(topic_error(info.error, topic));
+        }
         let mut partitions = info.partitions;
         partitions.sort_by_key(|p| p.partition);
         Ok(partitions)
@@ -515,6 +587,15 @@ fn server_error(code: ErrorCode, message: &str) -> Result<()> {
         return Ok(());
     }
     Err(ClientError::Server { code, message: message.to_owned() })
+}
+
+/// A topic's error in the metadata, as a sentence naming the topic.
+pub(crate) fn topic_error(code: ErrorCode, topic: &str) -> ClientError {
+    let message = match code {
+        ErrorCode::UnknownTopic => format!("topic '{topic}' does not exist"),
+        code => format!("topic '{topic}': {code}"),
+    };
+    ClientError::Server { code, message }
 }
 
 fn missing_partition(op: &'static str, partition: u32) -> ClientError {

@@ -252,7 +252,7 @@ impl<F: Framing> Pipeline<F> {
     /// Connects to one broker port and starts the reader. Name resolution is the caller's.
     pub fn open(addr: SocketAddr, options: ConnectOptions, framing: F) -> Result<Pipeline<F>> {
         assert!(options.max_in_flight > 0, "max_in_flight must allow one request");
-        let io_error = |source| ClientError::Connect { addr, source };
+        let io_error = |error| ClientError::Connect { addr, error };
         let stream = TcpStream::connect_timeout(&addr, options.connect_timeout).map_err(io_error)?;
         stream.set_nodelay(true).map_err(io_error)?;
         stream.set_write_timeout(Some(options.request_timeout)).map_err(io_error)?;

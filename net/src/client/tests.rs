@@ -64,7 +64,7 @@ fn server_and_client_side_errors_name_their_cause() {
     client.create_topic("t", 1).unwrap();
     let error = client.create_topic("t", 1).unwrap_err();
     assert!(matches!(error, ClientError::Server { code: ErrorCode::TopicAlreadyExists, .. }));
-    assert_eq!(error.to_string(), "server error TopicAlreadyExists: t");
+    assert_eq!(error.to_string(), "topic 't' already exists");
     let error = client.produce("t", 5, batch(&[b"x"]), Acks::Durable).unwrap_err();
     assert!(matches!(error, ClientError::UnknownPartition { partition: 5, partitions: 1, .. }), "{error}");
     let mut corrupt = BytesMut::from(&batch(&[b"x"])[..]);
@@ -372,7 +372,7 @@ fn kafka_errors_map_to_the_native_codes() {
     assert!(matches!(error, ClientError::Server { code: ErrorCode::CorruptBatch, .. }), "{error}");
     let error = kafka.fetch_async("t", 0, 99, 1024, 0).unwrap().wait().unwrap_err();
     assert!(matches!(error, ClientError::Server { code: ErrorCode::OffsetOutOfRange, .. }), "{error}");
-    let error = super::kafka::kafka_error(crate::kafka::error::GROUP_ID_NOT_FOUND, "g".into());
+    let error = super::kafka::kafka_error(crate::kafka::error::GROUP_ID_NOT_FOUND, "group g", None);
     assert!(matches!(error, ClientError::Kafka { code: 69, .. }), "{error}");
 }
 
@@ -420,4 +420,99 @@ fn a_kafka_broker_that_goes_away_fails_producers_and_consumers() {
     let reports = reports.lock().unwrap();
     assert!(reports[0].error.is_none());
     assert!(reports.len() == 1 || reports[1].error.is_some(), "the lost batch is reported as lost");
+}
+
+#[test]
+fn a_client_on_the_other_protocols_port_is_told_which_port_it_reached() {
+    let broker = FakeBroker::start().unwrap();
+    let (native, kafka) = (broker.addr(), broker.kafka_addr());
+    let error = Client::connect(&kafka.to_string()).unwrap_err();
+    assert!(matches!(error, ClientError::WrongProtocol { found: Protocol::Kafka, .. }), "{error}");
+    let text = error.to_string();
+    assert!(text.contains(&format!("{kafka} speaks the Kafka protocol")), "{text}");
+    assert!(text.contains("native listener (--listen, default 127.0.0.1:7070)"), "{text}");
+
+    let error = KafkaClient::connect(&native.to_string()).unwrap_err();
+    assert!(matches!(error, ClientError::WrongProtocol { found: Protocol::Native, .. }), "{error}");
+    let text = error.to_string();
+    assert!(text.contains(&format!("{native} speaks Pyralog's native protocol")), "{text}");
+    assert!(text.contains("Kafka listener (--kafka-listen, default 127.0.0.1:9092)"), "{text}");
+}
+
+#[test]
+fn a_port_that_speaks_neither_protocol_keeps_the_original_error() {
+    // Accepts, reads a little and closes: neither a native nor a Kafka listener.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closer = std::thread::spawn(move || {
+        for stream in listener.incoming().take(2) {
+            let mut stream = stream.unwrap();
+            let mut buf = [0u8; 16];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+        }
+    });
+    let error = Client::connect(&addr.to_string()).unwrap_err();
+    assert!(matches!(error, ClientError::Disconnected { .. }), "{error}");
+    closer.join().unwrap();
+}
+
+#[test]
+fn a_refused_connection_says_no_node_is_listening_once() {
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    for error in [
+        Client::connect(&addr.to_string()).unwrap_err(),
+        KafkaClient::connect(&addr.to_string()).unwrap_err(),
+    ] {
+        assert!(error.is_disconnect(), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!("no pyralog node is listening on {addr} (connection refused)")),
+            "{text}"
+        );
+        assert!(text.contains("target/release/pyralog"), "{text}");
+        // The cause is in the message once: nothing below it for a report to print again.
+        assert!(std::error::Error::source(&error).is_none(), "{text}");
+        assert_eq!(text.matches("refused").count(), 1, "{text}");
+    }
+}
+
+#[test]
+fn errors_name_the_topic_in_words_not_rust_names() {
+    let broker = FakeBroker::start().unwrap();
+    let native = client(&broker);
+    let kafka = kafka_client(&broker);
+    for error in
+        [native.partition_count("nope").unwrap_err(), Transport::partition_count(&kafka, "nope").unwrap_err()]
+    {
+        assert!(matches!(error, ClientError::Server { code: ErrorCode::UnknownTopic, .. }), "{error}");
+        assert_eq!(error.to_string(), "topic 'nope' does not exist");
+    }
+    assert_eq!(ErrorCode::UnknownTopic.to_string(), "the topic does not exist");
+    let silent = ClientError::Server { code: ErrorCode::Overloaded, message: String::new() };
+    assert_eq!(silent.to_string(), "the node is overloaded; try again later");
+    kafka.create_topic("t", 1).unwrap();
+    let text = kafka.create_topic("t", 1).unwrap_err().to_string();
+    assert!(!text.contains("TopicAlreadyExists"), "{text}");
+    assert!(text.contains("already exists"), "{text}");
+}
+
+#[test]
+fn no_cause_is_both_in_a_message_and_below_it() {
+    let corrupt = ClientError::CorruptBatch {
+        topic: "t".into(),
+        partition: 0,
+        error: BatchError::Magic { at: 0, magic: 1 },
+    };
+    let io = KafkaClientError::from(std::io::Error::other("reset by peer"));
+    for error in [&corrupt as &dyn std::error::Error, &io] {
+        assert!(error.source().is_none(), "{error}");
+    }
+    assert!(
+        corrupt.to_string().ends_with("magic 1, only magic 2 (RecordBatch v2) is supported"),
+        "{corrupt}"
+    );
+    assert_eq!(io.to_string(), "connection: reset by peer");
 }
