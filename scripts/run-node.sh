@@ -8,9 +8,6 @@
 #   scripts/run-node.sh [extra pyralog-bench produce flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ -z "${CARGO_TARGET_DIR:-}" ]] && mkdir -p /var/tmp/pyralog-target 2>/dev/null; then
-  export CARGO_TARGET_DIR=/var/tmp/pyralog-target
-fi
 target="${CARGO_TARGET_DIR:-target}"
 cargo build --release --locked -p pyralog -p pyralog-bench
 data_dir=$(mktemp -d /var/tmp/pyralog-run.XXXXXX)
@@ -26,3 +23,12 @@ done
 "$target/release/pyralog-bench" consume --broker 127.0.0.1:7070 --topic demo --messages 200000 --verify
 "$target/release/pyralog-bench" consume --protocol kafka --broker 127.0.0.1:9092 --topic demo --messages 200000 --verify
 "$target/release/pyralog" topic --broker 127.0.0.1:7070 describe demo
+# What an operator sees: the node's Prometheus metrics (requests per protocol and API).
+python3 - <<'PY'
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:9644/metrics", timeout=5).read().decode()
+print("metrics (http://127.0.0.1:9644/metrics), requests by protocol and API:")
+for line in text.splitlines():
+    if line.startswith("pyralog_requests_total"):
+        print("  " + line)
+PY

@@ -6,10 +6,8 @@
 # a fresh Debian machine with the Rust toolchain and Python 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# A target directory outside the clone is reused across clones (CI builds a fresh clone).
-if [[ -z "${CARGO_TARGET_DIR:-}" ]] && mkdir -p /var/tmp/pyralog-target 2>/dev/null; then
-  export CARGO_TARGET_DIR=/var/tmp/pyralog-target
-fi
+# Builds into the repository's target/ (the README's by-hand build and every script share it),
+# or into $CARGO_TARGET_DIR when set (CI keeps one across its fresh clones).
 if [[ "$(id -u)" != 0 ]]; then
   echo "scripts/test.sh: the full-disk test mounts a tmpfs and needs root" >&2
   exit 1

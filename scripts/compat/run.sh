@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-python3}
-PIP_PINS=(confluent-kafka==2.16.1 kafka-python==3.0.12 pytest==9.2.0)
+PIP_PINS=(confluent-kafka==2.16.1 kafka-python==3.0.12 matplotlib==3.11.2 prometheus-client==0.26.0 pytest==9.2.0)
 # The whole run, builds excluded, stops by itself even if a client call hangs.
 SUITE_TIMEOUT_S=900
 
@@ -37,7 +37,8 @@ if ((${#missing[@]})); then
   "$PYTHON" -m pip install --quiet --disable-pip-version-check "${missing[@]}"
 fi
 
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/pyralog-target}
+# The repository's target/ unless $CARGO_TARGET_DIR says otherwise (as every script).
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build -p pyralog -p pyralog-bench --locked
 export PYRALOG_BIN="$CARGO_TARGET_DIR/debug/pyralog"
 export PYRALOG_BENCH="$CARGO_TARGET_DIR/debug/pyralog-bench"
