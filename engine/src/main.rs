@@ -46,7 +46,7 @@ enum Command {
     /// Manage the topics of a running node.
     Topic {
         /// The node's native listener.
-        #[arg(long, default_value = "127.0.0.1:7070", global = true)]
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7070", global = true)]
         broker: String,
         #[command(subcommand)]
         action: admin::TopicAction,
@@ -73,84 +73,86 @@ pub struct NodeArgs {
     pub config: Option<PathBuf>,
     /// Where segments, indexes and topic metadata live (created if missing; relative paths are
     /// taken from the working directory).
-    #[arg(long, default_value = "./pyralog-data")]
+    #[arg(long, value_name = "DIR", default_value = "./pyralog-data")]
     pub data_dir: PathBuf,
     /// The native protocol's shared address; every shard accepts on it (SO_REUSEPORT).
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
     /// The Kafka protocol's address; every shard accepts on it (SO_REUSEPORT), so Kafka
     /// clients and tools (kcat, librdkafka, kafka-python, the Java client) work unchanged.
-    #[arg(long, default_value = "127.0.0.1:9092")]
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9092")]
     pub kafka_listen: SocketAddr,
     /// The address Kafka clients are told to connect to (metadata, coordinator lookups).
     /// Default: --kafka-listen. Set it when clients reach the node by another name or address;
     /// the per-shard Kafka ports are advertised at the same host.
-    #[arg(long)]
+    #[arg(long, value_name = "HOST:PORT")]
     pub kafka_advertise: Option<String>,
     /// First per-shard Kafka port: shard i is also Kafka broker i on this port + i, and
     /// metadata names each partition's shard as its leader, so Kafka clients send a
     /// partition's requests straight to the core that owns it. Default: the --kafka-listen
     /// port + 1. 0 picks free ports (reported in metadata).
-    #[arg(long)]
+    #[arg(long, value_name = "PORT")]
     pub kafka_shard_port_base: Option<u16>,
     /// Create a topic the first time a Kafka client asks for it in Metadata or Produce.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub auto_create_topics: bool,
     /// Partitions of an auto-created topic, and of a Kafka CreateTopics asking for the default.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_name = "COUNT", default_value_t = 1)]
     pub default_partitions: u32,
     /// How long the first member of an empty consumer group waits for others to join the
     /// same generation (Kafka's group.initial.rebalance.delay.ms).
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
     pub group_initial_rebalance_delay_ms: u64,
     /// First per-shard port: shard i also listens on this port + i, so a shard-aware client
     /// reaches a partition's owner with no cross-core hop. Default: the --listen port + 1.
     /// 0 picks free ports (reported in metadata).
-    #[arg(long)]
+    #[arg(long, value_name = "PORT")]
     pub shard_port_base: Option<u16>,
     /// Number of shards, pinned to CPUs 0..N. Default: one per available CPU.
-    #[arg(long, conflicts_with = "cpus")]
+    #[arg(long, value_name = "COUNT", conflicts_with = "cpus")]
     pub shards: Option<usize>,
     /// The CPUs to run shards on, one shard each: "0,1" or "0-3".
-    #[arg(long)]
+    #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,
     /// A segment is rolled before it grows past this many bytes (4 KiB to 4 GiB: positions in
     /// a segment are 32-bit).
-    #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(4096..=(4 << 30)))]
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(4096..=(4 << 30)))]
     pub segment_bytes: u64,
     /// Bytes of recent batches each shard keeps in memory for tailing reads.
-    #[arg(long, default_value_t = 256 << 20)]
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
     pub cache_bytes: u64,
     /// When a produce is acknowledged.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
     pub durability: DurabilityArg,
     /// Cached mode: flush at least this often (1 ms to 1 hour).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    #[arg(long, value_name = "MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub flush_interval_ms: u64,
     /// Cached mode: flush once this many bytes wait (4 KiB to 64 MiB: a partition holds at
     /// most 64 MiB not yet on disk, and a produce past that waits for the flush).
-    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
     pub flush_bytes: u64,
     /// Delete the oldest closed segments while a partition would keep at least this many bytes.
-    #[arg(long)]
+    /// Default: keep everything. Applies to every topic.
+    #[arg(long, value_name = "BYTES")]
     pub retention_bytes: Option<u64>,
-    /// Delete closed segments whose newest record is older than this.
-    #[arg(long)]
+    /// Delete closed segments whose newest record is older than this many milliseconds.
+    /// Default: keep everything. Applies to every topic.
+    #[arg(long, value_name = "MS")]
     pub retention_ms: Option<u64>,
     /// Largest request frame; larger ones get an error and the connection is closed.
-    #[arg(long, default_value_t = 8 << 20)]
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
     pub max_request_bytes: usize,
     /// Connections each shard serves at once on each of its listeners.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, value_name = "COUNT", default_value_t = 4096)]
     pub max_connections: usize,
     /// Memory each shard registers with io_uring for disk write buffers; counts against the
     /// memlock limit (ulimit -l). Default 1 MiB: room for a flush's 512 KiB write chunk.
-    #[arg(long)]
+    #[arg(long, value_name = "BYTES")]
     pub io_memory_bytes: Option<usize>,
     /// Where to serve Prometheus metrics (/metrics), readiness (/health: 200 once every shard
     /// serves, 503 before and while stopping) and the running configuration (/config), over
     /// HTTP. Port 0 picks a free port (printed at start-up).
-    #[arg(long, default_value = "127.0.0.1:9644")]
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9644")]
     pub metrics_listen: SocketAddr,
     /// Also export each partition's offsets and size, and consumer group lag per partition (one
     /// series per partition: mind the cardinality with many partitions).
