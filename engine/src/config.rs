@@ -58,6 +58,10 @@ fn file_args(path: &Path, flags: &[String]) -> Result<Vec<OsString>> {
     let mut args = Vec::with_capacity(settings.len());
     for (key, value) in settings {
         let flag = key.replace('_', "-");
+        // `/config` names the file it came from: null, or that file, is no setting.
+        if flag == "config" && matches!(&value, Setting::Default) {
+            continue;
+        }
         if flag == "config" || !flags.contains(&flag) {
             bail!(
                 "config file {}: unknown key '{key}': keys are the daemon's flags without their dashes \
@@ -168,6 +172,7 @@ mod tests {
         assert!(error.contains("'listen' is a table"), "{error}");
         let error = expand("node.toml", "config = \"other.toml\"\n", &[]).unwrap_err().to_string();
         assert!(error.contains("unknown key 'config'"), "{error}");
+        assert_eq!(expand("node.json", r#"{"config": null}"#, &[]).unwrap(), Vec::<String>::new());
         let error = expand("node.json", "[1]", &[]).unwrap_err().to_string();
         assert!(error.contains("one JSON object"), "{error}");
         let error = expand("node.toml", "listen = ", &[]).unwrap_err().to_string();

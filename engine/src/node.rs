@@ -658,7 +658,7 @@ fn print_summary(
             args.flush_interval_ms, args.flush_bytes
         ),
     };
-    println!("pyralog {} ready", env!("CARGO_PKG_VERSION"));
+    println!("pyralog {}", env!("CARGO_PKG_VERSION"));
     println!("  shards      {} ({})", shards.len(), placement.join(", "));
     println!("  listen      {} (native protocol, shared by all shards)", args.listen);
     let (host, port) = args.kafka_advertised().unwrap_or_default();
@@ -690,6 +690,8 @@ fn print_summary(
         .as_ref()
         .map_or("defaults and flags".to_owned(), |path| format!("{}, then flags", path.display()));
     println!("  config      from {source}: {}", settings_line(args));
+    // Last, so that whoever waits for it has read the whole summary.
+    println!("pyralog: ready, {} shards serving", shards.len());
 }
 
 /// Every setting as `key=value`, the keys a --config file takes.
