@@ -47,9 +47,17 @@ while kill -0 "$native" 2>/dev/null || kill -0 "$kafka" 2>/dev/null; do
   echo "t=$((now - start))s rss=$((rss / 1024)) MiB peak=$((peak / 1024)) MiB"
   sleep 5
 done
-wait "$native" "$kafka" || true
+# A load that failed (errors, a shortfall of its consumers, a missed deadline) fails the soak.
+native_exit=0
+wait "$native" || native_exit=$?
+kafka_exit=0
+wait "$kafka" || kafka_exit=$?
 budget_kib=$(( (cache / 1024 + 65536) * shards ))
 echo "native e2e: $(python3 -c "import json; d=json.load(open('$work/native.json')); print(d['messages'], 'msgs', d['latency_us'])")"
 echo "kafka e2e:  $(python3 -c "import json; d=json.load(open('$work/kafka.json')); print(d['messages'], 'msgs', d['latency_us'])")"
 echo "peak RSS $((peak / 1024)) MiB; budget $((budget_kib / 1024)) MiB (cache $((cache / 1048576)) MiB x $shards + 64 MiB x $shards)"
-(( peak <= budget_kib )) && echo "within budget" || { echo "OVER BUDGET"; exit 1; }
+echo "load exit codes: native e2e $native_exit, kafka e2e $kafka_exit (pyralog-bench --help explains them)"
+status=0
+(( peak <= budget_kib )) && echo "within budget" || { echo "OVER BUDGET"; status=1; }
+(( native_exit == 0 && kafka_exit == 0 )) || { echo "A LOAD FAILED"; status=1; }
+exit "$status"
