@@ -51,15 +51,29 @@ pub enum Request {
 }
 
 impl Request {
-    pub fn kind(&self) -> &'static str {
+    /// The kinds of request, numbered for metrics (`kind_index`).
+    const KINDS: [&'static str; 6] =
+        ["metadata", "create_topic", "delete_topic", "produce", "fetch", "list_offsets"];
+
+    /// The request's kind as a number below [`Request::KINDS`]'s length.
+    pub fn kind_index(&self) -> u8 {
         match self {
-            Request::Metadata { .. } => "metadata",
-            Request::CreateTopic { .. } => "create_topic",
-            Request::DeleteTopic { .. } => "delete_topic",
-            Request::Produce(_) => "produce",
-            Request::Fetch(_) => "fetch",
-            Request::ListOffsets(_) => "list_offsets",
+            Request::Metadata { .. } => 0,
+            Request::CreateTopic { .. } => 1,
+            Request::DeleteTopic { .. } => 2,
+            Request::Produce(_) => 3,
+            Request::Fetch(_) => 4,
+            Request::ListOffsets(_) => 5,
         }
+    }
+
+    /// The kind numbered `index` by `kind_index`.
+    pub fn kind_of_index(index: u8) -> &'static str {
+        Self::KINDS.get(usize::from(index)).copied().unwrap_or("unknown")
+    }
+
+    pub fn kind(&self) -> &'static str {
+        Self::KINDS[usize::from(self.kind_index())]
     }
 }
 

@@ -15,10 +15,13 @@ use glommio::net::{TcpListener, TcpStream};
 
 /// Largest request head (request line and headers); larger ones get 431 and a close.
 pub const REQUEST_HEAD_BYTES_MAX: usize = 8 << 10;
-/// Connections served at once; more are closed on accept.
+/// Connections served at once; more get 503 and a close.
 pub const CONNECTIONS_MAX: usize = 64;
-/// A client has this long to send its request head.
+/// A client has this long to send its whole request head: a client trickling bytes cannot
+/// hold a connection slot longer.
 pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A response must be taken within this: a scraper that stops reading frees its slot.
+pub const RESPONSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An answer: status code, content type, body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,13 +54,14 @@ pub async fn serve<H: HttpHandler>(listener: TcpListener, handler: Rc<H>) {
                 continue;
             }
         };
-        if connections.get() >= CONNECTIONS_MAX {
-            continue;
-        }
         connections.set(connections.get() + 1);
+        let busy = connections.get() > CONNECTIONS_MAX;
         let (handler, connections) = (Rc::clone(&handler), Rc::clone(&connections));
         glommio::spawn_local(async move {
-            let _ = serve_connection(stream, handler).await;
+            let _ = match busy {
+                true => refuse_busy(stream).await,
+                false => serve_connection(stream, handler).await,
+            };
             connections.set(connections.get() - 1);
         })
         .detach();
@@ -65,34 +69,67 @@ pub async fn serve<H: HttpHandler>(listener: TcpListener, handler: Rc<H>) {
 }
 
 async fn serve_connection<H: HttpHandler>(mut stream: TcpStream, handler: Rc<H>) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(REQUEST_HEAD_TIMEOUT))?;
+    let head = futures_lite::future::or(read_head(&mut stream), async {
+        glommio::timer::sleep(REQUEST_HEAD_TIMEOUT).await;
+        Err(std::io::ErrorKind::TimedOut.into())
+    })
+    .await?;
+    let response = match head {
+        Head::Complete(head) => match parse_request_line(&head) {
+            Ok((method, path)) => {
+                let mut response = handler.get(path).await;
+                if method == "HEAD" {
+                    response.body.clear();
+                }
+                response
+            }
+            Err(response) => response,
+        },
+        Head::TooLarge => {
+            HttpResponse::text(431, format!("request head over {REQUEST_HEAD_BYTES_MAX} bytes\n"))
+        }
+        Head::Closed => return Ok(()),
+    };
+    send(&mut stream, &response).await
+}
+
+/// Answers 503 without reading the request: every slot is taken.
+async fn refuse_busy(mut stream: TcpStream) -> std::io::Result<()> {
+    let response = HttpResponse::text(503, format!("busy: {CONNECTIONS_MAX} connections are being served\n"));
+    send(&mut stream, &response).await
+}
+
+async fn send(stream: &mut TcpStream, response: &HttpResponse) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(RESPONSE_WRITE_TIMEOUT))?;
+    stream.write_all(&encode(response)).await?;
+    stream.close().await
+}
+
+enum Head {
+    /// The request line and headers, without the blank line.
+    Complete(Vec<u8>),
+    TooLarge,
+    /// The client closed before a whole head arrived.
+    Closed,
+}
+
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let response = loop {
+    loop {
         if let Some(end) = find_head_end(&head) {
             head.truncate(end);
-            break match parse_request_line(&head) {
-                Ok((method, path)) => {
-                    let mut response = handler.get(path).await;
-                    if method == "HEAD" {
-                        response.body.clear();
-                    }
-                    response
-                }
-                Err(response) => response,
-            };
+            return Ok(Head::Complete(head));
         }
         if head.len() > REQUEST_HEAD_BYTES_MAX {
-            break HttpResponse::text(431, format!("request head over {REQUEST_HEAD_BYTES_MAX} bytes\n"));
+            return Ok(Head::TooLarge);
         }
         let read = stream.read(&mut chunk).await?;
         if read == 0 {
-            return Ok(());
+            return Ok(Head::Closed);
         }
         head.extend_from_slice(&chunk[..read]);
-    };
-    stream.write_all(&encode(&response)).await?;
-    stream.close().await
+    }
 }
 
 fn find_head_end(bytes: &[u8]) -> Option<usize> {

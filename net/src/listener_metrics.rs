@@ -11,7 +11,6 @@
 //! `api` (a name of the protocol's request kinds, snake_case).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -32,18 +31,24 @@ fn latency_histogram() -> Histogram {
 }
 
 /// A request's API as metrics name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Api {
-    /// The API's name as the protocol spells it (`produce`; Kafka's `ListOffsets`); metrics
-    /// use it in snake_case.
-    pub name: &'static str,
+    /// The protocol's number for the API (Kafka's API key), below [`API_INDEXES`]: where its
+    /// series are kept.
+    pub index: u8,
     /// Whether its latency is measured: produce and fetch.
     pub timed: bool,
+    /// The API's name as the protocol spells it (`produce`; Kafka's `ListOffsets`), looked up
+    /// once per API and listener; metrics use it in snake_case.
+    pub name: fn(u8) -> &'static str,
 }
+
+/// APIs a protocol may number (one slot each per listener).
+pub const API_INDEXES: usize = 256;
 
 impl Api {
     /// Requests that could not be decoded: no API to name.
-    pub const UNREADABLE: Api = Api { name: "unreadable", timed: false };
+    pub const UNREADABLE: Api = Api { index: u8::MAX, timed: false, name: |_| "unreadable" };
 }
 
 /// The metric families of one shard's listeners.
@@ -117,7 +122,7 @@ impl ServerMetrics {
             fetch_latency: self.fetch_latency.get_or_create(&labels).clone(),
             connections: self.connections.get_or_create(&labels).clone(),
             connections_accepted: self.connections_accepted.get_or_create(&labels).clone(),
-            apis: RefCell::new(HashMap::new()),
+            apis: RefCell::new(vec![None; API_INDEXES]),
         }
     }
 }
@@ -140,48 +145,57 @@ pub struct ListenerMetrics {
     fetch_latency: Histogram,
     pub(crate) connections: Gauge,
     pub(crate) connections_accepted: Counter,
-    /// By the API's name as the protocol spells it (a static string: compared by content).
-    apis: RefCell<HashMap<&'static str, ApiSeries>>,
+    /// By the API's index, filled at its first request.
+    apis: RefCell<Vec<Option<ApiSeries>>>,
 }
 
 impl ListenerMetrics {
-    fn series(&self, api: Api) -> ApiSeries {
-        if let Some(series) = self.apis.borrow().get(api.name) {
-            return series.clone();
-        }
-        let labels = vec![("protocol", self.protocol.to_owned()), ("api", snake_case(api.name))];
-        let latency = match snake_case(api.name).as_str() {
+    fn new_series(&self, api: Api) -> ApiSeries {
+        let name = snake_case((api.name)(api.index));
+        let latency = match name.as_str() {
             "produce" => Some(self.produce_latency.clone()),
             "fetch" => Some(self.fetch_latency.clone()),
             _ => None,
         };
-        let series = ApiSeries {
+        let labels = vec![("protocol", self.protocol.to_owned()), ("api", name)];
+        ApiSeries {
             requests: self.families.requests.get_or_create(&labels).clone(),
             request_bytes: self.families.request_bytes.get_or_create(&labels).clone(),
             response_bytes: self.families.response_bytes.get_or_create(&labels).clone(),
             latency: latency.filter(|_| api.timed),
-        };
-        self.apis.borrow_mut().insert(api.name, series.clone());
-        series
+        }
+    }
+
+    /// Runs `count` on the series of `api`, made at its first use. Counting takes no lock
+    /// another core holds and clones nothing.
+    fn with_series(&self, api: Api, count: impl FnOnce(&ApiSeries)) {
+        let mut apis = self.apis.borrow_mut();
+        let slot = &mut apis[usize::from(api.index)];
+        count(slot.get_or_insert_with(|| self.new_series(api)));
     }
 
     /// A request of `bytes` (its whole frame) arrived.
     pub fn request(&self, api: Api, bytes: usize) {
-        let series = self.series(api);
-        series.requests.inc();
-        series.request_bytes.inc_by(bytes as u64);
+        self.with_series(api, |series| {
+            series.requests.inc();
+            series.request_bytes.inc_by(bytes as u64);
+        });
     }
 
     /// A request of `api` was answered after `elapsed`.
     pub fn answered(&self, api: Api, elapsed: Duration) {
-        if let Some(latency) = self.series(api).latency {
-            latency.observe(elapsed.as_secs_f64());
-        }
+        self.with_series(api, |series| {
+            if let Some(latency) = &series.latency {
+                latency.observe(elapsed.as_secs_f64());
+            }
+        });
     }
 
     /// A response of `bytes` to a request of `api` was encoded for sending.
     pub fn response(&self, api: Api, bytes: usize) {
-        self.series(api).response_bytes.inc_by(bytes as u64);
+        self.with_series(api, |series| {
+            series.response_bytes.inc_by(bytes as u64);
+        });
     }
 }
 
@@ -219,12 +233,15 @@ mod tests {
         metrics.register(&mut registry);
         let kafka = metrics.listener("kafka");
         let native = metrics.listener("native");
-        kafka.request(Api { name: "Produce", timed: true }, 100);
-        kafka.answered(Api { name: "Produce", timed: true }, Duration::from_millis(2));
-        kafka.request(Api { name: "Metadata", timed: false }, 30);
-        kafka.answered(Api { name: "Metadata", timed: false }, Duration::from_millis(2));
-        native.request(Api { name: "produce", timed: true }, 70);
-        native.response(Api { name: "produce", timed: true }, 20);
+        let produce = Api { index: 0, timed: true, name: |_| "Produce" };
+        let metadata = Api { index: 3, timed: false, name: |_| "Metadata" };
+        kafka.request(produce, 100);
+        kafka.answered(produce, Duration::from_millis(2));
+        kafka.request(metadata, 30);
+        kafka.answered(metadata, Duration::from_millis(2));
+        let native_produce = Api { index: 0, timed: true, name: |_| "produce" };
+        native.request(native_produce, 70);
+        native.response(native_produce, 20);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [

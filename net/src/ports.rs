@@ -73,11 +73,16 @@ pub fn check_free(addr: SocketAddr, sharing: Sharing) -> Result<(), PortProblem>
     if addr.port() == 0 {
         return Ok(());
     }
+    // Which processes hold the listeners is looked up once (a walk of every process's file
+    // descriptors); after that only the kernel's table is read, until the orphans are gone.
+    let inodes = listening_sockets(addr);
+    if let Some(owner) = inodes.iter().find_map(|&inode| socket_owner(inode)) {
+        return Err(PortProblem::Listening { owner: Some(owner) });
+    }
     let deadline = std::time::Instant::now() + ORPHAN_LISTENER_WAIT;
-    while let Some(inode) = listening_socket(addr) {
-        let owner = socket_owner(inode);
-        if owner.is_some() || std::time::Instant::now() >= deadline {
-            return Err(PortProblem::Listening { owner });
+    while !listening_sockets(addr).is_empty() {
+        if std::time::Instant::now() >= deadline {
+            return Err(PortProblem::Listening { owner: None });
         }
         std::thread::sleep(ORPHAN_LISTENER_POLL);
     }
@@ -90,17 +95,22 @@ pub fn check_free(addr: SocketAddr, sharing: Sharing) -> Result<(), PortProblem>
 /// A listener of a process this one may not look into (another user's) also waits this long
 /// before it is reported.
 const ORPHAN_LISTENER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-const ORPHAN_LISTENER_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+const ORPHAN_LISTENER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// The inode of a socket listening where `addr` would, if the kernel's tables show one.
-fn listening_socket(addr: SocketAddr) -> Option<u64> {
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
-        let text = std::fs::read_to_string(table).ok()?;
-        text.lines().skip(1).find_map(|line| {
-            let entry = TableEntry::parse(line)?;
-            (entry.listening && overlaps(entry.local, addr)).then_some(entry.inode)
-        })
-    })
+/// The inodes of the sockets listening where `addr` would, as the kernel's tables show them.
+fn listening_sockets(addr: SocketAddr) -> Vec<u64> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        inodes.extend(
+            text.lines()
+                .skip(1)
+                .filter_map(TableEntry::parse)
+                .filter(|entry| entry.listening && overlaps(entry.local, addr))
+                .map(|entry| entry.inode),
+        );
+    }
+    inodes
 }
 
 /// Two listening addresses collide when their ports match and either IP covers the other.

@@ -65,8 +65,6 @@ pub trait Protocol: 'static {
     /// Whether responses must leave in request order (Kafka clients require it; the native
     /// protocol matches by correlation id, so a long-poll fetch does not hold back the rest).
     const ORDERED: bool;
-    /// The protocol's name in metrics.
-    const NAME: &'static str;
 
     /// Cuts the next whole frame off `buffer`: `None` until one is complete, or an error to
     /// send (if any) before closing, for a frame that cannot be read.
@@ -102,7 +100,6 @@ impl<H: Handler> Protocol for Native<H> {
     type Request = (u64, Request);
     type Response = ResponseFrame;
     const ORDERED: bool = false;
-    const NAME: &'static str = "native";
 
     fn next_frame(&self, buffer: &mut BytesMut) -> Option<Result<Bytes, Option<ResponseFrame>>> {
         let prefix: [u8; FRAME_PREFIX_BYTES] =
@@ -131,7 +128,9 @@ impl<H: Handler> Protocol for Native<H> {
                     Some(_) => Decoded::Reply(response),
                     // A native frame would not be read by a Kafka client: say why, and close.
                     None if wrong_protocol::is_kafka_request(&frame) => {
-                        eprintln!("{}", wrong_protocol::KAFKA_ON_NATIVE);
+                        if !wrong_protocol::is_probe(&frame) {
+                            wrong_protocol::report(wrong_protocol::Seen::KafkaOnNative);
+                        }
                         Decoded::Close(None)
                     }
                     None => Decoded::Close(Some(response)),
@@ -141,8 +140,11 @@ impl<H: Handler> Protocol for Native<H> {
     }
 
     fn api(&self, (_, request): &(u64, Request)) -> Api {
-        let name = request.kind();
-        Api { name, timed: matches!(request, Request::Produce(_) | Request::Fetch(_)) }
+        Api {
+            index: request.kind_index(),
+            timed: matches!(request, Request::Produce(_) | Request::Fetch(_)),
+            name: Request::kind_of_index,
+        }
     }
 
     async fn handle(
@@ -455,7 +457,6 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
     type Request = kafka::Request;
     type Response = KafkaResponse;
     const ORDERED: bool = true;
-    const NAME: &'static str = "kafka";
 
     fn next_frame(&self, buffer: &mut BytesMut) -> Option<Result<Bytes, Option<KafkaResponse>>> {
         let prefix: [u8; kafka::FRAME_PREFIX_BYTES] =
@@ -482,7 +483,7 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
             }
             Err(_) => {
                 if codec::decode_request(&frame).is_ok() {
-                    eprintln!("{}", wrong_protocol::NATIVE_ON_KAFKA);
+                    wrong_protocol::report(wrong_protocol::Seen::NativeOnKafka);
                 }
                 Decoded::Close(None)
             }
@@ -491,8 +492,10 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
 
     fn api(&self, request: &kafka::Request) -> Api {
         let key = request.header.request_api_key;
-        let name = kafka::api_name(key).unwrap_or("unknown");
-        Api { name, timed: key == kafka::api::PRODUCE || key == kafka::api::FETCH }
+        // Only keys Kafka defines decode, all far below the unreadable slot.
+        let index = u8::try_from(key).ok().filter(|&index| index < u8::MAX).unwrap_or(u8::MAX);
+        let name = |index| kafka::api_name(i16::from(index)).unwrap_or("unknown");
+        Api { index, timed: key == kafka::api::PRODUCE || key == kafka::api::FETCH, name }
     }
 
     async fn handle(&self, request: kafka::Request, peer: SocketAddr) -> Option<KafkaResponse> {
@@ -522,9 +525,57 @@ impl<H: KafkaHandler> Protocol for Kafka<H> {
 
 /// A client of one protocol on the other's listener: the node closes its connection, as it
 /// does for any frame it cannot read, and says on stderr what happened and where that client
-/// belongs, once per connection. Only frames that fail to decode are looked at, so the check
-/// costs nothing on the request path.
+/// belongs, at most once per [`REPORT_INTERVAL`] and shard (a misconfigured client that keeps
+/// reconnecting does not flood the log). Only frames that fail to decode are looked at, so the
+/// check costs nothing on the request path. The client library's protocol probe
+/// (`client::probe`, sent after a failed first request) is not reported when it can be told
+/// apart: its Kafka request carries [`PROBE_CLIENT_ID`]; its native one cannot carry a mark.
 mod wrong_protocol {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+
+    pub use crate::client::PROBE_CLIENT_ID;
+
+    /// Shortest time between two reports of one shard.
+    pub const REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+    /// Which listener saw a client of the other protocol.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Seen {
+        KafkaOnNative,
+        NativeOnKafka,
+    }
+
+    thread_local! {
+        /// When this shard last reported each kind.
+        static LAST_REPORTS: Cell<[Option<Instant>; 2]> = const { Cell::new([None; 2]) };
+    }
+
+    /// Says what was seen, unless this shard said it within [`REPORT_INTERVAL`].
+    pub fn report(seen: Seen) {
+        let now = Instant::now();
+        let mut last = LAST_REPORTS.with(Cell::get);
+        let at = &mut last[seen as usize];
+        if at.is_some_and(|at| now.duration_since(at) < REPORT_INTERVAL) {
+            return;
+        }
+        *at = Some(now);
+        LAST_REPORTS.with(|reports| reports.set(last));
+        let line = match seen {
+            Seen::KafkaOnNative => KAFKA_ON_NATIVE,
+            Seen::NativeOnKafka => NATIVE_ON_KAFKA,
+        };
+        eprintln!("{line} (said at most once a minute)");
+    }
+
+    /// Whether a Kafka request header names the client library's protocol probe.
+    pub fn is_probe(frame: &[u8]) -> bool {
+        let id = PROBE_CLIENT_ID.as_bytes();
+        let Some(length) = frame.get(8..KAFKA_HEADER_BYTES) else { return false };
+        i16::from_be_bytes([length[0], length[1]]) as usize == id.len()
+            && frame.get(KAFKA_HEADER_BYTES..KAFKA_HEADER_BYTES + id.len()) == Some(id)
+    }
+
     /// Highest Kafka API key and version taken for a Kafka request header (Kafka's own stay
     /// below 100 and 20). A native frame opens with its envelope's length, which read as key
     /// and version gives key 0 and a version of that length, over 30 for any envelope.

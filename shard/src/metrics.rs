@@ -27,7 +27,8 @@ pub struct ShardMetrics {
     pub flush_duration: Histogram,
     pub flush_size: Histogram,
     pub flushed_bytes: Counter,
-    /// Fetches served from the cache of recent batches, and those that went to the log.
+    /// Partition reads that returned records from the cache of recent batches, and those
+    /// that read them from the log.
     pub cache_hits: Counter,
     pub cache_misses: Counter,
 }

@@ -641,14 +641,12 @@ impl Shard {
             if offsets_only {
                 return Ok(Fetched { high_watermark, log_start_offset, records });
             }
+            let mut from_cache = false;
             if offset < high_watermark {
                 let min_one = limits.min_one_batch;
                 let cached =
                     self.cache.borrow().read(partition.key, offset, high_watermark, max_bytes, min_one);
-                match &cached {
-                    Some(_) => self.metrics.cache_hits.inc(),
-                    None => self.metrics.cache_misses.inc(),
-                };
+                from_cache = cached.is_some();
                 records = match cached {
                     Some(chunks) => chunks,
                     None if min_one => partition.log.read(offset, max_bytes).await?.into_iter().collect(),
@@ -658,6 +656,16 @@ impl Shard {
             let bytes: usize = records.iter().map(Bytes::len).sum();
             let now = Instant::now();
             if bytes >= limits.min_bytes.max(1) as usize || now >= deadline || self.shutting_down.get() {
+                // One count per read that returns records: not per wake-up of a long poll.
+                match (bytes, from_cache) {
+                    (0, _) => {}
+                    (_, true) => {
+                        self.metrics.cache_hits.inc();
+                    }
+                    (_, false) => {
+                        self.metrics.cache_misses.inc();
+                    }
+                }
                 return Ok(Fetched { high_watermark, log_start_offset, records });
             }
             futures_lite::future::or(partition.data_arrived.listen(), glommio::timer::sleep(deadline - now))

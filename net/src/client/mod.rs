@@ -49,6 +49,7 @@ pub use self::kafka::{
 };
 pub use self::partitioner::{PartitionSelector, Partitioner};
 pub use self::pipeline::ConnectOptions;
+pub use self::probe::PROBE_CLIENT_ID;
 pub use self::producer::{DeliveryReport, Producer, ProducerConfig, IN_FLIGHT_BATCHES_MAX_DEFAULT};
 pub use self::transport::{Pending, Transport};
 pub use crate::codec::{
@@ -590,7 +591,8 @@ fn server_error(code: ErrorCode, message: &str) -> Result<()> {
 }
 
 /// A topic's error in the metadata, as a sentence naming the topic.
-pub(crate) fn topic_error(code: ErrorCode, topic: &str) -> ClientError {
+/// A topic's error code as a person reads it: `topic 'x' does not exist`.
+pub fn topic_error(code: ErrorCode, topic: &str) -> ClientError {
     let message = match code {
         ErrorCode::UnknownTopic => format!("topic '{topic}' does not exist"),
         code => format!("topic '{topic}': {code}"),

@@ -23,6 +23,9 @@ use crate::kafka::{self, messages::request_header::RequestHeader, RequestBody};
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest answer a probe reads; the answers it asks for are far smaller.
 const PROBE_RESPONSE_BYTES_MAX: usize = 1 << 20;
+/// The client id of a probe's Kafka request: a native listener that receives it knows the
+/// Kafka frame is a probe, not a misconfigured client, and does not report it.
+pub const PROBE_CLIENT_ID: &str = "pyralog-probe";
 /// Correlation id of a probe's request ("py"), which the answer must carry.
 const PROBE_CORRELATION_ID: i32 = 0x7079;
 
@@ -67,7 +70,7 @@ pub fn speaks(addr: SocketAddr, protocol: Protocol, connect: Duration) -> bool {
                 request_api_key: kafka::api::API_VERSIONS,
                 request_api_version: 0,
                 correlation_id: PROBE_CORRELATION_ID,
-                client_id: Some("pyralog-probe".to_owned()),
+                client_id: Some(PROBE_CLIENT_ID.to_owned()),
             };
             let body = RequestBody::ApiVersions(Default::default());
             match kafka::encode_request(&header, &body) {

@@ -112,12 +112,12 @@ pub fn supported(api_key: i16, version: i16) -> bool {
     SUPPORTED.iter().any(|&(key, low, high)| key == api_key && (low..=high).contains(&version))
 }
 
-/// Whether this API version uses the flexible encoding; `None` for an unknown API key.
 /// The API's name as Kafka's schemas spell it (`ListOffsets`), for an API key Kafka defines.
 pub fn api_name(api_key: i16) -> Option<&'static str> {
     messages::SCHEMA_VERSIONS.iter().find(|entry| entry.0 == api_key).map(|entry| entry.1)
 }
 
+/// Whether this API version uses the flexible encoding; `None` for an unknown API key.
 pub fn is_flexible(api_key: i16, version: i16) -> Option<bool> {
     let &(_, _, _, _, flexible) = messages::SCHEMA_VERSIONS.iter().find(|entry| entry.0 == api_key)?;
     Some(flexible.is_some_and(|low| version >= low))
