@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use pyralog_net::client::Client;
+use pyralog_net::client::{self, Client};
 use pyralog_net::codec::ErrorCode;
 
 #[derive(Debug, Subcommand)]
@@ -52,10 +52,8 @@ pub fn run(broker: &str, action: TopicAction) -> Result<()> {
             let Some(topic) = metadata.topics.into_iter().find(|t| t.name == name) else {
                 bail!("the node did not describe topic '{name}'");
             };
-            match topic.error {
-                ErrorCode::None => {}
-                ErrorCode::UnknownTopic => bail!("topic '{name}' does not exist"),
-                error => bail!("topic '{name}': {error}"),
+            if topic.error != ErrorCode::None {
+                return Err(client::topic_error(topic.error, &name).into());
             }
             println!("topic '{name}': {} partitions", topic.partitions.len());
             println!("partition\tshard\tport\tlog start\thigh watermark");

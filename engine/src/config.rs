@@ -5,7 +5,9 @@
 //! command-line arguments placed before the real ones, so a flag given on the command line
 //! overrides the file (clap keeps the last value of a flag). Unknown keys, and values that are
 //! tables or arrays, are refused with the key named. A `null` (JSON) leaves a flag at its
-//! default, so the JSON that `/config` serves can be fed back as a file.
+//! default, so the JSON that `/config` serves (which leaves out `config` itself) can be fed
+//! back as a file. `main` finds `--config` by parsing the command line alone first, where a
+//! flag given twice is an error.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -15,34 +17,16 @@ use anyhow::{anyhow, bail, Context, Result};
 /// Largest configuration file read.
 const CONFIG_BYTES_MAX: u64 = 1 << 20;
 
-/// The command line with the file named by `--config` (if any) spliced in before the real
+/// The command line with the settings of the file `path` spliced in before the real
 /// arguments. `flags` are the long names the daemon takes.
-pub fn expand_args(args: Vec<OsString>, flags: &[String]) -> Result<Vec<OsString>> {
-    let Some(path) = config_path(&args) else { return Ok(args) };
-    let from_file = file_args(Path::new(&path), flags)?;
-    let mut expanded = Vec::with_capacity(args.len() + from_file.len());
-    expanded.push(args[0].clone());
-    expanded.extend(from_file);
-    expanded.extend(args.into_iter().skip(1));
-    Ok(expanded)
-}
-
-/// The value of `--config`, as `--config FILE` or `--config=FILE`, before any subcommand.
-fn config_path(args: &[OsString]) -> Option<OsString> {
-    let mut args = args.iter().skip(1);
-    while let Some(arg) = args.next() {
-        let text = arg.to_string_lossy();
-        if text == "--config" {
-            return args.next().cloned();
-        }
-        if let Some(value) = text.strip_prefix("--config=") {
-            return Some(value.into());
-        }
-        if text == "--" || text == "topic" {
-            return None;
-        }
-    }
-    None
+pub fn splice(args: Vec<OsString>, path: &Path, flags: &[String]) -> Result<Vec<OsString>> {
+    let from_file = file_args(path, flags)?;
+    let mut spliced = Vec::with_capacity(args.len() + from_file.len());
+    let mut args = args.into_iter();
+    spliced.extend(args.next());
+    spliced.extend(from_file);
+    spliced.extend(args);
+    Ok(spliced)
 }
 
 /// The file's settings as `--key=value` arguments.
@@ -58,10 +42,6 @@ fn file_args(path: &Path, flags: &[String]) -> Result<Vec<OsString>> {
     let mut args = Vec::with_capacity(settings.len());
     for (key, value) in settings {
         let flag = key.replace('_', "-");
-        // `/config` names the file it came from: null, or that file, is no setting.
-        if flag == "config" && matches!(&value, Setting::Default) {
-            continue;
-        }
         if flag == "config" || !flags.contains(&flag) {
             bail!(
                 "config file {}: unknown key '{key}': keys are the daemon's flags without their dashes \
@@ -139,14 +119,16 @@ mod tests {
         ["data-dir", "listen", "auto-create-topics", "config", "shards"].map(String::from).to_vec()
     }
 
+    /// The arguments a file makes, between the program's name and the command line's own.
     fn expand(file_name: &str, text: &str, rest: &[&str]) -> Result<Vec<String>> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(file_name);
         std::fs::write(&path, text).unwrap();
-        let mut args: Vec<OsString> = vec!["pyralog".into(), "--config".into(), path.into()];
+        let mut args: Vec<OsString> = vec!["pyralog".into(), "--config".into(), path.clone().into()];
         args.extend(rest.iter().map(OsString::from));
-        let expanded = expand_args(args, &flags())?;
-        Ok(expanded
+        let spliced = splice(args, &path, &flags())?;
+        assert_eq!(spliced[0], "pyralog");
+        Ok(spliced
             .into_iter()
             .skip(1)
             .map(|a| a.into_string().unwrap())
@@ -172,7 +154,6 @@ mod tests {
         assert!(error.contains("'listen' is a table"), "{error}");
         let error = expand("node.toml", "config = \"other.toml\"\n", &[]).unwrap_err().to_string();
         assert!(error.contains("unknown key 'config'"), "{error}");
-        assert_eq!(expand("node.json", r#"{"config": null}"#, &[]).unwrap(), Vec::<String>::new());
         let error = expand("node.json", "[1]", &[]).unwrap_err().to_string();
         assert!(error.contains("one JSON object"), "{error}");
         let error = expand("node.toml", "listen = ", &[]).unwrap_err().to_string();
@@ -180,8 +161,8 @@ mod tests {
     }
 
     #[test]
-    fn no_config_flag_leaves_the_arguments_alone() {
-        let args: Vec<OsString> = ["pyralog", "topic", "--config", "x"].map(OsString::from).to_vec();
-        assert_eq!(expand_args(args.clone(), &flags()).unwrap(), args);
+    fn the_command_line_follows_the_file() {
+        let spliced = expand("node.toml", "shards = 2\n", &["--shards", "1"]).unwrap();
+        assert_eq!(spliced, ["--shards=2"], "the file's flags come first; clap keeps the last value");
     }
 }

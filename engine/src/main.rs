@@ -70,6 +70,7 @@ pub struct NodeArgs {
     /// names without dashes (`data-dir = "/var/lib/pyralog"`). Flags given here override it;
     /// unknown keys are refused. deploy/pyralog.toml lists every key.
     #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing)]
     pub config: Option<PathBuf>,
     /// Where segments, indexes and topic metadata live (created if missing; relative paths are
     /// taken from the working directory).
@@ -94,7 +95,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "PORT")]
     pub kafka_shard_port_base: Option<u16>,
     /// Create a topic the first time a Kafka client asks for it in Metadata or Produce.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub auto_create_topics: bool,
     /// Partitions of an auto-created topic, and of a Kafka CreateTopics asking for the default.
     #[arg(long, value_name = "COUNT", default_value_t = 1)]
@@ -193,13 +194,17 @@ fn daemon_flags() -> Vec<String> {
 }
 
 fn main() {
-    let args = match config::expand_args(std::env::args_os().collect(), &daemon_flags()) {
-        Ok(args) => args,
-        Err(error) => {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The command line alone first, where a flag given twice is an error: it names the file.
+    let alone = Cli::command().args_override_self(false).get_matches_from(args.clone());
+    let args = match alone.get_one::<PathBuf>("config") {
+        Some(path) => config::splice(args, path, &daemon_flags()).unwrap_or_else(|error| {
             eprintln!("pyralog: {error:#}");
             std::process::exit(2);
-        }
+        }),
+        None => args,
     };
+    // The file's settings, then the command line's, which override them.
     let cli = Cli::parse_from(args);
     let result = match cli.command {
         Some(Command::Topic { broker, action }) => admin::run(&broker, action),

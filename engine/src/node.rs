@@ -469,13 +469,11 @@ impl DataDir {
         std::fs::write(&probe, b"pyralog")
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| discard(anyhow!("data directory {} is not writable: {e}", dir.display())))?;
-        let lock_path = path.join(LOCK_FILE_NAME);
-        let lock = File::create(&lock_path)
-            .map_err(|e| discard(anyhow!("cannot create {}: {e}", lock_path.display())))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!("data directory {} is in use by another pyralog process", dir.display());
-        }
+        let lock = match lock(&path.join(LOCK_FILE_NAME)) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => bail!("data directory {} is in use by another pyralog process", dir.display()),
+            Err(error) => return Err(discard(error)),
+        };
         let data_dir = DataDir { path, lock, created };
         data_dir.remove_stale_probes();
         Ok(data_dir)
@@ -509,6 +507,30 @@ impl DataDir {
         drop(self.lock);
     }
 }
+
+/// Locks the lock file at `path`: `None` if another process holds it. A node removes its lock
+/// file when it stops, so the file locked may have been unlinked meanwhile by the node that
+/// held it; a lock on an unlinked file guards nothing (the next node creates a new one), so
+/// the lock is taken again until the file locked is the one the path names.
+fn lock(path: &Path) -> Result<Option<File>> {
+    use std::os::unix::fs::MetadataExt;
+    for _ in 0..LOCK_ATTEMPTS_MAX {
+        let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Ok(None);
+        }
+        let held = file.metadata().with_context(|| format!("inspecting {}", path.display()))?;
+        let named = std::fs::metadata(path).ok();
+        if named.is_some_and(|named| named.ino() == held.ino() && named.dev() == held.dev()) {
+            return Ok(Some(file));
+        }
+    }
+    bail!("{} kept changing while it was being locked", path.display())
+}
+
+/// Tries at taking the lock before giving up (each retry follows a node removing its file).
+const LOCK_ATTEMPTS_MAX: usize = 8;
 
 /// Every port the node will listen on is free, checked with the listeners' own socket options
 /// (see `pyralog_net::ports`): a port held only by connections of a node that was killed is

