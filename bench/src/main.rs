@@ -411,7 +411,7 @@ fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, s
         consumer_workers.push(spawn_fetcher(client.clone(), options, Arc::clone(&run))?);
     }
 
-    let finished = supervise(mode, &run, producers, consumer_workers, deadline, timeline.as_mut());
+    let deadline_passed = supervise(mode, &run, producers, consumer_workers, deadline, timeline.as_mut());
     if let Some(timeline) = &mut timeline {
         timeline.row(mode, &run);
     }
@@ -423,7 +423,7 @@ fn run_with<T: Transport>(client: T, command: &Command) -> anyhow::Result<(u8, s
     };
     let verify_problems = verifier.map(|verifier| finish_verify(&verifier, &run, &mut report));
     let asked = common.messages.filter(|_| mode == Mode::Consume || mode == Mode::Produce);
-    let (code, result) = outcome::judge(mode, &run, finished, asked, verify_problems);
+    let (code, result) = outcome::judge(mode, &run, deadline_passed, asked, verify_problems);
     report.extra.insert("result".into(), result.clone().into());
     let json = report.json(&run);
     if common.json {
@@ -514,8 +514,9 @@ fn finish_verify(verifier: &Mutex<Verifier>, run: &Run, report: &mut Report) -> 
     count
 }
 
-/// Prints progress every second until the workers end or the deadline passes. Returns whether
-/// every worker finished.
+/// Prints progress every second until the workers end; at the hard deadline tells them to stop,
+/// and gives up on them if they have not within the request timeout. Returns whether the hard
+/// deadline passed (whether or not the workers then stopped).
 fn supervise(
     mode: Mode,
     run: &Run,
@@ -526,6 +527,7 @@ fn supervise(
 ) -> bool {
     let mut previous = (Instant::now(), 0, 0);
     let mut next_progress = Instant::now() + Duration::from_secs(1);
+    let mut deadline_passed = false;
     loop {
         producers.retain(|worker| !worker.is_finished());
         if producers.is_empty() {
@@ -533,14 +535,15 @@ fn supervise(
         }
         consumers.retain(|worker| !worker.is_finished());
         if producers.is_empty() && consumers.is_empty() {
-            return true;
+            return deadline_passed;
         }
         let elapsed = run.start.elapsed();
         if elapsed >= deadline {
             run.stop.store(true, Ordering::Relaxed);
+            deadline_passed = true;
         }
         if elapsed >= deadline + REQUEST_TIMEOUT + Duration::from_secs(5) {
-            return false;
+            return deadline_passed;
         }
         if Instant::now() >= next_progress {
             stats::progress(mode, run, &mut previous);

@@ -3,7 +3,7 @@
 //! Exit codes, most serious first (the first that applies is the run's):
 //! - 2 [`EXIT_UNREACHABLE`]: the node was unreachable (nothing listening, or a listener of the
 //!   other protocol) or went away during the run;
-//! - 3 [`EXIT_DEADLINE`]: the hard deadline passed with workers still running;
+//! - 3 [`EXIT_DEADLINE`]: the hard deadline (`--deadline-secs`) passed before the run was done;
 //! - 1 [`EXIT_FAILED`]: requests failed, or `--verify` found problems;
 //! - 4 [`EXIT_SHORT`]: a consume ended with fewer messages than `--messages` asked for, or
 //!   the consumers of an e2e run with fewer than its producers got onto the wire;
@@ -26,7 +26,7 @@ pub const EXIT_SHORT: u8 = 4;
 pub fn judge(
     mode: Mode,
     run: &Run,
-    finished: bool,
+    deadline_passed: bool,
     asked: Option<u64>,
     verify_problems: Option<u64>,
 ) -> (u8, String) {
@@ -41,10 +41,9 @@ pub fn judge(
     if let Some(reason) = run.broker_gone() {
         return (EXIT_UNREACHABLE, format!("FAILED: the node went away ({reason}); {handled}"));
     }
-    if !finished {
-        let line = format!(
-            "FAILED: the hard deadline (--deadline-secs) passed with workers still running; {handled}"
-        );
+    if deadline_passed {
+        let line =
+            format!("FAILED: the hard deadline (--deadline-secs) passed before the run was done; {handled}");
         return (EXIT_DEADLINE, line);
     }
     let errors = run.errors.load(Ordering::Relaxed);
@@ -118,22 +117,32 @@ mod tests {
         run.acked.store(10, Ordering::Relaxed);
         run.consumed.store(7, Ordering::Relaxed);
         run.consumer_stopped("no record arrived for 2 s (--idle-secs)".to_owned());
-        let (code, line) = judge(Mode::EndToEnd, &run, true, None, None);
+        let (code, line) = judge(Mode::EndToEnd, &run, false, None, None);
         assert_eq!(code, EXIT_SHORT, "{line}");
         assert_eq!(
             line,
             "FAILED: consumed 7 of the 10 messages produced; the consumers stopped because no record arrived for 2 s (--idle-secs)"
         );
-        let (code, line) = judge(Mode::Consume, &run, true, Some(8), None);
+        let (code, line) = judge(Mode::Consume, &run, false, Some(8), None);
         assert_eq!(code, EXIT_SHORT, "{line}");
         assert!(line.starts_with("FAILED: consumed 7 of the 8 messages asked for (--messages)"), "{line}");
-        assert_eq!(judge(Mode::Consume, &run, true, Some(7), None).0, 0);
+        assert_eq!(judge(Mode::Consume, &run, false, Some(7), None).0, 0);
         run.consumed.store(10, Ordering::Relaxed);
-        let (code, line) = judge(Mode::EndToEnd, &run, true, None, Some(0));
+        let (code, line) = judge(Mode::EndToEnd, &run, false, None, Some(0));
         assert_eq!(code, 0, "{line}");
         assert!(line.starts_with("verified 10 of 10 messages consumed"), "{line}");
-        let (code, line) = judge(Mode::EndToEnd, &run, true, None, Some(2));
+        let (code, line) = judge(Mode::EndToEnd, &run, false, None, Some(2));
         assert_eq!(code, EXIT_FAILED, "{line}");
         assert!(line.starts_with("FAILED: verification found 2 problems in 10 messages"), "{line}");
+    }
+
+    #[test]
+    fn a_run_stopped_by_the_hard_deadline_exits_3_whatever_its_workers_did() {
+        let run = Run::new();
+        run.acked.store(214_082, Ordering::Relaxed);
+        let (code, line) = judge(Mode::Produce, &run, true, Some(100_000_000), None);
+        assert_eq!(code, EXIT_DEADLINE, "{line}");
+        assert!(line.starts_with("FAILED: the hard deadline (--deadline-secs) passed"), "{line}");
+        assert!(line.ends_with("214082 messages acknowledged"), "{line}");
     }
 }
