@@ -209,6 +209,8 @@ pub struct RaftGroup {
     progress: Vec<Progress>,
     /// Leader: handing over to this replica until the tick given; the TimeoutNow was sent.
     transfer: Option<(ReplicaId, u64, bool)>,
+    /// Recovering: the voters (bit = index in `voters`) whose term we learned since start.
+    terms_heard: u8,
 }
 
 impl RaftGroup {
@@ -252,6 +254,7 @@ impl RaftGroup {
             votes: Vec::new(),
             progress: Vec::new(),
             transfer: None,
+            terms_heard: 0,
         };
         if restore.disk_lost && !group.hard.recovering {
             group.hard.recovering = true;
@@ -348,6 +351,9 @@ impl RaftGroup {
     /// Advances the logical clock by one tick.
     pub fn tick(&mut self, log: &dyn LogRead, out: &mut Vec<Action>) {
         self.ticks += 1;
+        if self.hard.recovering && self.ticks.is_multiple_of(u64::from(self.config.heartbeat_ticks)) {
+            self.query_terms(out);
+        }
         if self.role != Role::Leader {
             if self.ticks >= self.election_deadline_tick {
                 self.start_pre_vote(out);
@@ -371,6 +377,23 @@ impl RaftGroup {
             self.heartbeat_deadline_tick = self.ticks + u64::from(self.config.heartbeat_ticks);
             self.heartbeat(log, out);
         }
+    }
+
+    /// A replica that lost its disk forgot its term: until it has learned the terms of
+    /// RF − W + 1 peers (one of them, at least, holds every write quorum's latest term), it
+    /// could follow, and acknowledge for, a stale leader.
+    fn query_terms(&mut self, out: &mut Vec<Action>) {
+        let voters = self.config.voters.clone();
+        for (i, to) in voters.into_iter().enumerate() {
+            if to != self.config.id && self.terms_heard & (1 << i) == 0 {
+                self.send(to, Body::TermQuery, out);
+            }
+        }
+    }
+
+    fn terms_known(&self) -> bool {
+        let needed = self.config.quorum.replication_factor() - self.config.quorum.write_quorum() + 1;
+        self.terms_heard.count_ones() >= needed
     }
 
     fn heard_from_election_quorum(&self) -> bool {
@@ -624,6 +647,12 @@ impl RaftGroup {
         if message.to != self.config.id || from == self.config.id || !self.config.voters.contains(&from) {
             return;
         }
+        if self.hard.recovering
+            && !matches!(message.body, Body::PreVote { .. } | Body::PreVoteResponse { .. })
+        {
+            let index = self.config.voters.iter().position(|v| *v == from).expect("checked above");
+            self.terms_heard |= 1 << index;
+        }
         if message.term > self.hard.term {
             match &message.body {
                 Body::PreVote { .. } | Body::PreVoteResponse { granted: true } => {}
@@ -655,6 +684,8 @@ impl RaftGroup {
             }
             Body::Append(append) => self.on_append(from, append, out),
             Body::AppendResponse(response) => self.on_append_response(from, response, log, out),
+            Body::TermQuery => self.send(from, Body::TermAnswer, out),
+            Body::TermAnswer => {}
             Body::TimeoutNow => {
                 if self.role == Role::Follower && self.leader == Some(from) && !self.hard.recovering {
                     self.campaign(true, out);
@@ -770,7 +801,7 @@ impl RaftGroup {
             out.push(Action::Commit { high_watermark: commit });
         }
         self.maybe_finish_recovery(from, append.commit_end, out);
-        let body = Body::AppendResponse(self.acknowledgement(end));
+        let body = Body::AppendResponse(self.acknowledgement(self.verified_end));
         self.send(from, body, out);
     }
 
@@ -822,13 +853,16 @@ impl RaftGroup {
         out.push(Action::Truncate { end_offset, truncations: self.truncations });
     }
 
-    /// A recovering replica holds, durably, a commit point its leader reached in its own
-    /// term: everything committed so far. It may vote again, but not twice in this term.
+    /// A recovering replica that knows the current term (`terms_known`) holds, durably, its
+    /// leader's epoch-start batch and commit point: everything committed so far. It may vote
+    /// again, but not twice in this term.
     fn maybe_finish_recovery(&mut self, leader: ReplicaId, commit_end: i64, out: &mut Vec<Action>) {
-        let caught_up = commit_end > 0
-            && self.verified_end >= commit_end
-            && self.durable_end >= commit_end
-            && self.epochs.epoch_at(commit_end - 1, self.log_end) == Some(self.hard.term);
+        // Everything committed in earlier terms lies below the leader's epoch-start batch
+        // (leader completeness); everything committed in this one, below its commit point.
+        let Some(start) = self.epochs.start_of(self.hard.term) else { return };
+        let needed_end = commit_end.max(start + 1);
+        let caught_up =
+            self.verified_end >= needed_end && self.durable_end >= needed_end && self.terms_known();
         if self.hard.recovering && caught_up {
             self.hard.recovering = false;
             self.hard.voted_for = self.hard.voted_for.or(Some(leader));
@@ -853,6 +887,15 @@ impl RaftGroup {
         let ticks = self.ticks;
         let p = &mut self.progress[i];
         p.last_heard_tick = ticks;
+        if response.recovering && !p.recovering {
+            // It lost its disk: what it matched and acknowledged before is gone.
+            p.match_end = 0;
+            p.acked_end = 0;
+            p.next = 0;
+            p.in_flight.clear();
+            p.in_flight_bytes = 0;
+            p.probing = true;
+        }
         p.recovering = response.recovering;
         if response.accepted {
             if response.match_end > p.match_end {
@@ -870,12 +913,17 @@ impl RaftGroup {
             }
             p.probing = false;
             p.next = p.next.max(p.match_end);
+            if p.in_flight.is_empty() {
+                p.next = p.match_end; // nothing in flight explains a gap: send from what matches
+            }
             self.maybe_commit(out);
         } else {
             let tail_end = response.log_end.min(self.log_end);
             let common = self.epochs.common_end(self.log_end, &response.epochs, tail_end);
             let p = &mut self.progress[i];
-            p.next = common.max(p.match_end).min(self.log_end);
+            // A follower that crashed lost its unflushed tail: what it matched may be gone.
+            p.match_end = p.match_end.min(common);
+            p.next = common.min(self.log_end);
             p.in_flight.clear();
             p.in_flight_bytes = 0;
             p.probing = true;

@@ -38,6 +38,8 @@ mod error;
 pub mod group;
 pub mod message;
 pub mod quorum;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 
 pub use error::{ReplicationError, Result};
 pub use group::{Action, Config, LogNotice, LogRead, RaftGroup, Restore, Role};

@@ -53,6 +53,10 @@ pub enum Body {
     AppendResponse(AppendResponse),
     /// From the leader to the replica it hands leadership to: campaign now, skipping pre-vote.
     TimeoutNow,
+    /// From a replica recovering a lost disk: what is your term? (It forgot its own.)
+    TermQuery,
+    /// The answer: the sender's term is the message's term.
+    TermAnswer,
 }
 
 /// AppendEntries: stored batches, exactly as the leader stored them, from offset `prev_end`.

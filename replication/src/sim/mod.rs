@@ -1,0 +1,880 @@
+//! A deterministic simulator: N replicas of one group, a virtual clock, a faulty network and
+//! disks that lose what they did not flush, all driven from one seed.
+//!
+//! What it is: a world that carries out every [`Action`] of every [`RaftGroup`] the way the
+//! daemon's shell will (append, flush later, persist the hard state later, send), injects
+//! faults (drops, delays, duplicates and so reordering, symmetric and one-way partitions,
+//! crashes losing unflushed writes and tearing the last batch, pauses, clock-rate skew, a
+//! replica whose whole disk is lost), runs clients that propose and record what was
+//! acknowledged, and checks the invariants after every event. After the fault phase it heals
+//! everything and demands that a leader is elected and every replica converges within the
+//! settle window (liveness).
+//!
+//! Invariants checked (a failure names the seed and a replay command):
+//! - at most one leader per term; a replica's term never goes back; epochs grow in each log;
+//! - one value per (epoch, offset): two replicas that hold a batch of the same epoch at the
+//!   same offset hold the same bytes (Raft's log matching, checked at every append);
+//! - every committed batch is durable on W replicas when a leader commits it;
+//! - the commit point never moves back within a replica's incarnation; a batch below any
+//!   replica's commit point equals the one first committed at that offset (never lost or
+//!   changed); a new leader holds every batch committed in earlier terms (completeness);
+//! - liveness: after the faults stop, one leader, identical logs, every acknowledged batch
+//!   present and everything committed everywhere, within the settle window.
+//!
+//! What it is not: it does not model membership changes (not in the core yet) or byzantine
+//! peers; messages from a replica that lost its disk are dropped from the network with it (a
+//! real disk replacement takes longer than any message lives).
+
+mod log;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+
+use rand_core::{Rng, SeedableRng};
+use rand_xorshift::XorShiftRng;
+
+use crate::group::{Action, Config, LogNotice, PlantedBug, RaftGroup, Restore, Role};
+use crate::message::{HardState, Message};
+use crate::quorum::{Preset, Quorum};
+use log::SimLog;
+
+/// A planted bug, for the test that shows the simulator catches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    CommitEarlierTerm,
+    AckBeforeDurable,
+    /// E = ⌊RF/2⌋ + 1 whatever W is: with RF 5 and W 2, election and write quorums miss.
+    ElectionQuorumTooSmall,
+}
+
+impl Bug {
+    pub fn parse(name: &str) -> Option<Bug> {
+        match name {
+            "commit-earlier-term" => Some(Bug::CommitEarlierTerm),
+            "ack-before-durable" => Some(Bug::AckBeforeDurable),
+            "election-quorum-too-small" => Some(Bug::ElectionQuorumTooSmall),
+            _ => None,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Bug::CommitEarlierTerm => "commit-earlier-term",
+            Bug::AckBeforeDurable => "ack-before-durable",
+            Bug::ElectionQuorumTooSmall => "election-quorum-too-small",
+        }
+    }
+}
+
+/// What a run simulates; the seed picks everything left as `None`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub replicas: Option<usize>,
+    pub preset: Option<Preset>,
+    pub bug: Option<Bug>,
+    /// Virtual time with faults, then `settle_us` without.
+    pub faults_us: u64,
+    pub settle_us: u64,
+    pub faults: bool,
+    /// Print every event and action (for replaying one seed).
+    pub trace: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            replicas: None,
+            preset: None,
+            bug: None,
+            faults_us: 2_000_000,
+            settle_us: 3_000_000,
+            faults: true,
+            trace: false,
+        }
+    }
+}
+
+/// What a passing run did.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub events: u64,
+    pub committed_batches: usize,
+    pub acked_batches: usize,
+    pub leaders: usize,
+}
+
+/// A failed run: its seed, when, why, and how to replay it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub seed: u64,
+    pub time_us: u64,
+    pub message: String,
+    pub options: Options,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seed {} failed at {} us: {}", self.seed, self.time_us, self.message)?;
+        write!(
+            f,
+            "\nreplay: cargo run -p pyralog-replication --features sim --example simulate -- --seed {}",
+            self.seed
+        )?;
+        if let Some(bug) = self.options.bug {
+            write!(f, " --bug {}", bug.name())?;
+        }
+        if let Some(replicas) = self.options.replicas {
+            write!(f, " --replicas {replicas}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed. A panic inside the core (a broken assertion) is a failure of that seed.
+pub fn run(seed: u64, options: &Options) -> Result<Outcome, Failure> {
+    let world = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut world = World::new(seed, options);
+        let result = world.run();
+        (world.now, result)
+    }));
+    let (time_us, result) = match world {
+        Ok(done) => done,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            (0, Err(format!("panic: {message}")))
+        }
+    };
+    result.map_err(|message| Failure { seed, time_us, message, options: options.clone() })
+}
+
+/// Milliseconds of virtual time per core tick, before a replica's clock skew.
+const TICK_US: u64 = 10_000;
+const NETWORK_DELAY_US_MAX: u64 = 10_000;
+const DISK_DELAY_US_MAX: u64 = 2_000;
+/// Events one seed may take: a bound on a run that would otherwise never end.
+const EVENTS_MAX: u64 = 2_000_000;
+
+#[derive(Debug)]
+enum Event {
+    Deliver(Message),
+    Tick { node: usize, incarnation: u64 },
+    Flushed { node: usize, incarnation: u64, end_offset: i64, truncations: u64 },
+    Persisted { node: usize, incarnation: u64, state: HardState },
+    Restart { node: usize, disk_lost: bool },
+    Crash { node: usize, incarnation: u64 },
+    Unblock { from: usize, to: usize },
+    Fault,
+    Heal,
+    Propose,
+}
+
+struct Scheduled {
+    at_us: u64,
+    sequence: u64,
+    event: Event,
+}
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at_us, self.sequence) == (other.at_us, other.sequence)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at_us, self.sequence).cmp(&(other.at_us, other.sequence))
+    }
+}
+
+struct Node {
+    group: Option<RaftGroup>,
+    incarnation: u64,
+    log: SimLog,
+    /// The hard state on disk.
+    hard: HardState,
+    persist_free_us: u64,
+    flushing: bool,
+    paused_until_us: u64,
+    tick_us: u64,
+    /// The commit point this incarnation reported last.
+    high_watermark: i64,
+    /// Batches below this index were compared with the committed record.
+    checked_count: usize,
+    last_term: i32,
+    /// Lost its disk, and the recovering mark is not persisted yet.
+    disk_lost: bool,
+}
+
+/// Lost its disk and has not caught up yet (crashed or not).
+fn recovering(n: &Node) -> bool {
+    n.disk_lost || n.hard.recovering || n.group.as_ref().is_some_and(RaftGroup::recovering)
+}
+
+struct Committed {
+    end: i64,
+    epoch: i32,
+    crc: u32,
+    by_term: i32,
+}
+
+struct Pending {
+    node: usize,
+    incarnation: u64,
+    term: i32,
+    end: i64,
+    batches: Vec<(i64, u32)>,
+}
+
+struct World {
+    seed: u64,
+    options: Options,
+    rng: XorShiftRng,
+    now: u64,
+    sequence: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    nodes: Vec<Node>,
+    config: Config,
+    blocked: Vec<Vec<bool>>,
+    drop_per_mille: u64,
+    duplicate_per_mille: u64,
+    leaders: HashMap<i32, u32>,
+    values: HashMap<(i64, i32), (i64, u32)>,
+    committed: Vec<Committed>,
+    pending: Vec<Pending>,
+    acked: Vec<(i64, u32)>,
+    next_value: u64,
+    events: u64,
+}
+
+type Check = Result<(), String>;
+
+impl World {
+    fn new(seed: u64, options: &Options) -> World {
+        let mut rng = XorShiftRng::seed_from_u64(seed);
+        let replicas = options.replicas.unwrap_or(if seed.is_multiple_of(2) { 3 } else { 5 });
+        let presets = [Preset::Balanced, Preset::WriteOptimized, Preset::ReadOptimized];
+        let preset = options.preset.unwrap_or(presets[(seed / 2 % 3) as usize]);
+        let mut quorum = Quorum::preset(preset, replicas as u32).expect("presets are valid");
+        if options.bug == Some(Bug::ElectionQuorumTooSmall) {
+            let majority = replicas as u32 / 2 + 1;
+            quorum = Quorum::unchecked_for_tests(replicas as u32, quorum.write_quorum(), majority);
+        }
+        let planted_bug = match options.bug {
+            Some(Bug::CommitEarlierTerm) => Some(PlantedBug::CommitEarlierTerm),
+            Some(Bug::AckBeforeDurable) => Some(PlantedBug::AckBeforeDurable),
+            _ => None,
+        };
+        let config = Config {
+            id: 0,
+            voters: (1..=replicas as u32).collect(),
+            quorum,
+            heartbeat_ticks: 2,
+            election_ticks: 10,
+            planted_bug,
+        };
+        let nodes = (0..replicas)
+            .map(|_| {
+                // Clock-rate skew: each replica's ticks run 0.7x to 1.3x the virtual clock.
+                let skew = if options.faults { 700 + rng.next_u64() % 601 } else { 1000 };
+                Node {
+                    group: None,
+                    incarnation: 0,
+                    log: SimLog::default(),
+                    hard: HardState::default(),
+                    persist_free_us: 0,
+                    flushing: false,
+                    paused_until_us: 0,
+                    tick_us: TICK_US * skew / 1000,
+                    high_watermark: 0,
+                    checked_count: 0,
+                    last_term: 0,
+                    disk_lost: false,
+                }
+            })
+            .collect();
+        World {
+            seed,
+            options: options.clone(),
+            rng,
+            now: 0,
+            sequence: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            config,
+            blocked: vec![vec![false; replicas]; replicas],
+            drop_per_mille: 0,
+            duplicate_per_mille: 0,
+            leaders: HashMap::new(),
+            values: HashMap::new(),
+            committed: Vec::new(),
+            pending: Vec::new(),
+            acked: Vec::new(),
+            next_value: 0,
+            events: 0,
+        }
+    }
+
+    fn random(&mut self, below: u64) -> u64 {
+        self.rng.next_u64() % below.max(1)
+    }
+
+    fn schedule(&mut self, delay_us: u64, event: Event) {
+        self.sequence += 1;
+        self.queue.push(Reverse(Scheduled { at_us: self.now + delay_us, sequence: self.sequence, event }));
+    }
+
+    fn run(&mut self) -> Result<Outcome, String> {
+        for node in 0..self.nodes.len() {
+            self.restart(node, false)?;
+        }
+        if self.options.faults {
+            let first = 100_000 + self.random(200_000);
+            self.schedule(first, Event::Fault);
+        }
+        self.schedule(self.options.faults_us, Event::Heal);
+        self.schedule(50_000, Event::Propose);
+        let end_us = self.options.faults_us + self.options.settle_us;
+        while let Some(Reverse(next)) = self.queue.pop() {
+            if next.at_us > end_us {
+                break;
+            }
+            self.now = next.at_us;
+            self.events += 1;
+            if self.events > EVENTS_MAX {
+                return Err(format!("more than {EVENTS_MAX} events"));
+            }
+            if self.options.trace {
+                println!("{:>9} {:?}", self.now, next.event);
+            }
+            self.handle(next.event)?;
+        }
+        self.check_converged()?;
+        Ok(Outcome {
+            events: self.events,
+            committed_batches: self.committed.len(),
+            acked_batches: self.acked.len(),
+            leaders: self.leaders.len(),
+        })
+    }
+
+    /// Events for a paused replica wait until it resumes; true when this one was put off.
+    fn put_off(&mut self, node: usize, event: Event) -> Option<Event> {
+        let until = self.nodes[node].paused_until_us;
+        if self.now < until {
+            self.schedule(until - self.now, event);
+            return None;
+        }
+        Some(event)
+    }
+
+    fn handle(&mut self, event: Event) -> Check {
+        let mut out = Vec::new();
+        match event {
+            Event::Deliver(message) => {
+                let node = message.to as usize - 1;
+                let Some(Event::Deliver(message)) = self.put_off(node, Event::Deliver(message)) else {
+                    return Ok(());
+                };
+                let Node { group: Some(group), log, .. } = &mut self.nodes[node] else { return Ok(()) };
+                group.receive(message, log, &mut out);
+                self.apply(node, out)
+            }
+            Event::Tick { node, incarnation } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].group.is_none() {
+                    return Ok(());
+                }
+                let Some(event) = self.put_off(node, Event::Tick { node, incarnation }) else {
+                    return Ok(());
+                };
+                let Node { group: Some(group), log, .. } = &mut self.nodes[node] else {
+                    unreachable!("checked above")
+                };
+                group.tick(log, &mut out);
+                let tick_us = self.nodes[node].tick_us;
+                self.schedule(tick_us, event);
+                self.apply(node, out)
+            }
+            Event::Flushed { node, incarnation, end_offset, truncations } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].group.is_none() {
+                    return Ok(());
+                }
+                let event = Event::Flushed { node, incarnation, end_offset, truncations };
+                let Some(_) = self.put_off(node, event) else { return Ok(()) };
+                let n = &mut self.nodes[node];
+                n.flushing = false;
+                if n.log.truncations == truncations {
+                    n.log.flushed(end_offset);
+                }
+                let group = n.group.as_mut().expect("a live incarnation has its group");
+                group.notice(LogNotice::Durable { end_offset, truncations }, &mut out);
+                self.start_flush(node);
+                self.apply(node, out)
+            }
+            Event::Persisted { node, incarnation, state } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].group.is_none() {
+                    return Ok(());
+                }
+                let Some(_) = self.put_off(node, Event::Persisted { node, incarnation, state }) else {
+                    return Ok(());
+                };
+                let n = &mut self.nodes[node];
+                if state.term < n.hard.term {
+                    return Err(format!(
+                        "replica {} persisted term {} after term {}",
+                        node + 1,
+                        state.term,
+                        n.hard.term
+                    ));
+                }
+                n.hard = state;
+                n.disk_lost &= !state.recovering;
+                n.group.as_mut().expect("live").notice(LogNotice::HardStatePersisted(state), &mut out);
+                self.apply(node, out)
+            }
+            Event::Restart { node, disk_lost } => self.restart(node, disk_lost),
+            Event::Crash { node, incarnation } => {
+                if self.nodes[node].incarnation == incarnation && self.nodes[node].group.is_some() {
+                    self.crash(node);
+                }
+                Ok(())
+            }
+            Event::Unblock { from, to } => {
+                self.blocked[from][to] = false;
+                Ok(())
+            }
+            Event::Fault => {
+                if self.now < self.options.faults_us {
+                    self.inject_fault();
+                    let next = 20_000 + self.random(300_000);
+                    self.schedule(next, Event::Fault);
+                }
+                Ok(())
+            }
+            Event::Heal => {
+                for row in &mut self.blocked {
+                    row.fill(false);
+                }
+                self.drop_per_mille = 0;
+                self.duplicate_per_mille = 0;
+                Ok(())
+            }
+            Event::Propose => self.propose(),
+        }
+    }
+
+    fn restart(&mut self, node: usize, disk_lost: bool) -> Check {
+        let mut out = Vec::new();
+        let n = &mut self.nodes[node];
+        n.incarnation += 1;
+        // Until the recovering mark is on disk, the replica comes back as one that lost it all.
+        let disk_lost = disk_lost || n.disk_lost;
+        // A term that was never persisted was never said to anyone: the persisted one counts.
+        n.last_term = n.hard.term;
+        n.high_watermark = 0;
+        n.flushing = false;
+        n.paused_until_us = 0;
+        n.checked_count = n.checked_count.min(n.log.batches.len());
+        let restore = Restore { hard_state: n.hard, epochs: n.log.epochs(), log_end: n.log.end(), disk_lost };
+        let mut config = self.config.clone();
+        config.id = node as u32 + 1;
+        let rng = XorShiftRng::seed_from_u64(self.seed ^ (node as u64) << 48 ^ n.incarnation << 32);
+        let group =
+            RaftGroup::new(config, restore, rng, &mut out).map_err(|e| format!("restart refused: {e}"))?;
+        n.group = Some(group);
+        let (incarnation, first_tick) = (n.incarnation, 1 + self.random(self.nodes[node].tick_us));
+        self.schedule(first_tick, Event::Tick { node, incarnation });
+        self.apply(node, out)
+    }
+
+    fn start_flush(&mut self, node: usize) {
+        let n = &self.nodes[node];
+        if n.flushing || n.log.durable_count == n.log.batches.len() {
+            return;
+        }
+        let event = Event::Flushed {
+            node,
+            incarnation: n.incarnation,
+            end_offset: n.log.end(),
+            truncations: n.log.truncations,
+        };
+        self.nodes[node].flushing = true;
+        let delay = 100 + self.random(DISK_DELAY_US_MAX);
+        self.schedule(delay, event);
+    }
+
+    fn apply(&mut self, node: usize, actions: Vec<Action>) -> Check {
+        for action in actions {
+            if self.options.trace && !matches!(action, Action::Send(_)) {
+                println!("{:>9}   replica {} {:?}", self.now, node + 1, action);
+            }
+            match action {
+                Action::Send(message) => self.send(message),
+                Action::Append { batches } => {
+                    for bytes in batches {
+                        let view = self.nodes[node].log.append(bytes);
+                        let value = (view.end_offset(), view.crc);
+                        let first =
+                            *self.values.entry((view.base_offset, view.leader_epoch)).or_insert(value);
+                        if first != value {
+                            return Err(format!(
+                                "log matching: replica {} appended a different batch of epoch {} at offset {}",
+                                node + 1,
+                                view.leader_epoch,
+                                view.base_offset
+                            ));
+                        }
+                    }
+                    self.start_flush(node);
+                }
+                Action::Truncate { end_offset, truncations } => {
+                    let n = &mut self.nodes[node];
+                    if end_offset < n.high_watermark {
+                        return Err(format!(
+                            "replica {} truncated to {end_offset} below its commit point",
+                            node + 1
+                        ));
+                    }
+                    n.log.truncate(end_offset);
+                    if n.log.truncations != truncations {
+                        return Err(format!(
+                            "truncation count {truncations} but the log made {}",
+                            n.log.truncations
+                        ));
+                    }
+                    n.checked_count = n.checked_count.min(n.log.batches.len());
+                }
+                Action::PersistHardState(state) => {
+                    let n = &mut self.nodes[node];
+                    let at = n.persist_free_us.max(self.now) + 100 + self.rng.next_u64() % DISK_DELAY_US_MAX;
+                    n.persist_free_us = at;
+                    let incarnation = n.incarnation;
+                    self.schedule(at - self.now, Event::Persisted { node, incarnation, state });
+                }
+                Action::Commit { high_watermark } => self.on_commit(node, high_watermark)?,
+                Action::Role { term, role, .. } => {
+                    if role == Role::Leader {
+                        self.on_leader(node, term)?;
+                    }
+                }
+            }
+        }
+        let n = &mut self.nodes[node];
+        let term = n.group.as_ref().map_or(0, RaftGroup::term);
+        if term < n.last_term {
+            return Err(format!("replica {} went back from term {} to {term}", node + 1, n.last_term));
+        }
+        n.last_term = term;
+        Ok(())
+    }
+
+    fn send(&mut self, message: Message) {
+        let (from, to) = (message.from as usize - 1, message.to as usize - 1);
+        if self.blocked[from][to] || self.random(1000) < self.drop_per_mille {
+            return;
+        }
+        let delay = 1_000 + self.random(NETWORK_DELAY_US_MAX);
+        if self.random(1000) < self.duplicate_per_mille {
+            let again = 1_000 + self.random(3 * NETWORK_DELAY_US_MAX);
+            self.schedule(again, Event::Deliver(message.clone()));
+        }
+        self.schedule(delay, Event::Deliver(message));
+    }
+
+    fn on_commit(&mut self, node: usize, high_watermark: i64) -> Check {
+        let n = &mut self.nodes[node];
+        if high_watermark < n.high_watermark {
+            return Err(format!("replica {} moved its commit point back to {high_watermark}", node + 1));
+        }
+        n.high_watermark = high_watermark;
+        let term = n.group.as_ref().map_or(0, RaftGroup::term);
+        while n.checked_count < n.log.batches.len() && n.log.ends[n.checked_count] <= high_watermark {
+            let k = n.checked_count;
+            let view = crate::batch::parse(&n.log.batches[k]).expect("stored batches are valid");
+            match self.committed.get(k) {
+                Some(c) if (c.end, c.epoch, c.crc) != (view.end_offset(), view.leader_epoch, view.crc) => {
+                    return Err(format!(
+                        "committed batch at offset {} changed on replica {}: epoch {} became {}",
+                        view.base_offset,
+                        node + 1,
+                        c.epoch,
+                        view.leader_epoch
+                    ));
+                }
+                Some(_) => {}
+                None => self.committed.push(Committed {
+                    end: view.end_offset(),
+                    epoch: view.leader_epoch,
+                    crc: view.crc,
+                    by_term: term,
+                }),
+            }
+            n.checked_count += 1;
+        }
+        let leads = n.group.as_ref().is_some_and(|g| g.role() == Role::Leader);
+        if leads {
+            self.check_durable_on_write_quorum(node, high_watermark)?;
+            self.settle_proposals(node, high_watermark);
+        }
+        Ok(())
+    }
+
+    fn check_durable_on_write_quorum(&self, node: usize, high_watermark: i64) -> Check {
+        let count = self.nodes[node].log.index_of(high_watermark);
+        let leader = &self.nodes[node].log.batches[..count];
+        let holders = self
+            .nodes
+            .iter()
+            .filter(|n| {
+                // A replica that lost its disk after acknowledging counted when it did.
+                recovering(n) || n.log.durable_count >= count && n.log.batches[..count] == *leader
+            })
+            .count();
+        if holders < self.config.quorum.write_quorum() as usize {
+            let logs: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|n| format!("{}/{}", n.log.durable_count, n.log.batches.len()))
+                .collect();
+            return Err(format!(
+                "replica {} committed to {high_watermark} ({count} batches), durable on {holders} replicas, \
+                 fewer than W = {} (durable/held batches: {})",
+                node + 1,
+                self.config.quorum.write_quorum(),
+                logs.join(" ")
+            ));
+        }
+        Ok(())
+    }
+
+    fn settle_proposals(&mut self, node: usize, high_watermark: i64) {
+        let (incarnation, term) = {
+            let n = &self.nodes[node];
+            (n.incarnation, n.group.as_ref().map_or(0, RaftGroup::term))
+        };
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &self.pending[i];
+            if p.node == node && p.incarnation == incarnation && p.term == term && p.end <= high_watermark {
+                let p = self.pending.swap_remove(i);
+                self.acked.extend(p.batches);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn on_leader(&mut self, node: usize, term: i32) -> Check {
+        let id = node as u32 + 1;
+        if self.options.faults && self.now < self.options.faults_us && self.random(100) < 15 {
+            // Leaders that die young leave entries of their term on a few replicas only:
+            // the histories of Raft's figure 8 and of KIP-279.
+            let (incarnation, delay) = (self.nodes[node].incarnation, 500 + self.random(20_000));
+            self.schedule(delay, Event::Crash { node, incarnation });
+        }
+        if let Some(other) = self.leaders.insert(term, id) {
+            if other != id {
+                return Err(format!("two leaders in term {term}: replicas {other} and {id}"));
+            }
+        }
+        let log = &self.nodes[node].log;
+        for (k, c) in self.committed.iter().enumerate() {
+            if c.by_term >= term {
+                continue;
+            }
+            let held = log.batches.get(k).and_then(|b| crate::batch::parse(b).ok());
+            if held.is_none_or(|v| (v.end_offset(), v.leader_epoch, v.crc) != (c.end, c.epoch, c.crc)) {
+                return Err(format!(
+                    "leader completeness: replica {id}, leader of term {term}, lacks the batch ending at {} committed in term {}",
+                    c.end, c.by_term
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn propose(&mut self) -> Check {
+        if self.now >= self.options.faults_us {
+            return Ok(());
+        }
+        let next = 5_000 + self.random(40_000);
+        self.schedule(next, Event::Propose);
+        let leader = (0..self.nodes.len()).rev().find(|&i| {
+            let n = &self.nodes[i];
+            self.now >= n.paused_until_us && n.group.as_ref().is_some_and(|g| g.role() == Role::Leader)
+        });
+        let Some(node) = leader else { return Ok(()) };
+        let count = 1 + self.random(3);
+        let mut batches = Vec::new();
+        for _ in 0..count {
+            self.next_value += 1;
+            let value = self.next_value.to_be_bytes();
+            let records = 1 + self.random(3) as usize;
+            let pairs: Vec<(Option<&[u8]>, &[u8])> = (0..records).map(|_| (None, &value[..])).collect();
+            batches.push(crate::batch::build(&pairs, 0, self.now as i64));
+        }
+        let mut out = Vec::new();
+        let n = &mut self.nodes[node];
+        let group = n.group.as_mut().expect("a leader is live");
+        let term = group.term();
+        let Ok((base, end)) = group.propose(batches, &n.log, &mut out) else { return Ok(()) };
+        let first_new = out.iter().find_map(|a| match a {
+            Action::Append { batches } => Some(batches.clone()),
+            _ => None,
+        });
+        let crcs: Vec<(i64, u32)> = first_new
+            .unwrap_or_default()
+            .iter()
+            .map(|b| {
+                let view = crate::batch::parse(b).expect("the core stamped it");
+                (view.base_offset, view.crc)
+            })
+            .collect();
+        assert_eq!(crcs.first().map(|c| c.0), Some(base), "proposals are appended at once");
+        let incarnation = n.incarnation;
+        self.pending.push(Pending { node, incarnation, term, end, batches: crcs });
+        self.apply(node, out)
+    }
+
+    fn inject_fault(&mut self) {
+        let replicas = self.nodes.len();
+        let node = self.random(replicas as u64) as usize;
+        let live = self.nodes[node].group.is_some();
+        match self.random(100) {
+            0..=24 if live => {
+                // Crash, preferring the leader: keep a random part of the unflushed tail.
+                let target = (0..replicas)
+                    .find(|&i| self.nodes[i].group.as_ref().is_some_and(|g| g.role() == Role::Leader))
+                    .filter(|_| self.random(2) == 0)
+                    .unwrap_or(node);
+                self.crash(target);
+            }
+            25..=29 if live => self.lose_disk(node),
+            30..=44 if live => {
+                let pause = 10_000 + self.random(400_000);
+                // Never shorten a pause: events put off until its end must stay in order.
+                let n = &mut self.nodes[node];
+                n.paused_until_us = n.paused_until_us.max(self.now + pause);
+            }
+            45..=69 => {
+                // Cut a random set of replicas from the others, both ways, for a while.
+                let side: Vec<bool> = (0..replicas).map(|_| self.random(2) == 0).collect();
+                let heal = 50_000 + self.random(700_000);
+                for from in 0..replicas {
+                    for to in 0..replicas {
+                        if side[from] != side[to] {
+                            self.blocked[from][to] = true;
+                            self.schedule(heal, Event::Unblock { from, to });
+                        }
+                    }
+                }
+            }
+            70..=84 => {
+                let to = self.random(replicas as u64) as usize;
+                if to != node {
+                    self.blocked[node][to] = true;
+                    let heal = 50_000 + self.random(700_000);
+                    self.schedule(heal, Event::Unblock { from: node, to });
+                }
+            }
+            _ => {
+                self.drop_per_mille = self.random(150);
+                self.duplicate_per_mille = self.random(60);
+            }
+        }
+    }
+
+    /// The replica stops; its disk keeps what was flushed and a random part of the rest.
+    fn crash(&mut self, node: usize) {
+        let unsynced = self.nodes[node].log.batches.len() - self.nodes[node].log.durable_count;
+        let kept = self.random(unsynced as u64 + 1) as usize;
+        let tear = self.random(2) == 0;
+        let n = &mut self.nodes[node];
+        n.group = None;
+        n.log.crash(kept, tear);
+        let down = 20_000 + self.random(500_000);
+        self.schedule(down, Event::Restart { node, disk_lost: false });
+    }
+
+    /// The replica loses its disk and comes back empty, unless another replica is still
+    /// recovering from such a loss (two at once may lose acknowledged data for real).
+    fn lose_disk(&mut self, node: usize) {
+        if self.nodes.iter().any(recovering) {
+            return;
+        }
+        if self.config.quorum.write_quorum() < 2 {
+            return;
+        }
+        let id = node as u32 + 1;
+        let queue = std::mem::take(&mut self.queue);
+        self.queue = queue
+            .into_iter()
+            .filter(|Reverse(s)| !matches!(&s.event, Event::Deliver(m) if m.from == id))
+            .collect();
+        let n = &mut self.nodes[node];
+        n.group = None;
+        n.log = SimLog::default();
+        n.hard = HardState::default();
+        n.checked_count = 0;
+        n.last_term = 0;
+        n.disk_lost = true;
+        let down = 20_000 + self.random(500_000);
+        self.schedule(down, Event::Restart { node, disk_lost: true });
+    }
+
+    /// Liveness: after the settle window, one leader and every replica caught up with it.
+    fn check_converged(&self) -> Check {
+        let groups: Vec<&RaftGroup> = self.nodes.iter().filter_map(|n| n.group.as_ref()).collect();
+        if groups.len() != self.nodes.len() {
+            return Err("liveness: a replica is still down after the settle window".into());
+        }
+        let term = groups.iter().map(|g| g.term()).max().expect("at least one replica");
+        let leaders: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| groups[i].role() == Role::Leader && groups[i].term() == term)
+            .collect();
+        let [leader] = leaders[..] else {
+            return Err(format!(
+                "liveness: {} leaders of term {term} after the settle window",
+                leaders.len()
+            ));
+        };
+        let log = &self.nodes[leader].log;
+        for (i, g) in groups.iter().enumerate() {
+            if g.term() != term || g.leader() != Some(leader as u32 + 1) || g.recovering() {
+                return Err(format!(
+                    "liveness: replica {} is in term {} (leader {:?}, recovering {}), not following {} in {term}",
+                    i + 1,
+                    g.term(),
+                    g.leader(),
+                    g.recovering(),
+                    leader + 1
+                ));
+            }
+            if self.nodes[i].log.batches != log.batches || g.high_watermark() != log.end() {
+                return Err(format!(
+                    "liveness: replica {} has log end {} and commit point {}, the leader's log ends at {}",
+                    i + 1,
+                    self.nodes[i].log.end(),
+                    g.high_watermark(),
+                    log.end()
+                ));
+            }
+        }
+        for &(base, crc) in &self.acked {
+            let held = log.batches.get(log.index_of(base)).and_then(|b| crate::batch::parse(b).ok());
+            if held.is_none_or(|v| v.base_offset != base || v.crc != crc) {
+                return Err(format!("an acknowledged batch at offset {base} is lost"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! The simulator's seed sweeps and the planted-bug test.
+//!
+//! `cargo test` runs 10,000 seeds (four sweeps of 2,500, which the test harness runs on both
+//! cores); the crate is built with opt-level 2 in the dev profile (root Cargo.toml) so that
+//! this takes well under a minute. `scripts/simulate.sh SEEDS` runs more.
+
+use super::*;
+
+fn sweep(seeds: std::ops::Range<u64>, options: &Options) {
+    for seed in seeds {
+        if let Err(failure) = run(seed, options) {
+            panic!("{failure}");
+        }
+    }
+}
+
+#[test]
+fn seeds_0_to_2500_keep_every_invariant() {
+    sweep(0..2_500, &Options::default());
+}
+
+#[test]
+fn seeds_2500_to_5000_keep_every_invariant() {
+    sweep(2_500..5_000, &Options::default());
+}
+
+#[test]
+fn seeds_5000_to_7500_keep_every_invariant() {
+    sweep(5_000..7_500, &Options::default());
+}
+
+#[test]
+fn seeds_7500_to_10000_keep_every_invariant() {
+    sweep(7_500..10_000, &Options::default());
+}
+
+#[test]
+fn without_faults_every_seed_elects_and_converges() {
+    sweep(0..200, &Options { faults: false, ..Options::default() });
+}
+
+/// The first failing seed below `budget`, if any.
+fn first_failure(budget: u64, options: &Options) -> Option<Failure> {
+    (0..budget).find_map(|seed| run(seed, options).err())
+}
+
+#[test]
+fn planted_bug_ack_before_durable_is_caught() {
+    let options = Options { bug: Some(Bug::AckBeforeDurable), ..Options::default() };
+    let failure = first_failure(200, &options).expect("a follower acking unflushed data is caught");
+    assert!(failure.message.contains("durable on"), "{failure}");
+}
+
+#[test]
+fn planted_bug_election_quorum_missing_write_quorum_is_caught() {
+    let options = Options {
+        bug: Some(Bug::ElectionQuorumTooSmall),
+        replicas: Some(5),
+        preset: Some(Preset::WriteOptimized),
+        ..Options::default()
+    };
+    let failure = first_failure(500, &options).expect("E = 3 with W = 2 of 5 is caught");
+    assert!(failure.message.contains("completeness") || failure.message.contains("changed"), "{failure}");
+}
