@@ -3,7 +3,8 @@
 //! `simulate --seeds 0..100000` stops at the first failing seed (exit 1) and prints it with
 //! the command that replays it; `simulate --seed 42 --trace` prints every event of seed 42.
 
-use pyralog_replication::sim::{run, Bug, Options};
+use pyralog_replication::sim::{run, Bug, Options, Scenario};
+use pyralog_replication::Preset;
 
 fn main() {
     let mut options = Options::default();
@@ -27,6 +28,12 @@ fn main() {
             }
             "--bug" => options.bug = Some(Bug::parse(&value()).unwrap_or_else(|| usage("unknown --bug"))),
             "--no-faults" => options.faults = false,
+            "--figure-8" => {
+                options.scenario = Some(Scenario::Figure8);
+                options.faults = false;
+                options.replicas = Some(5);
+                options.preset = Some(Preset::Balanced);
+            }
             "--trace" => options.trace = true,
             other => usage(&format!("unknown argument {other}")),
         }
@@ -45,6 +52,6 @@ fn main() {
 }
 
 fn usage(problem: &str) -> ! {
-    eprintln!("simulate: {problem}\nusage: simulate [--seed N | --seeds FROM..TO] [--replicas 3|5] [--bug NAME] [--no-faults] [--trace]");
+    eprintln!("simulate: {problem}\nusage: simulate [--seed N | --seeds FROM..TO] [--replicas 3|5] [--bug NAME] [--no-faults] [--figure-8] [--trace]");
     std::process::exit(2);
 }

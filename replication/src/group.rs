@@ -379,9 +379,9 @@ impl RaftGroup {
         }
     }
 
-    /// A replica that lost its disk forgot its term: until it has learned the terms of
-    /// RF − W + 1 peers (one of them, at least, holds every write quorum's latest term), it
-    /// could follow, and acknowledge for, a stale leader.
+    /// A replica that lost its disk forgot its term and its votes: until it has learned the
+    /// terms of enough peers (`terms_known`), it could follow, and acknowledge for, a stale
+    /// leader, or vote twice in a term.
     fn query_terms(&mut self, out: &mut Vec<Action>) {
         let voters = self.config.voters.clone();
         for (i, to) in voters.into_iter().enumerate() {
@@ -392,7 +392,11 @@ impl RaftGroup {
     }
 
     fn terms_known(&self) -> bool {
-        let needed = self.config.quorum.replication_factor() - self.config.quorum.write_quorum() + 1;
+        // RF − W + 1 peers include one of the W − 1 others that acknowledged any commit with
+        // us; RF − E + 1 include one of the E − 1 others that elected anyone we voted for.
+        let quorum = &self.config.quorum;
+        let rf = quorum.replication_factor();
+        let needed = (rf - quorum.write_quorum() + 1).max(rf - quorum.election_quorum() + 1);
         self.terms_heard.count_ones() >= needed
     }
 
@@ -647,9 +651,8 @@ impl RaftGroup {
         if message.to != self.config.id || from == self.config.id || !self.config.voters.contains(&from) {
             return;
         }
-        if self.hard.recovering
-            && !matches!(message.body, Body::PreVote { .. } | Body::PreVoteResponse { .. })
-        {
+        // Only answers to our queries count: other messages may have left before the loss.
+        if self.hard.recovering && message.body == Body::TermAnswer {
             let index = self.config.voters.iter().position(|v| *v == from).expect("checked above");
             self.terms_heard |= 1 << index;
         }

@@ -68,6 +68,16 @@ impl Bug {
     }
 }
 
+/// Scripted histories; the seed still picks every delay, so each seed is another timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Raft's figure 8 (5 replicas): a leader replicates an entry to one follower and dies; a
+    /// leader of the next term appends at the same offset alone and dies; the first comes
+    /// back, wins, and brings its old entry to a write quorum. Counting replicas for that
+    /// entry (instead of for the new leader's own epoch) commits what the second can undo.
+    Figure8,
+}
+
 /// What a run simulates; the seed picks everything left as `None`.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -78,6 +88,8 @@ pub struct Options {
     pub faults_us: u64,
     pub settle_us: u64,
     pub faults: bool,
+    /// A scripted history instead of random faults.
+    pub scenario: Option<Scenario>,
     /// Print every event and action (for replaying one seed).
     pub trace: bool,
 }
@@ -91,6 +103,7 @@ impl Default for Options {
             faults_us: 2_000_000,
             settle_us: 3_000_000,
             faults: true,
+            scenario: None,
             trace: false,
         }
     }
@@ -125,7 +138,9 @@ impl fmt::Display for Failure {
         if let Some(bug) = self.options.bug {
             write!(f, " --bug {}", bug.name())?;
         }
-        if let Some(replicas) = self.options.replicas {
+        if self.options.scenario == Some(Scenario::Figure8) {
+            write!(f, " --figure-8")?;
+        } else if let Some(replicas) = self.options.replicas {
             write!(f, " --replicas {replicas}")?;
         }
         Ok(())
@@ -156,6 +171,8 @@ pub fn run(seed: u64, options: &Options) -> Result<Outcome, Failure> {
 /// Milliseconds of virtual time per core tick, before a replica's clock skew.
 const TICK_US: u64 = 10_000;
 const NETWORK_DELAY_US_MAX: u64 = 10_000;
+/// Flushes and hard-state writes take up to this long; a third of the seeds get a slow disk
+/// (ten times slower), which widens every window between an append and its flush.
 const DISK_DELAY_US_MAX: u64 = 2_000;
 /// Events one seed may take: a bound on a run that would otherwise never end.
 const EVENTS_MAX: u64 = 2_000_000;
@@ -163,15 +180,38 @@ const EVENTS_MAX: u64 = 2_000_000;
 #[derive(Debug)]
 enum Event {
     Deliver(Message),
-    Tick { node: usize, incarnation: u64 },
-    Flushed { node: usize, incarnation: u64, end_offset: i64, truncations: u64 },
-    Persisted { node: usize, incarnation: u64, state: HardState },
-    Restart { node: usize, disk_lost: bool },
-    Crash { node: usize, incarnation: u64 },
-    Unblock { from: usize, to: usize },
+    Tick {
+        node: usize,
+        incarnation: u64,
+    },
+    Flushed {
+        node: usize,
+        incarnation: u64,
+        end_offset: i64,
+        truncations: u64,
+    },
+    Persisted {
+        node: usize,
+        incarnation: u64,
+        state: HardState,
+    },
+    Restart {
+        node: usize,
+        disk_lost: bool,
+    },
+    Crash {
+        node: usize,
+        incarnation: u64,
+    },
+    Unblock {
+        from: usize,
+        to: usize,
+    },
     Fault,
     Heal,
     Propose,
+    /// The scripted scenario checks whether its next step is due.
+    Script,
 }
 
 struct Scheduled {
@@ -254,6 +294,10 @@ struct World {
     acked: Vec<(i64, u32)>,
     next_value: u64,
     events: u64,
+    disk_delay_us_max: u64,
+    script_step: u32,
+    script_mark_us: u64,
+    script_nodes: Vec<usize>,
 }
 
 type Check = Result<(), String>;
@@ -321,6 +365,10 @@ impl World {
             acked: Vec::new(),
             next_value: 0,
             events: 0,
+            disk_delay_us_max: if seed % 3 == 2 { 10 * DISK_DELAY_US_MAX } else { DISK_DELAY_US_MAX },
+            script_step: 0,
+            script_mark_us: 0,
+            script_nodes: Vec::new(),
         }
     }
 
@@ -340,6 +388,9 @@ impl World {
         if self.options.faults {
             let first = 100_000 + self.random(200_000);
             self.schedule(first, Event::Fault);
+        }
+        if self.options.scenario.is_some() {
+            self.schedule(1_000, Event::Script);
         }
         self.schedule(self.options.faults_us, Event::Heal);
         self.schedule(50_000, Event::Propose);
@@ -469,6 +520,13 @@ impl World {
                 Ok(())
             }
             Event::Propose => self.propose(),
+            Event::Script => {
+                self.script_step();
+                if self.now < self.options.faults_us {
+                    self.schedule(2_000, Event::Script);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -508,7 +566,7 @@ impl World {
             truncations: n.log.truncations,
         };
         self.nodes[node].flushing = true;
-        let delay = 100 + self.random(DISK_DELAY_US_MAX);
+        let delay = 100 + self.random(self.disk_delay_us_max);
         self.schedule(delay, event);
     }
 
@@ -555,7 +613,8 @@ impl World {
                 }
                 Action::PersistHardState(state) => {
                     let n = &mut self.nodes[node];
-                    let at = n.persist_free_us.max(self.now) + 100 + self.rng.next_u64() % DISK_DELAY_US_MAX;
+                    let at =
+                        n.persist_free_us.max(self.now) + 100 + self.rng.next_u64() % self.disk_delay_us_max;
                     n.persist_free_us = at;
                     let incarnation = n.incarnation;
                     self.schedule(at - self.now, Event::Persisted { node, incarnation, state });
@@ -623,6 +682,7 @@ impl World {
         let leads = n.group.as_ref().is_some_and(|g| g.role() == Role::Leader);
         if leads {
             self.check_durable_on_write_quorum(node, high_watermark)?;
+            self.check_no_electable_replica_lacks(node, high_watermark)?;
             self.settle_proposals(node, high_watermark);
         }
         Ok(())
@@ -652,6 +712,45 @@ impl World {
                 self.config.quorum.write_quorum(),
                 logs.join(" ")
             ));
+        }
+        Ok(())
+    }
+
+    /// A committed batch must be safe from every election that could follow: no replica that
+    /// lacks it may be able to gather E votes, even if every voter crashed first and came back
+    /// with only what it had flushed (the weakest log it can vote with). Raft's counting rule
+    /// is what makes this hold: the W replicas a commit counts hold the leader's epoch-start
+    /// batch durably, so they refuse anyone whose log lacks it.
+    fn check_no_electable_replica_lacks(&self, node: usize, high_watermark: i64) -> Check {
+        let count = self.nodes[node].log.index_of(high_watermark);
+        let committed = &self.nodes[node].log.batches[..count];
+        let last_of = |batches: &[bytes::Bytes]| {
+            let epoch = batches.last().map_or(-1, |b| crate::batch::parse(b).map_or(-1, |v| v.leader_epoch));
+            let end = batches.last().map_or(0, |b| crate::batch::parse(b).map_or(0, |v| v.end_offset()));
+            (epoch, end)
+        };
+        for (r, candidate) in self.nodes.iter().enumerate() {
+            let holds = candidate.log.batches.len() >= count && candidate.log.batches[..count] == *committed;
+            if holds || recovering(candidate) {
+                continue;
+            }
+            let theirs = last_of(&candidate.log.batches);
+            let votes = 1 + self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|&(v, voter)| v != r && !recovering(voter))
+                .filter(|(_, voter)| last_of(&voter.log.batches[..voter.log.durable_count]) <= theirs)
+                .count();
+            if votes >= self.config.quorum.election_quorum() as usize {
+                return Err(format!(
+                    "replica {} committed to {high_watermark}, but replica {} lacks it and could win {votes} votes \
+                     (E = {}): the commit can be lost",
+                    node + 1,
+                    r + 1,
+                    self.config.quorum.election_quorum()
+                ));
+            }
         }
         Ok(())
     }
@@ -713,6 +812,11 @@ impl World {
             self.now >= n.paused_until_us && n.group.as_ref().is_some_and(|g| g.role() == Role::Leader)
         });
         let Some(node) = leader else { return Ok(()) };
+        self.propose_to(node)
+    }
+
+    /// A client proposes 1 to 3 batches of 1 to 3 records to `node`, a leader.
+    fn propose_to(&mut self, node: usize) -> Check {
         let count = 1 + self.random(3);
         let mut batches = Vec::new();
         for _ in 0..count {
@@ -795,14 +899,82 @@ impl World {
 
     /// The replica stops; its disk keeps what was flushed and a random part of the rest.
     fn crash(&mut self, node: usize) {
+        let down = 20_000 + self.random(500_000);
+        self.crash_for(node, down);
+    }
+
+    fn crash_for(&mut self, node: usize, down_us: u64) {
         let unsynced = self.nodes[node].log.batches.len() - self.nodes[node].log.durable_count;
         let kept = self.random(unsynced as u64 + 1) as usize;
         let tear = self.random(2) == 0;
         let n = &mut self.nodes[node];
         n.group = None;
         n.log.crash(kept, tear);
-        let down = 20_000 + self.random(500_000);
-        self.schedule(down, Event::Restart { node, disk_lost: false });
+        self.schedule(down_us, Event::Restart { node, disk_lost: false });
+    }
+
+    fn leader_now(&self) -> Option<(usize, i32)> {
+        let leaders = self.nodes.iter().enumerate().filter_map(|(i, n)| {
+            n.group.as_ref().filter(|g| g.role() == Role::Leader).map(|g| (i, g.term()))
+        });
+        leaders.max_by_key(|&(_, term)| term)
+    }
+
+    fn isolate(&mut self, group: &[usize]) {
+        for from in 0..self.nodes.len() {
+            for to in 0..self.nodes.len() {
+                self.blocked[from][to] = group.contains(&from) != group.contains(&to);
+            }
+        }
+    }
+
+    /// One step of the scripted scenario, when its condition holds (see [`Scenario`]).
+    fn script_step(&mut self) {
+        let Some(Scenario::Figure8) = self.options.scenario else { return };
+        let since = self.now - self.script_mark_us;
+        let jitter_us = self.random(20_000);
+        match self.script_step {
+            0 => {
+                let Some((leader, _)) = self.leader_now() else { return };
+                let committed = self.nodes[leader].group.as_ref().is_some_and(|g| g.high_watermark() > 0);
+                if self.now > 200_000 && committed {
+                    let follower = (leader + 1) % self.nodes.len();
+                    self.script_nodes = vec![leader, follower];
+                    self.isolate(&[leader, follower]);
+                    let _ = self.propose_to(leader);
+                    self.advance_script();
+                }
+            }
+            1 if since > 30_000 + jitter_us => {
+                self.crash_for(self.script_nodes[0], 10_000_000);
+                self.advance_script();
+            }
+            2 => {
+                let Some((second, _)) = self.leader_now() else { return };
+                if self.script_nodes.contains(&second) {
+                    return;
+                }
+                // Cut it off at once: its epoch-start batch stays on it alone.
+                self.script_nodes.push(second);
+                self.isolate(&[second]);
+                self.advance_script();
+            }
+            3 if since > 5_000 + jitter_us => {
+                self.crash_for(self.script_nodes[2], self.options.faults_us - self.now + 100_000);
+                for row in &mut self.blocked {
+                    row.fill(false);
+                }
+                let first = self.script_nodes[0];
+                let _ = self.restart(first, false);
+                self.advance_script();
+            }
+            _ => {}
+        }
+    }
+
+    fn advance_script(&mut self) {
+        self.script_step += 1;
+        self.script_mark_us = self.now;
     }
 
     /// The replica loses its disk and comes back empty, unless another replica is still

@@ -60,5 +60,28 @@ fn planted_bug_election_quorum_missing_write_quorum_is_caught() {
         ..Options::default()
     };
     let failure = first_failure(500, &options).expect("E = 3 with W = 2 of 5 is caught");
-    assert!(failure.message.contains("completeness") || failure.message.contains("changed"), "{failure}");
+    let lost = ["could win", "completeness", "changed"].iter().any(|m| failure.message.contains(m));
+    assert!(lost, "{failure}");
+}
+
+fn figure_8() -> Options {
+    Options {
+        scenario: Some(Scenario::Figure8),
+        faults: false,
+        replicas: Some(5),
+        preset: Some(Preset::Balanced),
+        ..Options::default()
+    }
+}
+
+#[test]
+fn the_figure_8_history_keeps_every_invariant() {
+    sweep(0..300, &figure_8());
+}
+
+#[test]
+fn planted_bug_commit_by_counting_an_earlier_term_is_caught() {
+    let options = Options { bug: Some(Bug::CommitEarlierTerm), ..figure_8() };
+    let failure = first_failure(300, &options).expect("Raft's figure 8 is caught");
+    assert!(failure.message.contains("could win"), "{failure}");
 }
