@@ -28,11 +28,14 @@ fn main() {
             }
             "--bug" => options.bug = Some(Bug::parse(&value()).unwrap_or_else(|| usage("unknown --bug"))),
             "--no-faults" => options.faults = false,
-            "--figure-8" => {
-                options.scenario = Some(Scenario::Figure8);
+            "--scenario" => {
+                let scenario = Scenario::parse(&value()).unwrap_or_else(|| usage("unknown --scenario"));
+                options.scenario = Some(scenario);
                 options.faults = false;
-                options.replicas = Some(5);
-                options.preset = Some(Preset::Balanced);
+                if scenario == Scenario::Figure8 {
+                    options.replicas = Some(5);
+                    options.preset = Some(Preset::Balanced);
+                }
             }
             "--trace" => options.trace = true,
             other => usage(&format!("unknown argument {other}")),
@@ -52,6 +55,6 @@ fn main() {
 }
 
 fn usage(problem: &str) -> ! {
-    eprintln!("simulate: {problem}\nusage: simulate [--seed N | --seeds FROM..TO] [--replicas 3|5] [--bug NAME] [--no-faults] [--figure-8] [--trace]");
+    eprintln!("simulate: {problem}\nusage: simulate [--seed N | --seeds FROM..TO] [--replicas 3|5] [--bug NAME] [--no-faults] [--scenario figure-8|isolated-follower|isolated-leader|transfer] [--trace]");
     std::process::exit(2);
 }

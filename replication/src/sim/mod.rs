@@ -76,6 +76,34 @@ pub enum Scenario {
     /// back, wins, and brings its old entry to a write quorum. Counting replicas for that
     /// entry (instead of for the new leader's own epoch) commits what the second can undo.
     Figure8,
+    /// A follower cut off for a second comes back: with pre-vote, the group's term and leader
+    /// stay as they were (it cannot disrupt them by inflating terms).
+    IsolatedFollower,
+    /// The leader is cut off alone: check-quorum makes it step down within two election
+    /// timeouts, and the others elect a new one.
+    IsolatedLeader,
+    /// The leader hands over to a follower (TimeoutNow), which leads within 200 ms.
+    Transfer,
+}
+
+impl Scenario {
+    pub fn parse(name: &str) -> Option<Scenario> {
+        match name {
+            "figure-8" => Some(Scenario::Figure8),
+            "isolated-follower" => Some(Scenario::IsolatedFollower),
+            "isolated-leader" => Some(Scenario::IsolatedLeader),
+            "transfer" => Some(Scenario::Transfer),
+            _ => None,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Figure8 => "figure-8",
+            Scenario::IsolatedFollower => "isolated-follower",
+            Scenario::IsolatedLeader => "isolated-leader",
+            Scenario::Transfer => "transfer",
+        }
+    }
 }
 
 /// What a run simulates; the seed picks everything left as `None`.
@@ -138,10 +166,11 @@ impl fmt::Display for Failure {
         if let Some(bug) = self.options.bug {
             write!(f, " --bug {}", bug.name())?;
         }
-        if self.options.scenario == Some(Scenario::Figure8) {
-            write!(f, " --figure-8")?;
-        } else if let Some(replicas) = self.options.replicas {
+        if let Some(replicas) = self.options.replicas {
             write!(f, " --replicas {replicas}")?;
+        }
+        if let Some(scenario) = self.options.scenario {
+            write!(f, " --scenario {}", scenario.name())?;
         }
         Ok(())
     }
@@ -295,6 +324,8 @@ struct World {
     next_value: u64,
     events: u64,
     disk_delay_us_max: u64,
+    /// Actions a fault made a replica take, carried out after it.
+    fault_actions: Vec<(usize, Vec<Action>)>,
     script_step: u32,
     script_mark_us: u64,
     script_nodes: Vec<usize>,
@@ -366,6 +397,7 @@ impl World {
             next_value: 0,
             events: 0,
             disk_delay_us_max: if seed % 3 == 2 { 10 * DISK_DELAY_US_MAX } else { DISK_DELAY_US_MAX },
+            fault_actions: Vec::new(),
             script_step: 0,
             script_mark_us: 0,
             script_nodes: Vec::new(),
@@ -506,22 +538,23 @@ impl World {
             Event::Fault => {
                 if self.now < self.options.faults_us {
                     self.inject_fault();
+                    for (node, out) in std::mem::take(&mut self.fault_actions) {
+                        self.apply(node, out)?;
+                    }
                     let next = 20_000 + self.random(300_000);
                     self.schedule(next, Event::Fault);
                 }
                 Ok(())
             }
             Event::Heal => {
-                for row in &mut self.blocked {
-                    row.fill(false);
-                }
+                self.heal_partitions();
                 self.drop_per_mille = 0;
                 self.duplicate_per_mille = 0;
                 Ok(())
             }
             Event::Propose => self.propose(),
             Event::Script => {
-                self.script_step();
+                self.script_step()?;
                 if self.now < self.options.faults_us {
                     self.schedule(2_000, Event::Script);
                 }
@@ -890,6 +923,16 @@ impl World {
                     self.schedule(heal, Event::Unblock { from: node, to });
                 }
             }
+            85..=89 => {
+                // A graceful handover, as a rolling restart or a rebalance would ask.
+                let Some((leader, _)) = self.leader_now() else { return };
+                let target = self.random(replicas as u64) as u32 + 1;
+                let mut out = Vec::new();
+                let group = self.nodes[leader].group.as_mut().expect("a leader is live");
+                if group.transfer_leadership(target, &mut out).is_ok() {
+                    self.fault_actions.push((leader, out));
+                }
+            }
             _ => {
                 self.drop_per_mille = self.random(150);
                 self.duplicate_per_mille = self.random(60);
@@ -920,6 +963,12 @@ impl World {
         leaders.max_by_key(|&(_, term)| term)
     }
 
+    fn heal_partitions(&mut self) {
+        for row in &mut self.blocked {
+            row.fill(false);
+        }
+    }
+
     fn isolate(&mut self, group: &[usize]) {
         for from in 0..self.nodes.len() {
             for to in 0..self.nodes.len() {
@@ -929,13 +978,119 @@ impl World {
     }
 
     /// One step of the scripted scenario, when its condition holds (see [`Scenario`]).
-    fn script_step(&mut self) {
-        let Some(Scenario::Figure8) = self.options.scenario else { return };
+    fn script_step(&mut self) -> Check {
+        match self.options.scenario {
+            Some(Scenario::Figure8) => self.figure_8_step(),
+            Some(Scenario::IsolatedFollower) => self.isolated_follower_step(),
+            Some(Scenario::IsolatedLeader) => self.isolated_leader_step(),
+            Some(Scenario::Transfer) => self.transfer_step(),
+            None => Ok(()),
+        }
+    }
+
+    /// A leader that has committed something, after start-up.
+    fn settled_leader(&self) -> Option<(usize, i32)> {
+        let (leader, term) = self.leader_now()?;
+        let committed = self.nodes[leader].group.as_ref().is_some_and(|g| g.high_watermark() > 0);
+        (self.now > 300_000 && committed).then_some((leader, term))
+    }
+
+    fn isolated_follower_step(&mut self) -> Check {
+        let since = self.now - self.script_mark_us;
+        match self.script_step {
+            0 => {
+                let Some((leader, term)) = self.settled_leader() else { return Ok(()) };
+                self.script_nodes = vec![leader, (leader + 1) % self.nodes.len(), term as usize];
+                self.isolate(&[self.script_nodes[1]]);
+                self.advance_script();
+            }
+            1 if since > 1_000_000 => {
+                self.heal_partitions();
+                self.advance_script();
+            }
+            2 if since > 300_000 => {
+                let (leader, term) = (self.script_nodes[0], self.script_nodes[2] as i32);
+                if self.leader_now() != Some((leader, term)) || self.nodes.iter().any(|n| n.last_term != term)
+                {
+                    return Err(format!(
+                        "pre-vote: after replica {} came back, the leader is {:?} (was replica {} in term {term})",
+                        self.script_nodes[1] + 1,
+                        self.leader_now().map(|(l, t)| (l + 1, t)),
+                        leader + 1
+                    ));
+                }
+                self.advance_script();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn isolated_leader_step(&mut self) -> Check {
+        let since = self.now - self.script_mark_us;
+        match self.script_step {
+            0 => {
+                let Some((leader, _)) = self.settled_leader() else { return Ok(()) };
+                self.script_nodes = vec![leader];
+                self.isolate(&[leader]);
+                self.advance_script();
+            }
+            // Two election timeouts of the slowest clock, plus an election.
+            1 if since > 2 * 20 * TICK_US + 200_000 => {
+                let old = self.script_nodes[0];
+                let still = self.nodes[old].group.as_ref().is_some_and(|g| g.role() == Role::Leader);
+                let other = self.leader_now().is_some_and(|(l, _)| l != old);
+                if still || !other {
+                    return Err(format!(
+                        "check-quorum: replica {} cut off still leads ({still}), another leader: {other}",
+                        old + 1
+                    ));
+                }
+                self.heal_partitions();
+                self.advance_script();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn transfer_step(&mut self) -> Check {
+        let since = self.now - self.script_mark_us;
+        match self.script_step {
+            0 => {
+                let Some((leader, _)) = self.settled_leader() else { return Ok(()) };
+                let target =
+                    (leader + 1 + self.random(self.nodes.len() as u64 - 1) as usize) % self.nodes.len();
+                self.script_nodes = vec![leader, target];
+                let mut out = Vec::new();
+                let group = self.nodes[leader].group.as_mut().expect("a leader is live");
+                group.transfer_leadership(target as u32 + 1, &mut out).map_err(|e| e.to_string())?;
+                self.apply(leader, out)?;
+                self.advance_script();
+            }
+            1 if since > 200_000 => {
+                let target = self.script_nodes[1];
+                if self.leader_now().map(|(l, _)| l) != Some(target) {
+                    return Err(format!(
+                        "transfer: 200 ms after replica {} handed over to {}, the leader is {:?}",
+                        self.script_nodes[0] + 1,
+                        target + 1,
+                        self.leader_now().map(|(l, t)| (l + 1, t))
+                    ));
+                }
+                self.advance_script();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn figure_8_step(&mut self) -> Check {
         let since = self.now - self.script_mark_us;
         let jitter_us = self.random(20_000);
         match self.script_step {
             0 => {
-                let Some((leader, _)) = self.leader_now() else { return };
+                let Some((leader, _)) = self.leader_now() else { return Ok(()) };
                 let committed = self.nodes[leader].group.as_ref().is_some_and(|g| g.high_watermark() > 0);
                 if self.now > 200_000 && committed {
                     let follower = (leader + 1) % self.nodes.len();
@@ -950,9 +1105,9 @@ impl World {
                 self.advance_script();
             }
             2 => {
-                let Some((second, _)) = self.leader_now() else { return };
+                let Some((second, _)) = self.leader_now() else { return Ok(()) };
                 if self.script_nodes.contains(&second) {
-                    return;
+                    return Ok(());
                 }
                 // Cut it off at once: its epoch-start batch stays on it alone.
                 self.script_nodes.push(second);
@@ -961,15 +1116,14 @@ impl World {
             }
             3 if since > 5_000 + jitter_us => {
                 self.crash_for(self.script_nodes[2], self.options.faults_us - self.now + 100_000);
-                for row in &mut self.blocked {
-                    row.fill(false);
-                }
+                self.heal_partitions();
                 let first = self.script_nodes[0];
                 let _ = self.restart(first, false);
                 self.advance_script();
             }
             _ => {}
         }
+        Ok(())
     }
 
     fn advance_script(&mut self) {

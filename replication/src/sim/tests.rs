@@ -85,3 +85,24 @@ fn planted_bug_commit_by_counting_an_earlier_term_is_caught() {
     let failure = first_failure(300, &options).expect("Raft's figure 8 is caught");
     assert!(failure.message.contains("could win"), "{failure}");
 }
+
+fn scenario(scenario: Scenario) -> Options {
+    Options { scenario: Some(scenario), faults: false, ..Options::default() }
+}
+
+/// Pre-vote: with it switched off (campaigning at once), seed 0 already fails this.
+#[test]
+fn a_follower_back_from_a_partition_does_not_disturb_the_leader() {
+    sweep(0..200, &scenario(Scenario::IsolatedFollower));
+}
+
+/// Check-quorum: with it switched off, seed 0 already fails this.
+#[test]
+fn a_leader_cut_off_steps_down_and_the_others_elect_one() {
+    sweep(0..200, &scenario(Scenario::IsolatedLeader));
+}
+
+#[test]
+fn a_leader_hands_over_with_timeout_now() {
+    sweep(0..200, &scenario(Scenario::Transfer));
+}
