@@ -37,24 +37,30 @@ fn main() {
                     options.preset = Some(Preset::Balanced);
                 }
             }
+            "--membership" => options.membership = Some(true),
             "--trace" => options.trace = true,
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    let (mut events, count, started) = (0u64, seeds.end - seeds.start, std::time::Instant::now());
+    let (mut events, mut changes) = (0u64, 0usize);
+    let (count, started) = (seeds.end - seeds.start, std::time::Instant::now());
     for seed in seeds {
         match run(seed, &options) {
-            Ok(outcome) => events += outcome.events,
+            Ok(outcome) => {
+                events += outcome.events;
+                changes += outcome.membership_changes;
+            }
             Err(failure) => {
                 eprintln!("{failure}");
                 std::process::exit(1);
             }
         }
     }
-    println!("{count} seeds passed, {events} events, in {:.1} s", started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    println!("{count} seeds passed, {events} events, {changes} membership changes, in {seconds:.1} s");
 }
 
 fn usage(problem: &str) -> ! {
-    eprintln!("simulate: {problem}\nusage: simulate [--seed N | --seeds FROM..TO] [--replicas 3|5] [--bug NAME] [--no-faults] [--scenario figure-8|isolated-follower|isolated-leader|transfer] [--trace]");
+    eprintln!("simulate: {problem}\nusage: simulate [--seed N | --seeds FROM..TO] [--replicas 3|5] [--bug NAME] [--no-faults] [--scenario figure-8|isolated-follower|isolated-leader|transfer] [--membership] [--trace]");
     std::process::exit(2);
 }

@@ -123,6 +123,40 @@ fn varint(out: &mut Vec<u8>, value: i64) {
     }
 }
 
+fn read_varint(bytes: &[u8], at: &mut usize) -> Option<i64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some((value >> 1) as i64 ^ -((value & 1) as i64));
+        }
+    }
+    None
+}
+
+fn read_bytes<'a>(bytes: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
+    let length = usize::try_from(read_varint(bytes, at)?).ok()?;
+    let slice = bytes.get(*at..at.checked_add(length)?)?;
+    *at += length;
+    Some(slice)
+}
+
+/// The key and value of the first record of an uncompressed batch (`batch` is exactly one
+/// checked batch). None when it does not decode; never panics.
+pub fn first_record(batch: &[u8]) -> Option<(&[u8], &[u8])> {
+    let records = batch.get(HEADER_BYTES..)?;
+    let mut at = 0;
+    let _length = read_varint(records, &mut at)?;
+    at += 1; // record attributes
+    let _timestamp_delta = read_varint(records, &mut at)?;
+    let _offset_delta = read_varint(records, &mut at)?;
+    let key = read_bytes(records, &mut at)?;
+    let value = read_bytes(records, &mut at)?;
+    Some((key, value))
+}
+
 /// Builds a RecordBatch v2 of `records` (key, value) pairs at offset 0, epoch -1, with the
 /// given attributes and its CRC-32C. Used for the epoch-start control batch and by tests.
 pub fn build(records: &[(Option<&[u8]>, &[u8])], attributes: i16, timestamp_ms: i64) -> Vec<u8> {

@@ -28,6 +28,7 @@ use rand_xorshift::XorShiftRng;
 use crate::batch;
 use crate::epoch::EpochHistory;
 use crate::error::{ReplicationError, Result};
+use crate::membership::{Membership, VoterSet};
 use crate::message::{Append, AppendResponse, Body, HardState, Message, ReplicaId};
 use crate::quorum::Quorum;
 
@@ -107,15 +108,20 @@ pub enum PlantedBug {
     CommitEarlierTerm,
     /// A follower acknowledges offsets it has not flushed.
     AckBeforeDurable,
+    /// A membership change swaps a voter in one step, without the joint configuration.
+    SkipJointConsensus,
 }
 
 /// The configuration of one replica of a group.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub id: ReplicaId,
-    /// The voters, this replica included; their count is the replication factor.
+    /// The initial voters; their count is the replication factor. Configuration batches in
+    /// the log (see [`crate::membership`]) override them.
     pub voters: Vec<ReplicaId>,
     pub quorum: Quorum,
+    /// The initial learners: they receive the log but do not vote or count.
+    pub learners: Vec<ReplicaId>,
     pub heartbeat_ticks: u32,
     /// The election timeout is drawn from `[election_ticks, 2 * election_ticks)`.
     pub election_ticks: u32,
@@ -126,21 +132,10 @@ pub struct Config {
 impl Config {
     fn validate(&self) -> Result<()> {
         let refuse = |reason: String| Err(ReplicationError::Config { reason });
-        if !self.voters.contains(&self.id) {
-            return refuse(format!("replica {} is not among the voters {:?}", self.id, self.voters));
-        }
-        let mut sorted = self.voters.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        if sorted.len() != self.voters.len() {
-            return refuse(format!("voters {:?} name a replica twice", self.voters));
-        }
-        if self.voters.len() != self.quorum.replication_factor() as usize {
-            return refuse(format!(
-                "{} voters but replication factor {}",
-                self.voters.len(),
-                self.quorum.replication_factor()
-            ));
+        let membership = self.membership();
+        membership.validate()?;
+        if !membership.is_member(self.id) {
+            return refuse(format!("replica {} is neither a voter nor a learner: {membership:?}", self.id));
         }
         if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
             return refuse(format!(
@@ -149,6 +144,11 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn membership(&self) -> Membership {
+        let set = VoterSet { voters: self.voters.clone(), quorum: self.quorum };
+        Membership { sets: vec![set], learners: self.learners.clone() }
     }
 }
 
@@ -161,6 +161,8 @@ pub struct Restore {
     pub log_end: i64,
     /// The replica was a member but found no data: it recovers before voting (KIP-966).
     pub disk_lost: bool,
+    /// The configuration batches of the log: (offset, membership), oldest first.
+    pub memberships: Vec<(i64, Membership)>,
 }
 
 /// The leader's view of one follower.
@@ -209,8 +211,11 @@ pub struct RaftGroup {
     progress: Vec<Progress>,
     /// Leader: handing over to this replica until the tick given; the TimeoutNow was sent.
     transfer: Option<(ReplicaId, u64, bool)>,
-    /// Recovering: the voters (bit = index in `voters`) whose term we learned since start.
-    terms_heard: u8,
+    /// Recovering: the voters whose term we learned since start.
+    terms_heard: Vec<ReplicaId>,
+    /// (offset of its configuration batch, membership), oldest first; the initial one from
+    /// the config sits at offset -1. The last one applies.
+    memberships: Vec<(i64, Membership)>,
 }
 
 impl RaftGroup {
@@ -231,6 +236,17 @@ impl RaftGroup {
                     restore.epochs, restore.log_end
                 ),
             });
+        }
+        let mut memberships = vec![(-1, config.membership())];
+        for (offset, membership) in restore.memberships {
+            let grows =
+                memberships.last().is_some_and(|(last, _)| *last < offset) && offset < restore.log_end;
+            if !grows || membership.validate().is_err() {
+                return Err(ReplicationError::Config {
+                    reason: format!("recovered membership at {offset} refused"),
+                });
+            }
+            memberships.push((offset, membership));
         }
         let mut group = RaftGroup {
             config,
@@ -254,7 +270,8 @@ impl RaftGroup {
             votes: Vec::new(),
             progress: Vec::new(),
             transfer: None,
-            terms_heard: 0,
+            terms_heard: Vec::new(),
+            memberships,
         };
         if restore.disk_lost && !group.hard.recovering {
             group.hard.recovering = true;
@@ -319,9 +336,18 @@ impl RaftGroup {
         self.send_with_term(to, self.hard.term, body, out);
     }
 
-    fn peers(&self) -> impl Iterator<Item = ReplicaId> + '_ {
-        let id = self.config.id;
-        self.config.voters.iter().copied().filter(move |v| *v != id)
+    /// The membership in force: the last configuration in the log.
+    pub fn membership(&self) -> &Membership {
+        &self.memberships.last().expect("the initial membership is never removed").1
+    }
+
+    /// Every other member, learners included.
+    fn peers(&self) -> Vec<ReplicaId> {
+        self.membership().members().into_iter().filter(|m| *m != self.config.id).collect()
+    }
+
+    fn voter_peers(&self) -> Vec<ReplicaId> {
+        self.membership().voters().into_iter().filter(|m| *m != self.config.id).collect()
     }
 
     fn set_role(&mut self, role: Role, leader: Option<ReplicaId>, out: &mut Vec<Action>) {
@@ -383,9 +409,8 @@ impl RaftGroup {
     /// terms of enough peers (`terms_known`), it could follow, and acknowledge for, a stale
     /// leader, or vote twice in a term.
     fn query_terms(&mut self, out: &mut Vec<Action>) {
-        let voters = self.config.voters.clone();
-        for (i, to) in voters.into_iter().enumerate() {
-            if to != self.config.id && self.terms_heard & (1 << i) == 0 {
+        for to in self.voter_peers() {
+            if !self.terms_heard.contains(&to) {
                 self.send(to, Body::TermQuery, out);
             }
         }
@@ -394,16 +419,19 @@ impl RaftGroup {
     fn terms_known(&self) -> bool {
         // RF − W + 1 peers include one of the W − 1 others that acknowledged any commit with
         // us; RF − E + 1 include one of the E − 1 others that elected anyone we voted for.
-        let quorum = &self.config.quorum;
-        let rf = quorum.replication_factor();
-        let needed = (rf - quorum.write_quorum() + 1).max(rf - quorum.election_quorum() + 1);
-        self.terms_heard.count_ones() >= needed
+        let needed = |q: &Quorum| {
+            let rf = q.replication_factor();
+            (rf - q.write_quorum() + 1).max(rf - q.election_quorum() + 1)
+        };
+        self.membership().every_set(needed, |v| self.terms_heard.contains(&v))
     }
 
     fn heard_from_election_quorum(&self) -> bool {
         let since = self.ticks.saturating_sub(u64::from(self.config.election_ticks));
-        let heard = self.progress.iter().filter(|p| p.last_heard_tick >= since).count() + 1;
-        heard >= self.config.quorum.election_quorum() as usize
+        let heard = |v: ReplicaId| {
+            v == self.config.id || self.progress.iter().any(|p| p.id == v && p.last_heard_tick >= since)
+        };
+        self.membership().every_set(Quorum::election_quorum, heard)
     }
 
     fn heartbeat(&mut self, log: &dyn LogRead, out: &mut Vec<Action>) {
@@ -439,19 +467,18 @@ impl RaftGroup {
 
     fn start_pre_vote(&mut self, out: &mut Vec<Action>) {
         self.reset_election_deadline();
-        if self.hard.recovering {
+        if self.hard.recovering || !self.membership().is_voter(self.config.id) {
             return;
         }
         self.votes.clear();
         self.votes.push((self.config.id, true));
         self.set_role(Role::PreCandidate, None, out);
-        if self.config.quorum.election_quorum() == 1 {
+        if self.votes_won() {
             self.campaign(false, out);
             return;
         }
         let (term, last_epoch, log_end) = (self.hard.term + 1, self.epochs.last_epoch(), self.log_end);
-        let peers: Vec<ReplicaId> = self.peers().collect();
-        for to in peers {
+        for to in self.voter_peers() {
             self.send_with_term(to, term, Body::PreVote { last_epoch, log_end }, out);
         }
     }
@@ -468,13 +495,12 @@ impl RaftGroup {
         self.role = Role::Follower; // so that set_role reports the change with the new term
         self.set_role(Role::Candidate, None, out);
         self.reset_election_deadline();
-        if self.config.quorum.election_quorum() == 1 {
+        if self.votes_won() {
             self.become_leader(out);
             return;
         }
         let (last_epoch, log_end) = (self.epochs.last_epoch(), self.log_end);
-        let peers: Vec<ReplicaId> = self.peers().collect();
-        for to in peers {
+        for to in self.voter_peers() {
             self.send(to, Body::Vote { last_epoch, log_end, transfer }, out);
         }
     }
@@ -483,31 +509,48 @@ impl RaftGroup {
         if !self.votes.iter().any(|(id, _)| *id == from) {
             self.votes.push((from, granted));
         }
-        let granted = self.votes.iter().filter(|(_, g)| *g).count();
-        granted >= self.config.quorum.election_quorum() as usize
+        self.votes_won()
+    }
+
+    /// E granted votes in every voter set (both while joint).
+    fn votes_won(&self) -> bool {
+        self.membership().every_set(Quorum::election_quorum, |v| self.votes.contains(&(v, true)))
+    }
+
+    fn new_progress(&self, id: ReplicaId) -> Progress {
+        Progress {
+            id,
+            next: self.log_end,
+            match_end: 0,
+            acked_end: 0,
+            recovering: false,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            probing: true,
+            last_heard_tick: self.ticks,
+            last_progress_tick: self.ticks,
+        }
+    }
+
+    /// Leader: one progress per member but us, after the membership changed.
+    fn sync_progress(&mut self) {
+        let peers = self.peers();
+        self.progress.retain(|p| peers.contains(&p.id));
+        for id in peers {
+            if !self.progress.iter().any(|p| p.id == id) {
+                let progress = self.new_progress(id);
+                self.progress.push(progress);
+            }
+        }
     }
 
     fn become_leader(&mut self, out: &mut Vec<Action>) {
         assert_eq!(self.role, Role::Candidate, "only a candidate becomes leader");
         assert_eq!(self.hard.voted_for, Some(self.config.id), "a leader voted for itself");
-        let peers: Vec<ReplicaId> = self.peers().collect();
-        self.progress = peers
-            .into_iter()
-            .map(|id| Progress {
-                id,
-                next: self.log_end,
-                match_end: 0,
-                acked_end: 0,
-                recovering: false,
-                in_flight: VecDeque::new(),
-                in_flight_bytes: 0,
-                probing: true,
-                last_heard_tick: self.ticks,
-                last_progress_tick: self.ticks,
-            })
-            .collect();
+        self.progress.clear();
+        self.sync_progress();
         self.set_role(Role::Leader, Some(self.config.id), out);
-        let start = batch::epoch_start(self.config.id, &self.config.voters);
+        let start = batch::epoch_start(self.config.id, &self.membership().voters());
         let stamped = self.append_own(start);
         out.push(Action::Append { batches: vec![stamped] });
         self.heartbeat_deadline_tick = self.ticks; // the next tick sends the first heartbeat
@@ -615,14 +658,8 @@ impl RaftGroup {
 
     fn maybe_commit(&mut self, out: &mut Vec<Action>) {
         debug_assert_eq!(self.role, Role::Leader);
-        let mut acked = [0i64; crate::quorum::REPLICATION_FACTOR_MAX as usize];
-        acked[0] = self.durable_end;
-        for (slot, p) in acked[1..].iter_mut().zip(&self.progress) {
-            *slot = if p.recovering { 0 } else { p.acked_end };
-        }
-        let voters = self.config.voters.len();
-        acked[..voters].sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = acked[self.config.quorum.write_quorum() as usize - 1];
+        let candidate = self.membership().sets.iter().map(|set| self.durable_on_write_quorum(set)).min();
+        let candidate = candidate.expect("a membership has a voter set");
         let own_start =
             self.epochs.start_of(self.hard.term).expect("a leader's log holds its epoch-start batch");
         #[allow(unused_mut)]
@@ -632,6 +669,7 @@ impl RaftGroup {
             eligible = true;
         }
         if eligible && candidate > self.high_watermark {
+            assert!(candidate > 0, "a commit covers at least one offset");
             assert!(
                 candidate <= self.log_end,
                 "the commit point {candidate} is past the log end {}",
@@ -639,6 +677,90 @@ impl RaftGroup {
             );
             self.high_watermark = candidate;
             out.push(Action::Commit { high_watermark: candidate });
+            self.advance_membership(out);
+        }
+    }
+
+    /// The largest offset durable on W voters of `set` (ours counted if we are one of them).
+    fn durable_on_write_quorum(&self, set: &VoterSet) -> i64 {
+        let mut acked = [0i64; crate::quorum::REPLICATION_FACTOR_MAX as usize];
+        for (slot, voter) in acked.iter_mut().zip(&set.voters) {
+            *slot = if *voter == self.config.id {
+                self.durable_end
+            } else {
+                let p = self.progress.iter().find(|p| p.id == *voter);
+                p.filter(|p| !p.recovering).map_or(0, |p| p.acked_end)
+            };
+        }
+        let acked = &mut acked[..set.voters.len()];
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        acked[set.quorum.write_quorum() as usize - 1]
+    }
+
+    /// Starts a membership change to `voters` (with `quorum`) and `learners`: appends the
+    /// joint configuration; once it commits, the leader appends the new one alone. Refused
+    /// while a change is under way or before the leader committed in its own term (the fix
+    /// Raft's single-server changes need, kept here for the same reason: an uncommitted
+    /// configuration of an earlier leader may still be in flight).
+    pub fn change_membership(
+        &mut self,
+        voters: Vec<ReplicaId>,
+        quorum: Quorum,
+        learners: Vec<ReplicaId>,
+        log: &dyn LogRead,
+        out: &mut Vec<Action>,
+    ) -> Result<()> {
+        if self.role != Role::Leader || self.transfer.is_some() {
+            return Err(ReplicationError::NotLeader {
+                replica: self.config.id,
+                term: self.hard.term,
+                leader: self.leader,
+            });
+        }
+        let (offset, current) = self.memberships.last().expect("never empty");
+        let own_start =
+            self.epochs.start_of(self.hard.term).expect("a leader's log holds its epoch-start batch");
+        if current.is_joint() || *offset >= self.high_watermark || own_start >= self.high_watermark {
+            return Err(ReplicationError::Config {
+                reason: "a membership change is under way or this leader has not committed yet: retry".into(),
+            });
+        }
+        let next = VoterSet { voters, quorum };
+        #[allow(unused_mut)]
+        let mut joint = Membership { sets: vec![current.sets[0].clone(), next], learners };
+        #[cfg(any(test, feature = "sim"))]
+        if self.config.planted_bug == Some(PlantedBug::SkipJointConsensus) {
+            joint.sets.remove(0);
+        }
+        joint.validate()?;
+        self.append_membership(joint, out);
+        for i in 0..self.progress.len() {
+            self.send_appends(i, log, out);
+        }
+        Ok(())
+    }
+
+    fn append_membership(&mut self, membership: Membership, out: &mut Vec<Action>) {
+        let offset = self.log_end;
+        let stamped = self.append_own(membership.to_batch());
+        self.memberships.push((offset, membership));
+        out.push(Action::Append { batches: vec![stamped] });
+        self.sync_progress();
+    }
+
+    /// Leader, after a commit: a committed joint configuration is followed by the new one
+    /// alone; a committed configuration that leaves us out ends our leadership.
+    fn advance_membership(&mut self, out: &mut Vec<Action>) {
+        let (offset, current) = self.memberships.last().expect("never empty");
+        if *offset >= self.high_watermark {
+            return;
+        }
+        if current.is_joint() {
+            let next = Membership { sets: vec![current.sets[1].clone()], learners: current.learners.clone() };
+            self.append_membership(next, out);
+        } else if !current.is_voter(self.config.id) {
+            let term = self.hard.term;
+            self.become_follower(term, None, out);
         }
     }
 }
@@ -648,13 +770,12 @@ impl RaftGroup {
     /// or malformed is ignored; one of a stale term is answered with a refusal.
     pub fn receive(&mut self, message: Message, log: &dyn LogRead, out: &mut Vec<Action>) {
         let from = message.from;
-        if message.to != self.config.id || from == self.config.id || !self.config.voters.contains(&from) {
+        if message.to != self.config.id || from == self.config.id || !self.membership().is_member(from) {
             return;
         }
         // Only answers to our queries count: other messages may have left before the loss.
-        if self.hard.recovering && message.body == Body::TermAnswer {
-            let index = self.config.voters.iter().position(|v| *v == from).expect("checked above");
-            self.terms_heard |= 1 << index;
+        if self.hard.recovering && message.body == Body::TermAnswer && !self.terms_heard.contains(&from) {
+            self.terms_heard.push(from);
         }
         if message.term > self.hard.term {
             match &message.body {
@@ -738,6 +859,8 @@ impl RaftGroup {
 
     fn on_vote(&mut self, from: ReplicaId, last_epoch: i32, log_end: i64, out: &mut Vec<Action>) {
         let free = self.hard.voted_for.is_none() || self.hard.voted_for == Some(from);
+        // Whoever asks gets an answer, member of our configuration or not (our log may lag
+        // the one that made them a voter): a candidate counts only the voters of its own.
         let granted = free && !self.hard.recovering && !self.log_is_behind(last_epoch, log_end);
         if granted && self.hard.voted_for.is_none() {
             self.hard.voted_for = Some(from);
@@ -834,6 +957,9 @@ impl RaftGroup {
                 self.truncate(view.base_offset, out);
             }
             assert_eq!(view.base_offset, self.log_end, "appends are contiguous");
+            if let Some(membership) = Membership::from_batch(bytes, &view) {
+                self.memberships.push((view.base_offset, membership));
+            }
             self.epochs.appended(view.leader_epoch, view.base_offset);
             self.log_end = view.end_offset();
             (end, last_epoch) = (view.end_offset(), view.leader_epoch);
@@ -849,6 +975,7 @@ impl RaftGroup {
         assert!(end_offset >= self.high_watermark, "never truncate committed data");
         assert!(end_offset < self.log_end, "a truncation removes something");
         self.epochs.truncate(end_offset);
+        self.memberships.retain(|(offset, _)| *offset < end_offset);
         self.log_end = end_offset;
         self.durable_end = self.durable_end.min(end_offset);
         self.verified_end = self.verified_end.min(end_offset);
@@ -931,6 +1058,8 @@ impl RaftGroup {
             p.in_flight_bytes = 0;
             p.probing = true;
         }
+        // A commit may have changed the membership (or ended our leadership): look again.
+        let Some(i) = self.progress.iter().position(|p| p.id == from) else { return };
         self.send_appends(i, log, out);
         self.maybe_send_timeout_now(out);
     }
@@ -975,7 +1104,7 @@ impl RaftGroup {
                 leader: self.leader,
             });
         }
-        if !self.progress.iter().any(|p| p.id == to) {
+        if !self.progress.iter().any(|p| p.id == to) || !self.membership().is_voter(to) {
             return Err(ReplicationError::Config {
                 reason: format!("replica {to} is not a voter of this group"),
             });
@@ -1013,6 +1142,7 @@ mod tests {
             quorum: Quorum::new(voters.len() as u32, voters.len() as u32 / 2 + 1).expect("valid"),
             heartbeat_ticks: 2,
             election_ticks: 10,
+            learners: Vec::new(),
             planted_bug: None,
         }
     }

@@ -36,6 +36,7 @@ pub mod batch;
 pub mod epoch;
 mod error;
 pub mod group;
+pub mod membership;
 pub mod message;
 pub mod quorum;
 #[cfg(any(test, feature = "sim"))]
@@ -43,5 +44,6 @@ pub mod sim;
 
 pub use error::{ReplicationError, Result};
 pub use group::{Action, Config, LogNotice, LogRead, RaftGroup, Restore, Role};
+pub use membership::{Membership, VoterSet};
 pub use message::{Append, AppendResponse, Body, HardState, Message, ReplicaId};
 pub use quorum::{Preset, Quorum};

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use crate::batch;
 use crate::epoch::{EpochHistory, EpochStart};
 use crate::group::LogRead;
+use crate::membership::Membership;
 
 #[derive(Debug, Default, Clone)]
 pub(crate) struct SimLog {
@@ -85,6 +86,17 @@ impl SimLog {
             }
         }
         EpochHistory::from_starts(starts).expect("a log's epochs grow")
+    }
+}
+
+impl SimLog {
+    /// The configuration batches read back, as recovery finds them.
+    pub fn memberships(&self) -> Vec<(i64, Membership)> {
+        let parsed =
+            self.batches.iter().map(|b| (b, batch::parse(b).expect("recovered batches were checked")));
+        parsed
+            .filter_map(|(b, view)| Membership::from_batch(b, &view).map(|m| (view.base_offset, m)))
+            .collect()
     }
 }
 

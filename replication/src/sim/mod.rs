@@ -48,6 +48,8 @@ pub enum Bug {
     AckBeforeDurable,
     /// E = ⌊RF/2⌋ + 1 whatever W is: with RF 5 and W 2, election and write quorums miss.
     ElectionQuorumTooSmall,
+    /// Membership changes without the joint configuration.
+    SkipJointConsensus,
 }
 
 impl Bug {
@@ -56,6 +58,7 @@ impl Bug {
             "commit-earlier-term" => Some(Bug::CommitEarlierTerm),
             "ack-before-durable" => Some(Bug::AckBeforeDurable),
             "election-quorum-too-small" => Some(Bug::ElectionQuorumTooSmall),
+            "skip-joint-consensus" => Some(Bug::SkipJointConsensus),
             _ => None,
         }
     }
@@ -64,6 +67,7 @@ impl Bug {
             Bug::CommitEarlierTerm => "commit-earlier-term",
             Bug::AckBeforeDurable => "ack-before-durable",
             Bug::ElectionQuorumTooSmall => "election-quorum-too-small",
+            Bug::SkipJointConsensus => "skip-joint-consensus",
         }
     }
 }
@@ -118,6 +122,9 @@ pub struct Options {
     pub faults: bool,
     /// A scripted history instead of random faults.
     pub scenario: Option<Scenario>,
+    /// Membership changes (one more replica, a learner, swapped with a voter by joint
+    /// consensus); `None`: a quarter of the seeds.
+    pub membership: Option<bool>,
     /// Print every event and action (for replaying one seed).
     pub trace: bool,
 }
@@ -132,6 +139,7 @@ impl Default for Options {
             settle_us: 3_000_000,
             faults: true,
             scenario: None,
+            membership: None,
             trace: false,
         }
     }
@@ -144,6 +152,8 @@ pub struct Outcome {
     pub committed_batches: usize,
     pub acked_batches: usize,
     pub leaders: usize,
+    /// Membership changes the leader started (each a joint and a final configuration).
+    pub membership_changes: usize,
 }
 
 /// A failed run: its seed, when, why, and how to replay it.
@@ -168,6 +178,9 @@ impl fmt::Display for Failure {
         }
         if let Some(replicas) = self.options.replicas {
             write!(f, " --replicas {replicas}")?;
+        }
+        if self.options.membership == Some(true) {
+            write!(f, " --membership")?;
         }
         if let Some(scenario) = self.options.scenario {
             write!(f, " --scenario {}", scenario.name())?;
@@ -324,6 +337,9 @@ struct World {
     next_value: u64,
     events: u64,
     disk_delay_us_max: u64,
+    /// Membership changes are in the fault mix.
+    membership: bool,
+    membership_changes: usize,
     /// Actions a fault made a replica take, carried out after it.
     fault_actions: Vec<(usize, Vec<Action>)>,
     script_step: u32,
@@ -337,6 +353,8 @@ impl World {
     fn new(seed: u64, options: &Options) -> World {
         let mut rng = XorShiftRng::seed_from_u64(seed);
         let replicas = options.replicas.unwrap_or(if seed.is_multiple_of(2) { 3 } else { 5 });
+        let membership = options.membership.unwrap_or(seed % 4 == 3) && options.faults;
+        let slots = replicas + usize::from(membership);
         let presets = [Preset::Balanced, Preset::WriteOptimized, Preset::ReadOptimized];
         let preset = options.preset.unwrap_or(presets[(seed / 2 % 3) as usize]);
         let mut quorum = Quorum::preset(preset, replicas as u32).expect("presets are valid");
@@ -347,17 +365,19 @@ impl World {
         let planted_bug = match options.bug {
             Some(Bug::CommitEarlierTerm) => Some(PlantedBug::CommitEarlierTerm),
             Some(Bug::AckBeforeDurable) => Some(PlantedBug::AckBeforeDurable),
+            Some(Bug::SkipJointConsensus) => Some(PlantedBug::SkipJointConsensus),
             _ => None,
         };
         let config = Config {
             id: 0,
             voters: (1..=replicas as u32).collect(),
             quorum,
+            learners: if membership { vec![slots as u32] } else { Vec::new() },
             heartbeat_ticks: 2,
             election_ticks: 10,
             planted_bug,
         };
-        let nodes = (0..replicas)
+        let nodes = (0..slots)
             .map(|_| {
                 // Clock-rate skew: each replica's ticks run 0.7x to 1.3x the virtual clock.
                 let skew = if options.faults { 700 + rng.next_u64() % 601 } else { 1000 };
@@ -386,7 +406,9 @@ impl World {
             queue: BinaryHeap::new(),
             nodes,
             config,
-            blocked: vec![vec![false; replicas]; replicas],
+            blocked: vec![vec![false; slots]; slots],
+            membership,
+            membership_changes: 0,
             drop_per_mille: 0,
             duplicate_per_mille: 0,
             leaders: HashMap::new(),
@@ -447,6 +469,7 @@ impl World {
             committed_batches: self.committed.len(),
             acked_batches: self.acked.len(),
             leaders: self.leaders.len(),
+            membership_changes: self.membership_changes,
         })
     }
 
@@ -575,7 +598,13 @@ impl World {
         n.flushing = false;
         n.paused_until_us = 0;
         n.checked_count = n.checked_count.min(n.log.batches.len());
-        let restore = Restore { hard_state: n.hard, epochs: n.log.epochs(), log_end: n.log.end(), disk_lost };
+        let restore = Restore {
+            hard_state: n.hard,
+            epochs: n.log.epochs(),
+            log_end: n.log.end(),
+            disk_lost,
+            memberships: n.log.memberships(),
+        };
         let mut config = self.config.clone();
         config.id = node as u32 + 1;
         let rng = XorShiftRng::seed_from_u64(self.seed ^ (node as u64) << 48 ^ n.incarnation << 32);
@@ -724,15 +753,24 @@ impl World {
     fn check_durable_on_write_quorum(&self, node: usize, high_watermark: i64) -> Check {
         let count = self.nodes[node].log.index_of(high_watermark);
         let leader = &self.nodes[node].log.batches[..count];
-        let holders = self
-            .nodes
-            .iter()
-            .filter(|n| {
-                // A replica that lost its disk after acknowledging counted when it did.
-                recovering(n) || n.log.durable_count >= count && n.log.batches[..count] == *leader
-            })
-            .count();
-        if holders < self.config.quorum.write_quorum() as usize {
+        let membership = self.nodes[node].group.as_ref().expect("a leader is live").membership();
+        for set in &membership.sets {
+            let holders = set
+                .voters
+                .iter()
+                .map(|v| &self.nodes[*v as usize - 1])
+                .filter(|n| {
+                    // A replica that lost its disk after acknowledging counted when it did.
+                    recovering(n) || n.log.durable_count >= count && n.log.batches[..count] == *leader
+                })
+                .count();
+            self.check_holders(node, high_watermark, count, holders, set.quorum.write_quorum())?;
+        }
+        Ok(())
+    }
+
+    fn check_holders(&self, node: usize, high_watermark: i64, count: usize, holders: usize, w: u32) -> Check {
+        if holders < w as usize {
             let logs: Vec<String> = self
                 .nodes
                 .iter()
@@ -740,9 +778,8 @@ impl World {
                 .collect();
             return Err(format!(
                 "replica {} committed to {high_watermark} ({count} batches), durable on {holders} replicas, \
-                 fewer than W = {} (durable/held batches: {})",
+                 fewer than W = {w} (durable/held batches: {})",
                 node + 1,
-                self.config.quorum.write_quorum(),
                 logs.join(" ")
             ));
         }
@@ -755,6 +792,12 @@ impl World {
     /// is what makes this hold: the W replicas a commit counts hold the leader's epoch-start
     /// batch durably, so they refuse anyone whose log lacks it.
     fn check_no_electable_replica_lacks(&self, node: usize, high_watermark: i64) -> Check {
+        if self.membership {
+            // Which voters each replica would ask depends on the configurations in its own
+            // log; the oracle does not model that. Completeness and the committed record
+            // still hold these seeds to account.
+            return Ok(());
+        }
         let count = self.nodes[node].log.index_of(high_watermark);
         let committed = &self.nodes[node].log.batches[..count];
         let last_of = |batches: &[bytes::Bytes]| {
@@ -933,10 +976,34 @@ impl World {
                     self.fault_actions.push((leader, out));
                 }
             }
+            90..=94 if self.membership => self.change_membership(),
             _ => {
                 self.drop_per_mille = self.random(150);
                 self.duplicate_per_mille = self.random(60);
             }
+        }
+    }
+
+    /// The leader swaps a random voter with the learner (joint consensus).
+    fn change_membership(&mut self) {
+        let Some((leader, _)) = self.leader_now() else { return };
+        let group = self.nodes[leader].group.as_ref().expect("a leader is live");
+        let current = group.membership().clone();
+        let Some(&added) = current.learners.first() else { return };
+        if current.is_joint() {
+            return;
+        }
+        let voters = &current.sets[0].voters;
+        let removed = voters[self.random(voters.len() as u64) as usize];
+        let next: Vec<u32> = voters.iter().copied().filter(|v| *v != removed).chain([added]).collect();
+        let quorum = current.sets[0].quorum;
+        let mut out = Vec::new();
+        let n = &mut self.nodes[leader];
+        let group = n.group.as_mut().expect("a leader is live");
+        let result = group.change_membership(next, quorum, vec![removed], &n.log, &mut out);
+        if result.is_ok() {
+            self.membership_changes += 1;
+            self.fault_actions.push((leader, out));
         }
     }
 
@@ -1174,7 +1241,11 @@ impl World {
             ));
         };
         let log = &self.nodes[leader].log;
+        let membership = groups[leader].membership();
         for (i, g) in groups.iter().enumerate() {
+            if !membership.is_member(i as u32 + 1) {
+                continue;
+            }
             if g.term() != term || g.leader() != Some(leader as u32 + 1) || g.recovering() {
                 return Err(format!(
                     "liveness: replica {} is in term {} (leader {:?}, recovering {}), not following {} in {term}",

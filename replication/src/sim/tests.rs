@@ -106,3 +106,22 @@ fn a_leader_cut_off_steps_down_and_the_others_elect_one() {
 fn a_leader_hands_over_with_timeout_now() {
     sweep(0..200, &scenario(Scenario::Transfer));
 }
+
+fn membership() -> Options {
+    Options { membership: Some(true), ..Options::default() }
+}
+
+/// A learner swapped with a random voter by joint consensus, among all the random faults.
+#[test]
+fn membership_changes_keep_every_invariant() {
+    sweep(10_000..12_000, &membership());
+}
+
+#[test]
+fn planted_bug_membership_change_without_joint_consensus_is_caught() {
+    let options = Options { bug: Some(Bug::SkipJointConsensus), ..membership() };
+    let failure = first_failure(1_000, &options).expect("a one-step voter swap is caught");
+    let lost =
+        ["could win", "completeness", "changed", "two leaders"].iter().any(|m| failure.message.contains(m));
+    assert!(lost, "{failure}");
+}
