@@ -948,6 +948,9 @@ impl RaftGroup {
             }
             if fresh.is_empty() && view.base_offset < self.log_end {
                 if self.epochs.epoch_at(view.base_offset, self.log_end) == Some(view.leader_epoch) {
+                    if view.end_offset() > self.log_end {
+                        break; // not the batch we hold at this offset: a lie or corruption
+                    }
                     (end, last_epoch) = (view.end_offset(), view.leader_epoch);
                     continue; // already held: same epoch, same offset, same batch
                 }

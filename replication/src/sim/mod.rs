@@ -25,6 +25,8 @@
 //! peers; messages from a replica that lost its disk are dropped from the network with it (a
 //! real disk replacement takes longer than any message lives).
 
+#[cfg(test)]
+mod fuzz;
 mod log;
 #[cfg(test)]
 mod tests;
