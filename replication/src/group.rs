@@ -130,6 +130,26 @@ pub struct Config {
 }
 
 impl Config {
+    /// A configuration with these voters and no learners (no planted bug in test builds).
+    pub fn new(
+        id: ReplicaId,
+        voters: Vec<ReplicaId>,
+        quorum: Quorum,
+        heartbeat_ticks: u32,
+        election_ticks: u32,
+    ) -> Config {
+        Config {
+            id,
+            voters,
+            quorum,
+            learners: Vec::new(),
+            heartbeat_ticks,
+            election_ticks,
+            #[cfg(any(test, feature = "sim"))]
+            planted_bug: None,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let refuse = |reason: String| Err(ReplicationError::Config { reason });
         let membership = self.membership();
