@@ -42,13 +42,14 @@ fn main() {
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    let (mut events, mut changes) = (0u64, 0usize);
+    let (mut events, mut changes, mut gaps_us) = (0u64, 0usize, Vec::new());
     let (count, started) = (seeds.end - seeds.start, std::time::Instant::now());
     for seed in seeds {
         match run(seed, &options) {
             Ok(outcome) => {
                 events += outcome.events;
                 changes += outcome.membership_changes;
+                gaps_us.extend(outcome.leader_gap_us);
             }
             Err(failure) => {
                 eprintln!("{failure}");
@@ -58,9 +59,19 @@ fn main() {
     }
     let seconds = started.elapsed().as_secs_f64();
     println!("{count} seeds passed, {events} events, {changes} membership changes, in {seconds:.1} s");
+    if !gaps_us.is_empty() {
+        gaps_us.sort_unstable();
+        let at = |q: usize| gaps_us[(gaps_us.len() - 1) * q / 100] as f64 / 1000.0;
+        println!(
+            "leader gap after a crash: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            at(50),
+            at(99),
+            at(100)
+        );
+    }
 }
 
 fn usage(problem: &str) -> ! {
-    eprintln!("simulate: {problem}\nusage: simulate [--seed N | --seeds FROM..TO] [--replicas 3|5] [--bug NAME] [--no-faults] [--scenario figure-8|isolated-follower|isolated-leader|transfer] [--membership] [--trace]");
+    eprintln!("simulate: {problem}\nusage: simulate [--seed N | --seeds FROM..TO] [--replicas 3|5] [--bug NAME] [--no-faults] [--scenario figure-8|isolated-follower|isolated-leader|transfer|leader-crash] [--membership] [--trace]");
     std::process::exit(2);
 }

@@ -90,6 +90,9 @@ pub enum Scenario {
     IsolatedLeader,
     /// The leader hands over to a follower (TimeoutNow), which leads within 200 ms.
     Transfer,
+    /// The leader crashes on a 1 ms network; `Outcome::leader_gap_us` says how long the group
+    /// went without one.
+    LeaderCrash,
 }
 
 impl Scenario {
@@ -99,6 +102,7 @@ impl Scenario {
             "isolated-follower" => Some(Scenario::IsolatedFollower),
             "isolated-leader" => Some(Scenario::IsolatedLeader),
             "transfer" => Some(Scenario::Transfer),
+            "leader-crash" => Some(Scenario::LeaderCrash),
             _ => None,
         }
     }
@@ -108,6 +112,7 @@ impl Scenario {
             Scenario::IsolatedFollower => "isolated-follower",
             Scenario::IsolatedLeader => "isolated-leader",
             Scenario::Transfer => "transfer",
+            Scenario::LeaderCrash => "leader-crash",
         }
     }
 }
@@ -156,6 +161,8 @@ pub struct Outcome {
     pub leaders: usize,
     /// Membership changes the leader started (each a joint and a final configuration).
     pub membership_changes: usize,
+    /// Scenario leader-crash: from the crash to the next leader.
+    pub leader_gap_us: Option<u64>,
 }
 
 /// A failed run: its seed, when, why, and how to replay it.
@@ -341,6 +348,9 @@ struct World {
     disk_delay_us_max: u64,
     /// Membership changes are in the fault mix.
     membership: bool,
+    /// A message takes 1 ms plus up to this.
+    network_delay_us_max: u64,
+    leader_gap_us: Option<u64>,
     membership_changes: usize,
     /// Actions a fault made a replica take, carried out after it.
     fault_actions: Vec<(usize, Vec<Action>)>,
@@ -411,6 +421,12 @@ impl World {
             blocked: vec![vec![false; slots]; slots],
             membership,
             membership_changes: 0,
+            network_delay_us_max: if options.scenario == Some(Scenario::LeaderCrash) {
+                1
+            } else {
+                NETWORK_DELAY_US_MAX
+            },
+            leader_gap_us: None,
             drop_per_mille: 0,
             duplicate_per_mille: 0,
             leaders: HashMap::new(),
@@ -472,6 +488,7 @@ impl World {
             acked_batches: self.acked.len(),
             leaders: self.leaders.len(),
             membership_changes: self.membership_changes,
+            leader_gap_us: self.leader_gap_us,
         })
     }
 
@@ -705,9 +722,9 @@ impl World {
         if self.blocked[from][to] || self.random(1000) < self.drop_per_mille {
             return;
         }
-        let delay = 1_000 + self.random(NETWORK_DELAY_US_MAX);
+        let delay = 1_000 + self.random(self.network_delay_us_max);
         if self.random(1000) < self.duplicate_per_mille {
-            let again = 1_000 + self.random(3 * NETWORK_DELAY_US_MAX);
+            let again = 1_000 + self.random(3 * self.network_delay_us_max);
             self.schedule(again, Event::Deliver(message.clone()));
         }
         self.schedule(delay, Event::Deliver(message));
@@ -1053,6 +1070,7 @@ impl World {
             Some(Scenario::IsolatedFollower) => self.isolated_follower_step(),
             Some(Scenario::IsolatedLeader) => self.isolated_leader_step(),
             Some(Scenario::Transfer) => self.transfer_step(),
+            Some(Scenario::LeaderCrash) => self.leader_crash_step(),
             None => Ok(()),
         }
     }
@@ -1147,6 +1165,23 @@ impl World {
                         self.leader_now().map(|(l, t)| (l + 1, t))
                     ));
                 }
+                self.advance_script();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn leader_crash_step(&mut self) -> Check {
+        match self.script_step {
+            0 => {
+                let Some((leader, _)) = self.settled_leader() else { return Ok(()) };
+                self.script_nodes = vec![leader];
+                self.crash_for(leader, 1_000_000);
+                self.advance_script();
+            }
+            1 if self.leader_now().is_some_and(|(l, _)| l != self.script_nodes[0]) => {
+                self.leader_gap_us = Some(self.now - self.script_mark_us);
                 self.advance_script();
             }
             _ => {}

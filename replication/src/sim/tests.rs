@@ -125,3 +125,19 @@ fn planted_bug_membership_change_without_joint_consensus_is_caught() {
         ["could win", "completeness", "changed", "two leaders"].iter().any(|m| failure.message.contains(m));
     assert!(lost, "{failure}");
 }
+
+/// With no faults and a 1 ms network, a new leader within 3 election timeouts (3 x 100 ms,
+/// the shortest timeout) of a leader crash in 99% of seeds.
+#[test]
+fn a_crashed_leader_is_replaced_within_three_election_timeouts() {
+    let options = scenario(Scenario::LeaderCrash);
+    let mut gaps_us: Vec<u64> = (0..300)
+        .map(|seed| {
+            let outcome = run(seed, &options).unwrap_or_else(|failure| panic!("{failure}"));
+            outcome.leader_gap_us.expect("a new leader was elected")
+        })
+        .collect();
+    gaps_us.sort_unstable();
+    let p99_us = gaps_us[gaps_us.len() * 99 / 100];
+    assert!(p99_us <= 3 * 10 * TICK_US, "p99 {p99_us} us, median {} us", gaps_us[gaps_us.len() / 2]);
+}
