@@ -17,7 +17,11 @@
 //!   or below it: an append that would do so is ignored, whoever sent it;
 //! - the current term only grows; the epochs of the log only grow along it;
 //! - a replica that lost its disk (`recovering`) neither votes, campaigns nor counts toward a
-//!   write quorum until it holds, durably, a commit point a leader reached in its own term.
+//!   write quorum until it has learned the current term from enough peers and holds, durably,
+//!   its leader's epoch-start batch and commit point;
+//! - while a membership change is joint, every quorum (commit, election, check-quorum) is
+//!   met in both voter sets; learners never campaign and never count; one change at a time,
+//!   and only once the leader has committed in its own term.
 
 use std::collections::VecDeque;
 
