@@ -491,7 +491,7 @@ impl RaftGroup {
 
     fn start_pre_vote(&mut self, out: &mut Vec<Action>) {
         self.reset_election_deadline();
-        if self.hard.recovering || !self.membership().is_voter(self.config.id) {
+        if self.hard.recovering || !self.may_campaign() {
             return;
         }
         self.votes.clear();
@@ -505,6 +505,19 @@ impl RaftGroup {
         for to in self.voter_peers() {
             self.send_with_term(to, term, Body::PreVote { last_epoch, log_end }, out);
         }
+    }
+
+    /// A voter of the membership in force may campaign; so may a voter of the one before
+    /// while the last, which leaves it out, is not known to be committed: a leader that
+    /// appended it and lost its quorum (check-quorum) may hold the longest log, and without
+    /// it the others could not win. As leader it commits the new membership and steps down,
+    /// as Raft's leader outside the new configuration does.
+    fn may_campaign(&self) -> bool {
+        let id = self.config.id;
+        let count = self.memberships.len();
+        let (offset, last) = &self.memberships[count - 1];
+        last.is_voter(id)
+            || *offset >= self.high_watermark && count >= 2 && self.memberships[count - 2].1.is_voter(id)
     }
 
     fn campaign(&mut self, transfer: bool, out: &mut Vec<Action>) {
@@ -835,7 +848,11 @@ impl RaftGroup {
             Body::TermQuery => self.send(from, Body::TermAnswer, out),
             Body::TermAnswer => {}
             Body::TimeoutNow => {
-                if self.role == Role::Follower && self.leader == Some(from) && !self.hard.recovering {
+                if self.role == Role::Follower
+                    && self.leader == Some(from)
+                    && !self.hard.recovering
+                    && self.may_campaign()
+                {
                     self.campaign(true, out);
                 }
             }

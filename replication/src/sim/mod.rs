@@ -1272,9 +1272,26 @@ impl World {
             .filter(|&i| groups[i].role() == Role::Leader && groups[i].term() == term)
             .collect();
         let [leader] = leaders[..] else {
+            let states: Vec<String> = groups
+                .iter()
+                .map(|g| {
+                    let voters: Vec<Vec<u32>> =
+                        g.membership().sets.iter().map(|s| s.voters.clone()).collect();
+                    format!(
+                        "{}: {:?} term {} log ({}, {}) voters {voters:?} recovering {}",
+                        g.id(),
+                        g.role(),
+                        g.term(),
+                        g.epochs().last_epoch(),
+                        g.log_end(),
+                        g.recovering()
+                    )
+                })
+                .collect();
             return Err(format!(
-                "liveness: {} leaders of term {term} after the settle window",
-                leaders.len()
+                "liveness: {} leaders of term {term} after the settle window; {}",
+                leaders.len(),
+                states.join("; ")
             ));
         };
         let log = &self.nodes[leader].log;
