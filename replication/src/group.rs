@@ -1,0 +1,1314 @@
+//! `RaftGroup`: the sans-IO Raft core of one partition replica.
+//!
+//! It takes inputs (messages from peers, ticks of a logical clock, notices from its log, and
+//! proposals) and pushes actions onto a caller's `Vec<Action>`: messages to send, batches to
+//! append, a truncation, a hard state to persist, the commit point, role changes. The caller
+//! performs them in order. It reads the leader's own log through [`LogRead`] to fill appends.
+//! It owns no clock, socket, file, thread or global random source: the election jitter comes
+//! from the `XorShiftRng` the caller seeds.
+//!
+//! Invariants this module owns:
+//! - the term and vote are persisted before any message leaves: while a `PersistHardState`
+//!   is not confirmed by a matching `HardStatePersisted` notice, sends are held, in order;
+//! - a leader counts replicas only for offsets above the start of its own epoch (its
+//!   epoch-start batch), and only durable offsets: its own `durable_end`, and a follower's
+//!   `acked_end`, which the follower bounds by its own durable offset;
+//! - the commit point (`high_watermark`) never moves back, and the log is never truncated at
+//!   or below it: an append that would do so is ignored, whoever sent it;
+//! - the current term only grows; the epochs of the log only grow along it;
+//! - a replica that lost its disk (`recovering`) neither votes, campaigns nor counts toward a
+//!   write quorum until it has learned the current term from enough peers and holds, durably,
+//!   its leader's epoch-start batch and commit point;
+//! - while a membership change is joint, every quorum (commit, election, check-quorum) is
+//!   met in both voter sets; learners never campaign and never count; one change at a time,
+//!   and only once the leader has committed in its own term.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use rand_core::Rng;
+use rand_xorshift::XorShiftRng;
+
+use crate::batch;
+use crate::epoch::EpochHistory;
+use crate::error::{ReplicationError, Result};
+use crate::membership::{Membership, VoterSet};
+use crate::message::{Append, AppendResponse, Body, HardState, Message, ReplicaId};
+use crate::quorum::Quorum;
+
+/// Bytes of batches in one AppendEntries message (at least one batch is always sent).
+pub const APPEND_BYTES_MAX: usize = 1 << 20;
+/// Bytes of batches in flight, unacknowledged, to one follower: the pipelining window.
+pub const APPEND_IN_FLIGHT_BYTES_MAX: usize = 4 << 20;
+/// AppendEntries messages in flight to one follower.
+pub const APPEND_IN_FLIGHT_MESSAGES_MAX: usize = 8;
+/// Epochs a follower reports when it rejects an append (see `EpochHistory::common_end`).
+pub const EPOCH_HINTS_MAX: usize = 8;
+/// Bytes one proposal may carry.
+pub const PROPOSAL_BYTES_MAX: usize = 8 << 20;
+
+/// Reads the leader's own stored batches to fill AppendEntries.
+pub trait LogRead {
+    /// Pushes onto `batches` whole stored batches starting with the one holding
+    /// `from_offset`, at most `bytes_max` bytes in all but at least one batch when the log
+    /// holds `from_offset`. Pushes nothing when it cannot (the follower is retried later).
+    fn read(&self, from_offset: i64, bytes_max: usize, batches: &mut Vec<Bytes>);
+}
+
+/// The role of a replica in its current term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+/// What the caller must do, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send(Message),
+    /// Append these stamped batches at the log's end, then flush them and report `Durable`.
+    Append {
+        batches: Vec<Bytes>,
+    },
+    /// Cut the log at `end_offset` (a batch boundary). `truncations` counts cuts so far:
+    /// `Durable` notices of flushes that started before this one must carry the old count.
+    Truncate {
+        end_offset: i64,
+        truncations: u64,
+    },
+    /// Persist this hard state (fdatasync) and report `HardStatePersisted` with it.
+    PersistHardState(HardState),
+    /// The commit point moved: consumers may read below `high_watermark`.
+    Commit {
+        high_watermark: i64,
+    },
+    /// The replica's role or known leader changed.
+    Role {
+        term: i32,
+        role: Role,
+        leader: Option<ReplicaId>,
+    },
+}
+
+/// What the log tells the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogNotice {
+    /// Everything below `end_offset` is fdatasync'ed; the flush started after `truncations`
+    /// truncations (a stale count is ignored: it may describe cut-off data).
+    Durable {
+        end_offset: i64,
+        truncations: u64,
+    },
+    HardStatePersisted(HardState),
+}
+
+/// Bugs the simulator must catch, compiled only for tests and the `sim` feature.
+#[cfg(any(test, feature = "sim"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Commit an entry of an earlier term by counting replicas (Raft's figure 8).
+    CommitEarlierTerm,
+    /// A follower acknowledges offsets it has not flushed.
+    AckBeforeDurable,
+    /// A membership change swaps a voter in one step, without the joint configuration.
+    SkipJointConsensus,
+}
+
+/// The configuration of one replica of a group.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: ReplicaId,
+    /// The initial voters; their count is the replication factor. Configuration batches in
+    /// the log (see [`crate::membership`]) override them.
+    pub voters: Vec<ReplicaId>,
+    pub quorum: Quorum,
+    /// The initial learners: they receive the log but do not vote or count.
+    pub learners: Vec<ReplicaId>,
+    pub heartbeat_ticks: u32,
+    /// The election timeout is drawn from `[election_ticks, 2 * election_ticks)`.
+    pub election_ticks: u32,
+    #[cfg(any(test, feature = "sim"))]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+impl Config {
+    /// A configuration with these voters and no learners (no planted bug in test builds).
+    pub fn new(
+        id: ReplicaId,
+        voters: Vec<ReplicaId>,
+        quorum: Quorum,
+        heartbeat_ticks: u32,
+        election_ticks: u32,
+    ) -> Config {
+        Config {
+            id,
+            voters,
+            quorum,
+            learners: Vec::new(),
+            heartbeat_ticks,
+            election_ticks,
+            #[cfg(any(test, feature = "sim"))]
+            planted_bug: None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let refuse = |reason: String| Err(ReplicationError::Config { reason });
+        let membership = self.membership();
+        membership.validate()?;
+        if !membership.is_member(self.id) {
+            return refuse(format!("replica {} is neither a voter nor a learner: {membership:?}", self.id));
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return refuse(format!(
+                "election timeout {} ticks must exceed the heartbeat interval {} ticks (> 0)",
+                self.election_ticks, self.heartbeat_ticks
+            ));
+        }
+        Ok(())
+    }
+
+    fn membership(&self) -> Membership {
+        let set = VoterSet { voters: self.voters.clone(), quorum: self.quorum };
+        Membership { sets: vec![set], learners: self.learners.clone() }
+    }
+}
+
+/// What the replica recovered from its disk at start.
+#[derive(Debug, Clone, Default)]
+pub struct Restore {
+    pub hard_state: HardState,
+    pub epochs: EpochHistory,
+    /// The recovered log's end; everything below it is durable.
+    pub log_end: i64,
+    /// The replica was a member but found no data: it recovers before voting (KIP-966).
+    pub disk_lost: bool,
+    /// The configuration batches of the log: (offset, membership), oldest first.
+    pub memberships: Vec<(i64, Membership)>,
+}
+
+/// The leader's view of one follower.
+#[derive(Debug, Clone)]
+struct Progress {
+    id: ReplicaId,
+    /// The next offset to send.
+    next: i64,
+    /// The follower's log matches ours up to here.
+    match_end: i64,
+    /// ... and is durable up to here.
+    acked_end: i64,
+    recovering: bool,
+    /// Sent and unanswered: (end offset, bytes).
+    in_flight: VecDeque<(i64, usize)>,
+    in_flight_bytes: usize,
+    /// After a rejection: one append at a time until one is accepted.
+    probing: bool,
+    last_heard_tick: u64,
+    last_progress_tick: u64,
+}
+
+/// The Raft core of one partition replica. See the module docs.
+#[derive(Debug)]
+pub struct RaftGroup {
+    config: Config,
+    rng: XorShiftRng,
+    hard: HardState,
+    persist_pending: bool,
+    held: Vec<Message>,
+    role: Role,
+    leader: Option<ReplicaId>,
+    epochs: EpochHistory,
+    log_end: i64,
+    durable_end: i64,
+    truncations: u64,
+    high_watermark: i64,
+    /// Follower: our log matches the current leader's up to here.
+    verified_end: i64,
+    ticks: u64,
+    election_deadline_tick: u64,
+    heartbeat_deadline_tick: u64,
+    check_quorum_deadline_tick: u64,
+    last_leader_contact_tick: Option<u64>,
+    votes: Vec<(ReplicaId, bool)>,
+    progress: Vec<Progress>,
+    /// Leader: handing over to this replica until the tick given; the TimeoutNow was sent.
+    transfer: Option<(ReplicaId, u64, bool)>,
+    /// Recovering: the voters whose term we learned since start.
+    terms_heard: Vec<ReplicaId>,
+    /// (offset of its configuration batch, membership), oldest first; the initial one from
+    /// the config sits at offset -1. The last one applies.
+    memberships: Vec<(i64, Membership)>,
+}
+
+impl RaftGroup {
+    /// A replica from what it recovered. Pushes the hard-state persist a lost disk needs.
+    pub fn new(
+        config: Config,
+        restore: Restore,
+        rng: XorShiftRng,
+        out: &mut Vec<Action>,
+    ) -> Result<RaftGroup> {
+        config.validate()?;
+        if restore.log_end < 0
+            || restore.epochs.starts().last().is_some_and(|s| s.start_offset >= restore.log_end)
+        {
+            return Err(ReplicationError::Config {
+                reason: format!(
+                    "recovered epochs {:?} do not fit log end {}",
+                    restore.epochs, restore.log_end
+                ),
+            });
+        }
+        let mut memberships = vec![(-1, config.membership())];
+        for (offset, membership) in restore.memberships {
+            let grows =
+                memberships.last().is_some_and(|(last, _)| *last < offset) && offset < restore.log_end;
+            if !grows || membership.validate().is_err() {
+                return Err(ReplicationError::Config {
+                    reason: format!("recovered membership at {offset} refused"),
+                });
+            }
+            memberships.push((offset, membership));
+        }
+        let mut group = RaftGroup {
+            config,
+            rng,
+            hard: restore.hard_state,
+            persist_pending: false,
+            held: Vec::new(),
+            role: Role::Follower,
+            leader: None,
+            epochs: restore.epochs,
+            log_end: restore.log_end,
+            durable_end: restore.log_end,
+            truncations: 0,
+            high_watermark: 0,
+            verified_end: 0,
+            ticks: 0,
+            election_deadline_tick: 0,
+            heartbeat_deadline_tick: 0,
+            check_quorum_deadline_tick: 0,
+            last_leader_contact_tick: None,
+            votes: Vec::new(),
+            progress: Vec::new(),
+            transfer: None,
+            terms_heard: Vec::new(),
+            memberships,
+        };
+        if restore.disk_lost && !group.hard.recovering {
+            group.hard.recovering = true;
+            group.persist(out);
+        }
+        group.reset_election_deadline();
+        Ok(group)
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.config.id
+    }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn term(&self) -> i32 {
+        self.hard.term
+    }
+    pub fn hard_state(&self) -> HardState {
+        self.hard
+    }
+    pub fn leader(&self) -> Option<ReplicaId> {
+        self.leader
+    }
+    pub fn high_watermark(&self) -> i64 {
+        self.high_watermark
+    }
+    pub fn log_end(&self) -> i64 {
+        self.log_end
+    }
+    pub fn durable_end(&self) -> i64 {
+        self.durable_end
+    }
+    pub fn epochs(&self) -> &EpochHistory {
+        &self.epochs
+    }
+    pub fn recovering(&self) -> bool {
+        self.hard.recovering
+    }
+
+    fn reset_election_deadline(&mut self) {
+        let span = u64::from(self.config.election_ticks);
+        self.election_deadline_tick = self.ticks + span + self.rng.next_u64() % span;
+    }
+
+    fn persist(&mut self, out: &mut Vec<Action>) {
+        self.persist_pending = true;
+        out.push(Action::PersistHardState(self.hard));
+    }
+
+    fn send_with_term(&mut self, to: ReplicaId, term: i32, body: Body, out: &mut Vec<Action>) {
+        debug_assert!(to != self.config.id, "a replica never messages itself");
+        let message = Message { from: self.config.id, to, term, body };
+        if self.persist_pending {
+            self.held.push(message);
+        } else {
+            out.push(Action::Send(message));
+        }
+    }
+
+    fn send(&mut self, to: ReplicaId, body: Body, out: &mut Vec<Action>) {
+        self.send_with_term(to, self.hard.term, body, out);
+    }
+
+    /// The membership in force: the last configuration in the log.
+    pub fn membership(&self) -> &Membership {
+        &self.memberships.last().expect("the initial membership is never removed").1
+    }
+
+    /// Every other member, learners included.
+    fn peers(&self) -> Vec<ReplicaId> {
+        self.membership().members().into_iter().filter(|m| *m != self.config.id).collect()
+    }
+
+    fn voter_peers(&self) -> Vec<ReplicaId> {
+        self.membership().voters().into_iter().filter(|m| *m != self.config.id).collect()
+    }
+
+    fn set_role(&mut self, role: Role, leader: Option<ReplicaId>, out: &mut Vec<Action>) {
+        if self.role != role || self.leader != leader {
+            self.role = role;
+            self.leader = leader;
+            out.push(Action::Role { term: self.hard.term, role, leader });
+        }
+    }
+
+    /// Moves to `term` (not below ours) as a follower of `leader`, if known.
+    fn become_follower(&mut self, term: i32, leader: Option<ReplicaId>, out: &mut Vec<Action>) {
+        assert!(term >= self.hard.term, "terms only grow: {} to {term}", self.hard.term);
+        if term > self.hard.term {
+            self.hard.term = term;
+            self.hard.voted_for = None;
+            self.verified_end = 0;
+            self.persist(out);
+        }
+        self.progress.clear();
+        self.votes.clear();
+        self.transfer = None;
+        self.set_role(Role::Follower, leader, out);
+        self.reset_election_deadline();
+    }
+
+    /// Advances the logical clock by one tick.
+    pub fn tick(&mut self, log: &dyn LogRead, out: &mut Vec<Action>) {
+        self.ticks += 1;
+        if self.hard.recovering && self.ticks.is_multiple_of(u64::from(self.config.heartbeat_ticks)) {
+            self.query_terms(out);
+        }
+        if self.role != Role::Leader {
+            if self.ticks >= self.election_deadline_tick {
+                self.start_pre_vote(out);
+            }
+            return;
+        }
+        if let Some((_, deadline, _)) = self.transfer {
+            if self.ticks >= deadline {
+                self.transfer = None;
+            }
+        }
+        if self.ticks >= self.check_quorum_deadline_tick {
+            self.check_quorum_deadline_tick = self.ticks + u64::from(self.config.election_ticks);
+            if !self.heard_from_election_quorum() {
+                let term = self.hard.term;
+                self.become_follower(term, None, out);
+                return;
+            }
+        }
+        if self.ticks >= self.heartbeat_deadline_tick {
+            self.heartbeat_deadline_tick = self.ticks + u64::from(self.config.heartbeat_ticks);
+            self.heartbeat(log, out);
+        }
+    }
+
+    /// A replica that lost its disk forgot its term and its votes: until it has learned the
+    /// terms of enough peers (`terms_known`), it could follow, and acknowledge for, a stale
+    /// leader, or vote twice in a term.
+    fn query_terms(&mut self, out: &mut Vec<Action>) {
+        for to in self.voter_peers() {
+            if !self.terms_heard.contains(&to) {
+                self.send(to, Body::TermQuery, out);
+            }
+        }
+    }
+
+    fn terms_known(&self) -> bool {
+        // RF − W + 1 peers include one of the W − 1 others that acknowledged any commit with
+        // us; RF − E + 1 include one of the E − 1 others that elected anyone we voted for.
+        let needed = |q: &Quorum| {
+            let rf = q.replication_factor();
+            (rf - q.write_quorum() + 1).max(rf - q.election_quorum() + 1)
+        };
+        self.membership().every_set(needed, |v| self.terms_heard.contains(&v))
+    }
+
+    fn heard_from_election_quorum(&self) -> bool {
+        let since = self.ticks.saturating_sub(u64::from(self.config.election_ticks));
+        let heard = |v: ReplicaId| {
+            v == self.config.id || self.progress.iter().any(|p| p.id == v && p.last_heard_tick >= since)
+        };
+        self.membership().every_set(Quorum::election_quorum, heard)
+    }
+
+    fn heartbeat(&mut self, log: &dyn LogRead, out: &mut Vec<Action>) {
+        let stall_ticks = u64::from(self.config.election_ticks / 2).max(1);
+        for i in 0..self.progress.len() {
+            let p = &mut self.progress[i];
+            if !p.in_flight.is_empty() && self.ticks >= p.last_progress_tick + stall_ticks {
+                // Lost or stuck appends: send again from what is known to match.
+                p.next = p.match_end;
+                p.in_flight.clear();
+                p.in_flight_bytes = 0;
+                p.last_progress_tick = self.ticks;
+            }
+            let (to, prev_end) = (p.id, p.match_end);
+            let prev_epoch = self.prev_epoch(prev_end);
+            let body = Body::Append(Append {
+                prev_end,
+                prev_epoch,
+                commit_end: self.high_watermark,
+                batches: Vec::new(),
+            });
+            self.send(to, body, out);
+            self.send_appends(i, log, out);
+        }
+    }
+
+    fn prev_epoch(&self, prev_end: i64) -> i32 {
+        if prev_end == 0 {
+            return -1;
+        }
+        self.epochs.epoch_at(prev_end - 1, self.log_end).expect("prev_end is within the leader's log")
+    }
+
+    fn start_pre_vote(&mut self, out: &mut Vec<Action>) {
+        self.reset_election_deadline();
+        if self.hard.recovering || !self.may_campaign() {
+            return;
+        }
+        self.votes.clear();
+        self.votes.push((self.config.id, true));
+        self.set_role(Role::PreCandidate, None, out);
+        if self.votes_won() {
+            self.campaign(false, out);
+            return;
+        }
+        let (term, last_epoch, log_end) = (self.hard.term + 1, self.epochs.last_epoch(), self.log_end);
+        for to in self.voter_peers() {
+            self.send_with_term(to, term, Body::PreVote { last_epoch, log_end }, out);
+        }
+    }
+
+    /// A voter of the membership in force may campaign; so may a voter of the one before
+    /// while the last, which leaves it out, is not known to be committed: a leader that
+    /// appended it and lost its quorum (check-quorum) may hold the longest log, and without
+    /// it the others could not win. As leader it commits the new membership and steps down,
+    /// as Raft's leader outside the new configuration does.
+    fn may_campaign(&self) -> bool {
+        let id = self.config.id;
+        let count = self.memberships.len();
+        let (offset, last) = &self.memberships[count - 1];
+        last.is_voter(id)
+            || *offset >= self.high_watermark && count >= 2 && self.memberships[count - 2].1.is_voter(id)
+    }
+
+    fn campaign(&mut self, transfer: bool, out: &mut Vec<Action>) {
+        assert!(!self.hard.recovering, "a recovering replica never campaigns");
+        self.hard.term += 1;
+        self.hard.voted_for = Some(self.config.id);
+        self.verified_end = 0;
+        self.persist(out);
+        self.progress.clear();
+        self.votes.clear();
+        self.votes.push((self.config.id, true));
+        self.role = Role::Follower; // so that set_role reports the change with the new term
+        self.set_role(Role::Candidate, None, out);
+        self.reset_election_deadline();
+        if self.votes_won() {
+            self.become_leader(out);
+            return;
+        }
+        let (last_epoch, log_end) = (self.epochs.last_epoch(), self.log_end);
+        for to in self.voter_peers() {
+            self.send(to, Body::Vote { last_epoch, log_end, transfer }, out);
+        }
+    }
+
+    fn record_vote(&mut self, from: ReplicaId, granted: bool) -> bool {
+        if !self.votes.iter().any(|(id, _)| *id == from) {
+            self.votes.push((from, granted));
+        }
+        self.votes_won()
+    }
+
+    /// E granted votes in every voter set (both while joint).
+    fn votes_won(&self) -> bool {
+        self.membership().every_set(Quorum::election_quorum, |v| self.votes.contains(&(v, true)))
+    }
+
+    fn new_progress(&self, id: ReplicaId) -> Progress {
+        Progress {
+            id,
+            next: self.log_end,
+            match_end: 0,
+            acked_end: 0,
+            recovering: false,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            probing: true,
+            last_heard_tick: self.ticks,
+            last_progress_tick: self.ticks,
+        }
+    }
+
+    /// Leader: one progress per member but us, after the membership changed.
+    fn sync_progress(&mut self) {
+        let peers = self.peers();
+        self.progress.retain(|p| peers.contains(&p.id));
+        for id in peers {
+            if !self.progress.iter().any(|p| p.id == id) {
+                let progress = self.new_progress(id);
+                self.progress.push(progress);
+            }
+        }
+    }
+
+    fn become_leader(&mut self, out: &mut Vec<Action>) {
+        assert_eq!(self.role, Role::Candidate, "only a candidate becomes leader");
+        assert_eq!(self.hard.voted_for, Some(self.config.id), "a leader voted for itself");
+        self.progress.clear();
+        self.sync_progress();
+        self.set_role(Role::Leader, Some(self.config.id), out);
+        let start = batch::epoch_start(self.config.id, &self.membership().voters());
+        let stamped = self.append_own(start);
+        out.push(Action::Append { batches: vec![stamped] });
+        self.heartbeat_deadline_tick = self.ticks; // the next tick sends the first heartbeat
+        self.check_quorum_deadline_tick = self.ticks + u64::from(self.config.election_ticks);
+        self.maybe_commit(out);
+    }
+
+    /// Stamps a checked batch with the next offset and our term and records it in the log.
+    fn append_own(&mut self, mut bytes: Vec<u8>) -> Bytes {
+        assert_eq!(self.role, Role::Leader, "only a leader stamps batches");
+        batch::stamp(&mut bytes, self.log_end, self.hard.term);
+        let view = batch::parse(&bytes).expect("stamping a checked batch keeps it valid");
+        self.epochs.appended(self.hard.term, self.log_end);
+        self.log_end = view.end_offset();
+        Bytes::from(bytes)
+    }
+
+    /// Appends client batches (checked here, stamped with offsets and our term). Returns the
+    /// offsets they took, `[base, end)`; they are committed once the commit point passes `end`.
+    pub fn propose(
+        &mut self,
+        batches: Vec<Vec<u8>>,
+        log: &dyn LogRead,
+        out: &mut Vec<Action>,
+    ) -> Result<(i64, i64)> {
+        if self.role != Role::Leader || self.transfer.is_some() {
+            return Err(ReplicationError::NotLeader {
+                replica: self.config.id,
+                term: self.hard.term,
+                leader: self.leader,
+            });
+        }
+        let bytes: usize = batches.iter().map(Vec::len).sum();
+        if bytes > PROPOSAL_BYTES_MAX {
+            return Err(ReplicationError::TooLarge {
+                what: "proposal",
+                bytes: bytes as u64,
+                limit: PROPOSAL_BYTES_MAX as u64,
+            });
+        }
+        for bytes in &batches {
+            let view = batch::parse(bytes)?;
+            if view.total_bytes != bytes.len() {
+                return Err(ReplicationError::CorruptBatch { reason: "bytes after the batch".into() });
+            }
+        }
+        let base = self.log_end;
+        let stamped: Vec<Bytes> = batches.into_iter().map(|b| self.append_own(b)).collect();
+        out.push(Action::Append { batches: stamped });
+        for i in 0..self.progress.len() {
+            self.send_appends(i, log, out);
+        }
+        self.maybe_commit(out);
+        Ok((base, self.log_end))
+    }
+
+    /// Sends appends to follower `i` while its window has room.
+    fn send_appends(&mut self, i: usize, log: &dyn LogRead, out: &mut Vec<Action>) {
+        let mut batches = Vec::new();
+        loop {
+            let p = &self.progress[i];
+            let window_full = p.in_flight_bytes >= APPEND_IN_FLIGHT_BYTES_MAX
+                || p.in_flight.len() >= APPEND_IN_FLIGHT_MESSAGES_MAX
+                || (p.probing && !p.in_flight.is_empty());
+            if p.next >= self.log_end || window_full {
+                return;
+            }
+            let bytes_max = APPEND_BYTES_MAX.min(APPEND_IN_FLIGHT_BYTES_MAX - p.in_flight_bytes);
+            batches.clear();
+            log.read(p.next, bytes_max, &mut batches);
+            let Some((prev_end, end, bytes)) = self.span_of(&batches) else { return };
+            if end <= p.next || prev_end > p.next || end > self.log_end {
+                return; // the log answered something other than asked: retry at the next heartbeat
+            }
+            let to = p.id;
+            let body = Body::Append(Append {
+                prev_end,
+                prev_epoch: self.prev_epoch(prev_end),
+                commit_end: self.high_watermark,
+                batches: std::mem::take(&mut batches),
+            });
+            let p = &mut self.progress[i];
+            p.in_flight.push_back((end, bytes));
+            p.in_flight_bytes += bytes;
+            p.next = end;
+            self.send(to, body, out);
+        }
+    }
+
+    /// The first offset, end offset and bytes of contiguous checked batches.
+    fn span_of(&self, batches: &[Bytes]) -> Option<(i64, i64, usize)> {
+        let first = batch::parse(batches.first()?).ok()?;
+        let mut end = first.base_offset;
+        let mut bytes = 0;
+        for b in batches {
+            let view = batch::parse(b).ok()?;
+            if view.base_offset != end {
+                return None;
+            }
+            end = view.end_offset();
+            bytes += view.total_bytes;
+        }
+        Some((first.base_offset, end, bytes))
+    }
+
+    fn maybe_commit(&mut self, out: &mut Vec<Action>) {
+        debug_assert_eq!(self.role, Role::Leader);
+        let candidate = self.membership().sets.iter().map(|set| self.durable_on_write_quorum(set)).min();
+        let candidate = candidate.expect("a membership has a voter set");
+        let own_start =
+            self.epochs.start_of(self.hard.term).expect("a leader's log holds its epoch-start batch");
+        #[allow(unused_mut)]
+        let mut eligible = candidate > own_start;
+        #[cfg(any(test, feature = "sim"))]
+        if self.config.planted_bug == Some(PlantedBug::CommitEarlierTerm) {
+            eligible = true;
+        }
+        if eligible && candidate > self.high_watermark {
+            assert!(candidate > 0, "a commit covers at least one offset");
+            assert!(
+                candidate <= self.log_end,
+                "the commit point {candidate} is past the log end {}",
+                self.log_end
+            );
+            self.high_watermark = candidate;
+            out.push(Action::Commit { high_watermark: candidate });
+            self.advance_membership(out);
+        }
+    }
+
+    /// The largest offset durable on W voters of `set` (ours counted if we are one of them).
+    fn durable_on_write_quorum(&self, set: &VoterSet) -> i64 {
+        let mut acked = [0i64; crate::quorum::REPLICATION_FACTOR_MAX as usize];
+        for (slot, voter) in acked.iter_mut().zip(&set.voters) {
+            *slot = if *voter == self.config.id {
+                self.durable_end
+            } else {
+                let p = self.progress.iter().find(|p| p.id == *voter);
+                p.filter(|p| !p.recovering).map_or(0, |p| p.acked_end)
+            };
+        }
+        let acked = &mut acked[..set.voters.len()];
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        acked[set.quorum.write_quorum() as usize - 1]
+    }
+
+    /// Starts a membership change to `voters` (with `quorum`) and `learners`: appends the
+    /// joint configuration; once it commits, the leader appends the new one alone. Refused
+    /// while a change is under way or before the leader committed in its own term (the fix
+    /// Raft's single-server changes need, kept here for the same reason: an uncommitted
+    /// configuration of an earlier leader may still be in flight).
+    pub fn change_membership(
+        &mut self,
+        voters: Vec<ReplicaId>,
+        quorum: Quorum,
+        learners: Vec<ReplicaId>,
+        log: &dyn LogRead,
+        out: &mut Vec<Action>,
+    ) -> Result<()> {
+        if self.role != Role::Leader || self.transfer.is_some() {
+            return Err(ReplicationError::NotLeader {
+                replica: self.config.id,
+                term: self.hard.term,
+                leader: self.leader,
+            });
+        }
+        let (offset, current) = self.memberships.last().expect("never empty");
+        let own_start =
+            self.epochs.start_of(self.hard.term).expect("a leader's log holds its epoch-start batch");
+        if current.is_joint() || *offset >= self.high_watermark || own_start >= self.high_watermark {
+            return Err(ReplicationError::Config {
+                reason: "a membership change is under way or this leader has not committed yet: retry".into(),
+            });
+        }
+        let next = VoterSet { voters, quorum };
+        #[allow(unused_mut)]
+        let mut joint = Membership { sets: vec![current.sets[0].clone(), next], learners };
+        #[cfg(any(test, feature = "sim"))]
+        if self.config.planted_bug == Some(PlantedBug::SkipJointConsensus) {
+            joint.sets.remove(0);
+        }
+        joint.validate()?;
+        self.append_membership(joint, out);
+        for i in 0..self.progress.len() {
+            self.send_appends(i, log, out);
+        }
+        Ok(())
+    }
+
+    fn append_membership(&mut self, membership: Membership, out: &mut Vec<Action>) {
+        let offset = self.log_end;
+        let stamped = self.append_own(membership.to_batch());
+        self.memberships.push((offset, membership));
+        out.push(Action::Append { batches: vec![stamped] });
+        self.sync_progress();
+    }
+
+    /// Leader, after a commit: a committed joint configuration is followed by the new one
+    /// alone; a committed configuration that leaves us out ends our leadership.
+    fn advance_membership(&mut self, out: &mut Vec<Action>) {
+        let (offset, current) = self.memberships.last().expect("never empty");
+        if *offset >= self.high_watermark {
+            return;
+        }
+        if current.is_joint() {
+            let next = Membership { sets: vec![current.sets[1].clone()], learners: current.learners.clone() };
+            self.append_membership(next, out);
+        } else if !current.is_voter(self.config.id) {
+            let term = self.hard.term;
+            self.become_follower(term, None, out);
+        }
+    }
+}
+
+impl RaftGroup {
+    /// Takes one message from a peer. A message from an unknown replica, for another replica,
+    /// or malformed is ignored; one of a stale term is answered with a refusal.
+    pub fn receive(&mut self, message: Message, log: &dyn LogRead, out: &mut Vec<Action>) {
+        let from = message.from;
+        if message.to != self.config.id || from == self.config.id || !self.membership().is_member(from) {
+            return;
+        }
+        // Only answers to our queries count: other messages may have left before the loss.
+        if self.hard.recovering && message.body == Body::TermAnswer && !self.terms_heard.contains(&from) {
+            self.terms_heard.push(from);
+        }
+        if message.term > self.hard.term {
+            match &message.body {
+                Body::PreVote { .. } | Body::PreVoteResponse { granted: true } => {}
+                Body::Vote { transfer: false, .. } if self.in_lease() => return,
+                Body::Append(_) | Body::TimeoutNow => self.become_follower(message.term, Some(from), out),
+                _ => self.become_follower(message.term, None, out),
+            }
+        } else if message.term < self.hard.term {
+            self.refuse_stale(from, &message.body, out);
+            return;
+        }
+        match message.body {
+            Body::PreVote { last_epoch, log_end } => {
+                self.on_pre_vote(from, message.term, last_epoch, log_end, out)
+            }
+            Body::PreVoteResponse { granted } => {
+                if self.role == Role::PreCandidate
+                    && message.term == self.hard.term + 1
+                    && self.record_vote(from, granted)
+                {
+                    self.campaign(false, out);
+                }
+            }
+            Body::Vote { last_epoch, log_end, transfer: _ } => self.on_vote(from, last_epoch, log_end, out),
+            Body::VoteResponse { granted } => {
+                if self.role == Role::Candidate && self.record_vote(from, granted) {
+                    self.become_leader(out);
+                }
+            }
+            Body::Append(append) => self.on_append(from, append, out),
+            Body::AppendResponse(response) => self.on_append_response(from, response, log, out),
+            Body::TermQuery => self.send(from, Body::TermAnswer, out),
+            Body::TermAnswer => {}
+            Body::TimeoutNow => {
+                if self.role == Role::Follower
+                    && self.leader == Some(from)
+                    && !self.hard.recovering
+                    && self.may_campaign()
+                {
+                    self.campaign(true, out);
+                }
+            }
+        }
+    }
+
+    fn refuse_stale(&mut self, from: ReplicaId, body: &Body, out: &mut Vec<Action>) {
+        let refusal = match body {
+            Body::Append(_) | Body::TimeoutNow => Body::AppendResponse(self.rejection(0)),
+            Body::PreVote { .. } => Body::PreVoteResponse { granted: false },
+            Body::Vote { .. } => Body::VoteResponse { granted: false },
+            _ => return,
+        };
+        self.send(from, refusal, out);
+    }
+
+    /// A leader was heard from within the minimum election timeout (or we lead).
+    fn in_lease(&self) -> bool {
+        if self.role == Role::Leader {
+            return true;
+        }
+        let lease = u64::from(self.config.election_ticks);
+        self.leader.is_some() && self.last_leader_contact_tick.is_some_and(|t| self.ticks < t + lease)
+    }
+
+    fn log_is_behind(&self, last_epoch: i32, log_end: i64) -> bool {
+        (last_epoch, log_end) < (self.epochs.last_epoch(), self.log_end)
+    }
+
+    fn on_pre_vote(
+        &mut self,
+        from: ReplicaId,
+        term: i32,
+        last_epoch: i32,
+        log_end: i64,
+        out: &mut Vec<Action>,
+    ) {
+        let granted = !self.hard.recovering
+            && term > self.hard.term
+            && !self.in_lease()
+            && !self.log_is_behind(last_epoch, log_end);
+        let term = if granted { term } else { self.hard.term };
+        self.send_with_term(from, term, Body::PreVoteResponse { granted }, out);
+    }
+
+    fn on_vote(&mut self, from: ReplicaId, last_epoch: i32, log_end: i64, out: &mut Vec<Action>) {
+        let free = self.hard.voted_for.is_none() || self.hard.voted_for == Some(from);
+        // Whoever asks gets an answer, member of our configuration or not (our log may lag
+        // the one that made them a voter): a candidate counts only the voters of its own.
+        let granted = free && !self.hard.recovering && !self.log_is_behind(last_epoch, log_end);
+        if granted && self.hard.voted_for.is_none() {
+            self.hard.voted_for = Some(from);
+            self.persist(out);
+        }
+        if granted {
+            self.reset_election_deadline();
+        }
+        self.send(from, Body::VoteResponse { granted }, out);
+    }
+
+    fn rejection(&self, probe_end: i64) -> AppendResponse {
+        AppendResponse {
+            accepted: false,
+            match_end: 0,
+            acked_end: 0,
+            log_end: probe_end,
+            epochs: self.epochs.tail_below(probe_end, EPOCH_HINTS_MAX),
+            recovering: self.hard.recovering,
+        }
+    }
+
+    fn acknowledgement(&self, match_end: i64) -> AppendResponse {
+        #[allow(unused_mut)]
+        let mut acked_end = self.durable_end.min(self.verified_end);
+        #[cfg(any(test, feature = "sim"))]
+        if self.config.planted_bug == Some(PlantedBug::AckBeforeDurable) {
+            acked_end = self.verified_end;
+        }
+        AppendResponse {
+            accepted: true,
+            match_end,
+            acked_end,
+            log_end: self.log_end,
+            epochs: Vec::new(),
+            recovering: self.hard.recovering,
+        }
+    }
+
+    fn on_append(&mut self, from: ReplicaId, append: Append, out: &mut Vec<Action>) {
+        if self.role == Role::Leader {
+            return; // two leaders in one term: impossible from honest peers, so ignore it
+        }
+        if self.role != Role::Follower || self.leader != Some(from) {
+            let term = self.hard.term;
+            self.become_follower(term, Some(from), out);
+        }
+        self.last_leader_contact_tick = Some(self.ticks);
+        self.reset_election_deadline();
+        let prev_matches = append.prev_end == 0 && append.prev_epoch == -1
+            || append.prev_end > 0
+                && self.epochs.epoch_at(append.prev_end - 1, self.log_end) == Some(append.prev_epoch);
+        if !prev_matches {
+            let probe_end = append.prev_end.clamp(0, self.log_end);
+            let body = Body::AppendResponse(self.rejection(probe_end));
+            self.send(from, body, out);
+            return;
+        }
+        let Some(end) = self.append_batches(&append, out) else { return };
+        self.verified_end = self.verified_end.max(end);
+        let commit = append.commit_end.min(self.verified_end);
+        if commit > self.high_watermark {
+            self.high_watermark = commit;
+            out.push(Action::Commit { high_watermark: commit });
+        }
+        self.maybe_finish_recovery(from, append.commit_end, out);
+        let body = Body::AppendResponse(self.acknowledgement(self.verified_end));
+        self.send(from, body, out);
+    }
+
+    /// Appends what the log lacks of `append`'s batches, cutting a conflicting tail first.
+    /// Returns where the checked batches end, or None to ignore the message (it would cut
+    /// committed data). A batch that fails its checks ends the message there.
+    fn append_batches(&mut self, append: &Append, out: &mut Vec<Action>) -> Option<i64> {
+        let (mut end, mut last_epoch) = (append.prev_end, append.prev_epoch);
+        let mut fresh = Vec::new();
+        for bytes in &append.batches {
+            let Ok(view) = batch::parse(bytes) else { break };
+            let bad = view.total_bytes != bytes.len()
+                || view.base_offset != end
+                || view.leader_epoch < last_epoch.max(0)
+                || view.leader_epoch > self.hard.term;
+            if bad {
+                break;
+            }
+            if fresh.is_empty() && view.base_offset < self.log_end {
+                if self.epochs.epoch_at(view.base_offset, self.log_end) == Some(view.leader_epoch) {
+                    if view.end_offset() > self.log_end {
+                        break; // not the batch we hold at this offset: a lie or corruption
+                    }
+                    (end, last_epoch) = (view.end_offset(), view.leader_epoch);
+                    continue; // already held: same epoch, same offset, same batch
+                }
+                if view.base_offset < self.high_watermark {
+                    return None;
+                }
+                self.truncate(view.base_offset, out);
+            }
+            assert_eq!(view.base_offset, self.log_end, "appends are contiguous");
+            if let Some(membership) = Membership::from_batch(bytes, &view) {
+                self.memberships.push((view.base_offset, membership));
+            }
+            self.epochs.appended(view.leader_epoch, view.base_offset);
+            self.log_end = view.end_offset();
+            (end, last_epoch) = (view.end_offset(), view.leader_epoch);
+            fresh.push(bytes.clone());
+        }
+        if !fresh.is_empty() {
+            out.push(Action::Append { batches: fresh });
+        }
+        Some(end)
+    }
+
+    fn truncate(&mut self, end_offset: i64, out: &mut Vec<Action>) {
+        assert!(end_offset >= self.high_watermark, "never truncate committed data");
+        assert!(end_offset < self.log_end, "a truncation removes something");
+        self.epochs.truncate(end_offset);
+        self.memberships.retain(|(offset, _)| *offset < end_offset);
+        self.log_end = end_offset;
+        self.durable_end = self.durable_end.min(end_offset);
+        self.verified_end = self.verified_end.min(end_offset);
+        self.truncations += 1;
+        out.push(Action::Truncate { end_offset, truncations: self.truncations });
+    }
+
+    /// A recovering replica that knows the current term (`terms_known`) holds, durably, its
+    /// leader's epoch-start batch and commit point: everything committed so far. It may vote
+    /// again, but not twice in this term.
+    fn maybe_finish_recovery(&mut self, leader: ReplicaId, commit_end: i64, out: &mut Vec<Action>) {
+        // Everything committed in earlier terms lies below the leader's epoch-start batch
+        // (leader completeness); everything committed in this one, below its commit point.
+        let Some(start) = self.epochs.start_of(self.hard.term) else { return };
+        let needed_end = commit_end.max(start + 1);
+        let caught_up =
+            self.verified_end >= needed_end && self.durable_end >= needed_end && self.terms_known();
+        if self.hard.recovering && caught_up {
+            self.hard.recovering = false;
+            self.hard.voted_for = self.hard.voted_for.or(Some(leader));
+            self.persist(out);
+        }
+    }
+
+    fn on_append_response(
+        &mut self,
+        from: ReplicaId,
+        response: AppendResponse,
+        log: &dyn LogRead,
+        out: &mut Vec<Action>,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let Some(i) = self.progress.iter().position(|p| p.id == from) else { return };
+        if response.match_end > self.log_end || response.log_end < 0 {
+            return; // claims more than we hold: not an answer to us
+        }
+        let ticks = self.ticks;
+        let p = &mut self.progress[i];
+        p.last_heard_tick = ticks;
+        if response.recovering && !p.recovering {
+            // It lost its disk: what it matched and acknowledged before is gone.
+            p.match_end = 0;
+            p.acked_end = 0;
+            p.next = 0;
+            p.in_flight.clear();
+            p.in_flight_bytes = 0;
+            p.probing = true;
+        }
+        p.recovering = response.recovering;
+        if response.accepted {
+            if response.match_end > p.match_end {
+                p.match_end = response.match_end;
+                p.last_progress_tick = ticks;
+            }
+            let acked = response.acked_end.min(p.match_end);
+            if acked > p.acked_end {
+                p.acked_end = acked;
+                p.last_progress_tick = ticks;
+            }
+            while p.in_flight.front().is_some_and(|(end, _)| *end <= p.match_end) {
+                let (_, bytes) = p.in_flight.pop_front().expect("front checked");
+                p.in_flight_bytes -= bytes;
+            }
+            p.probing = false;
+            p.next = p.next.max(p.match_end);
+            if p.in_flight.is_empty() {
+                p.next = p.match_end; // nothing in flight explains a gap: send from what matches
+            }
+            self.maybe_commit(out);
+        } else {
+            let tail_end = response.log_end.min(self.log_end);
+            let common = self.epochs.common_end(self.log_end, &response.epochs, tail_end);
+            let p = &mut self.progress[i];
+            // A follower that crashed lost its unflushed tail: what it matched may be gone.
+            p.match_end = p.match_end.min(common);
+            p.next = common.min(self.log_end);
+            p.in_flight.clear();
+            p.in_flight_bytes = 0;
+            p.probing = true;
+        }
+        // A commit may have changed the membership (or ended our leadership): look again.
+        let Some(i) = self.progress.iter().position(|p| p.id == from) else { return };
+        self.send_appends(i, log, out);
+        self.maybe_send_timeout_now(out);
+    }
+
+    /// Takes a notice from the log.
+    pub fn notice(&mut self, notice: LogNotice, out: &mut Vec<Action>) {
+        match notice {
+            LogNotice::HardStatePersisted(state) => {
+                if self.persist_pending && state == self.hard {
+                    self.persist_pending = false;
+                    out.extend(self.held.drain(..).map(Action::Send));
+                }
+            }
+            LogNotice::Durable { end_offset, truncations } => {
+                if truncations != self.truncations {
+                    return;
+                }
+                let durable = end_offset.min(self.log_end);
+                if durable <= self.durable_end {
+                    return;
+                }
+                self.durable_end = durable;
+                match (self.role, self.leader) {
+                    (Role::Leader, _) => self.maybe_commit(out),
+                    (Role::Follower, Some(leader)) if self.verified_end > 0 => {
+                        let body = Body::AppendResponse(self.acknowledgement(self.verified_end));
+                        self.send(leader, body, out);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Hands leadership to `to` once it holds our whole log (TimeoutNow). Proposals are
+    /// refused meanwhile; the handover is dropped after an election timeout.
+    pub fn transfer_leadership(&mut self, to: ReplicaId, out: &mut Vec<Action>) -> Result<()> {
+        if self.role != Role::Leader {
+            return Err(ReplicationError::NotLeader {
+                replica: self.config.id,
+                term: self.hard.term,
+                leader: self.leader,
+            });
+        }
+        if !self.progress.iter().any(|p| p.id == to) || !self.membership().is_voter(to) {
+            return Err(ReplicationError::Config {
+                reason: format!("replica {to} is not a voter of this group"),
+            });
+        }
+        self.transfer = Some((to, self.ticks + u64::from(self.config.election_ticks), false));
+        self.maybe_send_timeout_now(out);
+        Ok(())
+    }
+
+    fn maybe_send_timeout_now(&mut self, out: &mut Vec<Action>) {
+        let Some((to, deadline, false)) = self.transfer else { return };
+        let caught_up =
+            self.progress.iter().any(|p| p.id == to && p.match_end == self.log_end && !p.recovering);
+        if caught_up {
+            self.transfer = Some((to, deadline, true));
+            self.send(to, Body::TimeoutNow, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::SeedableRng;
+
+    struct NoLog;
+    impl LogRead for NoLog {
+        fn read(&self, _: i64, _: usize, _: &mut Vec<Bytes>) {}
+    }
+
+    fn config(id: ReplicaId, voters: &[ReplicaId]) -> Config {
+        Config {
+            id,
+            voters: voters.to_vec(),
+            quorum: Quorum::new(voters.len() as u32, voters.len() as u32 / 2 + 1).expect("valid"),
+            heartbeat_ticks: 2,
+            election_ticks: 10,
+            learners: Vec::new(),
+            planted_bug: None,
+        }
+    }
+
+    fn group(id: ReplicaId, voters: &[ReplicaId]) -> RaftGroup {
+        let rng = XorShiftRng::seed_from_u64(u64::from(id));
+        RaftGroup::new(config(id, voters), Restore::default(), rng, &mut Vec::new()).expect("valid config")
+    }
+
+    fn persisted(g: &mut RaftGroup, out: &mut Vec<Action>) {
+        let state = g.hard_state();
+        g.notice(LogNotice::HardStatePersisted(state), out);
+    }
+
+    #[test]
+    fn a_single_voter_elects_itself_and_commits_only_what_is_durable() {
+        let mut g = group(1, &[1]);
+        let mut out = Vec::new();
+        for _ in 0..30 {
+            g.tick(&NoLog, &mut out);
+        }
+        assert_eq!(g.role(), Role::Leader);
+        assert_eq!(g.log_end(), 1, "the epoch-start batch took offset 0");
+        assert_eq!(g.high_watermark(), 0, "nothing is durable yet");
+        let (base, end) = g
+            .propose(vec![batch::build(&[(None, b"x"), (None, b"y")], 0, 0)], &NoLog, &mut out)
+            .expect("leader");
+        assert_eq!((base, end), (1, 3));
+        g.notice(LogNotice::Durable { end_offset: 2, truncations: 0 }, &mut out);
+        assert_eq!(g.high_watermark(), 2);
+        g.notice(LogNotice::Durable { end_offset: 3, truncations: 7 }, &mut out);
+        assert_eq!(g.high_watermark(), 2, "a stale truncation count is ignored");
+        assert!(g.propose(vec![vec![0; 70]], &NoLog, &mut out).is_err(), "a bad batch is refused");
+    }
+
+    #[test]
+    fn a_vote_leaves_only_after_the_hard_state_is_persisted() {
+        let mut g = group(2, &[1, 2, 3]);
+        let mut out = Vec::new();
+        let vote = Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: Body::Vote { last_epoch: -1, log_end: 0, transfer: false },
+        };
+        g.receive(vote, &NoLog, &mut out);
+        assert!(out.iter().any(|a| matches!(a, Action::PersistHardState(h) if h.voted_for == Some(1))));
+        assert!(!out.iter().any(|a| matches!(a, Action::Send(_))), "held until persisted: {out:?}");
+        out.clear();
+        persisted(&mut g, &mut out);
+        assert!(matches!(
+            &out[..],
+            [Action::Send(Message { body: Body::VoteResponse { granted: true }, .. })]
+        ));
+        // A second candidate of the same term is refused.
+        out.clear();
+        let other = Message {
+            from: 3,
+            to: 2,
+            term: 1,
+            body: Body::Vote { last_epoch: -1, log_end: 0, transfer: false },
+        };
+        g.receive(other, &NoLog, &mut out);
+        assert!(matches!(
+            &out[..],
+            [Action::Send(Message { body: Body::VoteResponse { granted: false }, .. })]
+        ));
+    }
+
+    fn append(term: i32, prev_end: i64, prev_epoch: i32, commit_end: i64, batches: Vec<Bytes>) -> Message {
+        Message {
+            from: 1,
+            to: 2,
+            term,
+            body: Body::Append(Append { prev_end, prev_epoch, commit_end, batches }),
+        }
+    }
+
+    fn stamped(base: i64, epoch: i32) -> Bytes {
+        let mut b = batch::build(&[(None, b"v")], 0, 0);
+        batch::stamp(&mut b, base, epoch);
+        Bytes::from(b)
+    }
+
+    #[test]
+    fn a_follower_refuses_bad_input_and_never_cuts_committed_data() {
+        let mut g = group(2, &[1, 2, 3]);
+        let mut out = Vec::new();
+        g.receive(append(1, 0, -1, 0, vec![stamped(0, 1), stamped(1, 1)]), &NoLog, &mut out);
+        persisted(&mut g, &mut out);
+        assert_eq!(g.log_end(), 2);
+        g.notice(LogNotice::Durable { end_offset: 2, truncations: 0 }, &mut out);
+        g.receive(append(1, 2, 1, 2, vec![]), &NoLog, &mut out);
+        assert_eq!(g.high_watermark(), 2);
+        // Unknown replica, wrong addressee, stale term: nothing changes.
+        let mut unknown = append(5, 0, -1, 0, vec![stamped(0, 5)]);
+        unknown.from = 9;
+        g.receive(unknown, &NoLog, &mut out);
+        let mut elsewhere = append(5, 0, -1, 0, vec![stamped(0, 5)]);
+        elsewhere.to = 3;
+        g.receive(elsewhere, &NoLog, &mut out);
+        assert_eq!(g.term(), 1);
+        // A corrupt batch ends the message; nothing after it is appended.
+        let mut corrupt = stamped(2, 1).to_vec();
+        *corrupt.last_mut().expect("non-empty") ^= 0xff;
+        g.receive(append(1, 2, 1, 2, vec![Bytes::from(corrupt), stamped(3, 1)]), &NoLog, &mut out);
+        assert_eq!(g.log_end(), 2);
+        // A newer leader whose batches conflict below the commit point is ignored, not obeyed.
+        out.clear();
+        g.receive(append(2, 0, -1, 0, vec![stamped(0, 2)]), &NoLog, &mut out);
+        assert!(!out.iter().any(|a| matches!(a, Action::Truncate { .. })), "{out:?}");
+        assert_eq!(g.log_end(), 2);
+        // An offset past the log is refused with where the log ends.
+        out.clear();
+        g.receive(append(2, 10, 2, 0, vec![]), &NoLog, &mut out);
+        persisted(&mut g, &mut out);
+        let refusal = out.iter().find_map(|a| match a {
+            Action::Send(Message { body: Body::AppendResponse(r), .. }) => Some(r.clone()),
+            _ => None,
+        });
+        let refusal = refusal.expect("an answer");
+        assert!(!refusal.accepted);
+        assert_eq!(refusal.log_end, 2);
+    }
+}

@@ -1,0 +1,89 @@
+//! What replicas of one group say to each other, and what the core asks of its caller.
+//!
+//! Messages are plain data: the network layer (a later issue) encodes them, and the simulator
+//! moves them as they are. Every field read from a peer is checked by the core before it acts
+//! on it: a message is never trusted to be well formed.
+
+use bytes::Bytes;
+
+use crate::epoch::EpochStart;
+
+/// A replica's id within its group.
+pub type ReplicaId = u32;
+
+/// What must survive a crash before the core answers a vote or an append: the current term,
+/// the vote cast in it, and whether the replica is still recovering from a lost disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HardState {
+    pub term: i32,
+    pub voted_for: Option<ReplicaId>,
+    /// Set when the replica came back without its data (KIP-966): it neither votes nor counts
+    /// toward a write quorum until it holds everything a leader of the current term committed.
+    pub recovering: bool,
+}
+
+/// One message between two replicas of a group. `term` is the sender's term, except in
+/// `PreVote` (the term the sender would campaign in) and a granted `PreVoteResponse` (echoing it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub from: ReplicaId,
+    pub to: ReplicaId,
+    pub term: i32,
+    pub body: Body,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    PreVote {
+        last_epoch: i32,
+        log_end: i64,
+    },
+    PreVoteResponse {
+        granted: bool,
+    },
+    Vote {
+        last_epoch: i32,
+        log_end: i64,
+        transfer: bool,
+    },
+    VoteResponse {
+        granted: bool,
+    },
+    Append(Append),
+    AppendResponse(AppendResponse),
+    /// From the leader to the replica it hands leadership to: campaign now, skipping pre-vote.
+    TimeoutNow,
+    /// From a replica recovering a lost disk: what is your term? (It forgot its own.)
+    TermQuery,
+    /// The answer: the sender's term is the message's term.
+    TermAnswer,
+}
+
+/// AppendEntries: stored batches, exactly as the leader stored them, from offset `prev_end`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Append {
+    /// The offset the first batch starts at; the sender's log up to here matches the
+    /// receiver's if the receiver's entry before it has epoch `prev_epoch`.
+    pub prev_end: i64,
+    /// The epoch of the entry holding `prev_end - 1`, or -1 when `prev_end` is 0.
+    pub prev_epoch: i32,
+    /// The leader's commit point (high watermark, exclusive).
+    pub commit_end: i64,
+    pub batches: Vec<Bytes>,
+}
+
+/// The answer to an [`Append`], or an unsolicited acknowledgement after a flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendResponse {
+    pub accepted: bool,
+    /// Accepted: the receiver's log matches the leader's up to here.
+    pub match_end: i64,
+    /// Accepted: matches the leader's log and is durable (fdatasync'ed) up to here.
+    pub acked_end: i64,
+    /// Rejected: the offset up to which `epochs` describes the receiver's log.
+    pub log_end: i64,
+    /// Rejected: the last epochs of the receiver's log below `log_end` (at most
+    /// [`crate::group::EPOCH_HINTS_MAX`]), so the leader finds the divergence in one round trip.
+    pub epochs: Vec<EpochStart>,
+    pub recovering: bool,
+}
