@@ -269,14 +269,21 @@ impl Replica {
             id,
             voters: (1..=REPLICAS as ReplicaId).collect(),
             quorum: Quorum::new(REPLICAS as u32, 2).expect("balanced RF 3"),
+            learners: Vec::new(),
             heartbeat_ticks: 1,
             election_ticks: 2,
             planted_bug: bounds.bug,
         };
         let log = MemLog::from_durable(&start.batches);
         let persisted = hard_state(start.hard);
-        let restore =
-            Restore { hard_state: persisted, epochs: log.epochs(), log_end: log.end(), disk_lost: false };
+        // The model changes no membership: its logs hold no configuration batch.
+        let restore = Restore {
+            hard_state: persisted,
+            epochs: log.epochs(),
+            log_end: log.end(),
+            disk_lost: false,
+            memberships: Vec::new(),
+        };
         let rng = XorShiftRng::seed_from_u64(u64::from(id) << 8 | u64::from(start.restarts));
         let mut actions = Vec::new();
         let group = RaftGroup::new(config, restore, rng, &mut actions).expect("a valid configuration");
