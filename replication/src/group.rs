@@ -988,8 +988,13 @@ impl RaftGroup {
                 break;
             }
             if fresh.is_empty() && view.base_offset < self.log_end {
-                if self.epochs.epoch_at(view.base_offset, self.log_end) == Some(view.leader_epoch) {
-                    if view.end_offset() > self.log_end {
+                let held_epoch = |offset| self.epochs.epoch_at(offset, self.log_end);
+                if held_epoch(view.base_offset) == Some(view.leader_epoch) {
+                    // The same epoch at the same offset is the same batch: its last offset must
+                    // be ours in that epoch too (offsets and epoch are outside the CRC).
+                    let same_span = view.end_offset() <= self.log_end
+                        && held_epoch(view.end_offset() - 1) == Some(view.leader_epoch);
+                    if !same_span {
                         break; // not the batch we hold at this offset: a lie or corruption
                     }
                     (end, last_epoch) = (view.end_offset(), view.leader_epoch);
@@ -999,6 +1004,9 @@ impl RaftGroup {
                     return None;
                 }
                 self.truncate(view.base_offset, out);
+            }
+            if view.leader_epoch < self.epochs.last_epoch() {
+                break; // an epoch older than our log's last: not from a sound leader
             }
             assert_eq!(view.base_offset, self.log_end, "appends are contiguous");
             if let Some(membership) = Membership::from_batch(bytes, &view) {
@@ -1093,7 +1101,11 @@ impl RaftGroup {
             self.maybe_commit(out);
         } else {
             let tail_end = response.log_end.min(self.log_end);
-            let common = self.epochs.common_end(self.log_end, &response.epochs, tail_end);
+            if !honest_tail(&response.epochs, tail_end) {
+                return; // epochs out of order or outside the log: no answer from a sound replica
+            }
+            let common =
+                self.epochs.common_end(self.log_end, &response.epochs, tail_end).clamp(0, self.log_end);
             let p = &mut self.progress[i];
             // A follower that crashed lost its unflushed tail: what it matched may be gone.
             p.match_end = p.match_end.min(common);
@@ -1167,6 +1179,14 @@ impl RaftGroup {
             self.send(to, Body::TimeoutNow, out);
         }
     }
+}
+
+/// Whether a follower's epoch tail can be true: epochs and start offsets strictly growing,
+/// every start within `[0, tail_end]`.
+fn honest_tail(tail: &[crate::epoch::EpochStart], tail_end: i64) -> bool {
+    let in_log = tail.iter().all(|s| (0..=tail_end).contains(&s.start_offset) && s.epoch >= 0);
+    let growing = tail.windows(2).all(|w| w[0].epoch < w[1].epoch && w[0].start_offset < w[1].start_offset);
+    in_log && growing
 }
 
 #[cfg(test)]
@@ -1269,6 +1289,48 @@ mod tests {
         let mut b = batch::build(&[(None, b"v")], 0, 0);
         batch::stamp(&mut b, base, epoch);
         Bytes::from(b)
+    }
+
+    /// A batch of `records` one-byte records at `base`, stamped with `epoch`.
+    fn stamped_records(base: i64, epoch: i32, records: usize) -> Bytes {
+        let values: Vec<(Option<&[u8]>, &[u8])> = (0..records).map(|_| (None, &b"v"[..])).collect();
+        let mut b = batch::build(&values, 0, 0);
+        batch::stamp(&mut b, base, epoch);
+        Bytes::from(b)
+    }
+
+    #[test]
+    fn a_batch_claiming_a_span_held_in_another_epoch_is_refused_not_a_panic() {
+        // The follower holds offset 0 in epoch 1 and offset 1 in epoch 3.
+        let mut g = group(2, &[1, 2, 3]);
+        let mut out = Vec::new();
+        g.receive(append(3, 0, -1, 0, vec![stamped(0, 1), stamped(1, 3)]), &NoLog, &mut out);
+        persisted(&mut g, &mut out);
+        assert_eq!(g.log_end(), 2);
+        // A batch of epoch 1 claiming offsets 0..=1 (offsets and epoch are outside the CRC),
+        // then one of epoch 2: taken as held, it let epoch 2 follow epoch 3 and panicked.
+        out.clear();
+        let forged = vec![stamped_records(0, 1, 2), stamped(2, 2)];
+        g.receive(append(3, 0, -1, 0, forged), &NoLog, &mut out);
+        assert_eq!(g.log_end(), 2, "nothing appended: {out:?}");
+        // An epoch older than the log's last is refused even right after what we hold.
+        g.receive(append(3, 2, 3, 0, vec![stamped(2, 2)]), &NoLog, &mut out);
+        assert_eq!(g.log_end(), 2);
+    }
+
+    #[test]
+    fn a_rejection_with_impossible_epochs_is_ignored_by_the_leader() {
+        let tail = |pairs: &[(i32, i64)]| -> Vec<crate::epoch::EpochStart> {
+            pairs
+                .iter()
+                .map(|&(epoch, start_offset)| crate::epoch::EpochStart { epoch, start_offset })
+                .collect()
+        };
+        assert!(honest_tail(&tail(&[(1, 0), (3, 4)]), 5));
+        assert!(!honest_tail(&tail(&[(1, -7)]), 5), "a start below 0");
+        assert!(!honest_tail(&tail(&[(1, 0), (3, 9)]), 5), "a start past the follower's end");
+        assert!(!honest_tail(&tail(&[(3, 0), (1, 4)]), 5), "epochs out of order");
+        assert!(!honest_tail(&tail(&[(1, 4), (3, 2)]), 5), "starts out of order");
     }
 
     #[test]
