@@ -864,6 +864,8 @@ impl RaftGroup {
             Body::Append(_) | Body::TimeoutNow => Body::AppendResponse(self.rejection(0)),
             Body::PreVote { .. } => Body::PreVoteResponse { granted: false },
             Body::Vote { .. } => Body::VoteResponse { granted: false },
+            // A replica that lost its disk asks from term 0: the answer carries our term.
+            Body::TermQuery => Body::TermAnswer,
             _ => return,
         };
         self.send(from, refusal, out);
@@ -1331,6 +1333,21 @@ mod tests {
         assert!(!honest_tail(&tail(&[(1, 0), (3, 9)]), 5), "a start past the follower's end");
         assert!(!honest_tail(&tail(&[(3, 0), (1, 4)]), 5), "epochs out of order");
         assert!(!honest_tail(&tail(&[(1, 4), (3, 2)]), 5), "starts out of order");
+    }
+
+    #[test]
+    fn a_term_query_from_an_older_term_is_answered_with_ours() {
+        let mut g = group(2, &[1, 2, 3]);
+        let mut out = Vec::new();
+        g.receive(append(3, 0, -1, 0, vec![]), &NoLog, &mut out);
+        persisted(&mut g, &mut out);
+        out.clear();
+        // A replica that lost its disk starts again from term 0 and asks.
+        g.receive(Message { from: 1, to: 2, term: 0, body: Body::TermQuery }, &NoLog, &mut out);
+        let answered = out
+            .iter()
+            .any(|a| matches!(a, Action::Send(Message { to: 1, term: 3, body: Body::TermAnswer, .. })));
+        assert!(answered, "{out:?}");
     }
 
     #[test]
