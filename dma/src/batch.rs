@@ -177,52 +177,14 @@ fn corrupt(reason: impl Into<String>) -> LogError {
     LogError::CorruptBatch { reason: reason.into() }
 }
 
-/// Builds RecordBatch v2 bytes for tests of this crate and the ones above it. Records have no
-/// key and carry `value`; timestamps are `timestamp_ms` for every record.
-pub fn build_for_tests(record_count: usize, value: &[u8], timestamp_ms: i64) -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, value: i64) {
-        let mut zigzag = ((value << 1) ^ (value >> 63)) as u64;
-        loop {
-            let byte = (zigzag & 0x7f) as u8;
-            zigzag >>= 7;
-            if zigzag == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    assert!(record_count > 0, "a batch holds at least one record");
-    let mut records = Vec::new();
-    for delta in 0..record_count {
-        let mut record = vec![0u8]; // attributes
-        varint(&mut record, 0); // timestamp delta
-        varint(&mut record, delta as i64);
-        varint(&mut record, -1); // null key
-        varint(&mut record, value.len() as i64);
-        record.extend_from_slice(value);
-        varint(&mut record, 0); // headers
-        varint(&mut records, record.len() as i64);
-        records.extend_from_slice(&record);
-    }
-    let mut batch = Vec::with_capacity(HEADER_BYTES + records.len());
-    batch.extend_from_slice(&0i64.to_be_bytes());
-    batch.extend_from_slice(&((HEADER_BYTES - LOG_OVERHEAD_BYTES + records.len()) as i32).to_be_bytes());
-    batch.extend_from_slice(&(-1i32).to_be_bytes());
-    batch.push(MAGIC_V2 as u8);
-    batch.extend_from_slice(&[0; 4]); // crc, filled below
-    batch.extend_from_slice(&0i16.to_be_bytes());
-    batch.extend_from_slice(&((record_count - 1) as i32).to_be_bytes());
-    batch.extend_from_slice(&timestamp_ms.to_be_bytes());
-    batch.extend_from_slice(&timestamp_ms.to_be_bytes());
-    batch.extend_from_slice(&(-1i64).to_be_bytes());
-    batch.extend_from_slice(&(-1i16).to_be_bytes());
-    batch.extend_from_slice(&(-1i32).to_be_bytes());
-    batch.extend_from_slice(&(record_count as i32).to_be_bytes());
-    batch.extend_from_slice(&records);
-    let crc = crc32c::crc32c(&batch[ATTRIBUTES_AT..]);
-    batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
-    batch
+/// Builds RecordBatch v2 bytes for this crate's tests: `record_count` records without a key,
+/// each carrying `value`, every timestamp `timestamp_ms`. The encoding is replication's
+/// (`pyralog_replication::batch::build`, a dev-dependency): one encoder of the format for
+/// both crates' tests.
+#[cfg(test)]
+pub(crate) fn build_for_tests(record_count: usize, value: &[u8], timestamp_ms: i64) -> Vec<u8> {
+    let records = vec![(None, value); record_count];
+    pyralog_replication::batch::build(&records, 0, timestamp_ms)
 }
 
 /// Recomputes the CRC-32C of the batch at the start of `batch`, for tests that alter a
