@@ -105,11 +105,13 @@ impl Endpoints {
     }
 
     async fn metrics(&self) -> HttpResponse {
-        let scrapes = match self.shard.scrape().await {
+        let mut scrapes = match self.shard.scrape().await {
             Ok(scrapes) => scrapes,
             Err(error) => return HttpResponse::text(503, format!("cannot scrape the shards: {error}\n")),
         };
-        let mut texts: Vec<String> = scrapes.iter().map(|scrape| scrape.text.clone()).collect();
+        // The shards' texts move out; node_families reads only their offsets.
+        let mut texts: Vec<String> =
+            scrapes.iter_mut().map(|scrape| std::mem::take(&mut scrape.text)).collect();
         texts.push(node_families(&scrapes, self.per_partition));
         texts.push(process_families(self.started_at_s));
         HttpResponse {
