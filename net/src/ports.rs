@@ -80,11 +80,13 @@ pub fn check_free(addr: SocketAddr, sharing: Sharing) -> Result<(), PortProblem>
         return Err(PortProblem::Listening { owner: Some(owner) });
     }
     let deadline = std::time::Instant::now() + ORPHAN_LISTENER_WAIT;
-    while !listening_sockets(addr).is_empty() {
+    let mut inodes = inodes;
+    while !inodes.is_empty() {
         if std::time::Instant::now() >= deadline {
             return Err(PortProblem::Listening { owner: None });
         }
         std::thread::sleep(ORPHAN_LISTENER_POLL);
+        inodes = listening_sockets(addr);
     }
     bind(addr, sharing).map(drop).map_err(PortProblem::Bind)
 }
