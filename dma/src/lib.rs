@@ -22,9 +22,11 @@ mod error;
 pub mod huge;
 mod index;
 mod log;
+pub mod replica_state;
 mod segment;
 
 pub use device::{settle_device_probe, PROBE_FILE_PREFIX};
 pub use error::{LogError, Result};
 pub use log::{Appended, Log, LogConfig, INDEX_INTERVAL_BYTES};
+pub use replica_state::{ReplicaState, ReplicaStateFile};
 pub use segment::{StampedBatch, BLOCK_BYTES, READAHEAD_BYTES, SEGMENT_BYTES_MAX};

@@ -450,6 +450,48 @@ impl Log {
         Ok(Appended { base_offset, next_offset, batches })
     }
 
+    /// Appends batches a Raft leader already stamped (a replicated partition's follower, or
+    /// its leader after the consensus core stamped them): their offsets and epochs are kept,
+    /// byte for byte. Each batch is checked (length, magic, CRC-32C) and must start where the
+    /// log ends, one after another; anything else is refused and nothing is appended.
+    pub fn append_stamped(&self, batches: &[Bytes]) -> Result<Appended> {
+        assert!(!batches.is_empty(), "append of no batch");
+        let mut state = self.state.borrow_mut();
+        if let Some(reason) = &state.stopped {
+            return Err(LogError::Stopped { path: self.dir.clone(), reason: reason.clone() });
+        }
+        if state.truncating {
+            return Err(self.busy("appending", "a truncation"));
+        }
+        let base_offset = state.next_offset;
+        let mut next_offset = base_offset;
+        let mut stamped = Vec::with_capacity(batches.len());
+        for bytes in batches {
+            let header = batch::parse(bytes)?;
+            if header.total_bytes as usize != bytes.len() {
+                return Err(LogError::CorruptBatch {
+                    reason: format!("{} bytes follow a batch of {}", bytes.len(), header.total_bytes),
+                });
+            }
+            if header.base_offset != next_offset {
+                return Err(LogError::CorruptBatch {
+                    reason: format!(
+                        "a replicated batch starts at offset {} but the log of {} continues at {next_offset}",
+                        header.base_offset,
+                        self.dir.display()
+                    ),
+                });
+            }
+            next_offset = header.next_offset();
+            stamped.push(StampedBatch { header, bytes: bytes.clone() });
+        }
+        assert!(next_offset > state.next_offset, "offsets only grow");
+        state.next_offset = next_offset;
+        state.unflushed_bytes += stamped.iter().map(|b| u64::from(b.header.total_bytes)).sum::<u64>();
+        state.pending.extend(stamped.iter().cloned());
+        Ok(Appended { base_offset, next_offset, batches: stamped })
+    }
+
     /// Writes every pending batch, fdatasyncs, and returns the new durable offset. One flush
     /// at a time: the caller serializes them. Refused while a truncation runs (see
     /// [`Log::truncate_from`]).
@@ -1043,7 +1085,7 @@ async fn create_directories(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn sync_directory(dir: &Path) -> Result<()> {
+pub(crate) async fn sync_directory(dir: &Path) -> Result<()> {
     #[cfg(test)]
     if tests::DIRECTORY_SYNC_FAILS.with(std::cell::Cell::get) {
         return Err(LogError::io(
@@ -1074,7 +1116,7 @@ fn segment_bases(dir: &Path) -> Result<Vec<i64>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::future::Future;
     use std::pin::Pin;
@@ -1225,6 +1267,52 @@ mod tests {
             assert_ne!(appended.batches[0].bytes.as_ptr(), kept.as_ptr());
             assert_eq!(batch::stored_header(&appended.batches[0].bytes).unwrap().base_offset, 6);
             assert_eq!(&kept[..], &first[..]);
+            log.close().await.unwrap();
+        });
+    }
+
+    /// A replicated batch as a leader stamped it: offsets from `base`, epoch `epoch`.
+    fn leader_stamped(records: usize, base: i64, epoch: i32) -> Bytes {
+        let mut bytes = batch::build_for_tests(records, b"replicated", 1000);
+        batch::set_base_offset(&mut bytes, base);
+        batch::set_leader_epoch(&mut bytes, epoch);
+        Bytes::from(bytes)
+    }
+
+    #[test]
+    fn stamped_batches_keep_their_offsets_and_epochs_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            let first = leader_stamped(3, 0, 4);
+            let second = leader_stamped(2, 3, 5);
+            let appended = log.append_stamped(&[first.clone(), second.clone()]).unwrap();
+            assert_eq!((appended.base_offset, appended.next_offset), (0, 5));
+            assert_eq!(appended.batches[1].bytes.as_ptr(), second.as_ptr(), "kept, not copied");
+            log.flush().await.unwrap();
+
+            // A gap, an overlap, a bad CRC and bytes after the batch are refused; nothing moves.
+            let mut torn = leader_stamped(1, 5, 5).to_vec();
+            let last = torn.len() - 1;
+            torn[last] ^= 1;
+            let mut trailing = leader_stamped(1, 5, 5).to_vec();
+            trailing.push(0);
+            for bad in
+                [leader_stamped(1, 6, 5), leader_stamped(1, 4, 5), Bytes::from(torn), Bytes::from(trailing)]
+            {
+                assert!(log.append_stamped(&[bad]).is_err());
+                assert_eq!(log.next_offset(), 5);
+            }
+            // All or nothing: a good batch followed by a bad one appends neither.
+            assert!(log.append_stamped(&[leader_stamped(1, 5, 5), leader_stamped(1, 9, 5)]).is_err());
+            assert_eq!(log.next_offset(), 5);
+            log.close().await.unwrap();
+
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            assert_eq!(log.next_offset(), 5);
+            let stored = log.read(0, 1 << 20).await.unwrap().unwrap();
+            assert_eq!(&stored[..first.len()], &first[..]);
+            assert_eq!(&stored[first.len()..], &second[..]);
             log.close().await.unwrap();
         });
     }
