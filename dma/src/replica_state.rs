@@ -17,7 +17,6 @@
 //! What it is not: it does not know Raft; it keeps what it is given.
 
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use glommio::io::{DmaFile, OpenOptions};
 
@@ -45,7 +44,7 @@ pub struct ReplicaState {
 /// The open state file of one replica (on the shard that owns the partition).
 pub struct ReplicaStateFile {
     path: PathBuf,
-    file: Rc<DmaFile>,
+    file: DmaFile,
     /// The sequence number of the last state stored (0: none yet).
     sequence: u64,
 }
@@ -86,7 +85,7 @@ impl ReplicaStateFile {
             }
         }
         let sequence = best.as_ref().map_or(0, |(sequence, _)| *sequence);
-        Ok((ReplicaStateFile { path, file: Rc::new(file), sequence }, best.map(|(_, state)| state)))
+        Ok((ReplicaStateFile { path, file, sequence }, best.map(|(_, state)| state)))
     }
 
     /// Stores `state` durably: it is what the next open returns once this returns Ok. An error
@@ -107,8 +106,7 @@ impl ReplicaStateFile {
     }
 
     pub async fn close(self) -> Result<()> {
-        let file = Rc::try_unwrap(self.file).ok().expect("the state file is not shared");
-        file.close().await.map_err(|e| LogError::io("closing replica state", &self.path, e))
+        self.file.close().await.map_err(|e| LogError::io("closing replica state", &self.path, e))
     }
 }
 
