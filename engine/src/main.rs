@@ -9,6 +9,7 @@ mod admin;
 mod config;
 mod fetch;
 mod groups;
+mod identity;
 mod kafka;
 mod metrics;
 mod node;
@@ -159,6 +160,15 @@ pub struct NodeArgs {
     /// series per partition: mind the cardinality with many partitions).
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub metrics_partitions: bool,
+    /// This node's id in its cluster: unique and stable. It is stored in the data directory at
+    /// the first start, and a later start with another id is refused. Default: the stored id,
+    /// else 0 (a node without --seeds is a cluster of one).
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<u32>,
+    /// The controller's initial voters, as ID@HOST:PORT,... (their cluster addresses). Not
+    /// supported by this build yet: a node without it is a cluster of one.
+    #[arg(long, value_name = "ID@HOST:PORT,...")]
+    pub seeds: Option<String>,
 }
 
 impl NodeArgs {

@@ -29,6 +29,7 @@ use pyralog_net::ports::{self, Sharing};
 use pyralog_net::server::{self, ListenerConfig};
 use pyralog_shard::{Durability, GroupConfig, Shard, ShardConfig, ShardMesh};
 
+use crate::identity;
 use crate::kafka::{KafkaService, KafkaSettings};
 use crate::metrics::{Endpoints, ShardRegistry};
 use crate::service::{Service, Topology};
@@ -71,10 +72,18 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
     }
     check_io_uring()?;
     let io_memory_bytes = io_memory_per_shard(args.io_memory_bytes, cpus.len())?;
+    let seeds = args.seeds.as_deref().map(identity::parse_seeds).transpose()?;
     let data_dir = DataDir::prepare(&args.data_dir)?;
     // Absolute from here on: every file the shards open is named from it (glommio cannot open
     // a directory by a relative path).
     args.data_dir = data_dir.path.clone();
+    let identity = match establish_identity(&args, seeds.as_deref()) {
+        Ok(identity) => identity,
+        Err(error) => {
+            data_dir.discard_after_failed_start();
+            return Err(error);
+        }
+    };
     let kafka = KafkaSettings {
         advertised_host,
         advertised_port,
@@ -86,7 +95,7 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
         retention_ms: args.retention_ms,
     };
     block_stop_signals();
-    let node = match start(&args, &cpus, kafka, io_memory_bytes) {
+    let node = match start(&args, &identity, &cpus, kafka, io_memory_bytes) {
         Ok(node) => node,
         Err(error) => {
             data_dir.discard_after_failed_start();
@@ -96,6 +105,30 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
     let outcome = node.run_until_stopped();
     data_dir.release();
     outcome
+}
+
+/// Loads or creates the node's identity (see `identity`), stored before any shard starts.
+fn establish_identity(args: &NodeArgs, seeds: Option<&[identity::Seed]>) -> Result<identity::NodeMeta> {
+    let stored = identity::load(&args.data_dir)?;
+    let node_id = identity::node_id(stored.as_ref(), args.node_id, &args.data_dir, seeds.is_some())?;
+    if let Some(others) = seeds.filter(|seeds| seeds.iter().any(|s| s.node_id != node_id)) {
+        let named: Vec<String> = others.iter().map(|s| format!("{}@{}", s.node_id, s.address)).collect();
+        bail!(
+            "--seeds {} names other nodes, and this build runs only a cluster of one: start the node \
+             without --seeds",
+            named.join(",")
+        );
+    }
+    // A cluster of one bootstraps its cluster at its first start.
+    let cluster_id = match stored.and_then(|meta| meta.cluster_id) {
+        Some(id) => id,
+        None => identity::new_cluster_id()?,
+    };
+    let meta = identity::NodeMeta { node_id, cluster_id: Some(cluster_id) };
+    if stored != Some(meta) {
+        identity::store(&args.data_dir, &meta)?;
+    }
+    Ok(meta)
 }
 
 /// A node whose shards all serve.
@@ -110,6 +143,7 @@ struct RunningNode {
 /// the data directory.
 fn start(
     args: &NodeArgs,
+    identity: &identity::NodeMeta,
     cpus: &[usize],
     kafka: KafkaSettings,
     io_memory_bytes: usize,
@@ -194,7 +228,7 @@ fn start(
         .set(Topology { shards: shards.clone(), kafka_ports: kafka_ports.clone() })
         .unwrap_or_else(|_| unreachable!("set once"));
     let metrics_port = ready.iter().find_map(|r| r.metrics_port).expect("shard 0 serves the metrics");
-    print_summary(args, &shards, &kafka_ports, io_memory_bytes, metrics_port);
+    print_summary(args, identity, &shards, &kafka_ports, io_memory_bytes, metrics_port);
     Ok(node)
 }
 
@@ -666,6 +700,7 @@ fn wait_for_stop(events: &mpsc::Receiver<ShardEvent>) -> Result<(), String> {
 
 fn print_summary(
     args: &NodeArgs,
+    identity: &identity::NodeMeta,
     shards: &[ShardInfo],
     kafka_ports: &[u16],
     io_memory_bytes: usize,
@@ -698,6 +733,8 @@ fn print_summary(
         "  kafka shards {} (each shard a Kafka broker: partition leaders are their shards)",
         brokers.join(", ")
     );
+    let cluster = identity.cluster_id.map_or("none".to_owned(), |id| identity::hex(&id));
+    println!("  node        {} of cluster {cluster} (a cluster of one)", identity.node_id);
     println!("  data dir    {}", args.data_dir.display());
     println!("  durability  {durability}");
     println!(

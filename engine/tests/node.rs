@@ -865,3 +865,32 @@ fn a_config_file_given_twice_or_missing_is_refused_by_name() {
     assert!(message.contains("cannot read config file") && message.contains("missing.toml"), "{message}");
     assert!(!dir.path().join("topic").exists());
 }
+
+#[test]
+fn the_node_id_is_kept_in_the_data_directory_and_another_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--node-id", "3"]);
+    node.client().create_topic("kept", 1).unwrap();
+    assert!(node.terminate().success());
+    let meta = std::fs::read_to_string(dir.path().join("node.meta")).unwrap();
+    assert!(meta.contains("node-id 3\n"), "{meta}");
+    let cluster_id = meta.lines().find_map(|l| l.strip_prefix("cluster-id ")).unwrap().to_owned();
+
+    let output = Command::new(env!("CARGO_BIN_EXE_pyralog"))
+        .args(["--data-dir", dir.path().to_str().unwrap(), "--node-id", "4"])
+        .args(["--listen", "127.0.0.1:0", "--kafka-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let message = String::from_utf8(output.stderr).unwrap();
+    assert!(message.contains("belongs to node 3, not node 4: start it with --node-id 3"), "{message}");
+
+    // Without the flag it runs as the stored node, in the same cluster, with its data.
+    let node = Node::start(dir.path(), &[]);
+    let topics: Vec<String> =
+        node.client().metadata(&[]).unwrap().topics.into_iter().map(|t| t.name).collect();
+    assert_eq!(topics, vec!["kept".to_string()]);
+    assert!(node.terminate().success());
+    let meta = std::fs::read_to_string(dir.path().join("node.meta")).unwrap();
+    assert!(meta.contains(&format!("cluster-id {cluster_id}")), "the cluster id stays: {meta}");
+}
