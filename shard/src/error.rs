@@ -29,6 +29,9 @@ pub enum ShardError {
     InvalidProducerEpoch(String),
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// A produce or fetch for a replicated partition this replica does not lead.
+    #[error("this node does not lead {topic}/{partition} (term {term}; leader {})", leader.map_or("unknown".to_owned(), |l| format!("node {l}")))]
+    NotLeader { topic: String, partition: u32, leader: Option<u32>, term: i32 },
 }
 
 impl From<pyralog_dma::LogError> for ShardError {

@@ -21,6 +21,9 @@ pub mod group;
 pub mod metrics;
 mod partition;
 pub mod producers;
+// Wired into `Shard` by the commits that follow (replicated topics); until then only tests use it.
+#[cfg_attr(not(test), allow(dead_code))]
+mod replica;
 mod shard;
 pub mod topics;
 
@@ -31,6 +34,7 @@ pub use group::{
     JoinRequest, JoinResult, Joined, MemberDescription, SyncRequest, SyncResult, Synced,
 };
 pub use partition::Durability;
+pub use replica::{ReplicaAddress, ReplicaRole, ReplicaSettings, SendHook};
 pub use shard::{
     group_log_of, keep_within, new_mesh, FetchLimits, Fetched, Message, Op, OpResult, Produced, ScrapeHook,
     Shard, ShardConfig, ShardMesh, FETCH_PARTITION_BYTES_MAX, FETCH_RESPONSE_BYTES_MAX, FETCH_WAIT_MAX,

@@ -52,6 +52,10 @@ pub(crate) struct Partition {
     /// pipelined on a connection are appended in the order they were sent, even when some
     /// wait for a flush (an idempotent producer's sequences depend on it).
     pub append_turn: glommio::sync::Semaphore,
+    /// A replicated partition's commit point (set by its replica): what consumers may read.
+    pub commit: Cell<Option<i64>>,
+    /// Set while a replica truncates the log: the flusher starts no flush.
+    pub flush_hold: Cell<bool>,
 }
 
 impl Partition {
@@ -76,6 +80,8 @@ impl Partition {
             flusher_running: Cell::new(false),
             producers: RefCell::new(ProducerStates::default()),
             append_turn: glommio::sync::Semaphore::new(1),
+            commit: Cell::new(None),
+            flush_hold: Cell::new(false),
         }
     }
 
@@ -83,6 +89,9 @@ impl Partition {
     /// everything appended, until a failed flush stops the log and what was not yet on disk
     /// is gone (the cache drops it too).
     pub fn high_watermark(&self) -> i64 {
+        if let Some(commit) = self.commit.get() {
+            return commit.min(self.log.next_offset());
+        }
         match self.durability {
             Durability::Cached { .. } if self.log.stopped().is_none() => self.log.next_offset(),
             _ => self.log.durable_offset(),
@@ -110,7 +119,7 @@ impl Partition {
         let mut last_flush = Instant::now();
         loop {
             // A stopped log (a flush failed) has nothing more to write.
-            if !self.log.has_pending() || self.log.stopped().is_some() {
+            if !self.log.has_pending() || self.log.stopped().is_some() || self.flush_hold.get() {
                 if self.closing.get() {
                     break;
                 }

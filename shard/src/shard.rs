@@ -900,7 +900,7 @@ fn check_producers(
 }
 
 /// Rebuilds idempotent producer state from the headers of the log's newest batches.
-async fn rebuild_producers(log: &Log) -> Result<ProducerStates, ShardError> {
+pub(crate) async fn rebuild_producers(log: &Log) -> Result<ProducerStates, ShardError> {
     let mut states = ProducerStates::default();
     let mut offset = log.recent_start_offset(producers::REBUILD_SCAN_BYTES);
     while offset < log.next_offset() {

@@ -1,0 +1,832 @@
+//! A replicated partition: the shell that carries out, on the shard owning the partition,
+//! what its Raft core ([`pyralog_replication::RaftGroup`]) decides.
+//!
+//! The core is sans-IO: it takes messages, ticks and notices and returns actions. This shell
+//! feeds it (messages the daemon hands over, the shard's ticks, the flusher's durable offsets)
+//! and performs its actions in the order given, one at a time, on one worker task per
+//! replica: sends go to the daemon's send hook (the cluster transport), appends to the
+//! partition's log and the shard cache, truncations to the log (after holding the flusher
+//! off), the term and vote to the replica's state file, the commit point to the partition
+//! (consumers read below it) and to the produces waiting for it.
+//!
+//! Invariants owned here:
+//! - actions are performed in the order the core returned them; an append or a persist that
+//!   fails stops the replica's work for good (the core then hears nothing more from its log,
+//!   as when the disk fails: fsyncgate), and it says so once;
+//! - the start of every epoch is in the state file before the first batch of that epoch is
+//!   appended, so the history recovered at open names every epoch the log holds;
+//! - a `Durable` notice carries the number of truncations performed when its flush began; no
+//!   flush runs during a truncation (the flusher is held off and waited for);
+//! - in cached durability mode an append counts as durable at once: a replica acknowledges
+//!   from memory, and the commit point then promises only that W replicas hold the batch in
+//!   memory (see the README on what a cluster in cached mode can lose).
+//!
+//! Lives on the shard that owns the partition; `!Send`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
+
+use bytes::Bytes;
+use pyralog_dma::{batch, ReplicaState, ReplicaStateFile};
+use pyralog_replication::epoch::{EpochHistory, EpochStart};
+use pyralog_replication::{Action, Config, LogNotice, LogRead, Message, Quorum, RaftGroup, Restore, Role};
+use rand_core::SeedableRng;
+use rand_xorshift::XorShiftRng;
+
+use crate::cache::ShardCache;
+use crate::event::Event;
+use crate::partition::{Durability, Partition};
+use crate::ShardError;
+
+/// Bytes a leader reads from disk at once for a follower that is behind the cache: the
+/// core's in-flight window, so one read fills it.
+pub const CATCH_UP_READ_BYTES: usize = pyralog_replication::group::APPEND_IN_FLIGHT_BYTES_MAX;
+
+/// Where a replica's messages go: (the replica's partition, the message). The daemon sends
+/// them over the cluster transport; tests move them between replicas in memory.
+pub type SendHook = Rc<dyn Fn(&ReplicaAddress, Message)>;
+
+/// Names a replicated partition across the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplicaAddress {
+    pub topic_id: [u8; 16],
+    pub topic: String,
+    pub partition: u32,
+}
+
+/// How one replica of a partition runs.
+#[derive(Debug, Clone)]
+pub struct ReplicaSettings {
+    /// This node's id: the replica's id in its group.
+    pub node_id: u32,
+    /// The replicas (node ids), this node among them.
+    pub voters: Vec<u32>,
+    pub quorum: Quorum,
+    pub heartbeat_ticks: u32,
+    pub election_ticks: u32,
+    /// Seeds the election jitter (tests pass a fixed one).
+    pub seed: u64,
+}
+
+/// The role a replica last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaRole {
+    pub term: i32,
+    pub role: Role,
+    pub leader: Option<u32>,
+}
+
+pub(crate) struct Replica {
+    me: Weak<Replica>,
+    pub address: ReplicaAddress,
+    pub partition: Rc<Partition>,
+    raft: RefCell<RaftGroup>,
+    cache: Rc<RefCell<ShardCache>>,
+    send: SendHook,
+    actions: RefCell<VecDeque<Action>>,
+    /// Actions were queued, or the replica is closing.
+    work: Event,
+    /// What the state file holds (or is about to hold): the last hard state the core asked to
+    /// persist and the epochs of the log.
+    state: RefCell<ReplicaState>,
+    /// Taken by the worker while it writes.
+    state_file: RefCell<Option<ReplicaStateFile>>,
+    /// Truncations performed so far (the core's count of the last one done).
+    truncations_done: Cell<u64>,
+    /// The last disk read for followers behind the cache: (first offset, its batches).
+    catch_up: RefCell<Option<(i64, Vec<Bytes>)>>,
+    /// An offset the core wanted to send and neither the cache nor `catch_up` held.
+    catch_up_wanted: Cell<Option<i64>>,
+    catch_up_reading: Cell<bool>,
+    /// Disk reads made for followers behind the cache.
+    pub catch_up_reads: Cell<u64>,
+    role: Cell<ReplicaRole>,
+    /// The commit point or the role changed.
+    pub changed: Event,
+    /// Why the replica stopped working (a failed write), once it has.
+    failed: RefCell<Option<String>>,
+    closing: Cell<bool>,
+    worker_running: Cell<bool>,
+    worker_done: Event,
+}
+
+impl Replica {
+    /// Opens the replica of `partition` (its log already open and its flusher not yet
+    /// started) and starts its worker. The caller starts the flusher with
+    /// [`Replica::after_flush`] as its hook.
+    pub async fn open(
+        address: ReplicaAddress,
+        partition: Rc<Partition>,
+        settings: &ReplicaSettings,
+        cache: Rc<RefCell<ShardCache>>,
+        send: SendHook,
+    ) -> Result<Rc<Replica>, ShardError> {
+        let (state_file, stored) = ReplicaStateFile::open(partition.log.dir()).await?;
+        let log_end = partition.log.next_offset();
+        let mut state = stored.unwrap_or_default();
+        // Epochs whose first batch did not survive the crash (stored, then never durable).
+        state.epochs.retain(|&(_, start)| start < log_end);
+        let starts = state.epochs.iter().map(|&(epoch, start_offset)| EpochStart { epoch, start_offset });
+        let epochs = EpochHistory::from_starts(starts.collect()).ok_or_else(|| {
+            ShardError::Storage(format!(
+                "the epochs in {}'s replica state do not grow",
+                partition.log.dir().display()
+            ))
+        })?;
+        let restore = Restore {
+            hard_state: pyralog_replication::HardState {
+                term: state.term,
+                voted_for: state.voted_for,
+                recovering: state.recovering,
+            },
+            epochs,
+            log_end,
+            disk_lost: false,
+            memberships: Vec::new(),
+        };
+        let config = Config::new(
+            settings.node_id,
+            settings.voters.clone(),
+            settings.quorum,
+            settings.heartbeat_ticks,
+            settings.election_ticks,
+        );
+        let mut out = Vec::new();
+        let raft = RaftGroup::new(config, restore, XorShiftRng::seed_from_u64(settings.seed), &mut out)
+            .map_err(|e| {
+                ShardError::InvalidConfig(format!("replica of {}/{}: {e}", address.topic, address.partition))
+            })?;
+        // A recovered log's committed prefix is not known until a leader says so.
+        partition.commit.set(Some(0));
+        let replica = Rc::new_cyclic(|me| Replica {
+            me: me.clone(),
+            address,
+            partition,
+            raft: RefCell::new(raft),
+            cache,
+            send,
+            actions: RefCell::new(out.into()),
+            work: Event::default(),
+            state: RefCell::new(state),
+            state_file: RefCell::new(Some(state_file)),
+            truncations_done: Cell::new(0),
+            catch_up: RefCell::new(None),
+            catch_up_wanted: Cell::new(None),
+            catch_up_reading: Cell::new(false),
+            catch_up_reads: Cell::new(0),
+            role: Cell::new(ReplicaRole { term: 0, role: Role::Follower, leader: None }),
+            changed: Event::default(),
+            failed: RefCell::new(None),
+            closing: Cell::new(false),
+            worker_running: Cell::new(true),
+            worker_done: Event::default(),
+        });
+        glommio::spawn_local(Rc::clone(&replica).run_worker()).detach();
+        Ok(replica)
+    }
+
+    pub fn role(&self) -> ReplicaRole {
+        self.role.get()
+    }
+
+    /// The commit point: consumers read below it.
+    pub fn high_watermark(&self) -> i64 {
+        self.partition.commit.get().unwrap_or(0)
+    }
+
+    /// Why the replica stopped working, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
+
+    /// A message from a peer replica.
+    pub fn receive(&self, message: Message) {
+        let mut out = Vec::new();
+        self.raft.borrow_mut().receive(message, &self.reader(), &mut out);
+        self.enqueue(out);
+    }
+
+    /// One tick of the shard's clock.
+    pub fn tick(&self) {
+        let mut out = Vec::new();
+        self.raft.borrow_mut().tick(&self.reader(), &mut out);
+        self.enqueue(out);
+        self.start_catch_up_read();
+    }
+
+    /// Proposes checked client batches (this replica leads): returns their offsets `[base,
+    /// end)` once they are queued for the log; they are committed once the commit point
+    /// reaches `end` (see [`Replica::wait_committed`]) in the term returned.
+    pub fn propose(
+        &self,
+        payload: &[u8],
+        headers: &[batch::BatchHeader],
+    ) -> Result<(i64, i64, i32), ShardError> {
+        if let Some(reason) = self.failure() {
+            return Err(ShardError::Storage(reason));
+        }
+        let mut batches = Vec::with_capacity(headers.len());
+        let mut at = 0;
+        for header in headers {
+            let len = header.total_bytes as usize;
+            batches.push(payload[at..at + len].to_vec());
+            at += len;
+        }
+        let mut out = Vec::new();
+        let proposed = self.raft.borrow_mut().propose(batches, &self.reader(), &mut out);
+        let term = self.raft.borrow().term();
+        self.enqueue(out);
+        match proposed {
+            Ok((base, end)) => Ok((base, end, term)),
+            Err(pyralog_replication::ReplicationError::NotLeader { leader, term, .. }) => {
+                Err(self.not_leader(leader, term))
+            }
+            Err(error) => Err(ShardError::CorruptBatch(error.to_string())),
+        }
+    }
+
+    /// Waits until everything below `end` is committed, or fails once this replica is no
+    /// longer the leader of `term` (the batch may still be committed by the next leader: an
+    /// idempotent producer's retry is then recognised, not appended twice).
+    pub async fn wait_committed(&self, end: i64, term: i32) -> Result<(), ShardError> {
+        loop {
+            if self.high_watermark() >= end {
+                return Ok(());
+            }
+            let role = self.role.get();
+            if role.term != term || role.role != Role::Leader {
+                return Err(self.not_leader(role.leader, role.term));
+            }
+            if let Some(reason) = self.failure() {
+                return Err(ShardError::Storage(reason));
+            }
+            if self.closing.get() {
+                return Err(ShardError::ShuttingDown);
+            }
+            self.changed.listen().await;
+        }
+    }
+
+    pub fn not_leader(&self, leader: Option<u32>, term: i32) -> ShardError {
+        ShardError::NotLeader {
+            topic: self.address.topic.clone(),
+            partition: self.address.partition,
+            leader,
+            term,
+        }
+    }
+
+    /// The flusher's hook: tells the core how far the log is durable.
+    pub fn after_flush(&self) {
+        let notice = LogNotice::Durable {
+            end_offset: self.partition.log.durable_offset(),
+            truncations: self.truncations_done.get(),
+        };
+        let mut out = Vec::new();
+        self.raft.borrow_mut().notice(notice, &mut out);
+        self.enqueue(out);
+    }
+
+    /// Stops the worker once it has performed what it started.
+    pub async fn close(&self) {
+        self.closing.set(true);
+        self.work.notify();
+        self.changed.notify();
+        while self.worker_running.get() {
+            self.worker_done.listen().await;
+        }
+        let file = self.state_file.borrow_mut().take();
+        if let Some(file) = file {
+            let _ = file.close().await;
+        }
+    }
+
+    fn reader(&self) -> Reader<'_> {
+        Reader { replica: self }
+    }
+
+    fn enqueue(&self, out: Vec<Action>) {
+        if out.is_empty() {
+            return;
+        }
+        self.actions.borrow_mut().extend(out);
+        self.work.notify();
+    }
+
+    async fn run_worker(self: Rc<Self>) {
+        while !self.closing.get() {
+            let next = self.actions.borrow_mut().pop_front();
+            let Some(action) = next else {
+                self.work.listen().await;
+                continue;
+            };
+            if self.failed.borrow().is_some() {
+                continue;
+            }
+            if let Err(error) = self.perform(action).await {
+                let reason =
+                    format!("replica of {}/{} stopped: {error}", self.address.topic, self.address.partition);
+                eprintln!("pyralog: {reason}");
+                *self.failed.borrow_mut() = Some(reason);
+                self.changed.notify();
+            }
+        }
+        self.worker_running.set(false);
+        self.worker_done.notify();
+    }
+
+    async fn perform(&self, action: Action) -> Result<(), ShardError> {
+        match action {
+            Action::Send(message) => (self.send)(&self.address, message),
+            Action::Append { batches } => self.append(batches).await?,
+            Action::Truncate { end_offset, truncations } => self.truncate(end_offset, truncations).await?,
+            Action::PersistHardState(hard) => {
+                {
+                    let mut state = self.state.borrow_mut();
+                    state.term = hard.term;
+                    state.voted_for = hard.voted_for;
+                    state.recovering = hard.recovering;
+                }
+                self.store_state().await?;
+                let mut out = Vec::new();
+                self.raft.borrow_mut().notice(LogNotice::HardStatePersisted(hard), &mut out);
+                // The sends the core held until now go out before anything queued after.
+                let mut actions = self.actions.borrow_mut();
+                for action in out.into_iter().rev() {
+                    actions.push_front(action);
+                }
+            }
+            Action::Commit { high_watermark } => {
+                assert!(high_watermark >= self.high_watermark(), "the commit point never moves back");
+                self.partition.commit.set(Some(high_watermark));
+                self.partition.data_arrived.notify();
+                self.changed.notify();
+            }
+            Action::Role { term, role, leader } => {
+                self.role.set(ReplicaRole { term, role, leader });
+                self.changed.notify();
+            }
+        }
+        Ok(())
+    }
+
+    async fn append(&self, batches: Vec<Bytes>) -> Result<(), ShardError> {
+        let headers: Vec<batch::BatchHeader> =
+            batches.iter().map(|b| batch::parse(b)).collect::<Result<_, _>>()?;
+        let new_epochs: Vec<(i32, i64)> = {
+            let state = self.state.borrow();
+            let mut last = state.epochs.last().map_or(-1, |e| e.0);
+            let mut new = Vec::new();
+            for header in &headers {
+                if header.leader_epoch > last {
+                    new.push((header.leader_epoch, header.base_offset));
+                    last = header.leader_epoch;
+                }
+            }
+            new
+        };
+        if !new_epochs.is_empty() {
+            self.state.borrow_mut().epochs.extend(new_epochs);
+            self.store_state().await?;
+        }
+        let appended = self.partition.log.append_stamped(&batches)?;
+        {
+            let mut producers = self.partition.producers.borrow_mut();
+            let mut cache = self.cache.borrow_mut();
+            for stamped in &appended.batches {
+                producers.record(&stamped.header);
+                cache.insert(
+                    self.partition.key,
+                    stamped.header.base_offset,
+                    stamped.header.next_offset(),
+                    stamped.bytes.clone(),
+                );
+            }
+        }
+        self.partition.flusher_wake.notify();
+        if self.partition.durability != Durability::Sync {
+            // Cached mode: a replica acknowledges from memory (see the module docs).
+            let notice = LogNotice::Durable {
+                end_offset: appended.next_offset,
+                truncations: self.truncations_done.get(),
+            };
+            let mut out = Vec::new();
+            self.raft.borrow_mut().notice(notice, &mut out);
+            self.actions.borrow_mut().extend(out);
+        }
+        Ok(())
+    }
+
+    async fn truncate(&self, end_offset: i64, truncations: u64) -> Result<(), ShardError> {
+        assert!(truncations > self.truncations_done.get(), "truncations are counted up");
+        let partition = &self.partition;
+        partition.flush_hold.set(true);
+        while partition.log.is_flushing() {
+            partition.flushed.listen().await;
+        }
+        let result = partition.log.truncate_from(end_offset).await;
+        partition.flush_hold.set(false);
+        partition.flusher_wake.notify();
+        result?;
+        self.cache.borrow_mut().forget(partition.key);
+        self.catch_up.borrow_mut().take();
+        self.state.borrow_mut().epochs.retain(|&(_, start)| start < end_offset);
+        self.truncations_done.set(truncations);
+        *partition.producers.borrow_mut() = crate::shard::rebuild_producers(&partition.log).await?;
+        Ok(())
+    }
+
+    async fn store_state(&self) -> Result<(), ShardError> {
+        let mut file = self.state_file.borrow_mut().take().expect("only the worker writes the state file");
+        let state = self.state.borrow().clone();
+        let result = file.store(&state).await;
+        *self.state_file.borrow_mut() = Some(file);
+        Ok(result?)
+    }
+
+    /// Reads from disk what a follower behind the cache needs next, in the background; the
+    /// core sends it on its next response or heartbeat.
+    fn start_catch_up_read(&self) {
+        let Some(offset) = self.catch_up_wanted.take() else { return };
+        if self.catch_up_reading.get() || self.failure().is_some() {
+            return;
+        }
+        self.catch_up_reading.set(true);
+        let log_end = self.partition.log.durable_offset();
+        let weak = self.me.clone();
+        glommio::spawn_local(async move {
+            let Some(replica) = weak.upgrade() else { return };
+            let read = if offset < log_end {
+                replica.partition.log.read(offset, CATCH_UP_READ_BYTES).await.ok().flatten()
+            } else {
+                None
+            };
+            if let Some(bytes) = read {
+                replica.catch_up_reads.set(replica.catch_up_reads.get() + 1);
+                *replica.catch_up.borrow_mut() = Some((offset, split_batches(&bytes)));
+            }
+            replica.catch_up_reading.set(false);
+        })
+        .detach();
+    }
+}
+
+/// The core's view of the leader's log: the shard cache, else the last catch-up read.
+struct Reader<'a> {
+    replica: &'a Replica,
+}
+
+impl LogRead for Reader<'_> {
+    fn read(&self, from_offset: i64, bytes_max: usize, batches: &mut Vec<Bytes>) {
+        let replica = self.replica;
+        let log_end = replica.partition.log.next_offset();
+        let cached =
+            replica.cache.borrow().read(replica.partition.key, from_offset, log_end, bytes_max, true);
+        if let Some(chunks) = cached.filter(|chunks| !chunks.is_empty()) {
+            for chunk in chunks {
+                batches.extend(split_batches(&chunk));
+            }
+            return;
+        }
+        if let Some((_, read)) = replica.catch_up.borrow().as_ref() {
+            let from = read.iter().position(|b| {
+                batch::stored_header(b)
+                    .is_some_and(|h| h.base_offset <= from_offset && from_offset < h.next_offset())
+            });
+            if let Some(from) = from {
+                let mut bytes = 0;
+                for b in &read[from..] {
+                    if !batches.is_empty() && bytes + b.len() > bytes_max {
+                        break;
+                    }
+                    bytes += b.len();
+                    batches.push(b.clone());
+                }
+                return;
+            }
+        }
+        replica.catch_up_wanted.set(Some(from_offset));
+    }
+}
+
+/// Whole stored batches of `bytes`, each its own slice (no copy).
+fn split_batches(bytes: &Bytes) -> Vec<Bytes> {
+    let mut batches = Vec::new();
+    let mut at = 0;
+    while let Some(header) = batch::stored_header(&bytes[at..]) {
+        let end = at + header.total_bytes as usize;
+        if end > bytes.len() {
+            break;
+        }
+        batches.push(bytes.slice(at..end));
+        at = end;
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pyralog_dma::{Log, LogConfig};
+    use pyralog_replication::batch::build;
+
+    use super::*;
+    use crate::metrics::ShardMetrics;
+
+    /// Three nodes' replicas of one partition in one executor, each with its own directory,
+    /// log, cache and flusher; the network is a queue that a task delivers from, dropping what
+    /// goes to or comes from a node that is "down".
+    struct Cluster {
+        replicas: RefCell<Vec<Rc<Replica>>>,
+        queue: RefCell<VecDeque<Message>>,
+        down: Cell<Option<u32>>,
+        dirs: Vec<tempfile::TempDir>,
+        cache_bytes: u64,
+    }
+
+    const NODES: [u32; 3] = [1, 2, 3];
+
+    fn address() -> ReplicaAddress {
+        ReplicaAddress { topic_id: [7; 16], topic: "orders".into(), partition: 0 }
+    }
+
+    impl Cluster {
+        async fn start(cache_bytes: u64) -> Rc<Cluster> {
+            let cluster = Rc::new(Cluster {
+                replicas: RefCell::new(Vec::new()),
+                queue: RefCell::new(VecDeque::new()),
+                down: Cell::new(None),
+                dirs: NODES.iter().map(|_| tempfile::tempdir().unwrap()).collect(),
+                cache_bytes,
+            });
+            for node in NODES {
+                let replica = cluster.open(node).await;
+                cluster.replicas.borrow_mut().push(replica);
+            }
+            let ticking = Rc::downgrade(&cluster);
+            glommio::spawn_local(async move {
+                while let Some(cluster) = ticking.upgrade() {
+                    let replicas = cluster.replicas.borrow().clone();
+                    for replica in replicas.iter().filter(|r| Some(r.address_node()) != cluster.down.get()) {
+                        replica.tick();
+                    }
+                    drop(cluster);
+                    glommio::timer::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .detach();
+            let delivering = Rc::downgrade(&cluster);
+            glommio::spawn_local(async move {
+                while let Some(cluster) = delivering.upgrade() {
+                    let next = cluster.queue.borrow_mut().pop_front();
+                    match next {
+                        Some(message) => {
+                            let down = cluster.down.get();
+                            if down != Some(message.to) && down != Some(message.from) {
+                                let to = cluster.replicas.borrow()[(message.to - 1) as usize].clone();
+                                to.receive(message);
+                            }
+                            drop(cluster);
+                            glommio::yield_if_needed().await;
+                        }
+                        None => {
+                            drop(cluster);
+                            glommio::timer::sleep(Duration::from_micros(200)).await;
+                        }
+                    }
+                }
+            })
+            .detach();
+            cluster
+        }
+
+        async fn open(self: &Rc<Cluster>, node: u32) -> Rc<Replica> {
+            let dir = self.dirs[(node - 1) as usize].path();
+            let config = LogConfig { segment_bytes: 256 << 10, ..LogConfig::default() };
+            let log = Log::open(dir, config).await.unwrap();
+            let partition = Rc::new(Partition::new("orders", 0, 0, log, Durability::Sync));
+            let settings = ReplicaSettings {
+                node_id: node,
+                voters: NODES.to_vec(),
+                quorum: Quorum::new(3, 2).unwrap(),
+                heartbeat_ticks: 3,
+                election_ticks: 15,
+                seed: u64::from(node),
+            };
+            let network = Rc::downgrade(self);
+            let send: SendHook = Rc::new(move |_, message| {
+                if let Some(cluster) = network.upgrade() {
+                    cluster.queue.borrow_mut().push_back(message);
+                }
+            });
+            let cache = Rc::new(RefCell::new(ShardCache::new(self.cache_bytes)));
+            let replica =
+                Replica::open(address(), Rc::clone(&partition), &settings, cache, send).await.unwrap();
+            partition.flusher_running.set(true);
+            let hook = Rc::downgrade(&replica);
+            let flusher = Rc::clone(&partition).run_flusher(Rc::new(ShardMetrics::default()), move |_| {
+                if let Some(replica) = hook.upgrade() {
+                    replica.after_flush();
+                }
+            });
+            glommio::spawn_local(flusher).detach();
+            replica
+        }
+
+        fn replica(&self, node: u32) -> Rc<Replica> {
+            self.replicas.borrow()[(node - 1) as usize].clone()
+        }
+
+        /// Waits for a leader other than `not`, within a few seconds.
+        async fn leader(&self, not: Option<u32>) -> Rc<Replica> {
+            for _ in 0..2000 {
+                let leader = self
+                    .replicas
+                    .borrow()
+                    .iter()
+                    .find(|r| {
+                        r.role().role == Role::Leader
+                            && Some(r.address_node()) != not
+                            && Some(r.address_node()) != self.down.get()
+                    })
+                    .cloned();
+                if let Some(leader) = leader {
+                    return leader;
+                }
+                glommio::timer::sleep(Duration::from_millis(2)).await;
+            }
+            panic!("no leader elected");
+        }
+
+        /// Produces `count` batches through the leader and waits for each to commit.
+        async fn produce(&self, count: usize, tag: &str, value_bytes: usize) -> Vec<(i64, i64)> {
+            let mut acknowledged = Vec::new();
+            while acknowledged.len() < count {
+                let leader = self.leader(None).await;
+                let mut value = format!("{tag}-{}-", acknowledged.len()).into_bytes();
+                value.resize(value_bytes.max(value.len()), b'.');
+                let bytes = build(&[(None, &value)], 0, 1000);
+                let headers = batch::parse_all(&bytes).unwrap();
+                let Ok((base, end, term)) = leader.propose(&bytes, &headers) else { continue };
+                if leader.wait_committed(end, term).await.is_ok() {
+                    acknowledged.push((base, end));
+                }
+            }
+            acknowledged
+        }
+
+        async fn stop(&self) {
+            let replicas = self.replicas.borrow().clone();
+            for replica in replicas {
+                replica.close().await;
+                replica.partition.stop_flusher().await;
+                replica.partition.log.close().await.unwrap();
+            }
+        }
+
+        /// Stops every replica and opens them again from their directories.
+        async fn restart(self: &Rc<Cluster>) {
+            self.stop().await;
+            self.queue.borrow_mut().clear();
+            for node in NODES {
+                let replica = self.open(node).await;
+                self.replicas.borrow_mut()[(node - 1) as usize] = replica;
+            }
+        }
+    }
+
+    impl Replica {
+        fn address_node(&self) -> u32 {
+            self.raft.borrow().id()
+        }
+    }
+
+    fn run<T>(future: impl std::future::Future<Output = T>) -> T {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(1 << 20)
+            .make()
+            .expect("executor")
+            .run(future)
+    }
+
+    /// Every replica's durable log, as bytes, up to `end`.
+    async fn stored(replica: &Replica, end: i64) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut offset = 0;
+        while offset < end {
+            let chunk = replica.partition.log.read(offset, 1 << 20).await.unwrap().expect("durable");
+            for one in split_batches(&chunk) {
+                let header = batch::stored_header(&one).unwrap();
+                if header.next_offset() <= end {
+                    bytes.extend_from_slice(&one);
+                }
+                offset = header.next_offset();
+            }
+        }
+        bytes
+    }
+
+    async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+        for _ in 0..5000 {
+            if condition() {
+                return;
+            }
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[test]
+    fn three_replicas_elect_a_leader_and_hold_the_same_bytes() {
+        run(async {
+            let cluster = Cluster::start(64 << 20).await;
+            let acknowledged = cluster.produce(50, "a", 10).await;
+            let end = acknowledged.last().unwrap().1;
+            for node in NODES {
+                let replica = cluster.replica(node);
+                wait_until("every replica holds and knows the commit", || {
+                    replica.high_watermark() >= end && replica.partition.log.durable_offset() >= end
+                })
+                .await;
+            }
+            let first = stored(&cluster.replica(1), end).await;
+            for node in [2, 3] {
+                assert!(stored(&cluster.replica(node), end).await == first, "node {node} differs");
+            }
+            // Every acknowledged batch is where it was acknowledged, once.
+            let offsets: Vec<i64> = split_batches(&Bytes::from(first))
+                .iter()
+                .map(|b| batch::stored_header(b).unwrap())
+                .filter(|h| h.attributes & 0x20 == 0)
+                .map(|h| h.base_offset)
+                .collect();
+            assert_eq!(offsets, acknowledged.iter().map(|a| a.0).collect::<Vec<_>>());
+            cluster.stop().await;
+        });
+    }
+
+    #[test]
+    fn a_new_leader_takes_over_and_the_old_one_catches_up_from_disk() {
+        run(async {
+            // A cache too small to hold what the returning node missed: it is read from disk.
+            let cluster = Cluster::start(64 << 10).await;
+            cluster.produce(20, "before", 10).await;
+            let old = cluster.leader(None).await;
+            let old_node = old.address_node();
+            let old_term = old.role().term;
+            cluster.down.set(Some(old_node));
+            let new = cluster.leader(Some(old_node)).await;
+            assert!(new.role().term > old_term);
+            // Proposed on the isolated old leader: never committed, and its waiter is told.
+            let bytes = build(&[(None, b"lost".as_slice())], 0, 1000);
+            if let Ok((_, end, term)) = old.propose(&bytes, &batch::parse_all(&bytes).unwrap()) {
+                cluster.down.set(None);
+                let waited = old.wait_committed(end, term).await;
+                assert!(matches!(waited, Err(ShardError::NotLeader { .. })), "{waited:?}");
+                cluster.down.set(Some(old_node));
+            }
+            let acknowledged = cluster.produce(300, "after", 1000).await;
+            let end = acknowledged.last().unwrap().1;
+            cluster.down.set(None);
+            wait_until("the old leader catches up", || old.high_watermark() >= end).await;
+            wait_until("and holds it durably", || old.partition.log.durable_offset() >= end).await;
+            let reference = stored(&new, end).await;
+            assert!(stored(&old, end).await == reference, "the returning node holds the leader's bytes");
+            assert!(old.failure().is_none() && new.failure().is_none());
+            assert!(new.catch_up_reads.get() > 0, "300 KB missed past a 64 KiB cache came from disk");
+            cluster.stop().await;
+        });
+    }
+
+    #[test]
+    fn after_a_restart_of_every_replica_nothing_committed_is_lost_and_terms_only_grow() {
+        run(async {
+            let cluster = Cluster::start(64 << 20).await;
+            let before = cluster.produce(30, "before", 100).await;
+            let end = before.last().unwrap().1;
+            let reference = stored(&*cluster.leader(None).await, end).await;
+            for node in NODES {
+                let replica = cluster.replica(node);
+                wait_until("every replica holds the batches", || {
+                    replica.partition.log.durable_offset() >= end
+                })
+                .await;
+            }
+            let terms: Vec<i32> = NODES.iter().map(|&n| cluster.replica(n).raft.borrow().term()).collect();
+            cluster.restart().await;
+            for (node, term) in NODES.iter().zip(terms) {
+                let replica = cluster.replica(*node);
+                assert!(replica.raft.borrow().term() >= term, "node {node} kept its term");
+                assert!(replica.partition.log.next_offset() >= end, "node {node} kept its log");
+            }
+            let after = cluster.produce(10, "after", 100).await;
+            assert!(after[0].0 > end, "new batches follow the old ones");
+            let leader = cluster.leader(None).await;
+            assert!(stored(&leader, end).await == reference, "the committed bytes are unchanged");
+            assert!(leader.high_watermark() >= after.last().unwrap().1);
+            cluster.stop().await;
+        });
+    }
+}
