@@ -15,6 +15,7 @@
 //! - consumers never read past the high watermark (the durable offset in sync mode).
 
 mod cache;
+pub mod cluster;
 mod error;
 mod event;
 pub mod group;

@@ -213,10 +213,6 @@ impl TopicTable {
 
     /// Writes the table durably: it is on disk under its final name when this returns.
     pub fn persist(&self, data_dir: &Path) -> Result<(), ShardError> {
-        let path = data_dir.join(META_FILE_NAME);
-        let temporary = data_dir.join(format!("{META_FILE_NAME}.tmp"));
-        let storage =
-            |op: &str, e: std::io::Error| ShardError::Storage(format!("{op} {}: {e}", path.display()));
         let mut text = format!("{META_HEADER}\n");
         for (name, meta) in self.iter_meta() {
             text.push_str(&format!("{name} {} {}", meta.partitions, hex(&meta.id)));
@@ -225,14 +221,21 @@ impl TopicTable {
             }
             text.push('\n');
         }
-        let mut file = std::fs::File::create(&temporary).map_err(|e| storage("creating", e))?;
-        file.write_all(text.as_bytes()).map_err(|e| storage("writing", e))?;
-        file.sync_all().map_err(|e| storage("syncing", e))?;
-        std::fs::rename(&temporary, &path).map_err(|e| storage("renaming", e))?;
-        std::fs::File::open(data_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| storage("syncing directory of", e))
+        persist_file(data_dir, META_FILE_NAME, text.as_bytes())
     }
+}
+
+/// Replaces `data_dir/name` with `bytes` durably: a temporary file, fsync, rename, fsync of
+/// the directory. A crash leaves the old file or the new one, whole.
+pub fn persist_file(data_dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ShardError> {
+    let path = data_dir.join(name);
+    let temporary = data_dir.join(format!("{name}.tmp"));
+    let storage = |op: &str, e: std::io::Error| ShardError::Storage(format!("{op} {}: {e}", path.display()));
+    let mut file = std::fs::File::create(&temporary).map_err(|e| storage("creating", e))?;
+    file.write_all(bytes).map_err(|e| storage("writing", e))?;
+    file.sync_all().map_err(|e| storage("syncing", e))?;
+    std::fs::rename(&temporary, &path).map_err(|e| storage("renaming", e))?;
+    std::fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(|e| storage("syncing directory of", e))
 }
 
 #[cfg(test)]
