@@ -85,7 +85,9 @@ pub fn error_code(error: &ShardError) -> i16 {
         ShardError::InvalidProducerEpoch(_) => error::INVALID_PRODUCER_EPOCH,
         ShardError::Storage(_) => error::KAFKA_STORAGE_ERROR,
         // Retriable: the client refreshes metadata and tries again.
-        ShardError::ShuttingDown => error::NOT_LEADER_OR_FOLLOWER,
+        ShardError::ShuttingDown | ShardError::NotLeader { .. } => error::NOT_LEADER_OR_FOLLOWER,
+        ShardError::NotController { .. } => error::NOT_CONTROLLER,
+        ShardError::Unavailable(_) => error::REQUEST_TIMED_OUT,
     }
 }
 
@@ -250,7 +252,11 @@ impl KafkaService {
     ) -> Option<produce_response::ProduceResponse> {
         use produce_response::*;
         let acks = body.acks;
-        let wait_durable = acks != 0;
+        let level = match acks {
+            0 => pyralog_shard::Acks::None,
+            1 => pyralog_shard::Acks::Leader,
+            _ => pyralog_shard::Acks::All,
+        };
         // A request refused as a whole still answers partition by partition.
         let refused = if version < 3 {
             Some((
@@ -282,7 +288,7 @@ impl KafkaService {
                         (_, _, Some(records)) => {
                             let partition = u32::try_from(p.index).unwrap_or(u32::MAX);
                             self.shard
-                                .produce(name, partition, records.into_bytes(), wait_durable)
+                                .produce(name, partition, records.into_bytes(), level)
                                 .await
                                 .map_err(|error| (error_code(&error), error.to_string()))
                         }

@@ -426,6 +426,7 @@ fn shard_config(args: &NodeArgs) -> ShardConfig {
             initial_rebalance_delay: Duration::from_millis(args.group_initial_rebalance_delay_ms),
             ..GroupConfig::default()
         },
+        cluster: None,
     }
 }
 

@@ -44,6 +44,9 @@ pub fn error_code(error: &ShardError) -> ErrorCode {
         ShardError::OffsetOutOfRange(_) => ErrorCode::OffsetOutOfRange,
         ShardError::Storage(_) => ErrorCode::StorageError,
         ShardError::ShuttingDown => ErrorCode::ShuttingDown,
+        ShardError::NotLeader { .. } => ErrorCode::NotLeader,
+        ShardError::NotController { .. } => ErrorCode::NotController,
+        ShardError::Unavailable(_) => ErrorCode::Overloaded,
     }
 }
 
@@ -60,12 +63,15 @@ impl Handler for Service {
                 self.shard.delete_topic(&name).await.map(|()| Response::DeleteTopic)
             }
             Request::Produce(produce) => {
-                let wait_durable = produce.acks != Acks::None;
+                let acks = match produce.acks {
+                    Acks::None => pyralog_shard::Acks::None,
+                    _ => pyralog_shard::Acks::All,
+                };
                 let appends = produce.partitions.into_iter().map(|p| {
                     let shard = &self.shard;
                     let topic = &produce.topic;
                     async move {
-                        match shard.produce(topic, p.partition, p.records, wait_durable).await {
+                        match shard.produce(topic, p.partition, p.records, acks).await {
                             Ok(done) => ProducePartitionResult {
                                 partition: p.partition,
                                 error: ErrorCode::None,
@@ -84,7 +90,7 @@ impl Handler for Service {
                     }
                 });
                 let results = join_all(appends).await;
-                if !wait_durable {
+                if acks == pyralog_shard::Acks::None {
                     return None;
                 }
                 Ok(Response::Produce(results))

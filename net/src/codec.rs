@@ -243,6 +243,8 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::InvalidTopic => "the topic name is not valid",
             ErrorCode::ShuttingDown => "the node is shutting down",
             ErrorCode::Overloaded => "the node is overloaded; try again later",
+            ErrorCode::NotLeader => "this node does not lead the partition; ask the metadata for its leader",
+            ErrorCode::NotController => "this node does not lead the cluster's controller",
             other => return write!(f, "error code {} (unknown to this client)", other.0),
         };
         f.write_str(text)

@@ -14,10 +14,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 12;
+pub const ENUM_MAX_ERROR_CODE: u16 = 14;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 13] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 15] = [
   ErrorCode::None,
   ErrorCode::UnknownTopic,
   ErrorCode::UnknownPartition,
@@ -31,6 +31,8 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 13] = [
   ErrorCode::InvalidTopic,
   ErrorCode::ShuttingDown,
   ErrorCode::Overloaded,
+  ErrorCode::NotLeader,
+  ErrorCode::NotController,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -51,9 +53,11 @@ impl ErrorCode {
   pub const InvalidTopic: Self = Self(10);
   pub const ShuttingDown: Self = Self(11);
   pub const Overloaded: Self = Self(12);
+  pub const NotLeader: Self = Self(13);
+  pub const NotController: Self = Self(14);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 12;
+  pub const ENUM_MAX: u16 = 14;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::UnknownTopic,
@@ -68,6 +72,8 @@ impl ErrorCode {
     Self::InvalidTopic,
     Self::ShuttingDown,
     Self::Overloaded,
+    Self::NotLeader,
+    Self::NotController,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -85,6 +91,8 @@ impl ErrorCode {
       Self::InvalidTopic => Some("InvalidTopic"),
       Self::ShuttingDown => Some("ShuttingDown"),
       Self::Overloaded => Some("Overloaded"),
+      Self::NotLeader => Some("NotLeader"),
+      Self::NotController => Some("NotController"),
       _ => None,
     }
   }

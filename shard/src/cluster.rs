@@ -61,7 +61,11 @@ pub struct TopicPlacement {
 
 impl TopicPlacement {
     pub fn config(&self) -> TopicConfig {
-        TopicConfig { max_message_bytes: self.max_message_bytes }
+        TopicConfig {
+            max_message_bytes: self.max_message_bytes,
+            replication_factor: Some(self.replication_factor),
+            min_insync_replicas: Some(self.write_quorum),
+        }
     }
 }
 

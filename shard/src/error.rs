@@ -1,6 +1,6 @@
 //! The shard crate's error type: what a client can be told about a failed operation.
 
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ShardError {
     #[error("unknown topic '{0}'")]
     UnknownTopic(String),
@@ -32,6 +32,12 @@ pub enum ShardError {
     /// A produce or fetch for a replicated partition this replica does not lead.
     #[error("this node does not lead {topic}/{partition} (term {term}; leader {})", leader.map_or("unknown".to_owned(), |l| format!("node {l}")))]
     NotLeader { topic: String, partition: u32, leader: Option<u32>, term: i32 },
+    /// A metadata change sent to a node that does not lead the controller.
+    #[error("this node does not lead the cluster's controller (term {term}; leader {})", leader.map_or("unknown".to_owned(), |l| format!("node {l}")))]
+    NotController { leader: Option<u32>, term: i32 },
+    /// The cluster cannot make the change now (no controller leader for too long).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<pyralog_dma::LogError> for ShardError {

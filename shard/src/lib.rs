@@ -22,9 +22,8 @@ pub mod group;
 pub mod metrics;
 mod partition;
 pub mod producers;
-// Wired into `Shard` by the commits that follow (replicated topics); until then only tests use it.
-#[cfg_attr(not(test), allow(dead_code))]
 mod replica;
+mod replicated;
 mod shard;
 pub mod topics;
 
@@ -36,8 +35,9 @@ pub use group::{
 };
 pub use partition::Durability;
 pub use replica::{ReplicaAddress, ReplicaRole, ReplicaSettings, SendHook};
+pub use replicated::{ClusterSettings, ControllerRequest, ForwardHook, CONTROLLER_NAME, CONTROLLER_TOPIC_ID};
 pub use shard::{
-    group_log_of, keep_within, new_mesh, FetchLimits, Fetched, Message, Op, OpResult, Produced, ScrapeHook,
-    Shard, ShardConfig, ShardMesh, FETCH_PARTITION_BYTES_MAX, FETCH_RESPONSE_BYTES_MAX, FETCH_WAIT_MAX,
-    GROUP_LOGS, UNFLUSHED_BYTES_MAX,
+    group_log_of, keep_within, new_mesh, Acks, FetchLimits, Fetched, Message, Op, OpResult, Produced,
+    ScrapeHook, Shard, ShardConfig, ShardMesh, FETCH_PARTITION_BYTES_MAX, FETCH_RESPONSE_BYTES_MAX,
+    FETCH_WAIT_MAX, GROUP_LOGS, UNFLUSHED_BYTES_MAX,
 };

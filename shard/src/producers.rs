@@ -153,6 +153,11 @@ impl ProducerStates {
             producer.epoch = header.producer_epoch;
             producer.batches.clear();
         }
+        // A replicated partition's leader records a batch when it proposes it and again when
+        // its replica appends it: the second time changes nothing.
+        if producer.batches.back().is_some_and(|b| b.base_offset == header.base_offset) {
+            return;
+        }
         if producer.batches.len() == BATCHES_KEPT {
             producer.batches.pop_front();
         }

@@ -18,10 +18,12 @@ use glommio::channels::local_channel;
 use pyralog_dma::{batch, Log, LogConfig};
 
 use crate::cache::ShardCache;
+use crate::cluster::ClusterMeta;
 use crate::group::{GroupConfig, GroupCoordinator, GroupOp, GroupReply};
 use crate::metrics::{PartitionStats, ShardMetrics, ShardScrape};
 use crate::partition::{Durability, Partition};
 use crate::producers::{self, ProducerStates, Verdict};
+use crate::replicated::{ClusterSettings, ControllerRequest, ShardCluster};
 use crate::topics::{self, TopicConfig, TopicMeta, TopicTable};
 use crate::ShardError;
 
@@ -65,6 +67,21 @@ pub struct ShardConfig {
     pub log: LogConfig,
     pub cache_bytes: u64,
     pub groups: GroupConfig,
+    /// Set when the node is part of a cluster: its topics are replicated (see `replicated`).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// When a produce is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// Not at all (Kafka's acks=0).
+    None,
+    /// Once the batch is durable on the partition's leader (Kafka's acks=1): a replicated
+    /// batch may then be lost if the leader fails before a follower holds it.
+    Leader,
+    /// Once the batch is durable on the write quorum (Kafka's acks=all). Without replication,
+    /// the same as `Leader`.
+    All,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +153,7 @@ pub enum Op {
         topic: String,
         partition: u32,
         records: Bytes,
-        wait_durable: bool,
+        acks: Acks,
     },
     Fetch {
         topic: String,
@@ -179,6 +196,20 @@ pub enum Op {
     },
     /// This shard's part of a scrape of the node's metrics.
     Scrape,
+    /// A peer's message for a replica this shard owns.
+    Deliver {
+        topic_id: [u8; 16],
+        partition: u32,
+        message: pyralog_replication::Message,
+    },
+    /// From shard 0 to every shard: the cluster's metadata, as the controller's log now says.
+    ApplyCluster {
+        meta: ClusterMeta,
+    },
+    /// To shard 0: a controller request forwarded by another node.
+    Controller {
+        request: ControllerRequest,
+    },
 }
 
 #[derive(Debug)]
@@ -200,11 +231,11 @@ pub enum Message {
 pub struct Shard {
     pub id: usize,
     pub count: usize,
-    config: ShardConfig,
-    topics: RefCell<TopicTable>,
-    partitions: RefCell<HashMap<(String, u32), Rc<Partition>>>,
-    cache: Rc<RefCell<ShardCache>>,
-    next_partition_key: Cell<u64>,
+    pub(crate) config: ShardConfig,
+    pub(crate) topics: RefCell<TopicTable>,
+    pub(crate) partitions: RefCell<HashMap<(String, u32), Rc<Partition>>>,
+    pub(crate) cache: Rc<RefCell<ShardCache>>,
+    pub(crate) next_partition_key: Cell<u64>,
     senders: Senders<Message>,
     next_request_id: Cell<u64>,
     /// Calls to other shards awaiting their answer: the shard asked, and where to answer.
@@ -214,8 +245,10 @@ pub struct Shard {
     /// Shard 0 decides topic changes one at a time: each reads the table, awaits (opening
     /// logs, asking every shard) and persists the table it read plus its change.
     topic_changes: glommio::sync::Semaphore,
-    shutting_down: Cell<bool>,
-    metrics: Rc<ShardMetrics>,
+    pub(crate) shutting_down: Cell<bool>,
+    pub(crate) metrics: Rc<ShardMetrics>,
+    /// This node's cluster, when it is part of one (see `replicated`).
+    pub(crate) cluster: Option<ShardCluster>,
     /// Writes this shard's registry as Prometheus text for a scrape (set by the daemon).
     scrape_hook: RefCell<Option<ScrapeHook>>,
 }
@@ -232,6 +265,7 @@ impl Shard {
         let count = senders.nr_consumers();
         pyralog_dma::settle_device_probe(&config.data_dir).await?;
         let table = TopicTable::load(&config.data_dir)?;
+        let config_cluster = config.cluster.clone();
         let shard = Rc::new(Shard {
             id,
             count,
@@ -248,6 +282,7 @@ impl Shard {
             shutting_down: Cell::new(false),
             metrics: Rc::new(ShardMetrics::default()),
             scrape_hook: RefCell::new(None),
+            cluster: config_cluster.map(ShardCluster::new),
         });
         for log in (0..GROUP_LOGS).filter(|log| log % count == id) {
             let dir = shard.config.data_dir.join("groups").join(log.to_string());
@@ -256,10 +291,14 @@ impl Shard {
                     .await?;
             shard.groups.borrow_mut().insert(log, coordinator);
         }
-        for (name, meta) in table.iter_meta() {
-            shard.apply_create(name, *meta).await?;
+        // A cluster's topics come from its controller (`start_cluster`), not from topics.meta.
+        if shard.cluster.is_none() {
+            for (name, meta) in table.iter_meta() {
+                shard.apply_create(name, *meta).await?;
+            }
         }
         shard.spawn_mesh_receivers(receivers);
+        shard.start_cluster().await?;
         glommio::spawn_local(Rc::clone(&shard).run_retention()).detach();
         Ok(shard)
     }
@@ -333,13 +372,13 @@ impl Shard {
         topic: &str,
         partition: u32,
         records: Bytes,
-        wait_durable: bool,
+        acks: Acks,
     ) -> Result<Produced, ShardError> {
         let owner = self.route(topic, partition)?;
         if owner == self.id {
-            return self.produce_local(topic, partition, records, wait_durable).await;
+            return self.produce_local(topic, partition, records, acks).await;
         }
-        let op = Op::Produce { topic: topic.to_owned(), partition, records, wait_durable };
+        let op = Op::Produce { topic: topic.to_owned(), partition, records, acks };
         match self.call(owner, op).await? {
             OpResult::Produced(result) => result,
             other => unreachable!("produce answered with {other:?}"),
@@ -440,7 +479,7 @@ impl Shard {
     }
 
     /// Runs `op` on shard `target`: here, or over the mesh.
-    async fn call(&self, target: usize, op: Op) -> Result<OpResult, ShardError> {
+    pub(crate) async fn call(&self, target: usize, op: Op) -> Result<OpResult, ShardError> {
         if self.shutting_down.get() {
             return Err(ShardError::ShuttingDown);
         }
@@ -461,8 +500,8 @@ impl Shard {
 
     async fn execute(&self, op: Op) -> OpResult {
         match op {
-            Op::Produce { topic, partition, records, wait_durable } => {
-                OpResult::Produced(self.produce_local(&topic, partition, records, wait_durable).await)
+            Op::Produce { topic, partition, records, acks } => {
+                OpResult::Produced(self.produce_local(&topic, partition, records, acks).await)
             }
             Op::Fetch { topic, partition, offset, limits } => {
                 OpResult::Fetched(self.fetch_local(&topic, partition, offset, limits).await)
@@ -495,6 +534,28 @@ impl Shard {
                 OpResult::Group(coordinator.execute(op).await)
             }
             Op::Scrape => OpResult::Scraped(self.scrape_local()),
+            Op::Deliver { topic_id, partition, message } => {
+                // Sent to the owner by `deliver`: it holds the replica or drops the message.
+                let replica =
+                    self.cluster().and_then(|c| c.replicas.borrow().get(&(topic_id, partition)).cloned());
+                if let Some(replica) = replica {
+                    replica.receive(message);
+                }
+                OpResult::Done(Ok(()))
+            }
+            Op::ApplyCluster { meta } => OpResult::Done(self.apply_cluster(meta).await),
+            Op::Controller { request } => {
+                let controller = self.controller().expect("shard 0 of a cluster has the controller");
+                let role = controller.role();
+                let node = self.cluster().expect("a cluster").settings.node_id;
+                OpResult::Offset(
+                    if role.leader == Some(node) && role.role == pyralog_replication::Role::Leader {
+                        self.execute_controller_request(request).await
+                    } else {
+                        Err(ShardError::NotController { leader: role.leader, term: role.term })
+                    },
+                )
+            }
         }
     }
 
@@ -545,8 +606,9 @@ impl Shard {
         topic: &str,
         partition: u32,
         records: Bytes,
-        wait_durable: bool,
+        acks: Acks,
     ) -> Result<Produced, ShardError> {
+        let wait_durable = acks != Acks::None;
         let max_message_bytes = self.topics.borrow().meta(topic).and_then(|m| m.config.max_message_bytes);
         let partition = self.local_partition(topic, partition)?;
         let headers = batch::parse_all(&records)?;
@@ -571,6 +633,9 @@ impl Shard {
         }
         // No await between this check and the append: no other produce can slip in between.
         let retried = check_producers(&partition.producers.borrow(), &headers)?;
+        if let Some(replica) = self.local_replica(topic, partition.partition) {
+            return self.produce_replicated(&replica, turn, &records, &headers, retried, acks).await;
+        }
         if let Some(done) = retried {
             drop(turn);
             if partition.durability == Durability::Sync && wait_durable {
@@ -708,6 +773,10 @@ impl Shard {
         config: TopicConfig,
     ) -> Result<(), ShardError> {
         assert_eq!(self.id, 0, "shard 0 decides topic changes");
+        if self.cluster().is_some() {
+            let request = ControllerRequest::CreateTopic { name: name.to_owned(), partitions, config };
+            return self.controller_request(request).await;
+        }
         if self.topics.borrow().get(name).is_some() {
             return Err(ShardError::TopicAlreadyExists(name.to_owned()));
         }
@@ -728,6 +797,10 @@ impl Shard {
 
     async fn create_partitions_as_leader(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
         assert_eq!(self.id, 0, "shard 0 decides topic changes");
+        if self.cluster().is_some() {
+            let request = ControllerRequest::CreatePartitions { name: name.to_owned(), partitions };
+            return self.controller_request(request).await;
+        }
         let mut meta =
             self.topics.borrow().meta(name).ok_or_else(|| ShardError::UnknownTopic(name.to_owned()))?;
         if partitions <= meta.partitions {
@@ -745,6 +818,9 @@ impl Shard {
 
     async fn delete_topic_as_leader(&self, name: &str) -> Result<(), ShardError> {
         assert_eq!(self.id, 0, "shard 0 decides topic changes");
+        if self.cluster().is_some() {
+            return self.controller_request(ControllerRequest::DeleteTopic { name: name.to_owned() }).await;
+        }
         let mut table = self.topics.borrow().clone();
         if !table.remove(name) {
             return Err(ShardError::UnknownTopic(name.to_owned()));
@@ -838,7 +914,18 @@ impl Shard {
     /// Refuses new work, flushes every partition and closes its files.
     pub async fn shutdown(&self) -> Result<(), ShardError> {
         self.shutting_down.set(true);
-        let partitions: Vec<Rc<Partition>> = self.partitions.borrow_mut().drain().map(|(_, p)| p).collect();
+        let mut partitions: Vec<Rc<Partition>> =
+            self.partitions.borrow_mut().drain().map(|(_, p)| p).collect();
+        if let Some(cluster) = self.cluster() {
+            let replicas: Vec<_> = cluster.replicas.borrow_mut().drain().map(|(_, r)| r).collect();
+            for replica in replicas {
+                replica.close().await;
+                // The controller's partition is in no topic's table.
+                if !partitions.iter().any(|p| Rc::ptr_eq(p, &replica.partition)) {
+                    partitions.push(Rc::clone(&replica.partition));
+                }
+            }
+        }
         let coordinators: Vec<Rc<GroupCoordinator>> = self.groups.borrow().values().cloned().collect();
         for coordinator in coordinators {
             coordinator.close().await;
@@ -872,7 +959,7 @@ fn check_partition_count(partitions: u32) -> Result<(), ShardError> {
 
 /// Checks idempotent producers' sequences: `Some` when the payload is a retry of a batch
 /// already appended (answered with its first offsets, nothing appended again).
-fn check_producers(
+pub(crate) fn check_producers(
     states: &ProducerStates,
     headers: &[batch::BatchHeader],
 ) -> Result<Option<Produced>, ShardError> {

@@ -30,15 +30,21 @@ pub struct TopicMeta {
 }
 
 /// Per-topic settings that override the node's.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TopicConfig {
     /// Largest batch a produce may append (Kafka's max.message.bytes).
     pub max_message_bytes: Option<u32>,
+    /// In a cluster: the replicas of each partition (nodes). Default: the node's
+    /// --default-replication-factor.
+    pub replication_factor: Option<u32>,
+    /// In a cluster: the write quorum W, replicas that hold a batch durably before it is
+    /// committed (Kafka's min.insync.replicas). Default: a majority of the replicas.
+    pub min_insync_replicas: Option<u32>,
 }
 
 impl TopicConfig {
     /// The setting names this node understands, as Kafka spells them.
-    pub const NAMES: &[&str] = &["max.message.bytes"];
+    pub const NAMES: &[&str] = &["max.message.bytes", "min.insync.replicas"];
 
     /// Applies `name=value`; an unknown name or a bad value is an error naming it.
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
@@ -50,6 +56,15 @@ impl TopicConfig {
                     .filter(|&b| b > 0)
                     .ok_or_else(|| format!("max.message.bytes={value} is not a positive integer"))?;
                 self.max_message_bytes = Some(bytes);
+                Ok(())
+            }
+            "min.insync.replicas" => {
+                let count: u32 = value
+                    .parse()
+                    .ok()
+                    .filter(|&c| c > 0)
+                    .ok_or_else(|| format!("min.insync.replicas={value} is not a positive integer"))?;
+                self.min_insync_replicas = Some(count);
                 Ok(())
             }
             _ => Err(format!("unsupported topic config '{name}' (supported: {})", Self::NAMES.join(", "))),
@@ -262,7 +277,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut table = TopicTable::default();
         table.insert("a", TopicMeta::new(3, TopicConfig::default()));
-        table.insert("b.c", TopicMeta::new(12, TopicConfig { max_message_bytes: Some(1000) }));
+        table.insert(
+            "b.c",
+            TopicMeta::new(12, TopicConfig { max_message_bytes: Some(1000), ..TopicConfig::default() }),
+        );
         assert_ne!(table.meta("a").unwrap().id, table.meta("b.c").unwrap().id);
         table.persist(dir.path()).unwrap();
         assert_eq!(TopicTable::load(dir.path()).unwrap(), table);

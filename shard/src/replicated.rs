@@ -1,0 +1,622 @@
+//! A shard's part of a cluster: the controller replica (on shard 0), the replicas of the
+//! replicated partitions this shard owns on this node, their clock, and the messages between
+//! replicas.
+//!
+//! The daemon gives each shard a send hook (the cluster transport) and hands it the messages
+//! that arrive for its replicas ([`Shard::deliver`]). Shard 0 applies the controller's
+//! committed records to the cluster metadata, persists it (`cluster.meta`), and sends every
+//! shard the new metadata ([`Op::ApplyCluster`]); each shard then opens the replicas of the
+//! partitions it owns that are placed on this node and closes those of deleted topics.
+//!
+//! Invariants: a replicated partition is open on exactly the shard `topics::owner_shard`
+//! names, on exactly the nodes its placement names; metadata is applied in the controller's
+//! log order, and only below its commit point; a produce acknowledged with acks=all is below
+//! the commit point of its term's leader.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pyralog_dma::{batch, Log};
+use pyralog_replication::{Message, Quorum, Role};
+
+use crate::cluster::{ClusterMeta, MetaRecord, NodeInfo, TopicPlacement};
+use crate::event::Event;
+use crate::partition::{Durability, Partition};
+use crate::replica::{Replica, ReplicaAddress, ReplicaRole, ReplicaSettings, SendHook};
+use crate::shard::{Op, OpResult, Shard};
+use crate::topics::{self, TopicMeta};
+use crate::ShardError;
+
+/// The controller's group: the all-zero topic id, partition 0.
+pub const CONTROLLER_TOPIC_ID: [u8; 16] = [0; 16];
+/// The controller's name in messages (no topic can take it: '_' names are reserved for it).
+pub const CONTROLLER_NAME: &str = "__cluster";
+/// Bytes of controller records read at once when applying.
+const APPLY_READ_BYTES: usize = 1 << 20;
+
+/// A replica group across the cluster: (topic id, partition).
+pub type GroupId = ([u8; 16], u32);
+
+/// How this node takes part in its cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub node_id: u32,
+    /// The controller's voters (the seeds' node ids).
+    pub seeds: Vec<u32>,
+    /// One tick of every replica's clock.
+    pub tick: Duration,
+    pub heartbeat_ticks: u32,
+    pub election_ticks: u32,
+    /// Replicas of a topic created without a factor. Default: 3, or the node count if fewer.
+    pub default_replication_factor: Option<u32>,
+}
+
+/// A topic change or a node's registration, for the controller's leader to decide. A node
+/// that does not lead the controller forwards it there (the daemon carries it over the cluster
+/// transport) and waits until the change is applied locally too.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControllerRequest {
+    RegisterNode(NodeInfo),
+    CreateTopic { name: String, partitions: u32, config: topics::TopicConfig },
+    CreatePartitions { name: String, partitions: u32 },
+    DeleteTopic { name: String },
+}
+
+/// Sends a request to the controller's leader on `node` and returns its answer: the controller
+/// log's offset after the change. Set by the daemon (the cluster transport).
+pub type ForwardHook = Rc<
+    dyn Fn(
+        u32,
+        ControllerRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, ShardError>>>>,
+>;
+
+/// How long a controller request keeps trying while the controller has no leader.
+pub const CONTROLLER_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a shard keeps of the cluster.
+pub(crate) struct ShardCluster {
+    pub settings: ClusterSettings,
+    pub meta: RefCell<ClusterMeta>,
+    /// The replicas open here, by (topic id, partition); the controller's on shard 0.
+    pub replicas: RefCell<HashMap<GroupId, Rc<Replica>>>,
+    /// Set by the daemon once its transport runs; messages before that are dropped (Raft
+    /// sends them again).
+    pub send: Rc<RefCell<Option<SendHook>>>,
+    /// Set by the daemon on shard 0 (see [`ForwardHook`]).
+    pub forward: RefCell<Option<ForwardHook>>,
+    /// New metadata was applied here.
+    pub applied: Event,
+}
+
+impl ShardCluster {
+    pub fn new(settings: ClusterSettings) -> ShardCluster {
+        ShardCluster {
+            settings,
+            meta: RefCell::new(ClusterMeta::default()),
+            replicas: RefCell::new(HashMap::new()),
+            send: Rc::new(RefCell::new(None)),
+            forward: RefCell::new(None),
+            applied: Event::default(),
+        }
+    }
+
+    /// The hook every replica of this shard sends through: whatever the daemon set.
+    fn send_hook(&self) -> SendHook {
+        let send = Rc::clone(&self.send);
+        Rc::new(move |address, message| {
+            if let Some(hook) = send.borrow().as_ref() {
+                hook(address, message);
+            }
+        })
+    }
+
+    fn replica_settings(&self, voters: Vec<u32>, quorum: Quorum) -> ReplicaSettings {
+        ReplicaSettings {
+            node_id: self.settings.node_id,
+            voters,
+            quorum,
+            heartbeat_ticks: self.settings.heartbeat_ticks,
+            election_ticks: self.settings.election_ticks,
+            seed: random_seed(),
+        }
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::io::Read;
+    let mut seed = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .expect("reading /dev/urandom");
+    u64::from_le_bytes(seed)
+}
+
+impl Shard {
+    pub(crate) fn cluster(&self) -> Option<&ShardCluster> {
+        self.cluster.as_ref()
+    }
+
+    /// Sets where this shard's replicas send their messages (the daemon's transport).
+    pub fn set_cluster_send(&self, hook: SendHook) {
+        if let Some(cluster) = self.cluster() {
+            *cluster.send.borrow_mut() = Some(hook);
+        }
+    }
+
+    /// Sets how shard 0 reaches the controller's leader on another node (the daemon's transport).
+    pub fn set_cluster_forward(&self, hook: ForwardHook) {
+        if let Some(cluster) = self.cluster() {
+            *cluster.forward.borrow_mut() = Some(hook);
+        }
+    }
+
+    /// Registers this node (its addresses, shards and rack) with the controller, so that
+    /// placement may use it; again after a restart, with its new addresses. Shard 0 only.
+    pub async fn register_node(&self, node: NodeInfo) -> Result<(), ShardError> {
+        self.controller_request(ControllerRequest::RegisterNode(node)).await
+    }
+
+    /// Shard 0: has the controller's leader make `request`, here or on the node that leads
+    /// it, retrying while no leader is known; then waits until the change is applied here.
+    pub(crate) async fn controller_request(&self, request: ControllerRequest) -> Result<(), ShardError> {
+        assert_eq!(self.id, 0, "shard 0 talks to the controller");
+        let deadline = std::time::Instant::now() + CONTROLLER_REQUEST_TIMEOUT;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let controller = self.controller().expect("shard 0 of a cluster has the controller");
+            let role = controller.role();
+            let result = match role.leader {
+                Some(leader) if leader == self.cluster().expect("a cluster").settings.node_id => {
+                    self.execute_controller_request(request.clone()).await
+                }
+                Some(leader) => {
+                    let forward = self.cluster().expect("a cluster").forward.borrow().clone();
+                    match forward {
+                        Some(forward) => forward(leader, request.clone()).await,
+                        None => Err(ShardError::NotController { leader: Some(leader), term: role.term }),
+                    }
+                }
+                None => Err(ShardError::NotController { leader: None, term: role.term }),
+            };
+            match result {
+                Ok(end) => return self.wait_applied(end).await,
+                Err(ShardError::NotController { .. }) if std::time::Instant::now() < deadline => {
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+                Err(ShardError::NotController { .. }) => {
+                    return Err(ShardError::Unavailable(format!(
+                        "the cluster's controller has had no reachable leader for {CONTROLLER_REQUEST_TIMEOUT:?}: \
+                         a majority of the seeds must be up"
+                    )))
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// A controller request forwarded by another node: made here if this node leads the
+    /// controller, else refused with the leader this node knows.
+    pub async fn handle_controller_request(&self, request: ControllerRequest) -> Result<i64, ShardError> {
+        match self.call(0, Op::Controller { request }).await? {
+            OpResult::Offset(result) => result,
+            other => unreachable!("a controller request answered with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn execute_controller_request(
+        &self,
+        request: ControllerRequest,
+    ) -> Result<i64, ShardError> {
+        assert_eq!(self.id, 0, "the controller lives on shard 0");
+        match request {
+            ControllerRequest::RegisterNode(node) => {
+                self.propose_metadata(MetaRecord::RegisterNode(node)).await
+            }
+            ControllerRequest::CreateTopic { name, partitions, config } => {
+                self.create_replicated_topic(&name, partitions, config).await
+            }
+            ControllerRequest::CreatePartitions { name, partitions } => {
+                self.create_replicated_partitions(&name, partitions).await
+            }
+            ControllerRequest::DeleteTopic { name } => self.delete_replicated_topic(&name).await,
+        }
+    }
+
+    /// Waits until this node applied the controller's log up to `end`.
+    async fn wait_applied(&self, end: i64) -> Result<(), ShardError> {
+        let cluster = self.cluster().expect("a cluster");
+        while cluster.meta.borrow().applied_end < end {
+            if self.shutting_down.get() {
+                return Err(ShardError::ShuttingDown);
+            }
+            cluster.applied.listen().await;
+        }
+        Ok(())
+    }
+
+    /// A message from a peer for the replica of `(topic_id, partition)`: handed to it here,
+    /// or to the shard that owns it. Messages for replicas this node does not hold are dropped.
+    pub async fn deliver(&self, topic_id: [u8; 16], partition: u32, message: Message) {
+        let Some(cluster) = self.cluster() else { return };
+        let local = cluster.replicas.borrow().get(&(topic_id, partition)).cloned();
+        if let Some(replica) = local {
+            replica.receive(message);
+            return;
+        }
+        let owner = if topic_id == CONTROLLER_TOPIC_ID {
+            0
+        } else {
+            let meta = cluster.meta.borrow();
+            let Some((name, _)) = meta.topics.iter().find(|(_, t)| t.id == topic_id) else { return };
+            self.owner_of(name, partition)
+        };
+        if owner != self.id {
+            let _ = self.call(owner, Op::Deliver { topic_id, partition, message }).await;
+        }
+    }
+
+    /// The role of the local replica of a partition, if this node holds one.
+    pub fn replica_role(&self, topic: &str, partition: u32) -> Option<ReplicaRole> {
+        self.local_replica(topic, partition).map(|r| r.role())
+    }
+
+    pub(crate) fn local_replica(&self, topic: &str, partition: u32) -> Option<Rc<Replica>> {
+        let cluster = self.cluster()?;
+        let id = cluster.meta.borrow().topics.get(topic)?.id;
+        cluster.replicas.borrow().get(&(id, partition)).cloned()
+    }
+
+    /// The controller's replica (shard 0 only).
+    pub(crate) fn controller(&self) -> Option<Rc<Replica>> {
+        self.cluster()?.replicas.borrow().get(&(CONTROLLER_TOPIC_ID, 0)).cloned()
+    }
+
+    /// Opens the controller's replica and this shard's replicas from the stored metadata, and
+    /// starts the clock (and, on shard 0, the loop applying the controller's log).
+    pub(crate) async fn start_cluster(self: &Rc<Self>) -> Result<(), ShardError> {
+        let Some(cluster) = self.cluster() else { return Ok(()) };
+        let stored = ClusterMeta::load(&self.config.data_dir)?.unwrap_or_default();
+        if self.id == 0 {
+            let voters = cluster.settings.seeds.clone();
+            let majority = voters.len() as u32 / 2 + 1;
+            let quorum = Quorum::new(voters.len() as u32, majority)
+                .map_err(|e| ShardError::InvalidConfig(format!("the controller's quorum: {e}")))?;
+            let dir = self.config.data_dir.join("cluster").join("controller");
+            let address = ReplicaAddress {
+                topic_id: CONTROLLER_TOPIC_ID,
+                topic: CONTROLLER_NAME.to_owned(),
+                partition: 0,
+            };
+            // The controller's records are few and small: always acknowledged after fdatasync.
+            let replica = self
+                .open_replica(address, &dir, cluster.replica_settings(voters, quorum), Durability::Sync)
+                .await?;
+            cluster.replicas.borrow_mut().insert((CONTROLLER_TOPIC_ID, 0), replica);
+            glommio::spawn_local(Rc::clone(self).run_controller_apply()).detach();
+        }
+        self.apply_cluster(stored).await?;
+        glommio::spawn_local(Rc::clone(self).run_cluster_clock()).detach();
+        Ok(())
+    }
+
+    async fn open_replica(
+        &self,
+        address: ReplicaAddress,
+        dir: &std::path::Path,
+        settings: ReplicaSettings,
+        durability: Durability,
+    ) -> Result<Rc<Replica>, ShardError> {
+        let cluster = self.cluster().expect("replicas live in a cluster");
+        let log = Log::open(dir, self.config.log.clone()).await?;
+        let producers = crate::shard::rebuild_producers(&log).await?;
+        let key = self.next_partition_key.get();
+        self.next_partition_key.set(key + 1);
+        let partition = Rc::new(Partition::new(&address.topic, address.partition, key, log, durability));
+        *partition.producers.borrow_mut() = producers;
+        let replica = Replica::open(
+            address,
+            Rc::clone(&partition),
+            &settings,
+            Rc::clone(&self.cache),
+            cluster.send_hook(),
+        )
+        .await?;
+        partition.flusher_running.set(true);
+        let cache = Rc::clone(&self.cache);
+        let hook = Rc::downgrade(&replica);
+        let flusher = Rc::clone(&partition).run_flusher(Rc::clone(&self.metrics), move |p| {
+            let mut cache = cache.borrow_mut();
+            cache.mark_durable(p.key, p.log.durable_offset());
+            if p.log.stopped().is_some() {
+                cache.drop_undurable(p.key);
+            }
+            drop(cache);
+            if let Some(replica) = hook.upgrade() {
+                replica.after_flush();
+            }
+        });
+        glommio::spawn_local(flusher).detach();
+        Ok(replica)
+    }
+
+    /// Ticks every replica of this shard.
+    async fn run_cluster_clock(self: Rc<Self>) {
+        let tick = self.cluster().expect("a cluster").settings.tick;
+        while !self.shutting_down.get() {
+            glommio::timer::sleep(tick).await;
+            let replicas: Vec<Rc<Replica>> =
+                self.cluster().expect("a cluster").replicas.borrow().values().cloned().collect();
+            for replica in replicas {
+                replica.tick();
+            }
+        }
+    }
+
+    /// Shard 0: applies the controller's committed records as the commit point moves.
+    async fn run_controller_apply(self: Rc<Self>) {
+        while !self.shutting_down.get() {
+            let Some(controller) = self.controller() else { return };
+            let applied = self.cluster().expect("a cluster").meta.borrow().applied_end;
+            if controller.high_watermark() <= applied {
+                controller.changed.listen().await;
+                continue;
+            }
+            if let Err(error) = self.apply_controller_records(&controller, applied).await {
+                eprintln!("pyralog: applying the cluster's metadata: {error}");
+                controller.changed.listen().await;
+            }
+        }
+    }
+
+    async fn apply_controller_records(&self, controller: &Replica, from: i64) -> Result<(), ShardError> {
+        let commit = controller.high_watermark();
+        let partition = &controller.partition;
+        let cached = self.cache.borrow().read(partition.key, from, commit, APPLY_READ_BYTES, true);
+        let chunks: Vec<Bytes> = match cached.filter(|c| !c.is_empty()) {
+            Some(chunks) => chunks,
+            None if partition.log.durable_offset() > from => {
+                partition.log.read(from, APPLY_READ_BYTES).await?.into_iter().collect()
+            }
+            // Committed but not yet durable here: the next flush wakes the loop.
+            None => {
+                partition.flushed.listen().await;
+                return Ok(());
+            }
+        };
+        let mut meta = self.cluster().expect("a cluster").meta.borrow().clone();
+        for chunk in chunks {
+            let mut at = 0;
+            while let Some(header) = batch::stored_header(&chunk[at..]) {
+                let bytes = &chunk[at..at + header.total_bytes as usize];
+                at += header.total_bytes as usize;
+                if header.next_offset() > commit || header.next_offset() <= meta.applied_end {
+                    continue;
+                }
+                let control = header.attributes & 0x20 != 0;
+                let record = if control {
+                    None
+                } else {
+                    let decoded = pyralog_replication::batch::first_record(bytes).ok_or_else(|| {
+                        ShardError::Storage(format!(
+                            "the controller's batch at offset {} holds no readable record",
+                            header.base_offset
+                        ))
+                    })?;
+                    Some(MetaRecord::decode(decoded.1))
+                };
+                match record {
+                    Some(Ok(record)) => {
+                        if let Err(refused) = meta.apply(record, header.next_offset()) {
+                            eprintln!("pyralog: a metadata change did not apply: {refused}");
+                        }
+                    }
+                    Some(Err(error)) => return Err(error),
+                    None => meta.applied_end = header.next_offset(),
+                }
+            }
+        }
+        meta.persist(&self.config.data_dir)?;
+        for target in 0..self.count {
+            match self.call(target, Op::ApplyCluster { meta: meta.clone() }).await? {
+                OpResult::Done(result) => result?,
+                other => unreachable!("applying metadata answered with {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `meta` this shard's view: opens the replicas it now owns on this node, closes
+    /// those of topics that are gone.
+    pub(crate) async fn apply_cluster(&self, meta: ClusterMeta) -> Result<(), ShardError> {
+        let cluster = self.cluster().expect("a cluster");
+        let node = cluster.settings.node_id;
+        for (name, topic) in &meta.topics {
+            for (partition, voters) in topic.replicas.iter().enumerate() {
+                let partition = partition as u32;
+                let open = cluster.replicas.borrow().contains_key(&(topic.id, partition));
+                if open || !voters.contains(&node) || self.owner_of(name, partition) != self.id {
+                    continue;
+                }
+                let quorum = Quorum::new(topic.replication_factor, topic.write_quorum)
+                    .map_err(|e| ShardError::InvalidConfig(format!("topic '{name}': {e}")))?;
+                let address = ReplicaAddress { topic_id: topic.id, topic: name.clone(), partition };
+                let dir = topics::partition_dir(&self.config.data_dir, name, partition);
+                let settings = cluster.replica_settings(voters.clone(), quorum);
+                let replica = self.open_replica(address, &dir, settings, self.config.durability).await?;
+                self.partitions.borrow_mut().insert((name.clone(), partition), Rc::clone(&replica.partition));
+                cluster.replicas.borrow_mut().insert((topic.id, partition), replica);
+            }
+            let table_meta =
+                TopicMeta { partitions: topic.replicas.len() as u32, id: topic.id, config: topic.config() };
+            self.topics.borrow_mut().insert(name, table_meta);
+        }
+        let gone: Vec<String> = self
+            .topics
+            .borrow()
+            .iter()
+            .map(|(n, _)| n.to_owned())
+            .filter(|n| !meta.topics.contains_key(n))
+            .collect();
+        for name in gone {
+            self.close_replicas_of(&name).await;
+        }
+        *cluster.meta.borrow_mut() = meta;
+        cluster.applied.notify();
+        Ok(())
+    }
+
+    async fn close_replicas_of(&self, name: &str) {
+        let cluster = self.cluster().expect("a cluster");
+        let id = self.topics.borrow().meta(name).map(|m| m.id);
+        self.topics.borrow_mut().remove(name);
+        let doomed: Vec<Rc<Replica>> = {
+            let mut replicas = cluster.replicas.borrow_mut();
+            let keys: Vec<_> = replicas.keys().filter(|(t, _)| Some(*t) == id).copied().collect();
+            keys.iter().filter_map(|k| replicas.remove(k)).collect()
+        };
+        for replica in doomed {
+            self.partitions.borrow_mut().remove(&(name.to_owned(), replica.address.partition));
+            replica.close().await;
+            replica.partition.stop_flusher().await;
+            self.cache.borrow_mut().forget(replica.partition.key);
+            replica.partition.data_arrived.notify();
+            let _ = replica.partition.log.close().await;
+        }
+        let _ = std::fs::remove_dir_all(topics::topic_dir(&self.config.data_dir, name));
+    }
+
+    /// Proposes a metadata change on the controller (this node must lead it) and waits until
+    /// it is committed and applied here. Returns the controller log's offset after it.
+    pub(crate) async fn propose_metadata(&self, record: MetaRecord) -> Result<i64, ShardError> {
+        assert_eq!(self.id, 0, "the controller lives on shard 0");
+        let controller = self.controller().expect("shard 0 of a cluster has the controller");
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        // Keyed: the record reader takes no null key.
+        let bytes = pyralog_replication::batch::build(&[(Some(b"meta"), &record.encode())], 0, now_ms);
+        let headers = batch::parse_all(&bytes)?;
+        let (_, end, term) = controller.propose(&bytes, &headers).map_err(|error| match error {
+            ShardError::NotLeader { leader, term, .. } => ShardError::NotController { leader, term },
+            other => other,
+        })?;
+        controller.wait_committed(end, term).await.map_err(|error| match error {
+            ShardError::NotLeader { leader, term, .. } => ShardError::NotController { leader, term },
+            other => other,
+        })?;
+        self.wait_applied(end).await?;
+        Ok(end)
+    }
+
+    /// Creates a replicated topic through the controller (shard 0 of its leader).
+    pub(crate) async fn create_replicated_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: topics::TopicConfig,
+    ) -> Result<i64, ShardError> {
+        let cluster = self.cluster().expect("a cluster");
+        let (placement, quorum) = {
+            let meta = cluster.meta.borrow();
+            if meta.topics.contains_key(name) {
+                return Err(ShardError::TopicAlreadyExists(name.to_owned()));
+            }
+            let nodes = meta.nodes.len().max(1) as u32;
+            let default = cluster.settings.default_replication_factor.unwrap_or(3).min(nodes);
+            let replication_factor = config.replication_factor.unwrap_or(default);
+            let write_quorum = config.min_insync_replicas.unwrap_or(replication_factor / 2 + 1);
+            let quorum = Quorum::new(replication_factor, write_quorum)
+                .map_err(|e| ShardError::InvalidConfig(format!("topic '{name}': {e}")))?;
+            (crate::cluster::place(&meta, partitions, replication_factor)?, quorum)
+        };
+        let (replication_factor, write_quorum) = (quorum.replication_factor(), quorum.write_quorum());
+        let topic = TopicPlacement {
+            id: topics::TopicMeta::new(partitions, config).id,
+            replication_factor,
+            write_quorum,
+            max_message_bytes: config.max_message_bytes,
+            replicas: placement,
+        };
+        let id = topic.id;
+        let end = self.propose_metadata(MetaRecord::CreateTopic { name: name.to_owned(), topic }).await?;
+        // Two creates of one name may race: the first committed wins, on every node.
+        match self.cluster().expect("a cluster").meta.borrow().topics.get(name) {
+            Some(created) if created.id == id => Ok(end),
+            _ => Err(ShardError::TopicAlreadyExists(name.to_owned())),
+        }
+    }
+
+    /// Grows a replicated topic through the controller.
+    pub(crate) async fn create_replicated_partitions(
+        &self,
+        name: &str,
+        partitions: u32,
+    ) -> Result<i64, ShardError> {
+        let replicas = {
+            let meta = self.cluster().expect("a cluster").meta.borrow();
+            let topic = meta.topics.get(name).ok_or_else(|| ShardError::UnknownTopic(name.to_owned()))?;
+            let count = topic.replicas.len() as u32;
+            if partitions <= count {
+                return Err(ShardError::InvalidPartitions(format!(
+                    "topic '{name}' has {count} partitions; it can only grow, not to {partitions}"
+                )));
+            }
+            crate::cluster::place(&meta, partitions - count, topic.replication_factor)?
+        };
+        self.propose_metadata(MetaRecord::CreatePartitions { name: name.to_owned(), replicas }).await
+    }
+
+    pub(crate) async fn delete_replicated_topic(&self, name: &str) -> Result<i64, ShardError> {
+        if !self.cluster().expect("a cluster").meta.borrow().topics.contains_key(name) {
+            return Err(ShardError::UnknownTopic(name.to_owned()));
+        }
+        self.propose_metadata(MetaRecord::DeleteTopic { name: name.to_owned() }).await
+    }
+
+    /// Appends to a replicated partition this node leads and waits as `acks` asks. Called
+    /// with the partition's append turn, after its idempotent producers were checked
+    /// (`retried`: the batch is a retry of one already in the log).
+    pub(crate) async fn produce_replicated(
+        &self,
+        replica: &Replica,
+        turn: glommio::sync::Permit<'_>,
+        records: &Bytes,
+        headers: &[batch::BatchHeader],
+        retried: Option<crate::Produced>,
+        acks: crate::Acks,
+    ) -> Result<crate::Produced, ShardError> {
+        let role = replica.role();
+        if role.role != Role::Leader {
+            return Err(replica.not_leader(role.leader, role.term));
+        }
+        let (produced, term) = match retried {
+            Some(done) => (done, role.term),
+            None => {
+                let (base, end, term) = replica.propose(records, headers)?;
+                // Recorded now, before the next produce's check: the replica's worker appends later.
+                let mut producers = replica.partition.producers.borrow_mut();
+                let mut offset = base;
+                for header in headers {
+                    let mut stamped = *header;
+                    stamped.base_offset = offset;
+                    offset = stamped.next_offset();
+                    producers.record(&stamped);
+                }
+                (crate::Produced { base_offset: base, next_offset: end }, term)
+            }
+        };
+        drop(turn);
+        match acks {
+            crate::Acks::None => {}
+            crate::Acks::Leader => replica.partition.wait_durable(produced.next_offset).await?,
+            crate::Acks::All => replica.wait_committed(produced.next_offset, term).await?,
+        }
+        Ok(produced)
+    }
+}
