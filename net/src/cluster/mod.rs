@@ -14,5 +14,7 @@
 
 pub mod frame;
 pub mod identity;
+#[cfg(feature = "server")]
+pub mod transport;
 
 pub use frame::{ClusterFrameError, ClusterId, GroupKey};
