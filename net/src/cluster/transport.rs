@@ -42,7 +42,8 @@
 //! backoff ([`RECONNECT_BACKOFF_MIN`] doubling to [`RECONNECT_BACKOFF_MAX`]) and tries again.
 //! A connection's state changes (connected, lost, refused with its reason, peer without a
 //! cluster id) are logged once each, not per retry. A write that cannot progress for
-//! [`WRITE_TIMEOUT`] (a peer that stopped reading) fails the connection.
+//! [`WRITE_TIMEOUT`] (a peer that stopped reading) fails the connection, and so do bytes left
+//! unacknowledged that long (a peer whose host is gone, which sends no FIN).
 //!
 //! Invariants: every queue is bounded (per peer in messages and bytes, the inbox in
 //! messages); connections accepted at once are at most [`CLUSTER_CONNECTIONS_MAX`] and peers
@@ -569,6 +570,7 @@ async fn connect(shared: &Shared, peer: &Peer) -> Result<TcpStream, Handshake> {
     let mut stream = TcpStream::connect_timeout(peer.addr.get(), CONNECT_TIMEOUT).await.map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(io)?;
+    give_up_unacknowledged(&stream).map_err(|error| Handshake::Failed(error.to_string()))?;
     let ours = shared.cluster_id.get();
     let hello = Hello {
         cluster_id: ours,
@@ -601,6 +603,16 @@ async fn connect(shared: &Shared, peer: &Peer) -> Result<TcpStream, Handshake> {
         Frame::Refused { reason } => Err(Handshake::Refused(reason)),
         other => Err(Handshake::Failed(format!("expected Welcome or Refused, got {}", other.kind_name()))),
     }
+}
+
+/// Makes the kernel fail the connection when what it sent stays unacknowledged for
+/// [`WRITE_TIMEOUT`] (TCP_USER_TIMEOUT): a peer whose host died or dropped off the network
+/// sends no FIN, and its socket would otherwise take our writes for minutes (the
+/// retransmission timeout) before anything failed.
+fn give_up_unacknowledged(stream: &TcpStream) -> io::Result<()> {
+    // SAFETY: the fd is the stream's, open while `stream` lives, which outlives this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    socket2::SockRef::from(&fd).set_tcp_user_timeout(Some(WRITE_TIMEOUT))
 }
 
 /// Writes what the peer's queue holds, a frame at a time, until the connection fails.
