@@ -123,6 +123,36 @@ fn thousands_of_messages_arrive_in_order_in_few_frames() {
 }
 
 #[test]
+fn large_appends_are_split_at_the_frame_limit_and_arrive_whole() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(ID)));
+        let value: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let batch = Bytes::from(pyralog_replication::batch::build(&[(None, &value)], 0, 1));
+        let append = |prev_end| Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: Body::Append(Append {
+                prev_end,
+                prev_epoch: 1,
+                commit_end: 0,
+                batches: vec![batch.clone()],
+            }),
+        };
+        // 24 MiB in one turn: two frames (16 MiB at most each), far more than a socket buffer.
+        for prev_end in 0..6 {
+            a.send(address(2, &b), key(0), append(prev_end));
+        }
+        for prev_end in 0..6 {
+            assert_eq!(recv_within(&b).await.message, append(prev_end));
+        }
+        assert_eq!(a.counts().frames_sent, 2, "{:?}", a.counts());
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
 fn a_peer_of_another_cluster_is_refused_and_nothing_is_delivered() {
     run(async {
         let (a, b) = (start(1, Some(ID)), start(2, Some(OTHER_ID)));
