@@ -346,6 +346,7 @@ impl Encoder {
         crc = crc32c::crc32c_append(crc, &self.head[from..]);
         self.head[4..8].copy_from_slice(&crc.to_be_bytes());
         let head = self.head.freeze();
+        let chunks_before = out.len();
         let mut from = 0;
         for (at, chunk) in self.splices {
             if at > from {
@@ -355,6 +356,8 @@ impl Encoder {
             from = at;
         }
         out.push(head.slice(from..));
+        let written: usize = out[chunks_before..].iter().map(Bytes::len).sum();
+        assert_eq!(written, LENGTH_PREFIX_BYTES + length as usize, "the length field counts every byte");
     }
 }
 

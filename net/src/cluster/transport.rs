@@ -35,6 +35,10 @@
 //! shard's inbox ([`ClusterTransport::recv`]), bounded by [`ClusterConfig::inbox_messages_max`]:
 //! when it is full, the connections' readers wait, and TCP pushes back on the senders.
 //! A frame that does not decode (damaged, oversized, unknown) closes its connection alone.
+//! The shard must drain its inbox every tick: a reader held back longer than the sender's
+//! [`WRITE_TIMEOUT`] makes the sender give the connection up (and what it had written is lost).
+//! Order holds per connection only: after a reconnection, messages of the old connection still
+//! being read may arrive after some of the new one's, which Raft tolerates as reordering.
 //!
 //! # Connections and failures
 //! A peer's writer connects (within [`CONNECT_TIMEOUT`]), sends Hello and waits for the
@@ -270,6 +274,8 @@ impl ClusterTransport {
         }
         queue.push_back(Queued { key, message, bytes, at: now });
         to.queued_bytes.set(to.queued_bytes.get() + bytes);
+        assert!(queue.len() <= CLUSTER_QUEUE_MESSAGES_MAX, "the queue is bounded in messages");
+        assert!(to.queued_bytes.get() <= CLUSTER_QUEUE_BYTES_MAX, "the queue is bounded in bytes");
         to.doorbell.ring();
     }
 
@@ -489,6 +495,8 @@ impl Peer {
             let queued = queue.pop_front().expect("front checked");
             self.queued_bytes.set(self.queued_bytes.get() - queued.bytes);
         }
+        assert!(encoder.frame_bytes() <= LENGTH_PREFIX_BYTES + CLUSTER_FRAME_BYTES_MAX, "frames are bounded");
+        assert!(!queue.is_empty() || self.queued_bytes.get() == 0, "queued bytes are counted exactly");
         let taken = (encoder.len() as u64, encoder.frame_bytes() as u64);
         encoder.finish(chunks);
         taken
@@ -672,6 +680,7 @@ async fn write_chunks(stream: &mut TcpStream, fd: RawFd, chunks: &[Bytes]) -> io
         }
         offset += left;
     }
+    assert_eq!((index, offset), (chunks.len(), 0), "every chunk was written whole");
     Ok(())
 }
 
