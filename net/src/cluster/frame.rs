@@ -200,6 +200,16 @@ const MESSAGES_COUNT_AT: usize = LENGTH_PREFIX_BYTES + FRAME_HEADER_BYTES;
 
 /// Appends the chunks of `frame` to `out`, ready to be written in order.
 ///
+/// ```
+/// use pyralog_net::cluster::frame::{self, Frame, Welcome};
+///
+/// let welcome = Frame::Welcome(Welcome { cluster_id: Some([7; 16]), node: 2 });
+/// let mut chunks = Vec::new();
+/// frame::encode(&welcome, &mut chunks);
+/// let bytes: Vec<u8> = chunks.concat();
+/// assert_eq!(frame::decode(bytes.into()).unwrap(), welcome);
+/// ```
+///
 /// Panics if the frame breaks a limit the decoder enforces (a reason over
 /// [`REFUSED_REASON_BYTES_MAX`], a Messages frame over [`CLUSTER_FRAME_BYTES_MAX`] or
 /// [`FRAME_ENTRIES_MAX`], a batch shorter than a header): those are the caller's bugs. To fill
