@@ -24,7 +24,7 @@
 //! **A tick is one frame per peer.** The writer task of a peer runs only when the shard's
 //! task that calls `send` yields, and then takes everything queued at that moment into one
 //! Messages frame (more only past [`CLUSTER_FRAME_BYTES_MAX`]): the heartbeats that every
-//! group sends during one tick of the shard's loop leave as one frame, in one system call.
+//! group sends during one tick of the shard's loop leave as one frame, usually in one system call.
 //! Batch bytes are never copied: they leave from the buffers the caller's `Bytes` share
 //! (a vectored `sendmsg`), and arrive as slices of the received frame.
 //!
@@ -79,7 +79,7 @@ use crate::ports::Sharing;
 
 /// Messages queued for one peer shard.
 pub const CLUSTER_QUEUE_MESSAGES_MAX: usize = 1 << 16;
-/// Bytes queued for one peer shard (see [`queued_bytes`]): a few appends' pipelining window
+/// Bytes queued for one peer shard (batches and epochs, plus 64 a message for the rest): a few appends' pipelining window
 /// ([`APPEND_IN_FLIGHT_BYTES_MAX`](pyralog_replication::group::APPEND_IN_FLIGHT_BYTES_MAX),
 /// 4 MiB) for each of several groups.
 pub const CLUSTER_QUEUE_BYTES_MAX: usize = 32 << 20;
@@ -365,7 +365,7 @@ impl Drop for ClusterTransport {
 /// What a queued message counts against its peer's [`CLUSTER_QUEUE_BYTES_MAX`]: its batches
 /// and epochs, and a fixed allowance for its other fields (a close upper bound of its
 /// encoding, cheaper to compute than the encoding itself).
-pub fn queued_bytes(message: &Message) -> usize {
+pub(crate) fn queued_bytes(message: &Message) -> usize {
     const FIELDS_BYTES: usize = 64;
     match &message.body {
         Body::Append(append) => {
