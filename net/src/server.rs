@@ -309,27 +309,9 @@ async fn serve_connection<P: Protocol>(
                 .detach();
             }
         }
-        let at = buffer.len();
-        // Read into the room already reserved for an incomplete frame (growing the buffer
-        // there would copy what it holds), else into a fresh chunk.
-        let room = buffer.capacity() - at;
-        let chunk = if room > 0 { room.min(READ_CHUNK_BYTES) } else { READ_CHUNK_BYTES };
-        buffer.reserve(chunk);
-        let waiting = chunk.min(WAITING_READ_BYTES);
-        buffer.resize(at + waiting, 0);
-        let read = reader.read(&mut buffer[at..]).await;
-        match read {
-            Ok(0) | Err(_) => {
-                buffer.truncate(at);
-                break;
-            }
-            Ok(n) => buffer.truncate(at + n),
-        }
-        // A full waiting read: more is likely there. Take it all at once, into all the room
-        // there is (a large frame has its whole size reserved). A socket that turns out empty,
-        // closed or failed is left for the next waiting read, which reports it.
-        if buffer.len() == at + waiting && chunk > waiting {
-            let _ = recv_now(fd, &mut buffer);
+        match read_more(&mut reader, fd, &mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
         }
     }
     // Let the requests already read finish and be answered, then close.
@@ -337,6 +319,32 @@ async fn serve_connection<P: Protocol>(
     drop(responses);
     writer_task.await;
     Ok(())
+}
+
+/// Reads what the socket `fd` (read through `reader`) has into `buffer`, waiting until
+/// something arrives. Returns the bytes the waiting read took: 0 when the peer closed.
+pub(crate) async fn read_more(
+    reader: &mut (impl futures_lite::AsyncRead + Unpin),
+    fd: RawFd,
+    buffer: &mut BytesMut,
+) -> std::io::Result<usize> {
+    let at = buffer.len();
+    // Read into the room already reserved for an incomplete frame (growing the buffer
+    // there would copy what it holds), else into a fresh chunk.
+    let room = buffer.capacity() - at;
+    let chunk = if room > 0 { room.min(READ_CHUNK_BYTES) } else { READ_CHUNK_BYTES };
+    buffer.reserve(chunk);
+    let waiting = chunk.min(WAITING_READ_BYTES);
+    buffer.resize(at + waiting, 0);
+    let read = reader.read(&mut buffer[at..]).await;
+    buffer.truncate(at + *read.as_ref().unwrap_or(&0));
+    // A full waiting read: more is likely there. Take it all at once, into all the room
+    // there is (a large frame has its whole size reserved). A socket that turns out empty,
+    // closed or failed is left for the next waiting read, which reports it.
+    if read.as_ref().is_ok_and(|&n| n == waiting) && chunk > waiting {
+        let _ = recv_now(fd, buffer);
+    }
+    read
 }
 
 /// Takes what the socket holds right now, up to `buffer`'s spare capacity, which the kernel
