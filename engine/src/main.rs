@@ -6,6 +6,7 @@
 //! one plain sentence, not a panic.
 
 mod admin;
+mod cluster;
 mod config;
 mod fetch;
 mod groups;
@@ -165,10 +166,36 @@ pub struct NodeArgs {
     /// else 0 (a node without --seeds is a cluster of one).
     #[arg(long, value_name = "ID")]
     pub node_id: Option<u32>,
-    /// The controller's initial voters, as ID@HOST:PORT,... (their cluster addresses). Not
-    /// supported by this build yet: a node without it is a cluster of one.
+    /// The cluster's seeds, ID@HOST:PORT,... (node ids and cluster addresses): the voters of
+    /// the controller, the Raft group that holds the cluster's metadata. Give every seed the
+    /// same list. Without it the node is a cluster of one.
     #[arg(long, value_name = "ID@HOST:PORT,...")]
     pub seeds: Option<String>,
+    /// Where this node takes node-to-node traffic (replication, the controller): shard i
+    /// listens on this port + i. Default: this node's address in --seeds.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// The cluster address other nodes are told. Default: this node's address in --seeds, else
+    /// --cluster-listen.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub cluster_advertise: Option<String>,
+    /// This node's failure domain (a rack, a zone): a topic's replicas go on distinct racks
+    /// while there are racks to spare.
+    #[arg(long, value_name = "NAME")]
+    pub rack: Option<String>,
+    /// Replicas of a topic created without a replication factor (Kafka's -1, an auto-created
+    /// topic, `topic create` without --replication-factor). Default: 3, or the node count if
+    /// fewer.
+    #[arg(long, value_name = "COUNT")]
+    pub default_replication_factor: Option<u32>,
+    /// How often a partition's leader tells its followers it is alive.
+    #[arg(long, value_name = "MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub heartbeat_interval_ms: u64,
+    /// A follower that has not heard from its leader for this long (plus a random part up to as
+    /// much again) starts an election. Lower fails over faster; too low for the machine's
+    /// scheduling and network jitter makes needless elections.
+    #[arg(long, value_name = "MS", default_value_t = 150, value_parser = clap::value_parser!(u64).range(20..=60_000))]
+    pub election_timeout_ms: u64,
 }
 
 impl NodeArgs {

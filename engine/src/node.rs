@@ -29,6 +29,7 @@ use pyralog_net::ports::{self, Sharing};
 use pyralog_net::server::{self, ListenerConfig};
 use pyralog_shard::{Durability, GroupConfig, Shard, ShardConfig, ShardMesh};
 
+use crate::cluster::ClusterPlan;
 use crate::identity;
 use crate::kafka::{KafkaService, KafkaSettings};
 use crate::metrics::{Endpoints, ShardRegistry};
@@ -77,7 +78,7 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
     // Absolute from here on: every file the shards open is named from it (glommio cannot open
     // a directory by a relative path).
     args.data_dir = data_dir.path.clone();
-    let identity = match establish_identity(&args, seeds.as_deref()) {
+    let (identity, cluster) = match establish_identity(&args, seeds, cpus.len()) {
         Ok(identity) => identity,
         Err(error) => {
             data_dir.discard_after_failed_start();
@@ -95,7 +96,7 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
         retention_ms: args.retention_ms,
     };
     block_stop_signals();
-    let node = match start(&args, &identity, &cpus, kafka, io_memory_bytes) {
+    let node = match start(&args, &identity, cluster.as_ref(), &cpus, kafka, io_memory_bytes) {
         Ok(node) => node,
         Err(error) => {
             data_dir.discard_after_failed_start();
@@ -107,28 +108,38 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
     outcome
 }
 
-/// Loads or creates the node's identity (see `identity`), stored before any shard starts.
-fn establish_identity(args: &NodeArgs, seeds: Option<&[identity::Seed]>) -> Result<identity::NodeMeta> {
+/// Loads or creates the node's identity (see `identity`), stored before any shard starts, and
+/// with --seeds the node's cluster plan (see `cluster`).
+fn establish_identity(
+    args: &NodeArgs,
+    seeds: Option<Vec<identity::Seed>>,
+    shards: usize,
+) -> Result<(identity::NodeMeta, Option<ClusterPlan>)> {
     let stored = identity::load(&args.data_dir)?;
     let node_id = identity::node_id(stored.as_ref(), args.node_id, &args.data_dir, seeds.is_some())?;
-    if let Some(others) = seeds.filter(|seeds| seeds.iter().any(|s| s.node_id != node_id)) {
-        let named: Vec<String> = others.iter().map(|s| format!("{}@{}", s.node_id, s.address)).collect();
-        bail!(
-            "--seeds {} names other nodes, and this build runs only a cluster of one: start the node \
-             without --seeds",
-            named.join(",")
-        );
+    let plan = seeds.map(|seeds| ClusterPlan::new(args, node_id, seeds)).transpose()?;
+    if let Some(plan) = &plan {
+        if shards > crate::cluster::SHARDS_MAX {
+            bail!("a node of a cluster runs at most {} shards", crate::cluster::SHARDS_MAX);
+        }
+        for shard in 0..shards {
+            let addr = plan.shard_listen(shard);
+            ports::check_free(addr, Sharing::Exclusive).map_err(|problem| {
+                anyhow!("cluster port {addr} (--cluster-listen + shard {shard}) is {problem}")
+            })?;
+        }
     }
-    // A cluster of one bootstraps its cluster at its first start.
-    let cluster_id = match stored.and_then(|meta| meta.cluster_id) {
-        Some(id) => id,
-        None => identity::new_cluster_id()?,
+    let cluster_id = match (stored.and_then(|meta| meta.cluster_id), &plan) {
+        (Some(id), _) => id,
+        (None, Some(plan)) => crate::cluster::learn_cluster_id(plan, None)?,
+        // A cluster of one bootstraps its cluster at its first start.
+        (None, None) => identity::new_cluster_id()?,
     };
     let meta = identity::NodeMeta { node_id, cluster_id: Some(cluster_id) };
     if stored != Some(meta) {
         identity::store(&args.data_dir, &meta)?;
     }
-    Ok(meta)
+    Ok((meta, plan))
 }
 
 /// A node whose shards all serve.
@@ -144,6 +155,7 @@ struct RunningNode {
 fn start(
     args: &NodeArgs,
     identity: &identity::NodeMeta,
+    cluster: Option<&ClusterPlan>,
     cpus: &[usize],
     kafka: KafkaSettings,
     io_memory_bytes: usize,
@@ -172,9 +184,13 @@ fn start(
             .map_or(0.0, |d| d.as_secs_f64()),
     };
     for &cpu in cpus {
+        let mut config = shard_config(args);
+        config.cluster = cluster.map(|plan| plan.settings.clone());
         let context = ShardContext {
             mesh: mesh.clone(),
-            config: shard_config(args),
+            config,
+            cluster: cluster
+                .map(|plan| (plan.clone(), identity.cluster_id.expect("a node has a cluster id"))),
             listen: args.listen,
             shard_port_base: args.shard_port_base,
             kafka_listen: args.kafka_listen,
@@ -228,7 +244,7 @@ fn start(
         .set(Topology { shards: shards.clone(), kafka_ports: kafka_ports.clone() })
         .unwrap_or_else(|_| unreachable!("set once"));
     let metrics_port = ready.iter().find_map(|r| r.metrics_port).expect("shard 0 serves the metrics");
-    print_summary(args, identity, &shards, &kafka_ports, io_memory_bytes, metrics_port);
+    print_summary(args, identity, cluster, &shards, &kafka_ports, io_memory_bytes, metrics_port);
     Ok(node)
 }
 
@@ -272,6 +288,8 @@ impl RunningNode {
 struct ShardContext {
     mesh: ShardMesh,
     config: ShardConfig,
+    /// The node's cluster plan and cluster id, when it runs with --seeds.
+    cluster: Option<(ClusterPlan, pyralog_net::cluster::ClusterId)>,
     listen: SocketAddr,
     shard_port_base: Option<u16>,
     kafka_listen: SocketAddr,
@@ -308,6 +326,19 @@ async fn run_shard(context: ShardContext) {
     let shard_addr = |listen: SocketAddr, base: Option<u16>| {
         let base = first_shard_port(listen, base, "").expect("checked by check_ports at startup");
         SocketAddr::new(listen.ip(), base.map_or(0, |base| base + shard.id as u16))
+    };
+    let transport = match &context.cluster {
+        Some((plan, cluster_id)) => match crate::cluster::start_transport(plan, *cluster_id, &shard) {
+            Ok(transport) => Some(transport),
+            Err(error) => {
+                let addr = plan.shard_listen(shard.id);
+                let _ =
+                    context.events.send(ShardEvent::Failed(format!("binding cluster port {addr}: {error}")));
+                let _ = shard.shutdown().await;
+                return;
+            }
+        },
+        None => None,
     };
     let registry = ShardRegistry::new(&shard);
     let native_metrics = Rc::new(registry.server.listener("native"));
@@ -361,6 +392,22 @@ async fn run_shard(context: ShardContext) {
     let topology = Rc::new(
         context.topology.get().cloned().unwrap_or(Topology { shards: Vec::new(), kafka_ports: Vec::new() }),
     );
+    // Once every shard serves, shard 0 tells the controller where this node is.
+    let _registering = match (&context.cluster, shard.id) {
+        (Some((plan, _)), 0) if !topology.shards.is_empty() => {
+            let node = crate::cluster::node_info(plan, &topology, &context.kafka, context.listen);
+            let registering = Rc::clone(&shard);
+            Some(glommio::spawn_local(async move {
+                while let Err(error) = registering.register_node(node.clone()).await {
+                    if matches!(error, pyralog_shard::ShardError::ShuttingDown) {
+                        return;
+                    }
+                    eprintln!("pyralog: registering with the cluster's controller: {error}; trying again");
+                }
+            }))
+        }
+        _ => None,
+    };
     let service = Rc::new(server::Native {
         handler: Service { shard: Rc::clone(&shard), topology: Rc::clone(&topology) },
         max_request_bytes: context.max_request_bytes,
@@ -401,6 +448,9 @@ async fn run_shard(context: ShardContext) {
     stop_listeners.set(true);
     drop(serving); // cancels the accept loops
     drop(kafka_serving);
+    if let Some(transport) = transport {
+        transport.close().await;
+    }
     let error = shard.shutdown().await.err().map(|e| e.to_string());
     let _ = context.events.send(ShardEvent::Stopped { shard: shard.id, error });
 }
@@ -702,6 +752,7 @@ fn wait_for_stop(events: &mpsc::Receiver<ShardEvent>) -> Result<(), String> {
 fn print_summary(
     args: &NodeArgs,
     identity: &identity::NodeMeta,
+    cluster_plan: Option<&ClusterPlan>,
     shards: &[ShardInfo],
     kafka_ports: &[u16],
     io_memory_bytes: usize,
@@ -735,7 +786,21 @@ fn print_summary(
         brokers.join(", ")
     );
     let cluster = identity.cluster_id.map_or("none".to_owned(), |id| identity::hex(&id));
-    println!("  node        {} of cluster {cluster} (a cluster of one)", identity.node_id);
+    match cluster_plan {
+        None => println!("  node        {} of cluster {cluster} (a cluster of one)", identity.node_id),
+        Some(plan) => {
+            let seeds: Vec<String> =
+                plan.seeds.iter().map(|s| format!("{}@{}", s.node_id, s.address)).collect();
+            println!(
+                "  node        {} of cluster {cluster}; seeds {}; cluster listen {} (advertised {}, shard i on port + i){}",
+                identity.node_id,
+                seeds.join(","),
+                plan.listen,
+                plan.advertise,
+                plan.rack.as_ref().map_or(String::new(), |r| format!("; rack {r}"))
+            );
+        }
+    }
     println!("  data dir    {}", args.data_dir.display());
     println!("  durability  {durability}");
     println!(

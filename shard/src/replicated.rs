@@ -261,6 +261,22 @@ impl Shard {
         }
     }
 
+    /// A registered node, as this shard last applied the metadata.
+    pub fn cluster_node(&self, id: u32) -> Option<NodeInfo> {
+        self.cluster()?.meta.borrow().nodes.get(&id).cloned()
+    }
+
+    /// The controller log's offset this shard's metadata reflects: it changes whenever the
+    /// metadata does, so a caller may cache what it derived from it.
+    pub fn cluster_version(&self) -> i64 {
+        self.cluster().map_or(0, |c| c.meta.borrow().applied_end)
+    }
+
+    /// The cluster's metadata as this shard last applied it (None without a cluster).
+    pub fn cluster_meta(&self) -> Option<ClusterMeta> {
+        Some(self.cluster()?.meta.borrow().clone())
+    }
+
     /// The role of the local replica of a partition, if this node holds one.
     pub fn replica_role(&self, topic: &str, partition: u32) -> Option<ReplicaRole> {
         self.local_replica(topic, partition).map(|r| r.role())

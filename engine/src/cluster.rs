@@ -1,0 +1,285 @@
+//! The daemon's side of a cluster: the node's cluster flags resolved, the cluster id learned
+//! or created at start-up, each shard's cluster transport bound and wired to its replicas,
+//! and the node registered with the controller once it serves.
+//!
+//! Cluster id. A node that has none asks the other seeds before its shards start, answering
+//! their questions meanwhile (`identity::answer_queries` on its shard 0's cluster port): it
+//! adopts the first id a seed tells it; the lowest seed creates one only when every other seed
+//! answered that it has none (a cluster that never ran); a node that is not a seed waits for a
+//! seed that has one. So a seed that lost its data directory rejoins its cluster rather than
+//! founding another.
+//!
+//! Routing. A replica's message goes to the peer node's shard that owns the partition there
+//! (`topics::owner_shard` with that node's shard count), at the node's registered cluster
+//! address plus the shard index; the controller's messages go to the seeds' shard 0, at the
+//! addresses in --seeds (known before any node registered).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use pyralog_net::cluster::identity;
+use pyralog_net::cluster::transport::{ClusterConfig, ClusterTransport, PeerAddress};
+use pyralog_net::cluster::{ClusterId, GroupKey};
+use pyralog_shard::{ClusterSettings, SendHook, Shard, CONTROLLER_TOPIC_ID};
+
+use crate::identity::Seed;
+use crate::NodeArgs;
+
+/// How long a node without a cluster id waits for the seeds to tell it one.
+const CLUSTER_ID_WAIT: Duration = Duration::from_secs(300);
+/// How long one query to a seed may take.
+const CLUSTER_ID_QUERY_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the waiting node says what it waits for.
+const CLUSTER_ID_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+/// Kafka broker ids are node id × this + shard: unique across the cluster.
+pub const BROKER_IDS_PER_NODE: i32 = 1000;
+/// Node ids keep broker ids within Kafka's int32.
+pub const NODE_ID_MAX: u32 = (i32::MAX / BROKER_IDS_PER_NODE) as u32 - 1;
+/// Shards of a node keep broker ids of nodes apart.
+pub const SHARDS_MAX: usize = BROKER_IDS_PER_NODE as usize;
+
+/// The node's cluster flags, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct ClusterPlan {
+    pub node_id: u32,
+    pub seeds: Vec<Seed>,
+    /// Shard 0's cluster address; shard i listens on its port + i.
+    pub listen: SocketAddr,
+    /// Where peers reach shard 0 (HOST:PORT).
+    pub advertise: String,
+    pub rack: Option<String>,
+    pub settings: ClusterSettings,
+}
+
+impl ClusterPlan {
+    /// The cluster plan of a node started with `--seeds`.
+    pub fn new(args: &NodeArgs, node_id: u32, seeds: Vec<Seed>) -> Result<ClusterPlan> {
+        if node_id > NODE_ID_MAX {
+            bail!("--node-id {node_id} is above {NODE_ID_MAX} (Kafka broker ids are node id × 1000 + shard)");
+        }
+        let own_seed = seeds.iter().find(|s| s.node_id == node_id);
+        let listen = match (args.cluster_listen, own_seed) {
+            (Some(listen), _) => listen,
+            (None, Some(seed)) => resolve(&seed.address)
+                .with_context(|| format!("--seeds names this node ({node_id}) at {}", seed.address))?,
+            (None, None) => bail!(
+                "node {node_id} is not in --seeds: give it --cluster-listen HOST:PORT, where the other nodes \
+                 reach it"
+            ),
+        };
+        let advertise = match (&args.cluster_advertise, own_seed) {
+            (Some(advertise), _) => advertise.clone(),
+            (None, Some(seed)) => seed.address.clone(),
+            (None, None) if listen.ip().is_unspecified() => bail!(
+                "--cluster-listen {listen} is every address, which peers cannot connect to: say where they \
+                 reach this node with --cluster-advertise HOST:PORT"
+            ),
+            (None, None) => listen.to_string(),
+        };
+        if let Some(rack) = &args.rack {
+            check_rack(rack)?;
+        }
+        if args.heartbeat_interval_ms >= args.election_timeout_ms {
+            bail!(
+                "--election-timeout-ms {} must be longer than --heartbeat-interval-ms {}",
+                args.election_timeout_ms,
+                args.heartbeat_interval_ms
+            );
+        }
+        let tick_ms = RAFT_TICK.as_millis() as u64;
+        let settings = ClusterSettings {
+            node_id,
+            seeds: seeds.iter().map(|s| s.node_id).collect(),
+            tick: RAFT_TICK,
+            heartbeat_ticks: args.heartbeat_interval_ms.div_ceil(tick_ms).max(1) as u32,
+            election_ticks: args.election_timeout_ms.div_ceil(tick_ms).max(2) as u32,
+            default_replication_factor: args.default_replication_factor,
+        };
+        Ok(ClusterPlan { node_id, seeds, listen, advertise, rack: args.rack.clone(), settings })
+    }
+
+    /// Shard `shard`'s cluster address.
+    pub fn shard_listen(&self, shard: usize) -> SocketAddr {
+        SocketAddr::new(
+            self.listen.ip(),
+            if self.listen.port() == 0 { 0 } else { self.listen.port() + shard as u16 },
+        )
+    }
+}
+
+/// One tick of every replica's clock; the heartbeat and election timeouts are whole ticks.
+pub const RAFT_TICK: Duration = Duration::from_millis(10);
+
+/// Longest rack name (it is sent to peers and shown in metadata).
+pub const RACK_BYTES_MAX: usize = 64;
+
+fn check_rack(rack: &str) -> Result<()> {
+    if rack.is_empty() || rack.len() > RACK_BYTES_MAX || !rack.chars().all(|c| c.is_ascii_graphic()) {
+        bail!("--rack takes 1 to {RACK_BYTES_MAX} printable characters without spaces, not '{rack}'");
+    }
+    Ok(())
+}
+
+fn resolve(address: &str) -> Result<SocketAddr> {
+    address
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {address}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{address} resolves to no address"))
+}
+
+/// The cluster id: the stored one, else learned from the seeds or created (see the module
+/// docs). Blocks until the seeds answer, up to [`CLUSTER_ID_WAIT`].
+pub fn learn_cluster_id(plan: &ClusterPlan, stored: Option<ClusterId>) -> Result<ClusterId> {
+    if let Some(id) = stored {
+        return Ok(id);
+    }
+    let others: Vec<&Seed> = plan.seeds.iter().filter(|s| s.node_id != plan.node_id).collect();
+    let is_seed = others.len() < plan.seeds.len();
+    let lowest_seed = is_seed && others.iter().all(|s| s.node_id > plan.node_id);
+    // Answer the other seeds' questions while asking ours: they may be waiting on us.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answering = match pyralog_net::ports::bind(plan.listen, pyralog_net::ports::Sharing::Exclusive) {
+        Ok(listener) => {
+            let (stop, node) = (Arc::clone(&stop), plan.node_id);
+            Some(std::thread::spawn(move || identity::answer_queries(listener, node, None, &stop)))
+        }
+        Err(error) => bail!("cannot listen on --cluster-listen {}: {error}", plan.listen),
+    };
+    let outcome = ask_seeds(plan, &others, lowest_seed);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(thread) = answering {
+        let _ = thread.join();
+    }
+    outcome
+}
+
+fn ask_seeds(plan: &ClusterPlan, others: &[&Seed], lowest_seed: bool) -> Result<ClusterId> {
+    let started = Instant::now();
+    let mut said = Instant::now();
+    loop {
+        let mut fresh = 0;
+        let mut waiting_for = Vec::new();
+        for seed in others {
+            let answer = resolve(&seed.address).and_then(|addr| {
+                identity::query_cluster_id(addr, plan.node_id, seed.node_id, CLUSTER_ID_QUERY_TIMEOUT)
+                    .map_err(|e| anyhow!("{e}"))
+            });
+            match answer {
+                Ok(Some(id)) => return Ok(id),
+                Ok(None) => fresh += 1,
+                Err(error) => waiting_for.push(format!("{}@{} ({error})", seed.node_id, seed.address)),
+            }
+        }
+        if lowest_seed && fresh == others.len() {
+            return crate::identity::new_cluster_id();
+        }
+        if started.elapsed() > CLUSTER_ID_WAIT {
+            bail!(
+                "no seed told this node its cluster id within {CLUSTER_ID_WAIT:?}; unreachable: {}",
+                waiting_for.join(", ")
+            );
+        }
+        if said.elapsed() >= CLUSTER_ID_PROGRESS_INTERVAL {
+            said = Instant::now();
+            let why = if waiting_for.is_empty() {
+                "the lowest seed to create it".to_owned()
+            } else {
+                format!("seeds {}", waiting_for.join(", "))
+            };
+            println!("pyralog: node {} waits for {why} to learn its cluster id", plan.node_id);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts shard `shard`'s transport and connects it to the shard's replicas.
+pub fn start_transport(
+    plan: &ClusterPlan,
+    cluster_id: ClusterId,
+    shard: &Rc<Shard>,
+) -> std::io::Result<Rc<ClusterTransport>> {
+    let config = ClusterConfig::new(
+        plan.node_id,
+        shard.id as u16,
+        plan.shard_listen(shard.id),
+        Rc::new(Cell::new(Some(cluster_id))),
+    );
+    let transport = ClusterTransport::start(config)?;
+    let seeds: HashMap<u32, String> = plan.seeds.iter().map(|s| (s.node_id, s.address.clone())).collect();
+    shard.set_cluster_send(send_hook(Rc::downgrade(shard), Rc::clone(&transport), seeds));
+    let (receiving, into) = (Rc::clone(&transport), Rc::clone(shard));
+    glommio::spawn_local(async move {
+        while let Some(received) = receiving.recv().await {
+            into.deliver(received.key.topic_id, received.key.partition, received.message).await;
+        }
+    })
+    .detach();
+    Ok(transport)
+}
+
+/// Where a peer node's shard 0 listens and how many shards it has, as last resolved.
+struct Route {
+    version: i64,
+    addr: SocketAddr,
+    shards: u32,
+}
+
+fn send_hook(shard: Weak<Shard>, transport: Rc<ClusterTransport>, seeds: HashMap<u32, String>) -> SendHook {
+    let routes: RefCell<HashMap<u32, Route>> = RefCell::new(HashMap::new());
+    Rc::new(move |address, message| {
+        let Some(shard) = shard.upgrade() else { return };
+        let to = message.to;
+        let controller = address.topic_id == CONTROLLER_TOPIC_ID;
+        let version = if controller { -1 } else { shard.cluster_version() };
+        let mut routes = routes.borrow_mut();
+        let stale = routes.get(&to).is_none_or(|r| r.version != version);
+        if stale {
+            let found = if controller {
+                seeds.get(&to).and_then(|a| resolve(a).ok()).map(|addr| (addr, 1))
+            } else {
+                shard.cluster_node(to).and_then(|n| Some((resolve(&n.cluster_address).ok()?, n.shards)))
+            };
+            // A peer not known yet (not registered): Raft sends again later.
+            let Some((addr, shards)) = found else { return };
+            routes.insert(to, Route { version, addr, shards });
+        }
+        let route = &routes[&to];
+        let peer_shard = if controller {
+            0
+        } else {
+            pyralog_shard::topics::owner_shard(&address.topic, address.partition, route.shards as usize)
+        };
+        let addr = SocketAddr::new(route.addr.ip(), route.addr.port() + peer_shard as u16);
+        let peer = PeerAddress { node: to, shard: peer_shard as u16, addr };
+        transport.send(peer, GroupKey { topic_id: address.topic_id, partition: address.partition }, message);
+    })
+}
+
+/// This node as the controller registers it: its cluster address, shards, rack and where
+/// clients reach it.
+pub fn node_info(
+    plan: &ClusterPlan,
+    topology: &crate::service::Topology,
+    kafka: &crate::kafka::KafkaSettings,
+    native_listen: SocketAddr,
+) -> pyralog_shard::cluster::NodeInfo {
+    pyralog_shard::cluster::NodeInfo {
+        id: plan.node_id,
+        cluster_address: plan.advertise.clone(),
+        shards: topology.shards.len() as u32,
+        rack: plan.rack.clone(),
+        native_host: native_listen.ip().to_string(),
+        native_port: native_listen.port(),
+        native_shard_ports: topology.shards.iter().map(|s| s.port).collect(),
+        kafka_host: kafka.advertised_host.clone(),
+        kafka_port: kafka.advertised_port,
+        kafka_shard_ports: topology.kafka_ports.clone(),
+    }
+}
