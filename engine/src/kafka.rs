@@ -18,17 +18,14 @@ use pyralog_net::kafka::messages::*;
 use pyralog_net::kafka::wire::{Records, Uuid};
 use pyralog_net::kafka::{error, Request, RequestBody, ResponseBody};
 use pyralog_net::server::KafkaHandler;
+use pyralog_shard::cluster::{ClusterMeta, TopicPlacement};
 use pyralog_shard::topics::{TopicConfig, TopicMeta};
 use pyralog_shard::{FetchLimits, Shard, ShardError};
 
 use crate::{fetch, groups};
 
-/// The controller's node id in Kafka metadata (shard 0, which decides topic changes).
-pub const CONTROLLER_ID: i32 = 0;
 /// ListOffsets' timestamp asking for the record with the largest timestamp (v7+).
 const MAX_TIMESTAMP: i64 = -3;
-/// The cluster id reported in metadata.
-pub const CLUSTER_ID: &str = "pyralog";
 /// FindCoordinator's key type of a consumer group, and of a transactional id.
 const COORDINATOR_KEY_GROUP: i8 = 0;
 const COORDINATOR_KEY_TRANSACTION: i8 = 1;
@@ -55,6 +52,10 @@ pub struct KafkaSettings {
     pub segment_bytes: u64,
     pub retention_bytes: Option<u64>,
     pub retention_ms: Option<u64>,
+    /// The cluster's id (hex), as metadata reports it.
+    pub cluster_id: String,
+    /// This node's id: its shard i is broker `node_id × 1000 + i`.
+    pub node_id: u32,
 }
 
 pub struct KafkaService {
@@ -170,18 +171,67 @@ impl KafkaService {
         }
     }
 
-    /// Every shard as a Kafka broker.
-    fn brokers(&self) -> Vec<metadata_response::MetadataResponseBroker> {
-        self.broker_ports
-            .iter()
-            .enumerate()
-            .map(|(shard, port)| metadata_response::MetadataResponseBroker {
-                node_id: shard as i32,
-                host: self.settings.advertised_host.clone(),
-                port: i32::from(*port),
-                rack: None,
-            })
-            .collect()
+    /// Every shard of every node as a Kafka broker.
+    fn brokers(&self, cluster: Option<&ClusterMeta>) -> Vec<metadata_response::MetadataResponseBroker> {
+        let Some(cluster) = cluster else {
+            return self
+                .broker_ports
+                .iter()
+                .enumerate()
+                .map(|(shard, port)| metadata_response::MetadataResponseBroker {
+                    node_id: broker_id(self.settings.node_id, shard),
+                    host: self.settings.advertised_host.clone(),
+                    port: i32::from(*port),
+                    rack: None,
+                })
+                .collect();
+        };
+        let mut brokers = Vec::new();
+        for node in cluster.nodes.values() {
+            for (shard, port) in node.kafka_shard_ports.iter().enumerate() {
+                brokers.push(metadata_response::MetadataResponseBroker {
+                    node_id: broker_id(node.id, shard),
+                    host: node.kafka_host.clone(),
+                    port: i32::from(*port),
+                    rack: node.rack.clone(),
+                });
+            }
+        }
+        brokers
+    }
+
+    /// A replicated partition as metadata describes it: its leader (as this node last heard,
+    /// else its preferred leader, which answers NOT_LEADER_OR_FOLLOWER if it is not), the
+    /// leader's epoch, and its replicas, as the brokers of the shards owning it on each node.
+    fn describe_replicated(
+        &self,
+        cluster: &ClusterMeta,
+        name: &str,
+        placement: &TopicPlacement,
+        partition: u32,
+    ) -> metadata_response::MetadataResponsePartition {
+        let replicas = &placement.replicas[partition as usize];
+        let broker_of = |node: u32| {
+            let shards = cluster.nodes.get(&node).map_or(1, |n| n.shards as usize);
+            broker_id(node, pyralog_shard::topics::owner_shard(name, partition, shards))
+        };
+        let role = self.shard.replica_role(placement.id, partition);
+        let (leader, epoch) = match role {
+            Some(role) => (role.leader, role.term),
+            None => (None, -1),
+        };
+        let leader = leader.or_else(|| replicas.first().copied());
+        let replica_brokers: Vec<i32> = replicas.iter().map(|&n| broker_of(n)).collect();
+        metadata_response::MetadataResponsePartition {
+            error_code: if leader.is_some() { error::NONE } else { error::LEADER_NOT_AVAILABLE },
+            partition_index: partition as i32,
+            leader_id: leader.map_or(-1, broker_of),
+            leader_epoch: epoch,
+            replica_nodes: replica_brokers.clone(),
+            // Not yet measured: every replica is reported in sync.
+            isr_nodes: replica_brokers,
+            offline_replicas: Vec::new(),
+        }
     }
 
     async fn metadata(&self, body: metadata_request::MetadataRequest) -> metadata_response::MetadataResponse {
@@ -189,6 +239,8 @@ impl KafkaService {
         let wanted: Option<Vec<String>> =
             body.topics.map(|topics| topics.into_iter().filter_map(|t| t.name).collect());
         let mut topics = Vec::new();
+        let cluster = self.shard.cluster_meta();
+        let cluster = cluster.as_ref();
         let describe = |name: &str, meta: TopicMeta| MetadataResponseTopic {
             error_code: error::NONE,
             name: Some(name.to_owned()),
@@ -196,7 +248,11 @@ impl KafkaService {
             is_internal: false,
             partitions: (0..meta.partitions)
                 .map(|partition| {
-                    let leader = self.shard.owner_of(name, partition) as i32;
+                    if let Some(placement) = cluster.and_then(|c| c.topics.get(name)) {
+                        let cluster = cluster.expect("checked");
+                        return self.describe_replicated(cluster, name, placement, partition);
+                    }
+                    let leader = broker_id(self.settings.node_id, self.shard.owner_of(name, partition));
                     MetadataResponsePartition {
                         error_code: error::NONE,
                         partition_index: partition as i32,
@@ -236,10 +292,18 @@ impl KafkaService {
                 }
             }
         }
+        let controller = match cluster {
+            None => broker_id(self.settings.node_id, 0),
+            Some(_) => self
+                .shard
+                .replica_role(pyralog_shard::CONTROLLER_TOPIC_ID, 0)
+                .and_then(|role| role.leader)
+                .map_or(-1, |node| broker_id(node, 0)),
+        };
         MetadataResponse {
-            brokers: self.brokers(),
-            cluster_id: Some(CLUSTER_ID.to_owned()),
-            controller_id: CONTROLLER_ID,
+            brokers: self.brokers(cluster),
+            cluster_id: Some(self.settings.cluster_id.clone()),
+            controller_id: controller,
             topics,
             ..Default::default()
         }
@@ -769,7 +833,7 @@ impl KafkaService {
                 let port = self.broker_ports.get(node).copied().unwrap_or(self.settings.advertised_port);
                 Coordinator {
                     key,
-                    node_id: node as i32,
+                    node_id: broker_id(self.settings.node_id, node),
                     host: host.clone(),
                     port: i32::from(port),
                     error_code: error::NONE,
@@ -796,4 +860,10 @@ impl KafkaService {
             ..Default::default()
         }
     }
+}
+
+/// The Kafka broker id of `shard` of node `node`: unique across the cluster, and 0..shards on
+/// a node 0 (a cluster of one, as before clusters).
+pub fn broker_id(node: u32, shard: usize) -> i32 {
+    node as i32 * crate::cluster::BROKER_IDS_PER_NODE + shard as i32
 }

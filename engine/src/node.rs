@@ -94,6 +94,8 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
         segment_bytes: args.segment_bytes,
         retention_bytes: args.retention_bytes,
         retention_ms: args.retention_ms,
+        cluster_id: identity.cluster_id.map(|id| crate::identity::hex(&id)).unwrap_or_default(),
+        node_id: identity.node_id,
     };
     block_stop_signals();
     let node = match start(&args, &identity, cluster.as_ref(), &cpus, kafka, io_memory_bytes) {

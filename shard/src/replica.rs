@@ -47,6 +47,9 @@ pub const CATCH_UP_READ_BYTES: usize = pyralog_replication::group::APPEND_IN_FLI
 /// them over the cluster transport; tests move them between replicas in memory.
 pub type SendHook = Rc<dyn Fn(&ReplicaAddress, Message)>;
 
+/// Told a replica's new role: (its partition, the role).
+pub type RoleHook = Rc<dyn Fn(&ReplicaAddress, ReplicaRole)>;
+
 /// Names a replicated partition across the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ReplicaAddress {
@@ -102,6 +105,8 @@ pub(crate) struct Replica {
     /// Disk reads made for followers behind the cache.
     pub catch_up_reads: Cell<u64>,
     role: Cell<ReplicaRole>,
+    /// Told every role change (the shard shares them with the node's other shards).
+    role_hook: RefCell<Option<RoleHook>>,
     /// The commit point or the role changed.
     pub changed: Event,
     /// Why the replica stopped working (a failed write), once it has.
@@ -176,6 +181,7 @@ impl Replica {
             catch_up_reading: Cell::new(false),
             catch_up_reads: Cell::new(0),
             role: Cell::new(ReplicaRole { term: 0, role: Role::Follower, leader: None }),
+            role_hook: RefCell::new(None),
             changed: Event::default(),
             failed: RefCell::new(None),
             closing: Cell::new(false),
@@ -188,6 +194,11 @@ impl Replica {
 
     pub fn role(&self) -> ReplicaRole {
         self.role.get()
+    }
+
+    /// Sets what is told of every role change from now on.
+    pub fn set_role_hook(&self, hook: RoleHook) {
+        *self.role_hook.borrow_mut() = Some(hook);
     }
 
     /// The commit point: consumers read below it.
@@ -364,8 +375,13 @@ impl Replica {
                 self.changed.notify();
             }
             Action::Role { term, role, leader } => {
-                self.role.set(ReplicaRole { term, role, leader });
+                let role = ReplicaRole { term, role, leader };
+                self.role.set(role);
                 self.changed.notify();
+                let hook = self.role_hook.borrow().clone();
+                if let Some(hook) = hook {
+                    hook(&self.address, role);
+                }
             }
         }
         Ok(())

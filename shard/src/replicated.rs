@@ -91,6 +91,9 @@ pub(crate) struct ShardCluster {
     pub forward: RefCell<Option<ForwardHook>>,
     /// New metadata was applied here.
     pub applied: Event,
+    /// The last role each replica of this node reported, whichever shard holds it: shared
+    /// over the mesh ([`Op::Role`]) so any shard can name a partition's leader.
+    pub roles: RefCell<HashMap<GroupId, ReplicaRole>>,
 }
 
 impl ShardCluster {
@@ -102,6 +105,7 @@ impl ShardCluster {
             send: Rc::new(RefCell::new(None)),
             forward: RefCell::new(None),
             applied: Event::default(),
+            roles: RefCell::new(HashMap::new()),
         }
     }
 
@@ -277,9 +281,31 @@ impl Shard {
         Some(self.cluster()?.meta.borrow().clone())
     }
 
-    /// The role of the local replica of a partition, if this node holds one.
-    pub fn replica_role(&self, topic: &str, partition: u32) -> Option<ReplicaRole> {
-        self.local_replica(topic, partition).map(|r| r.role())
+    /// The last role this node's replica of a partition reported (any shard's), if this
+    /// node holds one.
+    pub fn replica_role(&self, topic_id: [u8; 16], partition: u32) -> Option<ReplicaRole> {
+        self.cluster()?.roles.borrow().get(&(topic_id, partition)).copied()
+    }
+
+    /// Records a role of one of this shard's replicas and tells the node's other shards.
+    fn share_role(self: &Rc<Self>, group: GroupId, role: ReplicaRole) {
+        self.note_role(group, role);
+        let shard = Rc::clone(self);
+        glommio::spawn_local(async move {
+            for target in (0..shard.count).filter(|t| *t != shard.id) {
+                let _ = shard.call(target, Op::Role { group, role }).await;
+            }
+        })
+        .detach();
+    }
+
+    /// Records a replica's role (a newer term wins; within a term, the latest report).
+    pub(crate) fn note_role(&self, group: GroupId, role: ReplicaRole) {
+        let Some(cluster) = self.cluster() else { return };
+        let mut roles = cluster.roles.borrow_mut();
+        if roles.get(&group).is_none_or(|known| known.term <= role.term) {
+            roles.insert(group, role);
+        }
     }
 
     pub(crate) fn local_replica(&self, topic: &str, partition: u32) -> Option<Rc<Replica>> {
@@ -343,6 +369,12 @@ impl Shard {
             cluster.send_hook(),
         )
         .await?;
+        let shard = self.me.clone();
+        replica.set_role_hook(Rc::new(move |address, role| {
+            if let Some(shard) = shard.upgrade() {
+                shard.share_role((address.topic_id, address.partition), role);
+            }
+        }));
         partition.flusher_running.set(true);
         let cache = Rc::clone(&self.cache);
         let hook = Rc::downgrade(&replica);

@@ -23,7 +23,7 @@ use crate::group::{GroupConfig, GroupCoordinator, GroupOp, GroupReply};
 use crate::metrics::{PartitionStats, ShardMetrics, ShardScrape};
 use crate::partition::{Durability, Partition};
 use crate::producers::{self, ProducerStates, Verdict};
-use crate::replicated::{ClusterSettings, ControllerRequest, ShardCluster};
+use crate::replicated::{ClusterSettings, ControllerRequest, GroupId, ShardCluster};
 use crate::topics::{self, TopicConfig, TopicMeta, TopicTable};
 use crate::ShardError;
 
@@ -210,6 +210,11 @@ pub enum Op {
     Controller {
         request: ControllerRequest,
     },
+    /// A replica of this node reported a new role (see `replicated`).
+    Role {
+        group: GroupId,
+        role: crate::ReplicaRole,
+    },
 }
 
 #[derive(Debug)]
@@ -229,6 +234,8 @@ pub enum Message {
 }
 
 pub struct Shard {
+    /// This shard itself, for the tasks and hooks it hands out.
+    pub(crate) me: std::rc::Weak<Shard>,
     pub id: usize,
     pub count: usize,
     pub(crate) config: ShardConfig,
@@ -266,7 +273,8 @@ impl Shard {
         pyralog_dma::settle_device_probe(&config.data_dir).await?;
         let table = TopicTable::load(&config.data_dir)?;
         let config_cluster = config.cluster.clone();
-        let shard = Rc::new(Shard {
+        let shard = Rc::new_cyclic(|me| Shard {
+            me: me.clone(),
             id,
             count,
             cache: Rc::new(RefCell::new(ShardCache::new(config.cache_bytes))),
@@ -544,6 +552,10 @@ impl Shard {
                 OpResult::Done(Ok(()))
             }
             Op::ApplyCluster { meta } => OpResult::Done(self.apply_cluster(meta).await),
+            Op::Role { group, role } => {
+                self.note_role(group, role);
+                OpResult::Done(Ok(()))
+            }
             Op::Controller { request } => {
                 let controller = self.controller().expect("shard 0 of a cluster has the controller");
                 let role = controller.role();
@@ -681,6 +693,13 @@ impl Shard {
         limits: FetchLimits,
     ) -> Result<Fetched, ShardError> {
         let partition = self.local_partition(topic, partition)?;
+        // A replicated partition is read from its leader: a follower's commit point lags.
+        if let Some(replica) = self.local_replica(topic, partition.partition) {
+            let role = replica.role();
+            if role.role != pyralog_replication::Role::Leader {
+                return Err(replica.not_leader(role.leader, role.term));
+            }
+        }
         let deadline = Instant::now() + limits.max_wait.min(FETCH_WAIT_MAX);
         // No bytes: the partition's offsets only (a fetch whose budget is spent).
         let offsets_only = limits.max_bytes == 0;
