@@ -546,15 +546,27 @@ impl KafkaService {
             };
             let mut config = TopicConfig::default();
             let mut failure: Option<(i16, String)> = None;
-            if !matches!(topic.replication_factor, -1 | 1) {
+            let clustered = self.shard.cluster_meta().is_some();
+            if clustered && topic.replication_factor != -1 {
+                match u32::try_from(topic.replication_factor) {
+                    Ok(factor) if factor > 0 => config.replication_factor = Some(factor),
+                    _ => {
+                        failure = Some((
+                            error::INVALID_REPLICATION_FACTOR,
+                            format!("replication factor {} is not positive", topic.replication_factor),
+                        ))
+                    }
+                }
+            } else if !clustered && !matches!(topic.replication_factor, -1 | 1) {
                 // Metadata lists one broker per shard, so tools that size replication by the
                 // broker count ask for more than the node has.
                 failure = Some((
                     error::INVALID_REPLICATION_FACTOR,
                     format!(
                         "replication factor {}: the replication factor counts nodes, not the \
-                         shard-brokers of the metadata (one per shard), and this is a single node: \
-                         only 1 (or -1, the default) is possible until replication lands",
+                         shard-brokers of the metadata (one per shard), and this is a single node \
+                         (a cluster of one): only 1, or -1 (the default); start nodes with --seeds \
+                         to form a cluster",
                         topic.replication_factor
                     ),
                 ));
@@ -585,6 +597,7 @@ impl KafkaService {
                 }
             }
             let meta = self.shard.topics().meta(&topic.name);
+            let replication_factor = meta.and_then(|m| m.config.replication_factor).map_or(1, |f| f as i16);
             topics.push(match failure {
                 None => CreatableTopicResult {
                     name: topic.name,
@@ -592,7 +605,7 @@ impl KafkaService {
                     error_code: error::NONE,
                     error_message: None,
                     num_partitions: partitions,
-                    replication_factor: 1,
+                    replication_factor,
                     configs: Some(Vec::new()),
                     ..Default::default()
                 },

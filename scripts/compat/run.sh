@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The real-client compatibility suite: builds the pyralog daemon and pyralog-bench, and runs
 # kcat, confluent-kafka (librdkafka) and kafka-python against it on 127.0.0.1 (one fresh node
-# per test). Installs what is missing on a fresh Debian machine (as root): kcat from Debian,
-# the Python packages from PyPI at pinned versions. Extra arguments go to pytest (-k NAME ...).
+# per test), then the cluster tests (three nodes) in a network namespace of their own. Installs
+# what is missing on a fresh Debian machine (as root): kcat and iptables from Debian, the Python
+# packages from PyPI at pinned versions. Extra arguments go to pytest (-k NAME ...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -18,6 +19,16 @@ if ! command -v kcat >/dev/null; then
   fi
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y kcat
+fi
+
+# iptables cuts links between the cluster tests' nodes.
+if ! command -v iptables >/dev/null; then
+  if [[ "$(id -u)" != 0 ]]; then
+    echo "scripts/compat/run.sh: iptables is missing; install the Debian package iptables (needs root)" >&2
+    exit 1
+  fi
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y iptables
 fi
 
 missing=()
@@ -44,4 +55,9 @@ export PYRALOG_BIN="$CARGO_TARGET_DIR/debug/pyralog"
 export PYRALOG_BENCH="$CARGO_TARGET_DIR/debug/pyralog-bench"
 
 export PYTHONDONTWRITEBYTECODE=1
-exec timeout --kill-after=30 "$SUITE_TIMEOUT_S" "$PYTHON" -m pytest -q scripts/compat "$@"
+# The cluster tests bind 127.0.0.1-3 on fixed ports and cut links with iptables: they run in a
+# network namespace of their own (unshare --net, loopback up), which vanishes with them.
+timeout --kill-after=30 "$SUITE_TIMEOUT_S" "$PYTHON" -m pytest -q scripts/compat \
+  --ignore=scripts/compat/test_cluster.py "$@"
+exec timeout --kill-after=30 "$SUITE_TIMEOUT_S" unshare --net -- bash -c \
+  'ip link set lo up && PYRALOG_NETNS=1 exec "$0" -m pytest -q scripts/compat/test_cluster.py "$@"' "$PYTHON" "$@"

@@ -1,0 +1,121 @@
+"""Three nodes on 127.0.0.1-3 in a network namespace of this run's own (scripts/compat/run.sh
+runs this file under `unshare --net`): a cluster forms from its seeds, Kafka clients create a
+replicated topic through any node, an idempotent acks=all producer writes through the
+partitions' leaders, and a checker reads every acknowledged record back exactly once, at the
+offset it was acknowledged with; the replicas hold the same bytes.
+"""
+
+import os
+import time
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from cluster import Cluster, wait_until
+
+if os.environ.get("PYRALOG_NETNS") != "1":
+    pytest.fail(
+        "the cluster tests bind 127.0.0.1-3 on fixed ports and cut links with iptables: run them in a network "
+        "namespace of their own (scripts/compat/run.sh does: unshare --net)",
+        pytrace=False,
+    )
+
+CLIENT_TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def cluster(request, pyralog_bin, tmp_path):
+    cluster = Cluster(pyralog_bin, str(tmp_path)).start()
+    request.node.pyralog_nodes = cluster.nodes
+    yield cluster
+    cluster.stop()
+
+
+def create_topic(bootstrap, name, partitions, replication_factor):
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics([NewTopic(name, partitions, replication_factor)],
+                                  request_timeout=CLIENT_TIMEOUT_S)
+    futures[name].result(timeout=CLIENT_TIMEOUT_S)
+
+
+def metadata(bootstrap, topic):
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    return admin.list_topics(topic, timeout=CLIENT_TIMEOUT_S)
+
+
+def produce(bootstrap, topic, count, tag):
+    """An idempotent acks=all producer; returns {(partition, offset): value} of what was acknowledged."""
+    acknowledged, errors = {}, []
+
+    def on_delivery(error, message):
+        if error is None:
+            acknowledged[(message.partition(), message.offset())] = message.value()
+        else:
+            errors.append(error)
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                         "linger.ms": 2})
+    for i in range(count):
+        producer.produce(topic, key=str(i).encode(), value=f"{tag}-{i}".encode(), on_delivery=on_delivery)
+        producer.poll(0)
+    assert producer.flush(CLIENT_TIMEOUT_S) == 0, f"undelivered after {CLIENT_TIMEOUT_S}s: {errors[:5]}"
+    assert errors == [], errors[:5]
+    return acknowledged
+
+
+def read_all(bootstrap, topic, partitions, count):
+    """Reads every partition from its start with assign() until `count` records came."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "cluster-checker",
+                         "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        records = {}
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while len(records) < count and time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None or message.error():
+                continue
+            key = (message.partition(), message.offset())
+            assert key not in records, f"offset {key} read twice"
+            records[key] = message.value()
+        return records
+    finally:
+        consumer.close()
+
+
+def replica_logs_agree(cluster, topic, partitions):
+    """Every node's log file of each partition holds the same bytes, up to the shortest."""
+    for partition in range(partitions):
+        logs = []
+        for node in cluster.nodes:
+            path = os.path.join(node.data_dir, "topics", topic, str(partition), "00000000000000000000.log")
+            with open(path, "rb") as log:
+                logs.append(log.read())
+        shortest = min(len(log) for log in logs)
+        assert shortest > 0, f"partition {partition} has an empty replica"
+        for node, log in zip(cluster.nodes, logs):
+            assert log[:shortest] == logs[0][:shortest], f"node {node.node_id} differs in partition {partition}"
+
+
+def test_a_replicated_topic_serves_kafka_clients_through_its_leaders(cluster):
+    # Created through node 2, whichever node leads the controller.
+    create_topic(cluster.node(2).bootstrap, "orders", 4, 3)
+    described = wait_until(
+        "every partition has a leader",
+        lambda: (lambda m: m if all(p.leader >= 0 for p in m.topics["orders"].partitions.values()) else None)(
+            metadata(cluster.bootstrap, "orders")),
+    )
+    assert len(described.brokers) == 6, "two shards of each of three nodes are brokers"
+    for partition in described.topics["orders"].partitions.values():
+        assert len(partition.replicas) == 3
+        assert len({broker // 1000 for broker in partition.replicas}) == 3, "replicas on three nodes"
+        assert partition.leader in partition.replicas
+    acknowledged = produce(cluster.bootstrap, "orders", 2000, "first")
+    assert len(acknowledged) == 2000
+    records = read_all(cluster.bootstrap, "orders", 4, len(acknowledged))
+    assert records == acknowledged, "every acknowledged record once, at its offset"
+    # Followers hold it too: stop every node (SIGTERM flushes) and compare the files.
+    for node in cluster.nodes:
+        node.terminate()
+    replica_logs_agree(cluster, "orders", 4)
