@@ -447,6 +447,17 @@ async fn run_shard(context: ShardContext) {
     while !context.stop.load(Ordering::SeqCst) {
         glommio::timer::sleep(STOP_POLL_INTERVAL).await;
     }
+    if transport.is_some() {
+        // While clients are still served (a produce then answers NotLeader and is retried
+        // on the new leader) and peers still hear us.
+        let kept = shard.hand_over_leaderships().await;
+        if kept > 0 {
+            eprintln!(
+                "pyralog: shard {}: {kept} leaderships could not be handed over before stopping",
+                shard.id
+            );
+        }
+    }
     stop_listeners.set(true);
     drop(serving); // cancels the accept loops
     drop(kafka_serving);

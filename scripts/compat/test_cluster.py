@@ -119,3 +119,73 @@ def test_a_replicated_topic_serves_kafka_clients_through_its_leaders(cluster):
     for node in cluster.nodes:
         node.terminate()
     replica_logs_agree(cluster, "orders", 4)
+
+
+class BackgroundProducer:
+    """An idempotent acks=all producer writing until stopped, keeping what was acknowledged."""
+
+    def __init__(self, bootstrap, topic):
+        import threading
+        self.acknowledged, self.errors = {}, []
+        self.sent = 0
+        self._stop = threading.Event()
+        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                                   "linger.ms": 2, "message.timeout.ms": 60000})
+        self._topic = topic
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _on_delivery(self, error, message):
+        if error is None:
+            self.acknowledged[(message.partition(), message.offset())] = message.value()
+        else:
+            self.errors.append(error)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._producer.produce(self._topic, key=str(self.sent).encode(),
+                                       value=f"v-{self.sent}".encode(), on_delivery=self._on_delivery)
+                self.sent += 1
+            except BufferError:
+                pass
+            self._producer.poll(0.001)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=CLIENT_TIMEOUT_S)
+        assert self._producer.flush(90.0) == 0, f"undelivered after 90 s: {self.errors[:5]}"
+        return self.acknowledged
+
+
+def leader_node(bootstrap, topic, partition):
+    described = metadata(bootstrap, topic).topics[topic].partitions[partition]
+    return described.leader // 1000 if described.leader >= 0 else None
+
+
+def check_exactly_once(records, acknowledged):
+    """Every acknowledged record is read back at its offset; no value is stored twice."""
+    missing = [key for key, value in acknowledged.items() if records.get(key) != value]
+    assert not missing, f"{len(missing)} acknowledged records not read back at their offsets: {missing[:5]}"
+    values = list(records.values())
+    assert len(values) == len(set(values)), "a record was stored twice"
+
+
+def test_killing_the_leader_again_and_again_loses_nothing_acknowledged(cluster):
+    create_topic(cluster.node(1).bootstrap, "events", 2, 3)
+    wait_until("partition 0 has a leader", lambda: leader_node(cluster.bootstrap, "events", 0))
+    producer = BackgroundProducer(cluster.bootstrap, "events")
+    for _ in range(3):
+        wait_until("the producer makes progress", lambda: len(producer.acknowledged) > 200)
+        victim = cluster.node(leader_node(cluster.bootstrap, "events", 0))
+        before = len(producer.acknowledged)
+        victim.kill9()
+        wait_until("a new leader is acknowledging", lambda: len(producer.acknowledged) > before + 200)
+        victim.start().wait_ready()
+    acknowledged = producer.stop()
+    assert producer.errors == [], producer.errors[:5]
+    records = read_all(cluster.bootstrap, "events", 2, len(acknowledged))
+    check_exactly_once(records, acknowledged)
+    for node in cluster.nodes:
+        node.terminate()
+    replica_logs_agree(cluster, "events", 2)

@@ -70,6 +70,8 @@ pub struct ReplicaSettings {
     pub election_ticks: u32,
     /// Seeds the election jitter (tests pass a fixed one).
     pub seed: u64,
+    /// One tick of the shard's clock (for timeouts counted in ticks).
+    pub tick: std::time::Duration,
 }
 
 /// The role a replica last reported.
@@ -83,6 +85,10 @@ pub struct ReplicaRole {
 pub(crate) struct Replica {
     me: Weak<Replica>,
     pub address: ReplicaAddress,
+    /// The group's voters (node ids), this node among them.
+    voters: Vec<u32>,
+    /// How long one election may take: a handover not done by then is dropped.
+    election_timeout: std::time::Duration,
     pub partition: Rc<Partition>,
     raft: RefCell<RaftGroup>,
     cache: Rc<RefCell<ShardCache>>,
@@ -167,6 +173,8 @@ impl Replica {
         let replica = Rc::new_cyclic(|me| Replica {
             me: me.clone(),
             address,
+            voters: settings.voters.clone(),
+            election_timeout: settings.tick * settings.election_ticks * 2,
             partition,
             raft: RefCell::new(raft),
             cache,
@@ -297,6 +305,36 @@ impl Replica {
         let mut out = Vec::new();
         self.raft.borrow_mut().notice(notice, &mut out);
         self.enqueue(out);
+    }
+
+    /// Hands leadership to another voter that holds the whole log (Raft's TimeoutNow), trying
+    /// each in turn for up to an election each, so that stopping this node costs clients a
+    /// retry rather than an election timeout. Returns whether this replica no longer leads.
+    pub async fn hand_over(&self) -> bool {
+        for &to in self.voters.iter().filter(|&&v| v != self.address_node()) {
+            if self.role.get().role != Role::Leader {
+                return true;
+            }
+            let mut out = Vec::new();
+            let started = self.raft.borrow_mut().transfer_leadership(to, &mut out);
+            self.enqueue(out);
+            if started.is_err() {
+                continue;
+            }
+            let deadline = std::time::Instant::now() + self.election_timeout;
+            while self.role.get().role == Role::Leader && std::time::Instant::now() < deadline {
+                futures_lite::future::or(
+                    self.changed.listen(),
+                    glommio::timer::sleep(self.election_timeout / 10),
+                )
+                .await;
+            }
+        }
+        self.role.get().role != Role::Leader
+    }
+
+    fn address_node(&self) -> u32 {
+        self.raft.borrow().id()
     }
 
     /// Stops the worker once it has performed what it started.
@@ -630,6 +668,7 @@ mod tests {
                 heartbeat_ticks: 3,
                 election_ticks: 15,
                 seed: u64::from(node),
+                tick: Duration::from_millis(2),
             };
             let network = Rc::downgrade(self);
             let send: SendHook = Rc::new(move |_, message| {
@@ -710,12 +749,6 @@ mod tests {
                 let replica = self.open(node).await;
                 self.replicas.borrow_mut()[(node - 1) as usize] = replica;
             }
-        }
-    }
-
-    impl Replica {
-        fn address_node(&self) -> u32 {
-            self.raft.borrow().id()
         }
     }
 
@@ -812,6 +845,24 @@ mod tests {
             assert!(stored(&old, end).await == reference, "the returning node holds the leader's bytes");
             assert!(old.failure().is_none() && new.failure().is_none());
             assert!(new.catch_up_reads.get() > 0, "300 KB missed past a 64 KiB cache came from disk");
+            cluster.stop().await;
+        });
+    }
+
+    #[test]
+    fn a_leader_hands_over_to_a_caught_up_follower_within_an_election() {
+        run(async {
+            let cluster = Cluster::start(64 << 20).await;
+            let before = cluster.produce(20, "before", 100).await;
+            let old = cluster.leader(None).await;
+            let term = old.role().term;
+            let started = std::time::Instant::now();
+            assert!(old.hand_over().await, "handed over");
+            assert!(started.elapsed() < old.election_timeout, "{:?}", started.elapsed());
+            let new = cluster.leader(Some(old.address_node())).await;
+            assert!(new.role().term > term);
+            let after = cluster.produce(5, "after", 100).await;
+            assert!(after[0].0 > before.last().unwrap().1, "nothing acknowledged was lost");
             cluster.stop().await;
         });
     }

@@ -127,6 +127,7 @@ impl ShardCluster {
             heartbeat_ticks: self.settings.heartbeat_ticks,
             election_ticks: self.settings.election_ticks,
             seed: random_seed(),
+            tick: self.settings.tick,
         }
     }
 }
@@ -143,6 +144,27 @@ fn random_seed() -> u64 {
 impl Shard {
     pub(crate) fn cluster(&self) -> Option<&ShardCluster> {
         self.cluster.as_ref()
+    }
+
+    /// Hands the leadership of every partition this shard leads (the controller's too) to an
+    /// in-sync follower, all at once, before the node stops: clients then retry on the new
+    /// leader at once instead of waiting out an election. Returns how many it could not hand
+    /// over (no follower caught up within an election timeout).
+    pub async fn hand_over_leaderships(&self) -> usize {
+        let Some(cluster) = self.cluster() else { return 0 };
+        let leading: Vec<Rc<Replica>> =
+            cluster.replicas.borrow().values().filter(|r| r.role().role == Role::Leader).cloned().collect();
+        let handovers: Vec<_> = leading
+            .into_iter()
+            .map(|replica| glommio::spawn_local(async move { replica.hand_over().await }))
+            .collect();
+        let mut kept = 0;
+        for handover in handovers {
+            if !handover.await {
+                kept += 1;
+            }
+        }
+        kept
     }
 
     /// Sets where this shard's replicas send their messages (the daemon's transport).
