@@ -100,6 +100,7 @@ impl ClusterPlan {
             heartbeat_ticks: args.heartbeat_interval_ms.div_ceil(tick_ms).max(1) as u32,
             election_ticks: args.election_timeout_ms.div_ceil(tick_ms).max(2) as u32,
             default_replication_factor: args.default_replication_factor,
+            replica_lag_time_max: Duration::from_millis(args.replica_lag_time_max_ms),
         };
         Ok(ClusterPlan { node_id, seeds, listen, advertise, rack: args.rack.clone(), settings })
     }
@@ -269,6 +270,7 @@ pub fn node_info(
     topology: &crate::service::Topology,
     kafka: &crate::kafka::KafkaSettings,
     native_listen: SocketAddr,
+    metrics_address: SocketAddr,
 ) -> pyralog_shard::cluster::NodeInfo {
     pyralog_shard::cluster::NodeInfo {
         id: plan.node_id,
@@ -281,5 +283,6 @@ pub fn node_info(
         kafka_host: kafka.advertised_host.clone(),
         kafka_port: kafka.advertised_port,
         kafka_shard_ports: topology.kafka_ports.clone(),
+        metrics_address: Some(metrics_address.to_string()),
     }
 }

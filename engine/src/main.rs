@@ -196,6 +196,10 @@ pub struct NodeArgs {
     /// scheduling and network jitter makes needless elections.
     #[arg(long, value_name = "MS", default_value_t = 150, value_parser = clap::value_parser!(u64).range(20..=60_000))]
     pub election_timeout_ms: u64,
+    /// A follower that has not caught up with its leader for this long is out of the in-sync
+    /// replicas (Kafka's replica.lag.time.max.ms): metadata and `pyralog cluster status` show it.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub replica_lag_time_max_ms: u64,
 }
 
 impl NodeArgs {

@@ -397,7 +397,8 @@ async fn run_shard(context: ShardContext) {
     // Once every shard serves, shard 0 tells the controller where this node is.
     let _registering = match (&context.cluster, shard.id) {
         (Some((plan, _)), 0) if !topology.shards.is_empty() => {
-            let node = crate::cluster::node_info(plan, &topology, &context.kafka, context.listen);
+            let metrics = SocketAddr::new(context.endpoints.listen.ip(), metrics_port.unwrap_or(0));
+            let node = crate::cluster::node_info(plan, &topology, &context.kafka, context.listen, metrics);
             let registering = Rc::clone(&shard);
             Some(glommio::spawn_local(async move {
                 while let Err(error) = registering.register_node(node.clone()).await {

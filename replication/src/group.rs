@@ -1183,6 +1183,41 @@ impl RaftGroup {
     }
 }
 
+/// What a leader knows of one follower, for operators (in-sync replicas, lag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FollowerStatus {
+    pub id: ReplicaId,
+    /// The follower's log matches the leader's up to here.
+    pub match_end: i64,
+    /// ... and is durable up to here (what counts toward the write quorum).
+    pub acked_end: i64,
+    /// Ticks since the leader last heard from it.
+    pub silent_ticks: u64,
+    /// Ticks since its acknowledged offset last moved.
+    pub stalled_ticks: u64,
+    pub recovering: bool,
+}
+
+impl RaftGroup {
+    /// The leader's view of each follower, learners included; empty unless this replica leads.
+    pub fn followers(&self) -> Vec<FollowerStatus> {
+        if self.role != Role::Leader {
+            return Vec::new();
+        }
+        self.progress
+            .iter()
+            .map(|p| FollowerStatus {
+                id: p.id,
+                match_end: p.match_end,
+                acked_end: p.acked_end,
+                silent_ticks: self.ticks.saturating_sub(p.last_heard_tick),
+                stalled_ticks: self.ticks.saturating_sub(p.last_progress_tick),
+                recovering: p.recovering,
+            })
+            .collect()
+    }
+}
+
 /// Whether a follower's epoch tail can be true: epochs and start offsets strictly growing,
 /// every start within `[0, tail_end]`.
 fn honest_tail(tail: &[crate::epoch::EpochStart], tail_end: i64) -> bool {

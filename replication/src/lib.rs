@@ -61,7 +61,7 @@ pub mod quorum;
 pub mod sim;
 
 pub use error::{ReplicationError, Result};
-pub use group::{Action, Config, LogNotice, LogRead, RaftGroup, Restore, Role};
+pub use group::{Action, Config, FollowerStatus, LogNotice, LogRead, RaftGroup, Restore, Role};
 pub use membership::{Membership, VoterSet};
 pub use message::{Append, AppendResponse, Body, HardState, Message, ReplicaId};
 pub use quorum::{Preset, Quorum};

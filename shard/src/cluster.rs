@@ -46,6 +46,10 @@ pub struct NodeInfo {
     pub kafka_host: String,
     pub kafka_port: u16,
     pub kafka_shard_ports: Vec<u16>,
+    /// Where its operator endpoints answer (/metrics, /cluster): what `pyralog cluster`
+    /// asks.
+    #[serde(default)]
+    pub metrics_address: Option<String>,
 }
 
 /// A replicated topic.
@@ -250,6 +254,7 @@ mod tests {
             kafka_host: format!("127.0.0.{id}"),
             kafka_port: 9092,
             kafka_shard_ports: vec![9093, 9094],
+            metrics_address: None,
         }
     }
 

@@ -34,8 +34,10 @@ pub use group::{
     JoinRequest, JoinResult, Joined, MemberDescription, SyncRequest, SyncResult, Synced,
 };
 pub use partition::Durability;
-pub use replica::{ReplicaAddress, ReplicaRole, ReplicaSettings, SendHook};
-pub use replicated::{ClusterSettings, ControllerRequest, ForwardHook, CONTROLLER_NAME, CONTROLLER_TOPIC_ID};
+pub use replica::{ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
+pub use replicated::{
+    in_sync_replicas, ClusterSettings, ControllerRequest, ForwardHook, CONTROLLER_NAME, CONTROLLER_TOPIC_ID,
+};
 pub use shard::{
     group_log_of, keep_within, new_mesh, Acks, FetchLimits, Fetched, Message, Op, OpResult, Produced,
     ScrapeHook, Shard, ShardConfig, ShardMesh, FETCH_PARTITION_BYTES_MAX, FETCH_RESPONSE_BYTES_MAX,

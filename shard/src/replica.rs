@@ -74,6 +74,24 @@ pub struct ReplicaSettings {
     pub tick: std::time::Duration,
 }
 
+/// A replica as operators see it (`pyralog cluster status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub topic: String,
+    pub topic_id: [u8; 16],
+    pub partition: u32,
+    pub voters: Vec<u32>,
+    pub term: i32,
+    pub leader: Option<u32>,
+    pub leads: bool,
+    pub log_end: i64,
+    pub durable_end: i64,
+    pub high_watermark: i64,
+    /// The leader's view of its followers (empty on a follower).
+    pub followers: Vec<pyralog_replication::FollowerStatus>,
+    pub failure: Option<String>,
+}
+
 /// The role a replica last reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplicaRole {
@@ -305,6 +323,26 @@ impl Replica {
         let mut out = Vec::new();
         self.raft.borrow_mut().notice(notice, &mut out);
         self.enqueue(out);
+    }
+
+    /// What this replica is and knows, for operators.
+    pub fn status(&self) -> ReplicaStatus {
+        let raft = self.raft.borrow();
+        let role = self.role.get();
+        ReplicaStatus {
+            topic: self.address.topic.clone(),
+            topic_id: self.address.topic_id,
+            partition: self.address.partition,
+            voters: self.voters.clone(),
+            term: role.term,
+            leader: role.leader,
+            leads: role.role == Role::Leader,
+            log_end: self.partition.log.next_offset(),
+            durable_end: self.partition.log.durable_offset(),
+            high_watermark: self.high_watermark(),
+            followers: raft.followers(),
+            failure: self.failure(),
+        }
     }
 
     /// Hands leadership to another voter that holds the whole log (Raft's TimeoutNow), trying

@@ -25,7 +25,7 @@ use pyralog_replication::{Message, Quorum, Role};
 use crate::cluster::{ClusterMeta, MetaRecord, NodeInfo, TopicPlacement};
 use crate::event::Event;
 use crate::partition::{Durability, Partition};
-use crate::replica::{Replica, ReplicaAddress, ReplicaRole, ReplicaSettings, SendHook};
+use crate::replica::{Replica, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
 use crate::shard::{Op, OpResult, Shard};
 use crate::topics::{self, TopicMeta};
 use crate::ShardError;
@@ -52,6 +52,26 @@ pub struct ClusterSettings {
     pub election_ticks: u32,
     /// Replicas of a topic created without a factor. Default: 3, or the node count if fewer.
     pub default_replication_factor: Option<u32>,
+    /// A follower whose acknowledged offset has not moved for this long while behind its
+    /// leader is out of the in-sync replicas (Kafka's replica.lag.time.max.ms).
+    pub replica_lag_time_max: Duration,
+}
+
+/// The replicas of a partition in sync with its leader (`status` is the leader's): the
+/// leader, and every follower that is not recovering a lost disk and has either caught up
+/// with the leader's log or made progress within `lag_max`.
+pub fn in_sync_replicas(status: &ReplicaStatus, tick: Duration, lag_max: Duration) -> Vec<u32> {
+    assert!(status.leads, "only a leader knows its followers");
+    let mut in_sync: Vec<u32> = status.leader.into_iter().collect();
+    for follower in &status.followers {
+        let stalled = tick * u32::try_from(follower.stalled_ticks).unwrap_or(u32::MAX);
+        let caught_up = follower.acked_end >= status.log_end;
+        if !follower.recovering && (caught_up || stalled <= lag_max) && status.voters.contains(&follower.id) {
+            in_sync.push(follower.id);
+        }
+    }
+    in_sync.sort_unstable();
+    in_sync
 }
 
 /// A topic change or a node's registration, for the controller's leader to decide. A node
@@ -165,6 +185,30 @@ impl Shard {
             }
         }
         kept
+    }
+
+    /// The in-sync replicas of a partition this node leads (see [`in_sync_replicas`]).
+    pub fn in_sync_of(&self, status: &ReplicaStatus) -> Vec<u32> {
+        let settings = &self.cluster().expect("replicas live in a cluster").settings;
+        in_sync_replicas(status, settings.tick, settings.replica_lag_time_max)
+    }
+
+    /// Every replica of this node (the controller's too), from every shard, by topic and
+    /// partition.
+    pub async fn replica_statuses(&self) -> Result<Vec<ReplicaStatus>, ShardError> {
+        let mut all = Vec::new();
+        for target in 0..self.count {
+            match self.call(target, Op::ReplicaStatus).await? {
+                OpResult::Replicas(statuses) => all.extend(statuses),
+                other => unreachable!("a status request answered with {other:?}"),
+            }
+        }
+        all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        Ok(all)
+    }
+
+    pub(crate) fn local_replica_statuses(&self) -> Vec<ReplicaStatus> {
+        self.cluster().map_or(Vec::new(), |c| c.replicas.borrow().values().map(|r| r.status()).collect())
     }
 
     /// Sets where this shard's replicas send their messages (the daemon's transport).

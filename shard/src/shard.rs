@@ -210,6 +210,8 @@ pub enum Op {
     Controller {
         request: ControllerRequest,
     },
+    /// This shard's replicas, as operators see them.
+    ReplicaStatus,
     /// A replica of this node reported a new role (see `replicated`).
     Role {
         group: GroupId,
@@ -225,6 +227,7 @@ pub enum OpResult {
     Done(Result<(), ShardError>),
     Group(GroupReply),
     Scraped(ShardScrape),
+    Replicas(Vec<crate::ReplicaStatus>),
 }
 
 #[derive(Debug)]
@@ -552,6 +555,7 @@ impl Shard {
                 OpResult::Done(Ok(()))
             }
             Op::ApplyCluster { meta } => OpResult::Done(self.apply_cluster(meta).await),
+            Op::ReplicaStatus => OpResult::Replicas(self.local_replica_statuses()),
             Op::Role { group, role } => {
                 self.note_role(group, role);
                 OpResult::Done(Ok(()))

@@ -49,6 +49,7 @@ fn node_info(id: u32) -> NodeInfo {
         kafka_host: format!("127.0.0.{id}"),
         kafka_port: 9092,
         kafka_shard_ports: vec![9093],
+        metrics_address: None,
     }
 }
 
@@ -73,6 +74,7 @@ fn run_node(id: u32, dir: std::path::PathBuf, inboxes: Inboxes) -> std::thread::
                     heartbeat_ticks: 2,
                     election_ticks: 10,
                     default_replication_factor: None,
+                    replica_lag_time_max: Duration::from_secs(10),
                 }),
             };
             let shard = Shard::start(pyralog_shard::new_mesh(1), config).await.expect("the shard starts");
