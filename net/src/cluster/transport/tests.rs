@@ -631,3 +631,41 @@ fn requests_and_raft_messages_flow_on_the_same_transports_at_once() {
         b.close().await;
     });
 }
+
+#[test]
+fn a_request_abandoned_before_it_leaves_is_not_sent() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(ID)));
+        let answering = echo(&b);
+        // Queued and waiting, then dropped before the writer ran (this task has not yielded).
+        let abandoned = futures_lite::future::poll_once(a.request(address(2, &b), Bytes::new(), PATIENCE));
+        assert!(abandoned.await.is_none(), "the first poll queues the request and waits");
+        assert_eq!(a.requests_in_flight(), 0, "dropping the call forgets the request");
+        let body = Bytes::from_static(b"after");
+        assert_eq!(a.request(address(2, &b), body.clone(), PATIENCE).await, Ok(body));
+        // The later request left after the abandoned one would have, on the same connection.
+        assert_eq!((a.counts().requests_sent, b.counts().requests_received), (1, 1));
+        drop(answering);
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn a_response_from_another_peer_than_the_one_asked_is_dropped_and_counted() {
+    run(async {
+        let (b, c) = (start(2, Some(ID)), start(3, Some(ID)));
+        let asking = ask(&b, address(3, &c), Bytes::from_static(b"?"), PATIENCE);
+        let request = recv_request_within(&c).await;
+        // Node 7 answers in node 3's place.
+        let mut impostor = raw_connection(&b).await;
+        let response = Frame::Response { id: request.id, body: Bytes::from_static(b"forged") };
+        impostor.write_all(&frame::encode_to_bytes(&response)).await.unwrap();
+        eventually("the forged answer", || b.counts().responses_unknown == 1).await;
+        assert_eq!(b.requests_in_flight(), 1, "the request still waits for node 3");
+        c.respond(&request, Bytes::from_static(b"real")).expect("queued");
+        assert_eq!(asking.await, Ok(Bytes::from_static(b"real")));
+        b.close().await;
+        c.close().await;
+    });
+}
