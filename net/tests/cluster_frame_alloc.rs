@@ -1,6 +1,6 @@
 //! Decoding a cluster frame allocates in proportion to the frame's own length, whatever a
 //! count or length inside it says: a counting allocator measures every decode of arbitrary and
-//! mutated frames.
+//! mutated frames (Messages, Requests and Responses).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -119,12 +119,19 @@ proptest! {
     /// lengths reach the decoder.
     #[test]
     fn mutated_frames_allocate_within_the_bound(
+        kind in 0..3usize,
         picks in prop::collection::vec(0..4usize, 0..20),
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
         let samples = sample_entries();
         let entries = picks.iter().map(|&pick| samples[pick].clone()).collect();
-        let mut bytes = frame::encode_to_bytes(&Frame::Messages(entries)).to_vec();
+        let body = Bytes::from(vec![b'j'; 10 * picks.len()]);
+        let frame = match kind {
+            0 => Frame::Messages(entries),
+            1 => Frame::Request { id: 3, reply_to: "127.0.0.1:9093".parse().unwrap(), body },
+            _ => Frame::Response { id: 3, body },
+        };
+        let mut bytes = frame::encode_to_bytes(&frame).to_vec();
         for (at, value) in flips {
             let at = 8 + at.index(bytes.len() - 8);
             bytes[at] = value;

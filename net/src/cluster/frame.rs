@@ -18,9 +18,18 @@
 //! Welcome  = cluster_id  node:u32
 //! Refused  = reason_bytes:u16  reason (UTF-8)
 //! Messages = count:u32  entry*count
+//! Request  = id:u64  reply_to  body_bytes:u32  body
+//! Response = id:u64  body_bytes:u32  body
 //! cluster_id = 0:u8  |  1:u8  id:[u8;16]
 //! entry    = topic_id:[u8;16]  partition:u32  from:u32  to:u32  term:i32  tag:u8  fields
+//! reply_to = 4:u8  ip:[u8;4]  port:u16  |  6:u8  ip:[u8;16]  port:u16
 //! ```
+//!
+//! A Request and its Response carry an opaque body of at most [`REQUEST_BODY_BYTES_MAX`]
+//! (the daemon's, this module never looks inside) and the requester's id for matching them;
+//! a Request also carries the address its Response is to be sent to (see
+//! `cluster::transport`). A body, like a batch, is its own chunk when encoded and a slice of
+//! the frame when decoded.
 //!
 //! Each message body has its tag and one encode and one decode function (`encode_vote`,
 //! `decode_vote`, ...): adding a field to a body is a change to those two and to its test.
@@ -36,11 +45,14 @@
 //!   a decoded frame holds in memory is bounded by a small multiple of its length.
 //! - A frame decodes only whole: a damaged CRC, an unknown version, kind or tag, a count or
 //!   length over its limit or over the bytes left, a flag that is neither 0 nor 1, a reason
-//!   that is not UTF-8 and bytes left over after the last field are all errors.
+//!   that is not UTF-8, an address family other than 4 or 6 and bytes left over after the
+//!   last field are all errors.
 //! - `decode(encode(frame)) == frame` for every frame the encoder accepts.
 //!
 //! The [`GroupKey`] is opaque here: a topic's id and a partition, naming one Raft group
 //! (the controller's group uses an all-zero topic id; this module gives no key a meaning).
+
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use pyralog_replication::batch::HEADER_BYTES as BATCH_HEADER_BYTES;
@@ -72,8 +84,12 @@ pub const APPEND_BATCHES_MAX: usize = 1 << 15;
 pub const EPOCHS_MAX: usize = EPOCH_HINTS_MAX;
 /// Bytes of a refusal's reason.
 pub const REFUSED_REASON_BYTES_MAX: usize = 1024;
+/// Bytes of a Request's or a Response's body: node registrations and topic changes, a few
+/// KiB of JSON, with room to spare.
+pub const REQUEST_BODY_BYTES_MAX: usize = 1 << 20;
 
 const _: () = assert!(PROPOSAL_BYTES_MAX + 1024 < CLUSTER_FRAME_BYTES_MAX, "one proposal fits a frame");
+const _: () = assert!(REQUEST_BODY_BYTES_MAX + 1024 < CLUSTER_FRAME_BYTES_MAX, "one request fits a frame");
 const _: () = assert!(
     pyralog_replication::group::APPEND_BYTES_MAX / BATCH_HEADER_BYTES < APPEND_BATCHES_MAX,
     "a full append's batch count fits"
@@ -118,6 +134,18 @@ pub enum Frame {
     },
     /// Everything one side had queued for the other, of many groups.
     Messages(Vec<(GroupKey, Message)>),
+    /// A question for the receiving shard, answered by a [`Frame::Response`] of the same
+    /// `id` sent to `reply_to` (the requester's own cluster address).
+    Request {
+        id: u64,
+        reply_to: SocketAddr,
+        body: Bytes,
+    },
+    /// The answer to the Request `id` of the shard that receives it.
+    Response {
+        id: u64,
+        body: Bytes,
+    },
 }
 
 impl Frame {
@@ -127,6 +155,8 @@ impl Frame {
             Frame::Welcome(_) => "Welcome",
             Frame::Refused { .. } => "Refused",
             Frame::Messages(_) => "Messages",
+            Frame::Request { .. } => "Request",
+            Frame::Response { .. } => "Response",
         }
     }
 }
@@ -151,7 +181,10 @@ pub enum ClusterFrameError {
          run the same pyralog version on every node"
     )]
     Version(u8),
-    #[error("cluster frame kind {0} is unknown (1 Hello, 2 Welcome, 3 Refused, 4 Messages)")]
+    #[error(
+        "cluster frame kind {0} is unknown (1 Hello, 2 Welcome, 3 Refused, 4 Messages, 5 Request, \
+         6 Response)"
+    )]
     Kind(u8),
     #[error("message body tag {0} is unknown (1 to 9)")]
     BodyTag(u8),
@@ -167,6 +200,8 @@ pub enum ClusterFrameError {
     Flag { what: &'static str, value: u8 },
     #[error("the refusal's reason is not UTF-8")]
     ReasonNotUtf8,
+    #[error("a Request's reply address family is {0}, neither 4 (IPv4) nor 6 (IPv6)")]
+    AddressFamily(u8),
     #[error("{0} bytes left over after the cluster frame's last field")]
     Trailing(usize),
 }
@@ -177,6 +212,8 @@ const KIND_HELLO: u8 = 1;
 const KIND_WELCOME: u8 = 2;
 const KIND_REFUSED: u8 = 3;
 const KIND_MESSAGES: u8 = 4;
+const KIND_REQUEST: u8 = 5;
+const KIND_RESPONSE: u8 = 6;
 
 const TAG_PRE_VOTE: u8 = 1;
 const TAG_PRE_VOTE_RESPONSE: u8 = 2;
@@ -212,7 +249,8 @@ const MESSAGES_COUNT_AT: usize = LENGTH_PREFIX_BYTES + FRAME_HEADER_BYTES;
 ///
 /// Panics if the frame breaks a limit the decoder enforces (a reason over
 /// [`REFUSED_REASON_BYTES_MAX`], a Messages frame over [`CLUSTER_FRAME_BYTES_MAX`] or
-/// [`FRAME_ENTRIES_MAX`], a batch shorter than a header): those are the caller's bugs. To fill
+/// [`FRAME_ENTRIES_MAX`], a batch shorter than a header, a body over
+/// [`REQUEST_BODY_BYTES_MAX`]): those are the caller's bugs. To fill
 /// a Messages frame up to its limits, use [`MessagesEncoder`].
 pub fn encode(frame: &Frame, out: &mut Vec<Bytes>) {
     let mut encoder = Encoder::new(frame_kind(frame));
@@ -223,6 +261,15 @@ pub fn encode(frame: &Frame, out: &mut Vec<Bytes>) {
             assert!(reason.len() <= REFUSED_REASON_BYTES_MAX, "a refusal's reason is bounded");
             encoder.head.put_u16(reason.len() as u16);
             encoder.head.put_slice(reason.as_bytes());
+        }
+        Frame::Request { id, reply_to, body } => {
+            encoder.head.put_u64(*id);
+            put_address(&mut encoder.head, *reply_to);
+            put_body(body, &mut encoder);
+        }
+        Frame::Response { id, body } => {
+            encoder.head.put_u64(*id);
+            put_body(body, &mut encoder);
         }
         Frame::Messages(entries) => {
             let mut messages = MessagesEncoder::new();
@@ -250,6 +297,8 @@ fn frame_kind(frame: &Frame) -> u8 {
         Frame::Welcome(_) => KIND_WELCOME,
         Frame::Refused { .. } => KIND_REFUSED,
         Frame::Messages(_) => KIND_MESSAGES,
+        Frame::Request { .. } => KIND_REQUEST,
+        Frame::Response { .. } => KIND_RESPONSE,
     }
 }
 
@@ -378,6 +427,30 @@ fn put_cluster_id(head: &mut BytesMut, cluster_id: Option<ClusterId>) {
             head.put_u8(1);
             head.put_slice(&id);
         }
+    }
+}
+
+/// The address's IP and port; an IPv6 address's flow label and scope are not carried.
+fn put_address(head: &mut BytesMut, address: SocketAddr) {
+    match address.ip() {
+        IpAddr::V4(ip) => {
+            head.put_u8(4);
+            head.put_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            head.put_u8(6);
+            head.put_slice(&ip.octets());
+        }
+    }
+    head.put_u16(address.port());
+}
+
+/// A Request's or Response's body: its length, then the body as a chunk of its own.
+fn put_body(body: &Bytes, encoder: &mut Encoder) {
+    assert!(body.len() <= REQUEST_BODY_BYTES_MAX, "the transport checks a body's length first");
+    encoder.head.put_u32(body.len() as u32);
+    if !body.is_empty() {
+        encoder.splice(body.clone());
     }
 }
 
@@ -525,6 +598,15 @@ pub fn decode_body(body: Bytes) -> Result<Frame> {
         KIND_WELCOME => Frame::Welcome(decode_welcome(&mut reader)?),
         KIND_REFUSED => Frame::Refused { reason: decode_reason(&mut reader)? },
         KIND_MESSAGES => Frame::Messages(decode_messages(&mut reader)?),
+        KIND_REQUEST => Frame::Request {
+            id: reader.u64("Request id")?,
+            reply_to: reader.address()?,
+            body: reader.body("the Request's body length")?,
+        },
+        KIND_RESPONSE => Frame::Response {
+            id: reader.u64("Response id")?,
+            body: reader.body("the Response's body length")?,
+        },
         kind => return Err(ClusterFrameError::Kind(kind)),
     };
     match reader.left() {
@@ -575,6 +657,10 @@ impl Reader {
         self.take(what).map(i64::from_be_bytes)
     }
 
+    fn u64(&mut self, what: &'static str) -> Result<u64> {
+        self.take(what).map(u64::from_be_bytes)
+    }
+
     fn flag(&mut self, what: &'static str) -> Result<bool> {
         match self.u8(what)? {
             0 => Ok(false),
@@ -609,6 +695,30 @@ impl Reader {
             return Err(ClusterFrameError::CountOverBytes { what, count, each_bytes, left });
         }
         Ok(count)
+    }
+
+    fn address(&mut self) -> Result<SocketAddr> {
+        let ip = match self.u8("reply address family")? {
+            4 => IpAddr::from(self.take::<4>("IPv4 reply address")?),
+            6 => IpAddr::from(self.take::<16>("IPv6 reply address")?),
+            family => return Err(ClusterFrameError::AddressFamily(family)),
+        };
+        Ok(SocketAddr::new(ip, self.u16("reply port")?))
+    }
+
+    /// A u32 length over [`REQUEST_BODY_BYTES_MAX`] or the bytes left is an error; the
+    /// body is a slice of the frame.
+    fn body(&mut self, what: &'static str) -> Result<Bytes> {
+        let bytes = self.u32(what)? as usize;
+        if bytes > REQUEST_BODY_BYTES_MAX {
+            return Err(ClusterFrameError::OverLimit {
+                what,
+                limit: "REQUEST_BODY_BYTES_MAX",
+                value: bytes as u64,
+                max: REQUEST_BODY_BYTES_MAX as u64,
+            });
+        }
+        self.slice(bytes, "body")
     }
 
     fn cluster_id(&mut self) -> Result<Option<ClusterId>> {

@@ -1,7 +1,7 @@
 //! Node to node: how replicas of one Raft group on different nodes (pyralog processes) talk.
 //!
-//! - [`frame`]: the wire format (Hello, Welcome, Refused, Messages), encoded without copying
-//!   batch bytes and decoded strictly. No runtime.
+//! - [`frame`]: the wire format (Hello, Welcome, Refused, Messages, Request, Response),
+//!   encoded without copying batch or body bytes and decoded strictly. No runtime.
 //! - [`identity`]: the handshake's rule (who is accepted) and the blocking cluster-identity
 //!   helpers the daemon uses before its shards start. No runtime.
 //! - `transport` (feature `server`): one [`transport::ClusterTransport`] per shard, on that

@@ -1,15 +1,17 @@
 //! The node-to-node transport of one shard: Raft messages to and from the replicas of its
-//! groups on other nodes, over TCP.
+//! groups on other nodes, and requests with their responses (the daemon's small RPC: a node
+//! forwards topic changes and node registrations to the controller's leader), over TCP.
 //!
 //! One [`ClusterTransport`] per shard, on that shard's glommio executor (`Rc`, never sent
 //! across cores). It listens on the shard's own cluster address, and keeps one outgoing
 //! connection per peer shard it sends to, each written by a task of its own from a queue of
 //! its own. Connections are one-way: a shard sends on the connections it opened and receives
-//! on those it accepted, so the answer to a message travels on another connection than the
-//! message did.
+//! on those it accepted, so the answer to a message (or to a request) travels on another
+//! connection than the message did.
 //!
 //! What it is not: it knows neither groups (a [`GroupKey`] is opaque), nor which peer holds
-//! which replica (the shard says where each message goes), nor what a message means.
+//! which replica (the shard says where each message goes), nor what a message or a request's
+//! body means.
 //!
 //! # Delivery
 //! Best effort, in order per connection, never blocking the caller: Raft tolerates lost,
@@ -40,6 +42,45 @@
 //! Order holds per connection only: after a reconnection, messages of the old connection still
 //! being read may arrive after some of the new one's, which Raft tolerates as reordering.
 //!
+//! # Requests
+//! [`ClusterTransport::request`] queues a Request frame (an id, an opaque body of at most
+//! [`REQUEST_BODY_BYTES_MAX`](super::frame::REQUEST_BODY_BYTES_MAX), and this shard's cluster address to reply to) for the peer
+//! shard like a message, and waits for the Response of the same id. The peer takes it from a
+//! queue of its own ([`ClusterTransport::recv_request`]) and answers with
+//! [`ClusterTransport::respond`], which queues the Response for the requester's shard, at
+//! the address the request named (its IP taken from the connection when that address is
+//! unspecified), over the peer's own outgoing connection, made then if there was none.
+//!
+//! **Why the answer takes the responder's connection**, not the one the request came on:
+//! connections stay one-way, so each has one writer and one reader and nothing new to
+//! order. A bidirectional connection would need its acceptor to write while it reads and
+//! its opener to read while it writes, or two shards each writing a large frame to the other
+//! while neither reads would stall until [`WRITE_TIMEOUT`]. This way responses reuse the
+//! queues, writers, handshake and backoff that Raft's answers already use, and a responder
+//! that never sent Raft messages to the requester simply starts a writer for it. The cost:
+//! a request carries its reply address (a few bytes), a responder opens a connection back
+//! (once; it stays for later ones and for Raft), and a requester the responder cannot reach
+//! gets no answers: the reachability Raft needs between the two anyway.
+//!
+//! Bounds and failures. At most [`REQUESTS_IN_FLIGHT_MAX`] requests of a transport wait for
+//! answers (more are refused at once), and each waits at most its caller's timeout, which
+//! ends it whatever happens; the table of waiting requests drops each one when its call ends,
+//! however it ends. A request fails before its timeout when its peer's connection cannot be
+//! made, is refused (with the peer's reason) or is lost (the request may or may not have
+//! been carried out), and when the transport closes. A request whose call ended before it
+//! left is not sent. Received requests go to a queue of their own, bounded by
+//! [`ClusterConfig::incoming_requests_max`], without waiting: when it is full the request is
+//! dropped, counted and logged (once per run of drops), and its requester times out. So
+//! requests never wait on the Raft inbox, nor Raft messages on requests, beyond the order of
+//! frames on one connection: a request or response read after a Messages frame waits for
+//! that frame's messages to enter the inbox, which is why a shard must not await a request
+//! on the task that drains its inbox. A Response goes to the request of its id only if it
+//! comes from the shard the request went to; otherwise (the request timed out or failed)
+//! it is dropped and counted ([`ClusterCounts::responses_unknown`]). Ids start at a random
+//! value per transport and grow, so an answer queued for an earlier run of a shard matches
+//! nothing in the next. A response waits in its peer's queue like a message (bounded, and
+//! dropped after [`CLUSTER_QUEUE_AGE_MAX`] while the peer is unreachable).
+//!
 //! # Connections and failures
 //! A peer's writer connects (within [`CONNECT_TIMEOUT`]), sends Hello and waits for the
 //! answer (within [`HANDSHAKE_TIMEOUT`]); on any failure or refusal it closes, waits a
@@ -50,9 +91,11 @@
 //! unacknowledged that long (a peer whose host is gone, which sends no FIN).
 //!
 //! Invariants: every queue is bounded (per peer in messages and bytes, the inbox in
-//! messages); connections accepted at once are at most [`CLUSTER_CONNECTIONS_MAX`] and peers
-//! written to at most [`CLUSTER_PEERS_MAX`]; messages are delivered only from a peer whose
-//! cluster id is known and equal to ours; at most one outgoing connection per peer shard.
+//! messages, received requests in requests); connections accepted at once are at most
+//! [`CLUSTER_CONNECTIONS_MAX`] and peers written to at most [`CLUSTER_PEERS_MAX`]; messages
+//! and requests are delivered only from a peer whose cluster id is known and equal to ours;
+//! at most one outgoing connection per peer shard; requests waiting for answers are at most
+//! [`REQUESTS_IN_FLIGHT_MAX`], and each waits no longer than its timeout.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -76,6 +119,11 @@ use super::frame::{
 };
 use super::identity::{self, HelloAnswer};
 use crate::ports::Sharing;
+
+mod requests;
+
+use requests::Requests;
+pub use requests::{IncomingRequest, RequestError, INCOMING_REQUESTS_MAX, REQUESTS_IN_FLIGHT_MAX};
 
 /// Messages queued for one peer shard.
 pub const CLUSTER_QUEUE_MESSAGES_MAX: usize = 1 << 16;
@@ -117,11 +165,20 @@ pub struct ClusterConfig {
     pub cluster_id: Rc<Cell<Option<ClusterId>>>,
     /// Messages received and not yet taken by [`ClusterTransport::recv`].
     pub inbox_messages_max: usize,
+    /// Requests received and not yet taken by [`ClusterTransport::recv_request`].
+    pub incoming_requests_max: usize,
 }
 
 impl ClusterConfig {
     pub fn new(node: u32, shard: u16, listen: SocketAddr, cluster_id: Rc<Cell<Option<ClusterId>>>) -> Self {
-        ClusterConfig { node, shard, listen, cluster_id, inbox_messages_max: INBOX_MESSAGES_MAX }
+        ClusterConfig {
+            node,
+            shard,
+            listen,
+            cluster_id,
+            inbox_messages_max: INBOX_MESSAGES_MAX,
+            incoming_requests_max: INCOMING_REQUESTS_MAX,
+        }
     }
 }
 
@@ -162,6 +219,21 @@ pub struct ClusterCounts {
     pub refused_by_peers: u64,
     /// Handshakes we refused.
     pub refused_peers: u64,
+    /// Request frames written (a request whose requester gave up before it left is not).
+    pub requests_sent: u64,
+    /// Requests received and queued for [`ClusterTransport::recv_request`].
+    pub requests_received: u64,
+    /// Requests received and dropped: their queue was full.
+    pub requests_dropped: u64,
+    /// Response frames written.
+    pub responses_sent: u64,
+    /// Responses received and handed to their waiting request.
+    pub responses_received: u64,
+    /// Responses received that no request waited for (it had timed out or failed): dropped.
+    pub responses_unknown: u64,
+    /// Responses not queued (their queue was full) or dropped from it (too old while their
+    /// peer was unreachable).
+    pub responses_dropped: u64,
 }
 
 /// One shard's node-to-node transport. See the module doc.
@@ -169,6 +241,7 @@ pub struct ClusterTransport {
     shared: Rc<Shared>,
     local_addr: SocketAddr,
     inbox: LocalReceiver<Received>,
+    incoming: LocalReceiver<IncomingRequest>,
     peers: RefCell<HashMap<(u32, u16), Rc<Peer>>>,
     acceptor: RefCell<Option<glommio::Task<()>>>,
     writers: RefCell<Vec<glommio::Task<()>>>,
@@ -178,8 +251,11 @@ pub struct ClusterTransport {
 struct Shared {
     node: u32,
     shard: u16,
+    /// The listener's address: where peers send their responses to our requests.
+    local_addr: SocketAddr,
     cluster_id: Rc<Cell<Option<ClusterId>>>,
     inbox: LocalSender<Received>,
+    requests: Requests,
     counts: Cell<ClusterCounts>,
     /// Never has permits: `close` closes it, which wakes every task waiting on it.
     closed: glommio::sync::Semaphore,
@@ -203,6 +279,7 @@ impl Shared {
     fn close(&self) {
         self.is_closed.set(true);
         self.closed.close();
+        self.requests.fail_all();
     }
 
     /// Resolves once the transport is closed.
@@ -215,16 +292,20 @@ impl ClusterTransport {
     /// Binds the shard's cluster address and starts accepting connections.
     pub fn start(config: ClusterConfig) -> io::Result<Rc<ClusterTransport>> {
         assert!(config.inbox_messages_max > 0, "an inbox holds at least one message");
+        assert!(config.incoming_requests_max > 0, "the request queue holds at least one request");
         let listener = crate::ports::bind(config.listen, Sharing::Exclusive)?;
         let local_addr = listener.local_addr()?;
         // SAFETY: the fd is a bound, listening TCP socket whose ownership moves to glommio.
         let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
         let (sender, inbox) = local_channel::new_bounded(config.inbox_messages_max);
+        let (requests, incoming) = local_channel::new_bounded(config.incoming_requests_max);
         let shared = Rc::new(Shared {
             node: config.node,
             shard: config.shard,
+            local_addr,
             cluster_id: config.cluster_id,
             inbox: sender,
+            requests: Requests::new(requests),
             counts: Cell::new(ClusterCounts::default()),
             closed: glommio::sync::Semaphore::new(0),
             is_closed: Cell::new(false),
@@ -236,6 +317,7 @@ impl ClusterTransport {
             shared,
             local_addr,
             inbox,
+            incoming,
             peers: RefCell::new(HashMap::new()),
             acceptor: RefCell::new(Some(acceptor)),
             writers: RefCell::new(Vec::new()),
@@ -253,30 +335,35 @@ impl ClusterTransport {
     /// first message to a peer starts its writer; a changed address is used from the next
     /// connection on.
     pub fn send(&self, peer: PeerAddress, key: GroupKey, message: Message) {
-        if self.shared.is_closed() {
-            return;
-        }
-        let Some(to) = self.peer(peer) else {
+        if !self.enqueue(peer, Outgoing::Message(key, message)) && !self.shared.is_closed() {
             self.shared.count(|counts| counts.messages_dropped += 1);
-            return;
-        };
+        }
+    }
+
+    /// Queues `item` for the peer shard at `address`; false, queueing nothing, when the
+    /// transport is closed, the peers are at [`CLUSTER_PEERS_MAX`] or the peer's queue is full.
+    fn enqueue(&self, address: PeerAddress, item: Outgoing) -> bool {
+        if self.shared.is_closed() {
+            return false;
+        }
+        let Some(to) = self.peer(address) else { return false };
         let now = Instant::now();
         if !to.connected.get() {
             to.drop_older_than(&self.shared, now);
         }
-        let bytes = queued_bytes(&message);
+        let bytes = item.queued_bytes();
         let mut queue = to.queue.borrow_mut();
         if queue.len() >= CLUSTER_QUEUE_MESSAGES_MAX
             || to.queued_bytes.get() + bytes > CLUSTER_QUEUE_BYTES_MAX
         {
-            self.shared.count(|counts| counts.messages_dropped += 1);
-            return;
+            return false;
         }
-        queue.push_back(Queued { key, message, bytes, at: now });
+        queue.push_back(Queued { item, bytes, at: now });
         to.queued_bytes.set(to.queued_bytes.get() + bytes);
         assert!(queue.len() <= CLUSTER_QUEUE_MESSAGES_MAX, "the queue is bounded in messages");
         assert!(to.queued_bytes.get() <= CLUSTER_QUEUE_BYTES_MAX, "the queue is bounded in bytes");
         to.doorbell.ring();
+        true
     }
 
     /// The peer's state, made (and its writer started) on first use; None past
@@ -380,10 +467,45 @@ pub(crate) fn queued_bytes(message: &Message) -> usize {
 // Sending
 
 struct Queued {
-    key: GroupKey,
-    message: Message,
+    item: Outgoing,
     bytes: usize,
     at: Instant,
+}
+
+/// What a peer's queue holds, in the order it leaves.
+enum Outgoing {
+    Message(GroupKey, Message),
+    /// Ours, waiting for its answer in `Shared::requests` (it leaves only while it does).
+    Request {
+        id: u64,
+        body: Bytes,
+    },
+    /// Our answer to the peer's request `id`.
+    Response {
+        id: u64,
+        body: Bytes,
+    },
+}
+
+impl Outgoing {
+    /// What it counts against its peer's [`CLUSTER_QUEUE_BYTES_MAX`].
+    fn queued_bytes(&self) -> usize {
+        const FIELDS_BYTES: usize = 64;
+        match self {
+            Outgoing::Message(_, message) => queued_bytes(message),
+            Outgoing::Request { body, .. } | Outgoing::Response { body, .. } => FIELDS_BYTES + body.len(),
+        }
+    }
+}
+
+/// What one frame taken from a peer's queue holds.
+#[derive(Debug, Default)]
+struct Taken {
+    frames: u64,
+    bytes: u64,
+    messages: u64,
+    requests: u64,
+    responses: u64,
 }
 
 /// One peer shard we send to: its queue and its connection's state.
@@ -465,40 +587,82 @@ impl Peer {
         *state = new;
     }
 
-    /// Drops the messages queued before `now - CLUSTER_QUEUE_AGE_MAX` (the queue is in
-    /// arrival order).
+    /// Drops what was queued before `now - CLUSTER_QUEUE_AGE_MAX` (the queue is in arrival
+    /// order). A dropped request fails at once: it will not leave.
     fn drop_older_than(&self, shared: &Shared, now: Instant) {
         let mut queue = self.queue.borrow_mut();
-        let mut dropped = 0;
         while queue.front().is_some_and(|queued| now.duration_since(queued.at) > CLUSTER_QUEUE_AGE_MAX) {
             let queued = queue.pop_front().expect("front checked");
             self.queued_bytes.set(self.queued_bytes.get() - queued.bytes);
-            dropped += 1;
+            match queued.item {
+                Outgoing::Message(..) => shared.count(|counts| counts.messages_dropped += 1),
+                Outgoing::Response { .. } => shared.count(|counts| counts.responses_dropped += 1),
+                Outgoing::Request { id, .. } => shared.requests.fail(
+                    id,
+                    RequestError::Unreachable {
+                        node: self.node,
+                        shard: self.shard,
+                        addr: self.addr.get(),
+                        error: format!("no connection within {CLUSTER_QUEUE_AGE_MAX:?}"),
+                    },
+                ),
+            }
         }
-        shared.count(|counts| counts.messages_dropped += dropped);
     }
 
-    /// Moves what is queued, up to a frame's limits, into one Messages frame's chunks.
-    /// Returns how many messages and bytes the frame holds.
-    fn take_frame(&self, shared: &Shared, chunks: &mut Vec<Bytes>) -> (u64, u64) {
+    /// Moves what is queued into one frame's chunks: the messages at the queue's front, up to
+    /// a Messages frame's limits, or else the request or response there, a frame of its own.
+    /// A request whose requester gave up is dropped instead. Returns what the frame holds
+    /// (nothing, when only such requests were queued).
+    fn take_frame(&self, shared: &Shared, chunks: &mut Vec<Bytes>) -> Taken {
         let mut encoder = MessagesEncoder::new();
+        let mut single = None;
         let mut queue = self.queue.borrow_mut();
         while let Some(queued) = queue.front() {
-            let fits = encoder.push(&queued.key, &queued.message);
-            if !fits && !encoder.is_empty() {
-                break;
-            }
-            if !fits {
-                // Alone over the frame's limit: it can never be sent.
-                shared.count(|counts| counts.messages_dropped += 1);
-            }
+            let alone = match &queued.item {
+                Outgoing::Message(key, message) => {
+                    let fits = encoder.push(key, message);
+                    if !fits && !encoder.is_empty() {
+                        break;
+                    }
+                    if !fits {
+                        // Alone over the frame's limit: it can never be sent.
+                        shared.count(|counts| counts.messages_dropped += 1);
+                    }
+                    false
+                }
+                _ if !encoder.is_empty() => break,
+                Outgoing::Request { id, .. } => shared.requests.is_pending(*id),
+                Outgoing::Response { .. } => true,
+            };
             let queued = queue.pop_front().expect("front checked");
             self.queued_bytes.set(self.queued_bytes.get() - queued.bytes);
+            if alone {
+                single = Some(queued.item);
+                break;
+            }
         }
         assert!(encoder.frame_bytes() <= LENGTH_PREFIX_BYTES + CLUSTER_FRAME_BYTES_MAX, "frames are bounded");
         assert!(!queue.is_empty() || self.queued_bytes.get() == 0, "queued bytes are counted exactly");
-        let taken = (encoder.len() as u64, encoder.frame_bytes() as u64);
-        encoder.finish(chunks);
+        let chunks_before = chunks.len();
+        let mut taken = Taken { frames: 1, ..Taken::default() };
+        match single {
+            Some(Outgoing::Request { id, body }) => {
+                frame::encode(&Frame::Request { id, reply_to: shared.local_addr, body }, chunks);
+                taken.requests = 1;
+            }
+            Some(Outgoing::Response { id, body }) => {
+                frame::encode(&Frame::Response { id, body }, chunks);
+                taken.responses = 1;
+            }
+            Some(Outgoing::Message(..)) => unreachable!("messages go into the Messages frame"),
+            None if encoder.is_empty() => return Taken::default(),
+            None => {
+                taken.messages = encoder.len() as u64;
+                encoder.finish(chunks);
+            }
+        }
+        taken.bytes = chunks[chunks_before..].iter().map(|chunk| chunk.len() as u64).sum();
         taken
     }
 }
@@ -541,15 +705,28 @@ async fn write_to_peer(shared: Rc<Shared>, peer: Rc<Peer>) {
                     backoff = RECONNECT_BACKOFF_MIN;
                     let lost = pump(&shared, &peer, stream).await;
                     shared.count(|counts| counts.connection_errors += 1);
+                    let (node, shard, addr) = (peer.node, peer.shard, peer.addr.get());
+                    let error = RequestError::ConnectionLost { node, shard, addr, error: lost.clone() };
+                    shared.requests.fail_to(&peer, error);
                     peer.set_state(&shared, PeerState::Down(lost));
                 }
                 Err(Handshake::Refused(reason)) => {
                     shared.count(|counts| counts.refused_by_peers += 1);
+                    let error =
+                        RequestError::Refused { node: peer.node, shard: peer.shard, reason: reason.clone() };
+                    shared.requests.fail_to(&peer, error);
                     peer.set_state(&shared, PeerState::Refused(reason));
                 }
-                Err(Handshake::Unidentified) => peer.set_state(&shared, PeerState::Unidentified),
+                Err(Handshake::Unidentified) => {
+                    let error = RequestError::Unidentified { node: peer.node, shard: peer.shard };
+                    shared.requests.fail_to(&peer, error);
+                    peer.set_state(&shared, PeerState::Unidentified);
+                }
                 Err(Handshake::Failed(error)) => {
                     shared.count(|counts| counts.connection_errors += 1);
+                    let (node, shard, addr) = (peer.node, peer.shard, peer.addr.get());
+                    let failed = RequestError::Unreachable { node, shard, addr, error: error.clone() };
+                    shared.requests.fail_to(&peer, failed);
                     peer.set_state(&shared, PeerState::Down(error));
                 }
             }
@@ -648,15 +825,17 @@ async fn pump(shared: &Shared, peer: &Peer, mut stream: TcpStream) -> String {
                 Some(Err(error)) => return error.to_string(),
             }
         }
-        let (messages, bytes) = peer.take_frame(shared, &mut chunks);
+        let taken = peer.take_frame(shared, &mut chunks);
         if let Err(error) = write_chunks(&mut stream, fd, &chunks).await {
             return error.to_string();
         }
         chunks.clear();
         shared.count(|counts| {
-            counts.frames_sent += 1;
-            counts.bytes_sent += bytes;
-            counts.messages_sent += messages;
+            counts.frames_sent += taken.frames;
+            counts.bytes_sent += taken.bytes;
+            counts.messages_sent += taken.messages;
+            counts.requests_sent += taken.requests;
+            counts.responses_sent += taken.responses;
         });
     }
 }
@@ -820,17 +999,32 @@ async fn serve(shared: &Shared, mut stream: TcpStream) -> Result<(), Fault> {
             counts.frames_received += 1;
             counts.bytes_received += bytes;
         });
-        let entries = match frame::decode_body(body)? {
-            Frame::Messages(entries) => entries,
-            other => return Err(Fault::Protocol(format!("expected Messages, got {}", other.kind_name()))),
-        };
-        for (key, message) in entries {
-            let received =
-                Received { from_node: hello.from_node, from_shard: hello.from_shard, key, message };
-            if shared.inbox.send(received).await.is_err() {
-                return Ok(()); // the transport is gone
+        let (from_node, from_shard) = (hello.from_node, hello.from_shard);
+        match frame::decode_body(body)? {
+            Frame::Messages(entries) => {
+                for (key, message) in entries {
+                    let received = Received { from_node, from_shard, key, message };
+                    if shared.inbox.send(received).await.is_err() {
+                        return Ok(()); // the transport is gone
+                    }
+                    shared.count(|counts| counts.messages_received += 1);
+                }
             }
-            shared.count(|counts| counts.messages_received += 1);
+            Frame::Request { id, mut reply_to, body } => {
+                if reply_to.ip().is_unspecified() {
+                    // The requester listens on every address: answer the one it came from.
+                    reply_to.set_ip(stream.peer_addr().map_err(io::Error::from)?.ip());
+                }
+                let request = IncomingRequest { from_node, from_shard, id, body, reply_to };
+                requests::take_request(shared, request);
+            }
+            Frame::Response { id, body } => {
+                requests::take_response(shared, (from_node, from_shard), id, body);
+            }
+            other => {
+                let kind = other.kind_name();
+                return Err(Fault::Protocol(format!("expected Messages, Request or Response, got {kind}")));
+            }
         }
     }
     Ok(())

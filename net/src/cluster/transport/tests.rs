@@ -5,7 +5,7 @@ use pyralog_replication::epoch::EpochStart;
 use pyralog_replication::{Append, AppendResponse};
 
 use super::*;
-use crate::cluster::frame::Welcome;
+use crate::cluster::frame::{Welcome, REQUEST_BODY_BYTES_MAX};
 use crate::cluster::identity::{query_cluster_id, IdentityError};
 
 const ID: ClusterId = [0x5a; 16];
@@ -366,5 +366,306 @@ fn close_frees_the_port_and_stops_delivery() {
         assert!(b.recv().await.is_none(), "a closed transport delivers nothing");
         let again = start_with(ClusterConfig::new(2, 0, addr, Rc::new(Cell::new(Some(ID)))));
         again.close().await;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// Answers every request `transport` receives with its own body, until the task is dropped.
+fn echo(transport: &Rc<ClusterTransport>) -> glommio::Task<()> {
+    let transport = Rc::clone(transport);
+    glommio::spawn_local(async move {
+        while let Some(request) = transport.recv_request().await {
+            transport.respond(&request, request.body.clone()).expect("the echo is queued");
+        }
+    })
+}
+
+/// A task that sends `body` from `from` to `to` as a request, with the answer as its output.
+fn ask(
+    from: &Rc<ClusterTransport>,
+    to: PeerAddress,
+    body: impl Into<Bytes>,
+    timeout: Duration,
+) -> glommio::Task<Result<Bytes, RequestError>> {
+    let (from, body) = (Rc::clone(from), body.into());
+    glommio::spawn_local(async move { from.request(to, body, timeout).await })
+}
+
+async fn recv_request_within(transport: &ClusterTransport) -> IncomingRequest {
+    let request = async { transport.recv_request().await.expect("the transport is open") };
+    futures_lite::future::or(request, async {
+        glommio::timer::sleep(PATIENCE).await;
+        panic!("no request within {PATIENCE:?}")
+    })
+    .await
+}
+
+/// A port nothing listens on (bound, then freed).
+fn unused_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+#[test]
+fn a_request_is_answered_with_its_echo_by_a_peer_that_never_sent_to_us() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(ID)));
+        let answering = echo(&b);
+        let body = Bytes::from_static(b"{\"create_topic\":\"orders\"}");
+        assert_eq!(a.request(address(2, &b), body.clone(), PATIENCE).await, Ok(body));
+        let largest = Bytes::from(vec![0x6a; REQUEST_BODY_BYTES_MAX]);
+        assert_eq!(a.request(address(2, &b), largest.clone(), PATIENCE).await, Ok(largest));
+        let (sent, got) = (a.counts(), b.counts());
+        assert_eq!((sent.requests_sent, got.requests_received, got.responses_sent), (2, 2, 2), "{got:?}");
+        assert_eq!((sent.responses_received, sent.responses_unknown), (2, 0), "{sent:?}");
+        assert_eq!(a.requests_in_flight(), 0);
+        drop(answering);
+
+        let too_large = Bytes::from(vec![0; REQUEST_BODY_BYTES_MAX + 1]);
+        let error = a.request(address(2, &b), too_large.clone(), PATIENCE).await.unwrap_err();
+        assert_eq!(
+            error,
+            RequestError::BodyTooLarge { bytes: REQUEST_BODY_BYTES_MAX + 1, max: REQUEST_BODY_BYTES_MAX }
+        );
+        assert!(error.to_string().contains("REQUEST_BODY_BYTES_MAX"), "{error}");
+        let asking = ask(&a, address(2, &b), Bytes::from_static(b"?"), PATIENCE);
+        let request = recv_request_within(&b).await;
+        assert_eq!((request.from_node, request.from_shard, request.reply_to), (1, 0, a.local_addr()));
+        assert!(matches!(b.respond(&request, too_large), Err(RequestError::BodyTooLarge { .. })));
+        b.respond(&request, Bytes::from_static(b"!")).expect("queued");
+        assert_eq!(asking.await, Ok(Bytes::from_static(b"!")));
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn concurrent_requests_are_matched_to_their_own_answers() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(ID)));
+        const COUNT: usize = 50;
+        let asking: Vec<_> = (0..COUNT).map(|i| ask(&a, address(2, &b), format!("{i}"), PATIENCE)).collect();
+        let mut requests = Vec::new();
+        for _ in 0..COUNT {
+            requests.push(recv_request_within(&b).await);
+        }
+        let mut ids: Vec<u64> = requests.iter().map(|request| request.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), COUNT, "every request has an id of its own");
+        // Answered in the reverse order: only the ids match answers to requests.
+        for request in requests.iter().rev() {
+            let answer = format!("answer to {}", std::str::from_utf8(&request.body).unwrap());
+            b.respond(request, Bytes::from(answer)).expect("queued");
+        }
+        for (i, asking) in asking.into_iter().enumerate() {
+            assert_eq!(asking.await, Ok(Bytes::from(format!("answer to {i}"))));
+        }
+        assert_eq!(a.counts().responses_unknown, 0);
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn an_unanswered_request_times_out_and_its_late_answer_is_dropped_and_counted() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(ID)));
+        let timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let asking = ask(&a, address(2, &b), Bytes::from_static(b"anyone?"), timeout);
+        let request = recv_request_within(&b).await;
+        let error = asking.await.unwrap_err();
+        let elapsed = started.elapsed();
+        assert_eq!(error, RequestError::TimedOut { node: 2, shard: 0, timeout });
+        assert!(error.to_string().contains("did not answer within 200ms"), "{error}");
+        assert!(elapsed >= timeout && elapsed < timeout + Duration::from_secs(1), "{elapsed:?}");
+        assert_eq!(a.requests_in_flight(), 0, "a timed-out request leaves nothing behind");
+
+        b.respond(&request, Bytes::from_static(b"too late")).expect("queued");
+        eventually("the late answer", || a.counts().responses_unknown == 1).await;
+        assert_eq!(a.counts().responses_received, 0);
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn a_request_to_a_port_nobody_listens_on_fails_without_waiting_for_its_timeout() {
+    run(async {
+        let a = start(1, Some(ID));
+        let nowhere = PeerAddress { node: 2, shard: 0, addr: unused_port() };
+        let started = Instant::now();
+        let error = a.request(nowhere, Bytes::from_static(b"hello"), PATIENCE).await.unwrap_err();
+        assert!(started.elapsed() < PATIENCE / 2, "{:?}", started.elapsed());
+        assert!(matches!(&error, RequestError::Unreachable { node: 2, shard: 0, .. }), "{error}");
+        let text = error.to_string();
+        assert!(text.starts_with(&format!("cannot connect to node 2 shard 0 at {}", nowhere.addr)), "{text}");
+        a.close().await;
+    });
+}
+
+#[test]
+fn a_request_to_a_peer_of_another_cluster_fails_with_the_refusal_reason() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(OTHER_ID)));
+        let answering = echo(&b);
+        let error = a.request(address(2, &b), Bytes::from_static(b"hello"), PATIENCE).await.unwrap_err();
+        let RequestError::Refused { node: 2, shard: 0, reason } = &error else { panic!("refused: {error}") };
+        assert!(reason.starts_with(&format!("node 1 belongs to cluster {}", identity::cluster_id_hex(&ID))));
+        assert!(
+            error.to_string().starts_with("node 2 shard 0 refused this node's connection: node 1"),
+            "{error}"
+        );
+        assert_eq!(b.counts().requests_received, 0);
+        drop(answering);
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn requests_in_flight_are_bounded_and_refused_beyond() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(ID)));
+        let waiting: Vec<_> =
+            (0..REQUESTS_IN_FLIGHT_MAX).map(|i| ask(&a, address(2, &b), vec![i as u8], PATIENCE)).collect();
+        eventually("every request in flight", || a.requests_in_flight() == REQUESTS_IN_FLIGHT_MAX).await;
+        let error = a.request(address(2, &b), Bytes::new(), PATIENCE).await.unwrap_err();
+        assert_eq!(error, RequestError::TooManyInFlight { max: REQUESTS_IN_FLIGHT_MAX });
+        assert!(error.to_string().contains("REQUESTS_IN_FLIGHT_MAX"), "{error}");
+        let answering = echo(&b);
+        for (i, waiting) in waiting.into_iter().enumerate() {
+            assert_eq!(waiting.await, Ok(Bytes::from(vec![i as u8])));
+        }
+        assert_eq!(a.requests_in_flight(), 0);
+        assert_eq!(a.request(address(2, &b), Bytes::new(), PATIENCE).await, Ok(Bytes::new()), "room again");
+        drop(answering);
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn a_full_request_queue_drops_and_counts_and_its_requesters_time_out() {
+    run(async {
+        let a = start(1, Some(ID));
+        let mut config = ClusterConfig::new(2, 0, loopback(), Rc::new(Cell::new(Some(ID))));
+        config.incoming_requests_max = 4;
+        let b = start_with(config);
+        let timeout = Duration::from_secs(1);
+        let asking: Vec<_> = (0..10u8).map(|i| ask(&a, address(2, &b), vec![i], timeout)).collect();
+        eventually("a full queue", || b.counts().requests_dropped == 6).await;
+        assert_eq!(b.counts().requests_received, 4);
+        let answering = echo(&b);
+        let mut outcomes = Vec::new();
+        for asking in asking {
+            outcomes.push(asking.await);
+        }
+        let answered = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+        let timed_out =
+            outcomes.iter().filter(|outcome| matches!(outcome, Err(RequestError::TimedOut { .. }))).count();
+        assert_eq!((answered, timed_out), (4, 6), "{outcomes:?}");
+        drop(answering);
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn waiting_requests_fail_when_their_connection_is_lost_or_the_transport_closes() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(ID)));
+        let asking = ask(&a, address(2, &b), Bytes::from_static(b"?"), PATIENCE);
+        recv_request_within(&b).await;
+        b.close().await;
+        let error = asking.await.unwrap_err();
+        assert!(matches!(&error, RequestError::ConnectionLost { node: 2, shard: 0, .. }), "{error}");
+        assert!(error.to_string().contains("may or may not have been carried out"), "{error}");
+
+        let c = start(3, Some(ID));
+        let asking = ask(&a, address(3, &c), Bytes::from_static(b"?"), PATIENCE);
+        recv_request_within(&c).await;
+        a.close().await;
+        assert_eq!(asking.await, Err(RequestError::Closed));
+        assert_eq!(a.request(address(3, &c), Bytes::new(), PATIENCE).await, Err(RequestError::Closed));
+        c.close().await;
+    });
+}
+
+#[test]
+fn requests_and_raft_messages_flow_on_the_same_transports_at_once() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(ID)));
+        let answering = echo(&b);
+        let asking = glommio::spawn_local({
+            let (a, to) = (Rc::clone(&a), address(2, &b));
+            async move {
+                for i in 0..50 {
+                    let body = Bytes::from(format!("request {i}"));
+                    assert_eq!(a.request(to, body.clone(), PATIENCE).await, Ok(body));
+                }
+            }
+        });
+        const COUNT: u32 = 3000;
+        for sequence in 0..COUNT {
+            a.send(address(2, &b), key(sequence % 7), numbered(sequence));
+            b.send(address(1, &a), key(sequence % 7), numbered(sequence));
+            if sequence % 50 == 0 {
+                futures_lite::future::yield_now().await;
+            }
+        }
+        for sequence in 0..COUNT {
+            assert_eq!(recv_within(&b).await.message, numbered(sequence));
+            assert_eq!(recv_within(&a).await.message, numbered(sequence));
+        }
+        asking.await;
+        for counts in [a.counts(), b.counts()] {
+            assert_eq!(counts.messages_sent, u64::from(COUNT), "{counts:?}");
+            assert_eq!(counts.messages_dropped + counts.connection_errors, 0, "{counts:?}");
+        }
+        assert_eq!((a.counts().responses_received, b.counts().responses_sent), (50, 50));
+        drop(answering);
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn a_request_abandoned_before_it_leaves_is_not_sent() {
+    run(async {
+        let (a, b) = (start(1, Some(ID)), start(2, Some(ID)));
+        let answering = echo(&b);
+        // Queued and waiting, then dropped before the writer ran (this task has not yielded).
+        let abandoned = futures_lite::future::poll_once(a.request(address(2, &b), Bytes::new(), PATIENCE));
+        assert!(abandoned.await.is_none(), "the first poll queues the request and waits");
+        assert_eq!(a.requests_in_flight(), 0, "dropping the call forgets the request");
+        let body = Bytes::from_static(b"after");
+        assert_eq!(a.request(address(2, &b), body.clone(), PATIENCE).await, Ok(body));
+        // The later request left after the abandoned one would have, on the same connection.
+        assert_eq!((a.counts().requests_sent, b.counts().requests_received), (1, 1));
+        drop(answering);
+        a.close().await;
+        b.close().await;
+    });
+}
+
+#[test]
+fn a_response_from_another_peer_than_the_one_asked_is_dropped_and_counted() {
+    run(async {
+        let (b, c) = (start(2, Some(ID)), start(3, Some(ID)));
+        let asking = ask(&b, address(3, &c), Bytes::from_static(b"?"), PATIENCE);
+        let request = recv_request_within(&c).await;
+        // Node 7 answers in node 3's place.
+        let mut impostor = raw_connection(&b).await;
+        let response = Frame::Response { id: request.id, body: Bytes::from_static(b"forged") };
+        impostor.write_all(&frame::encode_to_bytes(&response)).await.unwrap();
+        eventually("the forged answer", || b.counts().responses_unknown == 1).await;
+        assert_eq!(b.requests_in_flight(), 1, "the request still waits for node 3");
+        c.respond(&request, Bytes::from_static(b"real")).expect("queued");
+        assert_eq!(asking.await, Ok(Bytes::from_static(b"real")));
+        b.close().await;
+        c.close().await;
     });
 }
