@@ -23,10 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
 use pyralog_net::cluster::identity;
 use pyralog_net::cluster::transport::{ClusterConfig, ClusterTransport, PeerAddress};
 use pyralog_net::cluster::{ClusterId, GroupKey};
-use pyralog_shard::{ClusterSettings, SendHook, Shard, CONTROLLER_TOPIC_ID};
+use pyralog_shard::{ClusterSettings, ControllerRequest, SendHook, Shard, ShardError, CONTROLLER_TOPIC_ID};
 
 use crate::identity::Seed;
 use crate::NodeArgs;
@@ -215,6 +216,9 @@ pub fn start_transport(
     let transport = ClusterTransport::start(config)?;
     let seeds: HashMap<u32, String> = plan.seeds.iter().map(|s| (s.node_id, s.address.clone())).collect();
     shard.set_cluster_send(send_hook(Rc::downgrade(shard), Rc::clone(&transport), seeds));
+    if shard.id == 0 {
+        serve_controller_requests(plan, shard, &transport);
+    }
     let (receiving, into) = (Rc::clone(&transport), Rc::clone(shard));
     glommio::spawn_local(async move {
         while let Some(received) = receiving.recv().await {
@@ -223,6 +227,58 @@ pub fn start_transport(
     })
     .detach();
     Ok(transport)
+}
+
+/// How long a request forwarded to the controller's leader may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shard 0: forwards controller requests to the controller's leader (a seed, at its --seeds
+/// address) and answers those forwarded here. Bodies are JSON: a `ControllerRequest`, and a
+/// `Result<i64, ShardError>` back.
+fn serve_controller_requests(plan: &ClusterPlan, shard: &Rc<Shard>, transport: &Rc<ClusterTransport>) {
+    let seeds: HashMap<u32, String> = plan.seeds.iter().map(|s| (s.node_id, s.address.clone())).collect();
+    let forwarding = Rc::clone(transport);
+    shard.set_cluster_forward(Rc::new(move |node, request| {
+        let transport = Rc::clone(&forwarding);
+        let address = seeds.get(&node).cloned();
+        Box::pin(async move {
+            // The leader moved, or cannot be reached: the caller retries with the leader it
+            // hears of next.
+            let retry = || ShardError::NotController { leader: None, term: -1 };
+            let addr = address.and_then(|a| resolve(&a).ok()).ok_or_else(retry)?;
+            let body = Bytes::from(serde_json::to_vec(&request).expect("requests serialize"));
+            let peer = PeerAddress { node, shard: 0, addr };
+            let answer = transport.request(peer, body, FORWARD_TIMEOUT).await.map_err(|error| {
+                eprintln!("pyralog: forwarding a controller request to node {node}: {error}");
+                retry()
+            })?;
+            serde_json::from_slice::<Result<i64, ShardError>>(&answer).map_err(|error| {
+                ShardError::Storage(format!(
+                    "node {node} answered a controller request with bad JSON: {error}"
+                ))
+            })?
+        })
+    }));
+    let (serving, into) = (Rc::clone(transport), Rc::clone(shard));
+    glommio::spawn_local(async move {
+        while let Some(incoming) = serving.recv_request().await {
+            let (transport, shard) = (Rc::clone(&serving), Rc::clone(&into));
+            glommio::spawn_local(async move {
+                let answer = match serde_json::from_slice::<ControllerRequest>(&incoming.body) {
+                    Ok(request) => shard.handle_controller_request(request).await,
+                    Err(error) => Err(ShardError::InvalidConfig(format!(
+                        "a controller request that does not decode: {error}"
+                    ))),
+                };
+                let body = Bytes::from(serde_json::to_vec(&answer).expect("answers serialize"));
+                if let Err(error) = transport.respond(&incoming, body) {
+                    eprintln!("pyralog: answering node {}'s controller request: {error}", incoming.from_node);
+                }
+            })
+            .detach();
+        }
+    })
+    .detach();
 }
 
 /// Where a peer node's shard 0 listens and how many shards it has, as last resolved.
