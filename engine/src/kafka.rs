@@ -79,6 +79,7 @@ pub fn error_code(error: &ShardError) -> i16 {
         ShardError::InvalidTopic(_) => error::INVALID_TOPIC_EXCEPTION,
         ShardError::InvalidConfig(_) => error::INVALID_CONFIG,
         ShardError::InvalidPartitions(_) => error::INVALID_PARTITIONS,
+        ShardError::InvalidReplicationFactor(_) => error::INVALID_REPLICATION_FACTOR,
         ShardError::CorruptBatch(_) => error::CORRUPT_MESSAGE,
         ShardError::TooLarge(_) => error::MESSAGE_TOO_LARGE,
         ShardError::OffsetOutOfRange(_) => error::OFFSET_OUT_OF_RANGE,
@@ -171,22 +172,24 @@ impl KafkaService {
         }
     }
 
-    /// Every shard of every node as a Kafka broker.
+    /// Every shard of every node as a Kafka broker: the registered nodes, and this one even
+    /// before its registration is applied (a client must always find a broker to ask).
     fn brokers(&self, cluster: Option<&ClusterMeta>) -> Vec<metadata_response::MetadataResponseBroker> {
-        let Some(cluster) = cluster else {
-            return self
-                .broker_ports
-                .iter()
-                .enumerate()
-                .map(|(shard, port)| metadata_response::MetadataResponseBroker {
+        let own = || {
+            self.broker_ports.iter().enumerate().map(|(shard, port)| {
+                metadata_response::MetadataResponseBroker {
                     node_id: broker_id(self.settings.node_id, shard),
                     host: self.settings.advertised_host.clone(),
                     port: i32::from(*port),
                     rack: None,
-                })
-                .collect();
+                }
+            })
         };
+        let Some(cluster) = cluster else { return own().collect() };
         let mut brokers = Vec::new();
+        if !cluster.nodes.contains_key(&self.settings.node_id) {
+            brokers.extend(own());
+        }
         for node in cluster.nodes.values() {
             for (shard, port) in node.kafka_shard_ports.iter().enumerate() {
                 brokers.push(metadata_response::MetadataResponseBroker {
@@ -298,7 +301,9 @@ impl KafkaService {
                 .shard
                 .replica_role(pyralog_shard::CONTROLLER_TOPIC_ID, 0)
                 .and_then(|role| role.leader)
-                .map_or(-1, |node| broker_id(node, 0)),
+                // Any node forwards topic changes to the controller's leader: while none is
+                // known, name this one rather than none (clients then wait for a refresh).
+                .map_or(broker_id(self.settings.node_id, 0), |node| broker_id(node, 0)),
         };
         MetadataResponse {
             brokers: self.brokers(cluster),

@@ -34,9 +34,10 @@ pub fn error_code(error: &ShardError) -> ErrorCode {
         ShardError::UnknownTopic(_) => ErrorCode::UnknownTopic,
         ShardError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
         ShardError::TopicAlreadyExists(_) => ErrorCode::TopicAlreadyExists,
-        ShardError::InvalidTopic(_) | ShardError::InvalidConfig(_) | ShardError::InvalidPartitions(_) => {
-            ErrorCode::InvalidTopic
-        }
+        ShardError::InvalidTopic(_)
+        | ShardError::InvalidConfig(_)
+        | ShardError::InvalidPartitions(_)
+        | ShardError::InvalidReplicationFactor(_) => ErrorCode::InvalidTopic,
         // The native protocol has no idempotent producer; these come from Kafka clients only.
         ShardError::OutOfOrderSequence(_) | ShardError::InvalidProducerEpoch(_) => ErrorCode::InvalidRequest,
         ShardError::CorruptBatch(_) => ErrorCode::CorruptBatch,

@@ -113,8 +113,8 @@ class ClusterNode:
     def resume(self):
         self.process.send_signal(signal.SIGCONT)
 
-    def stderr_path(self):
-        return os.path.join(self.log_dir, f"stderr.{self.starts}")
+    def stderr_path(self, start=None):
+        return os.path.join(self.log_dir, f"stderr.{self.starts if start is None else start}")
 
     def stderr_tail(self, limit=4000):
         try:
@@ -139,6 +139,22 @@ class Cluster:
             node.start()
         for node in self.nodes:
             node.wait_ready()
+        return self.wait_formed()
+
+    def wait_formed(self):
+        """Waits until every node is registered: Kafka metadata lists each node's shards."""
+        from confluent_kafka.admin import AdminClient
+
+        def registered():
+            # Every node's own view: a node lists itself before its registration applies.
+            everyone = {node.node_id for node in self.nodes}
+            for node in self.nodes:
+                brokers = AdminClient({"bootstrap.servers": node.bootstrap}).list_topics(timeout=5).brokers
+                if {broker // 1000 for broker in brokers} != everyone:
+                    return False
+            return True
+
+        wait_until("every node is registered with the controller", registered)
         return self
 
     @property

@@ -84,14 +84,27 @@ def read_all(bootstrap, topic, partitions, count):
         consumer.close()
 
 
+def stored_batches(path):
+    """The whole batches of a segment file, in order (O_DIRECT leaves zeros after the last)."""
+    with open(path, "rb") as log:
+        data = log.read()
+    batches, at = [], 0
+    while at + 12 <= len(data):
+        length = int.from_bytes(data[at + 8:at + 12], "big", signed=True)
+        if length <= 0 or at + 12 + length > len(data):
+            break
+        batches.append(data[at:at + 12 + length])
+        at += 12 + length
+    return batches
+
+
 def replica_logs_agree(cluster, topic, partitions):
-    """Every node's log file of each partition holds the same bytes, up to the shortest."""
+    """Every node's log of each partition holds the same batches, byte for byte, up to the
+    shortest (a follower may lag behind; none may differ)."""
     for partition in range(partitions):
-        logs = []
-        for node in cluster.nodes:
-            path = os.path.join(node.data_dir, "topics", topic, str(partition), "00000000000000000000.log")
-            with open(path, "rb") as log:
-                logs.append(log.read())
+        logs = [stored_batches(os.path.join(node.data_dir, "topics", topic, str(partition),
+                                            "00000000000000000000.log"))
+                for node in cluster.nodes]
         shortest = min(len(log) for log in logs)
         assert shortest > 0, f"partition {partition} has an empty replica"
         for node, log in zip(cluster.nodes, logs):

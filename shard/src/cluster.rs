@@ -203,12 +203,12 @@ pub fn place(
 ) -> Result<Vec<Vec<u32>>, ShardError> {
     let nodes: Vec<&NodeInfo> = meta.nodes.values().collect();
     if replication_factor == 0 || replication_factor > REPLICATION_FACTOR_MAX {
-        return Err(ShardError::InvalidConfig(format!(
+        return Err(ShardError::InvalidReplicationFactor(format!(
             "a replication factor is 1 to {REPLICATION_FACTOR_MAX}, not {replication_factor}"
         )));
     }
     if replication_factor as usize > nodes.len() {
-        return Err(ShardError::InvalidConfig(format!(
+        return Err(ShardError::InvalidReplicationFactor(format!(
             "replication factor {replication_factor} needs {replication_factor} nodes (failure domains; two shards \
              of one node never count twice), and the cluster has {} registered",
             nodes.len()

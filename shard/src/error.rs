@@ -23,6 +23,8 @@ pub enum ShardError {
     InvalidConfig(String),
     #[error("invalid partitions: {0}")]
     InvalidPartitions(String),
+    #[error("invalid replication factor: {0}")]
+    InvalidReplicationFactor(String),
     #[error("out of order sequence: {0}")]
     OutOfOrderSequence(String),
     #[error("fenced producer: {0}")]
