@@ -17,8 +17,14 @@
 //!   or below it: an append that would do so is ignored, whoever sent it;
 //! - the current term only grows; the epochs of the log only grow along it;
 //! - a replica that lost its disk (`recovering`) neither votes, campaigns nor counts toward a
-//!   write quorum until it has learned the current term from enough peers and holds, durably,
-//!   its leader's epoch-start batch and commit point;
+//!   write quorum until it has learned the term of every voter it knows of (among them any
+//!   candidate its lost disk voted for: see `terms_known`) and holds, durably, its leader's
+//!   epoch-start batch and commit point; its vote in that term is that leader, so it votes
+//!   again only in later terms, which its lost disk never reached;
+//! - a leader raises a follower's `acked_end`, or clears its `recovering` mark, only on an
+//!   answer from the disk it last adopted for it (`disk_id`, new on every lost disk) to an
+//!   append sent since it last reset its view of it (`reset_seq`: a new disk, a rejection),
+//!   never on an answer that may predate the follower's last loss of data;
 //! - while a membership change is joint, every quorum (commit, election, check-quorum) is
 //!   met in both voter sets; learners never campaign and never count; one change at a time,
 //!   and only once the leader has committed in its own term.
@@ -200,6 +206,11 @@ struct Progress {
     /// ... and is durable up to here.
     acked_end: i64,
     recovering: bool,
+    /// The follower's disk, as its answers last said; None until one answer counted.
+    disk_id: Option<u64>,
+    /// Answers to appends numbered below this were sent before the view above was last
+    /// reset (a rejection, a new disk): they may describe data the follower no longer has.
+    reset_seq: u64,
     /// Sent and unanswered: (end offset, bytes).
     in_flight: VecDeque<(i64, usize)>,
     in_flight_bytes: usize,
@@ -237,6 +248,12 @@ pub struct RaftGroup {
     transfer: Option<(ReplicaId, u64, bool)>,
     /// Recovering: the voters whose term we learned since start.
     terms_heard: Vec<ReplicaId>,
+    /// Recovering: the largest term those answers carried.
+    term_learned_max: i32,
+    /// Leader: the `seq` of the next append sent.
+    append_seq: u64,
+    /// Follower: the largest `seq` received from the current leader in this term.
+    leader_seq: u64,
     /// (offset of its configuration batch, membership), oldest first; the initial one from
     /// the config sits at offset -1. The last one applies.
     memberships: Vec<(i64, Membership)>,
@@ -295,10 +312,15 @@ impl RaftGroup {
             progress: Vec::new(),
             transfer: None,
             terms_heard: Vec::new(),
+            term_learned_max: 0,
+            append_seq: 0,
+            leader_seq: 0,
             memberships,
         };
         if restore.disk_lost && !group.hard.recovering {
+            // A new disk: a new incarnation, so that what the lost one said is told apart.
             group.hard.recovering = true;
+            group.hard.disk_id = group.rng.next_u64().max(1);
             group.persist(out);
         }
         group.reset_election_deadline();
@@ -389,6 +411,7 @@ impl RaftGroup {
             self.hard.term = term;
             self.hard.voted_for = None;
             self.verified_end = 0;
+            self.leader_seq = 0;
             self.persist(out);
         }
         self.progress.clear();
@@ -430,24 +453,53 @@ impl RaftGroup {
     }
 
     /// A replica that lost its disk forgot its term and its votes: until it has learned the
-    /// terms of enough peers (`terms_known`), it could follow, and acknowledge for, a stale
-    /// leader, or vote twice in a term.
+    /// terms of every voter it knows of (`terms_known`), it could follow, and acknowledge
+    /// for, a stale leader, or vote twice in a term.
     fn query_terms(&mut self, out: &mut Vec<Action>) {
-        for to in self.voter_peers() {
+        let disk_id = self.hard.disk_id;
+        for to in self.known_voter_peers() {
             if !self.terms_heard.contains(&to) {
-                self.send(to, Body::TermQuery, out);
+                self.send(to, Body::TermQuery { disk_id }, out);
             }
         }
     }
 
+    /// Every voter of every membership this replica knows (the initial one and those in its
+    /// log, joint ones included), but us.
+    fn known_voter_peers(&self) -> Vec<ReplicaId> {
+        let mut voters: Vec<ReplicaId> = self.memberships.iter().flat_map(|(_, m)| m.voters()).collect();
+        voters.sort_unstable();
+        voters.dedup();
+        voters.retain(|v| *v != self.config.id);
+        voters
+    }
+
+    /// Whether a replica recovering a lost disk has learned enough terms to vote, and to
+    /// acknowledge for a leader, without breaking a promise its lost disk made.
+    ///
+    /// The lost disk may have voted in some term T for a candidate C, its answer still in
+    /// flight, and C may win T with it; so, in every term up to the largest it voted in, the
+    /// replica must grant nothing and follow nobody but the leader that won it. What it can
+    /// learn: C persisted T before it asked for the vote, and terms only grow, so C answers a
+    /// later query with a term of at least T. No one else need: any other voter of C's
+    /// election quorum may answer with an older term and only then vote for C (its vote
+    /// request delayed). So a quorum of answers proves nothing: with RF 5 and E 3, C and one
+    /// more voter elect C with the lost vote while the replica hears three older terms and
+    /// votes with the two others for someone else in T. Hence it hears every voter it knows
+    /// of, the only set sure to hold C: afterwards its term is at least T (a higher term
+    /// answered is adopted), it finishes recovery only under a leader of its current term
+    /// (`maybe_finish_recovery`), records its vote in that term for that leader, and votes
+    /// only in later terms, which the lost disk never reached. The same holds for a forgotten
+    /// vote for a newer leader than the one it would acknowledge for: that leader's term is
+    /// learned and the stale one's appends are refused. The cost: a replica that lost its
+    /// disk waits for every voter, so one more voter down delays its recovery (not the
+    /// group's writes, which W others carry). KIP-853 instead gives the new disk a new
+    /// directory id that voters must be reconfigured to accept; this core keeps the id for
+    /// the leader's bookkeeping (`Progress::disk_id`) and needs no reconfiguration.
+    /// Not covered: a candidate voter only of a configuration the recovered log no longer
+    /// holds (uncommitted and cut off), which the replica cannot know to ask.
     fn terms_known(&self) -> bool {
-        // RF − W + 1 peers include one of the W − 1 others that acknowledged any commit with
-        // us; RF − E + 1 include one of the E − 1 others that elected anyone we voted for.
-        let needed = |q: &Quorum| {
-            let rf = q.replication_factor();
-            (rf - q.write_quorum() + 1).max(rf - q.election_quorum() + 1)
-        };
-        self.membership().every_set(needed, |v| self.terms_heard.contains(&v))
+        self.known_voter_peers().iter().all(|v| self.terms_heard.contains(v))
     }
 
     fn heard_from_election_quorum(&self) -> bool {
@@ -475,11 +527,17 @@ impl RaftGroup {
                 prev_end,
                 prev_epoch,
                 commit_end: self.high_watermark,
+                seq: self.next_append_seq(),
                 batches: Vec::new(),
             });
             self.send(to, body, out);
             self.send_appends(i, log, out);
         }
+    }
+
+    fn next_append_seq(&mut self) -> u64 {
+        self.append_seq += 1;
+        self.append_seq - 1
     }
 
     fn prev_epoch(&self, prev_end: i64) -> i32 {
@@ -525,6 +583,7 @@ impl RaftGroup {
         self.hard.term += 1;
         self.hard.voted_for = Some(self.config.id);
         self.verified_end = 0;
+        self.leader_seq = 0;
         self.persist(out);
         self.progress.clear();
         self.votes.clear();
@@ -561,6 +620,8 @@ impl RaftGroup {
             match_end: 0,
             acked_end: 0,
             recovering: false,
+            disk_id: None,
+            reset_seq: 0,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
             probing: true,
@@ -587,6 +648,7 @@ impl RaftGroup {
         self.progress.clear();
         self.sync_progress();
         self.set_role(Role::Leader, Some(self.config.id), out);
+        self.append_seq = 0;
         let start = batch::epoch_start(self.config.id, &self.membership().voters());
         let stamped = self.append_own(start);
         out.push(Action::Append { batches: vec![stamped] });
@@ -667,6 +729,7 @@ impl RaftGroup {
                 prev_end,
                 prev_epoch: self.prev_epoch(prev_end),
                 commit_end: self.high_watermark,
+                seq: self.next_append_seq(),
                 batches: std::mem::take(&mut batches),
             });
             let p = &mut self.progress[i];
@@ -807,12 +870,24 @@ impl RaftGroup {
     /// or malformed is ignored; one of a stale term is answered with a refusal.
     pub fn receive(&mut self, message: Message, log: &dyn LogRead, out: &mut Vec<Action>) {
         let from = message.from;
-        if message.to != self.config.id || from == self.config.id || !self.membership().is_member(from) {
+        if message.to != self.config.id || from == self.config.id {
             return;
         }
-        // Only answers to our queries count: other messages may have left before the loss.
-        if self.hard.recovering && message.body == Body::TermAnswer && !self.terms_heard.contains(&from) {
-            self.terms_heard.push(from);
+        let counts = match &message.body {
+            // A voter of a membership we knew may have been removed since: its term counts.
+            Body::TermAnswer { .. } => self.known_voter_peers().contains(&from),
+            _ => self.membership().is_member(from),
+        };
+        if !counts {
+            return;
+        }
+        // Only answers to this disk's queries count: other messages may have left before the
+        // loss, and so may answers to the queries of a disk lost since.
+        if let Body::TermAnswer { disk_id } = message.body {
+            if self.hard.recovering && disk_id == self.hard.disk_id && !self.terms_heard.contains(&from) {
+                self.terms_heard.push(from);
+                self.term_learned_max = self.term_learned_max.max(message.term);
+            }
         }
         if message.term > self.hard.term {
             match &message.body {
@@ -845,8 +920,8 @@ impl RaftGroup {
             }
             Body::Append(append) => self.on_append(from, append, out),
             Body::AppendResponse(response) => self.on_append_response(from, response, log, out),
-            Body::TermQuery => self.send(from, Body::TermAnswer, out),
-            Body::TermAnswer => {}
+            Body::TermQuery { disk_id } => self.send(from, Body::TermAnswer { disk_id }, out),
+            Body::TermAnswer { .. } => {}
             Body::TimeoutNow => {
                 if self.role == Role::Follower
                     && self.leader == Some(from)
@@ -861,11 +936,12 @@ impl RaftGroup {
 
     fn refuse_stale(&mut self, from: ReplicaId, body: &Body, out: &mut Vec<Action>) {
         let refusal = match body {
-            Body::Append(_) | Body::TimeoutNow => Body::AppendResponse(self.rejection(0)),
+            Body::Append(append) => Body::AppendResponse(self.rejection(0, append.seq)),
+            Body::TimeoutNow => Body::AppendResponse(self.rejection(0, 0)),
             Body::PreVote { .. } => Body::PreVoteResponse { granted: false },
             Body::Vote { .. } => Body::VoteResponse { granted: false },
             // A replica that lost its disk asks from term 0: the answer carries our term.
-            Body::TermQuery => Body::TermAnswer,
+            Body::TermQuery { disk_id } => Body::TermAnswer { disk_id: *disk_id },
             _ => return,
         };
         self.send(from, refusal, out);
@@ -906,6 +982,7 @@ impl RaftGroup {
         // the one that made them a voter): a candidate counts only the voters of its own.
         let granted = free && !self.hard.recovering && !self.log_is_behind(last_epoch, log_end);
         if granted && self.hard.voted_for.is_none() {
+            assert!(!self.hard.recovering, "a replica recovering a lost disk votes in no term");
             self.hard.voted_for = Some(from);
             self.persist(out);
         }
@@ -915,7 +992,8 @@ impl RaftGroup {
         self.send(from, Body::VoteResponse { granted }, out);
     }
 
-    fn rejection(&self, probe_end: i64) -> AppendResponse {
+    /// The refusal of the append numbered `seq`.
+    fn rejection(&self, probe_end: i64, seq: u64) -> AppendResponse {
         AppendResponse {
             accepted: false,
             match_end: 0,
@@ -923,9 +1001,12 @@ impl RaftGroup {
             log_end: probe_end,
             epochs: self.epochs.tail_below(probe_end, EPOCH_HINTS_MAX),
             recovering: self.hard.recovering,
+            seq,
+            disk_id: self.hard.disk_id,
         }
     }
 
+    /// What our log holds of the current leader's, after its append numbered `leader_seq`.
     fn acknowledgement(&self, match_end: i64) -> AppendResponse {
         #[allow(unused_mut)]
         let mut acked_end = self.durable_end.min(self.verified_end);
@@ -940,6 +1021,8 @@ impl RaftGroup {
             log_end: self.log_end,
             epochs: Vec::new(),
             recovering: self.hard.recovering,
+            seq: self.leader_seq,
+            disk_id: self.hard.disk_id,
         }
     }
 
@@ -953,12 +1036,13 @@ impl RaftGroup {
         }
         self.last_leader_contact_tick = Some(self.ticks);
         self.reset_election_deadline();
+        self.leader_seq = self.leader_seq.max(append.seq);
         let prev_matches = append.prev_end == 0 && append.prev_epoch == -1
             || append.prev_end > 0
                 && self.epochs.epoch_at(append.prev_end - 1, self.log_end) == Some(append.prev_epoch);
         if !prev_matches {
             let probe_end = append.prev_end.clamp(0, self.log_end);
-            let body = Body::AppendResponse(self.rejection(probe_end));
+            let body = Body::AppendResponse(self.rejection(probe_end, append.seq));
             self.send(from, body, out);
             return;
         }
@@ -970,8 +1054,9 @@ impl RaftGroup {
             out.push(Action::Commit { high_watermark: commit });
         }
         self.maybe_finish_recovery(from, append.commit_end, out);
-        let body = Body::AppendResponse(self.acknowledgement(self.verified_end));
-        self.send(from, body, out);
+        let mut acknowledgement = self.acknowledgement(self.verified_end);
+        acknowledgement.seq = append.seq;
+        self.send(from, Body::AppendResponse(acknowledgement), out);
     }
 
     /// Appends what the log lacks of `append`'s batches, cutting a conflicting tail first.
@@ -1048,8 +1133,15 @@ impl RaftGroup {
         let caught_up =
             self.verified_end >= needed_end && self.durable_end >= needed_end && self.terms_known();
         if self.hard.recovering && caught_up {
+            // See `terms_known`: every term the lost disk voted in is at most the largest
+            // term learned, and so at most this one, in which we take `leader` as our vote.
+            assert!(self.hard.term >= self.term_learned_max, "a learned term was adopted");
+            assert!(
+                self.hard.voted_for.is_none_or(|v| v == leader),
+                "a recovering replica voted for no one in its term"
+            );
             self.hard.recovering = false;
-            self.hard.voted_for = self.hard.voted_for.or(Some(leader));
+            self.hard.voted_for = Some(leader);
             self.persist(out);
         }
     }
@@ -1065,21 +1157,22 @@ impl RaftGroup {
             return;
         }
         let Some(i) = self.progress.iter().position(|p| p.id == from) else { return };
-        if response.match_end > self.log_end || response.log_end < 0 {
-            return; // claims more than we hold: not an answer to us
+        if response.match_end > self.log_end || response.log_end < 0 || response.seq >= self.append_seq {
+            return; // claims more than we hold, or answers an append never sent: not ours
+        }
+        if response.seq < self.progress[i].reset_seq {
+            // It answers an append sent before we last reset our view of this follower (a
+            // rejection, another disk): what it says may be gone, so it counts for nothing.
+            return;
+        }
+        if self.progress[i].disk_id != Some(response.disk_id) {
+            self.adopt_disk(i, &response);
+            self.send_appends(i, log, out);
+            return;
         }
         let ticks = self.ticks;
         let p = &mut self.progress[i];
         p.last_heard_tick = ticks;
-        if response.recovering && !p.recovering {
-            // It lost its disk: what it matched and acknowledged before is gone.
-            p.match_end = 0;
-            p.acked_end = 0;
-            p.next = 0;
-            p.in_flight.clear();
-            p.in_flight_bytes = 0;
-            p.probing = true;
-        }
         p.recovering = response.recovering;
         if response.accepted {
             if response.match_end > p.match_end {
@@ -1108,18 +1201,50 @@ impl RaftGroup {
             }
             let common =
                 self.epochs.common_end(self.log_end, &response.epochs, tail_end).clamp(0, self.log_end);
+            let reset_seq = self.append_seq;
             let p = &mut self.progress[i];
-            // A follower that crashed lost its unflushed tail: what it matched may be gone.
+            // A follower that crashed lost its unflushed tail: what it matched may be gone,
+            // and so may what answers to appends sent before this rejection said.
             p.match_end = p.match_end.min(common);
             p.next = common.min(self.log_end);
             p.in_flight.clear();
             p.in_flight_bytes = 0;
             p.probing = true;
+            p.reset_seq = reset_seq;
         }
         // A commit may have changed the membership (or ended our leadership): look again.
         let Some(i) = self.progress.iter().position(|p| p.id == from) else { return };
         self.send_appends(i, log, out);
         self.maybe_send_timeout_now(out);
+    }
+
+    /// Starts the view of follower `i` afresh on the disk `response` names (the first answer
+    /// of this term, or one from another disk than the last: a disk that was lost and its
+    /// replacement). Nothing the answer says is counted, and answers to appends sent before
+    /// now are ignored from here on: they may come from the other disk, whose data may be
+    /// gone, and must neither raise `acked_end` nor clear `recovering`. Its match point
+    /// only says where to send from.
+    fn adopt_disk(&mut self, i: usize, response: &AppendResponse) {
+        let (reset_seq, log_end) = (self.append_seq, self.log_end);
+        let p = &mut self.progress[i];
+        p.disk_id = Some(response.disk_id);
+        p.recovering = response.recovering;
+        p.match_end = 0;
+        p.acked_end = 0;
+        p.next = if response.accepted { response.match_end.clamp(0, log_end) } else { 0 };
+        p.in_flight.clear();
+        p.in_flight_bytes = 0;
+        p.probing = true;
+        p.reset_seq = reset_seq;
+        debug_assert!(p.next <= log_end, "the next offset to send is within the log");
+    }
+
+    /// The leader's view of follower `id`: (acknowledged durable end, recovering), for the
+    /// simulator's checks.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn follower_view(&self, id: ReplicaId) -> Option<(i64, bool)> {
+        let p = self.progress.iter().find(|p| p.id == id)?;
+        (self.role == Role::Leader).then_some((p.acked_end, p.recovering))
     }
 
     /// Takes a notice from the log.
@@ -1283,7 +1408,7 @@ mod tests {
             from: 1,
             to: 2,
             term,
-            body: Body::Append(Append { prev_end, prev_epoch, commit_end, batches }),
+            body: Body::Append(Append { prev_end, prev_epoch, commit_end, seq: 0, batches }),
         }
     }
 
@@ -1343,10 +1468,14 @@ mod tests {
         persisted(&mut g, &mut out);
         out.clear();
         // A replica that lost its disk starts again from term 0 and asks.
-        g.receive(Message { from: 1, to: 2, term: 0, body: Body::TermQuery }, &NoLog, &mut out);
-        let answered = out
-            .iter()
-            .any(|a| matches!(a, Action::Send(Message { to: 1, term: 3, body: Body::TermAnswer, .. })));
+        g.receive(
+            Message { from: 1, to: 2, term: 0, body: Body::TermQuery { disk_id: 7 } },
+            &NoLog,
+            &mut out,
+        );
+        let answered = out.iter().any(|a| {
+            matches!(a, Action::Send(Message { to: 1, term: 3, body: Body::TermAnswer { disk_id: 7 }, .. }))
+        });
         assert!(answered, "{out:?}");
     }
 
@@ -1389,5 +1518,171 @@ mod tests {
         let refusal = refusal.expect("an answer");
         assert!(!refusal.accepted);
         assert_eq!(refusal.log_end, 2);
+    }
+
+    use crate::sim::log::SimLog;
+
+    /// Carries out `out` as a shell would, at once: appends and truncations on `log`, hard
+    /// states confirmed persisted (which releases held messages). Returns the messages sent.
+    fn carry(g: &mut RaftGroup, log: &mut SimLog, out: &mut Vec<Action>) -> Vec<Message> {
+        let mut sent = Vec::new();
+        while !out.is_empty() {
+            for action in std::mem::take(out) {
+                match action {
+                    Action::Send(m) => sent.push(m),
+                    Action::Append { batches } => batches.into_iter().for_each(|b| {
+                        log.append(b);
+                    }),
+                    Action::Truncate { end_offset, .. } => log.truncate(end_offset),
+                    Action::PersistHardState(h) => g.notice(LogNotice::HardStatePersisted(h), out),
+                    Action::Commit { .. } | Action::Role { .. } => {}
+                }
+            }
+        }
+        sent
+    }
+
+    fn deliver(g: &mut RaftGroup, log: &mut SimLog, m: Message) -> Vec<Message> {
+        let mut out = Vec::new();
+        g.receive(m, log, &mut out);
+        carry(g, log, &mut out)
+    }
+
+    fn message(from: ReplicaId, to: ReplicaId, term: i32, body: Body) -> Message {
+        Message { from, to, term, body }
+    }
+
+    /// Ticks `g` until it pre-votes, and has `voters` grant its pre-vote and vote.
+    fn elect(g: &mut RaftGroup, log: &mut SimLog, voters: &[ReplicaId]) -> Vec<Message> {
+        let mut out = Vec::new();
+        while g.role() != Role::PreCandidate {
+            g.tick(log, &mut out);
+        }
+        let mut sent = carry(g, log, &mut out);
+        let term = g.term() + 1;
+        for &v in voters {
+            sent.extend(deliver(g, log, message(v, g.id(), term, Body::PreVoteResponse { granted: true })));
+        }
+        for &v in voters {
+            sent.extend(deliver(g, log, message(v, g.id(), term, Body::VoteResponse { granted: true })));
+        }
+        assert_eq!(g.role(), Role::Leader);
+        g.tick(log, &mut out); // the first heartbeat
+        sent.extend(carry(g, log, &mut out));
+        sent
+    }
+
+    fn granted_vote(sent: &[Message], to: ReplicaId, term: i32) -> bool {
+        sent.iter().any(|m| m.to == to && m.term == term && m.body == Body::VoteResponse { granted: true })
+    }
+
+    fn vote(from: ReplicaId, to: ReplicaId, term: i32, last_epoch: i32, log_end: i64) -> Message {
+        message(from, to, term, Body::Vote { last_epoch, log_end, transfer: true })
+    }
+
+    /// Fix for a lost disk with RF 5: answers from RF − E + 1 = 3 of the 4 peers do not show
+    /// the term the lost disk voted in (the candidate's other voter answers before voting), so
+    /// the replica waits for every voter before it votes or counts again.
+    #[test]
+    fn a_replica_that_lost_its_disk_never_votes_twice_in_a_term() {
+        let voters = [1, 2, 3, 4, 5];
+        let mut log = SimLog::default();
+        let mut old = group(1, &voters);
+        // Replica 2 campaigns in term 2 and gets our vote; the answer is still in flight
+        // (with replica 3's vote and its own, it is leader of term 2) when the disk is lost.
+        assert!(granted_vote(&deliver(&mut old, &mut log, vote(2, 1, 2, -1, 0)), 2, 2));
+        let mut log = SimLog::default();
+        let restore = Restore { disk_lost: true, ..Restore::default() };
+        let mut out = Vec::new();
+        let rng = XorShiftRng::seed_from_u64(9);
+        let mut g = RaftGroup::new(config(1, &voters), restore, rng, &mut out).expect("valid");
+        carry(&mut g, &mut log, &mut out);
+        assert!(g.recovering());
+        let disk_id = g.hard_state().disk_id;
+        assert_ne!(disk_id, 0, "a new disk gets a new incarnation");
+        for _ in 0..2 {
+            g.tick(&log, &mut out);
+        }
+        let queried: Vec<ReplicaId> = carry(&mut g, &mut log, &mut out)
+            .iter()
+            .filter(|m| m.body == Body::TermQuery { disk_id })
+            .map(|m| m.to)
+            .collect();
+        assert_eq!(queried, [2, 3, 4, 5]);
+        // Replicas 3, 4 and 5 answer from term 1 (3 has not seen 2's vote request yet);
+        // replica 4 leads term 1 and brings us its log and commit point.
+        for from in [3, 4, 5] {
+            deliver(&mut g, &mut log, message(from, 1, 1, Body::TermAnswer { disk_id }));
+        }
+        let start = Bytes::from({
+            let mut b = batch::epoch_start(4, &voters);
+            batch::stamp(&mut b, 0, 1);
+            b
+        });
+        let from_4 = |prev_end, prev_epoch, batches| {
+            let append = Append { prev_end, prev_epoch, commit_end: 1, seq: 0, batches };
+            Message { from: 4, to: 1, term: 1, body: Body::Append(append) }
+        };
+        deliver(&mut g, &mut log, from_4(0, -1, vec![start]));
+        g.notice(LogNotice::Durable { end_offset: 1, truncations: 0 }, &mut out);
+        carry(&mut g, &mut log, &mut out);
+        deliver(&mut g, &mut log, from_4(1, 1, Vec::new()));
+        assert!(g.recovering(), "replica 2 has not answered: it may hold a term we voted in");
+        // Replica 5 campaigns in term 2 (4 handed over): granting would elect 5 with 3 and 4
+        // while 2 leads term 2 with our lost vote.
+        let sent = deliver(&mut g, &mut log, vote(5, 1, 2, 1, 1));
+        assert!(!granted_vote(&sent, 5, 2), "voted twice in term 2: {sent:?}");
+        // Replica 2 answers: we learn term 2, and still grant no vote in it.
+        deliver(&mut g, &mut log, message(2, 1, 2, Body::TermAnswer { disk_id }));
+        assert_eq!(g.term(), 2);
+        let sent = deliver(&mut g, &mut log, vote(5, 1, 2, 1, 1));
+        assert!(!granted_vote(&sent, 5, 2), "voted twice in term 2: {sent:?}");
+    }
+
+    /// Fix for a stale acknowledgement: an answer the follower sent before it lost its disk,
+    /// delivered after the leader heard from the new disk, neither clears `recovering` nor
+    /// raises `acked_end`, so the leader does not count the lost data toward W.
+    #[test]
+    fn a_stale_answer_from_a_lost_disk_neither_counts_nor_clears_recovering() {
+        let mut log = SimLog::default();
+        let mut g = group(1, &[1, 2, 3]);
+        elect(&mut g, &mut log, &[2]);
+        let mut out = Vec::new();
+        g.propose(vec![batch::build(&[(None, b"x")], 0, 0)], &log, &mut out).expect("leader");
+        carry(&mut g, &mut log, &mut out);
+        g.notice(LogNotice::Durable { end_offset: 2, truncations: 0 }, &mut out);
+        assert_eq!(g.high_watermark(), 0, "the leader alone is not W = 2");
+        let term = g.term();
+        let answer = |accepted: bool, end: i64, seq: u64, disk_id: u64, recovering: bool| {
+            let response = AppendResponse {
+                accepted,
+                match_end: if accepted { end } else { 0 },
+                acked_end: if accepted { end } else { 0 },
+                log_end: end,
+                epochs: Vec::new(),
+                recovering,
+                seq,
+                disk_id,
+            };
+            message(2, 1, term, Body::AppendResponse(response))
+        };
+        // The old disk answers a first append (its disk is adopted, its word not yet taken).
+        let sent = deliver(&mut g, &mut log, answer(true, 0, 0, 0, false));
+        let seq_after = sent
+            .iter()
+            .filter_map(|m| match &m.body {
+                Body::Append(a) if m.to == 2 => Some(a.seq),
+                _ => None,
+            })
+            .max()
+            .expect("the leader sends again to a newly adopted disk");
+        // It holds and flushed everything, answers the next append, and loses its disk with
+        // that answer in flight. The new disk answers first: recovering, holding nothing.
+        let stale = answer(true, 2, seq_after, 0, false);
+        deliver(&mut g, &mut log, answer(false, 0, seq_after, 77, true));
+        assert_eq!(g.follower_view(2), Some((0, true)));
+        deliver(&mut g, &mut log, stale);
+        assert_eq!(g.follower_view(2), Some((0, true)), "a lost disk's answer counted");
+        assert_eq!(g.high_watermark(), 0, "committed on the leader and a lost disk");
     }
 }

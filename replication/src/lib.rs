@@ -30,10 +30,15 @@
 //! - **Divergence** is found from epoch histories in one round trip (KIP-101/279): a rejection
 //!   carries the follower's last epochs and the leader answers from the common one.
 //! - **A lost disk** (the replica was a member and came back empty: the shell must detect it
-//!   and pass `Restore::disk_lost`) sets `recovering` in the persisted hard state: no votes, no
-//!   campaign, no write-quorum count until the replica has learned the terms of
-//!   max(RF−W+1, RF−E+1) peers (TermQuery) and holds durably its leader's epoch-start batch
-//!   and commit point (KIP-966, Protocol-Aware Recovery).
+//!   and pass `Restore::disk_lost`) sets `recovering` in the persisted hard state, with a new
+//!   random `disk_id` (KIP-853's directory id): no votes, no campaign, no write-quorum count
+//!   until the replica has learned the term of every voter it knows of (TermQuery: a quorum
+//!   of answers is not enough, since only the candidate its lost disk voted for is sure to
+//!   show that term) and holds durably its leader's epoch-start batch and commit point
+//!   (KIP-966, Protocol-Aware Recovery); it then votes only in later terms. A leader counts
+//!   a follower's acknowledgement only from the disk it last heard from and only for an
+//!   append it sent after it last reset its view of that follower (appends carry a `seq`
+//!   that answers echo), so an answer from a lost disk never counts toward W.
 //! - **Membership** changes by joint consensus: W and E of each set while joint; learners
 //!   receive the log and count for nothing.
 //!

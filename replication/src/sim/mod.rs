@@ -27,7 +27,7 @@
 
 #[cfg(test)]
 mod fuzz;
-mod log;
+pub(crate) mod log;
 #[cfg(test)]
 mod tests;
 
