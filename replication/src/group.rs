@@ -866,17 +866,29 @@ impl RaftGroup {
 }
 
 impl RaftGroup {
-    /// Takes one message from a peer. A message from an unknown replica, for another replica,
-    /// or malformed is ignored; one of a stale term is answered with a refusal.
+    /// Takes one message from a peer. A message for another replica, malformed or over its
+    /// limits is ignored; an answer (to a vote, a pre-vote, an append, a term query) is
+    /// ignored unless it comes from a replica of the membership it would count in; one of a
+    /// stale term is answered with a refusal.
+    ///
+    /// Requests (PreVote, Vote, Append, TimeoutNow, TermQuery) are taken from any replica,
+    /// member of the membership we know or not: our log may lag the configuration that made
+    /// it a voter or a leader (we missed a change, or lost our disk and restarted with the
+    /// initial one), and ignoring it could leave us deaf to the group for good. That lets no
+    /// outsider lead: a candidate counts only votes of the voters of its own membership and
+    /// campaigns only as one of them (`may_campaign`), and a voter grants a vote only to a log
+    /// at least as up to date as its own, as Raft always required.
     pub fn receive(&mut self, message: Message, log: &dyn LogRead, out: &mut Vec<Action>) {
         let from = message.from;
         if message.to != self.config.id || from == self.config.id {
             return;
         }
         let counts = match &message.body {
+            Body::VoteResponse { .. } | Body::PreVoteResponse { .. } => self.membership().is_voter(from),
+            Body::AppendResponse(_) => self.membership().is_member(from),
             // A voter of a membership we knew may have been removed since: its term counts.
             Body::TermAnswer { .. } => self.known_voter_peers().contains(&from),
-            _ => self.membership().is_member(from),
+            _ => true,
         };
         if !counts {
             return;
@@ -1489,10 +1501,7 @@ mod tests {
         g.notice(LogNotice::Durable { end_offset: 2, truncations: 0 }, &mut out);
         g.receive(append(1, 2, 1, 2, vec![]), &NoLog, &mut out);
         assert_eq!(g.high_watermark(), 2);
-        // Unknown replica, wrong addressee, stale term: nothing changes.
-        let mut unknown = append(5, 0, -1, 0, vec![stamped(0, 5)]);
-        unknown.from = 9;
-        g.receive(unknown, &NoLog, &mut out);
+        // Wrong addressee: nothing changes.
         let mut elsewhere = append(5, 0, -1, 0, vec![stamped(0, 5)]);
         elsewhere.to = 3;
         g.receive(elsewhere, &NoLog, &mut out);
@@ -1684,5 +1693,59 @@ mod tests {
         deliver(&mut g, &mut log, stale);
         assert_eq!(g.follower_view(2), Some((0, true)), "a lost disk's answer counted");
         assert_eq!(g.high_watermark(), 0, "committed on the leader and a lost disk");
+    }
+
+    /// Fix for a replica that missed a membership change (or restarted from the initial
+    /// one after losing its disk): it follows a leader it does not know as a member, and
+    /// answers its term query, while answers from outsiders still count for nothing.
+    #[test]
+    fn a_replica_hears_a_leader_outside_the_membership_it_knows() {
+        let mut log = SimLog::default();
+        let mut g = group(3, &[1, 2, 3]);
+        let append =
+            Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 4, batches: vec![stamped(0, 5)] };
+        let sent = deliver(&mut g, &mut log, message(4, 3, 5, Body::Append(append)));
+        assert_eq!((g.term(), g.leader()), (5, Some(4)));
+        assert!(sent.iter().any(|m| m.to == 4 && matches!(&m.body, Body::AppendResponse(r) if r.accepted)));
+        assert_eq!(g.log_end(), 1);
+        let sent = deliver(&mut g, &mut log, message(6, 3, 0, Body::TermQuery { disk_id: 5 }));
+        assert!(sent.iter().any(|m| m.to == 6 && m.term == 5 && m.body == Body::TermAnswer { disk_id: 5 }));
+        // A candidate counts only its own voters' votes: 9 and the learner 4 elect no one.
+        let mut config = config(1, &[1, 2, 3]);
+        config.learners = vec![4];
+        let rng = XorShiftRng::seed_from_u64(1);
+        let mut c = RaftGroup::new(config, Restore::default(), rng, &mut Vec::new()).expect("valid");
+        let mut log = SimLog::default();
+        let mut out = Vec::new();
+        while c.role() != Role::PreCandidate {
+            c.tick(&log, &mut out);
+        }
+        carry(&mut c, &mut log, &mut out);
+        for from in [9, 4] {
+            deliver(&mut c, &mut log, message(from, 1, 1, Body::PreVoteResponse { granted: true }));
+        }
+        assert_eq!(c.role(), Role::PreCandidate, "pre-votes of outsiders counted");
+        deliver(&mut c, &mut log, message(2, 1, 1, Body::PreVoteResponse { granted: true }));
+        assert_eq!(c.role(), Role::Candidate);
+        for from in [9, 4] {
+            deliver(&mut c, &mut log, message(from, 1, 1, Body::VoteResponse { granted: true }));
+        }
+        assert_eq!(c.role(), Role::Candidate, "votes of outsiders counted");
+        // A learner told to campaign by its leader does not.
+        let mut learner_config = config_with_learner(4);
+        learner_config.id = 4;
+        let rng = XorShiftRng::seed_from_u64(4);
+        let mut l = RaftGroup::new(learner_config, Restore::default(), rng, &mut Vec::new()).expect("valid");
+        let mut log = SimLog::default();
+        let heartbeat = Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 0, batches: Vec::new() };
+        deliver(&mut l, &mut log, message(1, 4, 3, Body::Append(heartbeat)));
+        deliver(&mut l, &mut log, message(1, 4, 3, Body::TimeoutNow));
+        assert_eq!((l.role(), l.term()), (Role::Follower, 3));
+    }
+
+    fn config_with_learner(learner: ReplicaId) -> Config {
+        let mut c = config(1, &[1, 2, 3]);
+        c.learners = vec![learner];
+        c
     }
 }

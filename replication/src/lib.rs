@@ -46,8 +46,11 @@
 //! topics and shards; the log start (retention and snapshots are a later issue: the log
 //! starts at offset 0 here); whether a batch is compressed. It trusts peers not to be
 //! byzantine: it checks every message's shape, never its honesty beyond Raft's rules.
-//! Messages from replicas outside the membership it knows are ignored, so a replica added
-//! while this one lagged behind its configuration is heard only once this one learns it.
+//! Requests (votes, pre-votes, appends, TimeoutNow, term queries) are taken from any replica,
+//! member of the membership this one knows or not, since that may lag (a missed change, or a
+//! lost disk that restarts from the initial configuration); answers count only from the
+//! replicas of the membership they count in, votes only from its voters, and a replica
+//! campaigns only as a voter of its own membership, so no outsider can lead.
 //!
 //! Testing: the simulator (`sim`) stands in for a model checker. `cargo test` runs 10,000
 //! random seeds (3 or 5 replicas, every preset, all faults, a quarter with membership

@@ -129,8 +129,8 @@ pub struct Options {
     pub faults: bool,
     /// A scripted history instead of random faults.
     pub scenario: Option<Scenario>,
-    /// Membership changes (one more replica, a learner, swapped with a voter by joint
-    /// consensus); `None`: a quarter of the seeds.
+    /// Membership changes (one more replica, which only it knows at first, added as a learner
+    /// and then swapped with a voter by joint consensus); `None`: a quarter of the seeds.
     pub membership: Option<bool>,
     /// Print every event and action (for replaying one seed).
     pub trace: bool,
@@ -384,7 +384,10 @@ impl World {
             id: 0,
             voters: (1..=replicas as u32).collect(),
             quorum,
-            learners: if membership { vec![slots as u32] } else { Vec::new() },
+            // The spare replica is in no one's initial configuration but its own (as a
+            // learner): the leader adds it first, so a replica that lost its disk comes back
+            // not knowing it (see `change_membership`).
+            learners: Vec::new(),
             heartbeat_ticks: 2,
             election_ticks: 10,
             planted_bug,
@@ -626,6 +629,9 @@ impl World {
         };
         let mut config = self.config.clone();
         config.id = node as u32 + 1;
+        if self.membership && node + 1 == self.blocked.len() {
+            config.learners = vec![config.id];
+        }
         let rng = XorShiftRng::seed_from_u64(self.seed ^ (node as u64) << 48 ^ n.incarnation << 32);
         let group =
             RaftGroup::new(config, restore, rng, &mut out).map_err(|e| format!("restart refused: {e}"))?;
@@ -907,6 +913,15 @@ impl World {
             self.now >= n.paused_until_us && n.group.as_ref().is_some_and(|g| g.role() == Role::Leader)
         });
         let Some(node) = leader else { return Ok(()) };
+        let spare = self.blocked.len() as u32;
+        let added = self.nodes[node].group.as_ref().is_some_and(|g| g.membership().is_member(spare));
+        if self.membership && !added {
+            // Add the spare as soon as a leader can: the swaps of the fault mix need it.
+            self.change_membership();
+            for (node, out) in std::mem::take(&mut self.fault_actions) {
+                self.apply(node, out)?;
+            }
+        }
         self.propose_to(node)
     }
 
@@ -1003,23 +1018,29 @@ impl World {
         }
     }
 
-    /// The leader swaps a random voter with the learner (joint consensus).
+    /// The leader adds the spare replica as a learner, then swaps a random voter with the
+    /// learner (joint consensus) each time.
     fn change_membership(&mut self) {
         let Some((leader, _)) = self.leader_now() else { return };
         let group = self.nodes[leader].group.as_ref().expect("a leader is live");
         let current = group.membership().clone();
-        let Some(&added) = current.learners.first() else { return };
         if current.is_joint() {
             return;
         }
         let voters = &current.sets[0].voters;
-        let removed = voters[self.random(voters.len() as u64) as usize];
-        let next: Vec<u32> = voters.iter().copied().filter(|v| *v != removed).chain([added]).collect();
+        let (next, learners) = match current.learners.first() {
+            None => (voters.clone(), vec![self.nodes.len() as u32]),
+            Some(&added) => {
+                let removed = voters[self.random(voters.len() as u64) as usize];
+                let next = voters.iter().copied().filter(|v| *v != removed).chain([added]).collect();
+                (next, vec![removed])
+            }
+        };
         let quorum = current.sets[0].quorum;
         let mut out = Vec::new();
         let n = &mut self.nodes[leader];
         let group = n.group.as_mut().expect("a leader is live");
-        let result = group.change_membership(next, quorum, vec![removed], &n.log, &mut out);
+        let result = group.change_membership(next, quorum, learners, &n.log, &mut out);
         if result.is_ok() {
             self.membership_changes += 1;
             self.fault_actions.push((leader, out));
