@@ -14,7 +14,9 @@
 //!   epoch-start batch), and only durable offsets: its own `durable_end`, and a follower's
 //!   `acked_end`, which the follower bounds by its own durable offset;
 //! - the commit point (`high_watermark`) never moves back, and the log is never truncated at
-//!   or below it: an append that would do so is ignored, whoever sent it;
+//!   or below it: an append that would do so is ignored, whoever sent it; nor inside one of
+//!   its batches: an append whose previous point or first conflict falls inside a held batch
+//!   is refused (`is_batch_boundary`), as is a message over its limits (`within_limits`);
 //! - the current term only grows; the epochs of the log only grow along it;
 //! - a replica that lost its disk (`recovering`) neither votes, campaigns nor counts toward a
 //!   write quorum until it has learned the term of every voter it knows of (among them any
@@ -48,7 +50,11 @@ pub const APPEND_BYTES_MAX: usize = 1 << 20;
 pub const APPEND_IN_FLIGHT_BYTES_MAX: usize = 4 << 20;
 /// AppendEntries messages in flight to one follower.
 pub const APPEND_IN_FLIGHT_MESSAGES_MAX: usize = 8;
-/// Epochs a follower reports when it rejects an append (see `EpochHistory::common_end`).
+/// Batches in one received AppendEntries message: a sound leader sends at most
+/// `APPEND_BYTES_MAX` bytes of batches, each at least a header long.
+pub const APPEND_BATCHES_MAX: usize = APPEND_BYTES_MAX / batch::HEADER_BYTES;
+/// Epochs a follower reports when it rejects an append (see `EpochHistory::common_end`); a
+/// rejection carrying more is ignored.
 pub const EPOCH_HINTS_MAX: usize = 8;
 /// Bytes one proposal may carry.
 pub const PROPOSAL_BYTES_MAX: usize = 8 << 20;
@@ -880,7 +886,7 @@ impl RaftGroup {
     /// at least as up to date as its own, as Raft always required.
     pub fn receive(&mut self, message: Message, log: &dyn LogRead, out: &mut Vec<Action>) {
         let from = message.from;
-        if message.to != self.config.id || from == self.config.id {
+        if message.to != self.config.id || from == self.config.id || !within_limits(&message.body) {
             return;
         }
         let counts = match &message.body {
@@ -930,7 +936,7 @@ impl RaftGroup {
                     self.become_leader(out);
                 }
             }
-            Body::Append(append) => self.on_append(from, append, out),
+            Body::Append(append) => self.on_append(from, append, log, out),
             Body::AppendResponse(response) => self.on_append_response(from, response, log, out),
             Body::TermQuery { disk_id } => self.send(from, Body::TermAnswer { disk_id }, out),
             Body::TermAnswer { .. } => {}
@@ -1038,7 +1044,7 @@ impl RaftGroup {
         }
     }
 
-    fn on_append(&mut self, from: ReplicaId, append: Append, out: &mut Vec<Action>) {
+    fn on_append(&mut self, from: ReplicaId, append: Append, log: &dyn LogRead, out: &mut Vec<Action>) {
         if self.role == Role::Leader {
             return; // two leaders in one term: impossible from honest peers, so ignore it
         }
@@ -1049,16 +1055,19 @@ impl RaftGroup {
         self.last_leader_contact_tick = Some(self.ticks);
         self.reset_election_deadline();
         self.leader_seq = self.leader_seq.max(append.seq);
+        // A point inside one of our batches is no point the leader's log and ours share: the
+        // same epoch at the same offsets is the same batch, so a sound leader never sends it.
         let prev_matches = append.prev_end == 0 && append.prev_epoch == -1
             || append.prev_end > 0
-                && self.epochs.epoch_at(append.prev_end - 1, self.log_end) == Some(append.prev_epoch);
+                && self.epochs.epoch_at(append.prev_end - 1, self.log_end) == Some(append.prev_epoch)
+                && self.is_batch_boundary(append.prev_end, log);
         if !prev_matches {
             let probe_end = append.prev_end.clamp(0, self.log_end);
             let body = Body::AppendResponse(self.rejection(probe_end, append.seq));
             self.send(from, body, out);
             return;
         }
-        let Some(end) = self.append_batches(&append, out) else { return };
+        let Some(end) = self.append_batches(&append, log, out) else { return };
         self.verified_end = self.verified_end.max(end);
         let commit = append.commit_end.min(self.verified_end);
         if commit > self.high_watermark {
@@ -1071,10 +1080,20 @@ impl RaftGroup {
         self.send(from, Body::AppendResponse(acknowledgement), out);
     }
 
+    /// Whether our log has a batch boundary at `offset` (its start and end included).
+    fn is_batch_boundary(&self, offset: i64, log: &dyn LogRead) -> bool {
+        if offset == 0 || offset == self.log_end {
+            return true;
+        }
+        let mut held = Vec::new();
+        log.read(offset, 1, &mut held);
+        held.first().and_then(|b| batch::parse(b).ok()).is_some_and(|view| view.base_offset == offset)
+    }
+
     /// Appends what the log lacks of `append`'s batches, cutting a conflicting tail first.
     /// Returns where the checked batches end, or None to ignore the message (it would cut
     /// committed data). A batch that fails its checks ends the message there.
-    fn append_batches(&mut self, append: &Append, out: &mut Vec<Action>) -> Option<i64> {
+    fn append_batches(&mut self, append: &Append, log: &dyn LogRead, out: &mut Vec<Action>) -> Option<i64> {
         let (mut end, mut last_epoch) = (append.prev_end, append.prev_epoch);
         let mut fresh = Vec::new();
         for bytes in &append.batches {
@@ -1101,6 +1120,9 @@ impl RaftGroup {
                 }
                 if view.base_offset < self.high_watermark {
                     return None;
+                }
+                if !self.is_batch_boundary(view.base_offset, log) {
+                    break; // a cut inside one of our batches: not from a sound leader
                 }
                 self.truncate(view.base_offset, out);
             }
@@ -1317,6 +1339,22 @@ impl RaftGroup {
             self.transfer = Some((to, deadline, true));
             self.send(to, Body::TimeoutNow, out);
         }
+    }
+}
+
+/// Whether a message is within the limits a sound peer keeps: an append of at most
+/// `APPEND_BATCHES_MAX` batches and `APPEND_BYTES_MAX` bytes (or one batch of a proposal's
+/// size: the leader always sends at least one), a rejection of at most `EPOCH_HINTS_MAX`
+/// epochs. Raft drops what it cannot parse; so is this.
+fn within_limits(body: &Body) -> bool {
+    match body {
+        Body::Append(append) => {
+            let bytes: usize = append.batches.iter().map(Bytes::len).sum();
+            let one_proposal = append.batches.len() == 1 && bytes <= PROPOSAL_BYTES_MAX;
+            append.batches.len() <= APPEND_BATCHES_MAX && (bytes <= APPEND_BYTES_MAX || one_proposal)
+        }
+        Body::AppendResponse(response) => response.epochs.len() <= EPOCH_HINTS_MAX,
+        _ => true,
     }
 }
 
@@ -1747,5 +1785,78 @@ mod tests {
         let mut c = config(1, &[1, 2, 3]);
         c.learners = vec![learner];
         c
+    }
+
+    /// Limits on what a peer sends: too many epoch hints, too many batch bytes.
+    #[test]
+    fn messages_over_their_limits_are_ignored() {
+        let mut log = SimLog::default();
+        let mut g = group(1, &[1, 2, 3]);
+        elect(&mut g, &mut log, &[2]);
+        let hint = |epoch| crate::epoch::EpochStart { epoch, start_offset: 0 };
+        let rejection = |epochs: Vec<crate::epoch::EpochStart>, seq| AppendResponse {
+            accepted: false,
+            match_end: 0,
+            acked_end: 0,
+            log_end: 0,
+            epochs,
+            recovering: false,
+            seq,
+            disk_id: 0,
+        };
+        // Adopt replica 2's disk, then send it a rejection with one epoch hint too many.
+        let sent = deliver(&mut g, &mut log, message(2, 1, 1, Body::AppendResponse(rejection(vec![], 0))));
+        let seq =
+            sent.iter().filter_map(|m| if let Body::Append(a) = &m.body { Some(a.seq) } else { None }).max();
+        let seq = seq.expect("appends follow");
+        let too_many = (0..=EPOCH_HINTS_MAX as i32).map(hint).collect();
+        let sent =
+            deliver(&mut g, &mut log, message(2, 1, 1, Body::AppendResponse(rejection(too_many, seq))));
+        assert!(sent.is_empty(), "a rejection over the limit was taken: {sent:?}");
+        let sent =
+            deliver(&mut g, &mut log, message(2, 1, 1, Body::AppendResponse(rejection(vec![hint(0)], seq))));
+        assert!(!sent.is_empty(), "a rejection within the limit is answered");
+        // A follower refuses an append of more than APPEND_BYTES_MAX in several batches.
+        let mut f = group(2, &[1, 2, 3]);
+        let mut log = SimLog::default();
+        let value = vec![7u8; APPEND_BYTES_MAX / 2 + 1];
+        let big = |base| {
+            let mut b = batch::build(&[(None, &value[..])], 0, 0);
+            batch::stamp(&mut b, base, 1);
+            Bytes::from(b)
+        };
+        let append =
+            Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 0, batches: vec![big(0), big(1)] };
+        let sent = deliver(&mut f, &mut log, message(1, 2, 1, Body::Append(append)));
+        assert!(sent.is_empty() && f.log_end() == 0 && f.term() == 0, "{sent:?}");
+        // ... but takes one batch that size: a leader always sends at least one.
+        let append = Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 0, batches: vec![big(0)] };
+        deliver(&mut f, &mut log, message(1, 2, 1, Body::Append(append)));
+        assert_eq!(f.log_end(), 1);
+    }
+
+    /// An append whose previous point falls inside a batch the follower holds is refused,
+    /// and no truncation ever cuts inside a batch.
+    #[test]
+    fn an_append_pointing_inside_a_held_batch_is_refused_without_a_cut() {
+        let mut log = SimLog::default();
+        let mut g = group(2, &[1, 2, 3]);
+        let append = |term, prev_end, prev_epoch, batches| {
+            let append = Append { prev_end, prev_epoch, commit_end: 0, seq: 0, batches };
+            message(1, 2, term, Body::Append(append))
+        };
+        // The follower holds offsets 0..=2 in one batch of epoch 1.
+        deliver(&mut g, &mut log, append(1, 0, -1, vec![stamped_records(0, 1, 3)]));
+        assert_eq!(g.log_end(), 3);
+        // A leader of term 2 claims a match at offset 1, inside that batch.
+        let sent = deliver(&mut g, &mut log, append(2, 1, 1, vec![stamped(1, 2)]));
+        let refused = sent.iter().any(|m| matches!(&m.body, Body::AppendResponse(r) if !r.accepted));
+        assert!(refused, "{sent:?}");
+        assert_eq!((g.log_end(), log.end()), (3, 3));
+        // The same through a forged span: a batch of epoch 1 at 0 claiming 0..=1 is "held",
+        // then a batch of epoch 2 at offset 2 would cut at 2, inside the held batch.
+        let forged = vec![stamped_records(0, 1, 2), stamped(2, 2)];
+        deliver(&mut g, &mut log, append(2, 0, -1, forged));
+        assert_eq!((g.log_end(), log.end()), (3, 3), "cut inside a batch");
     }
 }
