@@ -1194,14 +1194,14 @@ impl RaftGroup {
         if response.match_end > self.log_end || response.log_end < 0 || response.seq >= self.append_seq {
             return; // claims more than we hold, or answers an append never sent: not ours
         }
-        if response.seq < self.progress[i].reset_seq {
-            // It answers an append sent before we last reset our view of this follower (a
-            // rejection, another disk): what it says may be gone, so it counts for nothing.
-            return;
-        }
         if self.progress[i].disk_id != Some(response.disk_id) {
             self.adopt_disk(i, &response);
             self.send_appends(i, log, out);
+            return;
+        }
+        if response.seq < self.progress[i].reset_seq {
+            // It answers an append sent before we last reset our view of this follower (a
+            // rejection, another disk): what it says may be gone, so it counts for nothing.
             return;
         }
         let ticks = self.ticks;
@@ -1254,15 +1254,17 @@ impl RaftGroup {
 
     /// Starts the view of follower `i` afresh on the disk `response` names (the first answer
     /// of this term, or one from another disk than the last: a disk that was lost and its
-    /// replacement). Nothing the answer says is counted, and answers to appends sent before
-    /// now are ignored from here on: they may come from the other disk, whose data may be
-    /// gone, and must neither raise `acked_end` nor clear `recovering`. Its match point
-    /// only says where to send from.
+    /// replacement, whichever answer comes last). Nothing the answer says is counted, and
+    /// answers to appends sent before now are ignored from here on: they may come from the
+    /// other disk, whose data may be gone, and must neither raise `acked_end` nor clear
+    /// `recovering`. The answer's match point only says where to send from. A stale answer
+    /// of a lost disk may flip the view back to it, but only once: every answer that disk
+    /// ever sent answers an append sent before this reset.
     fn adopt_disk(&mut self, i: usize, response: &AppendResponse) {
         let (reset_seq, log_end) = (self.append_seq, self.log_end);
         let p = &mut self.progress[i];
         p.disk_id = Some(response.disk_id);
-        p.recovering = response.recovering;
+        p.recovering = true; // until an answer to a later append says otherwise
         p.match_end = 0;
         p.acked_end = 0;
         p.next = if response.accepted { response.match_end.clamp(0, log_end) } else { 0 };

@@ -18,12 +18,14 @@
 //! - the commit point never moves back within a replica's incarnation; a batch below any
 //!   replica's commit point equals the one first committed at that offset (never lost or
 //!   changed); a new leader holds every batch committed in earlier terms (completeness);
-//! - liveness: after the faults stop, one leader, identical logs, every acknowledged batch
-//!   present and everything committed everywhere, within the settle window.
+//! - liveness (checked last): after the faults stop, one leader, identical logs, every acknowledged batch
+//!   present and everything committed everywhere, within the settle window;
+//! - a leader that heard an append answer from a follower's new disk never lets an answer of
+//!   its lost disk raise the follower's acknowledged offset or clear its recovering mark.
 //!
-//! What it is not: it does not model membership changes (not in the core yet) or byzantine
-//! peers; messages from a replica that lost its disk are dropped from the network with it (a
-//! real disk replacement takes longer than any message lives).
+//! What it is not: it does not model byzantine peers. Messages a replica sent before it lost
+//! its disk stay in flight (some messages are held up for long), so a stale vote or
+//! acknowledgement may arrive after its replacement has spoken.
 
 #[cfg(test)]
 mod fuzz;
@@ -39,7 +41,7 @@ use rand_core::{Rng, SeedableRng};
 use rand_xorshift::XorShiftRng;
 
 use crate::group::{Action, Config, LogNotice, PlantedBug, RaftGroup, Restore, Role};
-use crate::message::{HardState, Message};
+use crate::message::{Body, HardState, Message};
 use crate::quorum::{Preset, Quorum};
 use log::SimLog;
 
@@ -222,6 +224,8 @@ pub fn run(seed: u64, options: &Options) -> Result<Outcome, Failure> {
 /// Milliseconds of virtual time per core tick, before a replica's clock skew.
 const TICK_US: u64 = 10_000;
 const NETWORK_DELAY_US_MAX: u64 = 10_000;
+/// A slow message (see `World::slow_per_mille`) takes up to this much longer.
+const SLOW_DELAY_US_MAX: u64 = 400_000;
 /// Flushes and hard-state writes take up to this long; a third of the seeds get a slow disk
 /// (ten times slower), which widens every window between an append and its flush.
 const DISK_DELAY_US_MAX: u64 = 2_000;
@@ -230,7 +234,8 @@ const EVENTS_MAX: u64 = 2_000_000;
 
 #[derive(Debug)]
 enum Event {
-    Deliver(Message),
+    /// A message, and the sender's disk generation when it left.
+    Deliver(Message, u64),
     Tick {
         node: usize,
         incarnation: u64,
@@ -304,6 +309,8 @@ struct Node {
     last_term: i32,
     /// Lost its disk, and the recovering mark is not persisted yet.
     disk_lost: bool,
+    /// How many times it lost its disk.
+    disk_generation: u64,
 }
 
 /// Lost its disk and has not caught up yet (crashed or not).
@@ -338,6 +345,11 @@ struct World {
     blocked: Vec<Vec<bool>>,
     drop_per_mille: u64,
     duplicate_per_mille: u64,
+    /// Messages held up for long (a stalled connection), up to `SLOW_DELAY_US_MAX`.
+    slow_per_mille: u64,
+    /// (leader, its term, follower): the newest disk generation of the follower whose
+    /// append answer that leader received in that term.
+    answers_heard: HashMap<(usize, i32, usize), u64>,
     leaders: HashMap<i32, u32>,
     values: HashMap<(i64, i32), (i64, u32)>,
     committed: Vec<Committed>,
@@ -409,6 +421,7 @@ impl World {
                     checked_count: 0,
                     last_term: 0,
                     disk_lost: false,
+                    disk_generation: 0,
                 }
             })
             .collect();
@@ -432,6 +445,8 @@ impl World {
             leader_gap_us: None,
             drop_per_mille: 0,
             duplicate_per_mille: 0,
+            slow_per_mille: 0,
+            answers_heard: HashMap::new(),
             leaders: HashMap::new(),
             values: HashMap::new(),
             committed: Vec::new(),
@@ -508,13 +523,20 @@ impl World {
     fn handle(&mut self, event: Event) -> Check {
         let mut out = Vec::new();
         match event {
-            Event::Deliver(message) => {
+            Event::Deliver(message, generation) => {
                 let node = message.to as usize - 1;
-                let Some(Event::Deliver(message)) = self.put_off(node, Event::Deliver(message)) else {
+                let Some(Event::Deliver(message, generation)) =
+                    self.put_off(node, Event::Deliver(message, generation))
+                else {
                     return Ok(());
                 };
+                let (from, answer) = (message.from, matches!(message.body, Body::AppendResponse(_)));
                 let Node { group: Some(group), log, .. } = &mut self.nodes[node] else { return Ok(()) };
+                let (term, before) = (group.term(), group.follower_view(from));
                 group.receive(message, log, &mut out);
+                if answer {
+                    self.check_stale_answer(node, term, from as usize - 1, generation, before)?;
+                }
                 self.apply(node, out)
             }
             Event::Tick { node, incarnation } => {
@@ -595,6 +617,7 @@ impl World {
                 self.heal_partitions();
                 self.drop_per_mille = 0;
                 self.duplicate_per_mille = 0;
+                self.slow_per_mille = 0;
                 Ok(())
             }
             Event::Propose => self.propose(),
@@ -728,12 +751,49 @@ impl World {
         if self.blocked[from][to] || self.random(1000) < self.drop_per_mille {
             return;
         }
-        let delay = 1_000 + self.random(self.network_delay_us_max);
+        let mut delay = 1_000 + self.random(self.network_delay_us_max);
+        if self.random(1000) < self.slow_per_mille {
+            delay += self.random(SLOW_DELAY_US_MAX);
+        }
+        let generation = self.nodes[from].disk_generation;
         if self.random(1000) < self.duplicate_per_mille {
             let again = 1_000 + self.random(3 * self.network_delay_us_max);
-            self.schedule(again, Event::Deliver(message.clone()));
+            self.schedule(again, Event::Deliver(message.clone(), generation));
         }
-        self.schedule(delay, Event::Deliver(message));
+        self.schedule(delay, Event::Deliver(message, generation));
+    }
+
+    /// A leader that has heard an append answer from a follower's newer disk never lets an
+    /// answer from an older one (sent before that disk was lost) raise what it counts for
+    /// that follower or clear its recovering mark: that would count lost data toward W.
+    fn check_stale_answer(
+        &mut self,
+        leader: usize,
+        term: i32,
+        follower: usize,
+        generation: u64,
+        before: Option<(i64, bool)>,
+    ) -> Check {
+        let heard = self.answers_heard.entry((leader, term, follower)).or_insert(generation);
+        let newer_heard = *heard > generation;
+        *heard = (*heard).max(generation);
+        let group = self.nodes[leader].group.as_ref().expect("it just received");
+        let after = group.follower_view(follower as u32 + 1);
+        let (Some((acked_before, recovering_before)), Some((acked_after, recovering_after))) =
+            (before, after)
+        else {
+            return Ok(());
+        };
+        if newer_heard && (acked_after > acked_before || recovering_before && !recovering_after) {
+            return Err(format!(
+                "replica {}, leader of term {term}, took an answer from replica {}'s lost disk after its new \
+                 one's: acknowledged {acked_before} -> {acked_after}, recovering {recovering_before} -> \
+                 {recovering_after}",
+                leader + 1,
+                follower + 1
+            ));
+        }
+        Ok(())
     }
 
     fn on_commit(&mut self, node: usize, high_watermark: i64) -> Check {
@@ -1014,6 +1074,7 @@ impl World {
             _ => {
                 self.drop_per_mille = self.random(150);
                 self.duplicate_per_mille = self.random(60);
+                self.slow_per_mille = self.random(30);
             }
         }
     }
@@ -1273,13 +1334,10 @@ impl World {
         if self.config.quorum.write_quorum() < 2 {
             return;
         }
-        let id = node as u32 + 1;
-        let queue = std::mem::take(&mut self.queue);
-        self.queue = queue
-            .into_iter()
-            .filter(|Reverse(s)| !matches!(&s.event, Event::Deliver(m) if m.from == id))
-            .collect();
+        // What the lost disk sent stays in flight: a stale vote or acknowledgement may still
+        // arrive after its replacement has spoken.
         let n = &mut self.nodes[node];
+        n.disk_generation += 1;
         n.group = None;
         n.log = SimLog::default();
         n.hard = HardState::default();
