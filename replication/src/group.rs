@@ -199,6 +199,11 @@ pub struct Restore {
     pub disk_lost: bool,
     /// The configuration batches of the log: (offset, membership), oldest first.
     pub memberships: Vec<(i64, Membership)>,
+    /// A commit point the replica knew before it stopped (0 if it kept none), at most
+    /// `log_end`: the shell may checkpoint the `Commit` actions it carried out, as Kafka's
+    /// high-watermark checkpoint does, and clamp the value to the recovered log, whose
+    /// batches below it are the committed ones. Nothing below it is cut again.
+    pub high_watermark: i64,
 }
 
 /// The leader's view of one follower.
@@ -276,11 +281,13 @@ impl RaftGroup {
         config.validate()?;
         if restore.log_end < 0
             || restore.epochs.starts().last().is_some_and(|s| s.start_offset >= restore.log_end)
+            || !(0..=restore.log_end).contains(&restore.high_watermark)
+            || restore.disk_lost && restore.high_watermark > 0
         {
             return Err(ReplicationError::Config {
                 reason: format!(
-                    "recovered epochs {:?} do not fit log end {}",
-                    restore.epochs, restore.log_end
+                    "recovered epochs {:?} or commit point {} do not fit log end {}",
+                    restore.epochs, restore.high_watermark, restore.log_end
                 ),
             });
         }
@@ -307,7 +314,7 @@ impl RaftGroup {
             log_end: restore.log_end,
             durable_end: restore.log_end,
             truncations: 0,
-            high_watermark: 0,
+            high_watermark: restore.high_watermark,
             verified_end: 0,
             ticks: 0,
             election_deadline_tick: 0,
@@ -1860,5 +1867,39 @@ mod tests {
         let forged = vec![stamped_records(0, 1, 2), stamped(2, 2)];
         deliver(&mut g, &mut log, append(2, 0, -1, forged));
         assert_eq!((g.log_end(), log.end()), (3, 3), "cut inside a batch");
+    }
+
+    /// A commit point recovered at restart (`Restore::high_watermark`) keeps an append that
+    /// conflicts below it from cutting committed data; without it the same append cuts.
+    #[test]
+    fn a_recovered_commit_point_is_never_cut() {
+        let restored = |high_watermark: i64| {
+            let mut log = SimLog::default();
+            log.append(stamped(0, 1));
+            log.append(stamped(1, 1));
+            let epochs = crate::epoch::EpochHistory::from_starts(vec![crate::epoch::EpochStart {
+                epoch: 1,
+                start_offset: 0,
+            }])
+            .expect("grows");
+            let restore = Restore { epochs, log_end: 2, high_watermark, ..Restore::default() };
+            let rng = XorShiftRng::seed_from_u64(2);
+            let g = RaftGroup::new(config(2, &[1, 2, 3]), restore, rng, &mut Vec::new());
+            (g, log)
+        };
+        let (g, mut log) = restored(2);
+        let mut g = g.expect("a commit point within the log");
+        assert_eq!(g.high_watermark(), 2);
+        deliver(&mut g, &mut log, append(3, 1, 1, 0, vec![stamped(1, 3)]));
+        assert_eq!((g.log_end(), log.end()), (2, 2), "committed offset 1 was cut");
+        let (g, mut log) = restored(0);
+        let mut g = g.expect("no commit point");
+        deliver(&mut g, &mut log, append(3, 1, 1, 0, vec![stamped(1, 3)]));
+        assert_eq!(g.log_end(), 2);
+        assert_eq!(g.epochs().last_epoch(), 3, "without it, offset 1 is replaced");
+        assert!(restored(3).0.is_err(), "a commit point past the log is refused");
+        let lost = Restore { disk_lost: true, high_watermark: 1, log_end: 1, ..Restore::default() };
+        let rng = XorShiftRng::seed_from_u64(2);
+        assert!(RaftGroup::new(config(2, &[1, 2, 3]), lost, rng, &mut Vec::new()).is_err());
     }
 }

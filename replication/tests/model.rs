@@ -283,6 +283,7 @@ impl Replica {
             log_end: log.end(),
             disk_lost: false,
             memberships: Vec::new(),
+            high_watermark: 0,
         };
         let rng = XorShiftRng::seed_from_u64(u64::from(id) << 8 | u64::from(start.restarts));
         let mut actions = Vec::new();

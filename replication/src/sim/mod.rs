@@ -639,7 +639,11 @@ impl World {
         let disk_lost = disk_lost || n.disk_lost;
         // A term that was never persisted was never said to anyone: the persisted one counts.
         n.last_term = n.hard.term;
-        n.high_watermark = 0;
+        // Half the time the shell had checkpointed the last commit point it carried out; it
+        // clamps it to the recovered log (what a crash kept below it is what was committed).
+        let checkpointed = !disk_lost && self.rng.next_u64().is_multiple_of(2);
+        let n = &mut self.nodes[node];
+        n.high_watermark = if checkpointed { n.high_watermark.min(n.log.end()) } else { 0 };
         n.flushing = false;
         n.paused_until_us = 0;
         n.checked_count = n.checked_count.min(n.log.batches.len());
@@ -649,6 +653,7 @@ impl World {
             log_end: n.log.end(),
             disk_lost,
             memberships: n.log.memberships(),
+            high_watermark: n.high_watermark,
         };
         let mut config = self.config.clone();
         config.id = node as u32 + 1;
