@@ -506,7 +506,8 @@ impl RaftGroup {
     /// vote for a newer leader than the one it would acknowledge for: that leader's term is
     /// learned and the stale one's appends are refused. The cost: a replica that lost its
     /// disk waits for every voter, so one more voter down delays its recovery (not the
-    /// group's writes, which W others carry). KIP-853 instead gives the new disk a new
+    /// group's writes, which W others carry), and so does a retired voter whose configuration
+    /// is still in the log (while the log starts at offset 0, every configuration is). KIP-853 instead gives the new disk a new
     /// directory id that voters must be reconfigured to accept; this core keeps the id for
     /// the leader's bookkeeping (`Progress::disk_id`) and needs no reconfiguration.
     /// Not covered: a candidate voter only of a configuration the recovered log no longer
