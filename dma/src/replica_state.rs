@@ -25,11 +25,11 @@ use crate::error::{LogError, Result};
 pub const FILE_NAME: &str = "replica.state";
 /// Bytes of one slot: room for [`EPOCHS_MAX`] epochs.
 pub const SLOT_BYTES: usize = 64 << 10;
-const HEADER_BYTES: usize = 4 + 4 + 4 + 8 + 4 + 8 + 1 + 4;
+const HEADER_BYTES: usize = 4 + 4 + 4 + 8 + 4 + 8 + 1 + 8 + 8 + 4;
 /// Most epoch starts kept: the oldest are dropped beyond it (a follower whose log diverges
 /// before the oldest one kept is then truncated to the oldest kept start and fetches again).
 pub const EPOCHS_MAX: usize = (SLOT_BYTES - HEADER_BYTES) / 12;
-const MAGIC: u32 = 0x5052_5331; // "PRS1"
+const MAGIC: u32 = 0x5052_5332; // "PRS2"
 
 /// What a replica persists besides its log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -37,6 +37,11 @@ pub struct ReplicaState {
     pub term: i32,
     pub voted_for: Option<u32>,
     pub recovering: bool,
+    /// The incarnation of the replica's disk (0 until it was lost once; see replication's
+    /// `HardState::disk_id`).
+    pub disk_id: u64,
+    /// A commit point the replica knew when this was stored (a lower bound of the true one).
+    pub commit: i64,
     /// (epoch, start offset), oldest first, both growing.
     pub epochs: Vec<(i32, i64)>,
 }
@@ -111,8 +116,9 @@ impl ReplicaStateFile {
 }
 
 /// Layout: magic u32, CRC-32C u32 (of the bytes after it up to the payload's end), payload
-/// length u32, sequence u64, term i32, voted_for i64 (-1: none), recovering u8, epoch count
-/// u32, then (epoch i32, start i64) per epoch; all big-endian, zeros after.
+/// length u32, sequence u64, term i32, voted_for i64 (-1: none), recovering u8, disk id u64,
+/// commit i64, epoch count u32, then (epoch i32, start i64) per epoch; all big-endian, zeros
+/// after.
 fn encode(sequence: u64, state: &ReplicaState, out: &mut [u8]) {
     out.fill(0);
     let epochs = &state.epochs[state.epochs.len().saturating_sub(EPOCHS_MAX)..];
@@ -121,6 +127,8 @@ fn encode(sequence: u64, state: &ReplicaState, out: &mut [u8]) {
     payload.extend_from_slice(&state.term.to_be_bytes());
     payload.extend_from_slice(&state.voted_for.map_or(-1, i64::from).to_be_bytes());
     payload.push(u8::from(state.recovering));
+    payload.extend_from_slice(&state.disk_id.to_be_bytes());
+    payload.extend_from_slice(&state.commit.to_be_bytes());
     payload.extend_from_slice(&(epochs.len() as u32).to_be_bytes());
     for (epoch, start) in epochs {
         payload.extend_from_slice(&epoch.to_be_bytes());
@@ -159,14 +167,17 @@ fn decode(slot: &[u8]) -> Option<(u64, ReplicaState)> {
         1 => true,
         _ => return None,
     };
-    let count = u32::from_be_bytes(payload.get(21..25)?.try_into().ok()?) as usize;
-    if payload.len() != 25 + 12 * count {
+    let disk_id = i64_at(21)? as u64;
+    let commit = i64_at(29)?;
+    let count = u32::from_be_bytes(payload.get(37..41)?.try_into().ok()?) as usize;
+    if payload.len() != 41 + 12 * count {
         return None;
     }
     let epochs: Vec<(i32, i64)> =
-        (0..count).map(|i| Some((i32_at(25 + 12 * i)?, i64_at(29 + 12 * i)?))).collect::<Option<_>>()?;
+        (0..count).map(|i| Some((i32_at(41 + 12 * i)?, i64_at(45 + 12 * i)?))).collect::<Option<_>>()?;
     let grows = epochs.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1);
-    (grows && term >= 0).then_some((sequence, ReplicaState { term, voted_for, recovering, epochs }))
+    let state = ReplicaState { term, voted_for, recovering, disk_id, commit, epochs };
+    (grows && term >= 0 && commit >= 0).then_some((sequence, state))
 }
 
 #[cfg(test)]
@@ -179,6 +190,8 @@ mod tests {
             term,
             voted_for: Some(3),
             recovering: term % 2 == 0,
+            disk_id: u64::from(term as u32) << 40,
+            commit: i64::from(term) * 7,
             epochs: (0..epochs).map(|i| (i as i32 + 1, 10 * i as i64)).collect(),
         }
     }

@@ -62,8 +62,9 @@ fn allocated_by_decode(frame: &Bytes) -> usize {
 }
 
 /// A decoded frame holds at most this many bytes of memory per byte of frame: a message
-/// without fields (33 bytes on the wire) becomes an entry of `size_of::<(GroupKey, Message)>()`.
-const ALLOCATED_PER_FRAME_BYTE_MAX: usize = 3;
+/// without fields (33 bytes on the wire) becomes an entry of `size_of::<(GroupKey, Message)>()`
+/// (112 bytes since appends carry a sequence and their answers a disk id).
+const ALLOCATED_PER_FRAME_BYTE_MAX: usize = 4;
 
 fn check(frame: &Bytes) -> Result<(), TestCaseError> {
     let allocated = allocated_by_decode(frame);
@@ -79,12 +80,13 @@ fn sample_entries() -> Vec<(GroupKey, Message)> {
     let batch = Bytes::from(pyralog_replication::batch::build(&[(None, b"value")], 0, 0));
     let key = GroupKey { topic_id: [0; 16], partition: 3 };
     let bodies = [
-        Body::TermQuery,
+        Body::TermQuery { disk_id: 7 },
         Body::Vote { last_epoch: 1, log_end: 2, transfer: false },
         Body::Append(Append {
             prev_end: 0,
             prev_epoch: -1,
             commit_end: 0,
+            seq: 5,
             batches: vec![batch.clone(), batch],
         }),
         Body::AppendResponse(AppendResponse {
@@ -94,6 +96,8 @@ fn sample_entries() -> Vec<(GroupKey, Message)> {
             log_end: 9,
             epochs: vec![EpochStart { epoch: 1, start_offset: 0 }; 3],
             recovering: false,
+            seq: 5,
+            disk_id: 3,
         }),
     ];
     bodies.into_iter().map(|body| (key, Message { from: 1, to: 2, term: 3, body })).collect()
@@ -102,7 +106,9 @@ fn sample_entries() -> Vec<(GroupKey, Message)> {
 #[test]
 fn the_densest_valid_frame_stays_within_the_bound() {
     assert!(std::mem::size_of::<(GroupKey, Message)>() <= ALLOCATED_PER_FRAME_BYTE_MAX * 33);
-    let entries = vec![sample_entries()[0].clone(); 10_000];
+    let (key, mut densest) = sample_entries()[0].clone();
+    densest.body = Body::TimeoutNow;
+    let entries = vec![(key, densest); 10_000];
     let frame = frame::encode_to_bytes(&Frame::Messages(entries));
     check(&frame).unwrap();
     let entries_bytes = 10_000 * std::mem::size_of::<(GroupKey, Message)>();

@@ -14,11 +14,19 @@
 //!   epoch-start batch), and only durable offsets: its own `durable_end`, and a follower's
 //!   `acked_end`, which the follower bounds by its own durable offset;
 //! - the commit point (`high_watermark`) never moves back, and the log is never truncated at
-//!   or below it: an append that would do so is ignored, whoever sent it;
+//!   or below it: an append that would do so is ignored, whoever sent it; nor inside one of
+//!   its batches: an append whose previous point or first conflict falls inside a held batch
+//!   is refused (`is_batch_boundary`), as is a message over its limits (`within_limits`);
 //! - the current term only grows; the epochs of the log only grow along it;
 //! - a replica that lost its disk (`recovering`) neither votes, campaigns nor counts toward a
-//!   write quorum until it has learned the current term from enough peers and holds, durably,
-//!   its leader's epoch-start batch and commit point;
+//!   write quorum until it has learned the term of every voter it knows of (among them any
+//!   candidate its lost disk voted for: see `terms_known`) and holds, durably, its leader's
+//!   epoch-start batch and commit point; its vote in that term is that leader, so it votes
+//!   again only in later terms, which its lost disk never reached;
+//! - a leader raises a follower's `acked_end`, or clears its `recovering` mark, only on an
+//!   answer from the disk it last adopted for it (`disk_id`, new on every lost disk) to an
+//!   append sent since it last reset its view of it (`reset_seq`: a new disk, a rejection),
+//!   never on an answer that may predate the follower's last loss of data;
 //! - while a membership change is joint, every quorum (commit, election, check-quorum) is
 //!   met in both voter sets; learners never campaign and never count; one change at a time,
 //!   and only once the leader has committed in its own term.
@@ -42,7 +50,11 @@ pub const APPEND_BYTES_MAX: usize = 1 << 20;
 pub const APPEND_IN_FLIGHT_BYTES_MAX: usize = 4 << 20;
 /// AppendEntries messages in flight to one follower.
 pub const APPEND_IN_FLIGHT_MESSAGES_MAX: usize = 8;
-/// Epochs a follower reports when it rejects an append (see `EpochHistory::common_end`).
+/// Batches in one received AppendEntries message: a sound leader sends at most
+/// `APPEND_BYTES_MAX` bytes of batches, each at least a header long.
+pub const APPEND_BATCHES_MAX: usize = APPEND_BYTES_MAX / batch::HEADER_BYTES;
+/// Epochs a follower reports when it rejects an append (see `EpochHistory::common_end`); a
+/// rejection carrying more is ignored.
 pub const EPOCH_HINTS_MAX: usize = 8;
 /// Bytes one proposal may carry.
 pub const PROPOSAL_BYTES_MAX: usize = 8 << 20;
@@ -187,6 +199,11 @@ pub struct Restore {
     pub disk_lost: bool,
     /// The configuration batches of the log: (offset, membership), oldest first.
     pub memberships: Vec<(i64, Membership)>,
+    /// A commit point the replica knew before it stopped (0 if it kept none), at most
+    /// `log_end`: the shell may checkpoint the `Commit` actions it carried out, as Kafka's
+    /// high-watermark checkpoint does, and clamp the value to the recovered log, whose
+    /// batches below it are the committed ones. Nothing below it is cut again.
+    pub high_watermark: i64,
 }
 
 /// The leader's view of one follower.
@@ -200,6 +217,11 @@ struct Progress {
     /// ... and is durable up to here.
     acked_end: i64,
     recovering: bool,
+    /// The follower's disk, as its answers last said; None until one answer counted.
+    disk_id: Option<u64>,
+    /// Answers to appends numbered below this were sent before the view above was last
+    /// reset (a rejection, a new disk): they may describe data the follower no longer has.
+    reset_seq: u64,
     /// Sent and unanswered: (end offset, bytes).
     in_flight: VecDeque<(i64, usize)>,
     in_flight_bytes: usize,
@@ -237,6 +259,12 @@ pub struct RaftGroup {
     transfer: Option<(ReplicaId, u64, bool)>,
     /// Recovering: the voters whose term we learned since start.
     terms_heard: Vec<ReplicaId>,
+    /// Recovering: the largest term those answers carried.
+    term_learned_max: i32,
+    /// Leader: the `seq` of the next append sent.
+    append_seq: u64,
+    /// Follower: the largest `seq` received from the current leader in this term.
+    leader_seq: u64,
     /// (offset of its configuration batch, membership), oldest first; the initial one from
     /// the config sits at offset -1. The last one applies.
     memberships: Vec<(i64, Membership)>,
@@ -253,11 +281,13 @@ impl RaftGroup {
         config.validate()?;
         if restore.log_end < 0
             || restore.epochs.starts().last().is_some_and(|s| s.start_offset >= restore.log_end)
+            || !(0..=restore.log_end).contains(&restore.high_watermark)
+            || restore.disk_lost && restore.high_watermark > 0
         {
             return Err(ReplicationError::Config {
                 reason: format!(
-                    "recovered epochs {:?} do not fit log end {}",
-                    restore.epochs, restore.log_end
+                    "recovered epochs {:?} or commit point {} do not fit log end {}",
+                    restore.epochs, restore.high_watermark, restore.log_end
                 ),
             });
         }
@@ -284,7 +314,7 @@ impl RaftGroup {
             log_end: restore.log_end,
             durable_end: restore.log_end,
             truncations: 0,
-            high_watermark: 0,
+            high_watermark: restore.high_watermark,
             verified_end: 0,
             ticks: 0,
             election_deadline_tick: 0,
@@ -295,10 +325,15 @@ impl RaftGroup {
             progress: Vec::new(),
             transfer: None,
             terms_heard: Vec::new(),
+            term_learned_max: 0,
+            append_seq: 0,
+            leader_seq: 0,
             memberships,
         };
         if restore.disk_lost && !group.hard.recovering {
+            // A new disk: a new incarnation, so that what the lost one said is told apart.
             group.hard.recovering = true;
+            group.hard.disk_id = group.rng.next_u64().max(1);
             group.persist(out);
         }
         group.reset_election_deadline();
@@ -389,6 +424,7 @@ impl RaftGroup {
             self.hard.term = term;
             self.hard.voted_for = None;
             self.verified_end = 0;
+            self.leader_seq = 0;
             self.persist(out);
         }
         self.progress.clear();
@@ -430,24 +466,54 @@ impl RaftGroup {
     }
 
     /// A replica that lost its disk forgot its term and its votes: until it has learned the
-    /// terms of enough peers (`terms_known`), it could follow, and acknowledge for, a stale
-    /// leader, or vote twice in a term.
+    /// terms of every voter it knows of (`terms_known`), it could follow, and acknowledge
+    /// for, a stale leader, or vote twice in a term.
     fn query_terms(&mut self, out: &mut Vec<Action>) {
-        for to in self.voter_peers() {
+        let disk_id = self.hard.disk_id;
+        for to in self.known_voter_peers() {
             if !self.terms_heard.contains(&to) {
-                self.send(to, Body::TermQuery, out);
+                self.send(to, Body::TermQuery { disk_id }, out);
             }
         }
     }
 
+    /// Every voter of every membership this replica knows (the initial one and those in its
+    /// log, joint ones included), but us.
+    fn known_voter_peers(&self) -> Vec<ReplicaId> {
+        let mut voters: Vec<ReplicaId> = self.memberships.iter().flat_map(|(_, m)| m.voters()).collect();
+        voters.sort_unstable();
+        voters.dedup();
+        voters.retain(|v| *v != self.config.id);
+        voters
+    }
+
+    /// Whether a replica recovering a lost disk has learned enough terms to vote, and to
+    /// acknowledge for a leader, without breaking a promise its lost disk made.
+    ///
+    /// The lost disk may have voted in some term T for a candidate C, its answer still in
+    /// flight, and C may win T with it; so, in every term up to the largest it voted in, the
+    /// replica must grant nothing and follow nobody but the leader that won it. What it can
+    /// learn: C persisted T before it asked for the vote, and terms only grow, so C answers a
+    /// later query with a term of at least T. No one else need: any other voter of C's
+    /// election quorum may answer with an older term and only then vote for C (its vote
+    /// request delayed). So a quorum of answers proves nothing: with RF 5 and E 3, C and one
+    /// more voter elect C with the lost vote while the replica hears three older terms and
+    /// votes with the two others for someone else in T. Hence it hears every voter it knows
+    /// of, the only set sure to hold C: afterwards its term is at least T (a higher term
+    /// answered is adopted), it finishes recovery only under a leader of its current term
+    /// (`maybe_finish_recovery`), records its vote in that term for that leader, and votes
+    /// only in later terms, which the lost disk never reached. The same holds for a forgotten
+    /// vote for a newer leader than the one it would acknowledge for: that leader's term is
+    /// learned and the stale one's appends are refused. The cost: a replica that lost its
+    /// disk waits for every voter, so one more voter down delays its recovery (not the
+    /// group's writes, which W others carry), and so does a retired voter whose configuration
+    /// is still in the log (while the log starts at offset 0, every configuration is). KIP-853 instead gives the new disk a new
+    /// directory id that voters must be reconfigured to accept; this core keeps the id for
+    /// the leader's bookkeeping (`Progress::disk_id`) and needs no reconfiguration.
+    /// Not covered: a candidate voter only of a configuration the recovered log no longer
+    /// holds (uncommitted and cut off), which the replica cannot know to ask.
     fn terms_known(&self) -> bool {
-        // RF − W + 1 peers include one of the W − 1 others that acknowledged any commit with
-        // us; RF − E + 1 include one of the E − 1 others that elected anyone we voted for.
-        let needed = |q: &Quorum| {
-            let rf = q.replication_factor();
-            (rf - q.write_quorum() + 1).max(rf - q.election_quorum() + 1)
-        };
-        self.membership().every_set(needed, |v| self.terms_heard.contains(&v))
+        self.known_voter_peers().iter().all(|v| self.terms_heard.contains(v))
     }
 
     fn heard_from_election_quorum(&self) -> bool {
@@ -475,11 +541,17 @@ impl RaftGroup {
                 prev_end,
                 prev_epoch,
                 commit_end: self.high_watermark,
+                seq: self.next_append_seq(),
                 batches: Vec::new(),
             });
             self.send(to, body, out);
             self.send_appends(i, log, out);
         }
+    }
+
+    fn next_append_seq(&mut self) -> u64 {
+        self.append_seq += 1;
+        self.append_seq - 1
     }
 
     fn prev_epoch(&self, prev_end: i64) -> i32 {
@@ -525,6 +597,7 @@ impl RaftGroup {
         self.hard.term += 1;
         self.hard.voted_for = Some(self.config.id);
         self.verified_end = 0;
+        self.leader_seq = 0;
         self.persist(out);
         self.progress.clear();
         self.votes.clear();
@@ -561,6 +634,8 @@ impl RaftGroup {
             match_end: 0,
             acked_end: 0,
             recovering: false,
+            disk_id: None,
+            reset_seq: 0,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
             probing: true,
@@ -587,6 +662,7 @@ impl RaftGroup {
         self.progress.clear();
         self.sync_progress();
         self.set_role(Role::Leader, Some(self.config.id), out);
+        self.append_seq = 0;
         let start = batch::epoch_start(self.config.id, &self.membership().voters());
         let stamped = self.append_own(start);
         out.push(Action::Append { batches: vec![stamped] });
@@ -667,6 +743,7 @@ impl RaftGroup {
                 prev_end,
                 prev_epoch: self.prev_epoch(prev_end),
                 commit_end: self.high_watermark,
+                seq: self.next_append_seq(),
                 batches: std::mem::take(&mut batches),
             });
             let p = &mut self.progress[i];
@@ -803,16 +880,40 @@ impl RaftGroup {
 }
 
 impl RaftGroup {
-    /// Takes one message from a peer. A message from an unknown replica, for another replica,
-    /// or malformed is ignored; one of a stale term is answered with a refusal.
+    /// Takes one message from a peer. A message for another replica, malformed or over its
+    /// limits is ignored; an answer (to a vote, a pre-vote, an append, a term query) is
+    /// ignored unless it comes from a replica of the membership it would count in; one of a
+    /// stale term is answered with a refusal.
+    ///
+    /// Requests (PreVote, Vote, Append, TimeoutNow, TermQuery) are taken from any replica,
+    /// member of the membership we know or not: our log may lag the configuration that made
+    /// it a voter or a leader (we missed a change, or lost our disk and restarted with the
+    /// initial one), and ignoring it could leave us deaf to the group for good. That lets no
+    /// outsider lead: a candidate counts only votes of the voters of its own membership and
+    /// campaigns only as one of them (`may_campaign`), and a voter grants a vote only to a log
+    /// at least as up to date as its own, as Raft always required.
     pub fn receive(&mut self, message: Message, log: &dyn LogRead, out: &mut Vec<Action>) {
         let from = message.from;
-        if message.to != self.config.id || from == self.config.id || !self.membership().is_member(from) {
+        if message.to != self.config.id || from == self.config.id || !within_limits(&message.body) {
             return;
         }
-        // Only answers to our queries count: other messages may have left before the loss.
-        if self.hard.recovering && message.body == Body::TermAnswer && !self.terms_heard.contains(&from) {
-            self.terms_heard.push(from);
+        let counts = match &message.body {
+            Body::VoteResponse { .. } | Body::PreVoteResponse { .. } => self.membership().is_voter(from),
+            Body::AppendResponse(_) => self.membership().is_member(from),
+            // A voter of a membership we knew may have been removed since: its term counts.
+            Body::TermAnswer { .. } => self.known_voter_peers().contains(&from),
+            _ => true,
+        };
+        if !counts {
+            return;
+        }
+        // Only answers to this disk's queries count: other messages may have left before the
+        // loss, and so may answers to the queries of a disk lost since.
+        if let Body::TermAnswer { disk_id } = message.body {
+            if self.hard.recovering && disk_id == self.hard.disk_id && !self.terms_heard.contains(&from) {
+                self.terms_heard.push(from);
+                self.term_learned_max = self.term_learned_max.max(message.term);
+            }
         }
         if message.term > self.hard.term {
             match &message.body {
@@ -843,10 +944,10 @@ impl RaftGroup {
                     self.become_leader(out);
                 }
             }
-            Body::Append(append) => self.on_append(from, append, out),
+            Body::Append(append) => self.on_append(from, append, log, out),
             Body::AppendResponse(response) => self.on_append_response(from, response, log, out),
-            Body::TermQuery => self.send(from, Body::TermAnswer, out),
-            Body::TermAnswer => {}
+            Body::TermQuery { disk_id } => self.send(from, Body::TermAnswer { disk_id }, out),
+            Body::TermAnswer { .. } => {}
             Body::TimeoutNow => {
                 if self.role == Role::Follower
                     && self.leader == Some(from)
@@ -861,11 +962,12 @@ impl RaftGroup {
 
     fn refuse_stale(&mut self, from: ReplicaId, body: &Body, out: &mut Vec<Action>) {
         let refusal = match body {
-            Body::Append(_) | Body::TimeoutNow => Body::AppendResponse(self.rejection(0)),
+            Body::Append(append) => Body::AppendResponse(self.rejection(0, append.seq)),
+            Body::TimeoutNow => Body::AppendResponse(self.rejection(0, 0)),
             Body::PreVote { .. } => Body::PreVoteResponse { granted: false },
             Body::Vote { .. } => Body::VoteResponse { granted: false },
             // A replica that lost its disk asks from term 0: the answer carries our term.
-            Body::TermQuery => Body::TermAnswer,
+            Body::TermQuery { disk_id } => Body::TermAnswer { disk_id: *disk_id },
             _ => return,
         };
         self.send(from, refusal, out);
@@ -906,6 +1008,7 @@ impl RaftGroup {
         // the one that made them a voter): a candidate counts only the voters of its own.
         let granted = free && !self.hard.recovering && !self.log_is_behind(last_epoch, log_end);
         if granted && self.hard.voted_for.is_none() {
+            assert!(!self.hard.recovering, "a replica recovering a lost disk votes in no term");
             self.hard.voted_for = Some(from);
             self.persist(out);
         }
@@ -915,7 +1018,8 @@ impl RaftGroup {
         self.send(from, Body::VoteResponse { granted }, out);
     }
 
-    fn rejection(&self, probe_end: i64) -> AppendResponse {
+    /// The refusal of the append numbered `seq`.
+    fn rejection(&self, probe_end: i64, seq: u64) -> AppendResponse {
         AppendResponse {
             accepted: false,
             match_end: 0,
@@ -923,9 +1027,12 @@ impl RaftGroup {
             log_end: probe_end,
             epochs: self.epochs.tail_below(probe_end, EPOCH_HINTS_MAX),
             recovering: self.hard.recovering,
+            seq,
+            disk_id: self.hard.disk_id,
         }
     }
 
+    /// What our log holds of the current leader's, after its append numbered `leader_seq`.
     fn acknowledgement(&self, match_end: i64) -> AppendResponse {
         #[allow(unused_mut)]
         let mut acked_end = self.durable_end.min(self.verified_end);
@@ -940,10 +1047,12 @@ impl RaftGroup {
             log_end: self.log_end,
             epochs: Vec::new(),
             recovering: self.hard.recovering,
+            seq: self.leader_seq,
+            disk_id: self.hard.disk_id,
         }
     }
 
-    fn on_append(&mut self, from: ReplicaId, append: Append, out: &mut Vec<Action>) {
+    fn on_append(&mut self, from: ReplicaId, append: Append, log: &dyn LogRead, out: &mut Vec<Action>) {
         if self.role == Role::Leader {
             return; // two leaders in one term: impossible from honest peers, so ignore it
         }
@@ -953,16 +1062,20 @@ impl RaftGroup {
         }
         self.last_leader_contact_tick = Some(self.ticks);
         self.reset_election_deadline();
+        self.leader_seq = self.leader_seq.max(append.seq);
+        // A point inside one of our batches is no point the leader's log and ours share: the
+        // same epoch at the same offsets is the same batch, so a sound leader never sends it.
         let prev_matches = append.prev_end == 0 && append.prev_epoch == -1
             || append.prev_end > 0
-                && self.epochs.epoch_at(append.prev_end - 1, self.log_end) == Some(append.prev_epoch);
+                && self.epochs.epoch_at(append.prev_end - 1, self.log_end) == Some(append.prev_epoch)
+                && self.is_batch_boundary(append.prev_end, log);
         if !prev_matches {
             let probe_end = append.prev_end.clamp(0, self.log_end);
-            let body = Body::AppendResponse(self.rejection(probe_end));
+            let body = Body::AppendResponse(self.rejection(probe_end, append.seq));
             self.send(from, body, out);
             return;
         }
-        let Some(end) = self.append_batches(&append, out) else { return };
+        let Some(end) = self.append_batches(&append, log, out) else { return };
         self.verified_end = self.verified_end.max(end);
         let commit = append.commit_end.min(self.verified_end);
         if commit > self.high_watermark {
@@ -970,14 +1083,25 @@ impl RaftGroup {
             out.push(Action::Commit { high_watermark: commit });
         }
         self.maybe_finish_recovery(from, append.commit_end, out);
-        let body = Body::AppendResponse(self.acknowledgement(self.verified_end));
-        self.send(from, body, out);
+        let mut acknowledgement = self.acknowledgement(self.verified_end);
+        acknowledgement.seq = append.seq;
+        self.send(from, Body::AppendResponse(acknowledgement), out);
+    }
+
+    /// Whether our log has a batch boundary at `offset` (its start and end included).
+    fn is_batch_boundary(&self, offset: i64, log: &dyn LogRead) -> bool {
+        if offset == 0 || offset == self.log_end {
+            return true;
+        }
+        let mut held = Vec::new();
+        log.read(offset, 1, &mut held);
+        held.first().and_then(|b| batch::parse(b).ok()).is_some_and(|view| view.base_offset == offset)
     }
 
     /// Appends what the log lacks of `append`'s batches, cutting a conflicting tail first.
     /// Returns where the checked batches end, or None to ignore the message (it would cut
     /// committed data). A batch that fails its checks ends the message there.
-    fn append_batches(&mut self, append: &Append, out: &mut Vec<Action>) -> Option<i64> {
+    fn append_batches(&mut self, append: &Append, log: &dyn LogRead, out: &mut Vec<Action>) -> Option<i64> {
         let (mut end, mut last_epoch) = (append.prev_end, append.prev_epoch);
         let mut fresh = Vec::new();
         for bytes in &append.batches {
@@ -1004,6 +1128,9 @@ impl RaftGroup {
                 }
                 if view.base_offset < self.high_watermark {
                     return None;
+                }
+                if !self.is_batch_boundary(view.base_offset, log) {
+                    break; // a cut inside one of our batches: not from a sound leader
                 }
                 self.truncate(view.base_offset, out);
             }
@@ -1048,8 +1175,15 @@ impl RaftGroup {
         let caught_up =
             self.verified_end >= needed_end && self.durable_end >= needed_end && self.terms_known();
         if self.hard.recovering && caught_up {
+            // See `terms_known`: every term the lost disk voted in is at most the largest
+            // term learned, and so at most this one, in which we take `leader` as our vote.
+            assert!(self.hard.term >= self.term_learned_max, "a learned term was adopted");
+            assert!(
+                self.hard.voted_for.is_none_or(|v| v == leader),
+                "a recovering replica voted for no one in its term"
+            );
             self.hard.recovering = false;
-            self.hard.voted_for = self.hard.voted_for.or(Some(leader));
+            self.hard.voted_for = Some(leader);
             self.persist(out);
         }
     }
@@ -1065,21 +1199,22 @@ impl RaftGroup {
             return;
         }
         let Some(i) = self.progress.iter().position(|p| p.id == from) else { return };
-        if response.match_end > self.log_end || response.log_end < 0 {
-            return; // claims more than we hold: not an answer to us
+        if response.match_end > self.log_end || response.log_end < 0 || response.seq >= self.append_seq {
+            return; // claims more than we hold, or answers an append never sent: not ours
+        }
+        if self.progress[i].disk_id != Some(response.disk_id) {
+            self.adopt_disk(i, &response);
+            self.send_appends(i, log, out);
+            return;
+        }
+        if response.seq < self.progress[i].reset_seq {
+            // It answers an append sent before we last reset our view of this follower (a
+            // rejection, another disk): what it says may be gone, so it counts for nothing.
+            return;
         }
         let ticks = self.ticks;
         let p = &mut self.progress[i];
         p.last_heard_tick = ticks;
-        if response.recovering && !p.recovering {
-            // It lost its disk: what it matched and acknowledged before is gone.
-            p.match_end = 0;
-            p.acked_end = 0;
-            p.next = 0;
-            p.in_flight.clear();
-            p.in_flight_bytes = 0;
-            p.probing = true;
-        }
         p.recovering = response.recovering;
         if response.accepted {
             if response.match_end > p.match_end {
@@ -1108,18 +1243,52 @@ impl RaftGroup {
             }
             let common =
                 self.epochs.common_end(self.log_end, &response.epochs, tail_end).clamp(0, self.log_end);
+            let reset_seq = self.append_seq;
             let p = &mut self.progress[i];
-            // A follower that crashed lost its unflushed tail: what it matched may be gone.
+            // A follower that crashed lost its unflushed tail: what it matched may be gone,
+            // and so may what answers to appends sent before this rejection said.
             p.match_end = p.match_end.min(common);
             p.next = common.min(self.log_end);
             p.in_flight.clear();
             p.in_flight_bytes = 0;
             p.probing = true;
+            p.reset_seq = reset_seq;
         }
         // A commit may have changed the membership (or ended our leadership): look again.
         let Some(i) = self.progress.iter().position(|p| p.id == from) else { return };
         self.send_appends(i, log, out);
         self.maybe_send_timeout_now(out);
+    }
+
+    /// Starts the view of follower `i` afresh on the disk `response` names (the first answer
+    /// of this term, or one from another disk than the last: a disk that was lost and its
+    /// replacement, whichever answer comes last). Nothing the answer says is counted, and
+    /// answers to appends sent before now are ignored from here on: they may come from the
+    /// other disk, whose data may be gone, and must neither raise `acked_end` nor clear
+    /// `recovering`. The answer's match point only says where to send from. A stale answer
+    /// of a lost disk may flip the view back to it, but only once: every answer that disk
+    /// ever sent answers an append sent before this reset.
+    fn adopt_disk(&mut self, i: usize, response: &AppendResponse) {
+        let (reset_seq, log_end) = (self.append_seq, self.log_end);
+        let p = &mut self.progress[i];
+        p.disk_id = Some(response.disk_id);
+        p.recovering = true; // until an answer to a later append says otherwise
+        p.match_end = 0;
+        p.acked_end = 0;
+        p.next = if response.accepted { response.match_end.clamp(0, log_end) } else { 0 };
+        p.in_flight.clear();
+        p.in_flight_bytes = 0;
+        p.probing = true;
+        p.reset_seq = reset_seq;
+        debug_assert!(p.next <= log_end, "the next offset to send is within the log");
+    }
+
+    /// The leader's view of follower `id`: (acknowledged durable end, recovering), for the
+    /// simulator's checks.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn follower_view(&self, id: ReplicaId) -> Option<(i64, bool)> {
+        let p = self.progress.iter().find(|p| p.id == id)?;
+        (self.role == Role::Leader).then_some((p.acked_end, p.recovering))
     }
 
     /// Takes a notice from the log.
@@ -1215,6 +1384,22 @@ impl RaftGroup {
                 recovering: p.recovering,
             })
             .collect()
+    }
+}
+
+/// Whether a message is within the limits a sound peer keeps: an append of at most
+/// `APPEND_BATCHES_MAX` batches and `APPEND_BYTES_MAX` bytes (or one batch of a proposal's
+/// size: the leader always sends at least one), a rejection of at most `EPOCH_HINTS_MAX`
+/// epochs. Raft drops what it cannot parse; so is this.
+fn within_limits(body: &Body) -> bool {
+    match body {
+        Body::Append(append) => {
+            let bytes: usize = append.batches.iter().map(Bytes::len).sum();
+            let one_proposal = append.batches.len() == 1 && bytes <= PROPOSAL_BYTES_MAX;
+            append.batches.len() <= APPEND_BATCHES_MAX && (bytes <= APPEND_BYTES_MAX || one_proposal)
+        }
+        Body::AppendResponse(response) => response.epochs.len() <= EPOCH_HINTS_MAX,
+        _ => true,
     }
 }
 
@@ -1318,7 +1503,7 @@ mod tests {
             from: 1,
             to: 2,
             term,
-            body: Body::Append(Append { prev_end, prev_epoch, commit_end, batches }),
+            body: Body::Append(Append { prev_end, prev_epoch, commit_end, seq: 0, batches }),
         }
     }
 
@@ -1378,10 +1563,14 @@ mod tests {
         persisted(&mut g, &mut out);
         out.clear();
         // A replica that lost its disk starts again from term 0 and asks.
-        g.receive(Message { from: 1, to: 2, term: 0, body: Body::TermQuery }, &NoLog, &mut out);
-        let answered = out
-            .iter()
-            .any(|a| matches!(a, Action::Send(Message { to: 1, term: 3, body: Body::TermAnswer, .. })));
+        g.receive(
+            Message { from: 1, to: 2, term: 0, body: Body::TermQuery { disk_id: 7 } },
+            &NoLog,
+            &mut out,
+        );
+        let answered = out.iter().any(|a| {
+            matches!(a, Action::Send(Message { to: 1, term: 3, body: Body::TermAnswer { disk_id: 7 }, .. }))
+        });
         assert!(answered, "{out:?}");
     }
 
@@ -1395,10 +1584,7 @@ mod tests {
         g.notice(LogNotice::Durable { end_offset: 2, truncations: 0 }, &mut out);
         g.receive(append(1, 2, 1, 2, vec![]), &NoLog, &mut out);
         assert_eq!(g.high_watermark(), 2);
-        // Unknown replica, wrong addressee, stale term: nothing changes.
-        let mut unknown = append(5, 0, -1, 0, vec![stamped(0, 5)]);
-        unknown.from = 9;
-        g.receive(unknown, &NoLog, &mut out);
+        // Wrong addressee: nothing changes.
         let mut elsewhere = append(5, 0, -1, 0, vec![stamped(0, 5)]);
         elsewhere.to = 3;
         g.receive(elsewhere, &NoLog, &mut out);
@@ -1424,5 +1610,332 @@ mod tests {
         let refusal = refusal.expect("an answer");
         assert!(!refusal.accepted);
         assert_eq!(refusal.log_end, 2);
+    }
+
+    use crate::sim::log::SimLog;
+
+    /// Carries out `out` as a shell would, at once: appends and truncations on `log`, hard
+    /// states confirmed persisted (which releases held messages). Returns the messages sent.
+    fn carry(g: &mut RaftGroup, log: &mut SimLog, out: &mut Vec<Action>) -> Vec<Message> {
+        let mut sent = Vec::new();
+        while !out.is_empty() {
+            for action in std::mem::take(out) {
+                match action {
+                    Action::Send(m) => sent.push(m),
+                    Action::Append { batches } => batches.into_iter().for_each(|b| {
+                        log.append(b);
+                    }),
+                    Action::Truncate { end_offset, .. } => log.truncate(end_offset),
+                    Action::PersistHardState(h) => g.notice(LogNotice::HardStatePersisted(h), out),
+                    Action::Commit { .. } | Action::Role { .. } => {}
+                }
+            }
+        }
+        sent
+    }
+
+    fn deliver(g: &mut RaftGroup, log: &mut SimLog, m: Message) -> Vec<Message> {
+        let mut out = Vec::new();
+        g.receive(m, log, &mut out);
+        carry(g, log, &mut out)
+    }
+
+    fn message(from: ReplicaId, to: ReplicaId, term: i32, body: Body) -> Message {
+        Message { from, to, term, body }
+    }
+
+    /// Ticks `g` until it pre-votes, and has `voters` grant its pre-vote and vote.
+    fn elect(g: &mut RaftGroup, log: &mut SimLog, voters: &[ReplicaId]) -> Vec<Message> {
+        let mut out = Vec::new();
+        while g.role() != Role::PreCandidate {
+            g.tick(log, &mut out);
+        }
+        let mut sent = carry(g, log, &mut out);
+        let term = g.term() + 1;
+        for &v in voters {
+            sent.extend(deliver(g, log, message(v, g.id(), term, Body::PreVoteResponse { granted: true })));
+        }
+        for &v in voters {
+            sent.extend(deliver(g, log, message(v, g.id(), term, Body::VoteResponse { granted: true })));
+        }
+        assert_eq!(g.role(), Role::Leader);
+        g.tick(log, &mut out); // the first heartbeat
+        sent.extend(carry(g, log, &mut out));
+        sent
+    }
+
+    fn granted_vote(sent: &[Message], to: ReplicaId, term: i32) -> bool {
+        sent.iter().any(|m| m.to == to && m.term == term && m.body == Body::VoteResponse { granted: true })
+    }
+
+    fn vote(from: ReplicaId, to: ReplicaId, term: i32, last_epoch: i32, log_end: i64) -> Message {
+        message(from, to, term, Body::Vote { last_epoch, log_end, transfer: true })
+    }
+
+    /// Fix for a lost disk with RF 5: answers from RF − E + 1 = 3 of the 4 peers do not show
+    /// the term the lost disk voted in (the candidate's other voter answers before voting), so
+    /// the replica waits for every voter before it votes or counts again.
+    #[test]
+    fn a_replica_that_lost_its_disk_never_votes_twice_in_a_term() {
+        let voters = [1, 2, 3, 4, 5];
+        let mut log = SimLog::default();
+        let mut old = group(1, &voters);
+        // Replica 2 campaigns in term 2 and gets our vote; the answer is still in flight
+        // (with replica 3's vote and its own, it is leader of term 2) when the disk is lost.
+        assert!(granted_vote(&deliver(&mut old, &mut log, vote(2, 1, 2, -1, 0)), 2, 2));
+        let mut log = SimLog::default();
+        let restore = Restore { disk_lost: true, ..Restore::default() };
+        let mut out = Vec::new();
+        let rng = XorShiftRng::seed_from_u64(9);
+        let mut g = RaftGroup::new(config(1, &voters), restore, rng, &mut out).expect("valid");
+        carry(&mut g, &mut log, &mut out);
+        assert!(g.recovering());
+        let disk_id = g.hard_state().disk_id;
+        assert_ne!(disk_id, 0, "a new disk gets a new incarnation");
+        for _ in 0..2 {
+            g.tick(&log, &mut out);
+        }
+        let queried: Vec<ReplicaId> = carry(&mut g, &mut log, &mut out)
+            .iter()
+            .filter(|m| m.body == Body::TermQuery { disk_id })
+            .map(|m| m.to)
+            .collect();
+        assert_eq!(queried, [2, 3, 4, 5]);
+        // Replicas 3, 4 and 5 answer from term 1 (3 has not seen 2's vote request yet);
+        // replica 4 leads term 1 and brings us its log and commit point.
+        for from in [3, 4, 5] {
+            deliver(&mut g, &mut log, message(from, 1, 1, Body::TermAnswer { disk_id }));
+        }
+        let start = Bytes::from({
+            let mut b = batch::epoch_start(4, &voters);
+            batch::stamp(&mut b, 0, 1);
+            b
+        });
+        let from_4 = |prev_end, prev_epoch, batches| {
+            let append = Append { prev_end, prev_epoch, commit_end: 1, seq: 0, batches };
+            Message { from: 4, to: 1, term: 1, body: Body::Append(append) }
+        };
+        deliver(&mut g, &mut log, from_4(0, -1, vec![start]));
+        g.notice(LogNotice::Durable { end_offset: 1, truncations: 0 }, &mut out);
+        carry(&mut g, &mut log, &mut out);
+        deliver(&mut g, &mut log, from_4(1, 1, Vec::new()));
+        assert!(g.recovering(), "replica 2 has not answered: it may hold a term we voted in");
+        // Replica 5 campaigns in term 2 (4 handed over): granting would elect 5 with 3 and 4
+        // while 2 leads term 2 with our lost vote.
+        let sent = deliver(&mut g, &mut log, vote(5, 1, 2, 1, 1));
+        assert!(!granted_vote(&sent, 5, 2), "voted twice in term 2: {sent:?}");
+        // Replica 2 answers: we learn term 2, and still grant no vote in it.
+        deliver(&mut g, &mut log, message(2, 1, 2, Body::TermAnswer { disk_id }));
+        assert_eq!(g.term(), 2);
+        let sent = deliver(&mut g, &mut log, vote(5, 1, 2, 1, 1));
+        assert!(!granted_vote(&sent, 5, 2), "voted twice in term 2: {sent:?}");
+    }
+
+    /// Fix for a stale acknowledgement: an answer the follower sent before it lost its disk,
+    /// delivered after the leader heard from the new disk, neither clears `recovering` nor
+    /// raises `acked_end`, so the leader does not count the lost data toward W.
+    #[test]
+    fn a_stale_answer_from_a_lost_disk_neither_counts_nor_clears_recovering() {
+        let mut log = SimLog::default();
+        let mut g = group(1, &[1, 2, 3]);
+        elect(&mut g, &mut log, &[2]);
+        let mut out = Vec::new();
+        g.propose(vec![batch::build(&[(None, b"x")], 0, 0)], &log, &mut out).expect("leader");
+        carry(&mut g, &mut log, &mut out);
+        g.notice(LogNotice::Durable { end_offset: 2, truncations: 0 }, &mut out);
+        assert_eq!(g.high_watermark(), 0, "the leader alone is not W = 2");
+        let term = g.term();
+        let answer = |accepted: bool, end: i64, seq: u64, disk_id: u64, recovering: bool| {
+            let response = AppendResponse {
+                accepted,
+                match_end: if accepted { end } else { 0 },
+                acked_end: if accepted { end } else { 0 },
+                log_end: end,
+                epochs: Vec::new(),
+                recovering,
+                seq,
+                disk_id,
+            };
+            message(2, 1, term, Body::AppendResponse(response))
+        };
+        // The old disk answers a first append (its disk is adopted, its word not yet taken).
+        let sent = deliver(&mut g, &mut log, answer(true, 0, 0, 0, false));
+        let seq_after = sent
+            .iter()
+            .filter_map(|m| match &m.body {
+                Body::Append(a) if m.to == 2 => Some(a.seq),
+                _ => None,
+            })
+            .max()
+            .expect("the leader sends again to a newly adopted disk");
+        // It holds and flushed everything, answers the next append, and loses its disk with
+        // that answer in flight. The new disk answers first: recovering, holding nothing.
+        let stale = answer(true, 2, seq_after, 0, false);
+        deliver(&mut g, &mut log, answer(false, 0, seq_after, 77, true));
+        assert_eq!(g.follower_view(2), Some((0, true)));
+        deliver(&mut g, &mut log, stale);
+        assert_eq!(g.follower_view(2), Some((0, true)), "a lost disk's answer counted");
+        assert_eq!(g.high_watermark(), 0, "committed on the leader and a lost disk");
+    }
+
+    /// Fix for a replica that missed a membership change (or restarted from the initial
+    /// one after losing its disk): it follows a leader it does not know as a member, and
+    /// answers its term query, while answers from outsiders still count for nothing.
+    #[test]
+    fn a_replica_hears_a_leader_outside_the_membership_it_knows() {
+        let mut log = SimLog::default();
+        let mut g = group(3, &[1, 2, 3]);
+        let append =
+            Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 4, batches: vec![stamped(0, 5)] };
+        let sent = deliver(&mut g, &mut log, message(4, 3, 5, Body::Append(append)));
+        assert_eq!((g.term(), g.leader()), (5, Some(4)));
+        assert!(sent.iter().any(|m| m.to == 4 && matches!(&m.body, Body::AppendResponse(r) if r.accepted)));
+        assert_eq!(g.log_end(), 1);
+        let sent = deliver(&mut g, &mut log, message(6, 3, 0, Body::TermQuery { disk_id: 5 }));
+        assert!(sent.iter().any(|m| m.to == 6 && m.term == 5 && m.body == Body::TermAnswer { disk_id: 5 }));
+        // A candidate counts only its own voters' votes: 9 and the learner 4 elect no one.
+        let mut config = config(1, &[1, 2, 3]);
+        config.learners = vec![4];
+        let rng = XorShiftRng::seed_from_u64(1);
+        let mut c = RaftGroup::new(config, Restore::default(), rng, &mut Vec::new()).expect("valid");
+        let mut log = SimLog::default();
+        let mut out = Vec::new();
+        while c.role() != Role::PreCandidate {
+            c.tick(&log, &mut out);
+        }
+        carry(&mut c, &mut log, &mut out);
+        for from in [9, 4] {
+            deliver(&mut c, &mut log, message(from, 1, 1, Body::PreVoteResponse { granted: true }));
+        }
+        assert_eq!(c.role(), Role::PreCandidate, "pre-votes of outsiders counted");
+        deliver(&mut c, &mut log, message(2, 1, 1, Body::PreVoteResponse { granted: true }));
+        assert_eq!(c.role(), Role::Candidate);
+        for from in [9, 4] {
+            deliver(&mut c, &mut log, message(from, 1, 1, Body::VoteResponse { granted: true }));
+        }
+        assert_eq!(c.role(), Role::Candidate, "votes of outsiders counted");
+        // A learner told to campaign by its leader does not.
+        let mut learner_config = config_with_learner(4);
+        learner_config.id = 4;
+        let rng = XorShiftRng::seed_from_u64(4);
+        let mut l = RaftGroup::new(learner_config, Restore::default(), rng, &mut Vec::new()).expect("valid");
+        let mut log = SimLog::default();
+        let heartbeat = Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 0, batches: Vec::new() };
+        deliver(&mut l, &mut log, message(1, 4, 3, Body::Append(heartbeat)));
+        deliver(&mut l, &mut log, message(1, 4, 3, Body::TimeoutNow));
+        assert_eq!((l.role(), l.term()), (Role::Follower, 3));
+    }
+
+    fn config_with_learner(learner: ReplicaId) -> Config {
+        let mut c = config(1, &[1, 2, 3]);
+        c.learners = vec![learner];
+        c
+    }
+
+    /// Limits on what a peer sends: too many epoch hints, too many batch bytes.
+    #[test]
+    fn messages_over_their_limits_are_ignored() {
+        let mut log = SimLog::default();
+        let mut g = group(1, &[1, 2, 3]);
+        elect(&mut g, &mut log, &[2]);
+        let hint = |epoch| crate::epoch::EpochStart { epoch, start_offset: 0 };
+        let rejection = |epochs: Vec<crate::epoch::EpochStart>, seq| AppendResponse {
+            accepted: false,
+            match_end: 0,
+            acked_end: 0,
+            log_end: 0,
+            epochs,
+            recovering: false,
+            seq,
+            disk_id: 0,
+        };
+        // Adopt replica 2's disk, then send it a rejection with one epoch hint too many.
+        let sent = deliver(&mut g, &mut log, message(2, 1, 1, Body::AppendResponse(rejection(vec![], 0))));
+        let seq =
+            sent.iter().filter_map(|m| if let Body::Append(a) = &m.body { Some(a.seq) } else { None }).max();
+        let seq = seq.expect("appends follow");
+        let too_many = (0..=EPOCH_HINTS_MAX as i32).map(hint).collect();
+        let sent =
+            deliver(&mut g, &mut log, message(2, 1, 1, Body::AppendResponse(rejection(too_many, seq))));
+        assert!(sent.is_empty(), "a rejection over the limit was taken: {sent:?}");
+        let sent =
+            deliver(&mut g, &mut log, message(2, 1, 1, Body::AppendResponse(rejection(vec![hint(0)], seq))));
+        assert!(!sent.is_empty(), "a rejection within the limit is answered");
+        // A follower refuses an append of more than APPEND_BYTES_MAX in several batches.
+        let mut f = group(2, &[1, 2, 3]);
+        let mut log = SimLog::default();
+        let value = vec![7u8; APPEND_BYTES_MAX / 2 + 1];
+        let big = |base| {
+            let mut b = batch::build(&[(None, &value[..])], 0, 0);
+            batch::stamp(&mut b, base, 1);
+            Bytes::from(b)
+        };
+        let append =
+            Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 0, batches: vec![big(0), big(1)] };
+        let sent = deliver(&mut f, &mut log, message(1, 2, 1, Body::Append(append)));
+        assert!(sent.is_empty() && f.log_end() == 0 && f.term() == 0, "{sent:?}");
+        // ... but takes one batch that size: a leader always sends at least one.
+        let append = Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 0, batches: vec![big(0)] };
+        deliver(&mut f, &mut log, message(1, 2, 1, Body::Append(append)));
+        assert_eq!(f.log_end(), 1);
+    }
+
+    /// An append whose previous point falls inside a batch the follower holds is refused,
+    /// and no truncation ever cuts inside a batch.
+    #[test]
+    fn an_append_pointing_inside_a_held_batch_is_refused_without_a_cut() {
+        let mut log = SimLog::default();
+        let mut g = group(2, &[1, 2, 3]);
+        let append = |term, prev_end, prev_epoch, batches| {
+            let append = Append { prev_end, prev_epoch, commit_end: 0, seq: 0, batches };
+            message(1, 2, term, Body::Append(append))
+        };
+        // The follower holds offsets 0..=2 in one batch of epoch 1.
+        deliver(&mut g, &mut log, append(1, 0, -1, vec![stamped_records(0, 1, 3)]));
+        assert_eq!(g.log_end(), 3);
+        // A leader of term 2 claims a match at offset 1, inside that batch.
+        let sent = deliver(&mut g, &mut log, append(2, 1, 1, vec![stamped(1, 2)]));
+        let refused = sent.iter().any(|m| matches!(&m.body, Body::AppendResponse(r) if !r.accepted));
+        assert!(refused, "{sent:?}");
+        assert_eq!((g.log_end(), log.end()), (3, 3));
+        // The same through a forged span: a batch of epoch 1 at 0 claiming 0..=1 is "held",
+        // then a batch of epoch 2 at offset 2 would cut at 2, inside the held batch.
+        let forged = vec![stamped_records(0, 1, 2), stamped(2, 2)];
+        deliver(&mut g, &mut log, append(2, 0, -1, forged));
+        assert_eq!((g.log_end(), log.end()), (3, 3), "cut inside a batch");
+    }
+
+    /// A commit point recovered at restart (`Restore::high_watermark`) keeps an append that
+    /// conflicts below it from cutting committed data; without it the same append cuts.
+    #[test]
+    fn a_recovered_commit_point_is_never_cut() {
+        let restored = |high_watermark: i64| {
+            let mut log = SimLog::default();
+            log.append(stamped(0, 1));
+            log.append(stamped(1, 1));
+            let epochs = crate::epoch::EpochHistory::from_starts(vec![crate::epoch::EpochStart {
+                epoch: 1,
+                start_offset: 0,
+            }])
+            .expect("grows");
+            let restore = Restore { epochs, log_end: 2, high_watermark, ..Restore::default() };
+            let rng = XorShiftRng::seed_from_u64(2);
+            let g = RaftGroup::new(config(2, &[1, 2, 3]), restore, rng, &mut Vec::new());
+            (g, log)
+        };
+        let (g, mut log) = restored(2);
+        let mut g = g.expect("a commit point within the log");
+        assert_eq!(g.high_watermark(), 2);
+        deliver(&mut g, &mut log, append(3, 1, 1, 0, vec![stamped(1, 3)]));
+        assert_eq!((g.log_end(), log.end()), (2, 2), "committed offset 1 was cut");
+        let (g, mut log) = restored(0);
+        let mut g = g.expect("no commit point");
+        deliver(&mut g, &mut log, append(3, 1, 1, 0, vec![stamped(1, 3)]));
+        assert_eq!(g.log_end(), 2);
+        assert_eq!(g.epochs().last_epoch(), 3, "without it, offset 1 is replaced");
+        assert!(restored(3).0.is_err(), "a commit point past the log is refused");
+        let lost = Restore { disk_lost: true, high_watermark: 1, log_end: 1, ..Restore::default() };
+        let rng = XorShiftRng::seed_from_u64(2);
+        assert!(RaftGroup::new(config(2, &[1, 2, 3]), lost, rng, &mut Vec::new()).is_err());
     }
 }

@@ -30,26 +30,39 @@
 //! - **Divergence** is found from epoch histories in one round trip (KIP-101/279): a rejection
 //!   carries the follower's last epochs and the leader answers from the common one.
 //! - **A lost disk** (the replica was a member and came back empty: the shell must detect it
-//!   and pass `Restore::disk_lost`) sets `recovering` in the persisted hard state: no votes, no
-//!   campaign, no write-quorum count until the replica has learned the terms of
-//!   max(RF−W+1, RF−E+1) peers (TermQuery) and holds durably its leader's epoch-start batch
-//!   and commit point (KIP-966, Protocol-Aware Recovery).
+//!   and pass `Restore::disk_lost`) sets `recovering` in the persisted hard state, with a new
+//!   random `disk_id` (KIP-853's directory id): no votes, no campaign, no write-quorum count
+//!   until the replica has learned the term of every voter it knows of (TermQuery: a quorum
+//!   of answers is not enough, since only the candidate its lost disk voted for is sure to
+//!   show that term) and holds durably its leader's epoch-start batch and commit point
+//!   (KIP-966, Protocol-Aware Recovery); it then votes only in later terms. A leader counts
+//!   a follower's acknowledgement only from the disk it last heard from and only for an
+//!   append it sent after it last reset its view of that follower (appends carry a `seq`
+//!   that answers echo), so an answer from a lost disk never counts toward W.
 //! - **Membership** changes by joint consensus: W and E of each set while joint; learners
 //!   receive the log and count for nothing.
 //!
 //! What the core does not know: the wall clock (ticks are the caller's), files, sockets,
 //! topics and shards; the log start (retention and snapshots are a later issue: the log
 //! starts at offset 0 here); whether a batch is compressed. It trusts peers not to be
-//! byzantine: it checks every message's shape, never its honesty beyond Raft's rules.
-//! Messages from replicas outside the membership it knows are ignored, so a replica added
-//! while this one lagged behind its configuration is heard only once this one learns it.
+//! byzantine: it checks every message's shape and limits (batches and bytes of an append,
+//! epochs of a rejection, batch boundaries of a cut), never its honesty beyond Raft's rules.
+//! Requests (votes, pre-votes, appends, TimeoutNow, term queries) are taken from any replica,
+//! member of the membership this one knows or not, since that may lag (a missed change, or a
+//! lost disk that restarts from the initial configuration); answers count only from the
+//! replicas of the membership they count in, votes only from its voters, and a replica
+//! campaigns only as a voter of its own membership, so no outsider can lead.
 //!
 //! Testing: the simulator (`sim`) stands in for a model checker. `cargo test` runs 10,000
 //! random seeds (3 or 5 replicas, every preset, all faults, a quarter with membership
 //! changes), 2,000 more with membership changes, scripted scenarios (Raft's figure 8,
 //! isolated follower, isolated leader, transfer, leader crash), four planted bugs that it
-//! must catch, and a proptest of arbitrary message sequences. Exhaustive model checking
-//! (stateright) of small configurations is not done yet.
+//! must catch, and a proptest of arbitrary message sequences. A lost disk's messages stay in
+//! flight, and a check fails a leader that counts one of its answers after hearing its
+//! replacement. Unit tests beside the core drive `RaftGroup` through the histories the
+//! random mix reaches too rarely (a lost disk's forgotten vote with RF 5, a lagging replica
+//! and an unknown leader, forged spans). `tests/model.rs` model-checks three replicas
+//! exhaustively within small bounds (stateright).
 pub mod batch;
 pub mod epoch;
 mod error;

@@ -12,7 +12,8 @@ use crate::epoch::EpochStart;
 pub type ReplicaId = u32;
 
 /// What must survive a crash before the core answers a vote or an append: the current term,
-/// the vote cast in it, and whether the replica is still recovering from a lost disk.
+/// the vote cast in it, whether the replica is still recovering from a lost disk, and which
+/// disk this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HardState {
     pub term: i32,
@@ -20,6 +21,11 @@ pub struct HardState {
     /// Set when the replica came back without its data (KIP-966): it neither votes nor counts
     /// toward a write quorum until it holds everything a leader of the current term committed.
     pub recovering: bool,
+    /// The disk's incarnation (KIP-853's directory id): 0 for the disk a replica started
+    /// with, a random non-zero id drawn when it comes back from a lost disk (persisted with
+    /// `recovering`). Appends' answers and term queries carry it, so that a leader tells what
+    /// a lost disk said from what its replacement says.
+    pub disk_id: u64,
 }
 
 /// One message between two replicas of a group. `term` is the sender's term, except in
@@ -54,9 +60,15 @@ pub enum Body {
     /// From the leader to the replica it hands leadership to: campaign now, skipping pre-vote.
     TimeoutNow,
     /// From a replica recovering a lost disk: what is your term? (It forgot its own.)
-    TermQuery,
-    /// The answer: the sender's term is the message's term.
-    TermAnswer,
+    /// `disk_id` is the asker's new disk.
+    TermQuery {
+        disk_id: u64,
+    },
+    /// The answer: the sender's term is the message's term. `disk_id` echoes the query's, so
+    /// that an answer to a query from before a later loss is not taken for a new one.
+    TermAnswer {
+        disk_id: u64,
+    },
 }
 
 /// AppendEntries: stored batches, exactly as the leader stored them, from offset `prev_end`.
@@ -69,6 +81,10 @@ pub struct Append {
     pub prev_epoch: i32,
     /// The leader's commit point (high watermark, exclusive).
     pub commit_end: i64,
+    /// Numbers the leader's appends in its term (it grows by one per append sent); the
+    /// answer echoes it, so the leader can tell an answer to an append it sent before it
+    /// last reset its view of the follower.
+    pub seq: u64,
     pub batches: Vec<Bytes>,
 }
 
@@ -86,4 +102,9 @@ pub struct AppendResponse {
     /// [`crate::group::EPOCH_HINTS_MAX`]), so the leader finds the divergence in one round trip.
     pub epochs: Vec<EpochStart>,
     pub recovering: bool,
+    /// The `seq` of the latest append from this leader the sender had received when it
+    /// answered (the one answered, or for an acknowledgement after a flush, the last one).
+    pub seq: u64,
+    /// The sender's disk ([`HardState::disk_id`]).
+    pub disk_id: u64,
 }

@@ -187,7 +187,7 @@ struct Storage {
 }
 
 fn hard_state(hard: (i32, Option<ReplicaId>, bool)) -> HardState {
-    HardState { term: hard.0, voted_for: hard.1, recovering: hard.2 }
+    HardState { term: hard.0, voted_for: hard.1, recovering: hard.2, disk_id: 0 }
 }
 
 /// A message between replicas, hashed and ordered by its `Debug` form (`Message` has neither).
@@ -283,6 +283,7 @@ impl Replica {
             log_end: log.end(),
             disk_lost: false,
             memberships: Vec::new(),
+            high_watermark: 0,
         };
         let rng = XorShiftRng::seed_from_u64(u64::from(id) << 8 | u64::from(start.restarts));
         let mut actions = Vec::new();

@@ -168,12 +168,16 @@ impl Replica {
                 term: state.term,
                 voted_for: state.voted_for,
                 recovering: state.recovering,
+                disk_id: state.disk_id,
             },
             epochs,
             log_end,
             disk_lost: false,
             memberships: Vec::new(),
+            // A commit point stored with the state, within what the log kept.
+            high_watermark: state.commit.min(log_end),
         };
+        let restore_commit = restore.high_watermark;
         let config = Config::new(
             settings.node_id,
             settings.voters.clone(),
@@ -186,8 +190,9 @@ impl Replica {
             .map_err(|e| {
                 ShardError::InvalidConfig(format!("replica of {}/{}: {e}", address.topic, address.partition))
             })?;
-        // A recovered log's committed prefix is not known until a leader says so.
-        partition.commit.set(Some(0));
+        // Below the stored commit point the recovered log is committed; beyond it, not known
+        // until a leader says so.
+        partition.commit.set(Some(restore_commit));
         let replica = Rc::new_cyclic(|me| Replica {
             me: me.clone(),
             address,
@@ -434,6 +439,7 @@ impl Replica {
                     state.term = hard.term;
                     state.voted_for = hard.voted_for;
                     state.recovering = hard.recovering;
+                    state.disk_id = hard.disk_id;
                 }
                 self.store_state().await?;
                 let mut out = Vec::new();
@@ -531,7 +537,11 @@ impl Replica {
 
     async fn store_state(&self) -> Result<(), ShardError> {
         let mut file = self.state_file.borrow_mut().take().expect("only the worker writes the state file");
-        let state = self.state.borrow().clone();
+        let state = {
+            let mut state = self.state.borrow_mut();
+            state.commit = state.commit.max(self.high_watermark());
+            state.clone()
+        };
         let result = file.store(&state).await;
         *self.state_file.borrow_mut() = Some(file);
         Ok(result?)

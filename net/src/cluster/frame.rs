@@ -483,8 +483,14 @@ fn encode_entry(key: &GroupKey, message: &Message, encoder: &mut Encoder) {
         Body::AppendResponse(response) => encode_append_response(response, head),
         // Bodies without fields are their tag alone.
         Body::TimeoutNow => head.put_u8(TAG_TIMEOUT_NOW),
-        Body::TermQuery => head.put_u8(TAG_TERM_QUERY),
-        Body::TermAnswer => head.put_u8(TAG_TERM_ANSWER),
+        Body::TermQuery { disk_id } => {
+            head.put_u8(TAG_TERM_QUERY);
+            head.put_u64(*disk_id);
+        }
+        Body::TermAnswer { disk_id } => {
+            head.put_u8(TAG_TERM_ANSWER);
+            head.put_u64(*disk_id);
+        }
     }
 }
 
@@ -518,6 +524,7 @@ fn encode_append(append: &Append, encoder: &mut Encoder) {
     head.put_i64(append.prev_end);
     head.put_i32(append.prev_epoch);
     head.put_i64(append.commit_end);
+    head.put_u64(append.seq);
     assert!(append.batches.len() <= APPEND_BATCHES_MAX, "the core bounds an append's batches");
     head.put_u32(append.batches.len() as u32);
     for batch in &append.batches {
@@ -536,6 +543,8 @@ fn encode_append_response(response: &AppendResponse, head: &mut BytesMut) {
     head.put_i64(response.acked_end);
     head.put_i64(response.log_end);
     head.put_u8(u8::from(response.recovering));
+    head.put_u64(response.seq);
+    head.put_u64(response.disk_id);
     assert!(response.epochs.len() <= EPOCHS_MAX, "the core sends at most EPOCH_HINTS_MAX epochs");
     head.put_u32(response.epochs.len() as u32);
     for start in &response.epochs {
@@ -777,8 +786,8 @@ fn decode_entry(reader: &mut Reader) -> Result<(GroupKey, Message)> {
         TAG_APPEND => Body::Append(decode_append(reader)?),
         TAG_APPEND_RESPONSE => Body::AppendResponse(decode_append_response(reader)?),
         TAG_TIMEOUT_NOW => Body::TimeoutNow,
-        TAG_TERM_QUERY => Body::TermQuery,
-        TAG_TERM_ANSWER => Body::TermAnswer,
+        TAG_TERM_QUERY => Body::TermQuery { disk_id: reader.u64("TermQuery disk_id")? },
+        TAG_TERM_ANSWER => Body::TermAnswer { disk_id: reader.u64("TermAnswer disk_id")? },
         tag => return Err(ClusterFrameError::BodyTag(tag)),
     };
     Ok((key, Message { from, to, term, body }))
@@ -811,6 +820,7 @@ fn decode_append(reader: &mut Reader) -> Result<Append> {
     let prev_end = reader.i64("Append prev_end")?;
     let prev_epoch = reader.i32("Append prev_epoch")?;
     let commit_end = reader.i64("Append commit_end")?;
+    let seq = reader.u64("Append seq")?;
     // A batch takes its length (4 bytes) and at least a header.
     let count = reader.count(
         "the Append's batch count",
@@ -827,7 +837,7 @@ fn decode_append(reader: &mut Reader) -> Result<Append> {
         }
         batches.push(reader.slice(length, "batch")?);
     }
-    Ok(Append { prev_end, prev_epoch, commit_end, batches })
+    Ok(Append { prev_end, prev_epoch, commit_end, seq, batches })
 }
 
 fn decode_append_response(reader: &mut Reader) -> Result<AppendResponse> {
@@ -836,12 +846,14 @@ fn decode_append_response(reader: &mut Reader) -> Result<AppendResponse> {
     let acked_end = reader.i64("AppendResponse acked_end")?;
     let log_end = reader.i64("AppendResponse log_end")?;
     let recovering = reader.flag("AppendResponse recovering")?;
+    let seq = reader.u64("AppendResponse seq")?;
+    let disk_id = reader.u64("AppendResponse disk_id")?;
     let count = reader.count("the AppendResponse's epoch count", "EPOCHS_MAX", EPOCHS_MAX, EPOCH_BYTES)?;
     let mut epochs = Vec::with_capacity(count);
     for _ in 0..count {
         epochs.push(EpochStart { epoch: reader.i32("epoch")?, start_offset: reader.i64("epoch start")? });
     }
-    Ok(AppendResponse { accepted, match_end, acked_end, log_end, epochs, recovering })
+    Ok(AppendResponse { accepted, match_end, acked_end, log_end, epochs, recovering, seq, disk_id })
 }
 
 #[cfg(test)]

@@ -75,20 +75,22 @@ fn body_strategy() -> impl Strategy<Value = Body> {
             prop_oneof![Just(-1i32), 3i32..6, -2i32..7],
             offset.clone(),
             prop::collection::vec(batch_strategy(), 0..4),
-            0i32..6
+            0i32..6,
+            0u64..8
         )
-            .prop_map(|(prev_end, prev_epoch, commit_end, batches, epoch)| {
+            .prop_map(|(prev_end, prev_epoch, commit_end, batches, epoch, seq)| {
                 // An honest leader says -1 before offset 0.
                 let prev_epoch = if prev_end == 0 && epoch >= 2 { -1 } else { prev_epoch };
                 Body::Append(Append {
                     prev_end,
                     prev_epoch,
                     commit_end,
+                    seq,
                     batches: honest(prev_end, epoch, batches),
                 })
             }),
-        (any::<bool>(), offset.clone(), offset.clone(), offset, epoch, any::<bool>()).prop_map(
-            |(accepted, match_end, acked_end, log_end, e, recovering)| {
+        (any::<bool>(), offset.clone(), offset.clone(), offset, epoch, any::<bool>(), 0u64..8, 0u64..3)
+            .prop_map(|(accepted, match_end, acked_end, log_end, e, recovering, seq, disk_id)| {
                 let epochs = vec![EpochStart { epoch: e.max(0), start_offset: 0 }];
                 Body::AppendResponse(AppendResponse {
                     accepted,
@@ -97,12 +99,13 @@ fn body_strategy() -> impl Strategy<Value = Body> {
                     log_end,
                     epochs,
                     recovering,
+                    seq,
+                    disk_id,
                 })
-            }
-        ),
+            }),
         Just(Body::TimeoutNow),
-        Just(Body::TermQuery),
-        Just(Body::TermAnswer),
+        (0u64..3).prop_map(|disk_id| Body::TermQuery { disk_id }),
+        (0u64..3).prop_map(|disk_id| Body::TermAnswer { disk_id }),
     ]
 }
 

@@ -18,16 +18,18 @@
 //! - the commit point never moves back within a replica's incarnation; a batch below any
 //!   replica's commit point equals the one first committed at that offset (never lost or
 //!   changed); a new leader holds every batch committed in earlier terms (completeness);
-//! - liveness: after the faults stop, one leader, identical logs, every acknowledged batch
-//!   present and everything committed everywhere, within the settle window.
+//! - liveness (checked last): after the faults stop, one leader, identical logs, every acknowledged batch
+//!   present and everything committed everywhere, within the settle window;
+//! - a leader that heard an append answer from a follower's new disk never lets an answer of
+//!   its lost disk raise the follower's acknowledged offset or clear its recovering mark.
 //!
-//! What it is not: it does not model membership changes (not in the core yet) or byzantine
-//! peers; messages from a replica that lost its disk are dropped from the network with it (a
-//! real disk replacement takes longer than any message lives).
+//! What it is not: it does not model byzantine peers. Messages a replica sent before it lost
+//! its disk stay in flight (some messages are held up for long), so a stale vote or
+//! acknowledgement may arrive after its replacement has spoken.
 
 #[cfg(test)]
 mod fuzz;
-mod log;
+pub(crate) mod log;
 #[cfg(test)]
 mod tests;
 
@@ -39,7 +41,7 @@ use rand_core::{Rng, SeedableRng};
 use rand_xorshift::XorShiftRng;
 
 use crate::group::{Action, Config, LogNotice, PlantedBug, RaftGroup, Restore, Role};
-use crate::message::{HardState, Message};
+use crate::message::{Body, HardState, Message};
 use crate::quorum::{Preset, Quorum};
 use log::SimLog;
 
@@ -129,8 +131,8 @@ pub struct Options {
     pub faults: bool,
     /// A scripted history instead of random faults.
     pub scenario: Option<Scenario>,
-    /// Membership changes (one more replica, a learner, swapped with a voter by joint
-    /// consensus); `None`: a quarter of the seeds.
+    /// Membership changes (one more replica, which only it knows at first, added as a learner
+    /// and then swapped with a voter by joint consensus); `None`: a quarter of the seeds.
     pub membership: Option<bool>,
     /// Print every event and action (for replaying one seed).
     pub trace: bool,
@@ -222,6 +224,8 @@ pub fn run(seed: u64, options: &Options) -> Result<Outcome, Failure> {
 /// Milliseconds of virtual time per core tick, before a replica's clock skew.
 const TICK_US: u64 = 10_000;
 const NETWORK_DELAY_US_MAX: u64 = 10_000;
+/// A slow message (see `World::slow_per_mille`) takes up to this much longer.
+const SLOW_DELAY_US_MAX: u64 = 400_000;
 /// Flushes and hard-state writes take up to this long; a third of the seeds get a slow disk
 /// (ten times slower), which widens every window between an append and its flush.
 const DISK_DELAY_US_MAX: u64 = 2_000;
@@ -230,7 +234,8 @@ const EVENTS_MAX: u64 = 2_000_000;
 
 #[derive(Debug)]
 enum Event {
-    Deliver(Message),
+    /// A message, and the sender's disk generation when it left.
+    Deliver(Message, u64),
     Tick {
         node: usize,
         incarnation: u64,
@@ -304,6 +309,8 @@ struct Node {
     last_term: i32,
     /// Lost its disk, and the recovering mark is not persisted yet.
     disk_lost: bool,
+    /// How many times it lost its disk.
+    disk_generation: u64,
 }
 
 /// Lost its disk and has not caught up yet (crashed or not).
@@ -338,6 +345,11 @@ struct World {
     blocked: Vec<Vec<bool>>,
     drop_per_mille: u64,
     duplicate_per_mille: u64,
+    /// Messages held up for long (a stalled connection), up to `SLOW_DELAY_US_MAX`.
+    slow_per_mille: u64,
+    /// (leader, its term, follower): the newest disk generation of the follower whose
+    /// append answer that leader received in that term.
+    answers_heard: HashMap<(usize, i32, usize), u64>,
     leaders: HashMap<i32, u32>,
     values: HashMap<(i64, i32), (i64, u32)>,
     committed: Vec<Committed>,
@@ -384,7 +396,10 @@ impl World {
             id: 0,
             voters: (1..=replicas as u32).collect(),
             quorum,
-            learners: if membership { vec![slots as u32] } else { Vec::new() },
+            // The spare replica is in no one's initial configuration but its own (as a
+            // learner): the leader adds it first, so a replica that lost its disk comes back
+            // not knowing it (see `change_membership`).
+            learners: Vec::new(),
             heartbeat_ticks: 2,
             election_ticks: 10,
             planted_bug,
@@ -406,6 +421,7 @@ impl World {
                     checked_count: 0,
                     last_term: 0,
                     disk_lost: false,
+                    disk_generation: 0,
                 }
             })
             .collect();
@@ -429,6 +445,8 @@ impl World {
             leader_gap_us: None,
             drop_per_mille: 0,
             duplicate_per_mille: 0,
+            slow_per_mille: 0,
+            answers_heard: HashMap::new(),
             leaders: HashMap::new(),
             values: HashMap::new(),
             committed: Vec::new(),
@@ -505,13 +523,20 @@ impl World {
     fn handle(&mut self, event: Event) -> Check {
         let mut out = Vec::new();
         match event {
-            Event::Deliver(message) => {
+            Event::Deliver(message, generation) => {
                 let node = message.to as usize - 1;
-                let Some(Event::Deliver(message)) = self.put_off(node, Event::Deliver(message)) else {
+                let Some(Event::Deliver(message, generation)) =
+                    self.put_off(node, Event::Deliver(message, generation))
+                else {
                     return Ok(());
                 };
+                let (from, answer) = (message.from, matches!(message.body, Body::AppendResponse(_)));
                 let Node { group: Some(group), log, .. } = &mut self.nodes[node] else { return Ok(()) };
+                let (term, before) = (group.term(), group.follower_view(from));
                 group.receive(message, log, &mut out);
+                if answer {
+                    self.check_stale_answer(node, term, from as usize - 1, generation, before)?;
+                }
                 self.apply(node, out)
             }
             Event::Tick { node, incarnation } => {
@@ -592,6 +617,7 @@ impl World {
                 self.heal_partitions();
                 self.drop_per_mille = 0;
                 self.duplicate_per_mille = 0;
+                self.slow_per_mille = 0;
                 Ok(())
             }
             Event::Propose => self.propose(),
@@ -613,7 +639,11 @@ impl World {
         let disk_lost = disk_lost || n.disk_lost;
         // A term that was never persisted was never said to anyone: the persisted one counts.
         n.last_term = n.hard.term;
-        n.high_watermark = 0;
+        // Half the time the shell had checkpointed the last commit point it carried out; it
+        // clamps it to the recovered log (what a crash kept below it is what was committed).
+        let checkpointed = !disk_lost && self.rng.next_u64().is_multiple_of(2);
+        let n = &mut self.nodes[node];
+        n.high_watermark = if checkpointed { n.high_watermark.min(n.log.end()) } else { 0 };
         n.flushing = false;
         n.paused_until_us = 0;
         n.checked_count = n.checked_count.min(n.log.batches.len());
@@ -623,9 +653,13 @@ impl World {
             log_end: n.log.end(),
             disk_lost,
             memberships: n.log.memberships(),
+            high_watermark: n.high_watermark,
         };
         let mut config = self.config.clone();
         config.id = node as u32 + 1;
+        if self.membership && node + 1 == self.blocked.len() {
+            config.learners = vec![config.id];
+        }
         let rng = XorShiftRng::seed_from_u64(self.seed ^ (node as u64) << 48 ^ n.incarnation << 32);
         let group =
             RaftGroup::new(config, restore, rng, &mut out).map_err(|e| format!("restart refused: {e}"))?;
@@ -722,12 +756,49 @@ impl World {
         if self.blocked[from][to] || self.random(1000) < self.drop_per_mille {
             return;
         }
-        let delay = 1_000 + self.random(self.network_delay_us_max);
+        let mut delay = 1_000 + self.random(self.network_delay_us_max);
+        if self.random(1000) < self.slow_per_mille {
+            delay += self.random(SLOW_DELAY_US_MAX);
+        }
+        let generation = self.nodes[from].disk_generation;
         if self.random(1000) < self.duplicate_per_mille {
             let again = 1_000 + self.random(3 * self.network_delay_us_max);
-            self.schedule(again, Event::Deliver(message.clone()));
+            self.schedule(again, Event::Deliver(message.clone(), generation));
         }
-        self.schedule(delay, Event::Deliver(message));
+        self.schedule(delay, Event::Deliver(message, generation));
+    }
+
+    /// A leader that has heard an append answer from a follower's newer disk never lets an
+    /// answer from an older one (sent before that disk was lost) raise what it counts for
+    /// that follower or clear its recovering mark: that would count lost data toward W.
+    fn check_stale_answer(
+        &mut self,
+        leader: usize,
+        term: i32,
+        follower: usize,
+        generation: u64,
+        before: Option<(i64, bool)>,
+    ) -> Check {
+        let heard = self.answers_heard.entry((leader, term, follower)).or_insert(generation);
+        let newer_heard = *heard > generation;
+        *heard = (*heard).max(generation);
+        let group = self.nodes[leader].group.as_ref().expect("it just received");
+        let after = group.follower_view(follower as u32 + 1);
+        let (Some((acked_before, recovering_before)), Some((acked_after, recovering_after))) =
+            (before, after)
+        else {
+            return Ok(());
+        };
+        if newer_heard && (acked_after > acked_before || recovering_before && !recovering_after) {
+            return Err(format!(
+                "replica {}, leader of term {term}, took an answer from replica {}'s lost disk after its new \
+                 one's: acknowledged {acked_before} -> {acked_after}, recovering {recovering_before} -> \
+                 {recovering_after}",
+                leader + 1,
+                follower + 1
+            ));
+        }
+        Ok(())
     }
 
     fn on_commit(&mut self, node: usize, high_watermark: i64) -> Check {
@@ -907,6 +978,15 @@ impl World {
             self.now >= n.paused_until_us && n.group.as_ref().is_some_and(|g| g.role() == Role::Leader)
         });
         let Some(node) = leader else { return Ok(()) };
+        let spare = self.blocked.len() as u32;
+        let added = self.nodes[node].group.as_ref().is_some_and(|g| g.membership().is_member(spare));
+        if self.membership && !added {
+            // Add the spare as soon as a leader can: the swaps of the fault mix need it.
+            self.change_membership();
+            for (node, out) in std::mem::take(&mut self.fault_actions) {
+                self.apply(node, out)?;
+            }
+        }
         self.propose_to(node)
     }
 
@@ -999,27 +1079,34 @@ impl World {
             _ => {
                 self.drop_per_mille = self.random(150);
                 self.duplicate_per_mille = self.random(60);
+                self.slow_per_mille = self.random(30);
             }
         }
     }
 
-    /// The leader swaps a random voter with the learner (joint consensus).
+    /// The leader adds the spare replica as a learner, then swaps a random voter with the
+    /// learner (joint consensus) each time.
     fn change_membership(&mut self) {
         let Some((leader, _)) = self.leader_now() else { return };
         let group = self.nodes[leader].group.as_ref().expect("a leader is live");
         let current = group.membership().clone();
-        let Some(&added) = current.learners.first() else { return };
         if current.is_joint() {
             return;
         }
         let voters = &current.sets[0].voters;
-        let removed = voters[self.random(voters.len() as u64) as usize];
-        let next: Vec<u32> = voters.iter().copied().filter(|v| *v != removed).chain([added]).collect();
+        let (next, learners) = match current.learners.first() {
+            None => (voters.clone(), vec![self.nodes.len() as u32]),
+            Some(&added) => {
+                let removed = voters[self.random(voters.len() as u64) as usize];
+                let next = voters.iter().copied().filter(|v| *v != removed).chain([added]).collect();
+                (next, vec![removed])
+            }
+        };
         let quorum = current.sets[0].quorum;
         let mut out = Vec::new();
         let n = &mut self.nodes[leader];
         let group = n.group.as_mut().expect("a leader is live");
-        let result = group.change_membership(next, quorum, vec![removed], &n.log, &mut out);
+        let result = group.change_membership(next, quorum, learners, &n.log, &mut out);
         if result.is_ok() {
             self.membership_changes += 1;
             self.fault_actions.push((leader, out));
@@ -1252,13 +1339,10 @@ impl World {
         if self.config.quorum.write_quorum() < 2 {
             return;
         }
-        let id = node as u32 + 1;
-        let queue = std::mem::take(&mut self.queue);
-        self.queue = queue
-            .into_iter()
-            .filter(|Reverse(s)| !matches!(&s.event, Event::Deliver(m) if m.from == id))
-            .collect();
+        // What the lost disk sent stays in flight: a stale vote or acknowledgement may still
+        // arrive after its replacement has spoken.
         let n = &mut self.nodes[node];
+        n.disk_generation += 1;
         n.group = None;
         n.log = SimLog::default();
         n.hard = HardState::default();

@@ -25,9 +25,10 @@ fn every_body() -> Vec<Body> {
             prev_end: 10,
             prev_epoch: 3,
             commit_end: 8,
+            seq: 5,
             batches: vec![batch(b"one"), batch(&[9; 5000]), batch(b"three")],
         }),
-        Body::Append(Append { prev_end: 0, prev_epoch: -1, commit_end: 0, batches: vec![] }),
+        Body::Append(Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 5, batches: vec![] }),
         Body::AppendResponse(AppendResponse {
             accepted: false,
             match_end: 0,
@@ -35,10 +36,12 @@ fn every_body() -> Vec<Body> {
             log_end: 40,
             epochs: vec![EpochStart { epoch: 1, start_offset: 0 }, EpochStart { epoch: 3, start_offset: 12 }],
             recovering: true,
+            seq: 5,
+            disk_id: 3,
         }),
         Body::TimeoutNow,
-        Body::TermQuery,
-        Body::TermAnswer,
+        Body::TermQuery { disk_id: 7 },
+        Body::TermAnswer { disk_id: 7 },
     ]
 }
 
@@ -88,6 +91,7 @@ fn batches_are_written_and_read_without_copies() {
             prev_end: 0,
             prev_epoch: -1,
             commit_end: 0,
+            seq: 5,
             batches: vec![big.clone()],
         })),
     )]);
@@ -174,14 +178,14 @@ fn limits_are_named_in_their_errors() {
 
     let mut append = 1u32.to_be_bytes().to_vec();
     append.extend(entry_head(TAG_APPEND));
-    append.extend_from_slice(&[0; 20]); // prev_end, prev_epoch, commit_end
+    append.extend_from_slice(&[0; 28]); // prev_end, prev_epoch, commit_end, seq
     append.extend_from_slice(&(APPEND_BATCHES_MAX as u32 + 1).to_be_bytes());
     let error = decode(forged(KIND_MESSAGES, &append)).unwrap_err();
     assert!(error.to_string().contains("APPEND_BATCHES_MAX"), "{error}");
 
     let mut response = 1u32.to_be_bytes().to_vec();
     response.extend(entry_head(TAG_APPEND_RESPONSE));
-    response.extend_from_slice(&[0; 1 + 24 + 1]);
+    response.extend_from_slice(&[0; 1 + 24 + 1 + 16]);
     response.extend_from_slice(&(EPOCHS_MAX as u32 + 1).to_be_bytes());
     response.extend_from_slice(&[0; 12 * (EPOCHS_MAX + 1)]);
     let error = decode(forged(KIND_MESSAGES, &response)).unwrap_err();
@@ -235,7 +239,7 @@ fn strictness_trailing_bytes_versions_kinds_flags_and_short_batches() {
 
     let mut short = 1u32.to_be_bytes().to_vec();
     short.extend(entry_head(TAG_APPEND));
-    short.extend_from_slice(&[0; 20]);
+    short.extend_from_slice(&[0; 28]);
     short.extend_from_slice(&1u32.to_be_bytes());
     short.extend_from_slice(&10u32.to_be_bytes());
     short.extend_from_slice(&[0; BATCH_HEADER_BYTES]);
@@ -260,14 +264,19 @@ fn strictness_trailing_bytes_versions_kinds_flags_and_short_batches() {
 #[test]
 fn the_encoder_stops_at_the_frame_limit() {
     let big = batch(&vec![5; 4 << 20]);
-    let append =
-        message(Body::Append(Append { prev_end: 0, prev_epoch: 1, commit_end: 0, batches: vec![big] }));
+    let append = message(Body::Append(Append {
+        prev_end: 0,
+        prev_epoch: 1,
+        commit_end: 0,
+        seq: 5,
+        batches: vec![big],
+    }));
     let mut encoder = MessagesEncoder::new();
     assert!(encoder.push(&key(0), &append));
     assert!(encoder.push(&key(1), &append));
     assert!(encoder.push(&key(2), &append));
     assert!(!encoder.push(&key(3), &append), "a fourth 4 MiB append is over 16 MiB");
-    assert!(encoder.push(&key(4), &message(Body::TermQuery)), "a small message still fits");
+    assert!(encoder.push(&key(4), &message(Body::TermQuery { disk_id: 7 })), "a small message still fits");
     assert_eq!(encoder.len(), 4);
     let bytes = encoder.frame_bytes();
     let mut chunks = Vec::new();
@@ -294,13 +303,13 @@ fn arbitrary_body() -> impl Strategy<Value = Body> {
             transfer
         }),
         any::<bool>().prop_map(|granted| Body::VoteResponse { granted }),
-        (any::<i64>(), any::<i32>(), any::<i64>(), batches).prop_map(
-            |(prev_end, prev_epoch, commit_end, batches)| {
-                Body::Append(Append { prev_end, prev_epoch, commit_end, batches })
+        (any::<i64>(), any::<i32>(), any::<i64>(), any::<u64>(), batches).prop_map(
+            |(prev_end, prev_epoch, commit_end, seq, batches)| {
+                Body::Append(Append { prev_end, prev_epoch, commit_end, seq, batches })
             }
         ),
-        (any::<bool>(), any::<i64>(), any::<i64>(), any::<i64>(), epochs, any::<bool>()).prop_map(
-            |(accepted, match_end, acked_end, log_end, epochs, recovering)| {
+        (any::<bool>(), any::<i64>(), any::<i64>(), any::<i64>(), epochs, any::<bool>(), any::<(u64, u64)>())
+            .prop_map(|(accepted, match_end, acked_end, log_end, epochs, recovering, (seq, disk_id))| {
                 Body::AppendResponse(AppendResponse {
                     accepted,
                     match_end,
@@ -308,12 +317,13 @@ fn arbitrary_body() -> impl Strategy<Value = Body> {
                     log_end,
                     epochs,
                     recovering,
+                    seq,
+                    disk_id,
                 })
-            }
-        ),
+            }),
         Just(Body::TimeoutNow),
-        Just(Body::TermQuery),
-        Just(Body::TermAnswer),
+        any::<u64>().prop_map(|disk_id| Body::TermQuery { disk_id }),
+        any::<u64>().prop_map(|disk_id| Body::TermAnswer { disk_id }),
     ]
 }
 

@@ -48,6 +48,7 @@ fn numbered(sequence: u32) -> Message {
             prev_end: 0,
             prev_epoch: -1,
             commit_end: i64::from(sequence),
+            seq: 5,
             batches: vec![],
         }),
         1 => {
@@ -55,7 +56,7 @@ fn numbered(sequence: u32) -> Message {
             let batches = (0..1 + sequence % 3)
                 .map(|_| Bytes::from(pyralog_replication::batch::build(&[(Some(b"key"), &value)], 0, 1)))
                 .collect();
-            Body::Append(Append { prev_end: 10, prev_epoch: 2, commit_end: 9, batches })
+            Body::Append(Append { prev_end: 10, prev_epoch: 2, commit_end: 9, seq: 5, batches })
         }
         2 => Body::AppendResponse(AppendResponse {
             accepted: false,
@@ -64,6 +65,8 @@ fn numbered(sequence: u32) -> Message {
             log_end: 7,
             epochs: vec![EpochStart { epoch: 2, start_offset: 3 }],
             recovering: false,
+            seq: 5,
+            disk_id: 3,
         }),
         3 => Body::Vote { last_epoch: 2, log_end: 10, transfer: false },
         _ => Body::TimeoutNow,
@@ -136,6 +139,7 @@ fn large_appends_are_split_at_the_frame_limit_and_arrive_whole() {
                 prev_end,
                 prev_epoch: 1,
                 commit_end: 0,
+                seq: 5,
                 batches: vec![batch.clone()],
             }),
         };
@@ -232,7 +236,13 @@ fn a_full_queue_drops_and_counts_instead_of_growing() {
             from: 1,
             to: 2,
             term: 1,
-            body: Body::Append(Append { prev_end: 0, prev_epoch: -1, commit_end: 0, batches: vec![batch] }),
+            body: Body::Append(Append {
+                prev_end: 0,
+                prev_epoch: -1,
+                commit_end: 0,
+                seq: 5,
+                batches: vec![batch],
+            }),
         };
         let elsewhere = PeerAddress { shard: 1, ..nowhere };
         for _ in 0..40 {
