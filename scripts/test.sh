@@ -17,7 +17,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked 2>&1 | tee "$log" || status=1
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=1
 bash scripts/compat/run.sh 2>&1 | tee -a "$log" || status=1
 # One closing line for the whole run: cargo prints one per test binary (the last of them often
 # a doc-test binary with nothing in it), pytest one for the compat suite.

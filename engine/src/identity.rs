@@ -90,6 +90,16 @@ pub fn load(data_dir: &Path) -> Result<Option<NodeMeta>> {
     Ok(Some(NodeMeta { node_id, cluster_id }))
 }
 
+/// Whether the data directory has a `node.meta`.
+pub fn exists(data_dir: &Path) -> bool {
+    data_dir.join(META_FILE_NAME).exists()
+}
+
+/// Removes `node.meta` (after a failed first start that wrote it).
+pub fn remove(data_dir: &Path) {
+    let _ = std::fs::remove_file(data_dir.join(META_FILE_NAME));
+}
+
 /// Writes `node.meta` durably (a temporary file, fsync, rename, fsync of the directory).
 pub fn store(data_dir: &Path, meta: &NodeMeta) -> Result<()> {
     use std::io::Write;

@@ -78,6 +78,7 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
     // Absolute from here on: every file the shards open is named from it (glommio cannot open
     // a directory by a relative path).
     args.data_dir = data_dir.path.clone();
+    let identity_existed = identity::exists(&args.data_dir);
     let (identity, cluster) = match establish_identity(&args, seeds, cpus.len()) {
         Ok(identity) => identity,
         Err(error) => {
@@ -101,6 +102,11 @@ pub fn run(mut args: NodeArgs) -> Result<()> {
     let node = match start(&args, &identity, cluster.as_ref(), &cpus, kafka, io_memory_bytes) {
         Ok(node) => node,
         Err(error) => {
+            // A start that fails leaves the directory as it found it: a node id stored by it
+            // would bind the directory to an id nobody chose to keep.
+            if !identity_existed {
+                identity::remove(&args.data_dir);
+            }
             data_dir.discard_after_failed_start();
             return Err(error);
         }
