@@ -15,6 +15,7 @@ mod kafka;
 mod metrics;
 mod node;
 mod service;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +46,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Look at a running cluster through its nodes' --metrics-listen endpoints.
+    Cluster {
+        /// Any node's metrics address (its --metrics-listen): the others are found from it.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9644", global = true)]
+        node: String,
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Manage the topics of a running node.
     Topic {
         /// The node's native listener.
@@ -53,6 +62,16 @@ enum Command {
         #[command(subcommand)]
         action: admin::TopicAction,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterAction {
+    /// Nodes (up or down), the controller's leader, and per partition its leader, replicas,
+    /// in-sync replicas and followers' lag; under-replicated and offline partitions counted.
+    Status,
+    /// Compares the replicas of each partition of TOPIC up to the commit point (a checksum of
+    /// their stored batches) and names any that differ; exits 1 if one does.
+    Verify { topic: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -249,6 +268,10 @@ fn main() {
     let cli = Cli::parse_from(args);
     let result = match cli.command {
         Some(Command::Topic { broker, action }) => admin::run(&broker, action),
+        Some(Command::Cluster { node, action: ClusterAction::Status }) => status::status(&node),
+        Some(Command::Cluster { node, action: ClusterAction::Verify { topic } }) => {
+            status::verify(&node, &topic)
+        }
         None => node::run(cli.node),
     };
     if let Err(error) = result {

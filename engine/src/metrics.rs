@@ -73,6 +73,9 @@ pub struct Endpoints {
     pub per_partition: bool,
     /// Unix time the process started, in seconds.
     pub started_at_s: f64,
+    pub node_id: u32,
+    /// The cluster's id, hex.
+    pub cluster_id: String,
 }
 
 impl HttpHandler for Endpoints {
@@ -85,7 +88,9 @@ impl HttpHandler for Endpoints {
                 content_type: "application/json",
                 body: format!("{}\n", self.config_json),
             },
-            "/" => HttpResponse::text(200, "pyralog: /metrics (Prometheus), /health, /config\n"),
+            "/cluster" => crate::status::cluster_json(&self.shard, self.node_id, &self.cluster_id).await,
+            path if path.starts_with("/checksum/") => crate::status::checksum_json(&self.shard, path).await,
+            "/" => HttpResponse::text(200, "pyralog: /metrics (Prometheus), /health, /config, /cluster\n"),
             _ => HttpResponse::text(404, format!("{path} is not served: try /metrics, /health or /config\n")),
         }
     }

@@ -389,6 +389,8 @@ async fn run_shard(context: ShardContext) {
             config_json: context.endpoints.config_json.clone(),
             per_partition: context.endpoints.per_partition,
             started_at_s: context.endpoints.started_at_s,
+            node_id: context.kafka.node_id,
+            cluster_id: context.kafka.cluster_id.clone(),
         };
         glommio::spawn_local(pyralog_net::http::serve(listener, Rc::new(endpoints)))
     });

@@ -184,7 +184,16 @@ def check_exactly_once(records, acknowledged):
     assert len(values) == len(set(values)), "a record was stored twice"
 
 
-def test_killing_the_leader_again_and_again_loses_nothing_acknowledged(cluster):
+def cluster_command(pyralog_bin, *args):
+    """`pyralog cluster ARGS` against node 1; its output (it must succeed)."""
+    import subprocess
+    done = subprocess.run([pyralog_bin, "cluster", "--node", "127.0.0.1:9644", *args], capture_output=True,
+                          text=True, timeout=CLIENT_TIMEOUT_S)
+    assert done.returncode == 0, f"pyralog cluster {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def test_killing_the_leader_again_and_again_loses_nothing_acknowledged(cluster, pyralog_bin):
     create_topic(cluster.node(1).bootstrap, "events", 2, 3)
     wait_until("partition 0 has a leader", lambda: leader_node(cluster.bootstrap, "events", 0))
     producer = BackgroundProducer(cluster.bootstrap, "events")
@@ -199,6 +208,11 @@ def test_killing_the_leader_again_and_again_loses_nothing_acknowledged(cluster):
     assert producer.errors == [], producer.errors[:5]
     records = read_all(cluster.bootstrap, "events", 2, len(acknowledged))
     check_exactly_once(records, acknowledged)
+    # The operator's view: every partition led and in sync again, and the replicas agree.
+    wait_until("every partition is in sync again",
+               lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"))
+    verified = cluster_command(pyralog_bin, "verify", "events")
+    assert verified.count("3 replicas agree") == 2, verified
     for node in cluster.nodes:
         node.terminate()
     replica_logs_agree(cluster, "events", 2)

@@ -58,15 +58,17 @@ pub struct ClusterSettings {
 }
 
 /// The replicas of a partition in sync with its leader (`status` is the leader's): the
-/// leader, and every follower that is not recovering a lost disk and has either caught up
-/// with the leader's log or made progress within `lag_max`.
+/// leader, and every follower that is not recovering a lost disk, was heard from within
+/// `lag_max`, and has either caught up with the leader's log or made progress within it.
 pub fn in_sync_replicas(status: &ReplicaStatus, tick: Duration, lag_max: Duration) -> Vec<u32> {
     assert!(status.leads, "only a leader knows its followers");
     let mut in_sync: Vec<u32> = status.leader.into_iter().collect();
+    let span = |ticks: u64| tick.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX));
     for follower in &status.followers {
-        let stalled = tick * u32::try_from(follower.stalled_ticks).unwrap_or(u32::MAX);
+        let heard = span(follower.silent_ticks) <= lag_max;
         let caught_up = follower.acked_end >= status.log_end;
-        if !follower.recovering && (caught_up || stalled <= lag_max) && status.voters.contains(&follower.id) {
+        let keeping_up = caught_up || span(follower.stalled_ticks) <= lag_max;
+        if !follower.recovering && heard && keeping_up && status.voters.contains(&follower.id) {
             in_sync.push(follower.id);
         }
     }
@@ -205,6 +207,65 @@ impl Shard {
         }
         all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         Ok(all)
+    }
+
+    /// A CRC-32C over the stored batches of this node's replica of a partition that end at or
+    /// below `end` (all of them must be durable here): what `pyralog cluster verify` compares
+    /// across replicas. Returns (checksum, batches, the offset the batches end at).
+    pub async fn replica_checksum(
+        &self,
+        topic: &str,
+        partition: u32,
+        end: i64,
+    ) -> Result<(u32, u64, i64), ShardError> {
+        let owner = self.route(topic, partition)?;
+        match self.call(owner, Op::Checksum { topic: topic.to_owned(), partition, end }).await? {
+            OpResult::Checksum(result) => result,
+            other => unreachable!("a checksum answered with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn local_checksum(
+        &self,
+        topic: &str,
+        partition: u32,
+        end: i64,
+    ) -> Result<(u32, u64, i64), ShardError> {
+        let replica = self.local_replica(topic, partition).ok_or_else(|| ShardError::UnknownPartition {
+            topic: topic.to_owned(),
+            partition,
+            count: 0,
+        })?;
+        let log = &replica.partition.log;
+        if end > log.durable_offset() {
+            return Err(ShardError::OffsetOutOfRange(format!(
+                "{topic}/{partition} is durable here up to {}, not {end}",
+                log.durable_offset()
+            )));
+        }
+        let (mut crc, mut batches, mut offset) = (0u32, 0u64, 0i64);
+        while offset < end {
+            let Some(chunk) = log.read(offset, 1 << 20).await? else { break };
+            let mut at = 0;
+            while let Some(header) = batch::stored_header(&chunk[at..]) {
+                let bytes = chunk.get(at..at + header.total_bytes as usize).ok_or_else(|| {
+                    ShardError::Storage(format!(
+                        "{topic}/{partition}: a batch at offset {offset} runs past its read"
+                    ))
+                })?;
+                if header.next_offset() > end {
+                    return Ok((crc, batches, offset));
+                }
+                crc = crc32c::crc32c_append(crc, bytes);
+                batches += 1;
+                offset = header.next_offset();
+                at += header.total_bytes as usize;
+            }
+            if at == 0 {
+                break;
+            }
+        }
+        Ok((crc, batches, offset))
     }
 
     pub(crate) fn local_replica_statuses(&self) -> Vec<ReplicaStatus> {

@@ -212,6 +212,12 @@ pub enum Op {
     },
     /// This shard's replicas, as operators see them.
     ReplicaStatus,
+    /// A checksum of a replica's batches below `end` (see `Shard::replica_checksum`).
+    Checksum {
+        topic: String,
+        partition: u32,
+        end: i64,
+    },
     /// A replica of this node reported a new role (see `replicated`).
     Role {
         group: GroupId,
@@ -228,6 +234,7 @@ pub enum OpResult {
     Group(GroupReply),
     Scraped(ShardScrape),
     Replicas(Vec<crate::ReplicaStatus>),
+    Checksum(Result<(u32, u64, i64), ShardError>),
 }
 
 #[derive(Debug)]
@@ -369,7 +376,7 @@ impl Shard {
         topics::owner_shard(topic, partition, self.count)
     }
 
-    fn route(&self, topic: &str, partition: u32) -> Result<usize, ShardError> {
+    pub(crate) fn route(&self, topic: &str, partition: u32) -> Result<usize, ShardError> {
         let count =
             self.topics.borrow().get(topic).ok_or_else(|| ShardError::UnknownTopic(topic.to_owned()))?;
         if partition >= count {
@@ -556,6 +563,9 @@ impl Shard {
             }
             Op::ApplyCluster { meta } => OpResult::Done(self.apply_cluster(meta).await),
             Op::ReplicaStatus => OpResult::Replicas(self.local_replica_statuses()),
+            Op::Checksum { topic, partition, end } => {
+                OpResult::Checksum(self.local_checksum(&topic, partition, end).await)
+            }
             Op::Role { group, role } => {
                 self.note_role(group, role);
                 OpResult::Done(Ok(()))
