@@ -113,8 +113,11 @@ fn get(address: &str, path: &str) -> Result<String> {
     Ok(body.to_owned())
 }
 
-/// Every node's view: (node id, its /cluster JSON or why it did not answer).
-fn views(node: &str) -> Result<(Value, Vec<(u64, Result<Value>)>)> {
+/// A node's id and its /cluster JSON, or why it did not answer.
+type View = (u64, Result<Value>);
+
+/// The first node's view, and every node's.
+fn views(node: &str) -> Result<(Value, Vec<View>)> {
     let first: Value = serde_json::from_str(&get(node, "/cluster")?)?;
     let mut views = Vec::new();
     for described in first["nodes"].as_array().cloned().unwrap_or_default() {
@@ -129,7 +132,7 @@ fn views(node: &str) -> Result<(Value, Vec<(u64, Result<Value>)>)> {
 }
 
 /// The replica of (topic, partition) that leads it in the highest term, among every view.
-fn leaders(views: &[(u64, Result<Value>)]) -> std::collections::BTreeMap<(String, u64), Value> {
+fn leaders(views: &[View]) -> std::collections::BTreeMap<(String, u64), Value> {
     let mut leaders = std::collections::BTreeMap::<(String, u64), Value>::new();
     for (_, view) in views {
         let Ok(view) = view else { continue };
