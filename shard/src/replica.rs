@@ -376,6 +376,31 @@ impl Replica {
         self.role.get().role != Role::Leader
     }
 
+    /// If this replica leads but is not the group's preferred leader (its first voter), and
+    /// that voter holds the whole log and was heard from this tick, hands leadership to it:
+    /// placement spreads preferred leaders over the nodes, elections need not (Kafka's
+    /// preferred-leader election). Returns whether it started a handover.
+    pub fn restore_preferred_leader(&self) -> bool {
+        let Some(&preferred) = self.voters.first() else { return false };
+        if self.role.get().role != Role::Leader || preferred == self.address_node() {
+            return false;
+        }
+        let mut raft = self.raft.borrow_mut();
+        let log_end = raft.log_end();
+        let ready = raft
+            .followers()
+            .iter()
+            .any(|f| f.id == preferred && f.match_end == log_end && f.silent_ticks <= 1 && !f.recovering);
+        if !ready {
+            return false;
+        }
+        let mut out = Vec::new();
+        let started = raft.transfer_leadership(preferred, &mut out).is_ok();
+        drop(raft);
+        self.enqueue(out);
+        started
+    }
+
     fn address_node(&self) -> u32 {
         self.raft.borrow().id()
     }
@@ -911,6 +936,30 @@ mod tests {
             assert!(new.role().term > term);
             let after = cluster.produce(5, "after", 100).await;
             assert!(after[0].0 > before.last().unwrap().1, "nothing acknowledged was lost");
+            cluster.stop().await;
+        });
+    }
+
+    #[test]
+    fn leadership_goes_back_to_the_preferred_leader_once_it_caught_up() {
+        run(async {
+            let cluster = Cluster::start(64 << 20).await;
+            cluster.produce(10, "warm", 100).await;
+            // Make sure node 1 (the first voter, preferred) does not lead to start with.
+            let leader = cluster.leader(None).await;
+            if leader.address_node() == 1 {
+                assert!(leader.hand_over().await);
+            }
+            let other = cluster.leader(Some(1)).await;
+            let other_term = other.role().term;
+            cluster.produce(10, "more", 100).await;
+            wait_until("the preferred leader caught up and leadership moved back", || {
+                other.restore_preferred_leader();
+                cluster.replica(1).role().role == Role::Leader
+            })
+            .await;
+            assert!(cluster.replica(1).role().term > other_term, "a new term for the handover");
+            cluster.produce(5, "after", 100).await;
             cluster.stop().await;
         });
     }

@@ -34,6 +34,9 @@ use crate::ShardError;
 pub const CONTROLLER_TOPIC_ID: [u8; 16] = [0; 16];
 /// The controller's name in messages (no topic can take it: '_' names are reserved for it).
 pub const CONTROLLER_NAME: &str = "__cluster";
+/// How often a leader that is not its partition's preferred leader hands leadership back
+/// to it (when that replica has caught up).
+pub const PREFERRED_LEADER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Bytes of controller records read at once when applying.
 const APPLY_READ_BYTES: usize = 1 << 20;
 
@@ -520,15 +523,23 @@ impl Shard {
         Ok(replica)
     }
 
-    /// Ticks every replica of this shard.
+    /// Ticks every replica of this shard, and now and then gives leaderships back to the
+    /// partitions' preferred leaders.
     async fn run_cluster_clock(self: Rc<Self>) {
         let tick = self.cluster().expect("a cluster").settings.tick;
+        let mut next_balance = std::time::Instant::now() + PREFERRED_LEADER_CHECK_INTERVAL;
         while !self.shutting_down.get() {
             glommio::timer::sleep(tick).await;
             let replicas: Vec<Rc<Replica>> =
                 self.cluster().expect("a cluster").replicas.borrow().values().cloned().collect();
-            for replica in replicas {
+            for replica in &replicas {
                 replica.tick();
+            }
+            if std::time::Instant::now() >= next_balance {
+                next_balance = std::time::Instant::now() + PREFERRED_LEADER_CHECK_INTERVAL;
+                for replica in &replicas {
+                    replica.restore_preferred_leader();
+                }
             }
         }
     }
