@@ -102,6 +102,8 @@ impl ClusterPlan {
             election_ticks: args.election_timeout_ms.div_ceil(tick_ms).max(2) as u32,
             default_replication_factor: args.default_replication_factor,
             replica_lag_time_max: Duration::from_millis(args.replica_lag_time_max_ms),
+            incarnation: 0,
+            controller_disk_lost: false,
         };
         Ok(ClusterPlan { node_id, seeds, listen, advertise, rack: args.rack.clone(), settings })
     }
@@ -136,12 +138,11 @@ fn resolve(address: &str) -> Result<SocketAddr> {
         .ok_or_else(|| anyhow!("{address} resolves to no address"))
 }
 
-/// The cluster id: the stored one, else learned from the seeds or created (see the module
-/// docs). Blocks until the seeds answer, up to [`CLUSTER_ID_WAIT`].
-pub fn learn_cluster_id(plan: &ClusterPlan, stored: Option<ClusterId>) -> Result<ClusterId> {
-    if let Some(id) = stored {
-        return Ok(id);
-    }
+/// The cluster id of a node that has none stored, learned from the seeds or created (see
+/// the module docs), and whether this node's controller replica lost its data: it adopted the
+/// id of a cluster whose controller already had a term (it ran without this node's data).
+/// Blocks until the seeds answer, up to [`CLUSTER_ID_WAIT`].
+pub fn learn_cluster_id(plan: &ClusterPlan) -> Result<(ClusterId, bool)> {
     let others: Vec<&Seed> = plan.seeds.iter().filter(|s| s.node_id != plan.node_id).collect();
     let is_seed = others.len() < plan.seeds.len();
     let lowest_seed = is_seed && others.iter().all(|s| s.node_id > plan.node_id);
@@ -162,7 +163,7 @@ pub fn learn_cluster_id(plan: &ClusterPlan, stored: Option<ClusterId>) -> Result
     outcome
 }
 
-fn ask_seeds(plan: &ClusterPlan, others: &[&Seed], lowest_seed: bool) -> Result<ClusterId> {
+fn ask_seeds(plan: &ClusterPlan, others: &[&Seed], lowest_seed: bool) -> Result<(ClusterId, bool)> {
     let started = Instant::now();
     let mut said = Instant::now();
     loop {
@@ -174,13 +175,13 @@ fn ask_seeds(plan: &ClusterPlan, others: &[&Seed], lowest_seed: bool) -> Result<
                     .map_err(|e| anyhow!("{e}"))
             });
             match answer {
-                Ok(Some(id)) => return Ok(id),
-                Ok(None) => fresh += 1,
+                Ok((Some(id), controller_term)) => return Ok((id, controller_term > 0 && is_seed(plan))),
+                Ok((None, _)) => fresh += 1,
                 Err(error) => waiting_for.push(format!("{}@{} ({error})", seed.node_id, seed.address)),
             }
         }
         if lowest_seed && fresh == others.len() {
-            return crate::identity::new_cluster_id();
+            return Ok((crate::identity::new_cluster_id()?, false));
         }
         if started.elapsed() > CLUSTER_ID_WAIT {
             bail!(
@@ -201,6 +202,10 @@ fn ask_seeds(plan: &ClusterPlan, others: &[&Seed], lowest_seed: bool) -> Result<
     }
 }
 
+fn is_seed(plan: &ClusterPlan) -> bool {
+    plan.seeds.iter().any(|s| s.node_id == plan.node_id)
+}
+
 /// Starts shard `shard`'s transport and connects it to the shard's replicas.
 pub fn start_transport(
     plan: &ClusterPlan,
@@ -213,7 +218,22 @@ pub fn start_transport(
         plan.shard_listen(shard.id),
         Rc::new(Cell::new(Some(cluster_id))),
     );
+    let controller_term = Rc::clone(&config.controller_term);
     let transport = ClusterTransport::start(config)?;
+    if shard.id == 0 {
+        // Shard 0 answers the seeds' identity queries: tell them the controller's term.
+        let watched = Rc::downgrade(shard);
+        glommio::spawn_local(async move {
+            while let Some(shard) = watched.upgrade() {
+                if let Some(role) = shard.replica_role(CONTROLLER_TOPIC_ID, 0) {
+                    controller_term.set(role.term);
+                }
+                drop(shard);
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .detach();
+    }
     let seeds: HashMap<u32, String> = plan.seeds.iter().map(|s| (s.node_id, s.address.clone())).collect();
     shard.set_cluster_send(send_hook(Rc::downgrade(shard), Rc::clone(&transport), seeds));
     if shard.id == 0 {
@@ -340,5 +360,8 @@ pub fn node_info(
         kafka_port: kafka.advertised_port,
         kafka_shard_ports: topology.kafka_ports.clone(),
         metrics_address: Some(metrics_address.to_string()),
+        incarnation: plan.settings.incarnation,
+        // Set by the controller when it applies the registration.
+        registered_at: 0,
     }
 }

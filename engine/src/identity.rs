@@ -62,6 +62,9 @@ pub fn parse_seeds(text: &str) -> Result<Vec<Seed>> {
 pub struct NodeMeta {
     pub node_id: u32,
     pub cluster_id: Option<ClusterId>,
+    /// Random, drawn when the data directory gets its node.meta: a node that comes back with
+    /// a new one lost its disk, and the controller's metadata tells its replicas so.
+    pub incarnation: u64,
 }
 
 /// Reads `node.meta` from the data directory: `None` when the directory has none yet.
@@ -78,16 +81,20 @@ pub fn load(data_dir: &Path) -> Result<Option<NodeMeta>> {
     if lines.next() != Some(META_HEADER) {
         return Err(bad(&format!("it does not start with '{META_HEADER}'")));
     }
-    let (mut node_id, mut cluster_id) = (None, None);
+    let (mut node_id, mut cluster_id, mut incarnation) = (None, None, None);
     for line in lines.filter(|l| !l.is_empty()) {
         match line.split_once(' ') {
             Some(("node-id", id)) => node_id = Some(id.parse().map_err(|_| bad("its node id"))?),
             Some(("cluster-id", hex)) => cluster_id = Some(unhex(hex).ok_or_else(|| bad("its cluster id"))?),
+            Some(("incarnation", hex)) => {
+                incarnation = Some(u64::from_str_radix(hex, 16).map_err(|_| bad("its incarnation"))?)
+            }
             _ => return Err(bad(&format!("an unknown line '{line}'"))),
         }
     }
     let node_id = node_id.ok_or_else(|| bad("no node id"))?;
-    Ok(Some(NodeMeta { node_id, cluster_id }))
+    // A node.meta from before incarnations: 0 names the disk the node always had.
+    Ok(Some(NodeMeta { node_id, cluster_id, incarnation: incarnation.unwrap_or(0) }))
 }
 
 /// Whether the data directory has a `node.meta`.
@@ -105,7 +112,8 @@ pub fn store(data_dir: &Path, meta: &NodeMeta) -> Result<()> {
     use std::io::Write;
     let path = data_dir.join(META_FILE_NAME);
     let temporary = data_dir.join(format!("{META_FILE_NAME}.tmp"));
-    let mut text = format!("{META_HEADER}\nnode-id {}\n", meta.node_id);
+    let mut text =
+        format!("{META_HEADER}\nnode-id {}\nincarnation {:016x}\n", meta.node_id, meta.incarnation);
     if let Some(id) = meta.cluster_id {
         text.push_str(&format!("cluster-id {}\n", hex(&id)));
     }
@@ -139,6 +147,12 @@ pub fn node_id(
         ),
         (None, None) => Ok(0),
     }
+}
+
+/// A new data directory's incarnation: random, never 0.
+pub fn new_incarnation() -> Result<u64> {
+    let id = new_cluster_id()?;
+    Ok(u64::from_le_bytes(id[..8].try_into().expect("8 bytes")).max(1))
 }
 
 /// 16 random bytes from the kernel: a new cluster's id.
@@ -188,7 +202,7 @@ mod tests {
         assert_eq!(load(dir.path()).unwrap(), None);
         assert_eq!(node_id(None, None, dir.path(), false).unwrap(), 0);
         assert!(node_id(None, None, dir.path(), true).is_err(), "a cluster node names itself");
-        let meta = NodeMeta { node_id: 2, cluster_id: Some(new_cluster_id().unwrap()) };
+        let meta = NodeMeta { node_id: 2, cluster_id: Some(new_cluster_id().unwrap()), incarnation: 77 };
         store(dir.path(), &meta).unwrap();
         let stored = load(dir.path()).unwrap().unwrap();
         assert_eq!(stored, meta);

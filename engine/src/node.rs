@@ -137,13 +137,22 @@ fn establish_identity(
             })?;
         }
     }
-    let cluster_id = match (stored.and_then(|meta| meta.cluster_id), &plan) {
-        (Some(id), _) => id,
-        (None, Some(plan)) => crate::cluster::learn_cluster_id(plan, None)?,
+    let (cluster_id, controller_lost) = match (stored.and_then(|meta| meta.cluster_id), &plan) {
+        (Some(id), _) => (id, false),
+        (None, Some(plan)) => crate::cluster::learn_cluster_id(plan)?,
         // A cluster of one bootstraps its cluster at its first start.
-        (None, None) => identity::new_cluster_id()?,
+        (None, None) => (identity::new_cluster_id()?, false),
     };
-    let meta = identity::NodeMeta { node_id, cluster_id: Some(cluster_id) };
+    let incarnation = match stored {
+        Some(meta) => meta.incarnation,
+        None => identity::new_incarnation()?,
+    };
+    let plan = plan.map(|mut plan| {
+        plan.settings.incarnation = incarnation;
+        plan.settings.controller_disk_lost = controller_lost;
+        plan
+    });
+    let meta = identity::NodeMeta { node_id, cluster_id: Some(cluster_id), incarnation };
     if stored != Some(meta) {
         identity::store(&args.data_dir, &meta)?;
     }

@@ -216,3 +216,27 @@ def test_killing_the_leader_again_and_again_loses_nothing_acknowledged(cluster, 
     for node in cluster.nodes:
         node.terminate()
     replica_logs_agree(cluster, "events", 2)
+
+
+def test_a_node_back_with_an_empty_data_directory_catches_up_and_loses_nothing(cluster, pyralog_bin):
+    import shutil
+    create_topic(cluster.node(1).bootstrap, "wiped", 2, 3)
+    wait_until("both partitions have a leader",
+               lambda: all(leader_node(cluster.bootstrap, "wiped", p) for p in range(2)))
+    acknowledged = produce(cluster.bootstrap, "wiped", 2000, "before")
+    leaders = {leader_node(cluster.bootstrap, "wiped", p) for p in range(2)}
+    victim = cluster.node(next((n for n in (3, 2, 1) if n not in leaders), 3))
+    victim.kill9()
+    shutil.rmtree(victim.data_dir)
+    # Back with the same node id and no data: it learns its cluster from the seeds, its replicas
+    # recover from the leaders (they must not vote before they hold what was committed).
+    victim.start().wait_ready()
+    wait_until("the wiped node's replicas know they lost their data",
+                      lambda: victim.stderr_tail(20000).count("lost its data with this node's disk") >= 3)
+    assert "__cluster/0" in victim.stderr_tail(20000), "the controller's replica too"
+    wait_until("the wiped node is in sync again",
+               lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"), timeout_s=60)
+    acknowledged.update(produce(cluster.bootstrap, "wiped", 500, "after"))
+    check_exactly_once(read_all(cluster.bootstrap, "wiped", 2, len(acknowledged)), acknowledged)
+    wait_until("the wiped node holds every committed batch",
+               lambda: cluster_command(pyralog_bin, "verify", "wiped").count("3 replicas agree") == 2)

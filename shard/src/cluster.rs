@@ -50,6 +50,13 @@ pub struct NodeInfo {
     /// asks.
     #[serde(default)]
     pub metrics_address: Option<String>,
+    /// The node's data directory (see the daemon's node.meta): a new one is a lost disk.
+    #[serde(default)]
+    pub incarnation: u64,
+    /// Set when applied: the controller log's offset after the first registration of this
+    /// incarnation. Replicas placed on the node before it were on a disk it no longer has.
+    #[serde(default)]
+    pub registered_at: i64,
 }
 
 /// A replicated topic.
@@ -61,6 +68,9 @@ pub struct TopicPlacement {
     pub max_message_bytes: Option<u32>,
     /// Per partition, its replicas' node ids; the first is the preferred leader.
     pub replicas: Vec<Vec<u32>>,
+    /// Set when applied: per partition, the controller log's offset after its creation.
+    #[serde(default)]
+    pub created_at: Vec<i64>,
 }
 
 impl TopicPlacement {
@@ -119,17 +129,22 @@ impl ClusterMeta {
         assert!(end > self.applied_end, "records apply in log order: {end} after {}", self.applied_end);
         self.applied_end = end;
         match record {
-            MetaRecord::RegisterNode(node) => {
+            MetaRecord::RegisterNode(mut node) => {
                 if self.nodes.len() >= NODES_MAX && !self.nodes.contains_key(&node.id) {
                     return Err(format!("the cluster has {NODES_MAX} nodes already"));
                 }
+                node.registered_at = match self.nodes.get(&node.id) {
+                    Some(known) if known.incarnation == node.incarnation => known.registered_at,
+                    _ => end,
+                };
                 self.nodes.insert(node.id, node);
             }
-            MetaRecord::CreateTopic { name, topic } => {
+            MetaRecord::CreateTopic { name, mut topic } => {
                 if self.topics.contains_key(&name) {
                     return Err(format!("topic '{name}' already exists"));
                 }
                 self.check_replicas(&topic.replicas)?;
+                topic.created_at = vec![end; topic.replicas.len()];
                 self.topics.insert(name, topic);
             }
             MetaRecord::CreatePartitions { name, replicas } => {
@@ -141,6 +156,8 @@ impl ClusterMeta {
                         topic.replication_factor
                     ));
                 }
+                topic.created_at.resize(topic.replicas.len(), 0);
+                topic.created_at.extend(std::iter::repeat_n(end, replicas.len()));
                 topic.replicas.extend(replicas);
             }
             MetaRecord::DeleteTopic { name } => {
@@ -255,6 +272,8 @@ mod tests {
             kafka_port: 9092,
             kafka_shard_ports: vec![9093, 9094],
             metrics_address: None,
+            incarnation: 1,
+            registered_at: 0,
         }
     }
 
@@ -301,6 +320,7 @@ mod tests {
             write_quorum: 2,
             max_message_bytes: None,
             replicas: place(&meta, 2, 3).unwrap(),
+            created_at: Vec::new(),
         };
         let create = MetaRecord::CreateTopic { name: "orders".into(), topic: topic.clone() };
         let decoded = MetaRecord::decode(&create.encode()).unwrap();

@@ -72,6 +72,10 @@ pub struct ReplicaSettings {
     pub seed: u64,
     /// One tick of the shard's clock (for timeouts counted in ticks).
     pub tick: std::time::Duration,
+    /// The replica was placed on this node before it lost its data (its files are gone): it
+    /// recovers before it votes or counts (see `Restore::disk_lost`). Ignored once a state file
+    /// exists (a recovery under way is in it).
+    pub disk_lost: bool,
 }
 
 /// A replica as operators see it (`pyralog cluster status`).
@@ -152,6 +156,14 @@ impl Replica {
         send: SendHook,
     ) -> Result<Rc<Replica>, ShardError> {
         let (state_file, stored) = ReplicaStateFile::open(partition.log.dir()).await?;
+        let disk_lost = settings.disk_lost && stored.is_none();
+        if disk_lost {
+            eprintln!(
+                "pyralog: the replica of {}/{} lost its data with this node's disk: it recovers from \
+                 the leader before it votes or counts toward a quorum",
+                address.topic, address.partition
+            );
+        }
         let log_end = partition.log.next_offset();
         let mut state = stored.unwrap_or_default();
         // Epochs whose first batch did not survive the crash (stored, then never durable).
@@ -172,7 +184,7 @@ impl Replica {
             },
             epochs,
             log_end,
-            disk_lost: false,
+            disk_lost,
             memberships: Vec::new(),
             // A commit point stored with the state, within what the log kept.
             high_watermark: state.commit.min(log_end),
@@ -742,6 +754,7 @@ mod tests {
                 election_ticks: 15,
                 seed: u64::from(node),
                 tick: Duration::from_millis(2),
+                disk_lost: false,
             };
             let network = Rc::downgrade(self);
             let send: SendHook = Rc::new(move |_, message| {

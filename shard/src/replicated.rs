@@ -58,6 +58,28 @@ pub struct ClusterSettings {
     /// A follower whose acknowledged offset has not moved for this long while behind its
     /// leader is out of the in-sync replicas (Kafka's replica.lag.time.max.ms).
     pub replica_lag_time_max: Duration,
+    /// This node's data directory's incarnation (see `cluster::NodeInfo::incarnation`).
+    pub incarnation: u64,
+    /// This node is a seed that came back without its data to a cluster whose controller
+    /// ran meanwhile: its controller replica recovers before it votes (KIP-966).
+    pub controller_disk_lost: bool,
+}
+
+/// Whether a replica of `partition` placed on this node predates this node's disk: the node
+/// registered another incarnation since (or this one not yet), or this incarnation registered
+/// after the partition was placed. Such a replica found no files: its data was lost with a
+/// disk, and it must recover before it votes.
+fn placed_before_this_disk(
+    meta: &ClusterMeta,
+    topic: &TopicPlacement,
+    partition: u32,
+    settings: &ClusterSettings,
+) -> bool {
+    let created_at = topic.created_at.get(partition as usize).copied().unwrap_or(0);
+    match meta.nodes.get(&settings.node_id) {
+        Some(node) if node.incarnation == settings.incarnation => created_at < node.registered_at,
+        _ => true,
+    }
 }
 
 /// The replicas of a partition in sync with its leader (`status` is the leader's): the
@@ -144,8 +166,9 @@ impl ShardCluster {
         })
     }
 
-    fn replica_settings(&self, voters: Vec<u32>, quorum: Quorum) -> ReplicaSettings {
+    fn replica_settings(&self, voters: Vec<u32>, quorum: Quorum, disk_lost: bool) -> ReplicaSettings {
         ReplicaSettings {
+            disk_lost,
             node_id: self.settings.node_id,
             voters,
             quorum,
@@ -466,9 +489,8 @@ impl Shard {
                 partition: 0,
             };
             // The controller's records are few and small: always acknowledged after fdatasync.
-            let replica = self
-                .open_replica(address, &dir, cluster.replica_settings(voters, quorum), Durability::Sync)
-                .await?;
+            let settings = cluster.replica_settings(voters, quorum, cluster.settings.controller_disk_lost);
+            let replica = self.open_replica(address, &dir, settings, Durability::Sync).await?;
             cluster.replicas.borrow_mut().insert((CONTROLLER_TOPIC_ID, 0), replica);
             glommio::spawn_local(Rc::clone(self).run_controller_apply()).detach();
         }
@@ -633,7 +655,9 @@ impl Shard {
                     .map_err(|e| ShardError::InvalidConfig(format!("topic '{name}': {e}")))?;
                 let address = ReplicaAddress { topic_id: topic.id, topic: name.clone(), partition };
                 let dir = topics::partition_dir(&self.config.data_dir, name, partition);
-                let settings = cluster.replica_settings(voters.clone(), quorum);
+                let lost =
+                    !dir.exists() && placed_before_this_disk(&meta, topic, partition, &cluster.settings);
+                let settings = cluster.replica_settings(voters.clone(), quorum, lost);
                 let replica = self.open_replica(address, &dir, settings, self.config.durability).await?;
                 self.partitions.borrow_mut().insert((name.clone(), partition), Rc::clone(&replica.partition));
                 cluster.replicas.borrow_mut().insert((topic.id, partition), replica);
@@ -723,6 +747,7 @@ impl Shard {
         };
         let (replication_factor, write_quorum) = (quorum.replication_factor(), quorum.write_quorum());
         let topic = TopicPlacement {
+            created_at: Vec::new(),
             id: topics::TopicMeta::new(partitions, config).id,
             replication_factor,
             write_quorum,

@@ -50,6 +50,8 @@ fn node_info(id: u32) -> NodeInfo {
         kafka_port: 9092,
         kafka_shard_ports: vec![9093],
         metrics_address: None,
+        incarnation: 1,
+        registered_at: 0,
     }
 }
 
@@ -75,6 +77,8 @@ fn run_node(id: u32, dir: std::path::PathBuf, inboxes: Inboxes) -> std::thread::
                     election_ticks: 10,
                     default_replication_factor: None,
                     replica_lag_time_max: Duration::from_secs(10),
+                    incarnation: 1,
+                    controller_disk_lost: false,
                 }),
             };
             let shard = Shard::start(pyralog_shard::new_mesh(1), config).await.expect("the shard starts");

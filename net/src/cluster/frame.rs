@@ -122,6 +122,9 @@ pub struct Hello {
 pub struct Welcome {
     pub cluster_id: Option<ClusterId>,
     pub node: u32,
+    /// The term of the node's replica of the cluster's controller (0: it never saw one). A
+    /// seed that comes back without its data learns from it that the cluster ran without it.
+    pub controller_term: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,7 +243,7 @@ const MESSAGES_COUNT_AT: usize = LENGTH_PREFIX_BYTES + FRAME_HEADER_BYTES;
 /// ```
 /// use pyralog_net::cluster::frame::{self, Frame, Welcome};
 ///
-/// let welcome = Frame::Welcome(Welcome { cluster_id: Some([7; 16]), node: 2 });
+/// let welcome = Frame::Welcome(Welcome { cluster_id: Some([7; 16]), node: 2, controller_term: 1 });
 /// let mut chunks = Vec::new();
 /// frame::encode(&welcome, &mut chunks);
 /// let bytes: Vec<u8> = chunks.concat();
@@ -465,6 +468,7 @@ fn encode_hello(hello: &Hello, head: &mut BytesMut) {
 fn encode_welcome(welcome: &Welcome, head: &mut BytesMut) {
     put_cluster_id(head, welcome.cluster_id);
     head.put_u32(welcome.node);
+    head.put_i32(welcome.controller_term);
 }
 
 fn encode_entry(key: &GroupKey, message: &Message, encoder: &mut Encoder) {
@@ -749,7 +753,11 @@ fn decode_hello(reader: &mut Reader) -> Result<Hello> {
 }
 
 fn decode_welcome(reader: &mut Reader) -> Result<Welcome> {
-    Ok(Welcome { cluster_id: reader.cluster_id()?, node: reader.u32("Welcome node")? })
+    Ok(Welcome {
+        cluster_id: reader.cluster_id()?,
+        node: reader.u32("Welcome node")?,
+        controller_term: reader.i32("Welcome controller_term")?,
+    })
 }
 
 fn decode_reason(reader: &mut Reader) -> Result<String> {

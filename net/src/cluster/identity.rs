@@ -64,7 +64,7 @@ pub fn answer_hello(hello: &Hello, node: u32, shard: u16, ours: Option<ClusterId
         ));
     }
     let take_messages = hello.cluster_id.is_some() && ours.is_some();
-    HelloAnswer::Welcome { welcome: Welcome { cluster_id: ours, node }, take_messages }
+    HelloAnswer::Welcome { welcome: Welcome { cluster_id: ours, node, controller_term: 0 }, take_messages }
 }
 
 /// A cluster id as 32 lowercase hex digits.
@@ -85,14 +85,15 @@ pub enum IdentityError {
     Unexpected { addr: SocketAddr, kind: &'static str },
 }
 
-/// Asks the node at `addr` for its cluster id: None while it has none. Blocking, for the
-/// daemon's start-up; each step (connect, write, read) waits at most `timeout`.
+/// Asks the node at `addr` for its cluster id (None while it has none) and its controller
+/// replica's term. Blocking, for the daemon's start-up; each step (connect, write, read) waits
+/// at most `timeout`.
 pub fn query_cluster_id(
     addr: SocketAddr,
     from_node: u32,
     to_node: u32,
     timeout: Duration,
-) -> Result<Option<ClusterId>, IdentityError> {
+) -> Result<(Option<ClusterId>, i32), IdentityError> {
     let io = |source| IdentityError::Io { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
@@ -100,7 +101,7 @@ pub fn query_cluster_id(
     let hello = Hello { cluster_id: None, from_node, from_shard: 0, to_node, to_shard: 0 };
     stream.write_all(&frame::encode_to_bytes(&Frame::Hello(hello))).map_err(io)?;
     match read_handshake_frame(&mut stream).map_err(|error| error.at(addr))? {
-        Frame::Welcome(welcome) => Ok(welcome.cluster_id),
+        Frame::Welcome(welcome) => Ok((welcome.cluster_id, welcome.controller_term)),
         Frame::Refused { reason } => Err(IdentityError::Refused { addr, reason }),
         other => Err(IdentityError::Unexpected { addr, kind: other.kind_name() }),
     }
@@ -221,7 +222,7 @@ mod tests {
 
     #[test]
     fn messages_are_taken_only_when_both_sides_know_the_same_cluster() {
-        let welcome = |ours| Welcome { cluster_id: ours, node: 2 };
+        let welcome = |ours| Welcome { cluster_id: ours, node: 2, controller_term: 0 };
         let cases = [
             (Some(OURS), Some(OURS), true),
             (None, Some(OURS), false),
@@ -252,7 +253,11 @@ mod tests {
         let timeout = Duration::from_secs(2);
         for cluster_id in [None, Some(OURS)] {
             let (addr, stop, thread) = responder(cluster_id);
-            assert_eq!(query_cluster_id(addr, 4, 2, timeout).unwrap(), cluster_id);
+            assert_eq!(
+                query_cluster_id(addr, 4, 2, timeout).unwrap(),
+                (cluster_id, 0),
+                "a starting node has no controller term"
+            );
             let error = query_cluster_id(addr, 4, 3, timeout).unwrap_err();
             assert!(error.to_string().contains("this is node 2, not node 3"), "{error}");
             stop.store(true, Ordering::Relaxed);

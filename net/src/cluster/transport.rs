@@ -163,6 +163,9 @@ pub struct ClusterConfig {
     /// The cluster's id, shared by the node's components: None until the node has one. It
     /// may be set while the transport runs; each connection uses the value its handshake saw.
     pub cluster_id: Rc<Cell<Option<ClusterId>>>,
+    /// The term of this node's controller replica, told in every Welcome (0 by default; the
+    /// daemon keeps it current on shard 0, which answers the seeds' queries).
+    pub controller_term: Rc<Cell<i32>>,
     /// Messages received and not yet taken by [`ClusterTransport::recv`].
     pub inbox_messages_max: usize,
     /// Requests received and not yet taken by [`ClusterTransport::recv_request`].
@@ -176,6 +179,7 @@ impl ClusterConfig {
             shard,
             listen,
             cluster_id,
+            controller_term: Rc::new(Cell::new(0)),
             inbox_messages_max: INBOX_MESSAGES_MAX,
             incoming_requests_max: INCOMING_REQUESTS_MAX,
         }
@@ -254,6 +258,7 @@ struct Shared {
     /// The listener's address: where peers send their responses to our requests.
     local_addr: SocketAddr,
     cluster_id: Rc<Cell<Option<ClusterId>>>,
+    controller_term: Rc<Cell<i32>>,
     inbox: LocalSender<Received>,
     requests: Requests,
     counts: Cell<ClusterCounts>,
@@ -304,6 +309,7 @@ impl ClusterTransport {
             shard: config.shard,
             local_addr,
             cluster_id: config.cluster_id,
+            controller_term: config.controller_term,
             inbox: sender,
             requests: Requests::new(requests),
             counts: Cell::new(ClusterCounts::default()),
@@ -987,7 +993,10 @@ async fn serve(shared: &Shared, mut stream: TcpStream) -> Result<(), Fault> {
             shared.count(|counts| counts.refused_peers += 1);
             (Frame::Refused { reason }, false)
         }
-        HelloAnswer::Welcome { welcome, take_messages } => (Frame::Welcome(welcome), take_messages),
+        HelloAnswer::Welcome { mut welcome, take_messages } => {
+            welcome.controller_term = shared.controller_term.get();
+            (Frame::Welcome(welcome), take_messages)
+        }
     };
     stream.write_all(&frame::encode_to_bytes(&answer)).await?;
     if !take_messages {

@@ -55,8 +55,8 @@ fn every_kind_round_trips() {
     let frames = [
         Frame::Hello(hello),
         Frame::Hello(Hello { cluster_id: None, ..hello }),
-        Frame::Welcome(Welcome { cluster_id: Some([9; 16]), node: 3 }),
-        Frame::Welcome(Welcome { cluster_id: None, node: u32::MAX }),
+        Frame::Welcome(Welcome { cluster_id: Some([9; 16]), node: 3, controller_term: 4 }),
+        Frame::Welcome(Welcome { cluster_id: None, node: u32::MAX, controller_term: 4 }),
         Frame::Refused { reason: "this is node 2, not node 3: check --seeds".into() },
         Frame::Refused { reason: String::new() },
         Frame::Messages(vec![]),
@@ -129,7 +129,7 @@ fn the_encoder_refuses_a_body_over_the_limit() {
 
 #[test]
 fn a_damaged_frame_names_the_crc_mismatch() {
-    let frame = Frame::Welcome(Welcome { cluster_id: Some([1; 16]), node: 3 });
+    let frame = Frame::Welcome(Welcome { cluster_id: Some([1; 16]), node: 3, controller_term: 4 });
     let mut bytes = encode_to_bytes(&frame).to_vec();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
@@ -220,6 +220,7 @@ fn limits_are_named_in_their_errors() {
 fn strictness_trailing_bytes_versions_kinds_flags_and_short_batches() {
     let mut welcome = vec![0];
     welcome.extend_from_slice(&3u32.to_be_bytes());
+    welcome.extend_from_slice(&0i32.to_be_bytes());
     assert!(decode(forged(KIND_WELCOME, &welcome)).is_ok());
     welcome.push(0);
     assert_eq!(decode(forged(KIND_WELCOME, &welcome)).unwrap_err(), ClusterFrameError::Trailing(1));
@@ -354,8 +355,11 @@ fn arbitrary_frame() -> impl Strategy<Value = Frame> {
                 Frame::Hello(Hello { cluster_id, from_node, from_shard, to_node, to_shard })
             }
         ),
-        (cluster_id, any::<u32>())
-            .prop_map(|(cluster_id, node)| Frame::Welcome(Welcome { cluster_id, node })),
+        (cluster_id, any::<u32>()).prop_map(|(cluster_id, node)| Frame::Welcome(Welcome {
+            cluster_id,
+            node,
+            controller_term: 2
+        })),
         ".{0,40}".prop_map(|reason| Frame::Refused { reason }),
         arbitrary_entries().prop_map(Frame::Messages),
         (any::<u64>(), arbitrary_address(), body.clone()).prop_map(|(id, reply_to, body)| Frame::Request {

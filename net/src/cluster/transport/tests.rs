@@ -278,7 +278,9 @@ fn a_full_inbox_holds_back_the_connection_instead_of_growing() {
 
 /// Runs a blocking cluster query off the executor (which must answer it).
 async fn query(addr: SocketAddr, to_node: u32) -> Result<Option<ClusterId>, IdentityError> {
-    glommio::executor().spawn_blocking(move || query_cluster_id(addr, 9, to_node, PATIENCE)).await
+    glommio::executor()
+        .spawn_blocking(move || query_cluster_id(addr, 9, to_node, PATIENCE).map(|(id, _)| id))
+        .await
 }
 
 #[test]
@@ -318,7 +320,11 @@ async fn raw_connection(transport: &ClusterTransport) -> TcpStream {
     let mut stream = TcpStream::connect(transport.local_addr()).await.expect("connects");
     let hello = Hello { cluster_id: Some(ID), from_node: 7, from_shard: 0, to_node: 2, to_shard: 0 };
     stream.write_all(&frame::encode_to_bytes(&Frame::Hello(hello))).await.unwrap();
-    let welcome = frame::encode_to_bytes(&Frame::Welcome(Welcome { cluster_id: Some(ID), node: 2 }));
+    let welcome = frame::encode_to_bytes(&Frame::Welcome(Welcome {
+        cluster_id: Some(ID),
+        node: 2,
+        controller_term: 0,
+    }));
     let mut answer = vec![0; welcome.len()];
     stream.read_exact(&mut answer).await.unwrap();
     assert_eq!(answer, welcome);
