@@ -756,9 +756,49 @@ impl From<Fault> for Handshake {
     }
 }
 
+/// How often a connection made from a given source address is looked at while it connects.
+const CONNECT_POLL_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Connects to `to`, from this node's own address when its listener has one (not the
+/// unspecified address): peers then see node-to-node traffic come from the address the node
+/// is known by, as firewalls (and the fault tests' iptables rules) expect. glommio connects
+/// only from the default address, so such a connection is made non-blocking here and looked
+/// at until it is up, within [`CONNECT_TIMEOUT`].
+async fn connect_from(local: SocketAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    if local.ip().is_unspecified() || local.is_ipv4() != to.is_ipv4() {
+        return TcpStream::connect_timeout(to, CONNECT_TIMEOUT).await.map_err(io::Error::from);
+    }
+    let socket = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(local.ip(), 0).into())?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&to.into()) {
+        Ok(()) => {}
+        Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(error) => return Err(error),
+    }
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        if let Some(error) = socket.take_error()? {
+            return Err(error);
+        }
+        if socket.peer_addr().is_ok() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "connection timed out"));
+        }
+        glommio::timer::sleep(CONNECT_POLL_INTERVAL).await;
+    }
+    socket.set_nonblocking(false)?;
+    // SAFETY: the descriptor is ours: taken out of the socket, which forgets it.
+    Ok(unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) })
+}
+
 async fn connect(shared: &Shared, peer: &Peer) -> Result<TcpStream, Handshake> {
     let io = |error: glommio::GlommioError<()>| Handshake::Failed(io::Error::from(error).to_string());
-    let mut stream = TcpStream::connect_timeout(peer.addr.get(), CONNECT_TIMEOUT).await.map_err(io)?;
+    let mut stream = connect_from(shared.local_addr, peer.addr.get())
+        .await
+        .map_err(|error| Handshake::Failed(error.to_string()))?;
     stream.set_nodelay(true).map_err(io)?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(io)?;
     give_up_unacknowledged(&stream).map_err(|error| Handshake::Failed(error.to_string()))?;
