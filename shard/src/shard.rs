@@ -658,8 +658,18 @@ impl Shard {
             partition.flushed.listen().await;
         }
         // No await between this check and the append: no other produce can slip in between.
+        let replica = self.local_replica(topic, partition.partition);
+        // A replica that does not lead says so before anything else: its producer state may lag
+        // the leader's, and a sequence error from it would be taken as the leader's (fatal to
+        // an idempotent producer).
+        if let Some(replica) = &replica {
+            let role = replica.role();
+            if role.role != pyralog_replication::Role::Leader {
+                return Err(replica.not_leader(role.leader, role.term));
+            }
+        }
         let retried = check_producers(&partition.producers.borrow(), &headers)?;
-        if let Some(replica) = self.local_replica(topic, partition.partition) {
+        if let Some(replica) = replica {
             return self.produce_replicated(&replica, turn, &records, &headers, retried, acks).await;
         }
         if let Some(done) = retried {
