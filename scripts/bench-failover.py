@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Failover benchmark: three nodes on 127.0.0.1-3 (run it under `unshare --net`, as
+scripts/bench-failover.sh does), one partition with replication factor 3, an idempotent acks=all
+confluent-kafka producer writing throughout; ROUNDS times, kill -9 the partition's leader and
+measure (1) server side: from the kill to another node's replica leading in a higher term, by
+polling the survivors' /cluster every 2 ms, and (2) client side: the longest gap between two
+acknowledgements around the kill. The killed node is restarted and let catch up between rounds.
+Prints medians, p99 and max, and one JSON line.
+
+    python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [extra pyralog flags...]
+"""
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "compat"))
+from cluster import Cluster, wait_until  # noqa: E402
+from confluent_kafka import Producer  # noqa: E402
+from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+
+
+def view(node):
+    return json.load(urllib.request.urlopen(f"http://127.0.0.{node}:9644/cluster", timeout=1))
+
+
+def leader_of(nodes, topic):
+    """(node, term) of the replica of topic/0 that leads in the highest term, among `nodes`."""
+    best = None
+    for node in nodes:
+        try:
+            replicas = view(node)["replicas"]
+        except Exception:
+            continue
+        for replica in replicas:
+            if replica["topic"] == topic and replica["partition"] == 0 and replica["leads"]:
+                if best is None or replica["term"] > best[1]:
+                    best = (node, replica["term"])
+    return best
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def main():
+    binary, rounds, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    base = tempfile.mkdtemp(prefix="pyralog-failover-")
+    cluster = Cluster(binary, base, extra_args=extra).start()
+    try:
+        admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+        admin.create_topics([NewTopic("failover", 1, 3)])["failover"].result(30)
+        wait_until("the partition has a leader", lambda: leader_of([1, 2, 3], "failover"))
+        acks, errors, stop = [], [], threading.Event()
+        producer = Producer({"bootstrap.servers": cluster.bootstrap, "enable.idempotence": True, "acks": "all",
+                             "linger.ms": 1, "message.timeout.ms": 60000})
+
+        def on_delivery(error, _message):
+            (errors.append(error) if error else acks.append(time.monotonic()))
+
+        def produce():
+            i = 0
+            while not stop.is_set():
+                try:
+                    producer.produce("failover", value=b"x" * 1024, on_delivery=on_delivery)
+                    i += 1
+                except BufferError:
+                    pass
+                producer.poll(0.0005)
+                if i % 20 == 0:
+                    time.sleep(0.001)  # about 10-20k records/s: a steady load, not a flood
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        elections, gaps = [], []
+        for _ in range(rounds):
+            wait_until("acknowledgements flow", lambda: len(acks) > 100)
+            time.sleep(0.5)
+            leader, term = leader_of([1, 2, 3], "failover")
+            survivors = [n for n in (1, 2, 3) if n != leader]
+            killed_at = time.monotonic()
+            cluster.node(leader).kill9()
+            while True:
+                found = leader_of(survivors, "failover")
+                if found and found[1] > term:
+                    elections.append((time.monotonic() - killed_at) * 1000)
+                    break
+                if time.monotonic() - killed_at > 30:
+                    raise AssertionError("no new leader within 30 s")
+                time.sleep(0.002)
+            wait_until("acknowledgements resume", lambda: acks and acks[-1] > killed_at + 0.2, timeout_s=30)
+            around = [t for t in acks if killed_at - 1 <= t <= killed_at + 5]
+            gaps.append(max((b - a) * 1000 for a, b in zip(around, around[1:])))
+            cluster.node(leader).start().wait_ready()
+            wait_until("the restarted node leads or follows again",
+                       lambda: all(view(n) for n in (1, 2, 3)), timeout_s=30)
+            time.sleep(1.0)
+        stop.set()
+        thread.join(10)
+        producer.flush(60)
+        summary = {
+            "rounds": rounds,
+            "flags": " ".join(extra) or "defaults",
+            "election_ms": {"p50": percentile(elections, 50), "p99": percentile(elections, 99), "max": max(elections)},
+            "ack_gap_ms": {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99), "max": max(gaps)},
+            "delivery_errors": len(errors),
+        }
+        print(f"kill -9 of the leader, {rounds} rounds ({summary['flags']}):")
+        print(f"  new leader after (server side, 2 ms polling): p50 {summary['election_ms']['p50']:.0f} ms, "
+              f"p99 {summary['election_ms']['p99']:.0f} ms, max {summary['election_ms']['max']:.0f} ms")
+        print(f"  longest gap between acknowledgements (librdkafka acks=all): p50 {summary['ack_gap_ms']['p50']:.0f} "
+              f"ms, p99 {summary['ack_gap_ms']['p99']:.0f} ms, max {summary['ack_gap_ms']['max']:.0f} ms")
+        print(f"  delivery errors: {len(errors)}")
+        print(json.dumps(summary))
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
