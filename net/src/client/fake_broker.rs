@@ -305,10 +305,9 @@ fn metadata(shared: &Shared, topics: &[String]) -> MetadataResponse {
         .map(|name| match state.topics.get(&name) {
             Some(logs) => {
                 let partitions = (0..logs.len() as u32)
-                    .map(|partition| PartitionInfo {
-                        partition,
-                        shard: 0,
-                        port: if partition % 2 == 0 { shared.port } else { 0 },
+                    .map(|partition| {
+                        let port = if partition % 2 == 0 { shared.port } else { 0 };
+                        PartitionInfo::single_node(partition, 0, port, 0)
                     })
                     .collect();
                 TopicInfo { name, error: ErrorCode::None, partitions }
@@ -316,7 +315,12 @@ fn metadata(shared: &Shared, topics: &[String]) -> MetadataResponse {
             None => TopicInfo { name, error: ErrorCode::UnknownTopic, partitions: Vec::new() },
         })
         .collect();
-    MetadataResponse { shards: vec![ShardInfo { shard: 0, cpu: 0, port: shared.port }], topics }
+    MetadataResponse {
+        shards: vec![ShardInfo { shard: 0, cpu: 0, port: shared.port }],
+        topics,
+        nodes: Vec::new(),
+        node_id: 0,
+    }
 }
 
 fn append(shared: &Shared, topic: &str, partition: u32, records: &Bytes) -> ProducePartitionResult {
