@@ -36,6 +36,7 @@
 //! batches again only once none of them is still on its way.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -137,6 +138,8 @@ struct InFlight<P> {
     awaiting_leader: bool,
     /// Times it was sent again.
     retries: u32,
+    /// Where it was last sent, if the transport follows leaders.
+    sent_to: Option<SocketAddr>,
 }
 
 pub struct Producer<T: Transport = Client> {
@@ -358,6 +361,16 @@ impl<T: Transport> Producer<T> {
             last_enqueue: open.last_enqueue,
         };
         let records = open.builder.finish();
+        // Metadata read again for another partition may have moved this one: its batches
+        // still on their way to the old leader are settled first, or this one could land
+        // before those the old leader refuses.
+        if self.sent_elsewhere(partition, self.client.leader_addr(&self.config.topic, partition)) {
+            if let Some(moved) = self.settle_partition(partition) {
+                // An error that ends the fail-over reaches the caller through the reports.
+                let _ = self.fail_over(partition, moved);
+            }
+        }
+        let sent_to = self.client.leader_addr(&self.config.topic, partition);
         let sent =
             self.client.produce_async(&self.config.topic, partition, records.clone(), self.config.acks);
         let (pending, awaiting_leader, moved) = match sent {
@@ -379,6 +392,7 @@ impl<T: Transport> Producer<T> {
             outcome: None,
             awaiting_leader,
             retries: 0,
+            sent_to,
         });
         self.in_flight_of[partition as usize] += 1;
         match moved.and_then(|error| self.fail_over(partition, error)) {
@@ -457,7 +471,9 @@ impl<T: Transport> Producer<T> {
         let topic = self.config.topic.clone();
         let budget = self.client.leader_retry_budget();
         let mut retry = self.retry[partition as usize].unwrap_or_else(|| Retry::new(Instant::now(), budget));
-        self.settle_partition(partition, &mut last);
+        if let Some(moved) = self.settle_partition(partition) {
+            last = moved;
+        }
         loop {
             let Some(pause) = retry.next_pause(Instant::now()) else {
                 let error =
@@ -479,9 +495,19 @@ impl<T: Transport> Producer<T> {
         }
     }
 
+    /// Whether a batch of `partition` still on its way went elsewhere than to `leader`.
+    fn sent_elsewhere(&self, partition: u32, leader: Option<SocketAddr>) -> bool {
+        self.in_flight.iter().any(|in_flight| {
+            in_flight.batch.partition == partition
+                && in_flight.outcome.is_none()
+                && in_flight.sent_to != leader
+        })
+    }
+
     /// Waits for the outcome of every batch of `partition` still on its way; those whose
-    /// leader moved wait for the next one, and `last` becomes their error.
-    fn settle_partition(&mut self, partition: u32, last: &mut ClientError) {
+    /// leader moved wait for the next one. Returns the last such error, if any.
+    fn settle_partition(&mut self, partition: u32) -> Option<ClientError> {
+        let mut last = None;
         for in_flight in &mut self.in_flight {
             if in_flight.batch.partition != partition
                 || in_flight.outcome.is_some()
@@ -492,7 +518,7 @@ impl<T: Transport> Producer<T> {
             match in_flight.pending.take().expect("a batch in flight has its request").wait() {
                 Err(error) if self.client.leader_moved(&self.config.topic, partition, &error) => {
                     in_flight.awaiting_leader = true;
-                    *last = error;
+                    last = Some(error);
                 }
                 outcome => {
                     in_flight.outcome = Some(outcome);
@@ -500,6 +526,7 @@ impl<T: Transport> Producer<T> {
                 }
             }
         }
+        last
     }
 
     /// Sends again, in send order, the batches of `partition` that wait for a leader. Stops
@@ -510,9 +537,11 @@ impl<T: Transport> Producer<T> {
                 continue;
             }
             let records = in_flight.records.clone();
+            let sent_to = self.client.leader_addr(&self.config.topic, partition);
             match self.client.produce_async(&self.config.topic, partition, records, self.config.acks) {
                 Ok(pending) => {
                     in_flight.pending = Some(pending);
+                    in_flight.sent_to = sent_to;
                     in_flight.awaiting_leader = false;
                     in_flight.retries += 1;
                     self.leader_retries += 1;

@@ -653,7 +653,9 @@ fn the_consumer_keeps_its_position_across_leader_changes() {
     read_until(&mut consumer, 30);
     let expected: Vec<(i64, u8)> = (0..30).map(|i| (i64::from(i), i)).collect();
     assert_eq!(consumed, expected, "every record once, in order, across two leader changes");
-    assert!(consumer.leader_retries() >= 2, "{}", consumer.leader_retries());
+    // The stopped node's lost connection at least; the move only if a fetch reached the old
+    // leader after it (one already long-polling there answers with the new records).
+    assert!(consumer.leader_retries() >= 1, "{}", consumer.leader_retries());
     assert_eq!(consumer.position(0), Some(30));
 }
 

@@ -87,6 +87,12 @@ pub trait Transport: Clone + Send + Sync + std::fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Where the partition's requests go now, if the transport follows leaders: a producer
+    /// whose earlier batches went elsewhere settles them first, so that none is overtaken.
+    fn leader_addr(&self, _topic: &str, _partition: u32) -> Option<std::net::SocketAddr> {
+        None
+    }
+
     /// The partition's leader as last known, for the error that ends the retries.
     fn leader_name(&self, _topic: &str, _partition: u32) -> String {
         "unknown".to_owned()
@@ -180,6 +186,11 @@ impl Transport for Client {
 
     fn leader_name(&self, topic: &str, partition: u32) -> String {
         Client::leader_name(self, topic, partition)
+    }
+
+    fn leader_addr(&self, topic: &str, partition: u32) -> Option<std::net::SocketAddr> {
+        let cache = self.inner.topics.read().unwrap_or_else(|p| p.into_inner());
+        cache.get(topic)?.iter().find(|r| r.info.partition == partition).map(|r| r.leader)
     }
 
     fn leader_retry_budget(&self) -> Duration {
