@@ -75,11 +75,15 @@ fn consume_until_done<T: Transport>(
 ) {
     let histogram = run.consume_latency.register();
     let mut last_record = Instant::now();
+    let mut leader_retries = 0;
     loop {
         if let Some(reason) = stop_reason(options, run, last_record) {
             return run.consumer_stopped(reason);
         }
-        let records = match consumer.poll(POLL_WAIT) {
+        let polled = consumer.poll(POLL_WAIT);
+        run.leader_retries.fetch_add(consumer.leader_retries() - leader_retries, Ordering::Relaxed);
+        leader_retries = consumer.leader_retries();
+        let records = match polled {
             Ok(records) => records,
             Err(error) => {
                 run.errors.fetch_add(1, Ordering::Relaxed);

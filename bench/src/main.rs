@@ -17,6 +17,12 @@
 //! creates it with `--create-topic`). A consume's rate counts the time spent receiving: from
 //! its start to the last record received, not the `--idle-secs` wait after the data ran out.
 //!
+//! Over the native protocol a run follows partition leaders through a cluster's failover (the
+//! client retries on the new leader, at-least-once: see `pyralog_net::client::failover`); the
+//! report's `failover` line (`ack_gap_max_ms`, `leader_retries` in `--json`) gives the longest
+//! time between two acknowledgements and how many requests were sent again after a leader
+//! change.
+//!
 //! Every run ends by itself: by `--messages` or `--duration`, by `--idle-secs` without data
 //! for consumers, and in any case by a hard deadline (`--deadline-secs`). The report is printed
 //! in every case and closes with one plain line; the exit codes are [`outcome`]'s: 0 done,
@@ -880,6 +886,44 @@ mod tests {
     #[test]
     fn a_broker_that_goes_away_exits_2_with_the_acknowledged_count_kafka() {
         a_broker_that_goes_away_exits_2_with_the_acknowledged_count("kafka");
+    }
+
+    #[test]
+    fn a_produce_runs_on_through_a_failover_and_reports_the_gap_and_the_retries() {
+        let mut broker = FakeBroker::start_cluster(2).unwrap();
+        let produce: &[&str] = &[
+            "produce",
+            "--topic",
+            "fo",
+            "--partitions",
+            "2",
+            "--json",
+            "--messages",
+            "3000",
+            "--rate",
+            "3000",
+        ];
+        let target = ["--protocol".into(), "native".into(), "--broker".into(), broker.addr().to_string()];
+        let cli =
+            Cli::try_parse_from(std::iter::once("pyralog-bench").chain(args(&[produce], &target))).unwrap();
+        let started = Instant::now();
+        let runner = std::thread::spawn(move || run(cli.command).unwrap());
+        // Node 0, the bootstrap node and partition 0's leader, goes away mid-run.
+        while broker.next_offset("fo", 0).unwrap_or(0) < 300 {
+            assert!(started.elapsed() < Duration::from_secs(10), "nothing was produced");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        broker.stop_node(0);
+        let (code, report) = runner.join().unwrap();
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["acked"], 3000);
+        assert_eq!(report["errors"], 0);
+        assert!(report["broker_gone"].is_null(), "{report}");
+        assert!(report["leader_retries"].as_u64().unwrap() > 0, "{report}");
+        assert!(report["ack_gap_max_ms"].as_f64().unwrap() > 0.0, "{report}");
+        // At-least-once: what node 0 stored without answering may be there twice.
+        let stored: i64 = (0..2).map(|p| broker.next_offset("fo", p).unwrap()).sum();
+        assert!(stored >= 3000, "{stored}");
     }
 
     #[test]

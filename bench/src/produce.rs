@@ -163,6 +163,10 @@ fn delivery_callback(
         let completed_ns =
             u64::try_from(report.completed.duration_since(run.start).as_nanos()).unwrap_or(u64::MAX);
         let count = u64::from(report.record_count);
+        run.leader_retries.fetch_add(u64::from(report.retries), Ordering::Relaxed);
+        if report.error.is_none() && report.base_offset != OFFSET_UNACKNOWLEDGED {
+            run.acknowledged_at(completed_ns);
+        }
         {
             let mut pending = pending.lock().expect("no panics under this lock");
             let queue = &mut pending[report.partition as usize];

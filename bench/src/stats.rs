@@ -74,6 +74,11 @@ pub struct Run {
     /// The load generator's own lateness, already inside the latencies above; a large value
     /// here means the machine, not the broker, delayed the sends.
     pub send_lag: LatencySet,
+    /// Requests sent again because their partition's leader moved (a failover).
+    pub leader_retries: AtomicU64,
+    /// Acknowledgements so far: the last one's time and the longest gap between two, in ns
+    /// since `start`. A failover shows here as the time no batch was acknowledged.
+    pub ack_gaps: Mutex<AckGaps>,
     /// The first failure that means the broker is gone.
     pub broker_gone: Mutex<Option<String>>,
     pub first_error: Mutex<Option<String>>,
@@ -98,9 +103,20 @@ impl Run {
             produce_latency: LatencySet::default(),
             send_lag: LatencySet::default(),
             consume_latency: LatencySet::default(),
+            leader_retries: AtomicU64::new(0),
+            ack_gaps: Mutex::new(AckGaps::default()),
             broker_gone: Mutex::new(None),
             first_error: Mutex::new(None),
         }
+    }
+
+    /// Notes an acknowledgement that arrived at `acknowledged_ns` (since `start`).
+    pub fn acknowledged_at(&self, acknowledged_ns: u64) {
+        let mut gaps = self.ack_gaps.lock().expect("no panics under this lock");
+        if let Some(last_ns) = gaps.last_ns {
+            gaps.longest_ns = gaps.longest_ns.max(acknowledged_ns.saturating_sub(last_ns));
+        }
+        gaps.last_ns = Some(gaps.last_ns.map_or(acknowledged_ns, |last| last.max(acknowledged_ns)));
     }
 
     pub fn elapsed_ns(&self) -> u64 {
@@ -301,6 +317,13 @@ impl Timeline {
     }
 }
 
+/// The gaps between acknowledgements, over every producer of a run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AckGaps {
+    pub last_ns: Option<u64>,
+    pub longest_ns: u64,
+}
+
 /// The final numbers of a run.
 pub struct Report {
     pub mode: Mode,
@@ -333,6 +356,8 @@ impl Report {
             "latency_name": self.mode.latency_name(),
             "latency_meaning": self.mode.latency_meaning(),
             "latency_us": latency_json(&latency),
+            "leader_retries": run.leader_retries.load(Ordering::Relaxed),
+            "ack_gap_max_ms": run.ack_gaps.lock().expect("no panics under this lock").longest_ns as f64 / 1e6,
             "broker_gone": run.broker_gone(),
             "first_error": run.first_error.lock().expect("no panics under this lock").clone(),
         });
@@ -370,6 +395,11 @@ impl Report {
         println!(
             "sent {} acked {} unacknowledged {} consumed {} errors {}",
             json["sent"], json["acked"], json["unacknowledged"], json["consumed"], json["errors"]
+        );
+        println!(
+            "failover     longest gap between acknowledgements {:.1} ms, {} requests retried after a leader change",
+            json["ack_gap_max_ms"].as_f64().unwrap_or(0.0),
+            json["leader_retries"]
         );
         if let Some(reasons) = json.get("consume_stopped").and_then(|r| r.as_str()) {
             println!("consumers stopped: {reasons}");

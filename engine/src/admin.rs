@@ -20,8 +20,9 @@ pub enum TopicAction {
     },
     /// List the node's topics, one per line: name and partition count.
     List,
-    /// Show each partition of a topic: its shard, the shard's port, its log start offset and
-    /// its high watermark (the offset the next record will get).
+    /// Show each partition of a topic: its shard, the shard's port, its log start offset, its
+    /// high watermark (the offset the next record will get), and its leader node, the leader's
+    /// epoch and its replicas (node ids).
     Describe {
         /// The topic's name.
         name: String,
@@ -56,11 +57,16 @@ pub fn run(broker: &str, action: TopicAction) -> Result<()> {
                 return Err(client::topic_error(topic.error, &name).into());
             }
             println!("topic '{name}': {} partitions", topic.partitions.len());
-            println!("partition\tshard\tport\tlog start\thigh watermark");
+            println!("partition\tshard\tport\tlog start\thigh watermark\tleader\tepoch\treplicas");
             for p in topic.partitions {
                 let start = client.list_offsets(&name, p.partition, pyralog_net::codec::OFFSET_EARLIEST)?;
                 let end = client.list_offsets(&name, p.partition, pyralog_net::codec::OFFSET_LATEST)?;
-                println!("{}\t{}\t{}\t{start}\t{end}", p.partition, p.shard, p.port);
+                let replicas: Vec<String> = p.replicas.iter().map(u32::to_string).collect();
+                let (leader, epoch, replicas) = (p.leader_node, p.leader_epoch, replicas.join(","));
+                println!(
+                    "{}\t{}\t{}\t{start}\t{end}\t{leader}\t{epoch}\t{replicas}",
+                    p.partition, p.shard, p.port
+                );
             }
         }
         TopicAction::Delete { name } => {

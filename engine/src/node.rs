@@ -429,7 +429,12 @@ async fn run_shard(context: ShardContext) {
         _ => None,
     };
     let service = Rc::new(server::Native {
-        handler: Service { shard: Rc::clone(&shard), topology: Rc::clone(&topology) },
+        handler: Service {
+            shard: Rc::clone(&shard),
+            topology: Rc::clone(&topology),
+            node_id: context.kafka.node_id,
+            shared_port: shared.local_addr().map_or(context.listen.port(), |a| a.port()),
+        },
         max_request_bytes: context.max_request_bytes,
     });
     let stop_listeners = Rc::new(Cell::new(false));

@@ -1,6 +1,13 @@
 //! The native protocol's [`Handler`]: turns decoded requests into shard calls and shard
 //! results into responses. Per-partition failures become per-partition error codes; the rest
 //! of the request still succeeds.
+//!
+//! Metadata names each partition's leader. On a node of its own that is this node, at the
+//! host the client asked (an empty host) and the owning shard's port. In a cluster a replicated
+//! partition is described as this node last heard of it: its leader (else its preferred
+//! leader, `replicas[0]`, which answers `NotLeader` if it is not), that node's native host and
+//! the port of the shard owning the partition there, the leader's epoch and the replicas;
+//! every registered node is listed, so a client can ask another node when one goes away.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -8,10 +15,11 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use pyralog_net::codec::{
-    Acks, ErrorCode, FetchPartitionResult, ListOffsetsPartitionResult, MetadataResponse, PartitionInfo,
-    ProducePartitionResult, Request, Response, ResponseFrame, ShardInfo, TopicInfo,
+    Acks, ErrorCode, FetchPartitionResult, ListOffsetsPartitionResult, MetadataResponse, NodeInfo,
+    PartitionInfo, ProducePartitionResult, Request, Response, ResponseFrame, ShardInfo, TopicInfo,
 };
 use pyralog_net::server::Handler;
+use pyralog_shard::cluster::{ClusterMeta, TopicPlacement};
 use pyralog_shard::{Shard, ShardError};
 
 use crate::fetch;
@@ -27,6 +35,10 @@ pub struct Topology {
 pub struct Service {
     pub shard: Rc<Shard>,
     pub topology: Rc<Topology>,
+    /// This node's id, which metadata names as the leader of a partition of one replica.
+    pub node_id: u32,
+    /// The shared native port, which metadata gives as this node's port.
+    pub shared_port: u16,
 }
 
 pub fn error_code(error: &ShardError) -> ErrorCode {
@@ -164,14 +176,16 @@ impl Handler for Service {
 impl Service {
     fn metadata(&self, wanted: &[String]) -> MetadataResponse {
         let table = self.shard.topics();
-        let port_of = |shard: usize| self.topology.shards.get(shard).map_or(0, |s| s.port);
+        let cluster = self.shard.cluster_meta();
         let describe = |name: &str, count: u32| TopicInfo {
             name: name.to_owned(),
             error: ErrorCode::None,
             partitions: (0..count)
-                .map(|partition| {
-                    let shard = self.shard.owner_of(name, partition);
-                    PartitionInfo { partition, shard: shard as u32, port: port_of(shard) }
+                .map(|partition| match cluster.as_ref().and_then(|c| Some((c, c.topics.get(name)?))) {
+                    Some((cluster, placement)) => {
+                        self.describe_replicated(cluster, name, placement, partition)
+                    }
+                    None => self.describe_local(name, partition),
                 })
                 .collect(),
         };
@@ -190,6 +204,75 @@ impl Service {
                 })
                 .collect()
         };
-        MetadataResponse { shards: self.topology.shards.clone(), topics }
+        MetadataResponse {
+            shards: self.topology.shards.clone(),
+            topics,
+            nodes: self.nodes(cluster.as_ref()),
+            node_id: self.node_id,
+        }
+    }
+
+    /// A partition this node holds alone: led by this node, on the owning shard's port.
+    fn describe_local(&self, name: &str, partition: u32) -> PartitionInfo {
+        let shard = self.shard.owner_of(name, partition);
+        let port = self.topology.shards.get(shard).map_or(0, |s| s.port);
+        PartitionInfo::single_node(partition, shard as u32, port, self.node_id)
+    }
+
+    /// A replicated partition: its leader as this node last heard (else its preferred leader),
+    /// and that node's shard owning the partition, as `engine::kafka` describes it to Kafka.
+    fn describe_replicated(
+        &self,
+        cluster: &ClusterMeta,
+        name: &str,
+        placement: &TopicPlacement,
+        partition: u32,
+    ) -> PartitionInfo {
+        let replicas = placement.replicas.get(partition as usize).cloned().unwrap_or_default();
+        let role = self.shard.replica_role(placement.id, partition);
+        let epoch = role.map_or(-1, |role| role.term);
+        let leader = role.and_then(|role| role.leader).or_else(|| replicas.first().copied());
+        let node = leader.and_then(|leader| cluster.nodes.get(&leader));
+        let (shard, host, port) = match node {
+            Some(node) => {
+                let shard = pyralog_shard::topics::owner_shard(name, partition, node.shards as usize);
+                let port = node.native_shard_ports.get(shard).copied().unwrap_or(node.native_port);
+                (shard as u32, node.native_host.clone(), port)
+            }
+            // A leader not registered yet: its shard and port are unknown; the client asks
+            // this node, which answers NotLeader until the leader registers.
+            None => (0, String::new(), 0),
+        };
+        PartitionInfo {
+            partition,
+            shard,
+            port,
+            host,
+            leader_node: leader.unwrap_or(self.node_id),
+            leader_epoch: epoch,
+            replicas,
+        }
+    }
+
+    /// Every node of the cluster, or this one alone.
+    fn nodes(&self, cluster: Option<&ClusterMeta>) -> Vec<NodeInfo> {
+        let Some(cluster) = cluster.filter(|c| !c.nodes.is_empty()) else {
+            return vec![NodeInfo {
+                id: self.node_id,
+                host: String::new(),
+                port: self.shared_port,
+                shard_ports: self.topology.shards.iter().map(|s| s.port).collect(),
+            }];
+        };
+        cluster
+            .nodes
+            .values()
+            .map(|node| NodeInfo {
+                id: node.id,
+                host: node.native_host.clone(),
+                port: node.native_port,
+                shard_ports: node.native_shard_ports.clone(),
+            })
+            .collect()
     }
 }

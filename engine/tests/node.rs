@@ -97,6 +97,17 @@ fn produce_and_fetch_through_both_shards_and_the_shared_port() {
     client.create_topic("orders", 4).unwrap();
     let owners: Vec<u32> = client.partitions("orders").unwrap().iter().map(|p| p.shard).collect();
     assert!(owners.contains(&0) && owners.contains(&1), "partitions spread over both shards: {owners:?}");
+    // A node of its own leads every partition, at the host the client asked.
+    let metadata = client.metadata(&["orders"]).unwrap();
+    let shard_ports: Vec<u16> = metadata.shards.iter().map(|s| s.port).collect();
+    for p in &metadata.topics[0].partitions {
+        assert_eq!((p.host.as_str(), p.leader_node, p.leader_epoch), ("", metadata.node_id, 0), "{p:?}");
+        assert_eq!(p.replicas, [metadata.node_id]);
+        assert_eq!(p.port, shard_ports[p.shard as usize]);
+    }
+    let [me] = &metadata.nodes[..] else { panic!("one node: {:?}", metadata.nodes) };
+    assert_eq!((me.id, me.host.as_str(), me.shard_ports.clone()), (metadata.node_id, "", shard_ports));
+    assert_eq!(me.port.to_string(), node.addr.rsplit(':').next().unwrap(), "the shared port");
 
     for partition in 0..4 {
         let first = client.produce("orders", partition, batch(&values("a", 10)), Acks::Durable).unwrap();
@@ -461,7 +472,7 @@ fn a_node_stops_promptly_while_a_shard_waits_on_another() {
     // A long-poll sent to one shard's port for a partition the other shard owns: the first
     // shard waits on the second for the answer.
     let partitions = client.partitions("poll").unwrap();
-    let owned_elsewhere = partitions[0];
+    let owned_elsewhere = partitions[0].clone();
     let other_port = partitions.iter().find(|p| p.shard != owned_elsewhere.shard).map(|p| p.port).unwrap();
     let waiting = std::thread::spawn(move || {
         let connection = pyralog_net::client::Connection::connect(
@@ -887,8 +898,9 @@ fn the_node_id_is_kept_in_the_data_directory_and_another_refused() {
 
     // Without the flag it runs as the stored node, in the same cluster, with its data.
     let node = Node::start(dir.path(), &[]);
-    let topics: Vec<String> =
-        node.client().metadata(&[]).unwrap().topics.into_iter().map(|t| t.name).collect();
+    let metadata = node.client().metadata(&[]).unwrap();
+    assert_eq!((metadata.node_id, metadata.topics[0].partitions[0].leader_node), (3, 3));
+    let topics: Vec<String> = metadata.topics.into_iter().map(|t| t.name).collect();
     assert_eq!(topics, vec!["kept".to_string()]);
     assert!(node.terminate().success());
     let meta = std::fs::read_to_string(dir.path().join("node.meta")).unwrap();

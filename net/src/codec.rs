@@ -146,8 +146,26 @@ impl Response {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetadataResponse {
+    /// The answering node's shards.
     pub shards: Vec<ShardInfo>,
     pub topics: Vec<TopicInfo>,
+    /// Every node the answering node knows, itself included; empty from a node that predates
+    /// clusters.
+    pub nodes: Vec<NodeInfo>,
+    /// The answering node's id.
+    pub node_id: u32,
+}
+
+/// A node as metadata describes it, so a client can ask another node when one goes away.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: u32,
+    /// The node's native host; empty: the host the client asked.
+    pub host: String,
+    /// The node's shared native port.
+    pub port: u16,
+    /// Each shard's own native port, by shard id.
+    pub shard_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,11 +182,36 @@ pub struct TopicInfo {
     pub partitions: Vec<PartitionInfo>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionInfo {
     pub partition: u32,
+    /// The shard owning the partition on its leader's node.
     pub shard: u32,
+    /// That shard's own native port; 0: the port the client asked.
     pub port: u16,
+    /// The leader's native host; empty: the host the client asked.
+    pub host: String,
+    /// The leader's node id (as the answering node last heard, else the preferred leader).
+    pub leader_node: u32,
+    /// The leader's epoch (Raft term); -1 when unknown, 0 for a partition of one replica.
+    pub leader_epoch: i32,
+    /// The replicas' node ids, the preferred leader first.
+    pub replicas: Vec<u32>,
+}
+
+impl PartitionInfo {
+    /// A partition of a node of its own: it leads it, on `shard`, at the host the client asked.
+    pub fn single_node(partition: u32, shard: u32, port: u16, node: u32) -> PartitionInfo {
+        PartitionInfo {
+            partition,
+            shard,
+            port,
+            host: String::new(),
+            leader_node: node,
+            leader_epoch: 0,
+            replicas: vec![node],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,37 +432,7 @@ fn encode_response_body<'a>(
 ) -> UnionBody {
     match body {
         Response::Metadata(metadata) => {
-            let shards: Vec<_> = metadata
-                .shards
-                .iter()
-                .map(|s| {
-                    fb::ShardInfo::create(
-                        fbb,
-                        &fb::ShardInfoArgs { shard: s.shard, cpu: s.cpu, port: s.port },
-                    )
-                })
-                .collect();
-            let shards = fbb.create_vector(&shards);
-            let mut topics = Vec::with_capacity(metadata.topics.len());
-            for topic in &metadata.topics {
-                let name = fbb.create_string(&topic.name);
-                let parts: Vec<_> = topic
-                    .partitions
-                    .iter()
-                    .map(|p| {
-                        let args =
-                            fb::PartitionInfoArgs { partition: p.partition, shard: p.shard, port: p.port };
-                        fb::PartitionInfo::create(fbb, &args)
-                    })
-                    .collect();
-                let partitions = fbb.create_vector(&parts);
-                let args =
-                    fb::TopicInfoArgs { name: Some(name), error: topic.error, partitions: Some(partitions) };
-                topics.push(fb::TopicInfo::create(fbb, &args));
-            }
-            let topics = fbb.create_vector(&topics);
-            let args = fb::MetadataResponseArgs { shards: Some(shards), topics: Some(topics) };
-            let body = fb::MetadataResponse::create(fbb, &args);
+            let body = encode_metadata(fbb, metadata);
             (fb::ResponseBody::MetadataResponse, Some(body.as_union_value()))
         }
         Response::CreateTopic => {
@@ -492,6 +505,112 @@ fn encode_response_body<'a>(
             let body = fb::ListOffsetsResponse::create(fbb, &args);
             (fb::ResponseBody::ListOffsetsResponse, Some(body.as_union_value()))
         }
+    }
+}
+
+fn encode_metadata<'b>(
+    fbb: &mut FlatBufferBuilder<'b>,
+    metadata: &MetadataResponse,
+) -> WIPOffset<fb::MetadataResponse<'b>> {
+    let shards: Vec<_> = metadata
+        .shards
+        .iter()
+        .map(|s| fb::ShardInfo::create(fbb, &fb::ShardInfoArgs { shard: s.shard, cpu: s.cpu, port: s.port }))
+        .collect();
+    let shards = fbb.create_vector(&shards);
+    let mut topics = Vec::with_capacity(metadata.topics.len());
+    for topic in &metadata.topics {
+        let name = fbb.create_string(&topic.name);
+        let parts: Vec<_> = topic.partitions.iter().map(|p| encode_partition_info(fbb, p)).collect();
+        let partitions = fbb.create_vector(&parts);
+        let args = fb::TopicInfoArgs { name: Some(name), error: topic.error, partitions: Some(partitions) };
+        topics.push(fb::TopicInfo::create(fbb, &args));
+    }
+    let topics = fbb.create_vector(&topics);
+    let nodes: Vec<_> = metadata
+        .nodes
+        .iter()
+        .map(|node| {
+            let host = (!node.host.is_empty()).then(|| fbb.create_string(&node.host));
+            let shard_ports = fbb.create_vector(&node.shard_ports);
+            let args =
+                fb::NodeInfoArgs { id: node.id, host, port: node.port, shard_ports: Some(shard_ports) };
+            fb::NodeInfo::create(fbb, &args)
+        })
+        .collect();
+    let nodes = fbb.create_vector(&nodes);
+    let args = fb::MetadataResponseArgs {
+        shards: Some(shards),
+        topics: Some(topics),
+        nodes: Some(nodes),
+        node_id: metadata.node_id,
+    };
+    fb::MetadataResponse::create(fbb, &args)
+}
+
+fn encode_partition_info<'b>(
+    fbb: &mut FlatBufferBuilder<'b>,
+    p: &PartitionInfo,
+) -> WIPOffset<fb::PartitionInfo<'b>> {
+    let host = (!p.host.is_empty()).then(|| fbb.create_string(&p.host));
+    let replicas = fbb.create_vector(&p.replicas);
+    let args = fb::PartitionInfoArgs {
+        partition: p.partition,
+        shard: p.shard,
+        port: p.port,
+        host,
+        leader_node: p.leader_node,
+        leader_epoch: p.leader_epoch,
+        replicas: Some(replicas),
+    };
+    fb::PartitionInfo::create(fbb, &args)
+}
+
+fn decode_metadata(body: fb::MetadataResponse<'_>) -> MetadataResponse {
+    let shards = body
+        .shards()
+        .map(|v| v.iter().map(|s| ShardInfo { shard: s.shard(), cpu: s.cpu(), port: s.port() }).collect())
+        .unwrap_or_default();
+    let topics = body
+        .topics()
+        .map(|v| {
+            v.iter()
+                .map(|t| TopicInfo {
+                    name: t.name().unwrap_or_default().to_owned(),
+                    error: t.error(),
+                    partitions: t
+                        .partitions()
+                        .map(|p| p.iter().map(decode_partition_info).collect())
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let nodes = body
+        .nodes()
+        .map(|v| {
+            v.iter()
+                .map(|n| NodeInfo {
+                    id: n.id(),
+                    host: n.host().unwrap_or_default().to_owned(),
+                    port: n.port(),
+                    shard_ports: n.shard_ports().map(|ports| ports.iter().collect()).unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    MetadataResponse { shards, topics, nodes, node_id: body.node_id() }
+}
+
+fn decode_partition_info(p: fb::PartitionInfo<'_>) -> PartitionInfo {
+    PartitionInfo {
+        partition: p.partition(),
+        shard: p.shard(),
+        port: p.port(),
+        host: p.host().unwrap_or_default().to_owned(),
+        leader_node: p.leader_node(),
+        leader_epoch: p.leader_epoch(),
+        replicas: p.replicas().map(|r| r.iter().collect()).unwrap_or_default(),
     }
 }
 
@@ -650,36 +769,7 @@ fn decode_response_body(
         fb::ResponseBody::NONE => None,
         fb::ResponseBody::MetadataResponse => {
             let body = response.body_as_metadata_response().ok_or(DecodeError::MissingField("body"))?;
-            let shards = body
-                .shards()
-                .map(|v| {
-                    v.iter().map(|s| ShardInfo { shard: s.shard(), cpu: s.cpu(), port: s.port() }).collect()
-                })
-                .unwrap_or_default();
-            let topics = body
-                .topics()
-                .map(|v| {
-                    v.iter()
-                        .map(|t| TopicInfo {
-                            name: t.name().unwrap_or_default().to_owned(),
-                            error: t.error(),
-                            partitions: t
-                                .partitions()
-                                .map(|p| {
-                                    p.iter()
-                                        .map(|p| PartitionInfo {
-                                            partition: p.partition(),
-                                            shard: p.shard(),
-                                            port: p.port(),
-                                        })
-                                        .collect()
-                                })
-                                .unwrap_or_default(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Some(Response::Metadata(MetadataResponse { shards, topics }))
+            Some(Response::Metadata(decode_metadata(body)))
         }
         fb::ResponseBody::CreateTopicResponse => Some(Response::CreateTopic),
         fb::ResponseBody::DeleteTopicResponse => Some(Response::DeleteTopic),
@@ -788,6 +878,78 @@ mod tests {
         let Some(Response::Fetch(results)) = decoded.body else { panic!("not a fetch: {decoded:?}") };
         assert_eq!(results[0].records, vec![Bytes::from_static(b"abcd")]);
         assert_eq!(results[0].high_watermark, 10);
+    }
+
+    #[test]
+    fn metadata_round_trips_with_leaders_replicas_and_nodes() {
+        let metadata = MetadataResponse {
+            shards: vec![ShardInfo { shard: 0, cpu: 3, port: 7071 }],
+            topics: vec![TopicInfo {
+                name: "t".into(),
+                error: ErrorCode::None,
+                partitions: vec![
+                    PartitionInfo {
+                        partition: 0,
+                        shard: 1,
+                        port: 7072,
+                        host: "127.0.0.2".into(),
+                        leader_node: 2,
+                        leader_epoch: 5,
+                        replicas: vec![2, 3, 1],
+                    },
+                    PartitionInfo::single_node(1, 0, 7071, 1),
+                ],
+            }],
+            nodes: vec![NodeInfo {
+                id: 2,
+                host: "127.0.0.2".into(),
+                port: 7070,
+                shard_ports: vec![7071, 7072],
+            }],
+            node_id: 1,
+        };
+        let mut out = BytesMut::new();
+        encode_response(&ResponseFrame::ok(3, Response::Metadata(metadata.clone())), &mut out);
+        let decoded = decode_response(&body_of(out)).unwrap();
+        assert_eq!(decoded.body, Some(Response::Metadata(metadata)));
+    }
+
+    #[test]
+    fn metadata_from_a_node_that_predates_clusters_reads_as_unknown_leaders() {
+        // What an older node writes: PartitionInfo with its first three fields only.
+        let mut fbb = FlatBufferBuilder::new();
+        let partition = fb::PartitionInfo::create(
+            &mut fbb,
+            &fb::PartitionInfoArgs { partition: 4, shard: 1, port: 7072, ..Default::default() },
+        );
+        let partitions = fbb.create_vector(&[partition]);
+        let name = fbb.create_string("old");
+        let topic = fb::TopicInfo::create(
+            &mut fbb,
+            &fb::TopicInfoArgs { name: Some(name), error: ErrorCode::None, partitions: Some(partitions) },
+        );
+        let topics = fbb.create_vector(&[topic]);
+        let body = fb::MetadataResponse::create(
+            &mut fbb,
+            &fb::MetadataResponseArgs { topics: Some(topics), ..Default::default() },
+        );
+        let args = fb::ResponseArgs {
+            correlation_id: 9,
+            body_type: fb::ResponseBody::MetadataResponse,
+            body: Some(body.as_union_value()),
+            ..Default::default()
+        };
+        let root = fb::Response::create(&mut fbb, &args);
+        fbb.finish(root, None);
+        let mut out = BytesMut::new();
+        put_frame(&mut out, fbb.finished_data(), std::iter::empty());
+        let Some(Response::Metadata(metadata)) = decode_response(&body_of(out)).unwrap().body else {
+            panic!("not metadata")
+        };
+        let p = &metadata.topics[0].partitions[0];
+        assert_eq!((p.partition, p.shard, p.port), (4, 1, 7072));
+        assert_eq!((p.host.as_str(), p.leader_epoch, p.replicas.len()), ("", -1, 0));
+        assert!(metadata.nodes.is_empty());
     }
 
     #[test]

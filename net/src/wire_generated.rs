@@ -688,6 +688,10 @@ impl<'a> PartitionInfo<'a> {
   pub const VT_PARTITION: ::flatbuffers::VOffsetT = 4;
   pub const VT_SHARD: ::flatbuffers::VOffsetT = 6;
   pub const VT_PORT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_HOST: ::flatbuffers::VOffsetT = 10;
+  pub const VT_LEADER_NODE: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 14;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -696,9 +700,13 @@ impl<'a> PartitionInfo<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args PartitionInfoArgs
+    args: &'args PartitionInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PartitionInfo<'bldr>> {
     let mut builder = PartitionInfoBuilder::new(_fbb);
+    if let Some(x) = args.replicas { builder.add_replicas(x); }
+    builder.add_leader_epoch(args.leader_epoch);
+    builder.add_leader_node(args.leader_node);
+    if let Some(x) = args.host { builder.add_host(x); }
     builder.add_shard(args.shard);
     builder.add_partition(args.partition);
     builder.add_port(args.port);
@@ -727,6 +735,34 @@ impl<'a> PartitionInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u16>(PartitionInfo::VT_PORT, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn host(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PartitionInfo::VT_HOST, None)}
+  }
+  #[inline]
+  pub fn leader_node(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PartitionInfo::VT_LEADER_NODE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn leader_epoch(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(PartitionInfo::VT_LEADER_EPOCH, Some(-1)).unwrap()}
+  }
+  #[inline]
+  pub fn replicas(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(PartitionInfo::VT_REPLICAS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PartitionInfo<'_> {
@@ -738,22 +774,34 @@ impl ::flatbuffers::Verifiable for PartitionInfo<'_> {
      .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
      .visit_field::<u32>("shard", Self::VT_SHARD, false)?
      .visit_field::<u16>("port", Self::VT_PORT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("host", Self::VT_HOST, false)?
+     .visit_field::<u32>("leader_node", Self::VT_LEADER_NODE, false)?
+     .visit_field::<i32>("leader_epoch", Self::VT_LEADER_EPOCH, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("replicas", Self::VT_REPLICAS, false)?
      .finish();
     Ok(())
   }
 }
-pub struct PartitionInfoArgs {
+pub struct PartitionInfoArgs<'a> {
     pub partition: u32,
     pub shard: u32,
     pub port: u16,
+    pub host: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub leader_node: u32,
+    pub leader_epoch: i32,
+    pub replicas: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
 }
-impl<'a> Default for PartitionInfoArgs {
+impl<'a> Default for PartitionInfoArgs<'a> {
   #[inline]
   fn default() -> Self {
     PartitionInfoArgs {
       partition: 0,
       shard: 0,
       port: 0,
+      host: None,
+      leader_node: 0,
+      leader_epoch: -1,
+      replicas: None,
     }
   }
 }
@@ -776,6 +824,22 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionInfoBuilder<'a, 'b, 
     self.fbb_.push_slot::<u16>(PartitionInfo::VT_PORT, port, 0);
   }
   #[inline]
+  pub fn add_host(&mut self, host: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionInfo::VT_HOST, host);
+  }
+  #[inline]
+  pub fn add_leader_node(&mut self, leader_node: u32) {
+    self.fbb_.push_slot::<u32>(PartitionInfo::VT_LEADER_NODE, leader_node, 0);
+  }
+  #[inline]
+  pub fn add_leader_epoch(&mut self, leader_epoch: i32) {
+    self.fbb_.push_slot::<i32>(PartitionInfo::VT_LEADER_EPOCH, leader_epoch, -1);
+  }
+  #[inline]
+  pub fn add_replicas(&mut self, replicas: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionInfo::VT_REPLICAS, replicas);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PartitionInfoBuilder {
@@ -796,6 +860,157 @@ impl ::core::fmt::Debug for PartitionInfo<'_> {
       ds.field("partition", &self.partition());
       ds.field("shard", &self.shard());
       ds.field("port", &self.port());
+      ds.field("host", &self.host());
+      ds.field("leader_node", &self.leader_node());
+      ds.field("leader_epoch", &self.leader_epoch());
+      ds.field("replicas", &self.replicas());
+      ds.finish()
+  }
+}
+pub enum NodeInfoOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct NodeInfo<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for NodeInfo<'a> {
+  type Inner = NodeInfo<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> NodeInfo<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_HOST: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PORT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_SHARD_PORTS: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    NodeInfo { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args NodeInfoArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<NodeInfo<'bldr>> {
+    let mut builder = NodeInfoBuilder::new(_fbb);
+    if let Some(x) = args.shard_ports { builder.add_shard_ports(x); }
+    if let Some(x) = args.host { builder.add_host(x); }
+    builder.add_id(args.id);
+    builder.add_port(args.port);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(NodeInfo::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn host(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(NodeInfo::VT_HOST, None)}
+  }
+  #[inline]
+  pub fn port(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(NodeInfo::VT_PORT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn shard_ports(&self) -> Option<::flatbuffers::Vector<'a, u16>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u16>>>(NodeInfo::VT_SHARD_PORTS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for NodeInfo<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("id", Self::VT_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("host", Self::VT_HOST, false)?
+     .visit_field::<u16>("port", Self::VT_PORT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u16>>>("shard_ports", Self::VT_SHARD_PORTS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct NodeInfoArgs<'a> {
+    pub id: u32,
+    pub host: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub port: u16,
+    pub shard_ports: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u16>>>,
+}
+impl<'a> Default for NodeInfoArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    NodeInfoArgs {
+      id: 0,
+      host: None,
+      port: 0,
+      shard_ports: None,
+    }
+  }
+}
+
+pub struct NodeInfoBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> NodeInfoBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u32) {
+    self.fbb_.push_slot::<u32>(NodeInfo::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_host(&mut self, host: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(NodeInfo::VT_HOST, host);
+  }
+  #[inline]
+  pub fn add_port(&mut self, port: u16) {
+    self.fbb_.push_slot::<u16>(NodeInfo::VT_PORT, port, 0);
+  }
+  #[inline]
+  pub fn add_shard_ports(&mut self, shard_ports: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u16>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(NodeInfo::VT_SHARD_PORTS, shard_ports);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> NodeInfoBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    NodeInfoBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<NodeInfo<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for NodeInfo<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("NodeInfo");
+      ds.field("id", &self.id());
+      ds.field("host", &self.host());
+      ds.field("port", &self.port());
+      ds.field("shard_ports", &self.shard_ports());
       ds.finish()
   }
 }
@@ -947,6 +1162,8 @@ impl<'a> ::flatbuffers::Follow<'a> for MetadataResponse<'a> {
 impl<'a> MetadataResponse<'a> {
   pub const VT_SHARDS: ::flatbuffers::VOffsetT = 4;
   pub const VT_TOPICS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NODES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_NODE_ID: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -958,6 +1175,8 @@ impl<'a> MetadataResponse<'a> {
     args: &'args MetadataResponseArgs<'args>
   ) -> ::flatbuffers::WIPOffset<MetadataResponse<'bldr>> {
     let mut builder = MetadataResponseBuilder::new(_fbb);
+    builder.add_node_id(args.node_id);
+    if let Some(x) = args.nodes { builder.add_nodes(x); }
     if let Some(x) = args.topics { builder.add_topics(x); }
     if let Some(x) = args.shards { builder.add_shards(x); }
     builder.finish()
@@ -978,6 +1197,20 @@ impl<'a> MetadataResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopicInfo>>>>(MetadataResponse::VT_TOPICS, None)}
   }
+  #[inline]
+  pub fn nodes(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<NodeInfo<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<NodeInfo>>>>(MetadataResponse::VT_NODES, None)}
+  }
+  #[inline]
+  pub fn node_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(MetadataResponse::VT_NODE_ID, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
@@ -988,6 +1221,8 @@ impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ShardInfo>>>>("shards", Self::VT_SHARDS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<TopicInfo>>>>("topics", Self::VT_TOPICS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<NodeInfo>>>>("nodes", Self::VT_NODES, false)?
+     .visit_field::<u32>("node_id", Self::VT_NODE_ID, false)?
      .finish();
     Ok(())
   }
@@ -995,6 +1230,8 @@ impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
 pub struct MetadataResponseArgs<'a> {
     pub shards: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardInfo<'a>>>>>,
     pub topics: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopicInfo<'a>>>>>,
+    pub nodes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<NodeInfo<'a>>>>>,
+    pub node_id: u32,
 }
 impl<'a> Default for MetadataResponseArgs<'a> {
   #[inline]
@@ -1002,6 +1239,8 @@ impl<'a> Default for MetadataResponseArgs<'a> {
     MetadataResponseArgs {
       shards: None,
       topics: None,
+      nodes: None,
+      node_id: 0,
     }
   }
 }
@@ -1018,6 +1257,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MetadataResponseBuilder<'a, '
   #[inline]
   pub fn add_topics(&mut self, topics: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<TopicInfo<'b >>>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MetadataResponse::VT_TOPICS, topics);
+  }
+  #[inline]
+  pub fn add_nodes(&mut self, nodes: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<NodeInfo<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MetadataResponse::VT_NODES, nodes);
+  }
+  #[inline]
+  pub fn add_node_id(&mut self, node_id: u32) {
+    self.fbb_.push_slot::<u32>(MetadataResponse::VT_NODE_ID, node_id, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MetadataResponseBuilder<'a, 'b, A> {
@@ -1039,6 +1286,8 @@ impl ::core::fmt::Debug for MetadataResponse<'_> {
     let mut ds = f.debug_struct("MetadataResponse");
       ds.field("shards", &self.shards());
       ds.field("topics", &self.topics());
+      ds.field("nodes", &self.nodes());
+      ds.field("node_id", &self.node_id());
       ds.finish()
   }
 }

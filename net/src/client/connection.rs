@@ -108,7 +108,12 @@ mod tests {
     }
 
     fn options(request_timeout: Duration, max_in_flight: usize) -> ConnectOptions {
-        ConnectOptions { connect_timeout: Duration::from_secs(2), request_timeout, max_in_flight }
+        ConnectOptions {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout,
+            max_in_flight,
+            ..ConnectOptions::default()
+        }
     }
 
     #[test]

@@ -10,6 +10,12 @@
 //! partition's next offset are skipped, which keeps delivery exactly-once and in order per
 //! partition within this consumer.
 //!
+//! Leader changes ([`super::failover`]): a fetch that fails because its partition's leader
+//! moved (over a transport that follows leaders) is sent again from the same next offset,
+//! after a backoff and a fresh read of the metadata, to the new leader; the other partitions
+//! go on meanwhile. Records already handed out are not handed out again: the position is the
+//! consumer's, not the node's. Past the retry budget the poll fails with `LeaderUnavailable`.
+//!
 //! Invariants: a partition's next offset only grows; it moves past a record only once that
 //! record has been handed out; a prefetch whose offset is not the next offset (the records it
 //! follows were cut short) is dropped and asked again. Records are zero-copy slices of the
@@ -24,6 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::batch::{self, BatchError};
+use super::failover::Retry;
 use super::pipeline::Doorbell;
 use super::transport::{Pending, Transport};
 use super::{Client, ClientError, FetchResult, Result, OFFSET_EARLIEST, OFFSET_LATEST};
@@ -58,6 +65,10 @@ struct Position<P> {
     high_watermark: i64,
     /// The fetch in flight for this partition, if any.
     prefetch: Option<Prefetch<P>>,
+    /// The retries since the partition's leader moved, until a fetch succeeds.
+    retry: Option<Retry>,
+    /// While its leader moves: when the next fetch may go.
+    retry_at: Option<Instant>,
 }
 
 /// A fetch sent ahead, and the offset it asked for.
@@ -78,6 +89,10 @@ pub struct Consumer<T: Transport = Client> {
     /// A fetch that failed in a poll that also handed out records (which `poll` returns),
     /// reported by the next poll.
     deferred_failure: Option<ClientError>,
+    /// A partition's leader moved: read the metadata before the next fetch that retries.
+    refresh_due: bool,
+    /// Fetches sent again after a leader change.
+    leader_retries: u64,
 }
 
 impl<T: Transport> Consumer<T> {
@@ -90,7 +105,14 @@ impl<T: Transport> Consumer<T> {
                 StartAt::Latest => client.list_offsets(topic, partition, OFFSET_LATEST)?,
                 StartAt::Offset(offset) => offset,
             };
-            positions.push(Position { partition, next_offset, high_watermark: next_offset, prefetch: None });
+            positions.push(Position {
+                partition,
+                next_offset,
+                high_watermark: next_offset,
+                prefetch: None,
+                retry: None,
+                retry_at: None,
+            });
         }
         Ok(Consumer {
             client,
@@ -99,6 +121,8 @@ impl<T: Transport> Consumer<T> {
             fetch_bytes_max: FETCH_BYTES_MAX_DEFAULT,
             doorbell: Arc::default(),
             deferred_failure: None,
+            refresh_due: false,
+            leader_retries: 0,
         })
     }
 
@@ -111,6 +135,11 @@ impl<T: Transport> Consumer<T> {
     /// The next offset to read from `partition`, if this consumer reads it.
     pub fn position(&self, partition: u32) -> Option<i64> {
         self.positions.iter().find(|p| p.partition == partition).map(|p| p.next_offset)
+    }
+
+    /// Fetches sent again because their partition's leader moved, since the consumer was made.
+    pub fn leader_retries(&self) -> u64 {
+        self.leader_retries
     }
 
     /// Records not yet consumed below the last seen high watermarks (the consumer's lag).
@@ -137,34 +166,63 @@ impl<T: Transport> Consumer<T> {
             return Err(failure);
         }
         let max_wait_ms = u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX);
-        for position in &mut self.positions {
-            let stale = position.prefetch.as_ref().is_some_and(|p| p.offset != position.next_offset);
-            if position.prefetch.is_none() || stale {
-                let offset = position.next_offset;
-                let pending = self.client.fetch_async(
-                    &self.topic,
-                    position.partition,
-                    offset,
-                    self.fetch_bytes_max,
-                    max_wait_ms,
-                )?;
-                pending.ring_on_completion(&self.doorbell);
-                position.prefetch = Some(Prefetch { offset, pending });
-            }
-        }
+        let deadline = Instant::now() + max_wait;
         // Hand out what has arrived; when nothing has, wait for whichever fetch answers first,
         // so a partition long-polling at its end holds back none of the others.
         loop {
+            self.send_fetches(max_wait_ms)?;
             let seen = self.doorbell.rings();
             if let Some(handed_out) = self.hand_out_arrived(max_wait_ms, &mut on_record)? {
                 return Ok(handed_out);
             }
-            if self.positions.is_empty() {
+            let now = Instant::now();
+            // With no fetch on its way (every partition waits for a moved leader), the poll
+            // ends when its own wait does.
+            let in_flight = self.positions.iter().any(|p| p.prefetch.is_some());
+            if self.positions.is_empty() || (!in_flight && now >= deadline) {
                 return Ok(0);
             }
-            // Woken by a completion; the cap only bounds how late a request timeout is noticed.
-            self.doorbell.wait_past(seen, DOORBELL_WAIT_MAX);
+            // Woken by a completion, or when a retry is due; the cap only bounds how late a
+            // request timeout is noticed.
+            let retry_due = self.positions.iter().filter_map(|p| p.retry_at).min();
+            let sleep = retry_due.map_or(DOORBELL_WAIT_MAX, |at| at.saturating_duration_since(now));
+            self.doorbell.wait_past(seen, sleep.min(DOORBELL_WAIT_MAX));
         }
+    }
+
+    /// Sends a fetch for every partition that has none (or one for an offset it no longer
+    /// needs), except those waiting out a retry's pause after their leader moved.
+    fn send_fetches(&mut self, max_wait_ms: u32) -> Result<()> {
+        let now = Instant::now();
+        if self.refresh_due && self.positions.iter().any(|p| p.retry_at.is_some_and(|at| at <= now)) {
+            // A failed read keeps what was known; the fetch below says whether a leader is back.
+            let _ = self.client.refresh_leaders(&self.topic);
+            self.refresh_due = false;
+        }
+        for position in &mut self.positions {
+            let stale = position.prefetch.as_ref().is_some_and(|p| p.offset != position.next_offset);
+            let pausing = position.retry_at.is_some_and(|at| at > now);
+            if !(position.prefetch.is_none() || stale) || pausing {
+                continue;
+            }
+            let retrying = position.retry_at.take().is_some();
+            let offset = position.next_offset;
+            let partition = position.partition;
+            match self.client.fetch_async(&self.topic, partition, offset, self.fetch_bytes_max, max_wait_ms) {
+                Ok(pending) => {
+                    pending.ring_on_completion(&self.doorbell);
+                    position.prefetch = Some(Prefetch { offset, pending });
+                    self.leader_retries += u64::from(retrying);
+                }
+                Err(error) if self.client.leader_moved(&self.topic, partition, &error) => {
+                    position.prefetch = None;
+                    retry_later(&self.client, &self.topic, position, error, now)?;
+                    self.refresh_due = true;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
     }
 
     /// Takes every fetch that has answered (or failed, or timed out); `None` if none has.
@@ -177,9 +235,22 @@ impl<T: Transport> Consumer<T> {
         let mut handed_out = None;
         let mut failure = None;
         for position in &mut self.positions {
-            let prefetch = position.prefetch.as_mut().expect("every partition has a fetch in flight");
+            let Some(prefetch) = position.prefetch.as_mut() else { continue };
             if let Some(fetched) = prefetch.pending.try_wait(now) {
                 position.prefetch = None;
+                let fetched = match fetched {
+                    Err(error) if self.client.leader_moved(&self.topic, position.partition, &error) => {
+                        self.refresh_due = true;
+                        if let Err(exhausted) = retry_later(&self.client, &self.topic, position, error, now) {
+                            failure.get_or_insert(exhausted);
+                        }
+                        continue;
+                    }
+                    fetched => fetched,
+                };
+                if fetched.is_ok() {
+                    position.retry = None;
+                }
                 let fetch = (self.fetch_bytes_max, max_wait_ms);
                 let taken = fetched.and_then(|fetched| {
                     take_fetched(
@@ -225,9 +296,15 @@ fn take_fetched<T: Transport>(
 ) -> Result<usize> {
     position.high_watermark = fetched.high_watermark;
     if let Some(end) = batch::end_offset(&fetched.records).filter(|end| *end > position.next_offset) {
-        let pending = client.fetch_async(topic, position.partition, end, fetch_bytes_max, max_wait_ms)?;
-        pending.ring_on_completion(doorbell);
-        position.prefetch = Some(Prefetch { offset: end, pending });
+        match client.fetch_async(topic, position.partition, end, fetch_bytes_max, max_wait_ms) {
+            Ok(pending) => {
+                pending.ring_on_completion(doorbell);
+                position.prefetch = Some(Prefetch { offset: end, pending });
+            }
+            // The next poll's round sends it again, following the leader.
+            Err(error) if client.leader_moved(topic, position.partition, &error) => {}
+            Err(error) => return Err(error),
+        }
     }
     let handed_out = read_records(topic, position, &fetched, on_record)?;
     // Every complete batch was read: step past batches without records (transaction
@@ -236,6 +313,30 @@ fn take_fetched<T: Transport>(
         position.next_offset = position.next_offset.max(end);
     }
     Ok(handed_out)
+}
+
+/// Schedules the partition's next fetch after a pause, its leader having moved (`error`);
+/// fails once the retry budget is spent.
+fn retry_later<T: Transport>(
+    client: &T,
+    topic: &str,
+    position: &mut Position<T::PendingFetch>,
+    error: ClientError,
+    now: Instant,
+) -> Result<()> {
+    let retry = position.retry.get_or_insert_with(|| Retry::new(now, client.leader_retry_budget()));
+    match retry.next_pause(now) {
+        Some(pause) => {
+            position.retry_at = Some(now + pause);
+            Ok(())
+        }
+        None => {
+            let leader = client.leader_name(topic, position.partition);
+            let exhausted = retry.exhausted(topic, position.partition, leader, error);
+            position.retry = None;
+            Err(exhausted)
+        }
+    }
 }
 
 /// Hands out the records of `fetched` at or after `position.next_offset`, advancing it.

@@ -14,6 +14,16 @@
 //! fetches up to `max_wait_ms`, and validates produced batches with [`RecordReader`].
 //! [`FakeBroker::shutdown`] closes the listeners and every connection, as a crashed broker would.
 //!
+//! [`FakeBroker::start_cluster`] adds native listeners, one per further node, that serve the
+//! same logs as the first: a partition is led by one node at a time (at first node
+//! `partition % nodes`), the others answer its produces, fetches and offset lists with
+//! `NotLeader`, and metadata from any node names every node and each partition's leader, epoch
+//! and replicas, as a Pyralog cluster's does. [`FakeBroker::move_leader`] moves a leadership,
+//! [`FakeBroker::stop_node`] takes a node down (its leaderships move to the next node up) and
+//! [`FakeBroker::refuse_leadership`] makes every node answer `NotLeader`. Its replicas share
+//! one log, so nothing is lost or copied in a move; a batch appended whose answer a stopped
+//! node never sent is in the log, as it would be on a real leader that replicated it first.
+//!
 //! Its Kafka listener answers ApiVersions, Metadata (no auto-creation), CreateTopics, Produce
 //! (nothing for acks 0), Fetch and ListOffsets through the generated codecs, in order, and
 //! closes the connection on anything else.
@@ -30,9 +40,9 @@ use bytes::{Bytes, BytesMut};
 
 use super::batch::{RecordReader, BATCH_LOG_OVERHEAD_BYTES};
 use crate::codec::{
-    self, Acks, ErrorCode, FetchPartitionResult, ListOffsetsPartitionResult, MetadataResponse, PartitionInfo,
-    ProducePartitionResult, Request, Response, ResponseFrame, ShardInfo, TopicInfo, OFFSET_EARLIEST,
-    OFFSET_LATEST,
+    self, Acks, ErrorCode, FetchPartitionResult, ListOffsetsPartitionResult, MetadataResponse, NodeInfo,
+    PartitionInfo, ProducePartitionResult, Request, Response, ResponseFrame, ShardInfo, TopicInfo,
+    OFFSET_EARLIEST, OFFSET_LATEST,
 };
 use crate::kafka::messages::{
     api_versions_response, create_topics_response, fetch_response, list_offsets_response, metadata_response,
@@ -51,10 +61,42 @@ struct PartitionLog {
     next_offset: i64,
 }
 
+/// The nodes of a fake cluster ([`FakeBroker::start_cluster`]).
+#[derive(Debug, Default)]
+struct Nodes {
+    /// Each node's native port, by node id.
+    ports: Vec<u16>,
+    down: Vec<bool>,
+    /// Leaders moved from the first ones (`partition % nodes`, epoch 1): (node, epoch).
+    leaders: HashMap<(String, u32), (u32, i32)>,
+    /// Every node answers `NotLeader`.
+    refuse_all: bool,
+}
+
+impl Nodes {
+    fn leader(&self, topic: &str, partition: u32) -> (u32, i32) {
+        let first = partition % u32::try_from(self.ports.len()).expect("few nodes");
+        self.leaders.get(&(topic.to_owned(), partition)).copied().unwrap_or((first, 1))
+    }
+
+    /// Why `node` refuses a request for `topic`/`partition`, if it does.
+    fn refusal(&self, node: u32, topic: &str, partition: u32) -> Option<String> {
+        let (leader, epoch) = self.leader(topic, partition);
+        (leader != node || self.refuse_all).then(|| {
+            format!(
+                "this node ({node}) does not lead {topic}/{partition} (term {epoch}; leader node {leader})"
+            )
+        })
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     topics: HashMap<String, Vec<PartitionLog>>,
-    connections: Vec<TcpStream>,
+    /// Each open connection and the node it reached.
+    connections: Vec<(u32, TcpStream)>,
+    /// `None` for a broker of one node.
+    nodes: Option<Nodes>,
     /// Native produce responses wait (the batches are appended) while this is set.
     produce_responses_held: bool,
 }
@@ -75,6 +117,10 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn node_down(&self, node: u32) -> bool {
+        self.lock().nodes.as_ref().is_some_and(|nodes| nodes.down[node as usize])
+    }
 }
 
 /// A running fake broker; dropping it shuts it down.
@@ -84,6 +130,8 @@ pub struct FakeBroker {
     kafka_addr: SocketAddr,
     shared: Arc<Shared>,
     acceptors: Vec<JoinHandle<()>>,
+    /// The native listeners of the further nodes of a cluster, by node id - 1.
+    node_acceptors: Vec<(SocketAddr, Option<JoinHandle<()>>)>,
 }
 
 impl FakeBroker {
@@ -106,15 +154,100 @@ impl FakeBroker {
         acceptors.push(
             std::thread::Builder::new()
                 .name("fake-broker-accept".into())
-                .spawn(move || accept_loop(&listener, &accept_shared, serve))?,
+                .spawn(move || accept_loop(&listener, &accept_shared, 0, serve))?,
         );
         let accept_shared = Arc::clone(&shared);
-        acceptors.push(
-            std::thread::Builder::new()
-                .name("fake-broker-accept-kafka".into())
-                .spawn(move || accept_loop(&kafka_listener, &accept_shared, serve_kafka))?,
-        );
-        Ok(FakeBroker { addr, kafka_addr, shared, acceptors })
+        acceptors.push(std::thread::Builder::new().name("fake-broker-accept-kafka".into()).spawn(
+            move || accept_loop(&kafka_listener, &accept_shared, 0, |s, shared, _| serve_kafka(s, shared)),
+        )?);
+        Ok(FakeBroker { addr, kafka_addr, shared, acceptors, node_acceptors: Vec::new() })
+    }
+
+    /// A cluster of `nodes` nodes (see the module docs): node 0 is [`FakeBroker::addr`], the
+    /// others listen on ports of their own on 127.0.0.1.
+    pub fn start_cluster(nodes: u32) -> std::io::Result<FakeBroker> {
+        assert!(nodes >= 2, "a cluster has two nodes or more");
+        let mut broker = FakeBroker::start()?;
+        let mut ports = vec![broker.addr.port()];
+        for node in 1..nodes {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            ports.push(addr.port());
+            let accept_shared = Arc::clone(&broker.shared);
+            let acceptor = std::thread::Builder::new()
+                .name(format!("fake-broker-accept-{node}"))
+                .spawn(move || accept_loop(&listener, &accept_shared, node, serve))?;
+            broker.node_acceptors.push((addr, Some(acceptor)));
+        }
+        let down = vec![false; ports.len()];
+        broker.shared.lock().nodes = Some(Nodes { ports, down, ..Nodes::default() });
+        Ok(broker)
+    }
+
+    /// Node `node`'s native address.
+    pub fn node_addr(&self, node: u32) -> SocketAddr {
+        match node {
+            0 => self.addr,
+            node => self.node_acceptors[node as usize - 1].0,
+        }
+    }
+
+    /// The leader of `topic`/`partition` and its epoch (node 0, epoch 0, without a cluster).
+    pub fn leader(&self, topic: &str, partition: u32) -> (u32, i32) {
+        self.shared.lock().nodes.as_ref().map_or((0, 0), |nodes| nodes.leader(topic, partition))
+    }
+
+    /// Makes `node` the leader of `topic`/`partition` in a new epoch.
+    pub fn move_leader(&self, topic: &str, partition: u32, node: u32) {
+        let mut state = self.shared.lock();
+        let nodes = state.nodes.as_mut().expect("a cluster");
+        let (_, epoch) = nodes.leader(topic, partition);
+        nodes.leaders.insert((topic.to_owned(), partition), (node, epoch + 1));
+    }
+
+    /// While set, every node answers `NotLeader` (metadata still names the leaders).
+    pub fn refuse_leadership(&self, refuse: bool) {
+        self.shared.lock().nodes.as_mut().expect("a cluster").refuse_all = refuse;
+    }
+
+    /// Takes `node` down as a crash would: its listener closes (connections are refused), its
+    /// connections close, and its leaderships move to the next node that is up.
+    pub fn stop_node(&mut self, node: u32) {
+        let mut state = self.shared.lock();
+        let nodes = state.nodes.as_mut().expect("a cluster");
+        let count = nodes.ports.len() as u32;
+        nodes.down[node as usize] = true;
+        let next = (1..count).map(|step| (node + step) % count).find(|n| !nodes.down[*n as usize]);
+        let next = next.expect("a node stays up");
+        let led: Vec<(String, u32)> = state
+            .topics
+            .iter()
+            .flat_map(|(topic, logs)| (0..logs.len() as u32).map(move |p| (topic.clone(), p)))
+            .collect();
+        let nodes = state.nodes.as_mut().expect("a cluster");
+        for (topic, partition) in led {
+            let (leader, epoch) = nodes.leader(&topic, partition);
+            if leader == node {
+                nodes.leaders.insert((topic, partition), (next, epoch + 1));
+            }
+        }
+        state.connections.retain(|(reached, connection)| {
+            if *reached == node {
+                let _ = connection.shutdown(Shutdown::Both);
+            }
+            *reached != node
+        });
+        drop(state);
+        self.shared.released.notify_all();
+        self.shared.appended.notify_all();
+        let addr = self.node_addr(node);
+        let acceptor = match node {
+            0 => self.acceptors.remove(0),
+            node => self.node_acceptors[node as usize - 1].1.take().expect("stopped once"),
+        };
+        // Wake the acceptor, which sees its node down and drops its listener.
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        let _ = acceptor.join();
     }
 
     /// The native protocol's address.
@@ -146,14 +279,16 @@ impl FakeBroker {
             return;
         }
         // Wake the acceptors with connections of our own.
-        for addr in [self.addr, self.kafka_addr] {
+        let node_addrs = self.node_acceptors.iter().map(|(addr, _)| *addr);
+        for addr in [self.addr, self.kafka_addr].into_iter().chain(node_addrs) {
             let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
         }
-        for acceptor in self.acceptors.drain(..) {
+        let node_acceptors = self.node_acceptors.iter_mut().filter_map(|(_, acceptor)| acceptor.take());
+        for acceptor in self.acceptors.drain(..).chain(node_acceptors) {
             let _ = acceptor.join();
         }
         let mut state = self.shared.lock();
-        for connection in state.connections.drain(..) {
+        for (_, connection) in state.connections.drain(..) {
             let _ = connection.shutdown(Shutdown::Both);
         }
         drop(state);
@@ -168,28 +303,30 @@ impl Drop for FakeBroker {
     }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, serve: fn(TcpStream, &Shared)) {
+/// Serves `node`'s connections until the broker or the node stops.
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, node: u32, serve: fn(TcpStream, &Shared, u32)) {
     for stream in listener.incoming() {
-        if shared.stopped.load(Ordering::SeqCst) {
+        if shared.stopped.load(Ordering::SeqCst) || shared.node_down(node) {
             return;
         }
         let Ok(stream) = stream else { continue };
         let Ok(registered) = stream.try_clone() else { continue };
-        shared.lock().connections.push(registered);
+        shared.lock().connections.push((node, registered));
         let shared = Arc::clone(shared);
-        let _ =
-            std::thread::Builder::new().name("fake-broker-conn".into()).spawn(move || serve(stream, &shared));
+        let _ = std::thread::Builder::new()
+            .name("fake-broker-conn".into())
+            .spawn(move || serve(stream, &shared, node));
     }
 }
 
-fn serve(stream: TcpStream, shared: &Shared) {
-    serve_requests(&stream, shared);
+fn serve(stream: TcpStream, shared: &Shared, node: u32) {
+    serve_requests(&stream, shared, node);
     // The acceptor keeps a clone of the stream: close it so the client sees the end, as it
     // does when the node closes a connection whose frame it cannot read.
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-fn serve_requests(mut stream: &TcpStream, shared: &Shared) {
+fn serve_requests(mut stream: &TcpStream, shared: &Shared, node: u32) {
     let _ = stream.set_nodelay(true);
     let mut out = BytesMut::new();
     loop {
@@ -207,7 +344,7 @@ fn serve_requests(mut stream: &TcpStream, shared: &Shared) {
             _ => return,
         }
         let response = match codec::decode_request(&Bytes::from(body)) {
-            Ok((correlation_id, request)) => handle(shared, correlation_id, request),
+            Ok((correlation_id, request)) => handle(shared, node, correlation_id, request),
             Err((Some(correlation_id), error)) => {
                 Some(ResponseFrame::error(correlation_id, ErrorCode::InvalidRequest, error.to_string()))
             }
@@ -223,9 +360,9 @@ fn serve_requests(mut stream: &TcpStream, shared: &Shared) {
     }
 }
 
-fn handle(shared: &Shared, correlation_id: u64, request: Request) -> Option<ResponseFrame> {
+fn handle(shared: &Shared, node: u32, correlation_id: u64, request: Request) -> Option<ResponseFrame> {
     let body = match request {
-        Request::Metadata { topics } => Response::Metadata(metadata(shared, &topics)),
+        Request::Metadata { topics } => Response::Metadata(metadata(shared, node, &topics)),
         Request::CreateTopic { name, partitions } => {
             let mut state = shared.lock();
             if state.topics.contains_key(&name) {
@@ -250,23 +387,43 @@ fn handle(shared: &Shared, correlation_id: u64, request: Request) -> Option<Resp
             let results = produce
                 .partitions
                 .into_iter()
-                .map(|p| append(shared, &produce.topic, p.partition, &p.records))
+                .map(|p| match refusal(shared, node, &produce.topic, p.partition) {
+                    Some(message) => ProducePartitionResult {
+                        partition: p.partition,
+                        error: ErrorCode::NotLeader,
+                        message,
+                        base_offset: -1,
+                        next_offset: -1,
+                    },
+                    None => append(shared, &produce.topic, p.partition, &p.records),
+                })
                 .collect();
             if produce.acks == Acks::None {
                 return None;
             }
             let mut state = shared.lock();
-            while state.produce_responses_held && !shared.stopped.load(Ordering::SeqCst) {
+            while state.produce_responses_held
+                && !shared.stopped.load(Ordering::SeqCst)
+                && !state.nodes.as_ref().is_some_and(|nodes| nodes.down[node as usize])
+            {
                 state = shared.released.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             Response::Produce(results)
         }
         Request::Fetch(fetch) => {
             let deadline = Instant::now() + Duration::from_millis(u64::from(fetch.max_wait_ms));
-            let results = fetch
-                .partitions
-                .iter()
-                .map(|p| read(shared, &fetch.topic, p.partition, p.offset, p.max_bytes, deadline));
+            let results =
+                fetch.partitions.iter().map(|p| match refusal(shared, node, &fetch.topic, p.partition) {
+                    Some(message) => FetchPartitionResult {
+                        partition: p.partition,
+                        error: ErrorCode::NotLeader,
+                        message,
+                        high_watermark: -1,
+                        log_start_offset: -1,
+                        records: Vec::new(),
+                    },
+                    None => read(shared, &fetch.topic, p.partition, p.offset, p.max_bytes, deadline),
+                });
             Response::Fetch(results.collect())
         }
         Request::ListOffsets(list) => {
@@ -276,7 +433,10 @@ fn handle(shared: &Shared, correlation_id: u64, request: Request) -> Option<Resp
                 .iter()
                 .map(|p| {
                     let log = state.topics.get(&list.topic).and_then(|t| t.get(p.partition as usize));
+                    let refused =
+                        state.nodes.as_ref().and_then(|n| n.refusal(node, &list.topic, p.partition));
                     let (error, offset) = match (log, p.timestamp) {
+                        _ if refused.is_some() => (ErrorCode::NotLeader, -1),
                         (None, _) => (ErrorCode::UnknownPartition, -1),
                         (Some(_), OFFSET_EARLIEST) => (ErrorCode::None, 0),
                         (Some(log), OFFSET_LATEST) => (ErrorCode::None, log.next_offset),
@@ -296,27 +456,58 @@ fn handle(shared: &Shared, correlation_id: u64, request: Request) -> Option<Resp
     Some(ResponseFrame::ok(correlation_id, body))
 }
 
-fn metadata(shared: &Shared, topics: &[String]) -> MetadataResponse {
+/// Why `node` refuses a request for `topic`/`partition`: it does not lead it.
+fn refusal(shared: &Shared, node: u32, topic: &str, partition: u32) -> Option<String> {
+    shared.lock().nodes.as_ref()?.refusal(node, topic, partition)
+}
+
+fn metadata(shared: &Shared, node: u32, topics: &[String]) -> MetadataResponse {
     let state = shared.lock();
     let names: Vec<String> =
         if topics.is_empty() { state.topics.keys().cloned().collect() } else { topics.to_vec() };
+    let describe = |name: &str, partition: u32| match &state.nodes {
+        // One node: even partitions name the listener's port, odd ones port 0 ("the port asked").
+        None => PartitionInfo::single_node(
+            partition,
+            0,
+            if partition.is_multiple_of(2) { shared.port } else { 0 },
+            0,
+        ),
+        Some(nodes) => {
+            let (leader, epoch) = nodes.leader(name, partition);
+            PartitionInfo {
+                partition,
+                shard: 0,
+                port: nodes.ports[leader as usize],
+                host: "127.0.0.1".to_owned(),
+                leader_node: leader,
+                leader_epoch: epoch,
+                replicas: (0..nodes.ports.len() as u32).collect(),
+            }
+        }
+    };
     let topics = names
         .into_iter()
         .map(|name| match state.topics.get(&name) {
             Some(logs) => {
-                let partitions = (0..logs.len() as u32)
-                    .map(|partition| PartitionInfo {
-                        partition,
-                        shard: 0,
-                        port: if partition % 2 == 0 { shared.port } else { 0 },
-                    })
-                    .collect();
+                let partitions = (0..logs.len() as u32).map(|partition| describe(&name, partition)).collect();
                 TopicInfo { name, error: ErrorCode::None, partitions }
             }
             None => TopicInfo { name, error: ErrorCode::UnknownTopic, partitions: Vec::new() },
         })
         .collect();
-    MetadataResponse { shards: vec![ShardInfo { shard: 0, cpu: 0, port: shared.port }], topics }
+    let nodes = state.nodes.as_ref().map_or_else(Vec::new, |nodes| {
+        (0..nodes.ports.len())
+            .map(|id| NodeInfo {
+                id: id as u32,
+                host: "127.0.0.1".to_owned(),
+                port: nodes.ports[id],
+                shard_ports: vec![nodes.ports[id]],
+            })
+            .collect()
+    });
+    let port = state.nodes.as_ref().map_or(shared.port, |nodes| nodes.ports[node as usize]);
+    MetadataResponse { shards: vec![ShardInfo { shard: 0, cpu: 0, port }], topics, nodes, node_id: node }
 }
 
 fn append(shared: &Shared, topic: &str, partition: u32, records: &Bytes) -> ProducePartitionResult {

@@ -1,9 +1,15 @@
 //! The blocking Pyralog client: std threads and `std::net`, no async runtime, no server crate.
 //!
-//! - [`Client`]: metadata-aware requests. It keeps one pipelined [`Connection`] per shard port
-//!   on the bootstrap host and sends each partition's requests straight to the shard that owns
-//!   the partition (the port in the metadata), falling back to the bootstrap port when the
-//!   metadata says port 0. A closed connection is replaced on the next request that needs it.
+//! - [`Client`]: metadata-aware requests. It keeps one pipelined [`Connection`] per address
+//!   and sends each partition's requests straight to its leader's node and the shard that owns
+//!   the partition there (the host and port in the metadata; an empty host or port 0 means the
+//!   node that answered the metadata). A closed connection is replaced on the next request
+//!   that needs it. Metadata is asked of the node that answered last, else the bootstrap
+//!   address, else each node the last metadata named, so a client bootstrapped from any node
+//!   of a cluster keeps working when that node goes away.
+//! - [`failover`]: when a partition's leader moves (`NotLeader`, or its node went away), the
+//!   client reads the metadata again and retries on the new leader, within a bounded budget
+//!   with backoff; a native produce retried this way is at-least-once (see there).
 //! - [`pipeline::Pipeline`]: the pipelined connection both protocols' connections are, a
 //!   [`Connection`] (responses matched by correlation id) or a [`KafkaPipeline`] (in order).
 //! - [`Producer`]: batching per partition, asynchronous sends, in-order delivery reports.
@@ -24,6 +30,7 @@
 pub mod batch;
 pub mod connection;
 pub mod consumer;
+pub mod failover;
 #[cfg(any(test, feature = "fake-broker"))]
 pub mod fake_broker;
 pub mod kafka;
@@ -43,6 +50,7 @@ use bytes::Bytes;
 pub use self::batch::{BatchBuilder, BatchError, IdempotentProducer, Record, RecordReader};
 pub use self::connection::{Connection, PendingResponse};
 pub use self::consumer::{ConsumedRecord, Consumer, StartAt};
+pub use self::failover::{LEADER_RETRY_BACKOFF_FIRST, LEADER_RETRY_BACKOFF_MAX, LEADER_RETRY_BUDGET_DEFAULT};
 pub use self::kafka::{
     KafkaClient, KafkaClientError, KafkaConnection, KafkaFetchPending, KafkaPending, KafkaPipeline,
     KafkaProducePending,
@@ -53,11 +61,12 @@ pub use self::probe::PROBE_CLIENT_ID;
 pub use self::producer::{DeliveryReport, Producer, ProducerConfig, IN_FLIGHT_BATCHES_MAX_DEFAULT};
 pub use self::transport::{Pending, Transport};
 pub use crate::codec::{
-    Acks, ErrorCode, MetadataResponse, PartitionInfo, ShardInfo, OFFSET_EARLIEST, OFFSET_LATEST,
+    Acks, ErrorCode, MetadataResponse, NodeInfo, PartitionInfo, ShardInfo, OFFSET_EARLIEST, OFFSET_LATEST,
 };
 #[cfg(test)]
 mod tests;
 
+use self::failover::Retry;
 use crate::codec::{
     FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, ProducePartition, ProduceRequest,
     Request, Response, ResponseFrame,
@@ -100,6 +109,21 @@ pub enum ClientError {
     RecordTooLarge { bytes: usize, max: usize },
     #[error("{failed_batches} batches failed since the last flush; the first: {first}")]
     DeliveryFailed { failed_batches: u64, first: String },
+    /// A partition's leader moved and no node took the request within the retry budget
+    /// ([`failover`]). The last failure is part of the message, not a `source`.
+    #[error(
+        "{topic}/{partition}: no leader took the request in {} ms ({retries} retries after leader \
+         changes; its leader as last known: {leader}); the last error: {last}",
+        .waited.as_millis()
+    )]
+    LeaderUnavailable {
+        topic: String,
+        partition: u32,
+        leader: String,
+        retries: u32,
+        waited: Duration,
+        last: Box<ClientError>,
+    },
 }
 
 /// The two protocols a Pyralog node listens for, each on its own port.
@@ -169,7 +193,12 @@ fn wrong_protocol_text(addr: SocketAddr, found: Protocol) -> String {
 impl ClientError {
     /// True when the broker is unreachable or went away (as opposed to refusing a request).
     pub fn is_disconnect(&self) -> bool {
-        matches!(self, ClientError::Connect { .. } | ClientError::Disconnected { .. })
+        match self {
+            ClientError::Connect { .. } | ClientError::Disconnected { .. } => true,
+            // The leader could not be found because the nodes went away.
+            ClientError::LeaderUnavailable { last, .. } => last.is_disconnect(),
+            _ => false,
+        }
     }
 }
 
@@ -217,6 +246,16 @@ impl Clone for ClientError {
             }
             ClientError::DeliveryFailed { failed_batches, first } => {
                 ClientError::DeliveryFailed { failed_batches: *failed_batches, first: first.clone() }
+            }
+            ClientError::LeaderUnavailable { topic, partition, leader, retries, waited, last } => {
+                ClientError::LeaderUnavailable {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    leader: leader.clone(),
+                    retries: *retries,
+                    waited: *waited,
+                    last: last.clone(),
+                }
             }
         }
     }
@@ -335,11 +374,22 @@ pub struct Client {
 struct Inner {
     bootstrap: SocketAddr,
     options: ConnectOptions,
-    /// By port on the bootstrap host; the bootstrap port is one of them.
-    connections: Mutex<HashMap<u16, Arc<Connection>>>,
+    /// By address: shards' own ports and nodes' shared ports, on any node of the cluster.
+    connections: Mutex<HashMap<SocketAddr, Arc<Connection>>>,
     /// Partitions of the topics seen so far, indexed by partition id.
-    topics: RwLock<HashMap<String, Vec<PartitionInfo>>>,
+    topics: RwLock<HashMap<String, Vec<Route>>>,
     shards: RwLock<Vec<ShardInfo>>,
+    /// The shared native address of every node the last metadata named.
+    nodes: RwLock<Vec<SocketAddr>>,
+    /// The node whose metadata answered last: asked first the next time.
+    metadata_addr: Mutex<SocketAddr>,
+}
+
+/// A partition as the metadata described it, and the address its requests go to.
+#[derive(Debug, Clone)]
+struct Route {
+    info: PartitionInfo,
+    leader: SocketAddr,
 }
 
 impl Client {
@@ -357,6 +407,8 @@ impl Client {
                 connections: Mutex::new(HashMap::new()),
                 topics: RwLock::new(HashMap::new()),
                 shards: RwLock::new(Vec::new()),
+                nodes: RwLock::new(Vec::new()),
+                metadata_addr: Mutex::new(addr),
             }),
         };
         // A client pointed at a Kafka listener fails here: say so, rather than "closed".
@@ -373,35 +425,58 @@ impl Client {
     /// Ports on the bootstrap host with an open connection, ascending: shows which shards the
     /// client has been talking to directly.
     pub fn connection_ports(&self) -> Vec<u16> {
-        let connections = self.inner.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let bootstrap = self.inner.bootstrap.ip();
         let mut ports: Vec<u16> =
-            connections.iter().filter(|(_, c)| !c.is_closed()).map(|(port, _)| *port).collect();
-        ports.sort_unstable();
+            self.connection_addrs().into_iter().filter(|a| a.ip() == bootstrap).map(|a| a.port()).collect();
+        ports.dedup();
         ports
     }
 
-    /// The shards of the last metadata response.
+    /// Addresses with an open connection, ascending: shows which nodes and shards the client
+    /// has been talking to.
+    pub fn connection_addrs(&self) -> Vec<SocketAddr> {
+        let connections = self.inner.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut addrs: Vec<SocketAddr> =
+            connections.iter().filter(|(_, c)| !c.is_closed()).map(|(addr, _)| *addr).collect();
+        addrs.sort_unstable();
+        addrs
+    }
+
+    /// The shards of the node that answered the last metadata request.
     pub fn shards(&self) -> Vec<ShardInfo> {
         self.inner.shards.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Asks for the metadata of `topics` (all topics when empty) and caches what it learns.
+    /// Asks any node for the metadata of `topics` (all topics when empty) and caches what it
+    /// learns.
     pub fn metadata(&self, topics: &[&str]) -> Result<MetadataResponse> {
         let request = Request::Metadata { topics: topics.iter().map(|t| (*t).to_owned()).collect() };
-        let frame = self.bootstrap_connection()?.call(&request)?;
+        let (answered, frame) = self.call_any_node(&request)?;
         let Response::Metadata(metadata) = response_body("metadata", frame)? else {
             unreachable!("response_body checks the kind");
         };
         *self.inner.shards.write().unwrap_or_else(|p| p.into_inner()) = metadata.shards.clone();
+        let nodes: Vec<SocketAddr> =
+            metadata.nodes.iter().map(|node| node_addr(&node.host, node.port, answered)).collect();
+        if !nodes.is_empty() {
+            *self.inner.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
+        }
         let mut cache = self.inner.topics.write().unwrap_or_else(|p| p.into_inner());
         if topics.is_empty() {
             cache.clear();
         }
         for topic in &metadata.topics {
             if topic.error == ErrorCode::None {
-                let mut partitions = topic.partitions.clone();
-                partitions.sort_by_key(|p| p.partition);
-                cache.insert(topic.name.clone(), partitions);
+                let mut routes: Vec<Route> = topic
+                    .partitions
+                    .iter()
+                    .map(|info| Route {
+                        info: info.clone(),
+                        leader: node_addr(&info.host, info.port, answered),
+                    })
+                    .collect();
+                routes.sort_by_key(|r| r.info.partition);
+                cache.insert(topic.name.clone(), routes);
             } else {
                 cache.remove(&topic.name);
             }
@@ -416,21 +491,30 @@ impl Client {
 
     pub fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
         let request = Request::CreateTopic { name: name.to_owned(), partitions };
-        response_body("create_topic", self.bootstrap_connection()?.call(&request)?)?;
+        response_body("create_topic", self.call_any_node(&request)?.1)?;
         self.metadata(&[name]).map(drop)
     }
 
     pub fn delete_topic(&self, name: &str) -> Result<()> {
         let request = Request::DeleteTopic { name: name.to_owned() };
-        response_body("delete_topic", self.bootstrap_connection()?.call(&request)?)?;
+        response_body("delete_topic", self.call_any_node(&request)?.1)?;
         self.inner.topics.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         Ok(())
     }
 
     /// The topic's partitions, from the cache or, for a topic not seen yet, from the broker.
     pub fn partitions(&self, topic: &str) -> Result<Vec<PartitionInfo>> {
-        if let Some(partitions) = self.inner.topics.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
-            return Ok(partitions.clone());
+        self.with_routes(topic, |routes| routes.iter().map(|route| route.info.clone()).collect())
+    }
+
+    /// `look` at the topic's routes, from the cache or, for a topic not seen yet, from the
+    /// broker; under the cache's read lock, so the hot path copies nothing.
+    fn with_routes<T>(&self, topic: &str, look: impl FnOnce(&[Route]) -> T) -> Result<T> {
+        {
+            let cache = self.inner.topics.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(routes) = cache.get(topic) {
+                return Ok(look(routes));
+            }
         }
         let metadata = self.metadata(&[topic])?;
         let info = metadata
@@ -441,17 +525,22 @@ impl Client {
         if info.error != ErrorCode::None {
             return Err(topic_error(info.error, topic));
         }
-        let mut partitions = info.partitions;
-        partitions.sort_by_key(|p| p.partition);
-        Ok(partitions)
+        let cache = self.inner.topics.read().unwrap_or_else(|p| p.into_inner());
+        let routes = cache.get(topic).ok_or_else(|| topic_error(ErrorCode::UnknownTopic, topic))?;
+        Ok(look(routes))
     }
 
     pub fn partition_count(&self, topic: &str) -> Result<u32> {
-        Ok(u32::try_from(self.partitions(topic)?.len()).expect("partition ids are u32"))
+        self.with_routes(topic, |routes| u32::try_from(routes.len()).expect("partition ids are u32"))
     }
 
     /// The offset for `spec`: [`OFFSET_EARLIEST`], [`OFFSET_LATEST`] or a timestamp in ms.
+    /// Follows the partition's leader when it moves ([`failover`]).
     pub fn list_offsets(&self, topic: &str, partition: u32, spec: i64) -> Result<i64> {
+        self.following_leader(topic, partition, || self.list_offsets_once(topic, partition, spec))
+    }
+
+    fn list_offsets_once(&self, topic: &str, partition: u32, spec: i64) -> Result<i64> {
         let request = Request::ListOffsets(ListOffsetsRequest {
             topic: topic.to_owned(),
             partitions: vec![ListOffsetsPartition { partition, timestamp: spec }],
@@ -468,13 +557,17 @@ impl Client {
         Ok(result.offset)
     }
 
-    /// Produces `records` (one or more whole batches) and waits for the acknowledgement.
+    /// Produces `records` (one or more whole batches) and waits for the acknowledgement,
+    /// following the partition's leader when it moves: at-least-once ([`failover`]).
     pub fn produce(&self, topic: &str, partition: u32, records: Bytes, acks: Acks) -> Result<ProduceAck> {
-        self.produce_async(topic, partition, records, acks)?.wait()
+        self.following_leader(topic, partition, || {
+            self.produce_async(topic, partition, records.clone(), acks)?.wait()
+        })
     }
 
     /// Sends a produce and returns at once. Requests to one partition are written in call
-    /// order on one connection, so the broker appends them in that order.
+    /// order on one connection, so the broker appends them in that order. Not retried: a
+    /// [`Producer`] retries its batches after a leader change, in order.
     pub fn produce_async(
         &self,
         topic: &str,
@@ -495,7 +588,8 @@ impl Client {
         Ok(PendingProduce { partition, response: Some(connection.send(&request)?) })
     }
 
-    /// Fetches from `offset`, waiting up to `max_wait_ms` for data to arrive.
+    /// Fetches from `offset`, waiting up to `max_wait_ms` for data to arrive, following the
+    /// partition's leader when it moves.
     pub fn fetch(
         &self,
         topic: &str,
@@ -504,7 +598,9 @@ impl Client {
         max_bytes: u32,
         max_wait_ms: u32,
     ) -> Result<FetchResult> {
-        self.fetch_async(topic, partition, offset, max_bytes, max_wait_ms)?.wait()
+        self.following_leader(topic, partition, || {
+            self.fetch_async(topic, partition, offset, max_bytes, max_wait_ms)?.wait()
+        })
     }
 
     pub fn fetch_async(
@@ -526,51 +622,140 @@ impl Client {
         Ok(PendingFetch { partition, response: connection.send(&request)? })
     }
 
-    fn bootstrap_connection(&self) -> Result<Arc<Connection>> {
-        self.connection(self.inner.bootstrap.port())
-    }
-
-    /// The connection to the shard owning `topic`/`partition`.
-    /// A shard port that refuses connections may be stale (a restarted node with
-    /// `--shard-port-base 0` picks new ports): the metadata is re-read once and the new port
-    /// tried.
-    fn partition_connection(&self, topic: &str, partition: u32) -> Result<Arc<Connection>> {
-        match self.partition_port(topic, partition)? {
-            0 => self.bootstrap_connection(),
-            port => match self.connection(port) {
-                Err(ClientError::Connect { .. }) if port != self.inner.bootstrap.port() => {
-                    self.metadata(&[topic])?;
-                    match self.partition_port(topic, partition)? {
-                        0 => self.bootstrap_connection(),
-                        port => self.connection(port),
-                    }
-                }
-                connected => connected,
-            },
+    /// Whether `error`, from a request for `topic`/`partition`, may succeed on the
+    /// partition's leader once the metadata is read again: the node does not lead it, or it
+    /// went away (or is stopping) and the partition has replicas on other nodes.
+    pub fn leader_moved(&self, topic: &str, partition: u32, error: &ClientError) -> bool {
+        match error {
+            ClientError::Server { code: ErrorCode::NotLeader, .. } => true,
+            ClientError::Server { code: ErrorCode::ShuttingDown, .. } => self.replicated(topic, partition),
+            error if error.is_disconnect() => self.replicated(topic, partition),
+            _ => false,
         }
     }
 
-    /// The port of the shard owning `topic`/`partition`; 0 means the bootstrap port.
-    fn partition_port(&self, topic: &str, partition: u32) -> Result<u16> {
-        let partitions = self.partitions(topic)?;
-        let info = partitions.iter().find(|p| p.partition == partition).ok_or_else(|| {
-            let partitions = u32::try_from(partitions.len()).expect("partition ids are u32");
-            ClientError::UnknownPartition { topic: topic.to_owned(), partition, partitions }
-        })?;
-        Ok(info.port)
+    /// The partition's leader as the cached metadata names it, for error messages.
+    pub fn leader_name(&self, topic: &str, partition: u32) -> String {
+        match self.cached_route(topic, partition) {
+            Some(Route { info, leader }) => {
+                format!("node {} at {leader}, epoch {}", info.leader_node, info.leader_epoch)
+            }
+            None => "unknown".to_owned(),
+        }
     }
 
-    /// The open connection to `port` on the bootstrap host, opening one if needed.
-    fn connection(&self, port: u16) -> Result<Arc<Connection>> {
+    fn cached_route(&self, topic: &str, partition: u32) -> Option<Route> {
+        let cache = self.inner.topics.read().unwrap_or_else(|p| p.into_inner());
+        cache.get(topic)?.iter().find(|r| r.info.partition == partition).cloned()
+    }
+
+    /// Whether the partition has replicas on other nodes, as the cached metadata says.
+    fn replicated(&self, topic: &str, partition: u32) -> bool {
+        self.cached_route(topic, partition).is_some_and(|route| route.info.replicas.len() > 1)
+    }
+
+    /// Runs `op` until it succeeds, fails for another reason than a moved leader, or the
+    /// retry budget is spent, reading the metadata again before each retry.
+    fn following_leader<T>(
+        &self,
+        topic: &str,
+        partition: u32,
+        mut op: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let mut retry: Option<Retry> = None;
+        loop {
+            let error = match op() {
+                Err(error) if self.leader_moved(topic, partition, &error) => error,
+                done => return done,
+            };
+            let now = Instant::now();
+            let retry = retry.get_or_insert_with(|| Retry::new(now, self.inner.options.leader_retry_budget));
+            let Some(pause) = retry.next_pause(now) else {
+                return Err(retry.exhausted(topic, partition, self.leader_name(topic, partition), error));
+            };
+            std::thread::sleep(pause);
+            // A failed read keeps the cache as it was; the next attempt's error says more.
+            let _ = self.metadata(&[topic]);
+        }
+    }
+
+    /// Sends `request` to the node whose metadata answered last, else the bootstrap address,
+    /// else each node the last metadata named, until one answers; returns who answered and
+    /// what. A node that cannot be reached is skipped; if none can, the first failure is
+    /// returned.
+    fn call_any_node(&self, request: &Request) -> Result<(SocketAddr, ResponseFrame)> {
+        let last = *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner());
+        let mut candidates = vec![last, self.inner.bootstrap];
+        candidates.extend(self.inner.nodes.read().unwrap_or_else(|p| p.into_inner()).iter().copied());
+        let mut failure = None;
+        for (index, addr) in candidates.iter().copied().enumerate() {
+            if candidates[..index].contains(&addr) {
+                continue;
+            }
+            match self.connection(addr).and_then(|connection| connection.call(request)) {
+                Ok(frame) => {
+                    *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+                    return Ok((addr, frame));
+                }
+                Err(error) if error.is_disconnect() => {
+                    failure.get_or_insert(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(failure.expect("the bootstrap address is always a candidate"))
+    }
+
+    /// The connection to the leader of `topic`/`partition`, on the shard owning it there.
+    /// A shard port that refuses connections may be stale (a restarted node with
+    /// `--shard-port-base 0` picks new ports, another node took over): the metadata is re-read
+    /// once and the new address tried.
+    fn partition_connection(&self, topic: &str, partition: u32) -> Result<Arc<Connection>> {
+        let addr = self.partition_addr(topic, partition)?;
+        match self.connection(addr) {
+            Err(ClientError::Connect { .. }) if addr != self.inner.bootstrap => {
+                self.metadata(&[topic])?;
+                self.connection(self.partition_addr(topic, partition)?)
+            }
+            connected => connected,
+        }
+    }
+
+    /// Where the requests for `topic`/`partition` go.
+    fn partition_addr(&self, topic: &str, partition: u32) -> Result<SocketAddr> {
+        self.with_routes(topic, |routes| {
+            let route = routes.iter().find(|r| r.info.partition == partition);
+            route.map(|route| route.leader).ok_or_else(|| {
+                let partitions = u32::try_from(routes.len()).expect("partition ids are u32");
+                ClientError::UnknownPartition { topic: topic.to_owned(), partition, partitions }
+            })
+        })?
+    }
+
+    /// The open connection to `addr`, opening one if needed.
+    fn connection(&self, addr: SocketAddr) -> Result<Arc<Connection>> {
         let mut connections = self.inner.connections.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(connection) = connections.get(&port).filter(|c| !c.is_closed()) {
+        if let Some(connection) = connections.get(&addr).filter(|c| !c.is_closed()) {
             return Ok(Arc::clone(connection));
         }
-        let addr = SocketAddr::new(self.inner.bootstrap.ip(), port);
         let connection = Arc::new(Connection::connect(addr, self.inner.options)?);
-        connections.insert(port, Arc::clone(&connection));
+        connections.insert(addr, Arc::clone(&connection));
         Ok(connection)
     }
+}
+
+/// The address of `host`:`port` as metadata gave it: an empty host, one that does not resolve
+/// or one that means every address (a node listening on 0.0.0.0) is the host of the node
+/// that answered (`answered`), as is port 0 its port.
+fn node_addr(host: &str, port: u16, answered: SocketAddr) -> SocketAddr {
+    let port = if port == 0 { answered.port() } else { port };
+    let ip = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if !ip.is_unspecified() => Some(ip),
+        Ok(_) => None,
+        Err(_) if host.is_empty() => None,
+        Err(_) => resolve(&format!("{host}:{port}")).ok().map(|addr| addr.ip()),
+    };
+    SocketAddr::new(ip.unwrap_or(answered.ip()), port)
 }
 
 /// The first address "host:port" resolves to.

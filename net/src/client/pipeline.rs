@@ -76,6 +76,9 @@ pub struct ConnectOptions {
     /// Bounds each wait: for an in-flight slot, for a write, and for a response.
     pub request_timeout: Duration,
     pub max_in_flight: usize,
+    /// How long a request keeps following its partition's leader after it first failed
+    /// because the leader moved (see [`super::failover`]).
+    pub leader_retry_budget: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -84,6 +87,7 @@ impl Default for ConnectOptions {
             connect_timeout: CONNECT_TIMEOUT_DEFAULT,
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
             max_in_flight: IN_FLIGHT_MAX_DEFAULT,
+            leader_retry_budget: super::failover::LEADER_RETRY_BUDGET_DEFAULT,
         }
     }
 }

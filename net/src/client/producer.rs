@@ -17,15 +17,32 @@
 //! linger, partitioning, the in-flight window and the reports are this module's, whatever the
 //! protocol underneath.
 //!
+//! Leader changes ([`super::failover`]): when a batch fails because its partition's leader
+//! moved (over a transport that follows leaders), the producer settles every batch of that
+//! partition in flight (they went to the same old leader), pauses, reads the metadata again and
+//! sends those the old leader did not take again, in send order, on the new leader's
+//! connection; the caller's thread waits meanwhile, as it waits for room. It gives up when the
+//! retry budget is spent, failing those batches with `LeaderUnavailable`. A batch is reported
+//! acknowledged only once a node acknowledged it, but a batch sent again may already have been
+//! stored by the old leader: at-least-once, and with more than one batch of a partition in
+//! flight a retried batch may land after a later one the old leader took. Under `Acks::None`
+//! nothing is retried (no answer says the leader moved).
+//!
 //! Invariants: at most `max_in_flight_batches` batches await acknowledgement (a send blocks on
 //! the oldest beyond that) and at most one open batch per partition, so memory is bounded by
-//! `(partitions + max_in_flight_batches) * batch_bytes`. Batches of one partition are sent in
-//! order on one connection, so the broker appends them in send order.
+//! `(partitions + max_in_flight_batches) * batch_bytes` (a batch in flight keeps its bytes
+//! until it is reported, to be sent again). Batches of one partition are sent in order on one
+//! connection, so the broker appends them in send order; a fail-over sends a partition's
+//! batches again only once none of them is still on its way.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+
 use super::batch::{BatchBuilder, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
+use super::failover::Retry;
 use super::partitioner::{PartitionSelector, Partitioner};
 use super::transport::{Pending, Transport};
 use super::{Acks, Client, ClientError, ProduceAck, Result, OFFSET_UNACKNOWLEDGED};
@@ -81,6 +98,8 @@ pub struct DeliveryReport {
     pub last_enqueue: Instant,
     /// When the outcome became known to the producer.
     pub completed: Instant,
+    /// Times the batch was sent again because its partition's leader moved.
+    pub retries: u32,
     /// `None` when the batch was appended (or sent, under `Acks::None`).
     pub error: Option<ClientError>,
 }
@@ -107,10 +126,20 @@ struct Batch {
 #[derive(Debug)]
 struct InFlight<P> {
     batch: Batch,
-    pending: P,
+    /// The batch's bytes, to be sent again if its partition's leader moves.
+    records: Bytes,
+    /// The request on its way; `None` once its outcome was taken, or while the batch waits
+    /// for a new leader.
+    pending: Option<P>,
     /// The outcome once seen (its partition's room is then free again), kept until every
     /// batch sent before it has been reported.
     outcome: Option<Result<ProduceAck>>,
+    /// Its old leader did not take it: it is to be sent again (only during a fail-over).
+    awaiting_leader: bool,
+    /// Times it was sent again.
+    retries: u32,
+    /// Where it was last sent, if the transport follows leaders.
+    sent_to: Option<SocketAddr>,
 }
 
 pub struct Producer<T: Transport = Client> {
@@ -132,6 +161,10 @@ pub struct Producer<T: Transport = Client> {
     on_delivery: DeliveryCallback,
     failed_batches: u64,
     first_failure: Option<String>,
+    /// Per partition: the retries since its leader moved, until a batch is acknowledged.
+    retry: Vec<Option<Retry>>,
+    /// Batches sent again after a leader change, since the producer was made.
+    leader_retries: u64,
 }
 
 impl<T: Transport> std::fmt::Debug for Producer<T> {
@@ -172,6 +205,8 @@ impl<T: Transport> Producer<T> {
             on_delivery: Box::new(on_delivery),
             failed_batches: 0,
             first_failure: None,
+            retry: vec![None; partitions as usize],
+            leader_retries: 0,
             partitions,
             config,
         })
@@ -299,6 +334,11 @@ impl<T: Transport> Producer<T> {
         self.in_flight.len()
     }
 
+    /// Batches sent again because their partition's leader moved, since the producer was made.
+    pub fn leader_retries(&self) -> u64 {
+        self.leader_retries
+    }
+
     /// Whether a batch of `partition` may be sent without waiting for an acknowledgement.
     fn has_room(&self, partition: u32) -> bool {
         self.in_flight.len() < self.config.max_in_flight_batches
@@ -306,42 +346,60 @@ impl<T: Transport> Producer<T> {
     }
 
     /// Sends the open batch of `partition`, first waiting (oldest first, so reports stay in
-    /// send order) for as many acknowledgements as the in-flight bounds need.
+    /// send order) for as many acknowledgements as the in-flight bounds need. A batch its
+    /// partition's leader cannot take now waits for the next one ([`Producer::fail_over`]).
     fn send_batch(&mut self, partition: u32) -> Result<()> {
         let open = self.open[partition as usize].take().expect("caller checked the batch is open");
         self.selector.batch_sent(partition, self.partitions);
         while !self.has_room(partition) {
             self.report_oldest();
         }
-        let record_count = open.builder.record_count();
+        let batch = Batch {
+            partition,
+            record_count: open.builder.record_count(),
+            first_enqueue: open.first_enqueue,
+            last_enqueue: open.last_enqueue,
+        };
         let records = open.builder.finish();
-        match self.client.produce_async(&self.config.topic, partition, records, self.config.acks) {
-            Ok(pending) => {
-                let batch = Batch {
-                    partition,
-                    record_count,
-                    first_enqueue: open.first_enqueue,
-                    last_enqueue: open.last_enqueue,
-                };
-                self.in_flight.push_back(InFlight { batch, pending, outcome: None });
-                self.in_flight_of[partition as usize] += 1;
-                Ok(())
+        // Metadata read again for another partition may have moved this one: its batches
+        // still on their way to the old leader are settled first, or this one could land
+        // before those the old leader refuses.
+        if self.sent_elsewhere(partition, self.client.leader_addr(&self.config.topic, partition)) {
+            if let Some(moved) = self.settle_partition(partition) {
+                // An error that ends the fail-over reaches the caller through the reports.
+                let _ = self.fail_over(partition, moved);
+            }
+        }
+        let sent_to = self.client.leader_addr(&self.config.topic, partition);
+        let sent =
+            self.client.produce_async(&self.config.topic, partition, records.clone(), self.config.acks);
+        let (pending, awaiting_leader, moved) = match sent {
+            Ok(pending) => (Some(pending), false, None),
+            Err(error) if self.client.leader_moved(&self.config.topic, partition, &error) => {
+                (None, true, Some(error))
             }
             Err(error) => {
                 // The callback learns of the lost batch; the caller gets the cause too, so it
                 // can tell a gone broker (`is_disconnect`) from a refused batch.
-                let lost = error.clone();
-                self.report(
-                    Batch {
-                        partition,
-                        record_count,
-                        first_enqueue: open.first_enqueue,
-                        last_enqueue: open.last_enqueue,
-                    },
-                    Err(lost),
-                );
-                Err(error)
+                self.report(batch, 0, Err(error.clone()));
+                return Err(error);
             }
+        };
+        self.in_flight.push_back(InFlight {
+            batch,
+            records,
+            pending,
+            outcome: None,
+            awaiting_leader,
+            retries: 0,
+            sent_to,
+        });
+        self.in_flight_of[partition as usize] += 1;
+        match moved.and_then(|error| self.fail_over(partition, error)) {
+            // The batch is reported failed in its turn; the caller learns now that the
+            // partition has no leader.
+            Some(error) => Err(error),
+            None => Ok(()),
         }
     }
 
@@ -353,12 +411,12 @@ impl<T: Transport> Producer<T> {
         let mut freed = false;
         if self.held {
             for index in 0..self.in_flight.len() {
-                freed |= self.note_outcome(index, now);
+                freed |= self.note_outcome(index, now, false);
             }
         }
         loop {
             if !self.held {
-                freed |= self.note_outcome(0, now);
+                freed |= self.note_outcome(0, now, false);
             }
             if self.in_flight.front().is_none_or(|front| front.outcome.is_none()) {
                 return freed;
@@ -367,33 +425,162 @@ impl<T: Transport> Producer<T> {
         }
     }
 
-    /// Takes the outcome of the `index`th batch in flight if it has arrived, freeing its
-    /// partition's room; true if it did.
-    fn note_outcome(&mut self, index: usize, now: Instant) -> bool {
+    /// Takes the outcome of the `index`th batch in flight if it has arrived (waiting for it if
+    /// `block`), freeing its partition's room; true if room was freed. An outcome saying the
+    /// partition's leader moved starts a fail-over instead, which sends the batch again.
+    fn note_outcome(&mut self, index: usize, now: Instant, block: bool) -> bool {
         let Some(in_flight) = self.in_flight.get_mut(index) else { return false };
         if in_flight.outcome.is_some() {
             return false;
         }
-        let Some(outcome) = in_flight.pending.try_wait(now) else { return false };
-        in_flight.outcome = Some(outcome);
-        self.in_flight_of[in_flight.batch.partition as usize] -= 1;
-        true
+        assert!(!in_flight.awaiting_leader, "a fail-over sends or fails every batch it held back");
+        let outcome = if block {
+            in_flight.pending.take().expect("a batch in flight has its request").wait()
+        } else {
+            let pending = in_flight.pending.as_mut().expect("a batch in flight has its request");
+            let Some(outcome) = pending.try_wait(now) else { return false };
+            in_flight.pending = None;
+            outcome
+        };
+        let partition = in_flight.batch.partition;
+        let index = partition as usize;
+        match outcome {
+            Err(error) if self.client.leader_moved(&self.config.topic, partition, &error) => {
+                in_flight.awaiting_leader = true;
+                let before = self.in_flight_of[index];
+                // An error that ends the fail-over reaches the caller through the reports.
+                let _ = self.fail_over(partition, error);
+                self.in_flight_of[index] < before
+            }
+            outcome => {
+                if outcome.is_ok() {
+                    self.retry[index] = None;
+                }
+                in_flight.outcome = Some(outcome);
+                self.in_flight_of[index] -= 1;
+                true
+            }
+        }
+    }
+
+    /// The leader of `partition` moved (`last` says how). Settles every other batch of the
+    /// partition in flight (they went to the same old leader), then pauses, reads the metadata
+    /// again and sends again, in send order, every batch the old leader did not take; until
+    /// they are sent, or the retry budget is spent: they then fail, and the error is returned.
+    fn fail_over(&mut self, partition: u32, mut last: ClientError) -> Option<ClientError> {
+        let topic = self.config.topic.clone();
+        let budget = self.client.leader_retry_budget();
+        let mut retry = self.retry[partition as usize].unwrap_or_else(|| Retry::new(Instant::now(), budget));
+        if let Some(moved) = self.settle_partition(partition) {
+            last = moved;
+        }
+        loop {
+            let Some(pause) = retry.next_pause(Instant::now()) else {
+                let error =
+                    retry.exhausted(&topic, partition, self.client.leader_name(&topic, partition), last);
+                self.fail_awaiting(partition, &error);
+                self.retry[partition as usize] = None;
+                return Some(error);
+            };
+            std::thread::sleep(pause);
+            // A failed read keeps what was known; the send below says whether a leader is back.
+            let _ = self.client.refresh_leaders(&topic);
+            match self.send_awaiting(partition) {
+                Ok(()) => {
+                    self.retry[partition as usize] = Some(retry);
+                    return None;
+                }
+                Err(error) => last = error,
+            }
+        }
+    }
+
+    /// Whether a batch of `partition` still on its way went elsewhere than to `leader`.
+    fn sent_elsewhere(&self, partition: u32, leader: Option<SocketAddr>) -> bool {
+        self.in_flight.iter().any(|in_flight| {
+            in_flight.batch.partition == partition
+                && in_flight.outcome.is_none()
+                && in_flight.sent_to != leader
+        })
+    }
+
+    /// Waits for the outcome of every batch of `partition` still on its way; those whose
+    /// leader moved wait for the next one. Returns the last such error, if any.
+    fn settle_partition(&mut self, partition: u32) -> Option<ClientError> {
+        let mut last = None;
+        for in_flight in &mut self.in_flight {
+            if in_flight.batch.partition != partition
+                || in_flight.outcome.is_some()
+                || in_flight.awaiting_leader
+            {
+                continue;
+            }
+            match in_flight.pending.take().expect("a batch in flight has its request").wait() {
+                Err(error) if self.client.leader_moved(&self.config.topic, partition, &error) => {
+                    in_flight.awaiting_leader = true;
+                    last = Some(error);
+                }
+                outcome => {
+                    in_flight.outcome = Some(outcome);
+                    self.in_flight_of[partition as usize] -= 1;
+                }
+            }
+        }
+        last
+    }
+
+    /// Sends again, in send order, the batches of `partition` that wait for a leader. Stops
+    /// at the first that its leader cannot take either (the later ones must not overtake it).
+    fn send_awaiting(&mut self, partition: u32) -> Result<()> {
+        for in_flight in &mut self.in_flight {
+            if in_flight.batch.partition != partition || !in_flight.awaiting_leader {
+                continue;
+            }
+            let records = in_flight.records.clone();
+            let sent_to = self.client.leader_addr(&self.config.topic, partition);
+            match self.client.produce_async(&self.config.topic, partition, records, self.config.acks) {
+                Ok(pending) => {
+                    in_flight.pending = Some(pending);
+                    in_flight.sent_to = sent_to;
+                    in_flight.awaiting_leader = false;
+                    in_flight.retries += 1;
+                    self.leader_retries += 1;
+                }
+                Err(error) if self.client.leader_moved(&self.config.topic, partition, &error) => {
+                    return Err(error);
+                }
+                Err(error) => {
+                    in_flight.awaiting_leader = false;
+                    in_flight.outcome = Some(Err(error));
+                    self.in_flight_of[partition as usize] -= 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails every batch of `partition` that waits for a leader with `error`.
+    fn fail_awaiting(&mut self, partition: u32, error: &ClientError) {
+        for in_flight in &mut self.in_flight {
+            if in_flight.batch.partition == partition && in_flight.awaiting_leader {
+                in_flight.awaiting_leader = false;
+                in_flight.outcome = Some(Err(error.clone()));
+                self.in_flight_of[partition as usize] -= 1;
+            }
+        }
     }
 
     /// Reports the oldest batch in flight, waiting for its outcome if it has not arrived.
     fn report_oldest(&mut self) {
-        let oldest = self.in_flight.pop_front().expect("a batch is in flight");
-        let outcome = match oldest.outcome {
-            Some(outcome) => outcome,
-            None => {
-                self.in_flight_of[oldest.batch.partition as usize] -= 1;
-                oldest.pending.wait()
-            }
-        };
-        self.report(oldest.batch, outcome);
+        while self.in_flight.front().expect("a batch is in flight").outcome.is_none() {
+            self.note_outcome(0, Instant::now(), true);
+        }
+        let oldest = self.in_flight.pop_front().expect("looked at above");
+        let outcome = oldest.outcome.expect("the loop above took it");
+        self.report(oldest.batch, oldest.retries, outcome);
     }
 
-    fn report(&mut self, batch: Batch, outcome: Result<ProduceAck>) {
+    fn report(&mut self, batch: Batch, retries: u32, outcome: Result<ProduceAck>) {
         let Batch { partition, record_count, first_enqueue, last_enqueue } = batch;
         // An acknowledgement counts from when it arrived, not from when this producer looked.
         let mut completed = Instant::now();
@@ -415,6 +602,7 @@ impl<T: Transport> Producer<T> {
             first_enqueue,
             last_enqueue,
             completed,
+            retries,
             error,
         });
     }

@@ -6,14 +6,19 @@
 //! on one connection (so the broker appends produced batches in that order), every wait is
 //! bounded by the request timeout, and a broker that goes away turns every pending and later
 //! request into an error for which [`super::ClientError::is_disconnect`] is true.
+//!
+//! A transport that follows leaders ([`super::failover`]; the native client does) says which
+//! errors mean the partition's leader moved and reads the metadata again on request; the
+//! producer and consumer then send the request again, in order, within the retry budget. The
+//! defaults follow nothing: every error is final, as before clusters.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::pipeline::Doorbell;
-use super::{Acks, Client, FetchResult, PendingFetch, PendingProduce, ProduceAck, Result};
+use super::{Acks, Client, ClientError, FetchResult, PendingFetch, PendingProduce, ProduceAck, Result};
 
 /// A request on its way whose outcome is a `T`.
 pub trait Pending<T>: Send + std::fmt::Debug {
@@ -70,6 +75,33 @@ pub trait Transport: Clone + Send + Sync + std::fmt::Debug + 'static {
         max_bytes: u32,
         max_wait_ms: u32,
     ) -> Result<Self::PendingFetch>;
+
+    /// Whether `error`, from a request for `topic`/`partition`, may succeed on the partition's
+    /// leader once [`Transport::refresh_leaders`] has run: the leader moved.
+    fn leader_moved(&self, _topic: &str, _partition: u32, _error: &ClientError) -> bool {
+        false
+    }
+
+    /// Reads again where `topic`'s partitions are led.
+    fn refresh_leaders(&self, _topic: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Where the partition's requests go now, if the transport follows leaders: a producer
+    /// whose earlier batches went elsewhere settles them first, so that none is overtaken.
+    fn leader_addr(&self, _topic: &str, _partition: u32) -> Option<std::net::SocketAddr> {
+        None
+    }
+
+    /// The partition's leader as last known, for the error that ends the retries.
+    fn leader_name(&self, _topic: &str, _partition: u32) -> String {
+        "unknown".to_owned()
+    }
+
+    /// How long a request keeps following its partition's leader from its first failure.
+    fn leader_retry_budget(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 impl Pending<ProduceAck> for PendingProduce {
@@ -142,5 +174,26 @@ impl Transport for Client {
         max_wait_ms: u32,
     ) -> Result<PendingFetch> {
         Client::fetch_async(self, topic, partition, offset, max_bytes, max_wait_ms)
+    }
+
+    fn leader_moved(&self, topic: &str, partition: u32, error: &ClientError) -> bool {
+        Client::leader_moved(self, topic, partition, error)
+    }
+
+    fn refresh_leaders(&self, topic: &str) -> Result<()> {
+        self.metadata(&[topic]).map(drop)
+    }
+
+    fn leader_name(&self, topic: &str, partition: u32) -> String {
+        Client::leader_name(self, topic, partition)
+    }
+
+    fn leader_addr(&self, topic: &str, partition: u32) -> Option<std::net::SocketAddr> {
+        let cache = self.inner.topics.read().unwrap_or_else(|p| p.into_inner());
+        cache.get(topic)?.iter().find(|r| r.info.partition == partition).map(|r| r.leader)
+    }
+
+    fn leader_retry_budget(&self) -> Duration {
+        self.inner.options.leader_retry_budget
     }
 }

@@ -1,0 +1,111 @@
+//! Following a partition's leader when it moves: which errors mean "ask again elsewhere", and
+//! how long and how often to ask.
+//!
+//! In a cluster a replicated partition is served by its leader's node only; every other node
+//! answers [`ErrorCode::NotLeader`]. A leader also moves when its node goes down, which the
+//! client sees as a refused or lost connection. Either way the request may succeed on the new
+//! leader: the client reads the metadata again (from any node it knows) and resends there,
+//! after a backoff that starts at [`LEADER_RETRY_BACKOFF_FIRST`] and doubles up to
+//! [`LEADER_RETRY_BACKOFF_MAX`], for at most [`ConnectOptions::leader_retry_budget`]
+//! ([`LEADER_RETRY_BUDGET_DEFAULT`], 10 s) from the first failure. Past the budget the request
+//! fails with [`ClientError::LeaderUnavailable`], which names the partition, the leader last
+//! known and the last error.
+//!
+//! A lost connection is retried only for a partition with replicas on other nodes: a node of
+//! its own has no one to fail over to, and its clients learn at once that it is gone.
+//!
+//! **At-least-once.** The native protocol has no idempotent producer (a Kafka client's
+//! producer id and sequence numbers, which let a leader drop a batch it already holds). A
+//! produce whose answer was lost (the node went down, or lost its leadership, after appending
+//! it) may already be in the log when it is sent again, so a retried batch may be stored twice.
+//! A batch is reported acknowledged only when a node acknowledged it, so no acknowledged record
+//! is lost; but after a failover a record may appear twice, and with more than one batch of a
+//! partition in flight a retried batch may land after a later one that its old leader had
+//! already taken (set `max_in_flight_per_partition` to 1 to keep a partition's order).
+//!
+//! [`ErrorCode::NotLeader`]: super::ErrorCode::NotLeader
+//! [`ConnectOptions::leader_retry_budget`]: super::ConnectOptions::leader_retry_budget
+//! [`ClientError::LeaderUnavailable`]: super::ClientError::LeaderUnavailable
+
+use std::time::{Duration, Instant};
+
+use super::ClientError;
+
+/// How long a request keeps following its partition's leader, from its first failure.
+pub const LEADER_RETRY_BUDGET_DEFAULT: Duration = Duration::from_secs(10);
+/// The pause before the first retry; each further retry doubles it.
+pub const LEADER_RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+/// The longest pause between two retries.
+pub const LEADER_RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// The retries of one partition's requests since their first failure.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retry {
+    started: Instant,
+    retries: u32,
+    budget: Duration,
+}
+
+impl Retry {
+    pub(crate) fn new(now: Instant, budget: Duration) -> Retry {
+        Retry { started: now, retries: 0, budget }
+    }
+
+    /// The pause before the next retry, counting it; `None` once the budget is spent (the
+    /// pause would end past it).
+    pub(crate) fn next_pause(&mut self, now: Instant) -> Option<Duration> {
+        let doublings = self.retries.min(16);
+        let pause = LEADER_RETRY_BACKOFF_FIRST.saturating_mul(1 << doublings).min(LEADER_RETRY_BACKOFF_MAX);
+        let spent = now.saturating_duration_since(self.started);
+        if spent + pause > self.budget {
+            return None;
+        }
+        self.retries += 1;
+        assert!(self.retries <= self.retries_max(), "the budget bounds the retries");
+        Some(pause)
+    }
+
+    /// The error that ends the retries: `topic`/`partition`, its leader as last known (`leader`)
+    /// and the last failure.
+    pub(crate) fn exhausted(
+        &self,
+        topic: &str,
+        partition: u32,
+        leader: String,
+        last: ClientError,
+    ) -> ClientError {
+        ClientError::LeaderUnavailable {
+            topic: topic.to_owned(),
+            partition,
+            leader,
+            retries: self.retries,
+            waited: self.started.elapsed(),
+            last: Box::new(last),
+        }
+    }
+
+    /// Most retries a budget allows: one per first pause, a bound the assertion above checks.
+    fn retries_max(&self) -> u32 {
+        u32::try_from(self.budget.as_millis() / LEADER_RETRY_BACKOFF_FIRST.as_millis()).unwrap_or(u32::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_double_up_to_the_cap_and_stop_at_the_budget() {
+        let start = Instant::now();
+        let mut retry = Retry::new(start, Duration::from_secs(2));
+        let mut at = start;
+        let mut pauses = Vec::new();
+        while let Some(pause) = retry.next_pause(at) {
+            pauses.push(pause.as_millis());
+            at += pause;
+        }
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 500, 500]);
+        assert!(at - start <= Duration::from_secs(2));
+        assert_eq!(retry.retries, 8);
+    }
+}
