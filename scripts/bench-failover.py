@@ -93,7 +93,19 @@ def main():
                 if time.monotonic() - killed_at > 30:
                     raise AssertionError("no new leader within 30 s")
                 time.sleep(0.002)
-            wait_until("acknowledgements resume", lambda: acks and acks[-1] > killed_at + 0.2, timeout_s=30)
+            try:
+                wait_until("acknowledgements resume", lambda: acks and acks[-1] > killed_at + 0.2, timeout_s=30)
+            except AssertionError:
+                for node in (1, 2, 3):
+                    try:
+                        replicas = [r for r in view(node)["replicas"] if r["topic"] == "failover"]
+                    except Exception as error:
+                        replicas = error
+                    print(f"node {node}: {replicas}", file=sys.stderr)
+                print(f"delivery errors: {errors[-3:]}", file=sys.stderr)
+                raise
+            print(f"round {len(elections)}: killed node {leader}, new leader after {elections[-1]:.0f} ms",
+                  file=sys.stderr)
             around = [t for t in acks if killed_at - 1 <= t <= killed_at + 5]
             gaps.append(max((b - a) * 1000 for a, b in zip(around, around[1:])))
             cluster.node(leader).start().wait_ready()

@@ -1065,10 +1065,10 @@ impl RaftGroup {
         self.leader_seq = self.leader_seq.max(append.seq);
         // A point inside one of our batches is no point the leader's log and ours share: the
         // same epoch at the same offsets is the same batch, so a sound leader never sends it.
+        let epoch_matches = append.prev_end > 0
+            && self.epochs.epoch_at(append.prev_end - 1, self.log_end) == Some(append.prev_epoch);
         let prev_matches = append.prev_end == 0 && append.prev_epoch == -1
-            || append.prev_end > 0
-                && self.epochs.epoch_at(append.prev_end - 1, self.log_end) == Some(append.prev_epoch)
-                && self.is_batch_boundary(append.prev_end, log);
+            || epoch_matches && self.is_batch_boundary(append.prev_end, log);
         if !prev_matches {
             let probe_end = append.prev_end.clamp(0, self.log_end);
             let body = Body::AppendResponse(self.rejection(probe_end, append.seq));
@@ -1089,13 +1089,19 @@ impl RaftGroup {
     }
 
     /// Whether our log has a batch boundary at `offset` (its start and end included).
+    /// Whether a batch of our log starts at `offset`, as far as the log can tell now. A shell's
+    /// reader may serve only what it holds in memory (reading the rest meanwhile): then the
+    /// epoch check stands alone, as Raft's log matching makes it enough for sound leaders (the
+    /// same epoch at the same offset is the same batch, so its boundaries are the leader's).
+    /// Refusing instead stalled a follower back from a restart, whose log is not in memory:
+    /// every probe dropped until a read came in, and the leader walked it from 0.
     fn is_batch_boundary(&self, offset: i64, log: &dyn LogRead) -> bool {
         if offset == 0 || offset == self.log_end {
             return true;
         }
         let mut held = Vec::new();
         log.read(offset, 1, &mut held);
-        held.first().and_then(|b| batch::parse(b).ok()).is_some_and(|view| view.base_offset == offset)
+        held.first().is_none_or(|b| batch::parse(b).ok().is_some_and(|view| view.base_offset == offset))
     }
 
     /// Appends what the log lacks of `append`'s batches, cutting a conflicting tail first.
@@ -1270,12 +1276,22 @@ impl RaftGroup {
     /// ever sent answers an append sent before this reset.
     fn adopt_disk(&mut self, i: usize, response: &AppendResponse) {
         let (reset_seq, log_end) = (self.append_seq, self.log_end);
+        // Where to probe next: where the follower's log ends (a follower back from a restart
+        // holds most of the log; the probe's epoch check finds out whether it matches), or,
+        // refused, where its epochs say the logs part; never from 0 when it holds more.
+        let next = if response.accepted {
+            response.log_end.max(response.match_end)
+        } else if honest_tail(&response.epochs, response.log_end.min(log_end)) {
+            self.epochs.common_end(log_end, &response.epochs, response.log_end.min(log_end))
+        } else {
+            0
+        };
         let p = &mut self.progress[i];
         p.disk_id = Some(response.disk_id);
         p.recovering = true; // until an answer to a later append says otherwise
         p.match_end = 0;
         p.acked_end = 0;
-        p.next = if response.accepted { response.match_end.clamp(0, log_end) } else { 0 };
+        p.next = next.clamp(0, log_end);
         p.in_flight.clear();
         p.in_flight_bytes = 0;
         p.probing = true;

@@ -141,6 +141,9 @@ pub(crate) struct ShardCluster {
     /// The last role each replica of this node reported, whichever shard holds it: shared
     /// over the mesh ([`Op::Role`]) so any shard can name a partition's leader.
     pub roles: RefCell<HashMap<GroupId, ReplicaRole>>,
+    /// One application of metadata at a time: opening a replica awaits, and a second one
+    /// (the stored metadata at start and the controller's, say) must not open it again.
+    pub applying: glommio::sync::Semaphore,
 }
 
 impl ShardCluster {
@@ -153,6 +156,7 @@ impl ShardCluster {
             forward: RefCell::new(None),
             applied: Event::default(),
             roles: RefCell::new(HashMap::new()),
+            applying: glommio::sync::Semaphore::new(1),
         }
     }
 
@@ -643,6 +647,12 @@ impl Shard {
     /// those of topics that are gone.
     pub(crate) async fn apply_cluster(&self, meta: ClusterMeta) -> Result<(), ShardError> {
         let cluster = self.cluster().expect("a cluster");
+        let _turn = cluster.applying.acquire_permit(1).await.map_err(|_| ShardError::ShuttingDown)?;
+        // An older view than the one applied (a stored snapshot behind the controller's) is
+        // not applied over it.
+        if meta.applied_end < cluster.meta.borrow().applied_end {
+            return Ok(());
+        }
         let node = cluster.settings.node_id;
         for (name, topic) in &meta.topics {
             for (partition, voters) in topic.replicas.iter().enumerate() {
