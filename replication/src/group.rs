@@ -16,7 +16,9 @@
 //! - the commit point (`high_watermark`) never moves back, and the log is never truncated at
 //!   or below it: an append that would do so is ignored, whoever sent it; nor inside one of
 //!   its batches: an append whose previous point or first conflict falls inside a held batch
-//!   is refused (`is_batch_boundary`), as is a message over its limits (`within_limits`);
+//!   is refused when the log can read that batch now (`is_batch_boundary`; otherwise the
+//!   epoch check stands alone, enough for sound leaders, and the storage refuses a cut inside
+//!   a batch anyway), as is a message over its limits (`within_limits`);
 //! - the current term only grows; the epochs of the log only grow along it;
 //! - a replica that lost its disk (`recovering`) neither votes, campaigns nor counts toward a
 //!   write quorum until it has learned the term of every voter it knows of (among them any
