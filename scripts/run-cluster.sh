@@ -43,7 +43,7 @@ for _ in $(seq 300); do
 done
 ((ready == 3)) || { tail -5 "$base"/node*.out; echo "run-cluster.sh: the cluster did not form" >&2; exit 1; }
 echo "cluster formed: nodes 1, 2, 3 on 127.0.0.1-3"
-"$target/release/pyralog" topic --broker 127.0.0.2:7070 create demo --partitions 4
+"$target/release/pyralog" topic --broker 127.0.0.2:7070 create demo --partitions 4 --replication-factor 3
 # Each partition elects its leader within a few election timeouts.
 for _ in $(seq 100); do
   "$target/release/pyralog" cluster --node 127.0.0.1:9644 status | grep -q " 0 offline" && break

@@ -10,13 +10,28 @@ use pyralog_net::codec::ErrorCode;
 
 #[derive(Debug, Subcommand)]
 pub enum TopicAction {
-    /// Create a topic. Its partitions are spread over the node's shards.
+    /// Create a topic. Its partitions are spread over the node's shards (and, in a cluster,
+    /// their replicas over the nodes).
     Create {
         /// The topic's name.
         name: String,
         /// How many partitions the topic has; fixed once it is created.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
+        /// In a cluster: replicas of each partition, on distinct nodes. Default: the node's
+        /// --default-replication-factor (3, or fewer nodes).
+        #[arg(long, value_name = "COUNT")]
+        replication_factor: Option<u32>,
+        /// In a cluster: the write quorum W, replicas holding a batch durably before it is
+        /// committed (Kafka's min.insync.replicas). Default: a majority of the replicas.
+        #[arg(long, value_name = "COUNT", conflicts_with = "quorum")]
+        min_insync_replicas: Option<u32>,
+        /// In a cluster: the write quorum by name, for --replication-factor replicas:
+        /// balanced (a majority), write-optimized (2: fast acknowledgements, elections need
+        /// more replicas) or read-optimized (every replica: reads from any in-sync replica
+        /// see everything committed).
+        #[arg(long, value_name = "PRESET", requires = "replication_factor")]
+        quorum: Option<String>,
     },
     /// List the node's topics, one per line: name and partition count.
     List,
@@ -38,8 +53,20 @@ pub fn run(broker: &str, action: TopicAction) -> Result<()> {
     // The client's connection errors name the address and what to do: no context to add.
     let client = Client::connect(broker)?;
     match action {
-        TopicAction::Create { name, partitions } => {
-            client.create_topic(&name, partitions)?;
+        TopicAction::Create { name, partitions, replication_factor, min_insync_replicas, quorum } => {
+            let write_quorum = match (&quorum, replication_factor) {
+                (Some(preset), Some(factor)) => {
+                    let preset = pyralog_replication::Preset::parse(preset)?;
+                    Some(pyralog_replication::Quorum::preset(preset, factor)?.write_quorum())
+                }
+                _ => min_insync_replicas,
+            };
+            client.create_replicated_topic(
+                &name,
+                partitions,
+                replication_factor.unwrap_or(0),
+                write_quorum.unwrap_or(0),
+            )?;
             println!("created topic '{name}' with {partitions} partitions");
         }
         TopicAction::List => {

@@ -20,6 +20,7 @@ use pyralog_net::codec::{
 };
 use pyralog_net::server::Handler;
 use pyralog_shard::cluster::{ClusterMeta, TopicPlacement};
+use pyralog_shard::topics::TopicConfig;
 use pyralog_shard::{Shard, ShardError};
 
 use crate::fetch;
@@ -63,13 +64,36 @@ pub fn error_code(error: &ShardError) -> ErrorCode {
     }
 }
 
+impl Service {
+    /// A native CreateTopic: a replication factor (or write quorum) needs a cluster.
+    async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+        min_insync_replicas: u32,
+    ) -> Result<(), ShardError> {
+        if self.shard.cluster_meta().is_none() && (replication_factor > 1 || min_insync_replicas > 1) {
+            return Err(ShardError::InvalidReplicationFactor(format!(
+                "replication factor {replication_factor} (write quorum {min_insync_replicas}): this node is a \
+                 cluster of one, so only 1 is possible; start nodes with --seeds to form a cluster"
+            )));
+        }
+        let config = TopicConfig {
+            replication_factor: (replication_factor > 0).then_some(replication_factor),
+            min_insync_replicas: (min_insync_replicas > 0).then_some(min_insync_replicas),
+            ..TopicConfig::default()
+        };
+        self.shard.create_topic(name, partitions, config).await
+    }
+}
+
 impl Handler for Service {
     async fn handle(&self, correlation_id: u64, request: Request) -> Option<ResponseFrame> {
         let result = match request {
             Request::Metadata { topics } => Ok(Response::Metadata(self.metadata(&topics))),
-            Request::CreateTopic { name, partitions } => self
-                .shard
-                .create_topic(&name, partitions, Default::default())
+            Request::CreateTopic { name, partitions, replication_factor, min_insync_replicas } => self
+                .create_topic(&name, partitions, replication_factor, min_insync_replicas)
                 .await
                 .map(|()| Response::CreateTopic),
             Request::DeleteTopic { name } => {

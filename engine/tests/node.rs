@@ -906,3 +906,15 @@ fn the_node_id_is_kept_in_the_data_directory_and_another_refused() {
     let meta = std::fs::read_to_string(dir.path().join("node.meta")).unwrap();
     assert!(meta.contains(&format!("cluster-id {cluster_id}")), "the cluster id stays: {meta}");
 }
+
+#[test]
+fn a_replication_factor_on_a_cluster_of_one_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let client = node.client();
+    let refused = client.create_replicated_topic("replicated", 1, 3, 0).unwrap_err().to_string();
+    assert!(refused.contains("cluster of one") && refused.contains("--seeds"), "{refused}");
+    client.create_replicated_topic("single", 1, 1, 0).unwrap();
+    let topics: Vec<String> = client.metadata(&[]).unwrap().topics.into_iter().map(|t| t.name).collect();
+    assert_eq!(topics, vec!["single".to_string()]);
+}

@@ -42,9 +42,20 @@ pub enum DecodeError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Metadata { topics: Vec<String> },
-    CreateTopic { name: String, partitions: u32 },
-    DeleteTopic { name: String },
+    Metadata {
+        topics: Vec<String>,
+    },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        /// Replicas per partition in a cluster; 0: the node's default.
+        replication_factor: u32,
+        /// The write quorum W in a cluster; 0: a majority of the replicas.
+        min_insync_replicas: u32,
+    },
+    DeleteTopic {
+        name: String,
+    },
     Produce(ProduceRequest),
     Fetch(FetchRequest),
     ListOffsets(ListOffsetsRequest),
@@ -311,9 +322,14 @@ pub fn encode_request(correlation_id: u64, request: &Request, out: &mut BytesMut
                 fb::MetadataRequest::create(&mut fbb, &fb::MetadataRequestArgs { topics: Some(topics) });
             (fb::RequestBody::MetadataRequest, body.as_union_value())
         }
-        Request::CreateTopic { name, partitions } => {
+        Request::CreateTopic { name, partitions, replication_factor, min_insync_replicas } => {
             let name = fbb.create_string(name);
-            let args = fb::CreateTopicRequestArgs { name: Some(name), partitions: *partitions };
+            let args = fb::CreateTopicRequestArgs {
+                name: Some(name),
+                partitions: *partitions,
+                replication_factor: *replication_factor,
+                min_insync_replicas: *min_insync_replicas,
+            };
             let body = fb::CreateTopicRequest::create(&mut fbb, &args);
             (fb::RequestBody::CreateTopicRequest, body.as_union_value())
         }
@@ -691,7 +707,12 @@ fn decode_request_body(request: &fb::Request<'_>, payload: &Bytes) -> Result<Req
         fb::RequestBody::CreateTopicRequest => {
             let body = request.body_as_create_topic_request().ok_or(DecodeError::MissingField("body"))?;
             let name = body.name().ok_or(DecodeError::MissingField("name"))?.to_owned();
-            Request::CreateTopic { name, partitions: body.partitions() }
+            Request::CreateTopic {
+                name,
+                partitions: body.partitions(),
+                replication_factor: body.replication_factor(),
+                min_insync_replicas: body.min_insync_replicas(),
+            }
         }
         fb::RequestBody::DeleteTopicRequest => {
             let body = request.body_as_delete_topic_request().ok_or(DecodeError::MissingField("body"))?;

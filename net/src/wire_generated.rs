@@ -1309,6 +1309,8 @@ impl<'a> ::flatbuffers::Follow<'a> for CreateTopicRequest<'a> {
 impl<'a> CreateTopicRequest<'a> {
   pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
   pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_REPLICATION_FACTOR: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MIN_INSYNC_REPLICAS: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1320,6 +1322,8 @@ impl<'a> CreateTopicRequest<'a> {
     args: &'args CreateTopicRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<CreateTopicRequest<'bldr>> {
     let mut builder = CreateTopicRequestBuilder::new(_fbb);
+    builder.add_min_insync_replicas(args.min_insync_replicas);
+    builder.add_replication_factor(args.replication_factor);
     builder.add_partitions(args.partitions);
     if let Some(x) = args.name { builder.add_name(x); }
     builder.finish()
@@ -1340,6 +1344,20 @@ impl<'a> CreateTopicRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(CreateTopicRequest::VT_PARTITIONS, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn replication_factor(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CreateTopicRequest::VT_REPLICATION_FACTOR, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn min_insync_replicas(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CreateTopicRequest::VT_MIN_INSYNC_REPLICAS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
@@ -1350,6 +1368,8 @@ impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
      .visit_field::<u32>("partitions", Self::VT_PARTITIONS, false)?
+     .visit_field::<u32>("replication_factor", Self::VT_REPLICATION_FACTOR, false)?
+     .visit_field::<u32>("min_insync_replicas", Self::VT_MIN_INSYNC_REPLICAS, false)?
      .finish();
     Ok(())
   }
@@ -1357,6 +1377,8 @@ impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
 pub struct CreateTopicRequestArgs<'a> {
     pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub partitions: u32,
+    pub replication_factor: u32,
+    pub min_insync_replicas: u32,
 }
 impl<'a> Default for CreateTopicRequestArgs<'a> {
   #[inline]
@@ -1364,6 +1386,8 @@ impl<'a> Default for CreateTopicRequestArgs<'a> {
     CreateTopicRequestArgs {
       name: None,
       partitions: 0,
+      replication_factor: 0,
+      min_insync_replicas: 0,
     }
   }
 }
@@ -1380,6 +1404,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateTopicRequestBuilder<'a,
   #[inline]
   pub fn add_partitions(&mut self, partitions: u32) {
     self.fbb_.push_slot::<u32>(CreateTopicRequest::VT_PARTITIONS, partitions, 0);
+  }
+  #[inline]
+  pub fn add_replication_factor(&mut self, replication_factor: u32) {
+    self.fbb_.push_slot::<u32>(CreateTopicRequest::VT_REPLICATION_FACTOR, replication_factor, 0);
+  }
+  #[inline]
+  pub fn add_min_insync_replicas(&mut self, min_insync_replicas: u32) {
+    self.fbb_.push_slot::<u32>(CreateTopicRequest::VT_MIN_INSYNC_REPLICAS, min_insync_replicas, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateTopicRequestBuilder<'a, 'b, A> {
@@ -1401,6 +1433,8 @@ impl ::core::fmt::Debug for CreateTopicRequest<'_> {
     let mut ds = f.debug_struct("CreateTopicRequest");
       ds.field("name", &self.name());
       ds.field("partitions", &self.partitions());
+      ds.field("replication_factor", &self.replication_factor());
+      ds.field("min_insync_replicas", &self.min_insync_replicas());
       ds.finish()
   }
 }

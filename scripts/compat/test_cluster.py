@@ -124,6 +124,17 @@ def test_a_replicated_topic_serves_kafka_clients_through_its_leaders(cluster):
         assert len(partition.replicas) == 3
         assert len({broker // 1000 for broker in partition.replicas}) == 3, "replicas on three nodes"
         assert partition.leader in partition.replicas
+    # The native CLI names a replication factor and a quorum preset; the controller keeps them.
+    import subprocess
+    import json
+    import urllib.request
+    subprocess.run([cluster.nodes[0].binary, "topic", "--broker", cluster.node(3).native, "create", "quorum",
+                    "--replication-factor", "3", "--quorum", "write-optimized"], check=True, timeout=30)
+    wait_until("node 1 applied the topic",
+               lambda: "quorum" in json.load(urllib.request.urlopen("http://127.0.0.1:9644/cluster", timeout=5))
+               ["topics"])
+    placed = json.load(urllib.request.urlopen("http://127.0.0.1:9644/cluster", timeout=5))["topics"]["quorum"]
+    assert (placed["replication_factor"], placed["write_quorum"]) == (3, 2), placed
     acknowledged = produce(cluster.bootstrap, "orders", 2000, "first")
     assert len(acknowledged) == 2000
     records = read_all(cluster.bootstrap, "orders", 4, len(acknowledged))

@@ -135,7 +135,12 @@ mod tests {
         let pending: Vec<_> = ["a", "b", "c"]
             .iter()
             .map(|name| {
-                let request = Request::CreateTopic { name: (*name).to_owned(), partitions: 1 };
+                let request = Request::CreateTopic {
+                    name: (*name).to_owned(),
+                    partitions: 1,
+                    replication_factor: 0,
+                    min_insync_replicas: 0,
+                };
                 connection.send(&request).unwrap()
             })
             .collect();

@@ -363,7 +363,7 @@ fn serve_requests(mut stream: &TcpStream, shared: &Shared, node: u32) {
 fn handle(shared: &Shared, node: u32, correlation_id: u64, request: Request) -> Option<ResponseFrame> {
     let body = match request {
         Request::Metadata { topics } => Response::Metadata(metadata(shared, node, &topics)),
-        Request::CreateTopic { name, partitions } => {
+        Request::CreateTopic { name, partitions, .. } => {
             let mut state = shared.lock();
             if state.topics.contains_key(&name) {
                 let message = format!("topic '{name}' already exists");

@@ -490,7 +490,25 @@ impl Client {
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
-        let request = Request::CreateTopic { name: name.to_owned(), partitions };
+        self.create_replicated_topic(name, partitions, 0, 0)
+    }
+
+    /// Creates a topic with `replication_factor` replicas per partition and a write quorum
+    /// of `min_insync_replicas` (0 for either: the node's default, a majority). A factor above
+    /// 1 needs a cluster.
+    pub fn create_replicated_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+        min_insync_replicas: u32,
+    ) -> Result<()> {
+        let request = Request::CreateTopic {
+            name: name.to_owned(),
+            partitions,
+            replication_factor,
+            min_insync_replicas,
+        };
         response_body("create_topic", self.call_any_node(&request)?.1)?;
         self.metadata(&[name]).map(drop)
     }
