@@ -65,6 +65,15 @@ impl ClusterPlan {
             bail!("--node-id {node_id} is above {NODE_ID_MAX} (Kafka broker ids are node id × 1000 + shard)");
         }
         let own_seed = seeds.iter().find(|s| s.node_id == node_id);
+        if own_seed.is_none() {
+            // A broker that is not a seed would follow the controller as a learner: not built yet.
+            let named: Vec<String> = seeds.iter().map(|s| s.node_id.to_string()).collect();
+            bail!(
+                "node {node_id} is not in --seeds (nodes {}): this version runs clusters of seed nodes \
+                 only; add it, with its cluster address, to every node's --seeds",
+                named.join(", ")
+            );
+        }
         let listen = match (args.cluster_listen, own_seed) {
             (Some(listen), _) => listen,
             (None, Some(seed)) => resolve(&seed.address)
