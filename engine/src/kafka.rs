@@ -10,6 +10,7 @@
 //! that accepted the connection: ListGroups there lists that shard's groups (see `groups`).
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use pyralog_net::kafka::{error, Request, RequestBody, ResponseBody};
 use pyralog_net::server::KafkaHandler;
 use pyralog_shard::cluster::{ClusterMeta, TopicPlacement};
 use pyralog_shard::topics::{TopicConfig, TopicMeta};
-use pyralog_shard::{FetchLimits, Shard, ShardError};
+use pyralog_shard::{FetchLimits, GroupId, Shard, ShardError};
 
 use crate::{fetch, groups};
 
@@ -203,12 +204,14 @@ impl KafkaService {
         brokers
     }
 
-    /// A replicated partition as metadata describes it: its leader (as this node last heard,
-    /// else its preferred leader, which answers NOT_LEADER_OR_FOLLOWER if it is not), the
-    /// leader's epoch, and its replicas, as the brokers of the shards owning it on each node.
+    /// A replicated partition as metadata describes it: its leader and epoch
+    /// (`Shard::partition_leader`), its replicas as the brokers of the shards owning it on each
+    /// node, and its in-sync replicas: measured where this node leads the partition
+    /// (`in_sync`); elsewhere this node does not know them, and names every replica.
     fn describe_replicated(
         &self,
         cluster: &ClusterMeta,
+        in_sync: &HashMap<GroupId, Vec<u32>>,
         name: &str,
         placement: &TopicPlacement,
         partition: u32,
@@ -218,21 +221,19 @@ impl KafkaService {
             let shards = cluster.nodes.get(&node).map_or(1, |n| n.shards as usize);
             broker_id(node, pyralog_shard::topics::owner_shard(name, partition, shards))
         };
-        let role = self.shard.replica_role(placement.id, partition);
-        let (leader, epoch) = match role {
-            Some(role) => (role.leader, role.term),
-            None => (None, -1),
-        };
-        let leader = leader.or_else(|| replicas.first().copied());
+        let (leader, epoch) = self.shard.partition_leader(placement, partition);
         let replica_brokers: Vec<i32> = replicas.iter().map(|&n| broker_of(n)).collect();
+        let isr_nodes = match in_sync.get(&(placement.id, partition)) {
+            Some(nodes) => nodes.iter().map(|&n| broker_of(n)).collect(),
+            None => replica_brokers.clone(),
+        };
         metadata_response::MetadataResponsePartition {
             error_code: if leader.is_some() { error::NONE } else { error::LEADER_NOT_AVAILABLE },
             partition_index: partition as i32,
             leader_id: leader.map_or(-1, broker_of),
             leader_epoch: epoch,
-            replica_nodes: replica_brokers.clone(),
-            // Not yet measured: every replica is reported in sync.
-            isr_nodes: replica_brokers,
+            replica_nodes: replica_brokers,
+            isr_nodes,
             offline_replicas: Vec::new(),
         }
     }
@@ -244,6 +245,10 @@ impl KafkaService {
         let mut topics = Vec::new();
         let cluster = self.shard.cluster_meta();
         let cluster = cluster.as_ref();
+        let in_sync = match cluster {
+            Some(_) => self.shard.in_sync_led_here().await.unwrap_or_default(),
+            None => HashMap::new(),
+        };
         let describe = |name: &str, meta: TopicMeta| MetadataResponseTopic {
             error_code: error::NONE,
             name: Some(name.to_owned()),
@@ -253,7 +258,7 @@ impl KafkaService {
                 .map(|partition| {
                     if let Some(placement) = cluster.and_then(|c| c.topics.get(name)) {
                         let cluster = cluster.expect("checked");
-                        return self.describe_replicated(cluster, name, placement, partition);
+                        return self.describe_replicated(cluster, &in_sync, name, placement, partition);
                     }
                     let leader = broker_id(self.settings.node_id, self.shard.owner_of(name, partition));
                     MetadataResponsePartition {

@@ -253,9 +253,7 @@ impl Service {
         partition: u32,
     ) -> PartitionInfo {
         let replicas = placement.replicas.get(partition as usize).cloned().unwrap_or_default();
-        let role = self.shard.replica_role(placement.id, partition);
-        let epoch = role.map_or(-1, |role| role.term);
-        let leader = role.and_then(|role| role.leader).or_else(|| replicas.first().copied());
+        let (leader, epoch) = self.shard.partition_leader(placement, partition);
         let node = leader.and_then(|leader| cluster.nodes.get(&leader));
         let (shard, host, port) = match node {
             Some(node) => {

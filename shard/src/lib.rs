@@ -36,7 +36,8 @@ pub use group::{
 pub use partition::Durability;
 pub use replica::{ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
 pub use replicated::{
-    in_sync_replicas, ClusterSettings, ControllerRequest, ForwardHook, CONTROLLER_NAME, CONTROLLER_TOPIC_ID,
+    in_sync_replicas, ClusterSettings, ControllerRequest, ForwardHook, GroupId, CONTROLLER_NAME,
+    CONTROLLER_TOPIC_ID,
 };
 pub use shard::{
     group_log_of, keep_within, new_mesh, Acks, FetchLimits, Fetched, Message, Op, OpResult, Produced,

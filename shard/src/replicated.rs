@@ -444,6 +444,26 @@ impl Shard {
         self.cluster()?.roles.borrow().get(&(topic_id, partition)).copied()
     }
 
+    /// The leader of a replicated partition as this node last heard it from its own replica
+    /// (any shard's), else the partition's preferred leader (its first replica), which
+    /// answers NotLeader if it does not lead; and the epoch heard (-1: none). What both
+    /// protocols' metadata name.
+    pub fn partition_leader(&self, placement: &TopicPlacement, partition: u32) -> (Option<u32>, i32) {
+        let role = self.replica_role(placement.id, partition);
+        let preferred = placement.replicas.get(partition as usize).and_then(|r| r.first().copied());
+        (role.and_then(|r| r.leader).or(preferred), role.map_or(-1, |r| r.term))
+    }
+
+    /// The in-sync replicas of every partition this node leads (see [`in_sync_replicas`]).
+    pub async fn in_sync_led_here(&self) -> Result<HashMap<GroupId, Vec<u32>>, ShardError> {
+        let statuses = self.replica_statuses().await?;
+        Ok(statuses
+            .iter()
+            .filter(|status| status.leads)
+            .map(|status| ((status.topic_id, status.partition), self.in_sync_of(status)))
+            .collect())
+    }
+
     /// Records a role of one of this shard's replicas and tells the node's other shards.
     fn share_role(self: &Rc<Self>, group: GroupId, role: ReplicaRole) {
         self.note_role(group, role);
