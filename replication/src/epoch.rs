@@ -18,9 +18,21 @@ pub struct EpochStart {
 }
 
 /// The start offset of every epoch in the log, oldest first.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EpochHistory {
     starts: Vec<EpochStart>,
+    /// A copy of the last of `starts` (epoch -1 when there is none), kept inline: every
+    /// heartbeat asks for the epoch at the log's end, and for thousands of groups the read
+    /// of each one's heap vector is a cache miss the answer does not need.
+    last: EpochStart,
+}
+
+const NO_EPOCH: EpochStart = EpochStart { epoch: -1, start_offset: 0 };
+
+impl Default for EpochHistory {
+    fn default() -> EpochHistory {
+        EpochHistory { starts: Vec::new(), last: NO_EPOCH }
+    }
 }
 
 impl EpochHistory {
@@ -29,7 +41,7 @@ impl EpochHistory {
         let grows =
             starts.windows(2).all(|w| w[0].epoch < w[1].epoch && w[0].start_offset < w[1].start_offset);
         (grows && starts.iter().all(|s| s.start_offset >= 0 && s.epoch >= 0))
-            .then_some(EpochHistory { starts })
+            .then(|| EpochHistory { last: starts.last().copied().unwrap_or(NO_EPOCH), starts })
     }
 
     pub fn starts(&self) -> &[EpochStart] {
@@ -37,7 +49,7 @@ impl EpochHistory {
     }
 
     pub fn last_epoch(&self) -> i32 {
-        self.starts.last().map_or(-1, |s| s.epoch)
+        self.last.epoch
     }
 
     /// Records that an entry of `epoch` was appended at `offset`, the log's end before it.
@@ -57,18 +69,23 @@ impl EpochHistory {
             }
             None => self.starts.push(EpochStart { epoch, start_offset: offset }),
         }
+        self.last = *self.starts.last().expect("pushed or already there");
     }
 
     /// Forgets every epoch that starts at or after `end_offset` (the log was cut there).
     pub fn truncate(&mut self, end_offset: i64) {
         let keep = self.starts.partition_point(|s| s.start_offset < end_offset);
         self.starts.truncate(keep);
+        self.last = self.starts.last().copied().unwrap_or(NO_EPOCH);
     }
 
     /// The epoch of the entry holding `offset`, if the log (ending at `log_end`) holds it.
     pub fn epoch_at(&self, offset: i64, log_end: i64) -> Option<i32> {
         if offset < 0 || offset >= log_end {
             return None;
+        }
+        if self.last.epoch >= 0 && offset >= self.last.start_offset {
+            return Some(self.last.epoch);
         }
         let after = self.starts.partition_point(|s| s.start_offset <= offset);
         after.checked_sub(1).map(|i| self.starts[i].epoch)

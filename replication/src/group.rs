@@ -1180,11 +1180,14 @@ impl RaftGroup {
     fn maybe_finish_recovery(&mut self, leader: ReplicaId, commit_end: i64, out: &mut Vec<Action>) {
         // Everything committed in earlier terms lies below the leader's epoch-start batch
         // (leader completeness); everything committed in this one, below its commit point.
+        if !self.hard.recovering {
+            return; // the common case, on every append: no allocation for `terms_known`
+        }
         let Some(start) = self.epochs.start_of(self.hard.term) else { return };
         let needed_end = commit_end.max(start + 1);
         let caught_up =
             self.verified_end >= needed_end && self.durable_end >= needed_end && self.terms_known();
-        if self.hard.recovering && caught_up {
+        if caught_up {
             // See `terms_known`: every term the lost disk voted in is at most the largest
             // term learned, and so at most this one, in which we take `leader` as our vote.
             assert!(self.hard.term >= self.term_learned_max, "a learned term was adopted");
@@ -1225,6 +1228,9 @@ impl RaftGroup {
         let ticks = self.ticks;
         let p = &mut self.progress[i];
         p.last_heard_tick = ticks;
+        // What the commit point counts changed (a heartbeat's answer usually changes nothing,
+        // and for thousands of groups the count is worth skipping).
+        let mut counted_changed = p.recovering != response.recovering;
         p.recovering = response.recovering;
         if response.accepted {
             if response.match_end > p.match_end {
@@ -1235,6 +1241,7 @@ impl RaftGroup {
             if acked > p.acked_end {
                 p.acked_end = acked;
                 p.last_progress_tick = ticks;
+                counted_changed = true;
             }
             while p.in_flight.front().is_some_and(|(end, _)| *end <= p.match_end) {
                 let (_, bytes) = p.in_flight.pop_front().expect("front checked");
@@ -1245,7 +1252,9 @@ impl RaftGroup {
             if p.in_flight.is_empty() {
                 p.next = p.match_end; // nothing in flight explains a gap: send from what matches
             }
-            self.maybe_commit(out);
+            if counted_changed {
+                self.maybe_commit(out);
+            }
         } else {
             let tail_end = response.log_end.min(self.log_end);
             if !honest_tail(&response.epochs, tail_end) {
