@@ -69,6 +69,34 @@ pub trait LogRead {
     fn read(&self, from_offset: i64, bytes_max: usize, batches: &mut Vec<Bytes>);
 }
 
+/// The leader's log with a proposal it just stamped, which the shell has not stored yet.
+struct WithProposal<'a> {
+    log: &'a dyn LogRead,
+    base: i64,
+    batches: &'a [Bytes],
+}
+
+impl LogRead for WithProposal<'_> {
+    fn read(&self, from_offset: i64, bytes_max: usize, batches: &mut Vec<Bytes>) {
+        if from_offset < self.base {
+            self.log.read(from_offset, bytes_max, batches);
+            return;
+        }
+        let mut bytes = 0;
+        for b in self.batches {
+            let view = batch::parse(b).expect("stamped from a checked batch");
+            if view.end_offset() <= from_offset {
+                continue;
+            }
+            if !batches.is_empty() && bytes + b.len() > bytes_max {
+                return;
+            }
+            bytes += b.len();
+            batches.push(b.clone());
+        }
+    }
+}
+
 /// The role of a replica in its current term.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -231,6 +259,11 @@ struct Progress {
     probing: bool,
     last_heard_tick: u64,
     last_progress_tick: u64,
+    /// When the last append (heartbeat or not) left for this follower: a heartbeat is
+    /// skipped when one went out within the interval, as Redpanda's heartbeat manager does.
+    /// A commit point that moved after the last append reaches the follower with the next
+    /// append or heartbeat, at most two intervals later.
+    sent_tick: u64,
 }
 
 /// The Raft core of one partition replica. See the module docs.
@@ -537,18 +570,27 @@ impl RaftGroup {
                 p.in_flight_bytes = 0;
                 p.last_progress_tick = self.ticks;
             }
-            let (to, prev_end) = (p.id, p.match_end);
-            let prev_epoch = self.prev_epoch(prev_end);
-            let body = Body::Append(Append {
-                prev_end,
-                prev_epoch,
-                commit_end: self.high_watermark,
-                seq: self.next_append_seq(),
-                batches: Vec::new(),
-            });
-            self.send(to, body, out);
+            let just_sent =
+                p.sent_tick > 0 && self.ticks < p.sent_tick + u64::from(self.config.heartbeat_ticks);
+            if !just_sent {
+                let (to, prev_end) = (p.id, p.match_end);
+                let prev_epoch = self.prev_epoch(prev_end);
+                let body = Body::Append(Append {
+                    prev_end,
+                    prev_epoch,
+                    commit_end: self.high_watermark,
+                    seq: self.next_append_seq(),
+                    batches: Vec::new(),
+                });
+                self.note_append_sent(i);
+                self.send(to, body, out);
+            }
             self.send_appends(i, log, out);
         }
+    }
+
+    fn note_append_sent(&mut self, i: usize) {
+        self.progress[i].sent_tick = self.ticks;
     }
 
     fn next_append_seq(&mut self) -> u64 {
@@ -643,6 +685,7 @@ impl RaftGroup {
             probing: true,
             last_heard_tick: self.ticks,
             last_progress_tick: self.ticks,
+            sent_tick: 0,
         }
     }
 
@@ -714,10 +757,13 @@ impl RaftGroup {
         }
         let base = self.log_end;
         let stamped: Vec<Bytes> = batches.into_iter().map(|b| self.append_own(b)).collect();
-        out.push(Action::Append { batches: stamped });
+        // The shell stores the batches after this returns: caught-up followers get them from
+        // here, now, not from the next answer or heartbeat.
+        let log = WithProposal { log, base, batches: &stamped };
         for i in 0..self.progress.len() {
-            self.send_appends(i, log, out);
+            self.send_appends(i, &log, out);
         }
+        out.push(Action::Append { batches: stamped });
         self.maybe_commit(out);
         Ok((base, self.log_end))
     }
@@ -752,6 +798,7 @@ impl RaftGroup {
             p.in_flight.push_back((end, bytes));
             p.in_flight_bytes += bytes;
             p.next = end;
+            self.note_append_sent(i);
             self.send(to, body, out);
         }
     }
@@ -1691,6 +1738,109 @@ mod tests {
         g.tick(log, &mut out); // the first heartbeat
         sent.extend(carry(g, log, &mut out));
         sent
+    }
+
+    /// Three replicas wired together: messages delivered at once, appends made durable
+    /// at once (followers acknowledge only what is durable).
+    struct Trio {
+        groups: Vec<RaftGroup>,
+        logs: Vec<SimLog>,
+    }
+
+    impl Trio {
+        fn new() -> Trio {
+            Trio {
+                groups: (1..=3).map(|id| group(id, &[1, 2, 3])).collect(),
+                logs: vec![SimLog::default(); 3],
+            }
+        }
+
+        /// Carries out `out` for replica `id`; returns what it sent.
+        fn carry(&mut self, id: ReplicaId, out: &mut Vec<Action>) -> Vec<Message> {
+            let i = id as usize - 1;
+            let mut sent = Vec::new();
+            while !out.is_empty() {
+                let mut appended = false;
+                for action in std::mem::take(out) {
+                    match action {
+                        Action::Send(m) => sent.push(m),
+                        Action::Append { batches } => {
+                            batches.into_iter().for_each(|b| {
+                                self.logs[i].append(b);
+                            });
+                            appended = true;
+                        }
+                        Action::Truncate { end_offset, .. } => self.logs[i].truncate(end_offset),
+                        Action::PersistHardState(h) => {
+                            self.groups[i].notice(LogNotice::HardStatePersisted(h), out)
+                        }
+                        Action::Commit { .. } | Action::Role { .. } => {}
+                    }
+                }
+                if appended {
+                    let end_offset = self.logs[i].end();
+                    self.groups[i].notice(LogNotice::Durable { end_offset, truncations: 0 }, out);
+                }
+            }
+            sent
+        }
+
+        /// Delivers `queue` and every answer until none is left; returns all delivered.
+        fn settle(&mut self, mut queue: Vec<Message>) -> Vec<Message> {
+            let mut delivered = Vec::new();
+            while !queue.is_empty() {
+                for m in std::mem::take(&mut queue) {
+                    let (i, mut out) = (m.to as usize - 1, Vec::new());
+                    self.groups[i].receive(m.clone(), &self.logs[i], &mut out);
+                    queue.extend(self.carry(m.to, &mut out));
+                    delivered.push(m);
+                }
+            }
+            delivered
+        }
+
+        fn tick(&mut self, id: ReplicaId) -> Vec<Message> {
+            let (i, mut out) = (id as usize - 1, Vec::new());
+            self.groups[i].tick(&self.logs[i], &mut out);
+            self.carry(id, &mut out)
+        }
+    }
+
+    /// Redpanda's heartbeat manager's rule: no heartbeat to a follower that got an append
+    /// within the interval; idle, one per interval, carrying the commit point.
+    #[test]
+    fn a_follower_that_just_got_an_append_gets_no_heartbeat() {
+        let mut trio = Trio::new();
+        while trio.groups[0].role() != Role::Leader {
+            let sent = trio.tick(1);
+            trio.settle(sent);
+        }
+        let heartbeats = |sent: &[Message]| {
+            let is_heartbeat = |m: &Message| matches!(&m.body, Body::Append(a) if a.batches.is_empty());
+            sent.iter().filter(|m| m.from == 1 && is_heartbeat(m)).count()
+        };
+        let mut busy = Vec::new();
+        for _ in 0..8 {
+            let mut out = Vec::new();
+            let proposal = vec![batch::build(&[(None, b"x")], 0, 0)];
+            trio.groups[0].propose(proposal, &trio.logs[0], &mut out).expect("leader");
+            let mut sent = trio.carry(1, &mut out);
+            sent.extend(trio.tick(1));
+            busy.extend(trio.settle(sent));
+        }
+        let leader_hw = trio.groups[0].high_watermark();
+        assert_eq!(leader_hw, trio.logs[0].end(), "every proposal committed at once");
+        assert!(busy.iter().any(|m| matches!(&m.body, Body::Append(a) if !a.batches.is_empty())));
+        assert_eq!(heartbeats(&busy), 0, "an append every tick: {busy:?}");
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            let sent = trio.tick(1);
+            idle.extend(trio.settle(sent));
+        }
+        assert!(heartbeats(&idle) >= 2, "idle, one per follower and interval: {idle:?}");
+        for follower in &trio.groups[1..] {
+            assert_eq!(follower.high_watermark(), leader_hw, "the commit point reached the followers");
+        }
     }
 
     fn granted_vote(sent: &[Message], to: ReplicaId, term: i32) -> bool {
