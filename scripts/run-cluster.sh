@@ -13,35 +13,8 @@ cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
 cargo build --release --locked -p pyralog -p pyralog-bench
 base=$(mktemp -d /var/tmp/pyralog-cluster.XXXXXX)
-seeds="1@127.0.0.1:9100,2@127.0.0.2:9100,3@127.0.0.3:9100"
-nodes=()
-stop() {
-  for pid in "${nodes[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${nodes[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$base"
-}
-trap stop EXIT
-for n in 1 2 3; do
-  "$target/release/pyralog" --data-dir "$base/node$n" --node-id "$n" --seeds "$seeds" \
-    --listen "127.0.0.$n:7070" --kafka-listen "127.0.0.$n:9092" --metrics-listen "127.0.0.$n:9644" \
-    >"$base/node$n.out" 2>&1 &
-  nodes+=($!)
-done
-# Ready once every node's view (its /cluster endpoint) lists all three nodes as registered.
-registered() {
-  python3 -c 'import json, sys, urllib.request
-view = json.load(urllib.request.urlopen(f"http://{sys.argv[1]}/cluster", timeout=2))
-sys.exit(0 if len(view["nodes"]) == 3 else 1)' "$1" 2>/dev/null
-}
-for _ in $(seq 300); do
-  ready=0
-  for n in 1 2 3; do
-    registered "127.0.0.$n:9644" && ready=$((ready + 1))
-  done
-  ((ready == 3)) && break
-  sleep 0.1
-done
-((ready == 3)) || { tail -5 "$base"/node*.out; echo "run-cluster.sh: the cluster did not form" >&2; exit 1; }
+source scripts/local-cluster.sh
+start_cluster
 echo "cluster formed: nodes 1, 2, 3 on 127.0.0.1-3"
 "$target/release/pyralog" topic --broker 127.0.0.2:7070 create demo --partitions 4 --replication-factor 3
 # Each partition elects its leader within a few election timeouts.

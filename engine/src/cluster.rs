@@ -113,6 +113,7 @@ impl ClusterPlan {
             replica_lag_time_max: Duration::from_millis(args.replica_lag_time_max_ms),
             incarnation: 0,
             controller_disk_lost: false,
+            recovery_bytes_per_sec: args.recovery_bytes_per_sec,
         };
         Ok(ClusterPlan { node_id, seeds, listen, advertise, rack: args.rack.clone(), settings })
     }

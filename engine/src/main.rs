@@ -219,6 +219,12 @@ pub struct NodeArgs {
     /// replicas (Kafka's replica.lag.time.max.ms): metadata and `pyralog cluster status` show it.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub replica_lag_time_max_ms: u64,
+    /// Bytes per second each shard's partition leaders may read from disk to catch up
+    /// followers that are behind the cache (new, back from a long stop, or back with an empty
+    /// disk), so that clients keep the disk; 0 for no bound. Followers within the cache (the
+    /// recent --cache-bytes) are sent from memory, unthrottled.
+    #[arg(long, value_name = "BYTES", default_value_t = 100 << 20)]
+    pub recovery_bytes_per_sec: u64,
 }
 
 impl NodeArgs {

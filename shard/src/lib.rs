@@ -34,7 +34,7 @@ pub use group::{
     JoinRequest, JoinResult, Joined, MemberDescription, SyncRequest, SyncResult, Synced,
 };
 pub use partition::Durability;
-pub use replica::{ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
+pub use replica::{RecoveryBudget, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
 pub use replicated::{
     in_sync_replicas, ClusterSettings, ControllerRequest, ForwardHook, GroupId, CONTROLLER_NAME,
     CONTROLLER_TOPIC_ID,

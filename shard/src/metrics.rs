@@ -19,6 +19,9 @@ use prometheus_client::registry::{Registry, Unit};
 const FLUSH_SECONDS_BUCKETS: (f64, f64, u16) = (50e-6, 2.0, 17);
 /// Buckets of the bytes per flush: 4 KiB to 64 MiB (a partition's unflushed limit), doubling.
 const FLUSH_BYTES_BUCKETS: (f64, f64, u16) = (4096.0, 2.0, 15);
+/// Buckets of the replication lag: 100 us to ~11 s, by half again (so a p99 read from them
+/// is within 50% of the true one; scripts/bench-cluster.sh interpolates inside a bucket).
+const REPLICATION_LAG_SECONDS_BUCKETS: (f64, f64, u16) = (100e-6, 1.5, 29);
 
 /// The metrics a shard updates itself.
 #[derive(Debug)]
@@ -31,6 +34,10 @@ pub struct ShardMetrics {
     /// that read them from the log.
     pub cache_hits: Counter,
     pub cache_misses: Counter,
+    /// Sampled on every tick of every replica this shard leads, once per follower: how long
+    /// ago the leader appended the oldest batch that follower has not made durable (0 when
+    /// it holds the leader's whole log durably). See `Replica::sample_replication_lag`.
+    pub replication_lag: Histogram,
 }
 
 impl Default for ShardMetrics {
@@ -39,12 +46,15 @@ impl Default for ShardMetrics {
         let flush_duration = Histogram::new(exponential_buckets(start, factor, length));
         let (start, factor, length) = FLUSH_BYTES_BUCKETS;
         let flush_size = Histogram::new(exponential_buckets(start, factor, length));
+        let (start, factor, length) = REPLICATION_LAG_SECONDS_BUCKETS;
+        let replication_lag = Histogram::new(exponential_buckets(start, factor, length));
         ShardMetrics {
             flush_duration,
             flush_size,
             flushed_bytes: Counter::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
+            replication_lag,
         }
     }
 }
@@ -79,6 +89,12 @@ impl ShardMetrics {
             "cache_misses",
             "Partition reads that went to the log (disk or page-aligned read ahead)",
             self.cache_misses.clone(),
+        );
+        registry.register_with_unit(
+            "replication_lag",
+            "Per follower and tick of a leader replica: age of the oldest batch the follower has not made durable",
+            Unit::Seconds,
+            self.replication_lag.clone(),
         );
     }
 }

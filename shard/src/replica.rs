@@ -43,6 +43,61 @@ use crate::ShardError;
 /// core's in-flight window, so one read fills it.
 pub const CATCH_UP_READ_BYTES: usize = pyralog_replication::group::APPEND_IN_FLIGHT_BYTES_MAX;
 
+/// The disk reads a shard's leaders make for followers behind the cache (catching up, new,
+/// or back with an empty disk), bounded in bytes per second so that clients' reads and
+/// writes keep the disk (`--recovery-bytes-per-sec`; 0: unbounded). A token bucket holding
+/// at least one read's worth; a read takes its full size up front and gives back what it
+/// did not read.
+#[derive(Debug)]
+pub struct RecoveryBudget {
+    bytes_per_sec: u64,
+    tokens: Cell<f64>,
+    refilled_at: Cell<std::time::Instant>,
+}
+
+impl RecoveryBudget {
+    pub fn new(bytes_per_sec: u64) -> RecoveryBudget {
+        let budget = RecoveryBudget {
+            bytes_per_sec,
+            tokens: Cell::new(0.0),
+            refilled_at: Cell::new(std::time::Instant::now()),
+        };
+        budget.tokens.set(budget.capacity());
+        budget
+    }
+
+    pub fn unbounded() -> RecoveryBudget {
+        RecoveryBudget::new(0)
+    }
+
+    fn capacity(&self) -> f64 {
+        (self.bytes_per_sec as f64 / 10.0).max(CATCH_UP_READ_BYTES as f64)
+    }
+
+    /// Takes `bytes` if the bucket holds them.
+    pub fn try_take(&self, bytes: usize) -> bool {
+        if self.bytes_per_sec == 0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(self.refilled_at.replace(now)).as_secs_f64();
+        let tokens = (self.tokens.get() + elapsed * self.bytes_per_sec as f64).min(self.capacity());
+        let taken = tokens >= bytes as f64;
+        self.tokens.set(if taken { tokens - bytes as f64 } else { tokens });
+        taken
+    }
+
+    pub fn give_back(&self, bytes: usize) {
+        if self.bytes_per_sec > 0 {
+            self.tokens.set((self.tokens.get() + bytes as f64).min(self.capacity()));
+        }
+    }
+}
+
+/// Append times a leader keeps for measuring its followers' lag; past it the oldest are
+/// forgotten (a follower further behind then reads as lagging since the oldest kept).
+pub const APPEND_TIMES_MAX: usize = 65_536;
+
 /// Where a replica's messages go: (the replica's partition, the message). The daemon sends
 /// them over the cluster transport; tests move them between replicas in memory.
 pub type SendHook = Rc<dyn Fn(&ReplicaAddress, Message)>;
@@ -76,6 +131,8 @@ pub struct ReplicaSettings {
     /// recovers before it votes or counts (see `Restore::disk_lost`). Ignored once a state file
     /// exists (a recovery under way is in it).
     pub disk_lost: bool,
+    /// Shared by the shard's replicas: bounds their catch-up reads from disk.
+    pub recovery: Rc<RecoveryBudget>,
 }
 
 /// A replica as operators see it (`pyralog cluster status`).
@@ -130,8 +187,12 @@ pub(crate) struct Replica {
     /// An offset the core wanted to send and neither the cache nor `catch_up` held.
     catch_up_wanted: Cell<Option<i64>>,
     catch_up_reading: Cell<bool>,
+    recovery: Rc<RecoveryBudget>,
     /// Disk reads made for followers behind the cache.
     pub catch_up_reads: Cell<u64>,
+    /// Leader: (end offset, when) of each proposal of its term, oldest first, down to the
+    /// oldest one some follower has not made durable.
+    append_times: RefCell<VecDeque<(i64, std::time::Instant)>>,
     role: Cell<ReplicaRole>,
     /// Told every role change (the shard shares them with the node's other shards).
     role_hook: RefCell<Option<RoleHook>>,
@@ -222,7 +283,9 @@ impl Replica {
             catch_up: RefCell::new(None),
             catch_up_wanted: Cell::new(None),
             catch_up_reading: Cell::new(false),
+            recovery: Rc::clone(&settings.recovery),
             catch_up_reads: Cell::new(0),
+            append_times: RefCell::new(VecDeque::new()),
             role: Cell::new(ReplicaRole { term: 0, role: Role::Follower, leader: None }),
             role_hook: RefCell::new(None),
             changed: Event::default(),
@@ -292,7 +355,14 @@ impl Replica {
         let term = self.raft.borrow().term();
         self.enqueue(out);
         match proposed {
-            Ok((base, end)) => Ok((base, end, term)),
+            Ok((base, end)) => {
+                let mut times = self.append_times.borrow_mut();
+                if times.len() == APPEND_TIMES_MAX {
+                    times.pop_front();
+                }
+                times.push_back((end, std::time::Instant::now()));
+                Ok((base, end, term))
+            }
             Err(pyralog_replication::ReplicationError::NotLeader { leader, term, .. }) => {
                 Err(self.not_leader(leader, term))
             }
@@ -340,6 +410,36 @@ impl Replica {
         let mut out = Vec::new();
         self.raft.borrow_mut().notice(notice, &mut out);
         self.enqueue(out);
+    }
+
+    /// Leader: reports each follower's replication lag at `now`: how long ago this leader
+    /// appended the oldest batch the follower has not made durable, zero when it holds the
+    /// whole log durably. Batches older than this term's first proposal (the epoch-start batch,
+    /// earlier terms') have no time here: a follower missing only those is not reported.
+    pub fn sample_replication_lag(
+        &self,
+        now: std::time::Instant,
+        mut report: impl FnMut(std::time::Duration),
+    ) {
+        let raft = self.raft.borrow();
+        let mut times = self.append_times.borrow_mut();
+        if raft.role() != Role::Leader {
+            times.clear();
+            return;
+        }
+        let log_end = raft.log_end();
+        let followers = raft.followers();
+        for follower in &followers {
+            if follower.acked_end >= log_end {
+                report(std::time::Duration::ZERO);
+            } else if let Some(&(_, at)) = times.iter().find(|(end, _)| *end > follower.acked_end) {
+                report(now.saturating_duration_since(at));
+            }
+        }
+        let acked_everywhere = followers.iter().map(|f| f.acked_end).min().unwrap_or(log_end);
+        while times.front().is_some_and(|(end, _)| *end <= acked_everywhere) {
+            times.pop_front();
+        }
     }
 
     /// What this replica is and knows, for operators.
@@ -591,6 +691,10 @@ impl Replica {
         if self.catch_up_reading.get() || self.failure().is_some() {
             return;
         }
+        if !self.recovery.try_take(CATCH_UP_READ_BYTES) {
+            self.catch_up_wanted.set(Some(offset)); // over --recovery-bytes-per-sec: a later tick
+            return;
+        }
         self.catch_up_reading.set(true);
         let log_end = self.partition.log.durable_offset();
         let weak = self.me.clone();
@@ -601,6 +705,8 @@ impl Replica {
             } else {
                 None
             };
+            let read_bytes = read.as_ref().map_or(0, |bytes| bytes.len());
+            replica.recovery.give_back(CATCH_UP_READ_BYTES.saturating_sub(read_bytes));
             if let Some(bytes) = read {
                 replica.catch_up_reads.set(replica.catch_up_reads.get() + 1);
                 *replica.catch_up.borrow_mut() = Some((offset, split_batches(&bytes)));
@@ -673,6 +779,18 @@ mod tests {
 
     use super::*;
     use crate::metrics::ShardMetrics;
+
+    #[test]
+    fn the_recovery_budget_allows_a_read_then_waits_for_its_rate() {
+        // 1 MiB/s: a 4 MiB read empties the bucket, refilled only after 4 s.
+        let budget = RecoveryBudget::new(1 << 20);
+        assert!(budget.try_take(CATCH_UP_READ_BYTES), "a full bucket holds one read");
+        assert!(!budget.try_take(CATCH_UP_READ_BYTES), "the next waits for the rate");
+        budget.give_back(CATCH_UP_READ_BYTES);
+        assert!(budget.try_take(CATCH_UP_READ_BYTES), "a read that read nothing costs nothing");
+        let unbounded = RecoveryBudget::unbounded();
+        assert!((0..100).all(|_| unbounded.try_take(CATCH_UP_READ_BYTES)));
+    }
 
     /// Three nodes' replicas of one partition in one executor, each with its own directory,
     /// log, cache and flusher; the network is a queue that a task delivers from, dropping what
@@ -755,6 +873,7 @@ mod tests {
                 seed: u64::from(node),
                 tick: Duration::from_millis(2),
                 disk_lost: false,
+                recovery: Rc::new(RecoveryBudget::unbounded()),
             };
             let network = Rc::downgrade(self);
             let send: SendHook = Rc::new(move |_, message| {
@@ -763,11 +882,14 @@ mod tests {
                 }
             });
             let cache = Rc::new(RefCell::new(ShardCache::new(self.cache_bytes)));
-            let replica =
-                Replica::open(address(), Rc::clone(&partition), &settings, cache, send).await.unwrap();
+            let replica = Replica::open(address(), Rc::clone(&partition), &settings, Rc::clone(&cache), send)
+                .await
+                .unwrap();
             partition.flusher_running.set(true);
             let hook = Rc::downgrade(&replica);
-            let flusher = Rc::clone(&partition).run_flusher(Rc::new(ShardMetrics::default()), move |_| {
+            // As the shard's flusher does: durable batches may leave the cache.
+            let flusher = Rc::clone(&partition).run_flusher(Rc::new(ShardMetrics::default()), move |p| {
+                cache.borrow_mut().mark_durable(p.key, p.log.durable_offset());
                 if let Some(replica) = hook.upgrade() {
                     replica.after_flush();
                 }

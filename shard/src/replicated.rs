@@ -25,7 +25,9 @@ use pyralog_replication::{Message, Quorum, Role};
 use crate::cluster::{ClusterMeta, MetaRecord, NodeInfo, TopicPlacement};
 use crate::event::Event;
 use crate::partition::{Durability, Partition};
-use crate::replica::{Replica, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
+use crate::replica::{
+    RecoveryBudget, Replica, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook,
+};
 use crate::shard::{Op, OpResult, Shard};
 use crate::topics::{self, TopicMeta};
 use crate::ShardError;
@@ -63,6 +65,9 @@ pub struct ClusterSettings {
     /// This node is a seed that came back without its data to a cluster whose controller
     /// ran meanwhile: its controller replica recovers before it votes (KIP-966).
     pub controller_disk_lost: bool,
+    /// Bytes per second a shard's leaders may read from disk for followers behind the cache
+    /// (see `RecoveryBudget`); 0: unbounded.
+    pub recovery_bytes_per_sec: u64,
 }
 
 /// Whether a replica of `partition` placed on this node predates this node's disk: the node
@@ -144,11 +149,15 @@ pub(crate) struct ShardCluster {
     /// One application of metadata at a time: opening a replica awaits, and a second one
     /// (the stored metadata at start and the controller's, say) must not open it again.
     pub applying: glommio::sync::Semaphore,
+    /// Bounds the catch-up reads of every replica of this shard.
+    pub recovery: Rc<RecoveryBudget>,
 }
 
 impl ShardCluster {
     pub fn new(settings: ClusterSettings) -> ShardCluster {
+        let recovery = Rc::new(RecoveryBudget::new(settings.recovery_bytes_per_sec));
         ShardCluster {
+            recovery,
             settings,
             meta: RefCell::new(ClusterMeta::default()),
             replicas: RefCell::new(HashMap::new()),
@@ -180,6 +189,7 @@ impl ShardCluster {
             election_ticks: self.settings.election_ticks,
             seed: random_seed(),
             tick: self.settings.tick,
+            recovery: Rc::clone(&self.recovery),
         }
     }
 }
@@ -578,8 +588,12 @@ impl Shard {
             glommio::timer::sleep(tick).await;
             let replicas: Vec<Rc<Replica>> =
                 self.cluster().expect("a cluster").replicas.borrow().values().cloned().collect();
+            let now = std::time::Instant::now();
             for replica in &replicas {
                 replica.tick();
+                replica.sample_replication_lag(now, |lag| {
+                    self.metrics.replication_lag.observe(lag.as_secs_f64())
+                });
             }
             if std::time::Instant::now() >= next_balance {
                 next_balance = std::time::Instant::now() + PREFERRED_LEADER_CHECK_INTERVAL;

@@ -79,6 +79,7 @@ fn run_node(id: u32, dir: std::path::PathBuf, inboxes: Inboxes) -> std::thread::
                     replica_lag_time_max: Duration::from_secs(10),
                     incarnation: 1,
                     controller_disk_lost: false,
+                    recovery_bytes_per_sec: 0,
                 }),
             };
             let shard = Shard::start(pyralog_shard::new_mesh(1), config).await.expect("the shard starts");

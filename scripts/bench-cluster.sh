@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The replicated benchmarks: three nodes on this one machine (node N on 127.0.0.N, as
+# scripts/run-cluster.sh starts them), driven by pyralog-bench over the native protocol with
+# acks=durable (Kafka's acks=all) and 1 KiB messages, topics of replication factor 3 and 1 in
+# the same run. Every run stops by itself (--duration).
+#
+# Bounds, measured in the same run: fio's best durable sequential write on this disk (O_DIRECT,
+# fdatasync after each write, 512 KiB to 4 MiB writes, queue depth 1 and 4). The three
+# replicas share that one disk (and the machine's two cores), so RF 3 writes every client byte
+# three times to it: the ratio reported is the bytes all replicas flushed per second (the
+# nodes' pyralog_flushed_bytes counters) over the fio bound, and RF 3's client rate can be at
+# most a third of RF 1's.
+#
+# Replication lag: each leader samples, every 10 ms tick and per follower, the age of the
+# oldest batch that follower has not made durable (pyralog_replication_lag_seconds); its p99
+# over the half-rate run is read from the three nodes' histograms (buckets grow by half again;
+# interpolated inside the bucket).
+#   scripts/bench-cluster.sh [seconds per run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-10}"
+target="${CARGO_TARGET_DIR:-target}"
+command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio; }
+cargo build --release --locked -p pyralog -p pyralog-bench
+base=$(mktemp -d /var/tmp/pyralog-bench-cluster.XXXXXX)
+work=$base
+source scripts/local-cluster.sh
+
+echo "machine: $(nproc) cores, kernel $(uname -r), $(df -h "$work" | awk 'NR==2 {print $1}'), load $(cut -d' ' -f1-3 /proc/loadavg)"
+fio_mib() { # fio flags...: MiB/s written
+  fio --output-format=json --directory="$work" --name=w --size=1g --direct=1 --rw=write --fdatasync=1 "$@" \
+    | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"]/1048576))'
+  rm -f "$work"/w.*
+}
+fio_best() {
+  local best=0 mib bs
+  for bs in 512k 1m 4m; do
+    mib=$(fio_mib --ioengine=psync --bs="$bs"); echo "  fio $bs qd 1: $mib MiB/s" >&2
+    ((mib > best)) && best=$mib
+    mib=$(fio_mib --ioengine=libaio --iodepth=4 --bs="$bs"); echo "  fio $bs qd 4: $mib MiB/s" >&2
+    ((mib > best)) && best=$mib
+  done
+  echo "$best"
+}
+echo "fio durable sequential writes (O_DIRECT, fdatasync after each):"
+fio_bound=$(fio_best)
+echo "bound: $fio_bound MiB/s"
+
+start_cluster
+# Six partitions: two led from each node once preferred leaders are restored.
+for rf in 1 3; do
+  for topic in lat max half; do
+    "$target/release/pyralog" topic --broker 127.0.0.1:7070 create "$topic$rf" --partitions 6 \
+      --replication-factor "$rf" >/dev/null
+  done
+done
+for _ in $(seq 100); do
+  "$target/release/pyralog" cluster --node 127.0.0.1:9644 status | grep -q " 0 offline" && break
+  sleep 0.1
+done
+sleep 6 # the preferred leaders take their partitions back (checked every 5 s)
+
+bench() { "$target/release/pyralog-bench" produce --broker 127.0.0.1:7070 "$@" --json 2>/dev/null; }
+field() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+report() { # name, json, target text
+  echo "$2" | field "'%-30s %9.0f msg/s %7.1f MB/s  p50 %6d us  p99 %7d us  max %7d us  | %s' % ('$1', d['msgs_per_sec'], d['mb_per_sec'], d['latency_us']['p50'], d['latency_us']['p99'], d['latency_us']['max'], '$3')"
+}
+# The three nodes' metrics, concatenated.
+scrape() { for n in 1 2 3; do curl -s "http://127.0.0.$n:9644/metrics"; done; }
+flushed() { scrape | awk '/^pyralog_flushed_bytes_total/ {s += $NF} END {printf "%.0f\n", s}'; }
+# p99 of the replication lag between two scrapes (files), in ms.
+lag_p99() {
+  python3 - "$1" "$2" <<'EOF'
+import re, sys
+def buckets(path):
+    counts = {}
+    for line in open(path):
+        m = re.match(r'pyralog_replication_lag_seconds_bucket\{.*le="([^"]+)".*\} (\S+)', line)
+        if m:
+            le = float("inf") if m[1] == "+Inf" else float(m[1])
+            counts[le] = counts.get(le, 0) + float(m[2])
+    return counts
+before, after = buckets(sys.argv[1]), buckets(sys.argv[2])
+cumulative = sorted((le, after[le] - before.get(le, 0)) for le in after)
+total = cumulative[-1][1] if cumulative else 0
+if total == 0:
+    print("no samples")
+    sys.exit()
+want, low, below = 0.99 * total, 0.0, 0.0
+for le, count in cumulative:
+    if count >= want:
+        high = le if le != float("inf") else low
+        share = (want - below) / (count - below) if count > below else 1
+        print("%.1f ms (%d samples)" % ((low + (high - low) * share) * 1000, total))
+        break
+    low, below = le, count
+EOF
+}
+lat="--message-bytes 1024 --rate 20000 --duration $secs --linger-ms 1 --partitions 6"
+big="--message-bytes 1024 --batch-bytes 1048576 --producers 2 --duration $secs --partitions 6"
+
+# Latency first, before gigabytes of writes leave the disk slow to answer fdatasync.
+r=$(bench --topic lat3 $lat)
+report "RF 3 acks=all 1 KiB at 20k/s" "$r" "target p99 < 3000 us"
+r=$(bench --topic lat1 $lat)
+report "RF 1 acks=all 1 KiB at 20k/s" "$r" "the cost of RF 3: compare p99"
+
+for rf in 3 1; do
+  before=$(flushed)
+  r=$(bench --topic "max$rf" $big)
+  after=$(flushed)
+  seconds=$(echo "$r" | field "d['seconds']")
+  disk=$(python3 -c "print('%.0f' % (($after - $before) / 1048576 / $seconds))")
+  report "RF $rf acks=all 1 KiB max" "$r" "all replicas flushed $disk MiB/s = $(python3 -c "print('%.2f' % ($disk / $fio_bound))")x fio $fio_bound MiB/s (target 0.7x)"
+  [[ $rf == 3 ]] && max3=$(echo "$r" | field "d['msgs_per_sec']")
+done
+
+half=$(python3 -c "print(int($max3 / 2))")
+scrape >"$work/lag.before"
+r=$(bench --topic half3 --message-bytes 1024 --rate "$half" --duration "$secs" --linger-ms 1 --partitions 6)
+scrape >"$work/lag.after"
+report "RF 3 acks=all at half max" "$r" "replication lag p99 $(lag_p99 "$work/lag.before" "$work/lag.after") (target < 50 ms)"
+"$target/release/pyralog" cluster --node 127.0.0.1:9644 status | tail -1
