@@ -4,14 +4,17 @@ scripts/bench-failover.sh does), one partition with replication factor 3, an ide
 confluent-kafka producer writing throughout; ROUNDS times, kill -9 the partition's leader and
 measure (1) server side: from the kill to another node's replica leading in a higher term, by
 polling the survivors' /cluster every 2 ms, and (2) client side: the longest gap between two
-acknowledgements around the kill. The killed node is restarted and let catch up between rounds.
-Prints medians, p99 and max, and one JSON line.
+acknowledgements around the kill, for that producer and for pyralog-bench's native producer (one
+run per round, on the same partition, --rate 5000, acks=durable: its report's ack_gap_max_ms).
+The killed node is restarted and let catch up between rounds. Prints medians, p99 and max, and
+one JSON line.
 
     python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [extra pyralog flags...]
 """
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -77,10 +80,16 @@ def main():
 
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()
-        elections, gaps = [], []
+        bench = os.path.join(os.path.dirname(binary), "pyralog-bench")
+        elections, gaps, native_gaps = [], [], []
         for _ in range(rounds):
             wait_until("acknowledgements flow", lambda: len(acks) > 100)
-            time.sleep(0.5)
+            native = subprocess.Popen(
+                [bench, "produce", "--broker", "127.0.0.1:7070", "--topic", "failover", "--rate", "5000",
+                 "--duration", "5", "--message-bytes", "1024", "--linger-ms", "1", "--json"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(1.5)
+            wait_until("the partition has a leader", lambda: leader_of([1, 2, 3], "failover"))
             leader, term = leader_of([1, 2, 3], "failover")
             survivors = [n for n in (1, 2, 3) if n != leader]
             killed_at = time.monotonic()
@@ -108,6 +117,13 @@ def main():
                   file=sys.stderr)
             around = [t for t in acks if killed_at - 1 <= t <= killed_at + 5]
             gaps.append(max((b - a) * 1000 for a, b in zip(around, around[1:])))
+            out, _ = native.communicate(timeout=60)
+            report = json.loads(out)
+            if report["errors"] or report["unacknowledged"]:
+                raise AssertionError(f"the native producer lost or failed records: {report}")
+            native_gaps.append(report["ack_gap_max_ms"])
+            print(f"round {len(elections)}: native producer's longest gap {native_gaps[-1]:.0f} ms, "
+                  f"{report['leader_retries']} retries", file=sys.stderr)
             cluster.node(leader).start().wait_ready()
             wait_until("the restarted node leads or follows again",
                        lambda: all(view(n) for n in (1, 2, 3)), timeout_s=30)
@@ -120,6 +136,8 @@ def main():
             "flags": " ".join(extra) or "defaults",
             "election_ms": {"p50": percentile(elections, 50), "p99": percentile(elections, 99), "max": max(elections)},
             "ack_gap_ms": {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99), "max": max(gaps)},
+            "native_ack_gap_ms": {"p50": percentile(native_gaps, 50), "p99": percentile(native_gaps, 99),
+                                  "max": max(native_gaps)},
             "delivery_errors": len(errors),
         }
         print(f"kill -9 of the leader, {rounds} rounds ({summary['flags']}):")
@@ -127,6 +145,9 @@ def main():
               f"p99 {summary['election_ms']['p99']:.0f} ms, max {summary['election_ms']['max']:.0f} ms")
         print(f"  longest gap between acknowledgements (librdkafka acks=all): p50 {summary['ack_gap_ms']['p50']:.0f} "
               f"ms, p99 {summary['ack_gap_ms']['p99']:.0f} ms, max {summary['ack_gap_ms']['max']:.0f} ms")
+        print(f"  longest gap between acknowledgements (native pyralog-bench, acks=durable): p50 "
+              f"{summary['native_ack_gap_ms']['p50']:.0f} ms, p99 {summary['native_ack_gap_ms']['p99']:.0f} ms, "
+              f"max {summary['native_ack_gap_ms']['max']:.0f} ms")
         print(f"  delivery errors: {len(errors)}")
         print(json.dumps(summary))
     finally:

@@ -249,6 +249,12 @@ pub fn start_transport(
     if shard.id == 0 {
         serve_controller_requests(plan, shard, &transport);
     }
+    let lost_by = Rc::downgrade(shard);
+    transport.set_peer_lost_hook(Rc::new(move |node| {
+        if let Some(shard) = lost_by.upgrade() {
+            shard.cluster_peer_lost(node);
+        }
+    }));
     let (receiving, into) = (Rc::clone(&transport), Rc::clone(shard));
     glommio::spawn_local(async move {
         while let Some(received) = receiving.recv().await {

@@ -469,6 +469,26 @@ impl RaftGroup {
         self.reset_election_deadline();
     }
 
+    /// The shell lost its connection to `peer` (its process died, or the network reset it). A
+    /// follower of `peer` stops counting on it at once instead of after an election timeout:
+    /// it drops its leader's lease and brings its election forward, staggered by its rank
+    /// among the other voters (a quarter of an election timeout apart, so followers that lost
+    /// the leader together do not split the vote: the first asks, the others grant, having
+    /// dropped their leases too). Safety is untouched (pre-vote and vote run as always), and so
+    /// is a live leader: a replica that still hears it refuses the pre-vote (its own lease),
+    /// and the next append from it restores the lease and the timeout.
+    pub fn peer_unreachable(&mut self, peer: ReplicaId) {
+        if self.role != Role::Follower || self.leader != Some(peer) {
+            return;
+        }
+        self.last_leader_contact_tick = None;
+        let mut voters = self.membership().voters();
+        voters.retain(|v| *v != peer);
+        let rank = voters.iter().position(|v| *v == self.config.id).unwrap_or(voters.len()) as u64;
+        let soon = 1 + rank * u64::from((self.config.election_ticks / 4).max(1));
+        self.election_deadline_tick = self.election_deadline_tick.min(self.ticks + soon);
+    }
+
     /// Advances the logical clock by one tick.
     pub fn tick(&mut self, log: &dyn LogRead, out: &mut Vec<Action>) {
         self.ticks += 1;
@@ -1745,6 +1765,8 @@ mod tests {
     struct Trio {
         groups: Vec<RaftGroup>,
         logs: Vec<SimLog>,
+        /// A replica whose messages are dropped (its process died).
+        down: Option<ReplicaId>,
     }
 
     impl Trio {
@@ -1752,6 +1774,7 @@ mod tests {
             Trio {
                 groups: (1..=3).map(|id| group(id, &[1, 2, 3])).collect(),
                 logs: vec![SimLog::default(); 3],
+                down: None,
             }
         }
 
@@ -1790,6 +1813,9 @@ mod tests {
             let mut delivered = Vec::new();
             while !queue.is_empty() {
                 for m in std::mem::take(&mut queue) {
+                    if self.down == Some(m.to) {
+                        continue;
+                    }
                     let (i, mut out) = (m.to as usize - 1, Vec::new());
                     self.groups[i].receive(m.clone(), &self.logs[i], &mut out);
                     queue.extend(self.carry(m.to, &mut out));
@@ -1840,6 +1866,41 @@ mod tests {
         assert!(heartbeats(&idle) >= 2, "idle, one per follower and interval: {idle:?}");
         for follower in &trio.groups[1..] {
             assert_eq!(follower.high_watermark(), leader_hw, "the commit point reached the followers");
+        }
+    }
+
+    /// A follower that lost its connection to the leader campaigns within half an election
+    /// timeout; one whose peer still hears the leader does not get it replaced.
+    #[test]
+    fn a_lost_leader_connection_starts_an_election_early_but_never_against_a_live_leader() {
+        let mut trio = Trio::new();
+        while trio.groups[0].role() != Role::Leader {
+            let sent = trio.tick(1);
+            trio.settle(sent);
+        }
+        let term = trio.groups[0].term();
+        // Only replica 2 lost the connection; 3 still hears the leader: no new leader.
+        trio.groups[1].peer_unreachable(1);
+        for _ in 0..30 {
+            let mut sent = trio.tick(1);
+            sent.extend(trio.tick(2));
+            sent.extend(trio.tick(3));
+            trio.settle(sent);
+        }
+        assert_eq!((trio.groups[0].role(), trio.groups[0].term()), (Role::Leader, term));
+        // The leader dies: both followers see its connection reset and elect one of them
+        // within an election timeout (10 ticks), not after one.
+        trio.down = Some(1);
+        for g in &mut trio.groups[1..] {
+            g.peer_unreachable(1);
+        }
+        let mut ticks = 0;
+        while !trio.groups[1..].iter().any(|g| g.role() == Role::Leader) {
+            ticks += 1;
+            assert!(ticks <= 10, "no leader within an election timeout of the loss");
+            let mut sent = trio.tick(2);
+            sent.extend(trio.tick(3));
+            trio.settle(sent);
         }
     }
 

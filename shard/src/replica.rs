@@ -324,6 +324,11 @@ impl Replica {
         self.enqueue(out);
     }
 
+    /// The connection to node `node` was lost (see `RaftGroup::peer_unreachable`).
+    pub fn peer_unreachable(&self, node: u32) {
+        self.raft.borrow_mut().peer_unreachable(node);
+    }
+
     /// One tick of the shard's clock.
     pub fn tick(&self) {
         let mut out = Vec::new();

@@ -319,6 +319,16 @@ impl Shard {
         }
     }
 
+    /// The transport lost its connection to node `node`: the replicas here that follow it
+    /// start an election soon (see `RaftGroup::peer_unreachable`).
+    pub fn cluster_peer_lost(&self, node: u32) {
+        let Some(cluster) = self.cluster() else { return };
+        let replicas: Vec<Rc<Replica>> = cluster.replicas.borrow().values().cloned().collect();
+        for replica in replicas {
+            replica.peer_unreachable(node);
+        }
+    }
+
     /// Sets how shard 0 reaches the controller's leader on another node (the daemon's transport).
     pub fn set_cluster_forward(&self, hook: ForwardHook) {
         if let Some(cluster) = self.cluster() {

@@ -35,8 +35,10 @@ use super::ClientError;
 pub const LEADER_RETRY_BUDGET_DEFAULT: Duration = Duration::from_secs(10);
 /// The pause before the first retry; each further retry doubles it.
 pub const LEADER_RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(10);
-/// The longest pause between two retries.
-pub const LEADER_RETRY_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// The longest pause between two retries: what a request may wait past the moment a new
+/// leader is known (Kafka's retry.backoff.ms default). A retry costs a metadata request to
+/// any node, small next to the gap a longer pause adds to every failover.
+pub const LEADER_RETRY_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// The retries of one partition's requests since their first failure.
 #[derive(Debug, Clone, Copy)]
@@ -104,8 +106,10 @@ mod tests {
             pauses.push(pause.as_millis());
             at += pause;
         }
-        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 500, 500]);
+        let mut expected = vec![10, 20, 40, 80];
+        expected.extend([100; 18]);
+        assert_eq!(pauses, expected);
         assert!(at - start <= Duration::from_secs(2));
-        assert_eq!(retry.retries, 8);
+        assert_eq!(retry.retries, 22);
     }
 }

@@ -268,7 +268,13 @@ struct Shared {
     connections: Cell<usize>,
     /// The last error an incoming connection was closed for, logged when it changes.
     last_incoming_error: RefCell<String>,
+    /// Told the node of every established connection that ends (see
+    /// [`ClusterTransport::set_peer_lost_hook`]).
+    peer_lost: RefCell<Option<PeerLostHook>>,
 }
+
+/// Told the node id of a peer whose established connection ended.
+pub type PeerLostHook = Rc<dyn Fn(u32)>;
 
 impl Shared {
     fn count(&self, change: impl FnOnce(&mut ClusterCounts)) {
@@ -317,6 +323,7 @@ impl ClusterTransport {
             is_closed: Cell::new(false),
             connections: Cell::new(0),
             last_incoming_error: RefCell::new(String::new()),
+            peer_lost: RefCell::new(None),
         });
         let acceptor = glommio::spawn_local(accept(Rc::clone(&shared), listener));
         Ok(Rc::new(ClusterTransport {
@@ -328,6 +335,13 @@ impl ClusterTransport {
             acceptor: RefCell::new(Some(acceptor)),
             writers: RefCell::new(Vec::new()),
         }))
+    }
+
+    /// Sets what is told the peer's node id whenever an established connection to one of its
+    /// shards ends (closed, reset, or timed out by TCP_USER_TIMEOUT): the daemon lets the
+    /// replicas following that node start an election without waiting out their timeout.
+    pub fn set_peer_lost_hook(&self, hook: PeerLostHook) {
+        *self.shared.peer_lost.borrow_mut() = Some(hook);
     }
 
     /// The address the listener is bound to.
@@ -711,6 +725,10 @@ async fn write_to_peer(shared: Rc<Shared>, peer: Rc<Peer>) {
                     backoff = RECONNECT_BACKOFF_MIN;
                     let lost = pump(&shared, &peer, stream).await;
                     shared.count(|counts| counts.connection_errors += 1);
+                    let hook = shared.peer_lost.borrow().clone();
+                    if let Some(hook) = hook.filter(|_| !shared.is_closed()) {
+                        hook(peer.node);
+                    }
                     let (node, shard, addr) = (peer.node, peer.shard, peer.addr.get());
                     let error = RequestError::ConnectionLost { node, shard, addr, error: lost.clone() };
                     shared.requests.fail_to(&peer, error);

@@ -259,6 +259,13 @@ enum Event {
         node: usize,
         incarnation: u64,
     },
+    /// `node`'s shell saw its connection to `peer` fail (a crash reset it, or a partition
+    /// timed it out).
+    PeerLost {
+        node: usize,
+        incarnation: u64,
+        peer: usize,
+    },
     Unblock {
         from: usize,
         to: usize,
@@ -595,6 +602,14 @@ impl World {
             Event::Crash { node, incarnation } => {
                 if self.nodes[node].incarnation == incarnation && self.nodes[node].group.is_some() {
                     self.crash(node);
+                }
+                Ok(())
+            }
+            Event::PeerLost { node, incarnation, peer } => {
+                if self.nodes[node].incarnation == incarnation {
+                    if let Some(group) = self.nodes[node].group.as_mut() {
+                        group.peer_unreachable(peer as u32 + 1);
+                    }
                 }
                 Ok(())
             }
@@ -1053,6 +1068,7 @@ impl World {
                         if side[from] != side[to] {
                             self.blocked[from][to] = true;
                             self.schedule(heal, Event::Unblock { from, to });
+                            self.maybe_time_out(from, to, heal);
                         }
                     }
                 }
@@ -1127,6 +1143,22 @@ impl World {
         n.group = None;
         n.log.crash(kept, tear);
         self.schedule(down_us, Event::Restart { node, disk_lost: false });
+        // The others' connections to it reset, most of the time at once.
+        for other in (0..self.nodes.len()).filter(|&o| o != node) {
+            if self.random(4) != 0 {
+                let (incarnation, delay) = (self.nodes[other].incarnation, 100 + self.random(2_000));
+                self.schedule(delay, Event::PeerLost { node: other, incarnation, peer: node });
+            }
+        }
+    }
+
+    /// A cut connection times out on one side (TCP_USER_TIMEOUT) now and then: a replica
+    /// may give up a leader that others still hear.
+    fn maybe_time_out(&mut self, from: usize, to: usize, heal_us: u64) {
+        if self.random(2) == 0 {
+            let (incarnation, delay) = (self.nodes[from].incarnation, self.random(heal_us));
+            self.schedule(delay, Event::PeerLost { node: from, incarnation, peer: to });
+        }
     }
 
     fn leader_now(&self) -> Option<(usize, i32)> {
