@@ -20,6 +20,12 @@ pub(crate) struct SimLog {
     /// Batches below this index are fdatasync'ed.
     pub durable_count: usize,
     pub truncations: u64,
+    /// Reads answered with nothing, per mille, as the daemon's reader answers a read of what
+    /// is neither in its cache nor in its last catch-up read (it reads it meanwhile): the
+    /// core must retry later, not stall or walk a follower back.
+    pub refuse_reads_per_mille: u64,
+    /// The refusals' own generator (xorshift), so they draw nothing from the world's.
+    pub refusals: std::cell::Cell<u64>,
 }
 
 impl SimLog {
@@ -102,6 +108,16 @@ impl SimLog {
 
 impl LogRead for SimLog {
     fn read(&self, from_offset: i64, bytes_max: usize, batches: &mut Vec<Bytes>) {
+        if self.refuse_reads_per_mille > 0 {
+            let mut x = self.refusals.get().max(1);
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.refusals.set(x);
+            if x % 1000 < self.refuse_reads_per_mille {
+                return;
+            }
+        }
         let mut bytes = 0;
         for b in &self.batches[self.index_of(from_offset).min(self.batches.len())..] {
             if bytes > 0 && bytes + b.len() > bytes_max {

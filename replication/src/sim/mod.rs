@@ -411,14 +411,20 @@ impl World {
             election_ticks: 10,
             planted_bug,
         };
+        // A third of the seeds' logs refuse a fifth of the reads (see `SimLog`).
+        let refuse_reads_per_mille = if options.faults && seed / 4 % 3 == 1 { 200 } else { 0 };
         let nodes = (0..slots)
-            .map(|_| {
+            .map(|slot| {
                 // Clock-rate skew: each replica's ticks run 0.7x to 1.3x the virtual clock.
                 let skew = if options.faults { 700 + rng.next_u64() % 601 } else { 1000 };
                 Node {
                     group: None,
                     incarnation: 0,
-                    log: SimLog::default(),
+                    log: SimLog {
+                        refuse_reads_per_mille,
+                        refusals: std::cell::Cell::new(seed ^ (slot as u64 + 1) << 32),
+                        ..SimLog::default()
+                    },
                     hard: HardState::default(),
                     persist_free_us: 0,
                     flushing: false,
@@ -1376,7 +1382,11 @@ impl World {
         let n = &mut self.nodes[node];
         n.disk_generation += 1;
         n.group = None;
-        n.log = SimLog::default();
+        n.log = SimLog {
+            refuse_reads_per_mille: n.log.refuse_reads_per_mille,
+            refusals: n.log.refusals.clone(),
+            ..SimLog::default()
+        };
         n.hard = HardState::default();
         n.checked_count = 0;
         n.last_term = 0;
