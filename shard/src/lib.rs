@@ -20,6 +20,7 @@ mod error;
 mod event;
 pub mod group;
 pub mod metrics;
+mod offsets;
 mod partition;
 pub mod producers;
 mod replica;
@@ -33,6 +34,7 @@ pub use group::{
     CommitRequest, GroupConfig, GroupCoordinator, GroupDescription, GroupError, GroupOp, GroupReply,
     JoinRequest, JoinResult, Joined, MemberDescription, SyncRequest, SyncResult, Synced,
 };
+pub use offsets::{is_internal_topic, OFFSETS_TOPIC};
 pub use partition::Durability;
 pub use replica::{RecoveryBudget, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
 pub use replicated::{

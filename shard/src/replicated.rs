@@ -151,6 +151,9 @@ pub(crate) struct ShardCluster {
     pub applying: glommio::sync::Semaphore,
     /// Bounds the catch-up reads of every replica of this shard.
     pub recovery: Rc<RecoveryBudget>,
+    /// The offsets partitions this shard coordinates, or loads a coordinator for, with the
+    /// term of the leadership they were loaded for (see `offsets`).
+    pub coordination: RefCell<HashMap<usize, i32>>,
 }
 
 impl ShardCluster {
@@ -166,6 +169,7 @@ impl ShardCluster {
             applied: Event::default(),
             roles: RefCell::new(HashMap::new()),
             applying: glommio::sync::Semaphore::new(1),
+            coordination: RefCell::new(HashMap::new()),
         }
     }
 
@@ -559,6 +563,9 @@ impl Shard {
         replica.set_role_hook(Rc::new(move |address, role| {
             if let Some(shard) = shard.upgrade() {
                 shard.share_role((address.topic_id, address.partition), role);
+                if crate::offsets::is_internal_topic(&address.topic) {
+                    shard.offsets_role_changed(address.partition, role);
+                }
             }
         }));
         partition.flusher_running.set(true);
