@@ -65,7 +65,8 @@ pub struct KafkaService {
     pub groups: groups::Groups,
     /// Each shard's own Kafka port, by shard id: the brokers of metadata responses.
     pub broker_ports: Vec<u16>,
-    /// Producer ids handed out here: `first_producer_id + shard + shards * n`.
+    /// Producer ids handed out here without a cluster: `first_producer_id + shard + shards * n`
+    /// (a cluster's come from its controller: `Shard::next_producer_id`).
     pub first_producer_id: i64,
     pub producer_ids_issued: Cell<i64>,
 }
@@ -116,7 +117,9 @@ impl KafkaHandler for KafkaService {
                 ResponseBody::CreatePartitions(self.create_partitions(body).await)
             }
             RequestBody::DescribeConfigs(body) => ResponseBody::DescribeConfigs(self.describe_configs(body)),
-            RequestBody::InitProducerId(body) => ResponseBody::InitProducerId(self.init_producer_id(body)),
+            RequestBody::InitProducerId(body) => {
+                ResponseBody::InitProducerId(self.init_producer_id(body).await)
+            }
             RequestBody::FindCoordinator(body) => {
                 ResponseBody::FindCoordinator(self.find_coordinator(body).await)
             }
@@ -805,7 +808,7 @@ impl KafkaService {
         DescribeConfigsResponse { results, ..Default::default() }
     }
 
-    fn init_producer_id(
+    async fn init_producer_id(
         &self,
         body: init_producer_id_request::InitProducerIdRequest,
     ) -> init_producer_id_response::InitProducerIdResponse {
@@ -830,9 +833,26 @@ impl KafkaService {
                 ..Default::default()
             };
         }
-        let n = self.producer_ids_issued.get();
-        self.producer_ids_issued.set(n + 1);
-        let producer_id = self.first_producer_id + self.shard.id as i64 + self.shard.count as i64 * n;
+        let producer_id = match self.shard.cluster_meta() {
+            // A cluster's ids come from blocks its controller reserves for each node.
+            Some(_) => match self.shard.next_producer_id().await {
+                Ok(id) => id,
+                Err(failed) => {
+                    eprintln!("pyralog: InitProducerId: {failed}");
+                    return InitProducerIdResponse {
+                        error_code: error::COORDINATOR_NOT_AVAILABLE,
+                        producer_id: -1,
+                        producer_epoch: -1,
+                        ..Default::default()
+                    };
+                }
+            },
+            None => {
+                let n = self.producer_ids_issued.get();
+                self.producer_ids_issued.set(n + 1);
+                self.first_producer_id + self.shard.id as i64 + self.shard.count as i64 * n
+            }
+        };
         InitProducerIdResponse {
             error_code: error::NONE,
             producer_id,

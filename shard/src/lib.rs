@@ -22,6 +22,7 @@ pub mod group;
 pub mod metrics;
 mod offsets;
 mod partition;
+mod producer_ids;
 pub mod producers;
 mod replica;
 mod replicated;

@@ -113,9 +113,22 @@ pub fn in_sync_replicas(status: &ReplicaStatus, tick: Duration, lag_max: Duratio
 #[serde(rename_all = "kebab-case")]
 pub enum ControllerRequest {
     RegisterNode(NodeInfo),
-    CreateTopic { name: String, partitions: u32, config: topics::TopicConfig },
-    CreatePartitions { name: String, partitions: u32 },
-    DeleteTopic { name: String },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        config: topics::TopicConfig,
+    },
+    CreatePartitions {
+        name: String,
+        partitions: u32,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    /// Reserve the next block of producer ids for `node` (see `producer_ids`).
+    AllocateProducerIds {
+        node: u32,
+    },
 }
 
 /// Sends a request to the controller's leader on `node` and returns its answer: the controller
@@ -154,6 +167,8 @@ pub(crate) struct ShardCluster {
     /// The offsets partitions this shard coordinates, or loads a coordinator for, with the
     /// term of the leadership they were loaded for (see `offsets`).
     pub coordination: RefCell<HashMap<usize, i32>>,
+    /// Shard 0: this node's blocks of producer ids (see `producer_ids`).
+    pub producer_ids: crate::producer_ids::ProducerIdBlocks,
 }
 
 impl ShardCluster {
@@ -170,6 +185,7 @@ impl ShardCluster {
             roles: RefCell::new(HashMap::new()),
             applying: glommio::sync::Semaphore::new(1),
             coordination: RefCell::new(HashMap::new()),
+            producer_ids: crate::producer_ids::ProducerIdBlocks::new(),
         }
     }
 
@@ -400,6 +416,9 @@ impl Shard {
                 self.create_replicated_partitions(&name, partitions).await
             }
             ControllerRequest::DeleteTopic { name } => self.delete_replicated_topic(&name).await,
+            ControllerRequest::AllocateProducerIds { node } => {
+                self.propose_metadata(MetaRecord::AllocateProducerIds { node }).await
+            }
         }
     }
 

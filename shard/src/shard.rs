@@ -219,6 +219,8 @@ pub enum Op {
         partition: u32,
         end: i64,
     },
+    /// To shard 0: the next producer id of this node's blocks (see `producer_ids`).
+    NextProducerId,
     /// A replica of this node reported a new role (see `replicated`).
     Role {
         group: GroupId,
@@ -591,6 +593,7 @@ impl Shard {
             Op::Checksum { topic, partition, end } => {
                 OpResult::Checksum(self.local_checksum(&topic, partition, end).await)
             }
+            Op::NextProducerId => OpResult::Offset(self.take_producer_id().await),
             Op::Role { group, role } => {
                 self.note_role(group, role);
                 OpResult::Done(Ok(()))

@@ -189,6 +189,14 @@ impl Cluster {
         thread.join().expect("the node stops cleanly");
     }
 
+    /// Starts node `id` again on its data directory.
+    fn restart_node(&mut self, id: u32) {
+        assert!(self.threads[id as usize - 1].is_none(), "node {id} is stopped");
+        *self.inboxes[id as usize - 1].lock().unwrap() = Inbox::default();
+        let dir = self.dirs[id as usize - 1].path().to_path_buf();
+        self.threads[id as usize - 1] = Some(run_node(id, dir, Arc::clone(&self.inboxes)));
+    }
+
     fn running(&self) -> Vec<u32> {
         (1..=NODES).filter(|id| self.threads[*id as usize - 1].is_some()).collect()
     }
@@ -507,5 +515,41 @@ fn a_follower_promoted_to_leader_recognises_a_retry_of_a_batch_the_old_leader_wr
     let values: Vec<String> =
         values_of(&fetched.expect("the new leader serves").records).into_iter().map(|(_, v)| v).collect();
     assert_eq!(values, vec!["first".to_owned(), "second".to_owned()], "stored once each");
+    cluster.stop();
+}
+
+/// `count` producer ids handed out by node `id`, in order.
+fn producer_ids_on(cluster: &Cluster, id: u32, count: usize) -> Vec<i64> {
+    eventually(|| {
+        cluster.on(id, move |shard| {
+            Box::pin(async move {
+                let mut ids = Vec::with_capacity(count);
+                for _ in 0..count {
+                    ids.push(shard.next_producer_id().await?);
+                }
+                Ok(ids)
+            })
+        })
+    })
+}
+
+#[test]
+fn producer_ids_are_unique_across_nodes_and_restarts() {
+    let mut cluster = Cluster::start();
+    let mut seen = std::collections::HashSet::new();
+    // More than a block on node 1: it reserves the next one ahead, then hands it out.
+    let many = producer_ids_on(&cluster, 1, 1500);
+    assert!(many.windows(2).all(|w| w[0] < w[1]), "a node hands its ids out in order");
+    seen.extend(many);
+    for id in 2..=NODES {
+        for producer_id in producer_ids_on(&cluster, id, 3) {
+            assert!(seen.insert(producer_id), "id {producer_id} of node {id} was handed out before");
+        }
+    }
+    cluster.stop_node(2);
+    cluster.restart_node(2);
+    for producer_id in producer_ids_on(&cluster, 2, 3) {
+        assert!(seen.insert(producer_id), "id {producer_id} of restarted node 2 was handed out before");
+    }
     cluster.stop();
 }
