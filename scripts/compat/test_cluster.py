@@ -449,6 +449,14 @@ def test_a_consumer_group_keeps_its_offsets_when_its_coordinator_is_killed(clust
     consume(1000)
     last_committed = commit_until_acknowledged(consumer)
     assert last_committed, "the first commit names a partition"
+    # The offsets topic is internal: metadata lists it only when asked for by name, and
+    # clients cannot write it (INVALID_TOPIC_EXCEPTION, as Kafka answers).
+    import kafka_wire
+    listed = AdminClient({"bootstrap.servers": cluster.bootstrap}).list_topics(timeout=CLIENT_TIMEOUT_S).topics
+    assert "grouped" in listed and "__consumer_offsets" not in listed, sorted(listed)
+    with kafka_wire.Connection(cluster.node(1).bootstrap, timeout_s=CLIENT_TIMEOUT_S) as wire:
+        forged = kafka_wire.record_batch([(b"survivors", b"offset 0")])
+        assert wire.produce("__consumer_offsets", offsets_partition("survivors"), forged)[0] == 17
     victim = wait_until("the offsets partition has a leader", lambda: coordinator_node(cluster.bootstrap, "survivors"))
     cluster.node(victim).kill9()
     # The new coordinator (the new leader of the offsets partition) serves the last
