@@ -17,6 +17,14 @@
 //!   requests get `NotCoordinator`, and clients find the new coordinator, where members rejoin
 //!   (membership is not replicated, as in Kafka).
 //!
+//! The offsets partitions are kept whole: the node's retention settings do not apply to them
+//! (a retention cut would lose the offsets of groups that have not committed since), and
+//! nothing compacts them yet, so a new coordinator's replay grows with the commits made.
+//!
+//! FindCoordinator names the leader this node last heard from its own replica of the
+//! partition; a node holding none names the partition's preferred leader, as metadata does
+//! (a wrong guess costs the client a NOT_COORDINATOR and another FindCoordinator).
+//!
 //! A node without a cluster keeps its per-node offsets logs (`<data-dir>/groups/<n>`), with
 //! coordinators on shard `n % shards` (see `Shard::start`).
 //!

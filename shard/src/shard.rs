@@ -973,7 +973,15 @@ impl Shard {
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
-            let partitions: Vec<Rc<Partition>> = self.partitions.borrow().values().cloned().collect();
+            // The offsets topic holds every group's offsets, however old: replayed whole by each
+            // new coordinator, it is never cut by the node's retention.
+            let partitions: Vec<Rc<Partition>> = self
+                .partitions
+                .borrow()
+                .values()
+                .filter(|p| !offsets::is_internal_topic(&p.topic))
+                .cloned()
+                .collect();
             for partition in partitions {
                 if let Err(error) = partition.log.apply_retention(now_ms) {
                     eprintln!("pyralog: retention of {}/{}: {error}", partition.topic, partition.partition);
