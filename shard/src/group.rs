@@ -61,6 +61,14 @@
 //! replayed, later records winning. A failed write or fdatasync stops the log for good
 //! (fsyncgate); every later commit fails with [`GroupError::Storage`].
 //!
+//! In a cluster the offsets log is a partition of the replicated offsets topic (see
+//! `offsets`), which the partition's replica owns: the coordinator runs no flusher and no
+//! compaction, replays the log below the commit point when it starts
+//! ([`GroupCoordinator::open_replicated`]), and appends each commit through the replica's
+//! leader with acks=all, applying it once committed. Commits complete in any order there, so
+//! every committed offset remembers where in the log it was written, and of two commits of a
+//! partition the later in the log wins, as at replay.
+//!
 //! Record format (all integers big-endian, strings UTF-8):
 //! - key: `version: u8 = 0`, `group_id: u16 length + bytes`, `topic: u16 length + bytes`,
 //!   `partition: i32`;
@@ -68,7 +76,8 @@
 //!   (-1 for none) + bytes`, `commit_timestamp_ms: i64`.
 //!
 //! Invariants owned here:
-//! - offsets visible to [`GroupCoordinator::fetch_offsets`] are durable in the offsets log;
+//! - offsets visible to [`GroupCoordinator::fetch_offsets`] are durable in the offsets log
+//!   (replicated: committed in the offsets partition);
 //! - a member id is in at most one group's member map, and a static instance id maps to at most
 //!   one member id;
 //! - outside `PreparingRebalance` no member has a parked JoinGroup, and outside
