@@ -64,7 +64,7 @@
 //! In a cluster the offsets log is a partition of the replicated offsets topic (see
 //! `offsets`), which the partition's replica owns: the coordinator runs no flusher and no
 //! compaction, replays the log below the commit point when it starts
-//! ([`GroupCoordinator::open_replicated`]), and appends each commit through the replica's
+//! (`GroupCoordinator::open_replicated`), and appends each commit through the replica's
 //! leader with acks=all, applying it once committed. Commits complete in any order there, so
 //! every committed offset remembers where in the log it was written, and of two commits of a
 //! partition the later in the log wins, as at replay.
