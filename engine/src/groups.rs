@@ -8,24 +8,29 @@
 //! kafka-python, the Java AdminClient) see each group once. The shared bootstrap port answers as
 //! the shard that accepted the connection; it is named in no metadata, so those clients never
 //! ask it.
+//!
+//! In a cluster the coordinator is the shard owning the group's partition of the offsets
+//! topic on the node leading that partition (`pyralog_shard::offsets`); elsewhere requests get
+//! NOT_COORDINATOR (COORDINATOR_LOAD_IN_PROGRESS while a new leader replays the partition),
+//! and clients ask FindCoordinator again.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use pyralog_net::kafka::error;
 use pyralog_net::kafka::messages::*;
-use pyralog_shard::{
-    CommitRequest, GroupError, GroupOp, GroupReply, JoinRequest, Shard, ShardError, SyncRequest,
-};
+use pyralog_shard::{CommitRequest, GroupError, GroupOp, GroupReply, JoinRequest, Shard, SyncRequest};
 
 pub struct Groups;
 
 /// A group's committed offsets by topic: (topic, [(partition, offset, leader epoch, metadata)]).
 type CommittedByTopic = Vec<(String, Vec<(i32, i64, i32, String)>)>;
 
-/// The Kafka error code for a group request that could not reach its coordinator.
-fn unavailable(_: ShardError) -> i16 {
-    error::COORDINATOR_NOT_AVAILABLE
+/// The Kafka error code for a group request its coordinator did not take: not reachable
+/// (COORDINATOR_NOT_AVAILABLE), or in a cluster not (or not yet) this node
+/// (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS): the client finds the coordinator again.
+fn unavailable(error: GroupError) -> i16 {
+    error.kafka_code()
 }
 
 fn code<T>(result: &Result<T, GroupError>) -> i16 {
@@ -407,7 +412,9 @@ impl Groups {
                     .collect(),
                 ..Default::default()
             },
-            Err(error) => ListGroupsResponse { error_code: unavailable(error), ..Default::default() },
+            Err(_) => {
+                ListGroupsResponse { error_code: error::COORDINATOR_NOT_AVAILABLE, ..Default::default() }
+            }
         }
     }
 

@@ -21,7 +21,7 @@ use pyralog_net::kafka::{error, Request, RequestBody, ResponseBody};
 use pyralog_net::server::KafkaHandler;
 use pyralog_shard::cluster::{ClusterMeta, TopicPlacement};
 use pyralog_shard::topics::{TopicConfig, TopicMeta};
-use pyralog_shard::{FetchLimits, GroupId, Shard, ShardError};
+use pyralog_shard::{FetchLimits, GroupError, GroupId, Shard, ShardError};
 
 use crate::{fetch, groups};
 
@@ -65,7 +65,8 @@ pub struct KafkaService {
     pub groups: groups::Groups,
     /// Each shard's own Kafka port, by shard id: the brokers of metadata responses.
     pub broker_ports: Vec<u16>,
-    /// Producer ids handed out here: `first_producer_id + shard + shards * n`.
+    /// Producer ids handed out here without a cluster: `first_producer_id + shard + shards * n`
+    /// (a cluster's come from its controller: `Shard::next_producer_id`).
     pub first_producer_id: i64,
     pub producer_ids_issued: Cell<i64>,
 }
@@ -116,8 +117,12 @@ impl KafkaHandler for KafkaService {
                 ResponseBody::CreatePartitions(self.create_partitions(body).await)
             }
             RequestBody::DescribeConfigs(body) => ResponseBody::DescribeConfigs(self.describe_configs(body)),
-            RequestBody::InitProducerId(body) => ResponseBody::InitProducerId(self.init_producer_id(body)),
-            RequestBody::FindCoordinator(body) => ResponseBody::FindCoordinator(self.find_coordinator(body)),
+            RequestBody::InitProducerId(body) => {
+                ResponseBody::InitProducerId(self.init_producer_id(body).await)
+            }
+            RequestBody::FindCoordinator(body) => {
+                ResponseBody::FindCoordinator(self.find_coordinator(body).await)
+            }
             RequestBody::JoinGroup(body) => {
                 ResponseBody::JoinGroup(self.groups.join(&self.shard, body, version, client_id, peer).await)
             }
@@ -253,7 +258,7 @@ impl KafkaService {
             error_code: error::NONE,
             name: Some(name.to_owned()),
             topic_id: Uuid(meta.id),
-            is_internal: false,
+            is_internal: pyralog_shard::is_internal_topic(name),
             partitions: (0..meta.partitions)
                 .map(|partition| {
                     if let Some(placement) = cluster.and_then(|c| c.topics.get(name)) {
@@ -276,7 +281,11 @@ impl KafkaService {
         };
         match wanted {
             None => {
-                for (name, meta) in self.shard.topics().iter_meta() {
+                // Internal topics are named only when asked for, as Kafka's clients expect.
+                let table = self.shard.topics();
+                for (name, meta) in
+                    table.iter_meta().filter(|(name, _)| !pyralog_shard::is_internal_topic(name))
+                {
                     topics.push(describe(name, *meta));
                 }
             }
@@ -799,7 +808,7 @@ impl KafkaService {
         DescribeConfigsResponse { results, ..Default::default() }
     }
 
-    fn init_producer_id(
+    async fn init_producer_id(
         &self,
         body: init_producer_id_request::InitProducerIdRequest,
     ) -> init_producer_id_response::InitProducerIdResponse {
@@ -824,9 +833,26 @@ impl KafkaService {
                 ..Default::default()
             };
         }
-        let n = self.producer_ids_issued.get();
-        self.producer_ids_issued.set(n + 1);
-        let producer_id = self.first_producer_id + self.shard.id as i64 + self.shard.count as i64 * n;
+        let producer_id = match self.shard.cluster_meta() {
+            // A cluster's ids come from blocks its controller reserves for each node.
+            Some(_) => match self.shard.next_producer_id().await {
+                Ok(id) => id,
+                Err(failed) => {
+                    eprintln!("pyralog: InitProducerId: {failed}");
+                    return InitProducerIdResponse {
+                        error_code: error::COORDINATOR_NOT_AVAILABLE,
+                        producer_id: -1,
+                        producer_epoch: -1,
+                        ..Default::default()
+                    };
+                }
+            },
+            None => {
+                let n = self.producer_ids_issued.get();
+                self.producer_ids_issued.set(n + 1);
+                self.first_producer_id + self.shard.id as i64 + self.shard.count as i64 * n
+            }
+        };
         InitProducerIdResponse {
             error_code: error::NONE,
             producer_id,
@@ -835,12 +861,11 @@ impl KafkaService {
         }
     }
 
-    fn find_coordinator(
+    async fn find_coordinator(
         &self,
         body: find_coordinator_request::FindCoordinatorRequest,
     ) -> find_coordinator_response::FindCoordinatorResponse {
         use find_coordinator_response::*;
-        let host = self.settings.advertised_host.clone();
         let refused = |key: String, error_code: i16, message: String| Coordinator {
             key,
             node_id: -1,
@@ -849,39 +874,56 @@ impl KafkaService {
             error_code,
             error_message: Some(message),
         };
-        let answer = |key: String| match body.key_type {
-            COORDINATOR_KEY_GROUP => {
-                // The shard that coordinates the group's offsets log.
-                let node = pyralog_shard::group_log_of(&key) % self.broker_ports.len().max(1);
-                let port = self.broker_ports.get(node).copied().unwrap_or(self.settings.advertised_port);
-                Coordinator {
+        let mut answers = Vec::new();
+        for key in std::iter::once(body.key.clone()).chain(body.coordinator_keys) {
+            answers.push(match body.key_type {
+                COORDINATOR_KEY_GROUP => match self.group_coordinator(&key).await {
+                    Ok((node_id, host, port)) => {
+                        Coordinator { key, node_id, host, port, error_code: error::NONE, error_message: None }
+                    }
+                    Err(failed) => refused(key, failed.kafka_code(), failed.to_string()),
+                },
+                COORDINATOR_KEY_TRANSACTION => refused(
                     key,
-                    node_id: broker_id(self.settings.node_id, node),
-                    host: host.clone(),
-                    port: i32::from(port),
-                    error_code: error::NONE,
-                    error_message: None,
-                }
-            }
-            COORDINATOR_KEY_TRANSACTION => {
-                refused(key, error::TRANSACTIONAL_ID_AUTHORIZATION_FAILED, TRANSACTIONS_REFUSED.to_owned())
-            }
-            other => refused(
-                key,
-                error::INVALID_REQUEST,
-                format!("key type {other} is neither 0 (consumer group) nor 1 (transactional id)"),
-            ),
-        };
-        let single = answer(body.key.clone());
+                    error::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                    TRANSACTIONS_REFUSED.to_owned(),
+                ),
+                other => refused(
+                    key,
+                    error::INVALID_REQUEST,
+                    format!("key type {other} is neither 0 (consumer group) nor 1 (transactional id)"),
+                ),
+            });
+        }
+        let single = answers.remove(0);
+        let coordinators = answers;
         FindCoordinatorResponse {
             error_code: single.error_code,
             error_message: single.error_message.clone(),
             node_id: single.node_id,
             host: single.host.clone(),
             port: single.port,
-            coordinators: body.coordinator_keys.into_iter().map(answer).collect(),
+            coordinators,
             ..Default::default()
         }
+    }
+}
+
+impl KafkaService {
+    /// The broker (id, host, port) coordinating `group_id`: the shard of this node that owns
+    /// its offsets log; in a cluster, the shard owning its offsets partition on the node that
+    /// leads it (see `pyralog_shard::offsets`).
+    async fn group_coordinator(&self, group_id: &str) -> Result<(i32, String, i32), GroupError> {
+        if self.shard.cluster_meta().is_none() {
+            let shard = pyralog_shard::group_log_of(group_id) % self.broker_ports.len().max(1);
+            let port = self.broker_ports.get(shard).copied().unwrap_or(self.settings.advertised_port);
+            let host = self.settings.advertised_host.clone();
+            return Ok((broker_id(self.settings.node_id, shard), host, i32::from(port)));
+        }
+        let (node, shard) = self.shard.offsets_coordinator(group_id).await?;
+        let info = self.shard.cluster_node(node).ok_or(GroupError::CoordinatorNotAvailable)?;
+        let port = info.kafka_shard_ports.get(shard).copied().ok_or(GroupError::CoordinatorNotAvailable)?;
+        Ok((broker_id(node, shard), info.kafka_host, i32::from(port)))
     }
 }
 

@@ -214,7 +214,12 @@ impl Service {
                 .collect(),
         };
         let topics = if wanted.is_empty() {
-            table.iter().map(|(name, count)| describe(name, count)).collect()
+            // Internal topics are described only when asked for by name.
+            table
+                .iter()
+                .filter(|(name, _)| !pyralog_shard::is_internal_topic(name))
+                .map(|(name, count)| describe(name, count))
+                .collect()
         } else {
             wanted
                 .iter()

@@ -371,3 +371,159 @@ def test_a_controller_killed_during_a_topic_creation_leaves_the_topic_whole_or_a
                lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"), timeout_s=60)
     acknowledged = produce(cluster.bootstrap, "half-made", 400, "after")
     check_exactly_once(read_all(cluster.bootstrap, "half-made", 4, len(acknowledged)), acknowledged)
+
+
+GROUP_LOGS = 8
+
+
+def offsets_partition(group):
+    """The group's partition of __consumer_offsets: 64-bit FNV-1a of its id, modulo 8."""
+    value = 0xCBF29CE484222325
+    for byte in group.encode():
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value % GROUP_LOGS
+
+
+def coordinator_node(bootstrap, group):
+    """The node leading the group's offsets partition (metadata names the internal topic when
+    asked for it by name)."""
+    return leader_node(bootstrap, "__consumer_offsets", offsets_partition(group))
+
+
+def commit_until_acknowledged(consumer, deadline_s=CLIENT_TIMEOUT_S):
+    """A synchronous commit of the consumer's positions, again while the coordinator moves;
+    returns {partition: offset} as acknowledged (librdkafka leaves out partitions whose
+    position did not move since their last commit)."""
+    from confluent_kafka import KafkaException
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            committed = consumer.commit(asynchronous=False)
+            return {tp.partition: tp.offset for tp in committed if tp.error is None and tp.offset >= 0}
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            consumer.poll(0.1)  # serves the group's rejoin
+
+
+def serves(served, acknowledged):
+    """Whether the offsets served are the ones acknowledged (partitions never committed have
+    none: a negative offset)."""
+    return all(served.get(p) == offset for p, offset in acknowledged.items()) and all(
+        offset < 0 for p, offset in served.items() if p not in acknowledged)
+
+
+def committed_offsets(bootstrap, group, topic, partitions):
+    """What the group's coordinator serves now (OffsetFetch), asked by a consumer that does not
+    join the group."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        committed = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in committed}
+    finally:
+        consumer.close()
+
+
+def test_a_consumer_group_keeps_its_offsets_when_its_coordinator_is_killed(cluster):
+    create_topic(cluster.node(1).bootstrap, "grouped", 2, 3)
+    wait_until("both partitions have a leader",
+               lambda: all(leader_node(cluster.bootstrap, "grouped", p) for p in range(2)))
+    acknowledged = produce(cluster.bootstrap, "grouped", 3000, "first")
+    consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "survivors",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+    consumer.subscribe(["grouped"])
+    seen = set()
+
+    def consume(count):
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        taken = 0
+        while taken < count and time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None or message.error():
+                continue
+            seen.add((message.partition(), message.offset()))
+            taken += 1
+        assert taken == count, f"consumed {taken} of {count} within {CLIENT_TIMEOUT_S}s"
+
+    consume(1000)
+    last_committed = commit_until_acknowledged(consumer)
+    assert last_committed, "the first commit names a partition"
+    # The offsets topic is internal: metadata lists it only when asked for by name, and
+    # clients cannot write it (INVALID_TOPIC_EXCEPTION, as Kafka answers).
+    import kafka_wire
+    listed = AdminClient({"bootstrap.servers": cluster.bootstrap}).list_topics(timeout=CLIENT_TIMEOUT_S).topics
+    assert "grouped" in listed and "__consumer_offsets" not in listed, sorted(listed)
+    with kafka_wire.Connection(cluster.node(1).bootstrap, timeout_s=CLIENT_TIMEOUT_S) as wire:
+        forged = kafka_wire.record_batch([(b"survivors", b"offset 0")])
+        assert wire.produce("__consumer_offsets", offsets_partition("survivors"), forged)[0] == 17
+    victim = wait_until("the offsets partition has a leader", lambda: coordinator_node(cluster.bootstrap, "survivors"))
+    cluster.node(victim).kill9()
+    # The new coordinator (the new leader of the offsets partition) serves the last
+    # acknowledged commit: not lost, not moved back.
+    survivors = [node for node in cluster.nodes if node.node_id != victim]
+    bootstrap = ",".join(node.bootstrap for node in survivors)
+    wait_until("the new coordinator serves the acknowledged offsets",
+               lambda: serves(committed_offsets(bootstrap, "survivors", "grouped", 2), last_committed))
+    wait_until("metadata names another leader of the offsets partition",
+               lambda: coordinator_node(bootstrap, "survivors") not in (None, victim))
+    # The consumer goes on: its heartbeats and commits get NOT_COORDINATOR, it finds the new
+    # coordinator and rejoins there, and resumes from what it committed.
+    consume(1000)
+    moved_on = commit_until_acknowledged(consumer)
+    assert all(moved_on[p] >= last_committed.get(p, 0) for p in moved_on), (moved_on, last_committed)
+    last_committed.update(moved_on)
+    while len({key for key in seen if key in acknowledged}) < len(acknowledged):
+        consume(1)
+    last_committed.update(commit_until_acknowledged(consumer))
+    consumer.close()
+    assert serves(committed_offsets(bootstrap, "survivors", "grouped", 2), last_committed)
+    # The killed node comes back as a follower; a new member of the group starts exactly
+    # where the last acknowledged commit left off.
+    cluster.node(victim).start().wait_ready()
+    more = produce(cluster.bootstrap, "grouped", 200, "second")
+    newcomer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "survivors",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    newcomer.subscribe(["grouped"])
+    # Exactly what lies at or after the last acknowledged commit: nothing before it, nothing
+    # of it skipped (a rebalance may have moved the first consumer back to its committed
+    # offsets, so records it read may come again; offsets without records are the
+    # partitions' control batches).
+    everything = {**acknowledged, **more}
+    expected = {(p, o): v for (p, o), v in everything.items() if o >= last_committed.get(p, 0)}
+    read = {}
+    deadline = time.monotonic() + CLIENT_TIMEOUT_S
+    while len(read) < len(expected) and time.monotonic() < deadline:
+        message = newcomer.poll(0.2)
+        if message is not None and not message.error():
+            read[(message.partition(), message.offset())] = message.value()
+    newcomer.close()
+    assert read == expected, (sorted(read)[:3], sorted(expected)[:3], last_committed)
+
+
+def producer_ids(address, count):
+    import kafka_wire
+    ids = []
+    with kafka_wire.Connection(address, timeout_s=CLIENT_TIMEOUT_S) as wire:
+        while len(ids) < count:
+            error, producer_id, epoch = wire.init_producer_id()
+            if error == 15:  # COORDINATOR_NOT_AVAILABLE: the controller is not reachable yet
+                time.sleep(0.1)
+                continue
+            assert error == 0 and epoch == 0, (error, producer_id, epoch)
+            ids.append(producer_id)
+    return ids
+
+
+def test_init_producer_id_gives_distinct_ids_on_every_node_also_after_restarts(cluster):
+    seen = []
+    for node in cluster.nodes:
+        seen += producer_ids(node.bootstrap, 5)
+    # Every node restarts, one killed -9: none hands out an id given before.
+    cluster.node(1).kill9()
+    cluster.node(2).terminate()
+    for node_id in (1, 2):
+        cluster.node(node_id).start().wait_ready()
+    for node in cluster.nodes:
+        seen += producer_ids(node.bootstrap, 5)
+    assert len(seen) == len(set(seen)), f"a producer id was handed out twice: {sorted(seen)}"

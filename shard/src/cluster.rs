@@ -14,7 +14,8 @@
 //! so that every node leads about as many partitions as the others.
 //!
 //! Invariants: a partition's replicas are distinct nodes that were registered when it was
-//! placed; `applied_end` only grows; the snapshot on disk (`cluster.meta`) holds only
+//! placed; `applied_end` and `next_producer_id` only grow (so producer id blocks never
+//! overlap); the snapshot on disk (`cluster.meta`) holds only
 //! committed records, so a node can serve from it at start before the controller answers.
 
 use std::collections::BTreeMap;
@@ -30,6 +31,8 @@ const SNAPSHOT_FILE_NAME: &str = "cluster.meta";
 pub const NODES_MAX: usize = 1024;
 /// Most replicas of one partition.
 pub const REPLICATION_FACTOR_MAX: u32 = 7;
+/// Producer ids the controller reserves for a node at a time (Kafka's block size too).
+pub const PRODUCER_IDS_PER_BLOCK: i64 = 1000;
 
 /// A node as the cluster knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +104,11 @@ pub enum MetaRecord {
     DeleteTopic {
         name: String,
     },
+    /// Reserves the next [`PRODUCER_IDS_PER_BLOCK`] producer ids for a node's idempotent
+    /// producers: ids are unique across the cluster because blocks never overlap.
+    AllocateProducerIds {
+        node: u32,
+    },
 }
 
 impl MetaRecord {
@@ -120,6 +128,12 @@ pub struct ClusterMeta {
     pub topics: BTreeMap<String, TopicPlacement>,
     /// The controller log's offset up to which records are applied.
     pub applied_end: i64,
+    /// The first producer id no block has reserved yet: only grows.
+    #[serde(default)]
+    pub next_producer_id: i64,
+    /// The last block of producer ids reserved for each node: `[first, end)`.
+    #[serde(default)]
+    pub producer_id_blocks: BTreeMap<u32, (i64, i64)>,
 }
 
 impl ClusterMeta {
@@ -162,6 +176,16 @@ impl ClusterMeta {
             }
             MetaRecord::DeleteTopic { name } => {
                 self.topics.remove(&name).ok_or_else(|| format!("unknown topic '{name}'"))?;
+            }
+            MetaRecord::AllocateProducerIds { node } => {
+                if !self.nodes.contains_key(&node) {
+                    return Err(format!("node {node} is not registered"));
+                }
+                let first = self.next_producer_id;
+                let end = first.checked_add(PRODUCER_IDS_PER_BLOCK).ok_or("producer ids ran out")?;
+                assert!(end > first, "producer id blocks only grow");
+                self.next_producer_id = end;
+                self.producer_id_blocks.insert(node, (first, end));
             }
         }
         Ok(())
@@ -338,6 +362,28 @@ mod tests {
         assert_eq!(meta.topics["orders"].replicas.len(), 3);
         meta.apply(MetaRecord::DeleteTopic { name: "orders".into() }, 14).unwrap();
         assert!(meta.topics.is_empty());
+    }
+
+    #[test]
+    fn producer_id_blocks_never_overlap() {
+        let mut meta = meta(&[(1, None), (2, None)]);
+        let mut end = 10;
+        let mut blocks = Vec::new();
+        for node in [1, 2, 1, 1, 2] {
+            end += 1;
+            let record = MetaRecord::decode(&MetaRecord::AllocateProducerIds { node }.encode()).unwrap();
+            meta.apply(record, end).unwrap();
+            blocks.push(meta.producer_id_blocks[&node]);
+        }
+        for (i, (first, end)) in blocks.iter().enumerate() {
+            assert_eq!(end - first, PRODUCER_IDS_PER_BLOCK);
+            assert!(
+                blocks[..i].iter().all(|(f, e)| e <= first || end <= f),
+                "block {i} overlaps: {blocks:?}"
+            );
+        }
+        assert!(meta.apply(MetaRecord::AllocateProducerIds { node: 9 }, end + 1).is_err(), "an unknown node");
+        assert_eq!(meta.next_producer_id, 5 * PRODUCER_IDS_PER_BLOCK, "a refusal reserves nothing");
     }
 
     #[test]

@@ -61,6 +61,14 @@
 //! replayed, later records winning. A failed write or fdatasync stops the log for good
 //! (fsyncgate); every later commit fails with [`GroupError::Storage`].
 //!
+//! In a cluster the offsets log is a partition of the replicated offsets topic (see
+//! `offsets`), which the partition's replica owns: the coordinator runs no flusher and no
+//! compaction, replays the log below the commit point when it starts
+//! (`GroupCoordinator::open_replicated`), and appends each commit through the replica's
+//! leader with acks=all, applying it once committed. Commits complete in any order there, so
+//! every committed offset remembers where in the log it was written, and of two commits of a
+//! partition the later in the log wins, as at replay.
+//!
 //! Record format (all integers big-endian, strings UTF-8):
 //! - key: `version: u8 = 0`, `group_id: u16 length + bytes`, `topic: u16 length + bytes`,
 //!   `partition: i32`;
@@ -68,7 +76,8 @@
 //!   (-1 for none) + bytes`, `commit_timestamp_ms: i64`.
 //!
 //! Invariants owned here:
-//! - offsets visible to [`GroupCoordinator::fetch_offsets`] are durable in the offsets log;
+//! - offsets visible to [`GroupCoordinator::fetch_offsets`] are durable in the offsets log
+//!   (replicated: committed in the offsets partition);
 //! - a member id is in at most one group's member map, and a static instance id maps to at most
 //!   one member id;
 //! - outside `PreparingRebalance` no member has a parked JoinGroup, and outside
@@ -76,6 +85,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -173,6 +183,13 @@ pub enum GroupError {
     /// The coordinator is closed (the node is shutting down).
     #[error("the group coordinator is not available")]
     CoordinatorNotAvailable,
+    /// This node no longer (or not yet) leads the group's offsets partition: ask
+    /// FindCoordinator again.
+    #[error("this broker is not the group's coordinator; find the coordinator again")]
+    NotCoordinator,
+    /// This node just became the group's coordinator and is still reading its offsets log.
+    #[error("the coordinator is loading the group's offsets; try again shortly")]
+    CoordinatorLoadInProgress,
     /// The offsets log failed; it takes no more writes until the node restarts.
     #[error("storage error in the group offsets log: {0}")]
     Storage(String),
@@ -184,7 +201,9 @@ impl GroupError {
         match self {
             GroupError::UnknownTopicOrPartition => 3,
             GroupError::OffsetMetadataTooLarge => 12,
+            GroupError::CoordinatorLoadInProgress => 14,
             GroupError::CoordinatorNotAvailable => 15,
+            GroupError::NotCoordinator => 16,
             GroupError::IllegalGeneration => 22,
             GroupError::InconsistentGroupProtocol => 23,
             GroupError::InvalidGroupId => 24,
@@ -302,10 +321,24 @@ pub struct MemberDescription {
     pub assignment: Bytes,
 }
 
+/// Appends one encoded commit batch to a replicated offsets partition through its leader
+/// (acks=all) and resolves once the batch is committed, with the log offset after it.
+pub type ReplicatedAppend =
+    Rc<dyn Fn(Bytes) -> std::pin::Pin<Box<dyn Future<Output = Result<i64, GroupError>>>>>;
+
+/// Where a coordinator's committed offsets are kept.
+enum OffsetsStore {
+    /// The node's own offsets log, flushed by the coordinator (a node without a cluster).
+    Local(Box<Log>),
+    /// A replicated partition of the offsets topic that this node leads: the replica owns the
+    /// log; the coordinator only appends through its leader.
+    Replicated(ReplicatedAppend),
+}
+
 /// The consumer groups of one shard and their committed offsets. See the module docs.
 pub struct GroupCoordinator {
     config: GroupConfig,
-    log: Log,
+    store: OffsetsStore,
     groups: RefCell<HashMap<String, Group>>,
     /// Commits appended to the log and not durable yet, in log order; the flusher applies them.
     unflushed_commits: RefCell<VecDeque<UnflushedCommit>>,
@@ -313,6 +346,8 @@ pub struct GroupCoordinator {
     member_id_nonce: u64,
     member_id_count: Cell<u64>,
     closing: Cell<bool>,
+    /// What requests get once the coordinator closed.
+    closed_error: RefCell<GroupError>,
     /// Work for the flusher: a commit was appended, or the coordinator closes.
     flusher_wake: Event,
     /// A flush finished or failed.
@@ -375,7 +410,7 @@ impl GroupCoordinator {
             ..log_config
         };
         let log = Log::open(&dir, log_config).await?;
-        let groups = match replay(&log).await {
+        let groups = match replay(&log, log.durable_offset(), false).await {
             Ok(groups) => groups,
             Err(error) => {
                 // The replay error is the one to report; a close error adds nothing to it.
@@ -383,27 +418,60 @@ impl GroupCoordinator {
                 return Err(error);
             }
         };
+        let compacted_bytes = log.size_bytes();
+        let coordinator = GroupCoordinator::new(config, OffsetsStore::Local(Box::new(log)), groups);
+        coordinator.compacted_bytes.set(compacted_bytes);
+        coordinator.flusher_running.set(true);
+        glommio::spawn_local(Rc::clone(&coordinator).run_flusher()).detach();
+        Ok(coordinator)
+    }
+
+    /// A coordinator over a replicated partition of the offsets topic that this node now
+    /// leads: replays `log` (the replica's) below `end`, which the caller waited to see
+    /// committed and durable here, and from then on appends commits through `append`. The
+    /// replica keeps the log; nothing compacts it (replicated logs are kept whole).
+    pub(crate) async fn open_replicated(
+        log: &Log,
+        end: i64,
+        config: GroupConfig,
+        append: ReplicatedAppend,
+    ) -> Result<Rc<GroupCoordinator>, ShardError> {
+        assert!(end <= log.durable_offset(), "replay reads only what is durable");
+        let groups = replay(log, end, true).await?;
+        Ok(GroupCoordinator::new(config, OffsetsStore::Replicated(append), groups))
+    }
+
+    fn new(config: GroupConfig, store: OffsetsStore, groups: HashMap<String, Group>) -> Rc<GroupCoordinator> {
+        assert!(config.session_timeout_min <= config.session_timeout_max, "session timeout range is empty");
+        assert!(config.members_per_group_max > 0, "a group must be able to have a member");
         let coordinator = Rc::new(GroupCoordinator {
             config,
-            log,
+            store,
             groups: RefCell::new(groups),
             unflushed_commits: RefCell::new(VecDeque::new()),
             member_id_nonce: member_id_nonce(),
             member_id_count: Cell::new(0),
             closing: Cell::new(false),
+            closed_error: RefCell::new(GroupError::CoordinatorNotAvailable),
             flusher_wake: Event::default(),
             flushed: Event::default(),
-            flusher_running: Cell::new(true),
+            flusher_running: Cell::new(false),
             sweeper_wake: Event::default(),
             sweeper_running: Cell::new(true),
             next_sweep: Cell::new(Instant::now()),
             task_stopped: Event::default(),
             compacted_bytes: Cell::new(0),
         });
-        coordinator.compacted_bytes.set(coordinator.log.size_bytes());
-        glommio::spawn_local(Rc::clone(&coordinator).run_flusher()).detach();
         glommio::spawn_local(Rc::clone(&coordinator).run_sweeper()).detach();
-        Ok(coordinator)
+        coordinator
+    }
+
+    /// The node's own offsets log (only a local coordinator's flusher and compaction use it).
+    fn local_log(&self) -> &Log {
+        match &self.store {
+            OffsetsStore::Local(log) => log,
+            OffsetsStore::Replicated(_) => unreachable!("a replicated coordinator has no log of its own"),
+        }
     }
 
     /// JoinGroup. Completes when the group's join phase ends (see the module docs), at once
@@ -519,7 +587,8 @@ impl GroupCoordinator {
                 .and_then(|()| self.check_partition(&topic, partition, metadata.as_deref()));
             if check.is_ok() {
                 accepted.push(results.len());
-                let committed = CommittedOffset { offset, leader_epoch, metadata, commit_timestamp_ms };
+                let committed =
+                    CommittedOffset { offset, leader_epoch, metadata, commit_timestamp_ms, log_end: 0 };
                 entries.push((topic.clone(), partition, committed));
             }
             results.push(((topic, partition), check));
@@ -561,25 +630,39 @@ impl GroupCoordinator {
     }
 
     /// Appends one batch with `entries` and waits until the flusher made it durable (and
-    /// applied it).
+    /// applied it), or, replicated, until the partition committed it (then applies it).
     async fn append_commit(
         &self,
         group_id: String,
         entries: Vec<(String, i32, CommittedOffset)>,
     ) -> Result<(), GroupError> {
         let bytes = encode_commit_batch(&group_id, &entries, unix_time_ms());
+        let log = match &self.store {
+            OffsetsStore::Local(log) => log,
+            OffsetsStore::Replicated(append) => {
+                let log_end = append(Bytes::from(bytes)).await?;
+                // Commits of one coordinator complete in any order; within a partition the
+                // later one in the log wins, as at replay.
+                let mut groups = self.groups.borrow_mut();
+                let group = groups.entry(group_id.clone()).or_insert_with(|| Group::new(group_id));
+                for (topic, partition, committed) in entries {
+                    group.apply_offset(topic, partition, CommittedOffset { log_end, ..committed });
+                }
+                return Ok(());
+            }
+        };
         // Checked before it is written, as every batch a log takes.
         let headers = batch::parse_all(&bytes).expect("the batch this module built is well formed");
         let appended =
-            self.log.append(Bytes::from(bytes), &headers).map_err(|e| GroupError::Storage(e.to_string()))?;
+            log.append(Bytes::from(bytes), &headers).map_err(|e| GroupError::Storage(e.to_string()))?;
         let next_offset = appended.next_offset;
         self.unflushed_commits.borrow_mut().push_back(UnflushedCommit { next_offset, group_id, entries });
         self.flusher_wake.notify();
         loop {
-            if self.log.durable_offset() >= next_offset {
+            if log.durable_offset() >= next_offset {
                 return Ok(());
             }
-            if let Some(reason) = self.log.stopped() {
+            if let Some(reason) = log.stopped() {
                 return Err(GroupError::Storage(reason));
             }
             self.flushed.listen().await;
@@ -648,25 +731,35 @@ impl GroupCoordinator {
     /// flushes what was committed and closes the offsets log. Later requests get
     /// `CoordinatorNotAvailable`; reads of committed offsets keep working.
     pub async fn close(&self) {
+        self.close_as(GroupError::CoordinatorNotAvailable).await;
+    }
+
+    /// [`GroupCoordinator::close`], answering parked and later requests with `error`: a
+    /// replicated coordinator whose node stopped leading says `NotCoordinator`, and its
+    /// members rejoin at the new leader (membership is not replicated, as in Kafka).
+    pub async fn close_as(&self, error: GroupError) {
         if self.closing.replace(true) {
             return;
         }
+        *self.closed_error.borrow_mut() = error.clone();
         self.flusher_wake.notify();
         self.sweeper_wake.notify();
         while self.flusher_running.get() || self.sweeper_running.get() {
             self.task_stopped.listen().await;
         }
         for group in self.groups.borrow_mut().values_mut() {
-            group.shut_down();
+            group.shut_down(error.clone());
         }
-        if let Err(error) = self.log.close().await {
-            eprintln!("pyralog: closing the group offsets log {}: {error}", self.log.dir().display());
+        if let OffsetsStore::Local(log) = &self.store {
+            if let Err(error) = log.close().await {
+                eprintln!("pyralog: closing the group offsets log {}: {error}", log.dir().display());
+            }
         }
     }
 
     fn check_open(&self) -> Result<(), GroupError> {
         if self.closing.get() {
-            return Err(GroupError::CoordinatorNotAvailable);
+            return Err(self.closed_error.borrow().clone());
         }
         Ok(())
     }
@@ -707,23 +800,23 @@ impl GroupCoordinator {
     async fn run_flusher(self: Rc<Self>) {
         assert!(self.flusher_running.get(), "flusher_running is set before the flusher is spawned");
         loop {
-            if !self.log.has_pending() {
+            if !self.local_log().has_pending() {
                 if self.closing.get() {
                     break;
                 }
                 self.flusher_wake.listen().await;
                 continue;
             }
-            match self.log.flush().await {
+            match self.local_log().flush().await {
                 Ok(durable) => {
                     self.apply_durable_commits(durable);
-                    if self.log.size_bytes()
+                    if self.local_log().size_bytes()
                         >= self.compacted_bytes.get() + self.config.offsets_compact_growth_bytes
                     {
                         if let Err(error) = self.compact().await {
                             eprintln!(
                                 "pyralog: the group offsets log {} stopped taking writes: {error}",
-                                self.log.dir().display()
+                                self.local_log().dir().display()
                             );
                             self.unflushed_commits.borrow_mut().clear();
                         }
@@ -732,7 +825,7 @@ impl GroupCoordinator {
                 Err(error) => {
                     eprintln!(
                         "pyralog: the group offsets log {} stopped taking writes: {error}",
-                        self.log.dir().display()
+                        self.local_log().dir().display()
                     );
                     self.unflushed_commits.borrow_mut().clear();
                 }
@@ -762,7 +855,7 @@ impl GroupCoordinator {
                 offsets.insert((topic.clone(), *partition), committed.clone());
             }
         }
-        let snapshot_start = self.log.next_offset();
+        let snapshot_start = self.local_log().next_offset();
         let now_ms = unix_time_ms();
         for (group_id, offsets) in state.into_iter().filter(|(_, offsets)| !offsets.is_empty()) {
             let entries: Vec<(String, i32, CommittedOffset)> = offsets
@@ -772,13 +865,13 @@ impl GroupCoordinator {
             for chunk in entries.chunks(SNAPSHOT_RECORDS_PER_BATCH) {
                 let bytes = encode_commit_batch(&group_id, chunk, now_ms);
                 let headers = batch::parse_all(&bytes).expect("the batch this module built is well formed");
-                self.log.append(Bytes::from(bytes), &headers)?;
+                self.local_log().append(Bytes::from(bytes), &headers)?;
             }
         }
-        let durable = self.log.flush().await?;
+        let durable = self.local_log().flush().await?;
         self.apply_durable_commits(durable);
-        self.log.remove_segments_before(snapshot_start)?;
-        self.compacted_bytes.set(self.log.size_bytes());
+        self.local_log().remove_segments_before(snapshot_start)?;
+        self.compacted_bytes.set(self.local_log().size_bytes());
         Ok(())
     }
 
@@ -790,7 +883,11 @@ impl GroupCoordinator {
             let group =
                 groups.entry(commit.group_id.clone()).or_insert_with(|| Group::new(commit.group_id.clone()));
             for (topic, partition, committed) in commit.entries {
-                group.offsets.insert((topic, partition), committed);
+                group.apply_offset(
+                    topic,
+                    partition,
+                    CommittedOffset { log_end: commit.next_offset, ..committed },
+                );
             }
         }
     }
@@ -904,6 +1001,9 @@ struct CommittedOffset {
     leader_epoch: i32,
     metadata: Option<String>,
     commit_timestamp_ms: i64,
+    /// The offsets log's offset after the batch that holds it (memory only, never encoded):
+    /// of two commits of one partition, the later in the log wins.
+    log_end: i64,
 }
 
 struct Member {
@@ -1624,11 +1724,19 @@ impl Group {
         }
     }
 
-    /// The coordinator closes: parked requests are answered and the group is Dead.
-    fn shut_down(&mut self) {
+    /// Records a committed offset unless the group holds one from later in the log.
+    fn apply_offset(&mut self, topic: String, partition: i32, committed: CommittedOffset) {
+        let key = (topic, partition);
+        if self.offsets.get(&key).is_none_or(|known| known.log_end <= committed.log_end) {
+            self.offsets.insert(key, committed);
+        }
+    }
+
+    /// The coordinator closes: parked requests are answered with `error` and the group is Dead.
+    fn shut_down(&mut self, error: GroupError) {
         let member_ids: Vec<String> = self.members.keys().cloned().collect();
         for member_id in member_ids {
-            self.remove_member(&member_id, GroupError::CoordinatorNotAvailable);
+            self.remove_member(&member_id, error.clone());
         }
         self.pending_members.clear();
         self.pending_sync.clear();
@@ -1638,17 +1746,30 @@ impl Group {
     }
 }
 
-/// Reads the whole offsets log, later commits of a partition replacing earlier ones.
-async fn replay(log: &Log) -> Result<HashMap<String, Group>, ShardError> {
+/// Reads the offsets log below `end_offset` (durable), later commits of a partition replacing
+/// earlier ones. A replicated log also holds its leaders' control batches: `skip_control`.
+async fn replay(
+    log: &Log,
+    end_offset: i64,
+    skip_control: bool,
+) -> Result<HashMap<String, Group>, ShardError> {
+    assert!(end_offset <= log.durable_offset(), "replay reads durable batches only");
     let mut groups: HashMap<String, Group> = HashMap::new();
     let mut offset = log.log_start_offset();
-    while offset < log.durable_offset() {
+    while offset < end_offset {
         let Some(bytes) = log.read(offset, REPLAY_READ_BYTES).await? else { break };
         // Checked after reading as it was before writing.
         let headers = batch::parse_all(&bytes)?;
         let mut at = 0;
         for header in &headers {
             let end = at + header.total_bytes as usize;
+            if header.next_offset() > end_offset {
+                break;
+            }
+            if skip_control && header.attributes & ATTRIBUTES_CONTROL != 0 {
+                at = end;
+                continue;
+            }
             let records = decode_commit_batch(&bytes[at..end], header).map_err(|reason| {
                 ShardError::Storage(format!(
                     "group offsets log {}: batch at offset {}: {reason}",
@@ -1660,11 +1781,17 @@ async fn replay(log: &Log) -> Result<HashMap<String, Group>, ShardError> {
                 let group = groups
                     .entry(record.group_id.clone())
                     .or_insert_with(|| Group::new(record.group_id.clone()));
-                group.offsets.insert((record.topic, record.partition), record.committed);
+                let committed = CommittedOffset { log_end: header.next_offset(), ..record.committed };
+                group.apply_offset(record.topic, record.partition, committed);
             }
             at = end;
         }
-        let next = headers.last().expect("parse_all returns at least one batch").next_offset();
+        let next = headers
+            .iter()
+            .map(|h| h.next_offset())
+            .take_while(|&next| next <= end_offset)
+            .last()
+            .unwrap_or(end_offset);
         assert!(next > offset, "replay moves forward");
         offset = next;
     }
@@ -1674,8 +1801,11 @@ async fn replay(log: &Log) -> Result<HashMap<String, Group>, ShardError> {
 // Positions in the RecordBatch v2 header (see `pyralog_dma::batch`).
 const CRC_AT: usize = 17;
 const ATTRIBUTES_AT: usize = 21;
-/// Attribute bits for a compression codec or a control batch: never set in the offsets log.
+/// Attribute bits for a compression codec or a control batch: never set in the offsets log's
+/// commit batches.
 const ATTRIBUTES_UNEXPECTED: i16 = 0x07 | 0x20;
+/// The control-batch bit: a replicated offsets log holds its leaders' control batches too.
+const ATTRIBUTES_CONTROL: i16 = 0x20;
 
 /// One batch holding one record per committed partition.
 fn encode_commit_batch(
@@ -1833,7 +1963,7 @@ fn decode_record(key: &[u8], value: &[u8]) -> Result<OffsetRecord, String> {
     if !key.bytes.is_empty() || !value.bytes.is_empty() {
         return Err("trailing bytes in a key or value".to_owned());
     }
-    let committed = CommittedOffset { offset, leader_epoch, metadata, commit_timestamp_ms };
+    let committed = CommittedOffset { offset, leader_epoch, metadata, commit_timestamp_ms, log_end: 0 };
     Ok(OffsetRecord { group_id, topic, partition, committed })
 }
 
@@ -2419,9 +2549,12 @@ mod tests {
                     assert!(results.iter().all(|(_, r)| r.is_ok()));
                 }
             }
-            let size = coordinator.log.size_bytes();
+            let size = coordinator.local_log().size_bytes();
             assert!(size < 3 * growth, "the log was compacted: {size} bytes");
-            assert!(coordinator.log.log_start_offset() > 0, "segments before the snapshot were deleted");
+            assert!(
+                coordinator.local_log().log_start_offset() > 0,
+                "segments before the snapshot were deleted"
+            );
             coordinator.close().await;
 
             let coordinator =
@@ -2549,6 +2682,7 @@ mod tests {
             leader_epoch: 4,
             metadata: metadata.map(str::to_owned),
             commit_timestamp_ms: 1_700_000_000_000,
+            log_end: 0,
         };
         let entries = vec![
             ("orders".to_owned(), 0, committed(12, None)),
@@ -2583,6 +2717,8 @@ mod tests {
         crosses_cores::<GroupDescription>();
         let codes = [
             (GroupError::UnknownMemberId, 25),
+            (GroupError::CoordinatorLoadInProgress, 14),
+            (GroupError::NotCoordinator, 16),
             (GroupError::IllegalGeneration, 22),
             (GroupError::RebalanceInProgress, 27),
             (GroupError::MemberIdRequired(String::new()), 79),

@@ -20,7 +20,9 @@ mod error;
 mod event;
 pub mod group;
 pub mod metrics;
+mod offsets;
 mod partition;
+mod producer_ids;
 pub mod producers;
 mod replica;
 mod replicated;
@@ -33,6 +35,7 @@ pub use group::{
     CommitRequest, GroupConfig, GroupCoordinator, GroupDescription, GroupError, GroupOp, GroupReply,
     JoinRequest, JoinResult, Joined, MemberDescription, SyncRequest, SyncResult, Synced,
 };
+pub use offsets::{is_internal_topic, OFFSETS_TOPIC};
 pub use partition::Durability;
 pub use replica::{RecoveryBudget, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
 pub use replicated::{

@@ -113,9 +113,22 @@ pub fn in_sync_replicas(status: &ReplicaStatus, tick: Duration, lag_max: Duratio
 #[serde(rename_all = "kebab-case")]
 pub enum ControllerRequest {
     RegisterNode(NodeInfo),
-    CreateTopic { name: String, partitions: u32, config: topics::TopicConfig },
-    CreatePartitions { name: String, partitions: u32 },
-    DeleteTopic { name: String },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        config: topics::TopicConfig,
+    },
+    CreatePartitions {
+        name: String,
+        partitions: u32,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    /// Reserve the next block of producer ids for `node` (see `producer_ids`).
+    AllocateProducerIds {
+        node: u32,
+    },
 }
 
 /// Sends a request to the controller's leader on `node` and returns its answer: the controller
@@ -151,6 +164,11 @@ pub(crate) struct ShardCluster {
     pub applying: glommio::sync::Semaphore,
     /// Bounds the catch-up reads of every replica of this shard.
     pub recovery: Rc<RecoveryBudget>,
+    /// The offsets partitions this shard coordinates, or loads a coordinator for, with the
+    /// term of the leadership they were loaded for (see `offsets`).
+    pub coordination: RefCell<HashMap<usize, i32>>,
+    /// Shard 0: this node's blocks of producer ids (see `producer_ids`).
+    pub producer_ids: crate::producer_ids::ProducerIdBlocks,
 }
 
 impl ShardCluster {
@@ -166,6 +184,8 @@ impl ShardCluster {
             applied: Event::default(),
             roles: RefCell::new(HashMap::new()),
             applying: glommio::sync::Semaphore::new(1),
+            coordination: RefCell::new(HashMap::new()),
+            producer_ids: crate::producer_ids::ProducerIdBlocks::new(),
         }
     }
 
@@ -406,6 +426,9 @@ impl Shard {
                 self.create_replicated_partitions(&name, partitions).await
             }
             ControllerRequest::DeleteTopic { name } => self.delete_replicated_topic(&name).await,
+            ControllerRequest::AllocateProducerIds { node } => {
+                self.propose_metadata(MetaRecord::AllocateProducerIds { node }).await
+            }
         }
     }
 
@@ -569,6 +592,9 @@ impl Shard {
         replica.set_role_hook(Rc::new(move |address, role| {
             if let Some(shard) = shard.upgrade() {
                 shard.share_role((address.topic_id, address.partition), role);
+                if crate::offsets::is_internal_topic(&address.topic) {
+                    shard.offsets_role_changed(address.partition, role);
+                }
             }
         }));
         partition.flusher_running.set(true);

@@ -19,8 +19,9 @@ use pyralog_dma::{batch, Log, LogConfig};
 
 use crate::cache::ShardCache;
 use crate::cluster::ClusterMeta;
-use crate::group::{GroupConfig, GroupCoordinator, GroupOp, GroupReply};
+use crate::group::{GroupConfig, GroupCoordinator, GroupError, GroupOp, GroupReply};
 use crate::metrics::{PartitionStats, ShardMetrics, ShardScrape};
+use crate::offsets;
 use crate::partition::{Durability, Partition};
 use crate::producers::{self, ProducerStates, Verdict};
 use crate::replicated::{ClusterSettings, ControllerRequest, GroupId, ShardCluster};
@@ -218,6 +219,8 @@ pub enum Op {
         partition: u32,
         end: i64,
     },
+    /// To shard 0: the next producer id of this node's blocks (see `producer_ids`).
+    NextProducerId,
     /// A replica of this node reported a new role (see `replicated`).
     Role {
         group: GroupId,
@@ -231,7 +234,7 @@ pub enum OpResult {
     Fetched(Result<Fetched, ShardError>),
     Offset(Result<i64, ShardError>),
     Done(Result<(), ShardError>),
-    Group(GroupReply),
+    Group(Result<GroupReply, GroupError>),
     Scraped(ShardScrape),
     Replicas(Vec<crate::ReplicaStatus>),
     Checksum(Result<(u32, u64, i64), ShardError>),
@@ -257,8 +260,9 @@ pub struct Shard {
     next_request_id: Cell<u64>,
     /// Calls to other shards awaiting their answer: the shard asked, and where to answer.
     replies: RefCell<HashMap<u64, (usize, local_channel::LocalSender<OpResult>)>>,
-    /// The coordinators of the offsets logs this shard owns, by log number.
-    groups: RefCell<HashMap<usize, Rc<GroupCoordinator>>>,
+    /// The coordinators of the offsets logs this shard owns, by log number; in a cluster, of
+    /// the offsets topic's partitions this shard owns and this node leads (see `offsets`).
+    pub(crate) groups: RefCell<HashMap<usize, Rc<GroupCoordinator>>>,
     /// Shard 0 decides topic changes one at a time: each reads the table, awaits (opening
     /// logs, asking every shard) and persists the table it read plus its change.
     topic_changes: glommio::sync::Semaphore,
@@ -302,7 +306,10 @@ impl Shard {
             scrape_hook: RefCell::new(None),
             cluster: config_cluster.map(ShardCluster::new),
         });
-        for log in (0..GROUP_LOGS).filter(|log| log % count == id) {
+        // In a cluster, offsets live in the replicated offsets topic (see `offsets`): the
+        // node's own offsets logs are not opened.
+        let local_logs = if shard.cluster.is_none() { GROUP_LOGS } else { 0 };
+        for log in (0..local_logs).filter(|log| log % count == id) {
             let dir = shard.config.data_dir.join("groups").join(log.to_string());
             let coordinator =
                 GroupCoordinator::open_with(dir, shard.config.log.clone(), shard.config.groups.clone())
@@ -392,6 +399,7 @@ impl Shard {
         records: Bytes,
         acks: Acks,
     ) -> Result<Produced, ShardError> {
+        offsets::refuse_internal(topic)?;
         let owner = self.route(topic, partition)?;
         if owner == self.id {
             return self.produce_local(topic, partition, records, acks).await;
@@ -440,6 +448,7 @@ impl Shard {
         config: TopicConfig,
     ) -> Result<(), ShardError> {
         topics::validate_topic_name(name)?;
+        offsets::refuse_internal(name)?;
         check_partition_count(partitions)?;
         match self.call(0, Op::CreateTopic { name: name.to_owned(), partitions, config }).await? {
             OpResult::Done(result) => result,
@@ -449,6 +458,7 @@ impl Shard {
 
     /// Grows `name` to `partitions` partitions (never shrinks: Kafka cannot either).
     pub async fn create_partitions(&self, name: &str, partitions: u32) -> Result<(), ShardError> {
+        offsets::refuse_internal(name)?;
         check_partition_count(partitions)?;
         match self.call(0, Op::CreatePartitions { name: name.to_owned(), partitions }).await? {
             OpResult::Done(result) => result,
@@ -457,14 +467,17 @@ impl Shard {
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<(), ShardError> {
+        offsets::refuse_internal(name)?;
         match self.call(0, Op::DeleteTopic { name: name.to_owned() }).await? {
             OpResult::Done(result) => result,
             other => unreachable!("delete topic answered with {other:?}"),
         }
     }
 
-    /// Runs a consumer-group request on the group's coordinator.
-    pub async fn group(&self, group_id: &str, op: GroupOp) -> Result<GroupReply, ShardError> {
+    /// Runs a consumer-group request on the group's coordinator: the shard of its offsets log,
+    /// or in a cluster the shard owning its offsets partition, which answers `NotCoordinator`
+    /// unless this node leads that partition.
+    pub async fn group(&self, group_id: &str, op: GroupOp) -> Result<GroupReply, GroupError> {
         self.group_on(group_log_of(group_id), op).await
     }
 
@@ -474,14 +487,21 @@ impl Shard {
     /// the answers (as admin clients do) then sees each group once, not once per shard.
     pub async fn list_groups(&self) -> Result<Vec<(String, String, String)>, ShardError> {
         let mut all = Vec::new();
-        for log in (0..GROUP_LOGS).filter(|log| log % self.count == self.id) {
-            match self.group_on(log, GroupOp::List).await? {
-                GroupReply::Groups(groups) => all.extend(groups),
-                other => unreachable!("list groups answered with {other:?}"),
+        let mine = |log: &usize| match self.cluster() {
+            None => log % self.count == self.id,
+            Some(_) => self.offsets_shard(*log) == Ok(self.id),
+        };
+        for log in (0..GROUP_LOGS).filter(mine) {
+            match self.group_on(log, GroupOp::List).await {
+                Ok(GroupReply::Groups(groups)) => all.extend(groups),
+                Ok(other) => unreachable!("list groups answered with {other:?}"),
+                // In a cluster: an offsets partition this node does not lead.
+                Err(_) if self.cluster().is_some() => {}
+                Err(_) => return Err(ShardError::ShuttingDown),
             }
         }
         assert!(
-            all.iter().all(|(group_id, _, _)| group_log_of(group_id) % self.count == self.id),
+            all.iter().all(|(group_id, _, _)| mine(&group_log_of(group_id))),
             "shard {} listed a group another shard coordinates",
             self.id
         );
@@ -489,10 +509,15 @@ impl Shard {
         Ok(all)
     }
 
-    async fn group_on(&self, log: usize, op: GroupOp) -> Result<GroupReply, ShardError> {
-        match self.call(log % self.count, Op::Group { log, op }).await? {
-            OpResult::Group(reply) => Ok(reply),
-            other => unreachable!("a group request answered with {other:?}"),
+    async fn group_on(&self, log: usize, op: GroupOp) -> Result<GroupReply, GroupError> {
+        let target = match self.cluster() {
+            None => log % self.count,
+            Some(_) => self.offsets_shard(log)?,
+        };
+        match self.call(target, Op::Group { log, op }).await {
+            Ok(OpResult::Group(reply)) => reply,
+            Ok(other) => unreachable!("a group request answered with {other:?}"),
+            Err(_) => Err(GroupError::CoordinatorNotAvailable),
         }
     }
 
@@ -547,9 +572,11 @@ impl Shard {
             Op::ApplyDelete { name } => OpResult::Done(self.apply_delete(&name).await),
             Op::Group { log, op } => {
                 let coordinator = self.groups.borrow().get(&log).cloned();
-                let coordinator =
-                    coordinator.unwrap_or_else(|| panic!("offsets log {log} is not on shard {}", self.id));
-                OpResult::Group(coordinator.execute(op).await)
+                OpResult::Group(match coordinator {
+                    Some(coordinator) => Ok(coordinator.execute(op).await),
+                    None if self.cluster().is_some() => Err(self.no_coordinator(log)),
+                    None => panic!("offsets log {log} is not on shard {}", self.id),
+                })
             }
             Op::Scrape => OpResult::Scraped(self.scrape_local()),
             Op::Deliver { topic_id, partition, message } => {
@@ -566,6 +593,7 @@ impl Shard {
             Op::Checksum { topic, partition, end } => {
                 OpResult::Checksum(self.local_checksum(&topic, partition, end).await)
             }
+            Op::NextProducerId => OpResult::Offset(self.take_producer_id().await),
             Op::Role { group, role } => {
                 self.note_role(group, role);
                 OpResult::Done(Ok(()))
@@ -945,7 +973,15 @@ impl Shard {
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
-            let partitions: Vec<Rc<Partition>> = self.partitions.borrow().values().cloned().collect();
+            // The offsets topic holds every group's offsets, however old: replayed whole by each
+            // new coordinator, it is never cut by the node's retention.
+            let partitions: Vec<Rc<Partition>> = self
+                .partitions
+                .borrow()
+                .values()
+                .filter(|p| !offsets::is_internal_topic(&p.topic))
+                .cloned()
+                .collect();
             for partition in partitions {
                 if let Err(error) = partition.log.apply_retention(now_ms) {
                     eprintln!("pyralog: retention of {}/{}: {error}", partition.topic, partition.partition);
