@@ -342,6 +342,18 @@ impl Replica {
         self.enqueue(out);
     }
 
+    /// OffsetForLeaderEpoch on this replica, which leads: see [`crate::epochs::end_of_epoch`].
+    pub fn end_of_epoch(&self, requested: i32) -> Option<(i32, i64)> {
+        let raft = self.raft.borrow();
+        crate::epochs::end_of_epoch(raft.epochs(), raft.term(), requested, raft.log_end())
+    }
+
+    /// The epoch of the batch holding `offset`, else (past the log's end) the current term.
+    pub fn epoch_at(&self, offset: i64) -> i32 {
+        let raft = self.raft.borrow();
+        raft.epochs().epoch_at(offset, raft.log_end()).unwrap_or(raft.term())
+    }
+
     /// What this replica is and knows, for operators.
     pub fn status(&self) -> ReplicaStatus {
         let raft = self.raft.borrow();

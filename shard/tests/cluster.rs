@@ -267,6 +267,7 @@ fn a_replicated_topic_created_on_any_node_serves_through_its_leaders() {
                         min_one_batch: true,
                         min_bytes: 1,
                         max_wait: Duration::from_millis(100),
+                        current_leader_epoch: -1,
                     };
                     shard.fetch("orders", partition, 0, limits).await
                 })
