@@ -93,6 +93,7 @@ pub fn error_code(error: &ShardError) -> i16 {
         ShardError::Unavailable(_) => error::REQUEST_TIMED_OUT,
         ShardError::FencedLeaderEpoch { .. } => error::FENCED_LEADER_EPOCH,
         ShardError::UnknownLeaderEpoch { .. } => error::UNKNOWN_LEADER_EPOCH,
+        ShardError::NotEnoughReplicas { .. } => error::NOT_ENOUGH_REPLICAS,
     }
 }
 

@@ -61,6 +61,7 @@ pub fn error_code(error: &ShardError) -> ErrorCode {
         ShardError::NotLeader { .. } => ErrorCode::NotLeader,
         ShardError::NotController { .. } => ErrorCode::NotController,
         ShardError::Unavailable(_) => ErrorCode::Overloaded,
+        ShardError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
         // Native requests name no leader epoch, so these come from Kafka clients only.
         ShardError::FencedLeaderEpoch { .. } | ShardError::UnknownLeaderEpoch { .. } => ErrorCode::NotLeader,
     }

@@ -42,6 +42,11 @@ pub enum ShardError {
     /// the new leader yet.
     #[error("{topic}/{partition} is in leader epoch {current} here, the request names {requested}, which this node has not seen yet")]
     UnknownLeaderEpoch { topic: String, partition: u32, requested: i32, current: i32 },
+    /// An acks=all (native durable) produce to a replicated partition whose in-sync replicas
+    /// are fewer than its write quorum: refused before it is appended (Kafka's
+    /// min.insync.replicas). Retriable: a follower may catch up.
+    #[error("{topic}/{partition} has {in_sync} in-sync replicas, fewer than its write quorum of {required}")]
+    NotEnoughReplicas { topic: String, partition: u32, in_sync: u32, required: u32 },
     /// A metadata change sent to a node that does not lead the controller.
     #[error("this node does not lead the cluster's controller (term {term}; leader {})", leader.map_or("unknown".to_owned(), |l| format!("node {l}")))]
     NotController { leader: Option<u32>, term: i32 },
