@@ -534,6 +534,36 @@ impl KafkaClient {
     fn timeout_ms(&self) -> i32 {
         i32::try_from(self.shared.options.request_timeout.as_millis()).unwrap_or(i32::MAX)
     }
+
+    fn list_offsets_once(&self, topic: &str, partition: u32, spec: i64) -> Result<i64> {
+        let request = ListOffsetsRequest {
+            replica_id: -1,
+            isolation_level: 0,
+            topics: vec![ListOffsetsTopic {
+                name: topic.to_owned(),
+                partitions: vec![ListOffsetsPartition {
+                    partition_index: partition_index(partition),
+                    timestamp: spec,
+                    ..Default::default()
+                }],
+            }],
+            ..Default::default()
+        };
+        let connection = self.partition_connection(topic, partition)?;
+        let body =
+            connection.call((self.shared.versions.list_offsets, &RequestBody::ListOffsets(request)))?;
+        let ResponseBody::ListOffsets(response) = body else { return Err(unexpected("list_offsets")) };
+        let result = response
+            .topics
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .find(|p| p.partition_index == partition_index(partition))
+            .ok_or_else(|| super::missing_partition("list_offsets", partition))?;
+        if result.error_code != error::NONE {
+            return Err(kafka_error(result.error_code, &format!("{topic}/{partition}"), None));
+        }
+        Ok(result.offset)
+    }
 }
 
 impl Transport for KafkaClient {
@@ -577,34 +607,11 @@ impl Transport for KafkaClient {
         self.refresh_partitions(topic).map(drop)
     }
 
+    /// Follows the partition's leader, as the native client's lookup does.
     fn list_offsets(&self, topic: &str, partition: u32, spec: i64) -> Result<i64> {
-        let request = ListOffsetsRequest {
-            replica_id: -1,
-            isolation_level: 0,
-            topics: vec![ListOffsetsTopic {
-                name: topic.to_owned(),
-                partitions: vec![ListOffsetsPartition {
-                    partition_index: partition_index(partition),
-                    timestamp: spec,
-                    ..Default::default()
-                }],
-            }],
-            ..Default::default()
-        };
-        let connection = self.partition_connection(topic, partition)?;
-        let body =
-            connection.call((self.shared.versions.list_offsets, &RequestBody::ListOffsets(request)))?;
-        let ResponseBody::ListOffsets(response) = body else { return Err(unexpected("list_offsets")) };
-        let result = response
-            .topics
-            .into_iter()
-            .flat_map(|t| t.partitions)
-            .find(|p| p.partition_index == partition_index(partition))
-            .ok_or_else(|| super::missing_partition("list_offsets", partition))?;
-        if result.error_code != error::NONE {
-            return Err(kafka_error(result.error_code, &format!("{topic}/{partition}"), None));
-        }
-        Ok(result.offset)
+        super::failover::following_leader(self, topic, partition, || {
+            self.list_offsets_once(topic, partition, spec)
+        })
     }
 
     fn produce_async(

@@ -66,7 +66,6 @@ pub use crate::codec::{
 #[cfg(test)]
 mod tests;
 
-use self::failover::Retry;
 use crate::codec::{
     FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, ProducePartition, ProduceRequest,
     Request, Response, ResponseFrame,
@@ -677,27 +676,8 @@ impl Client {
 
     /// Runs `op` until it succeeds, fails for another reason than a moved leader, or the
     /// retry budget is spent, reading the metadata again before each retry.
-    fn following_leader<T>(
-        &self,
-        topic: &str,
-        partition: u32,
-        mut op: impl FnMut() -> Result<T>,
-    ) -> Result<T> {
-        let mut retry: Option<Retry> = None;
-        loop {
-            let error = match op() {
-                Err(error) if self.leader_moved(topic, partition, &error) => error,
-                done => return done,
-            };
-            let now = Instant::now();
-            let retry = retry.get_or_insert_with(|| Retry::new(now, self.inner.options.leader_retry_budget));
-            let Some(pause) = retry.next_pause(now) else {
-                return Err(retry.exhausted(topic, partition, self.leader_name(topic, partition), error));
-            };
-            std::thread::sleep(pause);
-            // A failed read keeps the cache as it was; the next attempt's error says more.
-            let _ = self.metadata(&[topic]);
-        }
+    fn following_leader<T>(&self, topic: &str, partition: u32, op: impl FnMut() -> Result<T>) -> Result<T> {
+        failover::following_leader(self, topic, partition, op)
     }
 
     /// Sends `request` to the node whose metadata answered last, else the bootstrap address,
