@@ -205,7 +205,7 @@ def cluster_command(pyralog_bin, *args):
     import subprocess
     done = subprocess.run([pyralog_bin, "cluster", "--node", "127.0.0.1:9644", *args], capture_output=True,
                           text=True, timeout=CLIENT_TIMEOUT_S)
-    assert done.returncode == 0, f"pyralog cluster {' '.join(args)}: {done.stderr}"
+    assert done.returncode == 0, f"pyralog cluster {' '.join(args)}: {done.stderr}{done.stdout}"
     return done.stdout
 
 
@@ -391,10 +391,11 @@ def wire_route(via, topic, partition=0):
 
 
 def settled_route(cluster, topic, partition=0):
-    """The partition's route (see `wire_route`) once its preferred replica (the first) leads
-    and says so itself with its epoch, so no handover moves it later; else None."""
+    """The partition's route (see `wire_route`) once its leader says itself that it leads, in
+    an epoch; else None. (A leader that is not the preferred replica may still hand over to it
+    later: tests that must not see that kill the preferred replica or the leader.)"""
     route = wire_route(cluster.node(1).bootstrap, topic, partition)
-    if not route or route[2] != route[3][0]:
+    if not route:
         return None
     own = wire_route(cluster.node(route[2]).bootstrap, topic, partition)
     return own if own and own[2] == route[2] and own[1] > 0 else None
@@ -416,7 +417,7 @@ def test_offset_for_leader_epoch_finds_where_a_killed_leaders_epoch_ended(cluste
     fences requests naming the old epoch (and unknown later ones)."""
     import kafka_wire as wire
     create_topic(cluster.node(1).bootstrap, "epochs", 1, 3)
-    route = wait_until("the preferred replica leads", lambda: settled_route(cluster, "epochs"))
+    route = wait_until("the partition has a leader", lambda: settled_route(cluster, "epochs"))
     old_address, old_epoch, old_node, _ = route
     for i in range(3):
         wait_until("the leader takes a produce", lambda: wire_produce(old_address, "epochs", b"old%d" % i))
@@ -466,15 +467,16 @@ def test_offset_for_leader_epoch_finds_where_a_killed_leaders_epoch_ended(cluste
         assert connection.offset_for_leader_epoch("epochs", 0, old_epoch)[0] == wire.ERROR_NOT_LEADER_OR_FOLLOWER
 
 
-def kafka_requests(nodes, api):
-    """Kafka requests of `api` (snake case) the nodes' listeners counted, over every shard."""
+def requests_counted(nodes, protocol, api):
+    """Requests of `api` (snake case) the nodes' `protocol` listeners counted, over every shard."""
     import re
     import urllib.request
     total = 0
     for node in nodes:
         text = urllib.request.urlopen(f"{node.metrics_url}/metrics", timeout=5).read().decode()
         for line in text.splitlines():
-            if line.startswith("pyralog_requests_total{") and 'protocol="kafka"' in line and f'api="{api}"' in line:
+            labels = (f'protocol="{protocol}"', f'api="{api}"')
+            if line.startswith("pyralog_requests_total{") and all(label in line for label in labels):
                 total += int(float(re.split(r"\s+", line)[-1]))
     return total
 
@@ -484,7 +486,7 @@ def test_a_consumer_reading_through_a_leader_kill_validates_its_position_and_los
     OffsetForLeaderEpoch (KIP-320) before fetching on; it must then go on from where it was:
     every acknowledged record read once, at its offset."""
     create_topic(cluster.node(1).bootstrap, "follow", 1, 3)
-    old_node = wait_until("the preferred replica leads", lambda: settled_route(cluster, "follow"))[2]
+    wait_until("the partition has a leader", lambda: settled_route(cluster, "follow"))
     acknowledged = produce(cluster.bootstrap, "follow", 1000, "before")
     consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "epoch-follower",
                          "enable.auto.commit": False, "topic.metadata.refresh.interval.ms": 1000})
@@ -492,14 +494,15 @@ def test_a_consumer_reading_through_a_leader_kill_validates_its_position_and_los
         consumer.assign([TopicPartition("follow", 0, OFFSET_BEGINNING)])
         records = read_into(consumer, {}, len(acknowledged))
         assert len(records) == len(acknowledged)
+        old_node = wait_until("the partition has a leader", lambda: settled_route(cluster, "follow"))[2]
         survivors = [n for n in cluster.nodes if n.node_id != old_node]
-        asked_before = kafka_requests(survivors, "offset_for_leader_epoch")
+        asked_before = requests_counted(survivors, "kafka", "offset_for_leader_epoch")
         cluster.node(old_node).kill9()
         acknowledged.update(produce(cluster.bootstrap, "follow", 1000, "after"))
         assert len(read_into(consumer, records, len(acknowledged))) == len(acknowledged)
         check_exactly_once(records, acknowledged)
         # The consumer validated its position with the new leader: API 23 was called.
-        assert kafka_requests(survivors, "offset_for_leader_epoch") > asked_before
+        assert requests_counted(survivors, "kafka", "offset_for_leader_epoch") > asked_before
     finally:
         consumer.close()
 
@@ -513,17 +516,21 @@ def strict_cluster(request, pyralog_bin, tmp_path):
     cluster.stop()
 
 
-def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_follower_is_back(strict_cluster):
+def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_follower_is_back(
+        strict_cluster, bench_bin):
+    import json
+    import subprocess
     import kafka_wire as wire
     cluster = strict_cluster
     admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
     futures = admin.create_topics([NewTopic("strict", 1, 3, config={"min.insync.replicas": "3"})],
                                   request_timeout=CLIENT_TIMEOUT_S)
     futures["strict"].result(timeout=CLIENT_TIMEOUT_S)
-    route = wait_until("the preferred replica leads", lambda: settled_route(cluster, "strict"))
-    leader_address, _, leader, _ = route
+    leader_address, _, leader, replicas = wait_until("the partition has a leader",
+                                                     lambda: settled_route(cluster, "strict"))
     assert wait_until("a produce with every replica in sync", lambda: wire_produce(leader_address, "strict", b"a"))
-    follower = cluster.node(next(n.node_id for n in cluster.nodes if n.node_id != leader))
+    # The preferred replica if it does not lead: the leader cannot hand over to it meanwhile.
+    follower = cluster.node(replicas[0] if replicas[0] != leader else replicas[1])
     follower.kill9()
     # The leader's metadata shows the follower out of the in-sync replicas once the lag passed.
     with wire.Connection(leader_address) as connection:
@@ -537,9 +544,25 @@ def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_foll
         assert connection.offset_for_leader_epoch("strict", 0, epoch)[2] == end_before
         error, _ = connection.produce("strict", 0, wire.record_batch([(b"k", b"one")]), acks=1)
         assert error == wire.ERROR_NONE
-    follower.start().wait_ready()
+    # A native durable produce is refused alike (NotEnoughReplicas) and retried by the client
+    # until the follower is back in sync.
+    refused_before = requests_counted([cluster.node(leader)], "native", "produce")
+    bench = subprocess.Popen([bench_bin, "produce", "--broker", cluster.node(leader).native, "--topic", "strict",
+                              "--messages", "10", "--message-bytes", "100", "--json", "--deadline-secs", "60"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until("the native produce reached the leader",
+                   lambda: requests_counted([cluster.node(leader)], "native", "produce") > refused_before)
+        follower.start().wait_ready()
+        stdout, stderr = bench.communicate(timeout=90)
+    finally:
+        bench.kill()
+    assert bench.returncode == 0, stderr.decode(errors="replace")
+    report = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert report["acked"] == 10 and report["leader_retries"] > 0, report
+    # The returning preferred replica may take the leadership back: ask where it is each time.
     wait_until("acks=all is taken again once the follower is back in sync",
-               lambda: wire_produce(leader_address, "strict", b"b"), timeout_s=30)
+               lambda: wire_produce(settled_route(cluster, "strict")[0], "strict", b"b"), timeout_s=30)
 
 
 def test_the_kafka_bench_produces_through_a_leader_kill_and_every_record_arrives(cluster, bench_bin):
@@ -550,10 +573,9 @@ def test_the_kafka_bench_produces_through_a_leader_kill_and_every_record_arrives
     import subprocess
     import kafka_wire as wire
     create_topic(cluster.node(1).bootstrap, "bench-failover", 2, 3)
-    route = wait_until("the preferred replica leads partition 0", lambda: settled_route(cluster, "bench-failover"))
-    wait_until("partition 1 has a leader", lambda: wire_route(cluster.node(1).bootstrap, "bench-failover", 1))
-    leader_address, _, leader, _ = route
-    bootstrap = cluster.node(leader).bootstrap  # the node killed is the one the bench bootstraps from
+    route = wait_until("partition 0 has a leader", lambda: settled_route(cluster, "bench-failover"))
+    wait_until("partition 1 has a leader", lambda: settled_route(cluster, "bench-failover", 1))
+    bootstrap = cluster.node(route[2]).bootstrap  # normally the node killed below: the bench loses it too
     messages = 20000
     bench = subprocess.Popen([bench_bin, "produce", "--protocol", "kafka", "--broker", bootstrap,
                               "--topic", "bench-failover", "--messages", str(messages), "--message-bytes", "200",
@@ -561,10 +583,11 @@ def test_the_kafka_bench_produces_through_a_leader_kill_and_every_record_arrives
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         def high_watermark():
-            with wire.Connection(leader_address) as connection:
+            with wire.Connection(settled_route(cluster, "bench-failover")[0]) as connection:
                 return connection.fetch("bench-failover", 0, 0, max_bytes=1)[1]
 
         wait_until("the bench is producing", lambda: high_watermark() > 1000)
+        leader = settled_route(cluster, "bench-failover")[2]
         cluster.node(leader).kill9()
         stdout, stderr = bench.communicate(timeout=120)
     finally:
