@@ -825,7 +825,12 @@ impl KafkaService {
                     ("cleanup.policy", "delete".to_owned(), 5),
                     ("compression.type", "producer".to_owned(), 5),
                     ("message.timestamp.type", "CreateTime".to_owned(), 5),
-                    ("min.insync.replicas", "1".to_owned(), 5),
+                    // The write quorum W that acks=all needs in sync (a replicated topic's is
+                    // in its placement); a partition of one node has only itself.
+                    match topic_meta.and_then(|m| m.config.min_insync_replicas) {
+                        Some(write_quorum) => ("min.insync.replicas", write_quorum.to_string(), 1),
+                        None => ("min.insync.replicas", "1".to_owned(), 5),
+                    },
                 ];
                 let configs = entries
                     .into_iter()

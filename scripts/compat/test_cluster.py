@@ -526,6 +526,10 @@ def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_foll
     futures = admin.create_topics([NewTopic("strict", 1, 3, config={"min.insync.replicas": "3"})],
                                   request_timeout=CLIENT_TIMEOUT_S)
     futures["strict"].result(timeout=CLIENT_TIMEOUT_S)
+    from confluent_kafka.admin import ConfigResource
+    described = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, "strict")])
+    configs = next(iter(described.values())).result(timeout=CLIENT_TIMEOUT_S)
+    assert configs["min.insync.replicas"].value == "3", configs["min.insync.replicas"]
     leader_address, _, leader, replicas = wait_until("the partition has a leader",
                                                      lambda: settled_route(cluster, "strict"))
     assert wait_until("a produce with every replica in sync", lambda: wire_produce(leader_address, "strict", b"a"))
