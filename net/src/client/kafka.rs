@@ -941,6 +941,26 @@ mod tests {
     }
 
     #[test]
+    fn leader_errors_become_the_native_codes_the_retries_know() {
+        let code_of = |kafka_code| match kafka_error(kafka_code, "p", None) {
+            ClientError::Server { code, .. } => code,
+            other => panic!("{other}"),
+        };
+        for moved in [
+            error::NOT_LEADER_OR_FOLLOWER,
+            error::LEADER_NOT_AVAILABLE,
+            error::FENCED_LEADER_EPOCH,
+            error::UNKNOWN_LEADER_EPOCH,
+        ] {
+            assert_eq!(code_of(moved), ErrorCode::NotLeader, "Kafka error {moved}");
+        }
+        assert_eq!(code_of(error::NOT_ENOUGH_REPLICAS), ErrorCode::NotEnoughReplicas);
+        let refused =
+            kafka_error(error::NOT_ENOUGH_REPLICAS, "producing to partition 0", Some("2 of 3 in sync"));
+        assert!(refused.to_string().contains("2 of 3 in sync (Kafka error 19)"), "{refused}");
+    }
+
+    #[test]
     fn versions_are_the_preferred_ones_capped_by_the_broker() {
         let agreed = Versions::agree(kafka::SUPPORTED).unwrap();
         let (_, _, list_offsets_max) =
