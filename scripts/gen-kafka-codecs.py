@@ -26,8 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 APIS = [
     "Produce", "Fetch", "ListOffsets", "Metadata", "OffsetCommit", "OffsetFetch", "FindCoordinator",
     "JoinGroup", "Heartbeat", "LeaveGroup", "SyncGroup", "DescribeGroups", "ListGroups",
-    "ApiVersions", "CreateTopics", "DeleteTopics", "InitProducerId", "DescribeConfigs",
-    "CreatePartitions",
+    "ApiVersions", "CreateTopics", "DeleteTopics", "InitProducerId", "OffsetForLeaderEpoch",
+    "DescribeConfigs", "CreatePartitions",
 ]
 HEADERS = ["RequestHeader", "ResponseHeader"]
 

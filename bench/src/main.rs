@@ -5,8 +5,8 @@
 //! `Producer` (batching, linger, partitioner, in-flight window) and `Consumer` (prefetch,
 //! offsets), the same payloads, latency accounting, report, `--verify` and exit codes. Only the
 //! bytes on the wire differ: the native client talks to each partition's shard directly; the
-//! Kafka client opens one connection per producer and per consumer (a Kafka broker answers a
-//! connection's requests in order) to the one address the listener shares between shards.
+//! Kafka client opens its connections per producer and per consumer (a Kafka broker answers a
+//! connection's requests in order) to the broker metadata names as each partition's leader.
 //!
 //! Modes: `produce` (throughput and acknowledgement latency), `consume` (throughput and record
 //! age at consume, optional `--verify` of a topic written by `produce`), `e2e` (producers and
@@ -17,8 +17,9 @@
 //! creates it with `--create-topic`). A consume's rate counts the time spent receiving: from
 //! its start to the last record received, not the `--idle-secs` wait after the data ran out.
 //!
-//! Over the native protocol a run follows partition leaders through a cluster's failover (the
-//! client retries on the new leader, at-least-once: see `pyralog_net::client::failover`); the
+//! Over either protocol a run follows partition leaders through a cluster's failover (the
+//! client retries on the new leader, at-least-once: see `pyralog_net::client::failover`; over
+//! Kafka the bench's producer is not idempotent, so the same holds there); the
 //! report's `failover` line (`ack_gap_max_ms`, `leader_retries` in `--json`) gives the longest
 //! time between two acknowledgements and how many requests were sent again after a leader
 //! change.

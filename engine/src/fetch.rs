@@ -38,6 +38,8 @@ pub struct Wanted<'a> {
     pub offset: i64,
     /// This partition's own bound; 0: only the request's.
     pub max_bytes: u32,
+    /// The leader epoch the client knows (Kafka's current_leader_epoch); -1: none.
+    pub current_leader_epoch: i32,
 }
 
 /// Reads `wanted` within `max_bytes` in all, waiting up to `max_wait` for `min_bytes`.
@@ -67,7 +69,13 @@ pub async fn fetch(
             .take(FETCH_PARTITIONS_MAX)
             .map(|(w, result)| {
                 let end = result.as_ref().map_or(w.offset, |f| f.high_watermark.max(w.offset));
-                let limits = FetchLimits { max_bytes: 1, min_one_batch: true, min_bytes: 1, max_wait: left };
+                let limits = FetchLimits {
+                    max_bytes: 1,
+                    min_one_batch: true,
+                    min_bytes: 1,
+                    max_wait: left,
+                    current_leader_epoch: w.current_leader_epoch,
+                };
                 Box::pin(shard.fetch(w.topic, w.partition, end, limits)) as Pin<Box<dyn Future<Output = _>>>
             })
             .collect();
@@ -128,6 +136,12 @@ fn read<'a>(
     max_bytes: u32,
     min_one_batch: bool,
 ) -> impl Future<Output = Result<Fetched, ShardError>> + 'a {
-    let limits = FetchLimits { max_bytes, min_one_batch, min_bytes: 0, max_wait: Duration::ZERO };
+    let limits = FetchLimits {
+        max_bytes,
+        min_one_batch,
+        min_bytes: 0,
+        max_wait: Duration::ZERO,
+        current_leader_epoch: wanted.current_leader_epoch,
+    };
     shard.fetch(wanted.topic, wanted.partition, wanted.offset, limits)
 }

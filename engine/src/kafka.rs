@@ -92,6 +92,9 @@ pub fn error_code(error: &ShardError) -> i16 {
         ShardError::ShuttingDown | ShardError::NotLeader { .. } => error::NOT_LEADER_OR_FOLLOWER,
         ShardError::NotController { .. } => error::NOT_CONTROLLER,
         ShardError::Unavailable(_) => error::REQUEST_TIMED_OUT,
+        ShardError::FencedLeaderEpoch { .. } => error::FENCED_LEADER_EPOCH,
+        ShardError::UnknownLeaderEpoch { .. } => error::UNKNOWN_LEADER_EPOCH,
+        ShardError::NotEnoughReplicas { .. } => error::NOT_ENOUGH_REPLICAS,
     }
 }
 
@@ -119,6 +122,9 @@ impl KafkaHandler for KafkaService {
             RequestBody::DescribeConfigs(body) => ResponseBody::DescribeConfigs(self.describe_configs(body)),
             RequestBody::InitProducerId(body) => {
                 ResponseBody::InitProducerId(self.init_producer_id(body).await)
+            }
+            RequestBody::OffsetForLeaderEpoch(body) => {
+                ResponseBody::OffsetForLeaderEpoch(self.offset_for_leader_epoch(body).await)
             }
             RequestBody::FindCoordinator(body) => {
                 ResponseBody::FindCoordinator(self.find_coordinator(body).await)
@@ -405,22 +411,30 @@ impl KafkaService {
 
     async fn fetch(&self, body: fetch_request::FetchRequest) -> fetch_response::FetchResponse {
         use fetch_response::*;
-        let wanted: Vec<(String, i32, i64, i32)> = body
+        // (topic, partition, offset, max bytes, current leader epoch: -1 before v9).
+        let wanted: Vec<(String, i32, i64, i32, i32)> = body
             .topics
             .iter()
             .flat_map(|t| {
-                t.partitions
-                    .iter()
-                    .map(|p| (t.topic.clone(), p.partition, p.fetch_offset, p.partition_max_bytes))
+                t.partitions.iter().map(|p| {
+                    (
+                        t.topic.clone(),
+                        p.partition,
+                        p.fetch_offset,
+                        p.partition_max_bytes,
+                        p.current_leader_epoch,
+                    )
+                })
             })
             .collect();
         let asked: Vec<fetch::Wanted<'_>> = wanted
             .iter()
-            .map(|(topic, partition, offset, partition_max)| fetch::Wanted {
+            .map(|(topic, partition, offset, partition_max, epoch)| fetch::Wanted {
                 topic,
                 partition: u32::try_from(*partition).unwrap_or(u32::MAX),
                 offset: *offset,
                 max_bytes: (*partition_max).max(1) as u32,
+                current_leader_epoch: *epoch,
             })
             .collect();
         let max_wait = Duration::from_millis(body.max_wait_ms.max(0) as u64);
@@ -429,7 +443,7 @@ impl KafkaService {
             fetch::fetch(&self.shard, &asked, max_bytes, body.min_bytes.max(0) as u32, max_wait).await;
         drop(asked);
         let mut responses: Vec<FetchableTopicResponse> = Vec::new();
-        for ((topic, partition, _, _), result) in wanted.into_iter().zip(results) {
+        for ((topic, partition, _, _, _), result) in wanted.into_iter().zip(results) {
             let data = match result {
                 Ok(fetched) => PartitionData {
                     partition_index: partition,
@@ -487,7 +501,14 @@ impl KafkaService {
                     });
                     continue;
                 }
-                let found = self.shard.list_offsets(&topic.name, partition, p.timestamp).await;
+                // current_leader_epoch is -1 before v4: no epoch check, but still the leader's
+                // answer, as Kafka gives it to consumers.
+                let found = self
+                    .shard
+                    .list_offsets(&topic.name, partition, p.timestamp, Some(p.current_leader_epoch))
+                    .await;
+                let leader_epoch = found.as_ref().map_or(-1, |listed| listed.leader_epoch);
+                let found = found.map(|listed| listed.offset);
                 let (offset, timestamp) = match found {
                     Ok(offset) if p.timestamp >= 0 && offset >= 0 => {
                         let exact = self.record_at_time(&topic.name, partition, offset, p.timestamp).await;
@@ -506,7 +527,7 @@ impl KafkaService {
                         error_code: error::NONE,
                         timestamp,
                         offset,
-                        leader_epoch: 0,
+                        leader_epoch,
                         ..Default::default()
                     },
                     Err(error) => ListOffsetsPartitionResponse {
@@ -526,6 +547,37 @@ impl KafkaService {
     /// The first record at or after `timestamp` in the batch at `batch_offset` (the one the
     /// time index found): its offset and timestamp. A compressed batch is not decoded: its base
     /// offset and max timestamp stand for it.
+    /// OffsetForLeaderEpoch (KIP-101, KIP-320): for each partition, from its leader, the
+    /// largest epoch at or below the one asked and the offset it ends at; -1 and -1 for an
+    /// epoch unknown there (see `pyralog_shard::epochs`). `replica_id` (v3+: -1 for a consumer,
+    /// -2 for a debugging tool) changes nothing: this node's followers replicate by Raft, so
+    /// every asker is answered as a consumer.
+    async fn offset_for_leader_epoch(
+        &self,
+        body: offset_for_leader_epoch_request::OffsetForLeaderEpochRequest,
+    ) -> offset_for_leader_epoch_response::OffsetForLeaderEpochResponse {
+        use offset_for_leader_epoch_response::*;
+        let topics = body.topics.into_iter().map(|topic| async move {
+            let partitions = topic.partitions.into_iter().map(|p| {
+                let name = &topic.topic;
+                async move {
+                    let partition = u32::try_from(p.partition).unwrap_or(u32::MAX);
+                    let found = self
+                        .shard
+                        .end_of_epoch(name, partition, p.current_leader_epoch, p.leader_epoch)
+                        .await;
+                    let (error_code, (leader_epoch, end_offset)) = match found {
+                        Ok(end) => (error::NONE, end.unwrap_or((-1, -1))),
+                        Err(error) => (error_code(&error), (-1, -1)),
+                    };
+                    EpochEndOffset { error_code, partition: p.partition, leader_epoch, end_offset }
+                }
+            });
+            OffsetForLeaderTopicResult { topic: topic.topic.clone(), partitions: join_all(partitions).await }
+        });
+        OffsetForLeaderEpochResponse { topics: join_all(topics).await, ..Default::default() }
+    }
+
     async fn record_at_time(
         &self,
         topic: &str,
@@ -533,8 +585,13 @@ impl KafkaService {
         batch_offset: i64,
         timestamp: i64,
     ) -> (i64, i64) {
-        let limits =
-            FetchLimits { max_bytes: 1, min_one_batch: true, min_bytes: 0, max_wait: Duration::ZERO };
+        let limits = FetchLimits {
+            max_bytes: 1,
+            min_one_batch: true,
+            min_bytes: 0,
+            max_wait: Duration::ZERO,
+            current_leader_epoch: -1,
+        };
         let Ok(fetched) = self.shard.fetch(topic, partition, batch_offset, limits).await else {
             return (batch_offset, -1);
         };
@@ -777,7 +834,12 @@ impl KafkaService {
                     ("cleanup.policy", "delete".to_owned(), 5),
                     ("compression.type", "producer".to_owned(), 5),
                     ("message.timestamp.type", "CreateTime".to_owned(), 5),
-                    ("min.insync.replicas", "1".to_owned(), 5),
+                    // The write quorum W that acks=all needs in sync (a replicated topic's is
+                    // in its placement); a partition of one node has only itself.
+                    match topic_meta.and_then(|m| m.config.min_insync_replicas) {
+                        Some(write_quorum) => ("min.insync.replicas", write_quorum.to_string(), 1),
+                        None => ("min.insync.replicas", "1".to_owned(), 5),
+                    },
                 ];
                 let configs = entries
                     .into_iter()

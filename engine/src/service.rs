@@ -61,6 +61,9 @@ pub fn error_code(error: &ShardError) -> ErrorCode {
         ShardError::NotLeader { .. } => ErrorCode::NotLeader,
         ShardError::NotController { .. } => ErrorCode::NotController,
         ShardError::Unavailable(_) => ErrorCode::Overloaded,
+        ShardError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+        // Native requests name no leader epoch, so these come from Kafka clients only.
+        ShardError::FencedLeaderEpoch { .. } | ShardError::UnknownLeaderEpoch { .. } => ErrorCode::NotLeader,
     }
 }
 
@@ -143,6 +146,7 @@ impl Handler for Service {
                         partition: p.partition,
                         offset: p.offset,
                         max_bytes: p.max_bytes,
+                        current_leader_epoch: -1,
                     })
                     .collect();
                 let max_wait = Duration::from_millis(u64::from(fetch.max_wait_ms));
@@ -171,7 +175,11 @@ impl Handler for Service {
             Request::ListOffsets(list) => {
                 let mut results = Vec::with_capacity(list.partitions.len());
                 for p in &list.partitions {
-                    let result = self.shard.list_offsets(&list.topic, p.partition, p.timestamp).await;
+                    let result = self
+                        .shard
+                        .list_offsets(&list.topic, p.partition, p.timestamp, None)
+                        .await
+                        .map(|l| l.offset);
                     results.push(match result {
                         Ok(offset) => ListOffsetsPartitionResult {
                             partition: p.partition,

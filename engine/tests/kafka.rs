@@ -543,3 +543,97 @@ fn transactional_producers_are_refused_with_an_error_clients_do_not_retry() {
     assert_eq!(init.error_code, error::TRANSACTIONAL_ID_AUTHORIZATION_FAILED);
     assert_eq!(init.producer_id, -1);
 }
+
+/// OffsetForLeaderEpoch at `version` for one partition: (error, leader epoch, end offset).
+fn end_of_epoch(
+    conn: &mut KafkaConnection,
+    version: i16,
+    topic: &str,
+    partition: i32,
+    current_leader_epoch: i32,
+    leader_epoch: i32,
+) -> (i16, i32, i64) {
+    use offset_for_leader_epoch_request::*;
+    let request = OffsetForLeaderEpochRequest {
+        replica_id: -1,
+        topics: vec![OffsetForLeaderTopic {
+            topic: topic.to_owned(),
+            partitions: vec![OffsetForLeaderPartition { partition, current_leader_epoch, leader_epoch }],
+        }],
+    };
+    let response = conn.call(version, RequestBody::OffsetForLeaderEpoch(request)).unwrap();
+    let ResponseBody::OffsetForLeaderEpoch(body) = response else { panic!("not OffsetForLeaderEpoch") };
+    let p = &body.topics[0].partitions[0];
+    (p.error_code, p.leader_epoch, p.end_offset)
+}
+
+#[test]
+fn a_single_node_partition_is_in_epoch_zero_for_every_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let mut conn = connect(&node);
+    assert_eq!(create_topic(&mut conn, "epochs", 1, &[]), error::NONE);
+    assert_eq!(produce(&mut conn, 9, "epochs", 0, batch(&["a", "b", "c"], None)), (error::NONE, 0));
+
+    // Metadata and the stored batches say epoch 0.
+    let request = metadata_request::MetadataRequest {
+        topics: Some(vec![metadata_request::MetadataRequestTopic {
+            name: Some("epochs".to_owned()),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let ResponseBody::Metadata(metadata) = conn.call(12, RequestBody::Metadata(request)).unwrap() else {
+        panic!("not Metadata")
+    };
+    assert_eq!(metadata.topics[0].partitions[0].leader_epoch, 0);
+    let data = fetch(&mut conn, 12, fetch_request("epochs", 0, 0, 0));
+    let stored = data.records.as_ref().map(Records::to_bytes).unwrap();
+    assert_eq!(pyralog_dma::batch::stored_header(&stored).unwrap().leader_epoch, 0);
+
+    // OffsetForLeaderEpoch: epoch 0 runs to the log's end at every version; later epochs are
+    // unknown (-1, -1); v3+ takes a consumer's replica id; v0 carries no epoch back.
+    for version in 0..=4 {
+        let epoch = if version == 0 { -1 } else { 0 };
+        assert_eq!(
+            end_of_epoch(&mut conn, version, "epochs", 0, -1, 0),
+            (error::NONE, epoch, 3),
+            "v{version}"
+        );
+        assert_eq!(end_of_epoch(&mut conn, version, "epochs", 0, -1, 1), (error::NONE, -1, -1), "v{version}");
+    }
+    assert_eq!(end_of_epoch(&mut conn, 4, "epochs", 0, 0, 0), (error::NONE, 0, 3));
+    assert_eq!(end_of_epoch(&mut conn, 4, "epochs", 0, 1, 0).0, error::UNKNOWN_LEADER_EPOCH);
+    assert_eq!(end_of_epoch(&mut conn, 4, "epochs", 9, -1, 0).0, error::UNKNOWN_TOPIC_OR_PARTITION);
+    assert_eq!(end_of_epoch(&mut conn, 4, "missing", 0, -1, 0).0, error::UNKNOWN_TOPIC_OR_PARTITION);
+
+    // Fetch v9+ and ListOffsets v4+ check current_leader_epoch: 0 passes, 1 is unknown.
+    let mut fenced = fetch_request("epochs", 0, 0, 0);
+    fenced.topics[0].partitions[0].current_leader_epoch = 1;
+    assert_eq!(fetch(&mut conn, 12, fenced.clone()).error_code, error::UNKNOWN_LEADER_EPOCH);
+    fenced.topics[0].partitions[0].current_leader_epoch = 0;
+    assert_eq!(fetch(&mut conn, 12, fenced).error_code, error::NONE);
+    let list = |conn: &mut KafkaConnection, current_leader_epoch: i32| {
+        use list_offsets_request::*;
+        let request = ListOffsetsRequest {
+            replica_id: -1,
+            topics: vec![ListOffsetsTopic {
+                name: "epochs".to_owned(),
+                partitions: vec![ListOffsetsPartition {
+                    partition_index: 0,
+                    current_leader_epoch,
+                    timestamp: -1,
+                    ..Default::default()
+                }],
+            }],
+            ..Default::default()
+        };
+        let ResponseBody::ListOffsets(body) = conn.call(7, RequestBody::ListOffsets(request)).unwrap() else {
+            panic!("not ListOffsets")
+        };
+        let p = &body.topics[0].partitions[0];
+        (p.error_code, p.offset, p.leader_epoch)
+    };
+    assert_eq!(list(&mut conn, 0), (error::NONE, 3, 0));
+    assert_eq!(list(&mut conn, 1).0, error::UNKNOWN_LEADER_EPOCH);
+}

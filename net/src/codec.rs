@@ -299,6 +299,9 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Overloaded => "the node is overloaded; try again later",
             ErrorCode::NotLeader => "this node does not lead the partition; ask the metadata for its leader",
             ErrorCode::NotController => "this node does not lead the cluster's controller",
+            ErrorCode::NotEnoughReplicas => {
+                "the partition has fewer in-sync replicas than its write quorum; try again later"
+            }
             other => return write!(f, "error code {} (unknown to this client)", other.0),
         };
         f.write_str(text)

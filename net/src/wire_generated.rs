@@ -14,10 +14,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 14;
+pub const ENUM_MAX_ERROR_CODE: u16 = 15;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 15] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 16] = [
   ErrorCode::None,
   ErrorCode::UnknownTopic,
   ErrorCode::UnknownPartition,
@@ -33,6 +33,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 15] = [
   ErrorCode::Overloaded,
   ErrorCode::NotLeader,
   ErrorCode::NotController,
+  ErrorCode::NotEnoughReplicas,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -55,9 +56,10 @@ impl ErrorCode {
   pub const Overloaded: Self = Self(12);
   pub const NotLeader: Self = Self(13);
   pub const NotController: Self = Self(14);
+  pub const NotEnoughReplicas: Self = Self(15);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 14;
+  pub const ENUM_MAX: u16 = 15;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::UnknownTopic,
@@ -74,6 +76,7 @@ impl ErrorCode {
     Self::Overloaded,
     Self::NotLeader,
     Self::NotController,
+    Self::NotEnoughReplicas,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -93,6 +96,7 @@ impl ErrorCode {
       Self::Overloaded => Some("Overloaded"),
       Self::NotLeader => Some("NotLeader"),
       Self::NotController => Some("NotController"),
+      Self::NotEnoughReplicas => Some("NotEnoughReplicas"),
       _ => None,
     }
   }

@@ -13,9 +13,15 @@ import time
 
 API_PRODUCE = 0
 API_FETCH = 1
+API_METADATA = 3
 API_INIT_PRODUCER_ID = 22
+API_OFFSET_FOR_LEADER_EPOCH = 23
 
 ERROR_NONE = 0
+ERROR_NOT_LEADER_OR_FOLLOWER = 6
+ERROR_NOT_ENOUGH_REPLICAS = 19
+ERROR_FENCED_LEADER_EPOCH = 74
+ERROR_UNKNOWN_LEADER_EPOCH = 75
 ERROR_DUPLICATE_SEQUENCE_NUMBER = 46
 
 CODEC_NONE = 0
@@ -127,6 +133,8 @@ def parse_batches(data: bytes):
         assert crc == crc32c(data[position + 21:end]), f"CRC mismatch in the batch at offset {base_offset}"
         batch = {
             "base_offset": base_offset,
+            "leader_epoch": leader_epoch,
+            "control": bool(attributes & 0x20),
             "last_offset_delta": last_offset_delta,
             "codec": attributes & 7,
             "producer_id": producer_id,
@@ -209,6 +217,21 @@ def array(items) -> bytes:
     return struct.pack(">i", len(items)) + b"".join(items)
 
 
+def _fetched_partition(reader, topic: str, partition: int, head: str):
+    """The one partition of a Fetch response's topics: (error, high watermark, records);
+    `head` reads each partition's fixed fields, index, error and high watermark first."""
+    def partition_data():
+        index, error, high_watermark, *_ = reader.take(head)
+        reader.array(lambda: reader.take(">qq"))  # aborted transactions
+        return index, error, high_watermark, reader.bytes() or b""
+
+    topics = reader.array(lambda: (reader.string(), reader.array(partition_data)))
+    assert len(topics) == 1 and topics[0][0] == topic, topics
+    (index, error, high_watermark, records), = topics[0][1]
+    assert index == partition
+    return error, high_watermark, records
+
+
 class Connection:
     """One TCP connection to the Kafka listener, one request in flight at a time."""
 
@@ -284,17 +307,72 @@ class Connection:
         )
         reader = self.request(API_FETCH, 4, body)
         reader.take(">i")  # throttle
+        return _fetched_partition(reader, topic, partition, ">ihqq")
 
-        def partition_data():
-            index, error, high_watermark, _last_stable = reader.take(">ihqq")
-            reader.array(lambda: reader.take(">qq"))  # aborted transactions
-            return index, error, high_watermark, reader.bytes() or b""
+    def metadata(self, topic: str):
+        """Metadata v7 (the first with leader epochs) of one topic, without auto-creation:
+        ({broker id: "host:port"}, {partition: (error, leader id, leader epoch, replica ids,
+        in-sync replica ids)})."""
+        reader = self.request(API_METADATA, 7, array([string(topic)]) + struct.pack(">b", 0))
+        reader.take(">i")  # throttle
 
-        topics = reader.array(lambda: (reader.string(), reader.array(partition_data)))
+        def broker():
+            node_id = reader.take(">i")
+            host = reader.string()
+            port = reader.take(">i")
+            reader.string()  # rack
+            return node_id, f"{host}:{port}"
+
+        brokers = dict(reader.array(broker))
+        reader.string()  # cluster id
+        reader.take(">i")  # controller
+
+        def partition():
+            error, index, leader, epoch = reader.take(">hiii")
+            replicas = reader.array(lambda: reader.take(">i"))
+            in_sync = reader.array(lambda: reader.take(">i"))
+            reader.array(lambda: reader.take(">i"))  # offline replicas
+            return index, (error, leader, epoch, replicas, in_sync)
+
+        def topic_metadata():
+            error = reader.take(">h")
+            name = reader.string()
+            reader.take(">b")  # internal
+            return name, error, dict(reader.array(partition))
+
+        topics = reader.array(topic_metadata)
         assert len(topics) == 1 and topics[0][0] == topic, topics
-        (index, error, high_watermark, records), = topics[0][1]
+        return brokers, topics[0][2]
+
+    def fetch_at_epoch(self, topic: str, partition: int, offset: int, current_leader_epoch: int,
+                       max_bytes: int = 1 << 20):
+        """Fetch v9 (the first naming current_leader_epoch, KIP-320) of one partition: (error,
+        high watermark, the raw record set)."""
+        body = (
+            struct.pack(">iiiibii", -1, 0, 0, max_bytes, 0, 0, -1)  # no fetch session
+            + array([string(topic) + array([struct.pack(">iiqqi", partition, current_leader_epoch, offset, -1,
+                                                         max_bytes)])])
+            + array([])  # forgotten topics
+        )
+        reader = self.request(API_FETCH, 9, body)
+        reader.take(">ihi")  # throttle, error, session
+        return _fetched_partition(reader, topic, partition, ">ihqqq")  # v5+: log start offset
+
+    def offset_for_leader_epoch(self, topic: str, partition: int, leader_epoch: int,
+                                current_leader_epoch: int = -1):
+        """OffsetForLeaderEpoch v3 (a consumer's: replica id -1) of one partition: (error,
+        leader epoch, end offset)."""
+        body = (
+            struct.pack(">i", -1)
+            + array([string(topic) + array([struct.pack(">iii", partition, current_leader_epoch, leader_epoch)])])
+        )
+        reader = self.request(API_OFFSET_FOR_LEADER_EPOCH, 3, body)
+        reader.take(">i")  # throttle
+        topics = reader.array(lambda: (reader.string(), reader.array(lambda: reader.take(">hiiq"))))
+        assert len(topics) == 1 and topics[0][0] == topic, topics
+        (error, index, epoch, end_offset), = topics[0][1]
         assert index == partition
-        return error, high_watermark, records
+        return error, epoch, end_offset
 
     def stored_batches(self, topic: str, partition: int, deadline_s: float = 10.0):
         """Every batch of a partition from offset 0 to the high watermark, as stored."""

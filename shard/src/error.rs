@@ -34,6 +34,19 @@ pub enum ShardError {
     /// A produce or fetch for a replicated partition this replica does not lead.
     #[error("this node does not lead {topic}/{partition} (term {term}; leader {})", leader.map_or("unknown".to_owned(), |l| format!("node {l}")))]
     NotLeader { topic: String, partition: u32, leader: Option<u32>, term: i32 },
+    /// A request naming an epoch older than the partition's (KIP-320): the client's metadata
+    /// is stale.
+    #[error("{topic}/{partition} is in leader epoch {current}, the request names {requested}: refresh the metadata")]
+    FencedLeaderEpoch { topic: String, partition: u32, requested: i32, current: i32 },
+    /// A request naming an epoch newer than this replica knows (KIP-320): it has not heard of
+    /// the new leader yet.
+    #[error("{topic}/{partition} is in leader epoch {current} here, the request names {requested}, which this node has not seen yet")]
+    UnknownLeaderEpoch { topic: String, partition: u32, requested: i32, current: i32 },
+    /// An acks=all (native durable) produce to a replicated partition whose in-sync replicas
+    /// are fewer than its write quorum: refused before it is appended (Kafka's
+    /// min.insync.replicas). Retriable: a follower may catch up.
+    #[error("{topic}/{partition} has {in_sync} in-sync replicas, fewer than its write quorum of {required}")]
+    NotEnoughReplicas { topic: String, partition: u32, in_sync: u32, required: u32 },
     /// A metadata change sent to a node that does not lead the controller.
     #[error("this node does not lead the cluster's controller (term {term}; leader {})", leader.map_or("unknown".to_owned(), |l| format!("node {l}")))]
     NotController { leader: Option<u32>, term: i32 },

@@ -16,6 +16,7 @@
 
 mod cache;
 pub mod cluster;
+pub mod epochs;
 mod error;
 mod event;
 pub mod group;
@@ -43,7 +44,7 @@ pub use replicated::{
     CONTROLLER_TOPIC_ID,
 };
 pub use shard::{
-    group_log_of, keep_within, new_mesh, Acks, FetchLimits, Fetched, Message, Op, OpResult, Produced,
+    group_log_of, keep_within, new_mesh, Acks, FetchLimits, Fetched, Listed, Message, Op, OpResult, Produced,
     ScrapeHook, Shard, ShardConfig, ShardMesh, FETCH_PARTITION_BYTES_MAX, FETCH_RESPONSE_BYTES_MAX,
     FETCH_WAIT_MAX, GROUP_LOGS, UNFLUSHED_BYTES_MAX,
 };

@@ -447,6 +447,37 @@ impl Replica {
         }
     }
 
+    /// OffsetForLeaderEpoch on this replica, which leads: see [`crate::epochs::end_of_epoch`].
+    pub fn end_of_epoch(&self, requested: i32) -> Option<(i32, i64)> {
+        let raft = self.raft.borrow();
+        crate::epochs::end_of_epoch(raft.epochs(), raft.term(), requested, raft.log_end())
+    }
+
+    /// The epoch of the batch holding `offset`, else (past the log's end) the current term.
+    pub fn epoch_at(&self, offset: i64) -> i32 {
+        let raft = self.raft.borrow();
+        raft.epochs().epoch_at(offset, raft.log_end()).unwrap_or(raft.term())
+    }
+
+    /// How far this replica, which leads, is from its write quorum in in-sync replicas:
+    /// see [`crate::replicated::write_quorum_shortfall`]; `tick` is one tick of its clock.
+    pub fn in_sync_shortfall(
+        &self,
+        tick: std::time::Duration,
+        lag_max: std::time::Duration,
+    ) -> Option<(u32, u32)> {
+        let raft = self.raft.borrow();
+        let followers = raft.followers();
+        crate::replicated::write_quorum_shortfall(
+            raft.membership(),
+            raft.id(),
+            &followers,
+            raft.log_end(),
+            tick,
+            lag_max,
+        )
+    }
+
     /// What this replica is and knows, for operators.
     pub fn status(&self) -> ReplicaStatus {
         let raft = self.raft.borrow();

@@ -93,17 +93,51 @@ fn placed_before_this_disk(
 pub fn in_sync_replicas(status: &ReplicaStatus, tick: Duration, lag_max: Duration) -> Vec<u32> {
     assert!(status.leads, "only a leader knows its followers");
     let mut in_sync: Vec<u32> = status.leader.into_iter().collect();
-    let span = |ticks: u64| tick.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX));
     for follower in &status.followers {
-        let heard = span(follower.silent_ticks) <= lag_max;
-        let caught_up = follower.acked_end >= status.log_end;
-        let keeping_up = caught_up || span(follower.stalled_ticks) <= lag_max;
-        if !follower.recovering && heard && keeping_up && status.voters.contains(&follower.id) {
+        if follower_in_sync(follower, status.log_end, tick, lag_max) && status.voters.contains(&follower.id) {
             in_sync.push(follower.id);
         }
     }
     in_sync.sort_unstable();
     in_sync
+}
+
+/// Whether a follower, as its leader (whose log ends at `log_end`) sees it, is in sync: not
+/// recovering a lost disk, heard from within `lag_max`, and caught up or making progress
+/// within `lag_max`.
+pub(crate) fn follower_in_sync(
+    follower: &pyralog_replication::FollowerStatus,
+    log_end: i64,
+    tick: Duration,
+    lag_max: Duration,
+) -> bool {
+    let span = |ticks: u64| tick.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX));
+    let heard = span(follower.silent_ticks) <= lag_max;
+    let caught_up = follower.acked_end >= log_end;
+    let keeping_up = caught_up || span(follower.stalled_ticks) <= lag_max;
+    !follower.recovering && heard && keeping_up
+}
+
+/// Whether a leader (`leader`, whose log ends at `log_end`, seeing its followers as
+/// `followers`) counts as many in-sync replicas, itself among them, as the write quorum of
+/// every voter set of `membership` (both while joint). None when it does; else (in sync,
+/// needed) of the first set short of it: Kafka's NOT_ENOUGH_REPLICAS for acks=all.
+pub(crate) fn write_quorum_shortfall(
+    membership: &pyralog_replication::Membership,
+    leader: u32,
+    followers: &[pyralog_replication::FollowerStatus],
+    log_end: i64,
+    tick: Duration,
+    lag_max: Duration,
+) -> Option<(u32, u32)> {
+    let in_sync = |id: u32| {
+        id == leader || followers.iter().any(|f| f.id == id && follower_in_sync(f, log_end, tick, lag_max))
+    };
+    membership.sets.iter().find_map(|set| {
+        let count = set.voters.iter().filter(|&&v| in_sync(v)).count() as u32;
+        let needed = set.quorum.write_quorum();
+        (count < needed).then_some((count, needed))
+    })
 }
 
 /// A topic change or a node's registration, for the controller's leader to decide. A node
@@ -870,6 +904,22 @@ impl Shard {
         self.propose_metadata(MetaRecord::DeleteTopic { name: name.to_owned() }).await
     }
 
+    /// Kafka's min.insync.replicas for acks=all: refused before anything is appended while the
+    /// leader counts fewer in-sync replicas than the write quorum (an append then could not
+    /// commit until a follower returned, and the producer would wait out its timeout).
+    fn check_in_sync(&self, replica: &Replica) -> Result<(), ShardError> {
+        let settings = &self.cluster().expect("replicas live in a cluster").settings;
+        match replica.in_sync_shortfall(settings.tick, settings.replica_lag_time_max) {
+            None => Ok(()),
+            Some((in_sync, required)) => Err(ShardError::NotEnoughReplicas {
+                topic: replica.address.topic.clone(),
+                partition: replica.address.partition,
+                in_sync,
+                required,
+            }),
+        }
+    }
+
     /// Appends to a replicated partition this node leads and waits as `acks` asks. Called
     /// with the partition's append turn, after its idempotent producers were checked
     /// (`retried`: the batch is a retry of one already in the log).
@@ -889,6 +939,9 @@ impl Shard {
         let (produced, term) = match retried {
             Some(done) => (done, role.term),
             None => {
+                if acks == crate::Acks::All {
+                    self.check_in_sync(replica)?;
+                }
                 let (base, end, term) = replica.propose(records, headers)?;
                 // Recorded now, before the next produce's check: the replica's worker appends later.
                 let mut producers = replica.partition.producers.borrow_mut();
@@ -909,5 +962,54 @@ impl Shard {
             crate::Acks::All => replica.wait_committed(produced.next_offset, term).await?,
         }
         Ok(produced)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pyralog_replication::{FollowerStatus, Membership, VoterSet};
+
+    const TICK: Duration = Duration::from_millis(10);
+    const LAG_MAX: Duration = Duration::from_millis(500);
+
+    fn membership(write_quorum: u32) -> Membership {
+        let quorum = Quorum::new(3, write_quorum).expect("a valid quorum");
+        Membership { sets: vec![VoterSet { voters: vec![1, 2, 3], quorum }], learners: Vec::new() }
+    }
+
+    fn follower(id: u32, acked_end: i64, silent_ticks: u64) -> FollowerStatus {
+        FollowerStatus {
+            id,
+            match_end: acked_end,
+            acked_end,
+            silent_ticks,
+            stalled_ticks: silent_ticks,
+            recovering: false,
+        }
+    }
+
+    #[test]
+    fn a_follower_unheard_past_the_lag_leaves_the_write_quorum_short() {
+        let both = [follower(2, 100, 0), follower(3, 100, 1)];
+        assert_eq!(write_quorum_shortfall(&membership(3), 1, &both, 100, TICK, LAG_MAX), None);
+        // Node 3 unheard for 51 ticks of 10 ms: past 500 ms.
+        let one_gone = [follower(2, 100, 0), follower(3, 90, 51)];
+        assert_eq!(write_quorum_shortfall(&membership(3), 1, &one_gone, 100, TICK, LAG_MAX), Some((2, 3)));
+        // A majority write quorum still has two of three.
+        assert_eq!(write_quorum_shortfall(&membership(2), 1, &one_gone, 100, TICK, LAG_MAX), None);
+        // Within the lag it still counts, caught up or not.
+        let lagging = [follower(2, 100, 0), follower(3, 90, 50)];
+        assert_eq!(write_quorum_shortfall(&membership(3), 1, &lagging, 100, TICK, LAG_MAX), None);
+    }
+
+    #[test]
+    fn a_recovering_follower_is_not_in_sync() {
+        let mut recovering = follower(3, 100, 0);
+        recovering.recovering = true;
+        let followers = [follower(2, 100, 0), recovering];
+        assert_eq!(write_quorum_shortfall(&membership(3), 1, &followers, 100, TICK, LAG_MAX), Some((2, 3)));
+        // Without any follower the leader alone is one.
+        assert_eq!(write_quorum_shortfall(&membership(2), 1, &[], 100, TICK, LAG_MAX), Some((1, 2)));
     }
 }

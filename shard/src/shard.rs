@@ -19,6 +19,7 @@ use pyralog_dma::{batch, Log, LogConfig};
 
 use crate::cache::ShardCache;
 use crate::cluster::ClusterMeta;
+use crate::epochs;
 use crate::group::{GroupConfig, GroupCoordinator, GroupError, GroupOp, GroupReply};
 use crate::metrics::{PartitionStats, ShardMetrics, ShardScrape};
 use crate::offsets;
@@ -85,6 +86,14 @@ pub enum Acks {
     All,
 }
 
+/// An offset a lookup found, and the leader epoch of the batch holding it (the partition's
+/// current epoch for the latest offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listed {
+    pub offset: i64,
+    pub leader_epoch: i32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Produced {
     pub base_offset: i64,
@@ -145,6 +154,9 @@ pub struct FetchLimits {
     pub min_one_batch: bool,
     pub min_bytes: u32,
     pub max_wait: Duration,
+    /// The leader epoch the client knows (Kafka's current_leader_epoch, KIP-320): checked
+    /// against the partition's (see `epochs::fence`); -1 for no check.
+    pub current_leader_epoch: i32,
 }
 
 /// Work one shard asks of another.
@@ -166,6 +178,14 @@ pub enum Op {
         topic: String,
         partition: u32,
         timestamp: i64,
+        current_leader_epoch: Option<i32>,
+    },
+    /// OffsetForLeaderEpoch (see `Shard::end_of_epoch`).
+    EpochEnd {
+        topic: String,
+        partition: u32,
+        current_leader_epoch: i32,
+        leader_epoch: i32,
     },
     CreateTopic {
         name: String,
@@ -233,6 +253,8 @@ pub enum OpResult {
     Produced(Result<Produced, ShardError>),
     Fetched(Result<Fetched, ShardError>),
     Offset(Result<i64, ShardError>),
+    Listed(Result<Listed, ShardError>),
+    EpochEnd(Result<Option<(i32, i64)>, ShardError>),
     Done(Result<(), ShardError>),
     Group(Result<GroupReply, GroupError>),
     Scraped(ShardScrape),
@@ -430,14 +452,45 @@ impl Shard {
 
     /// `timestamp`: -2 earliest, -1 latest, -3 the first batch holding the largest timestamp,
     /// else the first batch whose max timestamp is at or after it (-1 if none).
-    pub async fn list_offsets(&self, topic: &str, partition: u32, timestamp: i64) -> Result<i64, ShardError> {
+    /// `current_leader_epoch`: a Kafka client's lookup, which a replicated partition answers
+    /// from its leader only, after the epoch check (-1 in it: none); `None`, a native one,
+    /// answered by any replica.
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: i64,
+        current_leader_epoch: Option<i32>,
+    ) -> Result<Listed, ShardError> {
         let owner = self.route(topic, partition)?;
         if owner == self.id {
-            return self.list_offsets_local(topic, partition, timestamp).await;
+            return self.list_offsets_local(topic, partition, timestamp, current_leader_epoch).await;
         }
-        match self.call(owner, Op::ListOffsets { topic: topic.to_owned(), partition, timestamp }).await? {
-            OpResult::Offset(result) => result,
+        let op = Op::ListOffsets { topic: topic.to_owned(), partition, timestamp, current_leader_epoch };
+        match self.call(owner, op).await? {
+            OpResult::Listed(result) => result,
             other => unreachable!("list offsets answered with {other:?}"),
+        }
+    }
+
+    /// OffsetForLeaderEpoch, answered by the partition's leader after the epoch check of
+    /// `current_leader_epoch` (-1: none): the largest epoch at or below `leader_epoch` the log
+    /// holds and where it ends; `None` for an epoch unknown here (see `epochs::end_of_epoch`).
+    pub async fn end_of_epoch(
+        &self,
+        topic: &str,
+        partition: u32,
+        current_leader_epoch: i32,
+        leader_epoch: i32,
+    ) -> Result<Option<(i32, i64)>, ShardError> {
+        let owner = self.route(topic, partition)?;
+        if owner == self.id {
+            return self.end_of_epoch_local(topic, partition, current_leader_epoch, leader_epoch);
+        }
+        let op = Op::EpochEnd { topic: topic.to_owned(), partition, current_leader_epoch, leader_epoch };
+        match self.call(owner, op).await? {
+            OpResult::EpochEnd(result) => result,
+            other => unreachable!("an epoch's end answered with {other:?}"),
         }
     }
 
@@ -549,9 +602,12 @@ impl Shard {
             Op::Fetch { topic, partition, offset, limits } => {
                 OpResult::Fetched(self.fetch_local(&topic, partition, offset, limits).await)
             }
-            Op::ListOffsets { topic, partition, timestamp } => {
-                OpResult::Offset(self.list_offsets_local(&topic, partition, timestamp).await)
-            }
+            Op::ListOffsets { topic, partition, timestamp, current_leader_epoch } => OpResult::Listed(
+                self.list_offsets_local(&topic, partition, timestamp, current_leader_epoch).await,
+            ),
+            Op::EpochEnd { topic, partition, current_leader_epoch, leader_epoch } => OpResult::EpochEnd(
+                self.end_of_epoch_local(&topic, partition, current_leader_epoch, leader_epoch),
+            ),
             Op::CreateTopic { name, partitions, config } => {
                 OpResult::Done(match self.topic_change_turn().await {
                     Ok(_turn) => self.create_topic_as_leader(&name, partitions, config).await,
@@ -746,12 +802,7 @@ impl Shard {
     ) -> Result<Fetched, ShardError> {
         let partition = self.local_partition(topic, partition)?;
         // A replicated partition is read from its leader: a follower's commit point lags.
-        if let Some(replica) = self.local_replica(topic, partition.partition) {
-            let role = replica.role();
-            if role.role != pyralog_replication::Role::Leader {
-                return Err(replica.not_leader(role.leader, role.term));
-            }
-        }
+        self.check_epoch_and_leader(topic, partition.partition, limits.current_leader_epoch)?;
         let deadline = Instant::now() + limits.max_wait.min(FETCH_WAIT_MAX);
         // No bytes: the partition's offsets only (a fetch whose budget is spent).
         let offsets_only = limits.max_bytes == 0;
@@ -809,13 +860,63 @@ impl Shard {
         }
     }
 
-    async fn list_offsets_local(
+    /// Kafka's checks of a request naming `current_leader_epoch` (-1: none), in Kafka's order:
+    /// the epoch (`epochs::fence`), then, for a replicated partition, that this replica leads.
+    /// Returns the replica, if the partition is replicated.
+    fn check_epoch_and_leader(
         &self,
         topic: &str,
         partition: u32,
+        current_leader_epoch: i32,
+    ) -> Result<Option<Rc<crate::replica::Replica>>, ShardError> {
+        let replica = self.local_replica(topic, partition);
+        let role = replica.as_ref().map(|r| r.role());
+        let known = role.map_or(epochs::SINGLE_NODE_EPOCH, |r| r.term);
+        epochs::fence(topic, partition, known, current_leader_epoch)?;
+        if let (Some(replica), Some(role)) = (&replica, role) {
+            if role.role != pyralog_replication::Role::Leader {
+                return Err(replica.not_leader(role.leader, role.term));
+            }
+        }
+        Ok(replica)
+    }
+
+    fn end_of_epoch_local(
+        &self,
+        topic: &str,
+        partition: u32,
+        current_leader_epoch: i32,
+        leader_epoch: i32,
+    ) -> Result<Option<(i32, i64)>, ShardError> {
+        let local = self.local_partition(topic, partition)?;
+        Ok(match self.check_epoch_and_leader(topic, partition, current_leader_epoch)? {
+            Some(replica) => replica.end_of_epoch(leader_epoch),
+            None => epochs::end_of_epoch_single(leader_epoch, local.log.next_offset()),
+        })
+    }
+
+    async fn list_offsets_local(
+        &self,
+        topic: &str,
+        partition_index: u32,
         timestamp: i64,
-    ) -> Result<i64, ShardError> {
-        let partition = self.local_partition(topic, partition)?;
+        current_leader_epoch: Option<i32>,
+    ) -> Result<Listed, ShardError> {
+        let partition = self.local_partition(topic, partition_index)?;
+        let replica = match current_leader_epoch {
+            Some(epoch) => self.check_epoch_and_leader(topic, partition_index, epoch)?,
+            None => self.local_replica(topic, partition_index),
+        };
+        let offset = self.offset_of(&partition, timestamp).await?;
+        let leader_epoch = match replica {
+            None => epochs::SINGLE_NODE_EPOCH,
+            Some(replica) if timestamp == -1 || offset < 0 => replica.role().term,
+            Some(replica) => replica.epoch_at(offset),
+        };
+        Ok(Listed { offset, leader_epoch })
+    }
+
+    async fn offset_of(&self, partition: &Partition, timestamp: i64) -> Result<i64, ShardError> {
         Ok(match timestamp {
             -2 => partition.log.log_start_offset(),
             -1 => partition.high_watermark(),

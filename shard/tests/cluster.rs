@@ -335,6 +335,7 @@ fn fetch_on(cluster: &Cluster, id: u32, topic: &'static str, partition: u32) -> 
                 min_one_batch: true,
                 min_bytes: 1,
                 max_wait: Duration::from_millis(100),
+                current_leader_epoch: -1,
             };
             shard.fetch(topic, partition, 0, limits).await
         })

@@ -29,7 +29,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::ClientError;
+use super::transport::Transport;
+use super::{ClientError, Result};
 
 /// How long a request keeps following its partition's leader, from its first failure.
 pub const LEADER_RETRY_BUDGET_DEFAULT: Duration = Duration::from_secs(10);
@@ -89,6 +90,32 @@ impl Retry {
     /// Most retries a budget allows: one per first pause, a bound the assertion above checks.
     fn retries_max(&self) -> u32 {
         u32::try_from(self.budget.as_millis() / LEADER_RETRY_BACKOFF_FIRST.as_millis()).unwrap_or(u32::MAX)
+    }
+}
+
+/// Runs `op` (a blocking request for `topic`/`partition` over `client`) until it succeeds,
+/// fails for another reason than a moved leader, or the retry budget is spent, reading where
+/// the topic is led again before each retry.
+pub(crate) fn following_leader<C: Transport, T>(
+    client: &C,
+    topic: &str,
+    partition: u32,
+    mut op: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let mut retry: Option<Retry> = None;
+    loop {
+        let error = match op() {
+            Err(error) if client.leader_moved(topic, partition, &error) => error,
+            done => return done,
+        };
+        let now = Instant::now();
+        let retry = retry.get_or_insert_with(|| Retry::new(now, client.leader_retry_budget()));
+        let Some(pause) = retry.next_pause(now) else {
+            return Err(retry.exhausted(topic, partition, client.leader_name(topic, partition), error));
+        };
+        std::thread::sleep(pause);
+        // A failed read keeps the cache as it was; the next attempt's error says more.
+        let _ = client.refresh_leaders(topic);
     }
 }
 

@@ -321,16 +321,33 @@ impl Versions {
     }
 }
 
+/// A partition's leader as a metadata answer names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KafkaRoute {
+    /// The leader's broker id; -1 when none is known.
+    leader: i32,
+    leader_epoch: i32,
+    /// Brokers holding a replica: more than one means another node can take over.
+    replicas: usize,
+}
+
 /// Client id sent in every request header.
 pub const CLIENT_ID: &str = "pyralog-client";
 
 /// A client of a broker's Kafka listener, with the native [`super::Client`]'s promises (see
-/// [`Transport`]): Metadata v12 for partition counts (without auto-creation: a missing topic is
-/// reported, as the native client does, so the caller chooses its partition count),
-/// CreateTopics v7, Produce v9 with acks -1 (durable) or 0 (no response), Fetch v12 with
-/// max_wait and min_bytes 1, and ListOffsets v7 for the earliest and latest offsets; each
-/// capped by what the broker's ApiVersions answer offers (see [`Versions`]). The broker is one
-/// node that leads every partition, so one connection reaches them all.
+/// [`Transport`]): Metadata v12 for partition counts and leaders (without auto-creation: a
+/// missing topic is reported, as the native client does, so the caller chooses its partition
+/// count), CreateTopics v7, Produce v9 with acks -1 (durable) or 0 (no response), Fetch v12
+/// with max_wait and min_bytes 1, and ListOffsets v7 for the earliest and latest offsets; each
+/// capped by what the broker's ApiVersions answer offers (see [`Versions`]). Each partition's
+/// requests go to the broker metadata names as its leader.
+///
+/// It follows leaders as the native client does ([`super::failover`]): a request to a
+/// replicated partition refused with NOT_LEADER_OR_FOLLOWER, LEADER_NOT_AVAILABLE or
+/// NOT_ENOUGH_REPLICAS, or lost with its broker's connection, is sent again after the metadata
+/// is read again (from the bootstrap address, else any broker it names), with the same backoff
+/// and budget. A partition of a single node is not retried: its broker has no one to hand over
+/// to, and NOT_LEADER_OR_FOLLOWER from it means it is stopping.
 ///
 /// Clones share the connection and the metadata cache; [`Transport::session`] shares only the
 /// cache. A closed connection is replaced on the next request.
@@ -348,8 +365,8 @@ struct KafkaShared {
     versions: Versions,
     /// Partition counts of the topics seen so far.
     partitions: RwLock<HashMap<String, u32>>,
-    /// Each partition's leader (node id), by topic, as the last metadata said.
-    leaders: RwLock<HashMap<String, Vec<i32>>>,
+    /// Each partition's leader, by topic, as the last metadata said.
+    leaders: RwLock<HashMap<String, Vec<KafkaRoute>>>,
     /// The brokers' addresses by node id, as the last metadata said.
     brokers: RwLock<HashMap<i32, SocketAddr>>,
 }
@@ -423,15 +440,35 @@ impl KafkaClient {
         Ok(open)
     }
 
-    /// Asks the broker for the topic's partition count and caches it.
+    /// Sends `request` to the bootstrap address, else to each broker the last metadata named
+    /// in turn while they are unreachable: a node that went away (the bootstrap node among
+    /// them) does not keep the others' metadata from the client.
+    fn call_any_broker(&self, request: &RequestBody) -> Result<ResponseBody> {
+        let mut brokers: Vec<i32> =
+            self.shared.brokers.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        brokers.sort_unstable();
+        let mut failure = None;
+        for node in std::iter::once(None).chain(brokers.into_iter().map(Some)) {
+            let version = self.shared.versions.metadata;
+            match self.connection_to(node).and_then(|connection| connection.call((version, request))) {
+                Ok(body) => return Ok(body),
+                Err(error) if error.is_disconnect() => {
+                    failure.get_or_insert(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(failure.expect("the bootstrap address is always tried"))
+    }
+
+    /// Asks the broker for the topic's partition count and leaders and caches them.
     pub fn refresh_partitions(&self, topic: &str) -> Result<u32> {
         let request = MetadataRequest {
             topics: Some(vec![MetadataRequestTopic { topic_id: Uuid::ZERO, name: Some(topic.to_owned()) }]),
             allow_auto_topic_creation: false,
             ..Default::default()
         };
-        let body =
-            self.connection()?.call((self.shared.versions.metadata, &RequestBody::Metadata(request)))?;
+        let body = self.call_any_broker(&RequestBody::Metadata(request))?;
         let ResponseBody::Metadata(metadata) = body else { return Err(unexpected("metadata")) };
         let info = metadata
             .topics
@@ -449,12 +486,17 @@ impl KafkaClient {
         }
         let count = u32::try_from(info.partitions.len()).expect("partition ids are i32");
         cache.insert(topic.to_owned(), count);
-        let mut leaders = vec![-1; info.partitions.len()];
+        let unknown = KafkaRoute { leader: -1, leader_epoch: -1, replicas: 1 };
+        let mut leaders = vec![unknown; info.partitions.len()];
         for partition in &info.partitions {
-            if let Some(leader) =
+            if let Some(route) =
                 usize::try_from(partition.partition_index).ok().and_then(|i| leaders.get_mut(i))
             {
-                *leader = partition.leader_id;
+                *route = KafkaRoute {
+                    leader: partition.leader_id,
+                    leader_epoch: partition.leader_epoch,
+                    replicas: partition.replica_nodes.len(),
+                };
             }
         }
         self.shared.leaders.write().unwrap_or_else(|p| p.into_inner()).insert(topic.to_owned(), leaders);
@@ -474,19 +516,53 @@ impl KafkaClient {
         if partition >= partitions {
             return Err(ClientError::UnknownPartition { topic: topic.to_owned(), partition, partitions });
         }
-        let leader = self
-            .shared
-            .leaders
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(topic)
-            .and_then(|leaders| leaders.get(partition as usize).copied())
-            .filter(|leader| *leader >= 0);
+        let leader = self.route(topic, partition).map(|route| route.leader).filter(|leader| *leader >= 0);
         self.connection_to(leader)
+    }
+
+    /// The partition's leader as the last metadata named it.
+    fn route(&self, topic: &str, partition: u32) -> Option<KafkaRoute> {
+        let leaders = self.shared.leaders.read().unwrap_or_else(|p| p.into_inner());
+        leaders.get(topic)?.get(partition as usize).copied()
+    }
+
+    /// Whether the partition has replicas on other nodes, as the last metadata said.
+    fn replicated(&self, topic: &str, partition: u32) -> bool {
+        self.route(topic, partition).is_some_and(|route| route.replicas > 1)
     }
 
     fn timeout_ms(&self) -> i32 {
         i32::try_from(self.shared.options.request_timeout.as_millis()).unwrap_or(i32::MAX)
+    }
+
+    fn list_offsets_once(&self, topic: &str, partition: u32, spec: i64) -> Result<i64> {
+        let request = ListOffsetsRequest {
+            replica_id: -1,
+            isolation_level: 0,
+            topics: vec![ListOffsetsTopic {
+                name: topic.to_owned(),
+                partitions: vec![ListOffsetsPartition {
+                    partition_index: partition_index(partition),
+                    timestamp: spec,
+                    ..Default::default()
+                }],
+            }],
+            ..Default::default()
+        };
+        let connection = self.partition_connection(topic, partition)?;
+        let body =
+            connection.call((self.shared.versions.list_offsets, &RequestBody::ListOffsets(request)))?;
+        let ResponseBody::ListOffsets(response) = body else { return Err(unexpected("list_offsets")) };
+        let result = response
+            .topics
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .find(|p| p.partition_index == partition_index(partition))
+            .ok_or_else(|| super::missing_partition("list_offsets", partition))?;
+        if result.error_code != error::NONE {
+            return Err(kafka_error(result.error_code, &format!("{topic}/{partition}"), None));
+        }
+        Ok(result.offset)
     }
 }
 
@@ -531,34 +607,11 @@ impl Transport for KafkaClient {
         self.refresh_partitions(topic).map(drop)
     }
 
+    /// Follows the partition's leader, as the native client's lookup does.
     fn list_offsets(&self, topic: &str, partition: u32, spec: i64) -> Result<i64> {
-        let request = ListOffsetsRequest {
-            replica_id: -1,
-            isolation_level: 0,
-            topics: vec![ListOffsetsTopic {
-                name: topic.to_owned(),
-                partitions: vec![ListOffsetsPartition {
-                    partition_index: partition_index(partition),
-                    timestamp: spec,
-                    ..Default::default()
-                }],
-            }],
-            ..Default::default()
-        };
-        let connection = self.partition_connection(topic, partition)?;
-        let body =
-            connection.call((self.shared.versions.list_offsets, &RequestBody::ListOffsets(request)))?;
-        let ResponseBody::ListOffsets(response) = body else { return Err(unexpected("list_offsets")) };
-        let result = response
-            .topics
-            .into_iter()
-            .flat_map(|t| t.partitions)
-            .find(|p| p.partition_index == partition_index(partition))
-            .ok_or_else(|| super::missing_partition("list_offsets", partition))?;
-        if result.error_code != error::NONE {
-            return Err(kafka_error(result.error_code, &format!("{topic}/{partition}"), None));
-        }
-        Ok(result.offset)
+        super::failover::following_leader(self, topic, partition, || {
+            self.list_offsets_once(topic, partition, spec)
+        })
     }
 
     fn produce_async(
@@ -620,6 +673,39 @@ impl Transport for KafkaClient {
             partition,
             response: connection.send((self.shared.versions.fetch, &request))?,
         })
+    }
+
+    /// See [`KafkaClient`]: what the broker's errors mean for a replicated partition.
+    fn leader_moved(&self, topic: &str, partition: u32, error: &ClientError) -> bool {
+        match error {
+            // Only a replicated partition's leader refuses so: nothing was appended.
+            ClientError::Server { code: ErrorCode::NotEnoughReplicas, .. } => true,
+            ClientError::Server { code: ErrorCode::NotLeader, .. } => self.replicated(topic, partition),
+            error if error.is_disconnect() => self.replicated(topic, partition),
+            _ => false,
+        }
+    }
+
+    fn refresh_leaders(&self, topic: &str) -> Result<()> {
+        self.refresh_partitions(topic).map(drop)
+    }
+
+    fn leader_addr(&self, topic: &str, partition: u32) -> Option<SocketAddr> {
+        let leader = self.route(topic, partition)?.leader;
+        self.shared.brokers.read().unwrap_or_else(|p| p.into_inner()).get(&leader).copied()
+    }
+
+    fn leader_name(&self, topic: &str, partition: u32) -> String {
+        match (self.route(topic, partition), self.leader_addr(topic, partition)) {
+            (Some(route), Some(addr)) => {
+                format!("broker {} at {addr}, epoch {}", route.leader, route.leader_epoch)
+            }
+            _ => "unknown".to_owned(),
+        }
+    }
+
+    fn leader_retry_budget(&self) -> Duration {
+        self.shared.options.leader_retry_budget
     }
 }
 
@@ -750,7 +836,13 @@ pub fn kafka_error(code: i16, context: &str, broker_message: Option<&str>) -> Cl
         error::KAFKA_STORAGE_ERROR => ErrorCode::StorageError,
         error::INVALID_REQUEST => ErrorCode::InvalidRequest,
         error::UNSUPPORTED_VERSION => ErrorCode::UnsupportedRequest,
-        error::NOT_LEADER_OR_FOLLOWER => ErrorCode::ShuttingDown,
+        // A leader moved (or, on a single node, the broker is stopping); FENCED and UNKNOWN
+        // leader epochs mean the same to a client that names epochs: read the metadata again.
+        error::NOT_LEADER_OR_FOLLOWER
+        | error::LEADER_NOT_AVAILABLE
+        | error::FENCED_LEADER_EPOCH
+        | error::UNKNOWN_LEADER_EPOCH => ErrorCode::NotLeader,
+        error::NOT_ENOUGH_REPLICAS => ErrorCode::NotEnoughReplicas,
         _ => ErrorCode::None,
     };
     let broker_message = broker_message.filter(|message| !message.is_empty());
@@ -846,6 +938,26 @@ mod tests {
         assert_eq!(connection.in_flight(), 0);
         drop(connection);
         broker.join().unwrap();
+    }
+
+    #[test]
+    fn leader_errors_become_the_native_codes_the_retries_know() {
+        let code_of = |kafka_code| match kafka_error(kafka_code, "p", None) {
+            ClientError::Server { code, .. } => code,
+            other => panic!("{other}"),
+        };
+        for moved in [
+            error::NOT_LEADER_OR_FOLLOWER,
+            error::LEADER_NOT_AVAILABLE,
+            error::FENCED_LEADER_EPOCH,
+            error::UNKNOWN_LEADER_EPOCH,
+        ] {
+            assert_eq!(code_of(moved), ErrorCode::NotLeader, "Kafka error {moved}");
+        }
+        assert_eq!(code_of(error::NOT_ENOUGH_REPLICAS), ErrorCode::NotEnoughReplicas);
+        let refused =
+            kafka_error(error::NOT_ENOUGH_REPLICAS, "producing to partition 0", Some("2 of 3 in sync"));
+        assert!(refused.to_string().contains("2 of 3 in sync (Kafka error 19)"), "{refused}");
     }
 
     #[test]

@@ -66,7 +66,6 @@ pub use crate::codec::{
 #[cfg(test)]
 mod tests;
 
-use self::failover::Retry;
 use crate::codec::{
     FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, ProducePartition, ProduceRequest,
     Request, Response, ResponseFrame,
@@ -641,11 +640,14 @@ impl Client {
     }
 
     /// Whether `error`, from a request for `topic`/`partition`, may succeed on the
-    /// partition's leader once the metadata is read again: the node does not lead it, or it
-    /// went away (or is stopping) and the partition has replicas on other nodes.
+    /// partition's leader once the metadata is read again: the node does not lead it, it
+    /// went away (or is stopping) and the partition has replicas on other nodes, or it leads
+    /// but has too few in-sync replicas for a durable produce (nothing was appended).
     pub fn leader_moved(&self, topic: &str, partition: u32, error: &ClientError) -> bool {
         match error {
             ClientError::Server { code: ErrorCode::NotLeader, .. } => true,
+            // Nothing was appended; a follower may be back in sync by the next try.
+            ClientError::Server { code: ErrorCode::NotEnoughReplicas, .. } => true,
             ClientError::Server { code: ErrorCode::ShuttingDown, .. } => self.replicated(topic, partition),
             error if error.is_disconnect() => self.replicated(topic, partition),
             _ => false,
@@ -674,27 +676,8 @@ impl Client {
 
     /// Runs `op` until it succeeds, fails for another reason than a moved leader, or the
     /// retry budget is spent, reading the metadata again before each retry.
-    fn following_leader<T>(
-        &self,
-        topic: &str,
-        partition: u32,
-        mut op: impl FnMut() -> Result<T>,
-    ) -> Result<T> {
-        let mut retry: Option<Retry> = None;
-        loop {
-            let error = match op() {
-                Err(error) if self.leader_moved(topic, partition, &error) => error,
-                done => return done,
-            };
-            let now = Instant::now();
-            let retry = retry.get_or_insert_with(|| Retry::new(now, self.inner.options.leader_retry_budget));
-            let Some(pause) = retry.next_pause(now) else {
-                return Err(retry.exhausted(topic, partition, self.leader_name(topic, partition), error));
-            };
-            std::thread::sleep(pause);
-            // A failed read keeps the cache as it was; the next attempt's error says more.
-            let _ = self.metadata(&[topic]);
-        }
+    fn following_leader<T>(&self, topic: &str, partition: u32, op: impl FnMut() -> Result<T>) -> Result<T> {
+        failover::following_leader(self, topic, partition, op)
     }
 
     /// Sends `request` to the node whose metadata answered last, else the bootstrap address,

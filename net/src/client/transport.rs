@@ -7,7 +7,7 @@
 //! bounded by the request timeout, and a broker that goes away turns every pending and later
 //! request into an error for which [`super::ClientError::is_disconnect`] is true.
 //!
-//! A transport that follows leaders ([`super::failover`]; the native client does) says which
+//! A transport that follows leaders ([`super::failover`]; both clients do) says which
 //! errors mean the partition's leader moved and reads the metadata again on request; the
 //! producer and consumer then send the request again, in order, within the retry budget. The
 //! defaults follow nothing: every error is final, as before clusters.

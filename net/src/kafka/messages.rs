@@ -5800,6 +5800,323 @@ pub mod init_producer_id_response {
 
 }
 
+pub mod offset_for_leader_epoch_request {
+    #![allow(clippy::all, unused_variables, unused_mut)]
+    use crate::kafka::wire::*;
+    #[allow(unused_imports)]
+    use bytes::Bytes;
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct OffsetForLeaderEpochRequest {
+        /// ReplicaId, versions 3-4
+        pub replica_id: i32,
+        /// Topics, versions 0-4
+        pub topics: Vec<OffsetForLeaderTopic>,
+    }
+
+    impl Default for OffsetForLeaderEpochRequest {
+        fn default() -> Self {
+            Self {
+                replica_id: -2,
+                topics: Vec::new(),
+            }
+        }
+    }
+
+    impl OffsetForLeaderEpochRequest {
+        pub const VERSIONS: (i16, i16) = (0, 4);
+        pub const API_KEY: i16 = 23;
+
+        /// Whether `version` uses the flexible (compact, tagged) encoding.
+        pub fn is_flexible(version: i16) -> bool {
+            version >= 4 && version <= 4
+        }
+
+        pub fn decode(r: &mut Reader, version: i16) -> Result<Self, DecodeError> {
+            if !(0..=4).contains(&version) {
+                return Err(DecodeError::UnsupportedVersion("OffsetForLeaderEpochRequest", version));
+            }
+            let flexible = version >= 4;
+            let _ = flexible;
+            #[allow(unused_mut)]
+            let mut this = Self::default();
+            if version >= 3 { this.replica_id = r.i32()?; }
+            this.topics = r.array(flexible, |r| Ok(OffsetForLeaderTopic::decode(r, version)?))?.ok_or(DecodeError::UnexpectedNull("Topics"))?;
+            if flexible {
+                r.tagged_fields(|_, _| Ok(()))?;
+            }
+            Ok(this)
+        }
+
+        pub fn encode(&self, w: &mut Writer, version: i16) -> Result<(), EncodeError> {
+            if !(0..=4).contains(&version) {
+                return Err(EncodeError::UnsupportedVersion("OffsetForLeaderEpochRequest", version));
+            }
+            let flexible = version >= 4;
+            let _ = flexible;
+            if version >= 3 { w.i32(self.replica_id); }
+            w.array(flexible, Some(&self.topics), |w, e| { e.encode(w, version)?; Ok(()) })?;
+            if flexible {
+                w.tagged_fields(Vec::new());
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct OffsetForLeaderTopic {
+        /// Topic, versions 0-4
+        pub topic: String,
+        /// Partitions, versions 0-4
+        pub partitions: Vec<OffsetForLeaderPartition>,
+    }
+
+    impl Default for OffsetForLeaderTopic {
+        fn default() -> Self {
+            Self {
+                topic: String::new(),
+                partitions: Vec::new(),
+            }
+        }
+    }
+
+    impl OffsetForLeaderTopic {
+        pub(crate) fn decode(r: &mut Reader, version: i16) -> Result<Self, DecodeError> {
+            let flexible = version >= 4;
+            let _ = flexible;
+            #[allow(unused_mut)]
+            let mut this = Self::default();
+            this.topic = r.string(flexible)?;
+            this.partitions = r.array(flexible, |r| Ok(OffsetForLeaderPartition::decode(r, version)?))?.ok_or(DecodeError::UnexpectedNull("Partitions"))?;
+            if flexible {
+                r.tagged_fields(|_, _| Ok(()))?;
+            }
+            Ok(this)
+        }
+
+        pub(crate) fn encode(&self, w: &mut Writer, version: i16) -> Result<(), EncodeError> {
+            let flexible = version >= 4;
+            let _ = flexible;
+            w.string(flexible, &self.topic);
+            w.array(flexible, Some(&self.partitions), |w, e| { e.encode(w, version)?; Ok(()) })?;
+            if flexible {
+                w.tagged_fields(Vec::new());
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct OffsetForLeaderPartition {
+        /// Partition, versions 0-4
+        pub partition: i32,
+        /// CurrentLeaderEpoch, versions 2-4
+        pub current_leader_epoch: i32,
+        /// LeaderEpoch, versions 0-4
+        pub leader_epoch: i32,
+    }
+
+    impl Default for OffsetForLeaderPartition {
+        fn default() -> Self {
+            Self {
+                partition: 0,
+                current_leader_epoch: -1,
+                leader_epoch: 0,
+            }
+        }
+    }
+
+    impl OffsetForLeaderPartition {
+        pub(crate) fn decode(r: &mut Reader, version: i16) -> Result<Self, DecodeError> {
+            let flexible = version >= 4;
+            let _ = flexible;
+            #[allow(unused_mut)]
+            let mut this = Self::default();
+            this.partition = r.i32()?;
+            if version >= 2 { this.current_leader_epoch = r.i32()?; }
+            this.leader_epoch = r.i32()?;
+            if flexible {
+                r.tagged_fields(|_, _| Ok(()))?;
+            }
+            Ok(this)
+        }
+
+        pub(crate) fn encode(&self, w: &mut Writer, version: i16) -> Result<(), EncodeError> {
+            let flexible = version >= 4;
+            let _ = flexible;
+            w.i32(self.partition);
+            if version >= 2 { w.i32(self.current_leader_epoch); }
+            w.i32(self.leader_epoch);
+            if flexible {
+                w.tagged_fields(Vec::new());
+            }
+            Ok(())
+        }
+    }
+
+}
+
+pub mod offset_for_leader_epoch_response {
+    #![allow(clippy::all, unused_variables, unused_mut)]
+    use crate::kafka::wire::*;
+    #[allow(unused_imports)]
+    use bytes::Bytes;
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct OffsetForLeaderEpochResponse {
+        /// ThrottleTimeMs, versions 2-4
+        pub throttle_time_ms: i32,
+        /// Topics, versions 0-4
+        pub topics: Vec<OffsetForLeaderTopicResult>,
+    }
+
+    impl Default for OffsetForLeaderEpochResponse {
+        fn default() -> Self {
+            Self {
+                throttle_time_ms: 0,
+                topics: Vec::new(),
+            }
+        }
+    }
+
+    impl OffsetForLeaderEpochResponse {
+        pub const VERSIONS: (i16, i16) = (0, 4);
+        pub const API_KEY: i16 = 23;
+
+        /// Whether `version` uses the flexible (compact, tagged) encoding.
+        pub fn is_flexible(version: i16) -> bool {
+            version >= 4 && version <= 4
+        }
+
+        pub fn decode(r: &mut Reader, version: i16) -> Result<Self, DecodeError> {
+            if !(0..=4).contains(&version) {
+                return Err(DecodeError::UnsupportedVersion("OffsetForLeaderEpochResponse", version));
+            }
+            let flexible = version >= 4;
+            let _ = flexible;
+            #[allow(unused_mut)]
+            let mut this = Self::default();
+            if version >= 2 { this.throttle_time_ms = r.i32()?; }
+            this.topics = r.array(flexible, |r| Ok(OffsetForLeaderTopicResult::decode(r, version)?))?.ok_or(DecodeError::UnexpectedNull("Topics"))?;
+            if flexible {
+                r.tagged_fields(|_, _| Ok(()))?;
+            }
+            Ok(this)
+        }
+
+        pub fn encode(&self, w: &mut Writer, version: i16) -> Result<(), EncodeError> {
+            if !(0..=4).contains(&version) {
+                return Err(EncodeError::UnsupportedVersion("OffsetForLeaderEpochResponse", version));
+            }
+            let flexible = version >= 4;
+            let _ = flexible;
+            if version >= 2 { w.i32(self.throttle_time_ms); }
+            w.array(flexible, Some(&self.topics), |w, e| { e.encode(w, version)?; Ok(()) })?;
+            if flexible {
+                w.tagged_fields(Vec::new());
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct OffsetForLeaderTopicResult {
+        /// Topic, versions 0-4
+        pub topic: String,
+        /// Partitions, versions 0-4
+        pub partitions: Vec<EpochEndOffset>,
+    }
+
+    impl Default for OffsetForLeaderTopicResult {
+        fn default() -> Self {
+            Self {
+                topic: String::new(),
+                partitions: Vec::new(),
+            }
+        }
+    }
+
+    impl OffsetForLeaderTopicResult {
+        pub(crate) fn decode(r: &mut Reader, version: i16) -> Result<Self, DecodeError> {
+            let flexible = version >= 4;
+            let _ = flexible;
+            #[allow(unused_mut)]
+            let mut this = Self::default();
+            this.topic = r.string(flexible)?;
+            this.partitions = r.array(flexible, |r| Ok(EpochEndOffset::decode(r, version)?))?.ok_or(DecodeError::UnexpectedNull("Partitions"))?;
+            if flexible {
+                r.tagged_fields(|_, _| Ok(()))?;
+            }
+            Ok(this)
+        }
+
+        pub(crate) fn encode(&self, w: &mut Writer, version: i16) -> Result<(), EncodeError> {
+            let flexible = version >= 4;
+            let _ = flexible;
+            w.string(flexible, &self.topic);
+            w.array(flexible, Some(&self.partitions), |w, e| { e.encode(w, version)?; Ok(()) })?;
+            if flexible {
+                w.tagged_fields(Vec::new());
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct EpochEndOffset {
+        /// ErrorCode, versions 0-4
+        pub error_code: i16,
+        /// Partition, versions 0-4
+        pub partition: i32,
+        /// LeaderEpoch, versions 1-4
+        pub leader_epoch: i32,
+        /// EndOffset, versions 0-4
+        pub end_offset: i64,
+    }
+
+    impl Default for EpochEndOffset {
+        fn default() -> Self {
+            Self {
+                error_code: 0,
+                partition: 0,
+                leader_epoch: -1,
+                end_offset: -1,
+            }
+        }
+    }
+
+    impl EpochEndOffset {
+        pub(crate) fn decode(r: &mut Reader, version: i16) -> Result<Self, DecodeError> {
+            let flexible = version >= 4;
+            let _ = flexible;
+            #[allow(unused_mut)]
+            let mut this = Self::default();
+            this.error_code = r.i16()?;
+            this.partition = r.i32()?;
+            if version >= 1 { this.leader_epoch = r.i32()?; }
+            this.end_offset = r.i64()?;
+            if flexible {
+                r.tagged_fields(|_, _| Ok(()))?;
+            }
+            Ok(this)
+        }
+
+        pub(crate) fn encode(&self, w: &mut Writer, version: i16) -> Result<(), EncodeError> {
+            let flexible = version >= 4;
+            let _ = flexible;
+            w.i16(self.error_code);
+            w.i32(self.partition);
+            if version >= 1 { w.i32(self.leader_epoch); }
+            w.i64(self.end_offset);
+            if flexible {
+                w.tagged_fields(Vec::new());
+            }
+            Ok(())
+        }
+    }
+
+}
+
 pub mod describe_configs_request {
     #![allow(clippy::all, unused_variables, unused_mut)]
     use crate::kafka::wire::*;
@@ -6455,6 +6772,7 @@ pub const SCHEMA_VERSIONS: &[(i16, &str, i16, i16, Option<i16>)] = &[
     (19, "CreateTopics", 0, 7, Some(5)),
     (20, "DeleteTopics", 0, 6, Some(4)),
     (22, "InitProducerId", 0, 5, Some(2)),
+    (23, "OffsetForLeaderEpoch", 0, 4, Some(4)),
     (32, "DescribeConfigs", 0, 4, Some(4)),
     (37, "CreatePartitions", 0, 3, Some(2)),
 ];
@@ -6479,6 +6797,7 @@ pub enum RequestBody {
     CreateTopics(create_topics_request::CreateTopicsRequest),
     DeleteTopics(delete_topics_request::DeleteTopicsRequest),
     InitProducerId(init_producer_id_request::InitProducerIdRequest),
+    OffsetForLeaderEpoch(offset_for_leader_epoch_request::OffsetForLeaderEpochRequest),
     DescribeConfigs(describe_configs_request::DescribeConfigsRequest),
     CreatePartitions(create_partitions_request::CreatePartitionsRequest),
 }
@@ -6503,6 +6822,7 @@ impl RequestBody {
             19 => Self::CreateTopics(create_topics_request::CreateTopicsRequest::decode(r, version)?),
             20 => Self::DeleteTopics(delete_topics_request::DeleteTopicsRequest::decode(r, version)?),
             22 => Self::InitProducerId(init_producer_id_request::InitProducerIdRequest::decode(r, version)?),
+            23 => Self::OffsetForLeaderEpoch(offset_for_leader_epoch_request::OffsetForLeaderEpochRequest::decode(r, version)?),
             32 => Self::DescribeConfigs(describe_configs_request::DescribeConfigsRequest::decode(r, version)?),
             37 => Self::CreatePartitions(create_partitions_request::CreatePartitionsRequest::decode(r, version)?),
             _ => return Err(crate::kafka::wire::DecodeError::UnknownApiKey(api_key)),
@@ -6528,6 +6848,7 @@ impl RequestBody {
             Self::CreateTopics(body) => body.encode(w, version),
             Self::DeleteTopics(body) => body.encode(w, version),
             Self::InitProducerId(body) => body.encode(w, version),
+            Self::OffsetForLeaderEpoch(body) => body.encode(w, version),
             Self::DescribeConfigs(body) => body.encode(w, version),
             Self::CreatePartitions(body) => body.encode(w, version),
         }
@@ -6552,6 +6873,7 @@ impl RequestBody {
             Self::CreateTopics(_) => 19,
             Self::DeleteTopics(_) => 20,
             Self::InitProducerId(_) => 22,
+            Self::OffsetForLeaderEpoch(_) => 23,
             Self::DescribeConfigs(_) => 32,
             Self::CreatePartitions(_) => 37,
         }
@@ -6578,6 +6900,7 @@ pub enum ResponseBody {
     CreateTopics(create_topics_response::CreateTopicsResponse),
     DeleteTopics(delete_topics_response::DeleteTopicsResponse),
     InitProducerId(init_producer_id_response::InitProducerIdResponse),
+    OffsetForLeaderEpoch(offset_for_leader_epoch_response::OffsetForLeaderEpochResponse),
     DescribeConfigs(describe_configs_response::DescribeConfigsResponse),
     CreatePartitions(create_partitions_response::CreatePartitionsResponse),
 }
@@ -6602,6 +6925,7 @@ impl ResponseBody {
             19 => Self::CreateTopics(create_topics_response::CreateTopicsResponse::decode(r, version)?),
             20 => Self::DeleteTopics(delete_topics_response::DeleteTopicsResponse::decode(r, version)?),
             22 => Self::InitProducerId(init_producer_id_response::InitProducerIdResponse::decode(r, version)?),
+            23 => Self::OffsetForLeaderEpoch(offset_for_leader_epoch_response::OffsetForLeaderEpochResponse::decode(r, version)?),
             32 => Self::DescribeConfigs(describe_configs_response::DescribeConfigsResponse::decode(r, version)?),
             37 => Self::CreatePartitions(create_partitions_response::CreatePartitionsResponse::decode(r, version)?),
             _ => return Err(crate::kafka::wire::DecodeError::UnknownApiKey(api_key)),
@@ -6627,6 +6951,7 @@ impl ResponseBody {
             Self::CreateTopics(body) => body.encode(w, version),
             Self::DeleteTopics(body) => body.encode(w, version),
             Self::InitProducerId(body) => body.encode(w, version),
+            Self::OffsetForLeaderEpoch(body) => body.encode(w, version),
             Self::DescribeConfigs(body) => body.encode(w, version),
             Self::CreatePartitions(body) => body.encode(w, version),
         }
@@ -6651,6 +6976,7 @@ impl ResponseBody {
             Self::CreateTopics(_) => 19,
             Self::DeleteTopics(_) => 20,
             Self::InitProducerId(_) => 22,
+            Self::OffsetForLeaderEpoch(_) => 23,
             Self::DescribeConfigs(_) => 32,
             Self::CreatePartitions(_) => 37,
         }

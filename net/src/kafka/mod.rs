@@ -43,6 +43,7 @@ pub mod api {
     pub const CREATE_TOPICS: i16 = 19;
     pub const DELETE_TOPICS: i16 = 20;
     pub const INIT_PRODUCER_ID: i16 = 22;
+    pub const OFFSET_FOR_LEADER_EPOCH: i16 = 23;
     pub const DESCRIBE_CONFIGS: i16 = 32;
     pub const CREATE_PARTITIONS: i16 = 37;
 }
@@ -58,6 +59,7 @@ pub mod error {
     pub const LEADER_NOT_AVAILABLE: i16 = 5;
     pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
     pub const REQUEST_TIMED_OUT: i16 = 7;
+    pub const NOT_ENOUGH_REPLICAS: i16 = 19;
     pub const MESSAGE_TOO_LARGE: i16 = 10;
     pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
     pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
@@ -79,6 +81,8 @@ pub mod error {
     pub const UNKNOWN_PRODUCER_ID: i16 = 59;
     pub const INVALID_RECORD: i16 = 87;
     pub const GROUP_ID_NOT_FOUND: i16 = 69;
+    pub const FENCED_LEADER_EPOCH: i16 = 74;
+    pub const UNKNOWN_LEADER_EPOCH: i16 = 75;
 }
 
 /// What this broker implements: (API key, lowest version, highest version). Only these are
@@ -106,6 +110,7 @@ pub const SUPPORTED: &[(i16, i16, i16)] = &[
     (api::CREATE_TOPICS, 0, 7),
     (api::DELETE_TOPICS, 0, 6),
     (api::INIT_PRODUCER_ID, 0, 4),
+    (api::OFFSET_FOR_LEADER_EPOCH, 0, 4),
     (api::DESCRIBE_CONFIGS, 0, 4),
     (api::CREATE_PARTITIONS, 0, 3),
 ];
