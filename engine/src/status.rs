@@ -221,7 +221,8 @@ pub fn verify(node: &str, topic: &str) -> Result<()> {
         let Some(leader) = leaders.get(&(topic.to_owned(), partition as u64)) else {
             bail!("{topic}/{partition} has no reachable leader: its commit point is unknown");
         };
-        // Compared up to the commit point, or less where a replica has not made it durable yet.
+        // Compared up to the commit point, or less where a replica has not made it durable (or,
+        // a follower, matched with the leader) yet.
         let mut end = leader["high_watermark"].as_i64().unwrap_or_default();
         let mut addresses = Vec::new();
         for id in replicas.as_array().into_iter().flatten().filter_map(Value::as_u64) {
@@ -237,6 +238,18 @@ pub fn verify(node: &str, topic: &str) -> Result<()> {
                 .find(|r| r["topic"] == json!(topic) && r["partition"] == json!(partition))
                 .ok_or_else(|| anyhow!("node {id} holds no replica of {topic}/{partition}"))?;
             end = end.min(own["durable_end"].as_i64().unwrap_or_default());
+            // A follower's durable log may still hold an old leader's tail past where it
+            // matches this leader (a restart, a cut not made yet): compared only up to what
+            // the leader knows it matches and holds durably.
+            let acked = leader["followers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|f| f["node"] == json!(id))
+                .and_then(|f| f["acked_end"].as_i64());
+            if let Some(acked) = acked {
+                end = end.min(acked);
+            }
             let address = first["nodes"]
                 .as_array()
                 .into_iter()
