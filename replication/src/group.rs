@@ -968,6 +968,11 @@ impl RaftGroup {
         }
         let counts = match &message.body {
             Body::VoteResponse { .. } | Body::PreVoteResponse { .. } => self.membership().is_voter(from),
+            // A leader keeps a progress for each member but itself (`sync_progress`): the
+            // same answer, without reading the membership's vectors for every heartbeat's.
+            Body::AppendResponse(_) if self.role == Role::Leader => {
+                self.progress.iter().any(|p| p.id == from)
+            }
             Body::AppendResponse(_) => self.membership().is_member(from),
             // A voter of a membership we knew may have been removed since: its term counts.
             Body::TermAnswer { .. } => self.known_voter_peers().contains(&from),
@@ -1278,7 +1283,7 @@ impl RaftGroup {
         if self.role != Role::Leader {
             return;
         }
-        let Some(i) = self.progress.iter().position(|p| p.id == from) else { return };
+        let Some(mut i) = self.progress.iter().position(|p| p.id == from) else { return };
         if response.match_end > self.log_end || response.log_end < 0 || response.seq >= self.append_seq {
             return; // claims more than we hold, or answers an append never sent: not ours
         }
@@ -1321,6 +1326,9 @@ impl RaftGroup {
             }
             if counted_changed {
                 self.maybe_commit(out);
+                // A commit may have changed the membership (or ended our leadership).
+                let Some(j) = self.progress.iter().position(|p| p.id == from) else { return };
+                i = j;
             }
         } else {
             let tail_end = response.log_end.min(self.log_end);
@@ -1340,8 +1348,6 @@ impl RaftGroup {
             p.probing = true;
             p.reset_seq = reset_seq;
         }
-        // A commit may have changed the membership (or ended our leadership): look again.
-        let Some(i) = self.progress.iter().position(|p| p.id == from) else { return };
         self.send_appends(i, log, out);
         self.maybe_send_timeout_now(out);
     }
