@@ -168,6 +168,8 @@ pub(crate) struct Replica {
     voters: Vec<u32>,
     /// How long one election may take: a handover not done by then is dropped.
     election_timeout: std::time::Duration,
+    /// Ticks between heartbeats: an idle follower is heard from once per interval.
+    heartbeat_ticks: u32,
     pub partition: Rc<Partition>,
     raft: RefCell<RaftGroup>,
     cache: Rc<RefCell<ShardCache>>,
@@ -271,6 +273,7 @@ impl Replica {
             address,
             voters: settings.voters.clone(),
             election_timeout: settings.tick * settings.election_ticks * 2,
+            heartbeat_ticks: settings.heartbeat_ticks,
             partition,
             raft: RefCell::new(raft),
             cache,
@@ -525,9 +528,9 @@ impl Replica {
     }
 
     /// If this replica leads but is not the group's preferred leader (its first voter), and
-    /// that voter holds the whole log and was heard from this tick, hands leadership to it:
-    /// placement spreads preferred leaders over the nodes, elections need not (Kafka's
-    /// preferred-leader election). Returns whether it started a handover.
+    /// that voter keeps up with the log (`keeps_up`), hands leadership to it: placement
+    /// spreads preferred leaders over the nodes, elections need not (Kafka's preferred-leader
+    /// election). Returns whether it started a handover.
     pub fn restore_preferred_leader(&self) -> bool {
         let Some(&preferred) = self.voters.first() else { return false };
         if self.role.get().role != Role::Leader || preferred == self.address_node() {
@@ -535,10 +538,8 @@ impl Replica {
         }
         let mut raft = self.raft.borrow_mut();
         let log_end = raft.log_end();
-        let ready = raft
-            .followers()
-            .iter()
-            .any(|f| f.id == preferred && f.match_end == log_end && f.silent_ticks <= 1 && !f.recovering);
+        let ready =
+            raft.followers().iter().any(|f| f.id == preferred && self.keeps_up(f, log_end) && !f.recovering);
         if !ready {
             return false;
         }
@@ -547,6 +548,16 @@ impl Replica {
         drop(raft);
         self.enqueue(out);
         started
+    }
+
+    /// Whether `follower` was heard from within the last heartbeat interval (an idle one
+    /// answers only heartbeats) and holds the whole log or moved forward within that interval
+    /// (under load a healthy follower is always a little behind): a handover to it then waits
+    /// at most a round trip or two for it to catch up, its proposals refused meanwhile.
+    fn keeps_up(&self, follower: &pyralog_replication::FollowerStatus, log_end: i64) -> bool {
+        let interval = u64::from(self.heartbeat_ticks) + 1;
+        follower.silent_ticks <= interval
+            && (follower.match_end == log_end || follower.stalled_ticks <= interval)
     }
 
     fn address_node(&self) -> u32 {
