@@ -9,6 +9,12 @@
 //! seed that has one. So a seed that lost its data directory rejoins its cluster rather than
 //! founding another.
 //!
+//! Nodes that are not seeds. A node not in --seeds is a broker: it holds replicas and serves
+//! clients like any node but has no controller replica; its shard 0 follows the metadata from
+//! the seeds ([`PeerRequest::Metadata`], long-polled) and forwards its controller requests to
+//! the leader they name. It needs --cluster-listen (the seeds do not name it), and registers
+//! through the controller like every node, after which placement uses it.
+//!
 //! Routing. A replica's message goes to the peer node's shard that owns the partition there
 //! (`topics::owner_shard` with that node's shard count), at the node's registered cluster
 //! address plus the shard index; the controller's messages go to the seeds' shard 0, at the
@@ -24,10 +30,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
+use pyralog_net::cluster::frame::REQUEST_BODY_BYTES_MAX;
 use pyralog_net::cluster::identity;
 use pyralog_net::cluster::transport::{ClusterConfig, ClusterTransport, PeerAddress};
 use pyralog_net::cluster::{ClusterId, GroupKey};
-use pyralog_shard::{ClusterSettings, ControllerRequest, SendHook, Shard, ShardError, CONTROLLER_TOPIC_ID};
+use pyralog_shard::{
+    ClusterSettings, ControllerRequest, MetadataAnswer, SendHook, Shard, ShardError, CONTROLLER_TOPIC_ID,
+    METADATA_WAIT,
+};
 
 use crate::identity::Seed;
 use crate::NodeArgs;
@@ -65,22 +75,13 @@ impl ClusterPlan {
             bail!("--node-id {node_id} is above {NODE_ID_MAX} (Kafka broker ids are node id × 1000 + shard)");
         }
         let own_seed = seeds.iter().find(|s| s.node_id == node_id);
-        if own_seed.is_none() {
-            // A broker that is not a seed would follow the controller as a learner: not built yet.
-            let named: Vec<String> = seeds.iter().map(|s| s.node_id.to_string()).collect();
-            bail!(
-                "node {node_id} is not in --seeds (nodes {}): this version runs clusters of seed nodes \
-                 only; add it, with its cluster address, to every node's --seeds",
-                named.join(", ")
-            );
-        }
         let listen = match (args.cluster_listen, own_seed) {
             (Some(listen), _) => listen,
             (None, Some(seed)) => resolve(&seed.address)
                 .with_context(|| format!("--seeds names this node ({node_id}) at {}", seed.address))?,
             (None, None) => bail!(
-                "node {node_id} is not in --seeds: give it --cluster-listen HOST:PORT, where the other nodes \
-                 reach it"
+                "node {node_id} is not in --seeds, so it joins the cluster as a broker: give it \
+                 --cluster-listen HOST:PORT, where the other nodes reach it"
             ),
         };
         let advertise = match (&args.cluster_advertise, own_seed) {
@@ -267,46 +268,93 @@ pub fn start_transport(
 
 /// How long a request forwarded to the controller's leader may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request for the metadata may take beyond the seed's hold ([`METADATA_WAIT`]).
+const METADATA_TIMEOUT_SLACK: Duration = Duration::from_secs(1);
+
+/// What a node asks another node's shard 0 over the cluster transport; JSON bodies.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum PeerRequest {
+    /// Make this change if you lead the controller. Answer: `Result<i64, ShardError>`, the
+    /// controller log's offset after the change.
+    Controller(ControllerRequest),
+    /// Your metadata if newer than `applied_end` (a seed holds the request up to
+    /// [`METADATA_WAIT`] for some). Answer: `Result<MetadataAnswer, ShardError>`.
+    Metadata { applied_end: i64 },
+}
+
+/// Sends `request` to `node`'s shard 0 at `address` and decodes its JSON answer; `None` (the
+/// caller tries another node) when it cannot be reached or does not answer in time.
+async fn ask_peer<T: serde::de::DeserializeOwned>(
+    transport: &ClusterTransport,
+    node: u32,
+    address: Option<&String>,
+    request: &PeerRequest,
+    timeout: Duration,
+) -> Result<Result<T, ShardError>, String> {
+    let addr = address
+        .ok_or_else(|| format!("node {node} has no known cluster address"))
+        .and_then(|a| resolve(a).map_err(|e| e.to_string()))?;
+    let body = Bytes::from(serde_json::to_vec(request).expect("requests serialize"));
+    let peer = PeerAddress { node, shard: 0, addr };
+    let answer = transport.request(peer, body, timeout).await.map_err(|error| error.to_string())?;
+    serde_json::from_slice::<Result<T, ShardError>>(&answer)
+        .map_err(|error| format!("node {node} answered with bad JSON: {error}"))
+}
 
 /// Shard 0: forwards controller requests to the controller's leader (a seed, at its --seeds
-/// address) and answers those forwarded here. Bodies are JSON: a `ControllerRequest`, and a
-/// `Result<i64, ShardError>` back.
+/// address), asks the seeds for the metadata if this node is not one, and answers what other
+/// nodes ask (see [`PeerRequest`]).
 fn serve_controller_requests(plan: &ClusterPlan, shard: &Rc<Shard>, transport: &Rc<ClusterTransport>) {
-    let seeds: HashMap<u32, String> = plan.seeds.iter().map(|s| (s.node_id, s.address.clone())).collect();
-    let forwarding = Rc::clone(transport);
+    let seeds: Rc<HashMap<u32, String>> =
+        Rc::new(plan.seeds.iter().map(|s| (s.node_id, s.address.clone())).collect());
+    let (forwarding, addresses) = (Rc::clone(transport), Rc::clone(&seeds));
     shard.set_cluster_forward(Rc::new(move |node, request| {
-        let transport = Rc::clone(&forwarding);
-        let address = seeds.get(&node).cloned();
+        let (transport, addresses) = (Rc::clone(&forwarding), Rc::clone(&addresses));
         Box::pin(async move {
-            // The leader moved, or cannot be reached: the caller retries with the leader it
-            // hears of next.
-            let retry = || ShardError::NotController { leader: None, term: -1 };
-            let addr = address.and_then(|a| resolve(&a).ok()).ok_or_else(retry)?;
-            let body = Bytes::from(serde_json::to_vec(&request).expect("requests serialize"));
-            let peer = PeerAddress { node, shard: 0, addr };
-            let answer = transport.request(peer, body, FORWARD_TIMEOUT).await.map_err(|error| {
-                eprintln!("pyralog: forwarding a controller request to node {node}: {error}");
-                retry()
-            })?;
-            serde_json::from_slice::<Result<i64, ShardError>>(&answer).map_err(|error| {
-                ShardError::Storage(format!(
-                    "node {node} answered a controller request with bad JSON: {error}"
-                ))
-            })?
+            let request = PeerRequest::Controller(request);
+            match ask_peer(&transport, node, addresses.get(&node), &request, FORWARD_TIMEOUT).await {
+                Ok(answer) => answer,
+                Err(error) => {
+                    // The leader moved, or cannot be reached: the caller retries with the
+                    // leader it hears of next.
+                    eprintln!("pyralog: forwarding a controller request to node {node}: {error}");
+                    Err(ShardError::NotController { leader: None, term: -1 })
+                }
+            }
         })
     }));
+    if !seeds.contains_key(&plan.node_id) {
+        let (asking, addresses) = (Rc::clone(transport), Rc::clone(&seeds));
+        shard.set_metadata_source(Rc::new(move |node, applied_end| {
+            let (transport, addresses) = (Rc::clone(&asking), Rc::clone(&addresses));
+            Box::pin(async move {
+                let request = PeerRequest::Metadata { applied_end };
+                let timeout = METADATA_WAIT + METADATA_TIMEOUT_SLACK;
+                ask_peer(&transport, node, addresses.get(&node), &request, timeout)
+                    .await
+                    .map_err(ShardError::Unavailable)?
+            })
+        }));
+    }
     let (serving, into) = (Rc::clone(transport), Rc::clone(shard));
     glommio::spawn_local(async move {
         while let Some(incoming) = serving.recv_request().await {
             let (transport, shard) = (Rc::clone(&serving), Rc::clone(&into));
             glommio::spawn_local(async move {
-                let answer = match serde_json::from_slice::<ControllerRequest>(&incoming.body) {
-                    Ok(request) => shard.handle_controller_request(request).await,
-                    Err(error) => Err(ShardError::InvalidConfig(format!(
-                        "a controller request that does not decode: {error}"
-                    ))),
+                let body = match serde_json::from_slice::<PeerRequest>(&incoming.body) {
+                    Ok(PeerRequest::Controller(request)) => {
+                        serde_json::to_vec(&shard.handle_controller_request(request).await)
+                    }
+                    Ok(PeerRequest::Metadata { applied_end }) => {
+                        metadata_answer(shard.read_metadata(applied_end, METADATA_WAIT).await)
+                    }
+                    Err(error) => serde_json::to_vec(&Err::<(), _>(ShardError::InvalidConfig(format!(
+                        "node {} sent a request that does not decode: {error}",
+                        incoming.from_node
+                    )))),
                 };
-                let body = Bytes::from(serde_json::to_vec(&answer).expect("answers serialize"));
+                let body = Bytes::from(body.expect("answers serialize"));
                 if let Err(error) = transport.respond(&incoming, body) {
                     eprintln!("pyralog: answering node {}'s controller request: {error}", incoming.from_node);
                 }
@@ -315,6 +363,20 @@ fn serve_controller_requests(plan: &ClusterPlan, shard: &Rc<Shard>, transport: &
         }
     })
     .detach();
+}
+
+/// A metadata answer's body, or an error naming the limit if the metadata is too large for
+/// one response.
+fn metadata_answer(answer: Result<MetadataAnswer, ShardError>) -> serde_json::Result<Vec<u8>> {
+    let body = serde_json::to_vec(&answer)?;
+    if body.len() <= REQUEST_BODY_BYTES_MAX {
+        return Ok(body);
+    }
+    serde_json::to_vec(&Err::<MetadataAnswer, _>(ShardError::Storage(format!(
+        "the cluster's metadata is {} bytes of JSON, more than one answer carries \
+         (REQUEST_BODY_BYTES_MAX, {REQUEST_BODY_BYTES_MAX}): make this node a seed",
+        body.len()
+    ))))
 }
 
 /// Where a peer node's shard 0 listens and how many shards it has, as last resolved.

@@ -315,16 +315,10 @@ impl KafkaService {
                 }
             }
         }
-        let controller = match cluster {
-            None => broker_id(self.settings.node_id, 0),
-            Some(_) => self
-                .shard
-                .replica_role(pyralog_shard::CONTROLLER_TOPIC_ID, 0)
-                .and_then(|role| role.leader)
-                // Any node forwards topic changes to the controller's leader: while none is
-                // known, name this one rather than none (clients then wait for a refresh).
-                .map_or(broker_id(self.settings.node_id, 0), |node| broker_id(node, 0)),
-        };
+        // Every node forwards topic changes to the controller's leader, so clients are told to
+        // send them here (as KRaft brokers name an alive broker, KIP-590): a client told of a
+        // leader that just died would wait for it rather than read the metadata again.
+        let controller = broker_id(self.settings.node_id, 0);
         MetadataResponse {
             brokers: self.brokers(cluster),
             cluster_id: Some(self.settings.cluster_id.clone()),

@@ -1,5 +1,6 @@
 """Three `pyralog` nodes as three hosts: node N binds 127.0.0.N (native 7070, Kafka 9092,
-cluster 9100, metrics 9644; per-shard ports follow each), seeded with each other. Meant to run
+cluster 9100, metrics 9644; per-shard ports follow each), seeded with each other; optionally
+more nodes, not in the seeds, that join as brokers. Meant to run
 in a network namespace of its own (scripts/compat/run.sh runs the cluster tests under
 `unshare --net`), where those addresses are free and iptables rules cut links between nodes
 without touching the machine's network.
@@ -125,13 +126,16 @@ class ClusterNode:
 
 
 class Cluster:
-    def __init__(self, binary, base_dir, size=3, extra_args=()):
+    def __init__(self, binary, base_dir, size=3, extra_args=(), brokers=0):
+        """`size` seeds, then `brokers` nodes that are not seeds (they say where they listen)."""
         seeds = ",".join(f"{n}@127.0.0.{n}:{CLUSTER_PORT}" for n in range(1, size + 1))
-        self.nodes = [
-            ClusterNode(binary, n, seeds, os.path.join(base_dir, f"node{n}"), os.path.join(base_dir, f"logs{n}"),
-                        extra_args)
-            for n in range(1, size + 1)
-        ]
+
+        def node(n):
+            joining = ["--cluster-listen", f"127.0.0.{n}:{CLUSTER_PORT}"] if n > size else []
+            return ClusterNode(binary, n, seeds, os.path.join(base_dir, f"node{n}"),
+                               os.path.join(base_dir, f"logs{n}"), [*extra_args, *joining])
+
+        self.nodes = [node(n) for n in range(1, size + brokers + 1)]
 
     def start(self):
         # Seeds wait for each other to agree on the cluster id: start them all, then wait.

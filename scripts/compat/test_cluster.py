@@ -258,6 +258,56 @@ def test_a_node_back_with_an_empty_data_directory_catches_up_and_loses_nothing(c
                lambda: cluster_command(pyralog_bin, "verify", "wiped").count("3 replicas agree") == 2)
 
 
+@pytest.fixture
+def cluster_with_broker(request, pyralog_bin, tmp_path):
+    """Seeds 1-3 and node 4, which is not a seed: it joins through them as a broker."""
+    cluster = Cluster(pyralog_bin, str(tmp_path), brokers=1).start()
+    request.node.pyralog_nodes = cluster.nodes
+    yield cluster
+    cluster.stop()
+
+
+def cluster_view(node):
+    import json
+    import urllib.request
+    return json.load(urllib.request.urlopen(f"{node.metrics_url}/cluster", timeout=5))
+
+
+def test_a_node_not_in_the_seeds_joins_as_a_broker_and_takes_replicas(cluster_with_broker, pyralog_bin):
+    cluster = cluster_with_broker
+    broker = cluster.node(4)
+    # Formed: every node, node 4 too, lists the four nodes (node 4 from the seeds' metadata).
+    assert {node["id"] for node in cluster_view(broker)["nodes"]} == {1, 2, 3, 4}
+    assert cluster_view(broker)["controller"]["leader"] in (1, 2, 3), "node 4 names the controller's leader"
+    # A topic created through node 4 goes through the controller; placement uses node 4.
+    create_topic(broker.bootstrap, "joined", 8, 3)
+    wait_until("every partition of 'joined' has a leader",
+               lambda: all(leader_node(cluster.bootstrap, "joined", p) for p in range(8)))
+    placed = cluster_view(cluster.node(1))["topics"]["joined"]["replicas"]
+    assert sum(4 in replicas for replicas in placed) >= 4, placed
+    assert sum(replicas[0] == 4 for replicas in placed) == 2, f"node 4 leads its share: {placed}"
+    acknowledged = produce(cluster.bootstrap, "joined", 2000, "first")
+    check_exactly_once(read_all(broker.bootstrap, "joined", 8, len(acknowledged)), acknowledged)
+    # kill -9 and back on the same ports at once: node 4 starts from its stored metadata and
+    # follows the seeds again; its replicas catch up.
+    broker.kill9()
+    broker.start().wait_ready()
+    acknowledged.update(produce(cluster.bootstrap, "joined", 1000, "after-restart"))
+    wait_until("node 4's replicas are in sync again",
+               lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"), timeout_s=60)
+    # The controller's leader killed: node 4 finds the next one for its next change.
+    controller = cluster.node(cluster_view(broker)["controller"]["leader"])
+    controller.kill9()
+    create_topic(broker.bootstrap, "after-failover", 2, 3)
+    wait_until("node 4 applied 'after-failover'", lambda: "after-failover" in cluster_view(broker)["topics"])
+    assert cluster_view(broker)["controller"]["leader"] not in (None, controller.node_id)
+    controller.start().wait_ready()
+    check_exactly_once(read_all(cluster.bootstrap, "joined", 8, len(acknowledged)), acknowledged)
+    wait_until("every replica of 'joined' holds every committed batch",
+               lambda: cluster_command(pyralog_bin, "verify", "joined").count("3 replicas agree") == 8,
+               timeout_s=60)
+
+
 def iptables(*args):
     import subprocess
     subprocess.run(["iptables", *args], check=True, timeout=10)

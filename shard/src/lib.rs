@@ -40,8 +40,8 @@ pub use offsets::{is_internal_topic, OFFSETS_TOPIC};
 pub use partition::Durability;
 pub use replica::{RecoveryBudget, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
 pub use replicated::{
-    in_sync_replicas, ClusterSettings, ControllerRequest, ForwardHook, GroupId, CONTROLLER_NAME,
-    CONTROLLER_TOPIC_ID,
+    in_sync_replicas, ClusterSettings, ControllerRequest, ForwardHook, GroupId, MetadataAnswer, MetadataHook,
+    CONTROLLER_NAME, CONTROLLER_TOPIC_ID, METADATA_WAIT,
 };
 pub use shard::{
     group_log_of, keep_within, new_mesh, Acks, FetchLimits, Fetched, Listed, Message, Op, OpResult, Produced,

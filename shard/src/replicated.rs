@@ -8,6 +8,12 @@
 //! shard the new metadata ([`Op::ApplyCluster`]); each shard then opens the replicas of the
 //! partitions it owns that are placed on this node and closes those of deleted topics.
 //!
+//! A node that is not a seed holds no controller replica: its shard 0 follows the metadata
+//! from the seeds instead ([`MetadataHook`], long-polled like KRaft's observers fetching the
+//! metadata log), applying each newer snapshot a seed answers with exactly as it would apply
+//! its own controller's records, and forwards its controller requests to the leader a seed
+//! named (or to each seed in turn while none is known).
+//!
 //! Invariants: a replicated partition is open on exactly the shard `topics::owner_shard`
 //! names, on exactly the nodes its placement names; metadata is applied in the controller's
 //! log order, and only below its commit point; a produce acknowledged with acks=all is below
@@ -41,6 +47,12 @@ pub const CONTROLLER_NAME: &str = "__cluster";
 pub const PREFERRED_LEADER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Bytes of controller records read at once when applying.
 const APPLY_READ_BYTES: usize = 1 << 20;
+/// How long a seed holds a follower's metadata request when it has nothing newer: the
+/// follower hears of a change within a round trip of the seed applying it.
+pub const METADATA_WAIT: Duration = Duration::from_millis(500);
+/// How long a node that follows the metadata waits before asking the next seed after one
+/// failed.
+const METADATA_RETRY: Duration = Duration::from_millis(100);
 
 /// A replica group across the cluster: (topic id, partition).
 pub type GroupId = ([u8; 16], u32);
@@ -49,7 +61,8 @@ pub type GroupId = ([u8; 16], u32);
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
     pub node_id: u32,
-    /// The controller's voters (the seeds' node ids).
+    /// The controller's voters (the seeds' node ids). A node not among them follows the
+    /// metadata from them (see the module docs).
     pub seeds: Vec<u32>,
     /// One tick of every replica's clock.
     pub tick: Duration,
@@ -174,6 +187,25 @@ pub type ForwardHook = Rc<
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, ShardError>>>>,
 >;
 
+/// What a seed answers a node that follows the metadata: the controller's leader and term as
+/// the seed knows them, and its metadata if it is newer than the follower's.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MetadataAnswer {
+    pub leader: Option<u32>,
+    pub term: i32,
+    pub meta: Option<ClusterMeta>,
+}
+
+/// Asks seed `node` for metadata newer than `applied_end` (it holds the request up to
+/// [`METADATA_WAIT`] when it has none). Set by the daemon on shard 0 of a node that is not a
+/// seed (the cluster transport).
+pub type MetadataHook = Rc<
+    dyn Fn(
+        u32,
+        i64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<MetadataAnswer, ShardError>>>>,
+>;
+
 /// How long a controller request keeps trying while the controller has no leader.
 pub const CONTROLLER_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -188,6 +220,8 @@ pub(crate) struct ShardCluster {
     pub send: Rc<RefCell<Option<SendHook>>>,
     /// Set by the daemon on shard 0 (see [`ForwardHook`]).
     pub forward: RefCell<Option<ForwardHook>>,
+    /// Set by the daemon on shard 0 of a node that is not a seed (see [`MetadataHook`]).
+    pub metadata_source: RefCell<Option<MetadataHook>>,
     /// New metadata was applied here.
     pub applied: Event,
     /// The last role each replica of this node reported, whichever shard holds it: shared
@@ -215,6 +249,7 @@ impl ShardCluster {
             replicas: RefCell::new(HashMap::new()),
             send: Rc::new(RefCell::new(None)),
             forward: RefCell::new(None),
+            metadata_source: RefCell::new(None),
             applied: Event::default(),
             roles: RefCell::new(HashMap::new()),
             applying: glommio::sync::Semaphore::new(1),
@@ -231,6 +266,11 @@ impl ShardCluster {
                 hook(address, message);
             }
         })
+    }
+
+    /// Whether this node is one of the controller's voters.
+    pub fn is_seed(&self) -> bool {
+        self.settings.seeds.contains(&self.settings.node_id)
     }
 
     fn replica_settings(&self, voters: Vec<u32>, quorum: Quorum, disk_lost: bool) -> ReplicaSettings {
@@ -390,6 +430,13 @@ impl Shard {
         }
     }
 
+    /// Sets how shard 0 of a node that is not a seed asks the seeds for the metadata.
+    pub fn set_metadata_source(&self, hook: MetadataHook) {
+        if let Some(cluster) = self.cluster() {
+            *cluster.metadata_source.borrow_mut() = Some(hook);
+        }
+    }
+
     /// Registers this node (its addresses, shards and rack) with the controller, so that
     /// placement may use it; again after a restart, with its new addresses. Shard 0 only.
     pub async fn register_node(&self, node: NodeInfo) -> Result<(), ShardError> {
@@ -402,9 +449,14 @@ impl Shard {
         assert_eq!(self.id, 0, "shard 0 talks to the controller");
         let deadline = std::time::Instant::now() + CONTROLLER_REQUEST_TIMEOUT;
         let mut backoff = Duration::from_millis(10);
+        // Not a seed: the leader the last refusal named, else each seed in turn.
+        let (mut attempt, mut named) = (0, None);
         loop {
-            let controller = self.controller().expect("shard 0 of a cluster has the controller");
-            let role = controller.role();
+            let role = match named.take() {
+                Some(leader) => ReplicaRole { term: -1, role: Role::Follower, leader: Some(leader) },
+                None => self.controller_role(attempt),
+            };
+            attempt += 1;
             let result = match role.leader {
                 Some(leader) if leader == self.cluster().expect("a cluster").settings.node_id => {
                     self.execute_controller_request(request.clone()).await
@@ -418,6 +470,12 @@ impl Shard {
                 }
                 None => Err(ShardError::NotController { leader: None, term: role.term }),
             };
+            if let Err(ShardError::NotController { leader: Some(leader), term }) = &result {
+                if !self.cluster().expect("a cluster").is_seed() {
+                    self.note_controller_leader(*leader, *term);
+                    named = Some(*leader);
+                }
+            }
             match result {
                 Ok(end) => return self.wait_applied(end).await,
                 Err(ShardError::NotController { .. }) if std::time::Instant::now() < deadline => {
@@ -431,6 +489,118 @@ impl Shard {
                     )))
                 }
                 Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Who leads the controller as shard 0 knows it: its own replica's view on a seed; on
+    /// another node the leader a seed last named (first try), else (the `attempt`th) each seed
+    /// in turn, which makes the request if it leads or names the leader if it knows one.
+    fn controller_role(&self, attempt: usize) -> ReplicaRole {
+        if let Some(controller) = self.controller() {
+            return controller.role();
+        }
+        let cluster = self.cluster().expect("a cluster");
+        let heard = cluster.roles.borrow().get(&(CONTROLLER_TOPIC_ID, 0)).copied();
+        match heard {
+            Some(role) if role.leader.is_some() && attempt == 0 => role,
+            _ => {
+                let seeds = &cluster.settings.seeds;
+                let seed = seeds[attempt % seeds.len()];
+                ReplicaRole { term: heard.map_or(-1, |r| r.term), role: Role::Follower, leader: Some(seed) }
+            }
+        }
+    }
+
+    /// A node that is not a seed heard who leads the controller: remembered on every shard,
+    /// where metadata responses name the controller.
+    fn note_controller_leader(&self, leader: u32, term: i32) {
+        let cluster = self.cluster().expect("a cluster");
+        if cluster.is_seed() {
+            return;
+        }
+        let role = ReplicaRole { term, role: Role::Follower, leader: Some(leader) };
+        if let Some(shard) = self.me.upgrade() {
+            shard.share_role((CONTROLLER_TOPIC_ID, 0), role);
+        }
+    }
+
+    /// A seed's shard 0: its metadata if newer than `applied_end` (waiting up to `wait` for
+    /// some), with the controller's leader as it knows it. For nodes that follow the metadata.
+    pub async fn read_metadata(
+        &self,
+        applied_end: i64,
+        wait: Duration,
+    ) -> Result<MetadataAnswer, ShardError> {
+        let cluster = self.cluster().ok_or_else(|| ShardError::InvalidConfig("not a cluster node".into()))?;
+        let Some(controller) = self.controller() else {
+            return Err(ShardError::InvalidConfig(format!(
+                "node {} is not a seed: ask a seed for the cluster's metadata",
+                cluster.settings.node_id
+            )));
+        };
+        if cluster.meta.borrow().applied_end <= applied_end {
+            let newer = async {
+                while cluster.meta.borrow().applied_end <= applied_end && !self.shutting_down.get() {
+                    cluster.applied.listen().await;
+                }
+            };
+            futures_lite::future::or(newer, glommio::timer::sleep(wait)).await;
+        }
+        let role = controller.role();
+        let meta = cluster.meta.borrow();
+        let newer = meta.applied_end > applied_end;
+        Ok(MetadataAnswer { leader: role.leader, term: role.term, meta: newer.then(|| meta.clone()) })
+    }
+
+    /// Shard 0 of a node that is not a seed: follows the metadata from the seeds, asking the
+    /// controller's leader when one is known (its view is the newest) and each seed in turn
+    /// while none answers.
+    async fn run_metadata_follow(self: Rc<Self>) {
+        let seeds = self.cluster().expect("a cluster").settings.seeds.clone();
+        // The seed asked next while no leader is known; the leader the last answer named.
+        let (mut next, mut leader) = (0, None);
+        let mut failing_since: Option<std::time::Instant> = None;
+        let mut said: Option<std::time::Instant> = None;
+        while !self.shutting_down.get() {
+            let cluster = self.cluster().expect("a cluster");
+            let hook = cluster.metadata_source.borrow().clone();
+            let Some(hook) = hook else {
+                glommio::timer::sleep(METADATA_RETRY).await;
+                continue;
+            };
+            let source = match leader {
+                Some(leader) if seeds.contains(&leader) => leader,
+                _ => seeds[next % seeds.len()],
+            };
+            let applied = cluster.meta.borrow().applied_end;
+            match hook(source, applied).await {
+                Ok(answer) => {
+                    failing_since = None;
+                    leader = answer.leader;
+                    if let Some(leader) = answer.leader {
+                        self.note_controller_leader(leader, answer.term);
+                    }
+                    if let Some(meta) = answer.meta.filter(|m| m.applied_end > applied) {
+                        if let Err(error) = self.install_cluster_meta(meta).await {
+                            eprintln!("pyralog: applying the cluster's metadata from node {source}: {error}");
+                            glommio::timer::sleep(METADATA_RETRY).await;
+                        }
+                    }
+                }
+                Err(error) => {
+                    (leader, next) = (None, next + 1);
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if said.is_none_or(|said| said.elapsed() >= Duration::from_secs(5)) {
+                        said = Some(std::time::Instant::now());
+                        eprintln!(
+                            "pyralog: following the cluster's metadata: seed {source} did not answer ({error}); \
+                             asking the next seed (no answer for {:?})",
+                            since.elapsed()
+                        );
+                    }
+                    glommio::timer::sleep(METADATA_RETRY).await;
+                }
             }
         }
     }
@@ -578,7 +748,10 @@ impl Shard {
     pub(crate) async fn start_cluster(self: &Rc<Self>) -> Result<(), ShardError> {
         let Some(cluster) = self.cluster() else { return Ok(()) };
         let stored = ClusterMeta::load(&self.config.data_dir)?.unwrap_or_default();
-        if self.id == 0 {
+        if self.id == 0 && !cluster.is_seed() {
+            glommio::spawn_local(Rc::clone(self).run_metadata_follow()).detach();
+        }
+        if self.id == 0 && cluster.is_seed() {
             let voters = cluster.settings.seeds.clone();
             let majority = voters.len() as u32 / 2 + 1;
             let quorum = Quorum::new(voters.len() as u32, majority)
@@ -737,6 +910,12 @@ impl Shard {
                 }
             }
         }
+        self.install_cluster_meta(meta).await
+    }
+
+    /// Shard 0: persists newer metadata and has every shard apply it.
+    async fn install_cluster_meta(&self, meta: ClusterMeta) -> Result<(), ShardError> {
+        assert_eq!(self.id, 0, "shard 0 applies the cluster's metadata");
         meta.persist(&self.config.data_dir)?;
         for target in 0..self.count {
             match self.call(target, Op::ApplyCluster { meta: meta.clone() }).await? {

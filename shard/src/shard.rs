@@ -655,7 +655,14 @@ impl Shard {
                 OpResult::Done(Ok(()))
             }
             Op::Controller { request } => {
-                let controller = self.controller().expect("shard 0 of a cluster has the controller");
+                let Some(controller) = self.controller() else {
+                    // Not a seed: name the leader it heard of, so the asker goes there.
+                    let heard = self.replica_role(crate::CONTROLLER_TOPIC_ID, 0);
+                    return OpResult::Offset(Err(ShardError::NotController {
+                        leader: heard.and_then(|r| r.leader),
+                        term: heard.map_or(-1, |r| r.term),
+                    }));
+                };
                 let role = controller.role();
                 let node = self.cluster().expect("a cluster").settings.node_id;
                 OpResult::Offset(
