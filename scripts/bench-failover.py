@@ -6,10 +6,12 @@ measure (1) server side: from the kill to another node's replica leading in a hi
 polling the survivors' /cluster every 2 ms, and (2) client side: the longest gap between two
 acknowledgements around the kill, for that producer and for pyralog-bench's native producer (one
 run per round, on the same partition, --rate 5000, acks=durable: its report's ack_gap_max_ms).
-The killed node is restarted and let catch up between rounds. Prints medians, p99 and max, and
+The killed node is restarted and caught up between rounds: the next kill waits until the
+leader counts all three replicas in sync (a leader killed while another replica still catches
+up leaves no write quorum until it has: a second fault, measured separately with --no-catch-up). Prints medians, p99 and max, and
 one JSON line.
 
-    python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [extra pyralog flags...]
+    python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [extra pyralog flags...]
 """
 
 import json
@@ -46,6 +48,17 @@ def leader_of(nodes, topic):
     return best
 
 
+def all_in_sync(topic):
+    """Whether the leader of topic/0 counts every replica in sync."""
+    found = leader_of([1, 2, 3], topic)
+    if found is None:
+        return False
+    for replica in view(found[0])["replicas"]:
+        if replica["topic"] == topic and replica["partition"] == 0 and replica["leads"]:
+            return len(replica["in_sync"]) == len(replica["replicas"])
+    return False
+
+
 def percentile(values, p):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -53,6 +66,8 @@ def percentile(values, p):
 
 def main():
     binary, rounds, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    catch_up = "--no-catch-up" not in extra
+    extra = [flag for flag in extra if flag != "--no-catch-up"]
     base = tempfile.mkdtemp(prefix="pyralog-failover-")
     cluster = Cluster(binary, base, extra_args=extra).start()
     try:
@@ -127,6 +142,8 @@ def main():
             cluster.node(leader).start().wait_ready()
             wait_until("the restarted node leads or follows again",
                        lambda: all(view(n) for n in (1, 2, 3)), timeout_s=30)
+            if catch_up:
+                wait_until("every replica is in sync again", lambda: all_in_sync("failover"), timeout_s=60)
             time.sleep(1.0)
         stop.set()
         thread.join(10)
@@ -134,13 +151,15 @@ def main():
         summary = {
             "rounds": rounds,
             "flags": " ".join(extra) or "defaults",
+            "caught_up_between_rounds": catch_up,
             "election_ms": {"p50": percentile(elections, 50), "p99": percentile(elections, 99), "max": max(elections)},
             "ack_gap_ms": {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99), "max": max(gaps)},
             "native_ack_gap_ms": {"p50": percentile(native_gaps, 50), "p99": percentile(native_gaps, 99),
                                   "max": max(native_gaps)},
             "delivery_errors": len(errors),
         }
-        print(f"kill -9 of the leader, {rounds} rounds ({summary['flags']}):")
+        between = "every replica in sync" if catch_up else "no wait for the restarted replica to catch up"
+        print(f"kill -9 of the leader, {rounds} rounds ({summary['flags']}; before each kill: {between}):")
         print(f"  new leader after (server side, 2 ms polling): p50 {summary['election_ms']['p50']:.0f} ms, "
               f"p99 {summary['election_ms']['p99']:.0f} ms, max {summary['election_ms']['max']:.0f} ms")
         print(f"  longest gap between acknowledgements (librdkafka acks=all): p50 {summary['ack_gap_ms']['p50']:.0f} "

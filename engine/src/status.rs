@@ -41,7 +41,9 @@ pub async fn cluster_json(shard: &Shard, node_id: u32, cluster_id: &str) -> Http
                 .map(|f| {
                     json!({"node": f.id, "match_end": f.match_end, "acked_end": f.acked_end,
                            "lag": status.log_end - f.acked_end, "silent_ticks": f.silent_ticks,
-                           "stalled_ticks": f.stalled_ticks, "recovering": f.recovering})
+                           "stalled_ticks": f.stalled_ticks,
+                           "behind_ticks": (f.behind_ticks != u64::MAX).then_some(f.behind_ticks),
+                           "recovering": f.recovering})
                 })
                 .collect();
             json!({

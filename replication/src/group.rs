@@ -259,6 +259,14 @@ struct Progress {
     probing: bool,
     last_heard_tick: u64,
     last_progress_tick: u64,
+    /// The last tick as of which the follower's durable log held all of ours (Kafka's
+    /// lastCaughtUpTime): none since this view of it started.
+    caught_up_tick: Option<u64>,
+    /// Our log's end at a tick: once the follower's durable log reaches it, it was caught up
+    /// as of that tick, and the mark moves to our log's end now. A follower that streams
+    /// behind a steady load reaches each mark a round trip after it was set; one far behind
+    /// reaches none for as long as it is far behind.
+    caught_up_mark: (i64, u64),
     /// When the last append (heartbeat or not) left for this follower: a heartbeat is
     /// skipped when one went out within the interval, as Redpanda's heartbeat manager does.
     /// A commit point that moved after the last append reaches the follower with the next
@@ -705,6 +713,8 @@ impl RaftGroup {
             probing: true,
             last_heard_tick: self.ticks,
             last_progress_tick: self.ticks,
+            caught_up_tick: None,
+            caught_up_mark: (self.log_end, self.ticks),
             sent_tick: 0,
         }
     }
@@ -1297,7 +1307,7 @@ impl RaftGroup {
             // rejection, another disk): what it says may be gone, so it counts for nothing.
             return;
         }
-        let ticks = self.ticks;
+        let (ticks, log_end) = (self.ticks, self.log_end);
         let p = &mut self.progress[i];
         p.last_heard_tick = ticks;
         // What the commit point counts changed (a heartbeat's answer usually changes nothing,
@@ -1314,6 +1324,11 @@ impl RaftGroup {
                 p.acked_end = acked;
                 p.last_progress_tick = ticks;
                 counted_changed = true;
+            }
+            if p.acked_end >= log_end {
+                (p.caught_up_tick, p.caught_up_mark) = (Some(ticks), (log_end, ticks));
+            } else if p.acked_end >= p.caught_up_mark.0 {
+                (p.caught_up_tick, p.caught_up_mark) = (Some(p.caught_up_mark.1), (log_end, ticks));
             }
             while p.in_flight.front().is_some_and(|(end, _)| *end <= p.match_end) {
                 let (_, bytes) = p.in_flight.pop_front().expect("front checked");
@@ -1361,7 +1376,7 @@ impl RaftGroup {
     /// of a lost disk may flip the view back to it, but only once: every answer that disk
     /// ever sent answers an append sent before this reset.
     fn adopt_disk(&mut self, i: usize, response: &AppendResponse) {
-        let (reset_seq, log_end) = (self.append_seq, self.log_end);
+        let (reset_seq, log_end, ticks) = (self.append_seq, self.log_end, self.ticks);
         // Where to probe next: where the follower's log ends (a follower back from a restart
         // holds most of the log; the probe's epoch check finds out whether it matches), or,
         // refused, where its epochs say the logs part; never from 0 when it holds more.
@@ -1377,6 +1392,7 @@ impl RaftGroup {
         p.recovering = true; // until an answer to a later append says otherwise
         p.match_end = 0;
         p.acked_end = 0;
+        (p.caught_up_tick, p.caught_up_mark) = (None, (log_end, ticks));
         p.next = next.clamp(0, log_end);
         p.in_flight.clear();
         p.in_flight_bytes = 0;
@@ -1466,6 +1482,9 @@ pub struct FollowerStatus {
     pub silent_ticks: u64,
     /// Ticks since its acknowledged offset last moved.
     pub stalled_ticks: u64,
+    /// Ticks since its durable log last held all of the leader's as of then (`u64::MAX`:
+    /// not since this leader's view of it started): what decides whether it is in sync.
+    pub behind_ticks: u64,
     pub recovering: bool,
 }
 
@@ -1483,6 +1502,7 @@ impl RaftGroup {
                 acked_end: p.acked_end,
                 silent_ticks: self.ticks.saturating_sub(p.last_heard_tick),
                 stalled_ticks: self.ticks.saturating_sub(p.last_progress_tick),
+                behind_ticks: p.caught_up_tick.map_or(u64::MAX, |t| self.ticks.saturating_sub(t)),
                 recovering: p.recovering,
             })
             .collect()
@@ -1836,6 +1856,24 @@ mod tests {
             self.groups[i].tick(&self.logs[i], &mut out);
             self.carry(id, &mut out)
         }
+
+        /// Ticks replica 1 until it leads.
+        fn elect_first(&mut self) {
+            while self.groups[0].role() != Role::Leader {
+                let sent = self.tick(1);
+                self.settle(sent);
+            }
+        }
+
+        /// Replica 1 (the leader) proposes one batch and ticks; returns all delivered.
+        fn propose_and_tick(&mut self) -> Vec<Message> {
+            let mut out = Vec::new();
+            let proposal = vec![batch::build(&[(None, b"x")], 0, 0)];
+            self.groups[0].propose(proposal, &self.logs[0], &mut out).expect("leader");
+            let mut sent = self.carry(1, &mut out);
+            sent.extend(self.tick(1));
+            self.settle(sent)
+        }
     }
 
     /// Redpanda's heartbeat manager's rule: no heartbeat to a follower that got an append
@@ -1843,22 +1881,14 @@ mod tests {
     #[test]
     fn a_follower_that_just_got_an_append_gets_no_heartbeat() {
         let mut trio = Trio::new();
-        while trio.groups[0].role() != Role::Leader {
-            let sent = trio.tick(1);
-            trio.settle(sent);
-        }
+        trio.elect_first();
         let heartbeats = |sent: &[Message]| {
             let is_heartbeat = |m: &Message| matches!(&m.body, Body::Append(a) if a.batches.is_empty());
             sent.iter().filter(|m| m.from == 1 && is_heartbeat(m)).count()
         };
         let mut busy = Vec::new();
         for _ in 0..8 {
-            let mut out = Vec::new();
-            let proposal = vec![batch::build(&[(None, b"x")], 0, 0)];
-            trio.groups[0].propose(proposal, &trio.logs[0], &mut out).expect("leader");
-            let mut sent = trio.carry(1, &mut out);
-            sent.extend(trio.tick(1));
-            busy.extend(trio.settle(sent));
+            busy.extend(trio.propose_and_tick());
         }
         let leader_hw = trio.groups[0].high_watermark();
         assert_eq!(leader_hw, trio.logs[0].end(), "every proposal committed at once");
@@ -1875,15 +1905,43 @@ mod tests {
         }
     }
 
+    /// Kafka's lastCaughtUpTime: a follower that answers every append stays caught up as of
+    /// the last round trip; one that holds less than the leader had is behind by the ticks
+    /// since it last held all of it, and caught up again once it does.
+    #[test]
+    fn a_follower_is_behind_by_the_ticks_since_it_last_held_the_leaders_log() {
+        let mut trio = Trio::new();
+        trio.elect_first();
+        let behind = |trio: &Trio, id: ReplicaId| {
+            let followers = trio.groups[0].followers();
+            followers.iter().find(|f| f.id == id).expect("a follower").behind_ticks
+        };
+        trio.propose_and_tick();
+        assert!(behind(&trio, 3) <= 1, "caught up: {:?}", trio.groups[0].followers());
+        trio.down = Some(3);
+        for _ in 0..20 {
+            trio.propose_and_tick();
+        }
+        assert!(behind(&trio, 2) <= 1, "answers every append: {:?}", trio.groups[0].followers());
+        assert!(
+            behind(&trio, 3) >= 20,
+            "held none of the last 20 proposals: {:?}",
+            trio.groups[0].followers()
+        );
+        trio.down = None;
+        // Its next answers (to the heartbeat and the appends resent) catch it up.
+        for _ in 0..(trio.groups[0].config.election_ticks * 2) {
+            trio.propose_and_tick();
+        }
+        assert!(behind(&trio, 3) <= 1, "caught up again: {:?}", trio.groups[0].followers());
+    }
+
     /// A follower that lost its connection to the leader campaigns within half an election
     /// timeout; one whose peer still hears the leader does not get it replaced.
     #[test]
     fn a_lost_leader_connection_starts_an_election_early_but_never_against_a_live_leader() {
         let mut trio = Trio::new();
-        while trio.groups[0].role() != Role::Leader {
-            let sent = trio.tick(1);
-            trio.settle(sent);
-        }
+        trio.elect_first();
         let term = trio.groups[0].term();
         // Only replica 2 lost the connection; 3 still hears the leader: no new leader.
         trio.groups[1].peer_unreachable(1);

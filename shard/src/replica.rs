@@ -551,13 +551,14 @@ impl Replica {
     }
 
     /// Whether `follower` was heard from within the last heartbeat interval (an idle one
-    /// answers only heartbeats) and holds the whole log or moved forward within that interval
-    /// (under load a healthy follower is always a little behind): a handover to it then waits
-    /// at most a round trip or two for it to catch up, its proposals refused meanwhile.
+    /// answers only heartbeats) and holds the whole log or held, within that interval, all
+    /// the leader held then (under load a healthy follower is always a round trip behind): a
+    /// handover to it then waits at most a round trip or two for it to catch up, its
+    /// proposals refused meanwhile. One streaming far behind does not keep up, however fast.
     fn keeps_up(&self, follower: &pyralog_replication::FollowerStatus, log_end: i64) -> bool {
         let interval = u64::from(self.heartbeat_ticks) + 1;
         follower.silent_ticks <= interval
-            && (follower.match_end == log_end || follower.stalled_ticks <= interval)
+            && (follower.match_end == log_end || follower.behind_ticks <= interval)
     }
 
     fn address_node(&self) -> u32 {

@@ -116,8 +116,9 @@ pub fn in_sync_replicas(status: &ReplicaStatus, tick: Duration, lag_max: Duratio
 }
 
 /// Whether a follower, as its leader (whose log ends at `log_end`) sees it, is in sync: not
-/// recovering a lost disk, heard from within `lag_max`, and caught up or making progress
-/// within `lag_max`.
+/// recovering a lost disk, heard from within `lag_max`, and holding durably, within
+/// `lag_max`, all the leader held at some moment (Kafka's rule for replica.lag.time.max.ms:
+/// a follower that streams far behind is out, however fast it moves, until it has caught up).
 pub(crate) fn follower_in_sync(
     follower: &pyralog_replication::FollowerStatus,
     log_end: i64,
@@ -126,9 +127,8 @@ pub(crate) fn follower_in_sync(
 ) -> bool {
     let span = |ticks: u64| tick.saturating_mul(u32::try_from(ticks).unwrap_or(u32::MAX));
     let heard = span(follower.silent_ticks) <= lag_max;
-    let caught_up = follower.acked_end >= log_end;
-    let keeping_up = caught_up || span(follower.stalled_ticks) <= lag_max;
-    !follower.recovering && heard && keeping_up
+    let caught_up = follower.acked_end >= log_end || span(follower.behind_ticks) <= lag_max;
+    !follower.recovering && heard && caught_up
 }
 
 /// Whether a leader (`leader`, whose log ends at `log_end`, seeing its followers as
@@ -1164,8 +1164,42 @@ mod tests {
             acked_end,
             silent_ticks,
             stalled_ticks: silent_ticks,
+            behind_ticks: silent_ticks,
             recovering: false,
         }
+    }
+
+    #[test]
+    fn a_follower_streaming_far_behind_is_out_of_sync_however_fast_it_moves() {
+        // Heard every tick and moving every tick, but last caught up 51 ticks (510 ms) ago.
+        let streaming = FollowerStatus { stalled_ticks: 0, behind_ticks: 51, ..follower(3, 10, 0) };
+        assert!(!follower_in_sync(&streaming, 100_000, TICK, LAG_MAX));
+        let followers = [follower(2, 100_000, 0), streaming];
+        assert_eq!(in_sync_of(&followers), vec![1, 2]);
+        // Caught up as of 50 ticks ago (it holds what the leader held then): still in.
+        let keeping = FollowerStatus { behind_ticks: 50, ..streaming };
+        assert!(follower_in_sync(&keeping, 100_000, TICK, LAG_MAX));
+        // Holding the whole log counts now, whatever it said before.
+        let whole = FollowerStatus { acked_end: 100_000, behind_ticks: u64::MAX, ..streaming };
+        assert!(follower_in_sync(&whole, 100_000, TICK, LAG_MAX));
+    }
+
+    fn in_sync_of(followers: &[FollowerStatus]) -> Vec<u32> {
+        let status = ReplicaStatus {
+            topic_id: [1; 16],
+            topic: "t".into(),
+            partition: 0,
+            voters: vec![1, 2, 3],
+            term: 1,
+            leader: Some(1),
+            leads: true,
+            log_end: 100_000,
+            durable_end: 100_000,
+            high_watermark: 100_000,
+            followers: followers.to_vec(),
+            failure: None,
+        };
+        in_sync_replicas(&status, TICK, LAG_MAX)
     }
 
     #[test]
