@@ -16,6 +16,7 @@ one JSON line.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -171,6 +172,7 @@ def main():
         print(json.dumps(summary))
     finally:
         cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)  # gigabytes of logs after 30 rounds
 
 
 if __name__ == "__main__":
