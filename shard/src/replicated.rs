@@ -1086,7 +1086,7 @@ impl Shard {
     /// Kafka's min.insync.replicas for acks=all: refused before anything is appended while the
     /// leader counts fewer in-sync replicas than the write quorum (an append then could not
     /// commit until a follower returned, and the producer would wait out its timeout).
-    fn check_in_sync(&self, replica: &Replica) -> Result<(), ShardError> {
+    pub(crate) fn check_in_sync(&self, replica: &Replica) -> Result<(), ShardError> {
         let settings = &self.cluster().expect("replicas live in a cluster").settings;
         match replica.in_sync_shortfall(settings.tick, settings.replica_lag_time_max) {
             None => Ok(()),

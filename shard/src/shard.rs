@@ -758,6 +758,12 @@ impl Shard {
             if role.role != pyralog_replication::Role::Leader {
                 return Err(replica.not_leader(role.leader, role.term));
             }
+            // Then min.insync.replicas, before the sequence, as Kafka orders them: a batch
+            // refused for it must not make the next one in flight out of order (an idempotent
+            // producer told so bumps its epoch and sends both again: stored twice).
+            if acks == Acks::All {
+                self.check_in_sync(replica)?;
+            }
         }
         let retried = check_producers(&partition.producers.borrow(), &headers)?;
         if let Some(replica) = replica {
