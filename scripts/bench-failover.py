@@ -97,7 +97,7 @@ def main():
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()
         bench = os.path.join(os.path.dirname(binary), "pyralog-bench")
-        elections, gaps, native_gaps = [], [], []
+        elections, gaps, native_gaps, catch_ups = [], [], [], []
         for _ in range(rounds):
             wait_until("acknowledgements flow", lambda: len(acks) > 100)
             native = subprocess.Popen(
@@ -144,7 +144,11 @@ def main():
             wait_until("the restarted node leads or follows again",
                        lambda: all(view(n) for n in (1, 2, 3)), timeout_s=30)
             if catch_up:
-                wait_until("every replica is in sync again", lambda: all_in_sync("failover"), timeout_s=60)
+                restarted_at = time.monotonic()
+                wait_until("every replica is in sync again", lambda: all_in_sync("failover"), timeout_s=180)
+                catch_ups.append(time.monotonic() - restarted_at)
+                print(f"round {len(elections)}: every replica in sync {catch_ups[-1]:.1f} s after the restart",
+                      file=sys.stderr)
             time.sleep(1.0)
         stop.set()
         thread.join(10)
@@ -159,6 +163,8 @@ def main():
                                   "max": max(native_gaps)},
             "delivery_errors": len(errors),
         }
+        if catch_ups:
+            summary["in_sync_after_restart_s"] = {"p50": percentile(catch_ups, 50), "max": max(catch_ups)}
         between = "every replica in sync" if catch_up else "no wait for the restarted replica to catch up"
         print(f"kill -9 of the leader, {rounds} rounds ({summary['flags']}; before each kill: {between}):")
         print(f"  new leader after (server side, 2 ms polling): p50 {summary['election_ms']['p50']:.0f} ms, "
@@ -169,6 +175,9 @@ def main():
               f"{summary['native_ack_gap_ms']['p50']:.0f} ms, p99 {summary['native_ack_gap_ms']['p99']:.0f} ms, "
               f"max {summary['native_ack_gap_ms']['max']:.0f} ms")
         print(f"  delivery errors: {len(errors)}")
+        if catch_ups:
+            print(f"  restarted replica back in sync after: p50 {percentile(catch_ups, 50):.1f} s, "
+                  f"max {max(catch_ups):.1f} s")
         print(json.dumps(summary))
     finally:
         cluster.stop()
