@@ -830,3 +830,19 @@ def test_the_kafka_bench_produces_through_a_leader_kill_and_every_record_arrives
     assert consumed["consumed"] >= messages, consumed
     # At least once: duplicates of retried batches are allowed, gaps and damage are not.
     assert all("delivered twice" in p or "out of order or duplicate" in p for p in problems), problems[:10]
+
+
+def test_a_topic_is_written_through_every_node_the_moment_its_creation_returns(cluster, pyralog_bin, bench_bin):
+    """As the README does: `pyralog topic create`, then at once `pyralog-bench produce`. The
+    other nodes apply the creation a moment later; a produce reaching one first is retried
+    (the metadata named the topic), not failed."""
+    import json
+    import subprocess
+    subprocess.run([pyralog_bin, "topic", "--broker", cluster.node(1).native, "create", "at-once", "--partitions",
+                    "6", "--replication-factor", "3"], check=True, timeout=CLIENT_TIMEOUT_S)
+    done = subprocess.run([bench_bin, "produce", "--broker", cluster.node(1).native, "--topic", "at-once",
+                           "--messages", "20000", "--message-bytes", "200", "--json", "--deadline-secs", "60"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (report["acked"], report["errors"]) == (20000, 0), report

@@ -913,11 +913,13 @@ impl Shard {
         self.install_cluster_meta(meta).await
     }
 
-    /// Shard 0: persists newer metadata and has every shard apply it.
+    /// Shard 0: persists newer metadata and has every shard apply it, shard 0 last: a change
+    /// this node waits for (`wait_applied`, on shard 0) is then known to every shard, so a
+    /// client told a topic was created finds it on whichever shard it asks next.
     async fn install_cluster_meta(&self, meta: ClusterMeta) -> Result<(), ShardError> {
         assert_eq!(self.id, 0, "shard 0 applies the cluster's metadata");
         meta.persist(&self.config.data_dir)?;
-        for target in 0..self.count {
+        for target in (1..self.count).chain([0]) {
             match self.call(target, Op::ApplyCluster { meta: meta.clone() }).await? {
                 OpResult::Done(result) => result?,
                 other => unreachable!("applying metadata answered with {other:?}"),

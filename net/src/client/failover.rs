@@ -12,7 +12,10 @@
 //! known and the last error.
 //!
 //! A lost connection is retried only for a partition with replicas on other nodes: a node of
-//! its own has no one to fail over to, and its clients learn at once that it is gone.
+//! its own has no one to fail over to, and its clients learn at once that it is gone. An
+//! unknown topic is retried while the metadata names it: a node applies a new topic a moment
+//! after the controller's leader does, and a client that read the metadata there may ask it
+//! first (the next metadata read drops a topic that is really gone, which ends the retries).
 //!
 //! **At-least-once.** The native protocol has no idempotent producer (a Kafka client's
 //! producer id and sequence numbers, which let a leader drop a batch it already holds). A

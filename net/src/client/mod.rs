@@ -641,13 +641,19 @@ impl Client {
 
     /// Whether `error`, from a request for `topic`/`partition`, may succeed on the
     /// partition's leader once the metadata is read again: the node does not lead it, it
-    /// went away (or is stopping) and the partition has replicas on other nodes, or it leads
-    /// but has too few in-sync replicas for a durable produce (nothing was appended).
+    /// went away (or is stopping) and the partition has replicas on other nodes, it leads
+    /// but has too few in-sync replicas for a durable produce (nothing was appended), or it
+    /// does not know a topic the metadata named (a new topic it has not applied yet).
     pub fn leader_moved(&self, topic: &str, partition: u32, error: &ClientError) -> bool {
         match error {
             ClientError::Server { code: ErrorCode::NotLeader, .. } => true,
             // Nothing was appended; a follower may be back in sync by the next try.
             ClientError::Server { code: ErrorCode::NotEnoughReplicas, .. } => true,
+            // The metadata (another node's) named the topic: this node has not applied its
+            // creation yet, and will (the next metadata read drops a topic really gone).
+            ClientError::Server { code: ErrorCode::UnknownTopic, .. } => {
+                self.cached_route(topic, partition).is_some()
+            }
             ClientError::Server { code: ErrorCode::ShuttingDown, .. } => self.replicated(topic, partition),
             error if error.is_disconnect() => self.replicated(topic, partition),
             _ => false,
