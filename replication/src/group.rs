@@ -257,6 +257,12 @@ struct Progress {
     in_flight_bytes: usize,
     /// After a rejection: one append at a time until one is accepted.
     probing: bool,
+    /// Where the probe started (our log's end for a new view, else where a refusal's epochs
+    /// or a new disk's answer said to look): while probing, heartbeats ask there and a stall
+    /// sends again from there, not from `match_end`, which is 0 for a follower never heard
+    /// in this term (a heartbeat at 0 always matches, and the answer then sent it the whole
+    /// log again: a restarted old leader caught up from offset 0).
+    probe_from: i64,
     last_heard_tick: u64,
     last_progress_tick: u64,
     /// The last tick as of which the follower's durable log held all of ours (Kafka's
@@ -592,8 +598,9 @@ impl RaftGroup {
         for i in 0..self.progress.len() {
             let p = &mut self.progress[i];
             if !p.in_flight.is_empty() && self.ticks >= p.last_progress_tick + stall_ticks {
-                // Lost or stuck appends: send again from what is known to match.
-                p.next = p.match_end;
+                // Lost or stuck appends: send again from what is known to match (or probe
+                // again where the probe started).
+                p.next = if p.probing { p.probe_from.max(p.match_end) } else { p.match_end };
                 p.in_flight.clear();
                 p.in_flight_bytes = 0;
                 p.last_progress_tick = self.ticks;
@@ -601,7 +608,8 @@ impl RaftGroup {
             let just_sent =
                 p.sent_tick > 0 && self.ticks < p.sent_tick + u64::from(self.config.heartbeat_ticks);
             if !just_sent {
-                let (to, prev_end) = (p.id, p.match_end);
+                let probe = p.probing && p.in_flight.is_empty();
+                let (to, prev_end) = (p.id, if probe { p.probe_from.max(p.match_end) } else { p.match_end });
                 let prev_epoch = self.prev_epoch(prev_end);
                 let body = Body::Append(Append {
                     prev_end,
@@ -711,6 +719,7 @@ impl RaftGroup {
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
             probing: true,
+            probe_from: self.log_end,
             last_heard_tick: self.ticks,
             last_progress_tick: self.ticks,
             caught_up_tick: None,
@@ -1358,6 +1367,7 @@ impl RaftGroup {
             // and so may what answers to appends sent before this rejection said.
             p.match_end = p.match_end.min(common);
             p.next = common.min(self.log_end);
+            p.probe_from = p.next;
             p.in_flight.clear();
             p.in_flight_bytes = 0;
             p.probing = true;
@@ -1394,6 +1404,7 @@ impl RaftGroup {
         p.acked_end = 0;
         (p.caught_up_tick, p.caught_up_mark) = (None, (log_end, ticks));
         p.next = next.clamp(0, log_end);
+        p.probe_from = p.next;
         p.in_flight.clear();
         p.in_flight_bytes = 0;
         p.probing = true;
@@ -1934,6 +1945,46 @@ mod tests {
             trio.propose_and_tick();
         }
         assert!(behind(&trio, 3) <= 1, "caught up again: {:?}", trio.groups[0].followers());
+    }
+
+    /// A new leader that never heard from a follower (it was down at the election) knows no
+    /// match point for it: its heartbeats and a stalled probe must not fall back to offset 0,
+    /// where every log matches, or the follower back from its restart is sent the whole log
+    /// again (it was: a restarted old leader took up to 107 s to catch up).
+    #[test]
+    fn a_follower_back_under_a_new_leader_is_not_sent_the_whole_log_again() {
+        let mut trio = Trio::new();
+        trio.elect_first();
+        for _ in 0..20 {
+            trio.propose_and_tick();
+        }
+        trio.down = Some(3);
+        let mut out = Vec::new();
+        trio.groups[0].transfer_leadership(2, &mut out).expect("2 is caught up");
+        let sent = trio.carry(1, &mut out);
+        trio.settle(sent);
+        for _ in 0..4 {
+            let sent = trio.tick(1);
+            trio.settle(sent);
+        }
+        assert_eq!(trio.groups[1].role(), Role::Leader, "the handover made 2 the leader");
+        // Long enough for the probe to 3 to stall and be sent again, several times.
+        for _ in 0..(trio.groups[1].config.election_ticks * 4) {
+            let sent = trio.tick(2);
+            trio.settle(sent);
+        }
+        trio.down = None;
+        let mut to_three = Vec::new();
+        for _ in 0..(trio.groups[1].config.election_ticks * 2) {
+            let sent = trio.tick(2);
+            to_three.extend(trio.settle(sent).into_iter().filter(|m| m.from == 2 && m.to == 3));
+        }
+        let resent_from_zero = to_three
+            .iter()
+            .filter(|m| matches!(&m.body, Body::Append(a) if a.prev_end == 0 && !a.batches.is_empty()))
+            .count();
+        assert_eq!(resent_from_zero, 0, "3 holds the log up to the handover: {to_three:?}");
+        assert_eq!(trio.logs[2].end(), trio.logs[1].end(), "3 caught up");
     }
 
     /// A follower that lost its connection to the leader campaigns within half an election
