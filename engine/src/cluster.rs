@@ -283,8 +283,9 @@ enum PeerRequest {
     Metadata { applied_end: i64 },
 }
 
-/// Sends `request` to `node`'s shard 0 at `address` and decodes its JSON answer; `None` (the
-/// caller tries another node) when it cannot be reached or does not answer in time.
+/// Sends `request` to `node`'s shard 0 at `address` and decodes its JSON answer; the outer
+/// error (what went wrong, for the caller to try another node) when it cannot be reached,
+/// does not answer in time or answers what does not decode.
 async fn ask_peer<T: serde::de::DeserializeOwned>(
     transport: &ClusterTransport,
     node: u32,
