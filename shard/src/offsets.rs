@@ -221,6 +221,7 @@ impl Shard {
         if role.role != Role::Leader || role.term != term {
             return Err(GroupError::NotCoordinator);
         }
+        self.check_in_sync(&replica).map_err(not_coordinator)?;
         let produced = self
             .produce_replicated(&replica, turn, &bytes, &headers, None, crate::Acks::All)
             .await

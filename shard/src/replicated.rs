@@ -1102,8 +1102,9 @@ impl Shard {
     }
 
     /// Appends to a replicated partition this node leads and waits as `acks` asks. Called
-    /// with the partition's append turn, after its idempotent producers were checked
-    /// (`retried`: the batch is a retry of one already in the log).
+    /// with the partition's append turn, after the caller checked the in-sync replicas for
+    /// `Acks::All` (`check_in_sync`) and then its idempotent producers (`retried`: the batch
+    /// is a retry of one already in the log).
     pub(crate) async fn produce_replicated(
         &self,
         replica: &Replica,
@@ -1120,9 +1121,6 @@ impl Shard {
         let (produced, term) = match retried {
             Some(done) => (done, role.term),
             None => {
-                if acks == crate::Acks::All {
-                    self.check_in_sync(replica)?;
-                }
                 let (base, end, term) = replica.propose(records, headers)?;
                 // Recorded now, before the next produce's check: the replica's worker appends later.
                 let mut producers = replica.partition.producers.borrow_mut();
