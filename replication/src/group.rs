@@ -31,7 +31,9 @@
 //!   never on an answer that may predate the follower's last loss of data;
 //! - while a membership change is joint, every quorum (commit, election, check-quorum) is
 //!   met in both voter sets; learners never campaign and never count; one change at a time,
-//!   and only once the leader has committed in its own term.
+//!   and only once the leader has committed in its own term;
+//! - a vote's log check binds every replica that is or was a voter of a configuration its
+//!   log holds (`log_is_behind`).
 
 use std::collections::VecDeque;
 
@@ -156,6 +158,9 @@ pub enum PlantedBug {
     AckBeforeDurable,
     /// A membership change swaps a voter in one step, without the joint configuration.
     SkipJointConsensus,
+    /// A replica not a voter of its newest configuration votes without the log check,
+    /// though it may be a demoted voter holding committed entries (see `log_is_behind`).
+    LearnerVotesBlind,
 }
 
 /// The configuration of one replica of a group.
@@ -1075,8 +1080,30 @@ impl RaftGroup {
         self.leader.is_some() && self.last_leader_contact_tick.is_some_and(|t| self.ticks < t + lease)
     }
 
+    /// Whether a candidate's log lacks entries ours may hold committed: the log check of a
+    /// vote. A replica that is a voter of no configuration its log holds (nor of its initial
+    /// one) skips it: no commit ever needed its copies. Why: an entry N it holds counted
+    /// toward a commit only under a leader whose configuration made it a voter. Were that
+    /// configuration at or below N, our log would hold it (Log Matching). Above N it is a
+    /// change not yet committed (N was not): not a lone new set, which follows a committed
+    /// joint one whose new set holds us, below N; so a joint (A, B) appended from committed
+    /// A, which sits below N, so we are not in A, and A's write quorum alone carried N, with
+    /// A's voters' own log checks. Without the skip a group can stall for good: a learner
+    /// holding the only copies of an uncommitted newer epoch refuses the one voter of a
+    /// joint configuration naming it that could win (simulator seed 1401956, `--membership`,
+    /// with a voter recovering a lost disk). A demoted voter keeps its check: the
+    /// configuration that made it a voter is in its log. `memberships` holds every
+    /// configuration since the log's first offset, which is 0 (no log is trimmed at its
+    /// start yet: a snapshot will have to carry whether we were ever a voter).
     fn log_is_behind(&self, last_epoch: i32, log_end: i64) -> bool {
-        (last_epoch, log_end) < (self.epochs.last_epoch(), self.log_end)
+        let id = self.config.id;
+        #[allow(unused_mut)]
+        let mut ever_a_voter = self.memberships.iter().any(|(_, m)| m.is_voter(id));
+        #[cfg(any(test, feature = "sim"))]
+        if self.config.planted_bug == Some(PlantedBug::LearnerVotesBlind) {
+            ever_a_voter = self.membership().is_voter(id);
+        }
+        ever_a_voter && (last_epoch, log_end) < (self.epochs.last_epoch(), self.log_end)
     }
 
     fn on_pre_vote(
@@ -1629,6 +1656,37 @@ mod tests {
             &out[..],
             [Action::Send(Message { body: Body::VoteResponse { granted: false }, .. })]
         ));
+    }
+
+    /// The log check of a vote binds a replica that is or was a voter; one that never was (a
+    /// learner being added) votes whatever the candidate's log: its copies never counted.
+    #[test]
+    fn only_a_replica_ever_a_voter_refuses_a_vote_for_its_log() {
+        let vote_after_holding_epoch_3 = |mut g: RaftGroup| {
+            let mut out = Vec::new();
+            let id = g.config.id;
+            let from_leader = Message { to: id, ..append(3, 0, -1, 0, vec![stamped(0, 3)]) };
+            g.receive(from_leader, &NoLog, &mut out);
+            persisted(&mut g, &mut out);
+            assert_eq!((g.epochs.last_epoch(), g.log_end()), (3, 1));
+            for _ in 0..25 {
+                g.tick(&NoLog, &mut out); // past the leader's lease, which ignores votes
+            }
+            out.clear();
+            let body = Body::Vote { last_epoch: 2, log_end: 5, transfer: false };
+            g.receive(Message { from: 2, to: id, term: 4, body }, &NoLog, &mut out);
+            persisted(&mut g, &mut out);
+            out.iter().any(|a| {
+                matches!(a, Action::Send(Message { body: Body::VoteResponse { granted: true }, .. }))
+            })
+        };
+        let learner = {
+            let config = Config { learners: vec![4], ..config(4, &[1, 2, 3]) };
+            RaftGroup::new(config, Restore::default(), XorShiftRng::seed_from_u64(4), &mut Vec::new())
+                .expect("valid config")
+        };
+        assert!(vote_after_holding_epoch_3(learner), "a learner never a voter grants");
+        assert!(!vote_after_holding_epoch_3(group(3, &[1, 2, 3])), "a voter with a newer log refuses");
     }
 
     fn append(term: i32, prev_end: i64, prev_epoch: i32, commit_end: i64, batches: Vec<Bytes>) -> Message {

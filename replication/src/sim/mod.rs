@@ -54,6 +54,8 @@ pub enum Bug {
     ElectionQuorumTooSmall,
     /// Membership changes without the joint configuration.
     SkipJointConsensus,
+    /// A replica outside its newest voter set votes without the log check.
+    LearnerVotesBlind,
 }
 
 impl Bug {
@@ -63,6 +65,7 @@ impl Bug {
             "ack-before-durable" => Some(Bug::AckBeforeDurable),
             "election-quorum-too-small" => Some(Bug::ElectionQuorumTooSmall),
             "skip-joint-consensus" => Some(Bug::SkipJointConsensus),
+            "learner-votes-blind" => Some(Bug::LearnerVotesBlind),
             _ => None,
         }
     }
@@ -72,6 +75,7 @@ impl Bug {
             Bug::AckBeforeDurable => "ack-before-durable",
             Bug::ElectionQuorumTooSmall => "election-quorum-too-small",
             Bug::SkipJointConsensus => "skip-joint-consensus",
+            Bug::LearnerVotesBlind => "learner-votes-blind",
         }
     }
 }
@@ -397,6 +401,7 @@ impl World {
             Some(Bug::CommitEarlierTerm) => Some(PlantedBug::CommitEarlierTerm),
             Some(Bug::AckBeforeDurable) => Some(PlantedBug::AckBeforeDurable),
             Some(Bug::SkipJointConsensus) => Some(PlantedBug::SkipJointConsensus),
+            Some(Bug::LearnerVotesBlind) => Some(PlantedBug::LearnerVotesBlind),
             _ => None,
         };
         let config = Config {

@@ -129,6 +129,24 @@ fn planted_bug_membership_change_without_joint_consensus_is_caught() {
     assert!(lost, "{failure}");
 }
 
+/// The rule that lets a replica never a voter skip the log check of a vote, widened to any
+/// replica outside its newest voter set: a demoted voter holding committed entries then
+/// elects a leader without them (first failing seed 372).
+#[test]
+fn planted_bug_a_learner_voting_without_the_log_check_is_caught() {
+    let options = Options { bug: Some(Bug::LearnerVotesBlind), ..membership() };
+    let failure = first_failure(2_000, &options).expect("a demoted voter voting blind is caught");
+    assert!(failure.message.contains("completeness"), "{failure}");
+}
+
+/// A voter recovering a lost disk, a learner holding the only copies of the newest,
+/// uncommitted epoch, and the one voter that could win holding a stale joint configuration
+/// naming that learner: the learner used to refuse it for its newer log, and no one won.
+#[test]
+fn a_learner_with_the_newest_log_does_not_stall_an_election() {
+    run(1_401_956, &membership()).unwrap_or_else(|failure| panic!("{failure}"));
+}
+
 /// With no faults and a 1 ms network, a new leader within 3 election timeouts (3 x 100 ms,
 /// the shortest timeout) of a leader crash in 99% of seeds.
 #[test]
