@@ -39,7 +39,7 @@ use glommio::io::{Directory, DmaBuffer, DmaFile};
 use crate::batch::{self, BatchHeader};
 use crate::segment::{
     self, align_down, Resume, Segment, StampedBatch, BLOCK_BYTES, SEGMENT_BYTES_MAX, SEGMENT_OFFSET_SPAN_MAX,
-    WRITE_CHUNK_BYTES_MAX,
+    WRITE_CHUNK_BYTES_MAX, ZERO_AHEAD_BYTES, ZERO_AHEAD_FLUSH_BYTES_MAX,
 };
 use crate::{LogError, Result};
 
@@ -571,14 +571,68 @@ impl Log {
         Ok(())
     }
 
-    /// Writes `batches` after the segment's durable end, rewriting its tail block, then
-    /// fdatasyncs and publishes the new size and index entries.
+    /// Writes `batches` after the segment's durable end, rewriting its tail block (and, for a
+    /// small flush, zeros ahead of them: [`ZERO_AHEAD_BYTES`]), then fdatasyncs and publishes
+    /// the new size and index entries.
     async fn write_segment(&self, segment: &Segment, batches: &[StampedBatch]) -> Result<()> {
         let size = segment.size.get();
         let start = align_down(size);
         let tail = std::mem::take(&mut self.state.borrow_mut().tail);
         assert_eq!(tail.len() as u64, size - start, "the tail is the last partial block");
         let end = size + batches.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
+        let zeros = self.zero_ahead(segment, end - size);
+        let write_zeros = async {
+            let Some((at, bytes)) = zeros else { return Ok(()) };
+            let mut buffer = segment.file.alloc_dma_buffer(bytes);
+            buffer.as_bytes_mut().fill(0);
+            write_fully(segment, buffer, at).await
+        };
+        let (new_tail, zeroed) =
+            futures_lite::future::zip(self.write_blocks_of(segment, tail, batches, end), write_zeros).await;
+        let new_tail = new_tail?;
+        // Zeros that failed to land (a full disk: they take room first) cost the batches
+        // nothing: blocks past `size` are never read, and an open cuts them off.
+        let zeros = zeros.filter(|_| zeroed.is_ok());
+        segment.file.fdatasync().await.map_err(|e| LogError::io("fdatasync of segment", &segment.path, e))?;
+        let written_end = segment::align_up(end).max(zeros.map_or(0, |(at, bytes)| at + bytes as u64));
+        segment.zeroed_end.set(segment.zeroed_end.get().max(written_end));
+        let mut index = segment.index.borrow_mut();
+        let mut at = size;
+        for batch in batches {
+            index.on_batch(&batch.header, segment::position_u32(at));
+            at += batch.bytes.len() as u64;
+        }
+        segment.size.set(end);
+        segment.next_offset.set(batches.last().expect("not empty").header.next_offset());
+        self.state.borrow_mut().tail = new_tail;
+        Ok(())
+    }
+
+    /// Where a flush of `flushed` bytes zeroes ahead, if it does: a small one whose end
+    /// comes within half of [`ZERO_AHEAD_BYTES`] of the written blocks' end zeroes the next
+    /// [`ZERO_AHEAD_BYTES`] (fewer at the segment's configured size, none past it), right
+    /// after both ends, so never a block the batches' writes touch.
+    fn zero_ahead(&self, segment: &Segment, flushed: u64) -> Option<(u64, usize)> {
+        let end = segment::align_up(segment.size.get() + flushed);
+        let from = segment.zeroed_end.get().max(end);
+        let limit = segment::align_up(self.config.segment_bytes);
+        if flushed > ZERO_AHEAD_FLUSH_BYTES_MAX || from >= end + ZERO_AHEAD_BYTES as u64 / 2 || from >= limit
+        {
+            return None;
+        }
+        Some((from, (limit - from).min(ZERO_AHEAD_BYTES as u64) as usize))
+    }
+
+    /// The batches' writes of [`Log::write_segment`], from the tail block on; returns the new
+    /// tail (the last partial block).
+    async fn write_blocks_of(
+        &self,
+        segment: &Segment,
+        tail: Vec<u8>,
+        batches: &[StampedBatch],
+        end: u64,
+    ) -> Result<Vec<u8>> {
+        let start = align_down(segment.size.get());
         let mut pieces = std::iter::once(&tail[..]).chain(batches.iter().map(|b| &b.bytes[..]));
         let mut piece: &[u8] = &[];
         let mut position = start;
@@ -607,17 +661,7 @@ impl Log {
             write_fully(segment, buffer, position).await?;
             position += buffer_bytes as u64;
         }
-        segment.file.fdatasync().await.map_err(|e| LogError::io("fdatasync of segment", &segment.path, e))?;
-        let mut index = segment.index.borrow_mut();
-        let mut at = size;
-        for batch in batches {
-            index.on_batch(&batch.header, segment::position_u32(at));
-            at += batch.bytes.len() as u64;
-        }
-        segment.size.set(end);
-        segment.next_offset.set(batches.last().expect("not empty").header.next_offset());
-        self.state.borrow_mut().tail = new_tail;
-        Ok(())
+        Ok(new_tail)
     }
 
     /// Seals the active segment (cuts its zero padding, persists its index) and starts a new
@@ -1819,6 +1863,52 @@ pub(crate) mod tests {
             assert_eq!(std::fs::metadata(&path).unwrap().len(), good_size);
             assert_eq!(read_all(&log, 0).await.len(), 20);
             assert_eq!(fill(&log, 1, 1, 1).await, vec![(40, 41)]);
+        });
+    }
+
+    /// A small flush leaves zeros written past the segment's end (so the next flushes write
+    /// inside written blocks); nothing reads them, and an open, a truncation and a seal cut
+    /// them off. A large flush writes none.
+    #[test]
+    fn zeros_written_ahead_are_cut_off_and_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { segment_bytes: 4 << 20, ..small_config() };
+            let path = dir.path().join(segment::log_file_name(0));
+            let file_len = || std::fs::metadata(&path).unwrap().len();
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            fill(&log, 10, 1, 1).await;
+            let size = log.size_bytes();
+            assert!(file_len() >= size + ZERO_AHEAD_BYTES as u64 / 2, "{} of {size}", file_len());
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(bytes[size as usize..].iter().all(|b| *b == 0), "zeros past the end");
+            assert_eq!(read_all(&log, 0).await.len(), 10);
+            // A crash: the file keeps its zeros, and the open cuts them off.
+            drop(log);
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            assert_eq!((log.next_offset(), log.size_bytes(), file_len()), (10, size, size));
+            fill(&log, 5, 1, 1).await;
+            assert!(file_len() > log.size_bytes(), "zeroing ahead again");
+            log.truncate_from(12).await.unwrap();
+            assert_eq!(file_len(), log.size_bytes(), "a truncation cuts the zeros");
+            assert_eq!(read_all(&log, 0).await.len(), 12);
+            // A large flush, past the zeros, writes none of its own; a seal cuts the file to
+            // its batches.
+            let large = batch::build_for_tests(1, &vec![7u8; 2 * ZERO_AHEAD_FLUSH_BYTES_MAX as usize], 0);
+            let headers = batch::parse_all(&large).unwrap();
+            log.append(Bytes::from(large), &headers).unwrap();
+            log.flush().await.unwrap();
+            let size = log.size_bytes();
+            assert_eq!(file_len(), segment::align_up(size), "no zeros after a large flush");
+            log.close().await.unwrap();
+            let config = LogConfig { segment_bytes: 128 << 10, ..config };
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            fill(&log, 1, 1, 1).await;
+            assert_eq!(log.segment_count(), 2, "rolled past the smaller segment size");
+            assert_eq!(file_len(), size, "sealed: its batches and no more");
+            drop(log);
+            let log = Log::open(dir.path(), config).await.unwrap();
+            assert_eq!(read_all(&log, 0).await.len(), 14);
         });
     }
 

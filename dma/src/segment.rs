@@ -35,6 +35,17 @@ pub const BLOCK_BYTES: u64 = 4096;
 /// runs, and what a read ahead keeps past its result is copied to the heap
 /// (`FileWindow::into_held`), so no reader pins that memory while it waits.
 pub const WRITE_CHUNK_BYTES_MAX: usize = 512 << 10;
+/// How much a small flush zeroes ahead of the segment's end, written beside its batches.
+/// An fdatasync after a write that grows the file also commits the file's new size and
+/// blocks through the filesystem's journal; after a write into blocks already written it
+/// flushes the device cache alone. Measured with fio here (18 writers of 16 KiB, fdatasync
+/// after each): p99 2.8-4.8 ms appending, 3.2-5.1 ms into fallocated (unwritten) blocks,
+/// 0.95-1.27 ms overwriting. So a flush of a few KiB keeps the next ones inside written
+/// blocks: one journal commit per this many bytes instead of one per flush.
+pub const ZERO_AHEAD_BYTES: usize = WRITE_CHUNK_BYTES_MAX;
+/// Only a flush of at most this many bytes zeroes ahead: a larger one spreads its journal
+/// commit over its bytes, and zeroes would double what a busy disk writes.
+pub const ZERO_AHEAD_FLUSH_BYTES_MAX: u64 = 128 << 10;
 /// How far a reader reads ahead of what it was asked for.
 pub const READAHEAD_BYTES: usize = 256 << 10;
 /// The largest segment size a log can be configured with (4 GiB). Positions inside a segment
@@ -72,6 +83,10 @@ pub(crate) struct Segment {
     pub index: RefCell<SegmentIndex>,
     /// Bytes readers (fetches, lookups, recovery) read from the file.
     pub disk_bytes_read: Cell<u64>,
+    /// The file's blocks up to here are written (batches, or zeros a flush wrote ahead of
+    /// them: see [`ZERO_AHEAD_BYTES`]); at least `size`. Zeros past `size` end a scan like
+    /// a torn tail, and are cut off at an open, a truncation and a seal.
+    pub zeroed_end: Cell<u64>,
 }
 
 impl Segment {
@@ -100,6 +115,7 @@ impl Segment {
             next_offset: Cell::new(base_offset),
             index: RefCell::new(SegmentIndex::new(base_offset, index_interval_bytes)),
             disk_bytes_read: Cell::new(0),
+            zeroed_end: Cell::new(0),
         })
     }
 
@@ -159,6 +175,7 @@ impl Segment {
             }
             Some(_) => segment.cut_at(end, "truncating torn tail").await?,
         }
+        segment.zeroed_end.set(end);
         Ok(segment)
     }
 
@@ -341,6 +358,7 @@ impl Segment {
 
     /// Cuts the file at `position` and makes the cut durable. `op` names the reason in errors.
     pub async fn cut_at(&self, position: u64, op: &'static str) -> Result<()> {
+        self.zeroed_end.set(self.zeroed_end.get().min(position));
         self.file.truncate(position).await.map_err(|e| LogError::io(op, &self.path, e))?;
         self.file.fdatasync().await.map_err(|e| LogError::io(op, &self.path, e))
     }
