@@ -272,6 +272,14 @@ fn main() {
     };
     // The file's settings, then the command line's, which override them.
     let cli = Cli::parse_from(args);
+    if cli.command.is_some() {
+        // An admin command's output piped into `head` ends it quietly when the pipe closes,
+        // as other command-line tools do, rather than panicking in `println!` on EPIPE
+        // (Rust ignores SIGPIPE). The daemon keeps ignoring it: a closed socket is an error
+        // for one connection, not the end of the process.
+        // SAFETY: called before any other thread exists; it only resets a signal disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Some(Command::Topic { broker, action }) => admin::run(&broker, action),
         Some(Command::Cluster { node, action: ClusterAction::Status }) => status::status(&node),

@@ -918,3 +918,30 @@ fn a_replication_factor_on_a_cluster_of_one_is_refused_by_name() {
     let topics: Vec<String> = client.metadata(&[]).unwrap().topics.into_iter().map(|t| t.name).collect();
     assert_eq!(topics, vec!["single".to_string()]);
 }
+
+/// `pyralog topic describe ... | head -1`: the command ends when the pipe closes, quietly
+/// (SIGPIPE, as other tools), not with a panic and a backtrace from `println!` on EPIPE.
+#[test]
+fn an_admin_command_piped_into_head_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    // Over 64 KiB of lines (a pipe's buffer), so the command is still writing when the
+    // reader goes.
+    node.client().create_topic("wide", 2000).unwrap();
+    let mut describe = std::process::Command::new(env!("CARGO_BIN_EXE_pyralog"))
+        .args(["topic", "--broker", &node.addr, "describe", "wide"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut stdout = std::io::BufReader::new(describe.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert!(first.starts_with("topic 'wide': 2000 partitions"), "{first}");
+    drop(stdout);
+    let output = describe.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{:?} {stderr}", output.status);
+}
