@@ -8,10 +8,13 @@ acknowledgements around the kill, for that producer and for pyralog-bench's nati
 run per round, on the same partition, --rate 5000, acks=durable: its report's ack_gap_max_ms).
 The killed node is restarted and caught up between rounds: the next kill waits until the
 leader counts all three replicas in sync (a leader killed while another replica still catches
-up leaves no write quorum until it has: a second fault, measured separately with --no-catch-up). Prints medians, p99 and max, and
-one JSON line.
+up leaves no write quorum until it has: a second fault, measured separately with --no-catch-up).
+With --sigstop the leader is paused (SIGSTOP) instead of killed, and resumed (SIGCONT) once
+the others elected a new leader: no connection is reset, so the followers notice only when
+their election timeout passes without a heartbeat, and clients only when a request to the
+paused node times out. Prints medians, p99 and max, and one JSON line.
 
-    python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [extra pyralog flags...]
+    python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [--sigstop] [extra pyralog flags...]
 """
 
 import json
@@ -68,7 +71,9 @@ def percentile(values, p):
 def main():
     binary, rounds, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     catch_up = "--no-catch-up" not in extra
-    extra = [flag for flag in extra if flag != "--no-catch-up"]
+    sigstop = "--sigstop" in extra
+    extra = [flag for flag in extra if flag not in ("--no-catch-up", "--sigstop")]
+    fault = "SIGSTOP" if sigstop else "kill -9"
     base = tempfile.mkdtemp(prefix="pyralog-failover-")
     cluster = Cluster(binary, base, extra_args=extra).start()
     try:
@@ -76,8 +81,14 @@ def main():
         admin.create_topics([NewTopic("failover", 1, 3)])["failover"].result(30)
         wait_until("the partition has a leader", lambda: leader_of([1, 2, 3], "failover"))
         acks, errors, stop = [], [], threading.Event()
-        producer = Producer({"bootstrap.servers": cluster.bootstrap, "enable.idempotence": True, "acks": "all",
-                             "linger.ms": 1, "message.timeout.ms": 60000})
+        settings = {"bootstrap.servers": cluster.bootstrap, "enable.idempotence": True, "acks": "all",
+                    "linger.ms": 1, "message.timeout.ms": 60000}
+        if sigstop:
+            # A paused broker answers nothing and resets nothing: librdkafka notices when its
+            # request times out (socket.timeout.ms, 60 s by default, as long as the messages'
+            # own timeout, so they failed first). 5 s, as the native bench's 10 s, bounds the gap.
+            settings.update({"socket.timeout.ms": 5000, "request.timeout.ms": 5000})
+        producer = Producer(settings)
 
         def on_delivery(error, _message):
             (errors.append(error) if error else acks.append(time.monotonic()))
@@ -109,7 +120,10 @@ def main():
             leader, term = leader_of([1, 2, 3], "failover")
             survivors = [n for n in (1, 2, 3) if n != leader]
             killed_at = time.monotonic()
-            cluster.node(leader).kill9()
+            if sigstop:
+                cluster.node(leader).pause()
+            else:
+                cluster.node(leader).kill9()
             while True:
                 found = leader_of(survivors, "failover")
                 if found and found[1] > term:
@@ -119,7 +133,8 @@ def main():
                     raise AssertionError("no new leader within 30 s")
                 time.sleep(0.002)
             try:
-                wait_until("acknowledgements resume", lambda: acks and acks[-1] > killed_at + 0.2, timeout_s=30)
+                wait_until("acknowledgements resume", lambda: acks and acks[-1] > killed_at + 0.2,
+                           timeout_s=90 if sigstop else 30)
             except AssertionError:
                 for node in (1, 2, 3):
                     try:
@@ -129,25 +144,29 @@ def main():
                     print(f"node {node}: {replicas}", file=sys.stderr)
                 print(f"delivery errors: {errors[-3:]}", file=sys.stderr)
                 raise
-            print(f"round {len(elections)}: killed node {leader}, new leader after {elections[-1]:.0f} ms",
+            print(f"round {len(elections)}: {fault} of node {leader}, new leader after {elections[-1]:.0f} ms",
                   file=sys.stderr)
-            around = [t for t in acks if killed_at - 1 <= t <= killed_at + 5]
+            around = [t for t in acks if killed_at - 1 <= t <= killed_at + (60 if sigstop else 5)]
             gaps.append(max((b - a) * 1000 for a, b in zip(around, around[1:])))
-            out, _ = native.communicate(timeout=60)
+            out, _ = native.communicate(timeout=120)
             report = json.loads(out)
             if report["errors"] or report["unacknowledged"]:
                 raise AssertionError(f"the native producer lost or failed records: {report}")
             native_gaps.append(report["ack_gap_max_ms"])
             print(f"round {len(elections)}: native producer's longest gap {native_gaps[-1]:.0f} ms, "
-                  f"{report['leader_retries']} retries", file=sys.stderr)
-            cluster.node(leader).start().wait_ready()
+                  f"{report['leader_retries']} retries; librdkafka's {gaps[-1]:.0f} ms", file=sys.stderr)
+            if sigstop:
+                cluster.node(leader).resume()
+            else:
+                cluster.node(leader).start().wait_ready()
             wait_until("the restarted node leads or follows again",
                        lambda: all(view(n) for n in (1, 2, 3)), timeout_s=30)
             if catch_up:
                 restarted_at = time.monotonic()
                 wait_until("every replica is in sync again", lambda: all_in_sync("failover"), timeout_s=180)
                 catch_ups.append(time.monotonic() - restarted_at)
-                print(f"round {len(elections)}: every replica in sync {catch_ups[-1]:.1f} s after the restart",
+                print(f"round {len(elections)}: every replica in sync {catch_ups[-1]:.1f} s after the "
+                      f"{'resume' if sigstop else 'restart'}",
                       file=sys.stderr)
             time.sleep(1.0)
         stop.set()
@@ -157,6 +176,7 @@ def main():
             "rounds": rounds,
             "flags": " ".join(extra) or "defaults",
             "caught_up_between_rounds": catch_up,
+            "fault": fault,
             "election_ms": {"p50": percentile(elections, 50), "p99": percentile(elections, 99), "max": max(elections)},
             "ack_gap_ms": {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99), "max": max(gaps)},
             "native_ack_gap_ms": {"p50": percentile(native_gaps, 50), "p99": percentile(native_gaps, 99),
@@ -166,7 +186,7 @@ def main():
         if catch_ups:
             summary["in_sync_after_restart_s"] = {"p50": percentile(catch_ups, 50), "max": max(catch_ups)}
         between = "every replica in sync" if catch_up else "no wait for the restarted replica to catch up"
-        print(f"kill -9 of the leader, {rounds} rounds ({summary['flags']}; before each kill: {between}):")
+        print(f"{fault} of the leader, {rounds} rounds ({summary['flags']}; before each kill: {between}):")
         print(f"  new leader after (server side, 2 ms polling): p50 {summary['election_ms']['p50']:.0f} ms, "
               f"p99 {summary['election_ms']['p99']:.0f} ms, max {summary['election_ms']['max']:.0f} ms")
         print(f"  longest gap between acknowledgements (librdkafka acks=all): p50 {summary['ack_gap_ms']['p50']:.0f} "
@@ -176,7 +196,7 @@ def main():
               f"max {summary['native_ack_gap_ms']['max']:.0f} ms")
         print(f"  delivery errors: {len(errors)}")
         if catch_ups:
-            print(f"  restarted replica back in sync after: p50 {percentile(catch_ups, 50):.1f} s, "
+            print(f"  {'resumed' if sigstop else 'restarted'} replica back in sync after: p50 {percentile(catch_ups, 50):.1f} s, "
                   f"max {max(catch_ups):.1f} s")
         print(json.dumps(summary))
     finally:

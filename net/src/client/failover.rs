@@ -12,7 +12,12 @@
 //! known and the last error.
 //!
 //! A lost connection is retried only for a partition with replicas on other nodes: a node of
-//! its own has no one to fail over to, and its clients learn at once that it is gone. An
+//! its own has no one to fail over to, and its clients learn at once that it is gone. So is a
+//! request the node did not answer within the request timeout: a paused node (SIGSTOP, a
+//! stalled VM) or one cut off by the network resets no connection, and the others elect a
+//! new leader after their election timeout; the client finds it only once its request times
+//! out, so such a gap lasts the request timeout ([`ConnectOptions::request_timeout`]), as a
+//! Kafka client's does. An
 //! unknown topic is retried while the metadata names it: a node applies a new topic a moment
 //! after the controller's leader does, and a client that read the metadata there may ask it
 //! first (the next metadata read drops a topic that is really gone, which ends the retries).
@@ -28,6 +33,7 @@
 //!
 //! [`ErrorCode::NotLeader`]: super::ErrorCode::NotLeader
 //! [`ConnectOptions::leader_retry_budget`]: super::ConnectOptions::leader_retry_budget
+//! [`ConnectOptions::request_timeout`]: super::ConnectOptions::request_timeout
 //! [`ClientError::LeaderUnavailable`]: super::ClientError::LeaderUnavailable
 
 use std::time::{Duration, Instant};

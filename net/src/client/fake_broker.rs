@@ -99,6 +99,8 @@ struct State {
     nodes: Option<Nodes>,
     /// Native produce responses wait (the batches are appended) while this is set.
     produce_responses_held: bool,
+    /// The same, on this one node only (a paused node: its connections stay open).
+    produce_responses_held_on: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -273,6 +275,13 @@ impl FakeBroker {
         self.shared.released.notify_all();
     }
 
+    /// [`FakeBroker::hold_produce_responses`] on node `node` alone (`None`: on none), as a
+    /// paused node would: its connections stay open and silent.
+    pub fn hold_produce_responses_on(&self, node: Option<u32>) {
+        self.shared.lock().produce_responses_held_on = node;
+        self.shared.released.notify_all();
+    }
+
     /// Stops accepting and closes every connection.
     pub fn shutdown(&mut self) {
         if self.shared.stopped.swap(true, Ordering::SeqCst) {
@@ -402,7 +411,7 @@ fn handle(shared: &Shared, node: u32, correlation_id: u64, request: Request) -> 
                 return None;
             }
             let mut state = shared.lock();
-            while state.produce_responses_held
+            while (state.produce_responses_held || state.produce_responses_held_on == Some(node))
                 && !shared.stopped.load(Ordering::SeqCst)
                 && !state.nodes.as_ref().is_some_and(|nodes| nodes.down[node as usize])
             {

@@ -73,6 +73,10 @@ use crate::codec::{
 
 /// Offsets reported for a produce the broker does not acknowledge (`Acks::None`).
 pub const OFFSET_UNACKNOWLEDGED: i64 = -1;
+/// How long a metadata request waits for one node before the next is asked (or the request
+/// timeout, if shorter). A node answers metadata from memory at once; one that does not is
+/// paused or cut off, which is when a client following a leader needs another node's view.
+pub const METADATA_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -450,7 +454,7 @@ impl Client {
     /// learns.
     pub fn metadata(&self, topics: &[&str]) -> Result<MetadataResponse> {
         let request = Request::Metadata { topics: topics.iter().map(|t| (*t).to_owned()).collect() };
-        let (answered, frame) = self.call_any_node(&request)?;
+        let (answered, frame) = self.call_any_node(&request, true)?;
         let Response::Metadata(metadata) = response_body("metadata", frame)? else {
             unreachable!("response_body checks the kind");
         };
@@ -508,13 +512,13 @@ impl Client {
             replication_factor,
             min_insync_replicas,
         };
-        response_body("create_topic", self.call_any_node(&request)?.1)?;
+        response_body("create_topic", self.call_any_node(&request, false)?.1)?;
         self.metadata(&[name]).map(drop)
     }
 
     pub fn delete_topic(&self, name: &str) -> Result<()> {
         let request = Request::DeleteTopic { name: name.to_owned() };
-        response_body("delete_topic", self.call_any_node(&request)?.1)?;
+        response_body("delete_topic", self.call_any_node(&request, false)?.1)?;
         self.inner.topics.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         Ok(())
     }
@@ -641,9 +645,11 @@ impl Client {
 
     /// Whether `error`, from a request for `topic`/`partition`, may succeed on the
     /// partition's leader once the metadata is read again: the node does not lead it, it
-    /// went away (or is stopping) and the partition has replicas on other nodes, it leads
-    /// but has too few in-sync replicas for a durable produce (nothing was appended), or it
-    /// does not know a topic the metadata named (a new topic it has not applied yet).
+    /// went away (or is stopping), or did not answer within the request timeout (paused or
+    /// cut off: no reset connection says so), and the partition has replicas on other nodes;
+    /// it leads but has too few in-sync replicas for a durable produce (nothing was
+    /// appended); or it does not know a topic the metadata named (a new topic it has not
+    /// applied yet).
     pub fn leader_moved(&self, topic: &str, partition: u32, error: &ClientError) -> bool {
         match error {
             ClientError::Server { code: ErrorCode::NotLeader, .. } => true,
@@ -656,6 +662,9 @@ impl Client {
             }
             ClientError::Server { code: ErrorCode::ShuttingDown, .. } => self.replicated(topic, partition),
             error if error.is_disconnect() => self.replicated(topic, partition),
+            // The others elect a new leader once their election timeout passes without the
+            // silent node's heartbeats; a node of its own has no one to fail over to.
+            ClientError::Timeout { .. } => self.replicated(topic, partition),
             _ => false,
         }
     }
@@ -690,7 +699,12 @@ impl Client {
     /// else each node the last metadata named, until one answers; returns who answered and
     /// what. A node that cannot be reached is skipped; if none can, the first failure is
     /// returned.
-    fn call_any_node(&self, request: &Request) -> Result<(SocketAddr, ResponseFrame)> {
+    ///
+    /// A metadata request (`metadata`) waits at most [`METADATA_TIMEOUT_MAX`] for each node
+    /// and then asks the next: a node that does not answer it (paused, cut off) is the likely
+    /// reason the caller needs the metadata. Any other request is not sent twice: its
+    /// timeout is returned.
+    fn call_any_node(&self, request: &Request, metadata: bool) -> Result<(SocketAddr, ResponseFrame)> {
         let last = *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner());
         let mut candidates = vec![last, self.inner.bootstrap];
         candidates.extend(self.inner.nodes.read().unwrap_or_else(|p| p.into_inner()).iter().copied());
@@ -699,12 +713,18 @@ impl Client {
             if candidates[..index].contains(&addr) {
                 continue;
             }
-            match self.connection(addr).and_then(|connection| connection.call(request)) {
+            let answer = self.connection(addr).and_then(|connection| match metadata {
+                true => connection.call_within(request, METADATA_TIMEOUT_MAX),
+                false => connection.call(request),
+            });
+            match answer {
                 Ok(frame) => {
                     *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner()) = addr;
                     return Ok((addr, frame));
                 }
-                Err(error) if error.is_disconnect() => {
+                Err(error)
+                    if error.is_disconnect() || metadata && matches!(error, ClientError::Timeout { .. }) =>
+                {
                     failure.get_or_insert(error);
                 }
                 Err(error) => return Err(error),

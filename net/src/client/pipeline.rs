@@ -339,6 +339,17 @@ impl<F: Framing> Pipeline<F> {
         self.send(request)?.wait()
     }
 
+    /// [`Pipeline::call`], giving up on the response after `timeout` if that is shorter than
+    /// the request timeout.
+    pub fn call_within(&self, request: F::Request<'_>, timeout: Duration) -> Result<F::Response> {
+        let mut pending = self.send(request)?;
+        if timeout < pending.timeout {
+            pending.deadline = pending.deadline - pending.timeout + timeout;
+            pending.timeout = timeout;
+        }
+        pending.wait()
+    }
+
     fn lock_writer(&self) -> MutexGuard<'_, Writer<F>> {
         self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

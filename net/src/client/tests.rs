@@ -623,6 +623,46 @@ fn batches_a_stopped_leader_never_answered_are_sent_again_at_least_once() {
     assert_eq!(client.metadata(&[]).unwrap().node_id, 1);
 }
 
+/// A leader that stops answering without closing its connections (SIGSTOP, a cut network):
+/// the produce times out, and the client reads the metadata again and follows the new
+/// leader instead of failing the records.
+#[test]
+fn batches_a_silent_leader_did_not_answer_go_to_the_next_one() {
+    let broker = FakeBroker::start_cluster(2).unwrap();
+    let options = ConnectOptions {
+        request_timeout: Duration::from_millis(300),
+        leader_retry_budget: LEADER_RETRY_BUDGET_DEFAULT,
+        ..ConnectOptions::default()
+    };
+    let client = Client::connect_with(&broker.node_addr(1).to_string(), options).unwrap();
+    client.create_topic("paused", 1).unwrap();
+    assert_eq!(broker.leader("paused", 0).0, 0);
+    let config = ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::new("paused") };
+    let (mut producer, reports) = producer(&client, config);
+    producer.send(None, b"before").unwrap();
+    producer.flush().unwrap();
+    // Node 0 stores the next batch and goes silent before it answers; the others elect
+    // node 1.
+    broker.hold_produce_responses_on(Some(0));
+    producer.send(None, b"during").unwrap();
+    while broker.next_offset("paused", 0) != Some(2) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    broker.move_leader("paused", 0, 1);
+    producer.flush().unwrap();
+    broker.hold_produce_responses_on(None);
+    let reports = reports.lock().unwrap();
+    assert!(
+        reports.iter().all(|r| r.error.is_none()),
+        "{:?}",
+        reports.iter().map(|r| &r.error).collect::<Vec<_>>()
+    );
+    assert_eq!(reports[1].retries, 1, "sent again to node 1 after the timeout");
+    let values: Vec<Vec<u8>> = log_of(&client, "paused", 0).into_iter().map(|(_, v)| v).collect();
+    // At-least-once: node 0 stored the batch it never answered for.
+    assert_eq!(values, [b"before".to_vec(), b"during".to_vec(), b"during".to_vec()]);
+}
+
 #[test]
 fn the_consumer_keeps_its_position_across_leader_changes() {
     let mut broker = FakeBroker::start_cluster(2).unwrap();
