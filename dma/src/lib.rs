@@ -9,8 +9,9 @@
 //! - offsets are contiguous and only grow; `log_start <= durable <= next`;
 //! - an acknowledged flush means written and fdatasync'ed, with any new segment's directory
 //!   entry synced too;
-//! - after any write or fdatasync error, or an error of a truncation that changed the log, the
-//!   log takes no more writes (fsyncgate);
+//! - after any write or fdatasync error (but a full disk refusing the zeros a small flush
+//!   writes ahead of the batches), or an error of a truncation that changed the log, the log
+//!   takes no more writes (fsyncgate);
 //! - recovery cuts only the last segment (a torn tail); damage in a sealed segment fails the
 //!   open and no file is changed.
 //!

@@ -590,9 +590,14 @@ impl Log {
         let (new_tail, zeroed) =
             futures_lite::future::zip(self.write_blocks_of(segment, tail, batches, end), write_zeros).await;
         let new_tail = new_tail?;
-        // Zeros that failed to land (a full disk: they take room first) cost the batches
-        // nothing: blocks past `size` are never read, and an open cuts them off.
-        let zeros = zeros.filter(|_| zeroed.is_ok());
+        // Zeros refused for room (they take it before the batches do) cost the batches
+        // nothing: blocks past `size` are never read, and an open cuts them off. Any other
+        // failure stops the log, as a failed write of batches does.
+        let zeros = match zeroed {
+            Ok(()) => zeros,
+            Err(error) if error.is_no_space() => None,
+            Err(error) => return Err(error),
+        };
         segment.file.fdatasync().await.map_err(|e| LogError::io("fdatasync of segment", &segment.path, e))?;
         let written_end = segment::align_up(end).max(zeros.map_or(0, |(at, bytes)| at + bytes as u64));
         segment.zeroed_end.set(segment.zeroed_end.get().max(written_end));
