@@ -702,7 +702,8 @@ impl Client {
     ///
     /// A metadata request (`metadata`) waits at most [`METADATA_TIMEOUT_MAX`] for each node
     /// and then asks the next: a node that does not answer it (paused, cut off) is the likely
-    /// reason the caller needs the metadata. Any other request is not sent twice: its
+    /// reason the caller needs the metadata; if none answers that fast, the first is asked
+    /// once more with the whole request timeout. Any other request is not sent twice: its
     /// timeout is returned.
     fn call_any_node(&self, request: &Request, metadata: bool) -> Result<(SocketAddr, ResponseFrame)> {
         let last = *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner());
@@ -730,7 +731,16 @@ impl Client {
                 Err(error) => return Err(error),
             }
         }
-        Err(failure.expect("the bootstrap address is always a candidate"))
+        let failure = failure.expect("the bootstrap address is always a candidate");
+        if metadata && matches!(failure, ClientError::Timeout { .. }) {
+            // No node answered within the short wait: they may all be slow (a loaded
+            // cluster) rather than silent, so the first is given the whole request timeout.
+            let answer = self.connection(candidates[0]).and_then(|connection| connection.call(request));
+            if let Ok(frame) = answer {
+                return Ok((candidates[0], frame));
+            }
+        }
+        Err(failure)
     }
 
     /// The connection to the leader of `topic`/`partition`, on the shard owning it there.
