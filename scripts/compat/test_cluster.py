@@ -492,6 +492,43 @@ def committed_offsets(bootstrap, group, topic, partitions):
         consumer.close()
 
 
+@pytest.fixture
+def one_seed_two_brokers(request, pyralog_bin, tmp_path):
+    """Node 1 the only seed (the controller's one voter), nodes 2 and 3 brokers joined through it."""
+    cluster = Cluster(pyralog_bin, str(tmp_path), size=1, brokers=2).start()
+    request.node.pyralog_nodes = cluster.nodes
+    yield cluster
+    cluster.stop()
+
+
+def test_the_offsets_topic_counts_brokers_as_well_as_seeds(one_seed_two_brokers):
+    """Offsets are replicated on min(3, nodes) nodes (Kafka's offsets.topic.replication.factor),
+    not capped at the one seed: a group's commits survive the loss of a broker."""
+    cluster = one_seed_two_brokers
+    wait_until("all three nodes registered", lambda: len(cluster_view(cluster.node(1))["nodes"]) == 3)
+    create_topic(cluster.node(1).bootstrap, "few-seeds", 2, 3)
+    wait_until("both partitions have a leader",
+               lambda: all(leader_node(cluster.bootstrap, "few-seeds", p) for p in range(2)))
+    acknowledged = produce(cluster.bootstrap, "few-seeds", 200, "first")
+    assert len(acknowledged) == 200
+    consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "few-seeds-group",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    consumer.subscribe(["few-seeds"])
+    taken, deadline = 0, time.monotonic() + CLIENT_TIMEOUT_S
+    while taken < 100 and time.monotonic() < deadline:
+        message = consumer.poll(0.2)
+        taken += message is not None and not message.error()
+    assert taken == 100, f"consumed {taken} of 100"
+    committed = commit_until_acknowledged(consumer)
+    consumer.close()
+    placed = cluster_view(cluster.node(1))["topics"]["__consumer_offsets"]["replicas"]
+    assert len(placed) == GROUP_LOGS and all(len(replicas) == 3 for replicas in placed), placed
+    cluster.node(3).kill9()
+    bootstrap = ",".join(node.bootstrap for node in cluster.nodes[:2])
+    wait_until("the offsets are served with a broker down",
+               lambda: serves(committed_offsets(bootstrap, "few-seeds-group", "few-seeds", 2), committed))
+
+
 def test_a_consumer_group_keeps_its_offsets_when_its_coordinator_is_killed(cluster):
     create_topic(cluster.node(1).bootstrap, "grouped", 2, 3)
     wait_until("both partitions have a leader",

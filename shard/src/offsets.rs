@@ -71,18 +71,23 @@ pub(crate) fn refuse_internal(name: &str) -> Result<(), ShardError> {
 
 impl Shard {
     /// Creates the offsets topic through the controller if this node does not know it yet.
-    /// Its replication factor counts the seeds, not the nodes registered so far: until that
-    /// many are registered the creation fails, and the caller answers
-    /// `CoordinatorNotAvailable` (clients retry).
+    /// Its replication factor is 3 (or `--default-replication-factor`), at most the nodes
+    /// registered when it is created, and at most the seeds unless more nodes are
+    /// registered: a cluster of seeds alone always gets the same factor (until the seeds are
+    /// all registered the creation fails, and the caller answers `CoordinatorNotAvailable`;
+    /// clients retry), and brokers that joined first count too (Kafka's rule, min(3,
+    /// brokers)), so a single seed with two brokers keeps its offsets on three nodes.
     pub async fn ensure_offsets_topic(&self) -> Result<(), ShardError> {
         let Some(cluster) = self.cluster() else { return Ok(()) };
         if self.topics.borrow().get(OFFSETS_TOPIC).is_some() {
             return Ok(());
         }
-        let seeds = cluster.settings.seeds.len().max(1) as u32;
+        let seeds = cluster.settings.seeds.len().max(1);
+        let registered = self.cluster_meta().map_or(0, |meta| meta.nodes.len());
         let factor =
             cluster.settings.default_replication_factor.unwrap_or(OFFSETS_REPLICATION_FACTOR_DEFAULT);
-        let config = TopicConfig { replication_factor: Some(factor.min(seeds)), ..TopicConfig::default() };
+        let factor = factor.min(seeds.max(registered) as u32);
+        let config = TopicConfig { replication_factor: Some(factor), ..TopicConfig::default() };
         let op = Op::CreateTopic { name: OFFSETS_TOPIC.to_owned(), partitions: GROUP_LOGS as u32, config };
         match self.call(0, op).await? {
             OpResult::Done(Ok(())) | OpResult::Done(Err(ShardError::TopicAlreadyExists(_))) => Ok(()),
