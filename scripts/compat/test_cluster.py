@@ -869,6 +869,52 @@ def test_the_kafka_bench_produces_through_a_leader_kill_and_every_record_arrives
     assert all("delivered twice" in p or "out of order or duplicate" in p for p in problems), problems[:10]
 
 
+@pytest.mark.parametrize("protocol", ["native", "kafka"])
+def test_the_bench_follows_a_leader_paused_past_its_request_timeout(cluster, bench_bin, protocol):
+    """A paused leader resets no connection: pyralog-bench's requests to it time out (10 s),
+    and the bench reads the metadata from another node (it bootstrapped from the paused one)
+    and goes on with the new leader, failing no record (at least once)."""
+    import json
+    import subprocess
+    import kafka_wire as wire
+    topic = f"silent-{protocol}"
+    create_topic(cluster.node(1).bootstrap, topic, 1, 3)
+    route = wait_until("the partition has a leader", lambda: settled_route(cluster, topic))
+    leader = cluster.node(route[2])
+    broker = leader.bootstrap if protocol == "kafka" else leader.native
+    messages = 40000
+    bench = subprocess.Popen([bench_bin, "produce", "--protocol", protocol, "--broker", broker, "--topic", topic,
+                              "--messages", str(messages), "--message-bytes", "200", "--rate", "2000", "--json",
+                              "--deadline-secs", "90"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def high_watermark():
+            with wire.Connection(settled_route(cluster, topic)[0]) as connection:
+                return connection.fetch(topic, 0, 0, max_bytes=1)[1]
+
+        wait_until("the bench is producing", lambda: high_watermark() > 1000)
+        leader.pause()
+        time.sleep(12)  # past the bench's 10 s request timeout
+        leader.resume()
+        stdout, stderr = bench.communicate(timeout=120)
+    finally:
+        leader.resume()
+        bench.kill()
+    stderr = stderr.decode(errors="replace")
+    assert bench.returncode == 0, stderr[-2000:]
+    report = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert report["acked"] == messages and report["errors"] == 0, report
+    assert report["leader_retries"] > 0, report
+    assert report["ack_gap_max_ms"] >= 10000, f"the gap is the request timeout: {report}"
+    other = next(n for n in cluster.nodes if n is not leader)
+    done = subprocess.run([bench_bin, "consume", "--protocol", "kafka", "--broker", other.bootstrap,
+                           "--topic", topic, "--verify", "--duration", "60", "--idle-secs", "3",
+                           "--json", "--deadline-secs", "90"], capture_output=True, timeout=120)
+    consumed = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    problems = [line for line in done.stderr.decode(errors="replace").splitlines() if line.startswith("verify: ")]
+    assert consumed["verify_unread"] == 0 and consumed["consumed"] >= messages, consumed
+    assert all("delivered twice" in p or "out of order or duplicate" in p for p in problems), problems[:10]
+
+
 def test_a_topic_is_written_through_every_node_the_moment_its_creation_returns(cluster, pyralog_bin, bench_bin):
     """As the README does: `pyralog topic create`, then at once `pyralog-bench produce`. The
     other nodes apply the creation a moment later; a produce reaching one first is retried

@@ -22,7 +22,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::pipeline::{ConnectOptions, Doorbell, Framing, Matching, PendingResponse, Pipeline};
 use super::transport::{Pending, Transport};
 use super::{
-    batch, probe, Acks, ClientError, ErrorCode, FetchResult, ProduceAck, Protocol, Result, UNACKNOWLEDGED,
+    batch, probe, Acks, ClientError, ErrorCode, FetchResult, ProduceAck, Protocol, Result,
+    METADATA_TIMEOUT_MAX, UNACKNOWLEDGED,
 };
 use crate::kafka::messages::api_versions_request::ApiVersionsRequest;
 use crate::kafka::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
@@ -440,25 +441,39 @@ impl KafkaClient {
         Ok(open)
     }
 
-    /// Sends `request` to the bootstrap address, else to each broker the last metadata named
-    /// in turn while they are unreachable: a node that went away (the bootstrap node among
+    /// Sends `request` (a metadata request) to the bootstrap address, else to each broker the
+    /// last metadata named in turn while they are unreachable or silent past
+    /// [`METADATA_TIMEOUT_MAX`]: a node that went away or is paused (the bootstrap node among
     /// them) does not keep the others' metadata from the client.
     fn call_any_broker(&self, request: &RequestBody) -> Result<ResponseBody> {
         let mut brokers: Vec<i32> =
             self.shared.brokers.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         brokers.sort_unstable();
         let mut failure = None;
+        let version = self.shared.versions.metadata;
         for node in std::iter::once(None).chain(brokers.into_iter().map(Some)) {
-            let version = self.shared.versions.metadata;
-            match self.connection_to(node).and_then(|connection| connection.call((version, request))) {
+            let answer = self
+                .connection_to(node)
+                .and_then(|connection| connection.call_within((version, request), METADATA_TIMEOUT_MAX));
+            match answer {
                 Ok(body) => return Ok(body),
-                Err(error) if error.is_disconnect() => {
+                Err(error) if error.is_disconnect() || matches!(error, ClientError::Timeout { .. }) => {
                     failure.get_or_insert(error);
                 }
                 Err(error) => return Err(error),
             }
         }
-        Err(failure.expect("the bootstrap address is always tried"))
+        let failure = failure.expect("the bootstrap address is always tried");
+        if matches!(failure, ClientError::Timeout { .. }) {
+            // As the native client: slow rather than silent, the bootstrap broker gets the
+            // whole request timeout.
+            if let Ok(body) =
+                self.connection_to(None).and_then(|connection| connection.call((version, request)))
+            {
+                return Ok(body);
+            }
+        }
+        Err(failure)
     }
 
     /// Asks the broker for the topic's partition count and leaders and caches them.
@@ -682,6 +697,8 @@ impl Transport for KafkaClient {
             ClientError::Server { code: ErrorCode::NotEnoughReplicas, .. } => true,
             ClientError::Server { code: ErrorCode::NotLeader, .. } => self.replicated(topic, partition),
             error if error.is_disconnect() => self.replicated(topic, partition),
+            // A silent leader (paused, cut off): see `Client::leader_moved`.
+            ClientError::Timeout { .. } => self.replicated(topic, partition),
             _ => false,
         }
     }
