@@ -1082,19 +1082,22 @@ impl RaftGroup {
 
     /// Whether a candidate's log lacks entries ours may hold committed: the log check of a
     /// vote. A replica that is a voter of no configuration its log holds (nor of its initial
-    /// one) skips it: no commit ever needed its copies. Why: an entry N it holds counted
-    /// toward a commit only under a leader whose configuration made it a voter. Were that
-    /// configuration at or below N, our log would hold it (Log Matching). Above N it is a
-    /// change not yet committed (N was not): not a lone new set, which follows a committed
-    /// joint one whose new set holds us, below N; so a joint (A, B) appended from committed
-    /// A, which sits below N, so we are not in A, and A's write quorum alone carried N, with
-    /// A's voters' own log checks. Without the skip a group can stall for good: a learner
-    /// holding the only copies of an uncommitted newer epoch refuses the one voter of a
-    /// joint configuration naming it that could win (simulator seed 1401956, `--membership`,
-    /// with a voter recovering a lost disk). A demoted voter keeps its check: the
-    /// configuration that made it a voter is in its log. `memberships` holds every
-    /// configuration since the log's first offset, which is 0 (no log is trimmed at its
-    /// start yet: a snapshot will have to carry whether we were ever a voter).
+    /// one) skips it: no commit ever needed its copies. Why: our copy of an entry N counted
+    /// toward committing N only under a leader whose configuration C made us a voter.
+    /// - C at or below N: our log holds C (Log Matching), so we were a voter. Excluded.
+    /// - C above N: C is not committed yet (N is not). A lone new set is appended only once
+    ///   the joint configuration before it is committed, so below N, and that joint one
+    ///   names us in its new set: excluded as above. So C is a joint (A, B) appended while
+    ///   A was committed, below N: we are not in A, and A's own write quorum carried N,
+    ///   whose voters check their logs when they vote.
+    ///
+    /// Without the skip a group can stall for good: a learner holding the only copies of an
+    /// uncommitted newer epoch refuses the one voter of a joint configuration naming it that
+    /// could win (simulator seed 1401956, `--membership`, with a voter recovering a lost
+    /// disk). A demoted voter keeps its check: the configuration that made it a voter is in
+    /// its log. `memberships` holds every configuration since the log's first offset, which
+    /// is 0 (no log is trimmed at its start yet: a snapshot will have to carry whether we
+    /// were ever a voter).
     fn log_is_behind(&self, last_epoch: i32, log_end: i64) -> bool {
         let id = self.config.id;
         #[allow(unused_mut)]
