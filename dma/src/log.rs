@@ -580,7 +580,7 @@ impl Log {
         let tail = std::mem::take(&mut self.state.borrow_mut().tail);
         assert_eq!(tail.len() as u64, size - start, "the tail is the last partial block");
         let end = size + batches.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
-        let zeros = self.zero_ahead(segment, end - size);
+        let zeros = self.zero_ahead(segment, end);
         let write_zeros = async {
             let Some((at, bytes)) = zeros else { return Ok(()) };
             let mut buffer = segment.file.alloc_dma_buffer(bytes);
@@ -588,7 +588,8 @@ impl Log {
             write_fully(segment, buffer, at).await
         };
         let (new_tail, zeroed) =
-            futures_lite::future::zip(self.write_blocks_of(segment, tail, batches, end), write_zeros).await;
+            futures_lite::future::zip(self.write_blocks_of(segment, start, tail, batches, end), write_zeros)
+                .await;
         let new_tail = new_tail?;
         // Zeros refused for room (they take it before the batches do) cost the batches
         // nothing: blocks past `size` are never read, and an open cuts them off. Any other
@@ -613,12 +614,13 @@ impl Log {
         Ok(())
     }
 
-    /// Where a flush of `flushed` bytes zeroes ahead, if it does: a small one whose end
-    /// comes within half of [`ZERO_AHEAD_BYTES`] of the written blocks' end zeroes the next
-    /// [`ZERO_AHEAD_BYTES`] (fewer at the segment's configured size, none past it), right
-    /// after both ends, so never a block the batches' writes touch.
-    fn zero_ahead(&self, segment: &Segment, flushed: u64) -> Option<(u64, usize)> {
-        let end = segment::align_up(segment.size.get() + flushed);
+    /// Where a flush writing the segment up to `end` zeroes ahead, if it does: a small one
+    /// whose end comes within half of [`ZERO_AHEAD_BYTES`] of the written blocks' end zeroes
+    /// the next [`ZERO_AHEAD_BYTES`] (fewer at the segment's configured size, none past it),
+    /// right after both ends, so never a block the batches' writes touch.
+    fn zero_ahead(&self, segment: &Segment, end: u64) -> Option<(u64, usize)> {
+        let flushed = end - segment.size.get();
+        let end = segment::align_up(end);
         let from = segment.zeroed_end.get().max(end);
         let limit = segment::align_up(self.config.segment_bytes);
         if flushed > ZERO_AHEAD_FLUSH_BYTES_MAX || from >= end + ZERO_AHEAD_BYTES as u64 / 2 || from >= limit
@@ -628,16 +630,16 @@ impl Log {
         Some((from, (limit - from).min(ZERO_AHEAD_BYTES as u64) as usize))
     }
 
-    /// The batches' writes of [`Log::write_segment`], from the tail block on; returns the new
-    /// tail (the last partial block).
+    /// The batches' writes of [`Log::write_segment`], from the tail block at `start` on;
+    /// returns the new tail (the last partial block).
     async fn write_blocks_of(
         &self,
         segment: &Segment,
+        start: u64,
         tail: Vec<u8>,
         batches: &[StampedBatch],
         end: u64,
     ) -> Result<Vec<u8>> {
-        let start = align_down(segment.size.get());
         let mut pieces = std::iter::once(&tail[..]).chain(batches.iter().map(|b| &b.bytes[..]));
         let mut piece: &[u8] = &[];
         let mut position = start;
