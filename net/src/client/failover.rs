@@ -128,6 +128,37 @@ pub(crate) fn following_leader<C: Transport, T>(
     }
 }
 
+/// Asks `candidates` in turn (`ask(candidate, wait)`, `wait` bounding the answer, `None`:
+/// the request timeout) until one answers, and returns which and its answer. A candidate
+/// that cannot be reached is passed over; so is one that does not answer within `short`,
+/// if given (a metadata read: a silent node is why the caller needs another's view), and if
+/// no candidate answered that fast the first is asked again with the whole request timeout
+/// (they may all be slow rather than silent). Any other error is returned at once; if every
+/// candidate failed, the first failure.
+pub(crate) fn ask_in_turn<A: Copy, T>(
+    candidates: &[A],
+    short: Option<Duration>,
+    mut ask: impl FnMut(A, Option<Duration>) -> Result<T>,
+) -> Result<(A, T)> {
+    let mut failure = None;
+    for &candidate in candidates {
+        match ask(candidate, short) {
+            Ok(answer) => return Ok((candidate, answer)),
+            Err(error) if error.is_disconnect() || short.is_some() && error.is_timeout() => {
+                failure.get_or_insert(error);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    let failure = failure.expect("a caller names at least one candidate");
+    if failure.is_timeout() {
+        if let Ok(answer) = ask(candidates[0], None) {
+            return Ok((candidates[0], answer));
+        }
+    }
+    Err(failure)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

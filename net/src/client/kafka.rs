@@ -449,31 +449,18 @@ impl KafkaClient {
         let mut brokers: Vec<i32> =
             self.shared.brokers.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         brokers.sort_unstable();
-        let mut failure = None;
+        let candidates: Vec<Option<i32>> =
+            std::iter::once(None).chain(brokers.into_iter().map(Some)).collect();
         let version = self.shared.versions.metadata;
-        for node in std::iter::once(None).chain(brokers.into_iter().map(Some)) {
-            let answer = self
-                .connection_to(node)
-                .and_then(|connection| connection.call_within((version, request), METADATA_TIMEOUT_MAX));
-            match answer {
-                Ok(body) => return Ok(body),
-                Err(error) if error.is_disconnect() || matches!(error, ClientError::Timeout { .. }) => {
-                    failure.get_or_insert(error);
+        let (_, body) =
+            super::failover::ask_in_turn(&candidates, Some(METADATA_TIMEOUT_MAX), |node, wait| {
+                let connection = self.connection_to(node)?;
+                match wait {
+                    Some(wait) => connection.call_within((version, request), wait),
+                    None => connection.call((version, request)),
                 }
-                Err(error) => return Err(error),
-            }
-        }
-        let failure = failure.expect("the bootstrap address is always tried");
-        if matches!(failure, ClientError::Timeout { .. }) {
-            // As the native client: slow rather than silent, the bootstrap broker gets the
-            // whole request timeout.
-            if let Ok(body) =
-                self.connection_to(None).and_then(|connection| connection.call((version, request)))
-            {
-                return Ok(body);
-            }
-        }
-        Err(failure)
+            })?;
+        Ok(body)
     }
 
     /// Asks the broker for the topic's partition count and leaders and caches them.
@@ -698,7 +685,7 @@ impl Transport for KafkaClient {
             ClientError::Server { code: ErrorCode::NotLeader, .. } => self.replicated(topic, partition),
             error if error.is_disconnect() => self.replicated(topic, partition),
             // A silent leader (paused, cut off): see `Client::leader_moved`.
-            ClientError::Timeout { .. } => self.replicated(topic, partition),
+            error if error.is_timeout() => self.replicated(topic, partition),
             _ => false,
         }
     }

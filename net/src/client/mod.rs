@@ -195,6 +195,11 @@ fn wrong_protocol_text(addr: SocketAddr, found: Protocol) -> String {
 
 impl ClientError {
     /// True when the broker is unreachable or went away (as opposed to refusing a request).
+    /// Whether the request got no answer within its timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Timeout { .. })
+    }
+
     pub fn is_disconnect(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::Disconnected { .. } => true,
@@ -664,7 +669,7 @@ impl Client {
             error if error.is_disconnect() => self.replicated(topic, partition),
             // The others elect a new leader once their election timeout passes without the
             // silent node's heartbeats; a node of its own has no one to fail over to.
-            ClientError::Timeout { .. } => self.replicated(topic, partition),
+            error if error.is_timeout() => self.replicated(topic, partition),
             _ => false,
         }
     }
@@ -707,40 +712,23 @@ impl Client {
     /// timeout is returned.
     fn call_any_node(&self, request: &Request, metadata: bool) -> Result<(SocketAddr, ResponseFrame)> {
         let last = *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner());
-        let mut candidates = vec![last, self.inner.bootstrap];
-        candidates.extend(self.inner.nodes.read().unwrap_or_else(|p| p.into_inner()).iter().copied());
-        let mut failure = None;
-        for (index, addr) in candidates.iter().copied().enumerate() {
-            if candidates[..index].contains(&addr) {
-                continue;
-            }
-            let answer = self.connection(addr).and_then(|connection| match metadata {
-                true => connection.call_within(request, METADATA_TIMEOUT_MAX),
-                false => connection.call(request),
-            });
-            match answer {
-                Ok(frame) => {
-                    *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner()) = addr;
-                    return Ok((addr, frame));
-                }
-                Err(error)
-                    if error.is_disconnect() || metadata && matches!(error, ClientError::Timeout { .. }) =>
-                {
-                    failure.get_or_insert(error);
-                }
-                Err(error) => return Err(error),
+        let nodes = self.inner.nodes.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut candidates: Vec<SocketAddr> = Vec::new();
+        for addr in [last, self.inner.bootstrap].into_iter().chain(nodes) {
+            if !candidates.contains(&addr) {
+                candidates.push(addr);
             }
         }
-        let failure = failure.expect("the bootstrap address is always a candidate");
-        if metadata && matches!(failure, ClientError::Timeout { .. }) {
-            // No node answered within the short wait: they may all be slow (a loaded
-            // cluster) rather than silent, so the first is given the whole request timeout.
-            let answer = self.connection(candidates[0]).and_then(|connection| connection.call(request));
-            if let Ok(frame) = answer {
-                return Ok((candidates[0], frame));
+        let short = metadata.then_some(METADATA_TIMEOUT_MAX);
+        let (addr, frame) = failover::ask_in_turn(&candidates, short, |addr, wait| {
+            let connection = self.connection(addr)?;
+            match wait {
+                Some(wait) => connection.call_within(request, wait),
+                None => connection.call(request),
             }
-        }
-        Err(failure)
+        })?;
+        *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+        Ok((addr, frame))
     }
 
     /// The connection to the leader of `topic`/`partition`, on the shard owning it there.
