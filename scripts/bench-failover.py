@@ -11,8 +11,9 @@ leader counts all three replicas in sync (a leader killed while another replica 
 up leaves no write quorum until it has: a second fault, measured separately with --no-catch-up).
 With --sigstop the leader is paused (SIGSTOP) instead of killed, and resumed (SIGCONT) once
 the others elected a new leader: no connection is reset, so the followers notice only when
-their election timeout passes without a heartbeat, and clients only when a request to the
-paused node times out. Prints medians, p99 and max, and one JSON line.
+their election timeout passes without a heartbeat; librdkafka only when a request to the
+paused node times out, pyralog-bench when a batch unanswered for 500 ms makes it find the new
+leader in another node's metadata. Prints medians, p99 and max, and one JSON line.
 
     python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [--sigstop] [extra pyralog flags...]
 """

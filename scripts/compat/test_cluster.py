@@ -870,10 +870,11 @@ def test_the_kafka_bench_produces_through_a_leader_kill_and_every_record_arrives
 
 
 @pytest.mark.parametrize("protocol", ["native", "kafka"])
-def test_the_bench_follows_a_leader_paused_past_its_request_timeout(cluster, bench_bin, protocol):
-    """A paused leader resets no connection: pyralog-bench's requests to it time out (10 s),
-    and the bench reads the metadata from another node (it bootstrapped from the paused one)
-    and goes on with the new leader, failing no record (at least once)."""
+def test_the_bench_follows_a_paused_leader_before_its_request_timeout(cluster, bench_bin, protocol):
+    """A paused leader resets no connection: a batch it leaves unanswered for half a second
+    makes pyralog-bench ask another node's metadata (it bootstrapped from the paused one),
+    which names the new leader once the others elected it; the bench goes on there, failing
+    no record (at least once), long before its 10 s request timeout."""
     import json
     import subprocess
     import kafka_wire as wire
@@ -904,7 +905,9 @@ def test_the_bench_follows_a_leader_paused_past_its_request_timeout(cluster, ben
     report = json.loads(stdout.decode().strip().splitlines()[-1])
     assert report["acked"] == messages and report["errors"] == 0, report
     assert report["leader_retries"] > 0, report
-    assert report["ack_gap_max_ms"] >= 10000, f"the gap is the request timeout: {report}"
+    # The election (150-300 ms) plus one look at the metadata (LEADER_CHECK_INTERVAL, 500
+    # ms), not the request timeout.
+    assert report["ack_gap_max_ms"] < 5000, report
     other = next(n for n in cluster.nodes if n is not leader)
     done = subprocess.run([bench_bin, "consume", "--protocol", "kafka", "--broker", other.bootstrap,
                            "--topic", topic, "--verify", "--duration", "60", "--idle-secs", "3",

@@ -13,11 +13,15 @@
 //!
 //! A lost connection is retried only for a partition with replicas on other nodes: a node of
 //! its own has no one to fail over to, and its clients learn at once that it is gone. So is a
-//! request the node did not answer within the request timeout: a paused node (SIGSTOP, a
-//! stalled VM) or one cut off by the network resets no connection, and the others elect a
-//! new leader after their election timeout; the client finds it only once its request times
-//! out, so such a gap lasts the request timeout ([`ConnectOptions::request_timeout`]), as a
-//! Kafka client's does. An
+//! request the node did not answer within the request timeout
+//! ([`ConnectOptions::request_timeout`]). A paused node (SIGSTOP, a stalled VM) or one cut off
+//! by the network resets no connection, and the others elect a new leader after their
+//! election timeout: a producer does not wait for its request timeout to find it. A batch its
+//! leader leaves unanswered for [`LEADER_CHECK_INTERVAL`] makes it ask another node's metadata;
+//! once that names a leader of a later epoch the batch is sent there (and so are the
+//! partition's other batches waiting on the silent node), so the gap is about the election
+//! plus one interval rather than the request timeout, which a Kafka client waits. Fetches and
+//! other requests still wait for their timeout. An
 //! unknown topic is retried while the metadata names it: a node applies a new topic a moment
 //! after the controller's leader does, and a client that read the metadata there may ask it
 //! first (the next metadata read drops a topic that is really gone, which ends the retries).
@@ -43,6 +47,11 @@ use super::{ClientError, Result};
 
 /// How long a request keeps following its partition's leader, from its first failure.
 pub const LEADER_RETRY_BUDGET_DEFAULT: Duration = Duration::from_secs(10);
+/// How long a produce waits for its partition's leader before the client asks the other
+/// nodes whether they elected a new one (and again each time this passes). Past the election
+/// timeout (150-300 ms) plus an election's round trips, so that a leader paused or cut off is
+/// usually found replaced at the first look; a look is one metadata request to one other node.
+pub const LEADER_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// The pause before the first retry; each further retry doubles it.
 pub const LEADER_RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(10);
 /// The longest pause between two retries: what a request may wait past the moment a new

@@ -32,6 +32,7 @@ use crate::kafka::messages::list_offsets_request::{
     ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
 };
 use crate::kafka::messages::metadata_request::{MetadataRequest, MetadataRequestTopic};
+use crate::kafka::messages::metadata_response::MetadataResponse;
 use crate::kafka::messages::produce_request::{PartitionProduceData, ProduceRequest, TopicProduceData};
 use crate::kafka::messages::request_header::RequestHeader;
 use crate::kafka::wire::{DecodeError, EncodeError, Records, Uuid, Writer};
@@ -370,6 +371,9 @@ struct KafkaShared {
     leaders: RwLock<HashMap<String, Vec<KafkaRoute>>>,
     /// The brokers' addresses by node id, as the last metadata said.
     brokers: RwLock<HashMap<i32, SocketAddr>>,
+    /// The broker whose metadata answered last (`None`: the bootstrap address): asked first
+    /// the next time.
+    metadata_from: Mutex<Option<i32>>,
 }
 
 impl KafkaClient {
@@ -405,6 +409,7 @@ impl KafkaClient {
                 partitions: RwLock::new(HashMap::new()),
                 leaders: RwLock::new(HashMap::new()),
                 brokers: RwLock::new(HashMap::new()),
+                metadata_from: Mutex::new(None),
             }),
             connections: Arc::new(Mutex::new(HashMap::from([(None, connection)]))),
         })
@@ -441,18 +446,23 @@ impl KafkaClient {
         Ok(open)
     }
 
-    /// Sends `request` (a metadata request) to the bootstrap address, else to each broker the
-    /// last metadata named in turn while they are unreachable or silent past
-    /// [`METADATA_TIMEOUT_MAX`]: a node that went away or is paused (the bootstrap node among
-    /// them) does not keep the others' metadata from the client.
+    /// Sends `request` (a metadata request) to the broker that answered the last one, else the
+    /// bootstrap address, else each broker the last metadata named in turn while they are
+    /// unreachable or silent past [`METADATA_TIMEOUT_MAX`]: a node that went away or is paused
+    /// (the bootstrap node among them) does not keep the others' metadata from the client.
     fn call_any_broker(&self, request: &RequestBody) -> Result<ResponseBody> {
         let mut brokers: Vec<i32> =
             self.shared.brokers.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         brokers.sort_unstable();
-        let candidates: Vec<Option<i32>> =
-            std::iter::once(None).chain(brokers.into_iter().map(Some)).collect();
+        let last = *self.shared.metadata_from.lock().unwrap_or_else(|p| p.into_inner());
+        let mut candidates: Vec<Option<i32>> = Vec::new();
+        for candidate in [last, None].into_iter().chain(brokers.into_iter().map(Some)) {
+            if !candidates.contains(&candidate) {
+                candidates.push(candidate);
+            }
+        }
         let version = self.shared.versions.metadata;
-        let (_, body) =
+        let (answered, body) =
             super::failover::ask_in_turn(&candidates, Some(METADATA_TIMEOUT_MAX), |node, wait| {
                 let connection = self.connection_to(node)?;
                 match wait {
@@ -460,18 +470,19 @@ impl KafkaClient {
                     None => connection.call((version, request)),
                 }
             })?;
+        *self.shared.metadata_from.lock().unwrap_or_else(|p| p.into_inner()) = answered;
         Ok(body)
     }
 
     /// Asks the broker for the topic's partition count and leaders and caches them.
     pub fn refresh_partitions(&self, topic: &str) -> Result<u32> {
-        let request = MetadataRequest {
-            topics: Some(vec![MetadataRequestTopic { topic_id: Uuid::ZERO, name: Some(topic.to_owned()) }]),
-            allow_auto_topic_creation: false,
-            ..Default::default()
-        };
-        let body = self.call_any_broker(&RequestBody::Metadata(request))?;
+        let body = self.call_any_broker(&metadata_request(topic))?;
         let ResponseBody::Metadata(metadata) = body else { return Err(unexpected("metadata")) };
+        self.keep_partitions(topic, metadata)
+    }
+
+    /// Caches the topic's partition count and leaders, and the brokers, as `metadata` says.
+    fn keep_partitions(&self, topic: &str, metadata: MetadataResponse) -> Result<u32> {
         let info = metadata
             .topics
             .into_iter()
@@ -509,6 +520,42 @@ impl KafkaClient {
             }
         }
         Ok(count)
+    }
+
+    /// See [`Transport::leader_replaced`]. The brokers other than the silent one are asked in
+    /// turn, those on other hosts first (the silent broker's node serves its other shards'
+    /// brokers too), each for at most [`METADATA_TIMEOUT_MAX`]; the first to answer decides.
+    fn leader_replaced(&self, topic: &str, partition: u32) -> Option<String> {
+        let silent = self.route(topic, partition).filter(|route| route.replicas > 1)?;
+        let silent_host = self.leader_addr(topic, partition)?.ip();
+        let mut others: Vec<(i32, SocketAddr)> = {
+            let brokers = self.shared.brokers.read().unwrap_or_else(|p| p.into_inner());
+            brokers.iter().filter(|(id, _)| **id != silent.leader).map(|(id, addr)| (*id, *addr)).collect()
+        };
+        others.sort_by_key(|(id, addr)| (addr.ip() == silent_host, *id));
+        let request = metadata_request(topic);
+        let version = self.shared.versions.metadata;
+        let (answered, metadata) = others.into_iter().find_map(|(id, _)| {
+            let body =
+                self.connection_to(Some(id)).ok()?.call_within((version, &request), METADATA_TIMEOUT_MAX);
+            match body.ok()? {
+                ResponseBody::Metadata(metadata) => Some((id, metadata)),
+                _ => None,
+            }
+        })?;
+        // The silent broker is not asked first the next time either.
+        *self.shared.metadata_from.lock().unwrap_or_else(|p| p.into_inner()) = Some(answered);
+        let named = metadata
+            .topics
+            .iter()
+            .filter(|t| t.name.as_deref() == Some(topic) && t.error_code == error::NONE)
+            .flat_map(|t| &t.partitions)
+            .find(|p| p.partition_index == partition_index(partition))?;
+        if named.leader_epoch <= silent.leader_epoch || named.leader_id == silent.leader {
+            return None;
+        }
+        self.keep_partitions(topic, metadata).ok()?;
+        Some(self.leader_name(topic, partition))
     }
 
     /// The connection to the partition's leader (as Kafka clients do: with a broker that is a
@@ -686,8 +733,13 @@ impl Transport for KafkaClient {
             error if error.is_disconnect() => self.replicated(topic, partition),
             // A silent leader (paused, cut off): see `Client::leader_moved`.
             error if error.is_timeout() => self.replicated(topic, partition),
+            ClientError::LeaderReplaced { .. } => true,
             _ => false,
         }
+    }
+
+    fn leader_replaced(&self, topic: &str, partition: u32) -> Option<String> {
+        KafkaClient::leader_replaced(self, topic, partition)
     }
 
     fn refresh_leaders(&self, topic: &str) -> Result<()> {
@@ -765,6 +817,19 @@ impl Pending<ProduceAck> for KafkaProducePending {
             None => doorbell.ring(),
         }
     }
+
+    fn wait_within(&mut self, limit: Duration) -> Option<Result<ProduceAck>> {
+        match &mut self.response {
+            None => Some(Ok(UNACKNOWLEDGED)),
+            Some(response) => Some(response.wait_timed_within(limit)?.and_then(|timed| self.ack(timed))),
+        }
+    }
+
+    fn abandon(self) {
+        if let Some(response) = self.response {
+            response.abandon();
+        }
+    }
 }
 
 /// A Kafka fetch on its way.
@@ -815,6 +880,25 @@ impl Pending<FetchResult> for KafkaFetchPending {
     fn ring_on_completion(&self, doorbell: &Arc<Doorbell>) {
         self.response.ring_on_completion(doorbell);
     }
+
+    fn wait_within(&mut self, limit: Duration) -> Option<Result<FetchResult>> {
+        let partition = self.partition;
+        let outcome = self.response.wait_timed_within(limit)?;
+        Some(outcome.and_then(|(_, body)| KafkaFetchPending::result(partition, body)))
+    }
+
+    fn abandon(self) {
+        self.response.abandon();
+    }
+}
+
+/// A Metadata request for `topic` alone, which must exist (no auto-creation).
+fn metadata_request(topic: &str) -> RequestBody {
+    RequestBody::Metadata(MetadataRequest {
+        topics: Some(vec![MetadataRequestTopic { topic_id: Uuid::ZERO, name: Some(topic.to_owned()) }]),
+        allow_auto_topic_creation: false,
+        ..Default::default()
+    })
 }
 
 fn partition_index(partition: u32) -> i32 {

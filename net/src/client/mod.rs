@@ -112,6 +112,14 @@ pub enum ClientError {
     RecordTooLarge { bytes: usize, max: usize },
     #[error("{failed_batches} batches failed since the last flush; the first: {first}")]
     DeliveryFailed { failed_batches: u64, first: String },
+    /// A request the partition's leader left unanswered for `waited` while the other nodes
+    /// named a leader of a later epoch ([`failover`]): given up, to be sent to that one.
+    #[error(
+        "{topic}/{partition}: no answer from its leader in {} ms, and the other nodes name a new \
+         one: {leader}",
+        .waited.as_millis()
+    )]
+    LeaderReplaced { topic: String, partition: u32, waited: Duration, leader: String },
     /// A partition's leader moved and no node took the request within the retry budget
     /// ([`failover`]). The last failure is part of the message, not a `source`.
     #[error(
@@ -255,6 +263,12 @@ impl Clone for ClientError {
             ClientError::DeliveryFailed { failed_batches, first } => {
                 ClientError::DeliveryFailed { failed_batches: *failed_batches, first: first.clone() }
             }
+            ClientError::LeaderReplaced { topic, partition, waited, leader } => ClientError::LeaderReplaced {
+                topic: topic.clone(),
+                partition: *partition,
+                waited: *waited,
+                leader: leader.clone(),
+            },
             ClientError::LeaderUnavailable { topic, partition, leader, retries, waited, last } => {
                 ClientError::LeaderUnavailable {
                     topic: topic.clone(),
@@ -331,6 +345,18 @@ impl PendingProduce {
             ),
         }
     }
+
+    /// The outcome if it is known within `limit` (never past the request timeout).
+    pub fn wait_within(&mut self, limit: Duration) -> Option<Result<ProduceAck>> {
+        match &mut self.response {
+            None => Some(Ok(UNACKNOWLEDGED)),
+            Some(response) => Some(
+                response
+                    .wait_timed_within(limit)?
+                    .and_then(|(at, frame)| produce_ack(self.partition, frame, at)),
+            ),
+        }
+    }
 }
 
 /// A fetch on its way.
@@ -352,6 +378,12 @@ impl PendingFetch {
     /// The outcome if it is known, without blocking.
     pub fn try_wait(&mut self, now: Instant) -> Option<Result<FetchResult>> {
         Some(self.response.try_wait(now)?.and_then(|frame| fetch_result(self.partition, frame)))
+    }
+
+    /// The outcome if it is known within `limit` (never past the request timeout).
+    pub fn wait_within(&mut self, limit: Duration) -> Option<Result<FetchResult>> {
+        let outcome = self.response.wait_timed_within(limit)?;
+        Some(outcome.and_then(|(_, frame)| fetch_result(self.partition, frame)))
     }
 }
 
@@ -387,8 +419,8 @@ struct Inner {
     /// Partitions of the topics seen so far, indexed by partition id.
     topics: RwLock<HashMap<String, Vec<Route>>>,
     shards: RwLock<Vec<ShardInfo>>,
-    /// The shared native address of every node the last metadata named.
-    nodes: RwLock<Vec<SocketAddr>>,
+    /// The id and shared native address of every node the last metadata named.
+    nodes: RwLock<Vec<(u32, SocketAddr)>>,
     /// The node whose metadata answered last: asked first the next time.
     metadata_addr: Mutex<SocketAddr>,
 }
@@ -460,17 +492,22 @@ impl Client {
     pub fn metadata(&self, topics: &[&str]) -> Result<MetadataResponse> {
         let request = Request::Metadata { topics: topics.iter().map(|t| (*t).to_owned()).collect() };
         let (answered, frame) = self.call_any_node(&request, true)?;
-        let Response::Metadata(metadata) = response_body("metadata", frame)? else {
-            unreachable!("response_body checks the kind");
-        };
+        let metadata = metadata_body(frame)?;
+        self.keep_metadata(answered, topics.is_empty(), &metadata);
+        Ok(metadata)
+    }
+
+    /// Caches what node `answered` said: its shards, the nodes, and the topics it was asked
+    /// of (`all`: every topic, so those it does not name are dropped).
+    fn keep_metadata(&self, answered: SocketAddr, all: bool, metadata: &MetadataResponse) {
         *self.inner.shards.write().unwrap_or_else(|p| p.into_inner()) = metadata.shards.clone();
-        let nodes: Vec<SocketAddr> =
-            metadata.nodes.iter().map(|node| node_addr(&node.host, node.port, answered)).collect();
+        let nodes: Vec<(u32, SocketAddr)> =
+            metadata.nodes.iter().map(|node| (node.id, node_addr(&node.host, node.port, answered))).collect();
         if !nodes.is_empty() {
             *self.inner.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
         }
         let mut cache = self.inner.topics.write().unwrap_or_else(|p| p.into_inner());
-        if topics.is_empty() {
+        if all {
             cache.clear();
         }
         for topic in &metadata.topics {
@@ -489,7 +526,37 @@ impl Client {
                 cache.remove(&topic.name);
             }
         }
-        Ok(metadata)
+    }
+
+    /// See [`Transport::leader_replaced`]. The other nodes are asked in turn, each for at
+    /// most [`METADATA_TIMEOUT_MAX`]; the first to answer decides.
+    pub fn leader_replaced(&self, topic: &str, partition: u32) -> Option<String> {
+        let silent = self.cached_route(topic, partition)?.info;
+        if silent.replicas.len() < 2 {
+            return None;
+        }
+        let others: Vec<SocketAddr> = {
+            let nodes = self.inner.nodes.read().unwrap_or_else(|p| p.into_inner());
+            nodes.iter().filter(|(id, _)| *id != silent.leader_node).map(|(_, addr)| *addr).collect()
+        };
+        let request = Request::Metadata { topics: vec![topic.to_owned()] };
+        let (answered, metadata) = others.into_iter().find_map(|addr| {
+            let frame = self.connection(addr).ok()?.call_within(&request, METADATA_TIMEOUT_MAX).ok()?;
+            Some((addr, metadata_body(frame).ok()?))
+        })?;
+        // The silent node is not asked first the next time either.
+        *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner()) = answered;
+        let named = metadata
+            .topics
+            .iter()
+            .filter(|t| t.name == topic && t.error == ErrorCode::None)
+            .flat_map(|t| &t.partitions)
+            .find(|p| p.partition == partition)?;
+        if named.leader_epoch <= silent.leader_epoch || named.leader_node == silent.leader_node {
+            return None;
+        }
+        self.keep_metadata(answered, false, &metadata);
+        Some(self.leader_name(topic, partition))
     }
 
     /// Re-reads the metadata of every topic.
@@ -670,6 +737,7 @@ impl Client {
             // The others elect a new leader once their election timeout passes without the
             // silent node's heartbeats; a node of its own has no one to fail over to.
             error if error.is_timeout() => self.replicated(topic, partition),
+            ClientError::LeaderReplaced { .. } => true,
             _ => false,
         }
     }
@@ -714,7 +782,7 @@ impl Client {
         let last = *self.inner.metadata_addr.lock().unwrap_or_else(|p| p.into_inner());
         let nodes = self.inner.nodes.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut candidates: Vec<SocketAddr> = Vec::new();
-        for addr in [last, self.inner.bootstrap].into_iter().chain(nodes) {
+        for addr in [last, self.inner.bootstrap].into_iter().chain(nodes.into_iter().map(|(_, addr)| addr)) {
             if !candidates.contains(&addr) {
                 candidates.push(addr);
             }
@@ -815,6 +883,13 @@ fn missing_partition(op: &'static str, partition: u32) -> ClientError {
 }
 
 /// The body of a successful response of the kind `op` expects.
+fn metadata_body(frame: ResponseFrame) -> Result<MetadataResponse> {
+    match response_body("metadata", frame)? {
+        Response::Metadata(metadata) => Ok(metadata),
+        _ => unreachable!("response_body checks the kind"),
+    }
+}
+
 fn response_body(op: &'static str, frame: ResponseFrame) -> Result<Response> {
     server_error(frame.error, &frame.message)?;
     match frame.body {

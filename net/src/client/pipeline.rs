@@ -472,6 +472,26 @@ impl<F: Framing> PendingResponse<F> {
         }
     }
 
+    /// Waits for the response at most `limit`, never past the request timeout: `None` if it is
+    /// still due then, so that the caller can look around (did the partition's leader move?)
+    /// and wait again.
+    pub fn wait_timed_within(&mut self, limit: Duration) -> Option<Result<(Instant, F::Response)>> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.completion.recv_timeout(left.min(limit)) {
+            Ok(timed) => Some(Ok(timed)),
+            Err(RecvTimeoutError::Disconnected) => Some(Err(self.disconnected())),
+            Err(RecvTimeoutError::Timeout) if limit < left => None,
+            Err(RecvTimeoutError::Timeout) => Some(Err(self.timed_out())),
+        }
+    }
+
+    /// Gives up on the response before its deadline (the caller sends the request elsewhere):
+    /// as after a timeout, a request matched by id is forgotten and its slot freed, and one
+    /// matched in order stays pending until its response is read in turn.
+    pub fn abandon(self) {
+        self.forget();
+    }
+
     /// The response if it has arrived, `None` if it is still due, an error if it failed or its
     /// deadline passed by `now` (the caller's clock reading: pollers read it once per round).
     pub fn try_wait(&mut self, now: Instant) -> Option<Result<F::Response>> {
@@ -492,15 +512,20 @@ impl<F: Framing> PendingResponse<F> {
         self.shared.disconnected(&self.shared.lock())
     }
 
-    /// Gives up on the response. Matched by id, the request is forgotten and its slot freed
-    /// (if the response raced the deadline it is already gone; the caller sees a timeout).
-    /// Matched in order, it stays pending: its response still comes ahead of later ones.
+    /// Gives up on the response at its deadline (if the response raced the deadline it is
+    /// already gone; the caller sees a timeout).
     fn timed_out(&self) -> ClientError {
+        self.forget();
+        ClientError::Timeout { addr: self.shared.addr, op: self.op, waited: self.timeout }
+    }
+
+    /// Matched by id, the request is forgotten and its slot freed. Matched in order, it stays
+    /// pending: its response still comes ahead of later ones.
+    fn forget(&self) {
         if let Matching::ById(_) = F::MATCHING {
             self.shared.lock().pending.remove(&self.correlation_id);
             self.shared.slot_freed.notify_one();
         }
-        ClientError::Timeout { addr: self.shared.addr, op: self.op, waited: self.timeout }
     }
 }
 

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::batch::{BatchBuilder, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
-use super::failover::Retry;
+use super::failover::{Retry, LEADER_CHECK_INTERVAL};
 use super::partitioner::{PartitionSelector, Partitioner};
 use super::transport::{Pending, Transport};
 use super::{Acks, Client, ClientError, ProduceAck, Result, OFFSET_UNACKNOWLEDGED};
@@ -165,6 +165,9 @@ pub struct Producer<T: Transport = Client> {
     retry: Vec<Option<Retry>>,
     /// Batches sent again after a leader change, since the producer was made.
     leader_retries: u64,
+    /// Per partition: a leader found replaced while a batch waited for its answer (see
+    /// [`wait_watching`]), until a batch of the partition is acknowledged.
+    replaced: Vec<Option<SocketAddr>>,
 }
 
 impl<T: Transport> std::fmt::Debug for Producer<T> {
@@ -207,6 +210,7 @@ impl<T: Transport> Producer<T> {
             first_failure: None,
             retry: vec![None; partitions as usize],
             leader_retries: 0,
+            replaced: vec![None; partitions as usize],
             partitions,
             config,
         })
@@ -435,7 +439,10 @@ impl<T: Transport> Producer<T> {
         }
         assert!(!in_flight.awaiting_leader, "a fail-over sends or fails every batch it held back");
         let outcome = if block {
-            in_flight.pending.take().expect("a batch in flight has its request").wait()
+            let pending = in_flight.pending.take().expect("a batch in flight has its request");
+            let partition = in_flight.batch.partition;
+            let replaced = &mut self.replaced[partition as usize];
+            wait_watching(&self.client, &self.config.topic, partition, in_flight.sent_to, replaced, pending)
         } else {
             let pending = in_flight.pending.as_mut().expect("a batch in flight has its request");
             let Some(outcome) = pending.try_wait(now) else { return false };
@@ -455,6 +462,7 @@ impl<T: Transport> Producer<T> {
             outcome => {
                 if outcome.is_ok() {
                     self.retry[index] = None;
+                    self.replaced[index] = None;
                 }
                 in_flight.outcome = Some(outcome);
                 self.in_flight_of[index] -= 1;
@@ -515,7 +523,16 @@ impl<T: Transport> Producer<T> {
             {
                 continue;
             }
-            match in_flight.pending.take().expect("a batch in flight has its request").wait() {
+            let pending = in_flight.pending.take().expect("a batch in flight has its request");
+            let replaced = &mut self.replaced[partition as usize];
+            match wait_watching(
+                &self.client,
+                &self.config.topic,
+                partition,
+                in_flight.sent_to,
+                replaced,
+                pending,
+            ) {
                 Err(error) if self.client.leader_moved(&self.config.topic, partition, &error) => {
                     in_flight.awaiting_leader = true;
                     last = Some(error);
@@ -612,6 +629,48 @@ impl<T: Transport> Drop for Producer<T> {
     /// Sends what is buffered and waits for it; the outcomes still reach the callback.
     fn drop(&mut self) {
         let _ = self.flush();
+    }
+}
+
+/// Waits for the outcome of a batch of `partition` sent to `sent_to` (its leader then, if the
+/// transport follows leaders). A leader that leaves it unanswered for [`LEADER_CHECK_INTERVAL`]
+/// is looked into: if the metadata has moved the partition elsewhere since, or the other
+/// nodes name a leader of a later epoch (this one was paused or cut off, and replaced), the
+/// batch is given up with [`ClientError::LeaderReplaced`], which the fail-over sends on to the
+/// new leader; else it waits on, until the request timeout. The leader found replaced is kept
+/// in `replaced`, so the partition's later batches sent there are given up without waiting
+/// again (those answered meanwhile keep their answer).
+fn wait_watching<T: Transport>(
+    client: &T,
+    topic: &str,
+    partition: u32,
+    sent_to: Option<SocketAddr>,
+    replaced: &mut Option<SocketAddr>,
+    mut pending: T::PendingProduce,
+) -> Result<ProduceAck> {
+    let started = Instant::now();
+    loop {
+        if sent_to.is_some() && *replaced == sent_to {
+            if let Some(outcome) = pending.try_wait(Instant::now()) {
+                return outcome;
+            }
+            pending.abandon();
+            return Err(ClientError::LeaderReplaced {
+                topic: topic.to_owned(),
+                partition,
+                waited: started.elapsed(),
+                leader: client.leader_name(topic, partition),
+            });
+        }
+        if let Some(outcome) = pending.wait_within(LEADER_CHECK_INTERVAL) {
+            return outcome;
+        }
+        if sent_to.is_some()
+            && (client.leader_addr(topic, partition) != sent_to
+                || client.leader_replaced(topic, partition).is_some())
+        {
+            *replaced = sent_to;
+        }
     }
 }
 

@@ -623,14 +623,13 @@ fn batches_a_stopped_leader_never_answered_are_sent_again_at_least_once() {
     assert_eq!(client.metadata(&[]).unwrap().node_id, 1);
 }
 
-/// A leader that stops answering without closing its connections (SIGSTOP, a cut network):
-/// the produce times out, and the client reads the metadata again and follows the new
-/// leader instead of failing the records.
-#[test]
-fn batches_a_silent_leader_did_not_answer_go_to_the_next_one() {
-    let broker = FakeBroker::start_cluster(2).unwrap();
+/// A fake cluster of `nodes`, a client bootstrapped from node 1 with `request_timeout`, and a
+/// producer (no linger) of topic "paused", led by node 0, whose first record ("before") is
+/// acknowledged.
+fn producing_to_node_0_of(nodes: u32, request_timeout: Duration) -> (FakeBroker, Client, Producer, Reports) {
+    let broker = FakeBroker::start_cluster(nodes).unwrap();
     let options = ConnectOptions {
-        request_timeout: Duration::from_millis(300),
+        request_timeout,
         leader_retry_budget: LEADER_RETRY_BUDGET_DEFAULT,
         ..ConnectOptions::default()
     };
@@ -641,6 +640,15 @@ fn batches_a_silent_leader_did_not_answer_go_to_the_next_one() {
     let (mut producer, reports) = producer(&client, config);
     producer.send(None, b"before").unwrap();
     producer.flush().unwrap();
+    (broker, client, producer, reports)
+}
+
+/// A leader that stops answering without closing its connections (SIGSTOP, a cut network):
+/// the produce times out, and the client reads the metadata again and follows the new
+/// leader instead of failing the records.
+#[test]
+fn batches_a_silent_leader_did_not_answer_go_to_the_next_one() {
+    let (broker, client, mut producer, reports) = producing_to_node_0_of(2, Duration::from_millis(300));
     // Node 0 stores the next batch and goes silent before it answers; the others elect
     // node 1.
     broker.hold_produce_responses_on(Some(0));
@@ -661,6 +669,43 @@ fn batches_a_silent_leader_did_not_answer_go_to_the_next_one() {
     let values: Vec<Vec<u8>> = log_of(&client, "paused", 0).into_iter().map(|(_, v)| v).collect();
     // At-least-once: node 0 stored the batch it never answered for.
     assert_eq!(values, [b"before".to_vec(), b"during".to_vec(), b"during".to_vec()]);
+}
+
+#[test]
+fn batches_a_replaced_leader_leaves_unanswered_go_to_the_new_one_before_the_timeout() {
+    let (broker, client, mut producer, reports) = producing_to_node_0_of(3, Duration::from_secs(20));
+    // Node 0 stores the first of five batches and goes silent (the fake serves a
+    // connection's requests in turn: the other four, and metadata asked there, wait behind
+    // it); the others elect node 2.
+    broker.hold_produce_responses_on(Some(0));
+    for _ in 0..5 {
+        producer.send(None, b"during").unwrap();
+    }
+    while broker.next_offset("paused", 0) != Some(2) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    broker.move_leader("paused", 0, 2);
+    let started = Instant::now();
+    producer.flush().unwrap();
+    let took = started.elapsed();
+    broker.hold_produce_responses_on(None);
+    // One look at the other nodes after LEADER_CHECK_INTERVAL (500 ms) finds node 2 for all
+    // five; a look per batch would take 2.5 s, the request timeout 20 s.
+    assert!(took < Duration::from_millis(2400), "took {took:?}");
+    let reports = reports.lock().unwrap();
+    let errors: Vec<_> = reports.iter().filter_map(|r| r.error.as_ref()).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let retries: Vec<u32> = reports.iter().map(|r| r.retries).collect();
+    assert_eq!(retries, [0, 1, 1, 1, 1, 1]);
+    let (leader, epoch) = broker.leader("paused", 0);
+    assert_eq!(
+        client.leader_name("paused", 0),
+        format!("node {leader} at {}, epoch {epoch}", broker.node_addr(2))
+    );
+    // At-least-once: node 0 stored the first batch it never answered for (the other four
+    // it refuses once it reads them: it no longer leads).
+    let values = log_of(&client, "paused", 0);
+    assert_eq!(values.len(), 7);
 }
 
 #[test]

@@ -30,6 +30,12 @@ pub trait Pending<T>: Send + std::fmt::Debug {
     /// Rings `doorbell` once the outcome is known (at once if it already is), so one thread
     /// can wait for whichever of several requests completes first.
     fn ring_on_completion(&self, doorbell: &Arc<Doorbell>);
+    /// Blocks for the outcome at most `limit`, never past the request timeout: `None` if it
+    /// is still due then.
+    fn wait_within(&mut self, limit: Duration) -> Option<Result<T>>;
+    /// Gives up on the outcome before the request timeout: the caller sends the request
+    /// elsewhere (its connection's slot is freed where the protocol allows).
+    fn abandon(self);
 }
 
 /// A broker connection that produces and fetches record batches of a topic's partitions.
@@ -98,6 +104,15 @@ pub trait Transport: Clone + Send + Sync + std::fmt::Debug + 'static {
         "unknown".to_owned()
     }
 
+    /// Asked when a request to the partition's leader has gone unanswered for
+    /// [`super::failover::LEADER_CHECK_INTERVAL`]: reads the metadata from the other nodes
+    /// and, if they name a leader of a later epoch (the silent one was replaced: paused, or
+    /// cut off), keeps it and returns its name. `None` when they name the same leader, or none
+    /// answers.
+    fn leader_replaced(&self, _topic: &str, _partition: u32) -> Option<String> {
+        None
+    }
+
     /// How long a request keeps following its partition's leader from its first failure.
     fn leader_retry_budget(&self) -> Duration {
         Duration::ZERO
@@ -119,6 +134,16 @@ impl Pending<ProduceAck> for PendingProduce {
             None => doorbell.ring(),
         }
     }
+
+    fn wait_within(&mut self, limit: Duration) -> Option<Result<ProduceAck>> {
+        PendingProduce::wait_within(self, limit)
+    }
+
+    fn abandon(self) {
+        if let Some(response) = self.response {
+            response.abandon();
+        }
+    }
 }
 
 impl Pending<FetchResult> for PendingFetch {
@@ -132,6 +157,14 @@ impl Pending<FetchResult> for PendingFetch {
 
     fn ring_on_completion(&self, doorbell: &Arc<Doorbell>) {
         self.response.ring_on_completion(doorbell);
+    }
+
+    fn wait_within(&mut self, limit: Duration) -> Option<Result<FetchResult>> {
+        PendingFetch::wait_within(self, limit)
+    }
+
+    fn abandon(self) {
+        self.response.abandon();
     }
 }
 
@@ -191,6 +224,10 @@ impl Transport for Client {
     fn leader_addr(&self, topic: &str, partition: u32) -> Option<std::net::SocketAddr> {
         let cache = self.inner.topics.read().unwrap_or_else(|p| p.into_inner());
         cache.get(topic)?.iter().find(|r| r.info.partition == partition).map(|r| r.leader)
+    }
+
+    fn leader_replaced(&self, topic: &str, partition: u32) -> Option<String> {
+        Client::leader_replaced(self, topic, partition)
     }
 
     fn leader_retry_budget(&self) -> Duration {
