@@ -15,6 +15,11 @@
 //! after a backoff and a fresh read of the metadata, to the new leader; the other partitions
 //! go on meanwhile. Records already handed out are not handed out again: the position is the
 //! consumer's, not the node's. Past the retry budget the poll fails with `LeaderUnavailable`.
+//! A fetch its leader leaves unanswered past its own long-poll wait plus
+//! [`LEADER_CHECK_INTERVAL`] is looked into as a producer's batch is (a paused or cut-off
+//! leader resets no connection): if the metadata has moved the partition, or another node
+//! names a leader of a later epoch, it is given up and sent to the new leader; else it waits
+//! on, looked into again each interval, until the request timeout.
 //!
 //! Invariants: a partition's next offset only grows; it moves past a record only once that
 //! record has been handed out; a prefetch whose offset is not the next offset (the records it
@@ -24,13 +29,14 @@
 //! The transport is the native [`Client`] by default, or a [`super::KafkaClient`]: the
 //! prefetching and the offset bookkeeping are this module's, whatever the protocol underneath.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::batch::{self, BatchError};
-use super::failover::Retry;
+use super::failover::{Retry, LEADER_CHECK_INTERVAL};
 use super::pipeline::Doorbell;
 use super::transport::{Pending, Transport};
 use super::{Client, ClientError, FetchResult, Result, OFFSET_EARLIEST, OFFSET_LATEST};
@@ -76,6 +82,42 @@ struct Position<P> {
 struct Prefetch<P> {
     offset: i64,
     pending: P,
+    /// Where it went (its leader then, if the transport follows leaders), and when.
+    sent_to: Option<SocketAddr>,
+    sent_at: Instant,
+    /// When it is looked into if still unanswered: past its long-poll wait plus
+    /// [`LEADER_CHECK_INTERVAL`], then each interval.
+    look_at: Instant,
+}
+
+impl<P> Prefetch<P> {
+    fn new<T: Transport>(
+        client: &T,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        pending: P,
+        max_wait_ms: u32,
+    ) -> Self {
+        let sent_at = Instant::now();
+        Prefetch {
+            offset,
+            pending,
+            sent_to: client.leader_addr(topic, partition),
+            sent_at,
+            look_at: sent_at + Duration::from_millis(u64::from(max_wait_ms)) + LEADER_CHECK_INTERVAL,
+        }
+    }
+
+    /// Whether the fetch, unanswered at its look, went to a leader replaced since: the metadata
+    /// moved the partition, or another node names a leader of a later epoch. If not, the next
+    /// look is an interval later.
+    fn leader_replaced<T: Transport>(&mut self, client: &T, topic: &str, partition: u32) -> bool {
+        self.look_at = Instant::now() + LEADER_CHECK_INTERVAL;
+        self.sent_to.is_some()
+            && (client.leader_addr(topic, partition) != self.sent_to
+                || client.leader_replaced(topic, partition).is_some())
+    }
 }
 
 #[derive(Debug)]
@@ -211,7 +253,14 @@ impl<T: Transport> Consumer<T> {
             match self.client.fetch_async(&self.topic, partition, offset, self.fetch_bytes_max, max_wait_ms) {
                 Ok(pending) => {
                     pending.ring_on_completion(&self.doorbell);
-                    position.prefetch = Some(Prefetch { offset, pending });
+                    position.prefetch = Some(Prefetch::new(
+                        &self.client,
+                        &self.topic,
+                        partition,
+                        offset,
+                        pending,
+                        max_wait_ms,
+                    ));
                     self.leader_retries += u64::from(retrying);
                 }
                 Err(error) if self.client.leader_moved(&self.topic, partition, &error) => {
@@ -236,38 +285,44 @@ impl<T: Transport> Consumer<T> {
         let mut failure = None;
         for position in &mut self.positions {
             let Some(prefetch) = position.prefetch.as_mut() else { continue };
-            if let Some(fetched) = prefetch.pending.try_wait(now) {
-                position.prefetch = None;
-                let fetched = match fetched {
-                    Err(error) if self.client.leader_moved(&self.topic, position.partition, &error) => {
-                        self.refresh_due = true;
-                        if let Err(exhausted) = retry_later(&self.client, &self.topic, position, error, now) {
-                            failure.get_or_insert(exhausted);
-                        }
-                        continue;
-                    }
-                    fetched => fetched,
-                };
-                if fetched.is_ok() {
-                    position.retry = None;
+            let fetched = match prefetch.pending.try_wait(now) {
+                Some(fetched) => fetched,
+                None if prefetch.look_at <= now
+                    && prefetch.leader_replaced(&self.client, &self.topic, position.partition) =>
+                {
+                    let prefetch = position.prefetch.take().expect("looked at above");
+                    prefetch.pending.abandon();
+                    Err(ClientError::LeaderReplaced {
+                        topic: self.topic.clone(),
+                        partition: position.partition,
+                        waited: now.saturating_duration_since(prefetch.sent_at),
+                        leader: self.client.leader_name(&self.topic, position.partition),
+                    })
                 }
-                let fetch = (self.fetch_bytes_max, max_wait_ms);
-                let taken = fetched.and_then(|fetched| {
-                    take_fetched(
-                        &self.client,
-                        &self.topic,
-                        &self.doorbell,
-                        fetch,
-                        position,
-                        fetched,
-                        on_record,
-                    )
-                });
-                match taken {
-                    Ok(records) => *handed_out.get_or_insert(0) += records,
-                    Err(error) => {
-                        failure.get_or_insert(error);
+                None => continue,
+            };
+            position.prefetch = None;
+            let fetched = match fetched {
+                Err(error) if self.client.leader_moved(&self.topic, position.partition, &error) => {
+                    self.refresh_due = true;
+                    if let Err(exhausted) = retry_later(&self.client, &self.topic, position, error, now) {
+                        failure.get_or_insert(exhausted);
                     }
+                    continue;
+                }
+                fetched => fetched,
+            };
+            if fetched.is_ok() {
+                position.retry = None;
+            }
+            let fetch = (self.fetch_bytes_max, max_wait_ms);
+            let taken = fetched.and_then(|fetched| {
+                take_fetched(&self.client, &self.topic, &self.doorbell, fetch, position, fetched, on_record)
+            });
+            match taken {
+                Ok(records) => *handed_out.get_or_insert(0) += records,
+                Err(error) => {
+                    failure.get_or_insert(error);
                 }
             }
         }
@@ -299,7 +354,8 @@ fn take_fetched<T: Transport>(
         match client.fetch_async(topic, position.partition, end, fetch_bytes_max, max_wait_ms) {
             Ok(pending) => {
                 pending.ring_on_completion(doorbell);
-                position.prefetch = Some(Prefetch { offset: end, pending });
+                position.prefetch =
+                    Some(Prefetch::new(client, topic, position.partition, end, pending, max_wait_ms));
             }
             // The next poll's round sends it again, following the leader.
             Err(error) if client.leader_moved(topic, position.partition, &error) => {}

@@ -20,8 +20,9 @@
 //! leader leaves unanswered for [`LEADER_CHECK_INTERVAL`] makes it ask another node's metadata;
 //! once that names a leader of a later epoch the batch is sent there (and so are the
 //! partition's other batches waiting on the silent node), so the gap is about the election
-//! plus one interval rather than the request timeout, which a Kafka client waits. Fetches and
-//! other requests still wait for their timeout. An
+//! plus one interval rather than the request timeout, which a Kafka client waits. A
+//! consumer's fetch is looked into the same way once its long-poll wait and an interval have
+//! passed; other requests (metadata aside) wait for their timeout. An
 //! unknown topic is retried while the metadata names it: a node applies a new topic a moment
 //! after the controller's leader does, and a client that read the metadata there may ask it
 //! first (the next metadata read drops a topic that is really gone, which ends the retries).

@@ -99,8 +99,9 @@ struct State {
     nodes: Option<Nodes>,
     /// Native produce responses wait (the batches are appended) while this is set.
     produce_responses_held: bool,
-    /// The same, on this one node only (a paused node: its connections stay open).
-    produce_responses_held_on: Option<u32>,
+    /// A paused node: its produce and fetch responses wait (the batches are appended), and
+    /// so, as a connection's requests are served in turn, does everything after them.
+    paused: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -275,10 +276,10 @@ impl FakeBroker {
         self.shared.released.notify_all();
     }
 
-    /// [`FakeBroker::hold_produce_responses`] on node `node` alone (`None`: on none), as a
-    /// paused node would: its connections stay open and silent.
-    pub fn hold_produce_responses_on(&self, node: Option<u32>) {
-        self.shared.lock().produce_responses_held_on = node;
+    /// Pauses node `node` (`None`: resumes the paused one), as SIGSTOP would: its connections
+    /// stay open and silent (see `State::paused`).
+    pub fn pause_node(&self, node: Option<u32>) {
+        self.shared.lock().paused = node;
         self.shared.released.notify_all();
     }
 
@@ -410,13 +411,7 @@ fn handle(shared: &Shared, node: u32, correlation_id: u64, request: Request) -> 
             if produce.acks == Acks::None {
                 return None;
             }
-            let mut state = shared.lock();
-            while (state.produce_responses_held || state.produce_responses_held_on == Some(node))
-                && !shared.stopped.load(Ordering::SeqCst)
-                && !state.nodes.as_ref().is_some_and(|nodes| nodes.down[node as usize])
-            {
-                state = shared.released.wait(state).unwrap_or_else(|p| p.into_inner());
-            }
+            hold_while(shared, |state| state.produce_responses_held || state.paused == Some(node), node);
             Response::Produce(results)
         }
         Request::Fetch(fetch) => {
@@ -433,7 +428,9 @@ fn handle(shared: &Shared, node: u32, correlation_id: u64, request: Request) -> 
                     },
                     None => read(shared, &fetch.topic, p.partition, p.offset, p.max_bytes, deadline),
                 });
-            Response::Fetch(results.collect())
+            let results = results.collect();
+            hold_while(shared, |state| state.paused == Some(node), node);
+            Response::Fetch(results)
         }
         Request::ListOffsets(list) => {
             let state = shared.lock();
@@ -463,6 +460,17 @@ fn handle(shared: &Shared, node: u32, correlation_id: u64, request: Request) -> 
         }
     };
     Some(ResponseFrame::ok(correlation_id, body))
+}
+
+/// Waits while `held` says so, unless the broker stops or `node` goes down.
+fn hold_while(shared: &Shared, held: impl Fn(&State) -> bool, node: u32) {
+    let mut state = shared.lock();
+    while held(&state)
+        && !shared.stopped.load(Ordering::SeqCst)
+        && !state.nodes.as_ref().is_some_and(|nodes| nodes.down[node as usize])
+    {
+        state = shared.released.wait(state).unwrap_or_else(|p| p.into_inner());
+    }
 }
 
 /// Why `node` refuses a request for `topic`/`partition`: it does not lead it.

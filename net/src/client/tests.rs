@@ -651,14 +651,14 @@ fn batches_a_silent_leader_did_not_answer_go_to_the_next_one() {
     let (broker, client, mut producer, reports) = producing_to_node_0_of(2, Duration::from_millis(300));
     // Node 0 stores the next batch and goes silent before it answers; the others elect
     // node 1.
-    broker.hold_produce_responses_on(Some(0));
+    broker.pause_node(Some(0));
     producer.send(None, b"during").unwrap();
     while broker.next_offset("paused", 0) != Some(2) {
         std::thread::sleep(Duration::from_millis(1));
     }
     broker.move_leader("paused", 0, 1);
     producer.flush().unwrap();
-    broker.hold_produce_responses_on(None);
+    broker.pause_node(None);
     let reports = reports.lock().unwrap();
     assert!(
         reports.iter().all(|r| r.error.is_none()),
@@ -677,7 +677,7 @@ fn batches_a_replaced_leader_leaves_unanswered_go_to_the_new_one_before_the_time
     // Node 0 stores the first of five batches and goes silent (the fake serves a
     // connection's requests in turn: the other four, and metadata asked there, wait behind
     // it); the others elect node 2.
-    broker.hold_produce_responses_on(Some(0));
+    broker.pause_node(Some(0));
     for _ in 0..5 {
         producer.send(None, b"during").unwrap();
     }
@@ -688,7 +688,7 @@ fn batches_a_replaced_leader_leaves_unanswered_go_to_the_new_one_before_the_time
     let started = Instant::now();
     producer.flush().unwrap();
     let took = started.elapsed();
-    broker.hold_produce_responses_on(None);
+    broker.pause_node(None);
     // One look at the other nodes after LEADER_CHECK_INTERVAL (500 ms) finds node 2 for all
     // five; a look per batch would take 2.5 s, the request timeout 20 s.
     assert!(took < Duration::from_millis(2400), "took {took:?}");
@@ -742,6 +742,45 @@ fn the_consumer_keeps_its_position_across_leader_changes() {
     // leader after it (one already long-polling there answers with the new records).
     assert!(consumer.leader_retries() >= 1, "{}", consumer.leader_retries());
     assert_eq!(consumer.position(0), Some(30));
+}
+
+#[test]
+fn a_fetch_a_replaced_leader_leaves_unanswered_goes_to_the_new_one_before_the_timeout() {
+    let broker = FakeBroker::start_cluster(3).unwrap();
+    let options = ConnectOptions {
+        request_timeout: Duration::from_secs(20),
+        leader_retry_budget: LEADER_RETRY_BUDGET_DEFAULT,
+        ..ConnectOptions::default()
+    };
+    let client = Client::connect_with(&broker.node_addr(1).to_string(), options).unwrap();
+    client.create_topic("read", 1).unwrap();
+    assert_eq!(broker.leader("read", 0).0, 0);
+    let values: Vec<[u8; 1]> = (0..20).map(|i| [i]).collect();
+    let values: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
+    client.produce("read", 0, batch(&values[..10]), Acks::Durable).unwrap();
+    let mut consumer = Consumer::new(client.clone(), "read", &[0], StartAt::Earliest).unwrap();
+    let mut consumed = Vec::new();
+    while consumed.len() < 10 {
+        consumed.extend(consumer.poll(Duration::from_millis(100)).unwrap().iter().map(|r| r.value[0]));
+    }
+    // Node 0 goes silent with the next fetch long-polling there; the others elect node 2,
+    // which takes ten more records.
+    broker.pause_node(Some(0));
+    broker.move_leader("read", 0, 2);
+    let writer = Client::connect(&broker.node_addr(2).to_string()).unwrap();
+    writer.produce("read", 0, batch(&values[10..]), Acks::Durable).unwrap();
+    let started = Instant::now();
+    while consumed.len() < 20 {
+        assert!(started.elapsed() < Duration::from_secs(30), "stuck at {} records", consumed.len());
+        consumed.extend(consumer.poll(Duration::from_millis(100)).unwrap().iter().map(|r| r.value[0]));
+    }
+    let took = started.elapsed();
+    broker.pause_node(None);
+    // Its long-poll wait (100 ms) plus LEADER_CHECK_INTERVAL (500 ms), then one look at
+    // another node's metadata; the request timeout is 20 s.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(consumed, (0..20).collect::<Vec<u8>>(), "every record once, in order");
+    assert_eq!(consumer.leader_retries(), 1);
 }
 
 #[test]
