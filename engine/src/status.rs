@@ -166,9 +166,21 @@ pub fn status(node: &str) -> Result<()> {
     );
     println!("node\tstate\taddress");
     let nodes = first["nodes"].as_array().cloned().unwrap_or_default();
+    let mut stopped_replicas = 0;
     for (described, (id, view)) in nodes.iter().zip(&views) {
         let state = match view {
-            Ok(_) => "up".to_owned(),
+            Ok(view) => {
+                let stopped = stopped(view);
+                stopped_replicas += stopped.len();
+                match stopped.first() {
+                    None => "up".to_owned(),
+                    Some((_, failure)) => format!(
+                        "up, {} replica(s) stopped ({}; restart the node once the cause is fixed): {failure}",
+                        stopped.len(),
+                        stopped.iter().map(|(replica, _)| replica.as_str()).collect::<Vec<_>>().join(", "),
+                    ),
+                }
+            }
             Err(error) => format!("down ({error:#})"),
         };
         println!("{id}\t{state}\t{}", described["cluster_address"].as_str().unwrap_or("?"));
@@ -207,8 +219,23 @@ pub fn status(node: &str) -> Result<()> {
             );
         }
     }
-    println!("{under_replicated} under-replicated, {offline} offline partitions");
+    println!("{under_replicated} under-replicated, {offline} offline partitions, {stopped_replicas} stopped replicas");
     Ok(())
+}
+
+/// The replicas a node's view says stopped after a storage error ("topic/partition"), with
+/// why. Such a replica answers no one, so its peers treat it as down.
+fn stopped(view: &Value) -> Vec<(String, String)> {
+    view["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|replica| {
+            let failure = replica["failure"].as_str()?;
+            let name = format!("{}/{}", replica["topic"].as_str().unwrap_or("?"), replica["partition"]);
+            Some((name, failure.to_owned()))
+        })
+        .collect()
 }
 
 pub fn verify(node: &str, topic: &str) -> Result<()> {

@@ -606,11 +606,29 @@ impl Replica {
                     format!("replica of {}/{} stopped: {error}", self.address.topic, self.address.partition);
                 eprintln!("pyralog: {reason}");
                 *self.failed.borrow_mut() = Some(reason);
-                self.changed.notify();
+                self.stop_leading();
             }
         }
         self.worker_running.set(false);
         self.worker_done.notify();
+    }
+
+    /// A stopped replica performs nothing more, sends included, so its peers elect a leader
+    /// without it. It stops claiming to lead here too: produces and the ones waiting for their
+    /// commit get NotLeader, and clients go to the next leader rather than failing on this
+    /// replica's storage error.
+    fn stop_leading(&self) {
+        self.publish_role(ReplicaRole { term: self.role.get().term, role: Role::Follower, leader: None });
+    }
+
+    /// Records the replica's role and tells its waiters and the shard.
+    fn publish_role(&self, role: ReplicaRole) {
+        self.role.set(role);
+        self.changed.notify();
+        let hook = self.role_hook.borrow().clone();
+        if let Some(hook) = hook {
+            hook(&self.address, role);
+        }
     }
 
     async fn perform(&self, action: Action) -> Result<(), ShardError> {
@@ -641,15 +659,7 @@ impl Replica {
                 self.partition.data_arrived.notify();
                 self.changed.notify();
             }
-            Action::Role { term, role, leader } => {
-                let role = ReplicaRole { term, role, leader };
-                self.role.set(role);
-                self.changed.notify();
-                let hook = self.role_hook.borrow().clone();
-                if let Some(hook) = hook {
-                    hook(&self.address, role);
-                }
-            }
+            Action::Role { term, role, leader } => self.publish_role(ReplicaRole { term, role, leader }),
         }
         Ok(())
     }
