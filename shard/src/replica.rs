@@ -599,6 +599,14 @@ impl Replica {
                 continue;
             };
             if self.failed.borrow().is_some() {
+                // A stopped replica performs nothing, but its core still hears its peers: who
+                // leads them is published, so this node's metadata names the leader they
+                // elected rather than this replica or none.
+                if let Action::Role { term, role, leader } = action {
+                    if role != Role::Leader {
+                        self.publish_role(ReplicaRole { term, role: Role::Follower, leader });
+                    }
+                }
                 continue;
             }
             if let Err(error) = self.perform(action).await {
@@ -616,9 +624,11 @@ impl Replica {
     /// A stopped replica performs nothing more, sends included, so its peers elect a leader
     /// without it. It stops claiming to lead here too: produces and the ones waiting for their
     /// commit get NotLeader, and clients go to the next leader rather than failing on this
-    /// replica's storage error.
+    /// replica's storage error. A follower keeps naming the leader it knew.
     fn stop_leading(&self) {
-        self.publish_role(ReplicaRole { term: self.role.get().term, role: Role::Follower, leader: None });
+        let ReplicaRole { term, leader, .. } = self.role.get();
+        let leader = leader.filter(|leader| *leader != self.address_node());
+        self.publish_role(ReplicaRole { term, role: Role::Follower, leader });
     }
 
     /// Records the replica's role and tells its waiters and the shard.
