@@ -916,9 +916,19 @@ impl Shard {
     /// Shard 0: persists newer metadata and has every shard apply it, shard 0 last: a change
     /// this node waits for (`wait_applied`, on shard 0) is then known to every shard, so a
     /// client told a topic was created finds it on whichever shard it asks next.
+    /// The stored copy is a head start for the next start, not the truth: a copy that cannot
+    /// be written (a full disk) leaves the older one (written whole or not at all) and this
+    /// node applies the metadata anyway, catching up from the controller's log or a seed at
+    /// its next start, rather than serving a view that no longer moves.
     async fn install_cluster_meta(&self, meta: ClusterMeta) -> Result<(), ShardError> {
         assert_eq!(self.id, 0, "shard 0 applies the cluster's metadata");
-        meta.persist(&self.config.data_dir)?;
+        if let Err(error) = meta.persist(&self.config.data_dir) {
+            eprintln!(
+                "pyralog: the cluster's metadata (through controller offset {}) applies but its copy on disk \
+                 stays older: {error}",
+                meta.applied_end
+            );
+        }
         for target in (1..self.count).chain([0]) {
             match self.call(target, Op::ApplyCluster { meta: meta.clone() }).await? {
                 OpResult::Done(result) => result?,
