@@ -19,8 +19,8 @@
 //!
 //! Over either protocol a run follows partition leaders through a cluster's failover (the
 //! client retries on the new leader: see `pyralog_net::client::failover`; each batch once with
-//! the idempotent producer, the default over either protocol, at least once with
-//! `--no-idempotence`); the
+//! the native protocol's idempotent producer, the default, at least once with
+//! `--no-idempotence` or over Kafka, where the bench's producer sends no producer id); the
 //! report's `failover` line (`ack_gap_max_ms`, `leader_retries` in `--json`) gives the longest
 //! time between two acknowledgements and how many requests were sent again after a leader
 //! change.
@@ -211,8 +211,9 @@ struct ProduceArgs {
     #[arg(long, value_enum, default_value_t = PartitionerArg::Sticky)]
     partitioner: PartitionerArg,
     /// Send batches without a producer id and sequence numbers: a batch sent again after a
-    /// leader change may then be stored twice. By default (with --acks durable) the producer
-    /// is idempotent, keeping at most 5 batches of a partition in flight.
+    /// leader change may then be stored twice. By default (with --acks durable over the
+    /// native protocol) the producer is idempotent, keeping at most 5 batches of a partition
+    /// in flight.
     #[arg(long)]
     no_idempotence: bool,
 }

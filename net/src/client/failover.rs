@@ -32,8 +32,8 @@
 //! idempotent [`super::Producer`] (the default) stamps its batches with a producer id and
 //! sequence numbers, so the leader recognises such a batch and answers with the offsets it
 //! got the first time: each batch is stored once, in send order. Without a producer id (a
-//! producer made with `idempotent: false`, [`super::Client::produce`] on its own) a retried
-//! batch may be stored twice, and with more than one batch of a
+//! producer made with `idempotent: false`, [`super::Client::produce`] on its own, the Kafka
+//! transport) a retried batch may be stored twice, and with more than one batch of a
 //! partition in flight land after a later one its old leader had already taken. Either way a
 //! batch is reported acknowledged only when a node acknowledged it, so no acknowledged record
 //! is lost.

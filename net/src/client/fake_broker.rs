@@ -45,8 +45,8 @@ use crate::codec::{
     OFFSET_EARLIEST, OFFSET_LATEST,
 };
 use crate::kafka::messages::{
-    api_versions_response, create_topics_response, fetch_response, init_producer_id_response,
-    list_offsets_response, metadata_response, produce_response,
+    api_versions_response, create_topics_response, fetch_response, list_offsets_response, metadata_response,
+    produce_response,
 };
 use crate::kafka::wire::Records;
 use crate::kafka::{self, RequestBody, ResponseBody};
@@ -867,15 +867,6 @@ fn handle_kafka(shared: &Shared, body: RequestBody) -> Result<Option<ResponseBod
                 })
                 .collect();
             ResponseBody::ListOffsets(ListOffsetsResponse { topics, ..Default::default() })
-        }
-        RequestBody::InitProducerId(_) => {
-            let mut state = shared.lock();
-            state.producer_ids_issued += 1;
-            ResponseBody::InitProducerId(init_producer_id_response::InitProducerIdResponse {
-                producer_id: 1000 + state.producer_ids_issued,
-                producer_epoch: 0,
-                ..Default::default()
-            })
         }
         _ => return Err(()),
     }))

@@ -28,7 +28,6 @@ use super::{
 use crate::kafka::messages::api_versions_request::ApiVersionsRequest;
 use crate::kafka::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
 use crate::kafka::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
-use crate::kafka::messages::init_producer_id_request::InitProducerIdRequest;
 use crate::kafka::messages::list_offsets_request::{
     ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
 };
@@ -271,7 +270,6 @@ fn api_name(api_key: i16) -> &'static str {
         api::METADATA => "metadata",
         api::CREATE_TOPICS => "create_topics",
         api::API_VERSIONS => "api_versions",
-        api::INIT_PRODUCER_ID => "init_producer_id",
         _ => "kafka",
     }
 }
@@ -284,9 +282,6 @@ pub struct Versions {
     pub produce: i16,
     pub fetch: i16,
     pub list_offsets: i16,
-    /// `None` from a broker that does not offer InitProducerId: the producer then sends no
-    /// producer id (at least once across failovers).
-    pub init_producer_id: Option<i16>,
 }
 
 impl Versions {
@@ -324,15 +319,7 @@ impl Versions {
             *slot = version;
         }
         let [metadata, create_topics, produce, fetch, list_offsets] = agreed;
-        // Optional: v0 has everything a producer without transactions needs; v4 is the newest
-        // the broker side here serves.
-        let init_producer_id = offered
-            .iter()
-            .find(|(key, _, _)| *key == api::INIT_PRODUCER_ID)
-            .map(|&(_, low, high)| (low, high.min(4)))
-            .filter(|(low, high)| low <= high)
-            .map(|(_, high)| high);
-        Ok(Versions { metadata, create_topics, produce, fetch, list_offsets, init_producer_id })
+        Ok(Versions { metadata, create_topics, produce, fetch, list_offsets })
     }
 }
 
@@ -459,17 +446,11 @@ impl KafkaClient {
         Ok(open)
     }
 
-    /// Sends `request` (at `version`) to the broker that answered the last such request, else
-    /// the bootstrap address, else each broker the last metadata named in turn while they are
-    /// unreachable, or (`short`, for metadata: [`METADATA_TIMEOUT_MAX`]) silent past it: a node
-    /// that went away or is paused (the bootstrap node among them) does not keep the others'
-    /// answers from the client.
-    fn call_any_broker(
-        &self,
-        version: i16,
-        request: &RequestBody,
-        short: Option<Duration>,
-    ) -> Result<ResponseBody> {
+    /// Sends `request` (a metadata request) to the broker that answered the last one, else the
+    /// bootstrap address, else each broker the last metadata named in turn while they are
+    /// unreachable or silent past [`METADATA_TIMEOUT_MAX`]: a node that went away or is paused
+    /// (the bootstrap node among them) does not keep the others' metadata from the client.
+    fn call_any_broker(&self, request: &RequestBody) -> Result<ResponseBody> {
         let mut brokers: Vec<i32> =
             self.shared.brokers.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         brokers.sort_unstable();
@@ -480,24 +461,22 @@ impl KafkaClient {
                 candidates.push(candidate);
             }
         }
-        let (answered, body) = super::failover::ask_in_turn(&candidates, short, |node, wait| {
-            let connection = self.connection_to(node)?;
-            match wait {
-                Some(wait) => connection.call_within((version, request), wait),
-                None => connection.call((version, request)),
-            }
-        })?;
+        let version = self.shared.versions.metadata;
+        let (answered, body) =
+            super::failover::ask_in_turn(&candidates, Some(METADATA_TIMEOUT_MAX), |node, wait| {
+                let connection = self.connection_to(node)?;
+                match wait {
+                    Some(wait) => connection.call_within((version, request), wait),
+                    None => connection.call((version, request)),
+                }
+            })?;
         *self.shared.metadata_from.lock().unwrap_or_else(|p| p.into_inner()) = answered;
         Ok(body)
     }
 
     /// Asks the broker for the topic's partition count and leaders and caches them.
     pub fn refresh_partitions(&self, topic: &str) -> Result<u32> {
-        let body = self.call_any_broker(
-            self.shared.versions.metadata,
-            &metadata_request(topic),
-            Some(METADATA_TIMEOUT_MAX),
-        )?;
+        let body = self.call_any_broker(&metadata_request(topic))?;
         let ResponseBody::Metadata(metadata) = body else { return Err(unexpected("metadata")) };
         self.keep_partitions(topic, metadata)
     }
@@ -761,24 +740,6 @@ impl Transport for KafkaClient {
 
     fn leader_replaced(&self, topic: &str, partition: u32) -> Option<String> {
         KafkaClient::leader_replaced(self, topic, partition)
-    }
-
-    /// InitProducerId without a transactional id, as a Kafka client with
-    /// `enable.idempotence` asks it.
-    fn init_producer_id(&self) -> Result<Option<(i64, i16)>> {
-        let Some(version) = self.shared.versions.init_producer_id else { return Ok(None) };
-        let request = InitProducerIdRequest {
-            transactional_id: None,
-            transaction_timeout_ms: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-        };
-        let body = self.call_any_broker(version, &RequestBody::InitProducerId(request), None)?;
-        let ResponseBody::InitProducerId(response) = body else { return Err(unexpected("init_producer_id")) };
-        if response.error_code != error::NONE {
-            return Err(kafka_error(response.error_code, "InitProducerId", None));
-        }
-        Ok(Some((response.producer_id, response.producer_epoch)))
     }
 
     fn refresh_leaders(&self, topic: &str) -> Result<()> {
@@ -1094,7 +1055,6 @@ mod tests {
             *kafka::SUPPORTED.iter().find(|s| s.0 == api::LIST_OFFSETS).expect("ListOffsets is served");
         assert_eq!(agreed.list_offsets, list_offsets_max.min(7));
         assert_eq!((agreed.metadata, agreed.produce, agreed.fetch), (12, 9, 12));
-        assert_eq!(agreed.init_producer_id, Some(4));
 
         let old_broker = [
             (api::METADATA, 0, 9),
@@ -1106,14 +1066,7 @@ mod tests {
         let agreed = Versions::agree(&old_broker).unwrap();
         assert_eq!(
             agreed,
-            Versions {
-                metadata: 9,
-                create_topics: 4,
-                produce: 8,
-                fetch: 11,
-                list_offsets: 5,
-                init_producer_id: None
-            }
+            Versions { metadata: 9, create_topics: 4, produce: 8, fetch: 11, list_offsets: 5 }
         );
         // Produce before v3 cannot carry RecordBatch v2.
         let mut no_record_batches = old_broker;
