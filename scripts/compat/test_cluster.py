@@ -917,14 +917,8 @@ def test_the_bench_follows_a_paused_leader_before_its_request_timeout(cluster, b
                            "--json", "--deadline-secs", "90"], capture_output=True, timeout=120)
     consumed = json.loads(done.stdout.decode().strip().splitlines()[-1])
     problems = [line for line in done.stderr.decode(errors="replace").splitlines() if line.startswith("verify: ")]
-    assert consumed["verify_unread"] == 0, consumed
-    if protocol == "native":
-        # Idempotent: a batch the paused leader had stored is recognised when it comes again.
-        assert problems == [] and consumed["consumed"] == messages, (consumed, problems[:10])
-    else:
-        # The Kafka-protocol client sends no producer id: at least once.
-        assert consumed["consumed"] >= messages, consumed
-        assert all("delivered twice" in p or "out of order or duplicate" in p for p in problems), problems[:10]
+    assert consumed["verify_unread"] == 0 and consumed["consumed"] >= messages, consumed
+    assert all("delivered twice" in p or "out of order or duplicate" in p for p in problems), problems[:10]
 
 
 @pytest.fixture
@@ -970,25 +964,27 @@ def test_a_node_whose_disk_fills_stops_its_replicas_and_the_others_lose_nothing(
     assert "replica(s) stopped" in line and "No space left on device" in line, status
     assert all(f"full/{p}" in line for p in range(3)), status
     assert "0 stopped replicas" not in status, status
-    # A client bootstrapped from node 3 alone finds the leaders the two others elected, of a
-    # topic created since (node 3 applies the metadata though it cannot store its copy, and
-    # its replicas of the new topic stop at once).
+    # A client bootstrapped from node 3 alone finds the leaders the two others elected, also
+    # of a topic created since (node 3 applies the metadata though it cannot store its copy).
     subprocess.run([pyralog_bin, "topic", "--broker", cluster.node(1).native, "create", "after", "--partitions",
                     "3", "--replication-factor", "3"], check=True, timeout=CLIENT_TIMEOUT_S)
-    wait_until("node 3 applied the new topic", lambda: "after" in cluster_view(node_3)["topics"])
-    done = subprocess.run([bench_bin, "produce", "--broker", node_3.native, "--topic", "after",
-                           "--messages", "20000", "--message-bytes", "1024", "--json",
-                           "--deadline-secs", "60"], capture_output=True, text=True, timeout=90)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (report["acked"], report["errors"]) == (20000, 0), report
+    for topic in ("full", "after"):
+        done = subprocess.run([bench_bin, "produce", "--broker", node_3.native, "--topic", topic,
+                               "--messages", "20000", "--message-bytes", "1024", "--json",
+                               "--deadline-secs", "60"], capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert (report["acked"], report["errors"]) == (20000, 0), report
+    messages += 20000
     done = subprocess.run([bench_bin, "consume", "--broker", cluster.node(1).native, "--topic", "full",
                            "--verify", "--duration", "60", "--idle-secs", "3", "--json", "--deadline-secs", "90"],
                           capture_output=True, text=True, timeout=120)
     consumed = json.loads(done.stdout.strip().splitlines()[-1])
-    # Every acknowledged record once, in order: a batch the stopping leader had stored before
-    # its writes failed is recognised when the idempotent producer sends it again.
-    assert done.returncode == 0 and consumed["consumed"] == messages, (consumed, done.stderr[-2000:])
+    # Every acknowledged record, in order; a batch the stopping leader had stored before its
+    # writes failed may come twice (the native producer's retries are at least once).
+    problems = [line for line in done.stderr.splitlines() if line.startswith("verify: ")]
+    assert consumed["verify_unread"] == 0 and consumed["consumed"] >= messages, consumed
+    assert all("delivered twice" in p or "out of order or duplicate" in p for p in problems), problems[:10]
     # Room again (the operator grows or cleans the disk), then a restart: the replicas recover.
     subprocess.run(["mount", "-o", "remount,size=1g", node_3.data_dir], check=True)
     node_3.kill9()

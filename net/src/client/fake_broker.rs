@@ -102,8 +102,6 @@ struct State {
     /// A paused node: its produce and fetch responses wait (the batches are appended), and
     /// so, as a connection's requests are served in turn, does everything after them.
     paused: Option<u32>,
-    /// Producer ids handed out so far.
-    producer_ids_issued: i64,
 }
 
 #[derive(Debug)]
@@ -388,11 +386,6 @@ fn handle(shared: &Shared, node: u32, correlation_id: u64, request: Request) -> 
             state.topics.insert(name, (0..partitions).map(|_| PartitionLog::default()).collect());
             Response::CreateTopic
         }
-        Request::InitProducerId => {
-            let mut state = shared.lock();
-            state.producer_ids_issued += 1;
-            Response::InitProducerId { producer_id: 1000 + state.producer_ids_issued, producer_epoch: 0 }
-        }
         Request::DeleteTopic { name } => {
             if shared.lock().topics.remove(&name).is_none() {
                 let message = format!("unknown topic '{name}'");
@@ -555,21 +548,6 @@ fn append(shared: &Shared, topic: &str, partition: u32, records: &Bytes) -> Prod
         // The reader above checked every length.
         let length = i32::from_be_bytes(records[at + 8..at + 12].try_into().expect("checked")) as usize;
         let end = at + BATCH_LOG_OVERHEAD_BYTES + length;
-        // An idempotent producer's batch already stored (same producer id and base sequence) is
-        // answered with its first offsets, as a broker does; the fake keeps every batch.
-        fn identity(batch: &[u8]) -> (i64, &[u8]) {
-            (i64::from_be_bytes(batch[43..51].try_into().expect("checked")), &batch[53..57])
-        }
-        let (producer_id, _) = identity(&records[at..end]);
-        if producer_id >= 0 && records.len() == end && at == 0 {
-            let stored =
-                log.batches.iter().position(|(_, batch)| identity(batch) == identity(&records[..end]));
-            if let Some(index) = stored {
-                let first = log.batches[index].0;
-                let next = log.batches.get(index + 1).map_or(log.next_offset, |(offset, _)| *offset);
-                return result(ErrorCode::None, String::new(), first, next);
-            }
-        }
         let last_offset_delta = i32::from_be_bytes(records[at + 23..at + 27].try_into().expect("checked"));
         let mut batch = BytesMut::from(&records[at..end]);
         batch[..8].copy_from_slice(&log.next_offset.to_be_bytes());

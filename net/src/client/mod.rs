@@ -9,8 +9,7 @@
 //!   of a cluster keeps working when that node goes away.
 //! - [`failover`]: when a partition's leader moves (`NotLeader`, or its node went away), the
 //!   client reads the metadata again and retries on the new leader, within a bounded budget
-//!   with backoff; an idempotent [`Producer`]'s batches are stored once, a bare produce's at
-//!   least once (see there).
+//!   with backoff; a native produce retried this way is at-least-once (see there).
 //! - [`pipeline::Pipeline`]: the pipelined connection both protocols' connections are, a
 //!   [`Connection`] (responses matched by correlation id) or a [`KafkaPipeline`] (in order).
 //! - [`Producer`]: batching per partition, asynchronous sends, in-order delivery reports.
@@ -59,9 +58,7 @@ pub use self::kafka::{
 pub use self::partitioner::{PartitionSelector, Partitioner};
 pub use self::pipeline::ConnectOptions;
 pub use self::probe::PROBE_CLIENT_ID;
-pub use self::producer::{
-    DeliveryReport, Producer, ProducerConfig, IDEMPOTENT_IN_FLIGHT_MAX, IN_FLIGHT_BATCHES_MAX_DEFAULT,
-};
+pub use self::producer::{DeliveryReport, Producer, ProducerConfig, IN_FLIGHT_BATCHES_MAX_DEFAULT};
 pub use self::transport::{Pending, Transport};
 pub use crate::codec::{
     Acks, ErrorCode, MetadataResponse, NodeInfo, PartitionInfo, ShardInfo, OFFSET_EARLIEST, OFFSET_LATEST,
@@ -562,21 +559,6 @@ impl Client {
         Some(self.leader_name(topic, partition))
     }
 
-    /// An id and epoch for an idempotent producer, from any node; `None` from a node that
-    /// predates them (it answers `UnsupportedRequest`).
-    pub fn init_producer_id(&self) -> Result<Option<(i64, i16)>> {
-        let frame = match self.call_any_node(&Request::InitProducerId, false)?.1 {
-            frame if frame.error == ErrorCode::UnsupportedRequest => return Ok(None),
-            frame => frame,
-        };
-        match response_body("init_producer_id", frame)? {
-            Response::InitProducerId { producer_id, producer_epoch } => {
-                Ok(Some((producer_id, producer_epoch)))
-            }
-            _ => unreachable!("response_body checks the kind"),
-        }
-    }
-
     /// Re-reads the metadata of every topic.
     pub fn refresh_metadata(&self) -> Result<()> {
         self.metadata(&[]).map(drop)
@@ -669,8 +651,7 @@ impl Client {
     }
 
     /// Produces `records` (one or more whole batches) and waits for the acknowledgement,
-    /// following the partition's leader when it moves: at least once, as `records` carry no
-    /// producer id unless the caller stamped one ([`failover`]).
+    /// following the partition's leader when it moves: at-least-once ([`failover`]).
     pub fn produce(&self, topic: &str, partition: u32, records: Bytes, acks: Acks) -> Result<ProduceAck> {
         self.following_leader(topic, partition, || {
             self.produce_async(topic, partition, records.clone(), acks)?.wait()

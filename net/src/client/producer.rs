@@ -23,21 +23,10 @@
 //! sends those the old leader did not take again, in send order, on the new leader's
 //! connection; the caller's thread waits meanwhile, as it waits for room. It gives up when the
 //! retry budget is spent, failing those batches with `LeaderUnavailable`. A batch is reported
-//! acknowledged only once a node acknowledged it. Under `Acks::None` nothing is retried (no
-//! answer says the leader moved).
-//!
-//! Idempotence (`ProducerConfig::idempotent`, the default, with `Acks::Durable` over a
-//! transport that hands out producer ids): the producer takes an id and epoch when it is made
-//! and stamps each batch with them and the partition's next sequence number (RecordBatch v2's
-//! producerId, producerEpoch and baseSequence, as a Kafka client does), so a batch sent again
-//! that the old leader had already stored is recognised by the partition's leader, which
-//! answers with the offsets it got the first time: each batch is stored once, in send order.
-//! The broker remembers a producer's last five batches per partition, so at most five of a
-//! partition's batches are in flight ([`IDEMPOTENT_IN_FLIGHT_MAX`]). A batch that fails for
-//! good leaves a gap in its partition's sequence: the next batch takes a new producer id, and
-//! those already in flight behind the failed one may fail too (out of order). Without
-//! idempotence a retried batch may be stored twice, and land after a later one the old leader
-//! took (at least once).
+//! acknowledged only once a node acknowledged it, but a batch sent again may already have been
+//! stored by the old leader: at-least-once, and with more than one batch of a partition in
+//! flight a retried batch may land after a later one the old leader took. Under `Acks::None`
+//! nothing is retried (no answer says the leader moved).
 //!
 //! Invariants: at most `max_in_flight_batches` batches await acknowledgement (a send blocks on
 //! the oldest beyond that) and at most one open batch per partition, so memory is bounded by
@@ -52,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use super::batch::{BatchBuilder, IdempotentProducer, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
+use super::batch::{BatchBuilder, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
 use super::failover::{Retry, LEADER_CHECK_INTERVAL};
 use super::partitioner::{PartitionSelector, Partitioner};
 use super::transport::{Pending, Transport};
@@ -61,9 +50,6 @@ use super::{Acks, Client, ClientError, ProduceAck, Result, OFFSET_UNACKNOWLEDGED
 pub const BATCH_BYTES_DEFAULT: usize = 16 << 10;
 pub const LINGER_DEFAULT: Duration = Duration::from_millis(5);
 pub const IN_FLIGHT_BATCHES_MAX_DEFAULT: usize = 64;
-/// Batches of one partition an idempotent producer keeps in flight at most: the batches per
-/// producer and partition a broker remembers to recognise a retry (Kafka's five).
-pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
 
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -81,12 +67,8 @@ pub struct ProducerConfig {
     /// its acknowledgements arrives (seen by the next `send` or `poll`) or it is full. At 1 a
     /// record waits at most about one round trip for company: few, well-filled requests under
     /// load with no fixed delay when idle. Like Kafka's `max.in.flight.requests.per.connection`,
-    /// per partition; an idempotent producer keeps at most [`IDEMPOTENT_IN_FLIGHT_MAX`].
+    /// per partition.
     pub max_in_flight_per_partition: usize,
-    /// Stamp batches with a producer id and sequence numbers, so that a retry is stored once
-    /// (see the module docs). Applies under `Acks::Durable` only, as Kafka's
-    /// `enable.idempotence` needs acks=all.
-    pub idempotent: bool,
 }
 
 impl ProducerConfig {
@@ -99,7 +81,6 @@ impl ProducerConfig {
             partitioner: Partitioner::default(),
             max_in_flight_batches: IN_FLIGHT_BATCHES_MAX_DEFAULT,
             max_in_flight_per_partition: IN_FLIGHT_BATCHES_MAX_DEFAULT,
-            idempotent: true,
         }
     }
 }
@@ -187,17 +168,6 @@ pub struct Producer<T: Transport = Client> {
     /// Per partition: a leader found replaced while a batch waited for its answer (see
     /// [`wait_watching`]), until a batch of the partition is acknowledged.
     replaced: Vec<Option<SocketAddr>>,
-    /// An idempotent producer's identity, and per partition the next batch's sequence.
-    identity: Option<Identity>,
-}
-
-#[derive(Debug)]
-struct Identity {
-    producer_id: i64,
-    epoch: i16,
-    sequences: Vec<i32>,
-    /// A batch failed for good: the next one takes a new producer id.
-    renew: bool,
 }
 
 impl<T: Transport> std::fmt::Debug for Producer<T> {
@@ -221,19 +191,6 @@ impl<T: Transport> Producer<T> {
         assert!(config.max_in_flight_per_partition > 0, "max_in_flight_per_partition must allow one batch");
         config.batch_bytes = config.batch_bytes.clamp(BATCH_HEADER_BYTES + 1, BATCH_BYTES_MAX);
         let partitions = client.partition_count(&config.topic)?;
-        let identity = match config.idempotent && config.acks == Acks::Durable {
-            true => client.init_producer_id()?.map(|(producer_id, epoch)| Identity {
-                producer_id,
-                epoch,
-                sequences: vec![0; partitions as usize],
-                renew: false,
-            }),
-            false => None,
-        };
-        if identity.is_some() {
-            config.max_in_flight_per_partition =
-                config.max_in_flight_per_partition.min(IDEMPOTENT_IN_FLIGHT_MAX);
-        }
         if partitions == 0 {
             return Err(ClientError::UnknownPartition { topic: config.topic, partition: 0, partitions });
         }
@@ -254,7 +211,6 @@ impl<T: Transport> Producer<T> {
             retry: vec![None; partitions as usize],
             leader_retries: 0,
             replaced: vec![None; partitions as usize],
-            identity,
             partitions,
             config,
         })
@@ -408,13 +364,7 @@ impl<T: Transport> Producer<T> {
             first_enqueue: open.first_enqueue,
             last_enqueue: open.last_enqueue,
         };
-        let records = match self.stamp(partition, open.builder) {
-            Ok(records) => records,
-            Err(error) => {
-                self.report(batch, 0, Err(error.clone()));
-                return Err(error);
-            }
-        };
+        let records = open.builder.finish();
         // Metadata read again for another partition may have moved this one: its batches
         // still on their way to the old leader are settled first, or this one could land
         // before those the old leader refuses.
@@ -455,29 +405,6 @@ impl<T: Transport> Producer<T> {
             Some(error) => Err(error),
             None => Ok(()),
         }
-    }
-
-    /// Finishes a batch of `partition`, stamped with the producer's identity and the
-    /// partition's next sequence if it is idempotent (taking a new id first if a batch failed
-    /// for good since the last one).
-    fn stamp(&mut self, partition: u32, builder: BatchBuilder) -> Result<Bytes> {
-        let Some(identity) = &mut self.identity else { return Ok(builder.finish()) };
-        if identity.renew {
-            let (producer_id, epoch) =
-                self.client.init_producer_id()?.ok_or_else(|| ClientError::UnexpectedResponse {
-                    op: "init_producer_id",
-                    got: "no producer id from a node that gave one before".to_owned(),
-                })?;
-            *identity =
-                Identity { producer_id, epoch, sequences: vec![0; identity.sequences.len()], renew: false };
-        }
-        let sequence = &mut identity.sequences[partition as usize];
-        let base_sequence = *sequence;
-        // Kafka's sequences wrap from i32::MAX to 0.
-        *sequence = ((i64::from(base_sequence) + i64::from(builder.record_count())) % (1 << 31)) as i32;
-        let producer =
-            IdempotentProducer { producer_id: identity.producer_id, epoch: identity.epoch, base_sequence };
-        Ok(builder.idempotent(producer).finish())
     }
 
     /// Notes the outcomes that have arrived, freeing their partitions' room, and reports
@@ -680,9 +607,6 @@ impl<T: Transport> Producer<T> {
                 (ack.base_offset, None)
             }
             Err(error) => {
-                if let Some(identity) = &mut self.identity {
-                    identity.renew = true;
-                }
                 self.failed_batches += 1;
                 self.first_failure.get_or_insert_with(|| format!("partition {partition}: {error}"));
                 (OFFSET_UNACKNOWLEDGED, Some(error))
