@@ -916,6 +916,7 @@ impl Shard {
     /// Shard 0: persists newer metadata and has every shard apply it, shard 0 last: a change
     /// this node waits for (`wait_applied`, on shard 0) is then known to every shard, so a
     /// client told a topic was created finds it on whichever shard it asks next.
+    ///
     /// The stored copy is a head start for the next start, not the truth: a copy that cannot
     /// be written (a full disk) leaves the older one (written whole or not at all) and this
     /// node applies the metadata anyway, catching up from the controller's log or a seed at

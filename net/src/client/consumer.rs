@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::batch::{self, BatchError};
-use super::failover::{Retry, LEADER_CHECK_INTERVAL};
+use super::failover::{self, Retry, LEADER_CHECK_INTERVAL};
 use super::pipeline::Doorbell;
 use super::transport::{Pending, Transport};
 use super::{Client, ClientError, FetchResult, Result, OFFSET_EARLIEST, OFFSET_LATEST};
@@ -114,9 +114,7 @@ impl<P> Prefetch<P> {
     /// look is an interval later.
     fn leader_replaced<T: Transport>(&mut self, client: &T, topic: &str, partition: u32) -> bool {
         self.look_at = Instant::now() + LEADER_CHECK_INTERVAL;
-        self.sent_to.is_some()
-            && (client.leader_addr(topic, partition) != self.sent_to
-                || client.leader_replaced(topic, partition).is_some())
+        failover::leader_left(client, topic, partition, self.sent_to)
     }
 }
 

@@ -138,6 +138,21 @@ pub(crate) fn following_leader<C: Transport, T>(
     }
 }
 
+/// Whether a request of `topic`/`partition` sent to `sent_to` (its leader then), and left
+/// unanswered for [`LEADER_CHECK_INTERVAL`], went to a leader that has been replaced: the
+/// metadata moved the partition since, or another node names a leader of a later epoch
+/// ([`Transport::leader_replaced`]). False over a transport that does not follow leaders.
+pub(crate) fn leader_left<T: Transport>(
+    client: &T,
+    topic: &str,
+    partition: u32,
+    sent_to: Option<std::net::SocketAddr>,
+) -> bool {
+    sent_to.is_some()
+        && (client.leader_addr(topic, partition) != sent_to
+            || client.leader_replaced(topic, partition).is_some())
+}
+
 /// Asks `candidates` in turn (`ask(candidate, wait)`, `wait` bounding the answer, `None`:
 /// the request timeout) until one answers, and returns which and its answer. A candidate
 /// that cannot be reached is passed over; so is one that does not answer within `short`,

@@ -202,12 +202,12 @@ fn wrong_protocol_text(addr: SocketAddr, found: Protocol) -> String {
 }
 
 impl ClientError {
-    /// True when the broker is unreachable or went away (as opposed to refusing a request).
     /// Whether the request got no answer within its timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(self, ClientError::Timeout { .. })
     }
 
+    /// True when the broker is unreachable or went away (as opposed to refusing a request).
     pub fn is_disconnect(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::Disconnected { .. } => true,
@@ -882,7 +882,7 @@ fn missing_partition(op: &'static str, partition: u32) -> ClientError {
     ClientError::UnexpectedResponse { op, got: format!("no result for partition {partition}") }
 }
 
-/// The body of a successful response of the kind `op` expects.
+/// The body of a successful metadata response.
 fn metadata_body(frame: ResponseFrame) -> Result<MetadataResponse> {
     match response_body("metadata", frame)? {
         Response::Metadata(metadata) => Ok(metadata),
@@ -890,6 +890,7 @@ fn metadata_body(frame: ResponseFrame) -> Result<MetadataResponse> {
     }
 }
 
+/// The body of a successful response of the kind `op` expects.
 fn response_body(op: &'static str, frame: ResponseFrame) -> Result<Response> {
     server_error(frame.error, &frame.message)?;
     match frame.body {

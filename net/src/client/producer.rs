@@ -42,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::batch::{BatchBuilder, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
-use super::failover::{Retry, LEADER_CHECK_INTERVAL};
+use super::failover::{self, Retry, LEADER_CHECK_INTERVAL};
 use super::partitioner::{PartitionSelector, Partitioner};
 use super::transport::{Pending, Transport};
 use super::{Acks, Client, ClientError, ProduceAck, Result, OFFSET_UNACKNOWLEDGED};
@@ -665,10 +665,7 @@ fn wait_watching<T: Transport>(
         if let Some(outcome) = pending.wait_within(LEADER_CHECK_INTERVAL) {
             return outcome;
         }
-        if sent_to.is_some()
-            && (client.leader_addr(topic, partition) != sent_to
-                || client.leader_replaced(topic, partition).is_some())
-        {
+        if failover::leader_left(client, topic, partition, sent_to) {
             *replaced = sent_to;
         }
     }
