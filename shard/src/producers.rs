@@ -41,6 +41,8 @@ struct SeenBatch {
 struct Producer {
     epoch: i16,
     batches: VecDeque<SeenBatch>,
+    /// The offset after the last batch recorded: a batch below it was recorded already.
+    recorded_end: i64,
     /// When it last appended, on the partition's `clock`.
     last_append: u64,
 }
@@ -146,17 +148,19 @@ impl ProducerStates {
             let idlest = self.producers.iter().min_by_key(|(_, p)| p.last_append).map(|(id, _)| *id);
             self.producers.remove(&idlest.expect("the map is full, so not empty"));
         }
+        // A replicated partition's leader records a batch when it proposes it and again when
+        // its replica's worker appends it, possibly several proposals later: the second time
+        // changes nothing (a partition's offsets only grow between rebuilds of this state).
+        if self.producers.get(&header.producer_id).is_some_and(|p| header.base_offset < p.recorded_end) {
+            return;
+        }
         self.clock += 1;
         let producer = self.producers.entry(header.producer_id).or_default();
         producer.last_append = self.clock;
+        producer.recorded_end = header.next_offset();
         if header.producer_epoch != producer.epoch {
             producer.epoch = header.producer_epoch;
             producer.batches.clear();
-        }
-        // A replicated partition's leader records a batch when it proposes it and again when
-        // its replica appends it: the second time changes nothing.
-        if producer.batches.back().is_some_and(|b| b.base_offset == header.base_offset) {
-            return;
         }
         if producer.batches.len() == BATCHES_KEPT {
             producer.batches.pop_front();
@@ -244,6 +248,38 @@ mod tests {
         // Unknown producers and non-idempotent batches start anywhere.
         assert_eq!(states.check(&batch(8, 0, 42, 1, -1)).unwrap(), Verdict::Append);
         assert_eq!(states.check(&batch(-1, -1, -1, 1, -1)).unwrap(), Verdict::Append);
+    }
+
+    #[test]
+    fn a_leader_recording_its_batches_twice_keeps_each_once() {
+        // A replicated partition's leader records batches as it proposes them, and again as
+        // its replica's worker appends them, which may trail several proposals behind.
+        let mut states = ProducerStates::default();
+        let batches: Vec<_> = (0..5).map(|i| batch(7, 0, 10 * i, 10, 100 + 10 * i64::from(i))).collect();
+        for proposed in &batches[..3] {
+            states.record(proposed);
+        }
+        for appended in &batches[..2] {
+            states.record(appended);
+        }
+        states.record(&batches[3]);
+        states.record(&batches[2]);
+        states.record(&batches[4]);
+        states.record(&batches[3]);
+        states.record(&batches[4]);
+        // The next sequence follows the last batch, and all five are recognised as retries.
+        assert_eq!(states.check(&batch(7, 0, 50, 1, -1)).unwrap(), Verdict::Append);
+        for (i, kept) in batches.iter().enumerate() {
+            let base_offset = 100 + 10 * i as i64;
+            let retried = Verdict::Duplicate { base_offset, next_offset: base_offset + 10 };
+            assert_eq!(states.check(kept).unwrap(), retried, "batch {i}");
+        }
+        // Recorded again under a later epoch's batch, an older batch does not reset the epoch.
+        let fenced = batch(7, 1, 0, 1, 150);
+        states.record(&fenced);
+        states.record(&batches[4]);
+        assert!(matches!(states.check(&batch(7, 0, 50, 1, -1)), Err(ShardError::InvalidProducerEpoch(_))));
+        assert_eq!(states.check(&batch(7, 1, 1, 1, -1)).unwrap(), Verdict::Append);
     }
 
     #[test]
