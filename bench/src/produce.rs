@@ -40,6 +40,8 @@ pub struct ProduceOptions {
     pub rate: Option<f64>,
     pub acks: Acks,
     pub partitioner: Partitioner,
+    /// Stamp batches with a producer id and sequences (see `ProducerConfig::idempotent`).
+    pub idempotent: bool,
 }
 
 pub fn spawn<T: Transport>(
@@ -75,6 +77,7 @@ fn produce<T: Transport>(id: u32, client: T, options: &ProduceOptions, quota: Op
         max_in_flight_per_partition: options.max_in_flight_per_partition,
         acks: options.acks,
         partitioner: options.partitioner,
+        idempotent: options.idempotent,
         ..ProducerConfig::new(options.topic.clone())
     };
     let on_delivery =

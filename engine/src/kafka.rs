@@ -9,7 +9,6 @@
 //! (it is the bootstrap address), hopping to the owner when needed, as the broker of the shard
 //! that accepted the connection: ListGroups there lists that shard's groups (see `groups`).
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -65,10 +64,7 @@ pub struct KafkaService {
     pub groups: groups::Groups,
     /// Each shard's own Kafka port, by shard id: the brokers of metadata responses.
     pub broker_ports: Vec<u16>,
-    /// Producer ids handed out here without a cluster: `first_producer_id + shard + shards * n`
-    /// (a cluster's come from its controller: `Shard::next_producer_id`).
-    pub first_producer_id: i64,
-    pub producer_ids_issued: Cell<i64>,
+    pub producer_ids: Rc<crate::service::ProducerIds>,
 }
 
 /// The Kafka error code for a shard error.
@@ -889,24 +885,16 @@ impl KafkaService {
                 ..Default::default()
             };
         }
-        let producer_id = match self.shard.cluster_meta() {
-            // A cluster's ids come from blocks its controller reserves for each node.
-            Some(_) => match self.shard.next_producer_id().await {
-                Ok(id) => id,
-                Err(failed) => {
-                    eprintln!("pyralog: InitProducerId: {failed}");
-                    return InitProducerIdResponse {
-                        error_code: error::COORDINATOR_NOT_AVAILABLE,
-                        producer_id: -1,
-                        producer_epoch: -1,
-                        ..Default::default()
-                    };
-                }
-            },
-            None => {
-                let n = self.producer_ids_issued.get();
-                self.producer_ids_issued.set(n + 1);
-                self.first_producer_id + self.shard.id as i64 + self.shard.count as i64 * n
+        let producer_id = match self.producer_ids.next(&self.shard).await {
+            Ok(id) => id,
+            Err(failed) => {
+                eprintln!("pyralog: InitProducerId: {failed}");
+                return InitProducerIdResponse {
+                    error_code: error::COORDINATOR_NOT_AVAILABLE,
+                    producer_id: -1,
+                    producer_epoch: -1,
+                    ..Default::default()
+                };
             }
         };
         InitProducerIdResponse {

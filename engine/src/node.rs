@@ -33,7 +33,7 @@ use crate::cluster::ClusterPlan;
 use crate::identity;
 use crate::kafka::{KafkaService, KafkaSettings};
 use crate::metrics::{Endpoints, ShardRegistry};
-use crate::service::{Service, Topology};
+use crate::service::{ProducerIds, Service, Topology};
 use crate::{DurabilityArg, NodeArgs};
 
 /// How long start-up may take before the node gives up.
@@ -428,12 +428,14 @@ async fn run_shard(context: ShardContext) {
         }
         _ => None,
     };
+    let producer_ids = Rc::new(ProducerIds::new(context.first_producer_id));
     let service = Rc::new(server::Native {
         handler: Service {
             shard: Rc::clone(&shard),
             topology: Rc::clone(&topology),
             node_id: context.kafka.node_id,
             shared_port: shared.local_addr().map_or(context.listen.port(), |a| a.port()),
+            producer_ids: Rc::clone(&producer_ids),
         },
         max_request_bytes: context.max_request_bytes,
     });
@@ -453,8 +455,7 @@ async fn run_shard(context: ShardContext) {
             settings: Rc::new(context.kafka.clone()),
             broker_ports: topology.kafka_ports.clone(),
             groups: crate::groups::Groups,
-            first_producer_id: context.first_producer_id,
-            producer_ids_issued: Cell::new(0),
+            producer_ids: Rc::clone(&producer_ids),
         },
         max_request_bytes: context.max_request_bytes,
     });

@@ -9,6 +9,7 @@
 //! the port of the shard owning the partition there, the leader's epoch and the replicas;
 //! every registered node is listed, so a client can ask another node when one goes away.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -40,6 +41,31 @@ pub struct Service {
     pub node_id: u32,
     /// The shared native port, which metadata gives as this node's port.
     pub shared_port: u16,
+    pub producer_ids: Rc<ProducerIds>,
+}
+
+/// The producer ids a shard hands out to idempotent producers of both protocols: without a
+/// cluster `first + shard + shards * n` (`first`: the node's start in ms, so a restart never
+/// repeats one), in a cluster from the blocks its controller reserves for the node
+/// (`Shard::next_producer_id`).
+pub struct ProducerIds {
+    first: i64,
+    issued: Cell<i64>,
+}
+
+impl ProducerIds {
+    pub fn new(first: i64) -> ProducerIds {
+        ProducerIds { first, issued: Cell::new(0) }
+    }
+
+    pub async fn next(&self, shard: &Shard) -> Result<i64, ShardError> {
+        if shard.cluster_meta().is_some() {
+            return shard.next_producer_id().await;
+        }
+        let n = self.issued.get();
+        self.issued.set(n + 1);
+        Ok(self.first + shard.id as i64 + shard.count as i64 * n)
+    }
 }
 
 pub fn error_code(error: &ShardError) -> ErrorCode {
@@ -51,8 +77,8 @@ pub fn error_code(error: &ShardError) -> ErrorCode {
         | ShardError::InvalidConfig(_)
         | ShardError::InvalidPartitions(_)
         | ShardError::InvalidReplicationFactor(_) => ErrorCode::InvalidTopic,
-        // The native protocol has no idempotent producer; these come from Kafka clients only.
-        ShardError::OutOfOrderSequence(_) | ShardError::InvalidProducerEpoch(_) => ErrorCode::InvalidRequest,
+        ShardError::OutOfOrderSequence(_) => ErrorCode::OutOfOrderSequence,
+        ShardError::InvalidProducerEpoch(_) => ErrorCode::InvalidProducerEpoch,
         ShardError::CorruptBatch(_) => ErrorCode::CorruptBatch,
         ShardError::TooLarge(_) => ErrorCode::MessageTooLarge,
         ShardError::OffsetOutOfRange(_) => ErrorCode::OffsetOutOfRange,
@@ -102,6 +128,11 @@ impl Handler for Service {
             Request::DeleteTopic { name } => {
                 self.shard.delete_topic(&name).await.map(|()| Response::DeleteTopic)
             }
+            Request::InitProducerId => self
+                .producer_ids
+                .next(&self.shard)
+                .await
+                .map(|producer_id| Response::InitProducerId { producer_id, producer_epoch: 0 }),
             Request::Produce(produce) => {
                 let acks = match produce.acks {
                     Acks::None => pyralog_shard::Acks::None,

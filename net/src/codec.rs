@@ -59,12 +59,14 @@ pub enum Request {
     Produce(ProduceRequest),
     Fetch(FetchRequest),
     ListOffsets(ListOffsetsRequest),
+    /// An id for an idempotent producer.
+    InitProducerId,
 }
 
 impl Request {
     /// The kinds of request, numbered for metrics (`kind_index`).
-    const KINDS: [&'static str; 6] =
-        ["metadata", "create_topic", "delete_topic", "produce", "fetch", "list_offsets"];
+    const KINDS: [&'static str; 7] =
+        ["metadata", "create_topic", "delete_topic", "produce", "fetch", "list_offsets", "init_producer_id"];
 
     /// The request's kind as a number below [`Request::KINDS`]'s length.
     pub fn kind_index(&self) -> u8 {
@@ -75,6 +77,7 @@ impl Request {
             Request::Produce(_) => 3,
             Request::Fetch(_) => 4,
             Request::ListOffsets(_) => 5,
+            Request::InitProducerId => 6,
         }
     }
 
@@ -139,6 +142,7 @@ pub enum Response {
     Produce(Vec<ProducePartitionResult>),
     Fetch(Vec<FetchPartitionResult>),
     ListOffsets(Vec<ListOffsetsPartitionResult>),
+    InitProducerId { producer_id: i64, producer_epoch: i16 },
 }
 
 impl Response {
@@ -151,6 +155,7 @@ impl Response {
             Response::Produce(_) => "produce",
             Response::Fetch(_) => "fetch",
             Response::ListOffsets(_) => "list_offsets",
+            Response::InitProducerId { .. } => "init_producer_id",
         }
     }
 }
@@ -302,6 +307,8 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::NotEnoughReplicas => {
                 "the partition has fewer in-sync replicas than its write quorum; try again later"
             }
+            ErrorCode::OutOfOrderSequence => "the batch's sequence does not follow its producer's last batch",
+            ErrorCode::InvalidProducerEpoch => "the producer's epoch is older than the partition has seen",
             other => return write!(f, "error code {} (unknown to this client)", other.0),
         };
         f.write_str(text)
@@ -341,6 +348,10 @@ pub fn encode_request(correlation_id: u64, request: &Request, out: &mut BytesMut
             let body =
                 fb::DeleteTopicRequest::create(&mut fbb, &fb::DeleteTopicRequestArgs { name: Some(name) });
             (fb::RequestBody::DeleteTopicRequest, body.as_union_value())
+        }
+        Request::InitProducerId => {
+            let body = fb::InitProducerIdRequest::create(&mut fbb, &fb::InitProducerIdRequestArgs {});
+            (fb::RequestBody::InitProducerIdRequest, body.as_union_value())
         }
         Request::Produce(produce) => {
             let topic = fbb.create_string(&produce.topic);
@@ -461,6 +472,12 @@ fn encode_response_body<'a>(
         Response::DeleteTopic => {
             let body = fb::DeleteTopicResponse::create(fbb, &fb::DeleteTopicResponseArgs {});
             (fb::ResponseBody::DeleteTopicResponse, Some(body.as_union_value()))
+        }
+        Response::InitProducerId { producer_id, producer_epoch } => {
+            let args =
+                fb::InitProducerIdResponseArgs { producer_id: *producer_id, producer_epoch: *producer_epoch };
+            let body = fb::InitProducerIdResponse::create(fbb, &args);
+            (fb::ResponseBody::InitProducerIdResponse, Some(body.as_union_value()))
         }
         Response::Produce(results) => {
             let parts: Vec<_> = results
@@ -722,6 +739,10 @@ fn decode_request_body(request: &fb::Request<'_>, payload: &Bytes) -> Result<Req
             let name = body.name().ok_or(DecodeError::MissingField("name"))?.to_owned();
             Request::DeleteTopic { name }
         }
+        fb::RequestBody::InitProducerIdRequest => {
+            request.body_as_init_producer_id_request().ok_or(DecodeError::MissingField("body"))?;
+            Request::InitProducerId
+        }
         fb::RequestBody::ProduceRequest => {
             let body = request.body_as_produce_request().ok_or(DecodeError::MissingField("body"))?;
             let topic = body.topic().ok_or(DecodeError::MissingField("topic"))?.to_owned();
@@ -797,6 +818,14 @@ fn decode_response_body(
         }
         fb::ResponseBody::CreateTopicResponse => Some(Response::CreateTopic),
         fb::ResponseBody::DeleteTopicResponse => Some(Response::DeleteTopic),
+        fb::ResponseBody::InitProducerIdResponse => {
+            let body =
+                response.body_as_init_producer_id_response().ok_or(DecodeError::MissingField("body"))?;
+            Some(Response::InitProducerId {
+                producer_id: body.producer_id(),
+                producer_epoch: body.producer_epoch(),
+            })
+        }
         fb::ResponseBody::ProduceResponse => {
             let body = response.body_as_produce_response().ok_or(DecodeError::MissingField("body"))?;
             let results = body

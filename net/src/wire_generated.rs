@@ -14,10 +14,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 15;
+pub const ENUM_MAX_ERROR_CODE: u16 = 17;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 16] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 18] = [
   ErrorCode::None,
   ErrorCode::UnknownTopic,
   ErrorCode::UnknownPartition,
@@ -34,6 +34,8 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 16] = [
   ErrorCode::NotLeader,
   ErrorCode::NotController,
   ErrorCode::NotEnoughReplicas,
+  ErrorCode::OutOfOrderSequence,
+  ErrorCode::InvalidProducerEpoch,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -57,9 +59,11 @@ impl ErrorCode {
   pub const NotLeader: Self = Self(13);
   pub const NotController: Self = Self(14);
   pub const NotEnoughReplicas: Self = Self(15);
+  pub const OutOfOrderSequence: Self = Self(16);
+  pub const InvalidProducerEpoch: Self = Self(17);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 15;
+  pub const ENUM_MAX: u16 = 17;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::UnknownTopic,
@@ -77,6 +81,8 @@ impl ErrorCode {
     Self::NotLeader,
     Self::NotController,
     Self::NotEnoughReplicas,
+    Self::OutOfOrderSequence,
+    Self::InvalidProducerEpoch,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -97,6 +103,8 @@ impl ErrorCode {
       Self::NotLeader => Some("NotLeader"),
       Self::NotController => Some("NotController"),
       Self::NotEnoughReplicas => Some("NotEnoughReplicas"),
+      Self::OutOfOrderSequence => Some("OutOfOrderSequence"),
+      Self::InvalidProducerEpoch => Some("InvalidProducerEpoch"),
       _ => None,
     }
   }
@@ -238,10 +246,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Acks {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_REQUEST_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_REQUEST_BODY: u8 = 6;
+pub const ENUM_MAX_REQUEST_BODY: u8 = 7;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 7] = [
+pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 8] = [
   RequestBody::NONE,
   RequestBody::MetadataRequest,
   RequestBody::CreateTopicRequest,
@@ -249,6 +257,7 @@ pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 7] = [
   RequestBody::ProduceRequest,
   RequestBody::FetchRequest,
   RequestBody::ListOffsetsRequest,
+  RequestBody::InitProducerIdRequest,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -263,9 +272,10 @@ impl RequestBody {
   pub const ProduceRequest: Self = Self(4);
   pub const FetchRequest: Self = Self(5);
   pub const ListOffsetsRequest: Self = Self(6);
+  pub const InitProducerIdRequest: Self = Self(7);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 6;
+  pub const ENUM_MAX: u8 = 7;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::MetadataRequest,
@@ -274,6 +284,7 @@ impl RequestBody {
     Self::ProduceRequest,
     Self::FetchRequest,
     Self::ListOffsetsRequest,
+    Self::InitProducerIdRequest,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -285,6 +296,7 @@ impl RequestBody {
       Self::ProduceRequest => Some("ProduceRequest"),
       Self::FetchRequest => Some("FetchRequest"),
       Self::ListOffsetsRequest => Some("ListOffsetsRequest"),
+      Self::InitProducerIdRequest => Some("InitProducerIdRequest"),
       _ => None,
     }
   }
@@ -344,10 +356,10 @@ pub struct RequestBodyUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_RESPONSE_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_RESPONSE_BODY: u8 = 6;
+pub const ENUM_MAX_RESPONSE_BODY: u8 = 7;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 7] = [
+pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 8] = [
   ResponseBody::NONE,
   ResponseBody::MetadataResponse,
   ResponseBody::CreateTopicResponse,
@@ -355,6 +367,7 @@ pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 7] = [
   ResponseBody::ProduceResponse,
   ResponseBody::FetchResponse,
   ResponseBody::ListOffsetsResponse,
+  ResponseBody::InitProducerIdResponse,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -369,9 +382,10 @@ impl ResponseBody {
   pub const ProduceResponse: Self = Self(4);
   pub const FetchResponse: Self = Self(5);
   pub const ListOffsetsResponse: Self = Self(6);
+  pub const InitProducerIdResponse: Self = Self(7);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 6;
+  pub const ENUM_MAX: u8 = 7;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::MetadataResponse,
@@ -380,6 +394,7 @@ impl ResponseBody {
     Self::ProduceResponse,
     Self::FetchResponse,
     Self::ListOffsetsResponse,
+    Self::InitProducerIdResponse,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -391,6 +406,7 @@ impl ResponseBody {
       Self::ProduceResponse => Some("ProduceResponse"),
       Self::FetchResponse => Some("FetchResponse"),
       Self::ListOffsetsResponse => Some("ListOffsetsResponse"),
+      Self::InitProducerIdResponse => Some("InitProducerIdResponse"),
       _ => None,
     }
   }
@@ -3237,6 +3253,197 @@ impl ::core::fmt::Debug for ListOffsetsResponse<'_> {
       ds.finish()
   }
 }
+pub enum InitProducerIdRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct InitProducerIdRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for InitProducerIdRequest<'a> {
+  type Inner = InitProducerIdRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> InitProducerIdRequest<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    InitProducerIdRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args InitProducerIdRequestArgs
+  ) -> ::flatbuffers::WIPOffset<InitProducerIdRequest<'bldr>> {
+    let mut builder = InitProducerIdRequestBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for InitProducerIdRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct InitProducerIdRequestArgs {
+}
+impl<'a> Default for InitProducerIdRequestArgs {
+  #[inline]
+  fn default() -> Self {
+    InitProducerIdRequestArgs {
+    }
+  }
+}
+
+pub struct InitProducerIdRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> InitProducerIdRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> InitProducerIdRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    InitProducerIdRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<InitProducerIdRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for InitProducerIdRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("InitProducerIdRequest");
+      ds.finish()
+  }
+}
+pub enum InitProducerIdResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct InitProducerIdResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for InitProducerIdResponse<'a> {
+  type Inner = InitProducerIdResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> InitProducerIdResponse<'a> {
+  pub const VT_PRODUCER_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PRODUCER_EPOCH: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    InitProducerIdResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args InitProducerIdResponseArgs
+  ) -> ::flatbuffers::WIPOffset<InitProducerIdResponse<'bldr>> {
+    let mut builder = InitProducerIdResponseBuilder::new(_fbb);
+    builder.add_producer_id(args.producer_id);
+    builder.add_producer_epoch(args.producer_epoch);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn producer_id(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(InitProducerIdResponse::VT_PRODUCER_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn producer_epoch(&self) -> i16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i16>(InitProducerIdResponse::VT_PRODUCER_EPOCH, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for InitProducerIdResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<i64>("producer_id", Self::VT_PRODUCER_ID, false)?
+     .visit_field::<i16>("producer_epoch", Self::VT_PRODUCER_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct InitProducerIdResponseArgs {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+}
+impl<'a> Default for InitProducerIdResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    InitProducerIdResponseArgs {
+      producer_id: 0,
+      producer_epoch: 0,
+    }
+  }
+}
+
+pub struct InitProducerIdResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> InitProducerIdResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_producer_id(&mut self, producer_id: i64) {
+    self.fbb_.push_slot::<i64>(InitProducerIdResponse::VT_PRODUCER_ID, producer_id, 0);
+  }
+  #[inline]
+  pub fn add_producer_epoch(&mut self, producer_epoch: i16) {
+    self.fbb_.push_slot::<i16>(InitProducerIdResponse::VT_PRODUCER_EPOCH, producer_epoch, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> InitProducerIdResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    InitProducerIdResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<InitProducerIdResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for InitProducerIdResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("InitProducerIdResponse");
+      ds.field("producer_id", &self.producer_id());
+      ds.field("producer_epoch", &self.producer_epoch());
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3385,6 +3592,21 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_init_producer_id_request(&self) -> Option<InitProducerIdRequest<'a>> {
+    if self.body_type() == RequestBody::InitProducerIdRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { InitProducerIdRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -3402,6 +3624,7 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           RequestBody::ProduceRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ProduceRequest>>("RequestBody::ProduceRequest", pos),
           RequestBody::FetchRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchRequest>>("RequestBody::FetchRequest", pos),
           RequestBody::ListOffsetsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListOffsetsRequest>>("RequestBody::ListOffsetsRequest", pos),
+          RequestBody::InitProducerIdRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<InitProducerIdRequest>>("RequestBody::InitProducerIdRequest", pos),
           _ => Ok(()),
         }
      })?
@@ -3500,6 +3723,13 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         RequestBody::ListOffsetsRequest => {
           if let Some(x) = self.body_as_list_offsets_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::InitProducerIdRequest => {
+          if let Some(x) = self.body_as_init_producer_id_request() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3679,6 +3909,21 @@ impl<'a> Response<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_init_producer_id_response(&self) -> Option<InitProducerIdResponse<'a>> {
+    if self.body_type() == ResponseBody::InitProducerIdResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { InitProducerIdResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -3698,6 +3943,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
           ResponseBody::ProduceResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ProduceResponse>>("ResponseBody::ProduceResponse", pos),
           ResponseBody::FetchResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchResponse>>("ResponseBody::FetchResponse", pos),
           ResponseBody::ListOffsetsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListOffsetsResponse>>("ResponseBody::ListOffsetsResponse", pos),
+          ResponseBody::InitProducerIdResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<InitProducerIdResponse>>("ResponseBody::InitProducerIdResponse", pos),
           _ => Ok(()),
         }
      })?
@@ -3810,6 +4056,13 @@ impl ::core::fmt::Debug for Response<'_> {
         },
         ResponseBody::ListOffsetsResponse => {
           if let Some(x) = self.body_as_list_offsets_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::InitProducerIdResponse => {
+          if let Some(x) = self.body_as_init_producer_id_response() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -27,14 +27,16 @@
 //! after the controller's leader does, and a client that read the metadata there may ask it
 //! first (the next metadata read drops a topic that is really gone, which ends the retries).
 //!
-//! **At-least-once.** The native protocol has no idempotent producer (a Kafka client's
-//! producer id and sequence numbers, which let a leader drop a batch it already holds). A
-//! produce whose answer was lost (the node went down, or lost its leadership, after appending
-//! it) may already be in the log when it is sent again, so a retried batch may be stored twice.
-//! A batch is reported acknowledged only when a node acknowledged it, so no acknowledged record
-//! is lost; but after a failover a record may appear twice, and with more than one batch of a
-//! partition in flight a retried batch may land after a later one that its old leader had
-//! already taken (set `max_in_flight_per_partition` to 1 to keep a partition's order).
+//! **Once, or at least once.** A produce whose answer was lost (the node went down, or lost
+//! its leadership, after appending it) may already be in the log when it is sent again. An
+//! idempotent [`super::Producer`] (the default) stamps its batches with a producer id and
+//! sequence numbers, so the leader recognises such a batch and answers with the offsets it
+//! got the first time: each batch is stored once, in send order. Without a producer id (a
+//! producer made with `idempotent: false`, [`super::Client::produce`] on its own) a retried
+//! batch may be stored twice, and with more than one batch of a
+//! partition in flight land after a later one its old leader had already taken. Either way a
+//! batch is reported acknowledged only when a node acknowledged it, so no acknowledged record
+//! is lost.
 //!
 //! [`ErrorCode::NotLeader`]: super::ErrorCode::NotLeader
 //! [`ConnectOptions::leader_retry_budget`]: super::ConnectOptions::leader_retry_budget

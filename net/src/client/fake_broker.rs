@@ -45,8 +45,8 @@ use crate::codec::{
     OFFSET_EARLIEST, OFFSET_LATEST,
 };
 use crate::kafka::messages::{
-    api_versions_response, create_topics_response, fetch_response, list_offsets_response, metadata_response,
-    produce_response,
+    api_versions_response, create_topics_response, fetch_response, init_producer_id_response,
+    list_offsets_response, metadata_response, produce_response,
 };
 use crate::kafka::wire::Records;
 use crate::kafka::{self, RequestBody, ResponseBody};
@@ -59,6 +59,9 @@ struct PartitionLog {
     /// (base offset, batch with that base offset written in), in offset order.
     batches: Vec<(i64, Bytes)>,
     next_offset: i64,
+    /// Idempotent producers' next sequence, by producer id: a producer seen before must
+    /// send the sequence after its last batch (or repeat a batch), as a broker checks.
+    next_sequences: HashMap<i64, i32>,
 }
 
 /// The nodes of a fake cluster ([`FakeBroker::start_cluster`]).
@@ -102,6 +105,11 @@ struct State {
     /// A paused node: its produce and fetch responses wait (the batches are appended), and
     /// so, as a connection's requests are served in turn, does everything after them.
     paused: Option<u32>,
+    /// Producer ids handed out so far.
+    producer_ids_issued: i64,
+    /// A node and how many more produce requests it takes before it refuses one (once) with
+    /// `NotLeader`, as a node does that is elected a moment later.
+    refused_produce: Option<(u32, usize)>,
 }
 
 #[derive(Debug)]
@@ -276,6 +284,13 @@ impl FakeBroker {
         self.shared.released.notify_all();
     }
 
+    /// Has `node` refuse the produce request after the next `taken` ones it gets with
+    /// `NotLeader`, once, and take those after it, as a node does whose election completes
+    /// while a client's requests are on their way.
+    pub fn refuse_one_produce(&self, node: u32, taken: usize) {
+        self.shared.lock().refused_produce = Some((node, taken));
+    }
+
     /// Pauses node `node` (`None`: resumes the paused one), as SIGSTOP would: its connections
     /// stay open and silent (see `State::paused`).
     pub fn pause_node(&self, node: Option<u32>) {
@@ -386,6 +401,11 @@ fn handle(shared: &Shared, node: u32, correlation_id: u64, request: Request) -> 
             state.topics.insert(name, (0..partitions).map(|_| PartitionLog::default()).collect());
             Response::CreateTopic
         }
+        Request::InitProducerId => {
+            let mut state = shared.lock();
+            state.producer_ids_issued += 1;
+            Response::InitProducerId { producer_id: 1000 + state.producer_ids_issued, producer_epoch: 0 }
+        }
         Request::DeleteTopic { name } => {
             if shared.lock().topics.remove(&name).is_none() {
                 let message = format!("unknown topic '{name}'");
@@ -394,10 +414,31 @@ fn handle(shared: &Shared, node: u32, correlation_id: u64, request: Request) -> 
             Response::DeleteTopic
         }
         Request::Produce(produce) => {
+            let refused_once = {
+                let mut state = shared.lock();
+                match &mut state.refused_produce {
+                    Some((refusing, 0)) if *refusing == node => {
+                        state.refused_produce = None;
+                        true
+                    }
+                    Some((refusing, taken)) if *refusing == node => {
+                        *taken -= 1;
+                        false
+                    }
+                    _ => false,
+                }
+            };
             let results = produce
                 .partitions
                 .into_iter()
                 .map(|p| match refusal(shared, node, &produce.topic, p.partition) {
+                    _ if refused_once => ProducePartitionResult {
+                        partition: p.partition,
+                        error: ErrorCode::NotLeader,
+                        message: format!("node {node} does not lead {}/{} yet", produce.topic, p.partition),
+                        base_offset: -1,
+                        next_offset: -1,
+                    },
                     Some(message) => ProducePartitionResult {
                         partition: p.partition,
                         error: ErrorCode::NotLeader,
@@ -548,7 +589,32 @@ fn append(shared: &Shared, topic: &str, partition: u32, records: &Bytes) -> Prod
         // The reader above checked every length.
         let length = i32::from_be_bytes(records[at + 8..at + 12].try_into().expect("checked")) as usize;
         let end = at + BATCH_LOG_OVERHEAD_BYTES + length;
+        // An idempotent producer's batch already stored (same producer id and base sequence) is
+        // answered with its first offsets, as a broker does; the fake keeps every batch.
+        fn identity(batch: &[u8]) -> (i64, &[u8]) {
+            (i64::from_be_bytes(batch[43..51].try_into().expect("checked")), &batch[53..57])
+        }
+        let (producer_id, base_sequence) = identity(&records[at..end]);
+        if producer_id >= 0 && records.len() == end && at == 0 {
+            let stored =
+                log.batches.iter().position(|(_, batch)| identity(batch) == identity(&records[..end]));
+            if let Some(index) = stored {
+                let first = log.batches[index].0;
+                let next = log.batches.get(index + 1).map_or(log.next_offset, |(offset, _)| *offset);
+                return result(ErrorCode::None, String::new(), first, next);
+            }
+        }
         let last_offset_delta = i32::from_be_bytes(records[at + 23..at + 27].try_into().expect("checked"));
+        if producer_id >= 0 {
+            let base_sequence = i32::from_be_bytes(base_sequence.try_into().expect("four bytes"));
+            let expected = log.next_sequences.insert(producer_id, base_sequence + last_offset_delta + 1);
+            if let Some(expected) = expected.filter(|expected| *expected != base_sequence) {
+                log.next_sequences.insert(producer_id, expected);
+                let message =
+                    format!("producer {producer_id} sent sequence {base_sequence}, expected {expected}");
+                return result(ErrorCode::OutOfOrderSequence, message, -1, -1);
+            }
+        }
         let mut batch = BytesMut::from(&records[at..end]);
         batch[..8].copy_from_slice(&log.next_offset.to_be_bytes());
         log.batches.push((log.next_offset, batch.freeze()));
@@ -845,6 +911,15 @@ fn handle_kafka(shared: &Shared, body: RequestBody) -> Result<Option<ResponseBod
                 })
                 .collect();
             ResponseBody::ListOffsets(ListOffsetsResponse { topics, ..Default::default() })
+        }
+        RequestBody::InitProducerId(_) => {
+            let mut state = shared.lock();
+            state.producer_ids_issued += 1;
+            ResponseBody::InitProducerId(init_producer_id_response::InitProducerIdResponse {
+                producer_id: 1000 + state.producer_ids_issued,
+                producer_epoch: 0,
+                ..Default::default()
+            })
         }
         _ => return Err(()),
     }))

@@ -28,6 +28,7 @@ use super::{
 use crate::kafka::messages::api_versions_request::ApiVersionsRequest;
 use crate::kafka::messages::create_topics_request::{CreatableTopic, CreateTopicsRequest};
 use crate::kafka::messages::fetch_request::{FetchPartition, FetchRequest, FetchTopic};
+use crate::kafka::messages::init_producer_id_request::InitProducerIdRequest;
 use crate::kafka::messages::list_offsets_request::{
     ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
 };
@@ -270,6 +271,7 @@ fn api_name(api_key: i16) -> &'static str {
         api::METADATA => "metadata",
         api::CREATE_TOPICS => "create_topics",
         api::API_VERSIONS => "api_versions",
+        api::INIT_PRODUCER_ID => "init_producer_id",
         _ => "kafka",
     }
 }
@@ -282,6 +284,9 @@ pub struct Versions {
     pub produce: i16,
     pub fetch: i16,
     pub list_offsets: i16,
+    /// `None` from a broker that does not offer InitProducerId: the producer then sends no
+    /// producer id (at least once across failovers).
+    pub init_producer_id: Option<i16>,
 }
 
 impl Versions {
@@ -319,7 +324,15 @@ impl Versions {
             *slot = version;
         }
         let [metadata, create_topics, produce, fetch, list_offsets] = agreed;
-        Ok(Versions { metadata, create_topics, produce, fetch, list_offsets })
+        // Optional: v0 has everything a producer without transactions needs; v4 is the newest
+        // the broker side here serves.
+        let init_producer_id = offered
+            .iter()
+            .find(|(key, _, _)| *key == api::INIT_PRODUCER_ID)
+            .map(|&(_, low, high)| (low, high.min(4)))
+            .filter(|(low, high)| low <= high)
+            .map(|(_, high)| high);
+        Ok(Versions { metadata, create_topics, produce, fetch, list_offsets, init_producer_id })
     }
 }
 
@@ -345,8 +358,8 @@ pub const CLIENT_ID: &str = "pyralog-client";
 /// requests go to the broker metadata names as its leader.
 ///
 /// It follows leaders as the native client does ([`super::failover`]): a request to a
-/// replicated partition refused with NOT_LEADER_OR_FOLLOWER, LEADER_NOT_AVAILABLE or
-/// NOT_ENOUGH_REPLICAS, or lost with its broker's connection, is sent again after the metadata
+/// replicated partition refused with NOT_LEADER_OR_FOLLOWER, LEADER_NOT_AVAILABLE,
+/// NOT_ENOUGH_REPLICAS or KAFKA_STORAGE_ERROR, or lost with its broker's connection, is sent again after the metadata
 /// is read again (from the bootstrap address, else any broker it names), with the same backoff
 /// and budget. A partition of a single node is not retried: its broker has no one to hand over
 /// to, and NOT_LEADER_OR_FOLLOWER from it means it is stopping.
@@ -446,11 +459,17 @@ impl KafkaClient {
         Ok(open)
     }
 
-    /// Sends `request` (a metadata request) to the broker that answered the last one, else the
-    /// bootstrap address, else each broker the last metadata named in turn while they are
-    /// unreachable or silent past [`METADATA_TIMEOUT_MAX`]: a node that went away or is paused
-    /// (the bootstrap node among them) does not keep the others' metadata from the client.
-    fn call_any_broker(&self, request: &RequestBody) -> Result<ResponseBody> {
+    /// Sends `request` (at `version`) to the broker that answered the last such request, else
+    /// the bootstrap address, else each broker the last metadata named in turn while they are
+    /// unreachable, or (`short`, for metadata: [`METADATA_TIMEOUT_MAX`]) silent past it: a node
+    /// that went away or is paused (the bootstrap node among them) does not keep the others'
+    /// answers from the client.
+    fn call_any_broker(
+        &self,
+        version: i16,
+        request: &RequestBody,
+        short: Option<Duration>,
+    ) -> Result<ResponseBody> {
         let mut brokers: Vec<i32> =
             self.shared.brokers.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         brokers.sort_unstable();
@@ -461,22 +480,24 @@ impl KafkaClient {
                 candidates.push(candidate);
             }
         }
-        let version = self.shared.versions.metadata;
-        let (answered, body) =
-            super::failover::ask_in_turn(&candidates, Some(METADATA_TIMEOUT_MAX), |node, wait| {
-                let connection = self.connection_to(node)?;
-                match wait {
-                    Some(wait) => connection.call_within((version, request), wait),
-                    None => connection.call((version, request)),
-                }
-            })?;
+        let (answered, body) = super::failover::ask_in_turn(&candidates, short, |node, wait| {
+            let connection = self.connection_to(node)?;
+            match wait {
+                Some(wait) => connection.call_within((version, request), wait),
+                None => connection.call((version, request)),
+            }
+        })?;
         *self.shared.metadata_from.lock().unwrap_or_else(|p| p.into_inner()) = answered;
         Ok(body)
     }
 
     /// Asks the broker for the topic's partition count and leaders and caches them.
     pub fn refresh_partitions(&self, topic: &str) -> Result<u32> {
-        let body = self.call_any_broker(&metadata_request(topic))?;
+        let body = self.call_any_broker(
+            self.shared.versions.metadata,
+            &metadata_request(topic),
+            Some(METADATA_TIMEOUT_MAX),
+        )?;
         let ResponseBody::Metadata(metadata) = body else { return Err(unexpected("metadata")) };
         self.keep_partitions(topic, metadata)
     }
@@ -729,7 +750,9 @@ impl Transport for KafkaClient {
         match error {
             // Only a replicated partition's leader refuses so: nothing was appended.
             ClientError::Server { code: ErrorCode::NotEnoughReplicas, .. } => true,
-            ClientError::Server { code: ErrorCode::NotLeader, .. } => self.replicated(topic, partition),
+            ClientError::Server { code: ErrorCode::NotLeader | ErrorCode::StorageError, .. } => {
+                self.replicated(topic, partition)
+            }
             error if error.is_disconnect() => self.replicated(topic, partition),
             // A silent leader (paused, cut off): see `Client::leader_moved`.
             error if error.is_timeout() => self.replicated(topic, partition),
@@ -740,6 +763,24 @@ impl Transport for KafkaClient {
 
     fn leader_replaced(&self, topic: &str, partition: u32) -> Option<String> {
         KafkaClient::leader_replaced(self, topic, partition)
+    }
+
+    /// InitProducerId without a transactional id, as a Kafka client with
+    /// `enable.idempotence` asks it.
+    fn init_producer_id(&self) -> Result<Option<(i64, i16)>> {
+        let Some(version) = self.shared.versions.init_producer_id else { return Ok(None) };
+        let request = InitProducerIdRequest {
+            transactional_id: None,
+            transaction_timeout_ms: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+        };
+        let body = self.call_any_broker(version, &RequestBody::InitProducerId(request), None)?;
+        let ResponseBody::InitProducerId(response) = body else { return Err(unexpected("init_producer_id")) };
+        if response.error_code != error::NONE {
+            return Err(kafka_error(response.error_code, "InitProducerId", None));
+        }
+        Ok(Some((response.producer_id, response.producer_epoch)))
     }
 
     fn refresh_leaders(&self, topic: &str) -> Result<()> {
@@ -931,6 +972,8 @@ pub fn kafka_error(code: i16, context: &str, broker_message: Option<&str>) -> Cl
         | error::FENCED_LEADER_EPOCH
         | error::UNKNOWN_LEADER_EPOCH => ErrorCode::NotLeader,
         error::NOT_ENOUGH_REPLICAS => ErrorCode::NotEnoughReplicas,
+        error::OUT_OF_ORDER_SEQUENCE_NUMBER => ErrorCode::OutOfOrderSequence,
+        error::INVALID_PRODUCER_EPOCH => ErrorCode::InvalidProducerEpoch,
         _ => ErrorCode::None,
     };
     let broker_message = broker_message.filter(|message| !message.is_empty());
@@ -1055,6 +1098,7 @@ mod tests {
             *kafka::SUPPORTED.iter().find(|s| s.0 == api::LIST_OFFSETS).expect("ListOffsets is served");
         assert_eq!(agreed.list_offsets, list_offsets_max.min(7));
         assert_eq!((agreed.metadata, agreed.produce, agreed.fetch), (12, 9, 12));
+        assert_eq!(agreed.init_producer_id, Some(4));
 
         let old_broker = [
             (api::METADATA, 0, 9),
@@ -1066,7 +1110,14 @@ mod tests {
         let agreed = Versions::agree(&old_broker).unwrap();
         assert_eq!(
             agreed,
-            Versions { metadata: 9, create_topics: 4, produce: 8, fetch: 11, list_offsets: 5 }
+            Versions {
+                metadata: 9,
+                create_topics: 4,
+                produce: 8,
+                fetch: 11,
+                list_offsets: 5,
+                init_producer_id: None
+            }
         );
         // Produce before v3 cannot carry RecordBatch v2.
         let mut no_record_batches = old_broker;

@@ -9,7 +9,8 @@
 //!   of a cluster keeps working when that node goes away.
 //! - [`failover`]: when a partition's leader moves (`NotLeader`, or its node went away), the
 //!   client reads the metadata again and retries on the new leader, within a bounded budget
-//!   with backoff; a native produce retried this way is at-least-once (see there).
+//!   with backoff; an idempotent [`Producer`]'s batches are stored once, a bare produce's at
+//!   least once (see there).
 //! - [`pipeline::Pipeline`]: the pipelined connection both protocols' connections are, a
 //!   [`Connection`] (responses matched by correlation id) or a [`KafkaPipeline`] (in order).
 //! - [`Producer`]: batching per partition, asynchronous sends, in-order delivery reports.
@@ -58,7 +59,9 @@ pub use self::kafka::{
 pub use self::partitioner::{PartitionSelector, Partitioner};
 pub use self::pipeline::ConnectOptions;
 pub use self::probe::PROBE_CLIENT_ID;
-pub use self::producer::{DeliveryReport, Producer, ProducerConfig, IN_FLIGHT_BATCHES_MAX_DEFAULT};
+pub use self::producer::{
+    DeliveryReport, Producer, ProducerConfig, IDEMPOTENT_IN_FLIGHT_MAX, IN_FLIGHT_BATCHES_MAX_DEFAULT,
+};
 pub use self::transport::{Pending, Transport};
 pub use crate::codec::{
     Acks, ErrorCode, MetadataResponse, NodeInfo, PartitionInfo, ShardInfo, OFFSET_EARLIEST, OFFSET_LATEST,
@@ -559,6 +562,21 @@ impl Client {
         Some(self.leader_name(topic, partition))
     }
 
+    /// An id and epoch for an idempotent producer, from any node; `None` from a node that
+    /// predates them (it answers `UnsupportedRequest`).
+    pub fn init_producer_id(&self) -> Result<Option<(i64, i16)>> {
+        let frame = match self.call_any_node(&Request::InitProducerId, false)?.1 {
+            frame if frame.error == ErrorCode::UnsupportedRequest => return Ok(None),
+            frame => frame,
+        };
+        match response_body("init_producer_id", frame)? {
+            Response::InitProducerId { producer_id, producer_epoch } => {
+                Ok(Some((producer_id, producer_epoch)))
+            }
+            _ => unreachable!("response_body checks the kind"),
+        }
+    }
+
     /// Re-reads the metadata of every topic.
     pub fn refresh_metadata(&self) -> Result<()> {
         self.metadata(&[]).map(drop)
@@ -651,7 +669,8 @@ impl Client {
     }
 
     /// Produces `records` (one or more whole batches) and waits for the acknowledgement,
-    /// following the partition's leader when it moves: at-least-once ([`failover`]).
+    /// following the partition's leader when it moves: at least once, as `records` carry no
+    /// producer id unless the caller stamped one ([`failover`]).
     pub fn produce(&self, topic: &str, partition: u32, records: Bytes, acks: Acks) -> Result<ProduceAck> {
         self.following_leader(topic, partition, || {
             self.produce_async(topic, partition, records.clone(), acks)?.wait()
@@ -720,8 +739,10 @@ impl Client {
     /// went away (or is stopping), or did not answer within the request timeout (paused or
     /// cut off: no reset connection says so), and the partition has replicas on other nodes;
     /// it leads but has too few in-sync replicas for a durable produce (nothing was
-    /// appended); or it does not know a topic the metadata named (a new topic it has not
-    /// applied yet).
+    /// appended); its storage failed and the partition has replicas on other nodes (the
+    /// failed replica stops, nothing it failed to write was acknowledged, and the others
+    /// elect a leader); or it does not know a topic the metadata named (a new topic it has
+    /// not applied yet).
     pub fn leader_moved(&self, topic: &str, partition: u32, error: &ClientError) -> bool {
         match error {
             ClientError::Server { code: ErrorCode::NotLeader, .. } => true,
@@ -732,7 +753,9 @@ impl Client {
             ClientError::Server { code: ErrorCode::UnknownTopic, .. } => {
                 self.cached_route(topic, partition).is_some()
             }
-            ClientError::Server { code: ErrorCode::ShuttingDown, .. } => self.replicated(topic, partition),
+            ClientError::Server { code: ErrorCode::ShuttingDown | ErrorCode::StorageError, .. } => {
+                self.replicated(topic, partition)
+            }
             error if error.is_disconnect() => self.replicated(topic, partition),
             // The others elect a new leader once their election timeout passes without the
             // silent node's heartbeats; a node of its own has no one to fail over to.

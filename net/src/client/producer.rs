@@ -23,10 +23,25 @@
 //! sends those the old leader did not take again, in send order, on the new leader's
 //! connection; the caller's thread waits meanwhile, as it waits for room. It gives up when the
 //! retry budget is spent, failing those batches with `LeaderUnavailable`. A batch is reported
-//! acknowledged only once a node acknowledged it, but a batch sent again may already have been
-//! stored by the old leader: at-least-once, and with more than one batch of a partition in
-//! flight a retried batch may land after a later one the old leader took. Under `Acks::None`
-//! nothing is retried (no answer says the leader moved).
+//! acknowledged only once a node acknowledged it. Under `Acks::None` nothing is retried (no
+//! answer says the leader moved).
+//!
+//! Idempotence (`ProducerConfig::idempotent`, the default, with `Acks::Durable` over a
+//! transport that hands out producer ids): the producer takes an id and epoch when it is made
+//! and stamps each batch with them and the partition's next sequence number (RecordBatch v2's
+//! producerId, producerEpoch and baseSequence, as a Kafka client does), so a batch sent again
+//! that the old leader had already stored is recognised by the partition's leader, which
+//! answers with the offsets it got the first time: each batch is stored once, in send order.
+//! The broker remembers a producer's last five batches per partition, so at most five of a
+//! partition's batches are in flight ([`IDEMPOTENT_IN_FLIGHT_MAX`]); and a partition's first
+//! batch under an id goes alone (a leader takes an unknown producer's batch at any sequence,
+//! so batches sent behind a refused first one could be stored ahead of it). A batch refused
+//! as out of sequence while an earlier one of its partition is unanswered or refused (the
+//! leader has not stored that one yet) is sent again after it. A batch that fails for
+//! good leaves a gap in its partition's sequence: the next batch takes a new producer id, and
+//! those already in flight behind the failed one may fail too (out of order). Without
+//! idempotence a retried batch may be stored twice, and land after a later one the old leader
+//! took (at least once).
 //!
 //! Invariants: at most `max_in_flight_batches` batches await acknowledgement (a send blocks on
 //! the oldest beyond that) and at most one open batch per partition, so memory is bounded by
@@ -41,15 +56,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use super::batch::{BatchBuilder, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
+use super::batch::{BatchBuilder, IdempotentProducer, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
 use super::failover::{self, Retry, LEADER_CHECK_INTERVAL};
 use super::partitioner::{PartitionSelector, Partitioner};
 use super::transport::{Pending, Transport};
-use super::{Acks, Client, ClientError, ProduceAck, Result, OFFSET_UNACKNOWLEDGED};
+use super::{Acks, Client, ClientError, ErrorCode, ProduceAck, Result, OFFSET_UNACKNOWLEDGED};
 
 pub const BATCH_BYTES_DEFAULT: usize = 16 << 10;
 pub const LINGER_DEFAULT: Duration = Duration::from_millis(5);
 pub const IN_FLIGHT_BATCHES_MAX_DEFAULT: usize = 64;
+/// Batches of one partition an idempotent producer keeps in flight at most: the batches per
+/// producer and partition a broker remembers to recognise a retry (Kafka's five).
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
 
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -67,8 +85,12 @@ pub struct ProducerConfig {
     /// its acknowledgements arrives (seen by the next `send` or `poll`) or it is full. At 1 a
     /// record waits at most about one round trip for company: few, well-filled requests under
     /// load with no fixed delay when idle. Like Kafka's `max.in.flight.requests.per.connection`,
-    /// per partition.
+    /// per partition; an idempotent producer keeps at most [`IDEMPOTENT_IN_FLIGHT_MAX`].
     pub max_in_flight_per_partition: usize,
+    /// Stamp batches with a producer id and sequence numbers, so that a retry is stored once
+    /// (see the module docs). Applies under `Acks::Durable` only, as Kafka's
+    /// `enable.idempotence` needs acks=all.
+    pub idempotent: bool,
 }
 
 impl ProducerConfig {
@@ -81,6 +103,7 @@ impl ProducerConfig {
             partitioner: Partitioner::default(),
             max_in_flight_batches: IN_FLIGHT_BATCHES_MAX_DEFAULT,
             max_in_flight_per_partition: IN_FLIGHT_BATCHES_MAX_DEFAULT,
+            idempotent: true,
         }
     }
 }
@@ -140,6 +163,8 @@ struct InFlight<P> {
     retries: u32,
     /// Where it was last sent, if the transport follows leaders.
     sent_to: Option<SocketAddr>,
+    /// The producer id it is stamped with, if any.
+    producer_id: Option<i64>,
 }
 
 pub struct Producer<T: Transport = Client> {
@@ -168,6 +193,33 @@ pub struct Producer<T: Transport = Client> {
     /// Per partition: a leader found replaced while a batch waited for its answer (see
     /// [`wait_watching`]), until a batch of the partition is acknowledged.
     replaced: Vec<Option<SocketAddr>>,
+    /// An idempotent producer's identity, and per partition the next batch's sequence.
+    identity: Option<Identity>,
+}
+
+#[derive(Debug)]
+struct Identity {
+    producer_id: i64,
+    epoch: i16,
+    sequences: Vec<i32>,
+    /// Per partition: a batch stamped with this id was acknowledged, so every leader the
+    /// partition may have from now on knows the producer (see `has_room`).
+    acknowledged: Vec<bool>,
+    /// A batch failed for good: the next one takes a new producer id.
+    renew: bool,
+}
+
+impl Identity {
+    fn new((producer_id, epoch): (i64, i16), partitions: u32) -> Identity {
+        let partitions = partitions as usize;
+        Identity {
+            producer_id,
+            epoch,
+            sequences: vec![0; partitions],
+            acknowledged: vec![false; partitions],
+            renew: false,
+        }
+    }
 }
 
 impl<T: Transport> std::fmt::Debug for Producer<T> {
@@ -191,6 +243,14 @@ impl<T: Transport> Producer<T> {
         assert!(config.max_in_flight_per_partition > 0, "max_in_flight_per_partition must allow one batch");
         config.batch_bytes = config.batch_bytes.clamp(BATCH_HEADER_BYTES + 1, BATCH_BYTES_MAX);
         let partitions = client.partition_count(&config.topic)?;
+        let identity = match config.idempotent && config.acks == Acks::Durable {
+            true => client.init_producer_id()?.map(|id| Identity::new(id, partitions)),
+            false => None,
+        };
+        if identity.is_some() {
+            config.max_in_flight_per_partition =
+                config.max_in_flight_per_partition.min(IDEMPOTENT_IN_FLIGHT_MAX);
+        }
         if partitions == 0 {
             return Err(ClientError::UnknownPartition { topic: config.topic, partition: 0, partitions });
         }
@@ -211,6 +271,7 @@ impl<T: Transport> Producer<T> {
             retry: vec![None; partitions as usize],
             leader_retries: 0,
             replaced: vec![None; partitions as usize],
+            identity,
             partitions,
             config,
         })
@@ -344,9 +405,19 @@ impl<T: Transport> Producer<T> {
     }
 
     /// Whether a batch of `partition` may be sent without waiting for an acknowledgement.
+    ///
+    /// An idempotent producer sends a partition's first batch under its id alone: a leader
+    /// that has never seen the producer takes its batch at any sequence, so if that first
+    /// batch were refused (say by a node not yet leading) and the next ones taken, it could
+    /// never follow them. Once one is acknowledged, every later leader holds it (it is
+    /// committed) and refuses a batch that skips one, which is then sent again in turn.
     fn has_room(&self, partition: u32) -> bool {
+        let per_partition = match &self.identity {
+            Some(identity) if !identity.acknowledged[partition as usize] => 1,
+            _ => self.config.max_in_flight_per_partition,
+        };
         self.in_flight.len() < self.config.max_in_flight_batches
-            && self.in_flight_of[partition as usize] < self.config.max_in_flight_per_partition
+            && self.in_flight_of[partition as usize] < per_partition
     }
 
     /// Sends the open batch of `partition`, first waiting (oldest first, so reports stay in
@@ -364,7 +435,13 @@ impl<T: Transport> Producer<T> {
             first_enqueue: open.first_enqueue,
             last_enqueue: open.last_enqueue,
         };
-        let records = open.builder.finish();
+        let records = match self.stamp(partition, open.builder) {
+            Ok(records) => records,
+            Err(error) => {
+                self.report(batch, 0, Err(error.clone()));
+                return Err(error);
+            }
+        };
         // Metadata read again for another partition may have moved this one: its batches
         // still on their way to the old leader are settled first, or this one could land
         // before those the old leader refuses.
@@ -397,6 +474,7 @@ impl<T: Transport> Producer<T> {
             awaiting_leader,
             retries: 0,
             sent_to,
+            producer_id: self.identity.as_ref().map(|identity| identity.producer_id),
         });
         self.in_flight_of[partition as usize] += 1;
         match moved.and_then(|error| self.fail_over(partition, error)) {
@@ -405,6 +483,28 @@ impl<T: Transport> Producer<T> {
             Some(error) => Err(error),
             None => Ok(()),
         }
+    }
+
+    /// Finishes a batch of `partition`, stamped with the producer's identity and the
+    /// partition's next sequence if it is idempotent (taking a new id first if a batch failed
+    /// for good since the last one).
+    fn stamp(&mut self, partition: u32, builder: BatchBuilder) -> Result<Bytes> {
+        let Some(identity) = &mut self.identity else { return Ok(builder.finish()) };
+        if identity.renew {
+            let (producer_id, epoch) =
+                self.client.init_producer_id()?.ok_or_else(|| ClientError::UnexpectedResponse {
+                    op: "init_producer_id",
+                    got: "no producer id from a node that gave one before".to_owned(),
+                })?;
+            *identity = Identity::new((producer_id, epoch), self.partitions);
+        }
+        let sequence = &mut identity.sequences[partition as usize];
+        let base_sequence = *sequence;
+        // Kafka's sequences wrap from i32::MAX to 0.
+        *sequence = ((i64::from(base_sequence) + i64::from(builder.record_count())) % (1 << 31)) as i32;
+        let producer =
+            IdempotentProducer { producer_id: identity.producer_id, epoch: identity.epoch, base_sequence };
+        Ok(builder.idempotent(producer).finish())
     }
 
     /// Notes the outcomes that have arrived, freeing their partitions' room, and reports
@@ -450,25 +550,51 @@ impl<T: Transport> Producer<T> {
             outcome
         };
         let partition = in_flight.batch.partition;
-        let index = partition as usize;
         match outcome {
-            Err(error) if self.client.leader_moved(&self.config.topic, partition, &error) => {
-                in_flight.awaiting_leader = true;
-                let before = self.in_flight_of[index];
+            Err(error) if self.must_resend(index, &error) => {
+                self.in_flight[index].awaiting_leader = true;
+                let before = self.in_flight_of[partition as usize];
                 // An error that ends the fail-over reaches the caller through the reports.
                 let _ = self.fail_over(partition, error);
-                self.in_flight_of[index] < before
+                self.in_flight_of[partition as usize] < before
             }
             outcome => {
-                if outcome.is_ok() {
-                    self.retry[index] = None;
-                    self.replaced[index] = None;
-                }
-                in_flight.outcome = Some(outcome);
-                self.in_flight_of[index] -= 1;
+                self.settle(index, outcome);
                 true
             }
         }
+    }
+
+    /// Whether the `index`th batch in flight, refused with `error`, is to be sent again: its
+    /// partition's leader moved, or it is out of sequence while a batch of its partition
+    /// sent before it is still on its way or waits for a leader (the leader that refused it
+    /// has not seen that one yet; sent again after it, it may fit).
+    fn must_resend(&self, index: usize, error: &ClientError) -> bool {
+        let partition = self.in_flight[index].batch.partition;
+        if self.client.leader_moved(&self.config.topic, partition, error) {
+            return true;
+        }
+        matches!(error, ClientError::Server { code: ErrorCode::OutOfOrderSequence, .. })
+            && self.in_flight.iter().take(index).any(|earlier| {
+                earlier.batch.partition == partition && (earlier.awaiting_leader || earlier.outcome.is_none())
+            })
+    }
+
+    /// Takes the final outcome of the `index`th batch in flight, freeing its partition's room.
+    fn settle(&mut self, index: usize, outcome: Result<ProduceAck>) {
+        let in_flight = &mut self.in_flight[index];
+        let partition = in_flight.batch.partition as usize;
+        if outcome.is_ok() {
+            self.retry[partition] = None;
+            self.replaced[partition] = None;
+            if let Some(identity) = &mut self.identity {
+                if in_flight.producer_id == Some(identity.producer_id) {
+                    identity.acknowledged[partition] = true;
+                }
+            }
+        }
+        in_flight.outcome = Some(outcome);
+        self.in_flight_of[partition] -= 1;
     }
 
     /// The leader of `partition` moved (`last` says how). Settles every other batch of the
@@ -516,7 +642,8 @@ impl<T: Transport> Producer<T> {
     /// leader moved wait for the next one. Returns the last such error, if any.
     fn settle_partition(&mut self, partition: u32) -> Option<ClientError> {
         let mut last = None;
-        for in_flight in &mut self.in_flight {
+        for index in 0..self.in_flight.len() {
+            let in_flight = &mut self.in_flight[index];
             if in_flight.batch.partition != partition
                 || in_flight.outcome.is_some()
                 || in_flight.awaiting_leader
@@ -533,14 +660,11 @@ impl<T: Transport> Producer<T> {
                 replaced,
                 pending,
             ) {
-                Err(error) if self.client.leader_moved(&self.config.topic, partition, &error) => {
-                    in_flight.awaiting_leader = true;
+                Err(error) if self.must_resend(index, &error) => {
+                    self.in_flight[index].awaiting_leader = true;
                     last = Some(error);
                 }
-                outcome => {
-                    in_flight.outcome = Some(outcome);
-                    self.in_flight_of[partition as usize] -= 1;
-                }
+                outcome => self.settle(index, outcome),
             }
         }
         last
@@ -607,6 +731,9 @@ impl<T: Transport> Producer<T> {
                 (ack.base_offset, None)
             }
             Err(error) => {
+                if let Some(identity) = &mut self.identity {
+                    identity.renew = true;
+                }
                 self.failed_batches += 1;
                 self.first_failure.get_or_insert_with(|| format!("partition {partition}: {error}"));
                 (OFFSET_UNACKNOWLEDGED, Some(error))

@@ -580,13 +580,15 @@ fn the_producer_follows_a_leader_change_and_acknowledges_every_record_once_in_or
     assert!(addrs.contains(&broker.node_addr(0)) && addrs.contains(&broker.node_addr(1)), "{addrs:?}");
 }
 
-#[test]
-fn batches_a_stopped_leader_never_answered_are_sent_again_at_least_once() {
+/// Node 0, leading partition 0, stores the first of five batches and dies before it answers
+/// any; the producer (`idempotent` or not) sends the five again to node 1. Returns the
+/// partition's log and the reports.
+fn a_leader_dies_with_five_batches_unanswered(idempotent: bool) -> (Vec<(i64, Vec<u8>)>, Reports) {
     let mut broker = FakeBroker::start_cluster(3).unwrap();
     // Bootstrapped from node 0, which leads partition 0 and then goes away.
     let client = cluster_client(&broker, 0, LEADER_RETRY_BUDGET_DEFAULT);
     client.create_topic("crash", 1).unwrap();
-    let config = ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::new("crash") };
+    let config = ProducerConfig { linger: Duration::ZERO, idempotent, ..ProducerConfig::new("crash") };
     let (mut producer, reports) = producer(&client, config);
     for i in 0..10u8 {
         producer.send(None, &[i]).unwrap();
@@ -606,21 +608,124 @@ fn batches_a_stopped_leader_never_answered_are_sent_again_at_least_once() {
     broker.hold_produce_responses(false);
     producer.flush().unwrap();
     assert_eq!(broker.leader("crash", 0), (1, 2));
-
-    let reports = reports.lock().unwrap();
-    assert_eq!(reports.len(), 15);
-    assert!(reports.iter().all(|r| r.error.is_none()), "every batch acknowledged");
-    assert_eq!(reports.iter().filter(|r| r.retries == 1).count(), 5, "the five unanswered ones, once each");
-    // At-least-once: the batch node 0 stored is in the log twice; each acknowledgement names
-    // where its record is.
-    let log = log_of(&client, "crash", 0);
-    let values: Vec<u8> = log.iter().map(|(_, v)| v[0]).collect();
-    assert_eq!(values, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 11, 12, 13, 14], "sent again in send order");
-    for (i, report) in reports.iter().enumerate() {
-        assert_eq!(log[report.base_offset as usize].1, [i as u8], "report {i}");
-    }
     // The client asks the metadata of the nodes still up.
     assert_eq!(client.metadata(&[]).unwrap().node_id, 1);
+    {
+        // The first ten may share batches (an idempotent producer keeps five of a partition's
+        // batches in flight; the next one fills meanwhile); the last five are one each.
+        let reports = reports.lock().unwrap();
+        assert_eq!(reports.iter().map(|r| r.record_count).sum::<u32>(), 15);
+        assert!(reports.iter().all(|r| r.error.is_none()), "every batch acknowledged");
+        assert_eq!(
+            reports.iter().filter(|r| r.retries == 1).count(),
+            5,
+            "the five unanswered ones, once each"
+        );
+    }
+    (log_of(&client, "crash", 0), reports)
+}
+
+#[test]
+fn batches_a_stopped_leader_never_answered_are_sent_again_at_least_once_without_idempotence() {
+    let (log, reports) = a_leader_dies_with_five_batches_unanswered(false);
+    // The batch node 0 stored is in the log twice; each acknowledgement names where its
+    // record is.
+    let values: Vec<u8> = log.iter().map(|(_, v)| v[0]).collect();
+    assert_eq!(values, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 11, 12, 13, 14], "sent again in send order");
+    acknowledgements_name_their_records(&log, &reports);
+}
+
+/// Each report's base offset is where its batch's first record is in `log`.
+fn acknowledgements_name_their_records(log: &[(i64, Vec<u8>)], reports: &Reports) {
+    let mut first = 0u8;
+    for report in reports.lock().unwrap().iter() {
+        assert_eq!(log[report.base_offset as usize].1, [first], "the batch from record {first}");
+        first += report.record_count as u8;
+    }
+}
+
+#[test]
+fn batches_a_stopped_leader_never_answered_are_stored_once_by_an_idempotent_producer() {
+    let (log, reports) = a_leader_dies_with_five_batches_unanswered(true);
+    // The batch node 0 stored is recognised by its producer id and sequence when it comes
+    // again: answered with its first offsets, not stored twice.
+    let values: Vec<u8> = log.iter().map(|(_, v)| v[0]).collect();
+    assert_eq!(values, (0..15).collect::<Vec<u8>>(), "each once, in send order");
+    acknowledgements_name_their_records(&log, &reports);
+}
+
+/// Sends records 0..`count` (200 bytes each, one per batch) to the one partition of topic
+/// "idem" that node 0 of `broker` leads, idempotently, and waits for every acknowledgement.
+/// `before_sending` runs once the producer has its id. Returns the log and the reports.
+fn produce_one_per_batch(
+    broker: &FakeBroker,
+    count: u8,
+    before_sending: impl FnOnce(&mut Producer, &Reports),
+) -> (Vec<(i64, Vec<u8>)>, Reports) {
+    let client = cluster_client(broker, 0, LEADER_RETRY_BUDGET_DEFAULT);
+    client.create_topic("idem", 1).unwrap();
+    assert_eq!(broker.leader("idem", 0).0, 0);
+    let config = ProducerConfig { batch_bytes: 256, linger: Duration::ZERO, ..ProducerConfig::new("idem") };
+    let (mut producer, reports) = producer(&client, config);
+    before_sending(&mut producer, &reports);
+    let first = reports.lock().unwrap().len() as u8;
+    for i in first..count {
+        producer.send(None, &[i; 200]).unwrap();
+    }
+    producer.flush().unwrap();
+    let reports_seen = reports.lock().unwrap();
+    let errors: Vec<_> = reports_seen.iter().filter_map(|r| r.error.as_ref()).collect();
+    assert!(errors.is_empty(), "every batch acknowledged: {errors:?}");
+    assert!(reports_seen.iter().all(|r| r.record_count == 1), "one record per batch");
+    drop(reports_seen);
+    (log_of(&client, "idem", 0), reports)
+}
+
+/// The log holds records 0..`count`, each once, in send order, at the offsets acknowledged.
+fn each_once_in_order(log: &[(i64, Vec<u8>)], reports: &Reports, count: u8) {
+    let firsts: Vec<u8> = log.iter().map(|(_, v)| v[0]).collect();
+    assert_eq!(firsts, (0..count).collect::<Vec<u8>>(), "each once, in send order");
+    for (report, (offset, _)) in reports.lock().unwrap().iter().zip(log) {
+        assert_eq!(report.base_offset, *offset);
+    }
+}
+
+/// The leader refuses an idempotent producer's first batch (it is elected a moment later)
+/// and takes those behind it. A leader takes an unknown producer's batch at any sequence, so
+/// the first batch would never fit in again: it goes alone, and the next ones once it is
+/// acknowledged.
+#[test]
+fn an_idempotent_producers_first_batch_of_a_partition_goes_alone() {
+    let broker = FakeBroker::start_cluster(2).unwrap();
+    broker.refuse_one_produce(0, 0);
+    // The refusal is held back a moment, so any batch sent behind the first is there before
+    // the producer hears of it.
+    broker.hold_produce_responses(true);
+    let (log, reports) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            broker.hold_produce_responses(false);
+        });
+        produce_one_per_batch(&broker, 12, |_, _| {})
+    });
+    each_once_in_order(&log, &reports, 12);
+    assert_eq!(reports.lock().unwrap()[0].retries, 1, "the refused first batch, sent again");
+}
+
+/// Past its first batch, a batch the leader refuses while it takes the next ones: those
+/// are refused as out of sequence (the leader knows the producer now), and go again after
+/// the refused one.
+#[test]
+fn batches_refused_out_of_sequence_behind_a_refused_one_go_again_after_it() {
+    let broker = FakeBroker::start_cluster(2).unwrap();
+    let (log, reports) = produce_one_per_batch(&broker, 20, |producer, _| {
+        producer.send(None, &[0; 200]).unwrap();
+        producer.flush().unwrap();
+        broker.refuse_one_produce(0, 1);
+    });
+    each_once_in_order(&log, &reports, 20);
+    let retried = reports.lock().unwrap().iter().filter(|r| r.retries > 0).count();
+    assert!(retried >= 2, "the refused batch and those refused behind it went again: {retried}");
 }
 
 /// A fake cluster of `nodes`, a client bootstrapped from node 1 with `request_timeout`, and a
@@ -667,8 +772,9 @@ fn batches_a_silent_leader_did_not_answer_go_to_the_next_one() {
     );
     assert_eq!(reports[1].retries, 1, "sent again to node 1 after the timeout");
     let values: Vec<Vec<u8>> = log_of(&client, "paused", 0).into_iter().map(|(_, v)| v).collect();
-    // At-least-once: node 0 stored the batch it never answered for.
-    assert_eq!(values, [b"before".to_vec(), b"during".to_vec(), b"during".to_vec()]);
+    // Node 0 stored the batch it never answered for; sent again, it is recognised (the
+    // producer is idempotent by default).
+    assert_eq!(values, [b"before".to_vec(), b"during".to_vec()]);
 }
 
 #[test]
@@ -702,10 +808,10 @@ fn batches_a_replaced_leader_leaves_unanswered_go_to_the_new_one_before_the_time
         client.leader_name("paused", 0),
         format!("node {leader} at {}, epoch {epoch}", broker.node_addr(2))
     );
-    // At-least-once: node 0 stored the first batch it never answered for (the other four
-    // it refuses once it reads them: it no longer leads).
+    // Node 0 stored the first batch it never answered for, recognised when it came again
+    // (the other four it refuses once it reads them: it no longer leads).
     let values = log_of(&client, "paused", 0);
-    assert_eq!(values.len(), 7);
+    assert_eq!(values.len(), 6);
 }
 
 #[test]

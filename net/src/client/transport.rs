@@ -113,6 +113,12 @@ pub trait Transport: Clone + Send + Sync + std::fmt::Debug + 'static {
         None
     }
 
+    /// An id and epoch for an idempotent producer, if the broker hands them out (`None`: it
+    /// does not, and the producer's batches carry none: at least once across failovers).
+    fn init_producer_id(&self) -> Result<Option<(i64, i16)>> {
+        Ok(None)
+    }
+
     /// How long a request keeps following its partition's leader from its first failure.
     fn leader_retry_budget(&self) -> Duration {
         Duration::ZERO
@@ -228,6 +234,10 @@ impl Transport for Client {
 
     fn leader_replaced(&self, topic: &str, partition: u32) -> Option<String> {
         Client::leader_replaced(self, topic, partition)
+    }
+
+    fn init_producer_id(&self) -> Result<Option<(i64, i16)>> {
+        Client::init_producer_id(self)
     }
 
     fn leader_retry_budget(&self) -> Duration {
