@@ -995,17 +995,25 @@ impl Log {
 
     /// Deletes whole closed segments that retention no longer keeps. Returns how many.
     pub fn apply_retention(&self, now_ms: i64) -> Result<usize> {
+        match self.retention_start(now_ms, i64::MAX) {
+            Some(start) => self.remove_segments_before(start),
+            None => Ok(0),
+        }
+    }
+
+    /// Where the log would start if retention deleted the closed segments it no longer keeps
+    /// among those that end at or below `bound` (for a replicated log, what is committed and
+    /// durable): the end of the last of them, or None when it would delete nothing. Deletes
+    /// nothing itself ([`Log::remove_segments_before`] does, once the caller agreed).
+    pub fn retention_start(&self, now_ms: i64, bound: i64) -> Option<i64> {
         if self.state.borrow().truncating {
             // Not now: the truncation keeps segments this could remove. The next run will do.
-            return Ok(0);
+            return None;
         }
-        let closed: Vec<Rc<Segment>> = {
-            let segments = self.segments.borrow();
-            segments.values().take(segments.len() - 1).cloned().collect()
-        };
+        let segments = self.segments.borrow();
         let mut total = self.size_bytes();
-        let mut removed = 0;
-        for segment in closed {
+        let mut start = None;
+        for segment in segments.values().take(segments.len() - 1) {
             let size = segment.size.get();
             let over_size = self.config.retention_bytes.is_some_and(|limit| total - size >= limit);
             let max_timestamp = segment.index.borrow().max_timestamp;
@@ -1013,14 +1021,58 @@ impl Log {
                 .config
                 .retention_ms
                 .is_some_and(|ms| max_timestamp >= 0 && max_timestamp < now_ms.saturating_sub(ms as i64));
-            if !over_size && !over_age {
+            if !over_size && !over_age || segment.next_offset.get() > bound {
                 break;
             }
-            self.remove_segment(&segment)?;
             total -= size;
-            removed += 1;
+            start = Some(segment.next_offset.get());
         }
-        Ok(removed)
+        start
+    }
+
+    /// Drops every batch and starts the log, empty, at `offset`: for a replica whose leader's
+    /// log starts there, while this log does not reach it (see replication's `StartAt`).
+    /// Segments are deleted newest first and the deletions synced before the new segment is
+    /// made, so a crash leaves the old log, a prefix of its segments, an empty log at 0
+    /// (replication then sees a replica that holds nothing and catches it up) or the new one:
+    /// never segments with a gap, which an open refuses. An error after the first deletion
+    /// stops the log, as a failed truncation does.
+    pub async fn start_at(&self, offset: i64) -> Result<()> {
+        assert!(offset >= 0, "a log starts at an offset, not {offset}");
+        let mut truncation = self.begin_truncation()?;
+        truncation.changing = true;
+        let result = self.replace_segments(offset).await;
+        match &result {
+            Ok(()) => truncation.changing = false,
+            Err(error) => {
+                self.state.borrow_mut().stopped =
+                    Some(format!("starting the log afresh at offset {offset} failed: {error}"));
+            }
+        }
+        result
+    }
+
+    /// The part of [`Log::start_at`] that changes the log.
+    async fn replace_segments(&self, offset: i64) -> Result<()> {
+        self.drop_read_aheads();
+        let old = std::mem::take(&mut *self.segments.borrow_mut());
+        {
+            let mut state = self.state.borrow_mut();
+            // What waited to be written belonged to the dropped log.
+            state.pending.clear();
+            state.unflushed_bytes = 0;
+            state.tail.clear();
+            state.next_offset = offset;
+            state.durable_offset = offset;
+        }
+        for doomed in old.values().rev() {
+            remove_segment_files(&self.dir, doomed)?;
+        }
+        sync_directory(&self.dir).await?;
+        let segment = Segment::create(&self.dir, offset, self.config.index_interval_bytes).await?;
+        sync_directory(&self.dir).await?;
+        self.segments.borrow_mut().insert(offset, Rc::new(segment));
+        Ok(())
     }
 
     /// Flushes and closes every file. The log is unusable afterwards.
@@ -2307,6 +2359,50 @@ pub(crate) mod tests {
             let first = read_all(&log, log.log_start_offset()).await;
             assert_eq!(first.first().unwrap().base_offset, log.log_start_offset());
             assert_eq!(first.last().unwrap().next_offset(), 1000);
+        });
+    }
+
+    #[test]
+    fn retention_below_a_bound_keeps_what_reaches_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let config = LogConfig { retention_bytes: Some(1), ..small_config() };
+            let log = Log::open(dir.path(), config).await.unwrap();
+            fill(&log, 1000, 1, 50).await;
+            let unbounded = log.retention_start(0, i64::MAX).expect("closed segments to delete");
+            let bounded = log.retention_start(0, 500).expect("segments ending by 500");
+            assert!(bounded <= 500 && bounded < unbounded, "{bounded} {unbounded}");
+            assert_eq!(log.retention_start(0, 0), None, "no segment ends by 0");
+            assert_eq!(log.log_start_offset(), 0, "asking deletes nothing");
+            log.remove_segments_before(bounded).unwrap();
+            assert_eq!(log.log_start_offset(), bounded);
+        });
+    }
+
+    #[test]
+    fn a_log_started_afresh_holds_nothing_below_its_start_and_takes_appends_there() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 300, 1, 10).await; // several segments
+            assert!(log.segment_count() > 1);
+            log.append_stamped(&[leader_stamped(1, 300, 1)]).unwrap(); // pending, never flushed: dropped
+            log.start_at(5_000).await.unwrap();
+            assert_eq!(
+                (log.log_start_offset(), log.next_offset(), log.durable_offset()),
+                (5_000, 5_000, 5_000)
+            );
+            assert_eq!(log.segment_count(), 1);
+            assert!(matches!(log.read(10, 100).await, Err(LogError::OffsetOutOfRange { .. })));
+            log.append_stamped(&[leader_stamped(3, 5_000, 4), leader_stamped(2, 5_003, 4)]).unwrap();
+            log.flush().await.unwrap();
+            log.close().await.unwrap();
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            assert_eq!((log.log_start_offset(), log.next_offset()), (5_000, 5_005));
+            let read: Vec<i64> = read_all(&log, 5_000).await.iter().map(|h| h.base_offset).collect();
+            assert_eq!(read, [5_000, 5_003]);
+            let files = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).count();
+            assert!(files <= 3, "the old segments are gone: {files} files");
         });
     }
 

@@ -154,13 +154,19 @@ pub struct NodeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
     pub flush_bytes: u64,
     /// Delete the oldest closed segments while a partition would keep at least this many bytes.
-    /// Default: keep everything. Applies to every topic.
+    /// Default: keep everything. Applies to every topic (in a cluster, each replica below what
+    /// it knows committed; not to the controller's log or the offsets topic).
     #[arg(long, value_name = "BYTES")]
     pub retention_bytes: Option<u64>,
     /// Delete closed segments whose newest record is older than this many milliseconds.
-    /// Default: keep everything. Applies to every topic.
+    /// Default: keep everything. Applies to every topic (in a cluster, each replica below what
+    /// it knows committed; not to the controller's log or the offsets topic).
     #[arg(long, value_name = "MS")]
     pub retention_ms: Option<u64>,
+    /// How often retention looks for segments to delete (Kafka's
+    /// log.retention.check.interval.ms): 100 ms to 1 hour.
+    #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub retention_check_interval_ms: u64,
     /// Largest request frame; larger ones get an error and the connection is closed.
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
     pub max_request_bytes: usize,

@@ -508,6 +508,7 @@ fn shard_config(args: &NodeArgs) -> ShardConfig {
             retention_bytes: args.retention_bytes,
             retention_ms: args.retention_ms,
         },
+        retention_check_interval: Duration::from_millis(args.retention_check_interval_ms),
         cache_bytes: args.cache_bytes,
         groups: GroupConfig {
             initial_rebalance_delay: Duration::from_millis(args.group_initial_rebalance_delay_ms),

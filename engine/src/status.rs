@@ -49,7 +49,7 @@ pub async fn cluster_json(shard: &Shard, node_id: u32, cluster_id: &str) -> Http
             json!({
                 "topic": status.topic, "partition": status.partition, "replicas": status.voters,
                 "term": status.term, "leader": status.leader, "leads": status.leads,
-                "log_end": status.log_end, "durable_end": status.durable_end,
+                "log_start": status.log_start, "log_end": status.log_end, "durable_end": status.durable_end,
                 "high_watermark": status.high_watermark, "in_sync": in_sync, "followers": followers,
                 "failure": status.failure,
             })
@@ -74,18 +74,20 @@ pub async fn cluster_json(shard: &Shard, node_id: u32, cluster_id: &str) -> Http
     HttpResponse { status: 200, content_type: "application/json", body: format!("{body}\n") }
 }
 
-/// `/checksum/TOPIC/PARTITION/END`.
+/// `/checksum/TOPIC/PARTITION/FROM/END`.
 pub async fn checksum_json(shard: &Shard, path: &str) -> HttpResponse {
     let mut parts = path.trim_start_matches("/checksum/").split('/');
-    let (Some(topic), Some(partition), Some(end), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(topic), Some(partition), Some(from), Some(end), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return HttpResponse::text(400, "ask /checksum/TOPIC/PARTITION/END\n");
+        return HttpResponse::text(400, "ask /checksum/TOPIC/PARTITION/FROM/END\n");
     };
-    let (Ok(partition), Ok(end)) = (partition.parse::<u32>(), end.parse::<i64>()) else {
-        return HttpResponse::text(400, "PARTITION and END are numbers\n");
+    let (Ok(partition), Ok(from), Ok(end)) =
+        (partition.parse::<u32>(), from.parse::<i64>(), end.parse::<i64>())
+    else {
+        return HttpResponse::text(400, "PARTITION, FROM and END are numbers\n");
     };
-    match shard.replica_checksum(topic, partition, end).await {
+    match shard.replica_checksum(topic, partition, from, end).await {
         Ok((crc, batches, reached)) => HttpResponse {
             status: 200,
             content_type: "application/json",
@@ -253,6 +255,8 @@ pub fn verify(node: &str, topic: &str) -> Result<()> {
         // Compared up to the commit point, or less where a replica has not made it durable (or,
         // a follower, matched with the leader) yet.
         let mut end = leader["high_watermark"].as_i64().unwrap_or_default();
+        // From where every replica's log starts (retention cuts each one on its own).
+        let mut from = 0;
         let mut addresses = Vec::new();
         for id in replicas.as_array().into_iter().flatten().filter_map(Value::as_u64) {
             let (_, view) =
@@ -267,6 +271,7 @@ pub fn verify(node: &str, topic: &str) -> Result<()> {
                 .find(|r| r["topic"] == json!(topic) && r["partition"] == json!(partition))
                 .ok_or_else(|| anyhow!("node {id} holds no replica of {topic}/{partition}"))?;
             end = end.min(own["durable_end"].as_i64().unwrap_or_default());
+            from = from.max(own["log_start"].as_i64().unwrap_or_default());
             // A follower's durable log may still hold an old leader's tail past where it
             // matches this leader (a restart, a cut not made yet): compared only up to what
             // the leader knows it matches and holds durably.
@@ -292,14 +297,14 @@ pub fn verify(node: &str, topic: &str) -> Result<()> {
         let mut sums = Vec::new();
         for (id, address) in &addresses {
             let answer: Value =
-                serde_json::from_str(&get(address, &format!("/checksum/{topic}/{partition}/{end}"))?)?;
+                serde_json::from_str(&get(address, &format!("/checksum/{topic}/{partition}/{from}/{end}"))?)?;
             sums.push((*id, answer["crc32c"].as_u64(), answer["batches"].as_u64(), answer["end"].as_i64()));
         }
         let reference = (sums[0].1, sums[0].2, sums[0].3);
         let differ: Vec<u64> = sums.iter().filter(|s| (s.1, s.2, s.3) != reference).map(|s| s.0).collect();
         if differ.is_empty() {
             println!(
-                "{topic}/{partition}: {} replicas agree up to offset {} ({} batches)",
+                "{topic}/{partition}: {} replicas agree from offset {from} up to offset {} ({} batches)",
                 sums.len(),
                 reference.2.unwrap_or_default(),
                 reference.1.unwrap_or_default()

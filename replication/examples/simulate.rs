@@ -43,12 +43,15 @@ fn main() {
         }
     }
     let (mut events, mut changes, mut gaps_us) = (0u64, 0usize, Vec::new());
+    let (mut trims, mut logs_started) = (0usize, 0usize);
     let (count, started) = (seeds.end - seeds.start, std::time::Instant::now());
     for seed in seeds {
         match run(seed, &options) {
             Ok(outcome) => {
                 events += outcome.events;
                 changes += outcome.membership_changes;
+                trims += outcome.trims;
+                logs_started += outcome.logs_started;
                 gaps_us.extend(outcome.leader_gap_us);
             }
             Err(failure) => {
@@ -58,7 +61,10 @@ fn main() {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    println!("{count} seeds passed, {events} events, {changes} membership changes, in {seconds:.1} s");
+    println!(
+        "{count} seeds passed, {events} events, {changes} membership changes, {trims} trims, \
+         {logs_started} logs started past a leader's start, in {seconds:.1} s"
+    );
     if !gaps_us.is_empty() {
         gaps_us.sort_unstable();
         let at = |q: usize| gaps_us[(gaps_us.len() - 1) * q / 100] as f64 / 1000.0;

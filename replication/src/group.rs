@@ -45,7 +45,7 @@ use crate::batch;
 use crate::epoch::EpochHistory;
 use crate::error::{ReplicationError, Result};
 use crate::membership::{Membership, VoterSet};
-use crate::message::{Append, AppendResponse, Body, HardState, Message, ReplicaId};
+use crate::message::{Append, AppendResponse, Body, HardState, Message, ReplicaId, StartAt};
 use crate::quorum::Quorum;
 
 /// Bytes of batches in one AppendEntries message (at least one batch is always sent).
@@ -62,6 +62,10 @@ pub const APPEND_BATCHES_MAX: usize = APPEND_BYTES_MAX / batch::HEADER_BYTES;
 pub const EPOCH_HINTS_MAX: usize = 8;
 /// Bytes one proposal may carry.
 pub const PROPOSAL_BYTES_MAX: usize = 8 << 20;
+/// Configurations a [`StartAt`] carries at most: a leader whose log holds more below its
+/// start does not send one (the follower stays behind; no group of the daemon changes its
+/// membership yet), rather than hand a follower part of the history its votes rest on.
+pub const MEMBERSHIPS_SENT_MAX: usize = 64;
 
 /// Reads the leader's own stored batches to fill AppendEntries.
 pub trait LogRead {
@@ -122,6 +126,14 @@ pub enum Action {
         end_offset: i64,
         truncations: u64,
     },
+    /// Drop the whole log and start it, empty, at `start` (the leader's log starts there;
+    /// every offset below is committed and held by the others): then report `Durable` with
+    /// `end_offset: start` and these `truncations` once that is on disk. Until then a crash
+    /// may bring back the old log, which is as good as before.
+    StartLog {
+        start: i64,
+        truncations: u64,
+    },
     /// Persist this hard state (fdatasync) and report `HardStatePersisted` with it.
     PersistHardState(HardState),
     /// The commit point moved: consumers may read below `high_watermark`.
@@ -161,6 +173,9 @@ pub enum PlantedBug {
     /// A replica not a voter of its newest configuration votes without the log check,
     /// though it may be a demoted voter holding committed entries (see `log_is_behind`).
     LearnerVotesBlind,
+    /// The log may be trimmed past the commit point (retention cutting what is not
+    /// committed yet), so a follower may be told to start its log past it.
+    TrimPastCommit,
 }
 
 /// The configuration of one replica of a group.
@@ -227,12 +242,19 @@ impl Config {
 #[derive(Debug, Clone, Default)]
 pub struct Restore {
     pub hard_state: HardState,
+    /// The epochs of the whole log, below its start too (the history is kept whole when the
+    /// log is trimmed; after a [`Action::StartLog`], the epochs below the commit point then
+    /// known and the one holding the new start's previous offset).
     pub epochs: EpochHistory,
+    /// The recovered log's first offset (retention removed what was below it, or the log was
+    /// started there): every offset below it is committed.
+    pub log_start: i64,
     /// The recovered log's end; everything below it is durable.
     pub log_end: i64,
     /// The replica was a member but found no data: it recovers before voting (KIP-966).
     pub disk_lost: bool,
-    /// The configuration batches of the log: (offset, membership), oldest first.
+    /// The configuration batches of the log: (offset, membership), oldest first; below the
+    /// log's start too (the shell keeps those it trims, and those a `StartAt` carried).
     pub memberships: Vec<(i64, Membership)>,
     /// A commit point the replica knew before it stopped (0 if it kept none), at most
     /// `log_end`: the shell may checkpoint the `Commit` actions it carried out, as Kafka's
@@ -296,6 +318,8 @@ pub struct RaftGroup {
     role: Role,
     leader: Option<ReplicaId>,
     epochs: EpochHistory,
+    /// The log's first offset: every offset below it is committed, and held by no read.
+    log_start: i64,
     log_end: i64,
     durable_end: i64,
     truncations: u64,
@@ -336,12 +360,15 @@ impl RaftGroup {
         if restore.log_end < 0
             || restore.epochs.starts().last().is_some_and(|s| s.start_offset >= restore.log_end)
             || !(0..=restore.log_end).contains(&restore.high_watermark)
-            || restore.disk_lost && restore.high_watermark > 0
+            || !(0..=restore.log_end).contains(&restore.log_start)
+            || restore.log_start > 0
+                && restore.epochs.epoch_at(restore.log_start - 1, restore.log_end).is_none()
+            || restore.disk_lost && (restore.high_watermark > 0 || restore.log_start > 0)
         {
             return Err(ReplicationError::Config {
                 reason: format!(
-                    "recovered epochs {:?} or commit point {} do not fit log end {}",
-                    restore.epochs, restore.high_watermark, restore.log_end
+                    "recovered epochs {:?}, log start {} or commit point {} do not fit log end {}",
+                    restore.epochs, restore.log_start, restore.high_watermark, restore.log_end
                 ),
             });
         }
@@ -365,10 +392,12 @@ impl RaftGroup {
             role: Role::Follower,
             leader: None,
             epochs: restore.epochs,
+            log_start: restore.log_start,
             log_end: restore.log_end,
             durable_end: restore.log_end,
             truncations: 0,
-            high_watermark: restore.high_watermark,
+            // Everything below the log's start was committed.
+            high_watermark: restore.high_watermark.max(restore.log_start),
             verified_end: 0,
             ticks: 0,
             election_deadline_tick: 0,
@@ -411,6 +440,9 @@ impl RaftGroup {
     }
     pub fn high_watermark(&self) -> i64 {
         self.high_watermark
+    }
+    pub fn log_start(&self) -> i64 {
+        self.log_start
     }
     pub fn log_end(&self) -> i64 {
         self.log_end
@@ -508,6 +540,31 @@ impl RaftGroup {
         self.election_deadline_tick = self.election_deadline_tick.min(self.ticks + soon);
     }
 
+    /// The shell removed the log below `start` (retention): it may, once every offset below
+    /// it is committed and durable here. `start` must be a batch boundary (a closed segment's
+    /// end is one). A follower that needs offsets below it is then told to start its log
+    /// there ([`StartAt`]). Refused, changing nothing, past the commit point or the durable
+    /// end, or below the log's start.
+    pub fn trim(&mut self, start: i64) -> Result<()> {
+        #[allow(unused_mut)]
+        let mut bound = self.high_watermark.min(self.durable_end);
+        #[cfg(any(test, feature = "sim"))]
+        if self.config.planted_bug == Some(PlantedBug::TrimPastCommit) {
+            bound = self.durable_end;
+        }
+        if start < self.log_start || start > bound {
+            return Err(ReplicationError::Config {
+                reason: format!(
+                    "the log cannot start at {start}: it starts at {}, and only offsets committed and \
+                     durable here (below {bound}) may be removed",
+                    self.log_start
+                ),
+            });
+        }
+        self.log_start = start;
+        Ok(())
+    }
+
     /// Advances the logical clock by one tick.
     pub fn tick(&mut self, log: &dyn LogRead, out: &mut Vec<Action>) {
         self.ticks += 1;
@@ -581,7 +638,8 @@ impl RaftGroup {
     /// learned and the stale one's appends are refused. The cost: a replica that lost its
     /// disk waits for every voter, so one more voter down delays its recovery (not the
     /// group's writes, which W others carry), and so does a retired voter whose configuration
-    /// is still in the log (while the log starts at offset 0, every configuration is). KIP-853 instead gives the new disk a new
+    /// is still known (configurations are kept whole when the log is trimmed, and a
+    /// `StartAt` carries them). KIP-853 instead gives the new disk a new
     /// directory id that voters must be reconfigured to accept; this core keeps the id for
     /// the leader's bookkeeping (`Progress::disk_id`) and needs no reconfiguration.
     /// Not covered: a candidate voter only of a configuration the recovered log no longer
@@ -614,7 +672,9 @@ impl RaftGroup {
                 p.sent_tick > 0 && self.ticks < p.sent_tick + u64::from(self.config.heartbeat_ticks);
             if !just_sent {
                 let probe = p.probing && p.in_flight.is_empty();
-                let (to, prev_end) = (p.id, if probe { p.probe_from.max(p.match_end) } else { p.match_end });
+                let prev_end = if probe { p.probe_from.max(p.match_end) } else { p.match_end };
+                // Never below our log's start: nothing there can be read to send after it.
+                let (to, prev_end) = (p.id, prev_end.max(self.log_start));
                 let prev_epoch = self.prev_epoch(prev_end);
                 let body = Body::Append(Append {
                     prev_end,
@@ -823,6 +883,10 @@ impl RaftGroup {
             if p.next >= self.log_end || window_full {
                 return;
             }
+            if p.next < self.log_start {
+                self.send_start_at(i, out);
+                return;
+            }
             let bytes_max = APPEND_BYTES_MAX.min(APPEND_IN_FLIGHT_BYTES_MAX - p.in_flight_bytes);
             batches.clear();
             log.read(p.next, bytes_max, &mut batches);
@@ -845,6 +909,32 @@ impl RaftGroup {
             self.note_append_sent(i);
             self.send(to, body, out);
         }
+    }
+
+    /// Follower `i` needs offsets below our log's start: it is told to start its log there,
+    /// with the configurations below it (not if there are more than it may carry).
+    fn send_start_at(&mut self, i: usize, out: &mut Vec<Action>) {
+        let start = self.log_start;
+        let memberships: Vec<(i64, Membership)> =
+            self.memberships.iter().filter(|(offset, _)| *offset < start).cloned().collect();
+        if memberships.len() > MEMBERSHIPS_SENT_MAX {
+            return;
+        }
+        let body = Body::StartAt(StartAt {
+            start,
+            prev_epoch: self.prev_epoch(start),
+            commit_end: self.high_watermark,
+            seq: self.next_append_seq(),
+            memberships,
+        });
+        let p = &mut self.progress[i];
+        let to = p.id;
+        p.in_flight.push_back((start, 0));
+        p.next = start;
+        p.probing = true;
+        p.probe_from = start;
+        self.note_append_sent(i);
+        self.send(to, body, out);
     }
 
     /// The first offset, end offset and bytes of contiguous checked batches.
@@ -1017,7 +1107,9 @@ impl RaftGroup {
             match &message.body {
                 Body::PreVote { .. } | Body::PreVoteResponse { granted: true } => {}
                 Body::Vote { transfer: false, .. } if self.in_lease() => return,
-                Body::Append(_) | Body::TimeoutNow => self.become_follower(message.term, Some(from), out),
+                Body::Append(_) | Body::StartAt(_) | Body::TimeoutNow => {
+                    self.become_follower(message.term, Some(from), out)
+                }
                 _ => self.become_follower(message.term, None, out),
             }
         } else if message.term < self.hard.term {
@@ -1043,6 +1135,7 @@ impl RaftGroup {
                 }
             }
             Body::Append(append) => self.on_append(from, append, log, out),
+            Body::StartAt(start_at) => self.on_start_at(from, start_at, out),
             Body::AppendResponse(response) => self.on_append_response(from, response, log, out),
             Body::TermQuery { disk_id } => self.send(from, Body::TermAnswer { disk_id }, out),
             Body::TermAnswer { .. } => {}
@@ -1061,6 +1154,7 @@ impl RaftGroup {
     fn refuse_stale(&mut self, from: ReplicaId, body: &Body, out: &mut Vec<Action>) {
         let refusal = match body {
             Body::Append(append) => Body::AppendResponse(self.rejection(0, append.seq)),
+            Body::StartAt(start_at) => Body::AppendResponse(self.rejection(0, start_at.seq)),
             Body::TimeoutNow => Body::AppendResponse(self.rejection(0, 0)),
             Body::PreVote { .. } => Body::PreVoteResponse { granted: false },
             Body::Vote { .. } => Body::VoteResponse { granted: false },
@@ -1095,9 +1189,8 @@ impl RaftGroup {
     /// uncommitted newer epoch refuses the one voter of a joint configuration naming it that
     /// could win (simulator seed 1401956, `--membership`, with a voter recovering a lost
     /// disk). A demoted voter keeps its check: the configuration that made it a voter is in
-    /// its log. `memberships` holds every configuration since the log's first offset, which
-    /// is 0 (no log is trimmed at its start yet: a snapshot will have to carry whether we
-    /// were ever a voter).
+    /// its log. `memberships` holds every configuration since offset 0: a trim keeps them,
+    /// and a `StartAt` carries the leader's below its start (all of them, or none is sent).
     fn log_is_behind(&self, last_epoch: i32, log_end: i64) -> bool {
         let id = self.config.id;
         #[allow(unused_mut)]
@@ -1175,22 +1268,30 @@ impl RaftGroup {
         }
     }
 
-    fn on_append(&mut self, from: ReplicaId, append: Append, log: &dyn LogRead, out: &mut Vec<Action>) {
-        if self.role == Role::Leader {
-            return; // two leaders in one term: impossible from honest peers, so ignore it
-        }
+    /// A message of the leader `from` of our term: we follow it and its lease starts again.
+    fn heard_leader(&mut self, from: ReplicaId, seq: u64, out: &mut Vec<Action>) {
         if self.role != Role::Follower || self.leader != Some(from) {
             let term = self.hard.term;
             self.become_follower(term, Some(from), out);
         }
         self.last_leader_contact_tick = Some(self.ticks);
         self.reset_election_deadline();
-        self.leader_seq = self.leader_seq.max(append.seq);
+        self.leader_seq = self.leader_seq.max(seq);
+    }
+
+    fn on_append(&mut self, from: ReplicaId, append: Append, log: &dyn LogRead, out: &mut Vec<Action>) {
+        if self.role == Role::Leader {
+            return; // two leaders in one term: impossible from honest peers, so ignore it
+        }
+        self.heard_leader(from, append.seq, out);
+        // Below our log's start every offset is committed, and so the leader's too.
+        let below_start = self.log_start > 0 && append.prev_end <= self.log_start;
         // A point inside one of our batches is no point the leader's log and ours share: the
         // same epoch at the same offsets is the same batch, so a sound leader never sends it.
         let epoch_matches = append.prev_end > 0
             && self.epochs.epoch_at(append.prev_end - 1, self.log_end) == Some(append.prev_epoch);
-        let prev_matches = append.prev_end == 0 && append.prev_epoch == -1
+        let prev_matches = below_start
+            || append.prev_end == 0 && append.prev_epoch == -1
             || epoch_matches && self.is_batch_boundary(append.prev_end, log);
         if !prev_matches {
             let probe_end = append.prev_end.clamp(0, self.log_end);
@@ -1199,7 +1300,7 @@ impl RaftGroup {
             return;
         }
         let Some(end) = self.append_batches(&append, log, out) else { return };
-        self.verified_end = self.verified_end.max(end);
+        self.verified_end = self.verified_end.max(end).max(if below_start { self.log_start } else { 0 });
         let commit = append.commit_end.min(self.verified_end);
         if commit > self.high_watermark {
             self.high_watermark = commit;
@@ -1209,6 +1310,79 @@ impl RaftGroup {
         let mut acknowledgement = self.acknowledgement(self.verified_end);
         acknowledgement.seq = append.seq;
         self.send(from, Body::AppendResponse(acknowledgement), out);
+    }
+
+    /// The leader's log starts at `start_at.start`. If ours holds the entry before it (or
+    /// starts there or later), it matches the leader's up to there and nothing changes;
+    /// else our log is dropped and started, empty, at `start` (`Action::StartLog`). Either
+    /// way the answer is an acknowledgement, as to an append.
+    ///
+    /// Why dropping is safe: everything we may have acknowledged, in this term or before,
+    /// matches the leader's log, and so would hold the entry before `start`; and what we
+    /// know to be committed (below our commit point) is the leader's too, so a log that
+    /// lacks that entry holds nothing committed past our commit point, which is then below
+    /// `start`. Below the commit point our epochs and configurations stay, as they are the
+    /// leader's; above it they come from the message.
+    fn on_start_at(&mut self, from: ReplicaId, start_at: StartAt, out: &mut Vec<Action>) {
+        if self.role == Role::Leader {
+            return; // two leaders in one term: impossible from honest peers, so ignore it
+        }
+        self.heard_leader(from, start_at.seq, out);
+        let StartAt { start, prev_epoch, commit_end, seq, memberships } = start_at;
+        let sound = start > 0
+            && (0..=self.hard.term).contains(&prev_epoch)
+            && commit_end >= start
+            && memberships.first().is_some_and(|(offset, _)| *offset == -1)
+            && memberships.windows(2).all(|w| w[0].0 < w[1].0)
+            && memberships.iter().all(|(offset, m)| *offset < start && m.validate().is_ok());
+        if !sound {
+            return;
+        }
+        let holds_start =
+            start <= self.log_start || self.epochs.epoch_at(start - 1, self.log_end) == Some(prev_epoch);
+        if !holds_start {
+            let kept_epoch = self.epochs.epoch_at(self.high_watermark - 1, self.log_end).unwrap_or(-1);
+            if start <= self.high_watermark || prev_epoch < kept_epoch {
+                return; // our committed entries would be the leader's: not from a sound leader
+            }
+            self.start_log_at(start, prev_epoch, memberships, out);
+        }
+        self.verified_end = self.verified_end.max(start.max(self.log_start));
+        let commit = commit_end.min(self.verified_end);
+        if commit > self.high_watermark {
+            self.high_watermark = commit;
+            out.push(Action::Commit { high_watermark: commit });
+        }
+        self.maybe_finish_recovery(from, commit_end, out);
+        let mut acknowledgement = self.acknowledgement(self.verified_end);
+        acknowledgement.seq = seq;
+        self.send(from, Body::AppendResponse(acknowledgement), out);
+    }
+
+    /// Drops our log and starts it, empty, at `start`, the entry before it of `prev_epoch`
+    /// (see `on_start_at`, which checked that nothing committed here is lost).
+    fn start_log_at(
+        &mut self,
+        start: i64,
+        prev_epoch: i32,
+        memberships: Vec<(i64, Membership)>,
+        out: &mut Vec<Action>,
+    ) {
+        let committed = self.high_watermark;
+        assert!(committed < start, "a log is started afresh only past its commit point");
+        self.epochs.truncate(committed);
+        if self.epochs.last_epoch() != prev_epoch {
+            // Where in the leader's log this epoch starts we need not know: no offset below
+            // our log's start is looked up, and the one before it is of this epoch.
+            self.epochs.appended(prev_epoch, start - 1);
+        }
+        self.memberships = memberships;
+        self.log_start = start;
+        self.log_end = start;
+        self.durable_end = self.durable_end.min(committed);
+        self.verified_end = start;
+        self.truncations += 1;
+        out.push(Action::StartLog { start, truncations: self.truncations });
     }
 
     /// Whether our log has a batch boundary at `offset` (its start and end included).
@@ -1243,6 +1417,13 @@ impl RaftGroup {
                 || view.leader_epoch > self.hard.term;
             if bad {
                 break;
+            }
+            if view.end_offset() <= self.log_start {
+                (end, last_epoch) = (view.end_offset(), view.leader_epoch);
+                continue; // below our log's start: committed, so held by the leader as we held it
+            }
+            if view.base_offset < self.log_start {
+                break; // across our log's start, a batch boundary of the committed log: a lie
             }
             if fresh.is_empty() && view.base_offset < self.log_end {
                 let held_epoch = |offset| self.epochs.epoch_at(offset, self.log_end);
@@ -1562,6 +1743,7 @@ fn within_limits(body: &Body) -> bool {
             append.batches.len() <= APPEND_BATCHES_MAX && (bytes <= APPEND_BYTES_MAX || one_proposal)
         }
         Body::AppendResponse(response) => response.epochs.len() <= EPOCH_HINTS_MAX,
+        Body::StartAt(start_at) => start_at.memberships.len() <= MEMBERSHIPS_SENT_MAX,
         _ => true,
     }
 }
@@ -1820,6 +2002,7 @@ mod tests {
                         log.append(b);
                     }),
                     Action::Truncate { end_offset, .. } => log.truncate(end_offset),
+                    Action::StartLog { .. } => unreachable!("no log is trimmed here"),
                     Action::PersistHardState(h) => g.notice(LogNotice::HardStatePersisted(h), out),
                     Action::Commit { .. } | Action::Role { .. } => {}
                 }
@@ -1892,6 +2075,15 @@ mod tests {
                             appended = true;
                         }
                         Action::Truncate { end_offset, .. } => self.logs[i].truncate(end_offset),
+                        Action::StartLog { start, truncations } => {
+                            // Replica 1 leads wherever this test trims: its batches below
+                            // `start` are the committed ones.
+                            let count = self.logs[0].index_of(start);
+                            let committed = self.logs[0].batches[..count].to_vec();
+                            self.logs[i].start_at(start, &committed);
+                            let notice = LogNotice::Durable { end_offset: start, truncations };
+                            self.groups[i].notice(notice, out);
+                        }
                         Action::PersistHardState(h) => {
                             self.groups[i].notice(LogNotice::HardStatePersisted(h), out)
                         }
@@ -2046,6 +2238,47 @@ mod tests {
             .count();
         assert_eq!(resent_from_zero, 0, "3 holds the log up to the handover: {to_three:?}");
         assert_eq!(trio.logs[2].end(), trio.logs[1].end(), "3 caught up");
+    }
+
+    /// A follower down while the leader's log was trimmed past its end (retention) is told to
+    /// start its log at the leader's start, then catches up from there; no read below the
+    /// start is asked for (the log asserts it).
+    #[test]
+    fn a_follower_behind_the_leaders_log_start_starts_there_and_catches_up() {
+        let mut trio = Trio::new();
+        trio.elect_first();
+        trio.propose_and_tick();
+        trio.down = Some(3);
+        for _ in 0..20 {
+            trio.propose_and_tick();
+        }
+        let start = trio.groups[0].high_watermark();
+        assert!(start > trio.logs[2].end(), "3 missed what is trimmed");
+        assert!(trio.groups[0].trim(start + 1).is_err(), "nothing past the commit point");
+        trio.groups[0].trim(start).expect("committed and durable");
+        trio.logs[0].start = start;
+        trio.down = None;
+        let mut to_three = Vec::new();
+        for _ in 0..(trio.groups[0].config.election_ticks * 2) {
+            to_three.extend(trio.propose_and_tick().into_iter().filter(|m| m.to == 3));
+        }
+        let told: Vec<i64> = to_three
+            .iter()
+            .filter_map(|m| match &m.body {
+                Body::StartAt(s) => Some(s.start),
+                _ => None,
+            })
+            .collect();
+        assert!(!told.is_empty() && told.iter().all(|s| *s == start), "{told:?}");
+        for _ in 0..4 {
+            let sent = trio.tick(1); // idle: the heartbeats carry the last commit point
+            trio.settle(sent);
+        }
+        let three = &trio.groups[2];
+        assert_eq!((three.log_start(), three.log_end()), (start, trio.groups[0].log_end()));
+        assert_eq!(three.high_watermark(), trio.groups[0].high_watermark());
+        assert_eq!(trio.logs[2].batches, trio.logs[0].batches, "the same log, start included");
+        assert_eq!(three.epochs().epoch_at(start - 1, three.log_end()), Some(trio.groups[0].term()));
     }
 
     /// A follower that lost its connection to the leader campaigns within half an election

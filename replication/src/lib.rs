@@ -41,10 +41,18 @@
 //!   that answers echo), so an answer from a lost disk never counts toward W.
 //! - **Membership** changes by joint consensus: W and E of each set while joint; learners
 //!   receive the log and count for nothing.
+//! - **A log start** (retention): the shell may remove a replica's log below what that
+//!   replica knows committed and durable (`RaftGroup::trim`); every offset below a log's start
+//!   is committed, so an append whose previous offset lies below ours matches. A follower that
+//!   needs offsets below its leader's start gets a `StartAt` instead of an append (Raft's
+//!   snapshot install, for a state machine that is the log itself): it keeps its log if it
+//!   holds the entry before the start, else drops it and starts it there, empty, with the
+//!   leader's configurations (`Action::StartLog`). Epoch histories and configurations are kept
+//!   whole across trims, so no offset below a log's start is ever looked up or read.
 //!
 //! What the core does not know: the wall clock (ticks are the caller's), files, sockets,
-//! topics and shards; the log start (retention and snapshots are a later issue: the log
-//! starts at offset 0 here); whether a batch is compressed. It trusts peers not to be
+//! topics and shards; why a log is trimmed (retention is the shell's policy); whether a batch
+//! is compressed. It trusts peers not to be
 //! byzantine: it checks every message's shape and limits (batches and bytes of an append,
 //! epochs of a rejection, batch boundaries of a cut), never its honesty beyond Raft's rules.
 //! Requests (votes, pre-votes, appends, TimeoutNow, term queries) are taken from any replica,

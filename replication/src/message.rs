@@ -7,6 +7,7 @@
 use bytes::Bytes;
 
 use crate::epoch::EpochStart;
+use crate::membership::Membership;
 
 /// A replica's id within its group.
 pub type ReplicaId = u32;
@@ -56,6 +57,9 @@ pub enum Body {
         granted: bool,
     },
     Append(Append),
+    /// From the leader to a follower that needs offsets below the leader's log start: see
+    /// [`StartAt`]. Answered with an [`AppendResponse`].
+    StartAt(StartAt),
     AppendResponse(AppendResponse),
     /// From the leader to the replica it hands leadership to: campaign now, skipping pre-vote.
     TimeoutNow,
@@ -86,6 +90,26 @@ pub struct Append {
     /// last reset its view of the follower.
     pub seq: u64,
     pub batches: Vec<Bytes>,
+}
+
+/// The leader's log starts at `start` (retention removed what was below: every offset of it
+/// committed), and the follower's log does not reach it with the same entry at `start - 1`:
+/// the follower drops its log and starts it, empty, at `start`, as a Raft snapshot install
+/// does for a state machine that is the log itself. Appends from `start` follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartAt {
+    /// The leader's log start, above 0.
+    pub start: i64,
+    /// The epoch of the entry holding `start - 1`.
+    pub prev_epoch: i32,
+    /// The leader's commit point (at least `start`).
+    pub commit_end: i64,
+    /// As an [`Append`]'s: answers echo it.
+    pub seq: u64,
+    /// The configurations of the leader's log from the follower's match point up to `start`
+    /// (offset, membership), oldest first, at most [`crate::group::MEMBERSHIPS_SENT_MAX`]:
+    /// those the follower's log may lack once it starts at `start`.
+    pub memberships: Vec<(i64, Membership)>,
 }
 
 /// The answer to an [`Append`], or an unsolicited acknowledgement after a flush.

@@ -280,6 +280,7 @@ impl Replica {
         let restore = Restore {
             hard_state: persisted,
             epochs: log.epochs(),
+            log_start: 0,
             log_end: log.end(),
             disk_lost: false,
             memberships: Vec::new(),
@@ -374,6 +375,7 @@ impl Replica {
                 self.log.truncations += 1;
                 assert_eq!(truncations, self.log.truncations, "the core counts truncations as the log does");
             }
+            Action::StartLog { .. } => unreachable!("the model trims no log, so no leader sends StartAt"),
             Action::PersistHardState(hard) => self.pending_hard = Some(hard),
             Action::Commit { high_watermark } => {
                 if high_watermark <= self.commit {

@@ -1010,3 +1010,84 @@ def test_a_topic_is_written_through_every_node_the_moment_its_creation_returns(c
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert (report["acked"], report["errors"]) == (20000, 0), report
+
+
+@pytest.fixture
+def retention_cluster(request, pyralog_bin, tmp_path):
+    """A cluster whose replicas keep about 1 MiB per partition in 256 KiB segments, looked at
+    every 200 ms."""
+    flags = ["--segment-bytes", "262144", "--retention-bytes", "1048576", "--retention-check-interval-ms", "200"]
+    cluster = Cluster(pyralog_bin, str(tmp_path), extra_args=flags).start()
+    request.node.pyralog_nodes = cluster.nodes
+    yield cluster
+    cluster.stop()
+
+
+def test_retention_cuts_replicated_logs_and_a_follower_behind_the_leaders_start_starts_there(
+        retention_cluster, pyralog_bin, bench_bin):
+    """Each replica deletes the segments retention no longer keeps, below what it knows
+    committed. A follower down while its leader's log start moved past its end is told to start
+    its log there: back from kill -9 with its data, and back with none (a wiped disk), it
+    catches up from the leader's start and the replicas agree from the common start; consumers
+    find the earliest offset at the start."""
+    import json
+    import shutil
+    import subprocess
+    cluster = retention_cluster
+    subprocess.run([pyralog_bin, "topic", "--broker", cluster.node(1).native, "create", "kept", "--partitions", "1",
+                    "--replication-factor", "3"], check=True, timeout=CLIENT_TIMEOUT_S)
+
+    def produce_kib(count):
+        done = subprocess.run([bench_bin, "produce", "--broker", cluster.node(1).native, "--topic", "kept",
+                               "--messages", str(count), "--message-bytes", "1024", "--json", "--deadline-secs", "60"],
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert (report["acked"], report["errors"]) == (count, 0), report
+
+    def replica(node):
+        view = cluster_view(node)
+        return next(r for r in view["replicas"] if r["topic"] == "kept")
+
+    def leader():
+        return wait_until("kept/0 has a leader", lambda: next(
+            (n for n in (1, 2, 3) if replica(cluster.node(n))["leads"]), None))
+
+    produce_kib(3000)
+    wait_until("every replica deleted what retention no longer keeps",
+               lambda: all(replica(cluster.node(n))["log_start"] > 0 for n in (1, 2, 3)))
+    for wipe in (False, True):
+        follower = cluster.node(next(n for n in (3, 2, 1) if n != leader()))
+        end_when_killed = replica(follower)["log_end"]
+        follower.kill9()
+        if wipe:
+            shutil.rmtree(follower.data_dir)
+        produce_kib(8000)
+        wait_until("the leader's log starts past the follower's end",
+                   lambda: replica(cluster.node(leader()))["log_start"] > end_when_killed)
+        follower.start().wait_ready()
+        wait_until("the follower was told to start its log at the leader's start",
+                   lambda: "kept/0 was behind its leader's log start: its log starts afresh" in follower.stderr_tail(20000))
+        wait_until("the follower is in sync again",
+                   lambda: "0 under-replicated, 0 offline partitions, 0 stopped replicas"
+                   in cluster_command(pyralog_bin, "status"), timeout_s=60)
+        assert replica(follower)["log_start"] > end_when_killed
+        wait_until("the replicas agree from the common start",
+                   lambda: cluster_command(pyralog_bin, "verify", "kept").count("3 replicas agree from offset") == 1)
+    # Consumers start at the log's start: the earliest offset is past 0, and reading from the
+    # beginning gets records from there.
+    consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "kept-reader",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition("kept", 0), timeout=CLIENT_TIMEOUT_S)
+        assert 0 < low < high and high >= 19000, (low, high)
+        consumer.assign([TopicPartition("kept", 0, OFFSET_BEGINNING)])
+        first = None
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while first is None and time.monotonic() < deadline:
+            message = consumer.poll(1.0)
+            if message is not None and message.error() is None:
+                first = message.offset()
+        assert first is not None and low <= first < low + 1000, (low, first)
+    finally:
+        consumer.close()

@@ -145,6 +145,8 @@ pub struct ReplicaStatus {
     pub term: i32,
     pub leader: Option<u32>,
     pub leads: bool,
+    /// The first offset the replica's log holds (retention moves it).
+    pub log_start: i64,
     pub log_end: i64,
     pub durable_end: i64,
     pub high_watermark: i64,
@@ -246,6 +248,9 @@ impl Replica {
                 disk_id: state.disk_id,
             },
             epochs,
+            // Retention or a fresh start may have removed the log's beginning; its epochs are
+            // kept whole in the state file.
+            log_start: partition.log.log_start_offset(),
             log_end,
             disk_lost,
             memberships: Vec::new(),
@@ -493,6 +498,7 @@ impl Replica {
             term: role.term,
             leader: role.leader,
             leads: role.role == Role::Leader,
+            log_start: self.partition.log.log_start_offset(),
             log_end: self.partition.log.next_offset(),
             durable_end: self.partition.log.durable_offset(),
             high_watermark: self.high_watermark(),
@@ -646,6 +652,7 @@ impl Replica {
             Action::Send(message) => (self.send)(&self.address, message),
             Action::Append { batches } => self.append(batches).await?,
             Action::Truncate { end_offset, truncations } => self.truncate(end_offset, truncations).await?,
+            Action::StartLog { start, truncations } => self.start_log(start, truncations).await?,
             Action::PersistHardState(hard) => {
                 {
                     let mut state = self.state.borrow_mut();
@@ -721,16 +728,23 @@ impl Replica {
         Ok(())
     }
 
-    async fn truncate(&self, end_offset: i64, truncations: u64) -> Result<(), ShardError> {
-        assert!(truncations > self.truncations_done.get(), "truncations are counted up");
+    /// Holds the flusher off, once a flush under way is done: the log's files change next (a
+    /// truncation, a fresh start). It flushes again when the guard drops.
+    async fn hold_flusher(&self) -> FlusherHeld<'_> {
         let partition = &self.partition;
         partition.flush_hold.set(true);
         while partition.log.is_flushing() {
             partition.flushed.listen().await;
         }
+        FlusherHeld(partition)
+    }
+
+    async fn truncate(&self, end_offset: i64, truncations: u64) -> Result<(), ShardError> {
+        assert!(truncations > self.truncations_done.get(), "truncations are counted up");
+        let partition = &self.partition;
+        let held = self.hold_flusher().await;
         let result = partition.log.truncate_from(end_offset).await;
-        partition.flush_hold.set(false);
-        partition.flusher_wake.notify();
+        drop(held);
         result?;
         self.cache.borrow_mut().forget(partition.key);
         self.catch_up.borrow_mut().take();
@@ -738,6 +752,58 @@ impl Replica {
         self.truncations_done.set(truncations);
         *partition.producers.borrow_mut() = crate::shard::rebuild_producers(&partition.log).await?;
         Ok(())
+    }
+
+    /// The leader's log starts past ours, which does not reach it: ours is dropped and started
+    /// afresh there (see replication's `StartAt`). The log first, then the epochs the core
+    /// kept for it: a crash between the two finds a log that starts at `start` or an empty
+    /// one, with epochs that claim no more than it holds.
+    async fn start_log(&self, start: i64, truncations: u64) -> Result<(), ShardError> {
+        assert!(truncations > self.truncations_done.get(), "truncations are counted up");
+        let partition = &self.partition;
+        let held = self.hold_flusher().await;
+        let result = partition.log.start_at(start).await;
+        drop(held);
+        result?;
+        eprintln!(
+            "pyralog: the replica of {}/{} was behind its leader's log start: its log starts afresh at offset {start}",
+            self.address.topic, self.address.partition
+        );
+        self.cache.borrow_mut().forget(partition.key);
+        self.catch_up.borrow_mut().take();
+        let epochs = self.raft.borrow().epochs().starts().iter().map(|s| (s.epoch, s.start_offset)).collect();
+        self.state.borrow_mut().epochs = epochs;
+        self.state.borrow_mut().epochs.retain(|&(_, first)| first < start);
+        self.store_state().await?;
+        self.truncations_done.set(truncations);
+        *partition.producers.borrow_mut() = crate::producers::ProducerStates::default();
+        // Durable now: the core may acknowledge the new start.
+        let mut out = Vec::new();
+        self.raft.borrow_mut().notice(LogNotice::Durable { end_offset: start, truncations }, &mut out);
+        self.enqueue(out);
+        Ok(())
+    }
+
+    /// Retention of this replica's log: the closed segments it no longer keeps, among those
+    /// committed and durable here (a follower's own commit point and durable end). The core
+    /// learns the new start first, so it never asks to read below it; a follower that needs
+    /// what went is told to start its log there. Returns how many segments went.
+    pub fn apply_retention(&self, now_ms: i64) -> Result<usize, ShardError> {
+        if self.failure().is_some() {
+            return Ok(0);
+        }
+        let bound = {
+            let raft = self.raft.borrow();
+            raft.high_watermark().min(raft.durable_end())
+        };
+        let Some(start) = self.partition.log.retention_start(now_ms, bound) else { return Ok(0) };
+        self.raft.borrow_mut().trim(start).map_err(|e| {
+            ShardError::Storage(format!(
+                "retention of {}/{}: {e}",
+                self.address.topic, self.address.partition
+            ))
+        })?;
+        Ok(self.partition.log.remove_segments_before(start)?)
     }
 
     async fn store_state(&self) -> Result<(), ShardError> {
@@ -782,6 +848,16 @@ impl Replica {
             replica.catch_up_reading.set(false);
         })
         .detach();
+    }
+}
+
+/// The flusher of a partition held off (see `Replica::hold_flusher`).
+struct FlusherHeld<'a>(&'a Partition);
+
+impl Drop for FlusherHeld<'_> {
+    fn drop(&mut self) {
+        self.0.flush_hold.set(false);
+        self.0.flusher_wake.notify();
     }
 }
 

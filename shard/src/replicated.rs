@@ -343,17 +343,20 @@ impl Shard {
         Ok(all)
     }
 
-    /// A CRC-32C over the stored batches of this node's replica of a partition that end at or
-    /// below `end` (all of them must be durable here): what `pyralog cluster verify` compares
-    /// across replicas. Returns (checksum, batches, the offset the batches end at).
+    /// A CRC-32C over the stored batches of this node's replica of a partition from the one
+    /// holding `from` (at or above the log's start: retention may have removed what is
+    /// below) to those that end at or below `end` (all of them must be durable here): what
+    /// `pyralog cluster verify` compares across replicas. Returns (checksum, batches, the
+    /// offset the batches end at).
     pub async fn replica_checksum(
         &self,
         topic: &str,
         partition: u32,
+        from: i64,
         end: i64,
     ) -> Result<(u32, u64, i64), ShardError> {
         let owner = self.route(topic, partition)?;
-        match self.call(owner, Op::Checksum { topic: topic.to_owned(), partition, end }).await? {
+        match self.call(owner, Op::Checksum { topic: topic.to_owned(), partition, from, end }).await? {
             OpResult::Checksum(result) => result,
             other => unreachable!("a checksum answered with {other:?}"),
         }
@@ -363,6 +366,7 @@ impl Shard {
         &self,
         topic: &str,
         partition: u32,
+        from: i64,
         end: i64,
     ) -> Result<(u32, u64, i64), ShardError> {
         let replica = self.local_replica(topic, partition).ok_or_else(|| ShardError::UnknownPartition {
@@ -377,7 +381,13 @@ impl Shard {
                 log.durable_offset()
             )));
         }
-        let (mut crc, mut batches, mut offset) = (0u32, 0u64, 0i64);
+        if from < log.log_start_offset() {
+            return Err(ShardError::OffsetOutOfRange(format!(
+                "{topic}/{partition} starts here at offset {} (retention), not {from}",
+                log.log_start_offset()
+            )));
+        }
+        let (mut crc, mut batches, mut offset) = (0u32, 0u64, from);
         while offset < end {
             let Some(chunk) = log.read(offset, 1 << 20).await? else { break };
             let mut at = 0;
@@ -1204,6 +1214,7 @@ mod tests {
             term: 1,
             leader: Some(1),
             leads: true,
+            log_start: 0,
             log_end: 100_000,
             durable_end: 100_000,
             high_watermark: 100_000,

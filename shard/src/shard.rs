@@ -43,8 +43,6 @@ pub const FETCH_PARTITION_BYTES_MAX: u32 = 16 << 20;
 /// request asks (a larger first batch still comes whole): half the native client's 64 MiB
 /// response frame limit. Kafka clients ask 50 MiB by default and are simply given less.
 pub const FETCH_RESPONSE_BYTES_MAX: u32 = 32 << 20;
-/// How often retention runs.
-pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// Consumer groups are spread over this many offsets logs (`<data-dir>/groups/<n>/`), each
 /// with its coordinator on shard `n % shards`. Fixed for the life of a data directory, like
 /// Kafka's offsets.topic.num.partitions: it decides which log holds a group's offsets, so the
@@ -67,6 +65,8 @@ pub struct ShardConfig {
     pub data_dir: PathBuf,
     pub durability: Durability,
     pub log: LogConfig,
+    /// How often retention runs (when the log config asks for it).
+    pub retention_check_interval: Duration,
     pub cache_bytes: u64,
     pub groups: GroupConfig,
     /// Set when the node is part of a cluster: its topics are replicated (see `replicated`).
@@ -233,10 +233,11 @@ pub enum Op {
     },
     /// This shard's replicas, as operators see them.
     ReplicaStatus,
-    /// A checksum of a replica's batches below `end` (see `Shard::replica_checksum`).
+    /// A checksum of a replica's batches in `[from, end)` (see `Shard::replica_checksum`).
     Checksum {
         topic: String,
         partition: u32,
+        from: i64,
         end: i64,
     },
     /// To shard 0: the next producer id of this node's blocks (see `producer_ids`).
@@ -646,8 +647,8 @@ impl Shard {
             }
             Op::ApplyCluster { meta } => OpResult::Done(self.apply_cluster(meta).await),
             Op::ReplicaStatus => OpResult::Replicas(self.local_replica_statuses()),
-            Op::Checksum { topic, partition, end } => {
-                OpResult::Checksum(self.local_checksum(&topic, partition, end).await)
+            Op::Checksum { topic, partition, from, end } => {
+                OpResult::Checksum(self.local_checksum(&topic, partition, from, end).await)
             }
             Op::NextProducerId => OpResult::Offset(self.take_producer_id().await),
             Op::Role { group, role } => {
@@ -1083,22 +1084,45 @@ impl Shard {
             return;
         }
         while !self.shutting_down.get() {
-            glommio::timer::sleep(RETENTION_CHECK_INTERVAL).await;
+            glommio::timer::sleep(self.config.retention_check_interval).await;
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
             // The offsets topic holds every group's offsets, however old: replayed whole by each
-            // new coordinator, it is never cut by the node's retention.
+            // new coordinator, it is never cut by the node's retention. A replicated partition
+            // is cut below, through its replica: its core must learn its log's new start
+            // first, or it would send followers what is gone.
             let partitions: Vec<Rc<Partition>> = self
                 .partitions
                 .borrow()
                 .values()
                 .filter(|p| !offsets::is_internal_topic(&p.topic))
+                .filter(|p| self.local_replica(&p.topic, p.partition).is_none())
                 .cloned()
                 .collect();
             for partition in partitions {
                 if let Err(error) = partition.log.apply_retention(now_ms) {
                     eprintln!("pyralog: retention of {}/{}: {error}", partition.topic, partition.partition);
+                }
+            }
+            // Replicated partitions too, each below what it knows committed and durable. Not
+            // the controller's log (the cluster's metadata is its whole history) nor the
+            // offsets topic's (as above).
+            let replicas: Vec<Rc<crate::replica::Replica>> = self.cluster().map_or(Vec::new(), |cluster| {
+                cluster
+                    .replicas
+                    .borrow()
+                    .iter()
+                    .filter(|((topic_id, _), replica)| {
+                        *topic_id != crate::CONTROLLER_TOPIC_ID
+                            && !offsets::is_internal_topic(&replica.address.topic)
+                    })
+                    .map(|(_, replica)| Rc::clone(replica))
+                    .collect()
+            });
+            for replica in replicas {
+                if let Err(error) = replica.apply_retention(now_ms) {
+                    eprintln!("pyralog: {error}");
                 }
             }
         }

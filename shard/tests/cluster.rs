@@ -68,6 +68,7 @@ fn run_node(id: u32, dir: std::path::PathBuf, inboxes: Inboxes) -> std::thread::
                 data_dir: dir,
                 durability: Durability::Sync,
                 log: LogConfig { segment_bytes: 1 << 20, ..LogConfig::default() },
+                retention_check_interval: Duration::from_secs(30),
                 cache_bytes: 8 << 20,
                 groups: GroupConfig::default(),
                 cluster: Some(ClusterSettings {

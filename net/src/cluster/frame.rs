@@ -22,6 +22,9 @@
 //! Response = id:u64  body_bytes:u32  body
 //! cluster_id = 0:u8  |  1:u8  id:[u8;16]
 //! entry    = topic_id:[u8;16]  partition:u32  from:u32  to:u32  term:i32  tag:u8  fields
+//! StartAt fields = start:i64  prev_epoch:i32  commit_end:i64  seq:u64  count:u32
+//!            (offset:i64  batch_bytes:u32  batch)*count
+//!            each batch a configuration batch carrying one membership, as the log holds it
 //! reply_to = 4:u8  ip:[u8;4]  port:u16  |  6:u8  ip:[u8;16]  port:u16
 //! ```
 //!
@@ -57,8 +60,9 @@ use std::net::{IpAddr, SocketAddr};
 use bytes::{BufMut, Bytes, BytesMut};
 use pyralog_replication::batch::HEADER_BYTES as BATCH_HEADER_BYTES;
 use pyralog_replication::epoch::EpochStart;
-use pyralog_replication::group::{EPOCH_HINTS_MAX, PROPOSAL_BYTES_MAX};
-use pyralog_replication::{Append, AppendResponse, Body, Message};
+use pyralog_replication::group::{EPOCH_HINTS_MAX, MEMBERSHIPS_SENT_MAX, PROPOSAL_BYTES_MAX};
+use pyralog_replication::message::StartAt;
+use pyralog_replication::{Append, AppendResponse, Body, Membership, Message};
 
 /// The only version this node speaks.
 pub const FRAME_VERSION: u8 = 1;
@@ -82,6 +86,11 @@ pub const FRAME_ENTRIES_MAX: usize = 1 << 16;
 pub const APPEND_BATCHES_MAX: usize = 1 << 15;
 /// Epochs in one AppendResponse: the core sends at most this many hints.
 pub const EPOCHS_MAX: usize = EPOCH_HINTS_MAX;
+/// Configurations in one StartAt: the core sends at most this many.
+pub const MEMBERSHIPS_MAX: usize = MEMBERSHIPS_SENT_MAX;
+/// Bytes of one configuration batch in a StartAt: two voter sets of the largest replication
+/// factor and the most learners take about 160.
+pub const MEMBERSHIP_BATCH_BYTES_MAX: usize = 1024;
 /// Bytes of a refusal's reason.
 pub const REFUSED_REASON_BYTES_MAX: usize = 1024;
 /// Bytes of a Request's or a Response's body: node registrations and topic changes, a few
@@ -189,8 +198,10 @@ pub enum ClusterFrameError {
          6 Response)"
     )]
     Kind(u8),
-    #[error("message body tag {0} is unknown (1 to 9)")]
+    #[error("message body tag {0} is unknown (1 to 10)")]
     BodyTag(u8),
+    #[error("a StartAt's configuration batch at offset {0} carries no valid membership")]
+    Membership(i64),
     #[error("cluster frame truncated in {what}: {needed} bytes needed, {left} left")]
     Truncated { what: &'static str, needed: usize, left: usize },
     #[error("{what} is {value}, over {limit} ({max})")]
@@ -227,6 +238,7 @@ const TAG_APPEND_RESPONSE: u8 = 6;
 const TAG_TIMEOUT_NOW: u8 = 7;
 const TAG_TERM_QUERY: u8 = 8;
 const TAG_TERM_ANSWER: u8 = 9;
+const TAG_START_AT: u8 = 10;
 
 /// The smallest entry: group key, from, to, term, tag (a body without fields).
 const ENTRY_BYTES_MIN: usize = 16 + 4 + 4 + 4 + 4 + 1;
@@ -485,6 +497,7 @@ fn encode_entry(key: &GroupKey, message: &Message, encoder: &mut Encoder) {
         Body::VoteResponse { granted } => encode_vote_response(*granted, head),
         Body::Append(append) => encode_append(append, encoder),
         Body::AppendResponse(response) => encode_append_response(response, head),
+        Body::StartAt(start_at) => encode_start_at(start_at, head),
         // Bodies without fields are their tag alone.
         Body::TimeoutNow => head.put_u8(TAG_TIMEOUT_NOW),
         Body::TermQuery { disk_id } => {
@@ -537,6 +550,23 @@ fn encode_append(append: &Append, encoder: &mut Encoder) {
     }
     for batch in &append.batches {
         encoder.splice(batch.clone());
+    }
+}
+
+fn encode_start_at(start_at: &StartAt, head: &mut BytesMut) {
+    head.put_u8(TAG_START_AT);
+    head.put_i64(start_at.start);
+    head.put_i32(start_at.prev_epoch);
+    head.put_i64(start_at.commit_end);
+    head.put_u64(start_at.seq);
+    assert!(start_at.memberships.len() <= MEMBERSHIPS_MAX, "the core bounds a StartAt's configurations");
+    head.put_u32(start_at.memberships.len() as u32);
+    for (offset, membership) in &start_at.memberships {
+        let batch = membership.to_batch();
+        assert!(batch.len() <= MEMBERSHIP_BATCH_BYTES_MAX, "a membership's batch is small");
+        head.put_i64(*offset);
+        head.put_u32(batch.len() as u32);
+        head.put_slice(&batch);
     }
 }
 
@@ -793,6 +823,7 @@ fn decode_entry(reader: &mut Reader) -> Result<(GroupKey, Message)> {
         TAG_VOTE_RESPONSE => decode_vote_response(reader)?,
         TAG_APPEND => Body::Append(decode_append(reader)?),
         TAG_APPEND_RESPONSE => Body::AppendResponse(decode_append_response(reader)?),
+        TAG_START_AT => Body::StartAt(decode_start_at(reader)?),
         TAG_TIMEOUT_NOW => Body::TimeoutNow,
         TAG_TERM_QUERY => Body::TermQuery { disk_id: reader.u64("TermQuery disk_id")? },
         TAG_TERM_ANSWER => Body::TermAnswer { disk_id: reader.u64("TermAnswer disk_id")? },
@@ -846,6 +877,40 @@ fn decode_append(reader: &mut Reader) -> Result<Append> {
         batches.push(reader.slice(length, "batch")?);
     }
     Ok(Append { prev_end, prev_epoch, commit_end, seq, batches })
+}
+
+fn decode_start_at(reader: &mut Reader) -> Result<StartAt> {
+    let start = reader.i64("StartAt start")?;
+    let prev_epoch = reader.i32("StartAt prev_epoch")?;
+    let commit_end = reader.i64("StartAt commit_end")?;
+    let seq = reader.u64("StartAt seq")?;
+    // A configuration takes its offset, its length and at least a batch header.
+    let count = reader.count(
+        "the StartAt's configuration count",
+        "MEMBERSHIPS_MAX",
+        MEMBERSHIPS_MAX,
+        8 + 4 + BATCH_HEADER_BYTES,
+    )?;
+    let mut memberships = Vec::with_capacity(count);
+    for _ in 0..count {
+        let offset = reader.i64("configuration offset")?;
+        let length = reader.u32("configuration batch length")? as usize;
+        if length > MEMBERSHIP_BATCH_BYTES_MAX {
+            return Err(ClusterFrameError::OverLimit {
+                what: "a StartAt's configuration batch",
+                limit: "MEMBERSHIP_BATCH_BYTES_MAX",
+                value: length as u64,
+                max: MEMBERSHIP_BATCH_BYTES_MAX as u64,
+            });
+        }
+        let bytes = reader.slice(length, "configuration batch")?;
+        let view =
+            pyralog_replication::batch::parse(&bytes).map_err(|_| ClusterFrameError::Membership(offset))?;
+        let membership =
+            Membership::from_batch(&bytes, &view).ok_or(ClusterFrameError::Membership(offset))?;
+        memberships.push((offset, membership));
+    }
+    Ok(StartAt { start, prev_epoch, commit_end, seq, memberships })
 }
 
 fn decode_append_response(reader: &mut Reader) -> Result<AppendResponse> {

@@ -14,7 +14,12 @@ use crate::membership::Membership;
 
 #[derive(Debug, Default, Clone)]
 pub(crate) struct SimLog {
+    /// Every batch, below `start` too: those stand for what retention removed (committed, the
+    /// same on every replica), kept so that the checks compare whole logs. No read reaches
+    /// them.
     pub batches: Vec<Bytes>,
+    /// The log's first offset: retention removed what is below, or the log was started there.
+    pub start: i64,
     /// End offset of each batch.
     pub ends: Vec<i64>,
     /// Batches below this index are fdatasync'ed.
@@ -53,6 +58,17 @@ impl SimLog {
         self.batches.truncate(keep);
         self.ends.truncate(keep);
         self.durable_count = self.durable_count.min(keep);
+        self.truncations += 1;
+    }
+
+    /// Starts the log, empty, at `start`: the committed batches below it, `committed`, stand
+    /// for what the others hold there. Durable at once (the shell's reset is one step here).
+    pub fn start_at(&mut self, start: i64, committed: &[Bytes]) {
+        self.batches = committed.to_vec();
+        self.ends = committed.iter().map(|b| batch::parse(b).expect("checked").end_offset()).collect();
+        assert_eq!(self.end(), start, "the committed batches end at the new start");
+        self.durable_count = self.batches.len();
+        self.start = start;
         self.truncations += 1;
     }
 
@@ -108,6 +124,7 @@ impl SimLog {
 
 impl LogRead for SimLog {
     fn read(&self, from_offset: i64, bytes_max: usize, batches: &mut Vec<Bytes>) {
+        assert!(from_offset >= self.start, "read at {from_offset}, below the log's start {}", self.start);
         if self.refuse_reads_per_mille > 0 {
             let mut x = self.refusals.get().max(1);
             x ^= x << 13;

@@ -56,6 +56,8 @@ pub enum Bug {
     SkipJointConsensus,
     /// A replica outside its newest voter set votes without the log check.
     LearnerVotesBlind,
+    /// Retention may cut the log past the commit point.
+    TrimPastCommit,
 }
 
 impl Bug {
@@ -66,6 +68,7 @@ impl Bug {
             "election-quorum-too-small" => Some(Bug::ElectionQuorumTooSmall),
             "skip-joint-consensus" => Some(Bug::SkipJointConsensus),
             "learner-votes-blind" => Some(Bug::LearnerVotesBlind),
+            "trim-past-commit" => Some(Bug::TrimPastCommit),
             _ => None,
         }
     }
@@ -76,6 +79,7 @@ impl Bug {
             Bug::ElectionQuorumTooSmall => "election-quorum-too-small",
             Bug::SkipJointConsensus => "skip-joint-consensus",
             Bug::LearnerVotesBlind => "learner-votes-blind",
+            Bug::TrimPastCommit => "trim-past-commit",
         }
     }
 }
@@ -167,6 +171,10 @@ pub struct Outcome {
     pub leaders: usize,
     /// Membership changes the leader started (each a joint and a final configuration).
     pub membership_changes: usize,
+    /// Trims the cores took (a replica's log start moved by retention).
+    pub trims: usize,
+    /// Replicas told to start their logs afresh past the leader's log start.
+    pub logs_started: usize,
     /// Scenario leader-crash: from the crash to the next leader.
     pub leader_gap_us: Option<u64>,
 }
@@ -277,6 +285,8 @@ enum Event {
     Fault,
     Heal,
     Propose,
+    /// Retention on one replica: its log starts at a later batch boundary.
+    Trim,
     /// The scripted scenario checks whether its next step is due.
     Script,
 }
@@ -348,6 +358,9 @@ struct World {
     seed: u64,
     options: Options,
     rng: XorShiftRng,
+    /// Retention's own generator: trims draw nothing from the world's, so a seed's history
+    /// stays what it was without them until a trim changes what the replicas do.
+    trim_rng: XorShiftRng,
     now: u64,
     sequence: u64,
     queue: BinaryHeap<Reverse<Scheduled>>,
@@ -364,6 +377,8 @@ struct World {
     leaders: HashMap<i32, u32>,
     values: HashMap<(i64, i32), (i64, u32)>,
     committed: Vec<Committed>,
+    /// The committed batches themselves, for a replica told to start its log past them.
+    committed_batches: Vec<bytes::Bytes>,
     pending: Vec<Pending>,
     acked: Vec<(i64, u32)>,
     next_value: u64,
@@ -375,6 +390,8 @@ struct World {
     network_delay_us_max: u64,
     leader_gap_us: Option<u64>,
     membership_changes: usize,
+    trims: usize,
+    logs_started: usize,
     /// Actions a fault made a replica take, carried out after it.
     fault_actions: Vec<(usize, Vec<Action>)>,
     script_step: u32,
@@ -402,6 +419,7 @@ impl World {
             Some(Bug::AckBeforeDurable) => Some(PlantedBug::AckBeforeDurable),
             Some(Bug::SkipJointConsensus) => Some(PlantedBug::SkipJointConsensus),
             Some(Bug::LearnerVotesBlind) => Some(PlantedBug::LearnerVotesBlind),
+            Some(Bug::TrimPastCommit) => Some(PlantedBug::TrimPastCommit),
             _ => None,
         };
         let config = Config {
@@ -447,6 +465,7 @@ impl World {
             seed,
             options: options.clone(),
             rng,
+            trim_rng: XorShiftRng::seed_from_u64(seed ^ 0x7472_696d),
             now: 0,
             sequence: 0,
             queue: BinaryHeap::new(),
@@ -455,6 +474,8 @@ impl World {
             blocked: vec![vec![false; slots]; slots],
             membership,
             membership_changes: 0,
+            trims: 0,
+            logs_started: 0,
             network_delay_us_max: if options.scenario == Some(Scenario::LeaderCrash) {
                 1
             } else {
@@ -468,6 +489,7 @@ impl World {
             leaders: HashMap::new(),
             values: HashMap::new(),
             committed: Vec::new(),
+            committed_batches: Vec::new(),
             pending: Vec::new(),
             acked: Vec::new(),
             next_value: 0,
@@ -496,6 +518,8 @@ impl World {
         if self.options.faults {
             let first = 100_000 + self.random(200_000);
             self.schedule(first, Event::Fault);
+            let first = 50_000 + self.trim_rng.next_u64() % 200_000;
+            self.schedule(first, Event::Trim);
         }
         if self.options.scenario.is_some() {
             self.schedule(1_000, Event::Script);
@@ -524,6 +548,8 @@ impl World {
             acked_batches: self.acked.len(),
             leaders: self.leaders.len(),
             membership_changes: self.membership_changes,
+            trims: self.trims,
+            logs_started: self.logs_started,
             leader_gap_us: self.leader_gap_us,
         })
     }
@@ -647,6 +673,12 @@ impl World {
                 Ok(())
             }
             Event::Propose => self.propose(),
+            Event::Trim => {
+                self.trim();
+                let next = 20_000 + self.trim_rng.next_u64() % 150_000;
+                self.schedule(next, Event::Trim);
+                Ok(())
+            }
             Event::Script => {
                 self.script_step()?;
                 if self.now < self.options.faults_us {
@@ -676,6 +708,7 @@ impl World {
         let restore = Restore {
             hard_state: n.hard,
             epochs: n.log.epochs(),
+            log_start: n.log.start,
             log_end: n.log.end(),
             disk_lost,
             memberships: n.log.memberships(),
@@ -737,10 +770,12 @@ impl World {
                 }
                 Action::Truncate { end_offset, truncations } => {
                     let n = &mut self.nodes[node];
-                    if end_offset < n.high_watermark {
+                    if end_offset < n.high_watermark || end_offset < n.log.start {
                         return Err(format!(
-                            "replica {} truncated to {end_offset} below its commit point",
-                            node + 1
+                            "replica {} truncated to {end_offset} below its commit point {} or its log's start {}",
+                            node + 1,
+                            n.high_watermark,
+                            n.log.start
                         ));
                     }
                     n.log.truncate(end_offset);
@@ -751,6 +786,32 @@ impl World {
                         ));
                     }
                     n.checked_count = n.checked_count.min(n.log.batches.len());
+                }
+                Action::StartLog { start, truncations } => {
+                    let count = self.committed.partition_point(|c| c.end <= start);
+                    let committed_end = count.checked_sub(1).map_or(0, |k| self.committed[k].end);
+                    if committed_end != start {
+                        return Err(format!(
+                            "replica {} was told to start its log at {start}, not the end of a committed batch \
+                             (committed up to {})",
+                            node + 1,
+                            self.committed.last().map_or(0, |c| c.end)
+                        ));
+                    }
+                    let n = &mut self.nodes[node];
+                    n.log.start_at(start, &self.committed_batches[..count]);
+                    if n.log.truncations != truncations {
+                        return Err(format!(
+                            "truncation count {truncations} but the log made {}",
+                            n.log.truncations
+                        ));
+                    }
+                    n.checked_count = count;
+                    self.logs_started += 1;
+                    let incarnation = n.incarnation;
+                    let delay = 100 + self.random(self.disk_delay_us_max);
+                    let event = Event::Flushed { node, incarnation, end_offset: start, truncations };
+                    self.schedule(delay, event);
                 }
                 Action::PersistHardState(state) => {
                     let n = &mut self.nodes[node];
@@ -848,12 +909,15 @@ impl World {
                     ));
                 }
                 Some(_) => {}
-                None => self.committed.push(Committed {
-                    end: view.end_offset(),
-                    epoch: view.leader_epoch,
-                    crc: view.crc,
-                    by_term: term,
-                }),
+                None => {
+                    self.committed.push(Committed {
+                        end: view.end_offset(),
+                        epoch: view.leader_epoch,
+                        crc: view.crc,
+                        by_term: term,
+                    });
+                    self.committed_batches.push(n.log.batches[k].clone());
+                }
             }
             n.checked_count += 1;
         }
@@ -1108,6 +1172,29 @@ impl World {
                 self.duplicate_per_mille = self.random(60);
                 self.slow_per_mille = self.random(30);
             }
+        }
+    }
+
+    /// Retention on a random live replica: its log starts at a later batch boundary, half the
+    /// time the furthest its core allows (its commit point and durable end), else any of its
+    /// log's (which the core refuses past those).
+    fn trim(&mut self) {
+        let node = (self.trim_rng.next_u64() % self.nodes.len() as u64) as usize;
+        let furthest = self.trim_rng.next_u64().is_multiple_of(2);
+        let pick = self.trim_rng.next_u64();
+        let n = &mut self.nodes[node];
+        let Some(group) = n.group.as_mut() else { return };
+        let bound = if furthest { group.high_watermark().min(group.durable_end()) } else { n.log.end() };
+        let first = n.log.index_of(n.log.start);
+        let last = n.log.ends.partition_point(|end| *end <= bound);
+        if last <= first {
+            return;
+        }
+        let k = if furthest { last - 1 } else { first + (pick % (last - first) as u64) as usize };
+        let start = n.log.ends[k];
+        if group.trim(start).is_ok() {
+            n.log.start = start;
+            self.trims += 1;
         }
     }
 

@@ -10,6 +10,12 @@ fn batch(value: &[u8]) -> Bytes {
     Bytes::from(pyralog_replication::batch::build(&[(Some(b"k"), value)], 0, 1_700_000_000_000))
 }
 
+fn membership(voters: &[u32], learners: &[u32]) -> Membership {
+    let quorum = pyralog_replication::Quorum::new(voters.len() as u32, voters.len() as u32 / 2 + 1).unwrap();
+    let set = pyralog_replication::VoterSet { voters: voters.to_vec(), quorum };
+    Membership { sets: vec![set], learners: learners.to_vec() }
+}
+
 fn message(body: Body) -> Message {
     Message { from: 1, to: 2, term: 5, body }
 }
@@ -38,6 +44,13 @@ fn every_body() -> Vec<Body> {
             recovering: true,
             seq: 5,
             disk_id: 3,
+        }),
+        Body::StartAt(StartAt {
+            start: 4_000,
+            prev_epoch: 6,
+            commit_end: 4_100,
+            seq: 9,
+            memberships: vec![(-1, membership(&[1, 2, 3], &[])), (700, membership(&[1, 2, 4], &[5]))],
         }),
         Body::TimeoutNow,
         Body::TermQuery { disk_id: 7 },
@@ -191,6 +204,33 @@ fn limits_are_named_in_their_errors() {
     let error = decode(forged(KIND_MESSAGES, &response)).unwrap_err();
     assert!(error.to_string().contains("EPOCHS_MAX"), "{error}");
 
+    let start_at_head = || {
+        let mut start_at = 1u32.to_be_bytes().to_vec();
+        start_at.extend(entry_head(TAG_START_AT));
+        start_at.extend_from_slice(&[0; 28]); // start, prev_epoch, commit_end, seq
+        start_at
+    };
+    let mut start_at = start_at_head();
+    start_at.extend_from_slice(&(MEMBERSHIPS_MAX as u32 + 1).to_be_bytes());
+    let error = decode(forged(KIND_MESSAGES, &start_at)).unwrap_err();
+    assert!(error.to_string().contains("MEMBERSHIPS_MAX"), "{error}");
+    let mut start_at = start_at_head();
+    start_at.extend_from_slice(&1u32.to_be_bytes());
+    start_at.extend_from_slice(&7i64.to_be_bytes());
+    start_at.extend_from_slice(&(MEMBERSHIP_BATCH_BYTES_MAX as u32 + 1).to_be_bytes());
+    start_at.extend(vec![0; MEMBERSHIP_BATCH_BYTES_MAX + 1]);
+    let error = decode(forged(KIND_MESSAGES, &start_at)).unwrap_err();
+    assert!(error.to_string().contains("MEMBERSHIP_BATCH_BYTES_MAX"), "{error}");
+    // A batch that carries no membership (a data batch) is refused by offset.
+    let mut start_at = start_at_head();
+    let data = batch(b"not a configuration");
+    start_at.extend_from_slice(&1u32.to_be_bytes());
+    start_at.extend_from_slice(&7i64.to_be_bytes());
+    start_at.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    start_at.extend_from_slice(&data);
+    let error = decode(forged(KIND_MESSAGES, &start_at)).unwrap_err();
+    assert!(matches!(error, ClusterFrameError::Membership(7)), "{error}");
+
     let mut reason = (REFUSED_REASON_BYTES_MAX as u16 + 1).to_be_bytes().to_vec();
     reason.extend(vec![b'x'; REFUSED_REASON_BYTES_MAX + 1]);
     let error = decode(forged(KIND_REFUSED, &reason)).unwrap_err();
@@ -321,6 +361,11 @@ fn arbitrary_body() -> impl Strategy<Value = Body> {
                     seq,
                     disk_id,
                 })
+            }),
+        (any::<i64>(), any::<i32>(), any::<i64>(), any::<u64>(), prop::collection::vec(any::<i64>(), 0..3))
+            .prop_map(|(start, prev_epoch, commit_end, seq, offsets)| {
+                let memberships = offsets.into_iter().map(|o| (o, membership(&[1, 2, 3], &[4]))).collect();
+                Body::StartAt(StartAt { start, prev_epoch, commit_end, seq, memberships })
             }),
         Just(Body::TimeoutNow),
         any::<u64>().prop_map(|disk_id| Body::TermQuery { disk_id }),
