@@ -229,8 +229,15 @@ impl Replica {
                 address.topic, address.partition
             );
         }
-        let log_end = partition.log.next_offset();
         let mut state = stored.unwrap_or_default();
+        let (start, end) = (partition.log.log_start_offset(), partition.log.next_offset());
+        if start > 0 && start == end && !state.epochs.iter().any(|&(_, first)| first < start) {
+            // A fresh start (`start_log`) that a crash cut short before the epochs were stored:
+            // the log holds nothing, and where it starts has no known epoch. Back to an empty
+            // log at 0; the leader tells it again where to start.
+            partition.log.start_at(0).await?;
+        }
+        let log_end = partition.log.next_offset();
         // Epochs whose first batch did not survive the crash (stored, then never durable).
         state.epochs.retain(|&(_, start)| start < log_end);
         let starts = state.epochs.iter().map(|&(epoch, start_offset)| EpochStart { epoch, start_offset });
@@ -1239,6 +1246,34 @@ mod tests {
             .await;
             assert!(cluster.replica(1).role().term > other_term, "a new term for the handover");
             cluster.produce(5, "after", 100).await;
+            cluster.stop().await;
+        });
+    }
+
+    /// A fresh start (`start_log`) cut short by a crash before the epochs were stored, of a
+    /// replica whose old log held nothing: its log starts past 0, holds nothing, and no epoch
+    /// is known for its start. It opens as an empty log at 0 and is caught up again.
+    #[test]
+    fn a_fresh_start_cut_short_by_a_crash_opens_at_0_and_catches_up() {
+        run(async {
+            let cluster = Cluster::start(64 << 20).await;
+            let acknowledged = cluster.produce(20, "a", 100).await;
+            let end = acknowledged.last().unwrap().1;
+            cluster.stop().await;
+            let dir = cluster.dirs[2].path();
+            let log =
+                Log::open(dir, LogConfig { segment_bytes: 256 << 10, ..LogConfig::default() }).await.unwrap();
+            log.start_at(5_000).await.unwrap();
+            log.close().await.unwrap();
+            let (mut file, state) = ReplicaStateFile::open(dir).await.unwrap();
+            file.store(&ReplicaState { epochs: Vec::new(), commit: 0, ..state.unwrap() }).await.unwrap();
+            file.close().await.unwrap();
+            cluster.restart().await;
+            let three = cluster.replica(3);
+            assert_eq!(three.partition.log.log_start_offset(), 0, "back to an empty log at 0");
+            wait_until("node 3 caught up again", || three.partition.log.durable_offset() >= end).await;
+            let leader = cluster.leader(None).await;
+            assert!(stored(&three, end).await == stored(&leader, end).await);
             cluster.stop().await;
         });
     }
