@@ -200,7 +200,7 @@ pub enum ClusterFrameError {
     Kind(u8),
     #[error("message body tag {0} is unknown (1 to 10)")]
     BodyTag(u8),
-    #[error("a StartAt's configuration batch at offset {0} carries no valid membership")]
+    #[error("a StartAt's configuration batch at offset {0} is not the encoding of a valid membership")]
     Membership(i64),
     #[error("cluster frame truncated in {what}: {needed} bytes needed, {left} left")]
     Truncated { what: &'static str, needed: usize, left: usize },
@@ -908,6 +908,11 @@ fn decode_start_at(reader: &mut Reader) -> Result<StartAt> {
             pyralog_replication::batch::parse(&bytes).map_err(|_| ClusterFrameError::Membership(offset))?;
         let membership =
             Membership::from_batch(&bytes, &view).ok_or(ClusterFrameError::Membership(offset))?;
+        // One encoding per frame: the batch must be the one this membership encodes to, not
+        // another that decodes alike (a field the decoding skips, a timestamp).
+        if membership.to_batch() != bytes {
+            return Err(ClusterFrameError::Membership(offset));
+        }
         memberships.push((offset, membership));
     }
     Ok(StartAt { start, prev_epoch, commit_end, seq, memberships })
