@@ -231,10 +231,12 @@ impl Replica {
         }
         let mut state = stored.unwrap_or_default();
         let (start, end) = (partition.log.log_start_offset(), partition.log.next_offset());
-        if start > 0 && start == end && !state.epochs.iter().any(|&(_, first)| first < start) {
-            // A fresh start (`start_log`) that a crash cut short before the epochs were stored:
-            // the log holds nothing, and where it starts has no known epoch. Back to an empty
-            // log at 0; the leader tells it again where to start.
+        let unknown_start = start == end && !state.epochs.iter().any(|&(_, first)| first < start);
+        if start > 0 && (disk_lost || unknown_start) {
+            // A fresh start (`start_log`) that a crash cut short: before the epochs were stored
+            // (the log holds nothing, and where it starts has no known epoch), or before a lost
+            // disk's first state (it recovers holding nothing). Back to an empty log at 0; the
+            // leader tells it again where to start.
             partition.log.start_at(0).await?;
         }
         let log_end = partition.log.next_offset();

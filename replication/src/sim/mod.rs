@@ -701,6 +701,16 @@ impl World {
         // clamps it to the recovered log (what a crash kept below it is what was committed).
         let checkpointed = !disk_lost && self.rng.next_u64().is_multiple_of(2);
         let n = &mut self.nodes[node];
+        if disk_lost && n.log.start > 0 {
+            // A lost disk told to start its log afresh before it stored its recovering mark: as
+            // the daemon's shell does, it comes back with nothing, its log at 0 again.
+            n.log = SimLog {
+                refuse_reads_per_mille: n.log.refuse_reads_per_mille,
+                refusals: n.log.refusals.clone(),
+                ..SimLog::default()
+            };
+            n.checked_count = 0;
+        }
         n.high_watermark = if checkpointed { n.high_watermark.min(n.log.end()) } else { 0 };
         n.flushing = false;
         n.paused_until_us = 0;

@@ -166,6 +166,14 @@ fn the_random_mix_trims_logs_and_starts_followers_afresh() {
     assert!(trims > 1_000 && logs_started > 50, "{trims} trims, {logs_started} logs started afresh");
 }
 
+/// A replica that lost its disk is told to start its log afresh and crashes before its
+/// recovering mark is stored: it comes back as a lost disk again, with nothing (the shell
+/// drops the fresh start), not with a log start the core refuses for a lost disk.
+#[test]
+fn a_lost_disk_started_afresh_before_its_recovering_mark_comes_back_empty() {
+    run(8_251_604, &Options::default()).unwrap_or_else(|failure| panic!("{failure}"));
+}
+
 /// A voter recovering a lost disk, a learner holding the only copies of the newest,
 /// uncommitted epoch, and the one voter that could win holding a stale joint configuration
 /// naming that learner: the learner used to refuse it for its newer log, and no one won.
