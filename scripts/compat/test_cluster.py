@@ -825,19 +825,22 @@ def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_foll
                lambda: wire_produce(settled_route(cluster, "strict")[0], "strict", b"b"), timeout_s=30)
 
 
-def test_the_kafka_bench_produces_through_a_leader_kill_and_every_record_arrives(cluster, bench_bin):
-    """pyralog-bench --protocol kafka follows the leader to its new node, and its idempotent
-    producer stores each record once: a batch the killed leader stored unanswered is
-    recognised when it comes again."""
+@pytest.mark.parametrize("protocol", ["native", "kafka"])
+def test_the_bench_produces_through_a_leader_kill_and_every_record_arrives_once(cluster, bench_bin, protocol):
+    """pyralog-bench follows the leader to its new node, and its idempotent producer (native,
+    or through Kafka's InitProducerId) stores each record once: a batch the killed leader
+    stored unanswered is recognised when it comes again."""
     import json
     import subprocess
     import kafka_wire as wire
     create_topic(cluster.node(1).bootstrap, "bench-failover", 2, 3)
     route = wait_until("partition 0 has a leader", lambda: settled_route(cluster, "bench-failover"))
     wait_until("partition 1 has a leader", lambda: settled_route(cluster, "bench-failover", 1))
-    bootstrap = cluster.node(route[2]).bootstrap  # normally the node killed below: the bench loses it too
+    # Normally the node killed below: the bench loses its bootstrap node too.
+    first = cluster.node(route[2])
+    bootstrap = first.bootstrap if protocol == "kafka" else first.native
     messages = 20000
-    bench = subprocess.Popen([bench_bin, "produce", "--protocol", "kafka", "--broker", bootstrap,
+    bench = subprocess.Popen([bench_bin, "produce", "--protocol", protocol, "--broker", bootstrap,
                               "--topic", "bench-failover", "--messages", str(messages), "--message-bytes", "200",
                               "--rate", "4000", "--json", "--deadline-secs", "90"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -863,7 +866,7 @@ def test_the_kafka_bench_produces_through_a_leader_kill_and_every_record_arrives
                            "--json", "--deadline-secs", "90"], capture_output=True, timeout=120)
     consumed = json.loads(done.stdout.decode().strip().splitlines()[-1])
     problems = [line for line in done.stderr.decode(errors="replace").splitlines() if line.startswith("verify: ")]
-    # Each record once: the bench's producer is idempotent over the Kafka protocol too.
+    # Each record once, in order per partition.
     assert consumed["verify_unread"] == 0, consumed
     assert problems == [] and consumed["consumed"] == messages, (consumed, problems[:10])
 
