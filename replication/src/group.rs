@@ -1353,6 +1353,7 @@ impl RaftGroup {
             self.high_watermark = commit;
             out.push(Action::Commit { high_watermark: commit });
         }
+        assert!(self.log_start <= self.high_watermark, "everything below a log's start is committed");
         self.maybe_finish_recovery(from, commit_end, out);
         let mut acknowledgement = self.acknowledgement(self.verified_end);
         acknowledgement.seq = seq;
@@ -2279,6 +2280,66 @@ mod tests {
         assert_eq!(three.high_watermark(), trio.groups[0].high_watermark());
         assert_eq!(trio.logs[2].batches, trio.logs[0].batches, "the same log, start included");
         assert_eq!(three.epochs().epoch_at(start - 1, three.log_end()), Some(trio.groups[0].term()));
+    }
+
+    /// A follower whose log starts past where an append starts (it trimmed its own log below
+    /// its commit point): everything below its start is committed, so it matches; the
+    /// batches below its start are skipped, never read, and the rest appended.
+    #[test]
+    fn an_append_from_below_a_followers_start_matches_and_skips_what_is_below() {
+        let mut trio = Trio::new();
+        trio.elect_first();
+        for _ in 0..10 {
+            trio.propose_and_tick();
+        }
+        let start = trio.groups[1].high_watermark();
+        trio.groups[1].trim(start).expect("committed and durable on 2");
+        trio.logs[1].start = start;
+        // The leader's log from well below 2's start (a point both hold, as far as epochs
+        // tell), plus one batch more than 2 holds.
+        trio.down = Some(2);
+        trio.propose_and_tick();
+        trio.down = None;
+        let prev_end = trio.logs[0].ends[2];
+        assert!(prev_end < start);
+        let mut batches = Vec::new();
+        trio.logs[0].read(prev_end, usize::MAX, &mut batches);
+        let (term, prev_epoch) = (trio.groups[0].term(), trio.groups[0].prev_epoch(prev_end));
+        let append = Append { prev_end, prev_epoch, commit_end: start, seq: 1_000, batches };
+        let sent = trio.settle(vec![message(1, 2, term, Body::Append(append))]);
+        let answer = sent.iter().rev().find_map(|m| match &m.body {
+            Body::AppendResponse(r) if m.from == 2 && r.seq == 1_000 => Some(r.clone()),
+            _ => None,
+        });
+        let answer = answer.expect("2 answered");
+        assert!(answer.accepted && answer.match_end == trio.groups[0].log_end(), "{answer:?}");
+        assert_eq!(trio.logs[1].batches, trio.logs[0].batches, "the batch past its end appended");
+        assert_eq!(trio.groups[1].log_start(), start);
+    }
+
+    /// A `StartAt` to a follower that holds the entry before the start changes nothing in its
+    /// log: it is acknowledged as an append would be.
+    #[test]
+    fn a_start_at_a_follower_already_holds_keeps_its_log() {
+        let mut trio = Trio::new();
+        trio.elect_first();
+        for _ in 0..10 {
+            trio.propose_and_tick();
+        }
+        let start = trio.groups[0].high_watermark();
+        let before = trio.logs[2].batches.clone();
+        let term = trio.groups[0].term();
+        let start_at = StartAt {
+            start,
+            prev_epoch: term,
+            commit_end: start,
+            seq: 1_000,
+            memberships: vec![(-1, trio.groups[0].membership().clone())],
+        };
+        let sent = trio.settle(vec![message(1, 3, term, Body::StartAt(start_at))]);
+        assert!(sent.iter().any(|m| m.from == 3 && matches!(&m.body, Body::AppendResponse(r) if r.accepted)));
+        assert_eq!(trio.logs[2].batches, before);
+        assert_eq!(trio.groups[2].log_start(), 0);
     }
 
     /// A follower that lost its connection to the leader campaigns within half an election
