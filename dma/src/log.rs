@@ -352,8 +352,14 @@ impl Log {
         self.state.borrow().durable_offset
     }
 
+    /// The first offset the log holds. While [`Log::start_at`] replaces the segments (it
+    /// waits for the disk with none in place), the offset it starts at: a read meanwhile finds
+    /// the log empty there, as it will be.
     pub fn log_start_offset(&self) -> i64 {
-        *self.segments.borrow().first_key_value().expect("a log has a segment").0
+        match self.segments.borrow().first_key_value() {
+            Some((base, _)) => *base,
+            None => self.state.borrow().next_offset,
+        }
     }
 
     pub fn unflushed_bytes(&self) -> u64 {
@@ -389,7 +395,8 @@ impl Log {
                 return *base;
             }
         }
-        *segments.first_key_value().expect("a log has a segment").0
+        drop(segments);
+        self.log_start_offset()
     }
 
     pub fn segment_count(&self) -> usize {
@@ -1052,7 +1059,8 @@ impl Log {
         result
     }
 
-    /// The part of [`Log::start_at`] that changes the log.
+    /// The part of [`Log::start_at`] that changes the log. The log holds no segment while it
+    /// waits for the disk here (see [`Log::log_start_offset`]); reads then find it empty.
     async fn replace_segments(&self, offset: i64) -> Result<()> {
         self.drop_read_aheads();
         let old = std::mem::take(&mut *self.segments.borrow_mut());
@@ -2376,6 +2384,25 @@ pub(crate) mod tests {
             assert_eq!(log.log_start_offset(), 0, "asking deletes nothing");
             log.remove_segments_before(bounded).unwrap();
             assert_eq!(log.log_start_offset(), bounded);
+        });
+    }
+
+    /// While a fresh start waits for the disk the log holds no segment: reads then find it
+    /// empty at the new start (a replica's catch-up read panicked here, in a cluster test).
+    #[test]
+    fn a_read_while_the_log_starts_afresh_finds_it_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 300, 1, 10).await;
+            let mut reset = Stepper::new(log.start_at(5_000));
+            assert!(reset.step().await.is_none(), "the fresh start waits for the disk");
+            assert_eq!((log.log_start_offset(), log.next_offset()), (5_000, 5_000));
+            assert_eq!(log.recent_start_offset(1 << 20), 5_000);
+            assert!(matches!(log.read(10, 100).await, Err(LogError::OffsetOutOfRange { .. })));
+            assert!(log.read(5_000, 100).await.unwrap().is_none());
+            reset.finish().await.unwrap();
+            assert_eq!(log.log_start_offset(), 5_000);
         });
     }
 
