@@ -63,9 +63,10 @@
 //!
 //! Testing: the simulator (`sim`) stands in for a model checker. `cargo test` runs 10,000
 //! random seeds (3 or 5 replicas, every preset, all faults, a quarter with membership
-//! changes), 2,000 more with membership changes, scripted scenarios (Raft's figure 8,
-//! isolated follower, isolated leader, transfer, leader crash), four planted bugs that it
-//! must catch, and a proptest of arbitrary message sequences. A lost disk's messages stay in
+//! changes, logs trimmed by retention in all of them), 2,000 more with membership changes,
+//! scripted scenarios (Raft's figure 8, isolated follower, isolated leader, transfer, leader
+//! crash), six planted bugs that it must catch, and a proptest of arbitrary message
+//! sequences. A lost disk's messages stay in
 //! flight, and a check fails a leader that counts one of its answers after hearing its
 //! replacement. Unit tests beside the core drive `RaftGroup` through the histories the
 //! random mix reaches too rarely (a lost disk's forgotten vote with RF 5, a lagging replica

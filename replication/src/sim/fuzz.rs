@@ -15,7 +15,8 @@ use super::log::SimLog;
 use crate::batch;
 use crate::epoch::EpochStart;
 use crate::group::{Action, Config, LogNotice, RaftGroup, Restore};
-use crate::message::{Append, AppendResponse, Body, Message};
+use crate::membership::{Membership, VoterSet};
+use crate::message::{Append, AppendResponse, Body, Message, StartAt};
 use crate::quorum::Quorum;
 
 #[derive(Debug, Clone)]
@@ -103,6 +104,20 @@ fn body_strategy() -> impl Strategy<Value = Body> {
                     disk_id,
                 })
             }),
+        (
+            -2i64..50,
+            -2i32..7,
+            -2i64..50,
+            0u64..8,
+            // Mostly the initial configuration alone, as a leader that changed none sends.
+            prop_oneof![3 => Just(vec![-1i64]), 1 => prop::collection::vec(-2i64..50, 0..3)]
+        )
+            .prop_map(|(start, prev_epoch, commit_end, seq, offsets)| {
+                let voters = VoterSet { voters: vec![1, 2, 3], quorum: Quorum::new(3, 2).expect("valid") };
+                let membership = Membership { sets: vec![voters], learners: Vec::new() };
+                let memberships = offsets.into_iter().map(|offset| (offset, membership.clone())).collect();
+                Body::StartAt(StartAt { start, prev_epoch, commit_end, seq, memberships })
+            }),
         Just(Body::TimeoutNow),
         (0u64..3).prop_map(|disk_id| Body::TermQuery { disk_id }),
         (0u64..3).prop_map(|disk_id| Body::TermAnswer { disk_id }),
@@ -156,7 +171,16 @@ proptest! {
                     Action::Append { batches } => batches.into_iter().for_each(|b| { log.append(b); }),
                     Action::Truncate { end_offset, .. } => {
                         prop_assert!(end_offset >= high_watermark, "cut at {end_offset} below commit {high_watermark}");
+                        prop_assert!(end_offset >= log.start, "cut at {end_offset} below the log's start {}", log.start);
                         log.truncate(end_offset);
+                    }
+                    Action::StartLog { start, .. } => {
+                        prop_assert!(start > high_watermark, "started afresh at {start}, not past commit {high_watermark}");
+                        // What lies below the new start stands as one batch no read reaches.
+                        let pairs: Vec<(Option<&[u8]>, &[u8])> = (0..start).map(|_| (None, &b"v"[..])).collect();
+                        let mut below = batch::build(&pairs, 0, 0);
+                        batch::stamp(&mut below, 0, 0);
+                        log.start_at(start, &[Bytes::from(below)]);
                     }
                     Action::Commit { high_watermark: hw } => {
                         prop_assert!(hw >= high_watermark, "commit moved back from {high_watermark} to {hw}");
