@@ -166,7 +166,7 @@ def test_a_replicated_topic_serves_kafka_clients_through_its_leaders(cluster):
 class BackgroundProducer:
     """An idempotent acks=all producer writing until stopped, keeping what was acknowledged."""
 
-    def __init__(self, bootstrap, topic):
+    def __init__(self, bootstrap, topic, value_bytes=0):
         import threading
         self.acknowledged, self.errors = {}, []
         self.sent = 0
@@ -174,6 +174,7 @@ class BackgroundProducer:
         self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
                                    "linger.ms": 2, "message.timeout.ms": 60000})
         self._topic = topic
+        self._padding = "." * value_bytes
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -187,7 +188,8 @@ class BackgroundProducer:
         while not self._stop.is_set():
             try:
                 self._producer.produce(self._topic, key=str(self.sent).encode(),
-                                       value=f"v-{self.sent}".encode(), on_delivery=self._on_delivery)
+                                       value=f"v-{self.sent}{self._padding}".encode(),
+                                       on_delivery=self._on_delivery)
                 self.sent += 1
             except BufferError:
                 pass
@@ -1097,3 +1099,35 @@ def test_retention_cuts_replicated_logs_and_a_follower_behind_the_leaders_start_
         assert first is not None and low <= first < low + 1000, (low, first)
     finally:
         consumer.close()
+
+
+def test_killing_the_leader_while_retention_cuts_the_logs_loses_nothing_it_keeps(retention_cluster, pyralog_bin):
+    """Leader kills under an idempotent acks=all producer while every replica's retention
+    deletes segments: every acknowledged record at or past the earliest offset is read back
+    once, at its offset; the replicas agree from their common start."""
+    cluster = retention_cluster
+    create_topic(cluster.node(1).bootstrap, "cut", 1, 3)
+    wait_until("the partition has a leader", lambda: leader_node(cluster.bootstrap, "cut", 0))
+    producer = BackgroundProducer(cluster.bootstrap, "cut", value_bytes=1000)
+    for _ in range(3):
+        wait_until("the producer makes progress", lambda: len(producer.acknowledged) > 1500)
+        victim = cluster.node(leader_node(cluster.bootstrap, "cut", 0))
+        before = len(producer.acknowledged)
+        victim.kill9()
+        wait_until("a new leader is acknowledging", lambda: len(producer.acknowledged) > before + 1500)
+        victim.start().wait_ready()
+    acknowledged = producer.stop()
+    assert producer.errors == [], producer.errors[:5]
+    wait_until("every partition is in sync again",
+               lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"), timeout_s=60)
+    consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "cut-low"})
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition("cut", 0), timeout=CLIENT_TIMEOUT_S)
+    finally:
+        consumer.close()
+    assert low > 0, "retention cut the log"
+    kept = {key: value for key, value in acknowledged.items() if key[1] >= low}
+    assert len(kept) > 1000, (low, high, len(acknowledged))
+    check_exactly_once(read_all(cluster.bootstrap, "cut", 1, kept), kept)
+    wait_until("the replicas agree from their common start",
+               lambda: cluster_command(pyralog_bin, "verify", "cut").count("3 replicas agree from offset") == 1)
