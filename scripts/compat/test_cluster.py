@@ -224,19 +224,27 @@ def cluster_command(pyralog_bin, *args):
     return done.stdout
 
 
+def kill_the_leader_again_and_again(cluster, producer, topic, progress):
+    """Three times: once `producer` has `progress` records acknowledged, kill -9 the leader of
+    partition 0 of `topic`, wait for `progress` more through the new one, restart the killed
+    node. Returns what the producer acknowledged once stopped."""
+    for _ in range(3):
+        wait_until("the producer makes progress", lambda: len(producer.acknowledged) > progress)
+        victim = cluster.node(leader_node(cluster.bootstrap, topic, 0))
+        before = len(producer.acknowledged)
+        victim.kill9()
+        wait_until("a new leader is acknowledging", lambda: len(producer.acknowledged) > before + progress)
+        victim.start().wait_ready()
+    acknowledged = producer.stop()
+    assert producer.errors == [], producer.errors[:5]
+    return acknowledged
+
+
 def test_killing_the_leader_again_and_again_loses_nothing_acknowledged(cluster, pyralog_bin):
     create_topic(cluster.node(1).bootstrap, "events", 2, 3)
     wait_until("partition 0 has a leader", lambda: leader_node(cluster.bootstrap, "events", 0))
     producer = BackgroundProducer(cluster.bootstrap, "events")
-    for _ in range(3):
-        wait_until("the producer makes progress", lambda: len(producer.acknowledged) > 200)
-        victim = cluster.node(leader_node(cluster.bootstrap, "events", 0))
-        before = len(producer.acknowledged)
-        victim.kill9()
-        wait_until("a new leader is acknowledging", lambda: len(producer.acknowledged) > before + 200)
-        victim.start().wait_ready()
-    acknowledged = producer.stop()
-    assert producer.errors == [], producer.errors[:5]
+    acknowledged = kill_the_leader_again_and_again(cluster, producer, "events", progress=200)
     records = read_all(cluster.bootstrap, "events", 2, acknowledged)
     check_exactly_once(records, acknowledged)
     # The operator's view: every partition led and in sync again, and the replicas agree.
@@ -1109,15 +1117,7 @@ def test_killing_the_leader_while_retention_cuts_the_logs_loses_nothing_it_keeps
     create_topic(cluster.node(1).bootstrap, "cut", 1, 3)
     wait_until("the partition has a leader", lambda: leader_node(cluster.bootstrap, "cut", 0))
     producer = BackgroundProducer(cluster.bootstrap, "cut", value_bytes=1000)
-    for _ in range(3):
-        wait_until("the producer makes progress", lambda: len(producer.acknowledged) > 1500)
-        victim = cluster.node(leader_node(cluster.bootstrap, "cut", 0))
-        before = len(producer.acknowledged)
-        victim.kill9()
-        wait_until("a new leader is acknowledging", lambda: len(producer.acknowledged) > before + 1500)
-        victim.start().wait_ready()
-    acknowledged = producer.stop()
-    assert producer.errors == [], producer.errors[:5]
+    acknowledged = kill_the_leader_again_and_again(cluster, producer, "cut", progress=1500)
     wait_until("every partition is in sync again",
                lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"), timeout_s=60)
     consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "cut-low"})
