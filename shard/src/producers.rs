@@ -142,17 +142,18 @@ impl ProducerStates {
         if header.producer_id < 0 || header.base_sequence < 0 {
             return;
         }
-        if !self.producers.contains_key(&header.producer_id)
-            && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX
-        {
-            let idlest = self.producers.iter().min_by_key(|(_, p)| p.last_append).map(|(id, _)| *id);
-            self.producers.remove(&idlest.expect("the map is full, so not empty"));
-        }
-        // A replicated partition's leader records a batch when it proposes it and again when
-        // its replica's worker appends it, possibly several proposals later: the second time
-        // changes nothing (a partition's offsets only grow between rebuilds of this state).
-        if self.producers.get(&header.producer_id).is_some_and(|p| header.base_offset < p.recorded_end) {
-            return;
+        match self.producers.get(&header.producer_id) {
+            // A replicated partition's leader records a batch when it proposes it and again
+            // when its replica's worker appends it, possibly several proposals later: the
+            // second time changes nothing (a partition's offsets only grow between rebuilds of
+            // this state).
+            Some(producer) if header.base_offset < producer.recorded_end => return,
+            Some(_) => {}
+            None if self.producers.len() >= PRODUCERS_PER_PARTITION_MAX => {
+                let idlest = self.producers.iter().min_by_key(|(_, p)| p.last_append).map(|(id, _)| *id);
+                self.producers.remove(&idlest.expect("the map is full, so not empty"));
+            }
+            None => {}
         }
         self.clock += 1;
         let producer = self.producers.entry(header.producer_id).or_default();
