@@ -1037,6 +1037,22 @@ impl Log {
         start
     }
 
+    /// Where the log would start if every closed segment that ends at or below `bound` went:
+    /// the end of the last of them, or None when none would (whatever retention keeps). For
+    /// a log whose batches below `bound` were superseded, as a compacted offsets log's are.
+    pub fn start_below(&self, bound: i64) -> Option<i64> {
+        if self.state.borrow().truncating {
+            return None;
+        }
+        let segments = self.segments.borrow();
+        segments
+            .values()
+            .take(segments.len() - 1)
+            .map(|segment| segment.next_offset.get())
+            .take_while(|&end| end <= bound)
+            .last()
+    }
+
     /// Drops every batch and starts the log, empty, at `offset`: for a replica whose leader's
     /// log starts there, while this log does not reach it (see replication's `StartAt`).
     /// Segments are deleted newest first and the deletions synced before the new segment is
@@ -2384,6 +2400,24 @@ pub(crate) mod tests {
             assert_eq!(log.log_start_offset(), 0, "asking deletes nothing");
             log.remove_segments_before(bounded).unwrap();
             assert_eq!(log.log_start_offset(), bounded);
+        });
+    }
+
+    #[test]
+    fn the_start_below_a_bound_ignores_retention_and_keeps_the_open_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            fill(&log, 1000, 1, 50).await;
+            assert_eq!(log.retention_start(0, i64::MAX), None, "no retention is configured");
+            let below = log.start_below(500).expect("segments ending by 500");
+            assert!(below > 0 && below <= 500, "{below}");
+            let all = log.start_below(i64::MAX).expect("every closed segment");
+            assert!(all > below && all < 1000, "the open segment stays: {all}");
+            assert_eq!(log.start_below(0), None, "no segment ends by 0");
+            log.remove_segments_before(below).unwrap();
+            assert_eq!(log.log_start_offset(), below);
+            assert_eq!(log.start_below(below), None, "nothing more ends by the new start");
         });
     }
 

@@ -125,6 +125,15 @@ pub struct NodeArgs {
     /// same generation (Kafka's group.initial.rebalance.delay.ms).
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     pub group_initial_rebalance_delay_ms: u64,
+    /// Segment size of the consumer-offsets logs (Kafka's offsets.topic.segment.bytes):
+    /// compaction frees whole segments. 64 KiB to 1 GiB.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range((64 << 10)..=(1 << 30)))]
+    pub offsets_segment_bytes: u64,
+    /// Compact a consumer-offsets log once this many bytes of commits were written since its
+    /// last compaction: the latest offset of every group's partitions is written again and
+    /// the segments before that are deleted (in a cluster, on every replica). 64 KiB to 64 GiB.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range((64 << 10)..=(64 << 30)))]
+    pub offsets_compact_bytes: u64,
     /// First per-shard port: shard i also listens on this port + i, so a shard-aware client
     /// reaches a partition's owner with no cross-core hop. Default: the --listen port + 1.
     /// 0 picks free ports (reported in metadata).

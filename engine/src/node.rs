@@ -512,6 +512,8 @@ fn shard_config(args: &NodeArgs) -> ShardConfig {
         cache_bytes: args.cache_bytes,
         groups: GroupConfig {
             initial_rebalance_delay: Duration::from_millis(args.group_initial_rebalance_delay_ms),
+            offsets_segment_bytes: args.offsets_segment_bytes,
+            offsets_compact_growth_bytes: args.offsets_compact_bytes,
             ..GroupConfig::default()
         },
         cluster: None,

@@ -9,7 +9,7 @@ import os
 import time
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from cluster import Cluster, wait_until
@@ -1131,3 +1131,93 @@ def test_killing_the_leader_while_retention_cuts_the_logs_loses_nothing_it_keeps
     check_exactly_once(read_all(cluster.bootstrap, "cut", 1, kept), kept)
     wait_until("the replicas agree from their common start",
                lambda: cluster_command(pyralog_bin, "verify", "cut").count("3 replicas agree from offset") == 1)
+
+
+@pytest.fixture
+def compacting_cluster(request, pyralog_bin, tmp_path):
+    """A cluster that compacts each consumer-offsets log every 128 KiB of commits, kept in
+    64 KiB segments, and cuts replicas below their snapshots every 200 ms."""
+    flags = ["--offsets-segment-bytes", "65536", "--offsets-compact-bytes", "131072",
+             "--retention-check-interval-ms", "200"]
+    cluster = Cluster(pyralog_bin, str(tmp_path), extra_args=flags).start()
+    request.node.pyralog_nodes = cluster.nodes
+    yield cluster
+    cluster.stop()
+
+
+def test_the_offsets_topic_is_compacted_on_every_replica_and_keeps_every_groups_latest_offsets(
+        compacting_cluster, pyralog_bin):
+    """A group that committed once, at the start, and one that commits again and again share an
+    offsets partition: its coordinator compacts it, every replica deletes the segments below
+    the snapshot (the first commit's among them), and after the coordinator is killed the new
+    one serves both groups' latest offsets; the node back from the kill cuts its log too, and
+    the replicas agree."""
+    cluster = compacting_cluster
+    quiet = "quiet"
+    part = offsets_partition(quiet)
+    busy = next(f"busy-{i}" for i in range(1000) if offsets_partition(f"busy-{i}") == part)
+    partitions = 4
+
+    def commit(group, offsets, metadata):
+        consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": group, "enable.auto.commit": False})
+        try:
+            for offset in offsets:
+                wanted = [TopicPartition("tracked", p, offset + p, metadata) for p in range(partitions)]
+                # Again while the coordinator moves (the offsets topic is new; a node was killed).
+                deadline = time.monotonic() + CLIENT_TIMEOUT_S
+                while True:
+                    try:
+                        done = consumer.commit(offsets=wanted, asynchronous=False)
+                        break
+                    except KafkaException as error:
+                        if time.monotonic() > deadline or not error.args[0].retriable():
+                            raise
+                        time.sleep(0.1)
+                assert all(tp.error is None for tp in done), done
+        finally:
+            consumer.close()
+        return {p: offsets[-1] + p for p in range(partitions)}
+
+    def replicas():
+        found = []
+        for node in cluster.nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            view = cluster_view(node)
+            found += [(node.node_id, r) for r in view["replicas"]
+                      if r["topic"] == "__consumer_offsets" and r["partition"] == part]
+        return found
+
+    create_topic(cluster.node(1).bootstrap, "tracked", partitions, 3)
+    quiet_offsets = commit(quiet, [7], "q" * 10)
+    busy_offsets = commit(busy, list(range(100, 700)), "b" * 1000)
+    wait_until("every replica of the offsets partition cut its log below a snapshot",
+               lambda: len(replicas()) == 3 and all(r["log_start"] > 100 for _, r in replicas()))
+    # 2,404 commit records were written (4 a batch); a replica keeps the last snapshot (8
+    # records), what came after it (under 128 KiB: about 130 records) and the rest of the
+    # segment the snapshot starts in (64 KiB: about 60).
+    wait_until("every replica keeps only the recent commits",
+               lambda: all(r["log_end"] - r["log_start"] < 400 for _, r in replicas()))
+    assert serves(committed_offsets(cluster.bootstrap, quiet, "tracked", partitions), quiet_offsets)
+    assert serves(committed_offsets(cluster.bootstrap, busy, "tracked", partitions), busy_offsets)
+
+    victim = wait_until("the offsets partition has a leader", lambda: coordinator_node(cluster.bootstrap, busy))
+    cluster.node(victim).kill9()
+    survivors = ",".join(node.bootstrap for node in cluster.nodes if node.node_id != victim)
+    wait_until("the new coordinator serves the quiet group's offset from a snapshot",
+               lambda: serves(committed_offsets(survivors, quiet, "tracked", partitions), quiet_offsets))
+    assert serves(committed_offsets(survivors, busy, "tracked", partitions), busy_offsets)
+    busy_offsets = commit(busy, list(range(700, 1000)), "b" * 1000)
+    cluster.node(victim).start().wait_ready()
+    victim_start = next(r["log_start"] for n, r in replicas() if n == victim)
+    # Back from kill -9, the node no longer knows the snapshot it last saw; the next one
+    # (written by the new coordinator) lets it cut again.
+    busy_offsets = commit(busy, list(range(1000, 1300)), "b" * 1000)
+    wait_until("the node back from the kill cuts its log below a new snapshot",
+               lambda: next(r["log_start"] for n, r in replicas() if n == victim) > victim_start)
+    wait_until("every partition is in sync again",
+               lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"), timeout_s=60)
+    assert serves(committed_offsets(cluster.bootstrap, quiet, "tracked", partitions), quiet_offsets)
+    assert serves(committed_offsets(cluster.bootstrap, busy, "tracked", partitions), busy_offsets)
+    wait_until("the offsets partition's replicas agree from their common start",
+               lambda: "3 replicas agree from offset" in cluster_command(pyralog_bin, "verify", "__consumer_offsets"))

@@ -62,18 +62,22 @@
 //! (fsyncgate); every later commit fails with [`GroupError::Storage`].
 //!
 //! In a cluster the offsets log is a partition of the replicated offsets topic (see
-//! `offsets`), which the partition's replica owns: the coordinator runs no flusher and no
-//! compaction, replays the log below the commit point when it starts
-//! (`GroupCoordinator::open_replicated`), and appends each commit through the replica's
-//! leader with acks=all, applying it once committed. Commits complete in any order there, so
-//! every committed offset remembers where in the log it was written, and of two commits of a
-//! partition the later in the log wins, as at replay.
+//! `offsets`), which the partition's replica owns: the coordinator runs no flusher, replays
+//! the log below the commit point when it starts (`GroupCoordinator::open_replicated`), and
+//! appends each commit through the replica's leader with acks=all, applying it once
+//! committed. Commits complete in any order there, so every committed offset remembers where
+//! in the log it was written, and of two commits of a partition the later in the log wins, as
+//! at replay. It compacts through the leader too, deleting nothing itself: a snapshot, then a
+//! marker batch naming where the snapshot starts; each replica deletes its own segments below
+//! that once the marker is committed (see `compact_replicated`).
 //!
 //! Record format (all integers big-endian, strings UTF-8):
 //! - key: `version: u8 = 0`, `group_id: u16 length + bytes`, `topic: u16 length + bytes`,
 //!   `partition: i32`;
 //! - value: `version: u8 = 0`, `offset: i64`, `leader_epoch: i32`, `metadata: i32 length
-//!   (-1 for none) + bytes`, `commit_timestamp_ms: i64`.
+//!   (-1 for none) + bytes`, `commit_timestamp_ms: i64`;
+//! - a snapshot marker (replicated logs, alone in its batch): key `version: u8 = 1`, value
+//!   `version: u8 = 0`, `snapshot_start: i64`.
 //!
 //! Invariants owned here:
 //! - offsets visible to [`GroupCoordinator::fetch_offsets`] are durable in the offsets log
@@ -81,7 +85,9 @@
 //! - a member id is in at most one group's member map, and a static instance id maps to at most
 //!   one member id;
 //! - outside `PreparingRebalance` no member has a parked JoinGroup, and outside
-//!   `CompletingRebalance` no member has a parked SyncGroup.
+//!   `CompletingRebalance` no member has a parked SyncGroup;
+//! - a snapshot holds every commit proposed before it: none is in flight while it is taken,
+//!   and none is proposed between it and its marker.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -95,6 +101,7 @@ use pyralog_dma::batch::{self, BatchHeader, HEADER_BYTES, LOG_OVERHEAD_BYTES, MA
 use pyralog_dma::{Log, LogConfig};
 
 use crate::event::Event;
+use crate::replica::Snapshot;
 use crate::topics;
 use crate::ShardError;
 
@@ -104,6 +111,9 @@ pub const GROUP_ID_BYTES_MAX: usize = i16::MAX as usize;
 pub const OFFSET_METADATA_BYTES_LIMIT: usize = 1 << 20;
 /// Version byte that starts the key and the value of every offsets-log record.
 const RECORD_VERSION: u8 = 0;
+/// The key of a snapshot marker (replicated logs): this byte alone, the value
+/// `version: u8 = 0`, `snapshot_start: i64` (see [`snapshot_start`]).
+const SNAPSHOT_KEY_VERSION: u8 = 1;
 /// Records in one batch of a compaction snapshot.
 const SNAPSHOT_RECORDS_PER_BATCH: usize = 1000;
 /// Bytes read from the offsets log at a time while replaying it.
@@ -321,10 +331,10 @@ pub struct MemberDescription {
     pub assignment: Bytes,
 }
 
-/// Appends one encoded commit batch to a replicated offsets partition through its leader
-/// (acks=all) and resolves once the batch is committed, with the log offset after it.
+/// Appends one encoded batch to a replicated offsets partition through its leader (acks=all)
+/// and resolves once the batch is committed, with its first offset and the offset after it.
 pub type ReplicatedAppend =
-    Rc<dyn Fn(Bytes) -> std::pin::Pin<Box<dyn Future<Output = Result<i64, GroupError>>>>>;
+    Rc<dyn Fn(Bytes) -> std::pin::Pin<Box<dyn Future<Output = Result<(i64, i64), GroupError>>>>>;
 
 /// Where a coordinator's committed offsets are kept.
 enum OffsetsStore {
@@ -337,6 +347,7 @@ enum OffsetsStore {
 
 /// The consumer groups of one shard and their committed offsets. See the module docs.
 pub struct GroupCoordinator {
+    me: std::rc::Weak<GroupCoordinator>,
     config: GroupConfig,
     store: OffsetsStore,
     groups: RefCell<HashMap<String, Group>>,
@@ -361,6 +372,15 @@ pub struct GroupCoordinator {
     task_stopped: Event,
     /// The offsets log's size after its last compaction (or at open).
     compacted_bytes: Cell<u64>,
+    /// Replicated: bytes of commits written since this coordinator's last snapshot (at load:
+    /// the bytes it replayed).
+    written_since_snapshot: Cell<u64>,
+    /// Replicated: commits proposed and not yet answered.
+    commits_in_flight: Cell<usize>,
+    /// Replicated: a compaction is under way and holds new commits back.
+    compacting: Cell<bool>,
+    /// Replicated: a commit was answered, or a compaction ended.
+    commit_or_compaction_done: Event,
 }
 
 struct UnflushedCommit {
@@ -411,7 +431,7 @@ impl GroupCoordinator {
         };
         let log = Log::open(&dir, log_config).await?;
         let groups = match replay(&log, log.durable_offset(), false).await {
-            Ok(groups) => groups,
+            Ok(replayed) => replayed.groups,
             Err(error) => {
                 // The replay error is the one to report; a close error adds nothing to it.
                 let _ = log.close().await;
@@ -429,22 +449,27 @@ impl GroupCoordinator {
     /// A coordinator over a replicated partition of the offsets topic that this node now
     /// leads: replays `log` (the replica's) below `end`, which the caller waited to see
     /// committed and durable here, and from then on appends commits through `append`. The
-    /// replica keeps the log; nothing compacts it (replicated logs are kept whole).
+    /// replica keeps the log; the coordinator compacts it with snapshots that every replica
+    /// cuts its log below (see `compact_replicated`). Also returns the last snapshot the log
+    /// marks complete, for the replica to cut below.
     pub(crate) async fn open_replicated(
         log: &Log,
         end: i64,
         config: GroupConfig,
         append: ReplicatedAppend,
-    ) -> Result<Rc<GroupCoordinator>, ShardError> {
+    ) -> Result<(Rc<GroupCoordinator>, Option<Snapshot>), ShardError> {
         assert!(end <= log.durable_offset(), "replay reads only what is durable");
-        let groups = replay(log, end, true).await?;
-        Ok(GroupCoordinator::new(config, OffsetsStore::Replicated(append), groups))
+        let replayed = replay(log, end, true).await?;
+        let coordinator = GroupCoordinator::new(config, OffsetsStore::Replicated(append), replayed.groups);
+        coordinator.written_since_snapshot.set(replayed.bytes);
+        Ok((coordinator, replayed.snapshot))
     }
 
     fn new(config: GroupConfig, store: OffsetsStore, groups: HashMap<String, Group>) -> Rc<GroupCoordinator> {
         assert!(config.session_timeout_min <= config.session_timeout_max, "session timeout range is empty");
         assert!(config.members_per_group_max > 0, "a group must be able to have a member");
-        let coordinator = Rc::new(GroupCoordinator {
+        let coordinator = Rc::new_cyclic(|me| GroupCoordinator {
+            me: me.clone(),
             config,
             store,
             groups: RefCell::new(groups),
@@ -461,6 +486,10 @@ impl GroupCoordinator {
             next_sweep: Cell::new(Instant::now()),
             task_stopped: Event::default(),
             compacted_bytes: Cell::new(0),
+            written_since_snapshot: Cell::new(0),
+            commits_in_flight: Cell::new(0),
+            compacting: Cell::new(false),
+            commit_or_compaction_done: Event::default(),
         });
         glommio::spawn_local(Rc::clone(&coordinator).run_sweeper()).detach();
         coordinator
@@ -639,16 +668,12 @@ impl GroupCoordinator {
         let bytes = encode_commit_batch(&group_id, &entries, unix_time_ms());
         let log = match &self.store {
             OffsetsStore::Local(log) => log,
-            OffsetsStore::Replicated(append) => {
-                let log_end = append(Bytes::from(bytes)).await?;
-                // Commits of one coordinator complete in any order; within a partition the
-                // later one in the log wins, as at replay.
-                let mut groups = self.groups.borrow_mut();
-                let group = groups.entry(group_id.clone()).or_insert_with(|| Group::new(group_id));
-                for (topic, partition, committed) in entries {
-                    group.apply_offset(topic, partition, CommittedOffset { log_end, ..committed });
-                }
-                return Ok(());
+            OffsetsStore::Replicated(_) => {
+                // In a task of its own, so that a commit is applied once committed even if
+                // the request waiting for it goes away.
+                let me = self.me.upgrade().expect("a coordinator in use is alive");
+                let commit = glommio::spawn_local(me.commit_replicated(group_id, entries, bytes)).detach();
+                return commit.await.unwrap_or(Err(GroupError::CoordinatorNotAvailable));
             }
         };
         // Checked before it is written, as every batch a log takes.
@@ -667,6 +692,99 @@ impl GroupCoordinator {
             }
             self.flushed.listen().await;
         }
+    }
+
+    /// Appends one commit batch through the replicated log's leader and applies it once
+    /// committed; starts a compaction once enough was written since the last.
+    async fn commit_replicated(
+        self: Rc<Self>,
+        group_id: String,
+        entries: Vec<(String, i32, CommittedOffset)>,
+        bytes: Vec<u8>,
+    ) -> Result<(), GroupError> {
+        let OffsetsStore::Replicated(append) = &self.store else { unreachable!("a replicated store") };
+        // A snapshot under way must hold every commit the log has before it: commits wait.
+        while self.compacting.get() {
+            self.commit_or_compaction_done.listen().await;
+        }
+        self.check_open()?;
+        let written = bytes.len() as u64;
+        self.commits_in_flight.set(self.commits_in_flight.get() + 1);
+        let appended = append(Bytes::from(bytes)).await;
+        self.commits_in_flight.set(self.commits_in_flight.get() - 1);
+        self.commit_or_compaction_done.notify();
+        let (_, log_end) = appended?;
+        {
+            // Commits of one coordinator complete in any order; within a partition the later
+            // one in the log wins, as at replay.
+            let mut groups = self.groups.borrow_mut();
+            let group = groups.entry(group_id.clone()).or_insert_with(|| Group::new(group_id));
+            for (topic, partition, committed) in entries {
+                group.apply_offset(topic, partition, CommittedOffset { log_end, ..committed });
+            }
+        }
+        self.written_since_snapshot.set(self.written_since_snapshot.get() + written);
+        if self.written_since_snapshot.get() >= self.config.offsets_compact_growth_bytes
+            && !self.compacting.get()
+        {
+            self.compacting.set(true);
+            glommio::spawn_local(Rc::clone(&self).compact_replicated()).detach();
+        }
+        Ok(())
+    }
+
+    /// Compaction of a replicated offsets log: with commits held back and none in flight,
+    /// every committed offset is appended again (the snapshot, from offset S), then a marker
+    /// batch saying the snapshot from S is complete. Once the marker is committed every
+    /// replica may delete its segments below S (`Replica::apply_retention`): everything they
+    /// hold is in the snapshot or after it. A leadership lost part way leaves the old
+    /// records and part of a snapshot, or a snapshot without its marker: replay (later
+    /// records win) gives the same offsets, and nothing is cut.
+    async fn compact_replicated(self: Rc<Self>) {
+        assert!(self.compacting.get(), "set by the commit that started it");
+        let result = self.write_snapshot().await;
+        self.compacting.set(false);
+        self.commit_or_compaction_done.notify();
+        match result {
+            Ok(()) | Err(GroupError::NotCoordinator) => {}
+            Err(error) => eprintln!("pyralog: compacting a replicated offsets log failed: {error}"),
+        }
+    }
+
+    async fn write_snapshot(&self) -> Result<(), GroupError> {
+        let OffsetsStore::Replicated(append) = &self.store else { unreachable!("a replicated store") };
+        while self.commits_in_flight.get() > 0 {
+            self.commit_or_compaction_done.listen().await;
+        }
+        self.check_open()?;
+        let now_ms = unix_time_ms();
+        let mut snapshot_start = None;
+        for bytes in snapshot_batches(self.committed_state(), now_ms) {
+            let (first, _) = append(Bytes::from(bytes)).await?;
+            snapshot_start.get_or_insert(first);
+        }
+        if let Some(start) = snapshot_start {
+            assert_eq!(
+                self.commits_in_flight.get(),
+                0,
+                "no commit is proposed between a snapshot and its marker"
+            );
+            append(Bytes::from(encode_snapshot_marker(start, now_ms))).await?;
+        }
+        self.written_since_snapshot.set(0);
+        Ok(())
+    }
+
+    /// Every group's applied committed offsets.
+    fn committed_state(&self) -> BTreeMap<String, BTreeMap<(String, i32), CommittedOffset>> {
+        let mut state: BTreeMap<String, BTreeMap<(String, i32), CommittedOffset>> = BTreeMap::new();
+        for (group_id, group) in self.groups.borrow().iter() {
+            let offsets = state.entry(group_id.clone()).or_default();
+            for (key, committed) in &group.offsets {
+                offsets.insert(key.clone(), committed.clone());
+            }
+        }
+        state
     }
 
     /// OffsetFetch: the committed offsets of `partitions`, or of every partition the group
@@ -842,13 +960,7 @@ impl GroupCoordinator {
     /// point leaves either the old records, or the old records and the snapshot: replay
     /// (later records win) gives the same offsets either way.
     async fn compact(&self) -> Result<(), pyralog_dma::LogError> {
-        let mut state: BTreeMap<String, BTreeMap<(String, i32), CommittedOffset>> = BTreeMap::new();
-        for (group_id, group) in self.groups.borrow().iter() {
-            let offsets = state.entry(group_id.clone()).or_default();
-            for (key, committed) in &group.offsets {
-                offsets.insert(key.clone(), committed.clone());
-            }
-        }
+        let mut state = self.committed_state();
         for commit in self.unflushed_commits.borrow().iter() {
             let offsets = state.entry(commit.group_id.clone()).or_default();
             for (topic, partition, committed) in &commit.entries {
@@ -856,17 +968,9 @@ impl GroupCoordinator {
             }
         }
         let snapshot_start = self.local_log().next_offset();
-        let now_ms = unix_time_ms();
-        for (group_id, offsets) in state.into_iter().filter(|(_, offsets)| !offsets.is_empty()) {
-            let entries: Vec<(String, i32, CommittedOffset)> = offsets
-                .into_iter()
-                .map(|((topic, partition), committed)| (topic, partition, committed))
-                .collect();
-            for chunk in entries.chunks(SNAPSHOT_RECORDS_PER_BATCH) {
-                let bytes = encode_commit_batch(&group_id, chunk, now_ms);
-                let headers = batch::parse_all(&bytes).expect("the batch this module built is well formed");
-                self.local_log().append(Bytes::from(bytes), &headers)?;
-            }
+        for bytes in snapshot_batches(state, unix_time_ms()) {
+            let headers = batch::parse_all(&bytes).expect("the batch this module built is well formed");
+            self.local_log().append(Bytes::from(bytes), &headers)?;
         }
         let durable = self.local_log().flush().await?;
         self.apply_durable_commits(durable);
@@ -1746,15 +1850,22 @@ impl Group {
     }
 }
 
+/// What a replay found: every group's committed offsets, the bytes of the batches read, and
+/// the last compaction snapshot marked complete.
+struct Replayed {
+    groups: HashMap<String, Group>,
+    bytes: u64,
+    snapshot: Option<Snapshot>,
+}
+
 /// Reads the offsets log below `end_offset` (durable), later commits of a partition replacing
 /// earlier ones. A replicated log also holds its leaders' control batches: `skip_control`.
-async fn replay(
-    log: &Log,
-    end_offset: i64,
-    skip_control: bool,
-) -> Result<HashMap<String, Group>, ShardError> {
+/// Snapshot markers change nothing here: the snapshot they close holds the latest offsets.
+async fn replay(log: &Log, end_offset: i64, skip_control: bool) -> Result<Replayed, ShardError> {
     assert!(end_offset <= log.durable_offset(), "replay reads durable batches only");
     let mut groups: HashMap<String, Group> = HashMap::new();
+    let mut replayed_bytes = 0u64;
+    let mut snapshot = None;
     let mut offset = log.log_start_offset();
     while offset < end_offset {
         let Some(bytes) = log.read(offset, REPLAY_READ_BYTES).await? else { break };
@@ -1770,6 +1881,7 @@ async fn replay(
                 at = end;
                 continue;
             }
+            replayed_bytes += u64::from(header.total_bytes);
             let records = decode_commit_batch(&bytes[at..end], header).map_err(|reason| {
                 ShardError::Storage(format!(
                     "group offsets log {}: batch at offset {}: {reason}",
@@ -1778,6 +1890,13 @@ async fn replay(
                 ))
             })?;
             for record in records {
+                let record = match record {
+                    LogRecord::Commit(record) => record,
+                    LogRecord::SnapshotStart(start) => {
+                        snapshot = Some(Snapshot { start, marker_end: header.next_offset() });
+                        continue;
+                    }
+                };
                 let group = groups
                     .entry(record.group_id.clone())
                     .or_insert_with(|| Group::new(record.group_id.clone()));
@@ -1795,7 +1914,7 @@ async fn replay(
         assert!(next > offset, "replay moves forward");
         offset = next;
     }
-    Ok(groups)
+    Ok(Replayed { groups, bytes: replayed_bytes, snapshot })
 }
 
 // Positions in the RecordBatch v2 header (see `pyralog_dma::batch`).
@@ -1807,25 +1926,62 @@ const ATTRIBUTES_UNEXPECTED: i16 = 0x07 | 0x20;
 /// The control-batch bit: a replicated offsets log holds its leaders' control batches too.
 const ATTRIBUTES_CONTROL: i16 = 0x20;
 
+/// A compaction snapshot of `state`: commit batches of at most
+/// [`SNAPSHOT_RECORDS_PER_BATCH`] records, each of one group.
+fn snapshot_batches(
+    state: BTreeMap<String, BTreeMap<(String, i32), CommittedOffset>>,
+    now_ms: i64,
+) -> Vec<Vec<u8>> {
+    let mut batches = Vec::new();
+    for (group_id, offsets) in state.into_iter().filter(|(_, offsets)| !offsets.is_empty()) {
+        let entries: Vec<(String, i32, CommittedOffset)> = offsets
+            .into_iter()
+            .map(|((topic, partition), committed)| (topic, partition, committed))
+            .collect();
+        for chunk in entries.chunks(SNAPSHOT_RECORDS_PER_BATCH) {
+            batches.push(encode_commit_batch(&group_id, chunk, now_ms));
+        }
+    }
+    batches
+}
+
 /// One batch holding one record per committed partition.
 fn encode_commit_batch(
     group_id: &str,
     entries: &[(String, i32, CommittedOffset)],
     timestamp_ms: i64,
 ) -> Vec<u8> {
+    let records: Vec<(Vec<u8>, Vec<u8>)> = entries
+        .iter()
+        .map(|(topic, partition, committed)| {
+            (encode_key(group_id, topic, *partition), encode_value(committed))
+        })
+        .collect();
+    encode_batch(&records, timestamp_ms)
+}
+
+/// The batch that marks a compaction snapshot complete (replicated logs): its one record
+/// says that the snapshot starts at `snapshot_start`, so nothing before that is needed.
+fn encode_snapshot_marker(snapshot_start: i64, timestamp_ms: i64) -> Vec<u8> {
+    let mut value = vec![RECORD_VERSION];
+    value.extend_from_slice(&snapshot_start.to_be_bytes());
+    encode_batch(&[(vec![SNAPSHOT_KEY_VERSION], value)], timestamp_ms)
+}
+
+/// One RecordBatch v2 of (key, value) records, uncompressed, its offset and epoch left for
+/// the log to stamp.
+fn encode_batch(entries: &[(Vec<u8>, Vec<u8>)], timestamp_ms: i64) -> Vec<u8> {
     assert!(!entries.is_empty(), "a batch holds at least one record");
     let mut records = Vec::new();
-    for (delta, (topic, partition, committed)) in entries.iter().enumerate() {
-        let key = encode_key(group_id, topic, *partition);
-        let value = encode_value(committed);
+    for (delta, (key, value)) in entries.iter().enumerate() {
         let mut record = Vec::with_capacity(key.len() + value.len() + 16);
         record.push(0); // attributes
         put_varint(&mut record, 0); // timestamp delta
         put_varint(&mut record, delta as i64);
         put_varint(&mut record, key.len() as i64);
-        record.extend_from_slice(&key);
+        record.extend_from_slice(key);
         put_varint(&mut record, value.len() as i64);
-        record.extend_from_slice(&value);
+        record.extend_from_slice(value);
         put_varint(&mut record, 0); // headers
         put_varint(&mut records, record.len() as i64);
         records.extend_from_slice(&record);
@@ -1897,6 +2053,15 @@ fn put_varint(out: &mut Vec<u8>, value: i64) {
     out.push(zigzag as u8);
 }
 
+/// One record of the offsets log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LogRecord {
+    /// A committed offset.
+    Commit(OffsetRecord),
+    /// A compaction snapshot that started at this offset is complete.
+    SnapshotStart(i64),
+}
+
 /// One committed offset as the log holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct OffsetRecord {
@@ -1906,8 +2071,22 @@ struct OffsetRecord {
     committed: CommittedOffset,
 }
 
+/// Where the compaction snapshot that `batch` (a stamped batch of a replicated offsets log)
+/// marks complete starts, if it is such a marker: the log's batches before that offset are
+/// superseded once the marker is committed. Any other batch, or one that does not decode,
+/// is no marker.
+pub(crate) fn snapshot_start(batch: &[u8], header: &BatchHeader) -> Option<i64> {
+    if header.record_count != 1 || header.attributes & ATTRIBUTES_CONTROL != 0 {
+        return None;
+    }
+    match decode_commit_batch(batch, header).ok()?.pop()? {
+        LogRecord::SnapshotStart(start) => Some(start),
+        LogRecord::Commit(_) => None,
+    }
+}
+
 /// Decodes the records of one checked batch (`header` from `batch::parse_all`).
-fn decode_commit_batch(batch: &[u8], header: &BatchHeader) -> Result<Vec<OffsetRecord>, String> {
+fn decode_commit_batch(batch: &[u8], header: &BatchHeader) -> Result<Vec<LogRecord>, String> {
     if header.attributes & ATTRIBUTES_UNEXPECTED != 0 {
         return Err(format!("unexpected batch attributes {:#06x}", header.attributes));
     }
@@ -1937,11 +2116,18 @@ fn decode_commit_batch(batch: &[u8], header: &BatchHeader) -> Result<Vec<OffsetR
     Ok(records)
 }
 
-fn decode_record(key: &[u8], value: &[u8]) -> Result<OffsetRecord, String> {
+fn decode_record(key: &[u8], value: &[u8]) -> Result<LogRecord, String> {
     let mut key = Reader { bytes: key };
     let mut value = Reader { bytes: value };
     let key_version = key.u8()?;
     let value_version = value.u8()?;
+    if key_version == SNAPSHOT_KEY_VERSION && value_version == RECORD_VERSION {
+        let start = value.i64()?;
+        if !key.bytes.is_empty() || !value.bytes.is_empty() || start < 0 {
+            return Err("a snapshot marker with trailing bytes or a negative start".to_owned());
+        }
+        return Ok(LogRecord::SnapshotStart(start));
+    }
     if key_version != RECORD_VERSION || value_version != RECORD_VERSION {
         return Err(format!(
             "record versions {key_version}/{value_version}, this build reads {RECORD_VERSION}"
@@ -1964,7 +2150,7 @@ fn decode_record(key: &[u8], value: &[u8]) -> Result<OffsetRecord, String> {
         return Err("trailing bytes in a key or value".to_owned());
     }
     let committed = CommittedOffset { offset, leader_epoch, metadata, commit_timestamp_ms, log_end: 0 };
-    Ok(OffsetRecord { group_id, topic, partition, committed })
+    Ok(LogRecord::Commit(OffsetRecord { group_id, topic, partition, committed }))
 }
 
 fn utf8(bytes: &[u8]) -> Result<String, String> {
@@ -2570,6 +2756,81 @@ mod tests {
         });
     }
 
+    /// The snapshot of a replicated compaction holds every commit proposed before it (it waits
+    /// for the one still in flight) and no commit is proposed between it and its marker (one
+    /// that arrives meanwhile waits).
+    #[test]
+    fn a_replicated_compaction_waits_for_commits_in_flight_and_holds_new_ones_back() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            // Replays nothing: the replicated log below is a fake that records what is proposed.
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let proposed: Rc<RefCell<Vec<Vec<LogRecord>>>> = Rc::default();
+            let sink = Rc::clone(&proposed);
+            let append: ReplicatedAppend = Rc::new(move |bytes: Bytes| {
+                let sink = Rc::clone(&sink);
+                Box::pin(async move {
+                    let header = batch::parse(&bytes).unwrap();
+                    let records = decode_commit_batch(&bytes, &header).unwrap();
+                    let slow = matches!(&records[0], LogRecord::Commit(r) if r.group_id == "slow");
+                    let first = sink.borrow().iter().map(|b| b.len() as i64).sum::<i64>();
+                    let next = first + records.len() as i64;
+                    sink.borrow_mut().push(records);
+                    if slow {
+                        glommio::timer::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok((first, next))
+                })
+            });
+            let compacting = GroupConfig { offsets_compact_growth_bytes: 1, ..config() };
+            let (coordinator, snapshot) =
+                GroupCoordinator::open_replicated(&log, 0, compacting, append).await.unwrap();
+            assert_eq!(snapshot, None);
+            let commit = |group: &str, offset: i64| {
+                let coordinator = Rc::clone(&coordinator);
+                let request = commit_request(group, -1, "", &[("t", 0, offset)]);
+                glommio::spawn_local(async move { errors(coordinator.commit_offsets(request).await) })
+                    .detach()
+            };
+            let slow = commit("slow", 1);
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+            assert_eq!(proposed.borrow().len(), 1, "the slow commit is in flight");
+            // Answered at once, and past the growth: a compaction starts, and waits for the
+            // slow commit.
+            assert_eq!(commit("fast", 2).await.unwrap(), vec![Ok(())]);
+            let late = commit("late", 3);
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+            assert_eq!(proposed.borrow().len(), 2, "neither the snapshot nor the late commit yet");
+            assert_eq!(slow.await.unwrap(), vec![Ok(())]);
+            assert_eq!(late.await.unwrap(), vec![Ok(())]);
+            let groups_of = |records: &[LogRecord]| -> Vec<(String, i64)> {
+                records
+                    .iter()
+                    .map(|record| match record {
+                        LogRecord::Commit(r) => (r.group_id.clone(), r.committed.offset),
+                        LogRecord::SnapshotStart(start) => ("marker".to_owned(), *start),
+                    })
+                    .collect()
+            };
+            let proposed: Vec<Vec<(String, i64)>> = proposed.borrow().iter().map(|b| groups_of(b)).collect();
+            let expected = [
+                vec![("slow".to_owned(), 1)],
+                vec![("fast".to_owned(), 2)],
+                vec![("fast".to_owned(), 2)],
+                vec![("slow".to_owned(), 1)],
+                vec![("marker".to_owned(), 2)],
+                vec![("late".to_owned(), 3)],
+            ];
+            assert_eq!(proposed[..6], expected, "{proposed:?}");
+            assert_eq!(
+                coordinator.fetch_offsets("slow", None),
+                vec![("t".to_owned(), 0, 1, -1, None)],
+                "the slow commit applied once committed"
+            );
+            coordinator.close().await;
+        });
+    }
+
     #[test]
     fn committed_offsets_are_durable_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -2694,8 +2955,10 @@ mod tests {
         let records = decode_commit_batch(&bytes, &header).unwrap();
         let decoded: Vec<(String, i32, CommittedOffset)> = records
             .into_iter()
-            .inspect(|r| assert_eq!(r.group_id, "group"))
-            .map(|r| (r.topic, r.partition, r.committed))
+            .map(|r| match r {
+                LogRecord::Commit(r) if r.group_id == "group" => (r.topic, r.partition, r.committed),
+                other => panic!("not a commit of the group: {other:?}"),
+            })
             .collect();
         assert_eq!(decoded, entries);
         for cut in 0..bytes.len() {
@@ -2703,6 +2966,17 @@ mod tests {
                 decode_commit_batch(&bytes[..cut], &header).is_err(),
                 "a batch cut at {cut} must be refused"
             );
+        }
+        assert_eq!(snapshot_start(&bytes, &header), None, "a commit is no snapshot marker");
+        let single = encode_commit_batch("group", &entries[..1], 1_700_000_000_000);
+        assert_eq!(snapshot_start(&single, &batch::parse(&single).unwrap()), None);
+
+        let marker = encode_snapshot_marker(4_321, 1_700_000_000_000);
+        let header = batch::parse(&marker).unwrap();
+        assert_eq!(decode_commit_batch(&marker, &header).unwrap(), vec![LogRecord::SnapshotStart(4_321)]);
+        assert_eq!(snapshot_start(&marker, &header), Some(4_321));
+        for cut in 0..marker.len() {
+            assert!(decode_commit_batch(&marker[..cut], &header).is_err(), "a marker cut at {cut}");
         }
     }
 

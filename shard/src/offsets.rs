@@ -17,9 +17,12 @@
 //!   requests get `NotCoordinator`, and clients find the new coordinator, where members rejoin
 //!   (membership is not replicated, as in Kafka).
 //!
-//! The offsets partitions are kept whole: the node's retention settings do not apply to them
-//! (a retention cut would lose the offsets of groups that have not committed since), and
-//! nothing compacts them yet, so a new coordinator's replay grows with the commits made.
+//! The node's retention settings do not apply to the offsets partitions (a retention cut would
+//! lose the offsets of groups that have not committed since): their coordinators compact them
+//! (`GroupCoordinator::compact_replicated`: a snapshot of every committed offset, then a
+//! marker), and each replica deletes its segments below the latest snapshot whose marker it
+//! holds committed and durable (`Replica::apply_retention`), so a new coordinator's replay is
+//! bounded by `--offsets-compact-bytes` plus the snapshot.
 //!
 //! FindCoordinator names the leader this node last heard from its own replica of the
 //! partition; a node holding none names the partition's preferred leader, as metadata does
@@ -189,11 +192,15 @@ impl Shard {
         });
         let config = self.config.groups.clone();
         match GroupCoordinator::open_replicated(&replica.partition.log, end, config, append).await {
-            Ok(coordinator) if self.coordinates(log, term) => {
+            Ok((coordinator, snapshot)) if self.coordinates(log, term) => {
                 assert!(!self.groups.borrow().contains_key(&log), "one coordinator per offsets partition");
                 self.groups.borrow_mut().insert(log, coordinator);
+                // A replica restarted since that marker was appended knows it from here on.
+                if let Some(snapshot) = snapshot {
+                    replica.note_snapshot(snapshot);
+                }
             }
-            Ok(coordinator) => coordinator.close_as(GroupError::NotCoordinator).await,
+            Ok((coordinator, _)) => coordinator.close_as(GroupError::NotCoordinator).await,
             Err(error) => {
                 eprintln!(
                     "pyralog: {OFFSETS_TOPIC}/{partition}: replaying the committed offsets failed: {error}"
@@ -205,9 +212,14 @@ impl Shard {
         }
     }
 
-    /// Appends one commit batch to offsets partition `partition` through its replica, in
-    /// `term` only, and waits until it is committed. Returns the log offset after it.
-    async fn append_offsets(&self, partition: u32, term: i32, bytes: Bytes) -> Result<i64, GroupError> {
+    /// Appends one batch to offsets partition `partition` through its replica, in `term` only,
+    /// and waits until it is committed. Returns its first offset and the offset after it.
+    async fn append_offsets(
+        &self,
+        partition: u32,
+        term: i32,
+        bytes: Bytes,
+    ) -> Result<(i64, i64), GroupError> {
         let not_coordinator = |error: ShardError| match error {
             ShardError::NotLeader { .. } | ShardError::ShuttingDown => GroupError::NotCoordinator,
             ShardError::Storage(reason) => GroupError::Storage(reason),
@@ -231,6 +243,6 @@ impl Shard {
             .produce_replicated(&replica, turn, &bytes, &headers, None, crate::Acks::All)
             .await
             .map_err(not_coordinator)?;
-        Ok(produced.next_offset)
+        Ok((produced.base_offset, produced.next_offset))
     }
 }

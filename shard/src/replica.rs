@@ -155,6 +155,15 @@ pub struct ReplicaStatus {
     pub failure: Option<String>,
 }
 
+/// A compaction snapshot of an offsets log (see `group`): it starts at `start`, and its
+/// marker ends at `marker_end`. Once the marker is committed the log's batches below `start`
+/// are superseded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub start: i64,
+    pub marker_end: i64,
+}
+
 /// The role a replica last reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplicaRole {
@@ -204,6 +213,9 @@ pub(crate) struct Replica {
     pub changed: Event,
     /// Why the replica stopped working (a failed write), once it has.
     failed: RefCell<Option<String>>,
+    /// The offsets topic's replicas: the latest compaction snapshot this log holds a marker
+    /// of (see [`Replica::note_snapshot`]).
+    snapshot: Cell<Option<Snapshot>>,
     closing: Cell<bool>,
     worker_running: Cell<bool>,
     worker_done: Event,
@@ -307,6 +319,7 @@ impl Replica {
             role_hook: RefCell::new(None),
             changed: Event::default(),
             failed: RefCell::new(None),
+            snapshot: Cell::new(None),
             closing: Cell::new(false),
             worker_running: Cell::new(true),
             worker_done: Event::default(),
@@ -710,6 +723,13 @@ impl Replica {
             self.store_state().await?;
         }
         let appended = self.partition.log.append_stamped(&batches)?;
+        if crate::offsets::is_internal_topic(&self.address.topic) {
+            for stamped in &appended.batches {
+                if let Some(start) = crate::group::snapshot_start(&stamped.bytes, &stamped.header) {
+                    self.note_snapshot(Snapshot { start, marker_end: stamped.header.next_offset() });
+                }
+            }
+        }
         {
             let mut producers = self.partition.producers.borrow_mut();
             let mut cache = self.cache.borrow_mut();
@@ -757,6 +777,9 @@ impl Replica {
         result?;
         self.cache.borrow_mut().forget(partition.key);
         self.catch_up.borrow_mut().take();
+        if self.snapshot.get().is_some_and(|snapshot| snapshot.marker_end > end_offset) {
+            self.snapshot.set(None);
+        }
         self.state.borrow_mut().epochs.retain(|&(_, start)| start < end_offset);
         self.truncations_done.set(truncations);
         *partition.producers.borrow_mut() = crate::shard::rebuild_producers(&partition.log).await?;
@@ -780,6 +803,7 @@ impl Replica {
         );
         self.cache.borrow_mut().forget(partition.key);
         self.catch_up.borrow_mut().take();
+        self.snapshot.set(None);
         let epochs = self.raft.borrow().epochs().starts().iter().map(|s| (s.epoch, s.start_offset)).collect();
         self.state.borrow_mut().epochs = epochs;
         self.state.borrow_mut().epochs.retain(|&(_, first)| first < start);
@@ -793,10 +817,24 @@ impl Replica {
         Ok(())
     }
 
+    /// An offsets log holds the marker of a compaction snapshot (its append, or a replay of
+    /// it): the latest one seen counts. Forgotten when a truncation takes the marker.
+    pub fn note_snapshot(&self, snapshot: Snapshot) {
+        assert!(crate::offsets::is_internal_topic(&self.address.topic), "only offsets logs are compacted");
+        assert!(snapshot.start < snapshot.marker_end, "a marker follows its snapshot");
+        if self.snapshot.get().is_none_or(|known| known.marker_end < snapshot.marker_end) {
+            self.snapshot.set(Some(snapshot));
+        }
+    }
+
     /// Retention of this replica's log: the closed segments it no longer keeps, among those
     /// committed and durable here (a follower's own commit point and durable end). The core
     /// learns the new start first, so it never asks to read below it; a follower that needs
     /// what went is told to start its log there. Returns how many segments went.
+    ///
+    /// An offsets log ignores the node's retention (it would lose the offsets of groups that
+    /// have not committed lately): its segments go below the start of its latest compaction
+    /// snapshot, once the snapshot's marker is committed and durable here.
     pub fn apply_retention(&self, now_ms: i64) -> Result<usize, ShardError> {
         if self.failure().is_some() {
             return Ok(0);
@@ -805,7 +843,17 @@ impl Replica {
             let raft = self.raft.borrow();
             raft.high_watermark().min(raft.durable_end())
         };
-        let Some(start) = self.partition.log.retention_start(now_ms, bound) else { return Ok(0) };
+        let start = if crate::offsets::is_internal_topic(&self.address.topic) {
+            match self.snapshot.get() {
+                Some(snapshot) if snapshot.marker_end <= bound => {
+                    self.partition.log.start_below(snapshot.start)
+                }
+                _ => None,
+            }
+        } else {
+            self.partition.log.retention_start(now_ms, bound)
+        };
+        let Some(start) = start else { return Ok(0) };
         self.raft.borrow_mut().trim(start).map_err(|e| {
             ShardError::Storage(format!(
                 "retention of {}/{}: {e}",

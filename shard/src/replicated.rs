@@ -25,7 +25,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyralog_dma::{batch, Log};
+use pyralog_dma::{batch, Log, LogConfig};
 use pyralog_replication::{Message, Quorum, Role};
 
 use crate::cluster::{ClusterMeta, MetaRecord, NodeInfo, TopicPlacement};
@@ -791,7 +791,19 @@ impl Shard {
         durability: Durability,
     ) -> Result<Rc<Replica>, ShardError> {
         let cluster = self.cluster().expect("replicas live in a cluster");
-        let log = Log::open(dir, self.config.log.clone()).await?;
+        let log_config = if crate::offsets::is_internal_topic(&address.topic) {
+            // Small segments, so compaction frees whole ones; the node's retention never
+            // applies (see `Replica::apply_retention`).
+            LogConfig {
+                segment_bytes: self.config.groups.offsets_segment_bytes,
+                retention_bytes: None,
+                retention_ms: None,
+                ..self.config.log.clone()
+            }
+        } else {
+            self.config.log.clone()
+        };
+        let log = Log::open(dir, log_config).await?;
         let producers = crate::shard::rebuild_producers(&log).await?;
         let key = self.next_partition_key.get();
         self.next_partition_key.set(key + 1);

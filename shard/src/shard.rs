@@ -1080,7 +1080,10 @@ impl Shard {
     }
 
     async fn run_retention(self: Rc<Self>) {
-        if self.config.log.retention_bytes.is_none() && self.config.log.retention_ms.is_none() {
+        let retention = self.config.log.retention_bytes.is_some() || self.config.log.retention_ms.is_some();
+        // In a cluster, also for the offsets topic's replicas (cut below their compaction
+        // snapshots).
+        if !retention && self.cluster().is_none() {
             return;
         }
         while !self.shutting_down.get() {
@@ -1096,7 +1099,7 @@ impl Shard {
                 .partitions
                 .borrow()
                 .values()
-                .filter(|p| !offsets::is_internal_topic(&p.topic))
+                .filter(|p| retention && !offsets::is_internal_topic(&p.topic))
                 .filter(|p| self.local_replica(&p.topic, p.partition).is_none())
                 .cloned()
                 .collect();
@@ -1105,9 +1108,10 @@ impl Shard {
                     eprintln!("pyralog: retention of {}/{}: {error}", partition.topic, partition.partition);
                 }
             }
-            // Replicated partitions too, each below what it knows committed and durable. Not
-            // the controller's log (the cluster's metadata is its whole history) nor the
-            // offsets topic's (as above).
+            // Replicated partitions too, each below what it knows committed and durable, and
+            // the offsets topic's below their compaction snapshots (see
+            // `Replica::apply_retention`). Not the controller's log: the cluster's metadata is
+            // its whole history.
             let replicas: Vec<Rc<crate::replica::Replica>> = self.cluster().map_or(Vec::new(), |cluster| {
                 cluster
                     .replicas
@@ -1115,7 +1119,7 @@ impl Shard {
                     .iter()
                     .filter(|((topic_id, _), replica)| {
                         *topic_id != crate::CONTROLLER_TOPIC_ID
-                            && !offsets::is_internal_topic(&replica.address.topic)
+                            && (retention || offsets::is_internal_topic(&replica.address.topic))
                     })
                     .map(|(_, replica)| Rc::clone(replica))
                     .collect()
