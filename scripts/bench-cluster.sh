@@ -19,10 +19,21 @@
 # oldest batch that follower has not made durable (pyralog_replication_lag_seconds); its p99
 # over the half-rate run is read from the three nodes' histograms (buckets grow by half again;
 # interpolated inside the bucket).
-#   scripts/bench-cluster.sh [seconds per run]
+#
+# Cores: a node of a real cluster has its host's cores, one shard on each. Here three nodes
+# share two, so by default each node runs one shard, pinned round-robin (nodes 1 and 3 on CPU
+# 0, node 2 on CPU 1): three executors for two cores. `all` gives every node a shard on every
+# core (six executors for two cores, each node as `pyralog` starts by default).
+#   scripts/bench-cluster.sh [seconds per run] [shards per node: 1 (default) or all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-10}"
+layout="${2:-1}"
+case "$layout" in
+  1) node_flags() { echo "--cpus $((($1 - 1) % $(nproc)))"; } ;;
+  all) ;;
+  *) echo "usage: $0 [seconds per run] [shards per node: 1 or all]" >&2; exit 2 ;;
+esac
 target="${CARGO_TARGET_DIR:-target}"
 command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio; }
 cargo build --release --locked -p pyralog -p pyralog-bench
@@ -30,7 +41,7 @@ base=$(mktemp -d /var/tmp/pyralog-bench-cluster.XXXXXX)
 work=$base
 source scripts/local-cluster.sh
 
-echo "machine: $(nproc) cores, kernel $(uname -r), $(df -h "$work" | awk 'NR==2 {print $1}'), load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(nproc) cores, kernel $(uname -r), $(df -h "$work" | awk 'NR==2 {print $1}'), load $(cut -d' ' -f1-3 /proc/loadavg); shards: $layout per node"
 fio_mib() { # fio flags...: MiB/s written
   fio --output-format=json --directory="$work" --name=w --size=1g --direct=1 --rw=write --fdatasync=1 "$@" \
     | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"]/1048576))'

@@ -12,6 +12,9 @@ stop_cluster() {
   rm -rf "$base"
 }
 trap stop_cluster EXIT
+# More flags for node N alone: the caller may define node_flags N (printing them) before
+# sourcing this file.
+declare -F node_flags >/dev/null || node_flags() { :; }
 # Starts the nodes ("$@": more flags for each) and returns once every node's view (its
 # /cluster endpoint) lists all three as registered; exits, showing the nodes' last lines, if
 # that takes over 30 s.
@@ -19,7 +22,7 @@ start_cluster() {
   local n ready
   for n in 1 2 3; do
     "$target/release/pyralog" --data-dir "$base/node$n" --node-id "$n" --seeds "$seeds" \
-      --listen "127.0.0.$n:7070" --kafka-listen "127.0.0.$n:9092" --metrics-listen "127.0.0.$n:9644" "$@" \
+      --listen "127.0.0.$n:7070" --kafka-listen "127.0.0.$n:9092" --metrics-listen "127.0.0.$n:9644" $(node_flags "$n") "$@" \
       >"$base/node$n.out" 2>&1 &
     nodes+=($!)
   done
