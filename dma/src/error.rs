@@ -33,12 +33,8 @@ pub enum LogError {
 }
 
 impl LogError {
-    pub(crate) fn io(
-        op: &'static str,
-        path: impl Into<PathBuf>,
-        source: impl Into<std::io::Error>,
-    ) -> LogError {
-        LogError::Io { op, path: path.into(), source: source.into() }
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: impl IntoOsError) -> LogError {
+        LogError::Io { op, path: path.into(), source: source.into_os_error() }
     }
 
     /// Whether the cause is a full disk or quota, which an operator fixes by making room.
@@ -54,5 +50,52 @@ impl LogError {
             LogError::Stopped { reason, .. } => reason.contains("No space left"),
             _ => false,
         }
+    }
+}
+
+/// An I/O failure as the OS reported it. glommio's errors also spell out their operation,
+/// path and file descriptor ("..., op: Writing path: Some(...) with fd: Some(30)"), which
+/// [`LogError::Io`] already says in words: only the OS error is kept.
+pub(crate) trait IntoOsError {
+    fn into_os_error(self) -> std::io::Error;
+}
+
+impl IntoOsError for std::io::Error {
+    fn into_os_error(self) -> std::io::Error {
+        self
+    }
+}
+
+impl<T> IntoOsError for glommio::GlommioError<T> {
+    fn into_os_error(self) -> std::io::Error {
+        match self {
+            glommio::GlommioError::EnhancedIoError { source, .. }
+            | glommio::GlommioError::IoError(source) => source,
+            other => other.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_says_what_failed_where_once_and_keeps_the_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing").join("00000000000000000000.log");
+        let error = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .unwrap()
+            .run(async {
+                glommio::io::DmaFile::open(&missing).await.map_err(|e| LogError::io("opening", &missing, e))
+            })
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("opening {}: No such file or directory (os error 2)", missing.display())
+        );
+        let LogError::Io { source, .. } = &error else { panic!("{error:?}") };
+        assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
     }
 }
