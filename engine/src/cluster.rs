@@ -115,6 +115,7 @@ impl ClusterPlan {
             incarnation: 0,
             controller_disk_lost: false,
             recovery_bytes_per_sec: args.recovery_bytes_per_sec,
+            controller_segment_bytes: args.controller_segment_bytes,
         };
         Ok(ClusterPlan { node_id, seeds, listen, advertise, rack: args.rack.clone(), settings })
     }
@@ -325,7 +326,7 @@ fn serve_controller_requests(plan: &ClusterPlan, shard: &Rc<Shard>, transport: &
             }
         })
     }));
-    if !seeds.contains_key(&plan.node_id) {
+    {
         let (asking, addresses) = (Rc::clone(transport), Rc::clone(&seeds));
         shard.set_metadata_source(Rc::new(move |node, applied_end| {
             let (transport, addresses) = (Rc::clone(&asking), Rc::clone(&addresses));

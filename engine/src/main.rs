@@ -173,7 +173,9 @@ pub struct NodeArgs {
     #[arg(long, value_name = "MS")]
     pub retention_ms: Option<u64>,
     /// How often retention looks for segments to delete (Kafka's
-    /// log.retention.check.interval.ms): 100 ms to 1 hour.
+    /// log.retention.check.interval.ms), and, in a cluster, how often each replica of the
+    /// offsets topic and of the controller deletes what its latest snapshot covers: 100 ms to
+    /// 1 hour.
     #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub retention_check_interval_ms: u64,
     /// Largest request frame; larger ones get an error and the connection is closed.
@@ -240,6 +242,11 @@ pub struct NodeArgs {
     /// recent --cache-bytes) are sent from memory, unthrottled.
     #[arg(long, value_name = "BYTES", default_value_t = 100 << 20)]
     pub recovery_bytes_per_sec: u64,
+    /// Segment size of a seed's copy of the controller's log (the cluster's metadata
+    /// changes): a seed deletes the segments that its stored metadata (cluster.meta)
+    /// covers. 4 KiB to 1 GiB.
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+    pub controller_segment_bytes: u64,
 }
 
 impl NodeArgs {

@@ -1221,3 +1221,79 @@ def test_the_offsets_topic_is_compacted_on_every_replica_and_keeps_every_groups_
     assert serves(committed_offsets(cluster.bootstrap, busy, "tracked", partitions), busy_offsets)
     wait_until("the offsets partition's replicas agree from their common start",
                lambda: "3 replicas agree from offset" in cluster_command(pyralog_bin, "verify", "__consumer_offsets"))
+
+
+@pytest.fixture
+def small_controller_log_cluster(request, pyralog_bin, tmp_path):
+    """A cluster whose seeds keep the controller's log in 4 KiB segments, cut every 200 ms."""
+    flags = ["--controller-segment-bytes", "4096", "--retention-check-interval-ms", "200"]
+    cluster = Cluster(pyralog_bin, str(tmp_path), extra_args=flags).start()
+    request.node.pyralog_nodes = cluster.nodes
+    yield cluster
+    cluster.stop()
+
+
+def test_seeds_cut_the_controllers_log_and_a_seed_behind_its_start_copies_the_metadata(
+        small_controller_log_cluster):
+    """Each seed deletes the controller log's segments its stored metadata covers. A seed
+    killed while the others cut past its end comes back, is told to start its log at the
+    leader's start, takes a copy of the metadata from another seed and knows every topic
+    created and deleted while it was away; after all three are killed at once they come back
+    from their stored metadata and what is left of the log, and agree; a seed wiped then
+    catches up the same way."""
+    cluster = small_controller_log_cluster
+
+    def controller(node):
+        return next(r for r in cluster_view(node)["replicas"] if r["topic"] == "__cluster")
+
+    def topics(node):
+        return sorted(name for name in cluster_view(node)["topics"] if not name.startswith("__"))
+
+    leader = wait_until("the controller has a leader", lambda: next(
+        (n for n in (1, 2, 3) if controller(cluster.node(n))["leads"]), None))
+    away = cluster.node(next(n for n in (3, 2, 1) if n != leader))
+    others = [node for node in cluster.nodes if node is not away]
+    end_when_killed = controller(away)["log_end"]
+    away.kill9()
+    admin = AdminClient({"bootstrap.servers": ",".join(node.bootstrap for node in others)})
+    for round in range(3):
+        names = [f"meta-{round}-{i}" for i in range(20)]
+        created = admin.create_topics([NewTopic(name, 1, 1) for name in names], request_timeout=CLIENT_TIMEOUT_S)
+        for future in created.values():
+            future.result(timeout=CLIENT_TIMEOUT_S)
+        deleted = admin.delete_topics(names[5:], request_timeout=CLIENT_TIMEOUT_S)
+        for future in deleted.values():
+            future.result(timeout=CLIENT_TIMEOUT_S)
+    expected = sorted(f"meta-{round}-{i}" for round in range(3) for i in range(5))
+    wait_until("the other seeds cut their controller logs past the away seed's end",
+               lambda: all(controller(node)["log_start"] > end_when_killed for node in others))
+    wait_until("the other seeds know the topics left", lambda: all(topics(node) == expected for node in others))
+
+    away.start().wait_ready()
+    wait_until("the seed back took a copy of the metadata from another seed",
+               lambda: "took node" in away.stderr_tail(20000))
+    wait_until("the seed back knows every topic created and deleted while it was away",
+               lambda: topics(away) == expected)
+    wait_until("its controller log starts past where it ended",
+               lambda: controller(away)["log_start"] > end_when_killed)
+
+    for node in cluster.nodes:
+        node.kill9()
+    for node in cluster.nodes:
+        node.start()
+    for node in cluster.nodes:
+        node.wait_ready()
+    wait_until("every seed is back with the same topics", lambda: all(topics(node) == expected for node in cluster.nodes))
+    create_topic(cluster.node(1).bootstrap, "after-restart", 1, 3)
+    expected = sorted(expected + ["after-restart"])
+    wait_until("a topic created after the restart is known everywhere",
+               lambda: all(topics(node) == expected for node in cluster.nodes))
+
+    # A seed back with an empty data directory: its log would start at 0, below the others'.
+    import shutil
+    away.kill9()
+    shutil.rmtree(away.data_dir)
+    away.start().wait_ready()
+    wait_until("the wiped seed knows every topic", lambda: topics(away) == expected)
+    wait_until("its controller log starts where the others' did",
+               lambda: controller(away)["log_start"] > end_when_killed)

@@ -155,9 +155,11 @@ pub struct ReplicaStatus {
     pub failure: Option<String>,
 }
 
-/// A compaction snapshot of an offsets log (see `group`): it starts at `start`, and its
-/// marker ends at `marker_end`. Once the marker is committed the log's batches below `start`
-/// are superseded.
+/// What supersedes the beginning of a compacted log: once the log is committed and durable
+/// through `marker_end`, its batches below `start` are no longer needed. An offsets log's
+/// compaction snapshot (see `group`) starts at `start` and its marker ends at `marker_end`;
+/// the controller's log is superseded below what the node's stored metadata (`cluster.meta`)
+/// covers (both that offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snapshot {
     pub start: i64,
@@ -213,8 +215,8 @@ pub(crate) struct Replica {
     pub changed: Event,
     /// Why the replica stopped working (a failed write), once it has.
     failed: RefCell<Option<String>>,
-    /// The offsets topic's replicas: the latest compaction snapshot this log holds a marker
-    /// of (see [`Replica::note_snapshot`]).
+    /// A compacted log's (the offsets topic's, the controller's): the latest snapshot that
+    /// supersedes its beginning (see [`Replica::note_snapshot`]).
     snapshot: Cell<Option<Snapshot>>,
     closing: Cell<bool>,
     worker_running: Cell<bool>,
@@ -817,11 +819,19 @@ impl Replica {
         Ok(())
     }
 
-    /// An offsets log holds the marker of a compaction snapshot (its append, or a replay of
-    /// it): the latest one seen counts. Forgotten when a truncation takes the marker.
+    /// Whether this log is compacted (cut below its snapshots) rather than cut by retention:
+    /// the offsets topic's logs and the controller's.
+    fn is_compacted(&self) -> bool {
+        crate::offsets::is_internal_topic(&self.address.topic)
+            || self.address.topic_id == crate::CONTROLLER_TOPIC_ID
+    }
+
+    /// A compacted log's beginning is superseded (an offsets log appended or replayed a
+    /// compaction marker; the controller's metadata was stored): the latest one seen counts.
+    /// Forgotten when a truncation takes the marker.
     pub fn note_snapshot(&self, snapshot: Snapshot) {
-        assert!(crate::offsets::is_internal_topic(&self.address.topic), "only offsets logs are compacted");
-        assert!(snapshot.start < snapshot.marker_end, "a marker follows its snapshot");
+        assert!(self.is_compacted(), "only the offsets topic's and the controller's logs are compacted");
+        assert!(snapshot.start <= snapshot.marker_end, "a marker does not precede its snapshot");
         if self.snapshot.get().is_none_or(|known| known.marker_end < snapshot.marker_end) {
             self.snapshot.set(Some(snapshot));
         }
@@ -832,9 +842,9 @@ impl Replica {
     /// learns the new start first, so it never asks to read below it; a follower that needs
     /// what went is told to start its log there. Returns how many segments went.
     ///
-    /// An offsets log ignores the node's retention (it would lose the offsets of groups that
-    /// have not committed lately): its segments go below the start of its latest compaction
-    /// snapshot, once the snapshot's marker is committed and durable here.
+    /// A compacted log ignores the node's retention (it would lose the offsets of groups that
+    /// have not committed lately, the topics created long ago): its segments go below the
+    /// start of its latest snapshot, once that is committed and durable here.
     pub fn apply_retention(&self, now_ms: i64) -> Result<usize, ShardError> {
         if self.failure().is_some() {
             return Ok(0);
@@ -843,7 +853,7 @@ impl Replica {
             let raft = self.raft.borrow();
             raft.high_watermark().min(raft.durable_end())
         };
-        let start = if crate::offsets::is_internal_topic(&self.address.topic) {
+        let start = if self.is_compacted() {
             match self.snapshot.get() {
                 Some(snapshot) if snapshot.marker_end <= bound => {
                     self.partition.log.start_below(snapshot.start)

@@ -14,10 +14,18 @@
 //! its own controller's records, and forwards its controller requests to the leader a seed
 //! named (or to each seed in turn while none is known).
 //!
+//! A seed's stored metadata is the snapshot of its controller log: every retention pass
+//! deletes the log's segments that `cluster.meta` covers (`Replica::apply_retention`), and a
+//! node replays the log from there at its start. A seed whose log starts past the metadata it
+//! has (it was away while the others deleted what it lacks, and was told to start its log at
+//! the leader's start; or its `cluster.meta` is gone) takes a copy from another seed through
+//! the same hook, then applies its own log from where that copy ends.
+//!
 //! Invariants: a replicated partition is open on exactly the shard `topics::owner_shard`
 //! names, on exactly the nodes its placement names; metadata is applied in the controller's
 //! log order, and only below its commit point; a produce acknowledged with acks=all is below
-//! the commit point of its term's leader.
+//! the commit point of its term's leader; a seed's controller log loses only what its stored
+//! metadata covers.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -32,7 +40,7 @@ use crate::cluster::{ClusterMeta, MetaRecord, NodeInfo, TopicPlacement};
 use crate::event::Event;
 use crate::partition::{Durability, Partition};
 use crate::replica::{
-    RecoveryBudget, Replica, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook,
+    RecoveryBudget, Replica, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook, Snapshot,
 };
 use crate::shard::{Op, OpResult, Shard};
 use crate::topics::{self, TopicMeta};
@@ -81,6 +89,9 @@ pub struct ClusterSettings {
     /// Bytes per second a shard's leaders may read from disk for followers behind the cache
     /// (see `RecoveryBudget`); 0: unbounded.
     pub recovery_bytes_per_sec: u64,
+    /// Segment size of the controller's log: a seed deletes its segments below what its
+    /// stored metadata (`cluster.meta`) covers.
+    pub controller_segment_bytes: u64,
 }
 
 /// Whether a replica of `partition` placed on this node predates this node's disk: the node
@@ -197,8 +208,9 @@ pub struct MetadataAnswer {
 }
 
 /// Asks seed `node` for metadata newer than `applied_end` (it holds the request up to
-/// [`METADATA_WAIT`] when it has none). Set by the daemon on shard 0 of a node that is not a
-/// seed (the cluster transport).
+/// [`METADATA_WAIT`] when it has none). Set by the daemon on shard 0 (the cluster
+/// transport): a node that is not a seed follows the metadata through it, and a seed whose
+/// controller log starts past the metadata it applied takes a copy through it.
 pub type MetadataHook = Rc<
     dyn Fn(
         u32,
@@ -220,7 +232,7 @@ pub(crate) struct ShardCluster {
     pub send: Rc<RefCell<Option<SendHook>>>,
     /// Set by the daemon on shard 0 (see [`ForwardHook`]).
     pub forward: RefCell<Option<ForwardHook>>,
-    /// Set by the daemon on shard 0 of a node that is not a seed (see [`MetadataHook`]).
+    /// Set by the daemon on shard 0 (see [`MetadataHook`]).
     pub metadata_source: RefCell<Option<MetadataHook>>,
     /// New metadata was applied here.
     pub applied: Event,
@@ -775,6 +787,9 @@ impl Shard {
             // The controller's records are few and small: always acknowledged after fdatasync.
             let settings = cluster.replica_settings(voters, quorum, cluster.settings.controller_disk_lost);
             let replica = self.open_replica(address, &dir, settings, Durability::Sync).await?;
+            if stored.applied_end > 0 {
+                replica.note_snapshot(Snapshot { start: stored.applied_end, marker_end: stored.applied_end });
+            }
             cluster.replicas.borrow_mut().insert((CONTROLLER_TOPIC_ID, 0), replica);
             glommio::spawn_local(Rc::clone(self).run_controller_apply()).detach();
         }
@@ -791,7 +806,15 @@ impl Shard {
         durability: Durability,
     ) -> Result<Rc<Replica>, ShardError> {
         let cluster = self.cluster().expect("replicas live in a cluster");
-        let log_config = if crate::offsets::is_internal_topic(&address.topic) {
+        let log_config = if address.topic_id == CONTROLLER_TOPIC_ID {
+            // Cut below the stored metadata, never by retention (see `Replica::apply_retention`).
+            LogConfig {
+                segment_bytes: cluster.settings.controller_segment_bytes,
+                retention_bytes: None,
+                retention_ms: None,
+                ..self.config.log.clone()
+            }
+        } else if crate::offsets::is_internal_topic(&address.topic) {
             // Small segments, so compaction frees whole ones; the node's retention never
             // applies (see `Replica::apply_retention`).
             LogConfig {
@@ -874,6 +897,11 @@ impl Shard {
         while !self.shutting_down.get() {
             let Some(controller) = self.controller() else { return };
             let applied = self.cluster().expect("a cluster").meta.borrow().applied_end;
+            let log_start = controller.partition.log.log_start_offset();
+            if applied < log_start {
+                self.copy_metadata_from_a_seed(log_start).await;
+                continue;
+            }
             if controller.high_watermark() <= applied {
                 controller.changed.listen().await;
                 continue;
@@ -935,6 +963,48 @@ impl Shard {
         self.install_cluster_meta(meta).await
     }
 
+    /// Shard 0 of a seed whose controller log starts at `log_start`, past the metadata this
+    /// node applied: its log was started afresh at its leader's start (it was away while the
+    /// other seeds deleted what it lacks), or its `cluster.meta` is older than the log's
+    /// start (lost, or a crash). The records it lacks are only in the other seeds' metadata:
+    /// it takes a copy that reaches `log_start` from one of them (the controller's leader
+    /// first), then applies its own log from where that copy ends.
+    async fn copy_metadata_from_a_seed(&self, log_start: i64) {
+        let cluster = self.cluster().expect("a cluster");
+        let node = cluster.settings.node_id;
+        let others: Vec<u32> = cluster.settings.seeds.iter().copied().filter(|&s| s != node).collect();
+        let applied = cluster.meta.borrow().applied_end;
+        let hook = cluster.metadata_source.borrow().clone();
+        let (Some(hook), false) = (hook, others.is_empty()) else {
+            eprintln!(
+                "pyralog: the controller's log here starts at offset {log_start}, past the cluster metadata this \
+                 node has (through offset {applied}), and no other seed can give it a copy: restore cluster.meta \
+                 from a backup"
+            );
+            glommio::timer::sleep(METADATA_RETRY * 10).await;
+            return;
+        };
+        let leader = self.controller().and_then(|c| c.role().leader).filter(|l| others.contains(l));
+        for source in leader.into_iter().chain(others.iter().copied().filter(|&s| Some(s) != leader)) {
+            match hook(source, applied).await {
+                Ok(MetadataAnswer { meta: Some(meta), .. }) if meta.applied_end >= log_start => {
+                    eprintln!(
+                        "pyralog: the controller's log here starts at offset {log_start}, past this node's cluster \
+                         metadata (through offset {applied}): took node {source}'s, through offset {}",
+                        meta.applied_end
+                    );
+                    if let Err(error) = self.install_cluster_meta(meta).await {
+                        eprintln!("pyralog: applying the cluster's metadata from node {source}: {error}");
+                    }
+                    return;
+                }
+                // Behind too, or away: the next seed.
+                Ok(_) | Err(_) => {}
+            }
+        }
+        glommio::timer::sleep(METADATA_RETRY).await;
+    }
+
     /// Shard 0: persists newer metadata and has every shard apply it, shard 0 last: a change
     /// this node waits for (`wait_applied`, on shard 0) is then known to every shard, so a
     /// client told a topic was created finds it on whichever shard it asks next.
@@ -945,12 +1015,19 @@ impl Shard {
     /// its next start, rather than serving a view that no longer moves.
     async fn install_cluster_meta(&self, meta: ClusterMeta) -> Result<(), ShardError> {
         assert_eq!(self.id, 0, "shard 0 applies the cluster's metadata");
-        if let Err(error) = meta.persist(&self.config.data_dir) {
-            eprintln!(
+        match meta.persist(&self.config.data_dir) {
+            Ok(()) => {
+                // What the stored copy covers, the controller's log need not keep.
+                if let Some(controller) = self.controller() {
+                    controller
+                        .note_snapshot(Snapshot { start: meta.applied_end, marker_end: meta.applied_end });
+                }
+            }
+            Err(error) => eprintln!(
                 "pyralog: the cluster's metadata (through controller offset {}) applies but its copy on disk \
                  stays older: {error}",
                 meta.applied_end
-            );
+            ),
         }
         for target in (1..self.count).chain([0]) {
             match self.call(target, Op::ApplyCluster { meta: meta.clone() }).await? {

@@ -1081,8 +1081,8 @@ impl Shard {
 
     async fn run_retention(self: Rc<Self>) {
         let retention = self.config.log.retention_bytes.is_some() || self.config.log.retention_ms.is_some();
-        // In a cluster, also for the offsets topic's replicas (cut below their compaction
-        // snapshots).
+        // In a cluster, also for the offsets topic's and the controller's replicas (cut below
+        // their snapshots).
         if !retention && self.cluster().is_none() {
             return;
         }
@@ -1109,17 +1109,17 @@ impl Shard {
                 }
             }
             // Replicated partitions too, each below what it knows committed and durable, and
-            // the offsets topic's below their compaction snapshots (see
-            // `Replica::apply_retention`). Not the controller's log: the cluster's metadata is
-            // its whole history.
+            // the offsets topic's and the controller's below their snapshots (see
+            // `Replica::apply_retention`).
             let replicas: Vec<Rc<crate::replica::Replica>> = self.cluster().map_or(Vec::new(), |cluster| {
                 cluster
                     .replicas
                     .borrow()
                     .iter()
                     .filter(|((topic_id, _), replica)| {
-                        *topic_id != crate::CONTROLLER_TOPIC_ID
-                            && (retention || offsets::is_internal_topic(&replica.address.topic))
+                        retention
+                            || *topic_id == crate::CONTROLLER_TOPIC_ID
+                            || offsets::is_internal_topic(&replica.address.topic)
                     })
                     .map(|(_, replica)| Rc::clone(replica))
                     .collect()

@@ -82,6 +82,7 @@ fn run_node(id: u32, dir: std::path::PathBuf, inboxes: Inboxes) -> std::thread::
                     incarnation: 1,
                     controller_disk_lost: false,
                     recovery_bytes_per_sec: 0,
+                    controller_segment_bytes: 1 << 20,
                 }),
             };
             let shard = Shard::start(pyralog_shard::new_mesh(1), config).await.expect("the shard starts");
