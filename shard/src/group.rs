@@ -116,6 +116,10 @@ const RECORD_VERSION: u8 = 0;
 const SNAPSHOT_KEY_VERSION: u8 = 1;
 /// Records in one batch of a compaction snapshot.
 const SNAPSHOT_RECORDS_PER_BATCH: usize = 1000;
+/// Bytes of metadata in one batch of a compaction snapshot, past which it takes no more
+/// records: a replicated snapshot's batches then stay within one AppendEntries message
+/// (`pyralog_replication::group::APPEND_BYTES_MAX`) like clients' commits.
+const SNAPSHOT_METADATA_BYTES_PER_BATCH: usize = 512 << 10;
 /// Bytes read from the offsets log at a time while replaying it.
 const REPLAY_READ_BYTES: usize = 1 << 20;
 /// Deadlines closer together than this are expired in one sweep.
@@ -1926,20 +1930,29 @@ const ATTRIBUTES_UNEXPECTED: i16 = 0x07 | 0x20;
 /// The control-batch bit: a replicated offsets log holds its leaders' control batches too.
 const ATTRIBUTES_CONTROL: i16 = 0x20;
 
-/// A compaction snapshot of `state`: commit batches of at most
-/// [`SNAPSHOT_RECORDS_PER_BATCH`] records, each of one group.
+/// A compaction snapshot of `state`: commit batches of one group each, of at most
+/// [`SNAPSHOT_RECORDS_PER_BATCH`] records, closed once their metadata passes
+/// [`SNAPSHOT_METADATA_BYTES_PER_BATCH`].
 fn snapshot_batches(
     state: BTreeMap<String, BTreeMap<(String, i32), CommittedOffset>>,
     now_ms: i64,
 ) -> Vec<Vec<u8>> {
     let mut batches = Vec::new();
-    for (group_id, offsets) in state.into_iter().filter(|(_, offsets)| !offsets.is_empty()) {
-        let entries: Vec<(String, i32, CommittedOffset)> = offsets
-            .into_iter()
-            .map(|((topic, partition), committed)| (topic, partition, committed))
-            .collect();
-        for chunk in entries.chunks(SNAPSHOT_RECORDS_PER_BATCH) {
-            batches.push(encode_commit_batch(&group_id, chunk, now_ms));
+    for (group_id, offsets) in state {
+        let mut entries = Vec::new();
+        let mut metadata_bytes = 0;
+        for ((topic, partition), committed) in offsets {
+            metadata_bytes += committed.metadata.as_ref().map_or(0, String::len);
+            entries.push((topic, partition, committed));
+            if entries.len() == SNAPSHOT_RECORDS_PER_BATCH
+                || metadata_bytes >= SNAPSHOT_METADATA_BYTES_PER_BATCH
+            {
+                batches.push(encode_commit_batch(&group_id, &entries, now_ms));
+                (entries, metadata_bytes) = (Vec::new(), 0);
+            }
+        }
+        if !entries.is_empty() {
+            batches.push(encode_commit_batch(&group_id, &entries, now_ms));
         }
     }
     batches
@@ -2754,6 +2767,41 @@ mod tests {
             }
             coordinator.close().await;
         });
+    }
+
+    #[test]
+    fn a_snapshot_batch_holds_one_group_and_stays_small() {
+        let committed = |offset, metadata_bytes| CommittedOffset {
+            offset,
+            leader_epoch: -1,
+            metadata: Some("m".repeat(metadata_bytes)),
+            commit_timestamp_ms: 0,
+            log_end: 0,
+        };
+        let mut state: BTreeMap<String, BTreeMap<(String, i32), CommittedOffset>> = BTreeMap::new();
+        let many = state.entry("many".to_owned()).or_default();
+        for partition in 0..2500 {
+            many.insert(("t".to_owned(), partition), committed(i64::from(partition), 0));
+        }
+        let large = state.entry("large".to_owned()).or_default();
+        for partition in 0..600 {
+            large.insert(("t".to_owned(), partition), committed(i64::from(partition), 4096));
+        }
+        let batches = snapshot_batches(state, 0);
+        let mut seen = HashMap::<String, usize>::new();
+        for bytes in &batches {
+            let header = batch::parse(bytes).unwrap();
+            assert!(bytes.len() <= 1 << 20, "a batch of {} bytes", bytes.len());
+            assert!(header.record_count as usize <= SNAPSHOT_RECORDS_PER_BATCH);
+            let records = decode_commit_batch(bytes, &header).unwrap();
+            let LogRecord::Commit(first) = &records[0] else { panic!("a commit") };
+            assert!(records
+                .iter()
+                .all(|r| matches!(r, LogRecord::Commit(c) if c.group_id == first.group_id)));
+            *seen.entry(first.group_id.clone()).or_default() += records.len();
+        }
+        assert_eq!(seen, HashMap::from([("many".to_owned(), 2500), ("large".to_owned(), 600)]));
+        assert_eq!(batches.len(), 3 + 5, "1000 + 1000 + 500 records, and 128 x 4 KiB of metadata a batch");
     }
 
     /// The snapshot of a replicated compaction holds every commit proposed before it (it waits
