@@ -315,3 +315,25 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// deploy/pyralog.toml is the reference of the config file's keys: every daemon flag but
+    /// `config` itself is there, set or commented out.
+    #[test]
+    fn the_sample_config_file_names_every_flag() {
+        let sample = include_str!("../../deploy/pyralog.toml");
+        let keys: Vec<&str> = sample
+            .lines()
+            .filter_map(|line| line.trim_start_matches('#').trim_start().split_once(" = "))
+            .map(|(key, _)| key)
+            .collect();
+        let missing: Vec<String> = daemon_flags()
+            .into_iter()
+            .filter(|flag| flag != "config" && !keys.contains(&flag.as_str()))
+            .collect();
+        assert!(missing.is_empty(), "deploy/pyralog.toml does not list {missing:?}");
+    }
+}
