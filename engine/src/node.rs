@@ -633,18 +633,27 @@ impl DataDir {
     }
 }
 
-/// Locks the lock file at `path`: `None` if another process holds it. A node removes its lock
-/// file when it stops, so the file locked may have been unlinked meanwhile by the node that
-/// held it; a lock on an unlinked file guards nothing (the next node creates a new one), so
-/// the lock is taken again until the file locked is the one the path names.
+/// Locks the lock file at `path`: `None` if another process holds it for [`LOCK_WAIT`] (a
+/// node killed a moment ago holds it until its exit finishes: `kill -9` then a start at
+/// once). A node removes its lock file when it stops, so the file locked may have been
+/// unlinked meanwhile by the node that held it; a lock on an unlinked file guards nothing
+/// (the next node creates a new one), so the lock is taken again until the file locked is
+/// the one the path names.
 fn lock(path: &Path) -> Result<Option<File>> {
     use std::os::unix::fs::MetadataExt;
-    for _ in 0..LOCK_ATTEMPTS_MAX {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut attempts = 0;
+    while attempts < LOCK_ATTEMPTS_MAX {
         let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Ok(None);
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(LOCK_POLL);
+            continue;
         }
+        attempts += 1;
         let held = file.metadata().with_context(|| format!("inspecting {}", path.display()))?;
         let named = std::fs::metadata(path).ok();
         if named.is_some_and(|named| named.ino() == held.ino() && named.dev() == held.dev()) {
@@ -656,6 +665,10 @@ fn lock(path: &Path) -> Result<Option<File>> {
 
 /// Tries at taking the lock before giving up (each retry follows a node removing its file).
 const LOCK_ATTEMPTS_MAX: usize = 8;
+/// How long a held lock is waited for before the start is refused, and how often it is
+/// tried meanwhile.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Every port the node will listen on is free, checked with the listeners' own socket options
 /// (see `pyralog_net::ports`): a port held only by connections of a node that was killed is

@@ -41,10 +41,12 @@ impl Running {
         self.0.as_ref().expect("running").id()
     }
 
-    fn kill9(mut self) {
+    /// SIGKILL, not waited for: as `kill -9 PID` in a shell returns before the process is
+    /// gone. The caller reaps it.
+    fn kill9(mut self) -> Child {
         let mut child = self.0.take().expect("running");
         child.kill().unwrap();
-        child.wait().unwrap();
+        child
     }
 
     fn terminate(mut self) -> std::process::ExitStatus {
@@ -143,10 +145,12 @@ fn the_readme_by_hand_start_runs_from_a_working_directory_and_restarts_at_once_a
         .iter()
         .map(|port| TcpStream::connect(("127.0.0.1", *port)).expect("a default port"))
         .collect();
-    node.kill9();
+    let mut killed = node.kill9();
 
+    // At once, as a shell user types it: the killed node may still be exiting.
     let restarted_at = Instant::now();
     let node = start(dir, &[]);
+    killed.wait().unwrap();
     assert!(
         restarted_at.elapsed() < Duration::from_secs(10),
         "the restart took {:?}",

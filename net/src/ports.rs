@@ -75,9 +75,11 @@ pub fn check_free(addr: SocketAddr, sharing: Sharing) -> Result<(), PortProblem>
     }
     // Which processes hold the listeners is looked up once (a walk of every process's file
     // descriptors); after that only the kernel's table is read, until the orphans are gone.
+    // A holder that is exiting (killed a moment ago, `kill -9` then a start at once) counts as
+    // gone: its sockets close as it finishes.
     let inodes = listening_sockets(addr);
-    if let Some(owner) = inodes.iter().find_map(|&inode| socket_owner(inode)) {
-        return Err(PortProblem::Listening { owner: Some(owner) });
+    if let Some(owner) = inodes.iter().find_map(|&inode| socket_owner(inode)).filter(|o| !o.exiting) {
+        return Err(PortProblem::Listening { owner: Some(owner.to_string()) });
     }
     let deadline = std::time::Instant::now() + ORPHAN_LISTENER_WAIT;
     let mut inodes = inodes;
@@ -91,11 +93,12 @@ pub fn check_free(addr: SocketAddr, sharing: Sharing) -> Result<(), PortProblem>
     bind(addr, sharing).map(drop).map_err(PortProblem::Bind)
 }
 
-/// How long a listening socket that no process holds may take to go away. A process killed
-/// with io_uring accepts pending leaves its listeners to the kernel until the ring's teardown
-/// (asynchronous, after the exit) cancels them: a few milliseconds, more on a loaded machine.
-/// A listener of a process this one may not look into (another user's) also waits this long
-/// before it is reported.
+/// How long a listening socket that no live process holds may take to go away. A process
+/// killed with io_uring accepts pending leaves its listeners to the kernel until the ring's
+/// teardown (asynchronous, after the exit) cancels them: a few milliseconds, more on a loaded
+/// machine; one still exiting (waiting for its in-flight disk writes) closes them a moment
+/// later. A listener of a process this one may not look into (another user's) also waits
+/// this long before it is reported.
 const ORPHAN_LISTENER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 const ORPHAN_LISTENER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -165,9 +168,24 @@ fn parse_table_ip(hex: &str) -> Option<IpAddr> {
     }
 }
 
-/// "process 1234 (pyralog)" for the process holding socket `inode`, when this process may look
-/// at its file descriptors (same user, or root).
-fn socket_owner(inode: u64) -> Option<String> {
+/// The process holding a socket.
+struct Owner {
+    pid: u32,
+    name: String,
+    /// Killed or exiting: it holds its sockets only until its exit finishes.
+    exiting: bool,
+}
+
+impl std::fmt::Display for Owner {
+    /// "process 1234 (pyralog)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "process {} ({})", self.pid, self.name)
+    }
+}
+
+/// The process holding socket `inode`, when this process may look at its file descriptors
+/// (same user, or root).
+fn socket_owner(inode: u64) -> Option<Owner> {
     let target = format!("socket:[{inode}]");
     for process in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = process.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
@@ -179,10 +197,36 @@ fn socket_owner(inode: u64) -> Option<String> {
             .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str()));
         if holds {
             let name = std::fs::read_to_string(process.path().join("comm")).unwrap_or_default();
-            return Some(format!("process {pid} ({})", name.trim()));
+            let stat = std::fs::read_to_string(process.path().join("stat")).unwrap_or_default();
+            let status = std::fs::read_to_string(process.path().join("status")).unwrap_or_default();
+            let exiting = is_exiting(&stat, &status);
+            return Some(Owner { pid, name: name.trim().to_owned(), exiting });
         }
     }
     None
+}
+
+/// The kernel's flag on a task that has begun to exit (`PF_EXITING`, `/proc/PID/stat`'s 9th
+/// field).
+const PF_EXITING: u64 = 0x4;
+/// SIGKILL's bit in the pending-signal masks of `/proc/PID/status`.
+const SIGKILL_PENDING: u64 = 1 << (9 - 1);
+
+/// Whether a process is on its way out, from its `/proc/PID/stat` and `/proc/PID/status`:
+/// dead or a zombie, exiting, or with a SIGKILL pending (not yet delivered).
+fn is_exiting(stat: &str, status: &str) -> bool {
+    // "pid (comm) state ppid pgrp session tty_nr tpgid flags ...": comm may hold anything,
+    // so the fields are counted from its closing parenthesis.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let dead = fields.first().is_some_and(|state| matches!(*state, "Z" | "X" | "x"));
+    let flags = fields.get(6).and_then(|flags| flags.parse::<u64>().ok()).unwrap_or(0);
+    let killed = status.lines().any(|line| {
+        let Some((name, mask)) = line.split_once(':') else { return false };
+        matches!(name, "SigPnd" | "ShdPnd")
+            && u64::from_str_radix(mask.trim(), 16).is_ok_and(|mask| mask & SIGKILL_PENDING != 0)
+    });
+    dead || flags & PF_EXITING != 0 || killed
 }
 
 #[cfg(test)]
@@ -202,6 +246,23 @@ mod tests {
         assert_eq!(entry.local, "[::1]:9092".parse().unwrap());
         assert!(!entry.listening);
         assert_eq!(TableEntry::parse("  sl  local_address rem_address   st"), None);
+    }
+
+    #[test]
+    fn a_killed_or_exiting_process_is_told_from_a_live_one() {
+        let stat =
+            |state: &str, flags: u64| format!("1234 (py ralog) x) {state} 1 1234 1234 0 -1 {flags} 12 0 0");
+        let status =
+            |pending: &str| format!("Name:\tpyralog\nSigPnd:\t0000000000000000\nShdPnd:\t{pending}\n");
+        let quiet = status("0000000000000000");
+        assert!(!is_exiting(&stat("S", 0x400040), &quiet), "a sleeping process");
+        assert!(!is_exiting(&stat("R", 0x400040), &status("0000000000004000")), "SIGTERM pending only");
+        assert!(is_exiting(&stat("D", 0x400044), &quiet), "PF_EXITING");
+        assert!(is_exiting(&stat("Z", 0x400040), &quiet), "a zombie");
+        assert!(is_exiting(&stat("S", 0x400040), &status("0000000000000100")), "SIGKILL pending");
+        // This very process, alive.
+        let me = |file: &str| std::fs::read_to_string(format!("/proc/self/{file}")).unwrap();
+        assert!(!is_exiting(&me("stat"), &me("status")));
     }
 
     #[test]
