@@ -134,6 +134,11 @@ pub struct NodeArgs {
     /// the segments before that are deleted (in a cluster, on every replica). 64 KiB to 64 GiB.
     #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range((64 << 10)..=(64 << 30)))]
     pub offsets_compact_bytes: u64,
+    /// A consumer group without members for this long loses the offsets it committed longer
+    /// ago than this, at its offsets log's next compaction (Kafka's offsets.retention.minutes;
+    /// default 7 days).
+    #[arg(long, value_name = "MINUTES", default_value_t = 7 * 24 * 60, value_parser = clap::value_parser!(u64).range(1..=(100 * 365 * 24 * 60)))]
+    pub offsets_retention_minutes: u64,
     /// First per-shard port: shard i also listens on this port + i, so a shard-aware client
     /// reaches a partition's owner with no cross-core hop. Default: the --listen port + 1.
     /// 0 picks free ports (reported in metadata).

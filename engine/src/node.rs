@@ -514,6 +514,7 @@ fn shard_config(args: &NodeArgs) -> ShardConfig {
             initial_rebalance_delay: Duration::from_millis(args.group_initial_rebalance_delay_ms),
             offsets_segment_bytes: args.offsets_segment_bytes,
             offsets_compact_growth_bytes: args.offsets_compact_bytes,
+            offsets_retention: Duration::from_secs(args.offsets_retention_minutes * 60),
             ..GroupConfig::default()
         },
         cluster: None,

@@ -76,8 +76,9 @@
 //!   `partition: i32`;
 //! - value: `version: u8 = 0`, `offset: i64`, `leader_epoch: i32`, `metadata: i32 length
 //!   (-1 for none) + bytes`, `commit_timestamp_ms: i64`;
-//! - a snapshot marker (replicated logs, alone in its batch): key `version: u8 = 1`, value
-//!   `version: u8 = 0`, `snapshot_start: i64`.
+//! - a snapshot marker (alone in its batch, after a compaction's snapshot): key `version: u8 =
+//!   1`, value `version: u8 = 0`, `snapshot_start: i64` (-1: the snapshot is empty and starts
+//!   at the marker). Replay drops every offset written before a marker's start.
 //!
 //! Invariants owned here:
 //! - offsets visible to [`GroupCoordinator::fetch_offsets`] are durable in the offsets log
@@ -111,9 +112,11 @@ pub const GROUP_ID_BYTES_MAX: usize = i16::MAX as usize;
 pub const OFFSET_METADATA_BYTES_LIMIT: usize = 1 << 20;
 /// Version byte that starts the key and the value of every offsets-log record.
 const RECORD_VERSION: u8 = 0;
-/// The key of a snapshot marker (replicated logs): this byte alone, the value
-/// `version: u8 = 0`, `snapshot_start: i64` (see [`snapshot_start`]).
+/// The key of a snapshot marker: this byte alone, the value `version: u8 = 0`,
+/// `snapshot_start: i64` (see [`snapshot_start`]).
 const SNAPSHOT_KEY_VERSION: u8 = 1;
+/// A marker's `snapshot_start` for an empty snapshot: it starts at the marker itself.
+const SNAPSHOT_AT_MARKER: i64 = -1;
 /// Records in one batch of a compaction snapshot.
 const SNAPSHOT_RECORDS_PER_BATCH: usize = 1000;
 /// Bytes of metadata in one batch of a compaction snapshot, past which it takes no more
@@ -148,6 +151,9 @@ pub struct GroupConfig {
     /// The offsets log is compacted once it has grown this much since its last compaction:
     /// every committed offset is written again, and the segments before that are deleted.
     pub offsets_compact_growth_bytes: u64,
+    /// A group without members for this long loses its offsets committed longer ago than
+    /// this, at the next compaction (Kafka's offsets.retention.minutes, KIP-211).
+    pub offsets_retention: Duration,
 }
 
 impl Default for GroupConfig {
@@ -161,6 +167,7 @@ impl Default for GroupConfig {
             offset_metadata_bytes_max: 4096,
             offsets_segment_bytes: 16 << 20,
             offsets_compact_growth_bytes: 64 << 20,
+            offsets_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -761,22 +768,46 @@ impl GroupCoordinator {
             self.commit_or_compaction_done.listen().await;
         }
         self.check_open()?;
+        self.expire_offsets();
         let now_ms = unix_time_ms();
         let mut snapshot_start = None;
         for bytes in snapshot_batches(self.committed_state(), now_ms) {
             let (first, _) = append(Bytes::from(bytes)).await?;
             snapshot_start.get_or_insert(first);
         }
-        if let Some(start) = snapshot_start {
-            assert_eq!(
-                self.commits_in_flight.get(),
-                0,
-                "no commit is proposed between a snapshot and its marker"
-            );
-            append(Bytes::from(encode_snapshot_marker(start, now_ms))).await?;
-        }
+        assert_eq!(
+            self.commits_in_flight.get(),
+            0,
+            "no commit is proposed between a snapshot and its marker"
+        );
+        // An empty snapshot (every offset expired) starts at its marker.
+        let marker = encode_snapshot_marker(snapshot_start.unwrap_or(SNAPSHOT_AT_MARKER), now_ms);
+        append(Bytes::from(marker)).await?;
         self.written_since_snapshot.set(0);
         Ok(())
+    }
+
+    /// Drops the committed offsets retention lets go (Kafka's offsets.retention.minutes, as
+    /// KIP-211 counts it): those of a group that has had no member for the retention period,
+    /// committed longer ago than that. Groups left with nothing are forgotten. Runs before a
+    /// compaction's snapshot, which then leaves them out. Returns how many went.
+    fn expire_offsets(&self) -> usize {
+        let retention = self.config.offsets_retention;
+        let cutoff_ms =
+            unix_time_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        let now = Instant::now();
+        let mut groups = self.groups.borrow_mut();
+        let mut expired = 0;
+        for group in groups.values_mut() {
+            if !group.members.is_empty() || now.duration_since(group.emptied_at) < retention {
+                continue;
+            }
+            let before = group.offsets.len();
+            group.offsets.retain(|_, committed| committed.commit_timestamp_ms >= cutoff_ms);
+            expired += before - group.offsets.len();
+        }
+        groups.retain(|_, group| !group.is_unused());
+        expired
     }
 
     /// Every group's applied committed offsets.
@@ -964,6 +995,7 @@ impl GroupCoordinator {
     /// point leaves either the old records, or the old records and the snapshot: replay
     /// (later records win) gives the same offsets either way.
     async fn compact(&self) -> Result<(), pyralog_dma::LogError> {
+        self.expire_offsets();
         let mut state = self.committed_state();
         for commit in self.unflushed_commits.borrow().iter() {
             let offsets = state.entry(commit.group_id.clone()).or_default();
@@ -972,7 +1004,11 @@ impl GroupCoordinator {
             }
         }
         let snapshot_start = self.local_log().next_offset();
-        for bytes in snapshot_batches(state, unix_time_ms()) {
+        let now_ms = unix_time_ms();
+        // The marker lets a replay after a crash before the deletion below drop what the
+        // snapshot left out (expired offsets), as a replicated log's replay does.
+        let marker = encode_snapshot_marker(snapshot_start, now_ms);
+        for bytes in snapshot_batches(state, now_ms).into_iter().chain([marker]) {
             let headers = batch::parse_all(&bytes).expect("the batch this module built is well formed");
             self.local_log().append(Bytes::from(bytes), &headers)?;
         }
@@ -1221,6 +1257,9 @@ struct Group {
     initial_delay_left: Option<Duration>,
     new_member_added: bool,
     offsets: BTreeMap<(String, i32), CommittedOffset>,
+    /// When its last member left (or this coordinator learned of the group, which then had
+    /// none): offsets retention counts from here.
+    emptied_at: Instant,
 }
 
 impl Group {
@@ -1241,6 +1280,7 @@ impl Group {
             initial_delay_left: None,
             new_member_added: false,
             offsets: BTreeMap::new(),
+            emptied_at: Instant::now(),
         }
     }
 
@@ -1522,6 +1562,9 @@ impl Group {
         }
         if self.leader_id.as_deref() == Some(member_id) {
             self.leader_id = self.members.keys().next().cloned();
+        }
+        if self.members.is_empty() {
+            self.emptied_at = Instant::now();
         }
         true
     }
@@ -1864,7 +1907,8 @@ struct Replayed {
 
 /// Reads the offsets log below `end_offset` (durable), later commits of a partition replacing
 /// earlier ones. A replicated log also holds its leaders' control batches: `skip_control`.
-/// Snapshot markers change nothing here: the snapshot they close holds the latest offsets.
+/// A snapshot marker drops every offset written before its snapshot's start: the snapshot
+/// holds every offset it kept (those it left out expired).
 async fn replay(log: &Log, end_offset: i64, skip_control: bool) -> Result<Replayed, ShardError> {
     assert!(end_offset <= log.durable_offset(), "replay reads durable batches only");
     let mut groups: HashMap<String, Group> = HashMap::new();
@@ -1897,6 +1941,11 @@ async fn replay(log: &Log, end_offset: i64, skip_control: bool) -> Result<Replay
                 let record = match record {
                     LogRecord::Commit(record) => record,
                     LogRecord::SnapshotStart(start) => {
+                        let start = marker_start(start, header);
+                        for group in groups.values_mut() {
+                            group.offsets.retain(|_, committed| committed.log_end > start);
+                        }
+                        groups.retain(|_, group| !group.offsets.is_empty());
                         snapshot = Some(Snapshot { start, marker_end: header.next_offset() });
                         continue;
                     }
@@ -2071,7 +2120,8 @@ fn put_varint(out: &mut Vec<u8>, value: i64) {
 enum LogRecord {
     /// A committed offset.
     Commit(OffsetRecord),
-    /// A compaction snapshot that started at this offset is complete.
+    /// A compaction snapshot that started at this offset is complete
+    /// ([`SNAPSHOT_AT_MARKER`]: an empty one, at the marker).
     SnapshotStart(i64),
 }
 
@@ -2093,8 +2143,17 @@ pub(crate) fn snapshot_start(batch: &[u8], header: &BatchHeader) -> Option<i64> 
         return None;
     }
     match decode_commit_batch(batch, header).ok()?.pop()? {
-        LogRecord::SnapshotStart(start) => Some(start),
+        LogRecord::SnapshotStart(start) => Some(marker_start(start, header)),
         LogRecord::Commit(_) => None,
+    }
+}
+
+/// Where the snapshot a marker closes starts: as it says, or at the marker itself.
+fn marker_start(start: i64, marker: &BatchHeader) -> i64 {
+    if start == SNAPSHOT_AT_MARKER {
+        marker.base_offset
+    } else {
+        start
     }
 }
 
@@ -2136,7 +2195,7 @@ fn decode_record(key: &[u8], value: &[u8]) -> Result<LogRecord, String> {
     let value_version = value.u8()?;
     if key_version == SNAPSHOT_KEY_VERSION && value_version == RECORD_VERSION {
         let start = value.i64()?;
-        if !key.bytes.is_empty() || !value.bytes.is_empty() || start < 0 {
+        if !key.bytes.is_empty() || !value.bytes.is_empty() || start < SNAPSHOT_AT_MARKER {
             return Err("a snapshot marker with trailing bytes or a negative start".to_owned());
         }
         return Ok(LogRecord::SnapshotStart(start));
@@ -2766,6 +2825,102 @@ mod tests {
                 }
             }
             coordinator.close().await;
+        });
+    }
+
+    /// Kafka's offsets.retention.minutes (KIP-211): a group without members loses, at the
+    /// next compaction, the offsets it committed longer ago than the retention; a group with a
+    /// member keeps them, as do recent commits; and a restart does not bring them back.
+    #[test]
+    fn offsets_of_a_group_without_members_expire_at_the_next_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let expiring = GroupConfig {
+            offsets_compact_growth_bytes: 64 << 10,
+            offsets_retention: Duration::from_millis(300),
+            ..config()
+        };
+        let log_config = LogConfig { index_interval_bytes: 1024, ..LogConfig::default() };
+        run(async {
+            let open = || {
+                GroupCoordinator::open_with(dir.path().join("groups"), log_config.clone(), expiring.clone())
+            };
+            let coordinator = open().await.unwrap();
+            let member = form_group(&coordinator, vec![join_request("kept", "", "c")]).await.remove(0);
+            let commit = |group: &str, generation: i32, member_id: &str, offsets: &[(&str, i32, i64)]| {
+                let request = commit_request(group, generation, member_id, offsets);
+                let coordinator = Rc::clone(&coordinator);
+                async move { errors(coordinator.commit_offsets(request).await).into_iter().all(|r| r.is_ok()) }
+            };
+            assert!(commit("gone", -1, "", &[("t", 0, 5)]).await);
+            assert!(commit("kept", member.generation_id, &member.member_id, &[("t", 0, 6)]).await);
+            glommio::timer::sleep(Duration::from_millis(400)).await;
+            // Past the retention: recent commits, enough of them for two compactions.
+            let partitions: Vec<(&str, i32, i64)> = (0..100).map(|p| ("t", p, 7)).collect();
+            for _ in 0..50 {
+                assert!(commit("fresh", -1, "", &partitions).await);
+            }
+            assert!(coordinator.local_log().log_start_offset() > 0, "compacted");
+            let served = |coordinator: &GroupCoordinator, group: &str| {
+                coordinator.fetch_offsets(group, Some(vec![("t".to_owned(), 0)]))[0].2
+            };
+            assert_eq!(
+                [served(&coordinator, "gone"), served(&coordinator, "kept"), served(&coordinator, "fresh")],
+                [-1, 6, 7]
+            );
+            assert!(coordinator.list_groups().iter().all(|(group, _, _)| group != "gone"), "forgotten");
+            coordinator.close().await;
+
+            let coordinator = open().await.unwrap();
+            assert_eq!(
+                [served(&coordinator, "gone"), served(&coordinator, "kept"), served(&coordinator, "fresh")],
+                [-1, 6, 7],
+                "a restart brings nothing back"
+            );
+            coordinator.close().await;
+        });
+    }
+
+    /// A crash between a compaction's snapshot and the deletion of what it replaced: replay
+    /// drops every offset written before the snapshot's start, also for an empty snapshot.
+    #[test]
+    fn a_replay_drops_what_a_snapshot_marker_supersedes() {
+        let dir = tempfile::tempdir().unwrap();
+        run(async {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let append = |bytes: Vec<u8>| {
+                let headers = batch::parse_all(&bytes).unwrap();
+                log.append(Bytes::from(bytes), &headers).unwrap();
+            };
+            let commit = |group: &str, offset| {
+                let committed = CommittedOffset {
+                    offset,
+                    leader_epoch: -1,
+                    metadata: None,
+                    commit_timestamp_ms: 0,
+                    log_end: 0,
+                };
+                encode_commit_batch(group, &[("t".to_owned(), 0, committed)], 0)
+            };
+            append(commit("expired", 1));
+            append(commit("kept", 2));
+            let start = log.next_offset();
+            append(commit("kept", 2)); // the snapshot, without the expired group
+            append(encode_snapshot_marker(start, 0));
+            append(commit("new", 3));
+            log.flush().await.unwrap();
+            let replayed = replay(&log, log.durable_offset(), false).await.unwrap();
+            let mut groups: Vec<&str> = replayed.groups.keys().map(String::as_str).collect();
+            groups.sort_unstable();
+            assert_eq!(groups, ["kept", "new"]);
+            assert_eq!(replayed.snapshot, Some(Snapshot { start: 2, marker_end: 4 }));
+
+            // Every offset expired: the snapshot is empty and starts at its marker.
+            append(encode_snapshot_marker(SNAPSHOT_AT_MARKER, 0));
+            log.flush().await.unwrap();
+            let replayed = replay(&log, log.durable_offset(), false).await.unwrap();
+            assert!(replayed.groups.is_empty(), "{:?}", replayed.groups.keys().collect::<Vec<_>>());
+            assert_eq!(replayed.snapshot, Some(Snapshot { start: 5, marker_end: 6 }));
+            log.close().await.unwrap();
         });
     }
 
