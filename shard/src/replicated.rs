@@ -806,25 +806,23 @@ impl Shard {
         durability: Durability,
     ) -> Result<Rc<Replica>, ShardError> {
         let cluster = self.cluster().expect("replicas live in a cluster");
-        let log_config = if address.topic_id == CONTROLLER_TOPIC_ID {
-            // Cut below the stored metadata, never by retention (see `Replica::apply_retention`).
-            LogConfig {
-                segment_bytes: cluster.settings.controller_segment_bytes,
-                retention_bytes: None,
-                retention_ms: None,
-                ..self.config.log.clone()
-            }
+        // The compacted logs (see `Replica::apply_retention`) are cut below their snapshots,
+        // never by the node's retention, in segments small enough that a cut frees whole ones.
+        let compacted_segment_bytes = if address.topic_id == CONTROLLER_TOPIC_ID {
+            Some(cluster.settings.controller_segment_bytes)
         } else if crate::offsets::is_internal_topic(&address.topic) {
-            // Small segments, so compaction frees whole ones; the node's retention never
-            // applies (see `Replica::apply_retention`).
-            LogConfig {
-                segment_bytes: self.config.groups.offsets_segment_bytes,
+            Some(self.config.groups.offsets_segment_bytes)
+        } else {
+            None
+        };
+        let log_config = match compacted_segment_bytes {
+            Some(segment_bytes) => LogConfig {
+                segment_bytes,
                 retention_bytes: None,
                 retention_ms: None,
                 ..self.config.log.clone()
-            }
-        } else {
-            self.config.log.clone()
+            },
+            None => self.config.log.clone(),
         };
         let log = Log::open(dir, log_config).await?;
         let producers = crate::shard::rebuild_producers(&log).await?;
