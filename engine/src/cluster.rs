@@ -111,6 +111,7 @@ impl ClusterPlan {
             heartbeat_ticks: args.heartbeat_interval_ms.div_ceil(tick_ms).max(1) as u32,
             election_ticks: args.election_timeout_ms.div_ceil(tick_ms).max(2) as u32,
             default_replication_factor: args.default_replication_factor,
+            offsets_replication_factor: args.offsets_topic_replication_factor,
             replica_lag_time_max: Duration::from_millis(args.replica_lag_time_max_ms),
             incarnation: 0,
             controller_disk_lost: false,

@@ -135,10 +135,15 @@ pub struct NodeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range((64 << 10)..=(64 << 30)))]
     pub offsets_compact_bytes: u64,
     /// A consumer group without members for this long loses the offsets it committed longer
-    /// ago than this, at its offsets log's next compaction (Kafka's offsets.retention.minutes;
-    /// default 7 days).
+    /// ago than this (Kafka's offsets.retention.minutes; default 7 days). A group loaded from
+    /// the log counts its time without members from its latest commit.
     #[arg(long, value_name = "MINUTES", default_value_t = 7 * 24 * 60, value_parser = clap::value_parser!(u64).range(1..=(100 * 365 * 24 * 60)))]
     pub offsets_retention_minutes: u64,
+    /// How often each group coordinator looks for offsets past --offsets-retention-minutes
+    /// and, finding any, compacts its offsets log at once to drop them (Kafka's
+    /// offsets.retention.check.interval.ms). 1 s to 1 day.
+    #[arg(long, value_name = "MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1000..=86_400_000))]
+    pub offsets_retention_check_interval_ms: u64,
     /// First per-shard port: shard i also listens on this port + i, so a shard-aware client
     /// reaches a partition's owner with no cross-core hop. Default: the --listen port + 1.
     /// 0 picks free ports (reported in metadata).
@@ -229,6 +234,13 @@ pub struct NodeArgs {
     /// fewer.
     #[arg(long, value_name = "COUNT")]
     pub default_replication_factor: Option<u32>,
+    /// Replicas of the consumer-offsets topic (Kafka's offsets.topic.replication.factor),
+    /// created when a consumer group first needs it. Unset: 3 (or --default-replication-factor),
+    /// at most the nodes registered then. Set: exactly this many; until that many nodes are
+    /// registered, consumer groups are answered COORDINATOR_NOT_AVAILABLE (they retry) and
+    /// the node says why. Fixed once the topic exists.
+    #[arg(long, value_name = "COUNT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub offsets_topic_replication_factor: Option<u32>,
     /// How often a partition's leader tells its followers it is alive.
     #[arg(long, value_name = "MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(10..=10_000))]
     pub heartbeat_interval_ms: u64,

@@ -515,6 +515,7 @@ fn shard_config(args: &NodeArgs) -> ShardConfig {
             offsets_segment_bytes: args.offsets_segment_bytes,
             offsets_compact_growth_bytes: args.offsets_compact_bytes,
             offsets_retention: Duration::from_secs(args.offsets_retention_minutes * 60),
+            offsets_retention_check_interval: Duration::from_millis(args.offsets_retention_check_interval_ms),
             ..GroupConfig::default()
         },
         cluster: None,

@@ -14,6 +14,7 @@ import time
 API_PRODUCE = 0
 API_FETCH = 1
 API_METADATA = 3
+API_FIND_COORDINATOR = 10
 API_INIT_PRODUCER_ID = 22
 API_OFFSET_FOR_LEADER_EPOCH = 23
 
@@ -279,6 +280,16 @@ class Connection:
         reader = self.request(API_INIT_PRODUCER_ID, version, string(None) + struct.pack(">i", 60_000))
         _throttle, error, producer_id, epoch = reader.take(">ihqh")
         return error, producer_id, epoch
+
+    def find_coordinator(self, group: str):
+        """FindCoordinator v1 for a consumer group: (error, error message, node id, host, port)."""
+        reader = self.request(API_FIND_COORDINATOR, 1, string(group) + struct.pack(">b", 0))
+        _throttle, error = reader.take(">ih")
+        message = reader.string()
+        node_id = reader.take(">i")
+        host = reader.string()
+        port = reader.take(">i")
+        return error, message, node_id, host, port
 
     def produce(self, topic: str, partition: int, records: bytes, acks: int = -1, timeout_ms: int = 10_000):
         """Produce v3 of one record set to one partition: (error, base offset)."""

@@ -484,6 +484,22 @@ def commit_until_acknowledged(consumer, deadline_s=CLIENT_TIMEOUT_S):
             consumer.poll(0.1)  # serves the group's rejoin
 
 
+def consume_and_commit(bootstrap, group, topic, count):
+    """Joins `group`, consumes `count` records of `topic` from the beginning, commits its
+    positions (see commit_until_acknowledged) and leaves; returns what was committed."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    taken, deadline = 0, time.monotonic() + CLIENT_TIMEOUT_S
+    while taken < count and time.monotonic() < deadline:
+        message = consumer.poll(0.2)
+        taken += message is not None and not message.error()
+    assert taken == count, f"consumed {taken} of {count}"
+    committed = commit_until_acknowledged(consumer)
+    consumer.close()
+    return committed
+
+
 def serves(served, acknowledged):
     """Whether the offsets served are the ones acknowledged (partitions never committed have
     none: a negative offset)."""
@@ -521,22 +537,65 @@ def test_the_offsets_topic_counts_brokers_as_well_as_seeds(one_seed_two_brokers)
                lambda: all(leader_node(cluster.bootstrap, "few-seeds", p) for p in range(2)))
     acknowledged = produce(cluster.bootstrap, "few-seeds", 200, "first")
     assert len(acknowledged) == 200
-    consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "few-seeds-group",
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-    consumer.subscribe(["few-seeds"])
-    taken, deadline = 0, time.monotonic() + CLIENT_TIMEOUT_S
-    while taken < 100 and time.monotonic() < deadline:
-        message = consumer.poll(0.2)
-        taken += message is not None and not message.error()
-    assert taken == 100, f"consumed {taken} of 100"
-    committed = commit_until_acknowledged(consumer)
-    consumer.close()
+    committed = consume_and_commit(cluster.bootstrap, "few-seeds-group", "few-seeds", 100)
     placed = cluster_view(cluster.node(1))["topics"]["__consumer_offsets"]["replicas"]
     assert len(placed) == GROUP_LOGS and all(len(replicas) == 3 for replicas in placed), placed
     cluster.node(3).kill9()
     bootstrap = ",".join(node.bootstrap for node in cluster.nodes[:2])
     wait_until("the offsets are served with a broker down",
                lambda: serves(committed_offsets(bootstrap, "few-seeds-group", "few-seeds", 2), committed))
+
+
+def test_the_offsets_topic_replication_factor_flag_waits_for_that_many_nodes(request, pyralog_bin, tmp_path):
+    """--offsets-topic-replication-factor 2 (Kafka's offsets.topic.replication.factor) on one
+    seed and two brokers: the seed alone answers groups COORDINATOR_NOT_AVAILABLE, saying why
+    (and logging it once, not per request), where unset it would create the topic with one
+    replica; once the brokers registered, the topic has exactly two replicas per partition
+    where unset it would have three."""
+    import kafka_wire
+
+    cluster = Cluster(pyralog_bin, str(tmp_path), size=1, brokers=2,
+                      extra_args=["--offsets-topic-replication-factor", "2"])
+    request.node.pyralog_nodes = cluster.nodes
+    try:
+        seed = cluster.node(1).start().wait_ready()
+        wait_until("the seed is registered", lambda: len(cluster_view(seed)["nodes"]) == 1)
+        for _ in range(5):
+            with kafka_wire.Connection(seed.bootstrap, timeout_s=CLIENT_TIMEOUT_S) as wire:
+                error, message, _node, _host, _port = wire.find_coordinator("waiting-group")
+            assert error == 15, (error, message)  # COORDINATOR_NOT_AVAILABLE
+            assert "--offsets-topic-replication-factor 2 needs 2 nodes registered, and 1 are" in message, message
+        assert "__consumer_offsets" not in cluster_view(seed)["topics"]
+        with open(seed.stderr_path(), errors="replace") as stderr:
+            said = stderr.read().count("needs 2 nodes registered")
+        assert 1 <= said <= 2, f"said {said} times in 5 requests over two shards"
+
+        for node in cluster.nodes[1:]:
+            node.start()
+        for node in cluster.nodes[1:]:
+            node.wait_ready()
+        cluster.wait_formed()
+
+        def coordinator_found():
+            with kafka_wire.Connection(seed.bootstrap, timeout_s=CLIENT_TIMEOUT_S) as wire:
+                error, _message, node, _host, _port = wire.find_coordinator("waiting-group")
+            return error == 0 and node // 1000 in (1, 2, 3)
+
+        wait_until("the group has a coordinator", coordinator_found)
+        placed = cluster_view(seed)["topics"]["__consumer_offsets"]["replicas"]
+        assert len(placed) == GROUP_LOGS and all(len(replicas) == 2 for replicas in placed), placed
+        # A commit goes through it.
+        create_topic(seed.bootstrap, "two-replica-offsets", 1, 3)
+        wait_until("the partition has a leader", lambda: leader_node(cluster.bootstrap, "two-replica-offsets", 0))
+        acknowledged = produce(cluster.bootstrap, "two-replica-offsets", 10, "x")
+        assert len(acknowledged) == 10
+        committed = consume_and_commit(cluster.bootstrap, "waiting-group", "two-replica-offsets", 10)
+        assert committed == {0: max(offset for _, offset in acknowledged) + 1}, (committed, acknowledged)
+        wait_until("the offsets are served",
+                   lambda: serves(committed_offsets(cluster.bootstrap, "waiting-group", "two-replica-offsets", 1),
+                                  committed))
+    finally:
+        cluster.stop()
 
 
 def test_a_consumer_group_keeps_its_offsets_when_its_coordinator_is_killed(cluster):

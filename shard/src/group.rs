@@ -154,6 +154,10 @@ pub struct GroupConfig {
     /// A group without members for this long loses its offsets committed longer ago than
     /// this, at the next compaction (Kafka's offsets.retention.minutes, KIP-211).
     pub offsets_retention: Duration,
+    /// How often the coordinator looks for offsets that retention lets go, and compacts at
+    /// once if it finds any (Kafka's offsets.retention.check.interval.ms): a quiet log drops
+    /// them too, not only one whose growth starts compactions.
+    pub offsets_retention_check_interval: Duration,
 }
 
 impl Default for GroupConfig {
@@ -168,6 +172,7 @@ impl Default for GroupConfig {
             offsets_segment_bytes: 16 << 20,
             offsets_compact_growth_bytes: 64 << 20,
             offsets_retention: Duration::from_secs(7 * 24 * 3600),
+            offsets_retention_check_interval: Duration::from_secs(600),
         }
     }
 }
@@ -204,6 +209,10 @@ pub enum GroupError {
     /// The coordinator is closed (the node is shutting down).
     #[error("the group coordinator is not available")]
     CoordinatorNotAvailable,
+    /// A cluster's offsets topic does not exist and cannot be created yet (too few nodes
+    /// registered, say): why.
+    #[error("the group coordinator is not available: {0}")]
+    OffsetsTopicUnavailable(String),
     /// This node no longer (or not yet) leads the group's offsets partition: ask
     /// FindCoordinator again.
     #[error("this broker is not the group's coordinator; find the coordinator again")]
@@ -223,7 +232,7 @@ impl GroupError {
             GroupError::UnknownTopicOrPartition => 3,
             GroupError::OffsetMetadataTooLarge => 12,
             GroupError::CoordinatorLoadInProgress => 14,
-            GroupError::CoordinatorNotAvailable => 15,
+            GroupError::CoordinatorNotAvailable | GroupError::OffsetsTopicUnavailable(_) => 15,
             GroupError::NotCoordinator => 16,
             GroupError::IllegalGeneration => 22,
             GroupError::InconsistentGroupProtocol => 23,
@@ -392,6 +401,10 @@ pub struct GroupCoordinator {
     compacting: Cell<bool>,
     /// Replicated: a commit was answered, or a compaction ended.
     commit_or_compaction_done: Event,
+    /// Local: the retention check asks the flusher to compact now.
+    compact_requested: Cell<bool>,
+    /// When the sweeper next looks for offsets retention lets go.
+    next_retention_check: Cell<Instant>,
 }
 
 struct UnflushedCommit {
@@ -479,6 +492,7 @@ impl GroupCoordinator {
     fn new(config: GroupConfig, store: OffsetsStore, groups: HashMap<String, Group>) -> Rc<GroupCoordinator> {
         assert!(config.session_timeout_min <= config.session_timeout_max, "session timeout range is empty");
         assert!(config.members_per_group_max > 0, "a group must be able to have a member");
+        let first_retention_check = Instant::now() + config.offsets_retention_check_interval;
         let coordinator = Rc::new_cyclic(|me| GroupCoordinator {
             me: me.clone(),
             config,
@@ -501,6 +515,8 @@ impl GroupCoordinator {
             commits_in_flight: Cell::new(0),
             compacting: Cell::new(false),
             commit_or_compaction_done: Event::default(),
+            compact_requested: Cell::new(false),
+            next_retention_check: Cell::new(first_retention_check),
         });
         glommio::spawn_local(Rc::clone(&coordinator).run_sweeper()).detach();
         coordinator
@@ -735,13 +751,27 @@ impl GroupCoordinator {
             }
         }
         self.written_since_snapshot.set(self.written_since_snapshot.get() + written);
-        if self.written_since_snapshot.get() >= self.config.offsets_compact_growth_bytes
-            && !self.compacting.get()
-        {
-            self.compacting.set(true);
-            glommio::spawn_local(Rc::clone(&self).compact_replicated()).detach();
+        if self.written_since_snapshot.get() >= self.config.offsets_compact_growth_bytes {
+            self.start_compaction();
         }
         Ok(())
+    }
+
+    /// Starts a compaction unless one is under way: a local log's in its flusher, a
+    /// replicated one's in a task of its own.
+    fn start_compaction(&self) {
+        match &self.store {
+            OffsetsStore::Local(_) => {
+                self.compact_requested.set(true);
+                self.flusher_wake.notify();
+            }
+            OffsetsStore::Replicated(_) => {
+                if !self.compacting.replace(true) {
+                    let me = self.me.upgrade().expect("a coordinator's tasks hold it");
+                    glommio::spawn_local(me.compact_replicated()).detach();
+                }
+            }
+        }
     }
 
     /// Compaction of a replicated offsets log: with commits held back and none in flight,
@@ -792,14 +822,11 @@ impl GroupCoordinator {
     /// committed longer ago than that. Groups left with nothing are forgotten. Runs before a
     /// compaction's snapshot, which then leaves them out. Returns how many went.
     fn expire_offsets(&self) -> usize {
-        let retention = self.config.offsets_retention;
-        let cutoff_ms =
-            unix_time_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-        let now = Instant::now();
+        let cutoff_ms = self.retention_cutoff_ms();
         let mut groups = self.groups.borrow_mut();
         let mut expired = 0;
         for group in groups.values_mut() {
-            if !group.members.is_empty() || now.duration_since(group.emptied_at) < retention {
+            if !group.members.is_empty() || group.emptied_at_ms > cutoff_ms {
                 continue;
             }
             let before = group.offsets.len();
@@ -808,6 +835,23 @@ impl GroupCoordinator {
         }
         groups.retain(|_, group| !group.is_unused());
         expired
+    }
+
+    /// Whether [`GroupCoordinator::expire_offsets`] would drop any offset now.
+    fn has_expiring_offsets(&self) -> bool {
+        let cutoff_ms = self.retention_cutoff_ms();
+        self.groups.borrow().values().any(|group| {
+            group.members.is_empty()
+                && group.emptied_at_ms <= cutoff_ms
+                && group.offsets.values().any(|committed| committed.commit_timestamp_ms < cutoff_ms)
+        })
+    }
+
+    /// The retention's cut-off, in ms since the epoch: a group empty since then loses the
+    /// offsets committed before it.
+    fn retention_cutoff_ms(&self) -> i64 {
+        let retention = self.config.offsets_retention;
+        unix_time_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
     }
 
     /// Every group's applied committed offsets.
@@ -953,7 +997,7 @@ impl GroupCoordinator {
     async fn run_flusher(self: Rc<Self>) {
         assert!(self.flusher_running.get(), "flusher_running is set before the flusher is spawned");
         loop {
-            if !self.local_log().has_pending() {
+            if !self.local_log().has_pending() && !self.compact_requested.get() {
                 if self.closing.get() {
                     break;
                 }
@@ -963,9 +1007,9 @@ impl GroupCoordinator {
             match self.local_log().flush().await {
                 Ok(durable) => {
                     self.apply_durable_commits(durable);
-                    if self.local_log().size_bytes()
-                        >= self.compacted_bytes.get() + self.config.offsets_compact_growth_bytes
-                    {
+                    let grown = self.local_log().size_bytes()
+                        >= self.compacted_bytes.get() + self.config.offsets_compact_growth_bytes;
+                    if self.compact_requested.replace(false) || grown {
                         if let Err(error) = self.compact().await {
                             eprintln!(
                                 "pyralog: the group offsets log {} stopped taking writes: {error}",
@@ -1036,14 +1080,23 @@ impl GroupCoordinator {
         }
     }
 
-    /// Sleeps until the earliest deadline of any group, expires what is due, and repeats.
+    /// Sleeps until the earliest deadline of any group, expires what is due, and repeats;
+    /// every `offsets_retention_check_interval`, starts a compaction if retention lets any
+    /// offset go.
     async fn run_sweeper(self: Rc<Self>) {
         assert!(self.sweeper_running.get(), "sweeper_running is set before the sweeper is spawned");
         while !self.closing.get() {
             let now = Instant::now();
             let next = self.sweep(now);
-            let wake_at =
-                next.map_or(now + SWEEP_IDLE_MAX, |d| d.clamp(now + SWEEP_RESOLUTION, now + SWEEP_IDLE_MAX));
+            if now >= self.next_retention_check.get() {
+                self.next_retention_check.set(now + self.config.offsets_retention_check_interval);
+                if self.has_expiring_offsets() {
+                    self.start_compaction();
+                }
+            }
+            let next =
+                next.map_or(self.next_retention_check.get(), |d| d.min(self.next_retention_check.get()));
+            let wake_at = next.clamp(now + SWEEP_RESOLUTION, now + SWEEP_IDLE_MAX);
             self.next_sweep.set(wake_at);
             futures_lite::future::or(self.sweeper_wake.listen(), glommio::timer::sleep(wake_at - now)).await;
         }
@@ -1257,9 +1310,10 @@ struct Group {
     initial_delay_left: Option<Duration>,
     new_member_added: bool,
     offsets: BTreeMap<(String, i32), CommittedOffset>,
-    /// When its last member left (or this coordinator learned of the group, which then had
-    /// none): offsets retention counts from here.
-    emptied_at: Instant,
+    /// When its last member left, in ms since the epoch (a group created without members:
+    /// its creation; one loaded from the log: its latest commit, which its members made or
+    /// the group was already empty): offsets retention counts from here.
+    emptied_at_ms: i64,
 }
 
 impl Group {
@@ -1280,7 +1334,7 @@ impl Group {
             initial_delay_left: None,
             new_member_added: false,
             offsets: BTreeMap::new(),
-            emptied_at: Instant::now(),
+            emptied_at_ms: unix_time_ms(),
         }
     }
 
@@ -1564,7 +1618,7 @@ impl Group {
             self.leader_id = self.members.keys().next().cloned();
         }
         if self.members.is_empty() {
-            self.emptied_at = Instant::now();
+            self.emptied_at_ms = unix_time_ms();
         }
         true
     }
@@ -1966,6 +2020,10 @@ async fn replay(log: &Log, end_offset: i64, skip_control: bool) -> Result<Replay
             .unwrap_or(end_offset);
         assert!(next > offset, "replay moves forward");
         offset = next;
+    }
+    for group in groups.values_mut() {
+        let latest_commit = group.offsets.values().map(|c| c.commit_timestamp_ms).max();
+        group.emptied_at_ms = latest_commit.unwrap_or(group.emptied_at_ms);
     }
     Ok(Replayed { groups, bytes: replayed_bytes, snapshot })
 }
@@ -2959,6 +3017,107 @@ mod tests {
         assert_eq!(batches.len(), 3 + 5, "1000 + 1000 + 500 records, and 128 x 4 KiB of metadata a batch");
     }
 
+    /// A fake replicated offsets log: records each batch proposed (as its records), commits
+    /// it at once, or after 50 ms for a commit of group `slow`.
+    #[allow(clippy::type_complexity)]
+    fn recording_append(slow: &'static str) -> (ReplicatedAppend, Rc<RefCell<Vec<Vec<LogRecord>>>>) {
+        let proposed: Rc<RefCell<Vec<Vec<LogRecord>>>> = Rc::default();
+        let sink = Rc::clone(&proposed);
+        let append: ReplicatedAppend = Rc::new(move |bytes: Bytes| {
+            let sink = Rc::clone(&sink);
+            Box::pin(async move {
+                let header = batch::parse(&bytes).unwrap();
+                let records = decode_commit_batch(&bytes, &header).unwrap();
+                let is_slow = matches!(&records[0], LogRecord::Commit(r) if r.group_id == slow);
+                let first = sink.borrow().iter().map(|b| b.len() as i64).sum::<i64>();
+                let next = first + records.len() as i64;
+                sink.borrow_mut().push(records);
+                if is_slow {
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+                Ok((first, next))
+            })
+        });
+        (append, proposed)
+    }
+
+    /// The batches a [`recording_append`] saw: (group, offset) of each commit, ("marker",
+    /// snapshot start) of a snapshot marker.
+    fn proposed_offsets(proposed: &RefCell<Vec<Vec<LogRecord>>>) -> Vec<Vec<(String, i64)>> {
+        let of = |record: &LogRecord| match record {
+            LogRecord::Commit(r) => (r.group_id.clone(), r.committed.offset),
+            LogRecord::SnapshotStart(start) => ("marker".to_owned(), *start),
+        };
+        proposed.borrow().iter().map(|records| records.iter().map(of).collect()).collect()
+    }
+
+    /// Kafka's offsets.retention.check.interval.ms: a quiet offsets log, whose growth starts
+    /// no compaction, loses expired offsets at the next check, locally and replicated, and a
+    /// restart does not bring them back; a group loaded from the log counts its time without
+    /// members from its latest commit, not from the start.
+    #[test]
+    fn a_quiet_offsets_log_loses_expired_offsets_at_the_retention_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let expiring = GroupConfig {
+            offsets_retention: Duration::from_millis(300),
+            offsets_retention_check_interval: Duration::from_millis(100),
+            ..config()
+        };
+        let log_config = LogConfig { index_interval_bytes: 1024, ..LogConfig::default() };
+        run(async {
+            let served = |coordinator: &GroupCoordinator, group: &str| {
+                coordinator.fetch_offsets(group, Some(vec![("t".to_owned(), 0)]))[0].2
+            };
+            let commit_both = |coordinator: Rc<GroupCoordinator>| async move {
+                let member = form_group(&coordinator, vec![join_request("kept", "", "c")]).await.remove(0);
+                let gone = commit_request("gone", -1, "", &[("t", 0, 5)]);
+                let kept = commit_request("kept", member.generation_id, &member.member_id, &[("t", 0, 6)]);
+                for request in [gone, kept] {
+                    assert!(errors(coordinator.commit_offsets(request).await).iter().all(|r| r.is_ok()));
+                }
+                assert_eq!([served(&coordinator, "gone"), served(&coordinator, "kept")], [5, 6]);
+            };
+
+            let open = || {
+                GroupCoordinator::open_with(dir.path().join("groups"), log_config.clone(), expiring.clone())
+            };
+            let coordinator = open().await.unwrap();
+            commit_both(Rc::clone(&coordinator)).await;
+            glommio::timer::sleep(Duration::from_millis(700)).await;
+            assert_eq!([served(&coordinator, "gone"), served(&coordinator, "kept")], [-1, 6]);
+            coordinator.close().await;
+            let coordinator = open().await.unwrap();
+            assert_eq!(
+                [served(&coordinator, "gone"), served(&coordinator, "kept")],
+                [-1, 6],
+                "a restart brings nothing back"
+            );
+            let old = commit_request("old", -1, "", &[("t", 0, 4)]);
+            assert!(errors(coordinator.commit_offsets(old).await).iter().all(|r| r.is_ok()));
+            coordinator.close().await;
+            // Past the retention while the node is down: gone at the first check after it
+            // starts, well before a retention counted from the start would let it go.
+            glommio::timer::sleep(Duration::from_millis(400)).await;
+            let coordinator = open().await.unwrap();
+            assert_eq!(served(&coordinator, "old"), 4);
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            assert_eq!(served(&coordinator, "old"), -1, "expired at the first check");
+            coordinator.close().await;
+
+            let log = Log::open(&dir.path().join("replicated"), LogConfig::default()).await.unwrap();
+            let (append, proposed) = recording_append("none");
+            let (coordinator, _) =
+                GroupCoordinator::open_replicated(&log, 0, expiring.clone(), append).await.unwrap();
+            commit_both(Rc::clone(&coordinator)).await;
+            glommio::timer::sleep(Duration::from_millis(700)).await;
+            assert_eq!([served(&coordinator, "gone"), served(&coordinator, "kept")], [-1, 6]);
+            let snapshot = [vec![("kept".to_owned(), 6)], vec![("marker".to_owned(), 2)]];
+            assert_eq!(proposed_offsets(&proposed)[2..], snapshot, "a snapshot without the expired group");
+            coordinator.close().await;
+            log.close().await.unwrap();
+        });
+    }
+
     /// The snapshot of a replicated compaction holds every commit proposed before it (it waits
     /// for the one still in flight) and no commit is proposed between it and its marker (one
     /// that arrives meanwhile waits).
@@ -2966,25 +3125,9 @@ mod tests {
     fn a_replicated_compaction_waits_for_commits_in_flight_and_holds_new_ones_back() {
         let dir = tempfile::tempdir().unwrap();
         run(async {
-            // Replays nothing: the replicated log below is a fake that records what is proposed.
+            // Replays nothing: the replicated log is a fake that records what is proposed.
             let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
-            let proposed: Rc<RefCell<Vec<Vec<LogRecord>>>> = Rc::default();
-            let sink = Rc::clone(&proposed);
-            let append: ReplicatedAppend = Rc::new(move |bytes: Bytes| {
-                let sink = Rc::clone(&sink);
-                Box::pin(async move {
-                    let header = batch::parse(&bytes).unwrap();
-                    let records = decode_commit_batch(&bytes, &header).unwrap();
-                    let slow = matches!(&records[0], LogRecord::Commit(r) if r.group_id == "slow");
-                    let first = sink.borrow().iter().map(|b| b.len() as i64).sum::<i64>();
-                    let next = first + records.len() as i64;
-                    sink.borrow_mut().push(records);
-                    if slow {
-                        glommio::timer::sleep(Duration::from_millis(50)).await;
-                    }
-                    Ok((first, next))
-                })
-            });
+            let (append, proposed) = recording_append("slow");
             let compacting = GroupConfig { offsets_compact_growth_bytes: 1, ..config() };
             let (coordinator, snapshot) =
                 GroupCoordinator::open_replicated(&log, 0, compacting, append).await.unwrap();
@@ -3006,16 +3149,7 @@ mod tests {
             assert_eq!(proposed.borrow().len(), 2, "neither the snapshot nor the late commit yet");
             assert_eq!(slow.await.unwrap(), vec![Ok(())]);
             assert_eq!(late.await.unwrap(), vec![Ok(())]);
-            let groups_of = |records: &[LogRecord]| -> Vec<(String, i64)> {
-                records
-                    .iter()
-                    .map(|record| match record {
-                        LogRecord::Commit(r) => (r.group_id.clone(), r.committed.offset),
-                        LogRecord::SnapshotStart(start) => ("marker".to_owned(), *start),
-                    })
-                    .collect()
-            };
-            let proposed: Vec<Vec<(String, i64)>> = proposed.borrow().iter().map(|b| groups_of(b)).collect();
+            let proposed = proposed_offsets(&proposed);
             let expected = [
                 vec![("slow".to_owned(), 1)],
                 vec![("fast".to_owned(), 2)],
@@ -3203,6 +3337,7 @@ mod tests {
             (GroupError::InconsistentGroupProtocol, 23),
             (GroupError::InvalidSessionTimeout, 26),
             (GroupError::CoordinatorNotAvailable, 15),
+            (GroupError::OffsetsTopicUnavailable(String::new()), 15),
             (GroupError::GroupIdNotFound, 69),
             (GroupError::Storage(String::new()), 56),
         ];

@@ -37,7 +37,7 @@
 //! writes after a newer one loaded; offsets a coordinator serves were committed.
 
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pyralog_dma::batch;
@@ -52,8 +52,11 @@ use crate::ShardError;
 /// The internal topic holding consumer groups' committed offsets in a cluster.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Replicas of the offsets topic's partitions unless `--default-replication-factor` says
-/// fewer (Kafka's offsets.topic.replication.factor).
+/// fewer or `--offsets-topic-replication-factor` sets them (Kafka's
+/// offsets.topic.replication.factor).
 pub const OFFSETS_REPLICATION_FACTOR_DEFAULT: u32 = 3;
+/// A shard says why the offsets topic cannot be created at most this often.
+const OFFSETS_TOPIC_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a replica that became leader looks again whether its log is committed, besides
 /// the replica's own wake-ups.
 const LOAD_POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -74,12 +77,14 @@ pub(crate) fn refuse_internal(name: &str) -> Result<(), ShardError> {
 
 impl Shard {
     /// Creates the offsets topic through the controller if this node does not know it yet.
-    /// Its replication factor is 3 (or `--default-replication-factor`), at most the nodes
-    /// registered when it is created, and at most the seeds unless more nodes are
-    /// registered: a cluster of seeds alone always gets the same factor (until the seeds are
-    /// all registered the creation fails, and the caller answers `CoordinatorNotAvailable`;
-    /// clients retry), and brokers that joined first count too (Kafka's rule, min(3,
-    /// brokers)), so a single seed with two brokers keeps its offsets on three nodes.
+    /// Its replication factor is `--offsets-topic-replication-factor` if set (the creation
+    /// fails until that many nodes are registered). Else it is 3 (or
+    /// `--default-replication-factor`), at most the nodes registered when it is created, and
+    /// at most the seeds unless more nodes are registered: a cluster of seeds alone always
+    /// gets the same factor (until the seeds are all registered the creation fails, and the
+    /// caller answers `CoordinatorNotAvailable`; clients retry), and brokers that joined first
+    /// count too (Kafka's rule, min(3, brokers)), so a single seed with two brokers keeps its
+    /// offsets on three nodes.
     pub async fn ensure_offsets_topic(&self) -> Result<(), ShardError> {
         let Some(cluster) = self.cluster() else { return Ok(()) };
         if self.topics.borrow().get(OFFSETS_TOPIC).is_some() {
@@ -87,9 +92,20 @@ impl Shard {
         }
         let seeds = cluster.settings.seeds.len().max(1);
         let registered = self.cluster_meta().map_or(0, |meta| meta.nodes.len());
-        let factor =
-            cluster.settings.default_replication_factor.unwrap_or(OFFSETS_REPLICATION_FACTOR_DEFAULT);
-        let factor = factor.min(seeds.max(registered) as u32);
+        let factor = match cluster.settings.offsets_replication_factor {
+            Some(factor) if registered < factor as usize => {
+                return Err(ShardError::InvalidReplicationFactor(format!(
+                    "--offsets-topic-replication-factor {factor} needs {factor} nodes registered, and \
+                     {registered} are"
+                )))
+            }
+            Some(factor) => factor,
+            None => cluster
+                .settings
+                .default_replication_factor
+                .unwrap_or(OFFSETS_REPLICATION_FACTOR_DEFAULT)
+                .min(seeds.max(registered) as u32),
+        };
         let config = TopicConfig { replication_factor: Some(factor), ..TopicConfig::default() };
         let op = Op::CreateTopic { name: OFFSETS_TOPIC.to_owned(), partitions: GROUP_LOGS as u32, config };
         match self.call(0, op).await? {
@@ -104,8 +120,15 @@ impl Shard {
     pub async fn offsets_coordinator(&self, group_id: &str) -> Result<(u32, usize), GroupError> {
         assert!(self.cluster().is_some(), "a node without a cluster coordinates its own groups");
         if let Err(error) = self.ensure_offsets_topic().await {
-            eprintln!("pyralog: the offsets topic {OFFSETS_TOPIC} is not there yet: {error}");
-            return Err(GroupError::CoordinatorNotAvailable);
+            let reason = format!("the offsets topic {OFFSETS_TOPIC} is not there yet: {error}");
+            let cluster = self.cluster().expect("a cluster");
+            let now = Instant::now();
+            let last = cluster.offsets_topic_warned.get();
+            if last.is_none_or(|last| now.duration_since(last) >= OFFSETS_TOPIC_WARNING_INTERVAL) {
+                cluster.offsets_topic_warned.set(Some(now));
+                eprintln!("pyralog: {reason}");
+            }
+            return Err(GroupError::OffsetsTopicUnavailable(reason));
         }
         let meta = self.cluster_meta().ok_or(GroupError::CoordinatorNotAvailable)?;
         let placement = meta.topics.get(OFFSETS_TOPIC).ok_or(GroupError::CoordinatorNotAvailable)?;

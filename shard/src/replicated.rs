@@ -27,10 +27,10 @@
 //! the commit point of its term's leader; a seed's controller log loses only what its stored
 //! metadata covers.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pyralog_dma::{batch, Log, LogConfig};
@@ -78,6 +78,9 @@ pub struct ClusterSettings {
     pub election_ticks: u32,
     /// Replicas of a topic created without a factor. Default: 3, or the node count if fewer.
     pub default_replication_factor: Option<u32>,
+    /// Replicas of the offsets topic, if set (`--offsets-topic-replication-factor`; see
+    /// `Shard::ensure_offsets_topic`).
+    pub offsets_replication_factor: Option<u32>,
     /// A follower whose acknowledged offset has not moved for this long while behind its
     /// leader is out of the in-sync replicas (Kafka's replica.lag.time.max.ms).
     pub replica_lag_time_max: Duration,
@@ -249,6 +252,9 @@ pub(crate) struct ShardCluster {
     pub coordination: RefCell<HashMap<usize, i32>>,
     /// Shard 0: this node's blocks of producer ids (see `producer_ids`).
     pub producer_ids: crate::producer_ids::ProducerIdBlocks,
+    /// When this shard last said why the offsets topic cannot be created (said at most every
+    /// `OFFSETS_TOPIC_WARNING_INTERVAL`: clients ask again many times a second).
+    pub offsets_topic_warned: Cell<Option<Instant>>,
 }
 
 impl ShardCluster {
@@ -267,6 +273,7 @@ impl ShardCluster {
             applying: glommio::sync::Semaphore::new(1),
             coordination: RefCell::new(HashMap::new()),
             producer_ids: crate::producer_ids::ProducerIdBlocks::new(),
+            offsets_topic_warned: Cell::new(None),
         }
     }
 

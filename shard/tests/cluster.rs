@@ -78,6 +78,7 @@ fn run_node(id: u32, dir: std::path::PathBuf, inboxes: Inboxes) -> std::thread::
                     heartbeat_ticks: 2,
                     election_ticks: 10,
                     default_replication_factor: None,
+                    offsets_replication_factor: None,
                     replica_lag_time_max: Duration::from_secs(10),
                     incarnation: 1,
                     controller_disk_lost: false,
