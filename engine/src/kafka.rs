@@ -104,7 +104,7 @@ impl KafkaHandler for KafkaService {
             RequestBody::Produce(body) => {
                 return self.produce(body, version).await.map(ResponseBody::Produce)
             }
-            RequestBody::Fetch(body) => ResponseBody::Fetch(self.fetch(body).await),
+            RequestBody::Fetch(body) => ResponseBody::Fetch(self.fetch(body, version).await),
             RequestBody::ListOffsets(body) => {
                 ResponseBody::ListOffsets(self.list_offsets(body, version).await)
             }
@@ -373,101 +373,156 @@ impl KafkaService {
                         }
                     };
                     match result {
-                        Ok(done) => PartitionProduceResponse {
-                            index: p.index,
-                            error_code: error::NONE,
-                            base_offset: done.base_offset,
-                            log_append_time_ms: -1,
-                            log_start_offset: -1,
-                            ..Default::default()
-                        },
-                        Err((code, message)) => PartitionProduceResponse {
-                            index: p.index,
-                            error_code: code,
-                            base_offset: -1,
-                            log_append_time_ms: -1,
-                            log_start_offset: -1,
-                            error_message: Some(message),
-                            ..Default::default()
-                        },
+                        Ok(done) => (
+                            PartitionProduceResponse {
+                                index: p.index,
+                                error_code: error::NONE,
+                                base_offset: done.base_offset,
+                                log_append_time_ms: -1,
+                                log_start_offset: -1,
+                                ..Default::default()
+                            },
+                            None,
+                        ),
+                        Err((code, message)) => {
+                            let hint = self.leader_hint(code, name, p.index);
+                            let current_leader = hint.as_ref().map_or_else(Default::default, |hint| {
+                                LeaderIdAndEpoch { leader_id: hint.broker, leader_epoch: hint.epoch }
+                            });
+                            let response = PartitionProduceResponse {
+                                index: p.index,
+                                error_code: code,
+                                base_offset: -1,
+                                log_append_time_ms: -1,
+                                log_start_offset: -1,
+                                error_message: Some(message),
+                                current_leader,
+                                ..Default::default()
+                            };
+                            (response, hint)
+                        }
                     }
                 }
             });
-            TopicProduceResponse { partition_responses: join_all(partitions).await, name: topic.name.clone() }
+            let (partition_responses, hints): (Vec<_>, Vec<_>) =
+                join_all(partitions).await.into_iter().unzip();
+            (TopicProduceResponse { partition_responses, name: topic.name.clone() }, hints)
         });
-        let responses = join_all(topics).await;
-        (acks != 0).then(|| ProduceResponse { responses, ..Default::default() })
+        let (responses, hints): (Vec<_>, Vec<Vec<_>>) = join_all(topics).await.into_iter().unzip();
+        let node_endpoints = LeaderHint::endpoints(hints.into_iter().flatten().flatten())
+            .map(|(node_id, host, port, rack)| NodeEndpoint { node_id, host, port, rack })
+            .collect();
+        (acks != 0).then(|| ProduceResponse { responses, node_endpoints, ..Default::default() })
     }
 
-    async fn fetch(&self, body: fetch_request::FetchRequest) -> fetch_response::FetchResponse {
+    async fn fetch(&self, body: fetch_request::FetchRequest, version: i16) -> fetch_response::FetchResponse {
         use fetch_response::*;
-        // (topic, partition, offset, max bytes, current leader epoch: -1 before v9).
-        let wanted: Vec<(String, i32, i64, i32, i32)> = body
-            .topics
+        /// One partition asked for: its topic's name (`None`: no topic has the id it was
+        /// asked by, from v13), the topic's id (v13+), and the partition's fields.
+        struct Asked {
+            topic: Option<String>,
+            topic_id: Uuid,
+            partition: i32,
+            offset: i64,
+            max_bytes: i32,
+            /// -1 before v9.
+            current_leader_epoch: i32,
+        }
+        let mut asked = Vec::new();
+        for t in &body.topics {
+            let topic =
+                if version >= 13 { self.shard.topic_named(&t.topic_id.0) } else { Some(t.topic.clone()) };
+            asked.extend(t.partitions.iter().map(|p| Asked {
+                topic: topic.clone(),
+                topic_id: t.topic_id,
+                partition: p.partition,
+                offset: p.fetch_offset,
+                max_bytes: p.partition_max_bytes,
+                current_leader_epoch: p.current_leader_epoch,
+            }));
+        }
+        let wanted: Vec<fetch::Wanted<'_>> = asked
             .iter()
-            .flat_map(|t| {
-                t.partitions.iter().map(|p| {
-                    (
-                        t.topic.clone(),
-                        p.partition,
-                        p.fetch_offset,
-                        p.partition_max_bytes,
-                        p.current_leader_epoch,
-                    )
+            .filter_map(|a| {
+                Some(fetch::Wanted {
+                    topic: a.topic.as_deref()?,
+                    partition: u32::try_from(a.partition).unwrap_or(u32::MAX),
+                    offset: a.offset,
+                    max_bytes: a.max_bytes.max(1) as u32,
+                    current_leader_epoch: a.current_leader_epoch,
                 })
-            })
-            .collect();
-        let asked: Vec<fetch::Wanted<'_>> = wanted
-            .iter()
-            .map(|(topic, partition, offset, partition_max, epoch)| fetch::Wanted {
-                topic,
-                partition: u32::try_from(*partition).unwrap_or(u32::MAX),
-                offset: *offset,
-                max_bytes: (*partition_max).max(1) as u32,
-                current_leader_epoch: *epoch,
             })
             .collect();
         let max_wait = Duration::from_millis(body.max_wait_ms.max(0) as u64);
         let max_bytes = body.max_bytes.max(1) as u32;
-        let results =
-            fetch::fetch(&self.shard, &asked, max_bytes, body.min_bytes.max(0) as u32, max_wait).await;
-        drop(asked);
+        let mut results =
+            fetch::fetch(&self.shard, &wanted, max_bytes, body.min_bytes.max(0) as u32, max_wait)
+                .await
+                .into_iter();
+        drop(wanted);
+        let refused = |partition_index: i32, error_code: i16| PartitionData {
+            partition_index,
+            error_code,
+            high_watermark: -1,
+            last_stable_offset: -1,
+            log_start_offset: -1,
+            aborted_transactions: Some(Vec::new()),
+            preferred_read_replica: -1,
+            records: Some(Records::default()),
+            ..Default::default()
+        };
         let mut responses: Vec<FetchableTopicResponse> = Vec::new();
-        for ((topic, partition, _, _, _), result) in wanted.into_iter().zip(results) {
-            let data = match result {
-                Ok(fetched) => PartitionData {
-                    partition_index: partition,
-                    error_code: error::NONE,
-                    high_watermark: fetched.high_watermark,
-                    last_stable_offset: fetched.high_watermark,
-                    log_start_offset: fetched.log_start_offset,
-                    aborted_transactions: Some(Vec::new()),
-                    preferred_read_replica: -1,
-                    records: Some(Records(fetched.records)),
-                    ..Default::default()
-                },
-                Err(error) => PartitionData {
-                    partition_index: partition,
-                    error_code: error_code(&error),
-                    high_watermark: -1,
-                    last_stable_offset: -1,
-                    log_start_offset: -1,
-                    aborted_transactions: Some(Vec::new()),
-                    preferred_read_replica: -1,
-                    records: Some(Records::default()),
-                    ..Default::default()
+        let mut hints = Vec::new();
+        for a in asked {
+            let data = match &a.topic {
+                None => refused(a.partition, error::UNKNOWN_TOPIC_ID),
+                Some(topic) => match results.next().expect("a result for each partition asked for") {
+                    Ok(fetched) => PartitionData {
+                        partition_index: a.partition,
+                        error_code: error::NONE,
+                        high_watermark: fetched.high_watermark,
+                        last_stable_offset: fetched.high_watermark,
+                        log_start_offset: fetched.log_start_offset,
+                        aborted_transactions: Some(Vec::new()),
+                        preferred_read_replica: -1,
+                        records: Some(Records(fetched.records)),
+                        ..Default::default()
+                    },
+                    Err(failed) => {
+                        let code = error_code(&failed);
+                        let mut data = refused(a.partition, code);
+                        if let Some(hint) = self.leader_hint(code, topic, a.partition) {
+                            data.current_leader =
+                                LeaderIdAndEpoch { leader_id: hint.broker, leader_epoch: hint.epoch };
+                            hints.push(hint);
+                        }
+                        data
+                    }
                 },
             };
+            let topic = a.topic.unwrap_or_default();
             match responses.last_mut() {
-                Some(last) if last.topic == topic => last.partitions.push(data),
+                Some(last) if last.topic == topic && last.topic_id == a.topic_id => {
+                    last.partitions.push(data)
+                }
                 _ => responses.push(FetchableTopicResponse {
                     topic,
+                    topic_id: a.topic_id,
                     partitions: vec![data],
-                    ..Default::default()
                 }),
             }
         }
-        FetchResponse { error_code: error::NONE, session_id: 0, responses, ..Default::default() }
+        assert!(results.next().is_none(), "every result was answered");
+        let node_endpoints = LeaderHint::endpoints(hints)
+            .map(|(node_id, host, port, rack)| NodeEndpoint { node_id, host, port, rack })
+            .collect();
+        FetchResponse {
+            error_code: error::NONE,
+            session_id: 0,
+            responses,
+            node_endpoints,
+            ..Default::default()
+        }
     }
 
     async fn list_offsets(
@@ -968,6 +1023,58 @@ impl KafkaService {
         let info = self.shard.cluster_node(node).ok_or(GroupError::CoordinatorNotAvailable)?;
         let port = info.kafka_shard_ports.get(shard).copied().ok_or(GroupError::CoordinatorNotAvailable)?;
         Ok((broker_id(node, shard), info.kafka_host, i32::from(port)))
+    }
+}
+
+/// KIP-951: where a partition's leader is, named in a NOT_LEADER_OR_FOLLOWER or
+/// FENCED_LEADER_EPOCH answer (Produce v10+, Fetch v16+; older versions drop the fields), so
+/// that a client goes there without asking for metadata first.
+struct LeaderHint {
+    broker: i32,
+    epoch: i32,
+    host: String,
+    port: i32,
+    rack: Option<String>,
+}
+
+impl LeaderHint {
+    /// The endpoints of the brokers `hints` name, once each, by broker id: (id, host, port,
+    /// rack).
+    fn endpoints(
+        hints: impl IntoIterator<Item = LeaderHint>,
+    ) -> impl Iterator<Item = (i32, String, i32, Option<String>)> {
+        let by_broker: std::collections::BTreeMap<i32, LeaderHint> =
+            hints.into_iter().map(|hint| (hint.broker, hint)).collect();
+        by_broker.into_values().map(|hint| (hint.broker, hint.host, hint.port, hint.rack))
+    }
+}
+
+impl KafkaService {
+    /// The leader of a replicated partition as this node heard it from its replica, for an
+    /// answer with `code`: only NOT_LEADER_OR_FOLLOWER and FENCED_LEADER_EPOCH name one (as
+    /// Kafka's do), and only a leader elected (metadata's guess before any election, the
+    /// preferred replica, is not named).
+    fn leader_hint(&self, code: i16, topic: &str, partition: i32) -> Option<LeaderHint> {
+        if code != error::NOT_LEADER_OR_FOLLOWER && code != error::FENCED_LEADER_EPOCH {
+            return None;
+        }
+        let partition = u32::try_from(partition).ok()?;
+        let cluster = self.shard.cluster_meta()?;
+        let placement = cluster.topics.get(topic)?;
+        let (leader, epoch) = self.shard.partition_leader(placement, partition);
+        if epoch < 0 {
+            return None;
+        }
+        let node = cluster.nodes.get(&leader?)?;
+        let shard = pyralog_shard::topics::owner_shard(topic, partition, node.shards as usize);
+        let port = *node.kafka_shard_ports.get(shard)?;
+        Some(LeaderHint {
+            broker: broker_id(node.id, shard),
+            epoch,
+            host: node.kafka_host.clone(),
+            port: i32::from(port),
+            rack: node.rack.clone(),
+        })
     }
 }
 

@@ -52,18 +52,22 @@ def crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-def varint(value: int) -> bytes:
-    """Zig-zag varint, as in a record's fields."""
-    zigzag = (value << 1) ^ (value >> 63)
+def uvarint(value: int) -> bytes:
+    """Unsigned varint, as in the flexible versions' lengths and tags."""
     out = bytearray()
     while True:
-        byte = zigzag & 0x7F
-        zigzag >>= 7
-        if zigzag:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
             out.append(byte | 0x80)
         else:
             out.append(byte)
             return bytes(out)
+
+
+def varint(value: int) -> bytes:
+    """Zig-zag varint, as in a record's fields."""
+    return uvarint((value << 1) ^ (value >> 63))
 
 
 def read_varint(data: bytes, position: int):
@@ -205,6 +209,49 @@ class Reader:
         count = self.take(">i")
         return None if count < 0 else [read_one() for _ in range(count)]
 
+    # The flexible versions' encodings (KIP-482): unsigned varint lengths plus one, and tagged
+    # fields.
+
+    def uvarint(self):
+        value, shift = 0, 0
+        while True:
+            byte = self.data[self.position]
+            self.position += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    def compact_string(self):
+        length = self.uvarint() - 1
+        if length < 0:
+            return None
+        value = self.data[self.position:self.position + length].decode()
+        self.position += length
+        return value
+
+    def compact_bytes(self):
+        length = self.uvarint() - 1
+        if length < 0:
+            return None
+        value = self.data[self.position:self.position + length]
+        self.position += length
+        return value
+
+    def compact_array(self, read_one):
+        count = self.uvarint() - 1
+        return None if count < 0 else [read_one() for _ in range(count)]
+
+    def tags(self, read_tag=None):
+        """Reads a tagged-field section: `read_tag(tag)` reads the fields it knows (and must
+        read each whole); the others are skipped."""
+        for _ in range(self.uvarint()):
+            tag, size = self.uvarint(), self.uvarint()
+            end = self.position + size
+            if read_tag is not None and read_tag(tag):
+                assert self.position == end, f"tagged field {tag}: read {self.position - end + size} of {size} bytes"
+            self.position = end
+
 
 def string(value) -> bytes:
     if value is None:
@@ -216,6 +263,25 @@ def string(value) -> bytes:
 def array(items) -> bytes:
     items = list(items)
     return struct.pack(">i", len(items)) + b"".join(items)
+
+
+def compact_string(value) -> bytes:
+    if value is None:
+        return uvarint(0)
+    encoded = value.encode()
+    return uvarint(len(encoded) + 1) + encoded
+
+
+def compact_bytes(value) -> bytes:
+    return uvarint(0) if value is None else uvarint(len(value) + 1) + value
+
+
+def compact_array(items) -> bytes:
+    items = list(items)
+    return uvarint(len(items) + 1) + b"".join(items)
+
+
+NO_TAGS = uvarint(0)
 
 
 def _fetched_partition(reader, topic: str, partition: int, head: str):
@@ -251,9 +317,13 @@ class Connection:
     def __exit__(self, *_):
         self.close()
 
-    def request(self, api_key: int, api_version: int, body: bytes) -> Reader:
+    def request(self, api_key: int, api_version: int, body: bytes, flexible: bool = False) -> Reader:
+        """Sends one request and reads its answer; `flexible`: the version uses the flexible
+        encoding (request header v2, response header v1)."""
         self.correlation_id += 1
         header = struct.pack(">hhi", api_key, api_version, self.correlation_id) + string(self.client_id)
+        if flexible:
+            header += NO_TAGS
         frame = header + body
         self.socket.sendall(struct.pack(">i", len(frame)) + frame)
         size = struct.unpack(">i", self._read(4))[0]
@@ -263,6 +333,8 @@ class Connection:
             f"response for correlation id {correlation_id}, expected {self.correlation_id}")
         reader = Reader(response)
         reader.position = 4
+        if flexible:
+            reader.tags()
         return reader
 
     def _read(self, count: int) -> bytes:
@@ -280,6 +352,108 @@ class Connection:
         reader = self.request(API_INIT_PRODUCER_ID, version, string(None) + struct.pack(">i", 60_000))
         _throttle, error, producer_id, epoch = reader.take(">ihqh")
         return error, producer_id, epoch
+
+    def topic_id(self, topic: str) -> bytes:
+        """The topic's id, by Metadata v12 (flexible)."""
+        body = compact_array([bytes(16) + compact_string(topic) + NO_TAGS]) + struct.pack(">bb", 0, 0) + NO_TAGS
+        reader = self.request(API_METADATA, 12, body, flexible=True)
+        reader.take(">i")  # throttle
+        reader.compact_array(lambda: (reader.take(">i"), reader.compact_string(), reader.take(">i"),
+                                      reader.compact_string(), reader.tags()))  # brokers
+        reader.compact_string()  # cluster id
+        reader.take(">i")  # controller
+
+        def topic_metadata():
+            error = reader.take(">h")
+            name = reader.compact_string()
+            topic_id = reader.data[reader.position:reader.position + 16]
+            reader.position += 16
+            reader.take(">b")  # internal
+            reader.compact_array(lambda: (reader.take(">hiii"), [reader.compact_array(lambda: reader.take(">i"))
+                                                                 for _ in range(3)], reader.tags()))
+            reader.take(">i")  # authorized operations
+            reader.tags()
+            return name, error, topic_id
+
+        (name, error, topic_id), = reader.compact_array(topic_metadata)
+        assert (name, error) == (topic, 0), (name, error)
+        return topic_id
+
+    def produce_v10(self, topic: str, partition: int, records: bytes, acks: int = -1, timeout_ms: int = 10_000):
+        """Produce v10 (flexible; KIP-951 leader hints) of one record set to one partition:
+        (error, base offset, (leader id, leader epoch) named or None, {broker id: "host:port"}
+        of the endpoints named)."""
+        body = (compact_string(None) + struct.pack(">hi", acks, timeout_ms)
+                + compact_array([compact_string(topic) + compact_array([
+                    struct.pack(">i", partition) + compact_bytes(records) + NO_TAGS]) + NO_TAGS])
+                + NO_TAGS)
+        reader = self.request(API_PRODUCE, 10, body, flexible=True)
+        leader = []
+
+        def partition_response():
+            index, error, base_offset, _append_time, _start = reader.take(">ihqqq")
+            reader.compact_array(lambda: (reader.take(">i"), reader.compact_string(), reader.tags()))
+            reader.compact_string()  # error message
+            reader.tags(lambda tag: tag == 0 and leader.append(reader.take(">ii")) is None and reader.tags() is None)
+            return index, error, base_offset
+
+        topics = reader.compact_array(lambda: (reader.compact_string(), reader.compact_array(partition_response),
+                                               reader.tags()))
+        reader.take(">i")  # throttle
+        endpoints = self._node_endpoints(reader)
+        (index, error, base_offset), = topics[0][1]
+        assert topics[0][0] == topic and index == partition, topics
+        return error, base_offset, (leader[0] if leader else None), endpoints
+
+    def fetch_v16(self, topic_id: bytes, partition: int, offset: int, max_bytes: int = 1 << 20):
+        """Fetch v16 (topic ids; KIP-951 leader hints) of one partition: (error, high
+        watermark, records, (leader id, leader epoch) named or None, {broker id: "host:port"}
+        of the endpoints named)."""
+        body = (struct.pack(">iiibii", 0, 1, max_bytes, 0, 0, -1)
+                + compact_array([topic_id + compact_array([
+                    struct.pack(">iiqiqi", partition, -1, offset, -1, -1, max_bytes) + NO_TAGS]) + NO_TAGS])
+                + compact_array([]) + compact_string("") + NO_TAGS)
+        reader = self.request(API_FETCH, 16, body, flexible=True)
+        reader.take(">ihi")  # throttle, error, session
+        leader = []
+
+        def partition_data():
+            index, error, high_watermark, _stable, _start = reader.take(">ihqqq")
+            reader.compact_array(lambda: (reader.take(">qq"), reader.tags()))  # aborted transactions
+            reader.take(">i")  # preferred read replica
+            records = reader.compact_bytes()
+            reader.tags(lambda tag: tag == 1 and leader.append(reader.take(">ii")) is None and reader.tags() is None)
+            return index, error, high_watermark, records
+
+        def topic_response():
+            answered_id = reader.data[reader.position:reader.position + 16]
+            reader.position += 16
+            partitions = reader.compact_array(partition_data)
+            reader.tags()
+            return answered_id, partitions
+
+        topics = reader.compact_array(topic_response)
+        endpoints = self._node_endpoints(reader)
+        (answered_id, partitions), = topics
+        (index, error, high_watermark, records), = partitions
+        assert answered_id == topic_id and index == partition, (answered_id, index)
+        return error, high_watermark, records, (leader[0] if leader else None), endpoints
+
+    def _node_endpoints(self, reader):
+        """A flexible response's last tagged section, whose tag 0 is NodeEndpoints (KIP-951)."""
+        endpoints = {}
+
+        def node_endpoints(tag):
+            if tag != 0:
+                return False
+            for node_id, host, port in reader.compact_array(
+                    lambda: (reader.take(">i"), reader.compact_string(), reader.take(">i"), reader.compact_string(),
+                             reader.tags())[:3]):
+                endpoints[node_id] = f"{host}:{port}"
+            return True
+
+        reader.tags(node_endpoints)
+        return endpoints
 
     def find_coordinator(self, group: str):
         """FindCoordinator v1 for a consumer group: (error, error message, node id, host, port)."""

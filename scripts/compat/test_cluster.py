@@ -736,6 +736,57 @@ def wire_produce(address, topic, value, partition=0):
     return True if error == wire.ERROR_NONE else None
 
 
+def test_produce_and_fetch_sent_to_a_follower_name_the_leader(cluster):
+    """KIP-951: Produce v10 and Fetch v16 (by topic id) sent to a node that does not lead the
+    partition are answered NOT_LEADER_OR_FOLLOWER naming the leader (its broker id and epoch,
+    as metadata gives them) and that broker's endpoint, and the broker named takes them. A
+    topic id no topic has is answered UNKNOWN_TOPIC_ID."""
+    import kafka_wire
+
+    create_topic(cluster.node(1).bootstrap, "hinted", 1, 3)
+
+    def preferred_leader_elected():
+        # Elected (an epoch heard), and the preferred replica, which keeps it (the cluster
+        # hands a partition back to its first replica every 5 s).
+        with kafka_wire.Connection(cluster.node(1).bootstrap, timeout_s=CLIENT_TIMEOUT_S) as wire:
+            brokers, partitions = wire.metadata("hinted")
+        _error, leader_id, epoch, replicas, _in_sync = partitions[0]
+        return (brokers, leader_id, epoch) if epoch >= 0 and leader_id == replicas[0] else None
+
+    records = kafka_wire.record_batch([(b"k", b"hinted")])
+    with kafka_wire.Connection(cluster.node(1).bootstrap, timeout_s=CLIENT_TIMEOUT_S) as wire:
+        topic_id = wire.topic_id("hinted")
+
+    def follower_names_the_leader():
+        # A follower may not have heard of the election yet, and an election may still
+        # follow: until the follower names the leader and epoch metadata gives.
+        leader = preferred_leader_elected()
+        if leader is None:
+            return None
+        brokers, leader_id, epoch = leader
+        follower = next(node for node in cluster.nodes if node.node_id != leader_id // 1000)
+        with kafka_wire.Connection(follower.bootstrap, timeout_s=CLIENT_TIMEOUT_S) as wire:
+            produced = wire.produce_v10("hinted", 0, records)
+            fetched = wire.fetch_v16(topic_id, 0, 0)
+        named = ((leader_id, epoch), {leader_id: brokers[leader_id]})
+        return (brokers, leader_id, produced, fetched) if produced[2:] == named == fetched[3:] else None
+
+    brokers, leader_id, produced, fetched = wait_until("a follower names the leader", follower_names_the_leader)
+    assert produced[:2] == (6, -1) and fetched[0] == 6, (produced, fetched)  # NOT_LEADER_OR_FOLLOWER
+    with kafka_wire.Connection(cluster.node(1).bootstrap, timeout_s=CLIENT_TIMEOUT_S) as wire:
+        unknown = bytes(15) + b"\x01"
+        assert unknown != topic_id
+        assert wire.fetch_v16(unknown, 0, 0)[0] == 100  # UNKNOWN_TOPIC_ID
+    with kafka_wire.Connection(brokers[leader_id], timeout_s=CLIENT_TIMEOUT_S) as wire:
+        # A leader just elected takes writes once its term's first entry is committed.
+        error, base_offset, named, endpoints = wait_until("the leader takes the produce", lambda: (
+            lambda answer: answer if answer[0] == 0 else None)(wire.produce_v10("hinted", 0, records)))
+        assert (named, endpoints) == (None, {}), (named, endpoints)
+        error, high_watermark, fetched, named, endpoints = wire.fetch_v16(topic_id, 0, base_offset)
+        assert (error, high_watermark, named, endpoints) == (0, base_offset + 1, None, {})
+        assert b"hinted" in fetched
+
+
 def test_offset_for_leader_epoch_finds_where_a_killed_leaders_epoch_ended(cluster):
     """KIP-101/KIP-320 over the raw wire: after kill -9 of the leader, the new leader answers
     OffsetForLeaderEpoch for the old epoch with the offset where its own epoch starts, and

@@ -355,6 +355,11 @@ impl Shard {
         self.topics.borrow().clone()
     }
 
+    /// The name of the topic whose id is `id` (Kafka's topic ids, Fetch v13+).
+    pub fn topic_named(&self, id: &[u8; 16]) -> Option<String> {
+        self.topics.borrow().iter_meta().find(|(_, meta)| &meta.id == id).map(|(name, _)| name.to_owned())
+    }
+
     /// The metrics this shard updates itself, for the daemon to register.
     pub fn metrics(&self) -> &ShardMetrics {
         &self.metrics

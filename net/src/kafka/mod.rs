@@ -83,6 +83,7 @@ pub mod error {
     pub const GROUP_ID_NOT_FOUND: i16 = 69;
     pub const FENCED_LEADER_EPOCH: i16 = 74;
     pub const UNKNOWN_LEADER_EPOCH: i16 = 75;
+    pub const UNKNOWN_TOPIC_ID: i16 = 100;
 }
 
 /// What this broker implements: (API key, lowest version, highest version). Only these are
@@ -93,8 +94,10 @@ pub const SUPPORTED: &[(i16, i16, i16)] = &[
     // advertised because librdkafka before 2.11.1 (kcat in Debian 12 has 2.0.2) decides that
     // a broker takes gzip, snappy and lz4 batches only if it lists Produce v0; without it those
     // clients silently send uncompressed batches.
-    (api::PRODUCE, 0, 9),
-    (api::FETCH, 4, 12),
+    // Produce v10 and Fetch v16 name a partition's leader in a NOT_LEADER_OR_FOLLOWER answer
+    // (KIP-951); Fetch v13+ names topics by id.
+    (api::PRODUCE, 0, 10),
+    (api::FETCH, 4, 16),
     (api::LIST_OFFSETS, 1, 7),
     (api::METADATA, 1, 12),
     (api::OFFSET_COMMIT, 1, 8),
