@@ -13,9 +13,12 @@ With --sigstop the leader is paused (SIGSTOP) instead of killed, and resumed (SI
 the others elected a new leader: no connection is reset, so the followers notice only when
 their election timeout passes without a heartbeat; librdkafka only when a request to the
 paused node times out, pyralog-bench when a batch unanswered for 500 ms makes it find the new
-leader in another node's metadata. Prints medians, p99 and max, and one JSON line.
+leader in another node's metadata. With --sigterm the leader is stopped cleanly (SIGTERM): it
+hands its leadership to an in-sync follower before it exits (a rolling restart), and answers
+NOT_LEADER_OR_FOLLOWER meanwhile, naming the new leader (KIP-951). Prints medians, p99 and
+max, and one JSON line.
 
-    python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [--sigstop] [extra pyralog flags...]
+    python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [--sigstop | --sigterm] [extra pyralog flags...]
 """
 
 import json
@@ -72,9 +75,10 @@ def percentile(values, p):
 def main():
     binary, rounds, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     catch_up = "--no-catch-up" not in extra
-    sigstop = "--sigstop" in extra
-    extra = [flag for flag in extra if flag not in ("--no-catch-up", "--sigstop")]
-    fault = "SIGSTOP" if sigstop else "kill -9"
+    sigstop, sigterm = "--sigstop" in extra, "--sigterm" in extra
+    assert not (sigstop and sigterm), "--sigstop or --sigterm, not both"
+    extra = [flag for flag in extra if flag not in ("--no-catch-up", "--sigstop", "--sigterm")]
+    fault = "SIGSTOP" if sigstop else "SIGTERM" if sigterm else "kill -9"
     base = tempfile.mkdtemp(prefix="pyralog-failover-")
     cluster = Cluster(binary, base, extra_args=extra).start()
     try:
@@ -121,8 +125,13 @@ def main():
             leader, term = leader_of([1, 2, 3], "failover")
             survivors = [n for n in (1, 2, 3) if n != leader]
             killed_at = time.monotonic()
+            stopping = None
             if sigstop:
                 cluster.node(leader).pause()
+            elif sigterm:
+                # terminate() waits for the clean exit, which comes after the handoff.
+                stopping = threading.Thread(target=cluster.node(leader).terminate)
+                stopping.start()
             else:
                 cluster.node(leader).kill9()
             while True:
@@ -159,6 +168,9 @@ def main():
             if sigstop:
                 cluster.node(leader).resume()
             else:
+                if stopping is not None:
+                    stopping.join(30)
+                    assert not stopping.is_alive(), f"node {leader} did not stop within 30 s of SIGTERM"
                 cluster.node(leader).start().wait_ready()
             wait_until("the restarted node leads or follows again",
                        lambda: all(view(n) for n in (1, 2, 3)), timeout_s=30)
