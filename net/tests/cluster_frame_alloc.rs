@@ -86,6 +86,7 @@ fn sample_entries() -> Vec<(GroupKey, Message)> {
             prev_end: 0,
             prev_epoch: -1,
             commit_end: 0,
+            log_start: 0,
             seq: 5,
             batches: vec![batch.clone(), batch],
         }),

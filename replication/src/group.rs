@@ -326,6 +326,9 @@ pub struct RaftGroup {
     high_watermark: i64,
     /// Follower: our log matches the current leader's up to here.
     verified_end: i64,
+    /// The log start the leader last said it has (see [`Append::log_start`]); 0 until one
+    /// did.
+    leader_log_start: i64,
     ticks: u64,
     election_deadline_tick: u64,
     heartbeat_deadline_tick: u64,
@@ -393,6 +396,7 @@ impl RaftGroup {
             leader: None,
             epochs: restore.epochs,
             log_start: restore.log_start,
+            leader_log_start: 0,
             log_end: restore.log_end,
             durable_end: restore.log_end,
             truncations: 0,
@@ -441,6 +445,13 @@ impl RaftGroup {
     pub fn high_watermark(&self) -> i64 {
         self.high_watermark
     }
+    /// The log start the leader this replica last heard from last said it has: below it,
+    /// every offset is committed, and the shell may cut this replica's log there once it is
+    /// committed and durable here too ([`RaftGroup::trim`]). 0 until a leader said one.
+    pub fn leader_log_start(&self) -> i64 {
+        self.leader_log_start
+    }
+
     pub fn log_start(&self) -> i64 {
         self.log_start
     }
@@ -680,6 +691,7 @@ impl RaftGroup {
                     prev_end,
                     prev_epoch,
                     commit_end: self.high_watermark,
+                    log_start: self.log_start,
                     seq: self.next_append_seq(),
                     batches: Vec::new(),
                 });
@@ -899,6 +911,7 @@ impl RaftGroup {
                 prev_end,
                 prev_epoch: self.prev_epoch(prev_end),
                 commit_end: self.high_watermark,
+                log_start: self.log_start,
                 seq: self.next_append_seq(),
                 batches: std::mem::take(&mut batches),
             });
@@ -1284,6 +1297,10 @@ impl RaftGroup {
             return; // two leaders in one term: impossible from honest peers, so ignore it
         }
         self.heard_leader(from, append.seq, out);
+        // A leader's start is below its commit point; one that is not is no fact to act on.
+        if (0..=append.commit_end).contains(&append.log_start) {
+            self.leader_log_start = append.log_start;
+        }
         // Below our log's start every offset is committed, and so the leader's too.
         let below_start = self.log_start > 0 && append.prev_end <= self.log_start;
         // A point inside one of our batches is no point the leader's log and ours share: the
@@ -1880,7 +1897,7 @@ mod tests {
             from: 1,
             to: 2,
             term,
-            body: Body::Append(Append { prev_end, prev_epoch, commit_end, seq: 0, batches }),
+            body: Body::Append(Append { prev_end, prev_epoch, commit_end, log_start: 0, seq: 0, batches }),
         }
     }
 
@@ -2241,6 +2258,46 @@ mod tests {
         assert_eq!(trio.logs[2].end(), trio.logs[1].end(), "3 caught up");
     }
 
+    /// A leader's appends and heartbeats carry its log start: its followers learn where it
+    /// cut its log (their shell cuts theirs there), and may trim there; a start past the
+    /// commit point an append carries is no fact and is not taken.
+    #[test]
+    fn followers_learn_the_leaders_log_start() {
+        let mut trio = Trio::new();
+        trio.elect_first();
+        for _ in 0..10 {
+            trio.propose_and_tick();
+        }
+        assert_eq!(trio.groups[1].leader_log_start(), 0);
+        let start = trio.groups[0].high_watermark();
+        trio.groups[0].trim(start).expect("committed and durable");
+        trio.logs[0].start = start;
+        for _ in 0..4 {
+            let sent = trio.tick(1); // idle: heartbeats alone
+            trio.settle(sent);
+        }
+        for follower in [1, 2] {
+            let group = &mut trio.groups[follower];
+            assert_eq!(group.leader_log_start(), start);
+            group.trim(group.leader_log_start()).expect("committed and durable here too");
+            trio.logs[follower].start = start;
+        }
+        trio.propose_and_tick();
+
+        let mut log = SimLog::default();
+        let mut follower = group(2, &[1, 2, 3]);
+        let told = |log_start| Append {
+            prev_end: 0,
+            prev_epoch: -1,
+            commit_end: 0,
+            log_start,
+            seq: 0,
+            batches: vec![],
+        };
+        deliver(&mut follower, &mut log, message(1, 2, 1, Body::Append(told(5))));
+        assert_eq!(follower.leader_log_start(), 0, "a start past the commit point is not taken");
+    }
+
     /// A follower down while the leader's log was trimmed past its end (retention) is told to
     /// start its log at the leader's start, then catches up from there; no read below the
     /// start is asked for (the log asserts it).
@@ -2305,7 +2362,7 @@ mod tests {
         let mut batches = Vec::new();
         trio.logs[0].read(prev_end, usize::MAX, &mut batches);
         let (term, prev_epoch) = (trio.groups[0].term(), trio.groups[0].prev_epoch(prev_end));
-        let append = Append { prev_end, prev_epoch, commit_end: start, seq: 1_000, batches };
+        let append = Append { prev_end, prev_epoch, commit_end: start, log_start: 0, seq: 1_000, batches };
         let sent = trio.settle(vec![message(1, 2, term, Body::Append(append))]);
         let answer = sent.iter().rev().find_map(|m| match &m.body {
             Body::AppendResponse(r) if m.from == 2 && r.seq == 1_000 => Some(r.clone()),
@@ -2422,7 +2479,7 @@ mod tests {
             b
         });
         let from_4 = |prev_end, prev_epoch, batches| {
-            let append = Append { prev_end, prev_epoch, commit_end: 1, seq: 0, batches };
+            let append = Append { prev_end, prev_epoch, commit_end: 1, log_start: 0, seq: 0, batches };
             Message { from: 4, to: 1, term: 1, body: Body::Append(append) }
         };
         deliver(&mut g, &mut log, from_4(0, -1, vec![start]));
@@ -2495,8 +2552,14 @@ mod tests {
     fn a_replica_hears_a_leader_outside_the_membership_it_knows() {
         let mut log = SimLog::default();
         let mut g = group(3, &[1, 2, 3]);
-        let append =
-            Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 4, batches: vec![stamped(0, 5)] };
+        let append = Append {
+            prev_end: 0,
+            prev_epoch: -1,
+            commit_end: 0,
+            log_start: 0,
+            seq: 4,
+            batches: vec![stamped(0, 5)],
+        };
         let sent = deliver(&mut g, &mut log, message(4, 3, 5, Body::Append(append)));
         assert_eq!((g.term(), g.leader()), (5, Some(4)));
         assert!(sent.iter().any(|m| m.to == 4 && matches!(&m.body, Body::AppendResponse(r) if r.accepted)));
@@ -2530,7 +2593,8 @@ mod tests {
         let rng = XorShiftRng::seed_from_u64(4);
         let mut l = RaftGroup::new(learner_config, Restore::default(), rng, &mut Vec::new()).expect("valid");
         let mut log = SimLog::default();
-        let heartbeat = Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 0, batches: Vec::new() };
+        let heartbeat =
+            Append { prev_end: 0, prev_epoch: -1, commit_end: 0, log_start: 0, seq: 0, batches: Vec::new() };
         deliver(&mut l, &mut log, message(1, 4, 3, Body::Append(heartbeat)));
         deliver(&mut l, &mut log, message(1, 4, 3, Body::TimeoutNow));
         assert_eq!((l.role(), l.term()), (Role::Follower, 3));
@@ -2580,12 +2644,25 @@ mod tests {
             batch::stamp(&mut b, base, 1);
             Bytes::from(b)
         };
-        let append =
-            Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 0, batches: vec![big(0), big(1)] };
+        let append = Append {
+            prev_end: 0,
+            prev_epoch: -1,
+            commit_end: 0,
+            log_start: 0,
+            seq: 0,
+            batches: vec![big(0), big(1)],
+        };
         let sent = deliver(&mut f, &mut log, message(1, 2, 1, Body::Append(append)));
         assert!(sent.is_empty() && f.log_end() == 0 && f.term() == 0, "{sent:?}");
         // ... but takes one batch that size: a leader always sends at least one.
-        let append = Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 0, batches: vec![big(0)] };
+        let append = Append {
+            prev_end: 0,
+            prev_epoch: -1,
+            commit_end: 0,
+            log_start: 0,
+            seq: 0,
+            batches: vec![big(0)],
+        };
         deliver(&mut f, &mut log, message(1, 2, 1, Body::Append(append)));
         assert_eq!(f.log_end(), 1);
     }
@@ -2597,7 +2674,7 @@ mod tests {
         let mut log = SimLog::default();
         let mut g = group(2, &[1, 2, 3]);
         let append = |term, prev_end, prev_epoch, batches| {
-            let append = Append { prev_end, prev_epoch, commit_end: 0, seq: 0, batches };
+            let append = Append { prev_end, prev_epoch, commit_end: 0, log_start: 0, seq: 0, batches };
             message(1, 2, term, Body::Append(append))
         };
         // The follower holds offsets 0..=2 in one batch of epoch 1.

@@ -85,6 +85,10 @@ pub struct Append {
     pub prev_epoch: i32,
     /// The leader's commit point (high watermark, exclusive).
     pub commit_end: i64,
+    /// The leader's log start: everything below it is committed, and the leader no longer
+    /// holds it. A follower may drop it too (as Kafka's followers take the log start offset
+    /// of their fetch responses), so that replicas keep the same offsets.
+    pub log_start: i64,
     /// Numbers the leader's appends in its term (it grows by one per append sent); the
     /// answer echoes it, so the leader can tell an answer to an append it sent before it
     /// last reset its view of the follower.

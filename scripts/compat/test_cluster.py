@@ -1151,8 +1151,9 @@ def test_retention_cuts_replicated_logs_and_a_follower_behind_the_leaders_start_
     """Each replica deletes the segments retention no longer keeps, below what it knows
     committed. A follower down while its leader's log start moved past its end is told to start
     its log there: back from kill -9 with its data, and back with none (a wiped disk), it
-    catches up from the leader's start and the replicas agree from the common start; consumers
-    find the earliest offset at the start."""
+    catches up from the leader's start and the replicas agree from the common start. A
+    follower without retention of its own cuts its log where its leader does. Consumers find
+    the earliest offset at the start."""
     import json
     import shutil
     import subprocess
@@ -1200,6 +1201,19 @@ def test_retention_cuts_replicated_logs_and_a_follower_behind_the_leaders_start_
         assert replica(follower)["log_start"] > end_when_killed
         wait_until("the replicas agree from the common start",
                    lambda: cluster_command(pyralog_bin, "verify", "kept").count("3 replicas agree from offset") == 1)
+    # A follower keeps what its leader keeps: restarted without retention of its own, its log
+    # still starts where its leader's does (the leader's appends carry its start). Not the
+    # preferred replica, which would take the leadership back.
+    preferred = cluster_view(cluster.node(1))["topics"]["kept"]["replicas"][0][0]
+    follower = cluster.node(next(n for n in (3, 2, 1) if n not in (leader(), preferred)))
+    follower.terminate()
+    at = follower.extra_args.index("--retention-bytes")
+    del follower.extra_args[at:at + 2]
+    follower.start().wait_ready()
+    start_at_restart = replica(follower)["log_start"]
+    produce_kib(3000)
+    wait_until("the follower's log starts where its leader's does, past where it did",
+               lambda: replica(cluster.node(leader()))["log_start"] == replica(follower)["log_start"] > start_at_restart)
     # Consumers start at the log's start: the earliest offset is past 0, and reading from the
     # beginning gets records from there.
     consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "kept-reader",

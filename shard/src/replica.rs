@@ -838,9 +838,12 @@ impl Replica {
     }
 
     /// Retention of this replica's log: the closed segments it no longer keeps, among those
-    /// committed and durable here (a follower's own commit point and durable end). The core
-    /// learns the new start first, so it never asks to read below it; a follower that needs
-    /// what went is told to start its log there. Returns how many segments went.
+    /// committed and durable here (a follower's own commit point and durable end), and those
+    /// that end at or below the log start its leader last told it (a follower keeps what its
+    /// leader keeps, as Kafka's do: the replicas' segments end at the same offsets, so their
+    /// starts agree). The core learns the new start first, so it never asks to read below
+    /// it; a follower that needs what went is told to start its log there. Returns how many
+    /// segments went.
     ///
     /// A compacted log ignores the node's retention (it would lose the offsets of groups that
     /// have not committed lately, the topics created long ago): its segments go below the
@@ -849,9 +852,9 @@ impl Replica {
         if self.failure().is_some() {
             return Ok(0);
         }
-        let bound = {
+        let (bound, leader_start) = {
             let raft = self.raft.borrow();
-            raft.high_watermark().min(raft.durable_end())
+            (raft.high_watermark().min(raft.durable_end()), raft.leader_log_start())
         };
         let start = if self.is_compacted() {
             match self.snapshot.get() {
@@ -861,7 +864,13 @@ impl Replica {
                 _ => None,
             }
         } else {
-            self.partition.log.retention_start(now_ms, bound)
+            let own = self.partition.log.retention_start(now_ms, bound);
+            let leaders = if self.partition.log.log_start_offset() < leader_start {
+                self.partition.log.start_below(leader_start.min(bound))
+            } else {
+                None
+            };
+            own.max(leaders)
         };
         let Some(start) = start else { return Ok(0) };
         self.raft.borrow_mut().trim(start).map_err(|e| {

@@ -1113,22 +1113,13 @@ impl Shard {
                     eprintln!("pyralog: retention of {}/{}: {error}", partition.topic, partition.partition);
                 }
             }
-            // Replicated partitions too, each below what it knows committed and durable, and
-            // the offsets topic's and the controller's below their snapshots (see
-            // `Replica::apply_retention`).
-            let replicas: Vec<Rc<crate::replica::Replica>> = self.cluster().map_or(Vec::new(), |cluster| {
-                cluster
-                    .replicas
-                    .borrow()
-                    .iter()
-                    .filter(|((topic_id, _), replica)| {
-                        retention
-                            || *topic_id == crate::CONTROLLER_TOPIC_ID
-                            || offsets::is_internal_topic(&replica.address.topic)
-                    })
-                    .map(|(_, replica)| Rc::clone(replica))
-                    .collect()
-            });
+            // Every replicated partition too, each below what it knows committed and durable
+            // (by the node's retention, and a follower where its leader's log starts, whatever
+            // this node's own retention), and the offsets topic's and the controller's below
+            // their snapshots (see `Replica::apply_retention`).
+            let replicas: Vec<Rc<crate::replica::Replica>> = self
+                .cluster()
+                .map_or(Vec::new(), |cluster| cluster.replicas.borrow().values().cloned().collect());
             for replica in replicas {
                 if let Err(error) = replica.apply_retention(now_ms) {
                     eprintln!("pyralog: {error}");

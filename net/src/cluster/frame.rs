@@ -22,6 +22,8 @@
 //! Response = id:u64  body_bytes:u32  body
 //! cluster_id = 0:u8  |  1:u8  id:[u8;16]
 //! entry    = topic_id:[u8;16]  partition:u32  from:u32  to:u32  term:i32  tag:u8  fields
+//! Append fields = prev_end:i64  prev_epoch:i32  commit_end:i64  log_start:i64  seq:u64
+//!            count:u32  batch_bytes:u32*count  batch*count
 //! StartAt fields = start:i64  prev_epoch:i32  commit_end:i64  seq:u64  count:u32
 //!            (offset:i64  batch_bytes:u32  batch)*count
 //!            each batch a configuration batch carrying one membership, as the log holds it
@@ -65,7 +67,7 @@ use pyralog_replication::message::StartAt;
 use pyralog_replication::{Append, AppendResponse, Body, Membership, Message};
 
 /// The only version this node speaks.
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
 /// The length field before every frame.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// What follows the length before the body: CRC, version, kind.
@@ -541,6 +543,7 @@ fn encode_append(append: &Append, encoder: &mut Encoder) {
     head.put_i64(append.prev_end);
     head.put_i32(append.prev_epoch);
     head.put_i64(append.commit_end);
+    head.put_i64(append.log_start);
     head.put_u64(append.seq);
     assert!(append.batches.len() <= APPEND_BATCHES_MAX, "the core bounds an append's batches");
     head.put_u32(append.batches.len() as u32);
@@ -859,6 +862,7 @@ fn decode_append(reader: &mut Reader) -> Result<Append> {
     let prev_end = reader.i64("Append prev_end")?;
     let prev_epoch = reader.i32("Append prev_epoch")?;
     let commit_end = reader.i64("Append commit_end")?;
+    let log_start = reader.i64("Append log_start")?;
     let seq = reader.u64("Append seq")?;
     // A batch takes its length (4 bytes) and at least a header.
     let count = reader.count(
@@ -876,7 +880,7 @@ fn decode_append(reader: &mut Reader) -> Result<Append> {
         }
         batches.push(reader.slice(length, "batch")?);
     }
-    Ok(Append { prev_end, prev_epoch, commit_end, seq, batches })
+    Ok(Append { prev_end, prev_epoch, commit_end, log_start, seq, batches })
 }
 
 fn decode_start_at(reader: &mut Reader) -> Result<StartAt> {

@@ -75,17 +75,19 @@ fn body_strategy() -> impl Strategy<Value = Body> {
             prop_oneof![Just(0i64), 0i64..12, -2i64..50],
             prop_oneof![Just(-1i32), 3i32..6, -2i32..7],
             offset.clone(),
+            prop_oneof![Just(0i64), offset.clone()],
             prop::collection::vec(batch_strategy(), 0..4),
             0i32..6,
             0u64..8
         )
-            .prop_map(|(prev_end, prev_epoch, commit_end, batches, epoch, seq)| {
+            .prop_map(|(prev_end, prev_epoch, commit_end, log_start, batches, epoch, seq)| {
                 // An honest leader says -1 before offset 0.
                 let prev_epoch = if prev_end == 0 && epoch >= 2 { -1 } else { prev_epoch };
                 Body::Append(Append {
                     prev_end,
                     prev_epoch,
                     commit_end,
+                    log_start,
                     seq,
                     batches: honest(prev_end, epoch, batches),
                 })

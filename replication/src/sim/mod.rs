@@ -1186,15 +1186,22 @@ impl World {
     }
 
     /// Retention on a random live replica: its log starts at a later batch boundary, half the
-    /// time the furthest its core allows (its commit point and durable end), else any of its
-    /// log's (which the core refuses past those).
+    /// time the furthest its core allows (its commit point and durable end), a quarter the
+    /// furthest at or below the start its leader last told it (as the daemon's followers
+    /// follow their leader's retention), else any of its log's (which the core refuses past
+    /// those).
     fn trim(&mut self) {
         let node = (self.trim_rng.next_u64() % self.nodes.len() as u64) as usize;
-        let furthest = self.trim_rng.next_u64().is_multiple_of(2);
+        let way = self.trim_rng.next_u64() % 4;
         let pick = self.trim_rng.next_u64();
         let n = &mut self.nodes[node];
         let Some(group) = n.group.as_mut() else { return };
-        let bound = if furthest { group.high_watermark().min(group.durable_end()) } else { n.log.end() };
+        let allowed = group.high_watermark().min(group.durable_end());
+        let (furthest, bound) = match way {
+            0 | 1 => (true, allowed),
+            2 => (true, allowed.min(group.leader_log_start())),
+            _ => (false, n.log.end()),
+        };
         let first = n.log.index_of(n.log.start);
         let last = n.log.ends.partition_point(|end| *end <= bound);
         if last <= first {

@@ -31,10 +31,18 @@ fn every_body() -> Vec<Body> {
             prev_end: 10,
             prev_epoch: 3,
             commit_end: 8,
+            log_start: 4,
             seq: 5,
             batches: vec![batch(b"one"), batch(&[9; 5000]), batch(b"three")],
         }),
-        Body::Append(Append { prev_end: 0, prev_epoch: -1, commit_end: 0, seq: 5, batches: vec![] }),
+        Body::Append(Append {
+            prev_end: 0,
+            prev_epoch: -1,
+            commit_end: 0,
+            log_start: 0,
+            seq: 5,
+            batches: vec![],
+        }),
         Body::AppendResponse(AppendResponse {
             accepted: false,
             match_end: 0,
@@ -104,6 +112,7 @@ fn batches_are_written_and_read_without_copies() {
             prev_end: 0,
             prev_epoch: -1,
             commit_end: 0,
+            log_start: 0,
             seq: 5,
             batches: vec![big.clone()],
         })),
@@ -191,7 +200,7 @@ fn limits_are_named_in_their_errors() {
 
     let mut append = 1u32.to_be_bytes().to_vec();
     append.extend(entry_head(TAG_APPEND));
-    append.extend_from_slice(&[0; 28]); // prev_end, prev_epoch, commit_end, seq
+    append.extend_from_slice(&[0; 36]); // prev_end, prev_epoch, commit_end, log_start, seq
     append.extend_from_slice(&(APPEND_BATCHES_MAX as u32 + 1).to_be_bytes());
     let error = decode(forged(KIND_MESSAGES, &append)).unwrap_err();
     assert!(error.to_string().contains("APPEND_BATCHES_MAX"), "{error}");
@@ -273,14 +282,14 @@ fn strictness_trailing_bytes_versions_kinds_flags_and_short_batches() {
     ));
 
     let mut version = encode_to_bytes(&Frame::Messages(vec![])).to_vec();
-    version[8] = 2;
+    version[8] = FRAME_VERSION - 1;
     let crc = crc32c::crc32c(&version[8..]);
     version[4..8].copy_from_slice(&crc.to_be_bytes());
-    assert_eq!(decode(Bytes::from(version)).unwrap_err(), ClusterFrameError::Version(2));
+    assert_eq!(decode(Bytes::from(version)).unwrap_err(), ClusterFrameError::Version(FRAME_VERSION - 1));
 
     let mut short = 1u32.to_be_bytes().to_vec();
     short.extend(entry_head(TAG_APPEND));
-    short.extend_from_slice(&[0; 28]);
+    short.extend_from_slice(&[0; 36]);
     short.extend_from_slice(&1u32.to_be_bytes());
     short.extend_from_slice(&10u32.to_be_bytes());
     short.extend_from_slice(&[0; BATCH_HEADER_BYTES]);
@@ -309,6 +318,7 @@ fn the_encoder_stops_at_the_frame_limit() {
         prev_end: 0,
         prev_epoch: 1,
         commit_end: 0,
+        log_start: 0,
         seq: 5,
         batches: vec![big],
     }));
@@ -344,9 +354,9 @@ fn arbitrary_body() -> impl Strategy<Value = Body> {
             transfer
         }),
         any::<bool>().prop_map(|granted| Body::VoteResponse { granted }),
-        (any::<i64>(), any::<i32>(), any::<i64>(), any::<u64>(), batches).prop_map(
-            |(prev_end, prev_epoch, commit_end, seq, batches)| {
-                Body::Append(Append { prev_end, prev_epoch, commit_end, seq, batches })
+        (any::<i64>(), any::<i32>(), any::<i64>(), any::<i64>(), any::<u64>(), batches).prop_map(
+            |(prev_end, prev_epoch, commit_end, log_start, seq, batches)| {
+                Body::Append(Append { prev_end, prev_epoch, commit_end, log_start, seq, batches })
             }
         ),
         (any::<bool>(), any::<i64>(), any::<i64>(), any::<i64>(), epochs, any::<bool>(), any::<(u64, u64)>())

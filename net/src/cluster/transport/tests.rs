@@ -48,6 +48,7 @@ fn numbered(sequence: u32) -> Message {
             prev_end: 0,
             prev_epoch: -1,
             commit_end: i64::from(sequence),
+            log_start: 0,
             seq: 5,
             batches: vec![],
         }),
@@ -56,7 +57,7 @@ fn numbered(sequence: u32) -> Message {
             let batches = (0..1 + sequence % 3)
                 .map(|_| Bytes::from(pyralog_replication::batch::build(&[(Some(b"key"), &value)], 0, 1)))
                 .collect();
-            Body::Append(Append { prev_end: 10, prev_epoch: 2, commit_end: 9, seq: 5, batches })
+            Body::Append(Append { prev_end: 10, prev_epoch: 2, commit_end: 9, log_start: 3, seq: 5, batches })
         }
         2 => Body::AppendResponse(AppendResponse {
             accepted: false,
@@ -139,6 +140,7 @@ fn large_appends_are_split_at_the_frame_limit_and_arrive_whole() {
                 prev_end,
                 prev_epoch: 1,
                 commit_end: 0,
+                log_start: 0,
                 seq: 5,
                 batches: vec![batch.clone()],
             }),
@@ -240,6 +242,7 @@ fn a_full_queue_drops_and_counts_instead_of_growing() {
                 prev_end: 0,
                 prev_epoch: -1,
                 commit_end: 0,
+                log_start: 0,
                 seq: 5,
                 batches: vec![batch],
             }),
