@@ -122,12 +122,36 @@ EOF
 lat="--message-bytes 1024 --rate 20000 --duration $secs --linger-ms 1 --partitions 6"
 big="--message-bytes 1024 --batch-bytes 1048576 --producers 2 --duration $secs --partitions 6"
 
+# CPU time so far: the machine's (busy and idle jiffies, iowait counted idle) and each node's
+# (user and system jiffies).
+cpu_now() {
+  awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6}' /proc/stat
+  for pid in "${nodes[@]}"; do awk '{print $14, $15}' "/proc/$pid/stat"; done
+}
+# How busy the machine and each node were between two cpu_now outputs (files).
+cpu_use() {
+  python3 - "$1" "$2" "$(nproc)" <<'EOF'
+import sys
+before = [list(map(int, l.split())) for l in open(sys.argv[1])]
+after = [list(map(int, l.split())) for l in open(sys.argv[2])]
+busy, idle = (a - b for a, b in zip(after[0], before[0]))
+elapsed = (busy + idle) / int(sys.argv[3])  # jiffies of one core
+nodes = ["%d/%d%%" % ((a[0] - b[0]) * 100 / elapsed, (a[1] - b[1]) * 100 / elapsed)
+         for a, b in zip(after[1:], before[1:])]
+print("machine %d%% busy; nodes' user/system CPU, in %% of a core: %s" % (busy * 100 / (busy + idle), ", ".join(nodes)))
+EOF
+}
+
 # Latency first, before gigabytes of writes leave the disk slow to answer fdatasync. Each
-# with the p99 of the nodes' flushes (a write and its fdatasync) meanwhile.
+# with the p99 of the nodes' flushes (a write and its fdatasync) meanwhile, and for RF 3 how
+# busy the cores were (three nodes and the load generator share them).
 scrape >"$work/flush.before"
+cpu_now >"$work/cpu.before"
 r=$(bench --topic lat3 $lat)
+cpu_now >"$work/cpu.after"
 scrape >"$work/flush.after"
 report "RF 3 acks=all 1 KiB at 20k/s" "$r" "target p99 < 3000 us; flush p99 $(hist_p99 "$work/flush.before" "$work/flush.after" flush_duration)"
+echo "  $(cpu_use "$work/cpu.before" "$work/cpu.after")"
 scrape >"$work/flush.before"
 r=$(bench --topic lat1 $lat)
 scrape >"$work/flush.after"

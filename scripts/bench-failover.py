@@ -15,10 +15,14 @@ their election timeout passes without a heartbeat; librdkafka only when a reques
 paused node times out, pyralog-bench when a batch unanswered for 500 ms makes it find the new
 leader in another node's metadata. With --sigterm the leader is stopped cleanly (SIGTERM): it
 hands its leadership to an in-sync follower before it exits (a rolling restart), and answers
-NOT_LEADER_OR_FOLLOWER meanwhile, naming the new leader (KIP-951). Prints medians, p99 and
+NOT_LEADER_OR_FOLLOWER meanwhile, naming the new leader (KIP-951). --rdkafka KEY=VALUE sets
+a librdkafka property of the confluent-kafka producer (repeatable): librdkafka waits out its
+reconnect backoff (reconnect.backoff.max.ms, 10 s) before it connects to a new leader it
+last failed to reach, such as a node restarted in an earlier round. Prints medians, p99 and
 max, and one JSON line.
 
-    python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [--sigstop | --sigterm] [extra pyralog flags...]
+    python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [--sigstop | --sigterm]
+        [--rdkafka KEY=VALUE ...] [extra pyralog flags...]
 """
 
 import json
@@ -74,6 +78,12 @@ def percentile(values, p):
 
 def main():
     binary, rounds, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    rdkafka = {}
+    while "--rdkafka" in extra:
+        at = extra.index("--rdkafka")
+        key, value = extra[at + 1].split("=", 1)
+        rdkafka[key] = value
+        del extra[at:at + 2]
     catch_up = "--no-catch-up" not in extra
     sigstop, sigterm = "--sigstop" in extra, "--sigterm" in extra
     assert not (sigstop and sigterm), "--sigstop or --sigterm, not both"
@@ -93,6 +103,7 @@ def main():
             # request times out (socket.timeout.ms, 60 s by default, as long as the messages'
             # own timeout, so they failed first). 5 s, as the native bench's 10 s, bounds the gap.
             settings.update({"socket.timeout.ms": 5000, "request.timeout.ms": 5000})
+        settings.update(rdkafka)
         producer = Producer(settings)
 
         def on_delivery(error, _message):
@@ -188,6 +199,7 @@ def main():
         summary = {
             "rounds": rounds,
             "flags": " ".join(extra) or "defaults",
+            "rdkafka": rdkafka,
             "caught_up_between_rounds": catch_up,
             "fault": fault,
             "election_ms": {"p50": percentile(elections, 50), "p99": percentile(elections, 99), "max": max(elections)},
