@@ -22,7 +22,9 @@ fn assert_serving(conn: &mut KafkaConnection) {
     let response = conn.call(3, RequestBody::ApiVersions(Default::default())).expect("ApiVersions answered");
     let ResponseBody::ApiVersions(body) = response else { panic!("not ApiVersions") };
     assert_eq!(body.error_code, error::NONE);
-    assert!(body.api_keys.iter().any(|k| k.api_key == api::PRODUCE && k.max_version == 9));
+    let produce_max = pyralog_net::kafka::SUPPORTED.iter().find(|s| s.0 == api::PRODUCE).expect("Produce").2;
+    assert_eq!(produce_max, 10, "Produce v10 carries the leader hints (KIP-951)");
+    assert!(body.api_keys.iter().any(|k| k.api_key == api::PRODUCE && k.max_version == produce_max));
 }
 
 fn create_topic(conn: &mut KafkaConnection, name: &str, partitions: i32, configs: &[(&str, &str)]) -> i16 {
