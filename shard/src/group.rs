@@ -820,31 +820,24 @@ impl GroupCoordinator {
     /// Drops the committed offsets retention lets go (Kafka's offsets.retention.minutes, as
     /// KIP-211 counts it): those of a group that has had no member for the retention period,
     /// committed longer ago than that. Groups left with nothing are forgotten. Runs before a
-    /// compaction's snapshot, which then leaves them out. Returns how many went.
-    fn expire_offsets(&self) -> usize {
+    /// compaction's snapshot, which then leaves them out.
+    fn expire_offsets(&self) {
         let cutoff_ms = self.retention_cutoff_ms();
         let mut groups = self.groups.borrow_mut();
-        let mut expired = 0;
-        for group in groups.values_mut() {
-            if !group.members.is_empty() || group.emptied_at_ms > cutoff_ms {
-                continue;
-            }
-            let before = group.offsets.len();
+        for group in groups.values_mut().filter(|group| group.is_empty_since(cutoff_ms)) {
             group.offsets.retain(|_, committed| committed.commit_timestamp_ms >= cutoff_ms);
-            expired += before - group.offsets.len();
         }
         groups.retain(|_, group| !group.is_unused());
-        expired
     }
 
     /// Whether [`GroupCoordinator::expire_offsets`] would drop any offset now.
     fn has_expiring_offsets(&self) -> bool {
         let cutoff_ms = self.retention_cutoff_ms();
-        self.groups.borrow().values().any(|group| {
-            group.members.is_empty()
-                && group.emptied_at_ms <= cutoff_ms
-                && group.offsets.values().any(|committed| committed.commit_timestamp_ms < cutoff_ms)
-        })
+        self.groups
+            .borrow()
+            .values()
+            .filter(|group| group.is_empty_since(cutoff_ms))
+            .any(|group| group.offsets.values().any(|committed| committed.commit_timestamp_ms < cutoff_ms))
     }
 
     /// The retention's cut-off, in ms since the epoch: a group empty since then loses the
@@ -1336,6 +1329,12 @@ impl Group {
             offsets: BTreeMap::new(),
             emptied_at_ms: unix_time_ms(),
         }
+    }
+
+    /// Whether the group has had no member since `cutoff_ms` (ms since the epoch): offsets
+    /// retention may drop its offsets committed before then.
+    fn is_empty_since(&self, cutoff_ms: i64) -> bool {
+        self.members.is_empty() && self.emptied_at_ms <= cutoff_ms
     }
 
     /// Nothing to remember: no members, no member ids handed out, no offsets.
@@ -2918,9 +2917,6 @@ mod tests {
                 assert!(commit("fresh", -1, "", &partitions).await);
             }
             assert!(coordinator.local_log().log_start_offset() > 0, "compacted");
-            let served = |coordinator: &GroupCoordinator, group: &str| {
-                coordinator.fetch_offsets(group, Some(vec![("t".to_owned(), 0)]))[0].2
-            };
             assert_eq!(
                 [served(&coordinator, "gone"), served(&coordinator, "kept"), served(&coordinator, "fresh")],
                 [-1, 6, 7]
@@ -2936,6 +2932,11 @@ mod tests {
             );
             coordinator.close().await;
         });
+    }
+
+    /// The offset `coordinator` serves for `group` on partition t/0 (-1: none).
+    fn served(coordinator: &GroupCoordinator, group: &str) -> i64 {
+        coordinator.fetch_offsets(group, Some(vec![("t".to_owned(), 0)]))[0].2
     }
 
     /// A crash between a compaction's snapshot and the deletion of what it replaced: replay
@@ -3065,9 +3066,6 @@ mod tests {
         };
         let log_config = LogConfig { index_interval_bytes: 1024, ..LogConfig::default() };
         run(async {
-            let served = |coordinator: &GroupCoordinator, group: &str| {
-                coordinator.fetch_offsets(group, Some(vec![("t".to_owned(), 0)]))[0].2
-            };
             let commit_both = |coordinator: Rc<GroupCoordinator>| async move {
                 let member = form_group(&coordinator, vec![join_request("kept", "", "c")]).await.remove(0);
                 let gone = commit_request("gone", -1, "", &[("t", 0, 5)]);

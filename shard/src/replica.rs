@@ -864,13 +864,9 @@ impl Replica {
                 _ => None,
             }
         } else {
-            let own = self.partition.log.retention_start(now_ms, bound);
-            let leaders = if self.partition.log.log_start_offset() < leader_start {
-                self.partition.log.start_below(leader_start.min(bound))
-            } else {
-                None
-            };
-            own.max(leaders)
+            // None when the leader's start is at or below ours: no closed segment ends there.
+            let leaders = self.partition.log.start_below(leader_start.min(bound));
+            self.partition.log.retention_start(now_ms, bound).max(leaders)
         };
         let Some(start) = start else { return Ok(0) };
         self.raft.borrow_mut().trim(start).map_err(|e| {
