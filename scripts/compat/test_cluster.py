@@ -211,8 +211,11 @@ def check_exactly_once(records, acknowledged):
     """Every acknowledged record is read back at its offset; no value is stored twice."""
     missing = [key for key, value in acknowledged.items() if records.get(key) != value]
     assert not missing, f"{len(missing)} acknowledged records not read back at their offsets: {missing[:5]}"
-    values = list(records.values())
-    assert len(values) == len(set(values)), "a record was stored twice"
+    where = {}
+    for key, value in records.items():
+        where.setdefault(value, []).append(key)
+    twice = {value: keys for value, keys in where.items() if len(keys) > 1}
+    assert not twice, f"records stored twice, at (partition, offset): {dict(list(twice.items())[:5])}"
 
 
 def cluster_command(pyralog_bin, *args):
