@@ -19,6 +19,7 @@ use pyralog_net::kafka::wire::{Records, Uuid};
 use pyralog_net::kafka::{error, Request, RequestBody, ResponseBody};
 use pyralog_net::server::KafkaHandler;
 use pyralog_shard::cluster::{ClusterMeta, TopicPlacement};
+use pyralog_shard::producers::Refusal;
 use pyralog_shard::topics::{TopicConfig, TopicMeta};
 use pyralog_shard::{FetchLimits, GroupError, GroupId, Shard, ShardError};
 
@@ -91,6 +92,12 @@ pub fn error_code(error: &ShardError) -> i16 {
         ShardError::FencedLeaderEpoch { .. } => error::FENCED_LEADER_EPOCH,
         ShardError::UnknownLeaderEpoch { .. } => error::UNKNOWN_LEADER_EPOCH,
         ShardError::NotEnoughReplicas { .. } => error::NOT_ENOUGH_REPLICAS,
+        // The refused batch's own answer: retried in order, never renumbered.
+        ShardError::AfterRefusal { refusal, .. } => match refusal {
+            Refusal::NotLeader => error::NOT_LEADER_OR_FOLLOWER,
+            Refusal::NotEnoughReplicas => error::NOT_ENOUGH_REPLICAS,
+            Refusal::Storage => error::KAFKA_STORAGE_ERROR,
+        },
     }
 }
 
@@ -1061,11 +1068,11 @@ impl KafkaService {
         let partition = u32::try_from(partition).ok()?;
         let cluster = self.shard.cluster_meta()?;
         let placement = cluster.topics.get(topic)?;
-        let (leader, epoch) = self.shard.partition_leader(placement, partition);
-        if epoch < 0 {
-            return None;
-        }
-        let node = cluster.nodes.get(&leader?)?;
+        // Not `partition_leader`: with no leader heard in the replica's term it guesses the
+        // preferred replica, which may be this very node refusing the request.
+        let role = self.shard.replica_role(placement.id, partition)?;
+        let (leader, epoch) = (role.leader?, role.term);
+        let node = cluster.nodes.get(&leader)?;
         let shard = pyralog_shard::topics::owner_shard(topic, partition, node.shards as usize);
         let port = *node.kafka_shard_ports.get(shard)?;
         Some(LeaderHint {

@@ -21,6 +21,7 @@ use pyralog_net::codec::{
 };
 use pyralog_net::server::Handler;
 use pyralog_shard::cluster::{ClusterMeta, TopicPlacement};
+use pyralog_shard::producers::Refusal;
 use pyralog_shard::topics::TopicConfig;
 use pyralog_shard::{Shard, ShardError};
 
@@ -88,6 +89,11 @@ pub fn error_code(error: &ShardError) -> ErrorCode {
         ShardError::NotController { .. } => ErrorCode::NotController,
         ShardError::Unavailable(_) => ErrorCode::Overloaded,
         ShardError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+        ShardError::AfterRefusal { refusal, .. } => match refusal {
+            Refusal::NotLeader => ErrorCode::NotLeader,
+            Refusal::NotEnoughReplicas => ErrorCode::NotEnoughReplicas,
+            Refusal::Storage => ErrorCode::StorageError,
+        },
         // Native requests name no leader epoch, so these come from Kafka clients only.
         ShardError::FencedLeaderEpoch { .. } | ShardError::UnknownLeaderEpoch { .. } => ErrorCode::NotLeader,
     }

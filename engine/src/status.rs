@@ -52,6 +52,10 @@ pub async fn cluster_json(shard: &Shard, node_id: u32, cluster_id: &str) -> Http
                 "log_start": status.log_start, "log_end": status.log_end, "durable_end": status.durable_end,
                 "high_watermark": status.high_watermark, "in_sync": in_sync, "followers": followers,
                 "failure": status.failure,
+                "core": {"role": format!("{:?}", status.core.role), "term": status.core.term,
+                         "leader": status.core.leader, "log_end": status.core.log_end,
+                         "durable_end": status.core.durable_end, "recovering": status.core.recovering},
+                "queued_actions": status.queued_actions, "performing": status.performing,
             })
         })
         .collect();

@@ -850,7 +850,7 @@ impl RaftGroup {
         log: &dyn LogRead,
         out: &mut Vec<Action>,
     ) -> Result<(i64, i64)> {
-        if self.role != Role::Leader || self.transfer.is_some() {
+        if !self.accepts_proposals() {
             return Err(ReplicationError::NotLeader {
                 replica: self.config.id,
                 term: self.hard.term,
@@ -1020,7 +1020,7 @@ impl RaftGroup {
         log: &dyn LogRead,
         out: &mut Vec<Action>,
     ) -> Result<()> {
-        if self.role != Role::Leader || self.transfer.is_some() {
+        if !self.accepts_proposals() {
             return Err(ReplicationError::NotLeader {
                 replica: self.config.id,
                 term: self.hard.term,
@@ -1681,6 +1681,12 @@ impl RaftGroup {
 
     /// Hands leadership to `to` once it holds our whole log (TimeoutNow). Proposals are
     /// refused meanwhile; the handover is dropped after an election timeout.
+    /// Whether [`RaftGroup::propose`] takes proposals now: this replica leads and is not
+    /// handing leadership over.
+    pub fn accepts_proposals(&self) -> bool {
+        self.role == Role::Leader && self.transfer.is_none()
+    }
+
     pub fn transfer_leadership(&mut self, to: ReplicaId, out: &mut Vec<Action>) -> Result<()> {
         if self.role != Role::Leader {
             return Err(ReplicationError::NotLeader {

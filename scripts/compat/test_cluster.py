@@ -22,6 +22,11 @@ if os.environ.get("PYRALOG_NETNS") != "1":
     )
 
 CLIENT_TIMEOUT_S = 30.0
+# For chasing a rare failure: PYRALOG_RDKAFKA_DEBUG=eos,msg,protocol makes the background
+# producers log what librdkafka did (run pytest with -s to keep it), and PYRALOG_FAULT_ROUNDS
+# repeats each fault of run_faults_under_load that many times (2 by default).
+RDKAFKA_DEBUG = {"debug": os.environ["PYRALOG_RDKAFKA_DEBUG"]} if os.environ.get("PYRALOG_RDKAFKA_DEBUG") else {}
+FAULT_ROUNDS = int(os.environ.get("PYRALOG_FAULT_ROUNDS", "2"))
 
 
 @pytest.fixture
@@ -172,7 +177,8 @@ class BackgroundProducer:
         self.sent = 0
         self._stop = threading.Event()
         self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                                   "linger.ms": 2, "message.timeout.ms": 60000})
+                                   "linger.ms": 2, "message.timeout.ms": 60000,
+                                   **RDKAFKA_DEBUG})
         self._topic = topic
         self._padding = "." * value_bytes
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -349,7 +355,52 @@ def heal():
     iptables("-F", "INPUT")
 
 
-def run_faults_under_load(cluster, pyralog_bin, topic, fault, rounds=2):
+def replica_views(cluster, topic):
+    """Each node's replicas of `topic` as its /cluster shows them (published role and log,
+    the core's own view, the worker's queue): what a failure message needs to say why a
+    partition did not serve."""
+    import json
+    import urllib.request
+    lines = []
+    for node in cluster.nodes:
+        try:
+            view = json.load(urllib.request.urlopen(f"{node.metrics_url}/cluster", timeout=5))
+        except Exception as error:  # a node down or not answering says so
+            lines.append(f"node {node.node_id}: {error}")
+            continue
+        for replica in sorted((r for r in view["replicas"] if r["topic"] == topic), key=lambda r: r["partition"]):
+            core = replica["core"]
+            lines.append(
+                f"node {node.node_id} p{replica['partition']}: published term {replica['term']} leader "
+                f"{replica['leader']} leads {replica['leads']}; core {core['role']} term {core['term']} leader "
+                f"{core['leader']} log_end {core['log_end']} durable {core['durable_end']} recovering "
+                f"{core['recovering']}; log_end {replica['log_end']} hw {replica['high_watermark']}; queued "
+                f"{replica['queued_actions']} performing {replica['performing']}; failure {replica['failure']}")
+    return "\n".join(lines)
+
+
+def batch_headers_holding(cluster, topic, keys):
+    """For each (partition, offset) in `keys`: the header of the batch holding it in node 1's
+    first segment (base offset, count, leader epoch, producer id, epoch, base sequence), to say
+    whether a record stored twice came back as the same producer batch (a retry the partition
+    did not recognise) or under a new producer epoch (the client started over)."""
+    import struct
+    found = []
+    for partition, offset in sorted(keys):
+        path = os.path.join(cluster.node(1).data_dir, "topics", topic, str(partition), "00000000000000000000.log")
+        for batch in stored_batches(path):
+            base_offset = int.from_bytes(batch[0:8], "big", signed=True)
+            (leader_epoch, _magic, _crc, _attributes, last_offset_delta, _first_ts, _max_ts, producer_id,
+             producer_epoch, base_sequence, count) = struct.unpack_from(">ibIhiqqqhii", batch, 12)
+            if base_offset <= offset <= base_offset + last_offset_delta:
+                found.append(f"p{partition} offset {offset}: batch at {base_offset} of {count}, leader epoch "
+                             f"{leader_epoch}, producer {producer_id} epoch {producer_epoch} base sequence "
+                             f"{base_sequence}")
+                break
+    return "\n".join(found)
+
+
+def run_faults_under_load(cluster, pyralog_bin, topic, fault, rounds=FAULT_ROUNDS):
     """An idempotent acks=all producer writes throughout while `fault(leader_node)` disturbs the
     leader of partition 0 `rounds` times; then every acknowledged record must be read back
     once at its offset, the cluster back in sync and its replicas in agreement."""
@@ -366,9 +417,21 @@ def run_faults_under_load(cluster, pyralog_bin, topic, fault, rounds=2):
                        lambda: len(producer.acknowledged) > before + 200, timeout_s=60)
     finally:
         heal()
-    acknowledged = producer.stop()
-    assert producer.errors == [], producer.errors[:5]
-    check_exactly_once(read_all(cluster.bootstrap, topic, 2, acknowledged), acknowledged)
+    try:
+        acknowledged = producer.stop()
+        assert producer.errors == [], producer.errors[:5]
+    except AssertionError as error:
+        raise AssertionError(f"{error}\nreplicas now:\n{replica_views(cluster, topic)}") from None
+    records = read_all(cluster.bootstrap, topic, 2, acknowledged)
+    try:
+        check_exactly_once(records, acknowledged)
+    except AssertionError as error:
+        where = {}
+        for key, value in records.items():
+            where.setdefault(value, []).append(key)
+        twice = [key for keys in where.values() if len(keys) > 1 for key in keys]
+        raise AssertionError(f"{error}\nbatches holding them:\n{batch_headers_holding(cluster, topic, twice[:20])}"
+                             f"\nreplicas now:\n{replica_views(cluster, topic)}") from None
     wait_until("every partition is in sync again",
                lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"), timeout_s=60)
     wait_until("the replicas agree below the commit point",
@@ -946,6 +1009,50 @@ def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_foll
     # The returning preferred replica may take the leadership back: ask where it is each time.
     wait_until("acks=all is taken again once the follower is back in sync",
                lambda: wire_produce(settled_route(cluster, "strict")[0], "strict", b"b"), timeout_s=30)
+
+
+def test_a_batch_refused_for_too_few_replicas_holds_back_the_next_one_in_flight(strict_cluster):
+    """An idempotent producer's batch refused NOT_ENOUGH_REPLICAS (nothing appended), then the
+    batch it had in flight behind it, arriving once the follower is back in sync: the second
+    gets the first one's retriable answer, not OUT_OF_ORDER_SEQUENCE_NUMBER. librdkafka takes
+    that answer to a batch other than its oldest in flight as "renumber everything under a new
+    epoch", which stores twice any batch appended whose acknowledgement a leader change lost
+    (seen under the one-way partition fault). Sent again in order, each is appended once."""
+    import kafka_wire as wire
+    cluster = strict_cluster
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    futures = admin.create_topics([NewTopic("held", 1, 3, config={"min.insync.replicas": "3"})],
+                                  request_timeout=CLIENT_TIMEOUT_S)
+    futures["held"].result(timeout=CLIENT_TIMEOUT_S)
+    # The preferred replica leading: no handover when the follower comes back.
+    leader_address, _, leader, replicas = wait_until(
+        "the preferred replica leads",
+        lambda: (route := settled_route(cluster, "held")) and route[2] == route[3][0] and route, timeout_s=60)
+    follower = cluster.node(replicas[1])
+    with wire.Connection(leader_address) as connection:
+        error, producer_id, epoch = connection.init_producer_id()
+        assert error == wire.ERROR_NONE
+
+        def send(sequence, value):
+            batch = wire.record_batch([(b"k", value)], producer_id, epoch, sequence)
+            return connection.produce("held", 0, batch)[0]
+
+        def in_sync():
+            return len(connection.metadata("held")[1][0][4])
+
+        assert wait_until("the first batch is taken", lambda: send(0, b"first") == wire.ERROR_NONE)
+        follower.kill9()
+        wait_until("the killed follower left the in-sync replicas", lambda: in_sync() == 2, timeout_s=10)
+        assert send(1, b"refused") == wire.ERROR_NOT_ENOUGH_REPLICAS
+        follower.start().wait_ready()
+        wait_until("the follower is back in sync", lambda: in_sync() == 3, timeout_s=30)
+        # The batch behind the refused one: the refusal's answer, not 45 (out of order).
+        assert send(2, b"behind") == wire.ERROR_NOT_ENOUGH_REPLICAS
+        assert send(1, b"refused") == wire.ERROR_NONE
+        assert send(2, b"behind") == wire.ERROR_NONE
+        stored = [b for b in connection.stored_batches("held", 0) if b["producer_id"] == producer_id]
+    assert [(b["producer_epoch"], b["base_sequence"]) for b in stored] == [(epoch, 0), (epoch, 1), (epoch, 2)]
+    assert [r[2] for b in stored for r in b["records"]] == [b"first", b"refused", b"behind"]
 
 
 @pytest.mark.parametrize("protocol", ["native", "kafka"])

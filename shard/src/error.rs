@@ -29,6 +29,11 @@ pub enum ShardError {
     OutOfOrderSequence(String),
     #[error("fenced producer: {0}")]
     InvalidProducerEpoch(String),
+    /// An idempotent producer's batch behind one of its own that was refused (for
+    /// `refusal`, nothing appended) and not yet sent again: answered as that refusal, so the
+    /// client retries both in order rather than renumbering them (see `producers`).
+    #[error("{reason}")]
+    AfterRefusal { refusal: crate::producers::Refusal, reason: String },
     #[error("the node is shutting down")]
     ShuttingDown,
     /// A produce or fetch for a replicated partition this replica does not lead.

@@ -38,7 +38,9 @@ pub use group::{
 };
 pub use offsets::{is_internal_topic, OFFSETS_TOPIC};
 pub use partition::Durability;
-pub use replica::{RecoveryBudget, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook};
+pub use replica::{
+    CoreStatus, RecoveryBudget, ReplicaAddress, ReplicaRole, ReplicaSettings, ReplicaStatus, SendHook,
+};
 pub use replicated::{
     in_sync_replicas, ClusterSettings, ControllerRequest, ForwardHook, GroupId, MetadataAnswer, MetadataHook,
     CONTROLLER_NAME, CONTROLLER_TOPIC_ID, METADATA_WAIT,

@@ -11,6 +11,19 @@
 //!
 //! The state is rebuilt from the log when a partition opens: the batch headers of the newest
 //! segments, at least [`REBUILD_SCAN_BYTES`] of them, carry every field it needs.
+//!
+//! **A batch refused without being appended must not put the ones behind it out of order.**
+//! A producer keeps up to five batches in flight; when this partition refuses the next one for
+//! a reason the client retries (this node stopped leading, a leadership handover, too few
+//! replicas in sync, storage), the batches already on their way arrive with sequences past
+//! the one it expects. Kafka answers those OUT_OF_ORDER_SEQUENCE_NUMBER, and librdkafka takes
+//! that answer to a batch that is not its oldest in flight as "renumber everything": it bumps
+//! its epoch and sends every batch it holds again under new sequences, including one this
+//! partition appended and could not acknowledge (its leader stepped down before the commit):
+//! stored twice, unrecognisable. So a refusal is remembered ([`ProducerStates::note_refused`])
+//! and a batch that skips exactly the sequence refused gets the same retriable answer
+//! ([`ShardError::AfterRefusal`]): the client retries the refused batch first and the rest in
+//! order, under the same epoch, and a retry of an appended batch is recognised.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -45,6 +58,32 @@ struct Producer {
     recorded_end: i64,
     /// When it last appended, on the partition's `clock`.
     last_append: u64,
+    /// The batch expected next was refused (nothing appended): its first sequence and why.
+    /// Cleared by the next batch appended.
+    refused: Option<(i32, Refusal)>,
+}
+
+/// Why a batch was refused before anything was appended, for one the client will retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Refusal {
+    /// This replica does not lead, or is handing leadership over.
+    NotLeader,
+    /// Fewer replicas in sync than the write quorum.
+    NotEnoughReplicas,
+    /// The partition's storage failed.
+    Storage,
+}
+
+impl Refusal {
+    /// The refusal a produce error is, if the client retries it.
+    pub fn of(error: &ShardError) -> Option<Refusal> {
+        match error {
+            ShardError::NotLeader { .. } | ShardError::ShuttingDown => Some(Refusal::NotLeader),
+            ShardError::NotEnoughReplicas { .. } => Some(Refusal::NotEnoughReplicas),
+            ShardError::Storage(_) => Some(Refusal::Storage),
+            _ => None,
+        }
+    }
 }
 
 /// What to do with a batch.
@@ -108,6 +147,20 @@ impl ProducerStates {
         {
             return Ok(Verdict::Duplicate { base_offset: seen.base_offset, next_offset: seen.next_offset });
         }
+        if let Some((refused, refusal)) = producer.refused {
+            // The batch refused comes again first; any other waits for it.
+            let expected = producer.batches.back().map_or(refused, |b| following(b.last_sequence));
+            if expected == refused && header.base_sequence != refused {
+                return Err(ShardError::AfterRefusal {
+                    refusal,
+                    reason: format!(
+                        "producer {} epoch {} sent sequence {} while its batch at sequence {refused} \
+                         was refused ({refusal:?}) and not yet sent again",
+                        header.producer_id, header.producer_epoch, header.base_sequence
+                    ),
+                });
+            }
+        }
         let expected = producer.batches.back().map_or(header.base_sequence, |b| following(b.last_sequence));
         if header.base_sequence != expected {
             return Err(ShardError::OutOfOrderSequence(format!(
@@ -137,6 +190,43 @@ impl ProducerStates {
         self.producers.is_empty()
     }
 
+    /// Remembers that the batches of `headers` were refused for `refusal` and nothing of them
+    /// appended: a producer's batch that was the next expected makes the later ones it has in
+    /// flight wait for it (see the module docs). A producer not known yet is remembered from
+    /// its refused sequence on.
+    pub fn note_refused(&mut self, headers: &[BatchHeader], refusal: Refusal) {
+        for header in headers {
+            if header.producer_id < 0 || header.base_sequence < 0 {
+                continue;
+            }
+            match self.producers.get_mut(&header.producer_id) {
+                Some(producer) if header.producer_epoch == producer.epoch => {
+                    let expected =
+                        producer.batches.back().map_or(header.base_sequence, |b| following(b.last_sequence));
+                    if header.base_sequence == expected {
+                        producer.refused = Some((expected, refusal));
+                    }
+                }
+                // An older epoch is fenced anyway; a newer one starts at 0 and is checked then.
+                Some(_) => {}
+                None => {
+                    self.make_room();
+                    let producer = self.producers.entry(header.producer_id).or_default();
+                    producer.epoch = header.producer_epoch;
+                    producer.refused = Some((header.base_sequence, refusal));
+                }
+            }
+        }
+    }
+
+    /// Forgets the producer idle the longest when the partition holds its bound of them.
+    fn make_room(&mut self) {
+        if self.producers.len() >= PRODUCERS_PER_PARTITION_MAX {
+            let idlest = self.producers.iter().min_by_key(|(_, p)| p.last_append).map(|(id, _)| *id);
+            self.producers.remove(&idlest.expect("the map is full, so not empty"));
+        }
+    }
+
     /// Records an appended batch; `header` carries the offset it was given.
     pub fn record(&mut self, header: &BatchHeader) {
         if header.producer_id < 0 || header.base_sequence < 0 {
@@ -149,16 +239,13 @@ impl ProducerStates {
             // this state).
             Some(producer) if header.base_offset < producer.recorded_end => return,
             Some(_) => {}
-            None if self.producers.len() >= PRODUCERS_PER_PARTITION_MAX => {
-                let idlest = self.producers.iter().min_by_key(|(_, p)| p.last_append).map(|(id, _)| *id);
-                self.producers.remove(&idlest.expect("the map is full, so not empty"));
-            }
-            None => {}
+            None => self.make_room(),
         }
         self.clock += 1;
         let producer = self.producers.entry(header.producer_id).or_default();
         producer.last_append = self.clock;
         producer.recorded_end = header.next_offset();
+        producer.refused = None;
         if header.producer_epoch != producer.epoch {
             producer.epoch = header.producer_epoch;
             producer.batches.clear();
@@ -281,6 +368,44 @@ mod tests {
         states.record(&batches[4]);
         assert!(matches!(states.check(&batch(7, 0, 50, 1, -1)), Err(ShardError::InvalidProducerEpoch(_))));
         assert_eq!(states.check(&batch(7, 1, 1, 1, -1)).unwrap(), Verdict::Append);
+    }
+
+    #[test]
+    fn a_refused_batch_holds_back_the_ones_behind_it_until_it_comes_again() {
+        let mut states = ProducerStates::default();
+        let first = batch(7, 0, 0, 2, 100);
+        states.record(&first);
+        // Sequences 2 and 3 were in flight; 2 is refused, nothing appended.
+        states.note_refused(&[batch(7, 0, 2, 1, -1)], Refusal::NotLeader);
+        match states.check(&batch(7, 0, 3, 1, -1)) {
+            Err(ShardError::AfterRefusal { refusal: Refusal::NotLeader, reason }) => {
+                assert!(reason.contains("sequence 3") && reason.contains("sequence 2"), "{reason}");
+            }
+            other => panic!("the batch behind a refused one waits for it: {other:?}"),
+        }
+        // A retry of a batch appended earlier is still recognised, not held back.
+        assert_eq!(states.check(&first).unwrap(), Verdict::Duplicate { base_offset: 100, next_offset: 102 });
+        // Refusing a batch that is not the next expected changes nothing: 2 still holds 3.
+        states.note_refused(&[batch(7, 0, 9, 1, -1)], Refusal::Storage);
+        assert!(matches!(states.check(&batch(7, 0, 3, 1, -1)), Err(ShardError::AfterRefusal { .. })));
+        // The refused batch comes again and is appended; the next one follows as usual.
+        let refused = batch(7, 0, 2, 1, 102);
+        assert_eq!(states.check(&refused).unwrap(), Verdict::Append);
+        states.record(&refused);
+        assert_eq!(states.check(&batch(7, 0, 3, 1, -1)).unwrap(), Verdict::Append);
+        assert!(matches!(states.check(&batch(7, 0, 5, 1, -1)), Err(ShardError::OutOfOrderSequence(_))));
+        // A producer first seen refused: its later batches wait for that one too; a new epoch
+        // starting at 0 does not.
+        states.note_refused(&[batch(8, 3, 40, 1, -1)], Refusal::NotEnoughReplicas);
+        assert!(matches!(
+            states.check(&batch(8, 3, 41, 1, -1)),
+            Err(ShardError::AfterRefusal { refusal: Refusal::NotEnoughReplicas, .. })
+        ));
+        assert_eq!(states.check(&batch(8, 3, 40, 1, -1)).unwrap(), Verdict::Append);
+        assert_eq!(states.check(&batch(8, 4, 0, 1, -1)).unwrap(), Verdict::Append);
+        // Retriable errors only.
+        assert_eq!(Refusal::of(&ShardError::CorruptBatch("bad".into())), None);
+        assert_eq!(Refusal::of(&ShardError::ShuttingDown), Some(Refusal::NotLeader));
     }
 
     #[test]

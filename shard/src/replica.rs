@@ -153,6 +153,24 @@ pub struct ReplicaStatus {
     /// The leader's view of its followers (empty on a follower).
     pub followers: Vec<pyralog_replication::FollowerStatus>,
     pub failure: Option<String>,
+    /// The core's own view, which the fields above (what the worker last published and the
+    /// log holds) trail by the actions still queued.
+    pub core: CoreStatus,
+    /// Actions the core asked for that the worker has not performed yet.
+    pub queued_actions: usize,
+    /// The action the worker is performing now, if any.
+    pub performing: Option<&'static str>,
+}
+
+/// The replication core's state, for operators diagnosing a stuck or trailing worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreStatus {
+    pub role: Role,
+    pub term: i32,
+    pub leader: Option<u32>,
+    pub log_end: i64,
+    pub durable_end: i64,
+    pub recovering: bool,
 }
 
 /// What supersedes the beginning of a compacted log: once the log is committed and durable
@@ -220,6 +238,8 @@ pub(crate) struct Replica {
     snapshot: Cell<Option<Snapshot>>,
     closing: Cell<bool>,
     worker_running: Cell<bool>,
+    /// The action the worker is performing (see [`ReplicaStatus::performing`]).
+    performing: Cell<Option<&'static str>>,
     worker_done: Event,
 }
 
@@ -324,6 +344,7 @@ impl Replica {
             snapshot: Cell::new(None),
             closing: Cell::new(false),
             worker_running: Cell::new(true),
+            performing: Cell::new(None),
             worker_done: Event::default(),
         });
         glommio::spawn_local(Rc::clone(&replica).run_worker()).detach();
@@ -372,6 +393,18 @@ impl Replica {
     /// Proposes checked client batches (this replica leads): returns their offsets `[base,
     /// end)` once they are queued for the log; they are committed once the commit point
     /// reaches `end` (see [`Replica::wait_committed`]) in the term returned.
+    /// Whether [`Replica::propose`] would take a proposal now; its error if not.
+    pub fn check_can_propose(&self) -> Result<(), ShardError> {
+        if let Some(reason) = self.failure() {
+            return Err(ShardError::Storage(reason));
+        }
+        let raft = self.raft.borrow();
+        if !raft.accepts_proposals() {
+            return Err(self.not_leader(raft.leader(), raft.term()));
+        }
+        Ok(())
+    }
+
     pub fn propose(
         &self,
         payload: &[u8],
@@ -528,6 +561,16 @@ impl Replica {
             high_watermark: self.high_watermark(),
             followers: raft.followers(),
             failure: self.failure(),
+            core: CoreStatus {
+                role: raft.role(),
+                term: raft.term(),
+                leader: raft.leader(),
+                log_end: raft.log_end(),
+                durable_end: raft.durable_end(),
+                recovering: raft.recovering(),
+            },
+            queued_actions: self.actions.borrow().len(),
+            performing: self.performing.get(),
         }
     }
 
@@ -639,7 +682,10 @@ impl Replica {
                 }
                 continue;
             }
-            if let Err(error) = self.perform(action).await {
+            self.performing.set(Some(action_name(&action)));
+            let performed = self.perform(action).await;
+            self.performing.set(None);
+            if let Err(error) = performed {
                 let reason =
                     format!("replica of {}/{} stopped: {error}", self.address.topic, self.address.partition);
                 eprintln!("pyralog: {reason}");
@@ -984,6 +1030,19 @@ fn split_batches(bytes: &Bytes) -> Vec<Bytes> {
         at = end;
     }
     batches
+}
+
+/// An action's kind, for [`ReplicaStatus::performing`].
+fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::Send(_) => "send",
+        Action::Append { .. } => "append",
+        Action::Truncate { .. } => "truncate",
+        Action::StartLog { .. } => "start log",
+        Action::PersistHardState(_) => "persist hard state",
+        Action::Commit { .. } => "commit",
+        Action::Role { .. } => "role",
+    }
 }
 
 #[cfg(test)]

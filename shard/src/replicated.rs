@@ -1314,6 +1314,16 @@ mod tests {
             high_watermark: 100_000,
             followers: followers.to_vec(),
             failure: None,
+            core: crate::CoreStatus {
+                role: Role::Leader,
+                term: 1,
+                leader: Some(1),
+                log_end: 100_000,
+                durable_end: 100_000,
+                recovering: false,
+            },
+            queued_actions: 0,
+            performing: None,
         };
         in_sync_replicas(&status, TICK, LAG_MAX)
     }

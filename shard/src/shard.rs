@@ -24,7 +24,7 @@ use crate::group::{GroupConfig, GroupCoordinator, GroupError, GroupOp, GroupRepl
 use crate::metrics::{PartitionStats, ShardMetrics, ShardScrape};
 use crate::offsets;
 use crate::partition::{Durability, Partition};
-use crate::producers::{self, ProducerStates, Verdict};
+use crate::producers::{self, ProducerStates, Refusal, Verdict};
 use crate::replicated::{ClusterSettings, ControllerRequest, GroupId, ShardCluster};
 use crate::topics::{self, TopicConfig, TopicMeta, TopicTable};
 use crate::ShardError;
@@ -756,22 +756,16 @@ impl Shard {
         }
         // No await between this check and the append: no other produce can slip in between.
         let replica = self.local_replica(topic, partition.partition);
-        // A replica that does not lead says so before anything else: its producer state may lag
-        // the leader's, and a sequence error from it would be taken as the leader's (fatal to
-        // an idempotent producer).
-        if let Some(replica) = &replica {
-            let role = replica.role();
-            if role.role != pyralog_replication::Role::Leader {
-                return Err(replica.not_leader(role.leader, role.term));
+        let retried = match self.check_produce(replica.as_deref(), &partition, &headers, acks) {
+            Ok(retried) => retried,
+            Err(error) => {
+                // The producers' batches behind this one wait for it (see `producers`).
+                if let Some(refusal) = Refusal::of(&error) {
+                    partition.producers.borrow_mut().note_refused(&headers, refusal);
+                }
+                return Err(error);
             }
-            // Then min.insync.replicas, before the sequence, as Kafka orders them: a batch
-            // refused for it must not make the next one in flight out of order (an idempotent
-            // producer told so bumps its epoch and sends both again: stored twice).
-            if acks == Acks::All {
-                self.check_in_sync(replica)?;
-            }
-        }
-        let retried = check_producers(&partition.producers.borrow(), &headers)?;
+        };
         if let Some(replica) = replica {
             return self.produce_replicated(&replica, turn, &records, &headers, retried, acks).await;
         }
@@ -784,7 +778,16 @@ impl Shard {
         }
         // The log takes the request's buffer (stamping offsets in place when nothing else
         // shares it), so it is not held beyond the append while this produce waits for a flush.
-        let appended = partition.log.append(records, &headers)?;
+        let appended = match partition.log.append(records, &headers) {
+            Ok(appended) => appended,
+            Err(error) => {
+                let error = ShardError::from(error);
+                if let Some(refusal) = Refusal::of(&error) {
+                    partition.producers.borrow_mut().note_refused(&headers, refusal);
+                }
+                return Err(error);
+            }
+        };
         {
             let mut producers = partition.producers.borrow_mut();
             for stamped in &appended.batches {
@@ -1172,6 +1175,37 @@ fn check_partition_count(partitions: u32) -> Result<(), ShardError> {
         )));
     }
     Ok(())
+}
+
+impl Shard {
+    /// Whether a produce of `headers` may be appended now: `Some` when it is a retry of a
+    /// batch already appended. Every refusal the client retries comes before the sequence
+    /// check, so a batch refused for one does not make the next one in flight out of order.
+    fn check_produce(
+        &self,
+        replica: Option<&crate::replica::Replica>,
+        partition: &Partition,
+        headers: &[batch::BatchHeader],
+        acks: Acks,
+    ) -> Result<Option<Produced>, ShardError> {
+        if let Some(replica) = replica {
+            // A replica that does not lead says so before anything else: its producer state
+            // may lag the leader's, and a sequence error from it would be taken as the
+            // leader's.
+            let role = replica.role();
+            if role.role != pyralog_replication::Role::Leader {
+                return Err(replica.not_leader(role.leader, role.term));
+            }
+            // Then min.insync.replicas, as Kafka orders them.
+            if acks == Acks::All {
+                self.check_in_sync(replica)?;
+            }
+            // Then what would refuse the proposal itself (a handover under way, the core no
+            // longer leading, a failed replica).
+            replica.check_can_propose()?;
+        }
+        check_producers(&partition.producers.borrow(), headers)
+    }
 }
 
 /// Checks idempotent producers' sequences: `Some` when the payload is a retry of a batch
