@@ -368,6 +368,15 @@ def replica_views(cluster, topic):
         except Exception as error:  # a node down or not answering says so
             lines.append(f"node {node.node_id}: {error}")
             continue
+        try:
+            # What the node's Kafka metadata names (the table its shard 0 keeps of the roles).
+            import kafka_wire as wire
+            with wire.Connection(node.bootstrap, timeout_s=5) as connection:
+                partitions = connection.metadata(topic)[1]
+            lines.append(f"node {node.node_id} metadata: " + ", ".join(
+                f"p{p} leader {leader} epoch {epoch}" for p, (_, leader, epoch, _, _) in sorted(partitions.items())))
+        except Exception as error:
+            lines.append(f"node {node.node_id} metadata: {error}")
         for replica in sorted((r for r in view["replicas"] if r["topic"] == topic), key=lambda r: r["partition"]):
             core = replica["core"]
             lines.append(
