@@ -1351,6 +1351,36 @@ mod tests {
     }
 
     #[test]
+    fn a_leader_handing_over_says_so_before_a_produce_is_checked_and_takes_them_again_after() {
+        // `check_can_propose` is what a produce asks before the idempotent sequence check: a
+        // handover under way refuses there, with the published role still naming this leader,
+        // so the batch behind a refused one is refused alike, not found out of order.
+        run(async {
+            let cluster = Cluster::start(64 << 20).await;
+            cluster.produce(5, "warm", 100).await;
+            let leader = cluster.leader(None).await;
+            let target = NODES.iter().copied().find(|n| *n != leader.address_node()).unwrap();
+            // The target is down: the handover starts and never completes.
+            cluster.down.set(Some(target));
+            let mut out = Vec::new();
+            leader.raft.borrow_mut().transfer_leadership(target, &mut out).unwrap();
+            leader.enqueue(out);
+            assert_eq!(leader.role().role, Role::Leader, "the published role still leads");
+            match leader.check_can_propose() {
+                Err(ShardError::NotLeader { leader: named, .. }) => {
+                    assert_eq!(named, Some(leader.address_node()))
+                }
+                other => panic!("a handover under way refuses proposals: {other:?}"),
+            }
+            // The handover gives up after an election timeout: proposals are taken again.
+            wait_until("the handover expired", || leader.check_can_propose().is_ok()).await;
+            cluster.down.set(None);
+            cluster.produce(5, "after", 100).await;
+            cluster.stop().await;
+        });
+    }
+
+    #[test]
     fn leadership_goes_back_to_the_preferred_leader_once_it_caught_up() {
         run(async {
             let cluster = Cluster::start(64 << 20).await;
