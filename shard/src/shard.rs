@@ -756,16 +756,9 @@ impl Shard {
         }
         // No await between this check and the append: no other produce can slip in between.
         let replica = self.local_replica(topic, partition.partition);
-        let retried = match self.check_produce(replica.as_deref(), &partition, &headers, acks) {
-            Ok(retried) => retried,
-            Err(error) => {
-                // The producers' batches behind this one wait for it (see `producers`).
-                if let Some(refusal) = Refusal::of(&error) {
-                    partition.producers.borrow_mut().note_refused(&headers, refusal);
-                }
-                return Err(error);
-            }
-        };
+        let retried = self
+            .check_produce(replica.as_deref(), &partition, &headers, acks)
+            .map_err(|error| note_refusal(&partition, &headers, error))?;
         if let Some(replica) = replica {
             return self.produce_replicated(&replica, turn, &records, &headers, retried, acks).await;
         }
@@ -778,16 +771,10 @@ impl Shard {
         }
         // The log takes the request's buffer (stamping offsets in place when nothing else
         // shares it), so it is not held beyond the append while this produce waits for a flush.
-        let appended = match partition.log.append(records, &headers) {
-            Ok(appended) => appended,
-            Err(error) => {
-                let error = ShardError::from(error);
-                if let Some(refusal) = Refusal::of(&error) {
-                    partition.producers.borrow_mut().note_refused(&headers, refusal);
-                }
-                return Err(error);
-            }
-        };
+        let appended = partition
+            .log
+            .append(records, &headers)
+            .map_err(|error| note_refusal(&partition, &headers, error.into()))?;
         {
             let mut producers = partition.producers.borrow_mut();
             for stamped in &appended.batches {
@@ -1206,6 +1193,15 @@ impl Shard {
         }
         check_producers(&partition.producers.borrow(), headers)
     }
+}
+
+/// Remembers a produce refused for a reason its client retries, so that its producers' batches
+/// behind it wait for it (see `producers`), and passes the error on.
+fn note_refusal(partition: &Partition, headers: &[batch::BatchHeader], error: ShardError) -> ShardError {
+    if let Some(refusal) = Refusal::of(&error) {
+        partition.producers.borrow_mut().note_refused(headers, refusal);
+    }
+    error
 }
 
 /// Checks idempotent producers' sequences: `Some` when the payload is a retry of a batch
