@@ -390,9 +390,6 @@ impl Replica {
         self.start_catch_up_read();
     }
 
-    /// Proposes checked client batches (this replica leads): returns their offsets `[base,
-    /// end)` once they are queued for the log; they are committed once the commit point
-    /// reaches `end` (see [`Replica::wait_committed`]) in the term returned.
     /// Whether [`Replica::propose`] would take a proposal now; its error if not.
     pub fn check_can_propose(&self) -> Result<(), ShardError> {
         if let Some(reason) = self.failure() {
@@ -405,6 +402,9 @@ impl Replica {
         Ok(())
     }
 
+    /// Proposes checked client batches (this replica leads): returns their offsets `[base,
+    /// end)` once they are queued for the log; they are committed once the commit point
+    /// reaches `end` (see [`Replica::wait_committed`]) in the term returned.
     pub fn propose(
         &self,
         payload: &[u8],
