@@ -1020,6 +1020,39 @@ def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_foll
                lambda: wire_produce(settled_route(cluster, "strict")[0], "strict", b"b"), timeout_s=30)
 
 
+def test_metadata_gives_a_guessed_leader_no_epoch(cluster):
+    """A node whose replica knows no leader (the other two killed: it campaigns in vain) names
+    the preferred replica in metadata, as before, but with leader epoch -1: with its own term
+    there, clients would keep that guess over the real leader other nodes name in an older
+    epoch (KIP-320 keeps the newest epoch's leader). Once a leader is elected again it is named
+    with its epoch."""
+    import kafka_wire as wire
+    create_topic(cluster.node(1).bootstrap, "guess", 1, 3)
+    _, epoch, leader, replicas = wait_until("the partition has a leader", lambda: settled_route(cluster, "guess"))
+    survivor = cluster.node(next(n for n in replicas if n != leader))
+    for node in cluster.nodes:
+        if node is not survivor:
+            node.kill9()
+
+    def named():
+        with wire.Connection(survivor.bootstrap) as connection:
+            brokers, partitions = connection.metadata("guess")
+        _, leader_id, leader_epoch, _, _ = partitions[0]
+        return leader_id // 1000, leader_epoch
+
+    guessed = wait_until("the survivor knows no leader", lambda: (n := named())[1] == -1 and n, timeout_s=30)
+    assert guessed == (replicas[0], -1), guessed
+    for node in cluster.nodes:
+        if node is not survivor:
+            node.start()
+    for node in cluster.nodes:
+        if node is not survivor:
+            node.wait_ready()
+    _, new_epoch, _, _ = wait_until("a leader is elected again", lambda: settled_route(cluster, "guess"), timeout_s=60)
+    assert new_epoch > epoch
+    assert wait_until("the survivor names it with its epoch", lambda: named()[1] == new_epoch and named())
+
+
 def test_a_batch_refused_for_too_few_replicas_holds_back_the_next_one_in_flight(strict_cluster):
     """An idempotent producer's batch refused NOT_ENOUGH_REPLICAS (nothing appended), then the
     batch it had in flight behind it, arriving once the follower is back in sync: the second

@@ -721,13 +721,19 @@ impl Shard {
     }
 
     /// The leader of a replicated partition as this node last heard it from its own replica
-    /// (any shard's), else the partition's preferred leader (its first replica), which
-    /// answers NotLeader if it does not lead; and the epoch heard (-1: none). What both
-    /// protocols' metadata name.
+    /// (any shard's) and its epoch; else the partition's preferred leader (its first replica),
+    /// which answers NotLeader if it does not lead, with epoch -1 (none). What both protocols'
+    /// metadata name.
+    ///
+    /// A guess never carries the replica's term: clients keep the leader of the newest epoch
+    /// they were told (KIP-320), so a replica campaigning in a term nobody won would otherwise
+    /// pin them to the guessed node, away from the leader other nodes name in an older epoch.
     pub fn partition_leader(&self, placement: &TopicPlacement, partition: u32) -> (Option<u32>, i32) {
-        let role = self.replica_role(placement.id, partition);
         let preferred = placement.replicas.get(partition as usize).and_then(|r| r.first().copied());
-        (role.and_then(|r| r.leader).or(preferred), role.map_or(-1, |r| r.term))
+        match self.replica_role(placement.id, partition) {
+            Some(ReplicaRole { leader: Some(leader), term, .. }) => (Some(leader), term),
+            _ => (preferred, -1),
+        }
     }
 
     /// The in-sync replicas of every partition this node leads (see [`in_sync_replicas`]).
