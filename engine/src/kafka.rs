@@ -1059,8 +1059,8 @@ impl LeaderHint {
 impl KafkaService {
     /// The leader of a replicated partition as this node heard it from its replica, for an
     /// answer with `code`: only NOT_LEADER_OR_FOLLOWER and FENCED_LEADER_EPOCH name one (as
-    /// Kafka's do), and only a leader elected (metadata's guess before any election, the
-    /// preferred replica, is not named).
+    /// Kafka's do), and only a leader heard in an epoch (metadata's guess, the preferred
+    /// replica with epoch -1, may be this very node refusing the request).
     fn leader_hint(&self, code: i16, topic: &str, partition: i32) -> Option<LeaderHint> {
         if code != error::NOT_LEADER_OR_FOLLOWER && code != error::FENCED_LEADER_EPOCH {
             return None;
@@ -1068,11 +1068,11 @@ impl KafkaService {
         let partition = u32::try_from(partition).ok()?;
         let cluster = self.shard.cluster_meta()?;
         let placement = cluster.topics.get(topic)?;
-        // Not `partition_leader`: with no leader heard in the replica's term it guesses the
-        // preferred replica, which may be this very node refusing the request.
-        let role = self.shard.replica_role(placement.id, partition)?;
-        let (leader, epoch) = (role.leader?, role.term);
-        let node = cluster.nodes.get(&leader)?;
+        let (leader, epoch) = self.shard.partition_leader(placement, partition);
+        if epoch < 0 {
+            return None;
+        }
+        let node = cluster.nodes.get(&leader?)?;
         let shard = pyralog_shard::topics::owner_shard(topic, partition, node.shards as usize);
         let port = *node.kafka_shard_ports.get(shard)?;
         Some(LeaderHint {

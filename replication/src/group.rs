@@ -1679,14 +1679,14 @@ impl RaftGroup {
         }
     }
 
-    /// Hands leadership to `to` once it holds our whole log (TimeoutNow). Proposals are
-    /// refused meanwhile; the handover is dropped after an election timeout.
     /// Whether [`RaftGroup::propose`] takes proposals now: this replica leads and is not
     /// handing leadership over.
     pub fn accepts_proposals(&self) -> bool {
         self.role == Role::Leader && self.transfer.is_none()
     }
 
+    /// Hands leadership to `to` once it holds our whole log (TimeoutNow). Proposals are
+    /// refused meanwhile; the handover is dropped after an election timeout.
     pub fn transfer_leadership(&mut self, to: ReplicaId, out: &mut Vec<Action>) -> Result<()> {
         if self.role != Role::Leader {
             return Err(ReplicationError::NotLeader {

@@ -393,18 +393,15 @@ def batch_headers_holding(cluster, topic, keys):
     first segment (base offset, count, leader epoch, producer id, epoch, base sequence), to say
     whether a record stored twice came back as the same producer batch (a retry the partition
     did not recognise) or under a new producer epoch (the client started over)."""
-    import struct
+    import kafka_wire as wire
     found = []
     for partition, offset in sorted(keys):
         path = os.path.join(cluster.node(1).data_dir, "topics", topic, str(partition), "00000000000000000000.log")
-        for batch in stored_batches(path):
-            base_offset = int.from_bytes(batch[0:8], "big", signed=True)
-            (leader_epoch, _magic, _crc, _attributes, last_offset_delta, _first_ts, _max_ts, producer_id,
-             producer_epoch, base_sequence, count) = struct.unpack_from(">ibIhiqqqhii", batch, 12)
-            if base_offset <= offset <= base_offset + last_offset_delta:
-                found.append(f"p{partition} offset {offset}: batch at {base_offset} of {count}, leader epoch "
-                             f"{leader_epoch}, producer {producer_id} epoch {producer_epoch} base sequence "
-                             f"{base_sequence}")
+        for batch in wire.parse_batches(b"".join(stored_batches(path))):
+            if batch["base_offset"] <= offset <= batch["base_offset"] + batch["last_offset_delta"]:
+                found.append(f"p{partition} offset {offset}: batch at {batch['base_offset']} of {batch['count']}, "
+                             f"leader epoch {batch['leader_epoch']}, producer {batch['producer_id']} epoch "
+                             f"{batch['producer_epoch']} base sequence {batch['base_sequence']}")
                 break
     return "\n".join(found)
 

@@ -802,6 +802,35 @@ impl Shard {
         Ok(Produced { base_offset: appended.base_offset, next_offset: appended.next_offset })
     }
 
+    /// Whether a produce of `headers` may be appended now: `Some` when it is a retry of a
+    /// batch already appended. Every refusal the client retries comes before the sequence
+    /// check, so a batch refused for one does not make the next one in flight out of order.
+    fn check_produce(
+        &self,
+        replica: Option<&crate::replica::Replica>,
+        partition: &Partition,
+        headers: &[batch::BatchHeader],
+        acks: Acks,
+    ) -> Result<Option<Produced>, ShardError> {
+        if let Some(replica) = replica {
+            // A replica that does not lead says so before anything else: its producer state
+            // may lag the leader's, and a sequence error from it would be taken as the
+            // leader's.
+            let role = replica.role();
+            if role.role != pyralog_replication::Role::Leader {
+                return Err(replica.not_leader(role.leader, role.term));
+            }
+            // Then min.insync.replicas, as Kafka orders them.
+            if acks == Acks::All {
+                self.check_in_sync(replica)?;
+            }
+            // Then what would refuse the proposal itself (a handover under way, the core no
+            // longer leading, a failed replica).
+            replica.check_can_propose()?;
+        }
+        check_producers(&partition.producers.borrow(), headers)
+    }
+
     async fn fetch_local(
         &self,
         topic: &str,
@@ -1162,37 +1191,6 @@ fn check_partition_count(partitions: u32) -> Result<(), ShardError> {
         )));
     }
     Ok(())
-}
-
-impl Shard {
-    /// Whether a produce of `headers` may be appended now: `Some` when it is a retry of a
-    /// batch already appended. Every refusal the client retries comes before the sequence
-    /// check, so a batch refused for one does not make the next one in flight out of order.
-    fn check_produce(
-        &self,
-        replica: Option<&crate::replica::Replica>,
-        partition: &Partition,
-        headers: &[batch::BatchHeader],
-        acks: Acks,
-    ) -> Result<Option<Produced>, ShardError> {
-        if let Some(replica) = replica {
-            // A replica that does not lead says so before anything else: its producer state
-            // may lag the leader's, and a sequence error from it would be taken as the
-            // leader's.
-            let role = replica.role();
-            if role.role != pyralog_replication::Role::Leader {
-                return Err(replica.not_leader(role.leader, role.term));
-            }
-            // Then min.insync.replicas, as Kafka orders them.
-            if acks == Acks::All {
-                self.check_in_sync(replica)?;
-            }
-            // Then what would refuse the proposal itself (a handover under way, the core no
-            // longer leading, a failed replica).
-            replica.check_can_propose()?;
-        }
-        check_producers(&partition.producers.borrow(), headers)
-    }
 }
 
 /// Remembers a produce refused for a reason its client retries, so that its producers' batches
