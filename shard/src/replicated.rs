@@ -240,8 +240,12 @@ pub(crate) struct ShardCluster {
     /// New metadata was applied here.
     pub applied: Event,
     /// The last role each replica of this node reported, whichever shard holds it: shared
-    /// over the mesh ([`Op::Role`]) so any shard can name a partition's leader.
-    pub roles: RefCell<HashMap<GroupId, ReplicaRole>>,
+    /// over the mesh ([`Op::Role`]) so any shard can name a partition's leader. Each with the
+    /// number its shard gave the report ([`ClusterState::role_reports`]): a report reaches
+    /// the other shards from a task of its own, so two of one term may arrive out of order.
+    pub roles: RefCell<HashMap<GroupId, (ReplicaRole, u64)>>,
+    /// Role reports this shard made so far: numbers them, in the order they were made.
+    pub role_reports: Cell<u64>,
     /// One application of metadata at a time: opening a replica awaits, and a second one
     /// (the stored metadata at start and the controller's, say) must not open it again.
     pub applying: glommio::sync::Semaphore,
@@ -270,6 +274,7 @@ impl ShardCluster {
             metadata_source: RefCell::new(None),
             applied: Event::default(),
             roles: RefCell::new(HashMap::new()),
+            role_reports: Cell::new(0),
             applying: glommio::sync::Semaphore::new(1),
             coordination: RefCell::new(HashMap::new()),
             producer_ids: crate::producer_ids::ProducerIdBlocks::new(),
@@ -530,7 +535,7 @@ impl Shard {
             return controller.role();
         }
         let cluster = self.cluster().expect("a cluster");
-        let heard = cluster.roles.borrow().get(&(CONTROLLER_TOPIC_ID, 0)).copied();
+        let heard = cluster.roles.borrow().get(&(CONTROLLER_TOPIC_ID, 0)).map(|(role, _)| *role);
         match heard {
             Some(role) if role.leader.is_some() && attempt == 0 => role,
             _ => {
@@ -717,7 +722,7 @@ impl Shard {
     /// The last role this node's replica of a partition reported (any shard's), if this
     /// node holds one.
     pub fn replica_role(&self, topic_id: [u8; 16], partition: u32) -> Option<ReplicaRole> {
-        self.cluster()?.roles.borrow().get(&(topic_id, partition)).copied()
+        self.cluster()?.roles.borrow().get(&(topic_id, partition)).map(|(role, _)| *role)
     }
 
     /// The leader of a replicated partition as this node last heard it from its own replica
@@ -748,22 +753,26 @@ impl Shard {
 
     /// Records a role of one of this shard's replicas and tells the node's other shards.
     fn share_role(self: &Rc<Self>, group: GroupId, role: ReplicaRole) {
-        self.note_role(group, role);
+        let Some(cluster) = self.cluster() else { return };
+        let report = cluster.role_reports.get() + 1;
+        cluster.role_reports.set(report);
+        self.note_role(group, role, report);
         let shard = Rc::clone(self);
         glommio::spawn_local(async move {
             for target in (0..shard.count).filter(|t| *t != shard.id) {
-                let _ = shard.call(target, Op::Role { group, role }).await;
+                let _ = shard.call(target, Op::Role { group, role, report }).await;
             }
         })
         .detach();
     }
 
-    /// Records a replica's role (a newer term wins; within a term, the latest report).
-    pub(crate) fn note_role(&self, group: GroupId, role: ReplicaRole) {
+    /// Records a replica's role, numbered `report` by the shard holding the replica (see
+    /// [`ClusterState::roles`]): a newer term wins; within a term, the later report.
+    pub(crate) fn note_role(&self, group: GroupId, role: ReplicaRole, report: u64) {
         let Some(cluster) = self.cluster() else { return };
         let mut roles = cluster.roles.borrow_mut();
-        if roles.get(&group).is_none_or(|known| known.term <= role.term) {
-            roles.insert(group, role);
+        if supersedes((role, report), roles.get(&group)) {
+            roles.insert(group, (role, report));
         }
     }
 
@@ -1265,6 +1274,11 @@ impl Shard {
     }
 }
 
+/// Whether a replica's role report replaces the one known (see [`ClusterState::roles`]).
+fn supersedes((role, report): (ReplicaRole, u64), known: Option<&(ReplicaRole, u64)>) -> bool {
+    known.is_none_or(|(known, known_report)| (known.term, *known_report) < (role.term, report))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1288,6 +1302,20 @@ mod tests {
             behind_ticks: silent_ticks,
             recovering: false,
         }
+    }
+
+    #[test]
+    fn a_role_report_overtaken_by_a_later_one_of_its_term_is_ignored() {
+        let leading = ReplicaRole { term: 4, role: Role::Leader, leader: Some(1) };
+        let stepped_down = ReplicaRole { term: 4, role: Role::Follower, leader: None };
+        // Made in this order (7, then 8), arriving in the other.
+        assert!(supersedes((stepped_down, 8), Some(&(leading, 6))));
+        assert!(!supersedes((leading, 7), Some(&(stepped_down, 8))));
+        // A newer term wins whatever its number; an older one never does.
+        let next = ReplicaRole { term: 5, role: Role::Follower, leader: Some(2) };
+        assert!(supersedes((next, 9), Some(&(stepped_down, 8))));
+        assert!(!supersedes((leading, 10), Some(&(next, 9))));
+        assert!(supersedes((leading, 1), None));
     }
 
     #[test]

@@ -246,6 +246,8 @@ pub enum Op {
     Role {
         group: GroupId,
         role: crate::ReplicaRole,
+        /// The holding shard's number for this report (see `ClusterState::roles`).
+        report: u64,
     },
 }
 
@@ -656,8 +658,8 @@ impl Shard {
                 OpResult::Checksum(self.local_checksum(&topic, partition, from, end).await)
             }
             Op::NextProducerId => OpResult::Offset(self.take_producer_id().await),
-            Op::Role { group, role } => {
-                self.note_role(group, role);
+            Op::Role { group, role, report } => {
+                self.note_role(group, role, report);
                 OpResult::Done(Ok(()))
             }
             Op::Controller { request } => {
