@@ -36,7 +36,7 @@ sys.exit(0 if len(view["nodes"]) == 3 else 1)' "127.0.0.$n:9644" 2>/dev/null && 
     ((ready == 3)) && return
     sleep 0.1
   done
-  tail -5 "$base"/node*.out
+  tail -n 5 "$base"/node*.out
   echo "$(basename "$0"): the cluster did not form" >&2
   exit 1
 }
