@@ -760,15 +760,7 @@ impl KafkaService {
         let names: Vec<Option<String>> = if version >= 6 {
             body.topics
                 .into_iter()
-                .map(|t| {
-                    t.name.or_else(|| {
-                        self.shard
-                            .topics()
-                            .iter_meta()
-                            .find(|(_, m)| m.id == t.topic_id.0)
-                            .map(|(n, _)| n.to_owned())
-                    })
-                })
+                .map(|t| t.name.or_else(|| self.shard.topic_named(&t.topic_id.0)))
                 .collect()
         } else {
             body.topic_names.into_iter().map(Some).collect()

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::Node;
 use pyralog_net::client::{BatchBuilder, IdempotentProducer, KafkaConnection, RecordReader};
 use pyralog_net::kafka::messages::*;
-use pyralog_net::kafka::wire::Records;
+use pyralog_net::kafka::wire::{Records, Uuid};
 use pyralog_net::kafka::{api, error, RequestBody, ResponseBody};
 
 fn connect(node: &Node) -> KafkaConnection {
@@ -491,6 +491,64 @@ fn topic_configs_partitions_and_auto_creation() {
     let expected = (pyralog_shard::group_log_of("some-group") % 2) as i32;
     assert_eq!((found.error_code, found.node_id), (error::NONE, expected));
     assert_eq!(found.port, metadata.brokers[expected as usize].port);
+}
+
+#[test]
+fn fetch_and_delete_topics_find_a_topic_by_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let mut conn = connect(&node);
+    let id_of = |conn: &mut KafkaConnection, name: &str| {
+        use metadata_request::*;
+        let request = MetadataRequest {
+            topics: Some(vec![MetadataRequestTopic { name: Some(name.into()), ..Default::default() }]),
+            ..Default::default()
+        };
+        let ResponseBody::Metadata(metadata) = conn.call(12, RequestBody::Metadata(request)).unwrap() else {
+            panic!("not Metadata")
+        };
+        metadata.topics[0].topic_id
+    };
+    let by_id = |id: Uuid| {
+        let mut request = fetch_request("", 0, 0, 0);
+        request.topics[0].topic_id = id;
+        request
+    };
+    let delete = |conn: &mut KafkaConnection, id: Uuid| {
+        use delete_topics_request::*;
+        let request = DeleteTopicsRequest {
+            topics: vec![DeleteTopicState { name: None, topic_id: id }],
+            timeout_ms: 5000,
+            ..Default::default()
+        };
+        let ResponseBody::DeleteTopics(response) = conn.call(6, RequestBody::DeleteTopics(request)).unwrap()
+        else {
+            panic!("not DeleteTopics")
+        };
+        let result = &response.responses[0];
+        (result.error_code, result.name.clone())
+    };
+    assert_eq!(create_topic(&mut conn, "keyed", 1, &[]), error::NONE);
+    assert_eq!(create_topic(&mut conn, "other", 1, &[]), error::NONE);
+    assert_eq!(produce(&mut conn, 9, "keyed", 0, batch(&["a", "b"], None)), (error::NONE, 0));
+    let first = id_of(&mut conn, "keyed");
+    let data = fetch(&mut conn, 13, by_id(first));
+    assert_eq!(data.error_code, error::NONE);
+    assert_eq!(records_of(&data), vec![(0, "a".to_owned()), (1, "b".to_owned())]);
+    assert_eq!(fetch(&mut conn, 13, by_id(Uuid([7; 16]))).error_code, error::UNKNOWN_TOPIC_ID);
+
+    // Deleted by id, then created again under the same name: a new id, and the old one names
+    // nothing, in either request.
+    assert_eq!(delete(&mut conn, first), (error::NONE, Some("keyed".to_owned())));
+    assert_eq!(delete(&mut conn, first).0, error::UNKNOWN_TOPIC_OR_PARTITION);
+    assert_eq!(create_topic(&mut conn, "keyed", 1, &[]), error::NONE);
+    let second = id_of(&mut conn, "keyed");
+    assert_ne!(second, first);
+    assert_eq!(fetch(&mut conn, 13, by_id(first)).error_code, error::UNKNOWN_TOPIC_ID);
+    let data = fetch(&mut conn, 13, by_id(second));
+    assert_eq!((data.error_code, data.high_watermark), (error::NONE, 0));
+    let other = id_of(&mut conn, "other");
+    assert_eq!(delete(&mut conn, other), (error::NONE, Some("other".to_owned())));
 }
 
 #[test]

@@ -359,7 +359,7 @@ impl Shard {
 
     /// The name of the topic whose id is `id` (Kafka's topic ids, Fetch v13+).
     pub fn topic_named(&self, id: &[u8; 16]) -> Option<String> {
-        self.topics.borrow().iter_meta().find(|(_, meta)| &meta.id == id).map(|(name, _)| name.to_owned())
+        self.topics.borrow().name_of(id).map(str::to_owned)
     }
 
     /// The metrics this shard updates itself, for the daemon to register.

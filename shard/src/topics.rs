@@ -6,7 +6,7 @@
 //! every shard. Placement is a pure function of the topic name, the partition and the shard
 //! count, so no shard needs to ask another where a partition lives.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -115,6 +115,8 @@ fn unhex(text: &str) -> Option<[u8; 16]> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TopicTable {
     topics: BTreeMap<String, TopicMeta>,
+    /// Each topic's name by its id (Kafka's topic ids: Fetch v13+, DeleteTopics v6+).
+    names: HashMap<[u8; 16], String>,
 }
 
 pub fn validate_topic_name(name: &str) -> Result<(), ShardError> {
@@ -176,12 +178,28 @@ impl TopicTable {
         self.topics.iter().map(|(name, meta)| (name.as_str(), meta))
     }
 
+    /// The name of the topic whose id is `id`.
+    pub fn name_of(&self, id: &[u8; 16]) -> Option<&str> {
+        self.names.get(id).map(String::as_str)
+    }
+
     pub fn insert(&mut self, name: &str, meta: TopicMeta) {
-        self.topics.insert(name.to_owned(), meta);
+        if let Some(replaced) = self.topics.insert(name.to_owned(), meta) {
+            self.forget_name(&replaced.id, name);
+        }
+        self.names.insert(meta.id, name.to_owned());
     }
 
     pub fn remove(&mut self, name: &str) -> bool {
-        self.topics.remove(name).is_some()
+        let Some(removed) = self.topics.remove(name) else { return false };
+        self.forget_name(&removed.id, name);
+        true
+    }
+
+    fn forget_name(&mut self, id: &[u8; 16], name: &str) {
+        if self.names.get(id).is_some_and(|named| named == name) {
+            self.names.remove(id);
+        }
     }
 
     pub fn load(data_dir: &Path) -> Result<TopicTable, ShardError> {
@@ -256,6 +274,23 @@ pub fn persist_file(data_dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Sha
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_topic_is_found_by_its_id_until_it_is_removed_or_recreated() {
+        let meta = |id: u8| TopicMeta { partitions: 1, id: [id; 16], config: TopicConfig::default() };
+        let mut table = TopicTable::default();
+        table.insert("orders", meta(1));
+        table.insert("payments", meta(2));
+        assert_eq!(table.name_of(&[1; 16]), Some("orders"));
+        assert_eq!(table.name_of(&[2; 16]), Some("payments"));
+        // Deleted and created again: a new id, and the old one names nothing.
+        table.insert("orders", meta(3));
+        assert_eq!(table.name_of(&[1; 16]), None);
+        assert_eq!(table.name_of(&[3; 16]), Some("orders"));
+        assert!(table.remove("orders"));
+        assert_eq!(table.name_of(&[3; 16]), None);
+        assert_eq!(table.name_of(&[2; 16]), Some("payments"));
+    }
 
     #[test]
     fn names_follow_kafka_rules() {
