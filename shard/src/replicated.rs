@@ -241,7 +241,7 @@ pub(crate) struct ShardCluster {
     pub applied: Event,
     /// The last role each replica of this node reported, whichever shard holds it: shared
     /// over the mesh ([`Op::Role`]) so any shard can name a partition's leader. Each with the
-    /// number its shard gave the report ([`ClusterState::role_reports`]): a report reaches
+    /// number its shard gave the report ([`ShardCluster::role_reports`]): a report reaches
     /// the other shards from a task of its own, so two of one term may arrive out of order.
     pub roles: RefCell<HashMap<GroupId, (ReplicaRole, u64)>>,
     /// Role reports this shard made so far: numbers them, in the order they were made.
@@ -767,7 +767,7 @@ impl Shard {
     }
 
     /// Records a replica's role, numbered `report` by the shard holding the replica (see
-    /// [`ClusterState::roles`]): a newer term wins; within a term, the later report.
+    /// [`ShardCluster::roles`]): a newer term wins; within a term, the later report.
     pub(crate) fn note_role(&self, group: GroupId, role: ReplicaRole, report: u64) {
         let Some(cluster) = self.cluster() else { return };
         let mut roles = cluster.roles.borrow_mut();
@@ -1274,7 +1274,7 @@ impl Shard {
     }
 }
 
-/// Whether a replica's role report replaces the one known (see [`ClusterState::roles`]).
+/// Whether a replica's role report replaces the one known (see [`ShardCluster::roles`]).
 fn supersedes((role, report): (ReplicaRole, u64), known: Option<&(ReplicaRole, u64)>) -> bool {
     known.is_none_or(|(known, known_report)| (known.term, *known_report) < (role.term, report))
 }
@@ -1308,8 +1308,9 @@ mod tests {
     fn a_role_report_overtaken_by_a_later_one_of_its_term_is_ignored() {
         let leading = ReplicaRole { term: 4, role: Role::Leader, leader: Some(1) };
         let stepped_down = ReplicaRole { term: 4, role: Role::Follower, leader: None };
-        // Made in this order (7, then 8), arriving in the other.
-        assert!(supersedes((stepped_down, 8), Some(&(leading, 6))));
+        // Reported as 7, then 8: in that order the later one replaces the earlier; arriving
+        // in the other order, the earlier one is ignored.
+        assert!(supersedes((stepped_down, 8), Some(&(leading, 7))));
         assert!(!supersedes((leading, 7), Some(&(stepped_down, 8))));
         // A newer term wins whatever its number; an older one never does.
         let next = ReplicaRole { term: 5, role: Role::Follower, leader: Some(2) };

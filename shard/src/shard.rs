@@ -246,7 +246,7 @@ pub enum Op {
     Role {
         group: GroupId,
         role: crate::ReplicaRole,
-        /// The holding shard's number for this report (see `ClusterState::roles`).
+        /// The holding shard's number for this report (see `ShardCluster::roles`).
         report: u64,
     },
 }
