@@ -266,6 +266,92 @@ def test_killing_the_leader_again_and_again_loses_nothing_acknowledged(cluster, 
     replica_logs_agree(cluster, "events", 2)
 
 
+class KafkaPythonProducer:
+    """BackgroundProducer's twin in kafka-python (its own protocol code, not librdkafka's):
+    idempotent, acks=all, writing until stopped and keeping what was acknowledged."""
+
+    def __init__(self, bootstrap, topic):
+        import threading
+        from kafka import KafkaProducer
+        self.acknowledged, self.errors = {}, []
+        self.sent = 0
+        self._stop = threading.Event()
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), enable_idempotence=True, acks="all",
+                                       linger_ms=2, delivery_timeout_ms=60000)
+        self._topic = topic
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            value = f"py-{self.sent}".encode()
+            future = self._producer.send(self._topic, key=str(self.sent).encode(), value=value)
+            future.add_callback(lambda sent, value=value: self.acknowledged.__setitem__(
+                (sent.partition, sent.offset), value))
+            future.add_errback(self.errors.append)
+            self.sent += 1
+            # About 2,000 records a second: enough in flight at every kill, not a flood of
+            # retries in Python.
+            time.sleep(0.0005)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=CLIENT_TIMEOUT_S)
+        self._producer.flush(timeout=90.0)
+        self._producer.close(timeout=CLIENT_TIMEOUT_S)
+        return self.acknowledged
+
+
+def test_kafka_python_and_kcat_follow_killed_leaders_and_lose_nothing(cluster, kcat_bin):
+    """kafka-python finds leaders by its own metadata and retry code: its idempotent producer
+    writes through three kills of a leader, and its consumer group reads everything back,
+    commits, and finds the commit again after the offsets partition's leader is killed too;
+    kcat, with that node still down, reads the same records."""
+    import kcat
+    from kafka import KafkaConsumer, TopicPartition as PyTopicPartition
+    create_topic(cluster.node(2).bootstrap, "python", 2, 3)
+    wait_until("partition 0 has a leader", lambda: leader_node(cluster.bootstrap, "python", 0))
+    producer = KafkaPythonProducer(cluster.bootstrap, "python")
+    acknowledged = kill_the_leader_again_and_again(cluster, producer, "python", progress=200)
+    consumer = KafkaConsumer("python", bootstrap_servers=cluster.bootstrap.split(","), group_id="py-group",
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    try:
+        records = {}
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while time.monotonic() < deadline and any(key not in records for key in acknowledged):
+            for batch in consumer.poll(timeout_ms=200).values():
+                for record in batch:
+                    key = (record.partition, record.offset)
+                    assert key not in records, f"offset {key} read twice"
+                    records[key] = record.value
+        check_exactly_once(records, acknowledged)
+        # Its positions, which the commit stores: past the last record read, and past any
+        # control batch after it (a new leader's first batch of its term).
+        ends = {p: consumer.position(PyTopicPartition("python", p)) for p in (0, 1)}
+        assert all(ends[p] > max(o for (q, o) in records if q == p) for p in (0, 1)), ends
+        consumer.commit()
+    finally:
+        consumer.close()
+    # The group's coordinator is the leader of its offsets partition: kill that node, and a
+    # new consumer of the group still starts where the commit said.
+    coordinator = wait_until("the group has a coordinator", lambda: coordinator_node(cluster.bootstrap, "py-group"))
+    cluster.node(coordinator).kill9()
+    consumer = KafkaConsumer(bootstrap_servers=[n.bootstrap for n in cluster.nodes if n.node_id != coordinator],
+                             group_id="py-group", enable_auto_commit=False)
+    try:
+        partitions = [PyTopicPartition("python", p) for p in (0, 1)]
+        committed = wait_until("the commit is read from the new coordinator",
+                               lambda: (lambda c: c if None not in c.values() else None)(
+                                   {tp.partition: consumer.committed(tp) for tp in partitions}))
+        assert committed == ends, (committed, ends)
+    finally:
+        consumer.close()
+    survivors = ",".join(n.bootstrap for n in cluster.nodes if n.node_id != coordinator)
+    read = kcat.consume(kcat_bin, survivors, "python")
+    assert {(p, o): value for p, o, _key, value in read} == records
+    cluster.node(coordinator).start().wait_ready()
+
+
 def test_a_node_back_with_an_empty_data_directory_catches_up_and_loses_nothing(cluster, pyralog_bin):
     import shutil
     create_topic(cluster.node(1).bootstrap, "wiped", 2, 3)
