@@ -474,7 +474,10 @@ async fn run_shard(context: ShardContext) {
     if transport.is_some() {
         // While clients are still served (a produce then answers NotLeader and is retried
         // on the new leader) and peers still hear us.
-        let kept = shard.hand_over_leaderships().await;
+        let (handed, kept) = shard.hand_over_leaderships().await;
+        if handed > 0 {
+            println!("pyralog: shard {}: handed {handed} leaderships over to in-sync followers", shard.id);
+        }
         if kept > 0 {
             eprintln!(
                 "pyralog: shard {}: {kept} leaderships could not be handed over before stopping",

@@ -352,6 +352,35 @@ def test_kafka_python_and_kcat_follow_killed_leaders_and_lose_nothing(cluster, k
     cluster.node(coordinator).start().wait_ready()
 
 
+def test_a_rolling_restart_hands_every_leadership_over_and_loses_nothing(cluster, pyralog_bin):
+    """SIGTERM on each node in turn, under an idempotent acks=all producer: each hands the
+    partitions it leads to in-sync followers before it stops (and says so), and the producer
+    sees no error, only retries."""
+    import re
+    create_topic(cluster.node(1).bootstrap, "rolling", 3, 3)
+    producer = BackgroundProducer(cluster.bootstrap, "rolling")
+    for node in cluster.nodes:
+        # Each node leads its preferred partition again once back in sync (checked every 5 s).
+        led = wait_until(f"node {node.node_id} leads a partition",
+                         lambda: [p for p in range(3) if leader_node(cluster.bootstrap, "rolling", p) == node.node_id],
+                         timeout_s=CLIENT_TIMEOUT_S)
+        before = len(producer.acknowledged)
+        wait_until("the producer makes progress", lambda: len(producer.acknowledged) > before + 100)
+        node.terminate()
+        handed = sum(int(m[1]) for line in node.stdout_lines
+                     for m in [re.search(r"handed (\d+) leaderships over", line)] if m)
+        assert handed >= len(led), f"node {node.node_id} led {led} and handed {handed} over: {node.stdout_lines[-5:]}"
+        assert "could not be handed over" not in node.stderr_tail(), node.stderr_tail()
+        before = len(producer.acknowledged)
+        wait_until("the others acknowledge without it", lambda: len(producer.acknowledged) > before + 100)
+        node.start().wait_ready()
+    acknowledged = producer.stop()
+    assert producer.errors == [], producer.errors[:5]
+    check_exactly_once(read_all(cluster.bootstrap, "rolling", 3, acknowledged), acknowledged)
+    wait_until("every partition is in sync again",
+               lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"))
+
+
 def test_a_node_back_with_an_empty_data_directory_catches_up_and_loses_nothing(cluster, pyralog_bin):
     import shutil
     create_topic(cluster.node(1).bootstrap, "wiped", 2, 3)

@@ -328,23 +328,25 @@ impl Shard {
 
     /// Hands the leadership of every partition this shard leads (the controller's too) to an
     /// in-sync follower, all at once, before the node stops: clients then retry on the new
-    /// leader at once instead of waiting out an election. Returns how many it could not hand
-    /// over (no follower caught up within an election timeout).
-    pub async fn hand_over_leaderships(&self) -> usize {
-        let Some(cluster) = self.cluster() else { return 0 };
+    /// leader at once instead of waiting out an election. Returns how many it handed over and
+    /// how many it could not (no follower caught up within an election timeout).
+    pub async fn hand_over_leaderships(&self) -> (usize, usize) {
+        let Some(cluster) = self.cluster() else { return (0, 0) };
         let leading: Vec<Rc<Replica>> =
             cluster.replicas.borrow().values().filter(|r| r.role().role == Role::Leader).cloned().collect();
         let handovers: Vec<_> = leading
             .into_iter()
             .map(|replica| glommio::spawn_local(async move { replica.hand_over().await }))
             .collect();
-        let mut kept = 0;
+        let (mut handed, mut kept) = (0, 0);
         for handover in handovers {
-            if !handover.await {
+            if handover.await {
+                handed += 1;
+            } else {
                 kept += 1;
             }
         }
-        kept
+        (handed, kept)
     }
 
     /// The in-sync replicas of a partition this node leads (see [`in_sync_replicas`]).
