@@ -381,6 +381,39 @@ def test_a_rolling_restart_hands_every_leadership_over_and_loses_nothing(cluster
                lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"))
 
 
+def test_replicas_go_on_distinct_racks_and_a_factor_above_the_nodes_is_refused(request, pyralog_bin, tmp_path):
+    """--rack reaches the controller's placement: with racks east, east and west, every
+    replica set of factor 2 spans both racks, preferred leaders spread evenly; a factor of 4
+    on three nodes is refused through Kafka's CreateTopics, saying why."""
+    import collections
+    import json
+    import urllib.request
+    racks = {1: "east", 2: "east", 3: "west"}
+    cluster = Cluster(pyralog_bin, str(tmp_path))
+    for node in cluster.nodes:
+        node.extra_args += ["--rack", racks[node.node_id]]
+    request.node.pyralog_nodes = cluster.nodes
+    try:
+        cluster.start()
+        view = json.load(urllib.request.urlopen("http://127.0.0.2:9644/cluster", timeout=5))
+        assert {n["id"]: n["rack"] for n in view["nodes"]} == racks, view["nodes"]
+        create_topic(cluster.node(2).bootstrap, "racked", 6, 2)
+        placed = wait_until("node 1 applied the topic", lambda: json.load(urllib.request.urlopen(
+            "http://127.0.0.1:9644/cluster", timeout=5))["topics"].get("racked"))["replicas"]
+        assert len(placed) == 6 and all({racks[n] for n in replicas} == {"east", "west"} for replicas in placed), placed
+        assert collections.Counter(replicas[0] for replicas in placed) == {1: 2, 2: 2, 3: 2}, placed
+        # What clients are told: the same replica sets.
+        described = metadata(cluster.bootstrap, "racked").topics["racked"].partitions
+        assert [sorted({b // 1000 for b in described[p].replicas}) for p in range(6)] == [sorted(r) for r in placed]
+        admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+        future = admin.create_topics([NewTopic("too-wide", 1, 4)], request_timeout=CLIENT_TIMEOUT_S)["too-wide"]
+        with pytest.raises(KafkaException) as refused:
+            future.result(timeout=CLIENT_TIMEOUT_S)
+        assert "needs 4 nodes" in str(refused.value) and "has 3" in str(refused.value), refused.value
+    finally:
+        cluster.stop()
+
+
 def test_a_node_back_with_an_empty_data_directory_catches_up_and_loses_nothing(cluster, pyralog_bin):
     import shutil
     create_topic(cluster.node(1).bootstrap, "wiped", 2, 3)
