@@ -257,8 +257,10 @@ pub fn verify(node: &str, topic: &str) -> Result<()> {
             bail!("{topic}/{partition} has no reachable leader: its commit point is unknown");
         };
         // Compared up to the commit point, or less where a replica has not made it durable (or,
-        // a follower, matched with the leader) yet.
-        let mut end = leader["high_watermark"].as_i64().unwrap_or_default();
+        // a follower, matched with the leader) yet: such a replica is named as behind.
+        let commit = leader["high_watermark"].as_i64().unwrap_or_default();
+        let mut end = commit;
+        let mut behind = Vec::new();
         // From where every replica's log starts (retention cuts each one on its own).
         let mut from = 0;
         let mut addresses = Vec::new();
@@ -274,7 +276,7 @@ pub fn verify(node: &str, topic: &str) -> Result<()> {
                 .flatten()
                 .find(|r| r["topic"] == json!(topic) && r["partition"] == json!(partition))
                 .ok_or_else(|| anyhow!("node {id} holds no replica of {topic}/{partition}"))?;
-            end = end.min(own["durable_end"].as_i64().unwrap_or_default());
+            let mut holds = own["durable_end"].as_i64().unwrap_or_default();
             from = from.max(own["log_start"].as_i64().unwrap_or_default());
             // A follower's durable log may still hold an old leader's tail past where it
             // matches this leader (a restart, a cut not made yet): compared only up to what
@@ -286,8 +288,12 @@ pub fn verify(node: &str, topic: &str) -> Result<()> {
                 .find(|f| f["node"] == json!(id))
                 .and_then(|f| f["acked_end"].as_i64());
             if let Some(acked) = acked {
-                end = end.min(acked);
+                holds = holds.min(acked);
             }
+            if holds < commit {
+                behind.push(format!("node {id} holds up to offset {holds}"));
+            }
+            end = end.min(holds);
             let address = first["nodes"]
                 .as_array()
                 .into_iter()
@@ -307,10 +313,18 @@ pub fn verify(node: &str, topic: &str) -> Result<()> {
         let reference = (sums[0].1, sums[0].2, sums[0].3);
         let differ: Vec<u64> = sums.iter().filter(|s| (s.1, s.2, s.3) != reference).map(|s| s.0).collect();
         if differ.is_empty() {
+            let agreed = reference.2.unwrap_or_default();
+            let upto = if behind.is_empty() {
+                format!("up to the commit point, offset {agreed}")
+            } else {
+                format!(
+                    "up to offset {agreed}, below the commit point {commit}: {} (catching up)",
+                    behind.join(", ")
+                )
+            };
             println!(
-                "{topic}/{partition}: {} replicas agree from offset {from} up to offset {} ({} batches)",
+                "{topic}/{partition}: {} replicas agree from offset {from} {upto} ({} batches)",
                 sums.len(),
-                reference.2.unwrap_or_default(),
                 reference.1.unwrap_or_default()
             );
         } else {

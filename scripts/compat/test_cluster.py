@@ -233,6 +233,14 @@ def cluster_command(pyralog_bin, *args):
     return done.stdout
 
 
+def replicas_hold_the_commit(pyralog_bin, topic, partitions):
+    """Whether `pyralog cluster verify TOPIC` finds the three replicas of each of its
+    partitions holding the same batches, all of them up to the commit point (a replica still
+    catching up agrees on what it holds, below it)."""
+    verified = cluster_command(pyralog_bin, "verify", topic)
+    return verified.count(" 3 replicas agree from offset ") == partitions == verified.count(" up to the commit point")
+
+
 def kill_the_leader_again_and_again(cluster, producer, topic, progress):
     """Three times: once `producer` has `progress` records acknowledged, kill -9 the leader of
     partition 0 of `topic`, wait for `progress` more through the new one, restart the killed
@@ -259,8 +267,7 @@ def test_killing_the_leader_again_and_again_loses_nothing_acknowledged(cluster, 
     # The operator's view: every partition led and in sync again, and the replicas agree.
     wait_until("every partition is in sync again",
                lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"))
-    verified = cluster_command(pyralog_bin, "verify", "events")
-    assert verified.count("3 replicas agree") == 2, verified
+    wait_until("every replica holds every committed batch", lambda: replicas_hold_the_commit(pyralog_bin, "events", 2))
     for node in cluster.nodes:
         node.terminate()
     replica_logs_agree(cluster, "events", 2)
@@ -434,8 +441,51 @@ def test_a_node_back_with_an_empty_data_directory_catches_up_and_loses_nothing(c
                lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"), timeout_s=60)
     acknowledged.update(produce(cluster.bootstrap, "wiped", 500, "after"))
     check_exactly_once(read_all(cluster.bootstrap, "wiped", 2, acknowledged), acknowledged)
-    wait_until("the wiped node holds every committed batch",
-               lambda: cluster_command(pyralog_bin, "verify", "wiped").count("3 replicas agree") == 2)
+    wait_until("the wiped node holds every committed batch", lambda: replicas_hold_the_commit(pyralog_bin, "wiped", 2))
+
+
+RECOVERY_BYTES_PER_SEC = 4 << 20
+NODE_CACHE_BYTES = 16 << 20  # as cluster.py starts the nodes (--cache-bytes)
+CATCH_UP_BURST_BYTES = 4 << 20  # the bucket's capacity at this rate (shard/src/replica.rs RecoveryBudget)
+
+
+def test_a_wiped_follower_catches_up_no_faster_than_recovery_bytes_per_sec(request, pyralog_bin, tmp_path):
+    """--recovery-bytes-per-sec bounds the leader's disk reads for a follower behind its cache:
+    40 MiB to recover, 16 MiB of it from the cache, at 4 MiB/s after a 4 MiB burst, cannot take
+    less than 5 s; and it does finish, with nothing lost."""
+    import shutil
+    cluster = Cluster(pyralog_bin, str(tmp_path), extra_args=["--recovery-bytes-per-sec", str(RECOVERY_BYTES_PER_SEC)])
+    request.node.pyralog_nodes = cluster.nodes
+    try:
+        cluster.start()
+        create_topic(cluster.node(1).bootstrap, "throttled", 1, 3)
+        leader = wait_until("the partition has a leader", lambda: leader_node(cluster.bootstrap, "throttled", 0))
+        padding = b"x" * (100 << 10)
+        acknowledged, errors = {}, []
+        producer = Producer({"bootstrap.servers": cluster.bootstrap, "enable.idempotence": True, "acks": "all",
+                             "linger.ms": 5})
+        for i in range(400):
+            value = b"%06d" % i + padding
+            producer.produce("throttled", value=value, partition=0, on_delivery=lambda error, message: (
+                errors.append(error) if error else acknowledged.__setitem__((0, message.offset()), message.value())))
+            producer.poll(0)
+        assert producer.flush(CLIENT_TIMEOUT_S) == 0 and errors == [], errors[:5]
+        victim = cluster.node(next(n for n in (3, 2, 1) if n != leader))
+        victim.kill9()
+        shutil.rmtree(victim.data_dir)
+        started = time.monotonic()
+        victim.start().wait_ready()
+        # Held, not only counted in sync (a follower stays in sync for --replica-lag-time-max-ms
+        # after it was last caught up, which a quick restart is within).
+        wait_until("the wiped follower holds every committed batch",
+                   lambda: replicas_hold_the_commit(pyralog_bin, "throttled", 1), timeout_s=90, interval_s=0.2)
+        took = time.monotonic() - started
+        from_disk = sum(len(value) for value in acknowledged.values()) - NODE_CACHE_BYTES
+        floor = (from_disk - CATCH_UP_BURST_BYTES) / RECOVERY_BYTES_PER_SEC
+        assert took >= floor, f"caught up {from_disk >> 20} MiB from disk in {took:.1f} s, under the {floor:.1f} s the bound allows"
+        check_exactly_once(read_all(cluster.bootstrap, "throttled", 1, acknowledged), acknowledged)
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
@@ -484,8 +534,7 @@ def test_a_node_not_in_the_seeds_joins_as_a_broker_and_takes_replicas(cluster_wi
     controller.start().wait_ready()
     check_exactly_once(read_all(cluster.bootstrap, "joined", 8, acknowledged), acknowledged)
     wait_until("every replica of 'joined' holds every committed batch",
-               lambda: cluster_command(pyralog_bin, "verify", "joined").count("3 replicas agree") == 8,
-               timeout_s=60)
+               lambda: replicas_hold_the_commit(pyralog_bin, "joined", 8), timeout_s=60)
 
 
 def iptables(*args):
@@ -588,8 +637,7 @@ def run_faults_under_load(cluster, pyralog_bin, topic, fault, rounds=FAULT_ROUND
                              f"\nreplicas now:\n{replica_views(cluster, topic)}") from None
     wait_until("every partition is in sync again",
                lambda: "0 under-replicated, 0 offline" in cluster_command(pyralog_bin, "status"), timeout_s=60)
-    wait_until("the replicas agree below the commit point",
-               lambda: cluster_command(pyralog_bin, "verify", topic).count("3 replicas agree") == 2)
+    wait_until("every replica holds every committed batch", lambda: replicas_hold_the_commit(pyralog_bin, topic, 2))
 
 
 def test_a_leader_paused_past_the_election_timeout_acknowledges_nothing_after_it_is_replaced(
@@ -643,8 +691,7 @@ def test_killing_every_node_at_once_loses_nothing_acknowledged(cluster, pyralog_
     acknowledged = producer.stop()
     assert all(acknowledged.get(k) == v for k, v in acknowledged_before.items())
     check_exactly_once(read_all(cluster.bootstrap, "all-down", 2, acknowledged), acknowledged)
-    wait_until("the replicas agree below the commit point",
-               lambda: cluster_command(pyralog_bin, "verify", "all-down").count("3 replicas agree") == 2)
+    wait_until("every replica holds every committed batch", lambda: replicas_hold_the_commit(pyralog_bin, "all-down", 2))
 
 
 def test_a_controller_killed_during_a_topic_creation_leaves_the_topic_whole_or_absent(cluster, pyralog_bin):
@@ -1413,7 +1460,7 @@ def test_a_node_whose_disk_fills_stops_its_replicas_and_the_others_lose_nothing(
                in cluster_command(pyralog_bin, "status"), timeout_s=90)
     for topic in ("full", "after"):
         wait_until(f"node 3 holds every committed batch of {topic}",
-                   lambda: cluster_command(pyralog_bin, "verify", topic).count("3 replicas agree") == 3)
+                   lambda: replicas_hold_the_commit(pyralog_bin, topic, 3))
 
 
 def test_a_topic_is_written_through_every_node_the_moment_its_creation_returns(cluster, pyralog_bin, bench_bin):
