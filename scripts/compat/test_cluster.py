@@ -1189,8 +1189,15 @@ def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_foll
         assert (error, base_offset) == (wire.ERROR_NOT_ENOUGH_REPLICAS, -1)
         # Refused before it was appended: the log did not grow. acks=1 still goes through.
         assert connection.offset_for_leader_epoch("strict", 0, epoch)[2] == end_before
-        error, _ = connection.produce("strict", 0, wire.record_batch([(b"k", b"one")]), acks=1)
+        error, one_offset = connection.produce("strict", 0, wire.record_batch([(b"k", b"one")]), acks=1)
         assert error == wire.ERROR_NONE
+        # Durable on the leader alone, not committed (W = 3): consumers read below the high
+        # watermark, which stays where it was.
+        error, high_watermark, record_set = connection.fetch("strict", 0, 0)
+        values = [value for batch in wire.parse_batches(record_set) for _, _, value in batch["records"] or []]
+        assert (error, high_watermark) == (wire.ERROR_NONE, end_before) and one_offset >= end_before, (
+            error, high_watermark, end_before, one_offset)
+        assert b"a" in values and b"one" not in values, values
     # A native durable produce is refused alike (NotEnoughReplicas) and retried by the client
     # until the follower is back in sync.
     refused_before = requests_counted([cluster.node(leader)], "native", "produce")
@@ -1210,6 +1217,11 @@ def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_foll
     # The returning preferred replica may take the leadership back: ask where it is each time.
     wait_until("acks=all is taken again once the follower is back in sync",
                lambda: wire_produce(settled_route(cluster, "strict")[0], "strict", b"b"), timeout_s=30)
+    # Committed with what followed it: now a consumer reads the acks=1 record too.
+    with wire.Connection(settled_route(cluster, "strict")[0]) as connection:
+        _, _, record_set = connection.fetch("strict", 0, 0)
+    values = [value for batch in wire.parse_batches(record_set) for _, _, value in batch["records"] or []]
+    assert b"one" in values and b"b" in values, values
 
 
 def test_metadata_gives_a_guessed_leader_no_epoch(cluster):
