@@ -421,6 +421,33 @@ def test_replicas_go_on_distinct_racks_and_a_factor_above_the_nodes_is_refused(r
         cluster.stop()
 
 
+def test_topics_created_without_a_factor_take_the_node_default(request, pyralog_bin, tmp_path):
+    """--default-replication-factor: Kafka's CreateTopics with -1, an auto-created topic and
+    `pyralog topic create` without --replication-factor each get it; an explicit factor wins."""
+    import json
+    import subprocess
+    import urllib.request
+    cluster = Cluster(pyralog_bin, str(tmp_path), extra_args=["--default-replication-factor", "2"])
+    request.node.pyralog_nodes = cluster.nodes
+    try:
+        cluster.start()
+        create_topic(cluster.node(1).bootstrap, "kafka-default", 2, -1)
+        create_topic(cluster.node(1).bootstrap, "kafka-three", 1, 3)
+        subprocess.run([pyralog_bin, "topic", "--broker", cluster.node(2).native, "create", "native-default",
+                        "--partitions", "2"], check=True, timeout=CLIENT_TIMEOUT_S)
+        Producer({"bootstrap.servers": cluster.bootstrap}).list_topics("auto-created", timeout=CLIENT_TIMEOUT_S)
+
+        def placed():
+            topics = json.load(urllib.request.urlopen("http://127.0.0.3:9644/cluster", timeout=5))["topics"]
+            names = ("kafka-default", "kafka-three", "native-default", "auto-created")
+            return {name: topics[name]["replication_factor"] for name in names} if all(n in topics for n in names) else None
+
+        factors = wait_until("node 3 applied the four topics", placed)
+        assert factors == {"kafka-default": 2, "kafka-three": 3, "native-default": 2, "auto-created": 2}, factors
+    finally:
+        cluster.stop()
+
+
 def test_a_node_back_with_an_empty_data_directory_catches_up_and_loses_nothing(cluster, pyralog_bin):
     import shutil
     create_topic(cluster.node(1).bootstrap, "wiped", 2, 3)
