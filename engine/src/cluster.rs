@@ -36,7 +36,7 @@ use pyralog_net::cluster::transport::{ClusterConfig, ClusterTransport, PeerAddre
 use pyralog_net::cluster::{ClusterId, GroupKey};
 use pyralog_shard::{
     ClusterSettings, ControllerRequest, MetadataAnswer, SendHook, Shard, ShardError, CONTROLLER_TOPIC_ID,
-    METADATA_WAIT,
+    METADATA_WAIT, NODE_HEARTBEAT_INTERVAL,
 };
 
 use crate::identity::Seed;
@@ -283,6 +283,8 @@ enum PeerRequest {
     /// Your metadata if newer than `applied_end` (a seed holds the request up to
     /// [`METADATA_WAIT`] for some). Answer: `Result<MetadataAnswer, ShardError>`.
     Metadata { applied_end: i64 },
+    /// To a seed: the sending node is up (the transport names it). Answer: `Result<(), ShardError>`.
+    Heartbeat,
 }
 
 /// Sends `request` to `node`'s shard 0 at `address` and decodes its JSON answer; the outer
@@ -340,6 +342,36 @@ fn serve_controller_requests(plan: &ClusterPlan, shard: &Rc<Shard>, transport: &
             })
         }));
     }
+    // Tells every seed, this one too, that this node is up (see `replicated`'s liveness).
+    let (beating, me, addresses, weak) =
+        (Rc::clone(transport), plan.node_id, Rc::clone(&seeds), Rc::downgrade(shard));
+    glommio::spawn_local(async move {
+        while let Some(shard) = weak.upgrade() {
+            for (&seed, address) in addresses.iter() {
+                if seed == me {
+                    shard.note_node_heard(me);
+                    continue;
+                }
+                let (transport, address) = (Rc::clone(&beating), address.clone());
+                glommio::spawn_local(async move {
+                    let request = PeerRequest::Heartbeat;
+                    // Unanswered: the seed counts this node down after a session timeout.
+                    let _ = ask_peer::<()>(
+                        &transport,
+                        seed,
+                        Some(&address),
+                        &request,
+                        NODE_HEARTBEAT_INTERVAL * 2,
+                    )
+                    .await;
+                })
+                .detach();
+            }
+            drop(shard);
+            glommio::timer::sleep(NODE_HEARTBEAT_INTERVAL).await;
+        }
+    })
+    .detach();
     let (serving, into) = (Rc::clone(transport), Rc::clone(shard));
     glommio::spawn_local(async move {
         while let Some(incoming) = serving.recv_request().await {
@@ -351,6 +383,10 @@ fn serve_controller_requests(plan: &ClusterPlan, shard: &Rc<Shard>, transport: &
                     }
                     Ok(PeerRequest::Metadata { applied_end }) => {
                         metadata_answer(shard.read_metadata(applied_end, METADATA_WAIT).await)
+                    }
+                    Ok(PeerRequest::Heartbeat) => {
+                        shard.note_node_heard(incoming.from_node);
+                        serde_json::to_vec(&Ok::<(), ShardError>(()))
                     }
                     Err(error) => serde_json::to_vec(&Err::<(), _>(ShardError::InvalidConfig(format!(
                         "node {} sent a request that does not decode: {error}",

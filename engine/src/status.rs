@@ -60,12 +60,15 @@ pub async fn cluster_json(shard: &Shard, node_id: u32, cluster_id: &str) -> Http
         })
         .collect();
     let controller = shard.replica_role(CONTROLLER_TOPIC_ID, 0);
+    // A seed's view of which nodes are down (only seeds hear every node's heartbeats).
+    let down = shard.down_nodes();
     let body = json!({
         "node": node_id,
         "cluster_id": cluster_id,
         "controller": {"leader": controller.and_then(|r| r.leader), "term": controller.map(|r| r.term)},
         "nodes": meta.nodes.values().map(|n| json!({
             "id": n.id, "cluster_address": n.cluster_address, "rack": n.rack, "shards": n.shards,
+            "up": down.as_ref().map(|down| !down.contains(&n.id)),
             "metrics_address": n.metrics_address,
             "kafka": format!("{}:{}", n.kafka_host, n.kafka_port),
             "native": format!("{}:{}", n.native_host, n.native_port),

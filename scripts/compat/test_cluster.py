@@ -448,6 +448,43 @@ def test_topics_created_without_a_factor_take_the_node_default(request, pyralog_
         cluster.stop()
 
 
+def test_a_node_of_another_cluster_is_refused_and_the_cluster_goes_on(request, pyralog_bin, tmp_path):
+    """Two clusters formed on the same addresses, one after the other: node 3 of the second
+    started beside nodes 1 and 2 of the first is refused by them, saying why, and never
+    joins; the first cluster's seeds count it down and go on with their two nodes, placing a
+    new topic on them."""
+    first = Cluster(pyralog_bin, str(tmp_path / "first")).start()
+    first.stop()
+    second = Cluster(pyralog_bin, str(tmp_path / "second")).start()
+    second.stop()
+    stranger = second.node(3)
+    nodes = [first.node(1), first.node(2), stranger]
+    request.node.pyralog_nodes = nodes
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes[:2]:
+            node.wait_ready()
+        wait_until("the stranger is told it belongs to another cluster",
+                   lambda: "a node of another cluster is refused" in stranger.stderr_tail(20000))
+        # Its heartbeats never get through: both seeds count node 3 as down, 1 and 2 as up.
+        for node in nodes[:2]:
+            wait_until(f"node {node.node_id} counts node 3 down",
+                       lambda: {n["id"]: n["up"] for n in cluster_view(node)["nodes"]} == {1: True, 2: True, 3: False},
+                       timeout_s=CLIENT_TIMEOUT_S)
+        # The first cluster still takes topics, placed on the nodes that are up, and serves them.
+        create_topic(first.node(1).bootstrap, "after", 4, 2)
+        placed = wait_until("the topic is placed", lambda: cluster_view(first.node(2))["topics"].get("after"))
+        assert all(sorted(replicas) == [1, 2] for replicas in placed["replicas"]), placed
+        acknowledged = produce(first.node(2).bootstrap, "after", 100, "after")
+        check_exactly_once(read_all(first.node(1).bootstrap, "after", 4, acknowledged), acknowledged)
+        brokers = metadata(first.node(1).bootstrap, "after").brokers
+        assert {broker // 1000 for broker in brokers} == {1, 2, 3}, "node 3 stays registered, as the first cluster's"
+    finally:
+        for node in nodes:
+            node.kill9()
+
+
 def test_a_node_back_with_an_empty_data_directory_catches_up_and_loses_nothing(cluster, pyralog_bin):
     import shutil
     create_topic(cluster.node(1).bootstrap, "wiped", 2, 3)

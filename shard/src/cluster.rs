@@ -11,7 +11,10 @@
 //! Placement lives here, in [`place`], so it can be replaced (CopySet placement, moves and
 //! rebalancing are later work): a topic's replicas go on distinct nodes, on distinct racks
 //! while racks last, and the first replica of each partition (its preferred leader) is spread
-//! so that every node leads about as many partitions as the others.
+//! so that every node leads about as many partitions as the others. Nodes the controller's
+//! leader has not heard from lately (see `replicated`'s node heartbeats) are left out while
+//! enough others are up; a topic is never refused for a node being down that placement could
+//! do without, nor placed on one it could avoid.
 //!
 //! Invariants: a partition's replicas are distinct nodes that were registered when it was
 //! placed; `applied_end` and `next_producer_id` only grow (so producer id blocks never
@@ -236,13 +239,17 @@ impl ClusterMeta {
 }
 
 /// Places `partitions` new partitions of `replication_factor` replicas each on the registered
-/// nodes of `meta` (see the module docs). `first_partition` is the index of the first new one.
+/// nodes of `meta` (see the module docs): on those not in `down` while there are enough of
+/// them, else on every registered node.
 pub fn place(
     meta: &ClusterMeta,
     partitions: u32,
     replication_factor: u32,
+    down: &[u32],
 ) -> Result<Vec<Vec<u32>>, ShardError> {
-    let nodes: Vec<&NodeInfo> = meta.nodes.values().collect();
+    let up: Vec<&NodeInfo> = meta.nodes.values().filter(|n| !down.contains(&n.id)).collect();
+    let nodes: Vec<&NodeInfo> =
+        if up.len() >= replication_factor as usize { up } else { meta.nodes.values().collect() };
     if replication_factor == 0 || replication_factor > REPLICATION_FACTOR_MAX {
         return Err(ShardError::InvalidReplicationFactor(format!(
             "a replication factor is 1 to {REPLICATION_FACTOR_MAX}, not {replication_factor}"
@@ -256,6 +263,7 @@ pub fn place(
         )));
     }
     let mut leads = meta.leader_counts();
+    leads.retain(|id, _| nodes.iter().any(|n| n.id == *id));
     let mut placed = Vec::with_capacity(partitions as usize);
     for _ in 0..partitions {
         // The preferred leader: the node leading fewest partitions (lowest id on a tie).
@@ -312,7 +320,7 @@ mod tests {
     #[test]
     fn replicas_go_on_distinct_nodes_and_leaders_spread_evenly() {
         let meta = meta(&[(1, None), (2, None), (3, None)]);
-        let placed = place(&meta, 6, 3).unwrap();
+        let placed = place(&meta, 6, 3, &[]).unwrap();
         for set in &placed {
             let mut sorted = set.clone();
             sorted.sort_unstable();
@@ -322,14 +330,29 @@ mod tests {
         for id in [1, 2, 3] {
             assert_eq!(leaders.iter().filter(|&&l| l == id).count(), 2, "{leaders:?}");
         }
-        let refused = place(&meta, 1, 4).unwrap_err().to_string();
+        let refused = place(&meta, 1, 4, &[]).unwrap_err().to_string();
         assert!(refused.contains("needs 4 nodes") && refused.contains("has 3"), "{refused}");
+    }
+
+    #[test]
+    fn down_nodes_are_left_out_while_enough_others_are_up() {
+        let meta = meta(&[(1, None), (2, None), (3, None), (4, None)]);
+        let placed = place(&meta, 6, 2, &[3]).unwrap();
+        assert!(placed.iter().all(|set| !set.contains(&3)), "{placed:?}");
+        let leaders: Vec<u32> = placed.iter().map(|s| s[0]).collect();
+        for id in [1, 2, 4] {
+            assert_eq!(leaders.iter().filter(|&&l| l == id).count(), 2, "{leaders:?}");
+        }
+        // Three replicas with two nodes down: placed on every node rather than refused.
+        let placed = place(&meta, 1, 3, &[3, 4]).unwrap();
+        assert_eq!(placed[0].len(), 3);
+        assert!(placed[0].contains(&3) || placed[0].contains(&4), "{placed:?}");
     }
 
     #[test]
     fn racks_are_spread_before_they_repeat() {
         let meta = meta(&[(1, Some("a")), (2, Some("a")), (3, Some("b")), (4, Some("b"))]);
-        for set in place(&meta, 8, 2).unwrap() {
+        for set in place(&meta, 8, 2, &[]).unwrap() {
             let racks: Vec<&Option<String>> = set.iter().map(|id| &meta.nodes[id].rack).collect();
             assert_ne!(racks[0], racks[1], "replicas {set:?} share a rack");
         }
@@ -343,7 +366,7 @@ mod tests {
             replication_factor: 3,
             write_quorum: 2,
             max_message_bytes: None,
-            replicas: place(&meta, 2, 3).unwrap(),
+            replicas: place(&meta, 2, 3, &[]).unwrap(),
             created_at: Vec::new(),
         };
         let create = MetaRecord::CreateTopic { name: "orders".into(), topic: topic.clone() };
@@ -356,8 +379,10 @@ mod tests {
         assert!(meta.apply(bad, 12).is_err(), "node 9 is not registered");
         assert_eq!(meta.topics, before.topics);
         assert_eq!(meta.applied_end, 12);
-        let grow =
-            MetaRecord::CreatePartitions { name: "orders".into(), replicas: place(&meta, 1, 3).unwrap() };
+        let grow = MetaRecord::CreatePartitions {
+            name: "orders".into(),
+            replicas: place(&meta, 1, 3, &[]).unwrap(),
+        };
         meta.apply(grow, 13).unwrap();
         assert_eq!(meta.topics["orders"].replicas.len(), 3);
         meta.apply(MetaRecord::DeleteTopic { name: "orders".into() }, 14).unwrap();

@@ -43,7 +43,7 @@ pub use replica::{
 };
 pub use replicated::{
     in_sync_replicas, ClusterSettings, ControllerRequest, ForwardHook, GroupId, MetadataAnswer, MetadataHook,
-    CONTROLLER_NAME, CONTROLLER_TOPIC_ID, METADATA_WAIT,
+    CONTROLLER_NAME, CONTROLLER_TOPIC_ID, METADATA_WAIT, NODE_HEARTBEAT_INTERVAL,
 };
 pub use shard::{
     group_log_of, keep_within, new_mesh, Acks, FetchLimits, Fetched, Listed, Message, Op, OpResult, Produced,

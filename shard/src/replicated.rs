@@ -21,6 +21,12 @@
 //! the leader's start; or its `cluster.meta` is gone) takes a copy from another seed through
 //! the same hook, then applies its own log from where that copy ends.
 //!
+//! Liveness. Shard 0 of every node tells every seed it is up every
+//! [`NODE_HEARTBEAT_INTERVAL`] (the daemon carries it); a seed counts a registered node as
+//! down once it has heard nothing from it for [`NODE_SESSION_TIMEOUT`], from that long after
+//! its own start on. Soft state, not in the log: placement on the controller's leader leaves
+//! down nodes out while enough others are up (`cluster::place`), and `/cluster` shows them.
+//!
 //! Invariants: a replicated partition is open on exactly the shard `topics::owner_shard`
 //! names, on exactly the nodes its placement names; metadata is applied in the controller's
 //! log order, and only below its commit point; a produce acknowledged with acks=all is below
@@ -61,6 +67,10 @@ pub const METADATA_WAIT: Duration = Duration::from_millis(500);
 /// How long a node that follows the metadata waits before asking the next seed after one
 /// failed.
 const METADATA_RETRY: Duration = Duration::from_millis(100);
+/// How often every node tells the seeds it is up.
+pub const NODE_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// A seed counts a node it has not heard from for this long as down (six heartbeats).
+pub const NODE_SESSION_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A replica group across the cluster: (topic id, partition).
 pub type GroupId = ([u8; 16], u32);
@@ -246,6 +256,10 @@ pub(crate) struct ShardCluster {
     pub roles: RefCell<HashMap<GroupId, (ReplicaRole, u64)>>,
     /// Role reports this shard made so far: numbers them, in the order they were made.
     pub role_reports: Cell<u64>,
+    /// Shard 0 of a seed: when each node last said it is up (see the module docs).
+    pub heard: RefCell<HashMap<u32, Instant>>,
+    /// When this shard started: before a session timeout has passed, no node counts as down.
+    pub started: Instant,
     /// One application of metadata at a time: opening a replica awaits, and a second one
     /// (the stored metadata at start and the controller's, say) must not open it again.
     pub applying: glommio::sync::Semaphore,
@@ -275,6 +289,8 @@ impl ShardCluster {
             applied: Event::default(),
             roles: RefCell::new(HashMap::new()),
             role_reports: Cell::new(0),
+            heard: RefCell::new(HashMap::new()),
+            started: Instant::now(),
             applying: glommio::sync::Semaphore::new(1),
             coordination: RefCell::new(HashMap::new()),
             producer_ids: crate::producer_ids::ProducerIdBlocks::new(),
@@ -471,6 +487,30 @@ impl Shard {
         if let Some(cluster) = self.cluster() {
             *cluster.metadata_source.borrow_mut() = Some(hook);
         }
+    }
+
+    /// Shard 0 of a seed: `node` said it is up.
+    pub fn note_node_heard(&self, node: u32) {
+        if let Some(cluster) = self.cluster() {
+            cluster.heard.borrow_mut().insert(node, Instant::now());
+        }
+    }
+
+    /// Shard 0 of a seed: the registered nodes it has not heard from for
+    /// [`NODE_SESSION_TIMEOUT`] (none before it has run that long). None elsewhere: only
+    /// seeds are told.
+    pub fn down_nodes(&self) -> Option<Vec<u32>> {
+        let cluster = self.cluster().filter(|cluster| cluster.is_seed() && self.id == 0)?;
+        if cluster.started.elapsed() < NODE_SESSION_TIMEOUT {
+            return Some(Vec::new());
+        }
+        let heard = cluster.heard.borrow();
+        let meta = cluster.meta.borrow();
+        let down = meta
+            .nodes
+            .keys()
+            .filter(|id| heard.get(id).is_none_or(|at| at.elapsed() >= NODE_SESSION_TIMEOUT));
+        Some(down.copied().collect())
     }
 
     /// Registers this node (its addresses, shards and rack) with the controller, so that
@@ -1170,7 +1210,15 @@ impl Shard {
             let write_quorum = config.min_insync_replicas.unwrap_or(replication_factor / 2 + 1);
             let quorum = Quorum::new(replication_factor, write_quorum)
                 .map_err(|e| ShardError::InvalidConfig(format!("topic '{name}': {e}")))?;
-            (crate::cluster::place(&meta, partitions, replication_factor)?, quorum)
+            (
+                crate::cluster::place(
+                    &meta,
+                    partitions,
+                    replication_factor,
+                    &self.down_nodes().unwrap_or_default(),
+                )?,
+                quorum,
+            )
         };
         let (replication_factor, write_quorum) = (quorum.replication_factor(), quorum.write_quorum());
         let topic = TopicPlacement {
@@ -1205,7 +1253,12 @@ impl Shard {
                     "topic '{name}' has {count} partitions; it can only grow, not to {partitions}"
                 )));
             }
-            crate::cluster::place(&meta, partitions - count, topic.replication_factor)?
+            crate::cluster::place(
+                &meta,
+                partitions - count,
+                topic.replication_factor,
+                &self.down_nodes().unwrap_or_default(),
+            )?
         };
         self.propose_metadata(MetaRecord::CreatePartitions { name: name.to_owned(), replicas }).await
     }
