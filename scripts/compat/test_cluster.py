@@ -485,6 +485,24 @@ def test_a_node_of_another_cluster_is_refused_and_the_cluster_goes_on(request, p
             node.kill9()
 
 
+def test_in_cached_mode_killing_one_leader_at_a_time_loses_nothing_acknowledged(request, pyralog_bin, tmp_path):
+    """--durability cached: acks=all means in memory on W replicas (README), so a batch
+    survives the crash of fewer than W of them. kill -9 of the leader, again and again, each
+    time after the restarted node is back: every acknowledged record is read back once."""
+    cluster = Cluster(pyralog_bin, str(tmp_path), extra_args=["--durability", "cached"])
+    request.node.pyralog_nodes = cluster.nodes
+    try:
+        cluster.start()
+        create_topic(cluster.node(1).bootstrap, "cached", 2, 3)
+        wait_until("partition 0 has a leader", lambda: leader_node(cluster.bootstrap, "cached", 0))
+        producer = BackgroundProducer(cluster.bootstrap, "cached")
+        acknowledged = kill_the_leader_again_and_again(cluster, producer, "cached", progress=200)
+        check_exactly_once(read_all(cluster.bootstrap, "cached", 2, acknowledged), acknowledged)
+        wait_until("every replica holds every committed batch", lambda: replicas_hold_the_commit(pyralog_bin, "cached", 2))
+    finally:
+        cluster.stop()
+
+
 def test_a_node_back_with_an_empty_data_directory_catches_up_and_loses_nothing(cluster, pyralog_bin):
     import shutil
     create_topic(cluster.node(1).bootstrap, "wiped", 2, 3)
