@@ -374,9 +374,14 @@ def test_a_rolling_restart_hands_every_leadership_over_and_loses_nothing(cluster
         before = len(producer.acknowledged)
         wait_until("the producer makes progress", lambda: len(producer.acknowledged) > before + 100)
         node.terminate()
-        handed = sum(int(m[1]) for line in node.stdout_lines
-                     for m in [re.search(r"handed (\d+) leaderships over", line)] if m)
-        assert handed >= len(led), f"node {node.node_id} led {led} and handed {handed} over: {node.stdout_lines[-5:]}"
+
+        def handed():
+            return sum(int(m[1]) for line in node.stdout_lines
+                       for m in [re.search(r"handed (\d+) leaderships over", line)] if m)
+
+        # Its output is read by a thread of its own: the last lines may still be on their way.
+        wait_until(f"node {node.node_id} says it handed over the {len(led)} partitions it led",
+                   lambda: handed() >= len(led), timeout_s=5)
         assert "could not be handed over" not in node.stderr_tail(), node.stderr_tail()
         before = len(producer.acknowledged)
         wait_until("the others acknowledge without it", lambda: len(producer.acknowledged) > before + 100)
