@@ -414,8 +414,10 @@ def test_replicas_go_on_distinct_racks_and_a_factor_above_the_nodes_is_refused(r
             "http://127.0.0.1:9644/cluster", timeout=5))["topics"].get("racked"))["replicas"]
         assert len(placed) == 6 and all({racks[n] for n in replicas} == {"east", "west"} for replicas in placed), placed
         assert collections.Counter(replicas[0] for replicas in placed) == {1: 2, 2: 2, 3: 2}, placed
-        # What clients are told: the same replica sets.
-        described = metadata(cluster.bootstrap, "racked").topics["racked"].partitions
+        # What clients are told (by whichever node answers, once it applied the topic): the same
+        # replica sets.
+        described = wait_until("metadata lists the topic's partitions", lambda: (lambda parts: parts if len(parts) == 6
+                               else None)(metadata(cluster.bootstrap, "racked").topics["racked"].partitions))
         assert [sorted({b // 1000 for b in described[p].replicas}) for p in range(6)] == [sorted(r) for r in placed]
         admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
         future = admin.create_topics([NewTopic("too-wide", 1, 4)], request_timeout=CLIENT_TIMEOUT_S)["too-wide"]
