@@ -187,8 +187,10 @@ impl KafkaService {
         }
     }
 
-    /// Every shard of every node as a Kafka broker: the registered nodes, and this one even
-    /// before its registration is applied (a client must always find a broker to ask).
+    /// Every shard of every node as a Kafka broker: the registered nodes but those counted as
+    /// down (as Kafka lists only live brokers: a client then does not try a dead node's
+    /// address, or another cluster's node found there), and this one even before its
+    /// registration is applied (a client must always find a broker to ask).
     fn brokers(&self, cluster: Option<&ClusterMeta>) -> Vec<metadata_response::MetadataResponseBroker> {
         let own = || {
             self.broker_ports.iter().enumerate().map(|(shard, port)| {
@@ -205,7 +207,10 @@ impl KafkaService {
         if !cluster.nodes.contains_key(&self.settings.node_id) {
             brokers.extend(own());
         }
-        for node in cluster.nodes.values() {
+        let down = self.shard.nodes_down();
+        let listed =
+            cluster.nodes.values().filter(|n| n.id == self.settings.node_id || !down.contains(&n.id));
+        for node in listed {
             for (shard, port) in node.kafka_shard_ports.iter().enumerate() {
                 brokers.push(metadata_response::MetadataResponseBroker {
                     node_id: broker_id(node.id, shard),
@@ -246,9 +251,13 @@ impl KafkaService {
             partition_index: partition as i32,
             leader_id: leader.map_or(-1, broker_of),
             leader_epoch: epoch,
+            offline_replicas: replicas
+                .iter()
+                .filter(|n| self.shard.nodes_down().contains(n))
+                .map(|&n| broker_of(n))
+                .collect(),
             replica_nodes: replica_brokers,
             isr_nodes,
-            offline_replicas: Vec::new(),
         }
     }
 

@@ -26,6 +26,10 @@
 //! down once it has heard nothing from it for [`NODE_SESSION_TIMEOUT`], from that long after
 //! its own start on. Soft state, not in the log: placement on the controller's leader leaves
 //! down nodes out while enough others are up (`cluster::place`), and `/cluster` shows them.
+//! Every shard of every node knows them too ([`ShardCluster::down`]: a seed's shard 0 tells
+//! its other shards when they change; a node that is not a seed hears them with the metadata
+//! it follows), so that Kafka metadata lists only the brokers of nodes that are up, as
+//! Kafka's does.
 //!
 //! Invariants: a replicated partition is open on exactly the shard `topics::owner_shard`
 //! names, on exactly the nodes its placement names; metadata is applied in the controller's
@@ -218,6 +222,9 @@ pub struct MetadataAnswer {
     pub leader: Option<u32>,
     pub term: i32,
     pub meta: Option<ClusterMeta>,
+    /// The nodes the seed counts as down (see the module docs).
+    #[serde(default)]
+    pub down: Vec<u32>,
 }
 
 /// Asks seed `node` for metadata newer than `applied_end` (it holds the request up to
@@ -260,6 +267,9 @@ pub(crate) struct ShardCluster {
     pub heard: RefCell<HashMap<u32, Instant>>,
     /// When this shard started: before a session timeout has passed, no node counts as down.
     pub started: Instant,
+    /// The nodes this node counts as down, on every shard, with the number of the report
+    /// that said so (see the module docs; reports may arrive out of order, as roles do).
+    pub down: RefCell<(Vec<u32>, u64)>,
     /// One application of metadata at a time: opening a replica awaits, and a second one
     /// (the stored metadata at start and the controller's, say) must not open it again.
     pub applying: glommio::sync::Semaphore,
@@ -291,6 +301,7 @@ impl ShardCluster {
             role_reports: Cell::new(0),
             heard: RefCell::new(HashMap::new()),
             started: Instant::now(),
+            down: RefCell::new((Vec::new(), 0)),
             applying: glommio::sync::Semaphore::new(1),
             coordination: RefCell::new(HashMap::new()),
             producer_ids: crate::producer_ids::ProducerIdBlocks::new(),
@@ -513,6 +524,48 @@ impl Shard {
         Some(down.copied().collect())
     }
 
+    /// The nodes this node counts as down, as every shard knows them.
+    pub fn nodes_down(&self) -> Vec<u32> {
+        self.cluster().map_or_else(Vec::new, |cluster| cluster.down.borrow().0.clone())
+    }
+
+    /// Shard 0: records the nodes counted as down, if they changed, and tells the other shards.
+    fn share_down(self: &Rc<Self>, down: Vec<u32>) {
+        let Some(cluster) = self.cluster() else { return };
+        if cluster.down.borrow().0 == down {
+            return;
+        }
+        let report = cluster.role_reports.get() + 1;
+        cluster.role_reports.set(report);
+        self.note_down(down.clone(), report);
+        let shard = Rc::clone(self);
+        glommio::spawn_local(async move {
+            for target in (0..shard.count).filter(|t| *t != shard.id) {
+                let _ = shard.call(target, Op::Down { nodes: down.clone(), report }).await;
+            }
+        })
+        .detach();
+    }
+
+    /// Records the nodes counted as down, unless a later report already came.
+    pub(crate) fn note_down(&self, down: Vec<u32>, report: u64) {
+        let Some(cluster) = self.cluster() else { return };
+        let mut known = cluster.down.borrow_mut();
+        if known.1 < report {
+            *known = (down, report);
+        }
+    }
+
+    /// Shard 0 of a seed: keeps every shard's view of the nodes that are down current.
+    async fn run_liveness(self: Rc<Self>) {
+        while !self.shutting_down.get() {
+            if let Some(down) = self.down_nodes() {
+                self.share_down(down);
+            }
+            glommio::timer::sleep(NODE_HEARTBEAT_INTERVAL).await;
+        }
+    }
+
     /// Registers this node (its addresses, shards and rack) with the controller, so that
     /// placement may use it; again after a restart, with its new addresses. Shard 0 only.
     pub async fn register_node(&self, node: NodeInfo) -> Result<(), ShardError> {
@@ -626,7 +679,8 @@ impl Shard {
         let role = controller.role();
         let meta = cluster.meta.borrow();
         let newer = meta.applied_end > applied_end;
-        Ok(MetadataAnswer { leader: role.leader, term: role.term, meta: newer.then(|| meta.clone()) })
+        let down = self.down_nodes().unwrap_or_default();
+        Ok(MetadataAnswer { leader: role.leader, term: role.term, meta: newer.then(|| meta.clone()), down })
     }
 
     /// Shard 0 of a node that is not a seed: follows the metadata from the seeds, asking the
@@ -654,6 +708,7 @@ impl Shard {
                 Ok(answer) => {
                     failing_since = None;
                     leader = answer.leader;
+                    self.share_down(answer.down.clone());
                     if let Some(leader) = answer.leader {
                         self.note_controller_leader(leader, answer.term);
                     }
@@ -856,6 +911,7 @@ impl Shard {
             }
             cluster.replicas.borrow_mut().insert((CONTROLLER_TOPIC_ID, 0), replica);
             glommio::spawn_local(Rc::clone(self).run_controller_apply()).detach();
+            glommio::spawn_local(Rc::clone(self).run_liveness()).detach();
         }
         self.apply_cluster(stored).await?;
         glommio::spawn_local(Rc::clone(self).run_cluster_clock()).detach();

@@ -249,6 +249,11 @@ pub enum Op {
         /// The holding shard's number for this report (see `ShardCluster::roles`).
         report: u64,
     },
+    /// From shard 0: the nodes this node counts as down changed (see `replicated`).
+    Down {
+        nodes: Vec<u32>,
+        report: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -658,6 +663,10 @@ impl Shard {
                 OpResult::Checksum(self.local_checksum(&topic, partition, from, end).await)
             }
             Op::NextProducerId => OpResult::Offset(self.take_producer_id().await),
+            Op::Down { nodes, report } => {
+                self.note_down(nodes, report);
+                OpResult::Done(Ok(()))
+            }
             Op::Role { group, role, report } => {
                 self.note_role(group, role, report);
                 OpResult::Done(Ok(()))
