@@ -508,11 +508,14 @@ impl Shard {
     }
 
     /// Shard 0 of a seed: the registered nodes it has not heard from for
-    /// [`NODE_SESSION_TIMEOUT`] (none before it has run that long). None elsewhere: only
-    /// seeds are told.
+    /// [`NODE_SESSION_TIMEOUT`] (none before it has run that long, and none while its
+    /// controller replica knows no leader: a seed cut off from the others hears no one, and
+    /// must not have its metadata drop the nodes that are up). None elsewhere: only seeds are
+    /// told.
     pub fn down_nodes(&self) -> Option<Vec<u32>> {
         let cluster = self.cluster().filter(|cluster| cluster.is_seed() && self.id == 0)?;
-        if cluster.started.elapsed() < NODE_SESSION_TIMEOUT {
+        let led = self.controller().is_some_and(|controller| controller.role().leader.is_some());
+        if cluster.started.elapsed() < NODE_SESSION_TIMEOUT || !led {
             return Some(Vec::new());
         }
         let heard = cluster.heard.borrow();
