@@ -191,7 +191,11 @@ impl KafkaService {
     /// down (as Kafka lists only live brokers: a client then does not try a dead node's
     /// address, or another cluster's node found there), and this one even before its
     /// registration is applied (a client must always find a broker to ask).
-    fn brokers(&self, cluster: Option<&ClusterMeta>) -> Vec<metadata_response::MetadataResponseBroker> {
+    fn brokers(
+        &self,
+        cluster: Option<&ClusterMeta>,
+        down: &[u32],
+    ) -> Vec<metadata_response::MetadataResponseBroker> {
         let own = || {
             self.broker_ports.iter().enumerate().map(|(shard, port)| {
                 metadata_response::MetadataResponseBroker {
@@ -207,7 +211,6 @@ impl KafkaService {
         if !cluster.nodes.contains_key(&self.settings.node_id) {
             brokers.extend(own());
         }
-        let down = self.shard.nodes_down();
         let listed =
             cluster.nodes.values().filter(|n| n.id == self.settings.node_id || !down.contains(&n.id));
         for node in listed {
@@ -231,6 +234,7 @@ impl KafkaService {
         &self,
         cluster: &ClusterMeta,
         in_sync: &HashMap<GroupId, Vec<u32>>,
+        down: &[u32],
         name: &str,
         placement: &TopicPlacement,
         partition: u32,
@@ -251,11 +255,7 @@ impl KafkaService {
             partition_index: partition as i32,
             leader_id: leader.map_or(-1, broker_of),
             leader_epoch: epoch,
-            offline_replicas: replicas
-                .iter()
-                .filter(|n| self.shard.nodes_down().contains(n))
-                .map(|&n| broker_of(n))
-                .collect(),
+            offline_replicas: replicas.iter().filter(|n| down.contains(n)).map(|&n| broker_of(n)).collect(),
             replica_nodes: replica_brokers,
             isr_nodes,
         }
@@ -272,6 +272,9 @@ impl KafkaService {
             Some(_) => self.shard.in_sync_led_here().await.unwrap_or_default(),
             None => HashMap::new(),
         };
+        // The nodes counted as down, once for the whole answer: left out of the brokers, their
+        // replicas listed as offline.
+        let down = self.shard.nodes_down();
         let describe = |name: &str, meta: TopicMeta| MetadataResponseTopic {
             error_code: error::NONE,
             name: Some(name.to_owned()),
@@ -281,7 +284,8 @@ impl KafkaService {
                 .map(|partition| {
                     if let Some(placement) = cluster.and_then(|c| c.topics.get(name)) {
                         let cluster = cluster.expect("checked");
-                        return self.describe_replicated(cluster, &in_sync, name, placement, partition);
+                        return self
+                            .describe_replicated(cluster, &in_sync, &down, name, placement, partition);
                     }
                     let leader = broker_id(self.settings.node_id, self.shard.owner_of(name, partition));
                     MetadataResponsePartition {
@@ -332,7 +336,7 @@ impl KafkaService {
         // leader that just died would wait for it rather than read the metadata again.
         let controller = broker_id(self.settings.node_id, 0);
         MetadataResponse {
-            brokers: self.brokers(cluster),
+            brokers: self.brokers(cluster, &down),
             cluster_id: Some(self.settings.cluster_id.clone()),
             controller_id: controller,
             topics,

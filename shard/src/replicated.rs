@@ -261,7 +261,8 @@ pub(crate) struct ShardCluster {
     /// number its shard gave the report ([`ShardCluster::role_reports`]): a report reaches
     /// the other shards from a task of its own, so two of one term may arrive out of order.
     pub roles: RefCell<HashMap<GroupId, (ReplicaRole, u64)>>,
-    /// Role reports this shard made so far: numbers them, in the order they were made.
+    /// Reports this shard made to the others so far (roles, the nodes down): numbers them, in
+    /// the order they were made ([`ShardCluster::next_report`]).
     pub role_reports: Cell<u64>,
     /// Shard 0 of a seed: when each node last said it is up (see the module docs).
     pub heard: RefCell<HashMap<u32, Instant>>,
@@ -286,6 +287,14 @@ pub(crate) struct ShardCluster {
 }
 
 impl ShardCluster {
+    /// The number of this shard's next report to the others: later reports get larger
+    /// numbers, so a receiver drops one that arrives after a later one.
+    pub(crate) fn next_report(&self) -> u64 {
+        let report = self.role_reports.get() + 1;
+        self.role_reports.set(report);
+        report
+    }
+
     pub fn new(settings: ClusterSettings) -> ShardCluster {
         let recovery = Rc::new(RecoveryBudget::new(settings.recovery_bytes_per_sec));
         ShardCluster {
@@ -538,13 +547,17 @@ impl Shard {
         if cluster.down.borrow().0 == down {
             return;
         }
-        let report = cluster.role_reports.get() + 1;
-        cluster.role_reports.set(report);
+        let report = cluster.next_report();
         self.note_down(down.clone(), report);
+        self.tell_other_shards(move || Op::Down { nodes: down.clone(), report });
+    }
+
+    /// Sends `op()` to every other shard of this node, in order, from a task of its own.
+    fn tell_other_shards(self: &Rc<Self>, op: impl Fn() -> Op + 'static) {
         let shard = Rc::clone(self);
         glommio::spawn_local(async move {
             for target in (0..shard.count).filter(|t| *t != shard.id) {
-                let _ = shard.call(target, Op::Down { nodes: down.clone(), report }).await;
+                let _ = shard.call(target, op()).await;
             }
         })
         .detach();
@@ -854,16 +867,9 @@ impl Shard {
     /// Records a role of one of this shard's replicas and tells the node's other shards.
     fn share_role(self: &Rc<Self>, group: GroupId, role: ReplicaRole) {
         let Some(cluster) = self.cluster() else { return };
-        let report = cluster.role_reports.get() + 1;
-        cluster.role_reports.set(report);
+        let report = cluster.next_report();
         self.note_role(group, role, report);
-        let shard = Rc::clone(self);
-        glommio::spawn_local(async move {
-            for target in (0..shard.count).filter(|t| *t != shard.id) {
-                let _ = shard.call(target, Op::Role { group, role, report }).await;
-            }
-        })
-        .detach();
+        self.tell_other_shards(move || Op::Role { group, role, report });
     }
 
     /// Records a replica's role, numbered `report` by the shard holding the replica (see
