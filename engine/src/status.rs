@@ -61,7 +61,7 @@ pub async fn cluster_json(shard: &Shard, node_id: u32, cluster_id: &str) -> Http
         .collect();
     let controller = shard.replica_role(CONTROLLER_TOPIC_ID, 0);
     // A seed's view of which nodes are down (only seeds hear every node's heartbeats).
-    let down = shard.down_nodes();
+    let down = shard.nodes_not_heard();
     let body = json!({
         "node": node_id,
         "cluster_id": cluster_id,

@@ -521,7 +521,7 @@ impl Shard {
     /// controller replica knows no leader: a seed cut off from the others hears no one, and
     /// must not have its metadata drop the nodes that are up). None elsewhere: only seeds are
     /// told.
-    pub fn down_nodes(&self) -> Option<Vec<u32>> {
+    pub fn nodes_not_heard(&self) -> Option<Vec<u32>> {
         let cluster = self.cluster().filter(|cluster| cluster.is_seed() && self.id == 0)?;
         let led = self.controller().is_some_and(|controller| controller.role().leader.is_some());
         if cluster.started.elapsed() < NODE_SESSION_TIMEOUT || !led {
@@ -575,7 +575,7 @@ impl Shard {
     /// Shard 0 of a seed: keeps every shard's view of the nodes that are down current.
     async fn run_liveness(self: Rc<Self>) {
         while !self.shutting_down.get() {
-            if let Some(down) = self.down_nodes() {
+            if let Some(down) = self.nodes_not_heard() {
                 self.share_down(down);
             }
             glommio::timer::sleep(NODE_HEARTBEAT_INTERVAL).await;
@@ -695,7 +695,7 @@ impl Shard {
         let role = controller.role();
         let meta = cluster.meta.borrow();
         let newer = meta.applied_end > applied_end;
-        let down = self.down_nodes().unwrap_or_default();
+        let down = self.nodes_not_heard().unwrap_or_default();
         Ok(MetadataAnswer { leader: role.leader, term: role.term, meta: newer.then(|| meta.clone()), down })
     }
 
@@ -1280,7 +1280,7 @@ impl Shard {
                     &meta,
                     partitions,
                     replication_factor,
-                    &self.down_nodes().unwrap_or_default(),
+                    &self.nodes_not_heard().unwrap_or_default(),
                 )?,
                 quorum,
             )
@@ -1322,7 +1322,7 @@ impl Shard {
                 &meta,
                 partitions - count,
                 topic.replication_factor,
-                &self.down_nodes().unwrap_or_default(),
+                &self.nodes_not_heard().unwrap_or_default(),
             )?
         };
         self.propose_metadata(MetaRecord::CreatePartitions { name: name.to_owned(), replicas }).await
