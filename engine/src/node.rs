@@ -476,12 +476,14 @@ async fn run_shard(context: ShardContext) {
         // on the new leader) and peers still hear us.
         let (handed, kept) = shard.hand_over_leaderships().await;
         if handed > 0 {
-            println!("pyralog: shard {}: handed {handed} leaderships over to in-sync followers", shard.id);
+            let noun = if handed == 1 { "leadership" } else { "leaderships" };
+            println!("pyralog: shard {}: handed {handed} {noun} over to in-sync followers", shard.id);
         }
         if kept > 0 {
             eprintln!(
-                "pyralog: shard {}: {kept} leaderships could not be handed over before stopping",
-                shard.id
+                "pyralog: shard {}: {kept} {} could not be handed over before stopping",
+                shard.id,
+                if kept == 1 { "leadership" } else { "leaderships" }
             );
         }
     }

@@ -839,18 +839,20 @@ impl Shard {
     }
 
     /// The leader of a replicated partition as this node last heard it from its own replica
-    /// (any shard's) and its epoch; else the partition's preferred leader (its first replica),
-    /// which answers NotLeader if it does not lead, with epoch -1 (none). What both protocols'
-    /// metadata name.
+    /// (any shard's) and its epoch; else the partition's preferred leader (its first replica
+    /// not counted down, or the first), which answers NotLeader if it does not lead, with epoch
+    /// -1 (none). What both protocols' metadata name.
     ///
     /// A guess never carries the replica's term: clients keep the leader of the newest epoch
     /// they were told (KIP-320), so a replica campaigning in a term nobody won would otherwise
     /// pin them to the guessed node, away from the leader other nodes name in an older epoch.
     pub fn partition_leader(&self, placement: &TopicPlacement, partition: u32) -> (Option<u32>, i32) {
-        let preferred = placement.replicas.get(partition as usize).and_then(|r| r.first().copied());
         match self.replica_role(placement.id, partition) {
             Some(ReplicaRole { leader: Some(leader), term, .. }) => (Some(leader), term),
-            _ => (preferred, -1),
+            _ => {
+                let replicas = placement.replicas.get(partition as usize).map_or(&[][..], Vec::as_slice);
+                (guessed_leader(replicas, &self.nodes_down()), -1)
+            }
         }
     }
 
@@ -1394,6 +1396,13 @@ impl Shard {
     }
 }
 
+/// The leader metadata names for a partition whose leader this node has not heard of: its
+/// preferred replica (the first), or the first not counted down: a client sent to a down node
+/// cannot even be told NotLeader, and Kafka metadata leaves down nodes' brokers out.
+fn guessed_leader(replicas: &[u32], down: &[u32]) -> Option<u32> {
+    replicas.iter().find(|id| !down.contains(id)).or(replicas.first()).copied()
+}
+
 /// Whether a replica's role report replaces the one known (see [`ShardCluster::roles`]).
 fn supersedes((role, report): (ReplicaRole, u64), known: Option<&(ReplicaRole, u64)>) -> bool {
     known.is_none_or(|(known, known_report)| (known.term, *known_report) < (role.term, report))
@@ -1406,6 +1415,16 @@ mod tests {
 
     const TICK: Duration = Duration::from_millis(10);
     const LAG_MAX: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn a_guessed_leader_is_the_first_replica_not_down() {
+        assert_eq!(guessed_leader(&[2, 3, 1], &[]), Some(2));
+        assert_eq!(guessed_leader(&[2, 3, 1], &[2]), Some(3));
+        assert_eq!(guessed_leader(&[2, 3, 1], &[2, 3]), Some(1));
+        // Every replica down: still the preferred one (it may be back first).
+        assert_eq!(guessed_leader(&[2, 3, 1], &[1, 2, 3]), Some(2));
+        assert_eq!(guessed_leader(&[], &[]), None);
+    }
 
     fn membership(write_quorum: u32) -> Membership {
         let quorum = Quorum::new(3, write_quorum).expect("a valid quorum");
