@@ -229,7 +229,9 @@ impl KafkaService {
     /// A replicated partition as metadata describes it: its leader and epoch
     /// (`Shard::partition_leader`), its replicas as the brokers of the shards owning it on each
     /// node, and its in-sync replicas: measured where this node leads the partition
-    /// (`in_sync`); elsewhere this node does not know them, and names every replica.
+    /// (`in_sync`); elsewhere this node does not know them, and names every replica. Either
+    /// way without the nodes counted down (`down`), but the leader: as Kafka's controller
+    /// takes a dead broker out of every ISR at once, not after the replica lag time.
     fn describe_replicated(
         &self,
         cluster: &ClusterMeta,
@@ -246,10 +248,13 @@ impl KafkaService {
         };
         let (leader, epoch) = self.shard.partition_leader(placement, partition);
         let replica_brokers: Vec<i32> = replicas.iter().map(|&n| broker_of(n)).collect();
-        let isr_nodes = match in_sync.get(&(placement.id, partition)) {
-            Some(nodes) => nodes.iter().map(|&n| broker_of(n)).collect(),
-            None => replica_brokers.clone(),
-        };
+        let isr_nodes = in_sync
+            .get(&(placement.id, partition))
+            .unwrap_or(replicas)
+            .iter()
+            .filter(|&&n| Some(n) == leader || !down.contains(&n))
+            .map(|&n| broker_of(n))
+            .collect();
         metadata_response::MetadataResponsePartition {
             error_code: if leader.is_some() { error::NONE } else { error::LEADER_NOT_AVAILABLE },
             partition_index: partition as i32,

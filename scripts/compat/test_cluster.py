@@ -394,7 +394,9 @@ def test_kafka_python_and_kcat_follow_killed_leaders_and_lose_nothing(cluster, k
     read = kcat.consume(kcat_bin, survivors, "python")
     assert {(p, o): value for p, o, _key, value in read} == records
     # Once the seeds count the killed node down, metadata lists its replicas as offline (as
-    # kafka-python's admin client shows) and its brokers not at all.
+    # kafka-python's admin client shows) and its brokers not at all, and no node names it
+    # in sync (a node that does not lead a partition cannot measure its in-sync replicas).
+    import kafka_wire as wire
     from admin import admin_client
     admin = admin_client(survivors)
     try:
@@ -405,9 +407,18 @@ def test_kafka_python_and_kcat_follow_killed_leaders_and_lose_nothing(cluster, k
         def unlisted():
             return coordinator not in {broker // 1000 for broker in metadata(survivors, "python").brokers}
 
+        def out_of_sync_everywhere():
+            for node in cluster.nodes:
+                if node.node_id != coordinator:
+                    with wire.Connection(node.bootstrap) as connection:
+                        partitions = connection.metadata("python")[1]
+                    if any(coordinator in {r // 1000 for r in p[4]} for p in partitions.values()):
+                        return False
+            return True
+
         # Each node learns it on its own (a seed once it knows the controller's leader again).
         wait_until(f"node {coordinator}'s replicas are offline and its brokers unlisted",
-                   lambda: offline() and unlisted())
+                   lambda: offline() and unlisted() and out_of_sync_everywhere())
     finally:
         admin.close()
     cluster.node(coordinator).start().wait_ready()
