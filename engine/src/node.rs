@@ -475,15 +475,19 @@ async fn run_shard(context: ShardContext) {
         // While clients are still served (a produce then answers NotLeader and is retried
         // on the new leader) and peers still hear us.
         let (handed, kept) = shard.hand_over_leaderships().await;
+        let leaderships = |count: usize| if count == 1 { "leadership" } else { "leaderships" };
         if handed > 0 {
-            let noun = if handed == 1 { "leadership" } else { "leaderships" };
-            println!("pyralog: shard {}: handed {handed} {noun} over to in-sync followers", shard.id);
+            println!(
+                "pyralog: shard {}: handed {handed} {} over to in-sync followers",
+                shard.id,
+                leaderships(handed)
+            );
         }
         if kept > 0 {
             eprintln!(
                 "pyralog: shard {}: {kept} {} could not be handed over before stopping",
                 shard.id,
-                if kept == 1 { "leadership" } else { "leaderships" }
+                leaderships(kept)
             );
         }
     }

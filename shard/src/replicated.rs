@@ -839,9 +839,9 @@ impl Shard {
     }
 
     /// The leader of a replicated partition as this node last heard it from its own replica
-    /// (any shard's) and its epoch; else the partition's preferred leader (its first replica
-    /// not counted down, or the first), which answers NotLeader if it does not lead, with epoch
-    /// -1 (none). What both protocols' metadata name.
+    /// (any shard's) and its epoch; else a guess with epoch -1 (none): the preferred leader
+    /// (the first replica) or, if it is counted down, the first replica that is not, which
+    /// answers NotLeader if it does not lead. What both protocols' metadata name.
     ///
     /// A guess never carries the replica's term: clients keep the leader of the newest epoch
     /// they were told (KIP-320), so a replica campaigning in a term nobody won would otherwise
