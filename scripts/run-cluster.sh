@@ -17,14 +17,35 @@ source scripts/local-cluster.sh
 start_cluster
 echo "cluster formed: nodes 1, 2, 3 on 127.0.0.1-3"
 "$target/release/pyralog" topic --broker 127.0.0.2:7070 create demo --partitions 4 --replication-factor 3
-# Each partition elects its leader within a few election timeouts.
+# Node 2 answered once the controller committed the topic; the others learn it from the
+# controller's log a moment later, and each partition elects its leader within a few election
+# timeouts: wait until nodes 1 and 3 (the producer's and the consumer's) list all four, led.
 for _ in $(seq 100); do
-  "$target/release/pyralog" cluster --node 127.0.0.1:9644 status | grep -q " 0 offline" && break
+  known=0
+  for n in 1 3; do
+    "$target/release/pyralog" cluster --node "127.0.0.$n:9644" status \
+      | awk -F'\t' '$1 == "demo" && $3 ~ /^node/ {led++} / 0 offline/ {ok=1} END {exit !(led == 4 && ok)}' \
+      && known=$((known + 1))
+  done
+  ((known == 2)) && break
   sleep 0.1
 done
 "$target/release/pyralog-bench" produce --protocol kafka --broker 127.0.0.1:9092 --topic demo \
   --messages 200000 --message-bytes 1024 "$@"
 "$target/release/pyralog-bench" consume --protocol kafka --broker 127.0.0.3:9092 --topic demo \
   --messages 200000 --verify
+# Whichever replica won each first election leads until the leader, every 5 s, hands the
+# partition to its preferred replica (the first listed) once that one keeps up: wait for that
+# (at most 15 s), so the status shows the leaders spread over the nodes as placed.
+preferred_lead() {
+  "$target/release/pyralog" cluster --node 127.0.0.1:9644 status | python3 -c '
+import re, sys
+rows = [line.split("\t") for line in sys.stdin if line.startswith("demo\t")]
+sys.exit(0 if rows and all(r[2] == "node " + re.findall(r"\d+", r[4])[0] for r in rows) else 1)'
+}
+for _ in $(seq 150); do
+  preferred_lead && break
+  sleep 0.1
+done
 "$target/release/pyralog" cluster --node 127.0.0.1:9644 status
 "$target/release/pyralog" cluster --node 127.0.0.1:9644 verify demo

@@ -578,6 +578,11 @@ enum Create {
     No(&'static str),
 }
 
+/// How long a topic created (or found created) through the broker may stay unknown to it: a
+/// node of a cluster learns a topic created through another one as it applies the controller's
+/// log.
+const TOPIC_KNOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The topic's partition count, creating the topic with `partitions` if it does not exist and
 /// `create` allows it. Says on stderr what it did with a topic it did not find as asked.
 fn ensure_topic<T: Transport>(
@@ -608,7 +613,19 @@ fn ensure_topic<T: Transport>(
                 Ok(()) | Err(ClientError::Server { code: ErrorCode::TopicAlreadyExists, .. }) => {}
                 Err(error) => return Err(error).with_context(|| format!("creating topic '{topic}'")),
             }
-            Ok(client.partition_count(topic)?)
+            // In a cluster the topic may have been created through another node, which this
+            // one learns from the controller's log a moment later.
+            let deadline = Instant::now() + TOPIC_KNOWN_TIMEOUT;
+            loop {
+                match client.partition_count(topic) {
+                    Err(ClientError::Server { code: ErrorCode::UnknownTopic, .. })
+                        if Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    counted => return Ok(counted?),
+                }
+            }
         }
         Err(error) => Err(error).with_context(|| format!("reading the metadata of topic '{topic}'")),
     }
