@@ -37,14 +37,11 @@ done
 # Whichever replica won each first election leads until the leader, every 5 s, hands the
 # partition to its preferred replica (the first listed) once that one keeps up: wait for that
 # (at most 15 s), so the status shows the leaders spread over the nodes as placed.
-preferred_lead() {
-  "$target/release/pyralog" cluster --node 127.0.0.1:9644 status | python3 -c '
-import re, sys
-rows = [line.split("\t") for line in sys.stdin if line.startswith("demo\t")]
-sys.exit(0 if rows and all(r[2] == "node " + re.findall(r"\d+", r[4])[0] for r in rows) else 1)'
-}
 for _ in $(seq 150); do
-  preferred_lead && break
+  "$target/release/pyralog" cluster --node 127.0.0.1:9644 status \
+    | awk -F'\t' '$1 == "demo" {rows++; match($5, /[0-9]+/); if ($3 != "node " substr($5, RSTART, RLENGTH)) off++}
+                  END {exit !(rows && !off)}' \
+    && break
   sleep 0.1
 done
 "$target/release/pyralog" cluster --node 127.0.0.1:9644 status

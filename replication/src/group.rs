@@ -2162,6 +2162,19 @@ mod tests {
             self.carry(id, &mut out)
         }
 
+        /// Ticks replicas 2 and 3 (1 is down) until one of them leads, within `ticks` ticks
+        /// (an election timeout of the tests' configuration is 10).
+        fn followers_elect_within(&mut self, ticks: u32) {
+            let mut ticked = 0;
+            while !self.groups[1..].iter().any(|g| g.role() == Role::Leader) {
+                ticked += 1;
+                assert!(ticked <= ticks, "no leader within {ticks} ticks of the loss");
+                let mut sent = self.tick(2);
+                sent.extend(self.tick(3));
+                self.settle(sent);
+            }
+        }
+
         /// Ticks replica 1 until it leads.
         fn elect_first(&mut self) {
             while self.groups[0].role() != Role::Leader {
@@ -2444,14 +2457,7 @@ mod tests {
         for g in &mut trio.groups[1..] {
             g.peer_unreachable(1);
         }
-        let mut ticks = 0;
-        while !trio.groups[1..].iter().any(|g| g.role() == Role::Leader) {
-            ticks += 1;
-            assert!(ticks <= 10, "no leader within an election timeout of the loss");
-            let mut sent = trio.tick(2);
-            sent.extend(trio.tick(3));
-            trio.settle(sent);
-        }
+        trio.followers_elect_within(10);
     }
 
     /// Heartbeats a leader sent just before it died, handled after its followers saw its
@@ -2474,14 +2480,7 @@ mod tests {
             g.peer_unreachable(1);
         }
         trio.settle(last_sent);
-        let mut ticks = 0;
-        while !trio.groups[1..].iter().any(|g| g.role() == Role::Leader) {
-            ticks += 1;
-            assert!(ticks <= 10, "no leader within an election timeout of the loss");
-            let mut sent = trio.tick(2);
-            sent.extend(trio.tick(3));
-            trio.settle(sent);
-        }
+        trio.followers_elect_within(10);
     }
 
     fn granted_vote(sent: &[Message], to: ReplicaId, term: i32) -> bool {
