@@ -18,11 +18,12 @@ hands its leadership to an in-sync follower before it exits (a rolling restart),
 NOT_LEADER_OR_FOLLOWER meanwhile, naming the new leader (KIP-951). --rdkafka KEY=VALUE sets
 a librdkafka property of the confluent-kafka producer (repeatable): librdkafka waits out its
 reconnect backoff (reconnect.backoff.max.ms, 10 s) before it connects to a new leader it
-last failed to reach, such as a node restarted in an earlier round. Prints medians, p99 and
-max, and one JSON line.
+last failed to reach, such as a node restarted in an earlier round. --keep-logs keeps the
+nodes' stderr (one file per start, under the printed directory) to read a slow round after.
+Prints medians, p99 and max, and one JSON line.
 
     python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [--sigstop | --sigterm]
-        [--rdkafka KEY=VALUE ...] [extra pyralog flags...]
+        [--keep-logs] [--rdkafka KEY=VALUE ...] [extra pyralog flags...]
 """
 
 import json
@@ -85,9 +86,10 @@ def main():
         rdkafka[key] = value
         del extra[at:at + 2]
     catch_up = "--no-catch-up" not in extra
+    keep_logs = "--keep-logs" in extra
     sigstop, sigterm = "--sigstop" in extra, "--sigterm" in extra
     assert not (sigstop and sigterm), "--sigstop or --sigterm, not both"
-    extra = [flag for flag in extra if flag not in ("--no-catch-up", "--sigstop", "--sigterm")]
+    extra = [flag for flag in extra if flag not in ("--no-catch-up", "--sigstop", "--sigterm", "--keep-logs")]
     fault = "SIGSTOP" if sigstop else "SIGTERM" if sigterm else "kill -9"
     base = tempfile.mkdtemp(prefix="pyralog-failover-")
     cluster = Cluster(binary, base, extra_args=extra).start()
@@ -226,7 +228,12 @@ def main():
         print(json.dumps(summary))
     finally:
         cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)  # gigabytes of logs after 30 rounds
+        if keep_logs:
+            for node in (1, 2, 3):
+                shutil.rmtree(os.path.join(base, f"node{node}"), ignore_errors=True)
+            print(f"the nodes' stderr: {base}/logs*/stderr.*", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)  # gigabytes of logs after 30 rounds
 
 
 if __name__ == "__main__":
