@@ -38,8 +38,8 @@ use glommio::io::{Directory, DmaBuffer, DmaFile};
 
 use crate::batch::{self, BatchHeader};
 use crate::segment::{
-    self, align_down, Resume, Segment, StampedBatch, BLOCK_BYTES, SEGMENT_BYTES_MAX, SEGMENT_OFFSET_SPAN_MAX,
-    WRITE_CHUNK_BYTES_MAX, ZERO_AHEAD_BYTES, ZERO_AHEAD_FLUSH_BYTES_MAX,
+    self, align_down, Resume, Segment, StampedBatch, BLOCK_BYTES, DSYNC_FLUSH_BYTES_MAX, SEGMENT_BYTES_MAX,
+    SEGMENT_OFFSET_SPAN_MAX, WRITE_CHUNK_BYTES_MAX, ZERO_AHEAD_BYTES, ZERO_AHEAD_FLUSH_BYTES_MAX,
 };
 use crate::{LogError, Result};
 
@@ -579,24 +579,40 @@ impl Log {
     }
 
     /// Writes `batches` after the segment's durable end, rewriting its tail block (and, for a
-    /// small flush, zeros ahead of them: [`ZERO_AHEAD_BYTES`]), then fdatasyncs and publishes
-    /// the new size and index entries.
+    /// small flush, zeros ahead of them: [`ZERO_AHEAD_BYTES`]), makes them durable and
+    /// publishes the new size and index entries.
+    ///
+    /// A small flush (at most [`DSYNC_FLUSH_BYTES_MAX`]) writes its batches through the
+    /// segment's O_DSYNC descriptor, durable when the write completes: one request where a
+    /// write and an fdatasync are two, and io_uring hands the fdatasync to a worker thread (a
+    /// wake-up and a context switch per flush). Its zeros go through the plain descriptor:
+    /// they extend the file, and an extending O_DSYNC write holds the inode's lock through
+    /// its sync, stalling the batches' write beside it; what makes them readable (their
+    /// blocks, the file's size) is committed by the first O_DSYNC write into them, as an
+    /// O_DSYNC write makes durable what reading its data back needs (and nothing reads them
+    /// before: past `size`, an open cuts them off). A larger flush writes its chunks and
+    /// fdatasyncs once, where O_DSYNC would sync each chunk. Measured (bench/RESULTS.md,
+    /// session 19): see [`DSYNC_FLUSH_BYTES_MAX`].
     async fn write_segment(&self, segment: &Segment, batches: &[StampedBatch]) -> Result<()> {
         let size = segment.size.get();
+        let end = size + batches.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
+        let dsync = end - size <= DSYNC_FLUSH_BYTES_MAX;
+        let file = if dsync { segment.dsync_file().await? } else { Rc::clone(&segment.file) };
         let start = align_down(size);
         let tail = std::mem::take(&mut self.state.borrow_mut().tail);
         assert_eq!(tail.len() as u64, size - start, "the tail is the last partial block");
-        let end = size + batches.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
         let zeros = self.zero_ahead(segment, end);
         let write_zeros = async {
             let Some((at, bytes)) = zeros else { return Ok(()) };
             let mut buffer = segment.file.alloc_dma_buffer(bytes);
             buffer.as_bytes_mut().fill(0);
-            write_fully(segment, buffer, at).await
+            write_fully(&segment.file, &segment.path, buffer, at).await
         };
-        let (new_tail, zeroed) =
-            futures_lite::future::zip(self.write_blocks_of(segment, start, tail, batches, end), write_zeros)
-                .await;
+        let (new_tail, zeroed) = futures_lite::future::zip(
+            self.write_blocks_of(&file, &segment.path, start, tail, batches, end),
+            write_zeros,
+        )
+        .await;
         let new_tail = new_tail?;
         // Zeros refused for room (they take it before the batches do) cost the batches
         // nothing: blocks past `size` are never read, and an open cuts them off. Any other
@@ -606,7 +622,13 @@ impl Log {
             Err(error) if error.is_no_space() => None,
             Err(error) => return Err(error),
         };
-        segment.file.fdatasync().await.map_err(|e| LogError::io("fdatasync of segment", &segment.path, e))?;
+        if !dsync {
+            segment
+                .file
+                .fdatasync()
+                .await
+                .map_err(|e| LogError::io("fdatasync of segment", &segment.path, e))?;
+        }
         let written_end = segment::align_up(end).max(zeros.map_or(0, |(at, bytes)| at + bytes as u64));
         segment.zeroed_end.set(segment.zeroed_end.get().max(written_end));
         let mut index = segment.index.borrow_mut();
@@ -641,7 +663,8 @@ impl Log {
     /// returns the new tail (the last partial block).
     async fn write_blocks_of(
         &self,
-        segment: &Segment,
+        file: &DmaFile,
+        path: &Path,
         start: u64,
         tail: Vec<u8>,
         batches: &[StampedBatch],
@@ -654,7 +677,7 @@ impl Log {
         while position < end {
             let data_bytes = ((end - position) as usize).min(WRITE_CHUNK_BYTES_MAX);
             let buffer_bytes = segment::align_up(data_bytes as u64) as usize;
-            let mut buffer = segment.file.alloc_dma_buffer(buffer_bytes);
+            let mut buffer = file.alloc_dma_buffer(buffer_bytes);
             let out = buffer.as_bytes_mut();
             let mut filled = 0;
             while filled < data_bytes {
@@ -672,7 +695,7 @@ impl Log {
                 let tail_from = (align_down(end) - position) as usize;
                 new_tail = out[tail_from..data_bytes].to_vec();
             }
-            write_fully(segment, buffer, position).await?;
+            write_fully(file, path, buffer, position).await?;
             position += buffer_bytes as u64;
         }
         Ok(new_tail)
@@ -684,6 +707,7 @@ impl Log {
         let active = self.active_segment();
         assert_eq!(active.next_offset.get(), base_offset, "a new segment starts where the last ended");
         active.cut_at(active.size.get(), "sealing segment").await?;
+        active.seal_writes();
         active.persist_index(&self.dir)?;
         active.index.borrow_mut().shrink_to_fit();
         let segment = Segment::create(&self.dir, base_offset, self.config.index_interval_bytes).await?;
@@ -1127,12 +1151,11 @@ impl Log {
 /// Callers write one chunk at a time: ext4 takes the inode lock exclusively for appending
 /// O_DIRECT writes, so concurrent appends cannot be issued inline and io_uring punts them to
 /// worker threads (measured: four in flight cost 20-30% more system time, wrote no faster).
-async fn write_fully(segment: &Segment, buffer: DmaBuffer, position: u64) -> Result<()> {
-    let file: &DmaFile = &segment.file;
+async fn write_fully(file: &DmaFile, path: &Path, buffer: DmaBuffer, position: u64) -> Result<()> {
     let write = move |buffer: Rc<DmaBuffer>, at: u64| async move {
         file.write_rc_at(buffer, at).await.map_err(std::io::Error::from)
     };
-    write_blocks(file, &segment.path, buffer, position, write).await
+    write_blocks(file, path, buffer, position, write).await
 }
 
 /// The loop of [`write_fully`], over any `write` (a test gives one that writes short). Both
