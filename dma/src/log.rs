@@ -596,8 +596,12 @@ impl Log {
     async fn write_segment(&self, segment: &Segment, batches: &[StampedBatch]) -> Result<()> {
         let size = segment.size.get();
         let end = size + batches.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
-        let dsync = end - size <= DSYNC_FLUSH_BYTES_MAX;
-        let file = if dsync { segment.dsync_file().await? } else { Rc::clone(&segment.file) };
+        // A descriptor that cannot be opened (no descriptors left) costs the flush only its
+        // speed: it writes and fdatasyncs as a large one does, and the next one tries again.
+        let dsync_file =
+            if end - size <= DSYNC_FLUSH_BYTES_MAX { segment.dsync_file().await.ok() } else { None };
+        let dsync = dsync_file.is_some();
+        let file = dsync_file.unwrap_or_else(|| Rc::clone(&segment.file));
         let start = align_down(size);
         let tail = std::mem::take(&mut self.state.borrow_mut().tail);
         assert_eq!(tail.len() as u64, size - start, "the tail is the last partial block");

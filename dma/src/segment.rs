@@ -370,16 +370,11 @@ impl Segment {
 
     /// The file opened a second time with O_DSYNC (on the first call; [`Segment::seal_writes`]
     /// closes it): a write through it is durable once it completes, with no fdatasync after.
-    pub async fn dsync_file(&self) -> Result<Rc<DmaFile>> {
+    pub async fn dsync_file(&self) -> std::io::Result<Rc<DmaFile>> {
         if let Some(file) = self.dsync_file.borrow().as_ref() {
             return Ok(Rc::clone(file));
         }
-        let file = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DSYNC)
-            .dma_open(&self.path)
-            .await
-            .map_err(|e| LogError::io("opening segment for O_DSYNC writes", &self.path, e))?;
+        let file = OpenOptions::new().write(true).custom_flags(libc::O_DSYNC).dma_open(&self.path).await?;
         let file = Rc::new(file);
         *self.dsync_file.borrow_mut() = Some(Rc::clone(&file));
         Ok(file)

@@ -2534,8 +2534,8 @@ mod tests {
         let answers = trio.settle(asked);
         assert!(answers.iter().any(|m| m.from == 3 && m.body == Body::PreVoteResponse { granted: false }));
         trio.groups[2].peer_unreachable(1);
-        // 3 asks at its turn (2 ticks on), is refused for its shorter log, and 2 asks again
-        // 4 ticks after that: well within an election timeout (10 ticks; 2 asked 1 tick ago).
+        // 3 asks at its turn (3 ticks on), is refused for its shorter log, and 2 asks again 3
+        // ticks after that (its rank among 1 and 2): well within an election timeout (10).
         trio.followers_elect_within(8);
         assert_eq!(trio.groups[1].role(), Role::Leader);
     }
