@@ -1542,18 +1542,18 @@ pub(crate) mod tests {
             // One unaligned batch first, so every chunk of the big flush rewrites a tail block.
             fill(&log, 1, 1, 1).await;
             let mut stored = Vec::new();
-            for i in 0..24u8 {
+            for i in 0..48u8 {
                 let bytes = batch::build_for_tests(8, &[i; 32 << 10], 2000 + i64::from(i));
                 let headers = batch::parse_all(&bytes).unwrap();
                 stored.extend(log.append(Bytes::from(bytes), &headers).unwrap().batches);
             }
             let flushed: usize = stored.iter().map(|b| b.bytes.len()).sum();
             assert!(flushed > 5 * WRITE_CHUNK_BYTES_MAX, "{flushed} bytes");
-            assert_eq!(log.flush().await.unwrap(), 1 + 24 * 8);
+            assert_eq!(log.flush().await.unwrap(), 1 + 48 * 8);
             log.close().await.unwrap();
 
             let log = Log::open(dir.path(), config).await.unwrap();
-            assert_eq!(log.next_offset(), 1 + 24 * 8, "recovery keeps every batch of the flush");
+            assert_eq!(log.next_offset(), 1 + 48 * 8, "recovery keeps every batch of the flush");
             for batch in &stored {
                 let read = log.read(batch.header.base_offset, 1).await.unwrap().expect("stored");
                 assert_eq!(

@@ -24,17 +24,22 @@ use crate::{LogError, Result};
 
 /// O_DIRECT alignment of positions and lengths.
 pub const BLOCK_BYTES: u64 = 4096;
-/// The largest single write a flush issues. Half the memory a shard registers with io_uring
-/// by default (`--io-memory-bytes`, 1 MiB), so each chunk's buffer comes from there: pinned
-/// once, never faulted in again. A chunk as large as that memory did not fit it and came
-/// fresh from the heap every time: its page faults, the kernel zeroing them and the unmapping
-/// after it stalled the shard for about a millisecond per cached-mode flush (the produce p99
-/// at 20k msg/s). A read's first window (a fetch's size, 1 MiB for most consumers) does not
+/// The largest single write a flush issues: 2 MiB, one block of the daemon's global allocator
+/// (`huge::DmaAllocator`: a huge page, kept for reuse once freed, so a chunk neither faults
+/// nor zeroes memory again). A full chunk does not fit the memory a shard registers with
+/// io_uring (`--io-memory-bytes`, 1 MiB by default) and comes from that allocator; a smaller
+/// write's buffer may still come from the registered memory. It was 512 KiB, half that
+/// memory, from when a chunk too large for it came fresh from the heap every time (its page
+/// faults, zeroing and unmapping stalled the shard about 1 ms per cached-mode flush). Measured
+/// against 512 KiB, runs interleaved (bench/RESULTS.md, session 19): RF 3 acks=all max
+/// 467-481k against 349-427k msg/s, single-node sync produce of 1 KiB 1.53-1.54M against
+/// 1.17-1.20M msg/s, the cached-mode 20k msg/s p99 the same. fio here writes fastest in
+/// 4 MiB writes; 2 MiB keeps a chunk within one huge page. A read's first window (a fetch's size, 1 MiB for most consumers) does not
 /// fit and comes from the global allocator (in the daemon a reused huge page,
 /// `huge::DmaAllocator`); its smaller extensions may use registered memory while the read
 /// runs, and what a read ahead keeps past its result is copied to the heap
 /// (`FileWindow::into_held`), so no reader pins that memory while it waits.
-pub const WRITE_CHUNK_BYTES_MAX: usize = 512 << 10;
+pub const WRITE_CHUNK_BYTES_MAX: usize = 2 << 20;
 /// How much a small flush zeroes ahead of the segment's end, written beside its batches.
 /// An fdatasync after a write that grows the file also commits the file's new size and
 /// blocks through the filesystem's journal; after a write into blocks already written it
@@ -42,7 +47,7 @@ pub const WRITE_CHUNK_BYTES_MAX: usize = 512 << 10;
 /// after each): p99 2.8-4.8 ms appending, 3.2-5.1 ms into fallocated (unwritten) blocks,
 /// 0.95-1.27 ms overwriting. So a flush of a few KiB keeps the next ones inside written
 /// blocks: one journal commit per this many bytes instead of one per flush.
-pub const ZERO_AHEAD_BYTES: usize = WRITE_CHUNK_BYTES_MAX;
+pub const ZERO_AHEAD_BYTES: usize = 512 << 10;
 /// A flush of at most this many bytes writes its batches through the segment's O_DSYNC
 /// descriptor instead of writing and then fdatasyncing (`Log::write_segment`). Measured with
 /// `scripts/bench-cluster.sh 10`, runs interleaved: at RF 3 20k msg/s (flushes of ~9 KiB)
@@ -55,6 +60,8 @@ pub const DSYNC_FLUSH_BYTES_MAX: u64 = 64 << 10;
 /// Only a flush of at most this many bytes zeroes ahead: a larger one spreads its journal
 /// commit over its bytes, and zeroes would double what a busy disk writes.
 pub const ZERO_AHEAD_FLUSH_BYTES_MAX: u64 = 128 << 10;
+/// How much the scan of a segment at open reads at a time.
+pub const SCAN_READ_BYTES: usize = 512 << 10;
 /// How far a reader reads ahead of what it was asked for.
 pub const READAHEAD_BYTES: usize = 256 << 10;
 /// The largest segment size a log can be configured with (4 GiB). Positions inside a segment
@@ -201,7 +208,7 @@ impl Segment {
         file_bytes: u64,
         indexed_below: u64,
     ) -> Result<(u64, Option<String>)> {
-        let mut window = FileWindow::new(self, file_bytes, WRITE_CHUNK_BYTES_MAX);
+        let mut window = FileWindow::new(self, file_bytes, SCAN_READ_BYTES);
         let stop = loop {
             let left = file_bytes - position;
             if left == 0 {

@@ -195,7 +195,8 @@ pub struct NodeArgs {
     #[arg(long, value_name = "COUNT", default_value_t = 4096)]
     pub max_connections: usize,
     /// Memory each shard registers with io_uring for disk write buffers; counts against the
-    /// memlock limit (ulimit -l). Default 1 MiB: room for a flush's 512 KiB write chunk.
+    /// memlock limit (ulimit -l). Default 1 MiB: room for small flushes' writes (a large
+    /// flush's 2 MiB chunks come from huge pages of the process's own memory).
     #[arg(long, value_name = "BYTES")]
     pub io_memory_bytes: Option<usize>,
     /// Where to serve Prometheus metrics (/metrics), readiness (/health: 200 once every shard

@@ -740,9 +740,10 @@ fn check_io_uring() -> Result<()> {
     Ok(())
 }
 
-/// Registered io_uring memory per shard when `--io-memory-bytes` is not given: room for one
-/// flush write chunk (`WRITE_CHUNK_BYTES_MAX`, 512 KiB) beside small reads (see there why not
-/// more).
+/// Registered io_uring memory per shard when `--io-memory-bytes` is not given: room for the
+/// writes of small flushes beside small reads (a full write chunk, `WRITE_CHUNK_BYTES_MAX`,
+/// comes from the huge-page allocator; see there, and bench/RESULTS.md's fifth session for
+/// why reads are slower with more registered).
 const IO_MEMORY_DEFAULT: usize = 1 << 20;
 
 /// The io_uring memory each shard registers, checked against the memlock limit.
