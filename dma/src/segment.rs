@@ -34,11 +34,12 @@ pub const BLOCK_BYTES: u64 = 4096;
 /// against 512 KiB, runs interleaved (bench/RESULTS.md, session 19): RF 3 acks=all max
 /// 467-481k against 349-427k msg/s, single-node sync produce of 1 KiB 1.53-1.54M against
 /// 1.17-1.20M msg/s, the cached-mode 20k msg/s p99 the same. fio here writes fastest in
-/// 4 MiB writes; 2 MiB keeps a chunk within one huge page. A read's first window (a fetch's size, 1 MiB for most consumers) does not
-/// fit and comes from the global allocator (in the daemon a reused huge page,
-/// `huge::DmaAllocator`); its smaller extensions may use registered memory while the read
-/// runs, and what a read ahead keeps past its result is copied to the heap
-/// (`FileWindow::into_held`), so no reader pins that memory while it waits.
+/// 4 MiB writes; 2 MiB keeps a chunk within one huge page.
+///
+/// Reads: a read's first window (a fetch's size, 1 MiB for most consumers) does not fit the
+/// registered memory either and comes from the same allocator; its smaller extensions may
+/// use registered memory while the read runs, and what a read ahead keeps past its result is
+/// copied to the heap (`FileWindow::into_held`), so no reader pins that memory while it waits.
 pub const WRITE_CHUNK_BYTES_MAX: usize = 2 << 20;
 /// How much a small flush zeroes ahead of the segment's end, written beside its batches.
 /// An fdatasync after a write that grows the file also commits the file's new size and
