@@ -2183,6 +2183,15 @@ mod tests {
             self.carry(id, &mut out)
         }
 
+        /// Replica 1 dies: its messages are dropped, and replicas 2 and 3 see its connection
+        /// reset.
+        fn replica_1_dies(&mut self) {
+            self.down = Some(1);
+            for g in &mut self.groups[1..] {
+                g.peer_unreachable(1);
+            }
+        }
+
         /// Ticks replicas 2 and 3 (1 is down) until one of them leads, within `ticks` ticks
         /// (an election timeout of the tests' configuration is 10).
         fn followers_elect_within(&mut self, ticks: u32) {
@@ -2474,10 +2483,7 @@ mod tests {
         assert_eq!((trio.groups[0].role(), trio.groups[0].term()), (Role::Leader, term));
         // The leader dies: both followers see its connection reset and elect one of them
         // within an election timeout (10 ticks), not after one.
-        trio.down = Some(1);
-        for g in &mut trio.groups[1..] {
-            g.peer_unreachable(1);
-        }
+        trio.replica_1_dies();
         trio.followers_elect_within(10);
     }
 
@@ -2496,10 +2502,7 @@ mod tests {
         while last_sent.is_empty() {
             last_sent = trio.tick(1).into_iter().filter(|m| matches!(m.body, Body::Append(_))).collect();
         }
-        trio.down = Some(1);
-        for g in &mut trio.groups[1..] {
-            g.peer_unreachable(1);
-        }
+        trio.replica_1_dies();
         trio.settle(last_sent);
         trio.followers_elect_within(10);
     }
