@@ -718,10 +718,19 @@ fn an_idempotent_producers_first_batch_of_a_partition_goes_alone() {
 #[test]
 fn batches_refused_out_of_sequence_behind_a_refused_one_go_again_after_it() {
     let broker = FakeBroker::start_cluster(2).unwrap();
-    let (log, reports) = produce_one_per_batch(&broker, 20, |producer, _| {
-        producer.send(None, &[0; 200]).unwrap();
-        producer.flush().unwrap();
-        broker.refuse_one_produce(0, 1);
+    let (log, reports) = std::thread::scope(|scope| {
+        produce_one_per_batch(&broker, 20, |producer, _| {
+            producer.send(None, &[0; 200]).unwrap();
+            producer.flush().unwrap();
+            broker.refuse_one_produce(0, 1);
+            // The refusal is held back a moment, so batches are sent behind the refused one
+            // before the producer hears of it, however slowly this machine runs the test.
+            broker.hold_produce_responses(true);
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(200));
+                broker.hold_produce_responses(false);
+            });
+        })
     });
     each_once_in_order(&log, &reports, 20);
     let retried = reports.lock().unwrap().iter().filter(|r| r.retries > 0).count();
