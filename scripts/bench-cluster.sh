@@ -47,21 +47,7 @@ work=$base
 source scripts/local-cluster.sh
 
 echo "machine: $(nproc) cores, kernel $(uname -r), $(df -h "$work" | awk 'NR==2 {print $1}'), load $(cut -d' ' -f1-3 /proc/loadavg); shards: $layout per node"
-fio_mib() { # fio flags...: MiB/s written
-  fio --output-format=json --directory="$work" --name=w --size=1g --direct=1 --rw=write --fdatasync=1 "$@" \
-    | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"]/1048576))'
-  rm -f "$work"/w.*
-}
-fio_best() {
-  local best=0 mib bs
-  for bs in 512k 1m 4m; do
-    mib=$(fio_mib --ioengine=psync --bs="$bs"); echo "  fio $bs qd 1: $mib MiB/s" >&2
-    ((mib > best)) && best=$mib
-    mib=$(fio_mib --ioengine=libaio --iodepth=4 --bs="$bs"); echo "  fio $bs qd 4: $mib MiB/s" >&2
-    ((mib > best)) && best=$mib
-  done
-  echo "$best"
-}
+source scripts/fio-bound.sh
 echo "fio durable sequential writes (O_DIRECT, fdatasync after each):"
 fio_bound=$(fio_best)
 echo "bound: $fio_bound MiB/s"

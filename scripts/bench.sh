@@ -24,11 +24,11 @@ echo "machine: $(nproc) cores, kernel $(uname -r), $(df -h "$work" | awk 'NR==2 
 # fdatasync; a consumer catching up reads 1 MiB at a time.
 fio_json() { fio --output-format=json --directory="$work" --size=1g --ioengine=psync --direct=1 "$@" \
   | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round((j["write"]["bw_bytes"]+j["read"]["bw_bytes"])/1048576))'; }
-fio_write() { fio_json --name=w --rw=write --bs=512k --fdatasync=1; rm -f "$work"/w.*; }
 fio_read() { fio_json --name=r --rw=read --bs=1m; rm -f "$work"/r.*; }
 # The same reads into a buffer on a huge page (--mem=shmhuge), as pyralog's read buffers are
 # (dma/src/huge.rs): on this virtio disk about twice the plain bound. It needs hugetlb pages,
 # reserved for the run and given back (root only); prints nothing when that cannot be done.
+source scripts/fio-bound.sh
 fio_read_huge() {
   local pages=/proc/sys/vm/nr_hugepages old
   old=$(cat "$pages")
@@ -38,7 +38,8 @@ fio_read_huge() {
   fi
   echo "$old" 2>/dev/null >"$pages" || true
 }
-echo "fio O_DIRECT sequential 512 KiB write + fdatasync each: $(fio_write) MiB/s; read: $(fio_read) MiB/s (1 MiB reads)"
+echo "fio durable sequential writes (O_DIRECT, fdatasync after each):"
+echo "bound: $(fio_best) MiB/s; fio O_DIRECT sequential read: $(fio_read) MiB/s (1 MiB reads)"
 # The disk's speed drifts on these shared machines (fio's read bound moved between 0.9 and
 # 2.1 GB/s within minutes): a ratio is to the mean of fio run just before and just after the
 # pyralog run it compares.
@@ -107,12 +108,12 @@ big="$big_count --duration $secs"
 start_node --durability sync
 r=$(bench produce --topic lat-sync $latency --linger-ms 1)
 report "produce sync 1 KiB at 20k msg/s" "$r" "target p99 < 2000 us; $(lag "$r")"
-before=$(fio_write)
+before=$(fio_best 2>/dev/null)
 r=$(bench produce --topic sync1k --message-bytes 1024 $big)
 sync1k_acked=$(echo "$r" | field "d['acked']")
-write_bound=$(mean "$before" "$(fio_write)")
+write_bound=$(mean "$before" "$(fio_best 2>/dev/null)")
 mbps=$(echo "$r" | field "d['mb_per_sec']/1.048576")
-report "produce sync 1 KiB" "$r" "$(python3 -c "print('%.2fx fio write %d MiB/s (target 0.80x)' % ($mbps/$write_bound, $write_bound))")"
+report "produce sync 1 KiB" "$r" "$(python3 -c "print('%.2fx fio best write %d MiB/s (target 0.80x)' % ($mbps/$write_bound, $write_bound))")"
 r=$(bench produce --topic sync100 --message-bytes 100 $big)
 sync100_acked=$(echo "$r" | field "d['acked']")
 report "produce sync 100 B" "$r" "target 1.2M msg/s"
