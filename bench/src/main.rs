@@ -793,18 +793,41 @@ mod tests {
         produce_then_verify_consume("kafka", "native");
     }
 
+    /// The README's by-hand steps: a native run and a Kafka run into one topic, then one
+    /// verify of both runs' messages (each run's producers have ids of their own).
+    #[test]
+    fn one_verify_covers_two_runs_into_one_topic() {
+        let broker = FakeBroker::start().unwrap();
+        let common: &[&str] = &["--topic", "two", "--partitions", "2", "--json", "--message-bytes", "100"];
+        let produce: &[&str] = &["produce", "--messages", "1000"];
+        for protocol in ["native", "kafka"] {
+            let (code, report) = bench(&args(&[produce, common], &target(&broker, protocol)));
+            assert_eq!((code, &report["acked"]), (0, &1000.into()), "{report}");
+        }
+        let consume: &[&str] = &["consume", "--messages", "2000", "--verify", "--idle-secs", "5"];
+        let (code, report) = bench(&args(&[consume, common], &target(&broker, "native")));
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["consumed"], 2000);
+        assert_eq!(report["verify_producers"], 2, "one producer per run: {report}");
+        assert_eq!(report["verify_problems"], 0);
+        assert_eq!(report["verify_unread"], 0);
+    }
+
     fn verify_flags_a_duplicate_and_exits_1(protocol: &'static str) {
         let broker = FakeBroker::start().unwrap();
         let target = target(&broker, protocol);
         let common: &[&str] = &["--topic", "d", "--partitions", "1", "--json"];
         let (code, _) = bench(&args(&[&["produce", "--messages", "100"], common], &target));
         assert_eq!(code, 0);
-        // Append a copy of producer 0's message 5 after its message 99.
+        // Append a copy of the producer's message 5 after its message 99.
+        let client = Client::connect(&broker.addr().to_string()).unwrap();
+        let fetched = client.fetch("d", 0, 5, 1 << 20, 0).unwrap();
+        let fifth = fetched.reader().map(Result::unwrap).find(|r| r.offset == 5).unwrap();
+        let producer = payload::header(&fifth.value).unwrap().producer;
         let mut value = vec![0u8; 1024];
-        payload::write(&mut value, payload::Header { producer: 0, sequence: 5, send_ns: 0 });
+        payload::write(&mut value, payload::Header { producer, sequence: 5, send_ns: 0 });
         let mut batch = pyralog_net::client::BatchBuilder::new(0, 0);
         batch.append(0, None, &value);
-        let client = Client::connect(&broker.addr().to_string()).unwrap();
         client.produce("d", 0, batch.finish(), Acks::Durable).unwrap();
 
         let consume: &[&str] = &["consume", "--verify", "--messages", "101", "--idle-secs", "2"];
@@ -812,7 +835,7 @@ mod tests {
         assert_eq!(code, 1, "{report}");
         assert_eq!(report["verify_problems"], 2, "out of order, and delivered twice: {report}");
         let problems = report["problems"].to_string();
-        assert!(problems.contains("offset 100 (producer 0 sequence 5)"), "{problems}");
+        assert!(problems.contains(&format!("offset 100 (producer {producer} sequence 5)")), "{problems}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! producer u32 BE | sequence u64 BE | send_ns u64 BE | filler up to --message-bytes
 //! ```
 //!
+//! A run's producers have consecutive ids from a random first one (`produce.rs`), so the
+//! messages of several runs into one topic are told apart.
 //! `send_ns` is nanoseconds since the run's start instant: the *intended* send time when the
 //! run is rate-limited, the enqueue time otherwise, so an end-to-end latency taken in the same
 //! process uses one clock. The filler is a function of (producer, sequence, position), so a

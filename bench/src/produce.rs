@@ -50,18 +50,32 @@ pub fn spawn<T: Transport>(
     run: &Arc<Run>,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut workers = Vec::new();
-    for id in 0..options.producers {
+    let first_id = first_producer_id();
+    for index in 0..options.producers {
+        let id = first_id.wrapping_add(index);
         let quota = options.messages.map(|total| {
             let producers = u64::from(options.producers);
-            total / producers + u64::from(u64::from(id) < total % producers)
+            total / producers + u64::from(u64::from(index) < total % producers)
         });
         let (client, options, run) = (client.session(), options.clone(), Arc::clone(run));
         let worker = std::thread::Builder::new()
-            .name(format!("producer-{id}"))
+            .name(format!("producer-{index}"))
             .spawn(move || produce(id, client, &options, quota, &run))?;
         workers.push(worker);
     }
     Ok(workers)
+}
+
+/// The payload's producer id of a run's first producer; the others follow it. Random, so the
+/// messages of several runs into one topic keep apart in a `--verify` of them all (runs that
+/// numbered producers from 0 made every message of the second run a duplicate of the first's).
+/// Two runs of a few producers each share an id with a chance of about one in a billion.
+fn first_producer_id() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // The standard library's per-process random hash keys, the only randomness it offers.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::UNIX_EPOCH.elapsed().map_or(0, |t| t.as_nanos()));
+    hasher.finish() as u32
 }
 
 /// Base times (ns since the run's start) of sent, unreported records, per partition.

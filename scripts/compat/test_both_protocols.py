@@ -57,15 +57,17 @@ def test_bench_produces_natively_and_kcat_consumes_every_message(node, bench_bin
     assert len(records) == messages
     sequences = collections.Counter()
     by_partition = collections.defaultdict(list)
+    producers = set()
     for partition, offset, key, value in records:
         assert key is None
         assert len(value) == size
         producer, sequence, _ = struct.unpack_from(">IQQ", value)
-        assert producer == 0
+        producers.add(producer)
         assert value[BENCH_HEADER_BYTES:] == bench_payload_filler(producer, sequence, size - BENCH_HEADER_BYTES), (
             f"partition {partition} offset {offset}: payload damaged")
         sequences[sequence] += 1
         by_partition[partition].append((offset, sequence))
+    assert len(producers) == 1, f"one bench producer wrote them all: {producers}"
     assert set(sequences) == set(range(messages)) and max(sequences.values()) == 1
     assert set(by_partition) == {0, 1}
     for partition, seen in by_partition.items():
