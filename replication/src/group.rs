@@ -273,7 +273,13 @@ struct Progress {
     match_end: i64,
     /// ... and is durable up to here.
     acked_end: i64,
+    /// Its answers are not counted yet: it says it recovers a lost disk, or its view was
+    /// just started on a disk (`adopt_disk`) and no later answer confirmed it.
     recovering: bool,
+    /// Whether its last answer said it recovers a lost disk (false before any answer: a
+    /// replica recovering one neither votes nor campaigns). What operators and the in-sync
+    /// replicas see; `recovering` is what the commit point counts.
+    says_recovering: bool,
     /// The follower's disk, as its answers last said; None until one answer counted.
     disk_id: Option<u64>,
     /// Answers to appends numbered below this were sent before the view above was last
@@ -603,7 +609,7 @@ impl RaftGroup {
         }
         if self.role != Role::Leader {
             if self.ticks >= self.election_deadline_tick {
-                self.start_pre_vote(out);
+                self.start_pre_vote(log, out);
             }
             return;
         }
@@ -737,7 +743,7 @@ impl RaftGroup {
         self.epochs.epoch_at(prev_end - 1, self.log_end).expect("prev_end is within the leader's log")
     }
 
-    fn start_pre_vote(&mut self, out: &mut Vec<Action>) {
+    fn start_pre_vote(&mut self, log: &dyn LogRead, out: &mut Vec<Action>) {
         self.reset_election_deadline();
         if self.hard.recovering || !self.may_campaign() {
             return;
@@ -746,7 +752,7 @@ impl RaftGroup {
         self.votes.push((self.config.id, true));
         self.set_role(Role::PreCandidate, None, out);
         if self.votes_won() {
-            self.campaign(false, out);
+            self.campaign(false, log, out);
             return;
         }
         let (term, last_epoch, log_end) = (self.hard.term + 1, self.epochs.last_epoch(), self.log_end);
@@ -768,7 +774,7 @@ impl RaftGroup {
             || *offset >= self.high_watermark && count >= 2 && self.memberships[count - 2].1.is_voter(id)
     }
 
-    fn campaign(&mut self, transfer: bool, out: &mut Vec<Action>) {
+    fn campaign(&mut self, transfer: bool, log: &dyn LogRead, out: &mut Vec<Action>) {
         assert!(!self.hard.recovering, "a recovering replica never campaigns");
         self.hard.term += 1;
         self.hard.voted_for = Some(self.config.id);
@@ -782,7 +788,7 @@ impl RaftGroup {
         self.set_role(Role::Candidate, None, out);
         self.reset_election_deadline();
         if self.votes_won() {
-            self.become_leader(out);
+            self.become_leader(log, out);
             return;
         }
         let (last_epoch, log_end) = (self.epochs.last_epoch(), self.log_end);
@@ -810,6 +816,7 @@ impl RaftGroup {
             match_end: 0,
             acked_end: 0,
             recovering: false,
+            says_recovering: false,
             disk_id: None,
             reset_seq: 0,
             in_flight: VecDeque::new(),
@@ -836,17 +843,35 @@ impl RaftGroup {
         }
     }
 
-    fn become_leader(&mut self, out: &mut Vec<Action>) {
+    fn become_leader(&mut self, log: &dyn LogRead, out: &mut Vec<Action>) {
         assert_eq!(self.role, Role::Candidate, "only a candidate becomes leader");
         assert_eq!(self.hard.voted_for, Some(self.config.id), "a leader voted for itself");
         self.progress.clear();
         self.sync_progress();
+        // A follower that voted for us is alive and its log is no longer than ours: it
+        // counts in sync (Kafka's new leader keeps the in-sync replicas it was given) until
+        // its first answer says where its durable log ends (`adopt_disk`). Otherwise an
+        // acks=all produce in the leadership's first round trips is refused for too few
+        // in-sync replicas, and its producer backs off. Only the in-sync replicas see this:
+        // the commit point counts answers alone.
+        let ticks = self.ticks;
+        for p in &mut self.progress {
+            if self.votes.contains(&(p.id, true)) {
+                p.caught_up_tick = Some(ticks);
+            }
+        }
         self.set_role(Role::Leader, Some(self.config.id), out);
         self.append_seq = 0;
         let start = batch::epoch_start(self.config.id, &self.membership().voters());
+        let base = self.log_end;
         let stamped = self.append_own(start);
+        // The first heartbeat (and the epoch's first batch) goes now, not at the next tick:
+        // until a follower answers twice (the first answer adopts its disk), this leader
+        // counts it out of sync and refuses acks=all produces for too few in-sync replicas,
+        // and its first commit waits for those answers too. A tick is 10 ms by default.
+        self.heartbeat_deadline_tick = self.ticks + u64::from(self.config.heartbeat_ticks);
+        self.heartbeat(&WithProposal { log, base, batches: std::slice::from_ref(&stamped) }, out);
         out.push(Action::Append { batches: vec![stamped] });
-        self.heartbeat_deadline_tick = self.ticks; // the next tick sends the first heartbeat
         self.check_quorum_deadline_tick = self.ticks + u64::from(self.config.election_ticks);
         self.maybe_commit(out);
     }
@@ -1157,13 +1182,13 @@ impl RaftGroup {
                     && message.term == self.hard.term + 1
                     && self.record_vote(from, granted)
                 {
-                    self.campaign(false, out);
+                    self.campaign(false, log, out);
                 }
             }
             Body::Vote { last_epoch, log_end, transfer: _ } => self.on_vote(from, last_epoch, log_end, out),
             Body::VoteResponse { granted } => {
                 if self.role == Role::Candidate && self.record_vote(from, granted) {
-                    self.become_leader(out);
+                    self.become_leader(log, out);
                 }
             }
             Body::Append(append) => self.on_append(from, append, log, out),
@@ -1177,7 +1202,7 @@ impl RaftGroup {
                     && !self.hard.recovering
                     && self.may_campaign()
                 {
-                    self.campaign(true, out);
+                    self.campaign(true, log, out);
                 }
             }
         }
@@ -1590,6 +1615,7 @@ impl RaftGroup {
         // and for thousands of groups the count is worth skipping).
         let mut counted_changed = p.recovering != response.recovering;
         p.recovering = response.recovering;
+        p.says_recovering = response.recovering;
         if response.accepted {
             if response.match_end > p.match_end {
                 p.match_end = response.match_end;
@@ -1667,9 +1693,16 @@ impl RaftGroup {
         let p = &mut self.progress[i];
         p.disk_id = Some(response.disk_id);
         p.recovering = true; // until an answer to a later append says otherwise
+        p.says_recovering = response.recovering;
         p.match_end = 0;
         p.acked_end = 0;
-        (p.caught_up_tick, p.caught_up_mark) = (None, (log_end, ticks));
+        // Whether it is in sync (not what the commit point counts): caught up as of the
+        // mark if this answer says its durable log holds what ours did then.
+        let held_mark = response.accepted
+            && !response.recovering
+            && response.acked_end.min(response.match_end) >= p.caught_up_mark.0;
+        p.caught_up_tick = held_mark.then_some(p.caught_up_mark.1);
+        p.caught_up_mark = (log_end, ticks);
         p.next = next.clamp(0, log_end);
         p.probe_from = p.next;
         p.in_flight.clear();
@@ -1787,7 +1820,7 @@ impl RaftGroup {
                 silent_ticks: self.ticks.saturating_sub(p.last_heard_tick),
                 stalled_ticks: self.ticks.saturating_sub(p.last_progress_tick),
                 behind_ticks: p.caught_up_tick.map_or(u64::MAX, |t| self.ticks.saturating_sub(t)),
-                recovering: p.recovering,
+                recovering: p.says_recovering,
             })
             .collect()
     }
@@ -2282,6 +2315,95 @@ mod tests {
             trio.propose_and_tick();
         }
         assert!(behind(&trio, 3) <= 1, "caught up again: {:?}", trio.groups[0].followers());
+    }
+
+    /// The followers replica `leader` (1-based) sees in sync: heard of lately as holding
+    /// its log, not recovering.
+    fn in_sync_of(trio: &Trio, leader: ReplicaId) -> Vec<ReplicaId> {
+        let followers = trio.groups[leader as usize - 1].followers();
+        followers.iter().filter(|f| f.behind_ticks <= 1 && !f.recovering).map(|f| f.id).collect()
+    }
+
+    /// Replica 1 leads three proposals, all in sync; it dies, replica 2 campaigns and
+    /// replica 3 votes for it. Only election messages are delivered: returns replica 2's
+    /// first messages as leader to replica 3, undelivered.
+    fn replica_2_wins_and_has_heard_no_answer() -> (Trio, Vec<Message>) {
+        let mut trio = Trio::new();
+        trio.elect_first();
+        for _ in 0..3 {
+            trio.propose_and_tick();
+        }
+        assert_eq!(in_sync_of(&trio, 1), vec![2, 3]);
+        trio.replica_1_dies();
+        let mut held = Vec::new();
+        while trio.groups[1].role() != Role::Leader {
+            let mut queue = trio.tick(2);
+            while let Some(m) = queue.pop() {
+                let election = matches!(
+                    m.body,
+                    Body::PreVote { .. }
+                        | Body::PreVoteResponse { .. }
+                        | Body::Vote { .. }
+                        | Body::VoteResponse { .. }
+                );
+                if !election {
+                    held.push(m);
+                } else if m.to != 1 {
+                    let (i, mut out) = (m.to as usize - 1, Vec::new());
+                    trio.groups[i].receive(m.clone(), &trio.logs[i], &mut out);
+                    queue.extend(trio.carry(m.to, &mut out));
+                }
+            }
+        }
+        held.retain(|m| m.from == 2 && m.to == 3);
+        (trio, held)
+    }
+
+    /// A new leader counts the followers that voted for it in sync from the start (Kafka's
+    /// new leader keeps the in-sync replicas it is given), not one that did not vote (the
+    /// dead leader), and keeps a voter whose first answer says its durable log holds what
+    /// the leader's did at the election. The first heartbeat goes out with the win.
+    #[test]
+    fn a_new_leader_counts_its_voters_in_sync_from_the_start() {
+        let (mut trio, held) = replica_2_wins_and_has_heard_no_answer();
+        assert_eq!(in_sync_of(&trio, 2), vec![3], "the voter, before any answer; not the dead leader");
+        let heartbeat = |m: &Message| matches!(&m.body, Body::Append(a) if a.batches.is_empty());
+        assert!(held.iter().any(heartbeat), "the first heartbeat left with the win: {held:?}");
+        // The first answer alone (to the heartbeat): caught up as of the election.
+        let first = held.iter().position(heartbeat).expect("checked");
+        let mut out = Vec::new();
+        trio.groups[2].receive(held[first].clone(), &trio.logs[2], &mut out);
+        let answer = trio.carry(3, &mut out).into_iter().find(|m| m.to == 2).expect("an answer");
+        let mut out = Vec::new();
+        trio.groups[1].receive(answer, &trio.logs[1], &mut out);
+        assert_eq!(in_sync_of(&trio, 2), vec![3], "its first answer says it held the log");
+        assert_eq!(trio.groups[1].followers()[0].acked_end, 0, "but the commit point counts none of it yet");
+    }
+
+    /// A voter whose first answer shows its durable log short of the leader's as of the
+    /// election is out of sync until it catches up.
+    #[test]
+    fn a_voter_whose_first_answer_is_short_of_the_new_leaders_log_is_out_of_sync() {
+        let (mut trio, held) = replica_2_wins_and_has_heard_no_answer();
+        let end = trio.groups[1].log_end();
+        // As a shell answers that has not made its last append durable.
+        let short = AppendResponse {
+            accepted: true,
+            match_end: end - 1,
+            acked_end: end - 2,
+            log_end: end - 1,
+            epochs: Vec::new(),
+            recovering: false,
+            seq: 1,
+            disk_id: trio.groups[2].hard_state().disk_id,
+        };
+        let (term, mut out) = (trio.groups[1].term(), Vec::new());
+        trio.groups[1].receive(message(3, 2, term, Body::AppendResponse(short)), &trio.logs[1], &mut out);
+        let resent = trio.carry(2, &mut out);
+        assert_eq!(in_sync_of(&trio, 2), Vec::<ReplicaId>::new(), "short of the election's log");
+        // Its next answers (to what the leader sent) catch it up.
+        trio.settle(resent.into_iter().chain(held).collect());
+        assert_eq!(in_sync_of(&trio, 2), vec![3], "caught up");
     }
 
     /// A new leader that never heard from a follower (it was down at the election) knows no
