@@ -363,6 +363,8 @@ struct World {
     trim_rng: XorShiftRng,
     now: u64,
     sequence: u64,
+    /// The sequence of the event being handled (see `put_off`).
+    handling_sequence: u64,
     queue: BinaryHeap<Reverse<Scheduled>>,
     nodes: Vec<Node>,
     config: Config,
@@ -468,6 +470,7 @@ impl World {
             trim_rng: XorShiftRng::seed_from_u64(seed ^ 0x7472_696d),
             now: 0,
             sequence: 0,
+            handling_sequence: 0,
             queue: BinaryHeap::new(),
             nodes,
             config,
@@ -532,6 +535,7 @@ impl World {
                 break;
             }
             self.now = next.at_us;
+            self.handling_sequence = next.sequence;
             self.events += 1;
             if self.events > EVENTS_MAX {
                 return Err(format!("more than {EVENTS_MAX} events"));
@@ -555,10 +559,15 @@ impl World {
     }
 
     /// Events for a paused replica wait until it resumes; true when this one was put off.
+    /// A put-off event keeps its place among those due at the same time (its sequence): a
+    /// pause extended while events wait for it would otherwise put an event off twice,
+    /// behind later ones put off once (a hard state persisted before an earlier one, which
+    /// no disk does).
     fn put_off(&mut self, node: usize, event: Event) -> Option<Event> {
         let until = self.nodes[node].paused_until_us;
         if self.now < until {
-            self.schedule(until - self.now, event);
+            let sequence = self.handling_sequence;
+            self.queue.push(Reverse(Scheduled { at_us: until, sequence, event }));
             return None;
         }
         Some(event)
