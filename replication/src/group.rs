@@ -865,10 +865,9 @@ impl RaftGroup {
         let start = batch::epoch_start(self.config.id, &self.membership().voters());
         let base = self.log_end;
         let stamped = self.append_own(start);
-        // The first heartbeat (and the epoch's first batch) goes now, not at the next tick:
-        // until a follower answers twice (the first answer adopts its disk), this leader
-        // counts it out of sync and refuses acks=all produces for too few in-sync replicas,
-        // and its first commit waits for those answers too. A tick is 10 ms by default.
+        // The first heartbeat (and the epoch's first batch) goes now, not at the next tick
+        // (10 ms by default): the followers learn who leads, and answer, that much sooner,
+        // and the first commit of this term waits for their answers.
         self.heartbeat_deadline_tick = self.ticks + u64::from(self.config.heartbeat_ticks);
         self.heartbeat(&WithProposal { log, base, batches: std::slice::from_ref(&stamped) }, out);
         out.push(Action::Append { batches: vec![stamped] });
