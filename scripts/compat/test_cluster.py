@@ -1308,6 +1308,16 @@ def requests_counted(nodes, protocol, api):
     return total
 
 
+def produce_errors_counted(node, kind):
+    """Produces `node`'s shards answered with an error of `kind` (ShardError::kind)."""
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(f"{node.metrics_url}/metrics", timeout=5).read().decode()
+    lines = [line for line in text.splitlines()
+             if line.startswith("pyralog_produce_errors_total{") and f'kind="{kind}"' in line]
+    return sum(int(float(re.split(r"\s+", line)[-1])) for line in lines)
+
+
 def test_a_consumer_reading_through_a_leader_kill_validates_its_position_and_loses_nothing(cluster):
     """librdkafka, seeing a new leader epoch in metadata, checks its position with
     OffsetForLeaderEpoch (KIP-320) before fetching on; it must then go on from where it was:
@@ -1369,8 +1379,11 @@ def test_acks_all_below_the_write_quorum_gets_not_enough_replicas_until_the_foll
                    lambda: len(connection.metadata("strict")[1][0][4]) == 2, timeout_s=10)
         epoch = connection.metadata("strict")[1][0][2]
         end_before = connection.offset_for_leader_epoch("strict", 0, epoch)[2]
+        counted_before = produce_errors_counted(cluster.node(leader), "not_enough_replicas")
         error, base_offset = connection.produce("strict", 0, wire.record_batch([(b"k", b"refused")]))
         assert (error, base_offset) == (wire.ERROR_NOT_ENOUGH_REPLICAS, -1)
+        # Operators see the refusal in the leader's metrics, by kind.
+        assert produce_errors_counted(cluster.node(leader), "not_enough_replicas") == counted_before + 1
         # Refused before it was appended: the log did not grow. acks=1 still goes through.
         assert connection.offset_for_leader_epoch("strict", 0, epoch)[2] == end_before
         error, one_offset = connection.produce("strict", 0, wire.record_batch([(b"k", b"one")]), acks=1)

@@ -60,6 +60,40 @@ pub enum ShardError {
     Unavailable(String),
 }
 
+impl ShardError {
+    /// A name for the kind of error, stable and in snake_case, for metrics' labels. A batch
+    /// answered as an earlier refusal (`AfterRefusal`) is named as that refusal, as the
+    /// client is told.
+    pub fn kind(&self) -> &'static str {
+        use crate::producers::Refusal;
+        match self {
+            ShardError::UnknownTopic(_) => "unknown_topic",
+            ShardError::UnknownPartition { .. } => "unknown_partition",
+            ShardError::TopicAlreadyExists(_) => "topic_already_exists",
+            ShardError::InvalidTopic(_) => "invalid_topic",
+            ShardError::CorruptBatch(_) => "corrupt_batch",
+            ShardError::TooLarge(_) => "too_large",
+            ShardError::OffsetOutOfRange(_) => "offset_out_of_range",
+            ShardError::Storage(_) | ShardError::AfterRefusal { refusal: Refusal::Storage, .. } => "storage",
+            ShardError::InvalidConfig(_) => "invalid_config",
+            ShardError::InvalidPartitions(_) => "invalid_partitions",
+            ShardError::InvalidReplicationFactor(_) => "invalid_replication_factor",
+            ShardError::OutOfOrderSequence(_) => "out_of_order_sequence",
+            ShardError::InvalidProducerEpoch(_) => "invalid_producer_epoch",
+            ShardError::ShuttingDown => "shutting_down",
+            ShardError::NotLeader { .. } | ShardError::AfterRefusal { refusal: Refusal::NotLeader, .. } => {
+                "not_leader"
+            }
+            ShardError::FencedLeaderEpoch { .. } => "fenced_leader_epoch",
+            ShardError::UnknownLeaderEpoch { .. } => "unknown_leader_epoch",
+            ShardError::NotEnoughReplicas { .. }
+            | ShardError::AfterRefusal { refusal: Refusal::NotEnoughReplicas, .. } => "not_enough_replicas",
+            ShardError::NotController { .. } => "not_controller",
+            ShardError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 impl From<pyralog_dma::LogError> for ShardError {
     fn from(error: pyralog_dma::LogError) -> ShardError {
         use pyralog_dma::LogError;

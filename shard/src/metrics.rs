@@ -12,6 +12,7 @@
 //! [`CommittedStats`]).
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -38,6 +39,10 @@ pub struct ShardMetrics {
     /// ago the leader appended the oldest batch that follower has not made durable (0 when
     /// it holds the leader's whole log durably). See `Replica::sample_replication_lag`.
     pub replication_lag: Histogram,
+    /// Produces this shard, owning the partition, answered with an error, by the error's
+    /// kind (`ShardError::kind`): refusals such as not_enough_replicas or not_leader, which
+    /// clients retry, and failures.
+    pub produce_errors: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl Default for ShardMetrics {
@@ -55,6 +60,7 @@ impl Default for ShardMetrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             replication_lag,
+            produce_errors: Family::default(),
         }
     }
 }
@@ -96,6 +102,16 @@ impl ShardMetrics {
             Unit::Seconds,
             self.replication_lag.clone(),
         );
+        registry.register(
+            "produce_errors",
+            "Produces answered with an error by the shard owning the partition, by kind (not_enough_replicas, not_leader, ...)",
+            self.produce_errors.clone(),
+        );
+    }
+
+    /// Counts a produce the owning shard answered with `error`.
+    pub fn note_produce_error(&self, error: &crate::ShardError) {
+        self.produce_errors.get_or_create(&vec![("kind", error.kind())]).inc();
     }
 }
 

@@ -735,7 +735,22 @@ impl Shard {
         })
     }
 
+    /// A produce on the shard that owns the partition: counted by kind when it fails.
     async fn produce_local(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        acks: Acks,
+    ) -> Result<Produced, ShardError> {
+        let produced = self.produce_owned(topic, partition, records, acks).await;
+        if let Err(error) = &produced {
+            self.metrics().note_produce_error(error);
+        }
+        produced
+    }
+
+    async fn produce_owned(
         &self,
         topic: &str,
         partition: u32,
