@@ -20,7 +20,9 @@ a librdkafka property of the confluent-kafka producer (repeatable): librdkafka w
 reconnect backoff (reconnect.backoff.max.ms, 10 s) before it connects to a new leader it
 last failed to reach, such as a node restarted in an earlier round. --keep-logs keeps the
 nodes' stderr (one file per start, under the printed directory) to read a slow round after.
-Prints medians, p99 and max, and one JSON line.
+Each round also counts the produces the survivors refused for too few in-sync replicas
+(NOT_ENOUGH_REPLICAS: a new leader that does not count its followers in sync yet; the
+producer backs off). Prints medians, p99 and max, and one JSON line.
 
     python3 scripts/bench-failover.py PYRALOG_BIN ROUNDS [--no-catch-up] [--sigstop | --sigterm]
         [--keep-logs] [--rdkafka KEY=VALUE ...] [extra pyralog flags...]
@@ -70,6 +72,18 @@ def all_in_sync(topic):
         if replica["topic"] == topic and replica["partition"] == 0 and replica["leads"]:
             return len(replica["in_sync"]) == len(replica["replicas"])
     return False
+
+
+def refusals(nodes):
+    """NOT_ENOUGH_REPLICAS answers to produces the nodes' shards counted (their
+    pyralog_produce_errors_total, kind not_enough_replicas), summed."""
+    total = 0
+    for node in nodes:
+        text = urllib.request.urlopen(f"http://127.0.0.{node}:9644/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith("pyralog_produce_errors_total{") and 'kind="not_enough_replicas"' in line:
+                total += int(float(line.split()[-1]))
+    return total
 
 
 def percentile(values, p):
@@ -126,7 +140,7 @@ def main():
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()
         bench = os.path.join(os.path.dirname(binary), "pyralog-bench")
-        elections, gaps, native_gaps, catch_ups = [], [], [], []
+        elections, gaps, native_gaps, catch_ups, refused = [], [], [], [], []
         for _ in range(rounds):
             wait_until("acknowledgements flow", lambda: len(acks) > 100)
             native = subprocess.Popen(
@@ -137,6 +151,7 @@ def main():
             wait_until("the partition has a leader", lambda: leader_of([1, 2, 3], "failover"))
             leader, term = leader_of([1, 2, 3], "failover")
             survivors = [n for n in (1, 2, 3) if n != leader]
+            refused_before = refusals(survivors)
             killed_at = time.monotonic()
             stopping = None
             if sigstop:
@@ -176,8 +191,10 @@ def main():
             if report["errors"] or report["unacknowledged"]:
                 raise AssertionError(f"the native producer lost or failed records: {report}")
             native_gaps.append(report["ack_gap_max_ms"])
+            refused.append(refusals(survivors) - refused_before)
             print(f"round {len(elections)}: native producer's longest gap {native_gaps[-1]:.0f} ms, "
-                  f"{report['leader_retries']} retries; librdkafka's {gaps[-1]:.0f} ms", file=sys.stderr)
+                  f"{report['leader_retries']} retries; librdkafka's {gaps[-1]:.0f} ms; "
+                  f"{refused[-1]} produces refused for too few in-sync replicas", file=sys.stderr)
             if sigstop:
                 cluster.node(leader).resume()
             else:
@@ -209,6 +226,7 @@ def main():
             "native_ack_gap_ms": {"p50": percentile(native_gaps, 50), "p99": percentile(native_gaps, 99),
                                   "max": max(native_gaps)},
             "delivery_errors": len(errors),
+            "not_enough_replicas": sum(refused),
         }
         if catch_ups:
             summary["in_sync_after_restart_s"] = {"p50": percentile(catch_ups, 50), "max": max(catch_ups)}
@@ -221,7 +239,8 @@ def main():
         print(f"  longest gap between acknowledgements (native pyralog-bench, acks=durable): p50 "
               f"{summary['native_ack_gap_ms']['p50']:.0f} ms, p99 {summary['native_ack_gap_ms']['p99']:.0f} ms, "
               f"max {summary['native_ack_gap_ms']['max']:.0f} ms")
-        print(f"  delivery errors: {len(errors)}")
+        print(f"  delivery errors: {len(errors)}; produces refused for too few in-sync replicas: {sum(refused)} "
+              f"(in {sum(1 for r in refused if r)} of {rounds} rounds)")
         if catch_ups:
             print(f"  {'resumed' if sigstop else 'restarted'} replica back in sync after: p50 {percentile(catch_ups, 50):.1f} s, "
                   f"max {max(catch_ups):.1f} s")
