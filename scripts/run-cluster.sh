@@ -37,13 +37,15 @@ done
 # Whichever replica won each first election leads until the leader, every 5 s, hands the
 # partition to its preferred replica (the first listed) once that one keeps up: wait for that
 # (at most 15 s), so the status shows the leaders spread over the nodes as placed; and for
-# the new leaders to hear their followers (a leader counts a follower in sync only once it
-# knows that follower caught up, a moment after it took over).
+# the new leaders to hear from their followers: every follower in sync, and known to hold
+# the leader's whole log durably (lag 0: a new leader learns that from the follower's
+# answers a moment after it took over, and until then verify calls the follower behind).
 for _ in $(seq 150); do
   "$target/release/pyralog" cluster --node 127.0.0.1:9644 status \
-    | awk -F'\t' '$1 == "demo" {rows++; match($5, /[0-9]+/); if ($3 != "node " substr($5, RSTART, RLENGTH)) off++}
+    | awk -F'\t' '$1 == "demo" {rows++; match($5, /[0-9]+/); if ($3 != "node " substr($5, RSTART, RLENGTH)) off++
+                                 n = split($7, lags, " "); for (i = 1; i <= n; i++) if (lags[i] !~ /:0$/) lagging++}
                   /^0 under-replicated/ {steady = 1}
-                  END {exit !(rows && !off && steady)}' \
+                  END {exit !(rows && !off && !lagging && steady)}' \
     && break
   sleep 0.1
 done
