@@ -21,7 +21,8 @@ trap cleanup EXIT
 
 echo "machine: $(nproc) cores, kernel $(uname -r), $(df -h "$work" | awk 'NR==2 {print $1}')"
 # pyralog's flushes issue O_DIRECT writes of up to 2 MiB (WRITE_CHUNK_BYTES_MAX), then one
-# fdatasync; a consumer catching up reads 1 MiB at a time.
+# fdatasync (a flush of at most 64 KiB: one O_DSYNC write instead); a consumer catching up
+# reads 1 MiB at a time.
 fio_json() { fio --output-format=json --directory="$work" --size=1g --ioengine=psync --direct=1 "$@" \
   | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round((j["write"]["bw_bytes"]+j["read"]["bw_bytes"])/1048576))'; }
 fio_read() { fio_json --name=r --rw=read --bs=1m; rm -f "$work"/r.*; }

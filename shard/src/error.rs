@@ -107,3 +107,28 @@ impl From<pyralog_dma::LogError> for ShardError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ShardError;
+    use crate::producers::Refusal;
+
+    /// Metrics' labels: a batch answered as an earlier refusal counts as that refusal, as
+    /// its client is told; every kind is snake case.
+    #[test]
+    fn a_batch_answered_as_an_earlier_refusal_is_named_as_that_refusal() {
+        let not_enough =
+            ShardError::NotEnoughReplicas { topic: "t".into(), partition: 0, in_sync: 1, required: 2 };
+        let after = |refusal| ShardError::AfterRefusal { refusal, reason: "behind a refused batch".into() };
+        assert_eq!(not_enough.kind(), "not_enough_replicas");
+        assert_eq!(after(Refusal::NotEnoughReplicas).kind(), "not_enough_replicas");
+        let not_leader = ShardError::NotLeader { topic: "t".into(), partition: 0, leader: None, term: 1 };
+        assert_eq!(not_leader.kind(), "not_leader");
+        assert_eq!(after(Refusal::NotLeader).kind(), "not_leader");
+        assert_eq!(ShardError::Storage("disk".into()).kind(), "storage");
+        assert_eq!(after(Refusal::Storage).kind(), "storage");
+        for error in [ShardError::ShuttingDown, ShardError::OutOfOrderSequence("5".into()), not_enough] {
+            assert!(error.kind().chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{}", error.kind());
+        }
+    }
+}
