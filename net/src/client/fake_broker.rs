@@ -284,6 +284,18 @@ impl FakeBroker {
         self.shared.released.notify_all();
     }
 
+    /// Holds back the responses to native produce requests for `duration`, then lets them go
+    /// (from a thread of its own, so the caller goes on meanwhile).
+    pub fn hold_produce_responses_for(&self, duration: Duration) {
+        self.hold_produce_responses(true);
+        let shared = Arc::clone(&self.shared);
+        std::thread::spawn(move || {
+            std::thread::sleep(duration);
+            shared.lock().produce_responses_held = false;
+            shared.released.notify_all();
+        });
+    }
+
     /// Has `node` refuse the produce request after the next `taken` ones it gets with
     /// `NotLeader`, once, and take those after it, as a node does whose election completes
     /// while a client's requests are on their way.

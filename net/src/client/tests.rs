@@ -700,14 +700,8 @@ fn an_idempotent_producers_first_batch_of_a_partition_goes_alone() {
     broker.refuse_one_produce(0, 0);
     // The refusal is held back a moment, so any batch sent behind the first is there before
     // the producer hears of it.
-    broker.hold_produce_responses(true);
-    let (log, reports) = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            std::thread::sleep(Duration::from_millis(200));
-            broker.hold_produce_responses(false);
-        });
-        produce_one_per_batch(&broker, 12, |_, _| {})
-    });
+    broker.hold_produce_responses_for(Duration::from_millis(200));
+    let (log, reports) = produce_one_per_batch(&broker, 12, |_, _| {});
     each_once_in_order(&log, &reports, 12);
     assert_eq!(reports.lock().unwrap()[0].retries, 1, "the refused first batch, sent again");
 }
@@ -718,19 +712,13 @@ fn an_idempotent_producers_first_batch_of_a_partition_goes_alone() {
 #[test]
 fn batches_refused_out_of_sequence_behind_a_refused_one_go_again_after_it() {
     let broker = FakeBroker::start_cluster(2).unwrap();
-    let (log, reports) = std::thread::scope(|scope| {
-        produce_one_per_batch(&broker, 20, |producer, _| {
-            producer.send(None, &[0; 200]).unwrap();
-            producer.flush().unwrap();
-            broker.refuse_one_produce(0, 1);
-            // The refusal is held back a moment, so batches are sent behind the refused one
-            // before the producer hears of it, however slowly this machine runs the test.
-            broker.hold_produce_responses(true);
-            scope.spawn(|| {
-                std::thread::sleep(Duration::from_millis(200));
-                broker.hold_produce_responses(false);
-            });
-        })
+    let (log, reports) = produce_one_per_batch(&broker, 20, |producer, _| {
+        producer.send(None, &[0; 200]).unwrap();
+        producer.flush().unwrap();
+        broker.refuse_one_produce(0, 1);
+        // The refusal is held back a moment, so batches are sent behind the refused one
+        // before the producer hears of it, however slowly this machine runs the test.
+        broker.hold_produce_responses_for(Duration::from_millis(200));
     });
     each_once_in_order(&log, &reports, 20);
     let retried = reports.lock().unwrap().iter().filter(|r| r.retries > 0).count();
