@@ -39,7 +39,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "compat"))
-from cluster import Cluster, wait_until  # noqa: E402
+from cluster import Cluster, metric_total, wait_until  # noqa: E402
 from confluent_kafka import Producer  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
@@ -74,16 +74,10 @@ def all_in_sync(topic):
     return False
 
 
-def refusals(nodes):
-    """NOT_ENOUGH_REPLICAS answers to produces the nodes' shards counted (their
-    pyralog_produce_errors_total, kind not_enough_replicas), summed."""
-    total = 0
-    for node in nodes:
-        text = urllib.request.urlopen(f"http://127.0.0.{node}:9644/metrics", timeout=5).read().decode()
-        for line in text.splitlines():
-            if line.startswith("pyralog_produce_errors_total{") and 'kind="not_enough_replicas"' in line:
-                total += int(float(line.split()[-1]))
-    return total
+def refusals(cluster, nodes):
+    """NOT_ENOUGH_REPLICAS answers to produces the nodes' shards counted, summed."""
+    return sum(metric_total(cluster.node(node).metrics_url, "pyralog_produce_errors_total",
+                            kind="not_enough_replicas") for node in nodes)
 
 
 def percentile(values, p):
@@ -151,7 +145,7 @@ def main():
             wait_until("the partition has a leader", lambda: leader_of([1, 2, 3], "failover"))
             leader, term = leader_of([1, 2, 3], "failover")
             survivors = [n for n in (1, 2, 3) if n != leader]
-            refused_before = refusals(survivors)
+            refused_before = refusals(cluster, survivors)
             killed_at = time.monotonic()
             stopping = None
             if sigstop:
@@ -191,7 +185,7 @@ def main():
             if report["errors"] or report["unacknowledged"]:
                 raise AssertionError(f"the native producer lost or failed records: {report}")
             native_gaps.append(report["ack_gap_max_ms"])
-            refused.append(refusals(survivors) - refused_before)
+            refused.append(refusals(cluster, survivors) - refused_before)
             print(f"round {len(elections)}: native producer's longest gap {native_gaps[-1]:.0f} ms, "
                   f"{report['leader_retries']} retries; librdkafka's {gaps[-1]:.0f} ms; "
                   f"{refused[-1]} produces refused for too few in-sync replicas", file=sys.stderr)

@@ -173,6 +173,16 @@ class Cluster:
             node.kill9()
 
 
+def metric_total(metrics_url, name, **labels):
+    """The sum of a node's `name` samples (on every shard) whose labels include `labels`,
+    read from its /metrics."""
+    import urllib.request
+    text = urllib.request.urlopen(f"{metrics_url}/metrics", timeout=5).read().decode()
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    return sum(int(float(line.split()[-1])) for line in text.splitlines()
+               if line.startswith(name + "{") and all(label in line for label in wanted))
+
+
 def wait_until(what, condition, timeout_s=30.0, interval_s=0.05):
     deadline = time.monotonic() + timeout_s
     last = None

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from cluster import Cluster, wait_until
+from cluster import Cluster, metric_total, wait_until
 
 if os.environ.get("PYRALOG_NETNS") != "1":
     pytest.fail(
@@ -1296,26 +1296,13 @@ def test_offset_for_leader_epoch_finds_where_a_killed_leaders_epoch_ended(cluste
 
 def requests_counted(nodes, protocol, api):
     """Requests of `api` (snake case) the nodes' `protocol` listeners counted, over every shard."""
-    import re
-    import urllib.request
-    total = 0
-    for node in nodes:
-        text = urllib.request.urlopen(f"{node.metrics_url}/metrics", timeout=5).read().decode()
-        for line in text.splitlines():
-            labels = (f'protocol="{protocol}"', f'api="{api}"')
-            if line.startswith("pyralog_requests_total{") and all(label in line for label in labels):
-                total += int(float(re.split(r"\s+", line)[-1]))
-    return total
+    return sum(metric_total(node.metrics_url, "pyralog_requests_total", protocol=protocol, api=api)
+               for node in nodes)
 
 
 def produce_errors_counted(node, kind):
     """Produces `node`'s shards answered with an error of `kind` (ShardError::kind)."""
-    import re
-    import urllib.request
-    text = urllib.request.urlopen(f"{node.metrics_url}/metrics", timeout=5).read().decode()
-    lines = [line for line in text.splitlines()
-             if line.startswith("pyralog_produce_errors_total{") and f'kind="{kind}"' in line]
-    return sum(int(float(re.split(r"\s+", line)[-1])) for line in lines)
+    return metric_total(node.metrics_url, "pyralog_produce_errors_total", kind=kind)
 
 
 def test_a_consumer_reading_through_a_leader_kill_validates_its_position_and_loses_nothing(cluster):
