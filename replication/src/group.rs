@@ -343,6 +343,9 @@ pub struct RaftGroup {
     /// Follower: the shell lost its connection to this leader (`peer_unreachable`); until the
     /// tick given, its messages neither renew our lease nor put our election off.
     leader_unreachable: Option<(ReplicaId, u64)>,
+    /// The voters the shell says are just back, this replica perhaps among them (see
+    /// [`RaftGroup::set_campaign_last`]).
+    campaign_last: Vec<ReplicaId>,
     votes: Vec<(ReplicaId, bool)>,
     progress: Vec<Progress>,
     /// Leader: handing over to this replica until the tick given; the TimeoutNow was sent.
@@ -418,6 +421,7 @@ impl RaftGroup {
             check_quorum_deadline_tick: 0,
             last_leader_contact_tick: None,
             leader_unreachable: None,
+            campaign_last: Vec::new(),
             votes: Vec::new(),
             progress: Vec::new(),
             transfer: None,
@@ -562,16 +566,37 @@ impl RaftGroup {
         }
         self.last_leader_contact_tick = None;
         self.leader_unreachable = Some((peer, self.ticks + u64::from(self.config.election_ticks)));
-        self.campaign_soon(peer);
+        self.campaign_soon(peer, true);
     }
 
-    /// Brings our election forward to the next tick, staggered by our rank among the voters
-    /// but `absent` (a quarter of an election timeout apart), so that replicas doing it at
-    /// once do not split the vote.
-    fn campaign_soon(&mut self, absent: ReplicaId) {
+    /// The shell names the voters that are just back (their nodes restarted, or were counted
+    /// down, a moment ago), this replica among them if its node is: when replicas bring an
+    /// election forward (`campaign_soon`), those go after the others, so that a failover
+    /// lands, where it can, on a node clients have been reaching (clients that failed to
+    /// reach a node while it was down may back off for seconds before trying it again). Only
+    /// when an election happens moves, never whether one is safe.
+    pub fn set_campaign_last(&mut self, voters: Vec<ReplicaId>) {
+        self.campaign_last = voters;
+    }
+
+    /// Brings our election forward to the next tick, staggered by our rank (a quarter of an
+    /// election timeout apart) so that replicas doing it at once do not split the vote: our
+    /// position among the voters but `absent`. With `by_return` (the leader is lost: any of
+    /// us may take over), the rank counts only the voters ahead of us not named just back
+    /// (`set_campaign_last`), and if we are named it comes after every other voter's whatever
+    /// their view (our position plus their number), so views that differ on who is back
+    /// never give two replicas one rank unless they differ on a replica's own restart.
+    /// Without (we refused a shorter log: we are the better candidate), position alone.
+    fn campaign_soon(&mut self, absent: ReplicaId, by_return: bool) {
         let mut voters = self.membership().voters();
         voters.retain(|v| *v != absent);
-        let rank = voters.iter().position(|v| *v == self.config.id).unwrap_or(voters.len()) as u64;
+        let me = self.config.id;
+        let last = |v: &ReplicaId| by_return && self.campaign_last.contains(v);
+        let rank = match voters.iter().position(|v| *v == me) {
+            None => voters.len(),
+            Some(position) if last(&me) => voters.len() + position,
+            Some(position) => voters[..position].iter().filter(|v| !last(v)).count(),
+        } as u64;
         let soon = 1 + rank * u64::from((self.config.election_ticks / 4).max(1));
         self.election_deadline_tick = self.election_deadline_tick.min(self.ticks + soon);
     }
@@ -1278,7 +1303,7 @@ impl RaftGroup {
         let behind = self.log_is_behind(last_epoch, log_end);
         let granted = electable && !behind;
         if electable && behind && self.may_campaign() {
-            self.campaign_soon(from);
+            self.campaign_soon(from, false);
         }
         let term = if granted { term } else { self.hard.term };
         self.send_with_term(from, term, Body::PreVoteResponse { granted }, out);
@@ -1291,7 +1316,7 @@ impl RaftGroup {
         let behind = self.log_is_behind(last_epoch, log_end);
         let granted = free && !self.hard.recovering && !behind;
         if behind && !self.hard.recovering && !self.in_lease() && self.may_campaign() {
-            self.campaign_soon(from);
+            self.campaign_soon(from, false);
         }
         if granted && self.hard.voted_for.is_none() {
             assert!(!self.hard.recovering, "a replica recovering a lost disk votes in no term");
@@ -2606,6 +2631,35 @@ mod tests {
         // within an election timeout (10 ticks), not after one.
         trio.replica_1_dies();
         trio.followers_elect_within(10);
+    }
+
+    /// Replica 2 would campaign first when the leader dies (its rank), but is just back: it
+    /// lets replica 3 go first, which wins, whether or not replica 3 knows that 2 is back
+    /// (knowing, 3 goes at the next tick).
+    #[test]
+    fn a_replica_just_back_lets_the_others_campaign_first() {
+        for (two_says, three_says) in [(vec![], vec![]), (vec![2], vec![]), (vec![2], vec![2])] {
+            let case = format!("2 says {two_says:?} is back, 3 says {three_says:?}");
+            let mut trio = Trio::new();
+            trio.elect_first();
+            let last = !two_says.is_empty();
+            trio.groups[1].set_campaign_last(two_says);
+            trio.groups[2].set_campaign_last(three_says.clone());
+            trio.replica_1_dies();
+            let mut ticks = 0;
+            while !trio.groups[1..].iter().any(|g| g.role() == Role::Leader) {
+                ticks += 1;
+                assert!(ticks <= 10, "{case}: no leader within an election timeout");
+                let mut sent = trio.tick(2);
+                sent.extend(trio.tick(3));
+                trio.settle(sent);
+            }
+            let expected = if last { [Role::Follower, Role::Leader] } else { [Role::Leader, Role::Follower] };
+            assert_eq!([trio.groups[1].role(), trio.groups[2].role()], expected, "{case}");
+            if !three_says.is_empty() {
+                assert!(ticks <= 2, "{case}: replica 3 went at once, elected after {ticks} ticks");
+            }
+        }
     }
 
     /// Heartbeats a leader sent just before it died, handled after its followers saw its

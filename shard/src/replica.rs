@@ -133,6 +133,10 @@ pub struct ReplicaSettings {
     pub disk_lost: bool,
     /// Shared by the shard's replicas: bounds their catch-up reads from disk.
     pub recovery: Rc<RecoveryBudget>,
+    /// How long a follower this replica, leading, went unheard from must be heard from again
+    /// before leadership is handed to it by choice (see [`Replica::settled`]); and how long,
+    /// after its node restarted, this replica lets the others campaign first.
+    pub settle: std::time::Duration,
 }
 
 /// A replica as operators see it (`pyralog cluster status`).
@@ -201,6 +205,18 @@ pub(crate) struct Replica {
     election_timeout: std::time::Duration,
     /// Ticks between heartbeats: an idle follower is heard from once per interval.
     heartbeat_ticks: u32,
+    /// See [`ReplicaSettings::settle`].
+    settle: std::time::Duration,
+    /// Ticks of silence after which a follower counts as gone unheard from (the election
+    /// timeout's shortest: a node down, restarting or cut off, not a busy one).
+    unheard_ticks: u64,
+    /// Leader: per follower, the term and the last time it had gone unheard from (see
+    /// [`Replica::settled`]).
+    unheard: RefCell<Vec<(u32, i32, std::time::Instant)>>,
+    /// Until when, after this node restarted, the replica campaigns last (see `open`).
+    just_back_until: Cell<Option<std::time::Instant>>,
+    /// Other nodes just back from being counted down (see [`Replica::set_nodes_back`]).
+    nodes_back: RefCell<Vec<u32>>,
     pub partition: Rc<Partition>,
     raft: RefCell<RaftGroup>,
     cache: Rc<RefCell<ShardCache>>,
@@ -255,6 +271,8 @@ impl Replica {
         send: SendHook,
     ) -> Result<Rc<Replica>, ShardError> {
         let (state_file, stored) = ReplicaStateFile::open(partition.log.dir()).await?;
+        // The replica was here before this start: its node is just back.
+        let restarted = stored.is_some();
         let disk_lost = settings.disk_lost && stored.is_none();
         if disk_lost {
             eprintln!(
@@ -309,10 +327,17 @@ impl Replica {
             settings.election_ticks,
         );
         let mut out = Vec::new();
-        let raft = RaftGroup::new(config, restore, XorShiftRng::seed_from_u64(settings.seed), &mut out)
+        let mut raft = RaftGroup::new(config, restore, XorShiftRng::seed_from_u64(settings.seed), &mut out)
             .map_err(|e| {
-                ShardError::InvalidConfig(format!("replica of {}/{}: {e}", address.topic, address.partition))
-            })?;
+            ShardError::InvalidConfig(format!("replica of {}/{}: {e}", address.topic, address.partition))
+        })?;
+        // Clients that failed to reach this node while it was down may not try again for a
+        // while: for the settle time, a failover leaves the leadership to the other voters
+        // where they can take it (see `RaftGroup::set_campaign_last`).
+        if restarted {
+            raft.set_campaign_last(vec![settings.node_id]);
+        }
+        let just_back_until = restarted.then(|| std::time::Instant::now() + settings.settle);
         // Below the stored commit point the recovered log is committed; beyond it, not known
         // until a leader says so.
         partition.commit.set(Some(restore_commit));
@@ -322,6 +347,11 @@ impl Replica {
             voters: settings.voters.clone(),
             election_timeout: settings.tick * settings.election_ticks * 2,
             heartbeat_ticks: settings.heartbeat_ticks,
+            settle: settings.settle,
+            unheard_ticks: u64::from(settings.election_ticks),
+            unheard: RefCell::new(Vec::new()),
+            just_back_until: Cell::new(just_back_until),
+            nodes_back: RefCell::new(Vec::new()),
             partition,
             raft: RefCell::new(raft),
             cache,
@@ -387,7 +417,62 @@ impl Replica {
         let mut out = Vec::new();
         self.raft.borrow_mut().tick(&self.reader(), &mut out);
         self.enqueue(out);
+        self.note_unheard_followers();
+        if self.just_back_until.get().is_some_and(|until| std::time::Instant::now() >= until) {
+            self.just_back_until.set(None);
+            self.tell_campaign_last();
+        }
         self.start_catch_up_read();
+    }
+
+    /// The nodes just back from being counted down (the shard's view): when this replica's
+    /// leader is lost, their replicas campaign after the others (`RaftGroup::set_campaign_last`).
+    pub fn set_nodes_back(&self, nodes: &[u32]) {
+        *self.nodes_back.borrow_mut() = nodes.to_vec();
+        self.tell_campaign_last();
+    }
+
+    fn tell_campaign_last(&self) {
+        let me = self.address_node();
+        let mut last: Vec<u32> = self
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| *v != me && self.nodes_back.borrow().contains(v))
+            .collect();
+        if self.just_back_until.get().is_some() {
+            last.push(me);
+        }
+        self.raft.borrow_mut().set_campaign_last(last);
+    }
+
+    /// Leader: notes each follower it has not heard from for `unheard_ticks`, for
+    /// [`Replica::settled`].
+    fn note_unheard_followers(&self) {
+        let raft = self.raft.borrow();
+        if raft.role() != Role::Leader {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut unheard = self.unheard.borrow_mut();
+        for follower in raft.followers().iter().filter(|f| f.silent_ticks >= self.unheard_ticks) {
+            unheard.retain(|&(id, ..)| id != follower.id);
+            unheard.push((follower.id, raft.term(), now));
+        }
+    }
+
+    /// Whether leadership may go to `node` by choice (a preferred leader taking its partition
+    /// back, the first choice of a handover at shutdown): this leader has heard from it without
+    /// a gap of `unheard_ticks` in term `term`, or for at least the settle time since the last. Clients that
+    /// failed to reach a node while it was down back off before they try again (librdkafka
+    /// up to `reconnect.backoff.max.ms`, 10 s), so leadership moved to a node just back can
+    /// leave them waiting that long; an election after a failure does not wait for this.
+    fn settled(&self, node: u32, term: i32) -> bool {
+        !self
+            .unheard
+            .borrow()
+            .iter()
+            .any(|&(id, unheard_term, at)| id == node && unheard_term == term && at.elapsed() < self.settle)
     }
 
     /// Whether [`Replica::propose`] would take a proposal now; its error if not.
@@ -578,7 +663,11 @@ impl Replica {
     /// each in turn for up to an election each, so that stopping this node costs clients a
     /// retry rather than an election timeout. Returns whether this replica no longer leads.
     pub async fn hand_over(&self) -> bool {
-        for &to in self.voters.iter().filter(|&&v| v != self.address_node()) {
+        // Voters heard from without a recent gap first (see `settled`), each group in order.
+        let term = self.role.get().term;
+        let mut order: Vec<u32> = self.voters.iter().copied().filter(|&v| v != self.address_node()).collect();
+        order.sort_by_key(|&v| !self.settled(v, term));
+        for to in order {
             if self.role.get().role != Role::Leader {
                 return true;
             }
@@ -601,9 +690,9 @@ impl Replica {
     }
 
     /// If this replica leads but is not the group's preferred leader (its first voter), and
-    /// that voter keeps up with the log (`keeps_up`), hands leadership to it: placement
-    /// spreads preferred leaders over the nodes, elections need not (Kafka's preferred-leader
-    /// election). Returns whether it started a handover.
+    /// that voter keeps up with the log (`keeps_up`) and is `settled`, hands leadership to
+    /// it: placement spreads preferred leaders over the nodes, elections need not (Kafka's
+    /// preferred-leader election). Returns whether it started a handover.
     pub fn restore_preferred_leader(&self) -> bool {
         let Some(&preferred) = self.voters.first() else { return false };
         if self.role.get().role != Role::Leader || preferred == self.address_node() {
@@ -612,7 +701,8 @@ impl Replica {
         let mut raft = self.raft.borrow_mut();
         let log_end = raft.log_end();
         let ready =
-            raft.followers().iter().any(|f| f.id == preferred && self.keeps_up(f, log_end) && !f.recovering);
+            raft.followers().iter().any(|f| f.id == preferred && self.keeps_up(f, log_end) && !f.recovering)
+                && self.settled(preferred, raft.term());
         if !ready {
             return false;
         }
@@ -1079,6 +1169,9 @@ mod tests {
     }
 
     const NODES: [u32; 3] = [1, 2, 3];
+    /// `ReplicaSettings::settle` in these tests: long against their round trips (well under a
+    /// millisecond) and their election timeout (30-60 ms).
+    const TEST_SETTLE: Duration = Duration::from_millis(500);
 
     fn address() -> ReplicaAddress {
         ReplicaAddress { topic_id: [7; 16], topic: "orders".into(), partition: 0 }
@@ -1149,6 +1242,7 @@ mod tests {
                 tick: Duration::from_millis(2),
                 disk_lost: false,
                 recovery: Rc::new(RecoveryBudget::unbounded()),
+                settle: TEST_SETTLE,
             };
             let network = Rc::downgrade(self);
             let send: SendHook = Rc::new(move |_, message| {
@@ -1381,25 +1475,78 @@ mod tests {
     }
 
     #[test]
-    fn leadership_goes_back_to_the_preferred_leader_once_it_caught_up() {
+    fn leadership_goes_back_to_the_preferred_leader_once_it_caught_up_and_settled() {
         run(async {
             let cluster = Cluster::start(64 << 20).await;
             cluster.produce(10, "warm", 100).await;
-            // Make sure node 1 (the first voter, preferred) does not lead to start with.
-            let leader = cluster.leader(None).await;
-            if leader.address_node() == 1 {
-                assert!(leader.hand_over().await);
+            for down in [false, true] {
+                // Make sure node 1 (the first voter, preferred) does not lead to start with.
+                let leader = cluster.leader(None).await;
+                if leader.address_node() == 1 {
+                    assert!(leader.hand_over().await);
+                }
+                let other = cluster.leader(Some(1)).await;
+                let other_term = other.role().term;
+                assert!(other.settled(1, other_term), "heard from without a gap so far");
+                if down {
+                    // Down past an election timeout (15 ticks of 2 ms at least), missing records.
+                    cluster.down.set(Some(1));
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                }
+                cluster.produce(10, "more", 100).await;
+                cluster.down.set(None);
+                let back = std::time::Instant::now();
+                wait_until("the preferred leader caught up and leadership moved back", || {
+                    other.restore_preferred_leader();
+                    cluster.replica(1).role().role == Role::Leader
+                })
+                .await;
+                assert!(cluster.replica(1).role().term > other_term, "a new term for the handover");
+                if down {
+                    // Without the settle, at once: it keeps up within milliseconds.
+                    let after = back.elapsed();
+                    assert!(after >= TEST_SETTLE / 2, "handed back {after:?} after it was back");
+                }
             }
-            let other = cluster.leader(Some(1)).await;
-            let other_term = other.role().term;
-            cluster.produce(10, "more", 100).await;
-            wait_until("the preferred leader caught up and leadership moved back", || {
-                other.restore_preferred_leader();
-                cluster.replica(1).role().role == Role::Leader
-            })
-            .await;
-            assert!(cluster.replica(1).role().term > other_term, "a new term for the handover");
             cluster.produce(5, "after", 100).await;
+            cluster.stop().await;
+        });
+    }
+
+    #[test]
+    fn a_handover_at_shutdown_prefers_a_follower_heard_from_without_a_recent_gap() {
+        run(async {
+            let cluster = Cluster::start(64 << 20).await;
+            cluster.produce(10, "warm", 100).await;
+            // Node 3 leads; node 1 (first in voter order) was just down, node 2 was not.
+            let mut leader = cluster.leader(None).await;
+            while leader.address_node() != 3 {
+                let mut out = Vec::new();
+                if leader.raft.borrow_mut().transfer_leadership(3, &mut out).is_ok() {
+                    leader.enqueue(out);
+                }
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                leader = cluster.leader(None).await;
+            }
+            // On a loaded machine node 2 may go unheard too (a stalled executor); then again.
+            let term = leader.role().term;
+            for attempt in 1.. {
+                cluster.down.set(Some(1));
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                cluster.down.set(None);
+                wait_until("node 1 heard from again", || {
+                    leader.raft.borrow().followers().iter().any(|f| f.id == 1 && f.silent_ticks <= 3)
+                })
+                .await;
+                // `hand_over` orders the voters before its first await: as these say.
+                if !leader.settled(1, term) && leader.settled(2, term) {
+                    break;
+                }
+                assert!(attempt < 10, "node 2 went unheard too in {attempt} attempts");
+                glommio::timer::sleep(TEST_SETTLE).await;
+            }
+            assert!(leader.hand_over().await);
+            assert_eq!(cluster.leader(Some(3)).await.address_node(), 2, "the settled follower took over");
             cluster.stop().await;
         });
     }

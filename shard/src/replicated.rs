@@ -63,6 +63,12 @@ pub const CONTROLLER_NAME: &str = "__cluster";
 /// How often a leader that is not its partition's preferred leader hands leadership back
 /// to it (when that replica has caught up).
 pub const PREFERRED_LEADER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a leader must hear from a follower it went unheard from (its node down,
+/// restarting or cut off) before it hands leadership to it by choice, and how long a
+/// restarted node's replicas let the others campaign first: as long as clients may back off
+/// from a node they failed to reach (librdkafka's `reconnect.backoff.max.ms`, 10 s; see
+/// `Replica::settled`, `RaftGroup::set_campaign_last`).
+pub const RETURNED_FOLLOWER_SETTLE: Duration = Duration::from_secs(10);
 /// Bytes of controller records read at once when applying.
 const APPLY_READ_BYTES: usize = 1 << 20;
 /// How long a seed holds a follower's metadata request when it has nothing newer: the
@@ -271,6 +277,9 @@ pub(crate) struct ShardCluster {
     /// The nodes this node counts as down, on every shard, with the number of the report
     /// that said so (see the module docs; reports may arrive out of order, as roles do).
     pub down: RefCell<(Vec<u32>, u64)>,
+    /// Nodes no longer counted down, and when they stopped being, for
+    /// [`RETURNED_FOLLOWER_SETTLE`]: their replicas campaign last (`Replica::set_nodes_back`).
+    pub back: RefCell<Vec<(u32, Instant)>>,
     /// One application of metadata at a time: opening a replica awaits, and a second one
     /// (the stored metadata at start and the controller's, say) must not open it again.
     pub applying: glommio::sync::Semaphore,
@@ -311,6 +320,7 @@ impl ShardCluster {
             heard: RefCell::new(HashMap::new()),
             started: Instant::now(),
             down: RefCell::new((Vec::new(), 0)),
+            back: RefCell::new(Vec::new()),
             applying: glommio::sync::Semaphore::new(1),
             coordination: RefCell::new(HashMap::new()),
             producer_ids: crate::producer_ids::ProducerIdBlocks::new(),
@@ -344,6 +354,7 @@ impl ShardCluster {
             seed: random_seed(),
             tick: self.settings.tick,
             recovery: Rc::clone(&self.recovery),
+            settle: RETURNED_FOLLOWER_SETTLE,
         }
     }
 }
@@ -567,8 +578,27 @@ impl Shard {
     pub(crate) fn note_down(&self, down: Vec<u32>, report: u64) {
         let Some(cluster) = self.cluster() else { return };
         let mut known = cluster.down.borrow_mut();
-        if known.1 < report {
-            *known = (down, report);
+        if known.1 >= report {
+            return;
+        }
+        let now = Instant::now();
+        let mut back = cluster.back.borrow_mut();
+        back.retain(|(node, _)| !down.contains(node));
+        for &node in known.0.iter().filter(|node| !down.contains(node)) {
+            back.push((node, now));
+        }
+        *known = (down, report);
+        drop((known, back));
+        self.tell_nodes_back();
+    }
+
+    /// Tells every replica of this shard which nodes are just back (see `ShardCluster::back`).
+    fn tell_nodes_back(&self) {
+        let Some(cluster) = self.cluster() else { return };
+        let nodes: Vec<u32> = cluster.back.borrow().iter().map(|&(node, _)| node).collect();
+        let replicas: Vec<Rc<Replica>> = cluster.replicas.borrow().values().cloned().collect();
+        for replica in replicas {
+            replica.set_nodes_back(&nodes);
         }
     }
 
@@ -970,6 +1000,10 @@ impl Shard {
         )
         .await?;
         let shard = self.me.clone();
+        if let Some(cluster) = self.cluster() {
+            let back: Vec<u32> = cluster.back.borrow().iter().map(|&(node, _)| node).collect();
+            replica.set_nodes_back(&back);
+        }
         replica.set_role_hook(Rc::new(move |address, role| {
             if let Some(shard) = shard.upgrade() {
                 shard.share_role((address.topic_id, address.partition), role);
@@ -1011,6 +1045,13 @@ impl Shard {
                 replica.sample_replication_lag(now, |lag| {
                     self.metrics.replication_lag.observe(lag.as_secs_f64())
                 });
+            }
+            let cluster = self.cluster().expect("a cluster");
+            let settled = |&(_, at): &(u32, Instant)| now.duration_since(at) >= RETURNED_FOLLOWER_SETTLE;
+            let expired = cluster.back.borrow().iter().any(settled);
+            if expired {
+                cluster.back.borrow_mut().retain(|entry| !settled(entry));
+                self.tell_nodes_back();
             }
             if std::time::Instant::now() >= next_balance {
                 next_balance = std::time::Instant::now() + PREFERRED_LEADER_CHECK_INTERVAL;

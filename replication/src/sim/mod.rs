@@ -739,8 +739,15 @@ impl World {
             config.learners = vec![config.id];
         }
         let rng = XorShiftRng::seed_from_u64(self.seed ^ (node as u64) << 48 ^ n.incarnation << 32);
-        let group =
+        let mut group =
             RaftGroup::new(config, restore, rng, &mut out).map_err(|e| format!("restart refused: {e}"))?;
+        // Under random faults, half the time the shell says the replica is just back (as the
+        // daemon's does for a while after a restart): it campaigns last when an election is
+        // brought forward. Scripted scenarios keep the elections they script. (A bit of the
+        // seed rather than a draw from `self.rng`: the seeds keep their runs.)
+        let last =
+            self.options.scenario.is_none() && (self.seed >> ((node as u64 + n.incarnation) % 64)) & 1 == 1;
+        group.set_campaign_last(if last { vec![node as u32 + 1] } else { Vec::new() });
         n.group = Some(group);
         let (incarnation, first_tick) = (n.incarnation, 1 + self.random(self.nodes[node].tick_us));
         self.schedule(first_tick, Event::Tick { node, incarnation });
