@@ -280,6 +280,10 @@ pub(crate) struct ShardCluster {
     /// Nodes no longer counted down, and when they stopped being, for
     /// [`RETURNED_FOLLOWER_SETTLE`]: their replicas campaign last (`Replica::set_nodes_back`).
     pub back: RefCell<Vec<(u32, Instant)>>,
+    /// When this shard's transport last lost its connection to each node (a kill -9 resets
+    /// them all at once): for an election timeout after, metadata names no leader there
+    /// ([`Shard::partition_leader`]).
+    pub lost: RefCell<HashMap<u32, Instant>>,
     /// One application of metadata at a time: opening a replica awaits, and a second one
     /// (the stored metadata at start and the controller's, say) must not open it again.
     pub applying: glommio::sync::Semaphore,
@@ -321,6 +325,7 @@ impl ShardCluster {
             started: Instant::now(),
             down: RefCell::new((Vec::new(), 0)),
             back: RefCell::new(Vec::new()),
+            lost: RefCell::new(HashMap::new()),
             applying: glommio::sync::Semaphore::new(1),
             coordination: RefCell::new(HashMap::new()),
             producer_ids: crate::producer_ids::ProducerIdBlocks::new(),
@@ -500,6 +505,7 @@ impl Shard {
     /// start an election soon (see `RaftGroup::peer_unreachable`).
     pub fn cluster_peer_lost(&self, node: u32) {
         let Some(cluster) = self.cluster() else { return };
+        cluster.lost.borrow_mut().insert(node, Instant::now());
         let replicas: Vec<Rc<Replica>> = cluster.replicas.borrow().values().cloned().collect();
         for replica in replicas {
             replica.peer_unreachable(node);
@@ -876,14 +882,21 @@ impl Shard {
     /// A guess never carries the replica's term: clients keep the leader of the newest epoch
     /// they were told (KIP-320), so a replica campaigning in a term nobody won would otherwise
     /// pin them to the guessed node, away from the leader other nodes name in an older epoch.
+    ///
+    /// A leader whose node this shard lost its connection to within the longest election
+    /// timeout is named as none (`ShardCluster::lost`): the replicas here are electing
+    /// another. Kafka clients then ask again within a few hundred milliseconds (librdkafka's
+    /// query for a leaderless partition starts at `retry.backoff.ms`, 100 ms), where a dead
+    /// leader named would keep them on it, re-asking once a second.
     pub fn partition_leader(&self, placement: &TopicPlacement, partition: u32) -> (Option<u32>, i32) {
-        match self.replica_role(placement.id, partition) {
-            Some(ReplicaRole { leader: Some(leader), term, .. }) => (Some(leader), term),
-            _ => {
-                let replicas = placement.replicas.get(partition as usize).map_or(&[][..], Vec::as_slice);
-                (guessed_leader(replicas, &self.nodes_down()), -1)
-            }
-        }
+        let replicas = placement.replicas.get(partition as usize).map_or(&[][..], Vec::as_slice);
+        let lost_lately = |node: u32| {
+            self.cluster().is_some_and(|cluster| {
+                let window = cluster.settings.tick * cluster.settings.election_ticks * 2;
+                cluster.lost.borrow().get(&node).is_some_and(|at| at.elapsed() < window)
+            })
+        };
+        named_leader(self.replica_role(placement.id, partition), replicas, &self.nodes_down(), lost_lately)
     }
 
     /// The in-sync replicas of every partition this node leads (see [`in_sync_replicas`]).
@@ -1437,6 +1450,22 @@ impl Shard {
     }
 }
 
+/// What metadata names as a partition's leader (see [`Shard::partition_leader`]): the
+/// leader this node's replica heard of (`role`) and its epoch, none if its node's connection
+/// was `lost_lately`; else `guessed_leader`, with epoch -1.
+fn named_leader(
+    role: Option<ReplicaRole>,
+    replicas: &[u32],
+    down: &[u32],
+    lost_lately: impl Fn(u32) -> bool,
+) -> (Option<u32>, i32) {
+    match role {
+        Some(ReplicaRole { leader: Some(leader), term, .. }) if !lost_lately(leader) => (Some(leader), term),
+        Some(ReplicaRole { leader: Some(_), .. }) => (None, -1),
+        _ => (guessed_leader(replicas, down), -1),
+    }
+}
+
 /// The leader metadata names for a partition whose leader this node has not heard of: its
 /// preferred replica (the first), or the first not counted down: a client sent to a down node
 /// cannot even be told NotLeader, and Kafka metadata leaves down nodes' brokers out.
@@ -1456,6 +1485,18 @@ mod tests {
 
     const TICK: Duration = Duration::from_millis(10);
     const LAG_MAX: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn metadata_names_no_leader_while_the_one_heard_of_just_lost_its_connection() {
+        let role = |leader| Some(ReplicaRole { term: 4, role: Role::Follower, leader });
+        let never = |_| false;
+        assert_eq!(named_leader(role(Some(2)), &[1, 2, 3], &[], never), (Some(2), 4));
+        assert_eq!(named_leader(role(Some(2)), &[1, 2, 3], &[], |node| node == 2), (None, -1));
+        assert_eq!(named_leader(role(Some(2)), &[1, 2, 3], &[], |node| node == 3), (Some(2), 4));
+        // No leader heard of: the guess, lost connections or not.
+        assert_eq!(named_leader(role(None), &[1, 2, 3], &[1], |_| true), (Some(2), -1));
+        assert_eq!(named_leader(None, &[1, 2, 3], &[], never), (Some(1), -1));
+    }
 
     #[test]
     fn a_guessed_leader_is_the_first_replica_not_down() {
