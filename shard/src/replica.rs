@@ -327,8 +327,8 @@ impl Replica {
             settings.election_ticks,
         );
         let mut out = Vec::new();
-        let mut raft = RaftGroup::new(config, restore, XorShiftRng::seed_from_u64(settings.seed), &mut out)
-            .map_err(|e| {
+        let rng = XorShiftRng::seed_from_u64(settings.seed);
+        let mut raft = RaftGroup::new(config, restore, rng, &mut out).map_err(|e| {
             ShardError::InvalidConfig(format!("replica of {}/{}: {e}", address.topic, address.partition))
         })?;
         // Clients that failed to reach this node while it was down may not try again for a
@@ -462,11 +462,12 @@ impl Replica {
     }
 
     /// Whether leadership may go to `node` by choice (a preferred leader taking its partition
-    /// back, the first choice of a handover at shutdown): this leader has heard from it without
-    /// a gap of `unheard_ticks` in term `term`, or for at least the settle time since the last. Clients that
-    /// failed to reach a node while it was down back off before they try again (librdkafka
-    /// up to `reconnect.backoff.max.ms`, 10 s), so leadership moved to a node just back can
-    /// leave them waiting that long; an election after a failure does not wait for this.
+    /// back, the first choice of a handover at shutdown): this leader has heard from it
+    /// without a gap of `unheard_ticks` in term `term`, or for at least the settle time since
+    /// the last. Clients that failed to reach a node while it was down back off before they
+    /// try again (librdkafka up to `reconnect.backoff.max.ms`, 10 s), so leadership moved to
+    /// a node just back can leave them waiting that long. Elections do not wait for this; a
+    /// node just back campaigns last instead (`RaftGroup::set_campaign_last`).
     fn settled(&self, node: u32, term: i32) -> bool {
         !self
             .unheard
