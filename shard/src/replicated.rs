@@ -587,14 +587,9 @@ impl Shard {
         if known.1 >= report {
             return;
         }
-        let now = Instant::now();
-        let mut back = cluster.back.borrow_mut();
-        back.retain(|(node, _)| !down.contains(node));
-        for &node in known.0.iter().filter(|node| !down.contains(node)) {
-            back.push((node, now));
-        }
+        note_returns(&mut cluster.back.borrow_mut(), &known.0, &down, Instant::now());
         *known = (down, report);
-        drop((known, back));
+        drop(known);
         self.tell_nodes_back();
     }
 
@@ -1450,6 +1445,15 @@ impl Shard {
     }
 }
 
+/// Updates `back` (nodes just back, and since when: [`ShardCluster::back`]) for the nodes
+/// counted down going from `before` to `after` at `now`: one counted down again is not back.
+fn note_returns(back: &mut Vec<(u32, Instant)>, before: &[u32], after: &[u32], now: Instant) {
+    back.retain(|(node, _)| !after.contains(node));
+    for &node in before.iter().filter(|node| !after.contains(node)) {
+        back.push((node, now));
+    }
+}
+
 /// What metadata names as a partition's leader (see [`Shard::partition_leader`]): the
 /// leader this node's replica heard of (`role`) and its epoch, none if its node's connection
 /// was `lost_lately`; else `guessed_leader`, with epoch -1.
@@ -1485,6 +1489,20 @@ mod tests {
 
     const TICK: Duration = Duration::from_millis(10);
     const LAG_MAX: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn a_node_no_longer_counted_down_is_back_until_counted_down_again() {
+        let (t0, t1) = (Instant::now(), Instant::now() + Duration::from_secs(1));
+        let mut back = Vec::new();
+        note_returns(&mut back, &[], &[2, 3], t0);
+        assert!(back.is_empty(), "going down is no return");
+        note_returns(&mut back, &[2, 3], &[3], t0);
+        assert_eq!(back, [(2, t0)]);
+        note_returns(&mut back, &[3], &[], t1);
+        assert_eq!(back, [(2, t0), (3, t1)]);
+        note_returns(&mut back, &[], &[2], t1);
+        assert_eq!(back, [(3, t1)], "down again: no longer back");
+    }
 
     #[test]
     fn metadata_names_no_leader_while_the_one_heard_of_just_lost_its_connection() {
