@@ -1456,7 +1456,10 @@ fn note_returns(back: &mut Vec<(u32, Instant)>, before: &[u32], after: &[u32], n
 
 /// What metadata names as a partition's leader (see [`Shard::partition_leader`]): the
 /// leader this node's replica heard of (`role`) and its epoch, none if its node's connection
-/// was `lost_lately`; else `guessed_leader`, with epoch -1.
+/// was `lost_lately`; else `guessed_leader`, with epoch -1, passing over the nodes lost
+/// lately as it does those down, and none if it still falls on one. (A replica campaigning
+/// after its leader's connection reset knows no leader: the guess, the preferred replica,
+/// was then the dead node.)
 fn named_leader(
     role: Option<ReplicaRole>,
     replicas: &[u32],
@@ -1466,7 +1469,11 @@ fn named_leader(
     match role {
         Some(ReplicaRole { leader: Some(leader), term, .. }) if !lost_lately(leader) => (Some(leader), term),
         Some(ReplicaRole { leader: Some(_), .. }) => (None, -1),
-        _ => (guessed_leader(replicas, down), -1),
+        _ => {
+            let unreachable: Vec<u32> =
+                replicas.iter().copied().filter(|&id| down.contains(&id) || lost_lately(id)).collect();
+            (guessed_leader(replicas, &unreachable).filter(|&id| !lost_lately(id)), -1)
+        }
     }
 }
 
@@ -1505,15 +1512,19 @@ mod tests {
     }
 
     #[test]
-    fn metadata_names_no_leader_while_the_one_heard_of_just_lost_its_connection() {
+    fn metadata_never_names_a_node_whose_connection_was_just_lost() {
         let role = |leader| Some(ReplicaRole { term: 4, role: Role::Follower, leader });
         let never = |_| false;
         assert_eq!(named_leader(role(Some(2)), &[1, 2, 3], &[], never), (Some(2), 4));
         assert_eq!(named_leader(role(Some(2)), &[1, 2, 3], &[], |node| node == 2), (None, -1));
         assert_eq!(named_leader(role(Some(2)), &[1, 2, 3], &[], |node| node == 3), (Some(2), 4));
-        // No leader heard of: the guess, lost connections or not.
-        assert_eq!(named_leader(role(None), &[1, 2, 3], &[1], |_| true), (Some(2), -1));
+        // No leader heard of: the guess, past the nodes down and those lost lately.
         assert_eq!(named_leader(None, &[1, 2, 3], &[], never), (Some(1), -1));
+        assert_eq!(named_leader(role(None), &[1, 2, 3], &[1], never), (Some(2), -1));
+        assert_eq!(named_leader(role(None), &[1, 2, 3], &[], |node| node == 1), (Some(2), -1));
+        assert_eq!(named_leader(role(None), &[1, 2, 3], &[2], |node| node != 2), (None, -1));
+        // Every replica down and none lost: still the preferred one (it may be back first).
+        assert_eq!(named_leader(role(None), &[1, 2, 3], &[1, 2, 3], never), (Some(1), -1));
     }
 
     #[test]
