@@ -54,7 +54,8 @@ pub async fn cluster_json(shard: &Shard, node_id: u32, cluster_id: &str) -> Http
                 "failure": status.failure,
                 "core": {"role": format!("{:?}", status.core.role), "term": status.core.term,
                          "leader": status.core.leader, "log_end": status.core.log_end,
-                         "durable_end": status.core.durable_end, "recovering": status.core.recovering},
+                         "durable_end": status.core.durable_end, "recovering": status.core.recovering,
+                         "campaign_last": status.core.campaign_last},
                 "queued_actions": status.queued_actions, "performing": status.performing,
             })
         })

@@ -579,6 +579,11 @@ impl RaftGroup {
         self.campaign_last = voters;
     }
 
+    /// What the shell last named with [`RaftGroup::set_campaign_last`].
+    pub fn campaign_last(&self) -> &[ReplicaId] {
+        &self.campaign_last
+    }
+
     /// Brings our election forward to the next tick, staggered by our rank (a quarter of an
     /// election timeout apart) so that replicas doing it at once do not split the vote: our
     /// position among the voters but `absent`. With `by_return` (the leader is lost: any of

@@ -175,6 +175,8 @@ pub struct CoreStatus {
     pub log_end: i64,
     pub durable_end: i64,
     pub recovering: bool,
+    /// The voters it takes as just back (`RaftGroup::set_campaign_last`).
+    pub campaign_last: Vec<u32>,
 }
 
 /// What supersedes the beginning of a compacted log: once the log is committed and durable
@@ -654,6 +656,7 @@ impl Replica {
                 log_end: raft.log_end(),
                 durable_end: raft.durable_end(),
                 recovering: raft.recovering(),
+                campaign_last: raft.campaign_last().to_vec(),
             },
             queued_actions: self.actions.borrow().len(),
             performing: self.performing.get(),

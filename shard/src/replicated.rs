@@ -1606,6 +1606,7 @@ mod tests {
                 log_end: 100_000,
                 durable_end: 100_000,
                 recovering: false,
+                campaign_last: Vec::new(),
             },
             queued_actions: 0,
             performing: None,
