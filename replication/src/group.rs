@@ -1206,12 +1206,18 @@ impl RaftGroup {
             Body::PreVote { last_epoch, log_end } => {
                 self.on_pre_vote(from, message.term, last_epoch, log_end, out)
             }
+            Body::PreVoteResponse { .. } if self.role != Role::PreCandidate => {}
             Body::PreVoteResponse { granted } => {
-                if self.role == Role::PreCandidate
-                    && message.term == self.hard.term + 1
-                    && self.record_vote(from, granted)
-                {
+                if message.term == self.hard.term + 1 && self.record_vote(from, granted) {
                     self.campaign(false, log, out);
+                } else if !granted && self.leader_unreachable.is_some_and(|(_, until)| self.ticks < until) {
+                    // Refused (a refusal carries the voter's term, ours) soon after our
+                    // leader's connection was lost: the voter may not have seen the loss yet
+                    // (its lease). Ask again in a quarter of an election timeout, not a whole
+                    // one, or one ranked after us (just back, say) campaigns first and wins.
+                    // Only within that window.
+                    let soon = u64::from((self.config.election_ticks / 4).max(1));
+                    self.election_deadline_tick = self.election_deadline_tick.min(self.ticks + soon);
                 }
             }
             Body::Vote { last_epoch, log_end, transfer: _ } => self.on_vote(from, last_epoch, log_end, out),
@@ -2255,8 +2261,8 @@ mod tests {
         }
 
         /// Ticks replicas 2 and 3 (1 is down) until one of them leads, within `ticks` ticks
-        /// (an election timeout of the tests' configuration is 10).
-        fn followers_elect_within(&mut self, ticks: u32) {
+        /// (an election timeout of the tests' configuration is 10); returns the ticks taken.
+        fn followers_elect_within(&mut self, ticks: u32) -> u32 {
             let mut ticked = 0;
             while !self.groups[1..].iter().any(|g| g.role() == Role::Leader) {
                 ticked += 1;
@@ -2265,6 +2271,7 @@ mod tests {
                 sent.extend(self.tick(3));
                 self.settle(sent);
             }
+            ticked
         }
 
         /// Ticks replica 1 until it leads.
@@ -2651,20 +2658,31 @@ mod tests {
             trio.groups[1].set_campaign_last(two_says);
             trio.groups[2].set_campaign_last(three_says.clone());
             trio.replica_1_dies();
-            let mut ticks = 0;
-            while !trio.groups[1..].iter().any(|g| g.role() == Role::Leader) {
-                ticks += 1;
-                assert!(ticks <= 10, "{case}: no leader within an election timeout");
-                let mut sent = trio.tick(2);
-                sent.extend(trio.tick(3));
-                trio.settle(sent);
-            }
+            let ticks = trio.followers_elect_within(10);
             let expected = if last { [Role::Follower, Role::Leader] } else { [Role::Leader, Role::Follower] };
             assert_eq!([trio.groups[1].role(), trio.groups[2].role()], expected, "{case}");
             if !three_says.is_empty() {
                 assert!(ticks <= 2, "{case}: replica 3 went at once, elected after {ticks} ticks");
             }
         }
+    }
+
+    /// Replica 2 saw the leader's connection end and asks at once; replica 3, which has not
+    /// yet, refuses for its lease, then sees it too, but is just back and ranks last. Replica
+    /// 2 asks again a quarter of an election timeout later and wins, before 3's turn.
+    #[test]
+    fn a_pre_vote_refused_for_a_lease_after_the_leader_was_lost_is_asked_again_soon() {
+        let mut trio = Trio::new();
+        trio.elect_first();
+        trio.groups[2].set_campaign_last(vec![3]);
+        trio.down = Some(1);
+        trio.groups[1].peer_unreachable(1);
+        let sent = trio.tick(2);
+        trio.settle(sent);
+        assert_eq!(trio.groups[1].role(), Role::PreCandidate, "refused: 3 still counts on the leader");
+        trio.groups[2].peer_unreachable(1);
+        trio.followers_elect_within(10);
+        assert_eq!(trio.groups[1].role(), Role::Leader, "replica 2 asked again before 3's turn");
     }
 
     /// Heartbeats a leader sent just before it died, handled after its followers saw its
