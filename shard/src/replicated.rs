@@ -558,6 +558,12 @@ impl Shard {
         self.cluster().map_or_else(Vec::new, |cluster| cluster.down.borrow().0.clone())
     }
 
+    /// The nodes just back from being counted down (see `ShardCluster::back`).
+    fn nodes_back(&self) -> Vec<u32> {
+        self.cluster()
+            .map_or_else(Vec::new, |cluster| cluster.back.borrow().iter().map(|&(node, _)| node).collect())
+    }
+
     /// Shard 0: records the nodes counted as down, if they changed, and tells the other shards.
     fn share_down(self: &Rc<Self>, down: Vec<u32>) {
         let Some(cluster) = self.cluster() else { return };
@@ -596,7 +602,7 @@ impl Shard {
     /// Tells every replica of this shard which nodes are just back (see `ShardCluster::back`).
     fn tell_nodes_back(&self) {
         let Some(cluster) = self.cluster() else { return };
-        let nodes: Vec<u32> = cluster.back.borrow().iter().map(|&(node, _)| node).collect();
+        let nodes = self.nodes_back();
         let replicas: Vec<Rc<Replica>> = cluster.replicas.borrow().values().cloned().collect();
         for replica in replicas {
             replica.set_nodes_back(&nodes);
@@ -1008,10 +1014,7 @@ impl Shard {
         )
         .await?;
         let shard = self.me.clone();
-        if let Some(cluster) = self.cluster() {
-            let back: Vec<u32> = cluster.back.borrow().iter().map(|&(node, _)| node).collect();
-            replica.set_nodes_back(&back);
-        }
+        replica.set_nodes_back(&self.nodes_back());
         replica.set_role_hook(Rc::new(move |address, role| {
             if let Some(shard) = shard.upgrade() {
                 shard.share_role((address.topic_id, address.partition), role);
@@ -1045,8 +1048,8 @@ impl Shard {
         let mut next_balance = std::time::Instant::now() + PREFERRED_LEADER_CHECK_INTERVAL;
         while !self.shutting_down.get() {
             glommio::timer::sleep(tick).await;
-            let replicas: Vec<Rc<Replica>> =
-                self.cluster().expect("a cluster").replicas.borrow().values().cloned().collect();
+            let cluster = self.cluster().expect("a cluster");
+            let replicas: Vec<Rc<Replica>> = cluster.replicas.borrow().values().cloned().collect();
             let now = std::time::Instant::now();
             for replica in &replicas {
                 replica.tick();
@@ -1054,7 +1057,6 @@ impl Shard {
                     self.metrics.replication_lag.observe(lag.as_secs_f64())
                 });
             }
-            let cluster = self.cluster().expect("a cluster");
             let settled = |&(_, at): &(u32, Instant)| now.duration_since(at) >= RETURNED_FOLLOWER_SETTLE;
             let expired = cluster.back.borrow().iter().any(settled);
             if expired {
