@@ -24,11 +24,14 @@ def _binary(variable: str, default=None) -> str:
 
 
 def pytest_configure(config):
-    # Refuse to start without the binaries or kcat rather than fail every test one by one.
+    # Refuse to start without the binaries, kcat or kafkajs rather than fail every test one by one.
     pyralog = _binary("PYRALOG_BIN")
     _binary("PYRALOG_BENCH", os.path.join(os.path.dirname(pyralog), "pyralog-bench"))
     if shutil.which("kcat") is None:
         raise pytest.UsageError("kcat is not installed (scripts/compat/run.sh installs it)")
+    kafkajs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js", "node_modules", "kafkajs")
+    if shutil.which("node") is None or not os.path.isdir(kafkajs):
+        raise pytest.UsageError("node or kafkajs is missing (scripts/compat/run.sh installs them: npm ci in scripts/compat/js)")
 
 
 @pytest.fixture(scope="session")

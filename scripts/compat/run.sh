@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The real-client compatibility suite: builds the pyralog daemon and pyralog-bench, and runs
-# kcat, confluent-kafka (librdkafka) and kafka-python against it on 127.0.0.1 (one fresh node
-# per test), then the cluster tests (three nodes) in a network namespace of their own. Installs
-# what is missing on a fresh Debian machine (as root): kcat and iptables from Debian, the Python
-# packages from PyPI at pinned versions. Extra arguments go to pytest (-k NAME ...).
+# kcat, confluent-kafka (librdkafka), kafka-python and kafkajs against it on 127.0.0.1 (one
+# fresh node per test), then the cluster tests (three nodes) in a network namespace of their
+# own. Installs what is missing on a fresh Debian machine (as root): kcat, iptables and Node.js
+# from Debian, the Python packages from PyPI at pinned versions, kafkajs from npm at the version
+# scripts/compat/js/package-lock.json pins. Extra arguments go to pytest (-k NAME ...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -30,6 +31,17 @@ if ! command -v iptables >/dev/null; then
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y iptables
 fi
+
+# Node.js runs kafkajs (scripts/compat/js).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  if [[ "$(id -u)" != 0 ]]; then
+    echo "scripts/compat/run.sh: node or npm is missing; install the Debian packages nodejs and npm (needs root)" >&2
+    exit 1
+  fi
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm
+fi
+npm ci --prefix scripts/compat/js --prefer-offline --no-audit --no-fund --silent
 
 missing=()
 for pin in "${PIP_PINS[@]}"; do

@@ -443,6 +443,95 @@ def test_kafka_python_and_kcat_follow_killed_leaders_and_lose_nothing(cluster, k
     cluster.node(coordinator).start().wait_ready()
 
 
+JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
+
+
+class KafkaJsProducer:
+    """BackgroundProducer's twin in kafkajs (JavaScript, protocol code of its own): js/producer.js
+    in a node process, idempotent, acks=all, writing until stopped, one partition per send (a
+    send spanning brokers is retried wrongly by kafkajs itself: see producer.js); what it
+    acknowledged is read from its output as it goes."""
+
+    def __init__(self, bootstrap, topic, partitions):
+        import subprocess
+        import tempfile
+        import threading
+        self.acknowledged, self.errors = {}, []
+        self.sent = None
+        self._stderr = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(["node", os.path.join(JS_DIR, "producer.js"), bootstrap, topic, str(partitions)],
+                                         stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        _background_producers.append(self)
+
+    def _read(self):
+        import json
+        for line in self._process.stdout:
+            line = json.loads(line)
+            if "error" in line:
+                self.errors.append(line["error"])
+            elif "done" in line:
+                self.sent = line["done"]
+            else:
+                self.acknowledged[(line["p"], line["o"])] = line["v"]
+
+    def stop(self):
+        """Stops writing once the send in flight is answered; what was acknowledged."""
+        import signal
+        self._process.send_signal(signal.SIGTERM)
+        returncode = self._process.wait(timeout=CLIENT_TIMEOUT_S)
+        self._reader.join(timeout=CLIENT_TIMEOUT_S)
+        self._stderr.seek(0)
+        assert returncode == 0 and self.sent is not None, \
+            f"producer.js exited {returncode}: {self._stderr.read()[-2000:].decode(errors='replace')}"
+        return self.acknowledged
+
+    def abandon(self):
+        self._process.kill()
+        self._process.wait()
+
+
+def kafkajs_consume(bootstrap, topic, group, min_records):
+    """Reads `topic` with js/consumer.js in consumer group `group` from its committed offsets,
+    until at least `min_records` came and then nothing for a second: {(partition, offset):
+    value}; a record read twice fails."""
+    import json
+    import subprocess
+    done = subprocess.run(["node", os.path.join(JS_DIR, "consumer.js"), bootstrap, topic, group, str(min_records),
+                           str(int(CLIENT_TIMEOUT_S * 1000))],
+                          capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S + 15)
+    assert done.returncode == 0, f"consumer.js exited {done.returncode}: {done.stderr[-2000:]}{done.stdout[-2000:]}"
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert not [line for line in lines if "error" in line], lines[-5:]
+    records = {}
+    for line in lines:
+        if "p" in line:
+            key = (line["p"], line["o"])
+            assert key not in records, f"offset {key} read twice"
+            records[key] = line["v"]
+    assert lines[-1] == {"done": len(records)}, lines[-1]
+    return records
+
+
+def test_kafkajs_follows_killed_leaders_and_its_group_reads_everything_once(cluster):
+    """kafkajs, a client with protocol code of its own (no librdkafka): its idempotent producer
+    writes through three kills of a leader, its consumer group then reads every acknowledged
+    record once at its offset, and the group's commits hold: the group started again reads
+    nothing, and reads what is written after."""
+    create_topic(cluster.node(3).bootstrap, "js", 2, 3)
+    wait_until("partition 0 has a leader", lambda: leader_node(cluster.bootstrap, "js", 0))
+    producer = KafkaJsProducer(cluster.bootstrap, "js", 2)
+    acknowledged = kill_the_leader_again_and_again(cluster, producer, "js", progress=200)
+    records = kafkajs_consume(cluster.bootstrap, "js", "js-group", len(acknowledged))
+    check_exactly_once(records, acknowledged)
+    assert kafkajs_consume(cluster.bootstrap, "js", "js-group", 0) == {}
+    producer = KafkaJsProducer(cluster.bootstrap, "js", 2)
+    wait_until("the producer makes progress", lambda: len(producer.acknowledged) > 20)
+    more = producer.stop()
+    assert kafkajs_consume(cluster.bootstrap, "js", "js-group", len(more)) == more
+
+
 def test_a_rolling_restart_hands_every_leadership_over_and_loses_nothing(cluster, pyralog_bin):
     """SIGTERM on each node in turn, under an idempotent acks=all producer: each hands the
     partitions it leads to in-sync followers before it stops (and says so), and the producer
