@@ -2,8 +2,8 @@
 # Runs every check and test: formatting, clippy, unit, property and integration tests (the
 # integration tests start the real daemon on 127.0.0.1 and mount a small tmpfs, so they need
 # root, as on CI and the developers' machines), then the real-client Kafka suite
-# (scripts/compat: kcat, confluent-kafka, kafka-python, kafkajs, installed by it when missing).
-# Works on a fresh Debian machine with the Rust toolchain and Python 3.
+# (scripts/compat: kcat, confluent-kafka, kafka-python, kafkajs, aiokafka, installed by it when
+# missing). Works on a fresh Debian machine with the Rust toolchain and Python 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Builds into the repository's target/ (the README's by-hand build and every script share it),

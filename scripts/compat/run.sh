@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The real-client compatibility suite: builds the pyralog daemon and pyralog-bench, and runs
 # kcat, confluent-kafka (librdkafka), kafka-python and kafkajs against it on 127.0.0.1 (one
-# fresh node per test), then the cluster tests (three nodes) in a network namespace of their
-# own. Installs what is missing on a fresh Debian machine (as root): kcat, iptables and Node.js
+# fresh node per test), then the cluster tests (three nodes, aiokafka too) in a network
+# namespace of their own. Installs what is missing on a fresh Debian machine (as root): kcat, iptables and Node.js
 # from Debian, the Python packages from PyPI at pinned versions, kafkajs from npm at the version
 # scripts/compat/js/package-lock.json pins. Extra arguments go to pytest (-k NAME ...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-python3}
-PIP_PINS=(confluent-kafka==2.16.1 kafka-python==3.0.12 matplotlib==3.11.2 prometheus-client==0.26.0 pytest==9.2.0)
+PIP_PINS=(aiokafka==0.14.0 confluent-kafka==2.16.1 kafka-python==3.0.12 matplotlib==3.11.2 prometheus-client==0.26.0 pytest==9.2.0)
 # The whole run, builds excluded, stops by itself even if a client call hangs.
 SUITE_TIMEOUT_S=900
 

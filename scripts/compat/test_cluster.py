@@ -532,6 +532,92 @@ def test_kafkajs_follows_killed_leaders_and_its_group_reads_everything_once(clus
     assert kafkajs_consume(cluster.bootstrap, "js", "js-group", len(more)) == more
 
 
+class AioKafkaProducer:
+    """BackgroundProducer's twin in aiokafka (asyncio; its producer and its retries are its
+    own): idempotent, acks=all, writing until stopped from an event loop of its own thread,
+    keeping what was acknowledged."""
+
+    def __init__(self, bootstrap, topic):
+        import asyncio
+        import threading
+        self.acknowledged, self.errors = {}, []
+        self.sent = 0
+        self._bootstrap, self._topic = bootstrap, topic
+        self._stop = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
+        self._thread.start()
+        _background_producers.append(self)
+
+    async def _run(self):
+        import asyncio
+        from aiokafka import AIOKafkaProducer
+        producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap.split(","), enable_idempotence=True,
+                                    acks="all", linger_ms=2, request_timeout_ms=30000)
+        await producer.start()
+        pending = set()
+
+        def delivered(future, value):
+            if future.exception() is not None:
+                self.errors.append(future.exception())
+            else:
+                sent = future.result()
+                self.acknowledged[(sent.partition, sent.offset)] = value
+        try:
+            while not self._stop.is_set():
+                value = f"aio-{self.sent}".encode()
+                future = await producer.send(self._topic, key=str(self.sent).encode(), value=value)
+                future.add_done_callback(lambda f, value=value: delivered(f, value))
+                pending.add(future)
+                pending = {f for f in pending if not f.done()}
+                self.sent += 1
+                # About 2,000 records a second, as the kafka-python producer.
+                await asyncio.sleep(0.0005)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=90.0)
+        assert not self._thread.is_alive(), "aiokafka's producer did not stop"
+        return self.acknowledged
+
+    def abandon(self):
+        self._stop.set()
+        self._thread.join(timeout=CLIENT_TIMEOUT_S)
+
+
+def test_aiokafka_follows_killed_leaders_and_loses_nothing(cluster):
+    """aiokafka (asyncio): its idempotent producer writes through three kills of a leader and
+    its consumer reads every acknowledged record back once, at its offset."""
+    import asyncio
+    from aiokafka import AIOKafkaConsumer, TopicPartition as AioTopicPartition
+    create_topic(cluster.node(1).bootstrap, "aio", 2, 3)
+    wait_until("partition 0 has a leader", lambda: leader_node(cluster.bootstrap, "aio", 0))
+    producer = AioKafkaProducer(cluster.bootstrap, "aio")
+    acknowledged = kill_the_leader_again_and_again(cluster, producer, "aio", progress=200)
+
+    async def read():
+        consumer = AIOKafkaConsumer(bootstrap_servers=cluster.bootstrap.split(","), enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            consumer.assign([AioTopicPartition("aio", p) for p in (0, 1)])
+            records = {}
+            deadline = time.monotonic() + CLIENT_TIMEOUT_S
+            while time.monotonic() < deadline and any(key not in records for key in acknowledged):
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    for record in batch:
+                        key = (record.partition, record.offset)
+                        assert key not in records, f"offset {key} read twice"
+                        records[key] = record.value
+            return records
+        finally:
+            await consumer.stop()
+    check_exactly_once(asyncio.run(read()), acknowledged)
+
+
 def test_a_rolling_restart_hands_every_leadership_over_and_loses_nothing(cluster, pyralog_bin):
     """SIGTERM on each node in turn, under an idempotent acks=all producer: each hands the
     partitions it leads to in-sync followers before it stops (and says so), and the producer
