@@ -109,6 +109,12 @@ big="$big_count --duration $secs"
 start_node --durability sync
 r=$(bench produce --topic lat-sync $latency --linger-ms 1)
 report "produce sync 1 KiB at 20k msg/s" "$r" "target p99 < 2000 us; $(lag "$r")"
+# A fresh node's first gigabyte of request frames lands in memory never touched before (until
+# each shard's cache, --cache-bytes, is full and recycles), each page faulted in: its first
+# seconds at this load run at 0.3-0.9 of the rest (bench/RESULTS.md, session 22). Reported,
+# then the throughput runs measure the node as it runs from then on.
+r=$(bench produce --topic warm-up --message-bytes 1024 $big_count --duration 3)
+report "produce sync 1 KiB, fresh node, 3 s" "$r" "warm-up: memory the node touches first"
 before=$(fio_best 2>/dev/null)
 r=$(bench produce --topic sync1k --message-bytes 1024 $big)
 sync1k_acked=$(echo "$r" | field "d['acked']")
