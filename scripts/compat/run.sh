@@ -2,9 +2,10 @@
 # The real-client compatibility suite: builds the pyralog daemon and pyralog-bench, and runs
 # kcat, confluent-kafka (librdkafka), kafka-python and kafkajs against it on 127.0.0.1 (one
 # fresh node per test), then the cluster tests (three nodes, aiokafka too) in a network
-# namespace of their own. Installs what is missing on a fresh Debian machine (as root): kcat, iptables and Node.js
-# from Debian, the Python packages from PyPI at pinned versions, kafkajs from npm at the version
-# scripts/compat/js/package-lock.json pins. Extra arguments go to pytest (-k NAME ...).
+# namespace of their own. Installs what is missing on a fresh Debian machine (as root): kcat,
+# iptables and Node.js from Debian, the Python packages from PyPI at pinned versions, kafkajs
+# from npm at the version scripts/compat/js/package-lock.json pins. Extra arguments go to
+# pytest (-k NAME ...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
