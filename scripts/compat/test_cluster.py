@@ -492,37 +492,95 @@ class KafkaJsProducer:
         self._process.wait()
 
 
-def kafkajs_consume(bootstrap, topic, group, min_records):
-    """Reads `topic` with js/consumer.js in consumer group `group` from its committed offsets,
-    until at least `min_records` came and then nothing for a second: {(partition, offset):
-    value}; a record read twice fails."""
+def kafkajs_records(stdout, once=True):
+    """The records js/consumer.js printed, {(partition, offset): value}, once it ended without
+    an error. With `once`, a record read twice fails; without (a group whose coordinator moved
+    reads again from its last commit), an offset must hold the same record each time."""
     import json
-    import subprocess
-    done = subprocess.run(["node", os.path.join(JS_DIR, "consumer.js"), bootstrap, topic, group, str(min_records),
-                           str(int(CLIENT_TIMEOUT_S * 1000))],
-                          capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S + 15)
-    assert done.returncode == 0, f"consumer.js exited {done.returncode}: {done.stderr[-2000:]}{done.stdout[-2000:]}"
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    lines = [json.loads(line) for line in stdout.splitlines()]
     assert not [line for line in lines if "error" in line], lines[-5:]
     records = {}
     for line in lines:
         if "p" in line:
             key = (line["p"], line["o"])
-            assert key not in records, f"offset {key} read twice"
-            records[key] = line["v"]
-    assert lines[-1] == {"done": len(records)}, lines[-1]
+            assert not (once and key in records), f"offset {key} read twice"
+            assert records.setdefault(key, line["v"]) == line["v"], f"offset {key} read as two records"
+    assert "done" in lines[-1], lines[-1]
     return records
+
+
+class KafkaJsReader:
+    """js/consumer.js reading `topic` in consumer group `group` until stopped, its records
+    ({(partition, offset): value}) taken from its output as they come (kafkajs_records'
+    checks, a record read again allowed)."""
+
+    def __init__(self, bootstrap, topic, group):
+        import subprocess
+        import tempfile
+        import threading
+        self.records = {}
+        self._lines = []
+        self._stderr = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(["node", os.path.join(JS_DIR, "consumer.js"), bootstrap, topic, group,
+                                          str(10**9), str(10**9)],
+                                         stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        import json
+        for line in self._process.stdout:
+            self._lines.append(line)
+            record = json.loads(line)
+            if "p" in record:
+                self.records.setdefault((record["p"], record["o"]), record["v"])
+
+    def stop(self):
+        """Stops it (SIGTERM: it leaves the group); what it read."""
+        import signal
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            returncode = self._process.wait(timeout=CLIENT_TIMEOUT_S)
+        finally:
+            self._process.kill()
+        self._reader.join(timeout=CLIENT_TIMEOUT_S)
+        self._stderr.seek(0)
+        assert returncode == 0, \
+            f"consumer.js exited {returncode}: {self._stderr.read()[-2000:].decode(errors='replace')}"
+        return kafkajs_records("".join(self._lines), once=False)
+
+
+def kafkajs_consume(bootstrap, topic, group, min_records):
+    """Reads `topic` with js/consumer.js in consumer group `group` from its committed offsets,
+    until at least `min_records` came and then nothing for a second: {(partition, offset):
+    value}; a record read twice fails."""
+    import subprocess
+    done = subprocess.run(["node", os.path.join(JS_DIR, "consumer.js"), bootstrap, topic, group, str(min_records),
+                           str(int(CLIENT_TIMEOUT_S * 1000))],
+                          capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S + 15)
+    assert done.returncode == 0, f"consumer.js exited {done.returncode}: {done.stderr[-2000:]}{done.stdout[-2000:]}"
+    return kafkajs_records(done.stdout)
 
 
 def test_kafkajs_follows_killed_leaders_and_its_group_reads_everything_once(cluster):
     """kafkajs, a client with protocol code of its own (no librdkafka): its idempotent producer
-    writes through three kills of a leader, its consumer group then reads every acknowledged
-    record once at its offset, and the group's commits hold: the group started again reads
-    nothing, and reads what is written after."""
+    writes through three kills of a leader while a consumer group of it reads along (it gets
+    every acknowledged record, each offset one record); another group then reads every
+    acknowledged record once at its offset, and that group's commits hold: started again it
+    reads nothing, and reads what is written after."""
     create_topic(cluster.node(3).bootstrap, "js", 2, 3)
     wait_until("partition 0 has a leader", lambda: leader_node(cluster.bootstrap, "js", 0))
-    producer = KafkaJsProducer(cluster.bootstrap, "js", 2)
-    acknowledged = kill_the_leader_again_and_again(cluster, producer, "js", progress=200)
+    reader = KafkaJsReader(cluster.bootstrap, "js", "js-live")
+    try:
+        producer = KafkaJsProducer(cluster.bootstrap, "js", 2)
+        acknowledged = kill_the_leader_again_and_again(cluster, producer, "js", progress=200)
+        # A kill of the group's coordinator restarts its join (and the group's initial delay).
+        wait_until("the group reading along has every acknowledged record",
+                   lambda: all(key in reader.records for key in acknowledged), timeout_s=60.0)
+    finally:
+        read_along = reader.stop()
+    missing = [key for key, value in acknowledged.items() if read_along.get(key) != value]
+    assert not missing, f"{len(missing)} acknowledged records read along at other offsets: {missing[:5]}"
     records = kafkajs_consume(cluster.bootstrap, "js", "js-group", len(acknowledged))
     check_exactly_once(records, acknowledged)
     assert kafkajs_consume(cluster.bootstrap, "js", "js-group", 0) == {}

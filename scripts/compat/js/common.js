@@ -3,9 +3,15 @@
 'use strict';
 const { Kafka, logLevel } = require('kafkajs');
 
-/** A kafkajs client of the comma-separated BOOTSTRAP, logging errors only (to stderr). */
+/**
+ * A kafkajs client of the comma-separated BOOTSTRAP, logging errors only, or at the level
+ * $PYRALOG_KAFKAJS_LOG names (DEBUG, INFO, WARN) for chasing a failure.
+ */
 function client(bootstrap) {
-  return new Kafka({ clientId: 'compat-kafkajs', brokers: bootstrap.split(','), logLevel: logLevel.ERROR });
+  const level = logLevel[process.env.PYRALOG_KAFKAJS_LOG || 'ERROR'];
+  // kafkajs logs INFO and DEBUG through console.info and console.log: stdout is the scripts'.
+  console.log = console.info = console.error;
+  return new Kafka({ clientId: 'compat-kafkajs', brokers: bootstrap.split(','), logLevel: level });
 }
 
 function print(line) {
