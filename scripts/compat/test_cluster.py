@@ -446,45 +446,67 @@ def test_kafka_python_and_kcat_follow_killed_leaders_and_lose_nothing(cluster, k
 JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
 
 
-class KafkaJsProducer:
-    """BackgroundProducer's twin in kafkajs (JavaScript, protocol code of its own): js/producer.js
-    in a node process, idempotent, acks=all, writing until stopped, one partition per send (a
-    send spanning brokers is retried wrongly by kafkajs itself: see producer.js); what it
-    acknowledged is read from its output as it goes."""
+class KafkaJsScript:
+    """A script of js/ in a node process, each JSON line of its output handed to `_line` as it
+    comes (from a thread of its own), its stderr kept for the report of a failure."""
 
-    def __init__(self, bootstrap, topic, partitions):
+    def __init__(self, script, *args):
         import subprocess
         import tempfile
         import threading
-        self.acknowledged, self.errors = {}, []
-        self.sent = None
+        self._name = script
         self._stderr = tempfile.TemporaryFile()
-        self._process = subprocess.Popen(["node", os.path.join(JS_DIR, "producer.js"), bootstrap, topic, str(partitions)],
+        self._process = subprocess.Popen(["node", os.path.join(JS_DIR, script), *map(str, args)],
                                          stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        _background_producers.append(self)
 
     def _read(self):
         import json
         for line in self._process.stdout:
-            line = json.loads(line)
-            if "error" in line:
-                self.errors.append(line["error"])
-            elif "done" in line:
-                self.sent = line["done"]
-            else:
-                self.acknowledged[(line["p"], line["o"])] = line["v"]
+            self._line(line, json.loads(line))
+
+    def _line(self, text, record):
+        raise NotImplementedError
+
+    def _end(self):
+        """SIGTERM, then its exit (it must exit 0) and its last line read."""
+        import signal
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            returncode = self._process.wait(timeout=CLIENT_TIMEOUT_S)
+        finally:
+            self._process.kill()
+        self._reader.join(timeout=CLIENT_TIMEOUT_S)
+        self._stderr.seek(0)
+        assert returncode == 0, \
+            f"{self._name} exited {returncode}: {self._stderr.read()[-2000:].decode(errors='replace')}"
+
+
+class KafkaJsProducer(KafkaJsScript):
+    """BackgroundProducer's twin in kafkajs (JavaScript, protocol code of its own): js/producer.js,
+    idempotent, acks=all, writing until stopped, one partition per send (a send spanning
+    brokers is retried wrongly by kafkajs itself: see producer.js); what it acknowledged is
+    read from its output as it goes."""
+
+    def __init__(self, bootstrap, topic, partitions):
+        self.acknowledged, self.errors = {}, []
+        self.sent = None
+        super().__init__("producer.js", bootstrap, topic, partitions)
+        _background_producers.append(self)
+
+    def _line(self, text, record):
+        if "error" in record:
+            self.errors.append(record["error"])
+        elif "done" in record:
+            self.sent = record["done"]
+        else:
+            self.acknowledged[(record["p"], record["o"])] = record["v"]
 
     def stop(self):
         """Stops writing once the send in flight is answered; what was acknowledged."""
-        import signal
-        self._process.send_signal(signal.SIGTERM)
-        returncode = self._process.wait(timeout=CLIENT_TIMEOUT_S)
-        self._reader.join(timeout=CLIENT_TIMEOUT_S)
-        self._stderr.seek(0)
-        assert returncode == 0 and self.sent is not None, \
-            f"producer.js exited {returncode}: {self._stderr.read()[-2000:].decode(errors='replace')}"
+        self._end()
+        assert self.sent is not None, "producer.js ended without its last line"
         return self.acknowledged
 
     def abandon(self):
@@ -509,44 +531,24 @@ def kafkajs_records(stdout, once=True):
     return records
 
 
-class KafkaJsReader:
+class KafkaJsReader(KafkaJsScript):
     """js/consumer.js reading `topic` in consumer group `group` until stopped, its records
     ({(partition, offset): value}) taken from its output as they come (kafkajs_records'
     checks, a record read again allowed)."""
 
     def __init__(self, bootstrap, topic, group):
-        import subprocess
-        import tempfile
-        import threading
         self.records = {}
         self._lines = []
-        self._stderr = tempfile.TemporaryFile()
-        self._process = subprocess.Popen(["node", os.path.join(JS_DIR, "consumer.js"), bootstrap, topic, group,
-                                          str(10**9), str(10**9)],
-                                         stdout=subprocess.PIPE, stderr=self._stderr, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__("consumer.js", bootstrap, topic, group, 10**9, 10**9)
 
-    def _read(self):
-        import json
-        for line in self._process.stdout:
-            self._lines.append(line)
-            record = json.loads(line)
-            if "p" in record:
-                self.records.setdefault((record["p"], record["o"]), record["v"])
+    def _line(self, text, record):
+        self._lines.append(text)
+        if "p" in record:
+            self.records.setdefault((record["p"], record["o"]), record["v"])
 
     def stop(self):
         """Stops it (SIGTERM: it leaves the group); what it read."""
-        import signal
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            returncode = self._process.wait(timeout=CLIENT_TIMEOUT_S)
-        finally:
-            self._process.kill()
-        self._reader.join(timeout=CLIENT_TIMEOUT_S)
-        self._stderr.seek(0)
-        assert returncode == 0, \
-            f"consumer.js exited {returncode}: {self._stderr.read()[-2000:].decode(errors='replace')}"
+        self._end()
         return kafkajs_records("".join(self._lines), once=False)
 
 
