@@ -615,7 +615,6 @@ class AioKafkaProducer:
         producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap.split(","), enable_idempotence=True,
                                     acks="all", linger_ms=2, request_timeout_ms=30000)
         await producer.start()
-        pending = set()
 
         def delivered(future, value):
             if future.exception() is not None:
@@ -628,8 +627,6 @@ class AioKafkaProducer:
                 value = f"aio-{self.sent}".encode()
                 future = await producer.send(self._topic, key=str(self.sent).encode(), value=value)
                 future.add_done_callback(lambda f, value=value: delivered(f, value))
-                pending.add(future)
-                pending = {f for f in pending if not f.done()}
                 self.sent += 1
                 # About 2,000 records a second, as the kafka-python producer.
                 await asyncio.sleep(0.0005)
